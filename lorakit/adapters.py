@@ -1,0 +1,405 @@
+"""Adapter files in Hugging Face PEFT's format, so adapters move freely between lorakit, PEFT and vLLM.
+
+A PEFT LoRA adapter folder holds:
+    adapter_config.json        PEFT's field names (peft_type "LORA", r, lora_alpha, target_modules, ...)
+    adapter_model.safetensors  base_model.model.<module path>.lora_A.weight   (r, in)
+                               base_model.model.<module path>.lora_B.weight   (out, r)
+                               base_model.model.<module path>.lora_embedding_A (r, num_embeddings)
+                               base_model.model.<module path>.lora_embedding_B (dim, r)
+                               base_model.model.<module path>.<param>         modules_to_save copies
+The adapter's name never appears in the keys. Only safetensors are read: a pickled adapter
+(`adapter_model.bin`) could run arbitrary code when loaded, so it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import UserError
+from lorakit.inject import (
+    _pattern_value,
+    find_targets,
+    inject_adapter,
+    lora_configs,
+    lora_layers,
+    saved_modules,
+)
+from lorakit.layers import base_kind
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+
+# PEFT config keys that carry no information lorakit needs (bookkeeping or defaults-only here).
+_PEFT_BOOKKEEPING = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "fan_in_fan_out", "layers_pattern", "megatron_config", "megatron_core",
+    "runtime_config", "qalora_group_size", "ensure_weight_tying",
+}  # fmt: skip
+# PEFT features lorakit does not implement: refused when set to anything but their default.
+_PEFT_UNSUPPORTED_DEFAULTS = {
+    "use_dora": False, "bias": "none", "lora_bias": False, "loftq_config": {}, "eva_config": None,
+    "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "monteclora_config": None, "layer_replication": None, "target_parameters": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "trainable_token_indices": None,
+}  # fmt: skip
+_LORAKIT_KEYS = {
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
+    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+}  # fmt: skip
+_INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter folder read into memory: its LoRA config, raw PEFT config and tensors (PEFT keys)."""
+
+    path: Path
+    config: LoraConfig
+    peft_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def file_bytes(self) -> int:
+        return (self.path / WEIGHTS_NAME).stat().st_size
+
+
+# --------------------------------------------------------------------------- saving
+def peft_config_dict(
+    model: nn.Module, name: str = "default", *, base_model_name_or_path: Optional[str] = None
+) -> dict[str, Any]:
+    """The `adapter_config.json` content for adapter `name` on `model`, in PEFT's field names."""
+    config = lora_configs(model).get(name)
+    if config is None:
+        raise UserError(f"no adapter named {name!r} on the model; it has {sorted(lora_configs(model))}")
+    paths = [p for p, layer in lora_layers(model) if name in layer.lora_A]
+    kinds = {layer.kind.name for _, layer in lora_layers(model) if name in layer.lora_A}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _targets_for_peft(model, paths),
+        "exclude_modules": None,
+        "use_rslora": config.rslora,
+        "init_lora_weights": _INIT_TO_PEFT[config.init],
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "modules_to_save": list(config.modules_to_save) or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "fan_in_fan_out": "conv1d" in kinds,
+        "bias": "none",
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def _targets_for_peft(model: nn.Module, paths: list[str]) -> Union[list[str], str]:
+    """Leaf names if they select exactly `paths` in PEFT's matching; else a full-path regex.
+
+    Writing the resolved set (rather than "all-linear" or our `layers` filter) means PEFT selects
+    the same modules without having to agree with us on what "all-linear" or a block index is.
+    """
+    leaves = sorted({p.split(".")[-1] for p in paths})
+    wrappable = [p for p, m in model.named_modules() if p and _wraps(m)]
+    selected = [p for p in wrappable if p.split(".")[-1] in leaves]
+    if selected == paths:
+        return leaves
+    return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
+def _wraps(module: nn.Module) -> bool:
+    from lorakit.layers import LoraLayer
+
+    return isinstance(module, LoraLayer) or base_kind(module) is not None
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's key names (detached, contiguous, on CPU)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        if name not in layer.lora_A:
+            continue
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind.name == "embedding" else (
+            "lora_A.weight", "lora_B.weight")  # fmt: skip
+        out[f"{PREFIX}{path}.{a_key}"] = layer.lora_A[name]
+        out[f"{PREFIX}{path}.{b_key}"] = layer.lora_B[name]
+    for path, module in saved_modules(model):
+        if name in module.copies:
+            for key, value in module.copies[name].state_dict().items():
+                out[f"{PREFIX}{path}.{key}"] = value
+    return {k: _to_cpu(v) for k, v in out.items()}
+
+
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    full = getattr(t, "full_tensor", None)  # an FSDP2 DTensor shard: gather the whole tensor
+    if callable(full):
+        t = full()
+    return t.to("cpu").contiguous().clone()
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: Union[str, Path],
+    name: str = "default",
+    *,
+    base_model_name_or_path: Optional[str] = None,
+    extra_files: Optional[dict[str, str]] = None,
+) -> Path:
+    """Write adapter `name` as a PEFT adapter folder, atomically (built aside, then renamed).
+
+    An existing folder at `directory` is replaced only once the new one is complete.
+    """
+    config = peft_config_dict(model, name, base_model_name_or_path=base_model_name_or_path)
+    tensors = adapter_state_dict(model, name)
+    return write_adapter_folder(directory, config, tensors, extra_files=extra_files)
+
+
+def write_adapter_folder(
+    directory: Union[str, Path],
+    peft_config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    extra_files: Optional[dict[str, str]] = None,
+) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        for file_name, text in (extra_files or {}).items():
+            (staging / file_name).write_text(text)
+        replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a finished folder into place; an old `target` is removed only after the move succeeds."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+# --------------------------------------------------------------------------- reading
+def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
+    """Read and check an adapter folder without touching any model.
+
+    Raises:
+        UserError: missing folder or config, invalid JSON, not a LoRA adapter, a PEFT feature
+            lorakit does not support, a pickled adapter, a truncated or corrupted safetensors file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"adapter folder {str(directory)!r} not found")
+    config_path = directory / CONFIG_NAME
+    weights_path = directory / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise UserError(f"{directory}: no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path}: invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    config = lora_config_from_peft(raw, source=str(config_path))
+    if not weights_path.is_file():
+        pickled = [n for n in PICKLED_NAMES if (directory / n).is_file()]
+        if pickled:
+            raise UserError(
+                f"{directory / pickled[0]}: refusing a pickled adapter: unpickling can run arbitrary code. "
+                "Convert it once in a trusted environment: `python -c \"import torch; from safetensors.torch import "
+                f"save_file; save_file(torch.load('{pickled[0]}', weights_only=True), '{WEIGHTS_NAME}')\"`"
+            )
+        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+    tensors = load_safetensors(weights_path)
+    return AdapterFiles(directory, config, raw, tensors)
+
+
+def load_safetensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a truncated or corrupted one is a UserError naming the file."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]}); re-save or re-download it") from None
+
+
+def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> LoraConfig:
+    """Translate PEFT's adapter_config.json fields into a LoraConfig.
+
+    Unknown keys (from newer PEFT versions) are ignored with a warning; PEFT features lorakit does
+    not implement, when actually used, are refused.
+    """
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise UserError(f"{source}: peft_type = {peft_type!r}; lorakit reads LoRA adapters (peft_type \"LORA\")")
+    for key, default in _PEFT_UNSUPPORTED_DEFAULTS.items():
+        value = raw.get(key, default)
+        if value not in (default, None, {}, False) or (key == "bias" and value != "none"):
+            raise UserError(f"{source}: {key} = {value!r} is a PEFT feature lorakit does not support")
+    unknown = sorted(set(raw) - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED_DEFAULTS) - _LORAKIT_KEYS)
+    if unknown:
+        warnings.warn(f"{source}: ignoring config keys lorakit does not know: {', '.join(unknown)}", stacklevel=2)
+    init = raw.get("init_lora_weights", True)
+    if init is True or init is False:
+        init = "default"
+    elif isinstance(init, str) and init.startswith("pissa"):
+        init = "pissa"
+    elif init not in ("gaussian", "olora"):
+        raise UserError(f"{source}: init_lora_weights = {init!r} is not supported; lorakit knows default, gaussian, pissa, olora")
+    targets = raw.get("target_modules")
+    if targets is None:
+        raise UserError(f"{source}: target_modules is missing")
+    if isinstance(targets, (list, tuple)):
+        targets = list(targets)
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    try:
+        return LoraConfig(
+            r=raw.get("r", 8),
+            alpha=raw.get("lora_alpha", 8),
+            dropout=raw.get("lora_dropout", 0.0),
+            targets=targets,
+            exclude=raw.get("exclude_modules"),
+            rslora=bool(raw.get("use_rslora", False)),
+            init=init,
+            rank_pattern=dict(raw.get("rank_pattern") or {}),
+            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            layers=layers,
+            modules_to_save=list(raw.get("modules_to_save") or []),
+        )
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- loading into a model
+def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """PEFT key -> shape that `config` would create on `model` (nothing is modified)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for path in find_targets(model, config):
+        module = model.get_submodule(path)
+        kind = module.kind if hasattr(module, "kind") else base_kind(module)
+        r = _pattern_value(path, config.rank_pattern, config.r)
+        if kind.name != "linear4bit":
+            # PEFT saves the base weight of targeted embeddings too (resized vocabularies)
+            out[f"{PREFIX}{path}.base_layer.weight"] = tuple(module.weight.shape)
+        if kind.name == "embedding":
+            num, dim = module.weight.shape
+            out[f"{PREFIX}{path}.lora_embedding_A"] = (r, num)
+            out[f"{PREFIX}{path}.lora_embedding_B"] = (dim, r)
+            continue
+        if kind.name == "conv1d":
+            fan_in, fan_out = module.weight.shape
+        elif kind.name == "linear4bit" or hasattr(module, "in_features"):
+            fan_in, fan_out = module.in_features, module.out_features
+        else:
+            fan_out, fan_in = module.weight.shape
+        out[f"{PREFIX}{path}.lora_A.weight"] = (r, fan_in)
+        out[f"{PREFIX}{path}.lora_B.weight"] = (fan_out, r)
+    for target in config.modules_to_save:
+        for path, module in model.named_modules():
+            if path and (path == target or path.endswith("." + target)) and ".copies." not in path:
+                source = module.original if hasattr(module, "original") else module
+                for key, value in source.state_dict().items():
+                    out[f"{PREFIX}{path}.{key}"] = tuple(value.shape)
+    return out
+
+
+def check_fits(model: nn.Module, files: AdapterFiles) -> None:
+    """Raise a UserError naming the first key whose name or shape does not fit `model`."""
+    expected = expected_shapes(model, files.config)
+    for key, tensor in files.tensors.items():
+        if key not in expected:
+            wanted = ", ".join(list(expected)[:3])
+            raise UserError(
+                f"{files.path}: adapter tensor {key} {tuple(tensor.shape)} has no matching module in the model "
+                f"(expected keys like {wanted}); is this adapter for another base model?"
+            )
+        if tuple(tensor.shape) != expected[key]:
+            raise UserError(
+                f"{files.path}: {key} has shape {tuple(tensor.shape)} but the model needs {expected[key]}; "
+                "the adapter was trained on a different base model"
+            )
+    missing = [k for k in expected if k not in files.tensors and not k.endswith(".base_layer.weight")]
+    if missing:
+        raise UserError(f"{files.path}: the adapter has no tensor {missing[0]} that its config implies ({len(missing)} missing)")
+
+
+def load_adapter(
+    model: nn.Module, directory: Union[str, Path], name: str = "default", *, trainable: bool = False
+) -> LoraConfig:
+    """Add the adapter in `directory` to `model` under `name` and load its weights.
+
+    Everything is checked before the model is touched, so on error the model is left as it was.
+    With `trainable=False` (inference) the adapter's parameters do not require grad.
+    """
+    files = read_adapter(directory)
+    apply_adapter(model, files, name, trainable=trainable)
+    return files.config
+
+
+def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", *, trainable: bool = False) -> None:
+    if name in lora_configs(model):
+        raise UserError(f"adapter {name!r} is already on the model; pass another name")
+    check_fits(model, files)
+    inject_adapter(model, files.config, name)
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            if name not in layer.lora_A:
+                continue
+            a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind.name == "embedding" else (
+                "lora_A.weight", "lora_B.weight")  # fmt: skip
+            layer.lora_A[name].copy_(files.tensors[f"{PREFIX}{path}.{a_key}"])
+            layer.lora_B[name].copy_(files.tensors[f"{PREFIX}{path}.{b_key}"])
+            base_weight = files.tensors.get(f"{PREFIX}{path}.base_layer.weight")
+            if base_weight is not None:
+                layer.weight.copy_(base_weight)
+        for path, module in saved_modules(model):
+            if name in module.copies:
+                state = {k[len(f"{PREFIX}{path}.") :]: v for k, v in files.tensors.items() if k.startswith(f"{PREFIX}{path}.")}
+                module.copies[name].load_state_dict(state)
+    if not trainable:
+        for _, layer in lora_layers(model):
+            if name in layer.lora_A:
+                layer.lora_A[name].requires_grad_(False)
+                layer.lora_B[name].requires_grad_(False)
+        for _, module in saved_modules(model):
+            if name in module.copies:
+                for p in module.copies[name].parameters():
+                    p.requires_grad_(False)
+
+
+def adapter_scaling(config: LoraConfig, path: str) -> float:
+    """The scale s of the module at `path` under `config` (patterns resolved)."""
+    r = _pattern_value(path, config.rank_pattern, config.r)
+    alpha = _pattern_value(path, config.alpha_pattern, config.alpha)
+    return alpha / math.sqrt(r) if config.rslora else alpha / r

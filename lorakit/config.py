@@ -1,0 +1,393 @@
+"""Typed configuration: the LoRA adapter config and the `lorakit train` run config.
+
+Every config is a dataclass, the single source of names, defaults and types. A run config is
+read from YAML, patched with dotted `KEY=VALUE` overrides, and validated in one pass that
+collects every problem before raising, so a user fixes a config in one go, not one error a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from lorakit.errors import UserError
+
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+
+
+@dataclass
+class LoraConfig:
+    """What adapters to add and how.
+
+    targets: a list of module names matched against the end of each module path
+        (`"q_proj"` matches `model.layers.0.self_attn.q_proj`), a regex string matched in full
+        against the whole path, or `"all-linear"`: every linear layer except the output head.
+    exclude: same forms as `targets`; matching modules are never wrapped.
+    rank_pattern / alpha_pattern: per-module overrides of `r` / `alpha`, keyed by a name or regex
+        matched against the end of the module path (PEFT's semantics).
+    layers: restrict adapters to these transformer block indices (`...layers.<i>....`).
+    modules_to_save: modules trained in full and saved with the adapter, e.g. `["lm_head"]`.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: Union[list[str], str] = "all-linear"
+    exclude: Union[list[str], str, None] = None
+    rslora: bool = False
+    init: str = "default"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers: Union[list[int], None] = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def problems(self, where: str = "lora") -> list[str]:
+        """Every invalid value, as messages naming the key and the fix."""
+        out = []
+        if not _is_int(self.r) or self.r <= 0:
+            out.append(f"{where}.r = {self.r!r}: the rank must be a positive integer, e.g. 8 or 16")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            out.append(f"{where}.alpha = {self.alpha!r}: must be a positive number, e.g. 2 x r")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            out.append(f"{where}.dropout = {self.dropout!r}: must be in [0, 1), e.g. 0.05")
+        if self.init not in LORA_INITS:
+            out.append(f"{where}.init = {self.init!r}: unknown init; use one of {', '.join(LORA_INITS)}")
+        if isinstance(self.targets, (list, tuple)) and not self.targets:
+            out.append(f"{where}.targets = []: name at least one module, or use 'all-linear'")
+        for name, rank in self.rank_pattern.items():
+            if not _is_int(rank) or rank <= 0:
+                out.append(f"{where}.rank_pattern[{name!r}] = {rank!r}: ranks must be positive integers")
+        for name, alpha in self.alpha_pattern.items():
+            if not _is_number(alpha) or alpha <= 0:
+                out.append(f"{where}.alpha_pattern[{name!r}] = {alpha!r}: alphas must be positive numbers")
+        if self.layers is not None and any(not _is_int(i) or i < 0 for i in self.layers):
+            out.append(f"{where}.layers = {self.layers!r}: block indices must be integers >= 0")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how it becomes token batches (see lorakit.data)."""
+
+    train: Union[str, None] = None
+    eval: Union[str, None] = None
+    eval_fraction: float = 0.0  # held out from `train` when `eval` is not given
+    format: str = "auto"  # auto | text | completion | instruction | chat
+    max_length: int = 1024
+    too_long: str = "truncate"  # truncate | drop
+    packing: bool = True
+    train_on_inputs: bool = False
+    skip_invalid: bool = False
+    cache_dir: Union[str, None] = None  # default: ~/.cache/lorakit/data
+
+
+DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (see lorakit.train)."""
+
+    epochs: int = 1
+    max_steps: Union[int, None] = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2.0e-4
+    lr_ratio_b: float = 1.0  # LoRA+: B matrices learn at lr * lr_ratio_b
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    optimizer: str = "adamw"  # adamw | adamw8bit
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+    eval_generate: bool = False
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    distributed: str = "auto"  # auto | ddp | fsdp
+
+
+@dataclass
+class RunConfig:
+    """Everything `lorakit train` needs; only `model` and `data.train` have no default."""
+
+    model: Union[str, None] = None
+    output_dir: str = "runs/lorakit"
+    trust_remote_code: bool = False
+    quantize: str = "none"  # none | nf4
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "quantize": ("none", "nf4"),
+    "data.format": DATA_FORMATS,
+    "data.too_long": ("truncate", "drop"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.optimizer": ("adamw", "adamw8bit"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.distributed": ("auto", "ddp", "fsdp"),
+    "lora.init": LORA_INITS,
+}
+
+# (key, lowest allowed, whether the bound itself is allowed)
+_RANGES = {
+    "data.max_length": (2, True),
+    "data.eval_fraction": (0.0, True),
+    "train.epochs": (1, True),
+    "train.max_steps": (1, True),
+    "train.batch_size": (1, True),
+    "train.grad_accum": (1, True),
+    "train.lr": (0.0, False),
+    "train.lr_ratio_b": (0.0, False),
+    "train.warmup_steps": (0, True),
+    "train.weight_decay": (0.0, True),
+    "train.max_grad_norm": (0.0, True),
+    "train.log_every": (1, True),
+    "train.eval_every": (0, True),
+    "train.save_every": (0, True),
+    "train.keep_checkpoints": (1, True),
+}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.max_steps=20", "lora.r=8"]` -> `{"train.max_steps": 20, "lora.r": 8}`.
+
+    Values are parsed as YAML scalars, so `true`, `1e-4`, `[q_proj, v_proj]` and `null` work.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {pair!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"override {pair!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return out
+
+
+def load_run_config(
+    path: Union[str, Path, None], overrides: Union[dict[str, Any], None] = None, *, check_paths: bool = True
+) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate everything at once.
+
+    Raises:
+        UserError: listing every problem: unknown keys (with "did you mean"), wrong types,
+            out-of-range values, missing model folder or data files.
+    """
+    raw: dict[str, Any] = {}
+    base_dir = Path(".")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: the config must be a mapping of keys, got {type(loaded).__name__}")
+        raw = loaded
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return build_run_config(raw, source=str(path) if path else "command line", check_paths=check_paths)
+
+
+def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths: bool = True) -> RunConfig:
+    """Turn a nested dict into a validated RunConfig, raising once with every problem."""
+    problems: list[str] = []
+    # Bad values are reported and replaced by their defaults so the checks below still run:
+    # the user sees every problem in one message.
+    cfg = _convert(RunConfig, raw, "", problems)
+    problems += cfg.lora.problems("lora")
+    for key, choices in _CHOICES.items():
+        value = _get_dotted(cfg, key)
+        if value not in choices:
+            problems.append(f"{key} = {value!r}: use one of {', '.join(map(str, choices))}")
+    for key, (low, inclusive) in _RANGES.items():
+        value = _get_dotted(cfg, key)
+        if value is None:
+            continue
+        if value < low or (not inclusive and value == low) or (isinstance(value, float) and not math.isfinite(value)):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            problems.append(f"{key} = {value!r}: must be {bound}")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction = {cfg.data.eval_fraction!r}: must be in [0, 1)")
+    if cfg.model is None:
+        problems.append("model: missing; set it to a Hugging Face model folder (config.json + *.safetensors)")
+    elif check_paths and not _looks_like_hub_name(cfg.model) and not Path(cfg.model).is_dir():
+        problems.append(f"model = {cfg.model!r}: folder not found; pass a local Hugging Face model folder")
+    if cfg.data.train is None:
+        problems.append("data.train: missing; set it to a JSONL or JSON file of training records")
+    elif check_paths and not Path(cfg.data.train).is_file():
+        problems.append(f"data.train = {cfg.data.train!r}: file not found")
+    if cfg.data.eval is not None and check_paths and not Path(cfg.data.eval).is_file():
+        problems.append(f"data.eval = {cfg.data.eval!r}: file not found")
+    if problems:
+        raise UserError(_join(source, problems))
+    return cfg
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """`org/model` that is not a local path: left to transformers (users with network)."""
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def _join(source: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source}: {len(problems)} problems:\n  - " + "\n  - ".join(problems)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _convert(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending a message for each unknown key or bad type."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping, got {raw!r}")
+        return cls() if cls is not LoraConfig else LoraConfig()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            problems.append(f"unknown key '{prefix}{key}'{hint}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _convert(hint, value if value is not None else {}, f"{prefix}{key}.", problems)
+            continue
+        ok, converted = _coerce(value, hint)
+        if not ok:
+            problems.append(f"{prefix}{key} = {value!r}: expected {_type_name(hint)}")
+            continue
+        kwargs[key] = converted
+    if cls is LoraConfig:
+        # LoraConfig validates itself on construction; collect its problems instead of raising.
+        obj = LoraConfig.__new__(LoraConfig)
+        for f in dataclasses.fields(LoraConfig):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(obj, f.name, kwargs.get(f.name, default))
+        return obj
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, converted = _coerce(value, arm)
+            if ok:
+                return True, converted
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if hint is Any:
+        return True, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return _is_int(value), value
+    if hint is float:
+        if _is_number(value):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, item)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            return False, None
+        out_d = {}
+        for k, v in value.items():
+            ok_k, ck = _coerce(k, key_t)
+            ok_v, cv = _coerce(v, val_t)
+            if not (ok_k and ok_v):
+                return False, None
+            out_d[ck] = cv
+        return True, out_d
+    return isinstance(value, hint), value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(hint)
+        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,333 @@
+"""Putting adapters into a model and managing them: inject, switch, disable, merge, unload.
+
+Works on any `nn.Module`: layers are chosen by their module path (`model.layers.0.self_attn.q_proj`),
+wrapped in place by `LoraLayer`, and everything else is frozen. The LoRA configs of the adapters
+on a model are kept in `model.lora_configs` (name -> LoraConfig) so they can be saved with the
+weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import re
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import UserError
+from lorakit.layers import LoraLayer, base_kind
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+class SavedModule(nn.Module):
+    """A module trained in full for an adapter (`modules_to_save`): one copy per adapter.
+
+    The original stays untouched so disabling or switching adapters gives the base model back.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.disabled = False
+
+    def add_copy(self, name: str) -> None:
+        clone = copy.deepcopy(self.original)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = clone
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.copies:
+            return self.original
+        return self.copies[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Callers of e.g. `model.lm_head.weight` expect the wrapped module's attributes.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)
+
+
+def _is_target(path: str, targets: Union[list[str], str, None]) -> bool:
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _pattern_value(path: str, patterns: dict, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the key matches the end of the module path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    names = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+        if head is not None:
+            for path, module in model.named_modules():
+                if module is head:
+                    names.add(path)
+    return names
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Module paths that `config` selects, in model order.
+
+    Raises:
+        UserError: when nothing matches; the message lists the closest module names.
+    """
+    heads = _output_head_names(model)
+    chosen = []
+    for path, module in model.named_modules():
+        if not path or isinstance(module, (SavedModule,)) or ".lora_" in path:
+            continue
+        inner = module
+        kind = base_kind(inner) if not isinstance(inner, LoraLayer) else inner.kind
+        if kind is None:
+            continue
+        if config.targets == "all-linear":
+            if kind.name == "embedding" or path in heads or path.split(".")[-1] in heads:
+                continue
+        elif not _is_target(path, config.targets):
+            continue
+        if _is_target(path, config.exclude):
+            continue
+        if config.layers is not None:
+            found = _BLOCK_INDEX.search(path)
+            if found is None or int(found.group(1)) not in config.layers:
+                continue
+        if any(path.startswith(c + ".") for c in chosen):
+            continue
+        chosen.append(path)
+    if not chosen:
+        leaves = sorted({p.split(".")[-1] for p, m in model.named_modules() if p and base_kind(m) is not None})
+        wanted = config.targets if isinstance(config.targets, list) else [config.targets]
+        close = []
+        for t in wanted:
+            close += difflib.get_close_matches(str(t).split(".")[-1], leaves, n=3, cutoff=0.3)
+        suggestion = close or leaves[:8]
+        raise UserError(
+            f"lora.targets = {config.targets!r} matches no layer LoRA can wrap (layers={config.layers!r}, "
+            f"exclude={config.exclude!r}); closest module names: {', '.join(dict.fromkeys(suggestion))}"
+        )
+    return chosen
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
+    """Wrap the layers `config` selects with `LoraLayer`s carrying adapter `name`.
+
+    Freezes every parameter that is not an adapter (or a `modules_to_save` copy). The first adapter
+    added becomes the active one. Returns the wrapped module paths.
+
+    Raises:
+        UserError: bad config values, no matching layer, or an adapter name already in use.
+    """
+    problems = config.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    configs = lora_configs(model)
+    if name in configs:
+        raise UserError(f"adapter {name!r} is already on the model; delete_adapter it first or pick another name")
+    paths = find_targets(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLayer):
+            module = LoraLayer(module, path)
+            _replace(model, path, module)
+        module.add_adapter(
+            name,
+            _pattern_value(path, config.rank_pattern, config.r),
+            _pattern_value(path, config.alpha_pattern, config.alpha),
+            dropout=config.dropout,
+            rslora=config.rslora,
+            init=config.init,
+        )
+    for target in config.modules_to_save:
+        matched = [p for p, _ in model.named_modules() if p and (p == target or p.endswith("." + target))]
+        matched = [p for p in matched if ".copies." not in p and not p.endswith(".original")]
+        if not matched:
+            raise UserError(f"lora.modules_to_save: no module named {target!r} in the model")
+        for path in matched:
+            module = model.get_submodule(path)
+            if not isinstance(module, SavedModule):
+                module = SavedModule(module)
+                _replace(model, path, module)
+            module.add_copy(name)
+    configs[name] = config
+    if len(configs) == 1:
+        set_active_adapter(model, name)
+    else:
+        set_active_adapter(model, active_adapter(model) or name)
+    return paths
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """name -> LoraConfig of every adapter on `model` (created empty on first use)."""
+    configs = model.__dict__.get("lora_configs")
+    if configs is None:
+        configs = {}
+        model.__dict__["lora_configs"] = configs
+    return configs
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    for path, module in model.named_modules():
+        if isinstance(module, SavedModule):
+            yield path, module
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """The name of the adapter used in forward, or None."""
+    return model.__dict__.get("lora_active")
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make `name` the adapter used in forward and the only trainable one."""
+    if name not in lora_configs(model):
+        raise UserError(f"no adapter named {name!r}; the model has {sorted(lora_configs(model))}")
+    model.__dict__["lora_active"] = name
+    for _, layer in lora_layers(model):
+        # A layer without this adapter runs its base alone, so adapters never leak into each other.
+        layer.active_adapter = name if name in layer.lora_A else None
+        for n, p in list(layer.lora_A.items()) + list(layer.lora_B.items()):
+            p.requires_grad_(n == name)
+    for _, module in saved_modules(model):
+        module.active_adapter = name if name in module.copies else None
+        for n, c in module.copies.items():
+            for p in c.parameters():
+                p.requires_grad_(n == name)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: adapters are skipped, merged ones are taken out and put back after."""
+    remerge = {}
+    for path, layer in lora_layers(model):
+        remerge[path] = list(layer.merged)
+        layer.unmerge()
+        layer.disabled = True
+    for _, module in saved_modules(model):
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for path, layer in lora_layers(model):
+            layer.disabled = False
+            for name in remerge.get(path, []):
+                layer.merge(name)
+        for _, module in saved_modules(model):
+            module.disabled = False
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    configs = lora_configs(model)
+    if name not in configs:
+        raise UserError(f"no adapter named {name!r}; the model has {sorted(configs)}")
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer.delete_adapter(name)
+    for _, module in saved_modules(model):
+        if name in module.copies:
+            del module.copies[name]
+            if module.active_adapter == name:
+                module.active_adapter = next(iter(module.copies.keys()), None)
+    del configs[name]
+    if active_adapter(model) == name:
+        model.__dict__.pop("lora_active", None)
+        if configs:
+            set_active_adapter(model, next(iter(configs)))
+    # Layers left with no adapter go back to plain modules.
+    for path, layer in list(lora_layers(model)):
+        if not layer.lora_A:
+            _replace(model, path, layer.to_base_module())
+    for path, module in list(saved_modules(model)):
+        if not module.copies:
+            _replace(model, path, module.original)
+
+
+def merge_adapter(model: nn.Module, name: Optional[str] = None) -> None:
+    """Fold adapter `name` (default: the active one) into the base weights, layer by layer."""
+    for _, layer in lora_layers(model):
+        layer.merge(name)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
+    """Return the plain model: LoRA wrappers removed, the active adapter merged in if `merge`.
+
+    With `merge=False` the base weights are restored (merged adapters are taken out again).
+    `modules_to_save` keep the active adapter's trained copy when merging, the original otherwise.
+    """
+    for path, layer in list(lora_layers(model)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _replace(model, path, layer.to_base_module())
+    for path, module in list(saved_modules(model)):
+        _replace(model, path, module.current() if merge else module.original)
+    model.__dict__.pop("lora_configs", None)
+    model.__dict__.pop("lora_active", None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their logical elements."""
+    trainable = total = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+            n = int(torch.Size(quant_state.shape).numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_trainable(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)"

@@ -1,0 +1,283 @@
+"""The LoRA layer: a frozen base layer plus named low-rank adapters.
+
+    y = base(x) + s · B A dropout(x),    A: (r, in), B: (out, r), s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+`LoraLayer` takes over the parameters of the layer it wraps and keeps them under their usual
+names (`q_proj.weight`, `q_proj.bias`), so base checkpoints and FSDP see the same parameters as
+before; it knows how to apply each kind of base itself (the dispatch table `BASE_KINDS`):
+
+    linear     nn.Linear                  weight (out, in)
+    conv1d     transformers' Conv1D        weight (in, out), GPT-2's transposed layout
+    embedding  nn.Embedding               weight (num_embeddings, dim); adapter A: (r, num), B: (dim, r)
+    linear4bit bitsandbytes Linear4bit    NF4 codes + quant_state, dequantized on the fly
+
+Adapters live in `lora_A[name]` / `lora_B[name]` (plain Parameters, fp32 by default), so several
+can sit on one layer; one is active at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.errors import UserError
+
+
+@dataclass(frozen=True)
+class BaseKind:
+    """How to run and update one kind of base layer."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    # (out, in) fp32 view of the weight, whatever the storage layout or quantization
+    dense_weight: Callable[["LoraLayer"], torch.Tensor]
+    # write a (out, in) fp32 weight back in the storage layout and dtype
+    set_dense_weight: Callable[["LoraLayer", torch.Tensor], None]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, matched by name so this module does not import transformers
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
+
+
+def _set_linear(layer: "LoraLayer", w: torch.Tensor) -> None:
+    layer.weight.data.copy_(w.to(layer.weight.dtype))
+
+
+def _set_conv1d(layer: "LoraLayer", w: torch.Tensor) -> None:
+    layer.weight.data.copy_(w.t().to(layer.weight.dtype))
+
+
+def _dequant(layer: "LoraLayer") -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
+def _set_4bit(layer: "LoraLayer", w: torch.Tensor) -> None:
+    raise UserError(
+        f"cannot merge an adapter into the 4-bit layer {layer.path or '(unnamed)'}: re-quantizing would lose the update; "
+        "merge into the full-precision base with `lorakit merge` instead"
+    )
+
+
+# First match wins: Linear4bit subclasses nn.Linear, so it must come before linear.
+BASE_KINDS: list[BaseKind] = [
+    BaseKind("linear4bit", _is_linear4bit, _dequant, _set_4bit),
+    BaseKind("linear", lambda m: isinstance(m, nn.Linear), lambda l: l.weight.float(), _set_linear),
+    BaseKind("conv1d", _is_conv1d, lambda l: l.weight.float().t(), _set_conv1d),
+    BaseKind("embedding", lambda m: isinstance(m, nn.Embedding), lambda l: l.weight.float(), _set_linear),
+]
+
+
+def base_kind(module: nn.Module) -> Optional[BaseKind]:
+    """The dispatcher for `module`, or None if LoRA cannot wrap it."""
+    for kind in BASE_KINDS:
+        if kind.matches(module):
+            return kind
+    return None
+
+
+class LoraLayer(nn.Module):
+    """A base layer's frozen parameters plus named LoRA adapters.
+
+    Shapes: input (..., in) for linear kinds, (...) integer ids for embeddings; output (..., out).
+    """
+
+    def __init__(self, base: nn.Module, path: str = ""):
+        super().__init__()
+        kind = base_kind(base)
+        if kind is None:
+            raise UserError(
+                f"cannot add LoRA to {path or 'module'} of type {type(base).__name__}; "
+                "supported: nn.Linear, transformers Conv1D, nn.Embedding, bitsandbytes Linear4bit"
+            )
+        self.kind = kind
+        self.path = path
+        self.weight = base.weight
+        self.bias = getattr(base, "bias", None) if kind.name != "embedding" else None
+        if kind.name == "embedding":
+            self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+            self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+            self._embedding_args = dict(
+                padding_idx=base.padding_idx,
+                max_norm=base.max_norm,
+                norm_type=base.norm_type,
+                scale_grad_by_freq=base.scale_grad_by_freq,
+                sparse=base.sparse,
+            )
+        elif kind.name == "conv1d":
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self.compute_dtype = getattr(base, "compute_dtype", None)
+        self.base_class = type(base)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.ranks: dict[str, int] = {}
+        self.active_adapter: Optional[str] = None
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # ----------------------------------------------------------------- adapters
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "default",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Create adapter `name`; `init` picks A and B (and, for pissa/olora, rewrites the base weight)."""
+        if name in self.lora_A:
+            raise UserError(f"adapter {name!r} already exists on {self.path}; delete it first or pick another name")
+        device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
+        a = torch.empty(r, self.in_features, dtype=dtype, device=device)
+        b = torch.zeros(self.out_features, r, dtype=dtype, device=device)
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        if init == "default":
+            if self.kind.name == "embedding":
+                # PEFT's embedding init: A zeros, B normal, so the product starts at zero either way
+                a.zero_()
+                nn.init.normal_(b)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif init == "gaussian":
+            if self.kind.name == "embedding":
+                a.zero_()
+                nn.init.normal_(b)
+            else:
+                nn.init.normal_(a, std=1 / r)
+        elif init in ("pissa", "olora"):
+            if self.kind.name not in ("linear", "conv1d"):
+                raise UserError(f"init {init!r} needs a full-precision linear base; {self.path} is {self.kind.name}")
+            if self.merged:
+                raise UserError(f"unmerge the adapters of {self.path} before adding a {init} adapter")
+            w = self.kind.dense_weight(self)
+            if init == "pissa":
+                # The top-r singular directions move into the adapter; the base keeps the residual.
+                u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)
+                sr = s_vals[:r] / scale
+                a.copy_(torch.diag(torch.sqrt(sr)) @ vh[:r])
+                b.copy_(u[:, :r] @ torch.diag(torch.sqrt(sr)))
+            else:
+                # OLoRA: an orthonormal basis of W's column space (QR) initialises B.
+                q, rr = torch.linalg.qr(w)
+                a.copy_(rr[:r])
+                b.copy_(q[:, :r])
+            self.kind.set_dense_weight(self, w - scale * (b.float() @ a.float()))
+        else:
+            raise UserError(f"unknown LoRA init {init!r}; use one of default, gaussian, pissa, olora")
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scale
+        self.ranks[name] = r
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge()
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        del self.scaling[name], self.ranks[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.lora_A.keys()), None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s · B @ A in fp32, shape (out, in) (for embeddings: (dim, num_embeddings))."""
+        return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+
+    # ----------------------------------------------------------------- merging
+    def merge(self, name: Optional[str] = None) -> None:
+        """Add s·B@A into the base weight (computed in fp32; non-finite results are refused)."""
+        name = name or self.active_adapter
+        if name is None or name in self.merged:
+            return
+        w = self.kind.dense_weight(self)
+        delta = self.delta_weight(name)
+        merged = w + (delta.t() if self.kind.name == "embedding" else delta)
+        if not torch.isfinite(merged).all():
+            raise UserError(f"merging adapter {name!r} into {self.path} gives inf/NaN weights; the adapter is broken")
+        self.kind.set_dense_weight(self, merged)
+        self.merged.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again (exact up to the weight dtype's rounding)."""
+        while self.merged:
+            name = self.merged.pop()
+            w = self.kind.dense_weight(self)
+            delta = self.delta_weight(name)
+            self.kind.set_dense_weight(self, w - (delta.t() if self.kind.name == "embedding" else delta))
+
+    # ----------------------------------------------------------------- forward
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self.kind.name
+        if kind == "linear":
+            return F.linear(x, self.weight, self.bias)
+        if kind == "conv1d":
+            out = x.reshape(-1, x.shape[-1]) @ self.weight
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+        if kind == "embedding":
+            return F.embedding(x, self.weight, **self._embedding_args)
+        import bitsandbytes as bnb
+
+        dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bnb.matmul_4bit(x, self.weight.t(), bias=bias, quant_state=self.weight.quant_state).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        result = self.base_forward(x)
+        if self.disabled or name is None or name in self.merged:
+            return result
+        a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if self.kind.name == "embedding":
+            # (..., r) rows of A^T picked by the token ids, then projected by B^T
+            after_a = F.embedding(x, a.t(), **self._embedding_args)
+            return result + (scale * (after_a @ b.t())).to(result.dtype)
+        h = self.lora_dropout[name](x).to(a.dtype)
+        return result + (scale * F.linear(F.linear(h, a), b)).to(result.dtype)
+
+    # ----------------------------------------------------------------- unwrapping
+    def to_base_module(self) -> nn.Module:
+        """A plain module of the original class holding this layer's (possibly merged) weights."""
+        kind = self.kind.name
+        if kind == "linear4bit":
+            raise UserError(
+                f"cannot unload LoRA from the 4-bit layer {self.path}; merge into the full-precision base with "
+                "`lorakit merge`"
+            )
+        with torch.device("meta"):
+            if kind == "linear":
+                plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            elif kind == "conv1d":
+                plain = self.base_class(self.out_features, self.in_features)
+            else:
+                plain = nn.Embedding(self.num_embeddings, self.embedding_dim, **self._embedding_args)
+        plain.weight = self.weight
+        if kind != "embedding":
+            plain.bias = self.bias
+        return plain
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={self.ranks[n]}, s={self.scaling[n]:g})" for n in self.lora_A)
+        return f"{self.kind.name} {self.in_features}->{self.out_features}, adapters=[{adapters}], active={self.active_adapter}"

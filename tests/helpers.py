@@ -1,0 +1,125 @@
+"""Tiny models and local tokenizers for tests: no network, built in well under a second."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# A Llama-3 style template: header tokens around the role, <|eot_id|> closes every turn.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# A ChatML template (Qwen style): <|im_start|>role\n ... <|im_end|>\n
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Low-rank adaptation trains two small matrices beside each frozen linear layer.",
+    "user assistant system: What is two plus two? Four. Answer the question briefly.",
+    "Translate to French: hello world -> bonjour le monde. Sort the numbers 3 1 2 -> 1 2 3.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    return tok.to_str()
+
+
+def make_tokenizer(template: str = "llama3", vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, with a chat template.
+
+    template: "llama3", "chatml" or None (no chat template).
+    """
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        bos_token="<s>",
+        eos_token="</s>" if template != "chatml" else "<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    if template == "llama3":
+        tok.chat_template = LLAMA3_TEMPLATE
+        tok.eos_token = "<|eot_id|>"
+    elif template == "chatml":
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_llama_config(vocab_size: int = 400, **overrides) -> LlamaConfig:
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 400, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size, **overrides))
+    return model.eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 400, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+
+
+def save_model_folder(path: Path, model=None, tokenizer=None, *, max_shard_size: str | None = None) -> Path:
+    """Write a Hugging Face model folder (config, safetensors, tokenizer) for CLI tests."""
+    model = model if model is not None else tiny_llama()
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
+    path = Path(path)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    tokenizer.save_pretrained(path)
+    return path

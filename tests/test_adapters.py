@@ -1,0 +1,139 @@
+"""PEFT file format: round trips with Hugging Face PEFT in both directions, and bad files."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from helpers import tiny_gpt2, tiny_llama
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from lorakit import LoraConfig, UserError, inject_adapter, load_adapter, save_adapter
+from lorakit.inject import lora_layers
+
+
+def _ids():
+    return torch.randint(0, 400, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(named_params):
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in named_params:
+            if "lora_B" in name or "lora_embedding_B" in name or "lora_A" in name or "lora_embedding_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_lorakit_adapter_loads_in_peft(make, tmp_path):
+    model = make()
+    inject_adapter(model, LoraConfig(r=4, alpha=16, rslora=True, rank_pattern={"mlp.*": 2}, layers=[1],
+                                     modules_to_save=["lm_head"] if make is tiny_llama else []))  # fmt: skip
+    _randomise(model.named_parameters())
+    expected = model(_ids()).logits
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == 16 and config["use_rslora"] is True
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") and ".default." not in k for k in keys)
+    peft_model = PeftModel.from_pretrained(make(), str(tmp_path / "adapter"))
+    torch.testing.assert_close(peft_model(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_peft_adapter_loads_in_lorakit(make, tmp_path):
+    targets = ["q_proj", "v_proj", "down_proj", "embed_tokens"] if make is tiny_llama else ["c_attn", "c_fc", "wte"]
+    peft_config = PeftLoraConfig(
+        r=8, lora_alpha=12, lora_dropout=0.1, target_modules=targets, use_rslora=True,
+        rank_pattern={targets[1]: 4}, alpha_pattern={targets[0]: 3},
+        modules_to_save=["lm_head"] if make is tiny_llama else None,
+    )  # fmt: skip
+    peft_model = get_peft_model(make(), peft_config)
+    _randomise(peft_model.named_parameters())
+    if make is tiny_llama:
+        with torch.no_grad():
+            peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+    peft_model.eval()
+    expected = peft_model(_ids()).logits
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    model = make()
+    config = load_adapter(model, tmp_path / "peft")
+    assert config.rank_pattern == {targets[1]: 4} and config.dropout == 0.1
+    model.eval()
+    torch.testing.assert_close(model(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_lorakit_round_trip_and_atomic_overwrite(tmp_path):
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    _randomise(model.named_parameters())
+    out = tmp_path / "a"
+    save_adapter(model, out)
+    save_adapter(model, out)  # replacing an existing adapter leaves no temp folders behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    other = tiny_llama()
+    load_adapter(other, out)
+    assert torch.equal(other(_ids()).logits, model(_ids()).logits)
+    assert not any(p.requires_grad for p in other.parameters())
+
+
+def test_unknown_peft_keys_warn(tmp_path):
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["shiny_new_option"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="shiny_new_option"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_pickled_adapter_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
+    torch.save({}, tmp_path / "adapter_model.bin")
+    with pytest.raises(UserError, match="refusing a pickled adapter: unpickling can run arbitrary code"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_bad_folders_and_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_adapter(tiny_llama(), tmp_path / "nope")
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        load_adapter(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="invalid JSON"):
+        load_adapter(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(UserError, match="peft_type = 'IA3'"):
+        load_adapter(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "use_dora": True}))
+    with pytest.raises(UserError, match="use_dora = True is a PEFT feature lorakit does not support"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_truncated_safetensors(tmp_path):
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_mismatched_adapter_leaves_model_untouched(tmp_path):
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    wider = tiny_llama(hidden_size=96, num_attention_heads=4)
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(UserError) as err:
+        load_adapter(wider, tmp_path / "a")
+    message = str(err.value)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape (2, 64)" in message
+    assert "(2, 96)" in message
+    assert not list(lora_layers(wider))
+    assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
