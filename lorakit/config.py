@@ -262,7 +262,8 @@ def _looks_like_hub_name(name: str) -> bool:
 def _join(source: str, problems: list[str]) -> str:
     if len(problems) == 1:
         return f"{source}: {problems[0]}"
-    return f"{source}: {len(problems)} problems:\n  - " + "\n  - ".join(problems)
+    # One line, so the CLI's `error: ...` stays a single line however many problems there are.
+    return f"{source}: {len(problems)} problems: " + "; ".join(problems)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -1,0 +1,144 @@
+"""The `lorakit` command line: train, merge, generate, chat, eval, inspect.
+
+User mistakes (`UserError`) print one `error: ...` line and exit 2; anything else is a bug and
+exits 1 with its traceback. Each subcommand's work lives in its own module; this file only
+parses arguments and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Callable, Optional
+
+from lorakit.errors import UserError
+
+
+def _quiet_libraries() -> None:
+    # bitsandbytes logs a warning about an optional kernels package on every import; it is noise here.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lorakit.train import train_command
+
+    return train_command(args)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from lorakit.merge import merge_command
+
+    return merge_command(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lorakit.generate import generate_command
+
+    return generate_command(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from lorakit.generate import chat_command
+
+    return chat_command(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lorakit.evaluate import eval_command
+
+    return eval_command(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lorakit.inspection import inspect_command
+
+    return inspect_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning for causal language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config (no config: the offline demo)")
+    p.add_argument("config", nargs="?", help="YAML run config; omit to run the shipped demo")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=20 lora.r=8")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--nproc", type=int, default=None, help="launch torchrun with N processes on this machine")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base and write a plain model folder")
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--adapter", required=True, help="adapter folder (lorakit or PEFT)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the base model's dtype")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 500MB, 2GB")
+    p.add_argument("--simulate-nf4", action="store_true", help="merge into the NF4-rounded base the adapter was trained on")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_merge)
+
+    for name, func, help_text in (
+        ("generate", _generate, "complete prompts with a model (and adapter)"),
+        ("chat", _chat, "chat with a model (and adapter) in the terminal"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="model folder")
+        p.add_argument("--adapter", default=None, help="adapter folder")
+        if name == "generate":
+            src = p.add_mutually_exclusive_group(required=True)
+            src.add_argument("--prompt", help="one prompt")
+            src.add_argument("--prompts", help="file of prompts: one per line, or JSONL with a 'prompt' field")
+            p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+            p.add_argument("--batch-size", type=int, default=8)
+        else:
+            p.add_argument("--system", default=None, help="system prompt")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy on a dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--data", required=True, help="JSONL/JSON dataset in any lorakit format")
+    p.add_argument("--generate", action="store_true", help="also measure exact-match accuracy of greedy completions")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("inspect", help="summarise an adapter (and check it against a base model)")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--base", default=None, help="base model folder for a compatibility check and relative update sizes")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Loading Hugging Face model folders: device and precision choice, tokenizer, base model, adapter.
+
+The documented path is a local folder (config.json, *.safetensors, tokenizer files). Weights are
+read from safetensors only; `trust_remote_code` stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX, or AVX512 on recent torch)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability in ("AVX512", "AVX512_BF16", "AMX") or "AVX512" in capability
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `precision` ("auto" picks bf16 where the hardware has it, else fp32)."""
+    if precision != "auto":
+        return DTYPES[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -> Path:
+    """Raise a UserError unless `path` is a usable model folder (safetensors weights, tokenizer)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"model folder {str(path)!r} not found; pass a local Hugging Face model folder")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: no config.json; a model folder holds config.json, *.safetensors and tokenizer files")
+    if not any(folder.glob("*.safetensors")):
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        if pickled:
+            raise UserError(
+                f"{folder}: only pickled weights ({pickled[0]}); lorakit loads safetensors only because unpickling "
+                "can run code. Convert once in a trusted environment: "
+                "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`"
+            )
+        raise UserError(f"{folder}: no *.safetensors weights")
+    if need_tokenizer and not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UserError(f"{folder}: no tokenizer files (tokenizer.json); save the tokenizer into the model folder")
+    return folder
+
+
+def load_tokenizer(path: Union[str, Path], *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if folder.exists():
+        check_model_folder(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out of the loss and attention; eos is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lorakit prints its own summary; per-tensor bars are noise
+
+
+def load_model(
+    path: Union[str, Path],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: Optional[str] = "sdpa",
+) -> nn.Module:
+    """Load a causal LM from a folder (safetensors only) in `dtype` on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    if folder.exists():
+        check_model_folder(folder, need_tokenizer=False)
+    _quiet_transformers()
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"{path}: this model needs custom code; set trust_remote_code: true if you trust it") from None
+        raise
+    return model.to(device).eval()
+
+
+def model_dtype(path: Union[str, Path]) -> torch.dtype:
+    """The dtype the folder's weights are stored in (config.json's dtype / torch_dtype), fp32 if unsaid."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def load_for_inference(
+    model_path: Union[str, Path],
+    adapter_path: Union[str, Path, None] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) with the adapter (if any) loaded, in eval mode.
+
+    The adapter is checked against the model before any weight is touched.
+    """
+    from lorakit.adapters import apply_adapter, read_adapter
+
+    if Path(model_path).exists():
+        check_model_folder(model_path)
+    files = read_adapter(adapter_path) if adapter_path is not None else None
+    device = torch.device(device) if device is not None else pick_device()
+    dtype = dtype or (torch.float32 if device.type == "cpu" else resolve_precision("auto", device))
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if files is not None:
+        apply_adapter(model, files)
+        model.to(device)
+    return model.eval(), tokenizer
