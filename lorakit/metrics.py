@@ -1,0 +1,79 @@
+"""The run's record: `metrics.jsonl` (one JSON object per line) and `loss.png`.
+
+Train entries carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `elapsed_s`; eval entries
+carry `step` and `eval_loss` (plus `eval_perplexity`, `eval_accuracy` when measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Union
+
+
+class MetricsLog:
+    """Appends entries to metrics.jsonl and redraws loss.png from them."""
+
+    def __init__(self, output_dir: Union[str, Path], *, enabled: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.plot_path = Path(output_dir) / "loss.png"
+        self.enabled = enabled
+        self.entries: list[dict[str, Any]] = []
+
+    def resume_from(self, step: int) -> None:
+        """Keep the entries up to `step` (a checkpoint's), dropping what the interrupted run logged after it."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                if entry.get("step", 0) <= step:
+                    kept.append(entry)
+        self.entries = kept
+        if self.enabled:
+            _write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
+
+    def log(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def plot(self, title: str = "") -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(e["step"], e["loss"]) for e in self.entries if "loss" in e]
+        evals = [(e["step"], e["eval_loss"]) for e in self.entries if "eval_loss" in e]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if train:
+            ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange", linewidth=1.2, markersize=4)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats / trainable token)")
+        ax.set_title(title or "lorakit training loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.plot_path.with_name(f".{self.plot_path.name}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    """Write a text file via temp + rename, so readers never see half a file."""
+    _write_atomic(Path(path), text)

@@ -1,0 +1,569 @@
+"""QLoRA base weights: frozen linear layers stored as 4-bit NF4 with double quantization.
+
+The format and kernels are bitsandbytes' own (`Linear4bit` holding a `Params4bit` and its
+`QuantState`), so a quantized layer is interchangeable with what transformers + bitsandbytes
+produce. Each weight (out, in) is cut into blocks of 64 values; a block stores 64 NF4 codes
+(4 bits each) and its absmax. With double quantization the absmaxes (minus their mean) are
+quantized again to 8 bits in blocks of 256, each such block keeping one fp32 scale:
+4 + 8/64 + 32/(64*256) ~= 4.127 bits per parameter.
+
+`quantize_model` converts a model already in memory; `load_model_4bit` reads a model folder's
+safetensors one tensor at a time and quantizes each linear weight as it arrives, so loading
+never holds the whole 16-bit model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The 16 NF4 levels of the QLoRA paper (Dettmers et al. 2023, appendix E): quantiles of N(0, 1)
+# normalised to [-1, 1], with an exact zero so padding and zero weights stay exact.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' kernels accept
+NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes absmax in blocks of 256 (its 4-bit matmul requires it)
+INSTALL_HINT = "pip install bitsandbytes (or pip install lorakit[quant])"
+
+
+@dataclass
+class QuantReport:
+    """What quantization did, with honest byte counts.
+
+    linear_bytes_after counts everything a quantized layer holds for its weight: the packed NF4
+    codes, the 8-bit absmax, the nested fp32 absmax and offset, and the two code tables (16 and
+    256 fp32 values, shared by all layers of a device, so counted once).
+    frozen_bytes_* cover every parameter of the model (linear weights, biases, embeddings, norms,
+    head); "before" is in the dtype the weights were quantized from.
+    peak_bytes (loading only): the most tensor bytes held at once while loading: every tensor
+    materialised so far plus the full-precision tensor being converted.
+    peak_rss_bytes: the process's peak resident memory so far (whole process lifetime).
+    """
+
+    layers: int
+    params: int
+    linear_bytes_before: int
+    linear_bytes_after: int
+    frozen_bytes_before: int
+    frozen_bytes_after: int
+    blocksize: int = 64
+    double_quant: bool = True
+    peak_bytes: Union[int, None] = None
+    peak_rss_bytes: Union[int, None] = None
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.linear_bytes_after / max(self.params, 1)
+
+    def summary(self) -> str:
+        line = (
+            f"nf4: {self.layers} linear layers, {self.params / 1e6:.2f}M params -> "
+            f"{self.bits_per_param:.3f} bits/param; frozen linear weights {_mb(self.linear_bytes_before)} -> "
+            f"{_mb(self.linear_bytes_after)}; all frozen weights {_mb(self.frozen_bytes_before)} -> "
+            f"{_mb(self.frozen_bytes_after)}"
+        )
+        if self.peak_bytes is not None:
+            line += f"; loading peak {_mb(self.peak_bytes)} held"
+        if self.peak_rss_bytes is not None:
+            line += f", process peak RSS {_mb(self.peak_rss_bytes)}"
+        return line
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    compute_dtype: torch.dtype,
+    skip: Iterable[str] = ("lm_head",),
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> QuantReport:
+    """Replace every linear layer (nn.Linear, GPT-2 Conv1D) by a frozen NF4 `bnb.nn.Linear4bit`, in place.
+
+    A layer is skipped when the last part of its module path is in `skip`, or when its weight is
+    tied to an embedding. Weights are cast to `compute_dtype` and quantized on their own device
+    (CUDA weights on the GPU); the full-precision layer is dropped from the model. Other modules
+    (embeddings, norms, skipped layers) are left as they are.
+
+    Raises:
+        UserError: bitsandbytes missing; a bad blocksize or compute dtype; no linear layers; a
+            layer whose shape cannot be quantized (all such layers listed at once).
+    """
+    bnb = _require_bnb()
+    _check_args(compute_dtype, blocksize)
+    before = _param_bytes(model)
+    targets = _find_targets(model, tuple(skip))
+    _check_shapes(targets, blocksize)
+    linear_before = sum(m.weight.numel() * torch.empty((), dtype=compute_dtype).element_size() for _, m in targets)
+    codes: dict[Any, tuple] = {}
+    targets.reverse()
+    while targets:  # pop, so nothing here keeps a replaced full-precision layer alive
+        name, module = targets.pop()
+        weight = module.weight.detach()
+        if _is_conv1d(module):  # GPT-2's Conv1D stores (in, out)
+            weight = weight.t()
+        bias = None if module.bias is None else module.bias.detach().to(compute_dtype)
+        new = _new_linear4bit(bnb, module, compute_dtype, double_quant)
+        _set_quantized_weight(new, weight.to(compute_dtype), blocksize, double_quant, codes)
+        if bias is not None:
+            new.bias = nn.Parameter(bias, requires_grad=False)
+        _set_module(model, name, new)
+        del module, weight
+    report = _report(model, blocksize, double_quant)
+    report.frozen_bytes_before = before
+    report.linear_bytes_before = linear_before
+    return report
+
+
+def load_model_4bit(
+    folder: Union[str, Path],
+    *,
+    compute_dtype: torch.dtype,
+    skip: Iterable[str] = ("lm_head",),
+    trust_remote_code: bool = False,
+    device: Union[str, torch.device] = "cpu",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> tuple[nn.Module, QuantReport]:
+    """Build a causal LM from a Hugging Face folder straight into 4-bit, one tensor at a time.
+
+    The model is built on the meta device from config.json, then each tensor of the folder's
+    safetensors (one file or shards) is read, cast to `compute_dtype`, moved to `device` and
+    either quantized (linear weights) or kept (embeddings, norms, head, biases), so memory peaks
+    near the 4-bit model plus one full-precision tensor. Tied embeddings are re-tied;
+    non-persistent buffers (rotary inv_freq) are recomputed by the model's own init. The result
+    equals `from_pretrained(folder, dtype=compute_dtype)` followed by `quantize_model`. Every
+    parameter is frozen (requires_grad=False). Returns the model in eval mode and its report.
+
+    Raises:
+        UserError: folder or config.json missing; only pickle (.bin) weights; weights missing
+            from the files; anything `quantize_model` raises.
+    """
+    bnb = _require_bnb()
+    _check_args(compute_dtype, blocksize)
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    files = _safetensors_files(folder)
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
+    held = _Held()
+    # Non-persistent buffers are not in the files: materialise them first and let the model's
+    # own init compute them (its parameters are still on meta, so nothing real is overwritten).
+    with torch.no_grad():
+        for key, buf in list(model.named_non_persistent_buffers()):
+            _set_tensor(model, key, torch.empty_like(buf, device=device), param=False)
+            held.add(buf)
+        for module in {model.get_submodule(k.rpartition(".")[0]) for k, _ in model.named_non_persistent_buffers()}:
+            model._init_weights(module)
+
+    tied = {t: s for t, s in getattr(model, "all_tied_weights_keys", {}).items()}
+    param_names = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    expected = param_names | {k for k, _ in _persistent_buffers(model)}
+    targets = dict(_find_targets(model, tuple(skip), tied_names=set(tied) | set(tied.values())))
+    _check_shapes(list(targets.items()), blocksize)
+    for name, module in targets.items():
+        _set_module(model, name, _new_linear4bit(bnb, module, compute_dtype, double_quant))
+    prefix = getattr(model, "base_model_prefix", "")
+    in_files = set()
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            in_files |= {_match_key(k, expected, prefix) for k in f.keys()}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    before = 0
+    codes: dict[Any, tuple] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for file_key in f.keys():
+                key = _match_key(file_key, expected, prefix)
+                if key is None:
+                    unexpected.append(file_key)
+                    continue
+                if key in tied and tied[key] in in_files:
+                    continue  # a saved copy of a tied weight: it is tied to the source below
+                raw = f.get_tensor(file_key)
+                held.add(raw)
+                value = raw.to(device=device, dtype=compute_dtype) if raw.is_floating_point() else raw.to(device)
+                if value.data_ptr() != raw.data_ptr():
+                    held.add(value)
+                before += value.numel() * value.element_size()
+                owner, _, leaf = key.rpartition(".")
+                if owner in targets and leaf == "weight":
+                    layer = model.get_submodule(owner)
+                    weight = value.t() if _is_conv1d(targets[owner]) else value
+                    _set_quantized_weight(layer, weight, blocksize, double_quant, codes)
+                    held.drop(value, raw)
+                    held.add(*_weight4_tensors(layer))
+                else:
+                    _set_tensor(model, key, value, param=key in param_names)
+                    if value.data_ptr() != raw.data_ptr():
+                        held.drop(raw)
+                del raw, value
+                loaded.add(key)
+    for target, source in tied.items():
+        if target in loaded and source not in loaded:
+            target, source = source, target
+        if source in loaded:
+            owner, _, leaf = target.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+            loaded.add(target)
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(
+            f"{folder}: the safetensors files lack {len(missing)} weights the model from config.json needs "
+            f"({shown}); the folder is incomplete or its config.json belongs to another model"
+        )
+    if unexpected:
+        log.warning("%s: %d tensors not used by the model, e.g. %s", folder, len(unexpected), unexpected[:3])
+    model.eval()
+    report = _report(model, blocksize, double_quant)
+    report.frozen_bytes_before = before
+    report.linear_bytes_before = sum(
+        m.weight.numel() * torch.empty((), dtype=compute_dtype).element_size() for m in targets.values()
+    )
+    report.peak_bytes = held.peak
+    report.peak_rss_bytes = peak_rss_bytes()
+    return model, report
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (without importing bitsandbytes if it is absent)."""
+    if sys.modules.get("bitsandbytes") is None:
+        return False
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The dense fp32 weight (out_features, in_features) of a 4-bit linear layer.
+
+    Dequantizes to fp32 whatever dtype the weight was quantized from, so the values are exactly
+    code * absmax. Nothing is cached: callers that need it again dequantize again.
+    """
+    import bitsandbytes.functional as F
+
+    if not is_4bit(module):
+        raise TypeError(f"dequantize_weight needs a bitsandbytes Linear4bit, got {type(module).__name__}")
+    weight = module.weight
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU inference layout (only if a caller re-enabled it): undo it first.
+        weight.data, state = F._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        weight.quant_state = module.quant_state = state
+    fp32_state = copy.copy(state)
+    fp32_state.dtype = torch.float32
+    return F.dequantize_4bit(weight.data, fp32_state)
+
+
+def make_8bit_adamw(params: Iterable[Any], **adamw_kwargs: Any) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit (block-wise 8-bit moments) for `params` (tensors or param groups).
+
+    bitsandbytes 0.50 runs it on CUDA and on CPU. The device of the parameters is tried once
+    with a one-step dry run, so an unsupported device fails here with a message, not mid-run.
+
+    Raises:
+        UserError: bitsandbytes missing, or its 8-bit AdamW does not run on the params' device.
+    """
+    bnb = _require_bnb(what="train.optimizer: adamw8bit")
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    for device in sorted({str(p.device) for p in tensors}):
+        problem = _adamw8bit_problem(bnb, device)
+        if problem:
+            raise UserError(
+                f"train.optimizer: adamw8bit: bitsandbytes' 8-bit AdamW does not run on device {device} "
+                f"({problem}); set train.optimizer: adamw"
+            )
+    return bnb.optim.AdamW8bit(params, **adamw_kwargs)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+class _Held:
+    """Running total of tensor bytes held by the loader, and its maximum."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def add(self, *tensors: torch.Tensor) -> None:
+        self.now += sum(t.numel() * t.element_size() for t in tensors)
+        self.peak = max(self.peak, self.now)
+
+    def drop(self, *tensors: torch.Tensor) -> None:
+        seen = set()
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                self.now -= t.numel() * t.element_size()
+
+
+def _require_bnb(what: str = "quantize: nf4"):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"{what} needs bitsandbytes, which is not installed: {INSTALL_HINT}") from None
+    return bnb
+
+
+def _check_args(compute_dtype: Any, blocksize: Any) -> None:
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UserError(f"compute_dtype = {compute_dtype!r}: use torch.bfloat16, torch.float16 or torch.float32")
+    if blocksize not in BLOCKSIZES:
+        raise UserError(f"blocksize = {blocksize!r}: bitsandbytes accepts {', '.join(map(str, BLOCKSIZES))}")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _find_targets(
+    model: nn.Module, skip: tuple[str, ...], tied_names: Union[set[str], None] = None
+) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every linear layer to quantize; raises when there is none."""
+    import bitsandbytes as bnb
+
+    tied_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linears, out = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) or not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        linears.append(name)
+        if name.rpartition(".")[2] in skip:
+            continue
+        if id(module.weight) in tied_ids or (tied_names and f"{name}.weight" in tied_names):
+            continue  # shares its weight with an embedding, which stays 16-bit
+        out.append((name, module))
+    if not out:
+        what = type(model).__name__
+        if not linears:
+            raise UserError(
+                f"quantize: nf4: {what} has no nn.Linear (or Conv1D) layers to quantize; use quantize: none"
+            )
+        raise UserError(
+            f"quantize: nf4: every linear layer of {what} ({', '.join(linears[:4])}...) is skipped or tied to an "
+            f"embedding (skip={list(skip)}); nothing would be quantized, use quantize: none"
+        )
+    return out
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def _check_shapes(targets: list[tuple[str, nn.Module]], blocksize: int) -> None:
+    # Blocks must not straddle rows: bitsandbytes' CPU dequantize kernel returns wrong values
+    # when in_features is a multiple of 16 but not of the blocksize (verified on 0.50.2), and its
+    # CPU inference layout reshapes absmax to (out, in / blocksize).
+    bad = []
+    for name, module in targets:
+        fan_in, fan_out = _in_out(module)
+        if fan_in % blocksize:
+            bad.append(f"{name} (in_features={fan_in}, out_features={fan_out})")
+    if bad:
+        raise UserError(
+            f"quantize: nf4: cannot quantize {'; '.join(bad)} in blocks of {blocksize}: in_features must be "
+            f"a multiple of {blocksize}. Leave such layers in 16-bit by adding their names to skip, "
+            f"or use a smaller blocksize"
+        )
+
+
+def _new_linear4bit(bnb: Any, module: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> nn.Module:
+    fan_in, fan_out = _in_out(module)
+    new = bnb.nn.Linear4bit(
+        fan_in,
+        fan_out,
+        bias=module.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        device="meta",
+    )
+    # On CPUs with AVX512-BF16, Linear4bit.forward repacks the weight in eval mode into a layout
+    # whose absmax is bf16 and whose matmul runs in bf16: lossy, not double-quantized, and
+    # different from the saved format. Keep bitsandbytes' standard format.
+    new.support_avx512bf16_for_cpu = False
+    new.requires_grad_(False)
+    return new
+
+
+def _set_quantized_weight(
+    layer: nn.Module, weight: torch.Tensor, blocksize: int, double_quant: bool, codes: dict[Any, tuple]
+) -> None:
+    """Quantize `weight` (out, in) on its own device into `layer` (a Linear4bit)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(
+        weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+    )
+    # bitsandbytes gives every layer its own copy of the two code tables; share one per device.
+    key = packed.device
+    if key not in codes:
+        codes[key] = (state.code, state.state2.code if double_quant else None)
+    state.code = codes[key][0]
+    if double_quant:
+        if codes[key][1] is None:
+            codes[key] = (codes[key][0], state.state2.code)
+        state.state2.code = codes[key][1]
+    layer.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        module=layer,
+        bnb_quantized=True,
+    )
+    layer.quant_state = state
+
+
+def _weight4_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    """Tensors a 4-bit weight holds, code tables excluded (they are shared)."""
+    state = layer.weight.quant_state
+    out = [layer.weight.data, state.absmax]
+    if state.nested:
+        out += [state.offset, state.state2.absmax]
+    return out
+
+
+def _report(model: nn.Module, blocksize: int, double_quant: bool) -> QuantReport:
+    layers = params = linear_after = 0
+    seen: set[tuple[Any, int]] = set()
+
+    def count(t: torch.Tensor) -> int:
+        key = (t.device, t.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    for module in model.modules():
+        if is_4bit(module):
+            state = module.weight.quant_state
+            layers += 1
+            params += state.shape.numel()
+            linear_after += sum(count(t) for t in _weight4_tensors(module)) + count(state.code)
+            if state.nested:
+                linear_after += count(state.state2.code)
+    other = sum(count(p) for p in model.parameters() if not isinstance(p, _params4bit_type()))
+    return QuantReport(layers, params, 0, linear_after, 0, linear_after + other, blocksize, double_quant)
+
+
+def _params4bit_type() -> type:
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied ones
+
+
+def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for name, buf in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            out.append((name, buf))
+    return out
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    owner, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, new)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, *, param: bool) -> None:
+    owner, _, leaf = key.rpartition(".")
+    module = model.get_submodule(owner)
+    if param:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def _match_key(file_key: str, expected: set[str], prefix: str) -> Union[str, None]:
+    """The model's name for a checkpoint key saved with or without the base-model prefix."""
+    if file_key in expected:
+        return file_key
+    if prefix and f"{prefix}.{file_key}" in expected:
+        return f"{prefix}.{file_key}"
+    if prefix and file_key.startswith(prefix + ".") and file_key[len(prefix) + 1 :] in expected:
+        return file_key[len(prefix) + 1 :]
+    return None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"model = {str(folder)!r}: folder not found; pass a local Hugging Face model folder")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model = {str(folder)!r}: no config.json; pass a Hugging Face model folder")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise UserError(f"{index}: lists shards that are not in the folder: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+        raise UserError(
+            f"model = {str(folder)!r}: has only pickle weights (pytorch_model*.bin); loading a pickle can run "
+            "arbitrary code, so lorakit reads only safetensors. Convert once, in an environment you trust: "
+            "python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{folder}').save_pretrained('{folder}')\" (writes model.safetensors)"
+        )
+    raise UserError(f"model = {str(folder)!r}: no *.safetensors weights found in the folder")
+
+
+def _adamw8bit_problem(bnb: Any, device: str) -> Union[str, None]:
+    """None if one AdamW8bit step runs on `device`, else the reason. 4096 values: the smallest
+    tensor bitsandbytes keeps in 8-bit state (smaller ones fall back to 32-bit)."""
+    try:
+        p = nn.Parameter(torch.zeros(4096, device=device))
+        p.grad = torch.ones_like(p)
+        bnb.optim.AdamW8bit([p], lr=1e-3).step()
+    except Exception as exc:  # any failure means this device is unsupported for the optimizer
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

@@ -1,0 +1,627 @@
+"""`lorakit train`: config -> model + adapters -> batches -> optimizer steps -> files.
+
+The run is three plain functions: `setup` (load and check everything, restore a checkpoint),
+`fit` (the loop) and `evaluate` (eval loss, optionally generation accuracy). The distributed
+path (lorakit.distributed) reuses them; it only changes setup, the sampler, gradient reduction
+and who writes files.
+
+Loss normalisation is token-exact: every micro-batch's summed token loss is divided by the
+number of trainable tokens in the whole optimizer step (all micro-batches, all ranks), so
+packing, batch composition and gradient accumulation do not change the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from lorakit.config import RunConfig, load_run_config, parse_overrides
+from lorakit.errors import UserError
+from lorakit.inject import count_parameters, inject_adapter, lora_layers
+from lorakit.loss import token_loss_sum
+from lorakit.metrics import MetricsLog, write_text_atomic
+from lorakit.models import check_model_folder, load_model, load_tokenizer, pick_device, resolve_precision
+
+# Rows of logits computed at once by the chunked output head (see lorakit.loss).
+LOSS_CHUNK_TOKENS = 1024
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients became inf/NaN; the run stops, earlier checkpoints stay."""
+
+
+@dataclass
+class Distributed:
+    """Who this process is among the training processes; a single process by default."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # Context manager factory for micro-batches whose gradients must not be reduced yet (DDP no_sync).
+    no_sync: Callable[[], Any] = None  # type: ignore[assignment]
+    # Full adapter state for checkpoints when parameters are sharded (FSDP2).
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built by `setup`."""
+
+    cfg: RunConfig
+    output_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    model: nn.Module  # the LoRA model (unwrapped)
+    train_model: nn.Module  # what forward runs (the same, or a DDP / compiled wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: Any
+    eval_set: Any
+    total_steps: int
+    fingerprint: dict[str, Any]
+    dist: Distributed = field(default_factory=Distributed)
+    step: int = 0
+    metrics: Optional[MetricsLog] = None
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    frozen_summary: str = ""
+    eval_records: Optional[list] = None
+    interrupted: Optional[int] = None  # the signal number that asked us to stop
+
+
+# --------------------------------------------------------------------------- setup
+def fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """What must not change across a resume: the model, the data and the LoRA config."""
+
+    def file_hash(path: Optional[str]) -> Optional[str]:
+        if path is None:
+            return None
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    model_dir = Path(cfg.model)
+    model_id = cfg.model
+    if model_dir.is_dir():
+        weights = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))
+        model_id = hashlib.sha256(((model_dir / "config.json").read_text() + repr(weights)).encode()).hexdigest()
+    return {
+        "model": model_id,
+        "data": {"train": file_hash(cfg.data.train), "eval": file_hash(cfg.data.eval), **_data_options(cfg)},
+        "lora": dataclasses.asdict(cfg.lora),
+        "quantize": cfg.quantize,
+    }
+
+
+def _data_options(cfg: RunConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg.data)
+    for key in ("train", "eval", "cache_dir"):
+        d.pop(key)
+    return d
+
+
+def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from; refuses to overwrite an earlier run without --resume."""
+    checkpoint = latest_checkpoint(output_dir)
+    if resume:
+        if checkpoint is None:
+            raise UserError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; start without --resume")
+        return checkpoint
+    finished = (output_dir / "adapter" / "adapter_config.json").is_file()
+    if checkpoint is not None or finished:
+        what = "a finished run" if finished else f"checkpoints ({checkpoint.name})"
+        raise UserError(
+            f"output_dir {str(output_dir)!r} already holds {what}; pass --resume to continue it, or set a new "
+            "output_dir=... so nothing is overwritten"
+        )
+    return None
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
+    warmup, kind = cfg.train.warmup_steps, cfg.train.scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW on trainable parameters; B matrices get lr x lr_ratio_b (LoRA+)."""
+    a_params, b_params = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b_params if ".lora_B." in name else a_params).append(p)
+    groups = [{"params": a_params, "lr": cfg.train.lr}]
+    if b_params:
+        groups.append({"params": b_params, "lr": cfg.train.lr * cfg.train.lr_ratio_b})
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.train.weight_decay)
+    if cfg.train.optimizer == "adamw8bit":
+        from lorakit.quant import make_8bit_adamw
+
+        return make_8bit_adamw(groups, **kwargs)
+    device_type = next(iter(groups[0]["params"])).device.type
+    # The fused kernel updates every tensor in one pass; it needs float params on CPU or CUDA.
+    fused = device_type in ("cpu", "cuda") and all(p.dtype == torch.float32 for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
+def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] = None, log: Callable[[str], None] = print) -> Run:
+    """Load and check everything a run needs; restore the newest checkpoint when resuming."""
+    from lorakit.data import BatchStream, load_train_eval
+
+    dist = dist or Distributed()
+    output_dir = Path(cfg.output_dir)
+    checkpoint = check_output_dir(output_dir, resume)
+    fp = fingerprint(cfg)
+    ckpt_state = None
+    if checkpoint is not None:
+        ckpt_state, optimizer_state, rng_state = load_checkpoint(checkpoint)
+        _check_same_run(ckpt_state.get("fingerprint", {}), fp, checkpoint)
+    if cfg.train.eval_generate and cfg.data.eval is None:
+        raise UserError("train.eval_generate: true needs data.eval (a file of records with reference answers)")
+
+    device = dist_device(dist)
+    dtype = resolve_precision(cfg.train.precision, device)
+    torch.manual_seed(cfg.train.seed)
+    check_model_folder(cfg.model) if Path(cfg.model).exists() else None
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)
+
+    frozen_summary = ""
+    if cfg.quantize == "nf4":
+        from lorakit.quant import load_model_4bit
+
+        model, report = load_model_4bit(cfg.model, compute_dtype=dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+        frozen_summary = report.summary()
+    else:
+        model = load_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        frozen = sum(p.numel() * p.element_size() for p in model.parameters())
+        frozen_summary = f"frozen weights {frozen / 2**20:.1f} MiB ({8 * frozen / max(1, sum(p.numel() for p in model.parameters())):.0f} bits/param)"
+    inject_adapter(model, cfg.lora)
+    model.to(device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = BatchStream(
+        train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length, packing=cfg.data.packing,
+        seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, pad_id=pad_id,
+    )  # fmt: skip
+    steps_per_epoch = stream.microbatches_per_epoch() // cfg.train.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"one optimizer step needs batch_size x grad_accum x processes = "
+            f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world_size} rows but the data makes "
+            f"{stream.num_rows}; lower train.batch_size or train.grad_accum"
+        )
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+
+    train_model = model
+    if dist.world_size > 1:
+        from lorakit.distributed import wrap_model
+
+        train_model = wrap_model(model, cfg, dist, device)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    eval_records = None
+    if cfg.train.eval_generate:
+        from lorakit.data import read_records
+
+        eval_records = [r for _, r in read_records(cfg.data.eval, skip_invalid=cfg.data.skip_invalid)]
+
+    run = Run(
+        cfg=cfg, output_dir=output_dir, device=device, dtype=dtype, tokenizer=tokenizer, model=model,
+        train_model=train_model, optimizer=optimizer, scheduler=scheduler, stream=stream, eval_set=eval_set,
+        total_steps=total_steps, fingerprint=fp, dist=dist, frozen_summary=frozen_summary,
+        data_stats=dataclasses.asdict(train_set.stats), eval_records=eval_records,
+    )  # fmt: skip
+    run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
+    if ckpt_state is not None:
+        _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
+        log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
+    return run
+
+
+def dist_device(dist: Distributed) -> torch.device:
+    device = pick_device()
+    if device.type == "cuda" and dist.world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)))
+    return device
+
+
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
+    changed = [key for key in ("model", "data", "lora", "quantize") if saved.get(key) != now.get(key)]
+    if changed:
+        details = []
+        for key in changed:
+            if isinstance(now.get(key), dict) and isinstance(saved.get(key), dict):
+                sub = [k for k in now[key] if now[key].get(k) != saved[key].get(k)]
+                details.append(f"{key} ({', '.join(key + '.' + s for s in sub)})" if sub else key)
+            else:
+                details.append(key)
+        raise UserError(
+            f"cannot resume from {checkpoint}: the {' and '.join(details)} changed since it was written; "
+            "restore the original settings, or start a new run in another output_dir"
+        )
+
+
+def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng_state: dict) -> None:
+    from lorakit.adapters import read_adapter
+
+    files = read_adapter(checkpoint / "adapter")
+    from lorakit.adapters import PREFIX
+
+    with torch.no_grad():
+        for path, layer in lora_layers(run.model):
+            name = "default"
+            a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind.name == "embedding" else ("lora_A.weight", "lora_B.weight")
+            _copy_into(layer.lora_A[name], files.tensors[f"{PREFIX}{path}.{a_key}"])
+            _copy_into(layer.lora_B[name], files.tensors[f"{PREFIX}{path}.{b_key}"])
+        from lorakit.inject import saved_modules
+
+        for path, module in saved_modules(run.model):
+            for key, param in module.copies["default"].named_parameters():
+                _copy_into(param, files.tensors[f"{PREFIX}{path}.{key}"])
+    run.optimizer.load_state_dict(optimizer_state)
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.stream.load_state_dict(state["stream"])
+    run.step = state["step"]
+    restore_rng(rng_state)
+    run.metrics.resume_from(run.step)
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter that may be an FSDP2 shard (DTensor)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        param.copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements))
+    else:
+        param.copy_(value)
+
+
+# --------------------------------------------------------------------------- the loop
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train_step(run: Run) -> dict[str, float]:
+    """One optimizer step over grad_accum micro-batches; returns its (global) loss and grad norm."""
+    cfg, dist = run.cfg, run.dist
+    micro = [run.stream.next() for _ in range(cfg.train.grad_accum)]
+    local_tokens = sum(b["num_trainable"] for b in micro)
+    counts = dist.all_reduce_sum(torch.tensor([float(local_tokens), float(sum(b["num_tokens"] for b in micro))]))
+    step_tokens, step_all_tokens = max(1.0, counts[0].item()), counts[1].item()
+    # DDP and FSDP average gradients over ranks; scaling by world_size turns that average into the
+    # sum that the token-exact normalisation needs.
+    scale = dist.world_size / step_tokens
+    loss_sum = torch.zeros((), device=run.device)
+    chunk = None if cfg.train.compile else LOSS_CHUNK_TOKENS
+    for i, batch in enumerate(micro):
+        batch = _to_device(batch, run.device)
+        sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else _nullcontext()
+        with sync_ctx:
+            batch_loss, _ = token_loss_sum(run.train_model, batch, chunk_tokens=chunk)
+            (batch_loss * scale).backward()
+        loss_sum += batch_loss.detach().float()
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    loss = dist.all_reduce_sum(loss_sum.reshape(1))[0] / step_tokens
+    loss_value, norm_value = loss.item(), float(grad_norm)
+    if not math.isfinite(loss_value) or not math.isfinite(norm_value):
+        run.optimizer.zero_grad(set_to_none=True)
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        raise TrainingDiverged(
+            f"{what} is {loss_value if what == 'loss' else norm_value} at step {run.step + 1}; stopped before updating "
+            "the adapter. Lower train.lr, raise train.warmup_steps or check the data"
+        )
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"loss": loss_value, "grad_norm": norm_value, "lr": lr, "tokens": step_all_tokens, "trainable_tokens": step_tokens}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """eval_loss / eval_perplexity over the eval set (and eval_accuracy with eval_generate)."""
+    out: dict[str, float] = {}
+    if run.eval_set is not None:
+        from lorakit.evaluate import evaluate_loss
+
+        result = evaluate_loss(
+            run.model, run.eval_set, batch_size=run.cfg.train.batch_size, max_length=run.cfg.data.max_length,
+            device=run.device,
+        )  # fmt: skip
+        out["eval_loss"], out["eval_perplexity"] = result["loss"], result["perplexity"]
+    # Every rank evaluates the whole eval set: FSDP needs all ranks in every forward, and the
+    # results are then identical everywhere without a gather.
+    if run.eval_records is not None:
+        from lorakit.evaluate import generation_accuracy
+
+        acc = generation_accuracy(run.model, run.tokenizer, run.eval_records)
+        out["eval_accuracy"] = acc["accuracy"]
+    return out
+
+
+def _checkpoint(run: Run) -> Path:
+    state = {
+        "fingerprint": run.fingerprint,
+        "scheduler": run.scheduler.state_dict(),
+        "stream": run.stream.state_dict(),
+        "total_steps": run.total_steps,
+    }
+    optimizer_state = optimizer_state_dict(run)
+    path = None
+    if run.dist.is_main:
+        path = save_checkpoint(
+            run.output_dir, run.step, model=run.model, optimizer_state=optimizer_state, state=state,
+            keep=run.cfg.train.keep_checkpoints, base_model_name_or_path=run.cfg.model,
+        )  # fmt: skip
+    run.dist.barrier()
+    return path or run.output_dir / "checkpoints" / f"step-{run.step}"
+
+
+def optimizer_state_dict(run: Run) -> dict:
+    """The optimizer state with full (unsharded) tensors, so any number of processes can resume it."""
+    state = run.optimizer.state_dict()
+
+    def full(v):
+        if hasattr(v, "full_tensor"):
+            return v.full_tensor().cpu()
+        return v.cpu() if isinstance(v, torch.Tensor) else v
+
+    return {"state": {k: {n: full(t) for n, t in s.items()} for k, s in state["state"].items()}, "param_groups": state["param_groups"]}
+
+
+def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train to total_steps with logging, eval, checkpoints and plots; returns the final summary."""
+    from tqdm import tqdm
+
+    cfg, dist = run.cfg, run.dist
+    main = dist.is_main
+    if main:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    start_time = time.perf_counter()
+    tokens_seen = 0
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    previous_handlers = _install_signal_handlers(run)
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not main, dynamic_ncols=True, unit="step", file=sys.stderr)
+    window_tokens, window_time = 0.0, 0.0
+    try:
+        while run.step < run.total_steps:
+            step_start = time.perf_counter()
+            result = train_step(run)
+            # tokens/s counts training time only, not eval, checkpoints or plotting
+            window_time += time.perf_counter() - step_start
+            tokens_seen += int(result["tokens"])
+            window_tokens += result["tokens"]
+            last_train = result
+            if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+                now = time.perf_counter()
+                tps = window_tokens / max(1e-9, window_time)
+                window_tokens, window_time = 0.0, 0.0
+                entry = {
+                    "step": run.step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                    "tokens_per_s": tps, "elapsed_s": now - start_time,
+                }  # fmt: skip
+                run.metrics.log(entry)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update(1)
+            if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < run.total_steps:
+                last_eval = evaluate(run)
+                if last_eval:
+                    run.metrics.log({"step": run.step, **last_eval})
+            if cfg.train.save_every and run.step % cfg.train.save_every == 0 and run.step < run.total_steps:
+                _checkpoint(run)
+            if main and (run.step % max(cfg.train.log_every, 10) == 0):
+                run.metrics.plot(Path(cfg.model).name)
+            if run.interrupted is not None:
+                break
+    finally:
+        bar.close()
+        _restore_signal_handlers(previous_handlers)
+    if run.interrupted is not None:
+        path = _checkpoint(run)
+        name = signal.Signals(run.interrupted).name
+        log(f"{name}: stopped at step {run.step}; checkpoint saved to {path}; continue with --resume")
+        return {"interrupted": run.interrupted, "step": run.step, "checkpoint": str(path)}
+    last_eval = evaluate(run)
+    if last_eval:
+        run.metrics.log({"step": run.step, **last_eval})
+    elapsed = time.perf_counter() - start_time
+    summary = {
+        "steps": run.step,
+        "time_s": elapsed,
+        "tokens_per_s": tokens_seen * dist.world_size / max(elapsed, 1e-9) if dist.world_size > 1 else tokens_seen / max(elapsed, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(run.device),
+        "final_loss": last_train.get("loss"),
+        **last_eval,
+        "adapter": str(run.output_dir / "adapter"),
+    }
+    if main:
+        from lorakit.adapters import save_adapter
+
+        save_adapter(run.model, run.output_dir / "adapter", base_model_name_or_path=cfg.model,
+                     extra_files={"README.md": model_card(run, summary)})  # fmt: skip
+        run.metrics.plot(Path(cfg.model).name)
+    dist.barrier()
+    return summary
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _install_signal_handlers(run: Run) -> dict:
+    """SIGINT / SIGTERM finish the current step, save a checkpoint and stop cleanly."""
+    previous = {}
+
+    def handler(signum, frame):
+        if run.interrupted is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        run.interrupted = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+
+
+def model_card(run: Run, summary: dict[str, Any]) -> str:
+    cfg = run.cfg
+    trainable, total = count_parameters(run.model)
+    metrics = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items() if k != "adapter")
+    return f"""---
+library_name: peft
+base_model: {cfg.model}
+tags: [lora, lorakit]
+---
+# LoRA adapter trained with lorakit
+
+- Base model: `{cfg.model}`{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
+- Training data: `{cfg.data.train}` ({run.data_stats.get('examples', '?')} examples, {run.data_stats.get('tokens', '?')} tokens)
+- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.targets}, dropout={cfg.lora.dropout}
+- Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
+- Steps: {run.step}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x processes {run.dist.world_size}, lr {cfg.train.lr}
+
+| metric | value |
+| --- | --- |
+{metrics}
+
+Load with lorakit (`lorakit generate --model BASE --adapter THIS_FOLDER ...`) or with PEFT
+(`PeftModel.from_pretrained(base_model, "THIS_FOLDER")`).
+
+## Full config
+```yaml
+{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```
+"""
+
+
+def start_summary(run: Run) -> str:
+    trainable, total = count_parameters(run.model)
+    s = run.data_stats
+    lines = [
+        f"model        {run.cfg.model} ({type(run.model).__name__}, {total:,} params)",
+        f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {len(list(lora_layers(run.model)))} layers; "
+        f"trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)",
+        f"precision    {str(run.dtype).replace('torch.', '')} compute on {run.device}; {run.frozen_summary}",
+        f"data         {s.get('examples')} examples, {s.get('tokens'):,} tokens ({s.get('trainable_tokens'):,} trained); "
+        f"truncated {s.get('truncated')}, dropped {s.get('dropped_too_long', 0) + s.get('dropped_no_trainable', 0)}, "
+        f"skipped {s.get('skipped_invalid')}",
+        f"plan         {run.total_steps} steps x {run.cfg.train.batch_size * run.cfg.train.grad_accum * run.dist.world_size} rows "
+        f"of <= {run.cfg.data.max_length} tokens; output {run.output_dir}",
+    ]
+    if run.eval_set is not None:
+        lines.insert(4, f"eval         {len(run.eval_set)} examples")
+    return "\n".join(lines)
+
+
+def final_summary(summary: dict[str, Any]) -> str:
+    parts = [f"done: {summary['steps']} steps in {summary['time_s']:.1f}s, {summary['tokens_per_s']:,.0f} tokens/s, "
+             f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"]  # fmt: skip
+    if summary.get("final_loss") is not None:
+        parts.append(f"final train loss {summary['final_loss']:.4f}")
+    if "eval_loss" in summary:
+        parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
+    if "eval_accuracy" in summary:
+        parts.append(f"eval accuracy {100 * summary['eval_accuracy']:.1f}%")
+    parts.append(f"adapter: {summary['adapter']}")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- command
+def train_command(args: argparse.Namespace) -> int:
+    if args.nproc:
+        from lorakit.distributed import launch_torchrun
+
+        return launch_torchrun(args)
+    if args.config is None or "=" in str(args.config):
+        overrides = ([args.config] if args.config else []) + list(args.overrides)
+        from lorakit.demo.run import run_demo
+
+        return run_demo(parse_overrides(overrides), resume=args.resume)
+    cfg = load_run_config(args.config, parse_overrides(args.overrides))
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        from lorakit.distributed import run_distributed
+
+        return run_distributed(cfg, resume=args.resume)
+    return run_training(cfg, resume=args.resume)
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] = None) -> int:
+    """setup -> summary -> fit -> summary; exit code 0, or 128+signal when interrupted."""
+    dist = dist or Distributed()
+    log = print if dist.is_main else (lambda *_: None)
+    run = setup(cfg, resume=resume, dist=dist, log=log)
+    log(start_summary(run))
+    try:
+        summary = fit(run, log=log)
+    except TrainingDiverged as exc:
+        last = latest_checkpoint(run.output_dir)
+        print(f"error: {exc}; last good checkpoint: {last or 'none'}", file=sys.stderr)
+        return 1
+    if "interrupted" in summary:
+        return 128 + summary["interrupted"]
+    log(final_summary(summary))
+    if dist.is_main:
+        write_text_atomic(run.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return 0
