@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise an adapter (and check it against a base model)")
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("--base", default=None, help="base model folder for a compatibility check and relative update sizes")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_inspect)
     return parser
 

@@ -1,0 +1,169 @@
+"""`lorakit eval`: loss and perplexity over a dataset, and exact-match accuracy of greedy completions.
+
+The loss is the trainer's: the data is tokenized and masked by `lorakit.data` exactly as for
+training, and `loss.token_loss_sum` is summed over every batch and divided by the number of
+trained tokens of the whole set (token-exact, so batch size and padding do not change it).
+
+Accuracy (`--generate`) compares the greedy completion of each record's prompt with its answer
+after `strip()`:
+    completion   prompt -> completion
+    instruction  the Alpaca prompt of lorakit.data -> output
+    chat         the chat template over every message before the last assistant turn, with the
+                 generation prompt -> that turn's content
+Text records have no answer and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.loss import token_loss_sum
+
+
+def evaluate_loss(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 8,
+    max_length: int,
+    device: Optional[torch.device] = None,
+) -> dict[str, float]:
+    """{"loss", "perplexity", "tokens"}: mean next-token cross-entropy over the trained tokens.
+
+    dataset: a lorakit.data.TokenizedDataset. The model runs in eval mode under no_grad; its
+    previous mode is restored.
+    """
+    from lorakit.data import BatchStream
+
+    if len(dataset) == 0:
+        raise UserError("the eval dataset has no examples")
+    device = device or next(model.parameters()).device
+    stream = BatchStream(
+        dataset, batch_size=min(batch_size, len(dataset)), max_length=max_length, packing=False, seed=0, shuffle=False
+    )
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in stream.epoch_batches():
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                loss_sum, n = token_loss_sum(model, batch)
+                total += loss_sum.double().cpu()
+                count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise UserError("the eval dataset has no trained tokens (every label is masked)")
+    loss = float(total / count)
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
+
+
+def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
+    """(prompt, expected answer, is_chat) for a record, or None for a text record.
+
+    The prompt is a string (completion, instruction: rendered by lorakit.data) or the chat
+    messages before the last assistant turn.
+
+    Raises:
+        UserError: a record lorakit.data would reject, or a chat without an assistant turn.
+    """
+    from lorakit.data import _BadRecord, _prepare
+
+    try:
+        fmt, payload = _prepare(record, "auto", train_on_inputs=True)
+    except _BadRecord as exc:
+        raise UserError(str(exc)) from None
+    if fmt == "text":
+        return None
+    if fmt == "chat":
+        last = max((i for i, m in enumerate(payload) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise UserError("a chat record has no assistant turn to compare with")
+        return payload[:last], payload[last]["content"], True
+    text, prompt_chars = payload
+    return text[:prompt_chars], text[prompt_chars:], False
+
+
+def generation_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[dict],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    show_failures: int = 3,
+) -> dict[str, Any]:
+    """{"accuracy", "correct", "total", "failures": [{"prompt", "expected", "got"}]} over the
+    records that have an answer (exact match after strip(); greedy; at most `show_failures` listed).
+
+    Raises:
+        UserError: see `prompt_and_answer`; no record with an answer.
+    """
+    from lorakit.generate import generate
+
+    cases = []
+    for i, record in enumerate(records):
+        try:
+            case = prompt_and_answer(record)
+        except UserError as exc:
+            raise UserError(f"record {i + 1}: {exc}") from None
+        if case is not None:
+            cases.append(case)
+    if not cases:
+        raise UserError("no record has an answer to compare with (text records have none); use prompt/completion, "
+                        "instruction or chat records")  # fmt: skip
+    got: list[str] = [""] * len(cases)
+    for is_chat in (False, True):  # chat and plain prompts are tokenized differently
+        idx = [i for i, c in enumerate(cases) if c[2] == is_chat]
+        if idx:
+            texts = generate(model, tokenizer, [cases[i][0] for i in idx], chat=is_chat,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)  # fmt: skip
+            for i, text in zip(idx, texts):
+                got[i] = text
+    correct, failures = 0, []
+    for (prompt, expected, is_chat), text in zip(cases, got):
+        if text.strip() == expected.strip():
+            correct += 1
+        elif len(failures) < show_failures:
+            shown = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if is_chat else prompt
+            failures.append({"prompt": shown, "expected": expected, "got": text})
+    return {"accuracy": correct / len(cases), "correct": correct, "total": len(cases), "failures": failures}
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from lorakit.config import DataConfig
+    from lorakit.data import load_dataset, read_records
+    from lorakit.generate import load_for_command
+
+    model, tokenizer = load_for_command(args.model, args.adapter)
+    cfg = DataConfig(max_length=args.max_length, packing=False)
+    dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
+    result: dict[str, Any] = {"loss": None, "perplexity": None, "accuracy": None}
+    result.update(evaluate_loss(model, dataset, batch_size=args.batch_size, max_length=args.max_length))
+    result["examples"] = len(dataset)
+    if args.generate:
+        records = [r for _, r in read_records(args.data)]
+        acc = generation_accuracy(model, tokenizer, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        result.update(accuracy=acc["accuracy"], correct=acc["correct"], total=acc["total"], failures=acc["failures"])
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    rows = [("examples", f"{result['examples']}"), ("tokens", f"{result['tokens']}"),
+            ("loss", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}")]  # fmt: skip
+    if args.generate:
+        rows.append(("accuracy", f"{result['accuracy']:.2%} ({result['correct']}/{result['total']} exact matches)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for f in result.get("failures", []):
+        print(f"\n--- failure\nprompt:   {f['prompt']!r}\nexpected: {f['expected']!r}\ngot:      {f['got']!r}")
+    return 0

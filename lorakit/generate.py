@@ -1,0 +1,265 @@
+"""`lorakit generate` and `lorakit chat`: text from a model (and adapter) with transformers' generate.
+
+Decoding is `model.generate` with its KV cache; lorakit only prepares the inputs. Prompts in a
+batch are LEFT-padded (the new tokens of every row then start at the same position) with an
+attention mask, from which transformers derives the position ids, so a prompt gives the same
+greedy completion alone or in a batch. Generation stops at EOS or at the chat template's
+end-of-turn token (`<|eot_id|>`, `<|im_end|>`, ...), whichever the tokenizer has.
+
+Tokenization matches lorakit.data: a plain prompt is tokenized with the tokenizer's special
+tokens (a BOS where its post-processor adds one); a chat prompt is the chat template's render
+with `add_generation_prompt=True`, tokenized without adding special tokens (the template writes
+them), exactly like `apply_chat_template(..., tokenize=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO, Union
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+
+# End-of-turn tokens of common chat templates; generation also stops at these when the vocabulary has them.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+Prompt = Union[str, list[dict[str, str]]]  # a text, or chat messages [{"role", "content"}]
+
+
+def stop_token_ids(tokenizer: Any, model: Optional[nn.Module] = None) -> list[int]:
+    """EOS, the model's generation-config EOS ids and any end-of-turn token the vocabulary has."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_config = getattr(model, "generation_config", None)
+    eos = getattr(gen_config, "eos_token_id", None)
+    ids += [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    return list(dict.fromkeys(ids))
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
+    """Token ids of one prompt (see the module docstring for how they match training).
+
+    Raises:
+        UserError: chat requested but the tokenizer has no chat template.
+    """
+    if chat or not isinstance(prompt, str):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "the tokenizer has no chat template, so --chat / chat prompts cannot be rendered; "
+                "use a chat model's tokenizer or leave out --chat"
+            )
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 8,
+    streamer: Any = None,
+) -> list[str]:
+    """Completions of `prompts` (texts, or message lists when `chat`), in order, special tokens removed.
+
+    Greedy when `temperature == 0`; otherwise sampling with temperature / top-p / top-k
+    (`top_k=0` and `top_p=1` switch those filters off), seeded with `seed`, so the same call
+    gives the same text. The global RNG state is left as it was.
+
+    Raises:
+        UserError: bad sampling values, or chat prompts without a chat template.
+    """
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
+        raise UserError(
+            f"temperature={temperature}, top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
+            f"batch_size={batch_size}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1"
+        )
+    from transformers import GenerationConfig
+
+    encoded = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
+    stops = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad_id)
+    if temperature > 0:
+        options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    else:
+        options.update(do_sample=False)
+    gen_config = GenerationConfig(**options)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                width = max(len(ids) for ids in chunk)
+                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, ids in enumerate(chunk):  # left padding
+                    input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                    mask[i, width - len(ids) :] = 1
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # generation-config chatter about unused flags
+                    result = model.generate(
+                        input_ids=input_ids.to(device),
+                        attention_mask=mask.to(device),
+                        generation_config=gen_config,
+                        streamer=streamer,
+                    )
+                for row in result[:, width:].tolist():
+                    out.append(_decode(tokenizer, row, stops))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _decode(tokenizer: Any, ids: list[int], stops: list[int]) -> str:
+    """The text up to the first stop token (rows that stopped early are padded after it)."""
+    for i, token in enumerate(ids):
+        if token in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- prompt files
+def read_prompts(path: Union[str, Path]) -> list[Prompt]:
+    """One prompt per line, or JSONL with a "prompt" (text) or "messages" (chat) field per line.
+
+    Raises:
+        UserError: missing file, no prompts, a JSON line without a usable field (FILE:LINE).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompts {str(path)!r}: file not found; give a text file (one prompt per line) or JSONL")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    jsonl = path.suffix.lower() in (".jsonl", ".json") or any(line.lstrip().startswith("{") for line in lines[:1])
+    prompts: list[Prompt] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            prompts.append(record["prompt"])
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            prompts.append(record["messages"])
+        else:
+            raise UserError(f"{path}:{number}: expected an object with a \"prompt\" string or a \"messages\" list")
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def load_for_command(model_path: str, adapter_path: Optional[str]) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a CLI command; a path that is not a folder is a UserError (a bare
+    `org/name` is left to transformers, for users with a network)."""
+    from lorakit.config import _looks_like_hub_name
+    from lorakit.models import check_model_folder, load_for_inference
+
+    if not _looks_like_hub_name(model_path):
+        check_model_folder(model_path)
+    return load_for_inference(model_path, adapter_path)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Print the completion of --prompt, or one JSON line {"prompt", "completion"} per --prompts entry."""
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    model, tokenizer = load_for_command(args.model, args.adapter)
+    texts = generate(model, tokenizer, prompts, chat=args.chat, batch_size=args.batch_size, **_sampling(args))
+    if args.prompt is not None:
+        print(texts[0])
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+    return 0
+
+
+# --------------------------------------------------------------------------- chat
+def chat_loop(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    system: Optional[str] = None,
+    stdin: Optional[TextIO] = None,
+    stdout: Optional[TextIO] = None,
+    **sampling: Any,
+) -> list[dict[str, str]]:
+    """Read user turns from `stdin` until EOF or `/exit`, streaming each reply to `stdout`.
+
+    `/reset` forgets the conversation (the system prompt stays). Works with piped input; the
+    `you> ` prompt is only shown on a terminal. Returns the final history.
+    """
+    from transformers import TextStreamer
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template; `lorakit chat` needs a chat model (or its tokenizer)")
+    interactive = stdin.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    print("chat: /reset clears the conversation, /exit quits", file=sys.stderr)
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            stdout.write(text + ("\n" if stream_end else ""))
+            stdout.flush()
+
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        message = line.rstrip("\n")
+        if message.strip() == "/exit":
+            break
+        if message.strip() == "/reset":
+            history = list(start)
+            stdout.write("(conversation cleared)\n")
+            continue
+        if not message.strip():
+            continue
+        history.append({"role": "user", "content": message})
+        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        reply = generate(model, tokenizer, [history], chat=True, batch_size=1, streamer=streamer, **sampling)[0]
+        history.append({"role": "assistant", "content": reply})
+    return history
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    model, tokenizer = load_for_command(args.model, args.adapter)
+    chat_loop(model, tokenizer, system=args.system, **_sampling(args))
+    return 0

@@ -1,0 +1,192 @@
+"""`lorakit inspect`: what an adapter holds, how big each update is, and whether it fits a base.
+
+Per LoRA module the update is ΔW = s · B @ A (B: (out, r), A: (r, in)). Its singular values come
+from two thin QR factorisations, never from the (out, in) matrix:
+
+    B = Q_B R_B,  A^T = Q_A R_A   =>   ΔW = Q_B (s · R_B R_A^T) Q_A^T
+
+so the singular values of ΔW are those of the r x r matrix s · R_B R_A^T (Q_B, Q_A have
+orthonormal columns). From them:
+    norm            ||ΔW||_F = sqrt(sum σ_i^2)
+    rank_1pct       how many σ_i exceed 1% of σ_1 (the directions the update really uses)
+    effective_rank  exp(entropy of p_i = σ_i / sum σ_j) (Roy & Vetterli 2007): 1 for a single
+                    direction, r when all r are equal
+With a base model, the check reads only the safetensors headers (names, shapes, dtypes) and then
+loads just the targeted weights, for the relative size ||ΔW||_F / ||W||_F.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors import safe_open
+
+from lorakit.adapters import read_adapter
+from lorakit.errors import UserError
+
+
+def update_spectrum(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Singular values (descending) of scale · B @ A, via QR of B and A^T (r x r SVD)."""
+    _, r_b = torch.linalg.qr(b.double())  # (out, r) -> R_B (r, r)
+    _, r_a = torch.linalg.qr(a.double().t())  # (in, r) -> R_A (r, r)
+    return torch.linalg.svdvals(scale * (r_b @ r_a.t()))
+
+
+def spectrum_stats(sv: torch.Tensor) -> dict[str, float]:
+    norm = float(sv.pow(2).sum().sqrt())
+    top = float(sv[0]) if len(sv) else 0.0
+    if top == 0.0:
+        return {"norm": 0.0, "rank_1pct": 0, "effective_rank": 0.0}
+    p = sv / sv.sum()
+    p = p[p > 0]
+    return {
+        "norm": norm,
+        "rank_1pct": int((sv > 0.01 * top).sum()),
+        "effective_rank": float(torch.exp(-(p * p.log()).sum())),
+    }
+
+
+def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, None] = None) -> dict[str, Any]:
+    """A summary of the adapter as a JSON-ready dict (see the module docstring for the numbers).
+
+    With `base_dir`: `base` holds `untouched` (linear modules the adapter leaves alone) and each
+    module gets `relative` = ||ΔW|| / ||W||.
+
+    Raises:
+        UserError: missing or invalid adapter folder; with a base, the first adapter tensor or
+            module that does not fit it (both shapes named).
+    """
+    from lorakit.adapters import PREFIX
+    from lorakit.inject import _pattern_value
+    from lorakit.merge import plan_merge, read_base_layout
+
+    files = read_adapter(adapter_dir)
+    config = files.config
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    saved: list[dict[str, Any]] = []
+    for key, tensor in files.tensors.items():
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                             (".lora_embedding_B", "B")):  # fmt: skip
+            if name.endswith(suffix):
+                entry = pairs.setdefault(name[: -len(suffix)], {})
+                entry[slot] = tensor
+                entry["embedding"] = "embedding" in suffix
+                break
+        else:
+            saved.append({"tensor": name, "shape": list(tensor.shape), "params": tensor.numel()})
+    modules = []
+    for path, entry in sorted(pairs.items(), key=lambda kv: _natural(kv[0])):
+        if "A" not in entry or "B" not in entry:
+            raise UserError(f"{files.path}: module {path} has only one of its two LoRA matrices; the adapter file is incomplete")
+        a, b = entry["A"], entry["B"]
+        scale = _scaling(config, path)
+        stats = spectrum_stats(update_spectrum(a, b, scale))
+        modules.append({
+            "module": path,
+            "kind": "embedding" if entry["embedding"] else "linear",
+            "r": int(a.shape[0]),
+            "alpha": float(_pattern_value(path, config.alpha_pattern, config.alpha)),
+            "scaling": scale,
+            "shape": [int(b.shape[0]), int(a.shape[1])],
+            "params": a.numel() + b.numel(),
+            **stats,
+        })  # fmt: skip
+    result: dict[str, Any] = {
+        "adapter": str(files.path),
+        "targets": config.targets,
+        "r": config.r,
+        "alpha": config.alpha,
+        "rslora": config.rslora,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+        "modules_to_save": saved,
+        "lora_modules": len(modules),
+        "params": sum(t.numel() for t in files.tensors.values()),
+        "lora_params": sum(m["params"] for m in modules),
+        "file_bytes": files.file_bytes,
+        "modules": modules,
+    }
+    if base_dir is not None:
+        layout = read_base_layout(base_dir, need_tokenizer=False)
+        plan = plan_merge(layout, files)  # raises on the first mismatch, from the headers alone
+        touched = {u.path for u in plan.updates.values()}
+        if layout.kinds:
+            linear = [p for p, k in layout.kinds.items() if k in ("linear", "conv1d")]
+        else:
+            linear = [k.rpartition(".")[0] for k, s in layout.shapes.items() if k.endswith(".weight") and len(s) == 2]
+        untouched = [p for p in linear if p not in touched and p.partition(".")[2] not in touched]
+        by_path = {m["module"]: m for m in modules}
+        for key, update in plan.updates.items():
+            stored = layout.tied.get(key, key) if key not in layout.shapes else key
+            with safe_open(str(layout.files[stored]), framework="pt") as f:
+                w_norm = float(f.get_tensor(stored).double().norm())
+            by_path[update.path]["kind"] = update.kind
+            by_path[update.path]["relative"] = by_path[update.path]["norm"] / w_norm if w_norm else math.inf
+        result["base"] = {
+            "model": str(layout.folder),
+            "compatible": True,
+            "untouched": untouched,
+            "replaced": sorted(plan.replace),
+        }
+    return result
+
+
+def _scaling(config, path: str) -> float:
+    from lorakit.adapters import adapter_scaling
+
+    return adapter_scaling(config, path)
+
+
+def _natural(path: str) -> list:
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def format_report(info: dict[str, Any]) -> str:
+    """The human-readable form of `inspect_adapter`'s result."""
+    lines = [
+        f"adapter   {info['adapter']}",
+        f"targets   {info['targets']}",
+        f"rank      r={info['r']}, alpha={info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}"
+        + (f", rank_pattern={info['rank_pattern']}" if info["rank_pattern"] else "")
+        + (f", alpha_pattern={info['alpha_pattern']}" if info["alpha_pattern"] else ""),
+        f"params    {info['params']:,} ({info['lora_params']:,} in {info['lora_modules']} LoRA modules"
+        + (f", {sum(s['params'] for s in info['modules_to_save']):,} in modules_to_save" if info["modules_to_save"] else "")
+        + f"); file {info['file_bytes'] / 2**20:.2f} MiB",
+        "",
+    ]
+    relative = "base" in info
+    header = ["module", "kind", "shape", "r", "alpha", "scale", "||ΔW||", "rank>1%", "eff.rank"] + (["||ΔW||/||W||"] if relative else [])
+    rows = [header]
+    for m in info["modules"]:
+        row = [m["module"], m["kind"], "x".join(map(str, m["shape"])), str(m["r"]), f"{m['alpha']:g}", f"{m['scaling']:.4g}",
+               f"{m['norm']:.4g}", str(m["rank_1pct"]), f"{m['effective_rank']:.2f}"]  # fmt: skip
+        if relative:
+            row.append(f"{m.get('relative', float('nan')):.3e}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("rank>1%: singular values of s·B@A above 1% of the largest; eff.rank: exp(entropy of the normalised spectrum)")
+    for s in info["modules_to_save"]:
+        lines.append(f"saved in full: {s['tensor']} {tuple(s['shape'])}")
+    if relative:
+        base = info["base"]
+        lines.append(f"\nbase {base['model']}: every adapter tensor fits (names and shapes checked from the headers)")
+        lines.append(f"linear modules left untouched: {len(base['untouched'])}"
+                     + (f" ({', '.join(base['untouched'][:6])}{', ...' if len(base['untouched']) > 6 else ''})"
+                        if base["untouched"] else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    info = inspect_adapter(args.adapter, args.base)
+    if getattr(args, "json", False):
+        print(json.dumps(info))
+    else:
+        print(format_report(info))
+    return 0

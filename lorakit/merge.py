@@ -1,0 +1,622 @@
+"""`lorakit merge`: fold an adapter into its base model and write a plain Hugging Face model folder.
+
+The base is streamed tensor by tensor from its safetensors files (`safe_open`, one shard at a
+time), never loaded as a model: each tensor is read, updated if the adapter touches it, cast to
+the output dtype and appended to the output shard being filled; a full output shard is written
+and dropped. Tensors held at once: the adapter, one base tensor (plus its fp32 working copy and
+the fp32 update s·B@A) and one output shard. `MergeReport.peak_held_bytes` counts exactly these.
+
+Per base tensor `<path>.weight`:
+    linear     W (out, in)  += s · B @ A                  (computed in fp32)
+    conv1d     W (in, out)  += (s · B @ A)^T              GPT-2's Conv1D stores the transpose
+    embedding  W (num, dim) += (s · B @ A)^T              A: (r, num), B: (dim, r)
+    modules_to_save: W is replaced by the adapter's trained copy; a PEFT `base_layer.weight`
+    (saved for resized embeddings) replaces the base weight before the update is added.
+s comes from `adapters.adapter_scaling` (rank_pattern / alpha_pattern / rsLoRA resolved per module).
+Module kinds (Linear vs Conv1D vs Embedding) and tied weights are read from the model class built
+on the meta device from config.json (no memory); when that fails (custom code), from the tensor
+shapes and the adapter's `fan_in_fan_out`.
+
+Tied embeddings: when the base ties its output head to the input embedding and the adapter changes
+either one, both are written untied (the head gets the original embedding plus its own change, as
+in the adapted model) and config.json gets `tie_word_embeddings: false`.
+
+Output dtype: each floating tensor keeps the dtype it is stored in, unless `dtype` is given
+(then every floating tensor is cast to it); config.json's `dtype` says which.
+
+QLoRA adapters and accuracy: an adapter trained on an NF4 base learned to correct the *rounded*
+weights W_q = dequant(quant(W)), not W. Merging it into the full-precision W gives W + ΔW, which
+differs from what the adapter was trained with by W - W_q (NF4 rounding error, about 10% of a
+weight's magnitude per element, unbiased). In practice that model is usually as good or slightly
+better than the 4-bit one (the base is more precise), but it is not the model that was evaluated
+during training, and some of ΔW may have been spent compensating rounding errors that no longer
+exist. `simulate_nf4=True` merges into W_q instead: every layer lorakit's QLoRA loader quantizes
+(all Linear / Conv1D layers except `lm_head` and weights tied to an embedding, not just the
+targeted ones, because the adapter saw all of them rounded) is quantized with bitsandbytes NF4
+(blocksize 64, double quantization, as `lorakit.quant`) and dequantized before the update is added,
+so the merged model computes what the training-time model computed (up to its compute dtype).
+The weights are then stored in 16 bits: the output is the same size as the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
+from lorakit.errors import UserError
+from lorakit.models import DTYPES, check_model_folder
+
+INDEX_NAME = "model.safetensors.index.json"
+NF4_BLOCKSIZE = 64
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+# --------------------------------------------------------------------------- reading the base
+@dataclass
+class BaseLayout:
+    """What a model folder holds, from the safetensors headers and config.json (no weights read).
+
+    shapes / dtypes / files: checkpoint key -> shape, dtype, file.
+    kinds: module path -> "linear" | "conv1d" | "embedding" (empty when the class could not be built).
+    tied: checkpoint key -> the key it shares storage with in the model (e.g. lm_head.weight ->
+        model.embed_tokens.weight), for keys transformers ties on load.
+    """
+
+    folder: Path
+    config: dict[str, Any]
+    files: dict[str, Path]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    kinds: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    head: Optional[str] = None  # module path of the output head
+    embedding: Optional[str] = None  # module path of the input embedding
+
+    @property
+    def shard_files(self) -> list[Path]:
+        return list(dict.fromkeys(self.files.values()))
+
+    def key_for(self, path: str, param: str = "weight") -> Optional[str]:
+        """The checkpoint key of module `path`'s `param`, allowing a checkpoint saved without the
+        base-model prefix (`h.0.attn.c_attn.weight` for `transformer.h.0.attn.c_attn`)."""
+        key = f"{path}.{param}"
+        if key in self.shapes or key in self.tied:
+            return key
+        short = key.partition(".")[2]
+        return short if short in self.shapes else None
+
+
+def read_base_layout(folder: Union[str, Path], *, need_tokenizer: bool = True) -> BaseLayout:
+    """Read the headers of a model folder's safetensors (single file or sharded with an index).
+
+    Raises:
+        UserError: missing folder / config / weights / tokenizer, a broken index or safetensors file.
+    """
+    folder = check_model_folder(folder, need_tokenizer=need_tokenizer)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{folder / 'config.json'}: invalid JSON: {exc}") from None
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{index}: not a safetensors index ({exc}); re-save the model") from None
+        names = list(dict.fromkeys(weight_map.values()))
+    else:
+        names = sorted(p.name for p in folder.glob("*.safetensors"))
+    files, shapes, dtypes = {}, {}, {}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{index}: lists {name}, which is not in {folder}; the download is incomplete")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    files[key], shapes[key] = path, tuple(part.get_shape())
+                    dtypes[key] = _ST_DTYPES.get(part.get_dtype(), torch.float32)
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+    layout = BaseLayout(folder, config, files, shapes, dtypes)
+    _read_model_structure(layout)
+    return layout
+
+
+def _read_model_structure(layout: BaseLayout) -> None:
+    """Fill kinds / tied / head / embedding from the model class built on the meta device."""
+    from lorakit.layers import base_kind
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfg = AutoConfig.from_pretrained(str(layout.folder))
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(cfg)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:  # noqa: BLE001 - custom code or an unknown architecture: fall back to shapes
+        return
+    for path, module in model.named_modules():
+        kind = base_kind(module) if path else None
+        if kind is not None:
+            layout.kinds[path] = kind.name
+    owners: dict[int, str] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        owner = owners.setdefault(id(param), key)
+        if owner != key:
+            layout.tied[key] = owner
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    for path, module in model.named_modules():
+        if module is head and head is not None:
+            layout.head = path
+        if module is emb and emb is not None:
+            layout.embedding = path
+    # Keys the checkpoint stores and the model also ties: the checkpoint's copy of the owner wins.
+    layout.tied = {k: v for k, v in layout.tied.items() if k not in layout.shapes or v not in layout.shapes}
+
+
+# --------------------------------------------------------------------------- planning
+@dataclass
+class _Update:
+    """One low-rank update of a base tensor: W += s · B @ A (transposed for conv1d / embedding)."""
+
+    path: str
+    kind: str  # linear | conv1d | embedding
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    def delta(self) -> torch.Tensor:
+        """s · B @ A in fp32 in the checkpoint's layout of the weight."""
+        d = self.scale * (self.b.float() @ self.a.float())
+        return d if self.kind == "linear" else d.t()
+
+
+@dataclass
+class MergePlan:
+    updates: dict[str, _Update]  # checkpoint key -> update
+    replace: dict[str, torch.Tensor]  # checkpoint key -> tensor from the adapter
+    extra: dict[str, str]  # key absent from the checkpoint -> key whose stored value it starts from
+    untie: bool
+    nf4: dict[str, str]  # checkpoint key -> "linear" | "conv1d", weights to NF4-round (simulate_nf4)
+
+
+def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = False) -> MergePlan:
+    """Match every adapter tensor to a base tensor and check all shapes, before any work.
+
+    Raises:
+        UserError: naming the first adapter tensor without a base tensor, or the first module
+            whose shapes do not fit (both shapes given).
+    """
+    config = files.config
+    where = files.path
+    fan_in_fan_out = bool(files.peft_config.get("fan_in_fan_out", False))
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    replace: dict[str, torch.Tensor] = {}
+    base_replace: dict[str, torch.Tensor] = {}
+    for key, tensor in files.tensors.items():
+        if not key.startswith(PREFIX):
+            raise UserError(f"{where}: adapter tensor {key} does not start with {PREFIX!r}; not a PEFT LoRA adapter")
+        name = key[len(PREFIX) :]
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", name)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = tensor
+        elif name.endswith(".base_layer.weight"):
+            base_replace[name[: -len(".base_layer.weight")]] = tensor
+        else:
+            replace[name] = tensor
+    updates: dict[str, _Update] = {}
+    for path, parts in lora.items():
+        emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a = parts.get("lora_embedding_A" if emb else "lora_A.weight")
+        b = parts.get("lora_embedding_B" if emb else "lora_B.weight")
+        if a is None or b is None:
+            raise UserError(f"{where}: module {path} has only one of its two LoRA matrices; the adapter file is incomplete")
+        key = layout.key_for(path)
+        if key is None:
+            raise UserError(
+                f"{where}: adapter module {path} has no weight {path}.weight in the base model "
+                f"(base keys look like {', '.join(list(layout.shapes)[:3])}); is this adapter for another base model?"
+            )
+        w_shape = layout.shapes.get(key) or layout.shapes[layout.tied[key]]
+        r = a.shape[0]
+        kind = "embedding" if emb else _linear_kind(layout, path, w_shape, fan_in_fan_out)
+        fan_in, fan_out = a.shape[1], b.shape[0]
+        wanted = {"linear": (fan_out, fan_in), "conv1d": (fan_in, fan_out), "embedding": (fan_in, fan_out)}[kind]
+        expected_r = _pattern_rank(config, path)
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or tuple(w_shape) != wanted or r != expected_r:
+            raise UserError(
+                f"{where}: {path} does not fit: adapter A {tuple(a.shape)}, B {tuple(b.shape)} (rank {expected_r} "
+                f"in adapter_config.json) but the base weight {key} is {tuple(w_shape)}; "
+                "the adapter was trained on a different base model"
+            )
+        updates[key] = _Update(path, kind, a, b, adapter_scaling(config, path))
+    replaced: dict[str, torch.Tensor] = {}
+    for name, tensor in list(replace.items()) + [(f"{p}.weight", t) for p, t in base_replace.items()]:
+        path, _, param = name.rpartition(".")
+        key = layout.key_for(path, param)
+        if key is None:
+            raise UserError(
+                f"{where}: adapter tensor {PREFIX}{name} {tuple(tensor.shape)} has no matching tensor in the base model; "
+                "is this adapter for another base model?"
+            )
+        w_shape = layout.shapes.get(key) or layout.shapes[layout.tied[key]]
+        if tuple(tensor.shape) != tuple(w_shape):
+            raise UserError(
+                f"{where}: {PREFIX}{name} has shape {tuple(tensor.shape)} but the base tensor {key} is {tuple(w_shape)}; "
+                "the adapter was trained on a different base model"
+            )
+        replaced[key] = tensor
+    changed = set(updates) | set(replaced)
+    # Tied keys the checkpoint does not store: write them only when untying.
+    tied_changed = any(k in changed or v in changed for k, v in layout.tied.items())
+    extra = {k: v for k, v in layout.tied.items() if tied_changed and k not in layout.shapes}
+    nf4 = _nf4_keys(layout) if simulate_nf4 else {}
+    return MergePlan(updates, replaced, extra, tied_changed, nf4)
+
+
+def _pattern_rank(config, path: str) -> int:
+    from lorakit.inject import _pattern_value
+
+    return _pattern_value(path, config.rank_pattern, config.r)
+
+
+def _linear_kind(layout: BaseLayout, path: str, w_shape: tuple[int, ...], fan_in_fan_out: bool) -> str:
+    kind = layout.kinds.get(path) or layout.kinds.get(path.partition(".")[2])
+    if kind in ("linear", "conv1d"):
+        return kind
+    if kind == "embedding":
+        return "embedding"
+    # No model class: a square weight is ambiguous, so trust the adapter's fan_in_fan_out.
+    return "conv1d" if fan_in_fan_out else "linear"
+
+
+def _nf4_keys(layout: BaseLayout) -> dict[str, str]:
+    """Checkpoint keys of the weights lorakit's QLoRA loader quantizes (see lorakit.quant)."""
+    if not layout.kinds:
+        raise UserError(
+            f"{layout.folder}: --simulate-nf4 needs to know which layers are linear, but the model class could not "
+            "be built from config.json (custom code?); merge without --simulate-nf4"
+        )
+    out: dict[str, str] = {}
+    bad = []
+    for path, kind in layout.kinds.items():
+        if kind not in ("linear", "conv1d") or path.rpartition(".")[2] == "lm_head" or path == layout.head:
+            continue
+        key = layout.key_for(path)
+        if key is None or key in layout.tied:
+            continue  # tied to an embedding: stays 16-bit
+        shape = layout.shapes[key]
+        fan_in = shape[1] if kind == "linear" else shape[0]
+        if fan_in % NF4_BLOCKSIZE:
+            bad.append(f"{path} (in_features={fan_in})")
+            continue
+        out[key] = kind
+    if bad:
+        raise UserError(
+            f"--simulate-nf4: {', '.join(bad)} cannot be NF4-quantized in blocks of {NF4_BLOCKSIZE}, so no QLoRA run "
+            "trained on this base; merge without --simulate-nf4"
+        )
+    return out
+
+
+def nf4_round(weight: torch.Tensor) -> torch.Tensor:
+    """dequant(quant(W)) for a (out, in) weight, as lorakit.quant stores it: NF4, blocksize 64,
+    double quantization, quantized from `weight`'s own dtype, dequantized to fp32."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(
+        weight.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+    )
+    state.dtype = torch.float32
+    return bnbf.dequantize_4bit(packed, state)
+
+
+# --------------------------------------------------------------------------- writing
+@dataclass
+class MergeReport:
+    """What a merge wrote and how much memory it took.
+
+    peak_held_bytes: the most tensor bytes held at once (adapter + base tensor being merged + its
+        fp32 working copies + the output shard being filled).
+    peak_rss_bytes: the process's peak resident memory (whole process lifetime, so it includes
+        torch itself and anything the caller did before).
+    """
+
+    out_dir: Path
+    dtype: torch.dtype
+    shards: int
+    tensors: int
+    merged_modules: int
+    replaced_tensors: int
+    untied: bool
+    output_bytes: int
+    largest_input_shard_bytes: int
+    adapter_bytes: int
+    peak_held_bytes: int
+    peak_rss_bytes: int
+    nf4_rounded: int = 0
+
+    def summary(self) -> str:
+        mb = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+        return (
+            f"merged {self.merged_modules} LoRA modules, replaced {self.replaced_tensors} tensors"
+            + (f", NF4-rounded {self.nf4_rounded} weights" if self.nf4_rounded else "")
+            + (", untied the embeddings" if self.untied else "")
+            + f" -> {self.out_dir} ({self.shards} shard{'s' * (self.shards != 1)}, {mb(self.output_bytes)}, "
+            f"{str(self.dtype).replace('torch.', '')}); peak tensors held {mb(self.peak_held_bytes)} "
+            f"(largest input shard {mb(self.largest_input_shard_bytes)}, adapter {mb(self.adapter_bytes)}), "
+            f"process peak RSS {mb(self.peak_rss_bytes)}"
+        )
+
+
+class _Held:
+    """Bytes of tensors held, and the most held at once."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def add(self, n: int) -> None:
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def drop(self, n: int) -> None:
+        self.now -= n
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _ShardWriter:
+    """Collects output tensors and writes a shard whenever the next tensor would overflow it."""
+
+    def __init__(self, folder: Path, max_bytes: int, held: _Held) -> None:
+        self.folder, self.max_bytes, self.held = folder, max_bytes, held
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        n = _nbytes(tensor)
+        if self.buffer and self.size + n > self.max_bytes:
+            self.flush()
+        self.buffer[key] = tensor.contiguous()
+        self.size += n
+        self.held.add(n)
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.folder / f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.parts.append((path, list(self.buffer)))
+        self.total += self.size
+        self.held.drop(self.size)
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> int:
+        """Name the shards like transformers does and write the index; returns the shard count."""
+        self.flush()
+        n = len(self.parts)
+        if n == 1:
+            os.replace(self.parts[0][0], self.folder / "model.safetensors")
+            return 1
+        weight_map = {}
+        for i, (path, keys) in enumerate(self.parts):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, self.folder / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return n
+
+
+def parse_size(text: Union[str, int]) -> int:
+    """"2GB" -> 2*10**9, "500MiB" -> 500*2**20, 1000 -> 1000 (transformers' conventions)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"--max-shard-size = {text!r}: use a size like 500MB, 2GB or 2GiB")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def merge_adapter_files(
+    base_dir: Union[str, Path],
+    adapter_dir: Union[str, Path],
+    out_dir: Union[str, Path],
+    *,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size: Union[str, int] = "2GB",
+    simulate_nf4: bool = False,
+    force: bool = False,
+) -> MergeReport:
+    """Merge the adapter in `adapter_dir` into the model in `base_dir`, writing `out_dir`.
+
+    The output is built in a hidden folder next to `out_dir` and renamed into place when complete,
+    so `out_dir` never holds a partial model; with `force` an existing `out_dir` is replaced only then.
+
+    Raises:
+        UserError: missing or invalid folders, a base without tokenizer files, an adapter that
+            does not fit the base (first mismatching module and both shapes), a non-empty
+            `out_dir` without `force`.
+    """
+    files = read_adapter(adapter_dir)
+    layout = read_base_layout(base_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force to replace it")
+    if out_dir.resolve() in (layout.folder.resolve(), files.path.resolve()):
+        raise UserError(f"--out {out_dir} is the base or adapter folder; write the merged model somewhere else")
+    max_bytes = parse_size(max_shard_size)
+    if max_bytes <= 0:
+        raise UserError(f"--max-shard-size = {max_shard_size!r}: must be positive")
+    plan = plan_merge(layout, files, simulate_nf4=simulate_nf4)
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UserError(f"dtype = {dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+
+    held = _Held()
+    adapter_bytes = sum(_nbytes(t) for t in files.tensors.values())
+    held.add(adapter_bytes)  # the adapter stays in memory throughout
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        writer = _ShardWriter(staging, max_bytes, held)
+        stored = [t for k, t in layout.dtypes.items() if t.is_floating_point]
+        out_dtype = dtype or _config_dtype(layout.config) or (max(set(stored), key=stored.count) if stored else torch.float32)
+        nf4_done = 0
+        for shard in layout.shard_files:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    held.add(_nbytes(tensor))
+                    for target in [key] + [k for k, v in plan.extra.items() if v == key]:
+                        out, rounded = _merged_tensor(target, tensor, plan, held, dtype)
+                        if target != key and out.data_ptr() == tensor.data_ptr():
+                            out = out.clone()  # safetensors refuses two keys sharing storage
+                        nf4_done += rounded
+                        writer.add(target, out)  # counts `out`, even when it is `tensor` itself
+                        del out
+                    held.drop(_nbytes(tensor))
+                    del tensor
+        shards = writer.finish()
+        _write_config(layout, staging, out_dtype, plan.untie)
+        _copy_side_files(layout.folder, staging)
+        replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeReport(
+        out_dir=out_dir,
+        dtype=out_dtype,
+        shards=shards,
+        tensors=len(layout.shapes) + len(plan.extra),
+        merged_modules=len(plan.updates),
+        replaced_tensors=len(plan.replace),
+        untied=plan.untie,
+        output_bytes=writer.total,
+        largest_input_shard_bytes=max(p.stat().st_size for p in layout.shard_files),
+        adapter_bytes=adapter_bytes,
+        peak_held_bytes=held.peak,
+        peak_rss_bytes=_peak_rss_bytes(),
+        nf4_rounded=nf4_done,
+    )
+
+
+def _merged_tensor(
+    key: str, stored: torch.Tensor, plan: MergePlan, held: _Held, dtype: Optional[torch.dtype]
+) -> tuple[torch.Tensor, bool]:
+    """The output value of checkpoint key `key` (read as `stored`), and whether it was NF4-rounded.
+
+    Temporaries are counted in `held` while they live; the returned tensor is left for the
+    caller's writer to count.
+    """
+    value = plan.replace.get(key, stored)
+    update = plan.updates.get(key)
+    nf4_kind = plan.nf4.get(key)
+    if update is None and nf4_kind is None:
+        return value.to(dtype if dtype is not None and value.is_floating_point() else value.dtype), False
+    w = value.float()
+    if w.data_ptr() == value.data_ptr():
+        w = w.clone()
+    held.add(_nbytes(w))  # fp32 working copy, in the checkpoint's layout
+    if nf4_kind is not None:
+        dense = w.t() if nf4_kind == "conv1d" else w  # (out, in), as lorakit.quant quantizes it
+        rounded = nf4_round(dense.to(value.dtype))
+        held.add(_nbytes(rounded))
+        dense.copy_(rounded)
+        held.drop(_nbytes(rounded))
+        del rounded
+    if update is not None:
+        delta = update.delta()
+        held.add(_nbytes(delta))
+        w += delta
+        held.drop(_nbytes(delta))
+        del delta
+        if not torch.isfinite(w).all():
+            raise UserError(f"merging the adapter into {update.path} gives inf/NaN weights; the adapter is broken")
+    out = w.to(dtype or value.dtype)
+    if out.data_ptr() != w.data_ptr():
+        held.add(_nbytes(out))  # both alive for a moment
+        held.drop(_nbytes(out))
+    held.drop(_nbytes(w))
+    return out, nf4_kind is not None
+
+
+def _config_dtype(config: dict[str, Any]) -> Optional[torch.dtype]:
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, str(name).replace("torch.", ""), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _write_config(layout: BaseLayout, folder: Path, dtype: torch.dtype, untie: bool) -> None:
+    config = dict(layout.config)
+    config["dtype"] = str(dtype).replace("torch.", "")
+    config.pop("torch_dtype", None)
+    if untie:
+        config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_side_files(base: Path, folder: Path) -> None:
+    """Tokenizer files, generation config, chat template, custom code: every top-level file that
+    is not weights, an index or config.json (written separately)."""
+    for path in base.iterdir():
+        if not path.is_file() or path.name.startswith(".") or path.name in ("config.json", INDEX_NAME):
+            continue
+        if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+            continue
+        shutil.copy2(path, folder / path.name)
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# --------------------------------------------------------------------------- CLI
+def merge_command(args: argparse.Namespace) -> int:
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    report = merge_adapter_files(
+        args.base,
+        args.adapter,
+        args.out,
+        dtype=dtype,
+        max_shard_size=args.max_shard_size,
+        simulate_nf4=args.simulate_nf4,
+        force=args.force,
+    )
+    print(report.summary())
+    return 0

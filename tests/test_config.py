@@ -1,0 +1,48 @@
+"""Run-config loading: YAML, dotted overrides, one-pass validation."""
+
+import pytest
+
+from lorakit.config import build_run_config, load_run_config, parse_overrides
+from lorakit.errors import UserError
+
+
+def test_overrides_are_yaml_scalars():
+    got = parse_overrides(["train.max_steps=20", "lora.targets=[q_proj, v_proj]", "train.lr=1e-4", "data.eval=null",
+                           "train.gradient_checkpointing=true"])  # fmt: skip
+    assert got == {"train.max_steps": 20, "lora.targets": ["q_proj", "v_proj"], "train.lr": "1e-4", "data.eval": None,
+                   "train.gradient_checkpointing": True}  # fmt: skip
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_overrides(["train.max_steps"])
+
+
+def test_yaml_file_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: {train: t.jsonl}\ntrain: {lr: 2e-4, max_steps: 5}\nlora: {r: 8}\n")
+    cfg = load_run_config(path, parse_overrides(["train.max_steps=7", "lora.alpha=4"]), check_paths=False)
+    assert cfg.train.lr == 2e-4 and cfg.train.max_steps == 7  # "2e-4" (a YAML 1.1 string) becomes a float
+    assert cfg.lora.r == 8 and cfg.lora.alpha == 4.0 and cfg.lora.targets == "all-linear"
+    assert cfg.data.packing is True and cfg.output_dir == "runs/lorakit"
+
+
+def test_every_problem_in_one_message():
+    with pytest.raises(UserError) as err:
+        build_run_config({"modle": "x", "data": {"train": "t", "pack": True}, "train": {"epochs": 0, "warmup_steps": -1,
+                          "precision": "fp8", "seed": 1.5}, "lora": {"alpha": 0}}, check_paths=False)  # fmt: skip
+    message = str(err.value)
+    assert message.startswith("config: 8 problems: ")
+    for fragment in ("unknown key 'modle'; did you mean 'model'?", "unknown key 'data.pack'; did you mean 'data.packing'?",
+                     "train.seed = 1.5: expected an integer", "lora.alpha = 0.0: must be a positive number",
+                     "train.precision = 'fp8': use one of auto, bf16, fp16, fp32", "train.epochs = 0: must be >= 1",
+                     "train.warmup_steps = -1: must be >= 0", "model: missing"):  # fmt: skip
+        assert fragment in message, fragment
+    assert "\n" not in message
+
+
+def test_yaml_errors_name_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: m\ndata:\n  train: [a, b\n")
+    with pytest.raises(UserError, match=r"broken.yaml:\d+: invalid YAML"):
+        load_run_config(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_run_config(path)

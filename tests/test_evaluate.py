@@ -1,0 +1,101 @@
+"""eval: token-exact loss against a per-example reference, exact-match accuracy on a known case."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_tokenizer, save_model_folder, tiny_llama
+
+from lorakit.cli import main
+from lorakit.config import DataConfig
+from lorakit.data import INSTRUCTION_TEMPLATE_NO_INPUT, load_dataset
+from lorakit.evaluate import evaluate_loss, generation_accuracy
+from lorakit.generate import generate
+
+RECORDS = [
+    {"prompt": "The quick brown", "completion": " fox jumps over the lazy dog."},
+    {"instruction": "Sort the numbers 3 1 2", "output": "1 2 3"},
+    {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is two plus two?"},
+                  {"role": "assistant", "content": "Four."}]},  # fmt: skip
+    {"text": "Low-rank adaptation trains two small matrices."},
+    {"prompt": "hello world ->", "completion": " bonjour le monde"},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("d") / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    model, tok = tiny_llama(), make_tokenizer()
+    dataset = load_dataset(path, tok, DataConfig(max_length=64, packing=False), use_cache=False)
+    return model, tok, dataset, path
+
+
+def _reference_loss(model, dataset):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            ids, labels = (torch.from_numpy(x).long()[None] for x in dataset.example(i))
+            logits = model(ids).logits[0, :-1]
+            targets = labels[0, 1:].clone()
+            total += float(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+    return total / count, count
+
+
+def test_loss_is_token_exact(setup):
+    model, _, dataset, _ = setup
+    model.train()
+    ref, count = _reference_loss(model.eval(), dataset)
+    model.train()
+    for bs in (1, 2, 8):
+        got = evaluate_loss(model, dataset, batch_size=bs, max_length=64)
+        assert got["tokens"] == count
+        assert got["loss"] == pytest.approx(ref, abs=1e-5)
+        assert got["perplexity"] == pytest.approx(torch.tensor(ref).exp().item(), rel=1e-5)
+    assert model.training  # mode restored
+
+
+def test_accuracy_on_known_case(setup):
+    model, tok, _, _ = setup
+    # What the model greedily writes for each prompt, computed from the prompts directly.
+    plain = generate(model, tok, ["Sorting:", INSTRUCTION_TEMPLATE_NO_INPUT.format(instruction="Say hi")], max_new_tokens=5)
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = generate(model, tok, [msgs], chat=True, max_new_tokens=5)[0]
+    records = [
+        {"prompt": "Sorting:", "completion": f"  {plain[0]}\n"},  # right (after strip)
+        {"instruction": "Say hi", "input": "", "output": plain[1] + " extra"},  # wrong
+        {"messages": msgs + [{"role": "assistant", "content": chat}, {"role": "user", "content": "more"}]},  # right
+        {"text": "no answer: not counted"},
+    ]
+    got = generation_accuracy(model, tok, records, max_new_tokens=5, batch_size=2)
+    assert (got["correct"], got["total"]) == (2, 3) and got["accuracy"] == pytest.approx(2 / 3)
+    assert got["failures"] == [{"prompt": "### Instruction:\nSay hi\n\n### Response:\n", "expected": plain[1] + " extra",
+                                "got": plain[1]}]  # fmt: skip
+
+
+def test_cli_eval_json_and_table(setup, tmp_path, capsys):
+    model, tok, dataset, path = setup
+    folder = save_model_folder(tmp_path / "m", model, tok)
+    assert main(["eval", "--model", str(folder), "--data", str(path), "--json", "--max-length", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ref, count = _reference_loss(model, dataset)
+    assert result["loss"] == pytest.approx(ref, abs=1e-5) and result["tokens"] == count
+    assert result["accuracy"] is None and result["examples"] == 5
+    args = ["eval", "--model", str(folder), "--data", str(path), "--generate", "--max-new-tokens", "4", "--max-length", "64"]
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["total"] == 4 and 0 <= result["correct"] <= 4 and len(result["failures"]) == min(3, 4 - result["correct"])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"loss        {ref:.4f}" in out and f"/4 exact matches" in out
+
+
+def test_bad_inputs(setup, tmp_path, capsys):
+    model, tok, _, path = setup
+    folder = save_model_folder(tmp_path / "m", model, tok)
+    assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", "--model", str(folder), "--data", str(path), "--adapter", str(tmp_path)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err

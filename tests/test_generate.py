@@ -1,0 +1,130 @@
+"""generate / chat: greedy equals a hand-written argmax loop, batching changes nothing, seeds repeat."""
+
+import io
+import json
+
+import pytest
+import torch
+from helpers import make_tokenizer, save_model_folder, tiny_llama
+
+from lorakit import LoraConfig, inject_adapter, save_adapter
+from lorakit.cli import main
+from lorakit.generate import chat_loop, generate, read_prompts, render_prompt, stop_token_ids
+
+PROMPTS = ["The quick brown fox", "Low-rank", "Translate to French: hello world ->", "abc"]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return tiny_llama(), make_tokenizer()
+
+
+def _argmax_loop(model, tokenizer, ids, n, stops):
+    """Reference: no KV cache, no padding, one full forward per new token."""
+    ids = list(ids)
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token in stops:
+                break
+            ids.append(token)
+            new.append(token)
+    return new
+
+
+def test_greedy_matches_reference_and_batching(model_tok):
+    model, tok = model_tok
+    one = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=1)
+    batched = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=3)  # padded batches of 3 and 1
+    assert batched == one
+    stops = stop_token_ids(tok, model)
+    for prompt, text in zip(PROMPTS, one):
+        new = _argmax_loop(model, tok, render_prompt(tok, prompt, chat=False), 10, stops)
+        assert text == tok.decode(new, skip_special_tokens=True)
+    assert sum(len(t) for t in one) > 0
+
+
+def test_chat_prompts_batched(model_tok):
+    model, tok = model_tok
+    convs = ["What is two plus two?", [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hi"}]]
+    one = generate(model, tok, convs, chat=True, max_new_tokens=6, batch_size=1)
+    assert generate(model, tok, convs, chat=True, max_new_tokens=6, batch_size=2) == one
+    ids = render_prompt(tok, convs[0], chat=True)
+    assert ids == tok.apply_chat_template([{"role": "user", "content": convs[0]}], add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert one[0] == tok.decode(_argmax_loop(model, tok, ids, 6, stop_token_ids(tok, model)), skip_special_tokens=True)
+
+
+def test_sampling_is_seeded(model_tok):
+    model, tok = model_tok
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, batch_size=2)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    a = generate(model, tok, PROMPTS, seed=1, **kw)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG is untouched
+    assert generate(model, tok, PROMPTS, seed=1, **kw) == a
+    assert generate(model, tok, PROMPTS, seed=2, **kw) != a
+    assert a != generate(model, tok, PROMPTS, max_new_tokens=12)  # really sampling
+
+
+def test_generation_stops_at_eos(model_tok):
+    model, tok = model_tok
+    ids = render_prompt(tok, "hello", chat=False)
+    greedy = _argmax_loop(model, tok, ids, 8, stop_token_ids(tok, model))
+    k = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])
+    stopping = make_tokenizer()
+    stopping.eos_token = tok.convert_ids_to_tokens(greedy[k])  # the k-th greedy token now ends the text
+    got = generate(model, stopping, ["hello"], max_new_tokens=8)
+    assert got == [tok.decode(greedy[:k], skip_special_tokens=True)]
+
+
+def test_chat_loop_history_reset_exit(model_tok):
+    model, tok = model_tok
+    out = io.StringIO()
+    stdin = io.StringIO("hi\nand then?\n/reset\nhello\n/exit\nnever read\n")
+    history = chat_loop(model, tok, system="Be brief.", stdin=stdin, stdout=out, max_new_tokens=6)
+    sys_msg = {"role": "system", "content": "Be brief."}
+    r1 = generate(model, tok, [[sys_msg, {"role": "user", "content": "hi"}]], chat=True, max_new_tokens=6)[0]
+    turn2 = [sys_msg, {"role": "user", "content": "hi"}, {"role": "assistant", "content": r1},
+             {"role": "user", "content": "and then?"}]  # fmt: skip
+    r2 = generate(model, tok, [turn2], chat=True, max_new_tokens=6)[0]
+    r3 = generate(model, tok, [[sys_msg, {"role": "user", "content": "hello"}]], chat=True, max_new_tokens=6)[0]
+    assert history == [sys_msg, {"role": "user", "content": "hello"}, {"role": "assistant", "content": r3}]
+    # streamed text: each reply on its own line, and the reset notice between
+    assert out.getvalue().split("\n") == [r1, r2, "(conversation cleared)", r3, ""]
+
+
+def test_cli_generate_and_chat(tmp_path, capsys, monkeypatch):
+    model = tiny_llama()
+    folder = save_model_folder(tmp_path / "m", model, make_tokenizer())
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    save_adapter(model, tmp_path / "a")
+    want = generate(model, make_tokenizer(), PROMPTS[:2], max_new_tokens=5)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    args = ["generate", "--model", str(folder), "--adapter", str(tmp_path / "a"), "--max-new-tokens", "5"]
+    assert main(args + ["--prompts", str(tmp_path / "p.jsonl")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"prompt": p, "completion": w} for p, w in zip(PROMPTS[:2], want)]
+    assert main(args + ["--prompt", PROMPTS[0]]) == 0
+    assert capsys.readouterr().out == want[0] + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", str(folder), "--max-new-tokens", "4"]) == 0
+    r = generate(tiny_llama(), make_tokenizer(), ["hi"], chat=True, max_new_tokens=4)[0]
+    assert capsys.readouterr().out == r + "\n"
+
+
+def test_bad_inputs(tmp_path, capsys):
+    folder = save_model_folder(tmp_path / "m", tiny_llama(), make_tokenizer(template=None))
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--chat"]) == 2
+    assert "chat template" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": 1}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2"):
+        read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "plain.txt").write_text("one\n\ntwo\n")
+    assert read_prompts(tmp_path / "plain.txt") == ["one", "two"]

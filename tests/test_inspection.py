@@ -1,0 +1,98 @@
+"""inspect: numbers of a hand-built adapter, PEFT adapters, and the header-only base check."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import make_tokenizer, save_model_folder, tiny_llama
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from lorakit.adapters import write_adapter_folder
+from lorakit.cli import main
+from lorakit.inspection import inspect_adapter, update_spectrum
+
+P = "base_model.model.model.layers.0.self_attn."
+
+
+def _hand_built(folder):
+    """q_proj: s·B@A = 2·(3 e0 e0^T + 4·2 e1 e1^T) -> singular values 16, 6.
+    v_proj (out 32): both columns of B parallel -> rank 1, s = 6/2 = 3 (alpha_pattern)."""
+    a = torch.zeros(2, 64)
+    a[0, 0], a[1, 1] = 1.0, 2.0
+    b = torch.zeros(64, 2)
+    b[0, 0], b[1, 1] = 3.0, 4.0
+    va = torch.zeros(2, 64)
+    va[0, 5], va[1, 6] = 1.0, 1.0
+    vb = torch.zeros(32, 2)
+    vb[3, 0], vb[3, 1] = 1.0, 2.0  # B @ A = e3 (e5 + 2 e6)^T: rank 1, norm sqrt(5)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": r"model\.layers\.0\.self_attn\.(q_proj|v_proj)",
+              "alpha_pattern": {"v_proj": 6}}  # fmt: skip
+    tensors = {P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": b,
+               P + "v_proj.lora_A.weight": va, P + "v_proj.lora_B.weight": vb}  # fmt: skip
+    return write_adapter_folder(folder, config, tensors)
+
+
+def test_hand_built_numbers(tmp_path):
+    base_model = tiny_llama()
+    base = save_model_folder(tmp_path / "base", base_model, make_tokenizer())
+    info = inspect_adapter(_hand_built(tmp_path / "adapter"), base)
+    q, v = info["modules"]
+    assert q["module"] == "model.layers.0.self_attn.q_proj" and (q["r"], q["alpha"], q["scaling"]) == (2, 4.0, 2.0)
+    assert q["norm"] == pytest.approx(math.sqrt(16**2 + 6**2), rel=1e-12) and q["rank_1pct"] == 2
+    p = torch.tensor([16 / 22, 6 / 22], dtype=torch.float64)
+    assert q["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-12)
+    assert (v["alpha"], v["scaling"], v["shape"]) == (6.0, 3.0, [32, 64])
+    assert v["norm"] == pytest.approx(3 * math.sqrt(5), rel=1e-12) and v["rank_1pct"] == 1
+    assert v["effective_rank"] == pytest.approx(1.0, abs=1e-6)
+    assert (info["params"], info["lora_params"], info["lora_modules"]) == (2 * 128 + 128 + 64, 448, 2)
+    assert info["file_bytes"] == (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    # relative size against the stored base weight; 2 layers x 7 linears + lm_head, minus the two targets
+    w = base_model.model.layers[0].self_attn.q_proj.weight.double()
+    assert q["relative"] == pytest.approx(q["norm"] / float(w.norm()), rel=1e-9)
+    assert len(info["base"]["untouched"]) == 13 and "lm_head" in info["base"]["untouched"]
+    assert "model.layers.0.self_attn.k_proj" in info["base"]["untouched"]
+
+
+def test_spectrum_matches_dense_svd():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 80, generator=gen), torch.randn(50, 6, generator=gen)
+    dense = torch.linalg.svdvals(0.7 * (b.double() @ a.double()))[:6]
+    torch.testing.assert_close(update_spectrum(a, b, 0.7), dense, rtol=1e-10, atol=1e-10)
+
+
+def test_peft_adapter_and_cli(tmp_path, capsys):
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                             rank_pattern={"down_proj": 2}, modules_to_save=["lm_head"]))  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, prm in peft_model.named_parameters():
+            if "lora_" in name:
+                prm.copy_(torch.randn(prm.shape, generator=gen))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    base = save_model_folder(tmp_path / "base", tiny_llama(), make_tokenizer())
+    info = inspect_adapter(tmp_path / "peft", base)
+    assert info["lora_modules"] == 4 and [m["r"] for m in info["modules"]] == [2, 4, 2, 4]  # sorted by path: mlp before self_attn
+    layer = peft_model.base_model.model.model.layers[1].mlp.down_proj
+    dense = layer.scaling["default"] * (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double())
+    down1 = next(m for m in info["modules"] if m["module"] == "model.layers.1.mlp.down_proj")
+    assert down1["scaling"] == 4.0 and down1["norm"] == pytest.approx(float(dense.norm()), rel=1e-9)
+    assert [s["tensor"] for s in info["modules_to_save"]] == ["lm_head.weight"]
+    assert main(["inspect", str(tmp_path / "peft"), "--base", str(base), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"][0]["norm"] == pytest.approx(info["modules"][0]["norm"])
+    assert main(["inspect", str(tmp_path / "peft"), "--base", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in out and "linear modules left untouched: 11" in out and "||ΔW||/||W||" in out
+
+
+def test_mismatch_and_bad_folders(tmp_path, capsys):
+    adapter = _hand_built(tmp_path / "adapter")
+    wide = save_model_folder(tmp_path / "wide", tiny_llama(hidden_size=96), make_tokenizer())
+    assert main(["inspect", str(adapter), "--base", str(wide)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "model.layers.0.self_attn.q_proj" in err[0] and "(96, 96)" in err[0] and "(2, 64)" in err[0]
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err

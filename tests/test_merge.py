@@ -1,0 +1,193 @@
+"""lorakit merge: streamed merge -> plain transformers load -> logits equal base+adapter."""
+
+import functools
+import json
+
+import pytest
+import torch
+from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from lorakit import LoraConfig, inject_adapter, save_adapter
+from lorakit.cli import main
+from lorakit.merge import merge_adapter_files, nf4_round, parse_size
+
+
+def _ids():
+    return torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(model, scale=0.05):
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif ".copies." in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def _error(capsys) -> str:
+    """The one `error: ...` line the CLI printed (library noise on stderr aside)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _plain(path, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def _lorakit_case(tmp_path, make, lora, shard="200KB"):
+    base = save_model_folder(tmp_path / "base", make(), make_tokenizer(), max_shard_size=shard)
+    model = make()
+    inject_adapter(model, lora)
+    _randomise(model)
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(_ids()).logits
+    return base, expected
+
+
+def test_llama_multi_shard_logits_and_bounded_memory(tmp_path):
+    lora = LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2},
+                      alpha_pattern={"v_proj": 3}, modules_to_save=["lm_head"])  # fmt: skip
+    deep = functools.partial(tiny_llama, num_hidden_layers=6)  # enough shards for the bound to mean something
+    base, expected = _lorakit_case(tmp_path, deep, lora)
+    in_shards = sorted(base.glob("model-*.safetensors"))
+    assert len(in_shards) >= 3
+    report = merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out", max_shard_size="150KB")
+    out = tmp_path / "out"
+    assert report.shards >= 3 and (out / "model.safetensors.index.json").is_file()
+    assert {p.name for p in out.iterdir()} >= {"config.json", "generation_config.json", "tokenizer.json"}
+    for shard in out.glob("model-*.safetensors"):
+        assert shard.stat().st_size <= 150_000 + 10_000  # header slack
+    with torch.no_grad():
+        got = _plain(out)(_ids()).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # 3 LoRA modules x 6 layers merged, lm_head replaced by the adapter's copy
+    assert (report.merged_modules, report.replaced_tensors, report.untied) == (18, 1, False)
+    # Bound: the adapter + the largest tensor in fp32 three times over (stored, working copy,
+    # update) + one output shard; in particular below "largest input shard + adapter + one output shard".
+    model_bytes = sum(p.stat().st_size for p in in_shards)
+    largest_shard = max(p.stat().st_size for p in in_shards)
+    assert report.peak_held_bytes <= largest_shard + report.adapter_bytes + 150_000
+    largest_tensor = 400 * 64 * 4  # embed_tokens / lm_head in fp32
+    assert report.peak_held_bytes <= report.adapter_bytes + 150_000 + 3 * largest_tensor
+    assert report.peak_held_bytes < 0.4 * model_bytes
+    print(f"\npeak held {report.peak_held_bytes} B; model {model_bytes} B in {len(in_shards)} shards "
+          f"(largest {largest_shard}); adapter {report.adapter_bytes} B; RSS {report.peak_rss_bytes} B")  # fmt: skip
+
+
+def test_gpt2_conv1d_and_tied_embedding_are_untied(tmp_path):
+    # c_proj is square (64x64): only the model class tells Conv1D from Linear
+    lora = LoraConfig(r=4, alpha=8, targets=["c_attn", "c_proj", "wte"], layers=None)
+    base, expected = _lorakit_case(tmp_path, tiny_gpt2, lora, shard=None)
+    report = merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert report.untied and config["tie_word_embeddings"] is False
+    merged = _plain(tmp_path / "out")
+    assert merged.lm_head.weight.data_ptr() != merged.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(merged.lm_head.weight, tiny_gpt2().transformer.wte.weight)  # head keeps the base
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_peft_written_adapter(make, tmp_path):
+    targets = ["q_proj", "v_proj", "embed_tokens"] if make is tiny_llama else ["c_attn", "c_fc"]
+    peft_model = get_peft_model(make(), PeftLoraConfig(
+        r=8, lora_alpha=12, target_modules=targets, use_rslora=True, rank_pattern={targets[1]: 4},
+        modules_to_save=["lm_head"] if make is tiny_llama else None))  # fmt: skip
+    _randomise(peft_model)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(_ids()).logits
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    base = save_model_folder(tmp_path / "base", make(), make_tokenizer(), max_shard_size="300KB")
+    merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(_plain(tmp_path / "out")(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_dtype_defaults_to_base_and_cli_override(tmp_path, capsys):
+    lora = LoraConfig(r=2, alpha=4, targets=["q_proj"])
+    model = tiny_llama().to(torch.bfloat16)
+    base = save_model_folder(tmp_path / "base", model, make_tokenizer())
+    m = tiny_llama()
+    inject_adapter(m, lora)
+    _randomise(m)
+    save_adapter(m, tmp_path / "adapter")
+    report = merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    assert report.dtype == torch.bfloat16
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    # bf16 merge = bf16(fp32(W) + s·B@A)
+    layer = m.model.layers[0].self_attn.q_proj
+    want = (model.model.layers[0].self_attn.q_proj.weight.float() + layer.delta_weight("default")).bfloat16()
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.layers.0.self_attn.q_proj.weight"), want)
+    # CLI: a non-empty --out is refused, --force replaces it, --dtype fp32 is honoured
+    args = ["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]
+    assert main(args + ["--dtype", "fp32"]) == 2
+    err = _error(capsys)
+    assert err.startswith("error: --out") and "--force" in err
+    assert main(args + ["--dtype", "fp32", "--force"]) == 0
+    assert "merged 2 LoRA modules" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_simulate_nf4_matches_qlora_forward(tmp_path):
+    from lorakit.adapters import apply_adapter, read_adapter
+    from lorakit.quant import quantize_model
+
+    lora = LoraConfig(r=4, alpha=8, targets=["q_proj", "o_proj"])
+    base, _ = _lorakit_case(tmp_path, tiny_llama, lora, shard=None)
+    report = merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out", simulate_nf4=True)
+    assert report.nf4_rounded == 2 * 7  # every linear of both blocks, not only the targeted ones
+    qlora = tiny_llama()
+    quantize_model(qlora, compute_dtype=torch.float32)
+    apply_adapter(qlora, read_adapter(tmp_path / "adapter"))
+    merged = _plain(tmp_path / "out")
+    w = tiny_llama().model.layers[1].mlp.up_proj.weight  # not targeted, still rounded
+    torch.testing.assert_close(merged.model.layers[1].mlp.up_proj.weight, nf4_round(w), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_ids()).logits, qlora(_ids()).logits, atol=1e-4, rtol=0)
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys):
+    lora = LoraConfig(r=2, alpha=4, targets=["q_proj"])
+    base, _ = _lorakit_case(tmp_path, tiny_llama, lora, shard=None)
+    wide = save_model_folder(tmp_path / "wide", tiny_llama(hidden_size=96, num_attention_heads=4), make_tokenizer())
+
+    def run(b, a, out="o"):
+        code = main(["merge", "--base", str(b), "--adapter", str(a), "--out", str(tmp_path / out)])
+        return code, _error(capsys)
+
+    code, err = run(wide, tmp_path / "adapter")
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in err and "(2, 64)" in err and "(96, 96)" in err
+    assert run(tmp_path / "nope", tmp_path / "adapter")[0] == 2
+    (tmp_path / "notok").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "notok" / name).write_bytes((base / name).read_bytes())
+    code, err = run(tmp_path / "notok", tmp_path / "adapter")
+    assert code == 2 and "tokenizer" in err
+    (tmp_path / "noconf").mkdir()
+    code, err = run(base, tmp_path / "noconf")
+    assert code == 2 and "adapter_config.json" in err
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04")
+    code, err = run(base, tmp_path / "pickled")
+    assert code == 2 and "pickled" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("10kb") == 10_000

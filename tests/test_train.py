@@ -1,0 +1,183 @@
+"""`lorakit train` end to end through the CLI on a tiny model: files, golden losses, resume, errors."""
+
+import json
+import os
+import random
+import signal
+
+import pytest
+import torch
+import yaml
+from helpers import save_model_folder
+from safetensors.torch import load_file
+
+from lorakit import train as train_module
+from lorakit.cli import main
+from lorakit.train import lr_lambda
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_model_folder(root / "model")
+    rng = random.Random(0)
+    with open(root / "train.jsonl", "w") as f:
+        for _ in range(160):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n")
+    with open(root / "eval.jsonl", "w") as f:
+        for a in range(4):
+            f.write(json.dumps({"prompt": f"{a} plus 1 is", "completion": f" {a + 1}"}) + "\n")
+    return root
+
+
+def _config(root, out, **train):
+    cfg = {
+        "model": str(root / "model"),
+        "output_dir": str(out),
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "train": {"max_steps": 12, "batch_size": 4, "lr": 3.0e-3, "precision": "fp32", "seed": 0, "warmup_steps": 2, **train},
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _entries(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(out):
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_train_writes_every_file_and_loss_falls(workspace, capsys):
+    out = workspace / "run"
+    assert main(["train", _config(workspace, out), "train.eval_every=6", "train.save_every=4"]) == 0
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
+                 "metrics.jsonl", "loss.png", "config.yaml", "summary.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-8"]  # keep_checkpoints=2
+    entries = _entries(out)
+    train = [e for e in entries if "loss" in e]
+    evals = [e for e in entries if "eval_loss" in e]
+    assert [e["step"] for e in train] == list(range(1, 13))
+    assert set(train[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert [e["step"] for e in evals] == [6, 12]
+    assert sum(e["loss"] for e in train[-3:]) < sum(e["loss"] for e in train[:3])
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < train[0]["loss"]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["eval_every"] == 6 and resolved["lora"]["r"] == 4
+    printed = capsys.readouterr().out
+    assert "trainable" in printed and "done: 12 steps" in printed
+
+
+def test_golden_losses(workspace):
+    """Regression guard: the first losses of a fixed-seed fp32 run on this tiny setup."""
+    out = workspace / "golden"
+    assert main(["train", _config(workspace, out, max_steps=3)]) == 0
+    losses = [e["loss"] for e in _entries(out) if "loss" in e]
+    golden = [6.029090881347656, 6.017607688903809, 5.961243629455566]
+    assert losses == pytest.approx(golden, abs=1e-4)
+
+
+def test_resume_after_crash_is_bit_identical(workspace, monkeypatch):
+    full = workspace / "full"
+    assert main(["train", _config(workspace, full, save_every=4)]) == 0
+
+    crashed = workspace / "crashed"
+    real_step = train_module.train_step
+
+    def crash_after_six(run):
+        if run.step == 6:
+            raise RuntimeError("simulated crash")
+        return real_step(run)
+
+    monkeypatch.setattr(train_module, "train_step", crash_after_six)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", _config(workspace, crashed, save_every=4)])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert (crashed / "checkpoints" / "step-4").is_dir()
+    assert main(["train", _config(workspace, crashed, save_every=4), "--resume"]) == 0
+
+    strip = lambda es: [{k: v for k, v in e.items() if k not in ("tokens_per_s", "elapsed_s")} for e in es]  # noqa: E731
+    assert strip(_entries(crashed)) == strip(_entries(full))
+    a, b = _adapter(full), _adapter(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(workspace, monkeypatch, capsys):
+    out = workspace / "sigint"
+    real_step = train_module.train_step
+
+    def interrupt_at_five(run):
+        result = real_step(run)
+        if run.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", interrupt_at_five)
+    assert main(["train", _config(workspace, out)]) == 128 + signal.SIGINT
+    assert "checkpoint saved" in capsys.readouterr().out
+    assert (out / "checkpoints" / "step-5" / "state.json").is_file()
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["train", _config(workspace, out), "--resume"]) == 0
+    assert [e["step"] for e in _entries(out) if "loss" in e] == list(range(1, 13))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(workspace, capsys):
+    out = workspace / "diverge"
+    code = main(["train", _config(workspace, out, save_every=2), "train.lr=1.0e+30", "train.max_grad_norm=0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error:" in err and ("is nan" in err or "is inf" in err) and "Traceback" not in err
+
+
+def test_refuses_to_overwrite_and_resume_mismatch(workspace, capsys):
+    out = workspace / "guard"
+    assert main(["train", _config(workspace, out, max_steps=2, save_every=1)]) == 0
+    capsys.readouterr()
+    assert main(["train", _config(workspace, out, max_steps=2)]) == 2
+    assert "already holds a finished run; pass --resume" in capsys.readouterr().err
+    assert main(["train", _config(workspace, out, max_steps=2), "lora.r=8", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "lora (lora.r)" in err
+
+
+def test_validation_reports_every_problem(workspace, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": str(tmp_path / "missing-model"),
+        "data": {"train": str(tmp_path / "missing.jsonl"), "max_lenght": 12},
+        "lora": {"r": 0, "dropout": 1.5},
+        "train": {"lr": "fast", "scheduler": "cosin", "batch_size": 0},
+    }))  # fmt: skip
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    for fragment in ("unknown key 'data.max_lenght'; did you mean 'data.max_length'?", "train.lr = 'fast': expected a number",
+                     "lora.r = 0", "lora.dropout = 1.5", "train.scheduler = 'cosin'", "train.batch_size = 0: must be >= 1",
+                     "model = ", "folder not found", "data.train = ", "file not found"):  # fmt: skip
+        assert fragment in err, fragment
+
+
+def test_cli_user_errors_exit_2(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert main(["train", str(bad)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+    assert main(["train", str(bad), "oops"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_lr_schedules():
+    from lorakit.config import build_run_config
+
+    cfg = build_run_config({"model": "m", "data": {"train": "t"}, "train": {"warmup_steps": 2}}, check_paths=False)
+    f = lr_lambda(cfg, 10)
+    assert [round(f(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
+    cfg.train.scheduler = "linear"
+    assert lr_lambda(cfg, 10)(6) == pytest.approx(0.5)
