@@ -181,3 +181,15 @@ def test_lr_schedules():
     assert [round(f(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
     cfg.train.scheduler = "linear"
     assert lr_lambda(cfg, 10)(6) == pytest.approx(0.5)
+
+
+def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
+    out = workspace / "evalmatch"
+    assert main(["train", _config(workspace, out, max_steps=2)]) == 0
+    trainer_loss = [e for e in _entries(out) if "eval_loss" in e][-1]["eval_loss"]
+    capsys.readouterr()
+    code = main(["eval", "--model", str(workspace / "model"), "--adapter", str(out / "adapter"),
+                 "--data", str(workspace / "eval.jsonl"), "--json", "--max-length", "64"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(trainer_loss, abs=1e-5)

@@ -1,0 +1,975 @@
+"""Training data: JSONL/JSON records -> tokenized examples with loss masks -> micro-batches.
+
+Record formats, detected per record from its keys (a file may mix them) or forced with
+`data.format`:
+
+- text:        `{"text": str}`; loss on every token (continued pre-training).
+- completion:  `{"prompt": str, "completion": str}`; the two strings are joined as they are
+               (put the separator, a space or newline, in either); loss on the completion.
+- instruction: `{"instruction": str, "input": str (optional), "output": str}` (Alpaca), rendered as
+
+                   ### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n{output}
+
+               with the Input block left out when `input` is missing or empty; loss on the output.
+- chat:        `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
+               ShareGPT's `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`,
+               rendered with the tokenizer's own chat template; loss on the assistant turns only.
+
+Token ids and labels:
+- Non-chat text is tokenized with the tokenizer's special tokens (a BOS where its post-processor
+  adds one); EOS is appended when the tokenizer has one and the ids do not already end with it,
+  and it is trained, so the fine-tuned model learns to stop.
+- Chat ids are exactly `tokenizer.apply_chat_template(messages)["input_ids"]`. An assistant turn
+  is located by rendering message prefixes: it starts where the render of the messages before it
+  with `add_generation_prompt=True` ends and ends where the render including it ends, so the
+  span holds the content and the template's end-of-turn token (`<|eot_id|>`, `<|im_end|>`).
+  Whitespace the template writes after the end-of-turn token (ChatML's "\\n") is not trained:
+  generation stops at the end-of-turn token, so the model never produces it.
+- A token is trainable when its characters overlap a trained span (a token straddling the
+  prompt/completion boundary is trained). `train_on_inputs: true` trains every token.
+- `labels` use the Hugging Face convention (aligned with `input_ids`; the loss shifts by one),
+  -100 where there is no loss. The first token of every example is -100: nothing inside the
+  example predicts it, and in a packed row this keeps the loss from crossing example boundaries.
+- Examples longer than `max_length` are truncated (the end is cut) or, with `too_long: drop`,
+  dropped; examples left with no trainable token are dropped. All of it is counted in `DataStats`.
+
+Batches (`BatchStream`): rows are packed bins (best-fit decreasing, computed once; the bin order is
+reshuffled every epoch) or single examples bucketed by length. There is no attention mask:
+`position_ids` restart at 0 for every example and for the padding at the end of a row, and
+transformers (masking_utils.find_packed_sequence_indices) turns restarting positions into a
+block-diagonal causal mask when the model gets `attention_mask=None` and no KV cache
+(`use_cache=False`). Packed and unpacked batches therefore give the same per-token losses.
+
+Speed: records are rendered in Python (a chat template costs ~15 us per render) and tokenized in
+large batches by the Rust tokenizer, which spreads a batch over all cores itself; worker
+processes would only add pickling of texts and ids for the small Python share, so none are used.
+The result is cached on disk (see `load_dataset`). Only JSONL and JSON are read: Parquet or CSV
+would pull in `datasets`/`pyarrow` for what a one-line `datasets` export to JSONL does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import gc
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+
+from lorakit.config import DataConfig
+from lorakit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+FORMAT_VERSION = 1  # bump when tokenization or the cache layout changes
+FORMATS = ("text", "completion", "instruction", "chat")
+MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
+CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
+INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+INSTRUCTION_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+_ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_FORMAT_KEYS = {
+    "text": "text",
+    "completion": "prompt + completion",
+    "instruction": "instruction + output (input optional)",
+    "chat": "messages (or ShareGPT conversations)",
+}
+_REQUIRED = {"text": ("text",), "completion": ("prompt", "completion"), "instruction": ("instruction", "output"), "chat": ()}
+_SKIP_HINT = "fix it, or set data.skip_invalid: true to skip invalid records"
+
+
+@dataclass
+class DataStats:
+    """What happened to the records of one data file; every count is reported to the user."""
+
+    records: int = 0  # records in the file, invalid ones included
+    examples: int = 0  # examples kept
+    tokens: int = 0  # tokens in the kept examples
+    trainable_tokens: int = 0  # labels != -100 in the kept examples
+    truncated: int = 0  # kept, cut to max_length
+    dropped_too_long: int = 0  # longer than max_length with too_long: drop
+    dropped_no_trainable: int = 0  # no trainable token left (e.g. truncation cut the whole answer)
+    skipped_invalid: int = 0  # invalid records skipped with skip_invalid: true
+    skipped_lines: list[int] = field(default_factory=list)  # the first MAX_REPORTED of them
+
+
+class TokenizedDataset:
+    """Examples stored flat: `input_ids`/`labels` int32 arrays (N,) and int64 `offsets` (n+1,).
+
+    Example i is `input_ids[offsets[i]:offsets[i+1]]`; labels are -100 where there is no loss.
+    """
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, stats: DataStats) -> None:
+        self.input_ids = np.ascontiguousarray(input_ids, dtype=np.int32)
+        self.labels = np.ascontiguousarray(labels, dtype=np.int32)
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.stats = stats
+        assert self.input_ids.shape == self.labels.shape and self.offsets[-1] == len(self.input_ids)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of example i, views of shape (L,)."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[a:b], self.labels[a:b]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "TokenizedDataset":
+        """The examples at `indices`, in that order. File-level counts (records, truncated, dropped,
+        skipped) are kept; examples, tokens and trainable_tokens are those of the subset."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        lengths = self.lengths()[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(self.offsets[idx] - offsets[:-1], lengths)
+        labels = self.labels[gather]
+        stats = dataclasses.replace(
+            self.stats,
+            examples=len(idx),
+            tokens=int(offsets[-1]),
+            trainable_tokens=int((labels != IGNORE_INDEX).sum()),
+            skipped_lines=list(self.stats.skipped_lines),
+        )
+        return TokenizedDataset(self.input_ids[gather], labels, offsets, stats)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write an .npz (no pickle) atomically: a temporary file in the same folder, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stats = np.frombuffer(json.dumps(dataclasses.asdict(self.stats)).encode(), dtype=np.uint8)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets, stats=stats)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TokenizedDataset":
+        with np.load(path, allow_pickle=False) as z:
+            stats = DataStats(**json.loads(z["stats"].tobytes().decode()))
+            return cls(z["input_ids"], z["labels"], z["offsets"], stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
+
+
+def detect_format(record: dict) -> str | None:
+    """"chat", "instruction", "completion" or "text" from the record's keys; None if none fits."""
+    if "messages" in record or "conversations" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "instruction"
+    if "prompt" in record and "completion" in record:
+        return "completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def read_records(path: Union[str, Path], *, skip_invalid: bool = False) -> list[tuple[int, dict]]:
+    """(line number, record) for every JSON object of a JSONL file or a JSON list.
+
+    Raises:
+        UserError: missing/unreadable/empty file, invalid JSON or a non-object record
+            (`FILE:LINE: invalid JSON: <reason>`), unless `skip_invalid` skips such lines.
+    """
+    return _read(Path(path), skip_invalid)[0]
+
+
+def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
+    """(records, line numbers of skipped invalid ones)."""
+    if not path.is_file():
+        raise UserError(f"data file {str(path)!r} not found; set data.train / data.eval to a .jsonl or .json file")
+    if path.suffix.lower() in (".parquet", ".csv", ".tsv", ".arrow"):
+        raise UserError(
+            f"{path}: lorakit reads JSONL or JSON; convert it first, e.g. "
+            f"`datasets.load_dataset('{path.suffix[1:]}', data_files='{path}')['train'].to_json('data.jsonl')`"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise UserError(f"{path}: the file is empty; write one JSON object per line (JSONL) or a JSON list")
+    if stripped[0] == "[":
+        records = _read_json_list(path, text)
+        skipped: list[int] = []
+    else:
+        records, skipped = _read_jsonl(path, text, skip_invalid)
+    if not records and not skipped:
+        raise UserError(f"{path}: no records in the file; write one JSON object per line (JSONL) or a JSON list")
+    return records, skipped
+
+
+def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
+    records, problems = [], []
+    loads = json.loads
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append((lineno, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            problems.append((lineno, f"expected a JSON object per line, got {_kind(obj)}"))
+            continue
+        records.append((lineno, obj))
+    if problems and not skip_invalid:
+        _raise_problems(str(path), problems)
+    return records, [line for line, _ in problems]
+
+
+def _read_json_list(path: Path, text: str) -> list[tuple[int, dict]]:
+    """Parse a JSON list element by element to know each record's line. A syntax error cannot
+    be skipped here (the rest of the list cannot be re-synchronised), so it always raises."""
+    dec = json.JSONDecoder()
+    ws = " \t\r\n"
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        return i
+
+    records: list[tuple[int, dict]] = []
+    i = skip(skip(0) + 1)
+    line, counted = 1, 0
+    try:
+        if i < len(text) and text[i] == "]":
+            return records
+        while True:
+            line += text.count("\n", counted, i)
+            counted = i
+            obj, end = dec.raw_decode(text, i)
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{line}: expected a list of JSON objects, got {_kind(obj)}; fix that element")
+            records.append((line, obj))
+            i = skip(end)
+            if i < len(text) and text[i] == ",":
+                i = skip(i + 1)
+            elif i < len(text) and text[i] == "]":
+                break
+            else:
+                raise json.JSONDecodeError("expected ',' or ']' after a list element", text, i)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    return records
+
+
+def _kind(obj: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(obj), f"a number ({obj!r})" if isinstance(obj, (int, float)) else type(obj).__name__)
+
+
+def _raise_problems(source: str, problems: list[tuple[int, str]]) -> None:
+    if len(problems) == 1:
+        line, msg = problems[0]
+        raise UserError(f"{source}:{line}: {msg}; {_SKIP_HINT}")
+    listed = "\n  ".join(f"{source}:{line}: {msg}" for line, msg in problems[:MAX_REPORTED])
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    hint = _SKIP_HINT.replace("fix it", "fix them")
+    raise UserError(f"{source}: {len(problems)} invalid records ({hint}):\n  {listed}{more}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validating and rendering records
+
+
+class _BadRecord(Exception):
+    """A record a user must fix; becomes `FILE:LINE: message` (or is skipped)."""
+
+
+def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) -> str:
+    value = record.get(key)
+    name = f"{where}{key}"
+    if not isinstance(value, str):
+        raise _BadRecord(f"'{name}' is missing" if key not in record else f"'{name}' must be a string, got {_kind(value)}")
+    if not empty_ok and not value:
+        raise _BadRecord(f"'{name}' is empty; give it text or remove the record")
+    return value
+
+
+def _prepare(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, Any]:
+    """Validate one record -> (format, (text, prompt_chars)) or ("chat", messages).
+
+    Raises:
+        _BadRecord: unknown format, wrong types, unknown roles, empty values.
+    """
+    found = detect_format(record)
+    if fmt == "auto":
+        if found is None:
+            raise _BadRecord(
+                f"unknown record format, keys {sorted(record)}; "
+                "expected one of text / prompt+completion / instruction+output / messages"
+            )
+        fmt = found
+    elif (fmt == "chat" and found != "chat") or not all(k in record for k in _REQUIRED[fmt]):
+        raise _BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
+    if fmt == "text":
+        return fmt, (_string(record, "text"), 0)
+    if fmt == "completion":
+        prompt = _string(record, "prompt", empty_ok=True)
+        return fmt, (prompt + _string(record, "completion"), len(prompt))
+    if fmt == "instruction":
+        instruction = _string(record, "instruction")
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise _BadRecord(f"'input' must be a string or missing, got {_kind(extra)}")
+        if extra:
+            prompt = INSTRUCTION_TEMPLATE.format(instruction=instruction, input=extra)
+        else:
+            prompt = INSTRUCTION_TEMPLATE_NO_INPUT.format(instruction=instruction)
+        return fmt, (prompt + _string(record, "output"), len(prompt))
+    return "chat", _messages(record, train_on_inputs)
+
+
+def _messages(record: dict, train_on_inputs: bool) -> list[dict[str, str]]:
+    """OpenAI `messages` or ShareGPT `conversations` -> [{"role", "content"}] (other keys dropped)."""
+    sharegpt = "messages" not in record
+    key, role_key, text_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
+    raw = record[key]
+    if not isinstance(raw, list) or not raw:
+        got = "an empty list" if isinstance(raw, list) else _kind(raw)
+        raise _BadRecord(f"'{key}' must be a non-empty list of {{{role_key}, {text_key}}} objects, got {got}")
+    roles = _SHAREGPT_ROLES if sharegpt else {r: r for r in _ROLES}
+    out = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict):
+            raise _BadRecord(f"{key}[{i}] must be an object with '{role_key}' and '{text_key}', got {_kind(msg)}")
+        role = msg.get(role_key)
+        if role not in roles:
+            raise _BadRecord(f"{key}[{i}].{role_key} = {role!r}: unknown role; use one of {', '.join(roles)}")
+        content = msg.get(text_key)
+        if not isinstance(content, str):
+            got = "is missing" if text_key not in msg else f"must be a string, got {_kind(content)}"
+            raise _BadRecord(f"{key}[{i}].{text_key} {got}")
+        out.append({"role": roles[role], "content": content})
+    if not train_on_inputs and out[-1]["role"] != "assistant":
+        raise _BadRecord(
+            f"the chat ends with a {out[-1]['role']} turn, not an assistant reply to train on; "
+            "end it with an assistant turn, or set data.train_on_inputs: true"
+        )
+    return out
+
+
+class _ChatRenderer:
+    """Renders conversations exactly as `tokenizer.apply_chat_template(..., tokenize=False)`.
+
+    apply_chat_template renders with the template transformers compiles (and caches), passing the
+    tokenizer's special tokens; for messages that are plain {"role", "content"} string dicts (all
+    lorakit passes) its per-call copying of the data changes nothing, so calling the compiled
+    template directly gives the same text at half the cost. Tests compare the two.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        template = tokenizer.get_chat_template()
+        kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes too
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(template)
+            self._render = lambda conv, gen: compiled.render(
+                messages=conv, tools=None, documents=None, add_generation_prompt=gen, **kwargs
+            )
+        except ImportError:  # pragma: no cover - transformers moved it: the public path
+            self._render = lambda conv, gen: tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=gen
+            )
+
+    def __call__(self, convs: list[list[dict]], gen: bool) -> list[Union[str, Exception]]:
+        """One text per conversation, or the exception the template raised for it."""
+        out: list[Union[str, Exception]] = []
+        render = self._render
+        for conv in convs:
+            try:
+                out.append(render(conv, gen))
+            except Exception as exc:  # noqa: BLE001 - a template error is about the user's data/template
+                out.append(exc)
+        return out
+
+
+def _chat_spans(
+    renderer: _ChatRenderer, convs: list[list[dict]], train_on_inputs: bool
+) -> list[Union[tuple[str, list[tuple[int, int]]], str]]:
+    """Per conversation: (rendered text, character spans to train) or an error message."""
+    full = renderer(convs, False)
+    if train_on_inputs:
+        return [(t, []) if isinstance(t, str) else _template_error(t) for t in full]  # spans unused
+    starts, ends = [], []  # (conversation, message index) of each prefix render
+    for ci, msgs in enumerate(convs):
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                starts.append((ci, i))
+                if i != len(msgs) - 1:
+                    ends.append((ci, i))
+    start_texts = dict(zip(starts, renderer([convs[c][:i] for c, i in starts], True)))
+    end_texts = dict(zip(ends, renderer([convs[c][: i + 1] for c, i in ends], False)))
+    out: list[Union[tuple[str, list[tuple[int, int]]], str]] = []
+    for ci, msgs in enumerate(convs):
+        text = full[ci]
+        if not isinstance(text, str):
+            out.append(_template_error(text))
+            continue
+        spans, problem = [], None
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = start_texts[(ci, i)]
+            upto = text if i == len(msgs) - 1 else end_texts[(ci, i)]
+            if isinstance(before, Exception) or isinstance(upto, Exception):
+                problem = _template_error(before if isinstance(before, Exception) else upto)
+                break
+            if not (text.startswith(upto) and upto.startswith(before)):
+                problem = (
+                    f"messages[{i}]: the chat template renders this conversation differently from its "
+                    "prefixes (e.g. it rewrites earlier turns), so the assistant turns cannot be located; "
+                    "use a template whose render of a conversation starts with the render of its first turns"
+                )
+                break
+            spans.append((len(before), len(upto.rstrip())))
+        out.append(problem if problem else (text, spans))
+    return out
+
+
+def _template_error(exc: Exception) -> str:
+    return f"the chat template failed on this conversation: {exc}; fix the record (e.g. alternate user/assistant turns)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def tokenize_records(
+    records: Sequence[tuple[int, dict]], tokenizer: Any, cfg: DataConfig, *, source: str
+) -> TokenizedDataset:
+    """Validate, render and tokenize records (from `read_records`) into a TokenizedDataset.
+
+    Raises:
+        UserError: `source:LINE: ...` for invalid records (unless cfg.skip_invalid), chat records
+            with a tokenizer without chat template, a slow tokenizer, or no example left.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"{source}: lorakit needs a fast (Rust) tokenizer; load it with AutoTokenizer (use_fast=True)")
+    stats = DataStats(records=len(records))
+    problems: list[tuple[int, str]] = []
+    prepared: list[tuple[int, str, Any]] = []
+    for line, record in records:
+        try:
+            prepared.append((line, *_prepare(record, cfg.format, cfg.train_on_inputs)))
+        except _BadRecord as exc:
+            problems.append((line, str(exc)))
+    chat_lines = [line for line, fmt, _ in prepared if fmt == "chat"]
+    if chat_lines and tokenizer.chat_template is None:
+        raise UserError(
+            f"{source}:{chat_lines[0]}: chat records need a tokenizer with a chat template, and this one has "
+            "none; use the tokenizer of a chat/instruct model, set tokenizer.chat_template, or write the "
+            "data as prompt/completion records"
+        )
+    renderer = _ChatRenderer(tokenizer) if chat_lines else None
+    eos = tokenizer.eos_token_id
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    gc_was_on = gc.isenabled()
+    gc.disable()  # millions of short-lived lists/tuples, no cycles: full collections only cost time
+    try:
+        # Pipeline: the worker thread tokenizes chunk k while this thread renders chunk k+1 and
+        # then finishes chunk k (masks, truncation).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for c in range(0, len(prepared) + CHUNK, CHUNK):
+                job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems)
+                future = pool.submit(_encode_job, backend, job) if job.size else None
+                if pending is not None:
+                    parts.append(_assemble(_finish_chunk(pending[0], pending[1].result(), eos), cfg, stats))
+                pending = (job, future) if future is not None else None
+    finally:
+        if gc_was_on:
+            gc.enable()
+    if problems:
+        problems.sort()
+        if not cfg.skip_invalid:
+            _raise_problems(source, problems)
+        stats.skipped_invalid += len(problems)
+        stats.skipped_lines = sorted(stats.skipped_lines + [line for line, _ in problems])[:MAX_REPORTED]
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    stats.examples, stats.tokens = len(lengths), int(offsets[-1])
+    stats.trainable_tokens = int((labels != IGNORE_INDEX).sum())
+    if stats.examples == 0:
+        raise UserError(_nothing_left(source, stats, cfg))
+    return TokenizedDataset(ids, labels, offsets, stats)
+
+
+def _nothing_left(source: str, s: DataStats, cfg: DataConfig) -> str:
+    if s.dropped_too_long:
+        return (
+            f"{source}: all {s.dropped_too_long} examples are longer than data.max_length = {cfg.max_length} "
+            "tokens and were dropped (data.too_long: drop); raise data.max_length or set data.too_long: truncate"
+        )
+    if s.dropped_no_trainable:
+        return (
+            f"{source}: none of the {s.dropped_no_trainable} examples has a token to train on within "
+            f"data.max_length = {cfg.max_length} (prompts fill the whole length); raise data.max_length "
+            "or shorten the prompts"
+        )
+    return f"{source}: no valid record ({s.skipped_invalid} skipped as invalid, lines {s.skipped_lines}); fix the file"
+
+
+@dataclass
+class _Job:
+    """One chunk of records on its way through render -> encode (worker thread) -> finish."""
+
+    size: int
+    plain: list[tuple[int, int]]  # (position in chunk, prompt characters)
+    chats: list[tuple[int, list[tuple[int, int]]]]  # (position in chunk, trained character spans)
+    plain_texts: list[str]
+    chat_texts: list[str]
+    offsets: bool  # whether masks need token offsets (else ids only, which is faster)
+
+
+def _render_chunk(
+    chunk: list[tuple[int, str, Any]], renderer: _ChatRenderer | None, train_on_inputs: bool,
+    problems: list[tuple[int, str]],
+) -> _Job:
+    plain = [(k, payload) for k, (_, fmt, payload) in enumerate(chunk) if fmt != "chat"]
+    chats = [(k, payload) for k, (_, fmt, payload) in enumerate(chunk) if fmt == "chat"]
+    ok = []
+    if chats:
+        for (k, _), r in zip(chats, _chat_spans(renderer, [msgs for _, msgs in chats], train_on_inputs)):
+            if isinstance(r, str):
+                problems.append((chunk[k][0], r))
+            else:
+                ok.append((k, r))
+    return _Job(
+        size=len(chunk),
+        plain=[(k, prompt_chars) for k, (_, prompt_chars) in plain],
+        chats=[(k, spans) for k, (_, spans) in ok],
+        plain_texts=[text for _, (text, _) in plain],
+        chat_texts=[text for _, (text, _) in ok],
+        offsets=not train_on_inputs,
+    )
+
+
+def _encode_job(backend: Any, job: _Job) -> tuple[list, list]:
+    """Runs in a worker thread: the Rust tokenizer releases the GIL, so the main thread renders
+    the next chunk meanwhile."""
+    plain_offsets = job.offsets and any(p > 0 for _, p in job.plain)
+    return (
+        _encode(backend, job.plain_texts, special=True, offsets=plain_offsets),
+        _encode(backend, job.chat_texts, special=False, offsets=job.offsets),
+    )
+
+
+def _finish_chunk(job: _Job, encoded: tuple[list, list], eos: int | None) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and trainable token ranges [a, b) of each valid record, in input order."""
+    results: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}  # by position in chunk
+    plain_enc, chat_enc = encoded
+    for (k, prompt_chars), enc in zip(job.plain, plain_enc):
+        if isinstance(enc, list):  # ids only: every token trains
+            results[k] = (enc, [(0, -1)])  # -1: to the end, the EOS below included
+        else:
+            results[k] = (enc.ids, [(_first_token_ending_after(enc.offsets, prompt_chars), -1)])
+        ids = results[k][0]
+        if eos is not None and (not ids or ids[-1] != eos):  # append EOS so the model learns to stop
+            ids.append(eos)
+    for (k, spans), enc in zip(job.chats, chat_enc):
+        if isinstance(enc, list):
+            results[k] = (enc, [(0, -1)])
+        else:
+            offs = enc.offsets
+            ranges = [(_first_token_ending_after(offs, a), _first_token_starting_at(offs, b)) for a, b in spans]
+            results[k] = (enc.ids, ranges)
+    return [results[k] for k in range(job.size) if k in results]
+
+
+def _encode(backend: Any, texts: list[str], *, special: bool, offsets: bool) -> list:
+    """Batch-encode with the Rust tokenizer (parallel over cores). Without offsets, ids only."""
+    if not texts:
+        return []
+    if offsets:
+        return backend.encode_batch(texts, add_special_tokens=special)
+    fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # skips offset tracking
+    return [e.ids for e in fast(texts, add_special_tokens=special)]
+
+
+def _first_token_ending_after(offsets: list[tuple[int, int]], char: int) -> int:
+    """Index of the first content token whose character span ends after `char`.
+
+    Tokens added by the post-processor (BOS/EOS) have empty (0, 0) offsets and are skipped:
+    a leading BOS is never trained, a trailing EOS always is."""
+    lo, hi = 0, len(offsets)
+    while lo < hi and offsets[lo] == (0, 0):
+        lo += 1
+    while hi > lo and offsets[hi - 1] == (0, 0):
+        hi -= 1
+    return bisect.bisect_right(offsets, char, lo, hi, key=lambda o: o[1])
+
+
+def _first_token_starting_at(offsets: list[tuple[int, int]], char: int) -> int:
+    return bisect.bisect_left(offsets, char, key=lambda o: o[0])
+
+
+def _assemble(
+    seqs: list[tuple[list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat."""
+    max_len, drop = cfg.max_length, cfg.too_long == "drop"
+    kept_ids: list[list[int]] = []
+    lengths: list[int] = []
+    starts: list[int] = []  # flat positions where a trainable range starts / ends
+    ends: list[int] = []
+    total = 0
+    for ids, ranges in seqs:
+        n = len(ids)
+        if n > max_len:
+            if drop:
+                stats.dropped_too_long += 1
+                continue
+            n = max_len
+        clipped = []
+        for a, b in ranges:
+            a, b = max(a, 1), min(n if b < 0 else b, n)  # the first token is never a label
+            if a < b:
+                clipped.append((a, b))
+        if not clipped:
+            stats.dropped_no_trainable += 1
+            continue
+        if n < len(ids):
+            stats.truncated += 1
+            ids = ids[:n]
+        for a, b in clipped:
+            starts.append(total + a)
+            ends.append(total + b)
+        kept_ids.append(ids)
+        lengths.append(n)
+        total += n
+    flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32, count=total)
+    delta = np.zeros(total + 1, dtype=np.int32)
+    np.add.at(delta, np.asarray(starts, dtype=np.int64), 1)
+    np.add.at(delta, np.asarray(ends, dtype=np.int64), -1)
+    labels = np.where(np.cumsum(delta[:-1]) > 0, flat, IGNORE_INDEX).astype(np.int32)
+    return flat, labels, np.asarray(lengths, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with a disk cache
+
+
+def load_dataset(path: Union[str, Path], tokenizer: Any, cfg: DataConfig, *, use_cache: bool = True) -> TokenizedDataset:
+    """Read, validate and tokenize a data file, or load it from the cache.
+
+    The cache key is the sha256 of the file's bytes, the tokenizer (its JSON, chat template and
+    special tokens), the options that change the result (format, max_length, too_long,
+    train_on_inputs, skip_invalid) and lorakit/transformers/tokenizers versions. Files live in
+    `cfg.cache_dir`, else `$LORAKIT_CACHE`, else `~/.cache/lorakit/data`, as .npz (no pickle),
+    written atomically. A cache that cannot be written only logs a warning.
+
+    Raises:
+        UserError: see `read_records` and `tokenize_records`.
+    """
+    path = Path(path)
+    cache_file = None
+    if use_cache and path.is_file():
+        cache_file = _cache_dir(cfg) / f"{path.stem[:40]}-{_cache_key(path, tokenizer, cfg)[:32]}.npz"
+        if cache_file.is_file():
+            try:
+                return TokenizedDataset.load(cache_file)
+            except Exception as exc:  # noqa: BLE001 - a broken cache file is rebuilt, never fatal
+                log.warning("ignoring unreadable data cache %s: %s", cache_file, exc)
+    records, skipped = _read(path, cfg.skip_invalid)
+    dataset = tokenize_records(records, tokenizer, cfg, source=str(path))
+    if skipped:
+        s = dataset.stats
+        s.records += len(skipped)
+        s.skipped_invalid += len(skipped)
+        s.skipped_lines = sorted(s.skipped_lines + skipped)[:MAX_REPORTED]
+    if cache_file is not None:
+        try:
+            dataset.save(cache_file)
+        except OSError as exc:
+            log.warning("could not write the data cache %s (%s); set data.cache_dir to a writable folder", cache_file, exc)
+    return dataset
+
+
+def _cache_dir(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
+    return Path("~/.cache/lorakit/data").expanduser()
+
+
+def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    options = {k: getattr(cfg, k) for k in ("format", "max_length", "too_long", "train_on_inputs", "skip_invalid")}
+    meta = {
+        "version": FORMAT_VERSION,
+        "instruction_template": [INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT],
+        "options": options,
+        "tokenizer_class": type(tokenizer).__name__,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "versions": [transformers.__version__, tokenizers.__version__],
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(hashlib.sha256(backend.to_str().encode() if backend is not None else b"slow").digest())
+    return h.hexdigest()
+
+
+def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """The train set, and the eval set: `cfg.eval` if given, else a held-out `cfg.eval_fraction`
+    of train (chosen from `seed`, the same every run), else None.
+
+    Raises:
+        UserError: data.train unset, or a held-out fraction that leaves train or eval empty.
+    """
+    if not cfg.train:
+        raise UserError("data.train is not set; point it at a .jsonl or .json file")
+    train = load_dataset(cfg.train, tokenizer, cfg)
+    if cfg.eval:
+        return train, load_dataset(cfg.eval, tokenizer, cfg)
+    if cfg.eval_fraction <= 0:
+        return train, None
+    n = len(train)
+    n_eval = max(1, round(n * cfg.eval_fraction))
+    if n_eval >= n:
+        raise UserError(
+            f"data.eval_fraction = {cfg.eval_fraction} holds out {n_eval} of {n} examples, leaving none to "
+            "train on; lower it or give data.eval a file"
+        )
+    perm = np.random.default_rng([_seed(seed), 0xE7A1]).permutation(n)
+    return train.subset(np.sort(perm[n_eval:])), train.subset(np.sort(perm[:n_eval]))
+
+
+def _seed(seed: int) -> int:
+    return int(seed) & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+class BatchStream:
+    """Endless, deterministic stream of micro-batches over epochs.
+
+    Rows are packed bins (packing) or single examples. Each epoch orders the rows by a
+    permutation drawn from (seed, epoch); micro-batch k of an epoch is the global chunk
+    rows[k*G:(k+1)*G] with G = batch_size * world_size, and rank r takes rows
+    [r*batch_size:(r+1)*batch_size] of it, so one process with batch_size 2b sees exactly the rows
+    of 2 ranks with batch_size b. The incomplete last chunk of an epoch is dropped (the same rows
+    in every setup with the same G; different rows every epoch, since the order changes).
+    Without packing, rows are sorted by length inside windows of 64 chunks and the chunks of a
+    window shuffled again, so a micro-batch holds examples of similar length (little padding).
+    The state (epoch, micro-batches consumed) is global, so a run may resume with another
+    world_size as long as G is the same.
+
+    A micro-batch (B = batch_size rows, T = longest row in it):
+        input_ids (B, T) int64, pad_id after the end of a row;
+        labels (B, T) int64, aligned with input_ids (the loss shifts), -100 = no loss;
+        position_ids (B, T) int64, restarting at 0 for each example and for the padding;
+        num_tokens: int, tokens that are not padding;
+        num_trainable: int, labels != -100 at positions 1.. (what a shifted loss counts).
+    Feed the model `position_ids` with `attention_mask=None, use_cache=False`: transformers then
+    builds a block-diagonal causal mask, so attention never crosses an example boundary.
+    """
+
+    WINDOW_CHUNKS = 64
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        *,
+        batch_size: int,
+        max_length: int,
+        packing: bool,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_id: int = 0,
+    ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        lengths = dataset.lengths()
+        if len(lengths) == 0:
+            raise UserError("the dataset has no examples")
+        if lengths.max() > max_length:
+            raise UserError(
+                f"an example has {lengths.max()} tokens, more than max_length = {max_length}; build the "
+                "dataset with the same data.max_length as the batches"
+            )
+        self.dataset, self.batch_size, self.max_length = dataset, batch_size, max_length
+        self.packing, self.seed, self.shuffle = packing, seed, shuffle
+        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
+        self.global_batch = batch_size * world_size
+        # Row i holds the examples self._items[self._row_offsets[i]:self._row_offsets[i+1]].
+        if packing:
+            self._items, self._row_offsets = _pack(lengths, max_length)
+        else:
+            self._items, self._row_offsets = np.arange(len(lengths)), np.arange(len(lengths) + 1)
+        self._row_lengths = np.add.reduceat(lengths[self._items], self._row_offsets[:-1])
+        self.num_rows = len(self._row_offsets) - 1
+        if self.num_rows < self.global_batch:
+            what = "packed rows" if packing else "examples"
+            raise UserError(
+                f"the dataset makes {self.num_rows} {what}, fewer than one micro-batch of batch_size x "
+                f"world_size = {self.global_batch} rows; lower train.batch_size or add data"
+            )
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+
+    def microbatches_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch
+
+    def packing_efficiency(self) -> float:
+        """Share of row slots holding tokens when rows are max_length long (1.0 = no padding)."""
+        return float(self._row_lengths.sum()) / (self.num_rows * self.max_length)
+
+    def next(self) -> dict[str, Any]:
+        if self.position >= self.microbatches_per_epoch():
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order, self._order_epoch = self._epoch_order(self.epoch), self.epoch
+        g = self.position * self.global_batch + self.rank * self.batch_size
+        self.position += 1
+        return self._collate(self._order[g : g + self.batch_size])
+
+    def epoch_batches(self) -> Iterator[dict[str, Any]]:
+        """Every row once (for eval), in a fixed order that ignores the seed and the stream state;
+        the last chunk may be short. A rank whose share of it is empty gets one all-padding row
+        (num_trainable 0) so every rank runs the same number of forwards (FSDP needs that)."""
+        order = np.arange(self.num_rows)
+        if not self.packing:
+            order = np.argsort(self._row_lengths, kind="stable")
+        for k in range(0, self.num_rows, self.global_batch):
+            g = k + self.rank * self.batch_size
+            mine = order[g : min(g + self.batch_size, k + self.global_batch)]
+            yield self._collate(mine)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "global_batch": self.global_batch,
+            "packing": self.packing,
+            "max_length": self.max_length,
+            "num_rows": self.num_rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` stopped. Raises UserError if the stream would differ."""
+        mine = self.state_dict()
+        for key in ("seed", "shuffle", "global_batch", "packing", "max_length", "num_rows"):
+            if key in state and state[key] != mine[key]:
+                what = {"global_batch": "batch_size x world_size", "num_rows": "number of rows (data changed?)"}
+                raise UserError(
+                    f"cannot resume the data stream: {what.get(key, key)} is {mine[key]!r} now but "
+                    f"{state[key]!r} in the checkpoint; resume with the same data and settings"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Row ids of one epoch, a multiple of global_batch long (the incomplete chunk dropped)."""
+        n, g = self.num_rows, self.global_batch
+        rng = np.random.default_rng([_seed(self.seed), epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = order[: (n // g) * g]
+        if self.packing:
+            return order
+        window = g * self.WINDOW_CHUNKS
+        out = []
+        for w in range(0, len(order), window):
+            rows = order[w : w + window]
+            rows = rows[np.argsort(self._row_lengths[rows], kind="stable")].reshape(-1, g)
+            if self.shuffle:
+                rows = rows[rng.permutation(len(rows))]
+            out.append(rows.reshape(-1))
+        return np.concatenate(out)
+
+    def _collate(self, rows: np.ndarray) -> dict[str, Any]:
+        ds = self.dataset
+        width = int(self._row_lengths[rows].max()) if len(rows) else 1
+        b = max(len(rows), 1)
+        input_ids = np.full((b, width), self.pad_id, dtype=np.int64)
+        labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.zeros((b, width), dtype=np.int64)
+        num_tokens = 0
+        for r, row in enumerate(rows):
+            examples = self._items[self._row_offsets[row] : self._row_offsets[row + 1]]
+            t = 0
+            for e in examples:
+                a, z = ds.offsets[e], ds.offsets[e + 1]
+                input_ids[r, t : t + z - a] = ds.input_ids[a:z]
+                labels[r, t : t + z - a] = ds.labels[a:z]
+                labels[r, t] = IGNORE_INDEX  # never predict an example's first token from the previous one
+                position_ids[r, t : t + z - a] = np.arange(z - a)
+                t += z - a
+            position_ids[r, t:] = np.arange(width - t)  # padding: its own segment, no labels
+            num_tokens += t
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids),
+            "num_tokens": num_tokens,
+            "num_trainable": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        }
+
+
+def _pack(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing bin packing -> (example ids, row offsets), rows in creation order.
+
+    Which examples share a row does not change the loss (attention and labels stop at example
+    boundaries), so bins are computed once, tightly, and only their order is shuffled per epoch.
+    """
+    free: list[tuple[int, int]] = []  # (free slots, row) of rows that still have room, sorted
+    rows: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        j = bisect.bisect_left(free, (n, -1))  # the fullest row the example fits in
+        if j == len(free):
+            rows.append([i])
+            room, row = max_length - n, len(rows) - 1
+        else:
+            room, row = free.pop(j)
+            rows[row].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, row))
+    items = np.fromiter(itertools.chain.from_iterable(sorted(r) for r in rows), dtype=np.int64, count=len(lengths))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    return items, offsets

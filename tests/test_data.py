@@ -1,0 +1,468 @@
+"""lorakit.data: formats, masks, truncation, packing, streams, cache and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import make_tokenizer, tiny_llama
+from lorakit.config import DataConfig
+from lorakit.data import (
+    BatchStream,
+    DataStats,
+    TokenizedDataset,
+    detect_format,
+    load_dataset,
+    load_train_eval,
+    read_records,
+    tokenize_records,
+)
+from lorakit.errors import UserError
+
+CHAT = [
+    {"role": "system", "content": "Answer the question briefly."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "Sort the numbers 3 1 2"},
+    {"role": "assistant", "content": "1 2 3"},
+]
+
+# The helpers' templates with {% generation %} around what must be trained: transformers'
+# own assistant-mask code (return_assistant_tokens_mask) is the independent reference.
+GEN_TEMPLATES = {
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|eot_id|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] + '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def tok_ids(tok, text: str, special: bool = True) -> list[int]:
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def build(records: list[dict], tok=None, **cfg) -> TokenizedDataset:
+    tok = tok if tok is not None else make_tokenizer("llama3")
+    return tokenize_records(list(enumerate(records, start=1)), tok, DataConfig(**cfg), source="d.jsonl")
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def expected_labels(ids: list[int], trainable: list[bool]) -> list[int]:
+    out = [t if m else -100 for t, m in zip(ids, trainable)]
+    out[0] = -100  # nothing predicts an example's first token
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def test_detect_format():
+    assert detect_format({"text": "a"}) == "text"
+    assert detect_format({"prompt": "a", "completion": "b"}) == "completion"
+    assert detect_format({"instruction": "a", "input": "", "output": "b"}) == "instruction"
+    assert detect_format({"messages": []}) == "chat"
+    assert detect_format({"conversations": []}) == "chat"
+    assert detect_format({"prompt": "a"}) is None
+    assert detect_format({"question": "a", "answer": "b"}) is None
+
+
+def test_text_format_trains_every_token_and_appends_eos():
+    tok = make_tokenizer("llama3")
+    ds = build([{"text": "The quick brown fox."}, {"text": "Four.<|eot_id|>"}], tok)
+    ids, labels = ds.example(0)
+    want = tok_ids(tok, "The quick brown fox.") + [tok.eos_token_id]
+    assert ids.tolist() == want
+    assert labels.tolist() == expected_labels(want, [True] * len(want))
+    ids, _ = ds.example(1)  # already ends with EOS: not doubled
+    assert ids.tolist() == tok_ids(tok, "Four.<|eot_id|>") and ids[-2] != tok.eos_token_id
+    assert ds.stats.tokens == len(want) + len(ids) and ds.stats.trainable_tokens == ds.stats.tokens - 2
+
+
+def test_completion_format_masks_the_prompt():
+    tok = make_tokenizer("chatml")
+    ds = build([{"prompt": "Translate to French: hello world ->", "completion": " bonjour le monde"}], tok)
+    prompt = tok_ids(tok, "Translate to French: hello world ->")
+    want = tok_ids(tok, "Translate to French: hello world -> bonjour le monde") + [tok.eos_token_id]
+    assert want[: len(prompt)] == prompt  # the boundary falls between tokens in this example
+    ids, labels = ds.example(0)
+    assert ids.tolist() == want
+    assert labels.tolist() == expected_labels(want, [i >= len(prompt) for i in range(len(want))])
+    assert tok.decode([t for t in labels if t != -100]) == " bonjour le monde<|im_end|>"
+
+
+@pytest.mark.parametrize("with_input", [True, False])
+def test_instruction_format_uses_the_documented_template(with_input):
+    tok = make_tokenizer("llama3")
+    record = {"instruction": "Sort the numbers.", "output": "1 2 3"}
+    prompt = "### Instruction:\nSort the numbers.\n\n### Response:\n"
+    if with_input:
+        record["input"] = "3 1 2"
+        prompt = "### Instruction:\nSort the numbers.\n\n### Input:\n3 1 2\n\n### Response:\n"
+    ids, labels = build([record], tok).example(0)
+    want = tok_ids(tok, prompt + "1 2 3") + [tok.eos_token_id]
+    n_prompt = len(tok_ids(tok, prompt))
+    assert ids.tolist() == want
+    assert labels.tolist() == expected_labels(want, [i >= n_prompt for i in range(len(want))])
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_chat_ids_equal_apply_chat_template_and_labels_cover_assistant_turns(template):
+    tok = make_tokenizer(template)
+    chats = [CHAT, CHAT[1:3], [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]]
+    ds = build([{"messages": c} for c in chats], tok)
+    for i, messages in enumerate(chats):
+        ids, labels = ds.example(i)
+        assert ids.tolist() == tok.apply_chat_template(messages)["input_ids"]
+        ref = tok.apply_chat_template(
+            messages, chat_template=GEN_TEMPLATES[template], return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert ref["input_ids"] == ids.tolist()  # the tagged template renders the same text
+        assert labels.tolist() == expected_labels(ref["input_ids"], [m == 1 for m in ref["assistant_masks"]])
+    # read back: each assistant turn's trained tokens are its content plus the end-of-turn token
+    eot = "<|eot_id|>" if template == "llama3" else "<|im_end|>"
+    ids, labels = ds.example(0)
+    groups, current = [], []
+    for t in labels.tolist() + [-100]:
+        if t != -100:
+            current.append(t)
+        elif current:
+            groups.append(tok.decode(current))
+            current = []
+    assert groups == ["Four." + eot, "1 2 3" + eot]
+
+
+def test_sharegpt_conversations_equal_messages():
+    tok = make_tokenizer("chatml")
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in CHAT]}
+    a = build([{"messages": CHAT}, sharegpt], tok)
+    for x, y in zip(a.example(0), a.example(1)):
+        assert x.tolist() == y.tolist()
+    assert a.example(1)[0].tolist() == tok.apply_chat_template(CHAT)["input_ids"]
+
+
+def test_train_on_inputs_trains_every_token():
+    tok = make_tokenizer("llama3")
+    ds = build([{"messages": CHAT}, {"prompt": "Q: two plus two?", "completion": " Four."}], tok, train_on_inputs=True)
+    for i in range(2):
+        ids, labels = ds.example(i)
+        assert labels.tolist() == expected_labels(ids.tolist(), [True] * len(ids))
+    # a chat that ends with a user turn is fine when the inputs are trained
+    assert len(build([{"messages": CHAT[:2]}], tok, train_on_inputs=True)) == 1
+
+
+def test_truncation_and_drop_counts():
+    tok = make_tokenizer("llama3")
+    lengths = [len(tok_ids(tok, t)) + 1 for t in ("a b", "The quick brown fox jumps over the lazy dog.")]
+    assert lengths[0] < 10 < lengths[1]
+    long_prompt = {"prompt": "The quick brown fox jumps over the lazy dog.", "completion": " Four."}
+    records = [{"text": "a b"}, {"text": "The quick brown fox jumps over the lazy dog."}, long_prompt]
+    ds = build(records, tok, max_length=10)
+    s = ds.stats
+    assert (s.records, s.examples, s.truncated, s.dropped_too_long, s.dropped_no_trainable) == (3, 2, 1, 0, 1)
+    assert ds.lengths().tolist() == [lengths[0], 10]
+    assert ds.example(1)[0].tolist() == (tok_ids(tok, records[1]["text"]) + [tok.eos_token_id])[:10]
+    assert s.tokens == lengths[0] + 10 and s.trainable_tokens == lengths[0] - 1 + 9
+    s = build(records, tok, max_length=10, too_long="drop").stats
+    assert (s.examples, s.truncated, s.dropped_too_long, s.dropped_no_trainable) == (1, 0, 2, 0)
+    assert json.loads(json.dumps(dataclasses.asdict(s)))["dropped_too_long"] == 2
+
+
+def test_subset_and_read_records_line_numbers(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"text": "a"},\n\n  {"text": "b b",\n   "x": 1}, {"text": "c"}\n]\n')
+    assert [line for line, _ in read_records(path)] == [2, 4, 5]
+    ds = load_dataset(path, make_tokenizer("llama3"), DataConfig(), use_cache=False)
+    sub = ds.subset([2, 0])
+    assert len(sub) == 2 and sub.stats.examples == 2 and sub.stats.records == 3
+    for j, i in enumerate([2, 0]):
+        assert [x.tolist() for x in sub.example(j)] == [x.tolist() for x in ds.example(i)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def small_dataset(n: int = 13) -> TokenizedDataset:
+    words = "the quick brown fox jumps over lazy dog two plus four".split()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        text = " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
+        records.append({"prompt": f"Q{i}: {text}?", "completion": " " + " ".join(rng.choice(words, size=3))})
+    return build(records, make_tokenizer("llama3"), max_length=64)
+
+
+def rows_of(batch: dict, pad_id: int = 0) -> list[tuple]:
+    """Each row as (ids, labels, positions) with the padding cut off."""
+    out = []
+    for ids, labels, pos in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
+        n = int((ids != pad_id).sum())
+        out.append((tuple(ids[:n].tolist()), tuple(labels[:n].tolist()), tuple(pos[:n].tolist())))
+    return out
+
+
+def test_packed_rows_restart_positions_and_mask_boundaries():
+    ds = small_dataset()
+    stream = BatchStream(ds, batch_size=2, max_length=64, packing=True, seed=0, pad_id=0)
+    seen, trainable = [], 0
+    for batch in stream.epoch_batches():
+        ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+        assert ids.dtype == labels.dtype == pos.dtype == torch.int64 and ids.shape == labels.shape == pos.shape
+        assert batch["num_trainable"] == int((labels[:, 1:] != -100).sum())
+        assert batch["num_tokens"] == int((ids != 0).sum())
+        trainable += batch["num_trainable"]
+        for row_ids, row_labels, row_pos in zip(ids.tolist(), labels.tolist(), pos.tolist()):
+            starts = [t for t, p in enumerate(row_pos) if p == 0]
+            n = sum(1 for t in row_ids if t != 0)
+            for a, b in zip(starts, starts[1:] + [len(row_ids)]):
+                assert row_pos[a:b] == list(range(b - a))  # positions restart per segment
+                assert row_labels[a] == -100  # never predicted from the previous example
+                if a >= n:  # padding: its own segment, no loss
+                    assert set(row_ids[a:b]) == {0} and set(row_labels[a:b]) == {-100}
+                else:
+                    seen.append(row_ids[a:b])
+    assert sorted(seen) == sorted(ds.example(i)[0].tolist() for i in range(len(ds)))
+    assert trainable == ds.stats.trainable_tokens
+    assert stream.num_rows < len(ds) and stream.packing_efficiency() > 0.5
+
+
+def shifted_loss_sum(model, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
+    logits = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"] if positions is None else positions,
+        attention_mask=None,
+        use_cache=False,
+    ).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def step(model, batches: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss of one optimizer step over micro-batches, normalised by the step's trainable tokens."""
+    model.zero_grad()
+    total = sum(b["num_trainable"] for b in batches)
+    loss = 0.0
+    for b in batches:
+        part = shifted_loss_sum(model, b) / total
+        part.backward()
+        loss += part.item()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_packed_and_unpacked_batches_give_same_loss_and_gradients():
+    ds = small_dataset()
+    model = tiny_llama().float()
+    packed = list(BatchStream(ds, batch_size=2, max_length=64, packing=True, seed=0).epoch_batches())
+    unpacked = list(BatchStream(ds, batch_size=3, max_length=64, packing=False, seed=0).epoch_batches())
+    assert len(packed) < len(unpacked)
+    assert sum(b["num_trainable"] for b in packed) == sum(b["num_trainable"] for b in unpacked)
+    loss_p, grads_p = step(model, packed)
+    loss_u, grads_u = step(model, unpacked)
+    assert loss_p == pytest.approx(loss_u, abs=1e-5) and 4 < loss_u < 8
+    for name, g in grads_u.items():
+        torch.testing.assert_close(grads_p[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    # the test can fail: without restarting positions, packed examples see each other
+    b = packed[0]
+    plain = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"])
+    with torch.no_grad():
+        assert abs(shifted_loss_sum(model, b, plain).item() - shifted_loss_sum(model, b).item()) > 1e-3
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_stream_is_deterministic_and_resumes_exactly(packing):
+    ds = small_dataset()
+    make = lambda seed=0: BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=seed)  # noqa: E731
+    per_epoch = make().microbatches_per_epoch()
+    n = 3 * per_epoch + 1
+    run = lambda stream: [rows_of(stream.next()) for _ in range(n)]  # noqa: E731
+    a = run(make())
+    assert a == run(make())
+    assert a[:per_epoch] != a[per_epoch : 2 * per_epoch]  # reshuffled each epoch
+    assert a != run(make(seed=1))
+    first = make()
+    for _ in range(per_epoch + 1):
+        first.next()
+    state = json.loads(json.dumps(first.state_dict()))
+    assert (state["epoch"], state["position"]) == (1, 1)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert [rows_of(resumed.next()) for _ in range(n - per_epoch - 1)] == a[per_epoch + 1 :]
+    with pytest.raises(UserError, match="batch_size x world_size"):
+        BatchStream(ds, batch_size=3, max_length=64, packing=packing, seed=0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_rank_shards_union_equals_single_process(packing):
+    ds = small_dataset()
+    one = BatchStream(ds, batch_size=4, max_length=64, packing=packing, seed=3)
+    ranks = [BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert one.microbatches_per_epoch() == ranks[0].microbatches_per_epoch() == ranks[0].num_rows // 4
+    for _ in range(2 * one.microbatches_per_epoch() + 1):
+        assert rows_of(one.next()) == rows_of(ranks[0].next()) + rows_of(ranks[1].next())
+    # a run resumed with another world size continues the same global stream
+    single_state = one.state_dict()
+    again = BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=3, rank=1, world_size=2)
+    again.load_state_dict(single_state)
+    assert rows_of(again.next()) == rows_of(one.next())[2:]
+    # eval pass: every row once on some rank, the same number of batches everywhere
+    evals = [list(s.epoch_batches()) for s in ranks]
+    assert len(evals[0]) == len(evals[1]) == -(-ranks[0].num_rows // 4)
+    seen = [r for batches in evals for b in batches for r in rows_of(b) if r[0]]
+    assert sum(b["num_trainable"] for batches in evals for b in batches) == ds.stats.trainable_tokens
+    assert len(seen) == ranks[0].num_rows
+
+
+def test_unpacked_batches_are_bucketed_by_length():
+    ds = small_dataset(64)
+    stream = BatchStream(ds, batch_size=4, max_length=64, packing=False, seed=0)
+    padded = lambda b: b["input_ids"].numel() - b["num_tokens"]  # noqa: E731
+    bucketed = sum(padded(stream.next()) for _ in range(stream.microbatches_per_epoch()))
+    rng = np.random.default_rng(0)
+    lengths = ds.lengths()[rng.permutation(64)].reshape(-1, 4)
+    random_padding = int((lengths.max(1, keepdims=True) - lengths).sum())
+    assert bucketed < random_padding / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: cache and eval split
+
+
+def test_cache_hit_returns_identical_arrays_and_is_faster(tmp_path):
+    tok = make_tokenizer("llama3")
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 400 + [{"text": "hello"}])
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    t0 = time.perf_counter()
+    first = load_dataset(path, tok, cfg)
+    t_miss = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hit = load_dataset(path, tok, cfg)
+    t_hit = time.perf_counter() - t0
+    files = list((tmp_path / "cache").glob("*.npz"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    for name in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(getattr(first, name), getattr(hit, name))
+    assert hit.stats == first.stats and t_hit < t_miss
+    load_dataset(path, tok, dataclasses.replace(cfg, max_length=16))  # another option: another entry
+    load_dataset(path, make_tokenizer("chatml"), cfg)  # another tokenizer: another entry
+    write_jsonl(path, [{"messages": CHAT}] * 401)  # other content: another entry
+    assert load_dataset(path, tok, cfg).stats.examples == 401
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
+
+
+def test_load_train_eval_holds_out_a_deterministic_fraction(tmp_path):
+    tok = make_tokenizer("llama3")
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"example {i}"} for i in range(20)])
+    cfg = DataConfig(train=str(path), eval_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    train, ev = load_train_eval(cfg, tok, seed=1)
+    train2, ev2 = load_train_eval(cfg, tok, seed=1)
+    assert (len(train), len(ev)) == (15, 5) and np.array_equal(ev.input_ids, ev2.input_ids)
+    texts = lambda d: {tok.decode(d.example(i)[0]) for i in range(len(d))}  # noqa: E731
+    assert not texts(train) & texts(ev) and len(texts(train) | texts(ev)) == 20
+    assert load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), tok, seed=1)[1] is None
+    _, ev3 = load_train_eval(dataclasses.replace(cfg, eval=str(path)), tok, seed=1)
+    assert len(ev3) == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def load(tmp_path, records, tok=None, **cfg):
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    return load_dataset(path, tok if tok is not None else make_tokenizer("llama3"), DataConfig(**cfg), use_cache=False)
+
+
+OK = {"messages": CHAT[1:3]}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"text": "a",}', r"d\.jsonl:2: invalid JSON: .*skip_invalid"),
+        ({"question": "q", "answer": "a"}, r"d\.jsonl:2: unknown record format, keys \['answer', 'question'\]; "
+         r"expected one of text / prompt\+completion / instruction\+output / messages"),
+        ("[1, 2]", r"d\.jsonl:2: expected a JSON object per line, got a list"),
+        ({"messages": [{"role": "user", "content": ["a"]}]}, r"d\.jsonl:2: messages\[0\]\.content must be a string, got a list"),
+        ({"messages": [{"role": "bot", "content": "a"}]}, r"d\.jsonl:2: messages\[0\]\.role = 'bot': unknown role; use one of system, user, assistant"),
+        ({"conversations": [{"from": "robot", "value": "a"}]}, r"conversations\[0\]\.from = 'robot': unknown role; use one of system, human"),
+        ({"messages": []}, r"d\.jsonl:2: 'messages' must be a non-empty list .* got an empty list"),
+        ({"messages": CHAT[:2]}, r"d\.jsonl:2: the chat ends with a user turn, not an assistant reply .*train_on_inputs: true"),
+        ({"prompt": "q", "completion": 4}, r"d\.jsonl:2: 'completion' must be a string, got a number \(4\)"),
+        ({"text": ""}, r"d\.jsonl:2: 'text' is empty"),
+    ],
+)
+def test_invalid_records_name_file_line_and_fix(tmp_path, bad, message):
+    with pytest.raises(UserError, match=message):
+        load(tmp_path, [OK, bad, OK])
+    # skip_invalid: skipped, counted, line kept
+    ds = load(tmp_path, [OK, bad, OK], skip_invalid=True)
+    assert (ds.stats.records, ds.stats.examples, ds.stats.skipped_invalid, ds.stats.skipped_lines) == (3, 2, 1, [2])
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    with pytest.raises(UserError) as err:
+        load(tmp_path, [{"text": 1}, OK, {"messages": "hi"}, {"x": 1}])
+    msg = str(err.value)
+    assert "d.jsonl: 3 invalid records (fix them, or set data.skip_invalid: true" in msg and all(f"d.jsonl:{i}:" in msg for i in (1, 3, 4))
+
+
+def test_file_level_errors(tmp_path):
+    tok = make_tokenizer("llama3")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n \n")
+    with pytest.raises(UserError, match=r"empty\.jsonl: the file is empty"):
+        load_dataset(empty, tok, DataConfig(), use_cache=False)
+    with pytest.raises(UserError, match=r"missing\.jsonl' not found"):
+        load_dataset(tmp_path / "missing.jsonl", tok, DataConfig(), use_cache=False)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n{"text": "a"},\n{"text": "b"\n]')
+    with pytest.raises(UserError, match=r"broken\.json:4: invalid JSON: Expecting ',' delimiter"):
+        load_dataset(broken, tok, DataConfig(), use_cache=False)
+    with pytest.raises(UserError, match=r"d\.jsonl: all 2 examples are longer than data\.max_length = 4 .*too_long: truncate"):
+        load(tmp_path, [{"text": "The quick brown fox"}] * 2, max_length=4, too_long="drop")
+    with pytest.raises(UserError, match=r"none of the 1 examples has a token to train on within data\.max_length = 4"):
+        load(tmp_path, [{"prompt": "The quick brown fox", "completion": " jumps"}], max_length=4)
+    with pytest.raises(UserError, match=r"d\.jsonl:1: chat records need a tokenizer with a chat template"):
+        load(tmp_path, [OK], make_tokenizer(None))
+    with pytest.raises(UserError, match=r"data\.format is 'instruction' but the record has keys \['text'\]"):
+        load(tmp_path, [{"text": "a"}], format="instruction")
+    with pytest.raises(UserError, match=r"d\.jsonl:1: data\.format is 'chat' but the record has keys \['text'\]; it needs messages"):
+        load(tmp_path, [{"text": "a"}], format="chat")
+    strict = make_tokenizer("chatml")
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' and loop.index0 > 0 %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(UserError, match=r"d\.jsonl:1: the chat template failed on this conversation: Conversation roles must alternate"):
+        load(tmp_path, [{"messages": CHAT}], strict)
+
+
+def test_stats_shape():
+    fields = {f.name: f.type for f in dataclasses.fields(DataStats)}
+    assert list(fields) == [
+        "records", "examples", "tokens", "trainable_tokens", "truncated", "dropped_too_long",
+        "dropped_no_trainable", "skipped_invalid", "skipped_lines",
+    ]
