@@ -1,0 +1,261 @@
+"""`lorakit train` across processes: torchrun, process groups, DDP and FSDP2.
+
+The single-device loop in lorakit.train runs unchanged in every process. This module only adds
+what differs: launching (`launch_torchrun`), the process group and the `Distributed` handle the
+loop talks to (`run_distributed`), and wrapping the model (`wrap_model`). The data stream shards
+itself by rank (lorakit.data.BatchStream) and the loop lets only rank 0 write files.
+
+    torchrun --nproc_per_node N -m lorakit train CONFIG.yaml      # any torchrun options (multi-node)
+    lorakit train CONFIG.yaml --nproc N                            # shortcut: torchrun --standalone
+
+`train.distributed` picks how the model is spread over the processes:
+    ddp   every process holds the whole frozen base; adapter gradients are all-reduced (DDP).
+    fsdp  FSDP2 (`fully_shard`) per transformer block, then the root: the frozen base and the
+          adapters are sharded, each block gathered only while it runs.
+    auto  see `resolve_strategy`.
+
+Environment:
+    LORAKIT_DIST_TIMEOUT_S   seconds a collective may wait for the other ranks (default 300); a
+                             rank that dies or hangs ends the job after at most this long.
+    LORAKIT_TEST_FAIL_RANK   test hook: the process with this rank raises at the first optimizer
+                             step, to check that the whole job then stops with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from lorakit.config import RunConfig
+from lorakit.errors import UserError
+
+DEFAULT_TIMEOUT_S = 300.0
+# auto picks FSDP on GPUs when the frozen weights take more than this share of one GPU's memory;
+# the rest is left for activations, adapters, optimizer state and the allocator.
+FSDP_MEMORY_SHARE = 0.5
+
+
+# --------------------------------------------------------------------------- launching
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """`lorakit train CONFIG --nproc N`: run torchrun with N processes on this machine; its exit code."""
+    nproc = args.nproc
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: the number of processes must be >= 1")
+    if args.config is None or "=" in str(args.config):
+        raise UserError("--nproc needs a YAML config (lorakit train CONFIG.yaml --nproc N); the demo runs in one process")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        "-m", "lorakit", "train", str(args.config), *args.overrides,
+    ]  # fmt: skip
+    if args.resume:
+        command.append("--resume")
+    proc = subprocess.Popen(command)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches torchrun and the workers too: they save a checkpoint and stop; wait for them.
+            continue
+
+
+# --------------------------------------------------------------------------- choosing a strategy
+def resolve_strategy(cfg: RunConfig, device_type: str) -> str:
+    """"ddp" or "fsdp" for `train.distributed`, checked before any model is loaded.
+
+    auto: DDP, except on GPUs when the model folder's weights take more than half of one GPU's
+    memory: then FSDP2, so each GPU holds only its share of the frozen base. With
+    `quantize: nf4` always DDP (the 4-bit base is small, and FSDP2 cannot shard it).
+
+    Raises:
+        UserError: `fsdp` together with `quantize: nf4`.
+    """
+    choice = cfg.train.distributed
+    if choice == "fsdp" and cfg.quantize == "nf4":
+        # Checked: fully_shard turns bitsandbytes' Params4bit into plain DTensors and drops their
+        # quant_state, so the 4-bit layers cannot run afterwards.
+        raise UserError(
+            "train.distributed: fsdp does not work with quantize: nf4 (FSDP2 cannot shard bitsandbytes 4-bit "
+            "weights); use train.distributed: ddp (each process holds the whole 4-bit base, about a quarter of its "
+            "bf16 size), or quantize: none with fsdp"
+        )
+    if choice != "auto":
+        return choice
+    if cfg.quantize == "nf4" or device_type != "cuda":
+        return "ddp"
+    weights = _weights_bytes(cfg.model)
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return "fsdp" if weights is not None and weights > FSDP_MEMORY_SHARE * gpu else "ddp"
+
+
+def _weights_bytes(model: Optional[str]) -> Optional[int]:
+    """Size of a local model folder's safetensors files (None for a Hub name)."""
+    folder = Path(model or "")
+    if not folder.is_dir():
+        return None
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- running one rank
+@record  # torchrun's failure summary then shows this rank's traceback
+def run_distributed(cfg: RunConfig, *, resume: bool = False) -> int:
+    """One torchrun worker: join the process group, train with the shared loop, leave.
+
+    Reads RANK, WORLD_SIZE and LOCAL_RANK from torchrun. A rank that raises exits non-zero;
+    torchrun then stops the others, and collectives time out after LORAKIT_DIST_TIMEOUT_S.
+    """
+    from lorakit.train import Distributed, run_training
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = torch.cuda.is_available()
+    strategy = resolve_strategy(cfg, "cuda" if cuda else "cpu")
+    # config.yaml then records what ran, not "auto"
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, distributed=strategy))
+    timeout_s = _timeout_s()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    comm_device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+
+    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().to(comm_device, copy=True)  # NCCL reduces device tensors only
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def barrier() -> None:
+        tdist.barrier(device_ids=[local_rank]) if cuda else tdist.barrier()
+
+    fail_rank = os.environ.get("LORAKIT_TEST_FAIL_RANK")
+    if fail_rank is not None and int(fail_rank) == rank:
+        all_reduce_sum = _fail_on_first_call(rank)  # train_step's first collective
+
+    dist = Distributed(
+        rank=rank, world_size=world_size, all_reduce_sum=all_reduce_sum, barrier=barrier,
+        # FSDP2 on GPUs: load on the CPU, fully_shard then moves one block at a time to the GPU.
+        load_device=torch.device("cpu") if (cuda and strategy == "fsdp") else None,
+    )  # fmt: skip
+    code = run_training(cfg, resume=resume, dist=dist)
+    # Only after success: tearing down a group whose peers died can block; exiting is enough then.
+    tdist.destroy_process_group()
+    return code
+
+
+def _timeout_s() -> float:
+    raw = os.environ.get("LORAKIT_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"LORAKIT_DIST_TIMEOUT_S={raw!r}: must be a positive number of seconds, e.g. 300")
+    return value
+
+
+def _fail_on_first_call(rank: int):
+    def fail(t: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"LORAKIT_TEST_FAIL_RANK={rank}: rank {rank} fails at the first step (test hook)")
+
+    return fail
+
+
+# --------------------------------------------------------------------------- wrapping the model
+class _Forward(nn.Module):
+    """What the loop calls: the wrapped model's forward, with the model's config beside it.
+
+    The loss (lorakit.loss) reads `config` (logit softcapping) and, for a bare model, runs the body
+    and the output head separately; through this wrapper it always calls the whole model, so DDP's
+    and FSDP2's root hooks run on every forward.
+    """
+
+    def __init__(self, module: nn.Module, config) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> nn.Module:
+    """The model the loop runs forward on: DDP, or FSDP2 applied in place to `model`.
+
+    Sets `dist.no_sync` (skip the gradient reduction of all but the last micro-batch of a step).
+    Both average gradients over ranks, which train_step's loss scale of world_size / global tokens
+    turns into the token-exact sum.
+    """
+    strategy = resolve_strategy(cfg, device.type)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP reduces only parameters that require grad: the frozen base is never reduced, and it
+        # is the same on every rank (loaded from the same files, and broadcast from rank 0 here).
+        # Every adapter parameter is used in every forward, so no search for unused parameters;
+        # buffers (rotary tables) are synced once at construction and never change, so no sync per step.
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False, forward_sync_buffers=False,
+        )  # fmt: skip
+        dist.no_sync = ddp.no_sync
+        return _Forward(ddp, getattr(model, "config", None))
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.world_size,))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, output head
+    dist.no_sync = lambda: _fsdp_no_sync(model)
+    return _Forward(model, getattr(model, "config", None))
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer (`model.layers`, `transformer.h`, ...), found generically:
+    the ModuleList of same-class modules holding the most parameters."""
+    best: list[nn.Module] = []
+    best_size = 0
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = list(module), size
+    return best
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a checkpoint's full optimizer state: cut the tensors of sharded (FSDP2)
+    parameters into this rank's shards. Every rank loaded the same file, so no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:
+                    state[key] = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)

@@ -1,0 +1,192 @@
+"""`lorakit train --nproc 2` on CPU (gloo): DDP and FSDP2 against one process, resume, failures.
+
+One process with batch_size 4 and two processes with batch_size 2 see the same global batch
+(rows 0-3 of each chunk: rows 0-1 on rank 0, rows 2-3 on rank 1), so their losses and adapters
+must agree to float rounding. Two-process runs go through torchrun in a subprocess; one-process
+runs call the CLI in this process (no second interpreter start).
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import save_model_folder, tiny_gpt2, tiny_llama
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.config import build_run_config
+from lorakit.distributed import resolve_strategy, transformer_blocks
+from lorakit.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, SAVE_AT = 4, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # like torchrun's workers (OMP_NUM_THREADS=1): on a busy shared CPU, more threads only wait on each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    save_model_folder(root / "model")
+    rng = random.Random(0)
+    with open(root / "train.jsonl", "w") as f:
+        for _ in range(96):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n")
+    cfg = {
+        "model": str(root / "model"),
+        "data": {"train": str(root / "train.jsonl"), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8},
+        # grad_accum 2: the first micro-batch of each step runs under no_sync
+        "train": {"max_steps": STEPS, "grad_accum": 2, "lr": 1.0e-2, "precision": "fp32", "seed": 0,
+                  "save_every": SAVE_AT, "scheduler": "linear"},
+    }  # fmt: skip
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def _torchrun(root, out, *args, shortcut=False, env=None, timeout=240):
+    """`torchrun --standalone --nproc_per_node 2 -m lorakit train cfg.yaml ...` (or the shortcut
+    `lorakit train cfg.yaml ... --nproc 2`) in a subprocess; returns (completed process, seconds)."""
+    train = ["train", str(root / "cfg.yaml"), f"output_dir={out}", *args]
+    if shortcut:
+        command = [sys.executable, "-m", "lorakit", *train, "--nproc", "2"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lorakit", *train]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    return proc, time.perf_counter() - start
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def _adapter(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k  # full tensors, never shards
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def single(workspace):
+    """The reference: one process, batch_size 4."""
+    out = workspace / "single"
+    assert main(["train", str(workspace / "cfg.yaml"), f"output_dir={out}", "train.batch_size=4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(workspace):
+    out = workspace / "fsdp"
+    proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _check_matches(run, single):
+    losses, expected = _losses(run), _losses(single)
+    assert len(losses) == STEPS  # one metrics writer
+    assert max(abs(a - b) for a, b in zip(losses, expected)) <= 1e-4, (losses, expected)
+    assert _max_diff(_adapter(run / "adapter"), _adapter(single / "adapter")) <= 1e-5
+    ckpt = f"checkpoints/step-{SAVE_AT}/adapter"
+    assert _max_diff(_adapter(run / ckpt), _adapter(single / ckpt)) <= 1e-5
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_ddp_matches_one_process(workspace, single):
+    out = workspace / "ddp"
+    proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=ddp", shortcut=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_matches(out, single)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["distributed"] == "ddp"
+    assert proc.stdout.count("done:") == 1  # only rank 0 prints
+
+
+def test_fsdp_matches_one_process(fsdp_run, single):
+    _check_matches(fsdp_run, single)
+    assert yaml.safe_load((fsdp_run / "config.yaml").read_text())["train"]["distributed"] == "fsdp"
+
+
+def _resumable_copy(run, dest):
+    """The run as it was when its step-SAVE_AT checkpoint was written (adapter and summary removed)."""
+    shutil.copytree(run, dest)
+    shutil.rmtree(dest / "adapter")
+    (dest / "summary.json").unlink()
+    return dest
+
+
+def test_resume_two_process_checkpoint_with_one_process(workspace, fsdp_run, single, capsys):
+    out = _resumable_copy(fsdp_run, workspace / "resume1")
+    # the same global batch: 1 process x batch_size 4 = 2 processes x batch_size 2
+    assert main(["train", str(workspace / "cfg.yaml"), f"output_dir={out}", "train.batch_size=4", "--resume"]) == 0
+    assert f"resuming from {out / 'checkpoints' / f'step-{SAVE_AT}'}" in capsys.readouterr().out
+    assert len(_losses(out)) == STEPS
+    assert max(abs(a - b) for a, b in zip(_losses(out), _losses(single))) <= 1e-4
+    assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) <= 1e-5
+    # another global batch cannot continue the same data stream
+    assert main(["train", str(workspace / "cfg.yaml"), f"output_dir={out}", "train.batch_size=2", "--resume"]) == 2
+    assert "batch_size x world_size" in capsys.readouterr().err
+
+
+def test_resume_two_process_checkpoint_with_two_processes(workspace, fsdp_run, single):
+    out = _resumable_copy(fsdp_run, workspace / "resume2")
+    proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=fsdp", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    assert len(_losses(out)) == STEPS
+    assert max(abs(a - b) for a, b in zip(_losses(out), _losses(single))) <= 1e-4
+    assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) <= 1e-5
+
+
+def test_a_failing_rank_ends_the_job(workspace):
+    env = {"LORAKIT_TEST_FAIL_RANK": "1", "LORAKIT_DIST_TIMEOUT_S": "10"}
+    proc, seconds = _torchrun(workspace, workspace / "failing", "train.batch_size=2", env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "LORAKIT_TEST_FAIL_RANK=1: rank 1 fails" in proc.stderr
+    # startup + 10 s collective timeout + torchrun's 30 s grace period, with room for a slow machine
+    assert seconds < 90
+    assert not (workspace / "failing" / "adapter").exists()
+
+
+def test_strategy_choice_and_nf4_with_fsdp(workspace):
+    def cfg(**kw):
+        return build_run_config({"model": str(workspace / "model"), "data": {"train": str(workspace / "train.jsonl")}, **kw})
+
+    assert resolve_strategy(cfg(), "cpu") == "ddp"
+    assert resolve_strategy(cfg(train={"distributed": "fsdp"}), "cpu") == "fsdp"
+    assert resolve_strategy(cfg(quantize="nf4"), "cuda") == "ddp"
+    with pytest.raises(UserError, match="train.distributed: ddp"):
+        resolve_strategy(cfg(quantize="nf4", train={"distributed": "fsdp"}), "cpu")
+
+
+def test_nproc_needs_a_config(capsys):
+    assert main(["train", "--nproc", "2"]) == 2
+    assert "--nproc needs a YAML config" in capsys.readouterr().err
+
+
+def test_transformer_blocks_are_found_generically():
+    llama, gpt2 = tiny_llama(), tiny_gpt2()
+    assert transformer_blocks(llama) == list(llama.model.layers)
+    assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
