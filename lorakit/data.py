@@ -297,7 +297,7 @@ def _raise_problems(source: str, problems: list[tuple[int, str]]) -> None:
 # Validating and rendering records
 
 
-class _BadRecord(Exception):
+class BadRecord(Exception):
     """A record a user must fix; becomes `FILE:LINE: message` (or is skipped)."""
 
 
@@ -305,28 +305,28 @@ def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) 
     value = record.get(key)
     name = f"{where}{key}"
     if not isinstance(value, str):
-        raise _BadRecord(f"'{name}' is missing" if key not in record else f"'{name}' must be a string, got {_kind(value)}")
+        raise BadRecord(f"'{name}' is missing" if key not in record else f"'{name}' must be a string, got {_kind(value)}")
     if not empty_ok and not value:
-        raise _BadRecord(f"'{name}' is empty; give it text or remove the record")
+        raise BadRecord(f"'{name}' is empty; give it text or remove the record")
     return value
 
 
-def _prepare(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, Any]:
+def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, Any]:
     """Validate one record -> (format, (text, prompt_chars)) or ("chat", messages).
 
     Raises:
-        _BadRecord: unknown format, wrong types, unknown roles, empty values.
+        BadRecord: unknown format, wrong types, unknown roles, empty values.
     """
     found = detect_format(record)
     if fmt == "auto":
         if found is None:
-            raise _BadRecord(
+            raise BadRecord(
                 f"unknown record format, keys {sorted(record)}; "
                 "expected one of text / prompt+completion / instruction+output / messages"
             )
         fmt = found
     elif (fmt == "chat" and found != "chat") or not all(k in record for k in _REQUIRED[fmt]):
-        raise _BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
+        raise BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
     if fmt == "text":
         return fmt, (_string(record, "text"), 0)
     if fmt == "completion":
@@ -336,7 +336,7 @@ def _prepare(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, Any]:
         instruction = _string(record, "instruction")
         extra = record.get("input")
         if extra is not None and not isinstance(extra, str):
-            raise _BadRecord(f"'input' must be a string or missing, got {_kind(extra)}")
+            raise BadRecord(f"'input' must be a string or missing, got {_kind(extra)}")
         if extra:
             prompt = INSTRUCTION_TEMPLATE.format(instruction=instruction, input=extra)
         else:
@@ -352,22 +352,22 @@ def _messages(record: dict, train_on_inputs: bool) -> list[dict[str, str]]:
     raw = record[key]
     if not isinstance(raw, list) or not raw:
         got = "an empty list" if isinstance(raw, list) else _kind(raw)
-        raise _BadRecord(f"'{key}' must be a non-empty list of {{{role_key}, {text_key}}} objects, got {got}")
+        raise BadRecord(f"'{key}' must be a non-empty list of {{{role_key}, {text_key}}} objects, got {got}")
     roles = _SHAREGPT_ROLES if sharegpt else {r: r for r in _ROLES}
     out = []
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
-            raise _BadRecord(f"{key}[{i}] must be an object with '{role_key}' and '{text_key}', got {_kind(msg)}")
+            raise BadRecord(f"{key}[{i}] must be an object with '{role_key}' and '{text_key}', got {_kind(msg)}")
         role = msg.get(role_key)
         if role not in roles:
-            raise _BadRecord(f"{key}[{i}].{role_key} = {role!r}: unknown role; use one of {', '.join(roles)}")
+            raise BadRecord(f"{key}[{i}].{role_key} = {role!r}: unknown role; use one of {', '.join(roles)}")
         content = msg.get(text_key)
         if not isinstance(content, str):
             got = "is missing" if text_key not in msg else f"must be a string, got {_kind(content)}"
-            raise _BadRecord(f"{key}[{i}].{text_key} {got}")
+            raise BadRecord(f"{key}[{i}].{text_key} {got}")
         out.append({"role": roles[role], "content": content})
     if not train_on_inputs and out[-1]["role"] != "assistant":
-        raise _BadRecord(
+        raise BadRecord(
             f"the chat ends with a {out[-1]['role']} turn, not an assistant reply to train on; "
             "end it with an assistant turn, or set data.train_on_inputs: true"
         )
@@ -478,8 +478,8 @@ def tokenize_records(
     prepared: list[tuple[int, str, Any]] = []
     for line, record in records:
         try:
-            prepared.append((line, *_prepare(record, cfg.format, cfg.train_on_inputs)))
-        except _BadRecord as exc:
+            prepared.append((line, *prepare_record(record, cfg.format, cfg.train_on_inputs)))
+        except BadRecord as exc:
             problems.append((line, str(exc)))
     chat_lines = [line for line, fmt, _ in prepared if fmt == "chat"]
     if chat_lines and tokenizer.chat_template is None:

@@ -76,11 +76,11 @@ def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
     Raises:
         UserError: a record lorakit.data would reject, or a chat without an assistant turn.
     """
-    from lorakit.data import _BadRecord, _prepare
+    from lorakit.data import BadRecord, prepare_record
 
     try:
-        fmt, payload = _prepare(record, "auto", train_on_inputs=True)
-    except _BadRecord as exc:
+        fmt, payload = prepare_record(record, "auto", train_on_inputs=True)
+    except BadRecord as exc:
         raise UserError(str(exc)) from None
     if fmt == "text":
         return None
