@@ -38,6 +38,7 @@ class MetricsLog:
     def log(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
         if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
 
