@@ -21,7 +21,7 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from torch import nn
@@ -158,7 +158,6 @@ def load_model_4bit(
     """
     bnb = _require_bnb()
     _check_args(compute_dtype, blocksize)
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
@@ -187,40 +186,38 @@ def load_model_4bit(
     prefix = getattr(model, "base_model_prefix", "")
     in_files = set()
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            in_files |= {_match_key(k, expected, prefix) for k in f.keys()}
+        in_files |= {_match_key(k, expected, prefix) for k in _safetensors_header(path)}
     loaded: set[str] = set()
     unexpected: list[str] = []
     before = 0
     codes: dict[Any, tuple] = {}
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for file_key in f.keys():
-                key = _match_key(file_key, expected, prefix)
-                if key is None:
-                    unexpected.append(file_key)
-                    continue
-                if key in tied and tied[key] in in_files:
-                    continue  # a saved copy of a tied weight: it is tied to the source below
-                raw = f.get_tensor(file_key)
-                held.add(raw)
-                value = raw.to(device=device, dtype=compute_dtype) if raw.is_floating_point() else raw.to(device)
+        for file_key, read in _safetensors_reader(path):
+            key = _match_key(file_key, expected, prefix)
+            if key is None:
+                unexpected.append(file_key)
+                continue
+            if key in tied and tied[key] in in_files:
+                continue  # a saved copy of a tied weight: it is tied to the source below
+            raw = read()
+            held.add(raw)
+            value = raw.to(device=device, dtype=compute_dtype) if raw.is_floating_point() else raw.to(device)
+            if value.data_ptr() != raw.data_ptr():
+                held.add(value)
+            before += value.numel() * value.element_size()
+            owner, _, leaf = key.rpartition(".")
+            if owner in targets and leaf == "weight":
+                layer = model.get_submodule(owner)
+                weight = value.t() if _is_conv1d(targets[owner]) else value
+                _set_quantized_weight(layer, weight, blocksize, double_quant, codes)
+                held.drop(value, raw)
+                held.add(*_weight4_tensors(layer))
+            else:
+                _set_tensor(model, key, value, param=key in param_names)
                 if value.data_ptr() != raw.data_ptr():
-                    held.add(value)
-                before += value.numel() * value.element_size()
-                owner, _, leaf = key.rpartition(".")
-                if owner in targets and leaf == "weight":
-                    layer = model.get_submodule(owner)
-                    weight = value.t() if _is_conv1d(targets[owner]) else value
-                    _set_quantized_weight(layer, weight, blocksize, double_quant, codes)
-                    held.drop(value, raw)
-                    held.add(*_weight4_tensors(layer))
-                else:
-                    _set_tensor(model, key, value, param=key in param_names)
-                    if value.data_ptr() != raw.data_ptr():
-                        held.drop(raw)
-                del raw, value
-                loaded.add(key)
+                    held.drop(raw)
+            del raw, value
+            loaded.add(key)
     for target, source in tied.items():
         if target in loaded and source not in loaded:
             target, source = source, target
@@ -238,6 +235,7 @@ def load_model_4bit(
     if unexpected:
         log.warning("%s: %d tensors not used by the model, e.g. %s", folder, len(unexpected), unexpected[:3])
     model.eval()
+    _release_freed_memory()
     report = _report(model, blocksize, double_quant)
     report.frozen_bytes_before = before
     report.linear_bytes_before = sum(
@@ -246,6 +244,59 @@ def load_model_4bit(
     report.peak_bytes = held.peak
     report.peak_rss_bytes = peak_rss_bytes()
     return model, report
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's JSON header (name -> dtype, shape, data_offsets)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _safetensors_reader(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, read) for each tensor of a safetensors file, in file order; `read()` returns a fresh tensor.
+
+    Plain reads into freshly allocated tensors rather than safetensors' memory map: tensors from
+    a map are views of the file's pages, so every page read while loading would stay resident as
+    long as one kept tensor (an embedding, a norm) points into it, and the peak would approach
+    the 16-bit file size that 4-bit loading exists to avoid.
+    """
+    header = _safetensors_header(path)
+    with open(path, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+
+            def read(entry=entry) -> torch.Tensor:
+                begin, end = entry["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise UserError(f"{path}: tensor dtype {entry['dtype']} is not supported")
+                tensor = torch.empty(entry["shape"], dtype=dtype)
+                if end > begin:
+                    f.seek(start + begin)
+                    f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+                return tensor
+
+            yield name, read
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps quantization temporaries otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def is_4bit(module: nn.Module) -> bool:
