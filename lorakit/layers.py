@@ -246,6 +246,20 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
+        if not (self.disabled or name is None or name in self.merged) and self._fused_ok(x, self.lora_A[name]):
+            from lorakit.fused import lora_linear
+
+            drop = self.lora_dropout[name]
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            return lora_linear(
+                x, self.lora_A[name], self.lora_B[name], base=self.base_forward, dense_weight=self._dense_weight_like,
+                scale=self.scaling[name], dropout=p,
+            )  # fmt: skip
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as plain autograd ops (the reference the fused path is tested against)."""
+        name = self.active_adapter
         result = self.base_forward(x)
         if self.disabled or name is None or name in self.merged:
             return result
@@ -256,6 +270,31 @@ class LoraLayer(nn.Module):
             return result + (scale * (after_a @ b.t())).to(result.dtype)
         h = self.lora_dropout[name](x).to(a.dtype)
         return result + (scale * F.linear(F.linear(h, a), b)).to(result.dtype)
+
+    def _fused_ok(self, x: torch.Tensor, a: torch.Tensor) -> bool:
+        """Whether `lorakit.fused.lora_linear` computes this call (frozen linear-like base, plain tensors)."""
+        from lorakit import fused
+
+        return (
+            fused.ENABLED
+            and self.kind.name in ("linear", "conv1d", "linear4bit")
+            and torch.is_grad_enabled()
+            and not self.weight.requires_grad
+            and (self.bias is None or not self.bias.requires_grad)
+            and not hasattr(a, "placements")  # FSDP2 shards (DTensor) take the plain path
+            and x.is_floating_point()
+        )
+
+    def _dense_weight_like(self, g: torch.Tensor) -> torch.Tensor:
+        """The frozen weight as (out, in) in g's dtype, for the input gradient of the fused path."""
+        kind = self.kind.name
+        if kind == "linear":
+            return self.weight.to(g.dtype)
+        if kind == "conv1d":
+            return self.weight.t().to(g.dtype)
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).to(g.dtype)
 
     # ----------------------------------------------------------------- unwrapping
     def to_base_module(self) -> nn.Module:

@@ -6,7 +6,11 @@ loss independent of packing, batch composition and gradient accumulation.
 
 With `chunk_tokens` set, the output head and the cross-entropy run chunk by chunk under
 activation checkpointing: the full (tokens x vocab) logits and their fp32 copy never exist at
-once, in forward or backward (a "fused linear cross-entropy" built from plain PyTorch ops).
+once, in forward or backward (a "fused linear cross-entropy" built from plain PyTorch ops). A
+frozen `nn.Linear` head goes through `lorakit.fused.linear_cross_entropy_sum`, which also computes
+the hidden-state gradient in forward, so the head runs twice per step (forward, input gradient)
+instead of three times (forward, recompute, input gradient); other heads (a LoRA-wrapped or
+trained head) use activation checkpointing per chunk.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ def _decoder_and_head(model: nn.Module) -> tuple[Optional[nn.Module], Optional[n
     return body, head
 
 
+def _fusable_head(head: nn.Module) -> bool:
+    """A frozen plain nn.Linear head: lorakit.fused computes its loss and input gradient in one pass."""
+    from lorakit import fused
+
+    return (
+        fused.FUSED_CROSS_ENTROPY
+        and type(head) is nn.Linear
+        and not head.weight.requires_grad
+        and (head.bias is None or not head.bias.requires_grad)
+    )
+
+
 def token_loss_sum(
     model: nn.Module, batch: dict, *, chunk_tokens: Optional[int] = None
 ) -> tuple[torch.Tensor, int]:
@@ -65,6 +81,13 @@ def token_loss_sum(
     # Only positions with a target need logits at all.
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+    if _fusable_head(head):
+        from lorakit.fused import linear_cross_entropy_sum
+
+        total = linear_cross_entropy_sum(
+            hidden, head.weight, targets, bias=head.bias, chunk=chunk_tokens, softcap=softcap, ignore_index=IGNORE_INDEX
+        )
+        return total, count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]

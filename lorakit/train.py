@@ -13,6 +13,7 @@ packing, batch composition and gradient accumulation do not change the loss.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,8 +55,11 @@ class Distributed:
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     # Context manager factory for micro-batches whose gradients must not be reduced yet (DDP no_sync).
     no_sync: Callable[[], Any] = None  # type: ignore[assignment]
-    # Full adapter state for checkpoints when parameters are sharded (FSDP2).
+    # Wait for every rank (after rank 0 wrote a checkpoint).
     barrier: Callable[[], None] = lambda: None
+    # Where the model is loaded before lorakit.distributed.wrap_model (None: the training device);
+    # FSDP2 on GPUs loads on the CPU and shards onto the GPU block by block.
+    load_device: Optional[torch.device] = None
 
     @property
     def is_main(self) -> bool:
@@ -198,17 +202,18 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)
 
     frozen_summary = ""
+    load_device = dist.load_device or device
     if cfg.quantize == "nf4":
         from lorakit.quant import load_model_4bit
 
         model, report = load_model_4bit(cfg.model, compute_dtype=dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
         frozen_summary = report.summary()
     else:
-        model = load_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code)
         frozen = sum(p.numel() * p.element_size() for p in model.parameters())
         frozen_summary = f"frozen weights {frozen / 2**20:.1f} MiB ({8 * frozen / max(1, sum(p.numel() for p in model.parameters())):.0f} bits/param)"
     inject_adapter(model, cfg.lora)
-    model.to(device)
+    model.to(load_device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -297,6 +302,10 @@ def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng
             for key, param in module.copies["default"].named_parameters():
                 _copy_into(param, files.tensors[f"{PREFIX}{path}.{key}"])
     run.optimizer.load_state_dict(optimizer_state)
+    if run.dist.world_size > 1:
+        from lorakit.distributed import shard_optimizer_state
+
+        shard_optimizer_state(run.optimizer)  # full tensors -> this rank's FSDP2 shards
     run.scheduler.load_state_dict(state["scheduler"])
     run.stream.load_state_dict(state["stream"])
     run.step = state["step"]
@@ -333,7 +342,7 @@ def train_step(run: Run) -> dict[str, float]:
     chunk = None if cfg.train.compile else LOSS_CHUNK_TOKENS
     for i, batch in enumerate(micro):
         batch = _to_device(batch, run.device)
-        sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else _nullcontext()
+        sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else contextlib.nullcontext()
         with sync_ctx:
             batch_loss, _ = token_loss_sum(run.train_model, batch, chunk_tokens=chunk)
             (batch_loss * scale).backward()
@@ -360,16 +369,16 @@ def train_step(run: Run) -> dict[str, float]:
     return {"loss": loss_value, "grad_norm": norm_value, "lr": lr, "tokens": step_all_tokens, "trainable_tokens": step_tokens}
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def evaluate(run: Run) -> dict[str, float]:
     """eval_loss / eval_perplexity over the eval set (and eval_accuracy with eval_generate)."""
+    was_training = run.model.training
+    try:
+        return _evaluate(run)
+    finally:
+        run.model.train(was_training)
+
+
+def _evaluate(run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
     if run.eval_set is not None:
         from lorakit.evaluate import evaluate_loss
@@ -403,8 +412,19 @@ def _checkpoint(run: Run) -> Path:
             run.output_dir, run.step, model=run.model, optimizer_state=optimizer_state, state=state,
             keep=run.cfg.train.keep_checkpoints, base_model_name_or_path=run.cfg.model,
         )  # fmt: skip
+    else:
+        _join_adapter_gathers(run)
     run.dist.barrier()
     return path or run.output_dir / "checkpoints" / f"step-{run.step}"
+
+
+def _join_adapter_gathers(run: Run) -> None:
+    """On ranks other than 0, while rank 0 saves the adapter: take part in the all-gathers that
+    build its full tensors from FSDP2 shards (the same calls, in the same order; no-op without FSDP2)."""
+    if run.dist.world_size > 1:
+        from lorakit.adapters import adapter_state_dict
+
+        adapter_state_dict(run.model)
 
 
 def optimizer_state_dict(run: Run) -> dict:
@@ -432,6 +452,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     tokens_seen = 0
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
+    run.model.train()
     previous_handlers = _install_signal_handlers(run)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not main, dynamic_ncols=True, unit="step", file=sys.stderr)
     window_tokens, window_time = 0.0, 0.0
@@ -480,7 +501,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     summary = {
         "steps": run.step,
         "time_s": elapsed,
-        "tokens_per_s": tokens_seen * dist.world_size / max(elapsed, 1e-9) if dist.world_size > 1 else tokens_seen / max(elapsed, 1e-9),
+        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # tokens_seen already counts every rank
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "final_loss": last_train.get("loss"),
         **last_eval,
@@ -492,6 +513,8 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         save_adapter(run.model, run.output_dir / "adapter", base_model_name_or_path=cfg.model,
                      extra_files={"README.md": model_card(run, summary)})  # fmt: skip
         run.metrics.plot(Path(cfg.model).name)
+    else:
+        _join_adapter_gathers(run)
     dist.barrier()
     return summary
 

@@ -1,0 +1,353 @@
+"""Training speed and memory of `lorakit train` against PEFT + transformers, and the distance to the limit.
+
+Both sides train the same random-weight Llama-shaped model (hidden 768, 6 layers, 12 heads, 4 KV
+heads, intermediate 2048, vocab 32000) on the same packed batches (2 x 512 tokens, built once by
+lorakit.data and given to both), LoRA r=16 alpha=32 on every linear layer but the head, AdamW
+(fused, lr 2e-4, grad-norm clip 1.0), same seed. Precision on both sides: frozen weights in bf16
+(NF4 codes with bf16 compute for QLoRA), LoRA adapters and their AdamW state in fp32.
+
+  lorakit  `lorakit train CONFIG` run in-process by a side process (lorakit.cli.main), with a timing
+           wrapper around lorakit.train.train_step; nothing else changed.
+  peft     transformers AutoModelForCausalLM (sdpa) + peft.get_peft_model + torch.optim.AdamW, loss
+           from `model(input_ids, position_ids, labels).loss`; QLoRA over a bitsandbytes NF4
+           base built with transformers' BitsAndBytesConfig (double quant, blocksize 64, bf16
+           compute; no prepare_model_for_kbit_training, which would upcast norms to fp32).
+
+Each side runs in its own process: `warmup` steps, then `steps` timed steps; step time and tokens/s
+are medians; memory is the process's peak RSS (ru_maxrss) after its last step, also shown above
+the RSS right after the imports (torch, transformers, lorakit or peft). The limit is the FLOPs no LoRA trainer can avoid divided by the best
+bf16 GEMM rate measured in the same run on the model's own GEMM shapes:
+  forward GEMMs of every linear layer and the head (2·T·in·out each), the input-gradient GEMMs of
+  backward (the same again), attention scores and PV forward (4·d per attended query-key pair,
+  causal within each packed example) and backward (2x forward), adapters 6·T·r·(in+out).
+
+    python bench/bench_speed.py                 # the full benchmark (plain, gradient checkpointing, QLoRA)
+    python bench/bench_speed.py --quick         # a small model and few steps, for development
+    python bench/bench_speed.py --levers        # lorakit alone with each optimisation switched off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FULL = dict(hidden=768, layers=6, heads=12, kv_heads=4, intermediate=2048, vocab=32000, batch=2, seq=512, steps=6, warmup=2)
+QUICK = dict(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=8000, batch=2, seq=256, steps=3, warmup=1)
+R, ALPHA, LR, SEED = 16, 32.0, 2e-4, 0
+CASES = {"plain": {}, "ckpt": {"gradient_checkpointing": True}, "qlora": {"quantize": "nf4"}}
+# lorakit variants for --levers: (label, module switches, config overrides)
+LEVERS = [
+    ("lorakit (all levers)", {}, {}),
+    ("- fused LoRA linear (plain autograd)", {"lorakit.fused.ENABLED": False}, {}),
+    ("- bf16 adapter compute (fp32 adapter matmuls)", {"lorakit.fused.ADAPTER_COMPUTE": "adapter"}, {}),
+    ("- fused linear CE (checkpointed chunks)", {"lorakit.fused.FUSED_CROSS_ENTROPY": False}, {}),
+    ("  loss chunk 256 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 256}, {}),
+    ("  loss chunk 4096 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 4096}, {}),
+    ("+ train.compile: true", {}, {"train.compile": True}),
+]
+WORDS = (
+    "the a of to and in is it that for on with as was at by be this are from or an have not but what all were "
+    "when we there can your which their said if do will each about how up out them then she many some model "
+    "data train rank matrix layer token loss batch learning gradient weight adapter frozen small low quick "
+    "brown fox jumps over lazy dog answer question translate sort numbers hello world 12 345 (x) [y] -> ;"
+).split()
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- preparation (parent)
+def prepare(work: Path, size: dict) -> dict:
+    """Model folder, text JSONL and the batches every side trains on (saved as tensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.config import DataConfig
+    from lorakit.data import BatchStream, load_train_eval
+    from tests.helpers import make_tokenizer
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig(
+        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tokenizer = make_tokenizer()
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    del model
+    rng = random.Random(SEED)
+    steps = size["warmup"] + size["steps"]
+    with open(work / "train.jsonl", "w") as f:
+        # examples of ~40..1200 tokens, several per packed row; enough rows for every step
+        for _ in range(steps * size["batch"] * 6):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(15, 450)))}) + "\n")
+    data = DataConfig(train=str(work / "train.jsonl"), format="text", max_length=size["seq"], packing=True,
+                      cache_dir=str(work / "cache"))  # fmt: skip
+    train, _ = load_train_eval(data, tokenizer, seed=SEED)
+    stream = BatchStream(train, batch_size=size["batch"], max_length=size["seq"], packing=True, seed=SEED,
+                         pad_id=tokenizer.pad_token_id)  # fmt: skip
+    batches = [stream.next() for _ in range(steps)]
+    torch.save([{k: batches[i][k] for k in ("input_ids", "labels", "position_ids")} for i in range(steps)], work / "batches.pt")
+    return {"pairs": attention_pairs(batches), "tokens": [int(b["input_ids"].numel()) for b in batches]}
+
+
+def attention_pairs(batches: list[dict]) -> float:
+    """Mean number of attended (query, key) pairs per step: causal within each packed example."""
+    totals = []
+    for b in batches:
+        n = 0
+        for row in b["position_ids"].tolist():
+            starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+            n += sum((e - s) * (e - s + 1) // 2 for s, e in zip(starts, starts[1:]))
+        totals.append(n)
+    return statistics.mean(totals)
+
+
+def gemm_limit(size: dict, pairs: float) -> dict:
+    """Unavoidable FLOPs per step and the best bf16 GEMM rate on this model's shapes."""
+    import torch
+
+    h, i, v, d = size["hidden"], size["intermediate"], size["vocab"], size["hidden"] // size["heads"]
+    kv = size["kv_heads"] * d
+    t = size["batch"] * size["seq"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * size["layers"] + [(h, v)]
+    gemm = sum(2 * t * a * b for a, b in shapes)
+    attn_fwd = 4 * d * size["heads"] * pairs * size["layers"]
+    adapters = sum(6 * t * R * (a + b) for a, b in shapes[:-1])
+    flops = 2 * gemm + 3 * attn_fwd + adapters
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    best = 0.0
+    for a, b in sorted(set(shapes)):
+        for x_shape, w_shape in (((t, a), (a, b)), ((t, b), (b, a))):  # forward, input gradient
+            x = torch.randn(*x_shape, dtype=torch.bfloat16, device=device)
+            w = torch.randn(*w_shape, dtype=torch.bfloat16, device=device)
+            x @ w
+            times = []
+            for _ in range(5):
+                sync()
+                start = time.perf_counter()
+                x @ w
+                sync()
+                times.append(time.perf_counter() - start)
+            best = max(best, 2 * x_shape[0] * x_shape[1] * w_shape[1] / min(times))
+    return {"flops": flops, "gemm_rate": best, "limit_s": flops / best,
+            "parts": {"linear+head fwd": gemm, "input grads": gemm, "attention": 3 * attn_fwd, "adapters": adapters}}
+
+
+# --------------------------------------------------------------------------- the sides (children)
+def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: dict) -> dict:
+    import importlib
+
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline RSS)
+    import yaml
+
+    import lorakit.train as lt
+    from lorakit.cli import main
+
+    base_rss = rss_now()
+
+    for key, value in switches.items():
+        module, _, attr = key.rpartition(".")
+        setattr(importlib.import_module(module), attr, value)
+    cfg = {
+        "model": str(work / "model"), "output_dir": str(work / f"run-{os.getpid()}"), "quantize": case.get("quantize", "none"),
+        "data": {"train": str(work / "train.jsonl"), "format": "text", "max_length": size["seq"], "packing": True,
+                 "cache_dir": str(work / "cache")},
+        "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": "all-linear"},
+        "train": {"max_steps": size["warmup"] + size["steps"], "batch_size": size["batch"], "lr": LR, "seed": SEED,
+                  "gradient_checkpointing": bool(case.get("gradient_checkpointing")), "log_every": 1000, "save_every": 0},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        cfg[section][name] = value
+    (work / "lorakit.yaml").write_text(yaml.safe_dump(cfg))
+    times, losses, peaks = [], [], []
+    inner = lt.train_step
+
+    def timed(run):
+        start = time.perf_counter()
+        result = inner(run)  # returns after loss.item(): the step's work is done on any device
+        times.append(time.perf_counter() - start)
+        losses.append(result["loss"])
+        peaks.append(rss_peak())
+        return result
+
+    lt.train_step = timed
+    code = main(["train", str(work / "lorakit.yaml")])
+    assert code == 0, f"lorakit train exited with {code}"
+    return {"times": times, "losses": losses, "peak_rss": peaks[-1], "base_rss": base_rss}
+
+
+def side_peft(work: Path, size: dict, case: dict) -> dict:
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    base_rss = rss_now()
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(SEED)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {}
+    if case.get("quantize") == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"],
+        )  # fmt: skip
+        kwargs["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16, attn_implementation="sdpa", **kwargs)
+    model.to(device)
+    if case.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+    batches = torch.load(work / "batches.pt")
+    times, losses = [], []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        start = time.perf_counter()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # one host sync per step (also ends the step on CUDA), like lorakit's logging
+        times.append(time.perf_counter() - start)
+    return {"times": times, "losses": losses, "peak_rss": rss_peak(), "base_rss": base_rss}
+
+
+def run_side(args: argparse.Namespace) -> None:
+    work, size, case = Path(args.work), json.loads(args.size), json.loads(args.case)
+    if args.side == "peft":
+        out = side_peft(work, size, case)
+    else:
+        out = side_lorakit(work, size, case, json.loads(args.switches), json.loads(args.overrides))
+    print("RESULT " + json.dumps(out))
+
+
+def child(work: Path, size: dict, side: str, case: dict, switches: dict | None = None, overrides: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", json.dumps(size), "--case", json.dumps(case),
+           "--switches", json.dumps(switches or {}), "--overrides", json.dumps(overrides or {})]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{side} side failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][7:])
+    timed = out["times"][size["warmup"] :]
+    out["step_s"] = statistics.median(timed)
+    out["best_s"] = min(timed)  # least disturbed by other processes on a shared machine
+    out["tokens_s"] = size["batch"] * size["seq"] / out["step_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()}), load average {load}")  # fmt: skip
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model, few steps (development)")
+    parser.add_argument("--cases", default="plain,ckpt,qlora", help="comma-separated: plain, ckpt, qlora")
+    parser.add_argument("--levers", action="store_true", help="lorakit alone with each lever switched off (plain case)")
+    parser.add_argument("--steps", type=int, help="timed steps per side")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    for hidden in ("--work", "--size", "--case", "--switches", "--overrides"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        return run_side(args)
+    size = dict(QUICK if args.quick else FULL)
+    if args.steps:
+        size["steps"] = args.steps
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
+        work = Path(tmp)
+        print(f"machine: {machine()}", flush=True)
+        info = prepare(work, size)
+        limit = gemm_limit(size, info["pairs"])
+        print(f"model: hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; batch {size['batch']} x "
+              f"{size['seq']} packed; LoRA r={R} all linear; {size['warmup']} warm-up + {size['steps']} timed steps, medians")  # fmt: skip
+        print(f"limit: {limit['flops'] / 1e9:.1f} GFLOP/step at best bf16 GEMM {limit['gemm_rate'] / 1e9:.1f} GFLOP/s "
+              f"= {limit['limit_s']:.3f} s/step (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in limit["parts"].items()) + ")",
+              flush=True)  # fmt: skip
+        if args.levers:
+            return levers(work, size, limit)
+        rows = []
+        for name in args.cases.split(","):
+            case = CASES[name]
+            peft = child(work, size, "peft", case)
+            mine = child(work, size, "lorakit", case)
+            rows.append((name, mine, peft))
+            print(f"  {name}: lorakit {mine['step_s']:.3f} s/step, {gib(mine['peak_rss'])} GiB; "
+                  f"peft {peft['step_s']:.3f} s/step, {gib(peft['peak_rss'])} GiB; first loss {mine['losses'][0]:.4f} / "
+                  f"{peft['losses'][0]:.4f}", flush=True)  # fmt: skip
+        print()
+        print("| case | lorakit s/step | PEFT s/step | tokens/s ratio | peak RSS GiB lorakit / PEFT (ratio) "
+              "| above imports GiB (ratio) | lorakit / limit | PEFT / limit | fastest step lorakit / PEFT s (ratio) "
+              "| step-1 loss lorakit / PEFT |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, mine, peft in rows:
+            above_m, above_p = mine["peak_rss"] - mine["base_rss"], peft["peak_rss"] - peft["base_rss"]
+            print(f"| {name} | {mine['step_s']:.3f} | {peft['step_s']:.3f} | {mine['tokens_s'] / peft['tokens_s']:.2f}x "
+                  f"| {gib(mine['peak_rss'])} / {gib(peft['peak_rss'])} ({mine['peak_rss'] / peft['peak_rss']:.2f}x) "
+                  f"| {gib(above_m)} / {gib(above_p)} ({above_m / above_p:.2f}x) "
+                  f"| {mine['step_s'] / limit['limit_s']:.2f}x | {peft['step_s'] / limit['limit_s']:.2f}x "
+                  f"| {mine['best_s']:.3f} / {peft['best_s']:.3f} ({peft['best_s'] / mine['best_s']:.2f}x) "
+                  f"| {mine['losses'][0]:.4f} / {peft['losses'][0]:.4f} |")  # fmt: skip
+        print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def levers(work: Path, size: dict, limit: dict) -> None:
+    print("\n| lorakit variant (plain case) | s/step | tokens/s | peak RSS GiB | above imports GiB | / limit |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, switches, overrides in LEVERS:
+        out = child(work, size, "lorakit", {}, switches, overrides)
+        print(f"| {label} | {out['step_s']:.3f} | {out['tokens_s']:,.0f} | {gib(out['peak_rss'])} "
+              f"| {gib(out['peak_rss'] - out['base_rss'])} | {out['step_s'] / limit['limit_s']:.2f}x |", flush=True)  # fmt: skip
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

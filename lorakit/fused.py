@@ -1,0 +1,208 @@
+"""Fused training kernels built from plain PyTorch ops: a LoRA linear and a linear cross-entropy.
+
+Both are `torch.autograd.Function`s whose only job is to keep less in memory and run fewer or
+cheaper matmuls than autograd does for the same formulas; each has a plain path it is tested
+equal to (tests/test_fused.py).
+
+`lora_linear` computes, for a frozen base layer with weight W (out, in):
+
+    y = base(x) + s · (dropout(x) @ A^T) @ B^T          x: (..., in), A: (r, in), B: (out, r)
+
+- The base output is computed without autograd and the low-rank term is added into it in place
+  (one `addmm_`), so no second (T, out) tensor is kept.
+- Only `x` is saved. It is the tensor the previous op produced (usually shared by q/k/v or
+  gate/up), so the layer adds nothing per token to the saved activations but (T, r) and, with
+  dropout, a 1-byte mask (T, in) -- the dropped input is recomputed in backward from x and the
+  mask instead of being kept as a second copy of x.
+- The adapter runs in the activations' dtype (bf16 under bf16 compute): A and B are cast, which
+  costs r·(in+out) elements, where the plain path casts x (T·in elements) up to fp32 for an fp32
+  matmul and keeps that copy for backward. The master weights and their gradients stay fp32.
+- Backward runs the input gradient as one matmul against the frozen weight plus one rank-r
+  `addmm_` (no weight gradient for W), and the two small adapter gradients.
+
+`linear_cross_entropy_sum` runs the frozen output head and the cross-entropy chunk by chunk and
+computes the gradient with respect to the hidden states already in forward (softmax minus
+one-hot, times the head weight), so backward is a scale of a (T, hidden) tensor: neither the
+(T, vocab) logits nor a recomputation of the head (what activation checkpointing would do) is
+needed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# Switches for the benchmark and for comparing against the plain path; the defaults are the
+# measured winners (docs/benchmarks.md).
+ENABLED = True
+# "input": run the adapter matmuls in x's dtype (bf16 under bf16 compute); "adapter": in A's dtype.
+ADAPTER_COMPUTE = "input"
+FUSED_CROSS_ENTROPY = True
+
+
+# --------------------------------------------------------------------------- LoRA linear
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        base: Callable[[torch.Tensor], torch.Tensor],
+        dense_weight: Callable[[torch.Tensor], torch.Tensor],
+        scale: float,
+        dropout: float,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            out = base(x)  # (..., out) in the base's output dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        mask = None
+        if dropout > 0:
+            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - dropout)
+            h = x2.to(compute_dtype) * mask * (1.0 / (1 - dropout))
+        else:
+            h = x2.to(compute_dtype)
+        ac, bc = a.to(compute_dtype), b.to(compute_dtype)
+        after_a = h @ ac.t()  # (T, r)
+        del h
+        out2 = out.view(-1, out.shape[-1])
+        if out2.dtype == compute_dtype:
+            out2.addmm_(after_a, bc.t(), alpha=scale)
+        else:
+            out2.add_((after_a @ bc.t()).mul_(scale).to(out2.dtype))
+        ctx.save_for_backward(x, a, b, after_a, mask)
+        ctx.dense_weight, ctx.scale, ctx.dropout, ctx.compute_dtype = dense_weight, scale, dropout, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, a, b, after_a, mask = ctx.saved_tensors
+        scale, dropout, cd = ctx.scale, ctx.dropout, ctx.compute_dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
+        gc = g.to(cd)
+        ac, bc = a.to(cd), b.to(cd)
+        g_after_a = gc @ bc  # (T, r): gradient of (h @ A^T) before the scale
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = (gc.t() @ after_a).mul_(scale).to(b.dtype)  # (out, r)
+        x2 = x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            h = x2.to(cd)
+            if mask is not None:
+                h = h * mask * (1.0 / (1 - dropout))
+            grad_a = (g_after_a.t() @ h).mul_(scale).to(a.dtype)  # (r, in)
+            del h
+        if ctx.needs_input_grad[0]:
+            w = ctx.dense_weight(g)  # (out, in) in g's dtype, frozen
+            grad_x = g @ w  # (T, in)
+            del w
+            if mask is None and grad_x.dtype == cd:
+                grad_x.addmm_(g_after_a, ac, alpha=scale)
+            else:
+                lora = g_after_a @ ac
+                if mask is not None:
+                    lora = lora * mask
+                    scale = scale / (1 - dropout)
+                grad_x.add_(lora.to(grad_x.dtype), alpha=scale)
+            grad_x = grad_x.view(x.shape).to(x.dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    base: Callable[[torch.Tensor], torch.Tensor],
+    dense_weight: Callable[[torch.Tensor], torch.Tensor],
+    scale: float,
+    dropout: float = 0.0,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """base(x) + scale · B(A(dropout(x))) with one saved input; see the module docstring.
+
+    x: (..., in); a: (r, in); b: (out, r); returns (..., out) in base's output dtype.
+    base: the frozen layer's forward (run without autograd).
+    dense_weight: given the output gradient, the frozen weight as (out, in) in its dtype.
+    compute_dtype: dtype of the adapter matmuls (default: per ADAPTER_COMPUTE).
+    dropout: only applied when > 0 (the caller passes 0 in eval mode).
+    """
+    if compute_dtype is None:
+        compute_dtype = x.dtype if ADAPTER_COMPUTE == "input" and x.is_floating_point() else a.dtype
+    return _LoraLinear.apply(x, a, b, base, dense_weight, scale, dropout, compute_dtype)
+
+
+# --------------------------------------------------------------------------- linear cross-entropy
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        targets: torch.Tensor,
+        chunk: int,
+        softcap: Optional[float],
+        ignore_index: int,
+    ) -> torch.Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            rows = torch.arange(h.shape[0], device=h.device)
+            valid = t != ignore_index
+            safe_t = t.clamp(min=0)
+            logits = F.linear(h, weight, bias).float()  # (c, V)
+            if softcap:
+                capped = logits.div_(softcap).tanh_()
+                logits = capped * softcap
+            picked = logits[rows, safe_t]  # (c,)
+            # softmax in place, in as few passes over the (c, V) block as possible
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            sums = probs.sum(dim=1, keepdim=True)
+            lse = top.squeeze(1) + sums.squeeze(1).log()
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            if need_grad:
+                # d loss / d logits = softmax - one_hot (zero for ignored rows)
+                probs.mul_(sums.reciprocal_())
+                probs[rows, safe_t] -= 1.0
+                # a host check, but it saves a pass over the block when every row counts (the usual case)
+                if not bool(valid.all()):
+                    probs.mul_(valid.unsqueeze(1))
+                if softcap:
+                    probs.mul_(1 - capped * capped)
+                    del capped
+                torch.mm(probs.to(weight.dtype), weight, out=grad_hidden[start : start + chunk])
+            del logits, probs
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    chunk: int = 1024,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight^T (+ bias)` against `targets`, fp32 scalar.
+
+    hidden: (T, H); weight: (V, H), frozen; targets: (T,) with `ignore_index` for no loss.
+    Logits are computed `chunk` rows at a time in fp32 (after an optional tanh softcap); the
+    gradient for `hidden` is computed in forward, so backward needs no logits and no recompute.
+    """
+    assert not weight.requires_grad and (bias is None or not bias.requires_grad), "the head must be frozen"
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, softcap, ignore_index)
