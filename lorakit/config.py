@@ -118,7 +118,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
-    eval_generate: bool = False
+    eval_generate: bool = False  # also log eval_accuracy: exact match of greedy answers on data.eval
+    eval_max_new_tokens: int = 64  # generation budget per answer for eval_generate
     save_every: int = 0
     keep_checkpoints: int = 2
     distributed: str = "auto"  # auto | ddp | fsdp
@@ -167,6 +168,7 @@ _RANGES = {
     "train.log_every": (1, True),
     "train.eval_every": (0, True),
     "train.save_every": (0, True),
+    "train.eval_max_new_tokens": (1, True),
     "train.keep_checkpoints": (1, True),
 }
 

@@ -393,7 +393,9 @@ def _evaluate(run: Run) -> dict[str, float]:
     if run.eval_records is not None:
         from lorakit.evaluate import generation_accuracy
 
-        acc = generation_accuracy(run.model, run.tokenizer, run.eval_records)
+        acc = generation_accuracy(
+            run.model, run.tokenizer, run.eval_records, max_new_tokens=run.cfg.train.eval_max_new_tokens
+        )
         out["eval_accuracy"] = acc["accuracy"]
     return out
 

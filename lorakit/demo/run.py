@@ -1,0 +1,96 @@
+"""`lorakit train` with no config: the offline demo on the shipped model.
+
+Evaluates the base model on the held-out dates, fine-tunes a LoRA adapter with the real trainer,
+evaluates again and prints before/after side by side. Everything goes to `./lorakit-demo`
+unless `output_dir=...` is given; any other `KEY=VALUE` override works as with a config file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorakit.config import build_run_config
+from lorakit.demo import EVAL_FILE, MAX_NEW_TOKENS, MODEL_DIR, TRAIN_FILE
+
+# Chosen so the whole demo (two evals and training) takes a few minutes on 2 CPU cores
+# (measured settings: scripts/make_demo_data.py and the model card in lorakit/demo/model).
+DEMO_CONFIG: dict[str, Any] = {
+    "model": str(MODEL_DIR),
+    "output_dir": "lorakit-demo",
+    # Examples are 40-50 tokens, so two never share a 64-token row: packing would change nothing.
+    "data": {"train": str(TRAIN_FILE), "eval": str(EVAL_FILE), "max_length": 64, "packing": False},
+    "lora": {"r": 4, "alpha": 8, "targets": "all-linear"},  # 1.48% of the model's parameters
+    "train": {
+        "max_steps": 300, "batch_size": 16, "lr": 5.0e-3, "warmup_steps": 10, "scheduler": "cosine",
+        "log_every": 10, "eval_every": 0, "save_every": 100, "eval_generate": True,
+        "eval_max_new_tokens": MAX_NEW_TOKENS, "seed": 0,
+    },
+}  # fmt: skip
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def demo_config(overrides: dict[str, Any]):
+    return build_run_config(_merge(DEMO_CONFIG, overrides), source="demo")
+
+
+def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> int:
+    from lorakit import train as trainer
+    from lorakit.evaluate import generation_accuracy
+    from lorakit.train import evaluate, final_summary, fit, setup, start_summary
+
+    cfg = demo_config(overrides)
+    log("lorakit demo: teach a small pretrained model to write dates as YYYY-MM-DD with a LoRA adapter")
+    log(f"  (model shipped in {MODEL_DIR}; data: {TRAIN_FILE.name} / {EVAL_FILE.name}; no network needed)\n")
+    run = setup(cfg, resume=resume, log=log)
+    log(start_summary(run) + "\n")
+
+    before = None
+    if run.step == 0:
+        log("evaluating the base model on the held-out dates ...")
+        before = evaluate(run)
+        run.metrics.log({"step": 0, **before})
+        samples = generation_accuracy(run.model, run.tokenizer, run.eval_records[:3], max_new_tokens=MAX_NEW_TOKENS, show_failures=3)
+        for f in samples["failures"][:3]:
+            log(f"  prompt {_last_user(f['prompt'])!r}: expected {f['expected']!r}, base model says {f['got']!r}")
+        log(f"  base model: exact match {100 * before['eval_accuracy']:.1f}%, eval loss {before['eval_loss']:.3f}\n")
+        run.model.train()
+
+    try:
+        summary = fit(run, log=log)
+    except trainer.TrainingDiverged as exc:
+        log(f"error: {exc}")
+        return 1
+    if "interrupted" in summary:
+        return 128 + summary["interrupted"]
+    log(final_summary(summary) + "\n")
+    after = {k: summary[k] for k in ("eval_loss", "eval_accuracy") if k in summary}
+    if before is None:
+        before = next((e for e in run.metrics.entries if e.get("step") == 0 and "eval_accuracy" in e), {})
+    log(f"{'':16}{'before':>10}{'after':>10}")
+    if before:
+        log(f"{'exact match':16}{100 * before['eval_accuracy']:>9.1f}%{100 * after['eval_accuracy']:>9.1f}%")
+        log(f"{'eval loss':16}{before['eval_loss']:>10.3f}{after['eval_loss']:>10.3f}")
+    out = run.output_dir
+    log(
+        f"\nadapter: {out / 'adapter'}\nplot:    {out / 'loss.png'}\nmetrics: {out / 'metrics.jsonl'}\n\nnext:\n"
+        f"  lorakit generate --model {MODEL_DIR} --adapter {out / 'adapter'} --chat --prompt 'Write this date as YYYY-MM-DD: July 4, 1999'\n"
+        f"  lorakit chat --model {MODEL_DIR} --adapter {out / 'adapter'}\n"
+        f"  lorakit merge --base {MODEL_DIR} --adapter {out / 'adapter'} --out {out / 'merged'}\n"
+        f"  lorakit inspect {out / 'adapter'} --base {MODEL_DIR}"
+    )
+    return 0
+
+
+def _last_user(prompt: str) -> str:
+    marker = "YYYY-MM-DD: "
+    return prompt.split(marker, 1)[1].split("<", 1)[0].strip() if marker in prompt else prompt[-40:]
