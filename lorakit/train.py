@@ -485,7 +485,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
             if cfg.train.save_every and run.step % cfg.train.save_every == 0 and run.step < run.total_steps:
                 _checkpoint(run)
             if main and (run.step % max(cfg.train.log_every, 10) == 0):
-                run.metrics.plot(Path(cfg.model).name)
+                run.metrics.plot(_plot_title(run))
             if run.interrupted is not None:
                 break
     finally:
@@ -514,11 +514,17 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
 
         save_adapter(run.model, run.output_dir / "adapter", base_model_name_or_path=cfg.model,
                      extra_files={"README.md": model_card(run, summary)})  # fmt: skip
-        run.metrics.plot(Path(cfg.model).name)
+        run.metrics.plot(_plot_title(run))
     else:
         _join_adapter_gathers(run)
     dist.barrier()
     return summary
+
+
+def _plot_title(run: Run) -> str:
+    model = Path(run.cfg.model)
+    name = f"{model.parent.name}/{model.name}" if model.parent.name else model.name
+    return f"{run.output_dir.name}: {name}, LoRA r={run.cfg.lora.r}"
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -21,9 +21,12 @@ DEMO_CONFIG: dict[str, Any] = {
     "data": {"train": str(TRAIN_FILE), "eval": str(EVAL_FILE), "max_length": 64, "packing": False},
     "lora": {"r": 4, "alpha": 8, "targets": "all-linear"},  # 1.48% of the model's parameters
     "train": {
-        "max_steps": 300, "batch_size": 16, "lr": 5.0e-3, "warmup_steps": 10, "scheduler": "cosine",
-        "log_every": 10, "eval_every": 0, "save_every": 100, "eval_generate": True,
+        "max_steps": 500, "batch_size": 16, "lr": 5.0e-3, "warmup_steps": 10, "scheduler": "cosine",
+        "log_every": 10, "eval_every": 100, "save_every": 250, "eval_generate": True,
         "eval_max_new_tokens": MAX_NEW_TOKENS, "seed": 0,
+        # The 5M-parameter demo model is sensitive to bf16 rounding (held-out accuracy after 500
+        # steps ranged 57-99% over seeds in bf16, 95-97.5% in fp32); at this size fp32 costs little.
+        "precision": "fp32",
     },
 }  # fmt: skip
 
@@ -59,10 +62,11 @@ def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> i
         log("evaluating the base model on the held-out dates ...")
         before = evaluate(run)
         run.metrics.log({"step": 0, **before})
-        samples = generation_accuracy(run.model, run.tokenizer, run.eval_records[:3], max_new_tokens=MAX_NEW_TOKENS, show_failures=3)
-        for f in samples["failures"][:3]:
-            log(f"  prompt {_last_user(f['prompt'])!r}: expected {f['expected']!r}, base model says {f['got']!r}")
-        log(f"  base model: exact match {100 * before['eval_accuracy']:.1f}%, eval loss {before['eval_loss']:.3f}\n")
+        if run.eval_records:
+            samples = generation_accuracy(run.model, run.tokenizer, run.eval_records[:3], max_new_tokens=MAX_NEW_TOKENS)
+            for f in samples["failures"][:3]:
+                log(f"  prompt {_last_user(f['prompt'])!r}: expected {f['expected']!r}, base model says {f['got']!r}")
+        log(f"  base model: {_scores(before)}\n")
         run.model.train()
 
     try:
@@ -77,8 +81,9 @@ def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> i
     if before is None:
         before = next((e for e in run.metrics.entries if e.get("step") == 0 and "eval_accuracy" in e), {})
     log(f"{'':16}{'before':>10}{'after':>10}")
-    if before:
+    if before and "eval_accuracy" in before and "eval_accuracy" in after:
         log(f"{'exact match':16}{100 * before['eval_accuracy']:>9.1f}%{100 * after['eval_accuracy']:>9.1f}%")
+    if before and "eval_loss" in after:
         log(f"{'eval loss':16}{before['eval_loss']:>10.3f}{after['eval_loss']:>10.3f}")
     out = run.output_dir
     log(
@@ -89,6 +94,14 @@ def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> i
         f"  lorakit inspect {out / 'adapter'} --base {MODEL_DIR}"
     )
     return 0
+
+
+def _scores(result: dict[str, float]) -> str:
+    parts = []
+    if "eval_accuracy" in result:
+        parts.append(f"exact match {100 * result['eval_accuracy']:.1f}%")
+    parts.append(f"eval loss {result['eval_loss']:.3f}")
+    return ", ".join(parts)
 
 
 def _last_user(prompt: str) -> str:
