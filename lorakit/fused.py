@@ -40,6 +40,8 @@ ENABLED = True
 # "input": run the adapter matmuls in x's dtype (bf16 under bf16 compute); "adapter": in A's dtype.
 ADAPTER_COMPUTE = "input"
 FUSED_CROSS_ENTROPY = True
+# Packed rows: one causal attention call per example instead of SDPA with a block-diagonal mask.
+VARLEN_ENABLED = True
 
 
 # --------------------------------------------------------------------------- LoRA linear
@@ -206,3 +208,111 @@ def linear_cross_entropy_sum(
     """
     assert not weight.requires_grad and (bias is None or not bias.requires_grad), "the head must be frozen"
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, softcap, ignore_index)
+
+
+# --------------------------------------------------------------------------- packed attention
+VARLEN_ATTENTION = "lorakit_varlen"
+
+
+def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) of each example in a packed row: positions restart at 0."""
+    rows = []
+    starts_mask = torch.ones_like(position_ids, dtype=torch.bool)
+    starts_mask[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    length = position_ids.shape[1]
+    for row in starts_mask.tolist():
+        starts = [i for i, s in enumerate(row) if s]
+        rows.append(list(zip(starts, starts[1:] + [length])))
+    return rows
+
+
+_segment_cache: dict[str, object] = {}
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each example of packed rows, without a (T, T) mask.
+
+    query: (B, H, T, D), key/value: (B, H_kv, T, D); returns (B, T, H, D) as transformers expects.
+    With position ids restarting per example, each example runs its own causal SDPA call: the
+    kernel then skips the upper triangle and the blocks of other examples, where a block-diagonal
+    mask makes it compute all T x T scores and read the mask besides. Anything else (a padding
+    mask, a KV cache, softcapping) goes to transformers' SDPA path.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or position_ids is None or q_len != kv_len or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_ids=position_ids, **kwargs
+        )
+    # Every layer gets the same position_ids object: find the segments once per forward. The cache
+    # holds that tensor, so its memory cannot be reused by another batch while it is the key.
+    cached = _segment_cache.get("key")
+    if cached is position_ids and _segment_cache.get("version") == position_ids._version:
+        rows = _segment_cache["rows"]
+    else:
+        full = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] != query.shape[0] else position_ids
+        rows = _segments(full)
+        _segment_cache.update(key=position_ids, version=position_ids._version, rows=rows)
+    gqa = key.shape[1] != query.shape[1]
+    p = dropout if module.training else 0.0
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
+
+    if all(r == rows[0] for r in rows):  # same layout in every row (e.g. unpacked batches): batch the rows
+        out = torch.cat([attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]) for s, e in rows[0]], dim=2)
+    else:
+        out = torch.cat(
+            [
+                torch.cat([attend(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]) for s, e in segs], dim=2)
+                for b, segs in enumerate(rows)
+            ],
+            dim=0,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_mask(*args, attention_mask=None, local_size=None, **kwargs):
+    """No mask for training-style calls (the attention reads example boundaries from position ids);
+    transformers' SDPA mask for everything else (padding, KV caches, sliding windows)."""
+    from transformers.masking_utils import sdpa_mask
+
+    q_length, kv_length = kwargs.get("q_length", args[1] if len(args) > 1 else None), kwargs.get(
+        "kv_length", args[2] if len(args) > 2 else None
+    )
+    if attention_mask is None and local_size is None and q_length == kv_length:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, local_size=local_size, **kwargs)
+
+
+def use_varlen_attention(model: torch.nn.Module) -> bool:
+    """Switch a transformers model from SDPA to per-example attention for packed batches.
+
+    Only for models already on SDPA without sliding windows; returns whether it switched.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None):
+        return False
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    try:
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return config._attn_implementation == VARLEN_ATTENTION
