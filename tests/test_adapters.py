@@ -137,3 +137,29 @@ def test_mismatched_adapter_leaves_model_untouched(tmp_path):
     assert "(2, 96)" in message
     assert not list(lora_layers(wider))
     assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_inits_round_trip_with_peft(init, tmp_path):
+    """PiSSA/OLoRA move W's principal part into A, B; loading re-runs the init on the base, as PEFT does."""
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=init))  # fmt: skip
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01)
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    model = tiny_llama()
+    assert load_adapter(model, tmp_path / "peft").init == init
+    torch.testing.assert_close(model(_ids()).logits, peft_model(_ids()).logits, atol=1e-5, rtol=0)
+
+    ours = tiny_llama()
+    inject_adapter(ours, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init=init))
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01)
+    save_adapter(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-5, rtol=0)
