@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -134,16 +134,21 @@ def _wraps(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer) or base_kind(module) is not None
 
 
+def peft_keys(path: str, layer) -> tuple[str, str]:
+    """PEFT's file keys of the A and B matrices of the LoRA layer at module `path`."""
+    if layer.kind.name == "embedding":
+        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's key names (detached, contiguous, on CPU)."""
     out: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind.name == "embedding" else (
-            "lora_A.weight", "lora_B.weight")  # fmt: skip
-        out[f"{PREFIX}{path}.{a_key}"] = layer.lora_A[name]
-        out[f"{PREFIX}{path}.{b_key}"] = layer.lora_B[name]
+        a_key, b_key = peft_keys(path, layer)
+        out[a_key], out[b_key] = layer.lora_A[name], layer.lora_B[name]
     for path, module in saved_modules(model):
         if name in module.copies:
             for key, value in module.copies[name].state_dict().items():
@@ -372,21 +377,7 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
         raise UserError(f"adapter {name!r} is already on the model; pass another name")
     check_fits(model, files)
     inject_adapter(model, files.config, name)
-    with torch.no_grad():
-        for path, layer in lora_layers(model):
-            if name not in layer.lora_A:
-                continue
-            a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind.name == "embedding" else (
-                "lora_A.weight", "lora_B.weight")  # fmt: skip
-            layer.lora_A[name].copy_(files.tensors[f"{PREFIX}{path}.{a_key}"])
-            layer.lora_B[name].copy_(files.tensors[f"{PREFIX}{path}.{b_key}"])
-            base_weight = files.tensors.get(f"{PREFIX}{path}.base_layer.weight")
-            if base_weight is not None:
-                layer.weight.copy_(base_weight)
-        for path, module in saved_modules(model):
-            if name in module.copies:
-                state = {k[len(f"{PREFIX}{path}.") :]: v for k, v in files.tensors.items() if k.startswith(f"{PREFIX}{path}.")}
-                module.copies[name].load_state_dict(state)
+    copy_adapter_weights(model, files, name)
     if not trainable:
         for _, layer in lora_layers(model):
             if name in layer.lora_A:
@@ -396,6 +387,33 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
             if name in module.copies:
                 for p in module.copies[name].parameters():
                     p.requires_grad_(False)
+
+
+def copy_adapter_weights(
+    model: nn.Module,
+    files: AdapterFiles,
+    name: str = "default",
+    copy: Callable[[torch.Tensor, torch.Tensor], None] = lambda param, value: param.copy_(value),
+) -> None:
+    """Copy an adapter's tensors into adapter `name`, already on the model with matching shapes.
+
+    copy(param, value): how a full tensor goes into a parameter (the trainer passes one that
+    handles FSDP2 shards).
+    """
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            if name not in layer.lora_A:
+                continue
+            a_key, b_key = peft_keys(path, layer)
+            copy(layer.lora_A[name], files.tensors[a_key])
+            copy(layer.lora_B[name], files.tensors[b_key])
+            base_weight = files.tensors.get(f"{PREFIX}{path}.base_layer.weight")
+            if base_weight is not None:
+                copy(layer.weight, base_weight)
+        for path, module in saved_modules(model):
+            if name in module.copies:
+                for key, param in module.copies[name].named_parameters():
+                    copy(param, files.tensors[f"{PREFIX}{path}.{key}"])
 
 
 def adapter_scaling(config: LoraConfig, path: str) -> float:

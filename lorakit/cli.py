@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from typing import Callable, Optional
@@ -21,7 +20,6 @@ def _quiet_libraries() -> None:
     # bitsandbytes logs a warning about an optional kernels package on every import; it is noise here.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _train(args: argparse.Namespace) -> int:

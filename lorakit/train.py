@@ -289,22 +289,9 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path
 
 
 def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng_state: dict) -> None:
-    from lorakit.adapters import read_adapter
+    from lorakit.adapters import copy_adapter_weights, read_adapter
 
-    files = read_adapter(checkpoint / "adapter")
-    from lorakit.adapters import PREFIX
-
-    with torch.no_grad():
-        for path, layer in lora_layers(run.model):
-            name = "default"
-            a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind.name == "embedding" else ("lora_A.weight", "lora_B.weight")
-            _copy_into(layer.lora_A[name], files.tensors[f"{PREFIX}{path}.{a_key}"])
-            _copy_into(layer.lora_B[name], files.tensors[f"{PREFIX}{path}.{b_key}"])
-        from lorakit.inject import saved_modules
-
-        for path, module in saved_modules(run.model):
-            for key, param in module.copies["default"].named_parameters():
-                _copy_into(param, files.tensors[f"{PREFIX}{path}.{key}"])
+    copy_adapter_weights(run.model, read_adapter(checkpoint / "adapter"), copy=_copy_into)
     run.optimizer.load_state_dict(optimizer_state)
     if run.dist.world_size > 1:
         from lorakit.distributed import shard_optimizer_state

@@ -1,9 +1,12 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Tests never touch the network, whatever the caller's environment says.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenized-data cache of test runs stays out of the user's ~/.cache.
+os.environ.setdefault("LORAKIT_CACHE", tempfile.mkdtemp(prefix="lorakit-test-cache-"))
 sys.path.insert(0, str(Path(__file__).parent))
