@@ -239,6 +239,8 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         if value < low or (not inclusive and value == low) or (isinstance(value, float) and not math.isfinite(value)):
             bound = f">= {low}" if inclusive else f"> {low}"
             problems.append(f"{key} = {value!r}: must be {bound}")
+    if cfg.train.eval_generate and cfg.data.eval is None:
+        problems.append("train.eval_generate = true: needs data.eval, a file of records with reference answers")
     if not 0 <= cfg.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction = {cfg.data.eval_fraction!r}: must be in [0, 1)")
     if cfg.model is None:

@@ -36,7 +36,7 @@ from lorakit.errors import UserError
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import token_loss_sum
 from lorakit.metrics import MetricsLog, write_text_atomic
-from lorakit.models import check_model_folder, load_model, load_tokenizer, pick_device, resolve_precision
+from lorakit.models import load_model, load_tokenizer, pick_device, resolve_precision
 
 # Rows of logits computed at once by the chunked output head (see lorakit.loss).
 LOSS_CHUNK_TOKENS = 1024
@@ -191,17 +191,13 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if checkpoint is not None:
         ckpt_state, optimizer_state, rng_state = load_checkpoint(checkpoint)
         _check_same_run(ckpt_state.get("fingerprint", {}), fp, checkpoint)
-    if cfg.train.eval_generate and cfg.data.eval is None:
-        raise UserError("train.eval_generate: true needs data.eval (a file of records with reference answers)")
 
     device = dist_device(dist)
     dtype = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
-    check_model_folder(cfg.model) if Path(cfg.model).exists() else None
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)
 
-    frozen_summary = ""
     load_device = dist.load_device or device
     if cfg.quantize == "nf4":
         from lorakit.quant import load_model_4bit

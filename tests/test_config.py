@@ -46,3 +46,8 @@ def test_yaml_errors_name_the_line(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(UserError, match="must be a mapping"):
         load_run_config(path)
+
+
+def test_eval_generate_needs_an_eval_file():
+    with pytest.raises(UserError, match="train.eval_generate = true: needs data.eval"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_generate": True}}, check_paths=False)
