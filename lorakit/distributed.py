@@ -40,6 +40,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lorakit.config import RunConfig
 from lorakit.errors import UserError
+from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 
 DEFAULT_TIMEOUT_S = 300.0
 # auto picks FSDP on GPUs when the frozen weights take more than this share of one GPU's memory;
@@ -203,12 +204,13 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
         # is the same on every rank (loaded from the same files, and broadcast from rank 0 here).
         # Every adapter parameter is used in every forward, so no search for unused parameters;
         # buffers (rotary tables) are synced once at construction and never change, so no sync per step.
+        # DDP wraps the whole loss computation, so the chunked fused output head runs under it too.
         ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            TokenLoss(model, LOSS_CHUNK_TOKENS), device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False, forward_sync_buffers=False,
         )  # fmt: skip
         dist.no_sync = ddp.no_sync
-        return _Forward(ddp, getattr(model, "config", None))
+        return ddp
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -218,7 +220,8 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, output head
     dist.no_sync = lambda: _fsdp_no_sync(model)
-    return _Forward(model, getattr(model, "config", None))
+    # The loss calls the whole sharded model (full logits) so FSDP2's root hooks run on every forward.
+    return TokenLoss(_Forward(model, getattr(model, "config", None)), None)
 
 
 @contextlib.contextmanager

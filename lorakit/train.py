@@ -34,12 +34,10 @@ from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, 
 from lorakit.config import RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
-from lorakit.loss import token_loss_sum
+from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, write_text_atomic
 from lorakit.models import load_model, load_tokenizer, pick_device, resolve_precision
 
-# Rows of logits computed at once by the chunked output head (see lorakit.loss).
-LOSS_CHUNK_TOKENS = 1024
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,7 +74,7 @@ class Run:
     dtype: torch.dtype
     tokenizer: Any
     model: nn.Module  # the LoRA model (unwrapped)
-    train_model: nn.Module  # what forward runs (the same, or a DDP / compiled wrapper)
+    train_model: nn.Module  # (input_ids, labels, position_ids) -> summed token loss (lorakit.loss.TokenLoss, maybe wrapped)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     stream: Any
@@ -233,13 +231,15 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         )
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
 
-    train_model = model
     if dist.world_size > 1:
         from lorakit.distributed import wrap_model
 
         train_model = wrap_model(model, cfg, dist, device)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
+    elif cfg.train.compile:
+        # The compiled model returns full logits: the fused head's autograd function would break the graph.
+        train_model = TokenLoss(torch.compile(model), None)
+    else:
+        train_model = TokenLoss(model, LOSS_CHUNK_TOKENS)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     eval_records = None
@@ -326,12 +326,11 @@ def train_step(run: Run) -> dict[str, float]:
     # sum that the token-exact normalisation needs.
     scale = dist.world_size / step_tokens
     loss_sum = torch.zeros((), device=run.device)
-    chunk = None if cfg.train.compile else LOSS_CHUNK_TOKENS
     for i, batch in enumerate(micro):
         batch = _to_device(batch, run.device)
         sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else contextlib.nullcontext()
         with sync_ctx:
-            batch_loss, _ = token_loss_sum(run.train_model, batch, chunk_tokens=chunk)
+            batch_loss = run.train_model(batch["input_ids"], batch["labels"], batch["position_ids"])
             (batch_loss * scale).backward()
         loss_sum += batch_loss.detach().float()
     params = [p for p in run.model.parameters() if p.requires_grad]
