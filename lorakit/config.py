@@ -200,7 +200,6 @@ def load_run_config(
             out-of-range values, missing model folder or data files.
     """
     raw: dict[str, Any] = {}
-    base_dir = Path(".")
     if path is not None:
         path = Path(path)
         if not path.is_file():

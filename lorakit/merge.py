@@ -44,9 +44,7 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -59,6 +57,7 @@ from safetensors.torch import save_file
 
 from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
 from lorakit.errors import UserError
+from lorakit.metrics import peak_rss_bytes
 from lorakit.models import DTYPES, check_model_folder
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -530,7 +529,7 @@ def merge_adapter_files(
         largest_input_shard_bytes=max(p.stat().st_size for p in layout.shard_files),
         adapter_bytes=adapter_bytes,
         peak_held_bytes=held.peak,
-        peak_rss_bytes=_peak_rss_bytes(),
+        peak_rss_bytes=peak_rss_bytes(),
         nf4_rounded=nf4_done,
     )
 
@@ -599,11 +598,6 @@ def _copy_side_files(base: Path, folder: Path) -> None:
         if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
         shutil.copy2(path, folder / path.name)
-
-
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 # --------------------------------------------------------------------------- CLI

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 from pathlib import Path
 from typing import Any, Union
 
@@ -67,6 +69,12 @@ class MetricsLog:
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, self.plot_path)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far, in bytes (whole process lifetime)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.layers import _is_conv1d
+from lorakit.metrics import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -351,12 +352,6 @@ def make_8bit_adamw(params: Iterable[Any], **adamw_kwargs: Any) -> torch.optim.O
     return bnb.optim.AdamW8bit(params, **adamw_kwargs)
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far, in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
 # --- internals -------------------------------------------------------------------------------
 
 
@@ -392,10 +387,6 @@ def _check_args(compute_dtype: Any, blocksize: Any) -> None:
         raise UserError(f"compute_dtype = {compute_dtype!r}: use torch.bfloat16, torch.float16 or torch.float32")
     if blocksize not in BLOCKSIZES:
         raise UserError(f"blocksize = {blocksize!r}: bitsandbytes accepts {', '.join(map(str, BLOCKSIZES))}")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _find_targets(

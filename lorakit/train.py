@@ -35,7 +35,7 @@ from lorakit.config import RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
-from lorakit.metrics import MetricsLog, write_text_atomic
+from lorakit.metrics import MetricsLog, peak_rss_bytes, write_text_atomic
 from lorakit.models import load_model, load_tokenizer, pick_device, resolve_precision
 
 
@@ -516,9 +516,7 @@ def _plot_title(run: Run) -> str:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_rss_bytes()
 
 
 def _install_signal_handlers(run: Run) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import random
 from pathlib import Path
 
 import torch
@@ -112,6 +114,16 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 400, **overrides) -> GPT2LMHeadMo
     kwargs = dict(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
     kwargs.update(overrides)
     return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+
+
+def write_addition_data(path: Path, count: int, seed: int = 0) -> Path:
+    """A learnable toy completion dataset ("3 plus 4 is" -> " 7") as JSONL, for training tests."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(count):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n")
+    return Path(path)
 
 
 def save_model_folder(path: Path, model=None, tokenizer=None, *, max_shard_size: str | None = None) -> Path:

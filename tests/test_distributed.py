@@ -8,7 +8,6 @@ runs call the CLI in this process (no second interpreter start).
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_model_folder, tiny_gpt2, tiny_llama
+from helpers import save_model_folder, tiny_gpt2, tiny_llama, write_addition_data
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -43,11 +42,7 @@ def one_thread():
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     save_model_folder(root / "model")
-    rng = random.Random(0)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(96):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n")
+    write_addition_data(root / "train.jsonl", 96)
     cfg = {
         "model": str(root / "model"),
         "data": {"train": str(root / "train.jsonl"), "max_length": 32},

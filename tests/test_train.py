@@ -2,13 +2,12 @@
 
 import json
 import os
-import random
 import signal
 
 import pytest
 import torch
 import yaml
-from helpers import save_model_folder
+from helpers import save_model_folder, write_addition_data
 from safetensors.torch import load_file
 
 from lorakit import train as train_module
@@ -20,11 +19,7 @@ from lorakit.train import lr_lambda
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     save_model_folder(root / "model")
-    rng = random.Random(0)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(160):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n")
+    write_addition_data(root / "train.jsonl", 160)
     with open(root / "eval.jsonl", "w") as f:
         for a in range(4):
             f.write(json.dumps({"prompt": f"{a} plus 1 is", "completion": f" {a + 1}"}) + "\n")
