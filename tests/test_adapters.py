@@ -1,7 +1,6 @@
 """PEFT file format: round trips with Hugging Face PEFT in both directions, and bad files."""
 
 import json
-import warnings
 
 import pytest
 import torch
