@@ -61,12 +61,14 @@ def _fusable_head(head: nn.Module) -> bool:
 
 
 def token_loss_sum(
-    model: nn.Module, batch: dict, *, chunk_tokens: Optional[int] = None
+    model: nn.Module, batch: dict, *, chunk_tokens: Optional[int] = None, workspace: Optional[dict] = None
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the batch's trainable tokens, and how many there are.
 
     batch: `input_ids` (B, T), `labels` (B, T) (-100: no loss), `position_ids` (B, T).
     chunk_tokens: run head + loss in chunks of this many tokens (None: one pass over full logits).
+    workspace: a dict kept by the caller between calls, where the fused loss keeps its logits
+    buffers (see `lorakit.fused.linear_cross_entropy_sum`).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     targets = shift_labels(labels)
@@ -87,7 +89,8 @@ def token_loss_sum(
         from lorakit.fused import linear_cross_entropy_sum
 
         total = linear_cross_entropy_sum(
-            hidden, head.weight, targets, bias=head.bias, chunk=chunk_tokens, softcap=softcap, ignore_index=IGNORE_INDEX
+            hidden, head.weight, targets, bias=head.bias, chunk=chunk_tokens, softcap=softcap, ignore_index=IGNORE_INDEX,
+            workspace=workspace,
         )
         return total, count
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -104,14 +107,20 @@ class TokenLoss(nn.Module):
     """`token_loss_sum` as a module: forward(input_ids, labels, position_ids) -> summed loss.
 
     The training loop calls this instead of the model, so a DistributedDataParallel wrapper put
-    around it sees the whole loss computation, chunked output head included.
+    around it sees the whole loss computation, chunked output head included. It keeps the fused
+    loss's logits buffers between steps (`workspace`); `release()` frees them.
     """
 
     def __init__(self, model: nn.Module, chunk_tokens: Optional[int]):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.workspace: dict = {}
+
+    def release(self) -> None:
+        """Free the kept logits buffers (they come back on the next forward)."""
+        self.workspace.clear()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        return token_loss_sum(self.model, batch, chunk_tokens=self.chunk_tokens)[0]
+        return token_loss_sum(self.model, batch, chunk_tokens=self.chunk_tokens, workspace=self.workspace)[0]

@@ -211,6 +211,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if fused.VARLEN_ENABLED:
         fused.use_varlen_attention(model)  # per-example causal attention for packed rows
     inject_adapter(model, cfg.lora)
+    if fused.FUSED_RMS_NORM:
+        fused.use_fused_rms_norm(model)
     model.to(load_device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -357,6 +359,10 @@ def train_step(run: Run) -> dict[str, float]:
 
 def evaluate(run: Run) -> dict[str, float]:
     """eval_loss / eval_perplexity over the eval set (and eval_accuracy with eval_generate)."""
+    # the training loss's kept logits buffers would otherwise sit beside eval's own logits
+    for module in run.train_model.modules():
+        if isinstance(module, TokenLoss):
+            module.release()
     was_training = run.model.training
     try:
         return _evaluate(run)

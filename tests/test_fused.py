@@ -19,12 +19,12 @@ from lorakit.loss import token_loss_sum
 
 @contextlib.contextmanager
 def plain_path():
-    saved = fused.ENABLED, fused.FUSED_CROSS_ENTROPY
-    fused.ENABLED, fused.FUSED_CROSS_ENTROPY = False, False
+    saved = fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM
+    fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM = False, False, False
     try:
         yield
     finally:
-        fused.ENABLED, fused.FUSED_CROSS_ENTROPY = saved
+        fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM = saved
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -161,10 +161,79 @@ def test_linear_cross_entropy_equals_full_logits(softcap):
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_workspace_and_row_slices(monkeypatch, dtype):
+    # softmax slices of 5 rows over chunks of 8: slice and chunk boundaries fall everywhere; the kept
+    # workspace must give the same result when reused for a call with fewer rows
+    monkeypatch.setattr(fused, "SOFTMAX_ROWS", 5)
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16).to(dtype)
+    workspace: dict = {}
+    for rows in (37, 21):
+        hidden = torch.randn(rows, 16).to(dtype).requires_grad_(True)
+        targets = torch.randint(0, 50, (rows,))
+        targets[::4] = -100
+        got = fused.linear_cross_entropy_sum(hidden, weight, targets, chunk=8, workspace=workspace)
+        (g_got,) = torch.autograd.grad(got, hidden)
+        logits = (hidden @ weight.t()).float()
+        want = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        (g_want,) = torch.autograd.grad(want, hidden)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert abs(got.detach().item() - want.detach().item()) <= tol * abs(want.detach().item())
+        assert rel(g_got, g_want) < tol
+    assert workspace["logits"].shape == (8, 50) and workspace["logits"].dtype == dtype
+    assert ("fp32" in workspace) == (dtype != torch.float32)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_rms_norm_equals_transformers(dtype, tol):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(32, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(2, 7, 32) * 3).to(dtype)
+    grad_out = torch.randn(2, 7, 32).to(dtype)
+    results = []
+    for forward in (norm, lambda t: fused.rms_norm(t, norm.weight, norm.variance_epsilon)):
+        norm.weight.grad = None
+        xi = x.clone().requires_grad_(True)
+        y = forward(xi)
+        y.backward(grad_out)
+        results.append((y.detach(), xi.grad, norm.weight.grad.clone()))
+    (y, gx, gw), (y_want, gx_want, gw_want) = results[1], results[0]
+    assert torch.equal(y, y_want)  # the forward is the same ops in the same order
+    assert gx.dtype == dtype and gw.dtype == dtype
+    assert rel(gx, gx_want) < tol and rel(gw, gw_want) < tol, (rel(gx, gx_want), rel(gw, gw_want))
+
+
+def test_use_fused_rms_norm_only_switches_the_llama_formula():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class GemmaStyleRMSNorm(nn.Module):  # weight applied as (1 + weight): must keep its forward
+        def __init__(self, n):
+            super().__init__()
+            self.eps = 1e-6
+            self.weight = nn.Parameter(torch.zeros(n))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    model = nn.Sequential(LlamaRMSNorm(16), GemmaStyleRMSNorm(16), nn.LayerNorm(16))
+    assert fused.use_fused_rms_norm(model) == 1
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+    assert fused.use_fused_rms_norm(model) == 0  # already switched
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model[1](x), GemmaStyleRMSNorm(16)(x))
+
+
 def _model_step(dtype: torch.dtype, dropout: float = 0.0) -> tuple[float, dict[str, torch.Tensor]]:
     model = tiny_llama(seed=0).to(dtype)
     model.config.final_logit_softcapping = None
     inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+    if fused.FUSED_RMS_NORM:
+        assert fused.use_fused_rms_norm(model) == 2 * 2 + 1
     torch.manual_seed(1)
     for _, layer in lora_layers(model):
         with torch.no_grad():
