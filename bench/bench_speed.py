@@ -22,6 +22,7 @@ bf16 GEMM rate measured in the same run on the model's own GEMM shapes:
   causal within each packed example) and backward (2x forward), adapters 6·T·r·(in+out).
 
     python bench/bench_speed.py                 # the full benchmark (plain, gradient checkpointing, QLoRA)
+    python bench/bench_speed.py --rounds 3      # each side run 3 times, alternating; steps pooled (noisy machines)
     python bench/bench_speed.py --quick         # a small model and few steps, for development
     python bench/bench_speed.py --levers        # lorakit alone with each optimisation switched off
 """
@@ -271,6 +272,17 @@ def child(work: Path, size: dict, side: str, case: dict, switches: dict | None =
     return out
 
 
+def pooled(outs: list[dict], size: dict) -> dict:
+    """One side's runs as one: medians over every timed step of every run, the largest peak RSS."""
+    out = dict(outs[0])
+    timed = [t for o in outs for t in o["times"][size["warmup"] :]]
+    out["step_s"], out["best_s"] = statistics.median(timed), min(timed)
+    out["tokens_s"] = size["batch"] * size["seq"] / out["step_s"]
+    out["peak_rss"] = max(o["peak_rss"] for o in outs)
+    out["base_rss"] = min(o["base_rss"] for o in outs)
+    return out
+
+
 # --------------------------------------------------------------------------- report
 def machine() -> str:
     import torch
@@ -295,6 +307,8 @@ def main() -> None:
     parser.add_argument("--cases", default="plain,ckpt,qlora", help="comma-separated: plain, ckpt, qlora")
     parser.add_argument("--levers", action="store_true", help="lorakit alone with each lever switched off (plain case)")
     parser.add_argument("--steps", type=int, help="timed steps per side")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each side this many times, alternating which goes first; step times pooled")  # fmt: skip
     parser.add_argument("--side", help=argparse.SUPPRESS)
     for hidden in ("--work", "--size", "--case", "--switches", "--overrides"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -319,8 +333,11 @@ def main() -> None:
         rows = []
         for name in args.cases.split(","):
             case = CASES[name]
-            peft = child(work, size, "peft", case)
-            mine = child(work, size, "lorakit", case)
+            runs: dict[str, list[dict]] = {"peft": [], "lorakit": []}
+            for round_ in range(args.rounds):
+                for side in ("peft", "lorakit") if round_ % 2 == 0 else ("lorakit", "peft"):
+                    runs[side].append(child(work, size, side, case))
+            peft, mine = pooled(runs["peft"], size), pooled(runs["lorakit"], size)
             rows.append((name, mine, peft))
             print(f"  {name}: lorakit {mine['step_s']:.3f} s/step, {gib(mine['peak_rss'])} GiB; "
                   f"peft {peft['step_s']:.3f} s/step, {gib(peft['peak_rss'])} GiB; first loss {mine['losses'][0]:.4f} / "

@@ -25,7 +25,14 @@ path it is tested equal to (tests/test_fused.py).
 computes the gradient with respect to the hidden states already in forward (softmax minus
 one-hot, times the head weight), so backward is a scale of a (T, hidden) tensor: neither the
 (T, vocab) logits nor a recomputation of the head (what activation checkpointing would do) is
-needed.
+needed. Per chunk, one (chunk, vocab) block in the head's dtype holds the logits and then, in
+place, their gradient; the fp32 softmax runs `SOFTMAX_ROWS` rows at a time in a small buffer that
+stays in cache; with a caller-kept `workspace` both buffers live across steps, since a fresh
+block of that size costs a page fault per 4 KiB on every step.
+
+`rms_norm` is the Llama-style RMSNorm (normalise in fp32, cast, then scale) with x kept in its own
+dtype for backward; `use_fused_rms_norm` switches a model's norms to it after checking each gives
+bit-identical output.
 """
 
 from __future__ import annotations
