@@ -293,10 +293,70 @@ def _packed_batch(seed: int):
     return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
 
 
-def test_varlen_attention_equals_sdpa_with_block_mask():
+def _attention_inputs(dtype, length=77, heads=6, kv_heads=2, dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # q as transformers hands it over: a (B, H, L, D) view of (B, L, H, D) memory
+    q = torch.randn(2, length, heads, dim, generator=gen).transpose(1, 2).to(dtype).requires_grad_()
+    k = torch.randn(2, kv_heads, length, dim, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(2, kv_heads, length, dim, generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(2, length, heads, dim, generator=gen).to(dtype)
+    return q, k, v, grad
+
+
+def _attend(fn, q, k, v, grad):
+    for x in (q, k, v):
+        x.grad = None
+    out = fn(q, k, v)
+    out.backward(grad)
+    return [out.detach()] + [x.grad.clone() for x in (q, k, v)]
+
+
+def _sdpa_reference(q, k, v):
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("block_rows", [64, 16, 7])  # one block; several with a partial last block
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (4, 1)])
+def test_blocked_attention_fp32_equals_sdpa(monkeypatch, block_rows, heads, kv_heads):
+    monkeypatch.setattr(fused, "ATTENTION_BLOCK_ROWS", block_rows)
+    inputs = _attention_inputs(torch.float32, heads=heads, kv_heads=kv_heads)
+    got = _attend(fused.blocked_causal_attention, *inputs)
+    want = _attend(_sdpa_reference, *inputs)
+    for name, g, w in zip(("output", "grad q", "grad k", "grad v"), got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_blocked_attention_bf16_close_to_fp64():
+    # bf16 against the fp64 result, next to torch's own bf16 flash kernel on the same inputs
+    inputs = _attention_inputs(torch.bfloat16, length=150, heads=12, kv_heads=4, dim=64)
+    got = _attend(fused.blocked_causal_attention, *inputs)
+    flash = _attend(_sdpa_reference, *inputs)
+    q, k, v, grad = (x.detach().double().requires_grad_(x.requires_grad) for x in inputs)
+    exact = _attend(_sdpa_reference, q, k, v, grad)
+    for name, g, f, e in zip(("output", "grad q", "grad k", "grad v"), got, flash, exact):
+        assert g.dtype == torch.bfloat16, name
+        assert rel(g, e) < 1e-2, (name, rel(g, e))
+        assert rel(g, e) < 2 * rel(f, e), (name, rel(g, e), rel(f, e))
+
+
+def test_blocked_attention_rejects_uneven_head_groups():
+    q, k, v, _ = _attention_inputs(torch.float32, heads=6, kv_heads=4)
+    with pytest.raises(ValueError, match="6 query heads are not a multiple of 4 key heads"):
+        fused.blocked_causal_attention(q, k, v)
+
+
+# blocked kernel for every example (default), for none, and for the short ones only: a row mixes
+# both kernels when BLOCKED_ATTENTION_MAX_LEN falls between its examples' lengths
+@pytest.mark.parametrize("blocked,max_len", [(True, 1024), (False, 1024), (True, 20)])
+def test_varlen_attention_equals_sdpa_with_block_mask(monkeypatch, blocked, max_len):
     from lorakit.fused import VARLEN_ATTENTION, use_varlen_attention
     from lorakit.loss import token_loss_sum
 
+    monkeypatch.setattr(fused, "BLOCKED_ATTENTION", blocked)
+    monkeypatch.setattr(fused, "BLOCKED_ATTENTION_MAX_LEN", max_len)
+    monkeypatch.setattr(fused, "ATTENTION_BLOCK_ROWS", 8)
     results = []
     for varlen in (False, True):
         model = tiny_llama()
