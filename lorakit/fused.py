@@ -372,10 +372,12 @@ def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 _segment_cache: dict[str, object] = {}
 
 
-# Longer examples go to torch's flash kernel, whose memory is linear in length: the blocked kernel
-# keeps L^2/2 probabilities per head for backward, and past ~1024 tokens its score blocks no
-# longer fit in cache, so it stops being faster.
-BLOCKED_ATTENTION_MAX_LEN = 1024
+# Longer examples go to torch's flash kernel, whose memory is linear in length. The blocked kernel
+# keeps ~L^2/2 probabilities per head for backward, H·L bytes per token in bf16: at 512 tokens that
+# is about a quarter of what a Llama layer keeps per token anyway (6 KB against ~22 KB in the
+# benchmark model), at 1024 about half, for a gain that falls from 2x (<= 512 tokens) to 1.25x
+# (1024) as the score blocks outgrow the cache.
+BLOCKED_ATTENTION_MAX_LEN = 512
 # Query rows per block: measured fastest on 64-wide heads (32: +35%, 128: +5% per fwd+bwd).
 ATTENTION_BLOCK_ROWS = 64
 
@@ -425,9 +427,10 @@ class _BlockedCausalAttention(torch.autograd.Function):
     no recomputation: dV = P^T dO, dS = P ∘ (dO V^T - rowsum(dO ∘ O)), dQ = s·dS K, dK = s·dS^T Q,
     with dK and dV summed over blocks in fp32. Above-diagonal work is skipped block by block.
 
-    Against torch's CPU flash kernel (2-core AVX-512, bf16, 12 heads / 4 KV heads of 64): 512
-    tokens fwd+bwd 18 -> 9 ms, 100 tokens 2.4 -> 1.2 ms, 1024 tokens 44 -> 35 ms. The price is the
-    kept probabilities, H·L^2 bytes per layer in bf16 (3 MB per 512-token example with 12 heads).
+    Against torch's CPU flash kernel (2-core AVX-512, bf16, one example, 12 heads / 4 KV heads of
+    64, forward + backward): 100 tokens 2.4 -> 1.2 ms, 300 tokens 7.8 -> 4.9 ms, 512 tokens 18 ->
+    9.2 ms, 1024 tokens 44 -> 35 ms. The price is the kept probabilities, about H·L^2 bytes per layer
+    in bf16 (3.5 MB for a 512-token example with 12 heads): see BLOCKED_ATTENTION_MAX_LEN.
     """
 
     @staticmethod
