@@ -57,7 +57,7 @@ LEVERS = [
     ("- fused linear CE (checkpointed chunks)", {"lorakit.fused.FUSED_CROSS_ENTROPY": False}, {}),
     ("  loss softmax over the whole block (not 128 rows)", {"lorakit.fused.SOFTMAX_ROWS": 1024}, {}),
     ("- fused RMSNorm (transformers' module)", {"lorakit.fused.FUSED_RMS_NORM": False}, {}),
-    ("- blocked CPU attention (torch's flash SDPA per example)", {"lorakit.fused.BLOCKED_ATTENTION": False}, {}),
+    ("- blocked CPU attention (torch's flash SDPA per example)", {"lorakit.attention.BLOCKED_ATTENTION": False}, {}),
     ("  loss chunk 256 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 256}, {}),
     ("  loss chunk 4096 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 4096}, {}),
     ("+ train.compile: true", {}, {"train.compile": True}),

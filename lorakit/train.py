@@ -220,10 +220,10 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         model = load_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code)
         frozen = sum(p.numel() * p.element_size() for p in model.parameters())
         frozen_summary = f"frozen weights {frozen / 2**20:.1f} MiB ({8 * frozen / max(1, sum(p.numel() for p in model.parameters())):.0f} bits/param)"
-    from lorakit import fused
+    from lorakit import attention, fused
 
-    if fused.VARLEN_ENABLED:
-        fused.use_varlen_attention(model)  # per-example causal attention for packed rows
+    if attention.VARLEN_ENABLED:
+        attention.use_varlen_attention(model)  # per-example causal attention for packed rows
     inject_adapter(model, cfg.lora)
     if fused.FUSED_RMS_NORM:
         fused.use_fused_rms_norm(model)

@@ -86,6 +86,18 @@ def test_gradient_checkpointing_gives_the_same_losses(workspace):
     assert losses == pytest.approx([6.029090881347656, 6.017607688903809, 5.961243629455566], abs=1e-4)
 
 
+def test_compiled_model_gives_the_same_losses(workspace):
+    # train.compile: true runs torch.compile on the model (the loss then comes from full logits);
+    # without dropout, whose random stream differs under compile, it must match the eager run
+    losses = []
+    for name, compile_ in (("eager-nodrop", False), ("compiled-nodrop", True)):
+        out = workspace / name
+        assert main(["train", _config(workspace, out, max_steps=3, compile=compile_), "lora.dropout=0.0"]) == 0
+        losses.append([e["loss"] for e in _entries(out) if "loss" in e])
+    assert len(losses[1]) == 3
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+
+
 def test_last_layer_is_not_checkpointed():
     from helpers import tiny_llama
 

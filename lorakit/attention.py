@@ -1,0 +1,273 @@
+"""Causal attention within each example of packed rows, for transformers models.
+
+Packed rows (lorakit.data) carry no attention mask: position ids restart at 0 for every example.
+`use_varlen_attention` registers `varlen_attention_forward` with transformers and switches a
+model to it; it attends to each example on its own, so no work or memory goes to the (T, T)
+block-diagonal mask or to scores across examples.
+
+On CPU, examples of up to `BLOCKED_ATTENTION_MAX_LEN` tokens go through
+`_BlockedCausalAttention`, batched GEMMs over blocks of query rows that keep their softmax for
+backward: about twice as fast as torch's CPU flash kernel on them (docs/benchmarks.md). Longer
+examples, dropout and GPUs use `F.scaled_dot_product_attention` per example; padding masks, KV
+caches and softcapping go to transformers' own SDPA path. Tested equal to SDPA in
+tests/test_attention.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Switches for the benchmark and for comparing against the plain path; the defaults are the
+# measured winners (docs/benchmarks.md).
+# Packed rows: one causal attention per example instead of SDPA with a block-diagonal mask.
+VARLEN_ENABLED = True
+# On CPU, examples up to BLOCKED_ATTENTION_MAX_LEN tokens go through `_BlockedCausalAttention`
+# instead of torch's flash SDPA kernel.
+BLOCKED_ATTENTION = True
+
+VARLEN_ATTENTION = "lorakit_varlen"
+
+
+def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) of each example in a packed row: positions restart at 0."""
+    rows = []
+    starts_mask = torch.ones_like(position_ids, dtype=torch.bool)
+    starts_mask[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    length = position_ids.shape[1]
+    for row in starts_mask.tolist():
+        starts = [i for i, s in enumerate(row) if s]
+        rows.append(list(zip(starts, starts[1:] + [length])))
+    return rows
+
+
+_segment_cache: dict[str, object] = {}
+
+
+# Longer examples go to torch's flash kernel, whose memory is linear in length. The blocked kernel
+# keeps ~L^2/2 probabilities per head for backward, H·L bytes per token in bf16: at 512 tokens that
+# is about a quarter of what a Llama layer keeps per token anyway (6 KB against ~22 KB in the
+# benchmark model), at 1024 about half, for a gain that falls from 2x (<= 512 tokens) to 1.25x
+# (1024) as the score blocks outgrow the cache.
+BLOCKED_ATTENTION_MAX_LEN = 512
+# Query rows per block: measured fastest on 64-wide heads (32: +35%, 128: +5% per fwd+bwd).
+ATTENTION_BLOCK_ROWS = 64
+
+_causal_bias_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _causal_bias(rows: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(rows, rows) additive mask: 0 on and below the diagonal, -inf above."""
+    key = (rows, dtype, device)
+    if key not in _causal_bias_cache:
+        _causal_bias_cache[key] = torch.full((rows, rows), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return _causal_bias_cache[key]
+
+
+def _query_blocks(length: int) -> list[tuple[int, int]]:
+    return [(start, min(length, start + ATTENTION_BLOCK_ROWS)) for start in range(0, length, ATTENTION_BLOCK_ROWS)]
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, L, H, D) -> (B, H_kv, H/H_kv, L, D) view: the query heads that share a key head together."""
+    return x.unflatten(2, (kv_heads, x.shape[2] // kv_heads)).permute(0, 2, 3, 1, 4)
+
+
+def _block_scores(query: torch.Tensor, keys: torch.Tensor, start: int, end: int, scale: float) -> torch.Tensor:
+    """Scaled causal scores of query rows start:end of every head against keys 0:end, in `keys`' dtype.
+
+    query: (B, H, L, D), keys: (B·H_kv, L, D) in the accumulation dtype; returns (B·H_kv, g·rows, end)
+    with the g = H/H_kv query heads of a key head stacked, so one GEMM serves the whole group.
+    """
+    b, heads, _, d = query.shape
+    groups = keys.shape[0]
+    kv_heads, rows = groups // b, end - start
+    q = torch.empty((b, kv_heads, heads // kv_heads, rows, d), dtype=keys.dtype, device=keys.device)
+    q.copy_(query[:, :, start:end].unflatten(1, (kv_heads, heads // kv_heads))).mul_(scale)
+    scores = torch.bmm(q.view(groups, -1, d), keys[:, :end].transpose(1, 2))
+    scores.view(groups, heads // kv_heads, rows, end)[..., start:].add_(_causal_bias(rows, keys.dtype, keys.device))
+    return scores
+
+
+class _BlockedCausalAttention(torch.autograd.Function):
+    """Causal attention over one example, as batched GEMMs over blocks of query rows.
+
+    For each block of `ATTENTION_BLOCK_ROWS` query rows, the scores against the keys up to the
+    block's end are one GEMM for all query heads sharing a key head, in fp32 (as flash kernels
+    accumulate); the softmax runs on the whole row at once (the row fits in the block, so no online
+    rescaling), and its result is kept in the activations' dtype for backward. Backward then needs
+    no recomputation: dV = P^T dO, dS = P ∘ (dO V^T - rowsum(dO ∘ O)), dQ = s·dS K, dK = s·dS^T Q,
+    with dK and dV summed over blocks in fp32. Above-diagonal work is skipped block by block.
+
+    Against torch's CPU flash kernel (2-core AVX-512, bf16, one example, 12 heads / 4 KV heads of
+    64, forward + backward): 100 tokens 2.4 -> 1.2 ms, 300 tokens 7.8 -> 4.9 ms, 512 tokens 18 ->
+    9.2 ms, 1024 tokens 44 -> 35 ms. The price is the kept probabilities, about H·L^2 bytes per layer
+    in bf16 (3.5 MB for a 512-token example with 12 heads): see BLOCKED_ATTENTION_MAX_LEN.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale: float):
+        # query (B, H, L, D), key/value (B, H_kv, L, D), any strides; returns (B, L, H, D)
+        b, heads, length, d = query.shape
+        kv_heads = key.shape[1]
+        accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
+        keys = key.reshape(b * kv_heads, length, d).to(accumulate)
+        values = value.reshape(b * kv_heads, length, d)
+        out = query.new_empty(b, length, heads, d)
+        out_grouped = _grouped(out, kv_heads)
+        probs = []
+        for start, end in _query_blocks(length):
+            p = torch.softmax(_block_scores(query, keys, start, end, scale), dim=-1).to(query.dtype)
+            out_grouped[:, :, :, start:end] = torch.bmm(p, values[:, :end]).view(b, kv_heads, -1, end - start, d)
+            probs.append(p)
+        ctx.save_for_backward(query, key, value, out, *probs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, *probs = ctx.saved_tensors
+        b, heads, length, d = query.shape
+        kv_heads = key.shape[1]
+        groups, per_group = b * kv_heads, heads // kv_heads
+        keys = key.reshape(groups, length, d)
+        values = value.reshape(groups, length, d)
+        grad_grouped = _grouped(grad_out, kv_heads).reshape(groups, per_group, length, d)
+        # rowsum(P ∘ dP) = rowsum(dO ∘ O): one (L, D) product instead of one per score
+        accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
+        delta = (grad_grouped.to(accumulate) * _grouped(out, kv_heads).reshape(groups, per_group, length, d))
+        delta = delta.sum(-1, keepdim=True).to(query.dtype)
+        grad_query = query.new_empty(b, length, heads, d)
+        grad_query_grouped = _grouped(grad_query, kv_heads)
+        grad_key = torch.zeros((groups, length, d), dtype=accumulate, device=query.device)
+        grad_value = torch.zeros_like(grad_key)
+        for (start, end), p in zip(_query_blocks(length), probs):
+            rows = end - start
+            grad_block = grad_grouped[:, :, start:end].reshape(groups, per_group * rows, d)
+            grad_value[:, :end] += torch.bmm(p.transpose(1, 2), grad_block)
+            grad_scores = torch.bmm(grad_block, values[:, :end].transpose(1, 2)).view(groups, per_group, rows, end)
+            grad_scores = grad_scores.sub_(delta[:, :, start:end]).view(groups, per_group * rows, end).mul_(p)
+            grad_query_grouped[:, :, :, start:end] = torch.bmm(grad_scores, keys[:, :end]).view(b, kv_heads, per_group, rows, d)
+            query_block = query[:, :, start:end].unflatten(1, (kv_heads, per_group)).reshape(groups, per_group * rows, d)
+            grad_key[:, :end] += torch.bmm(grad_scores.transpose(1, 2), query_block)
+        grad_query.mul_(ctx.scale)
+        grad_key.mul_(ctx.scale)
+        shape = (b, kv_heads, length, d)
+        return grad_query.transpose(1, 2), grad_key.to(key.dtype).view(shape), grad_value.to(value.dtype).view(shape), None
+
+
+# Kept out of torch.compile graphs (`train.compile: true`): dynamo would unroll the block loop for
+# every example length it meets and trips over the mask cache; eager, the kernel is already GEMMs.
+@torch.compiler.disable
+def _blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    return _BlockedCausalAttention.apply(query, key, value, scale)
+
+
+def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention of (B, H, L, D) queries over (B, H_kv, L, D) keys/values -> (B, L, H, D)."""
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"attention.blocked_causal_attention: {query.shape[1]} query heads are not a multiple of "
+                         f"{key.shape[1]} key heads; pass key/value with a divisor of the query heads")  # fmt: skip
+    return _blocked_causal_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
+
+
+# Eager under torch.compile too: the segments come from position ids through Python lists and a
+# per-forward cache, which a traced graph would freeze to the first batch's layout.
+@torch.compiler.disable
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each example of packed rows, without a (T, T) mask.
+
+    query: (B, H, T, D), key/value: (B, H_kv, T, D); returns (B, T, H, D) as transformers expects.
+    With position ids restarting per example, each example is attended on its own: the kernel then
+    skips the upper triangle and the blocks of other examples, where a block-diagonal mask makes it
+    compute all T x T scores and read the mask besides. On CPU without dropout, examples up to
+    `BLOCKED_ATTENTION_MAX_LEN` tokens use `_BlockedCausalAttention`, others a causal SDPA call.
+    Anything else (a padding mask, a KV cache, softcapping) goes to transformers' SDPA path.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or position_ids is None or q_len != kv_len or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_ids=position_ids, **kwargs
+        )
+    # Every layer gets the same position_ids object: find the segments once per forward. The cache
+    # holds that tensor, so its memory cannot be reused by another batch while it is the key.
+    cached = _segment_cache.get("key")
+    if cached is position_ids and _segment_cache.get("version") == position_ids._version:
+        rows = _segment_cache["rows"]
+    else:
+        full = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] != query.shape[0] else position_ids
+        rows = _segments(full)
+        _segment_cache.update(key=position_ids, version=position_ids._version, rows=rows)
+    gqa = key.shape[1] != query.shape[1]
+    p = dropout if module.training else 0.0
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    blocked = BLOCKED_ATTENTION and p == 0.0 and query.device.type == "cpu" and query.shape[1] % key.shape[1] == 0
+
+    def attend(q, k, v):  # one example: (b, H, L, D) -> (b, L, H, D)
+        if blocked and q.shape[2] <= BLOCKED_ATTENTION_MAX_LEN:
+            return _blocked_causal_attention(q, k, v, scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
+
+    def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    if all(r == rows[0] for r in rows):  # same layout in every row (e.g. unpacked batches): batch the rows
+        out = join([attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]) for s, e in rows[0]], 1)
+    else:
+        out = join(
+            [
+                join([attend(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]) for s, e in segs], 1)
+                for b, segs in enumerate(rows)
+            ],
+            0,
+        )
+    return out.contiguous(), None
+
+
+def _varlen_mask(*args, attention_mask=None, local_size=None, **kwargs):
+    """No mask for training-style calls (the attention reads example boundaries from position ids);
+    transformers' SDPA mask for everything else (padding, KV caches, sliding windows)."""
+    from transformers.masking_utils import sdpa_mask
+
+    q_length, kv_length = kwargs.get("q_length", args[1] if len(args) > 1 else None), kwargs.get(
+        "kv_length", args[2] if len(args) > 2 else None
+    )
+    if attention_mask is None and local_size is None and q_length == kv_length:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, local_size=local_size, **kwargs)
+
+
+def use_varlen_attention(model: torch.nn.Module) -> bool:
+    """Switch a transformers model from SDPA to per-example attention for packed batches.
+
+    Only for models already on SDPA without sliding windows; returns whether it switched.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None):
+        return False
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    try:
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return config._attn_implementation == VARLEN_ATTENTION
