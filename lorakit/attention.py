@@ -206,13 +206,16 @@ def varlen_attention_forward(
         )
     # Every layer gets the same position_ids object: find the segments once per forward. The cache
     # holds that tensor, so its memory cannot be reused by another batch while it is the key.
+    # Tensors made under torch.inference_mode() have no version counter: they are not cached.
+    version = None if position_ids.is_inference() else position_ids._version
     cached = _segment_cache.get("key")
-    if cached is position_ids and _segment_cache.get("version") == position_ids._version:
+    if version is not None and cached is position_ids and _segment_cache.get("version") == version:
         rows = _segment_cache["rows"]
     else:
         full = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] != query.shape[0] else position_ids
         rows = _segments(full)
-        _segment_cache.update(key=position_ids, version=position_ids._version, rows=rows)
+        if version is not None:
+            _segment_cache.update(key=position_ids, version=version, rows=rows)
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling

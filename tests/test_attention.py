@@ -122,3 +122,21 @@ def test_varlen_model_still_generates_with_padding():
     model = tiny_llama()
     assert use_varlen_attention(model)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), expected)
+
+
+def test_varlen_model_under_inference_mode():
+    # tensors made under torch.inference_mode() have no version counter for the segment cache
+    from lorakit.attention import use_varlen_attention
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    expected = tiny_llama().generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    model = tiny_llama()
+    assert use_varlen_attention(model)
+    batch = _packed_batch(0)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    with torch.inference_mode():
+        assert torch.equal(model.generate(input_ids=ids, max_new_tokens=5, do_sample=False), expected)
+        for _ in range(2):  # the second call must not reuse the first call's segments blindly
+            got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"].clone()).logits
+            torch.testing.assert_close(got, packed, rtol=0, atol=0)
