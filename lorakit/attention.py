@@ -223,7 +223,7 @@ def varlen_attention_forward(
 
     def attend(q, k, v):  # one example: (b, H, L, D) -> (b, L, H, D)
         if blocked and q.shape[2] <= BLOCKED_ATTENTION_MAX_LEN:
-            return _blocked_causal_attention(q, k, v, scale)
+            return _BlockedCausalAttention.apply(q, k, v, scale)  # already outside compiled graphs
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
 
     def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
