@@ -48,7 +48,13 @@ sys.path.insert(0, str(ROOT))
 FULL = dict(hidden=768, layers=6, heads=12, kv_heads=4, intermediate=2048, vocab=32000, batch=2, seq=512, steps=6, warmup=2)
 QUICK = dict(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=8000, batch=2, seq=256, steps=3, warmup=1)
 R, ALPHA, LR, SEED = 16, 32.0, 2e-4, 0
-CASES = {"plain": {}, "ckpt": {"gradient_checkpointing": True}, "qlora": {"quantize": "nf4"}}
+# "selective": lorakit's selective checkpointing against PEFT's (transformers') full one, its only mode
+CASES = {
+    "plain": {},
+    "ckpt": {"gradient_checkpointing": True},
+    "selective": {"gradient_checkpointing": "selective"},
+    "qlora": {"quantize": "nf4"},
+}
 # lorakit variants for --levers: (label, module switches, config overrides)
 LEVERS = [
     ("lorakit (all levers)", {}, {}),
@@ -181,7 +187,7 @@ def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: 
                  "cache_dir": str(work / "cache")},
         "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": "all-linear"},
         "train": {"max_steps": size["warmup"] + size["steps"], "batch_size": size["batch"], "lr": LR, "seed": SEED,
-                  "gradient_checkpointing": bool(case.get("gradient_checkpointing")), "log_every": 1000, "save_every": 0},
+                  "gradient_checkpointing": case.get("gradient_checkpointing", False), "log_every": 1000, "save_every": 0},
     }  # fmt: skip
     for key, value in overrides.items():
         section, _, name = key.partition(".")
@@ -305,7 +311,7 @@ def gib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, few steps (development)")
-    parser.add_argument("--cases", default="plain,ckpt,qlora", help="comma-separated: plain, ckpt, qlora")
+    parser.add_argument("--cases", default="plain,ckpt,selective,qlora", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--levers", action="store_true", help="lorakit alone with each lever switched off (plain case)")
     parser.add_argument("--steps", type=int, help="timed steps per side")
     parser.add_argument("--rounds", type=int, default=1,

@@ -20,6 +20,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lorakit import activation_checkpointing
+from lorakit.activation_checkpointing import KeptSlot
+
 # Switches for the benchmark and for comparing against the plain path; the defaults are the
 # measured winners (docs/benchmarks.md).
 # Packed rows: one causal attention per example instead of SDPA with a block-diagonal mask.
@@ -109,20 +112,26 @@ class _BlockedCausalAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, scale: float):
+    def forward(ctx, query, key, value, scale: float, kept: Optional[KeptSlot] = None):
         # query (B, H, L, D), key/value (B, H_kv, L, D), any strides; returns (B, L, H, D)
         b, heads, length, d = query.shape
         kv_heads = key.shape[1]
         accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
         keys = key.reshape(b * kv_heads, length, d).to(accumulate)
         values = value.reshape(b * kv_heads, length, d)
-        out = query.new_empty(b, length, heads, d)
+        # In a selective-checkpointing rerun the output is kept from the forward: only the
+        # probabilities, which backward needs, are computed again.
+        replay = kept.take() if kept is not None and kept.replaying else None
+        out = query.new_empty(b, length, heads, d) if replay is None else replay[0]
         out_grouped = _grouped(out, kv_heads)
         probs = []
         for start, end in _query_blocks(length):
             p = torch.softmax(_block_scores(query, keys, start, end, scale), dim=-1).to(query.dtype)
-            out_grouped[:, :, :, start:end] = torch.bmm(p, values[:, :end]).view(b, kv_heads, -1, end - start, d)
+            if replay is None:
+                out_grouped[:, :, :, start:end] = torch.bmm(p, values[:, :end]).view(b, kv_heads, -1, end - start, d)
             probs.append(p)
+        if kept is not None and not kept.replaying:
+            kept.record(out)
         ctx.save_for_backward(query, key, value, out, *probs)
         ctx.scale = scale
         return out
@@ -156,7 +165,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         grad_query.mul_(ctx.scale)
         grad_key.mul_(ctx.scale)
         shape = (b, kv_heads, length, d)
-        return grad_query.transpose(1, 2), grad_key.to(key.dtype).view(shape), grad_value.to(value.dtype).view(shape), None
+        return grad_query.transpose(1, 2), grad_key.to(key.dtype).view(shape), grad_value.to(value.dtype).view(shape), None, None
 
 
 # Kept out of torch.compile graphs (`train.compile: true`): dynamo would unroll the block loop for
@@ -221,9 +230,12 @@ def varlen_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     blocked = BLOCKED_ATTENTION and p == 0.0 and query.device.type == "cpu" and query.shape[1] % key.shape[1] == 0
 
+    kept = activation_checkpointing.current()  # set inside a selectively checkpointed layer
+    slot = kept.slot(module) if kept is not None else None
+
     def attend(q, k, v):  # one example: (b, H, L, D) -> (b, L, H, D)
         if blocked and q.shape[2] <= BLOCKED_ATTENTION_MAX_LEN:
-            return _BlockedCausalAttention.apply(q, k, v, scale)  # already outside compiled graphs
+            return _BlockedCausalAttention.apply(q, k, v, scale, slot)  # already outside compiled graphs
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
 
     def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

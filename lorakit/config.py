@@ -113,7 +113,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     optimizer: str = "adamw"  # adamw | adamw8bit
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[bool, str] = False  # false | true (= full) | full | selective
     compile: bool = False
     seed: int = 0
     log_every: int = 1
@@ -238,6 +238,10 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         if value < low or (not inclusive and value == low) or (isinstance(value, float) and not math.isfinite(value)):
             bound = f">= {low}" if inclusive else f"> {low}"
             problems.append(f"{key} = {value!r}: must be {bound}")
+    if cfg.train.gradient_checkpointing not in (False, True, "full", "selective"):
+        problems.append(
+            f"train.gradient_checkpointing = {cfg.train.gradient_checkpointing!r}: use false, true (= full), full or selective"
+        )
     if cfg.train.eval_generate and cfg.data.eval is None:
         problems.append("train.eval_generate = true: needs data.eval, a file of records with reference answers")
     if not 0 <= cfg.data.eval_fraction < 1:

@@ -37,10 +37,13 @@ bit-identical output.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lorakit.activation_checkpointing import KeptSlot
 
 # Switches for the benchmark and for comparing against the plain path; the defaults are the
 # measured winners (docs/benchmarks.md).
@@ -65,24 +68,35 @@ class _LoraLinear(torch.autograd.Function):
         scale: float,
         dropout: float,
         compute_dtype: torch.dtype,
+        kept: Optional[KeptSlot],
     ) -> torch.Tensor:
-        with torch.no_grad():
-            out = base(x)  # (..., out) in the base's output dtype
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         mask = None
         if dropout > 0:
+            # drawn in a selective rerun too: the checkpoint replays the random stream, so this is
+            # the forward's mask, and the ops after this one draw what they drew then
             mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - dropout)
-            h = x2.to(compute_dtype) * mask * (1.0 / (1 - dropout))
+        replay = kept.take() if kept is not None and kept.replaying else None
+        if replay is not None:
+            # Selective checkpointing's rerun: the output (low-rank term included) and x @ A^T
+            # were kept from the forward; nothing is computed again.
+            out, after_a = replay
         else:
+            with torch.no_grad():
+                out = base(x)  # (..., out) in the base's output dtype
             h = x2.to(compute_dtype)
-        ac, bc = a.to(compute_dtype), b.to(compute_dtype)
-        after_a = h @ ac.t()  # (T, r)
-        del h
-        out2 = out.view(-1, out.shape[-1])
-        if out2.dtype == compute_dtype:
-            out2.addmm_(after_a, bc.t(), alpha=scale)
-        else:
-            out2.add_((after_a @ bc.t()).mul_(scale).to(out2.dtype))
+            if mask is not None:
+                h = h * mask * (1.0 / (1 - dropout))
+            ac, bc = a.to(compute_dtype), b.to(compute_dtype)
+            after_a = h @ ac.t()  # (T, r)
+            del h
+            out2 = out.view(-1, out.shape[-1])
+            if out2.dtype == compute_dtype:
+                out2.addmm_(after_a, bc.t(), alpha=scale)
+            else:
+                out2.add_((after_a @ bc.t()).mul_(scale).to(out2.dtype))
+            if kept is not None and not kept.replaying:
+                kept.record(out, after_a)
         ctx.save_for_backward(x, a, b, after_a, mask)
         ctx.dense_weight, ctx.scale, ctx.dropout, ctx.compute_dtype = dense_weight, scale, dropout, compute_dtype
         return out
@@ -120,7 +134,7 @@ class _LoraLinear(torch.autograd.Function):
                     scale = scale / (1 - dropout)
                 grad_x.add_(lora.to(grad_x.dtype), alpha=scale)
             grad_x = grad_x.view(x.shape).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
 
 def lora_linear(
@@ -133,6 +147,7 @@ def lora_linear(
     scale: float,
     dropout: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
+    kept: Optional[KeptSlot] = None,
 ) -> torch.Tensor:
     """base(x) + scale · B(A(dropout(x))) with one saved input; see the module docstring.
 
@@ -141,10 +156,12 @@ def lora_linear(
     dense_weight: given the output gradient, the frozen weight as (out, in) in its dtype.
     compute_dtype: dtype of the adapter matmuls (default: per ADAPTER_COMPUTE).
     dropout: only applied when > 0 (the caller passes 0 in eval mode).
+    kept: inside a selectively checkpointed layer (`lorakit.activation_checkpointing`), where the
+        forward records its output and x @ A^T and the rerun in backward takes them back.
     """
     if compute_dtype is None:
         compute_dtype = x.dtype if ADAPTER_COMPUTE == "input" and x.is_floating_point() else a.dtype
-    return _LoraLinear.apply(x, a, b, base, dense_weight, scale, dropout, compute_dtype)
+    return _LoraLinear.apply(x, a, b, base, dense_weight, scale, dropout, compute_dtype, kept)
 
 
 # --------------------------------------------------------------------------- linear cross-entropy

@@ -247,13 +247,15 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
         if not (self.disabled or name is None or name in self.merged) and self._fused_ok(x, self.lora_A[name]):
+            from lorakit import activation_checkpointing
             from lorakit.fused import lora_linear
 
             drop = self.lora_dropout[name]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            kept = activation_checkpointing.current()  # set inside a selectively checkpointed layer
             return lora_linear(
                 x, self.lora_A[name], self.lora_B[name], base=self.base_forward, dense_weight=self._dense_weight_like,
-                scale=self.scaling[name], dropout=p,
+                scale=self.scaling[name], dropout=p, kept=kept.slot(self) if kept is not None else None,
             )  # fmt: skip
         return self.plain_forward(x)
 

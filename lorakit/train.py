@@ -177,20 +177,6 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
-def _keep_last_layer_activations(model: nn.Module) -> None:
-    """Run the last checkpointed layer without checkpointing.
-
-    Backward starts with that layer, so under checkpointing it would be recomputed right after its
-    forward and all its activations held at once anyway: keeping them from the forward costs
-    about no extra peak memory and saves one layer's recompute (1/L of it).
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    if layers:
-        layers[-1].gradient_checkpointing = False
-
-
 def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] = None, log: Callable[[str], None] = print) -> Run:
     """Load and check everything a run needs; restore the newest checkpoint when resuming."""
     from lorakit.data import BatchStream, load_train_eval
@@ -229,9 +215,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         fused.use_fused_rms_norm(model)
     model.to(load_device)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        _keep_last_layer_activations(model)
+        from lorakit import activation_checkpointing
+
+        activation_checkpointing.enable(model, cfg.train.gradient_checkpointing)
     model.train()
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -51,3 +51,14 @@ def test_yaml_errors_name_the_line(tmp_path):
 def test_eval_generate_needs_an_eval_file():
     with pytest.raises(UserError, match="train.eval_generate = true: needs data.eval"):
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_generate": True}}, check_paths=False)
+
+
+def test_gradient_checkpointing_modes():
+    base = {"model": "m", "data": {"train": "t"}}
+    for mode in (False, True, "full", "selective"):
+        cfg = build_run_config({**base, "train": {"gradient_checkpointing": mode}}, check_paths=False)
+        assert cfg.train.gradient_checkpointing == mode
+    with pytest.raises(UserError, match="train.gradient_checkpointing = 'partial': use false, true .* or selective"):
+        build_run_config({**base, "train": {"gradient_checkpointing": "partial"}}, check_paths=False)
+    with pytest.raises(UserError, match="train.gradient_checkpointing = 1: expected true/false or a string"):
+        build_run_config({**base, "train": {"gradient_checkpointing": 1}}, check_paths=False)

@@ -244,6 +244,14 @@ def test_cli_nf4_bf16_trains(workspace, nf4_run, capsys):
     assert max(abs(a - b) for a, b in zip(losses, fp32)) < 0.05, (losses, fp32)
 
 
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_cli_nf4_with_gradient_checkpointing_gives_the_same_losses(workspace, nf4_run, mode):
+    # selective checkpointing replays the 4-bit layers' outputs instead of dequantizing again
+    out = workspace / f"nf4-ckpt-{mode}"
+    assert main(["train", _config(workspace, out, gradient_checkpointing=mode)]) == 0
+    assert _losses(out) == pytest.approx(_losses(nf4_run[0]), abs=1e-4)
+
+
 def test_cli_nf4_with_8bit_adamw_trains_with_8bit_moments(workspace):
     out = workspace / "nf4-adamw8bit"
     # r=64 on q/o: A and B are (64, 64) = 4096 values, the smallest tensor bitsandbytes keeps in

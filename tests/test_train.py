@@ -77,11 +77,12 @@ def test_golden_losses(workspace):
     assert losses == pytest.approx(golden, abs=1e-4)
 
 
-def test_gradient_checkpointing_gives_the_same_losses(workspace):
-    # every layer checkpointed but the last (lorakit.train._keep_last_layer_activations); dropout
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_gradient_checkpointing_gives_the_same_losses(workspace, mode):
+    # every layer checkpointed but the last (lorakit.activation_checkpointing.enable); dropout
     # masks are replayed in the recompute, so the run equals the golden one
-    out = workspace / "ckpt"
-    assert main(["train", _config(workspace, out, max_steps=3, gradient_checkpointing=True)]) == 0
+    out = workspace / f"ckpt-{mode}"
+    assert main(["train", _config(workspace, out, max_steps=3, gradient_checkpointing=mode)]) == 0
     losses = [e["loss"] for e in _entries(out) if "loss" in e]
     assert losses == pytest.approx([6.029090881347656, 6.017607688903809, 5.961243629455566], abs=1e-4)
 
@@ -96,15 +97,6 @@ def test_compiled_model_gives_the_same_losses(workspace):
         losses.append([e["loss"] for e in _entries(out) if "loss" in e])
     assert len(losses[1]) == 3
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
-
-
-def test_last_layer_is_not_checkpointed():
-    from helpers import tiny_llama
-
-    model = tiny_llama()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_module._keep_last_layer_activations(model)
-    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
 
 
 def test_resume_after_crash_is_bit_identical(workspace, monkeypatch):

@@ -1,0 +1,121 @@
+"""Gradient checkpointing of decoder layers: full, or selective (GEMM outputs kept).
+
+Both run on transformers' layer checkpointing (non-reentrant `torch.utils.checkpoint`): in
+forward each decoder layer keeps only its input, and backward reruns the layer to get back what
+its own backward needs.
+
+- full (`train.gradient_checkpointing: true`): the rerun is the whole layer forward, GEMMs
+  included: about one more forward pass per step.
+- selective (`train.gradient_checkpointing: selective`): the outputs that LoRA layers computed in
+  forward are kept, and the rerun hands them back instead of recomputing them, so it runs only the
+  cheap ops between the GEMMs (norms, rotary embeddings, activation functions, attention) and the
+  rank-r adapter products; under QLoRA it also skips dequantizing the 4-bit weights. It keeps one
+  tensor per projection output (for a Llama layer q, k, v, o, gate, up, down: about half of what
+  the layer keeps without checkpointing) and costs a small fraction of a full rerun.
+
+What is kept is the tensor the LoRA layer returned, checked on replay against its version
+counter: had the model changed it in place after the layer returned it, the rerun computes the
+layer afresh instead of replaying a stale value. Only the fused LoRA path (`lorakit.fused.
+lora_linear`: frozen linear / Conv1D / 4-bit base, not FSDP-sharded) replays; other layers, and
+frozen linear layers without an adapter, are recomputed as under full checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+MODES = (True, "full", "selective")
+
+_state = threading.local()
+
+
+class KeptOutputs:
+    """What the LoRA layers of one checkpointed layer call computed in forward, per module, in
+    call order: their output and the (T, r) product x @ A^T that their backward needs."""
+
+    def __init__(self) -> None:
+        self.replaying = False
+        self._kept: dict[int, list[tuple[torch.Tensor, int, Optional[torch.Tensor]]]] = {}
+
+    def slot(self, module: nn.Module) -> "KeptSlot":
+        return KeptSlot(self, id(module))
+
+
+class KeptSlot:
+    """One module's entry in a `KeptOutputs`, handed to `lorakit.fused.lora_linear`."""
+
+    def __init__(self, kept: KeptOutputs, key: int) -> None:
+        self.kept, self.key = kept, key
+
+    @property
+    def replaying(self) -> bool:
+        return self.kept.replaying
+
+    def record(self, out: torch.Tensor, after_a: Optional[torch.Tensor] = None) -> None:
+        # Detached: the output's autograd node leads (through the checkpoint's saved-tensor hooks)
+        # back to this store, a cycle through C++ that Python's collector cannot see. A detached
+        # alias shares the storage and the version counter.
+        out = out.detach()
+        self.kept._kept.setdefault(self.key, []).append((out, out._version, after_a))
+
+    def take(self) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The next kept (output, after_a); None when there is none left or the output was changed
+        in place since it was recorded (then the caller computes it again)."""
+        queue = self.kept._kept.get(self.key)
+        if not queue:
+            return None
+        out, version, after_a = queue.pop(0)
+        return (out, after_a) if out._version == version else None
+
+
+def current() -> Optional[KeptOutputs]:
+    """The kept outputs of the checkpointed layer running now on this thread, if any."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def _active(kept: KeptOutputs, replaying: bool) -> Iterator[None]:
+    stack = _state.__dict__.setdefault("stack", [])
+    kept.replaying = replaying
+    stack.append(kept)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _selective_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # Called by torch.utils.checkpoint once per layer call: the forward records into a fresh store,
+    # the rerun in backward replays from the same one; the store dies with that call's graph.
+    kept = KeptOutputs()
+    return _active(kept, replaying=False), _active(kept, replaying=True)
+
+
+def enable(model: nn.Module, mode: Union[bool, str]) -> None:
+    """Turn on gradient checkpointing of `model`'s decoder layers (mode: True / "full", or "selective").
+
+    The last checkpointed layer runs without checkpointing: backward starts with it, so its
+    rerun would come right after its forward and hold all its activations at once anyway; keeping
+    them from the forward costs about no extra peak memory and saves that layer's rerun.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if mode not in MODES:
+        raise ValueError(f"gradient checkpointing mode {mode!r}: use True, 'full' or 'selective'")
+    kwargs: dict = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = _selective_contexts
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if layers:
+        layers[-1].gradient_checkpointing = False

@@ -1,0 +1,149 @@
+"""lorakit.activation_checkpointing: full and selective checkpointing give the plain path's loss and
+gradients; the selective rerun computes no frozen projection again; a kept output changed in place
+is recomputed instead of replayed; nothing outlives the step."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from helpers import tiny_llama
+from lorakit import activation_checkpointing, attention
+from lorakit.config import LoraConfig
+from lorakit.inject import inject_adapter
+from lorakit.layers import LoraLayer
+
+LAYERS = 4
+PROJECTIONS = 7  # q, k, v, o, gate, up, down per Llama layer
+
+
+def _model(dtype: torch.dtype, dropout: float = 0.0, packed: bool = False):
+    model = tiny_llama(num_hidden_layers=LAYERS, attn_implementation="sdpa").to(dtype)
+    if packed:
+        assert attention.use_varlen_attention(model)
+    inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+    gen = torch.Generator().manual_seed(1)
+    calls = {"n": 0}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            b = module.lora_B[module.active_adapter]
+            b.data.copy_(torch.randn(b.shape, generator=gen) * 0.1)  # B = 0 would hide adapter mistakes
+            base = module.base_forward
+
+            def counted(x, base=base):
+                calls["n"] += 1
+                return base(x)
+
+            module.base_forward = counted
+    return model.train(), calls
+
+
+def _batch(packed: bool):
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 400, (2, 40), generator=gen)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if packed:  # two examples per row: the blocked attention kernel runs per example
+        batch["position_ids"] = torch.cat([torch.arange(15), torch.arange(25)]).expand(2, -1)
+    return batch
+
+
+def _run(mode, dtype=torch.float32, dropout=0.0, packed=False, hook=None):
+    """Loss, gradients of the adapters, base-projection calls in forward and in backward."""
+    model, calls = _model(dtype, dropout, packed)
+    if hook is not None:
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(hook)
+    if mode:
+        activation_checkpointing.enable(model, mode)
+    torch.manual_seed(5)  # dropout masks
+    loss = model(**_batch(packed)).loss
+    forward_calls = calls["n"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, forward_calls, calls["n"] - forward_calls
+
+
+def _assert_close(got, want, dtype):
+    assert got[1].keys() == want[1].keys() and len(want[1]) == 2 * LAYERS * PROJECTIONS
+    for name, grad in want[1].items():
+        if dtype == torch.float32:
+            torch.testing.assert_close(got[1][name], grad, rtol=0, atol=1e-5, msg=name)
+        else:
+            assert (got[1][name].float() - grad.float()).norm() <= 1e-2 * grad.float().norm(), name
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+
+
+@pytest.mark.parametrize("dtype,dropout,packed", [(torch.float32, 0.1, False), (torch.float32, 0.0, True), (torch.bfloat16, 0.0, True)])
+def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed):
+    plain = _run(False, dtype, dropout, packed)
+    assert plain[2] == LAYERS * PROJECTIONS and plain[3] == 0
+    for mode in (True, "full", "selective"):
+        got = _run(mode, dtype, dropout, packed)
+        _assert_close(got, plain, dtype)
+        assert got[2] == LAYERS * PROJECTIONS
+        # backward reruns every layer but the last: full recomputes its projections, selective none
+        assert got[3] == (0 if mode == "selective" else (LAYERS - 1) * PROJECTIONS), mode
+
+
+def test_selective_rerun_reuses_the_attention_output(monkeypatch):
+    # Packed rows on CPU go through the blocked kernel: 2 batched GEMMs per query block forward
+    # (scores, probabilities @ values), 4 backward. Its selective rerun computes the scores only.
+    calls = {"n": 0}
+    real_bmm = torch.bmm
+
+    def counting_bmm(*args, **kwargs):
+        calls["n"] += 1
+        return real_bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", counting_bmm)
+    counts = {}
+    for mode in (True, "selective"):
+        model, _ = _model(torch.float32, packed=True)
+        activation_checkpointing.enable(model, mode)
+        calls["n"] = 0
+        loss = model(**_batch(packed=True)).loss
+        forward = calls["n"]
+        loss.backward()
+        counts[mode] = (forward, calls["n"] - forward)
+    forward, full_backward = counts[True]
+    blocks = forward // (2 * LAYERS)  # query blocks per layer
+    assert blocks > 0 and forward == 2 * LAYERS * blocks
+    assert full_backward == 2 * (LAYERS - 1) * blocks + 4 * LAYERS * blocks
+    assert counts["selective"] == (forward, (LAYERS - 1) * blocks + 4 * LAYERS * blocks)
+
+
+def test_output_changed_in_place_is_recomputed_not_replayed():
+    def doubled(module, inputs, output):
+        output.mul_(2)  # after the LoRA layer returned (and selective checkpointing kept) it
+
+    plain = _run(False, hook=doubled)
+    got = _run("selective", hook=doubled)
+    _assert_close(got, plain, torch.float32)
+    assert got[3] == 1  # layer 0's q_proj only: its kept output went stale, so the rerun computed it
+
+
+def test_kept_outputs_die_with_the_step(monkeypatch):
+    stores = []
+
+    class Tracked(activation_checkpointing.KeptOutputs):
+        def __init__(self):
+            super().__init__()
+            stores.append(weakref.ref(self))
+
+    monkeypatch.setattr(activation_checkpointing, "KeptOutputs", Tracked)
+    model, _ = _model(torch.float32)
+    activation_checkpointing.enable(model, "selective")
+    loss = model(**_batch(packed=False)).loss
+    assert len(stores) == LAYERS - 1 and all(ref() is not None for ref in stores)
+    loss.backward()
+    del loss
+    assert all(ref() is None for ref in stores)  # freed by reference counting: no cycle left behind
+
+
+def test_last_layer_is_not_checkpointed():
+    model = tiny_llama(num_hidden_layers=3)
+    activation_checkpointing.enable(model, "selective")
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, True, False]
+    with pytest.raises(ValueError, match="'sometimes'"):
+        activation_checkpointing.enable(model, "sometimes")
