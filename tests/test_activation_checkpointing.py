@@ -1,6 +1,6 @@
 """lorakit.activation_checkpointing: full and selective checkpointing give the plain path's loss and
 gradients; the selective rerun computes no frozen projection again; a kept output changed in place
-is recomputed instead of replayed; nothing outlives the step."""
+is recomputed instead of replayed; nothing outlives the step; Llama, GPT-2, Qwen2 and Gemma 3."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import weakref
 
 import pytest
 import torch
+import transformers
 
-from helpers import tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from lorakit import activation_checkpointing, attention
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter
@@ -24,12 +25,18 @@ def _model(dtype: torch.dtype, dropout: float = 0.0, packed: bool = False):
     if packed:
         assert attention.use_varlen_attention(model)
     inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+    return model.train(), _count_base_calls(model)
+
+
+def _count_base_calls(model) -> dict:
+    """Give every adapter a nonzero B (B = 0 would hide adapter mistakes) and count the calls of
+    the frozen projections under the adapters."""
     gen = torch.Generator().manual_seed(1)
     calls = {"n": 0}
     for module in model.modules():
         if isinstance(module, LoraLayer):
             b = module.lora_B[module.active_adapter]
-            b.data.copy_(torch.randn(b.shape, generator=gen) * 0.1)  # B = 0 would hide adapter mistakes
+            b.data.copy_(torch.randn(b.shape, generator=gen) * 0.1)
             base = module.base_forward
 
             def counted(x, base=base):
@@ -37,7 +44,7 @@ def _model(dtype: torch.dtype, dropout: float = 0.0, packed: bool = False):
                 return base(x)
 
             module.base_forward = counted
-    return model.train(), calls
+    return calls
 
 
 def _batch(packed: bool):
@@ -147,3 +154,39 @@ def test_last_layer_is_not_checkpointed():
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, True, False]
     with pytest.raises(ValueError, match="'sometimes'"):
         activation_checkpointing.enable(model, "sometimes")
+
+
+def _family(name: str):
+    torch.manual_seed(0)
+    if name == "gpt2":  # Conv1D projections, q/k/v from one c_attn
+        return tiny_gpt2(n_layer=3)
+    shape = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="sdpa")  # fmt: skip
+    if name == "qwen2":  # biased q/k/v
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
+    # Gemma 3: q/k norms and a norm after the MLP, so the rerun reads the down projection's output
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**shape))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma3"])
+def test_selective_checkpointing_across_model_families(family):
+    results = {}
+    for mode in (False, "selective"):
+        model = _family(family)
+        inject_adapter(model, LoraConfig(r=4, alpha=8))
+        base_calls = _count_base_calls(model)
+        model.train()
+        if mode:
+            activation_checkpointing.enable(model, mode)
+        ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        forward_calls = base_calls["n"]
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = (loss.detach(), grads, forward_calls, base_calls["n"] - forward_calls)
+    plain, selective = results[False], results["selective"]
+    torch.testing.assert_close(selective[0], plain[0], rtol=1e-5, atol=0)
+    assert selective[1].keys() == plain[1].keys() and plain[1]
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(selective[1][name], grad, rtol=0, atol=1e-5, msg=name)
+    assert selective[2] == plain[2] > 0 and selective[3] == 0
