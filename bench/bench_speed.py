@@ -61,11 +61,11 @@ LEVERS = [
     ("- fused LoRA linear (plain autograd)", {"lorakit.fused.ENABLED": False}, {}),
     ("- bf16 adapter compute (fp32 adapter matmuls)", {"lorakit.fused.ADAPTER_COMPUTE": "adapter"}, {}),
     ("- fused linear CE (checkpointed chunks)", {"lorakit.fused.FUSED_CROSS_ENTROPY": False}, {}),
-    ("  loss softmax over the whole block (not 128 rows)", {"lorakit.fused.SOFTMAX_ROWS": 1024}, {}),
+    ("  loss softmax over the whole block (not 32 rows)", {"lorakit.fused.SOFTMAX_ROWS": 1024}, {}),
     ("- fused RMSNorm (transformers' module)", {"lorakit.fused.FUSED_RMS_NORM": False}, {}),
     ("- blocked CPU attention (torch's flash SDPA per example)", {"lorakit.attention.BLOCKED_ATTENTION": False}, {}),
     ("  loss chunk 256 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 256}, {}),
-    ("  loss chunk 4096 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 4096}, {}),
+    ("  loss chunk 1024 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 1024}, {}),
     ("+ train.compile: true", {}, {"train.compile": True}),
 ]
 WORDS = (

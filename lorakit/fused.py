@@ -181,10 +181,10 @@ def _scratch(workspace: Optional[dict], name: str, rows: int, cols: int, dtype: 
     return buf[:rows]
 
 
-# Rows of the logits block converted to fp32 at a time for the softmax: 128 x 32k vocab is 16 MB,
-# small enough to stay in cache across the softmax passes, large enough that the per-slice
-# overhead does not show.
-SOFTMAX_ROWS = 128
+# Rows of the logits block converted to fp32 at a time for the softmax: 32 x 32k vocab is 4 MB,
+# which stays in cache across the softmax passes; 32 to 128 rows run equally fast (150 ms for
+# the head + loss of 1022 tokens), 16 slower (153 ms), so the smallest buffer wins.
+SOFTMAX_ROWS = 32
 
 
 def _cross_entropy_rows(
@@ -273,7 +273,7 @@ def linear_cross_entropy_sum(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    chunk: int = 1024,
+    chunk: int = 512,
     softcap: Optional[float] = None,
     ignore_index: int = -100,
     workspace: Optional[dict] = None,
