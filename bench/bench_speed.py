@@ -13,6 +13,9 @@ lorakit.data and given to both), LoRA r=16 alpha=32 on every linear layer but th
            base built with transformers' BitsAndBytesConfig (double quant, blocksize 64, bf16
            compute; no prepare_model_for_kbit_training, which would upcast norms to fp32).
 
+Checkpointing cases: "ckpt" runs full checkpointing on both sides; "selective" runs lorakit's
+`gradient_checkpointing: selective` against the same PEFT run (transformers' checkpointing is full).
+
 Each side runs in its own process: `warmup` steps, then `steps` timed steps; step time and tokens/s
 are medians; memory is the process's peak RSS (ru_maxrss) after its last step, also shown above
 the RSS right after the imports (torch, transformers, lorakit or peft). The limit is the FLOPs no LoRA trainer can avoid divided by the best
@@ -21,7 +24,8 @@ bf16 GEMM rate measured in the same run on the model's own GEMM shapes:
   backward (the same again), attention scores and PV forward (4·d per attended query-key pair,
   causal within each packed example) and backward (2x forward), adapters 6·T·r·(in+out).
 
-    python bench/bench_speed.py                 # the full benchmark (plain, gradient checkpointing, QLoRA)
+    python bench/bench_speed.py                 # the full benchmark (plain, checkpointing full / selective, QLoRA)
+    python bench/bench_speed.py --cases plain,selective   # a subset of the cases
     python bench/bench_speed.py --rounds 3      # each side run 3 times, alternating; steps pooled (noisy machines)
     python bench/bench_speed.py --quick         # a small model and few steps, for development
     python bench/bench_speed.py --levers        # lorakit alone with each optimisation switched off
