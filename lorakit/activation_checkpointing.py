@@ -29,7 +29,9 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-MODES = (True, "full", "selective")
+from lorakit.config import GRADIENT_CHECKPOINTING_MODES
+
+MODES = tuple(mode for mode in GRADIENT_CHECKPOINTING_MODES if mode)  # the ones that turn it on
 
 _state = threading.local()
 

@@ -141,6 +141,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# train.gradient_checkpointing: true means full (lorakit.activation_checkpointing)
+GRADIENT_CHECKPOINTING_MODES = (False, True, "full", "selective")
+
 _CHOICES = {
     "quantize": ("none", "nf4"),
     "data.format": DATA_FORMATS,
@@ -238,7 +241,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         if value < low or (not inclusive and value == low) or (isinstance(value, float) and not math.isfinite(value)):
             bound = f">= {low}" if inclusive else f"> {low}"
             problems.append(f"{key} = {value!r}: must be {bound}")
-    if cfg.train.gradient_checkpointing not in (False, True, "full", "selective"):
+    if cfg.train.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
         problems.append(
             f"train.gradient_checkpointing = {cfg.train.gradient_checkpointing!r}: use false, true (= full), full or selective"
         )

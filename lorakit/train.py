@@ -39,7 +39,6 @@ from lorakit.metrics import MetricsLog, peak_rss_bytes, write_text_atomic
 from lorakit.models import load_model, load_tokenizer, pick_device, resolve_precision
 
 
-
 class TrainingDiverged(RuntimeError):
     """Loss or gradients became inf/NaN; the run stops, earlier checkpoints stay."""
 
