@@ -18,7 +18,8 @@ Checkpointing cases: "ckpt" runs full checkpointing on both sides; "selective" r
 
 Each side runs in its own process: `warmup` steps, then `steps` timed steps; step time and tokens/s
 are medians; memory is the process's peak RSS (ru_maxrss) after its last step, also shown above
-the RSS right after the imports (torch, transformers, lorakit or peft). The limit is the FLOPs no LoRA trainer can avoid divided by the best
+the RSS right after the imports (torch, transformers, lorakit or peft); on a CUDA GPU the table adds
+each side's peak GPU memory (torch.cuda.max_memory_allocated). The limit is the FLOPs no LoRA trainer can avoid divided by the best
 bf16 GEMM rate measured in the same run on the model's own GEMM shapes:
   forward GEMMs of every linear layer and the head (2·T·in·out each), the input-gradient GEMMs of
   backward (the same again), attention scores and PV forward (4·d per attended query-key pair,
@@ -89,6 +90,13 @@ def rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def gpu_peak() -> int | None:
+    """Peak bytes allocated on the GPU since the process started; None on CPU runs."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
 # --------------------------------------------------------------------------- preparation (parent)
 def prepare(work: Path, size: dict) -> dict:
     """Model folder, text JSONL and the batches every side trains on (saved as tensors)."""
@@ -152,6 +160,8 @@ def gemm_limit(size: dict, pairs: float) -> dict:
     flops = 2 * gemm + 3 * attn_fwd + adapters
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    # A GPU runs one of these products in microseconds, less than a launch and a sync: time a burst.
+    burst = 50 if device == "cuda" else 1
     best = 0.0
     for a, b in sorted(set(shapes)):
         for x_shape, w_shape in (((t, a), (a, b)), ((t, b), (b, a))):  # forward, input gradient
@@ -162,9 +172,10 @@ def gemm_limit(size: dict, pairs: float) -> dict:
             for _ in range(5):
                 sync()
                 start = time.perf_counter()
-                x @ w
+                for _ in range(burst):
+                    x @ w
                 sync()
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start) / burst)
             best = max(best, 2 * x_shape[0] * x_shape[1] * w_shape[1] / min(times))
     return {"flops": flops, "gemm_rate": best, "limit_s": flops / best,
             "parts": {"linear+head fwd": gemm, "input grads": gemm, "attention": 3 * attn_fwd, "adapters": adapters}}
@@ -211,7 +222,7 @@ def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: 
     lt.train_step = timed
     code = main(["train", str(work / "lorakit.yaml")])
     assert code == 0, f"lorakit train exited with {code}"
-    return {"times": times, "losses": losses, "peak_rss": peaks[-1], "base_rss": base_rss}
+    return {"times": times, "losses": losses, "peak_rss": peaks[-1], "base_rss": base_rss, "peak_gpu": gpu_peak()}
 
 
 def side_peft(work: Path, size: dict, case: dict) -> dict:
@@ -255,7 +266,7 @@ def side_peft(work: Path, size: dict, case: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # one host sync per step (also ends the step on CUDA), like lorakit's logging
         times.append(time.perf_counter() - start)
-    return {"times": times, "losses": losses, "peak_rss": rss_peak(), "base_rss": base_rss}
+    return {"times": times, "losses": losses, "peak_rss": rss_peak(), "base_rss": base_rss, "peak_gpu": gpu_peak()}
 
 
 def run_side(args: argparse.Namespace) -> None:
@@ -291,6 +302,7 @@ def pooled(outs: list[dict], size: dict) -> dict:
     out["tokens_s"] = size["batch"] * size["seq"] / out["step_s"]
     out["peak_rss"] = max(o["peak_rss"] for o in outs)
     out["base_rss"] = min(o["base_rss"] for o in outs)
+    out["peak_gpu"] = None if out["peak_gpu"] is None else max(o["peak_gpu"] for o in outs)
     return out
 
 
@@ -304,7 +316,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__} "
+    gpu = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); " if torch.cuda.is_available() else ""
+    return (f"{gpu}{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__} "
             f"({torch.backends.cpu.get_cpu_capability()}), load average {load}")  # fmt: skip
 
 
@@ -353,20 +366,28 @@ def main() -> None:
             print(f"  {name}: lorakit {mine['step_s']:.3f} s/step, {gib(mine['peak_rss'])} GiB; "
                   f"peft {peft['step_s']:.3f} s/step, {gib(peft['peak_rss'])} GiB; first loss {mine['losses'][0]:.4f} / "
                   f"{peft['losses'][0]:.4f}", flush=True)  # fmt: skip
-        print()
-        print("| case | lorakit s/step | PEFT s/step | tokens/s ratio | peak RSS GiB lorakit / PEFT (ratio) "
-              "| above imports GiB (ratio) | lorakit / limit | PEFT / limit | fastest step lorakit / PEFT s (ratio) "
-              "| step-1 loss lorakit / PEFT |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name, mine, peft in rows:
-            above_m, above_p = mine["peak_rss"] - mine["base_rss"], peft["peak_rss"] - peft["base_rss"]
-            print(f"| {name} | {mine['step_s']:.3f} | {peft['step_s']:.3f} | {mine['tokens_s'] / peft['tokens_s']:.2f}x "
-                  f"| {gib(mine['peak_rss'])} / {gib(peft['peak_rss'])} ({mine['peak_rss'] / peft['peak_rss']:.2f}x) "
-                  f"| {gib(above_m)} / {gib(above_p)} ({above_m / above_p:.2f}x) "
-                  f"| {mine['step_s'] / limit['limit_s']:.2f}x | {peft['step_s'] / limit['limit_s']:.2f}x "
-                  f"| {mine['best_s']:.3f} / {peft['best_s']:.3f} ({peft['best_s'] / mine['best_s']:.2f}x) "
-                  f"| {mine['losses'][0]:.4f} / {peft['losses'][0]:.4f} |")  # fmt: skip
+        print_table(rows, limit)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def print_table(rows: list[tuple[str, dict, dict]], limit: dict) -> None:
+    print()
+    # On a GPU the memory that limits training is the GPU's: its peak gets a column of its own.
+    on_gpu = rows[0][1]["peak_gpu"] is not None
+    print("| case | lorakit s/step | PEFT s/step | tokens/s ratio " + ("| peak GPU GiB lorakit / PEFT (ratio) " if on_gpu else "")
+          + "| peak RSS GiB lorakit / PEFT (ratio) | above imports GiB (ratio) | lorakit / limit | PEFT / limit "
+          "| fastest step lorakit / PEFT s (ratio) | step-1 loss lorakit / PEFT |")  # fmt: skip
+    print("| --- " * (11 if on_gpu else 10) + "|")
+    for name, mine, peft in rows:
+        above_m, above_p = mine["peak_rss"] - mine["base_rss"], peft["peak_rss"] - peft["base_rss"]
+        gpu = (f"| {gib(mine['peak_gpu'])} / {gib(peft['peak_gpu'])} ({mine['peak_gpu'] / peft['peak_gpu']:.2f}x) "
+               if on_gpu else "")  # fmt: skip
+        print(f"| {name} | {mine['step_s']:.3f} | {peft['step_s']:.3f} | {mine['tokens_s'] / peft['tokens_s']:.2f}x {gpu}"
+              f"| {gib(mine['peak_rss'])} / {gib(peft['peak_rss'])} ({mine['peak_rss'] / peft['peak_rss']:.2f}x) "
+              f"| {gib(above_m)} / {gib(above_p)} ({above_m / above_p:.2f}x) "
+              f"| {mine['step_s'] / limit['limit_s']:.2f}x | {peft['step_s'] / limit['limit_s']:.2f}x "
+              f"| {mine['best_s']:.3f} / {peft['best_s']:.3f} ({peft['best_s'] / mine['best_s']:.2f}x) "
+              f"| {mine['losses'][0]:.4f} / {peft['losses'][0]:.4f} |")  # fmt: skip
 
 
 def levers(work: Path, size: dict, limit: dict) -> None:

@@ -11,6 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+# Where the equality tests of the optimised paths run: CPU always, and a CUDA GPU when there is one
+# (bench/gpu_check.sh runs them there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 # A Llama-3 style template: header tokens around the role, <|eot_id|> closes every turn.
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import tiny_gpt2, tiny_llama
+from helpers import DEVICES, tiny_gpt2, tiny_llama
 from lorakit import activation_checkpointing, attention
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter
@@ -20,8 +20,8 @@ LAYERS = 4
 PROJECTIONS = 7  # q, k, v, o, gate, up, down per Llama layer
 
 
-def _model(dtype: torch.dtype, dropout: float = 0.0, packed: bool = False):
-    model = tiny_llama(num_hidden_layers=LAYERS, attn_implementation="sdpa").to(dtype)
+def _model(dtype: torch.dtype, dropout: float = 0.0, packed: bool = False, device: str = "cpu"):
+    model = tiny_llama(num_hidden_layers=LAYERS, attn_implementation="sdpa").to(device, dtype)
     if packed:
         assert attention.use_varlen_attention(model)
     inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
@@ -56,15 +56,15 @@ def _batch(packed: bool):
     return batch
 
 
-def _run(mode, dtype=torch.float32, dropout=0.0, packed=False, hook=None):
+def _run(mode, dtype=torch.float32, dropout=0.0, packed=False, hook=None, device="cpu"):
     """Loss, gradients of the adapters, base-projection calls in forward and in backward."""
-    model, calls = _model(dtype, dropout, packed)
+    model, calls = _model(dtype, dropout, packed, device)
     if hook is not None:
         model.model.layers[0].self_attn.q_proj.register_forward_hook(hook)
     if mode:
         activation_checkpointing.enable(model, mode)
     torch.manual_seed(5)  # dropout masks
-    loss = model(**_batch(packed)).loss
+    loss = model(**{k: v.to(device) for k, v in _batch(packed).items()}).loss
     forward_calls = calls["n"]
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -82,11 +82,12 @@ def _assert_close(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype,dropout,packed", [(torch.float32, 0.1, False), (torch.float32, 0.0, True), (torch.bfloat16, 0.0, True)])
-def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed):
-    plain = _run(False, dtype, dropout, packed)
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed, device):
+    plain = _run(False, dtype, dropout, packed, device=device)
     assert plain[2] == LAYERS * PROJECTIONS and plain[3] == 0
     for mode in (True, "full", "selective"):
-        got = _run(mode, dtype, dropout, packed)
+        got = _run(mode, dtype, dropout, packed, device=device)
         _assert_close(got, plain, dtype)
         assert got[2] == LAYERS * PROJECTIONS
         # backward reruns every layer but the last: full recomputes its projections, selective none

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_llama
+from helpers import DEVICES, tiny_llama
 from lorakit import attention
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter
@@ -86,7 +86,8 @@ def test_blocked_attention_rejects_uneven_head_groups():
 # blocked kernel for every example (default), for none, and for the short ones only: a row mixes
 # both kernels when BLOCKED_ATTENTION_MAX_LEN falls between its examples' lengths
 @pytest.mark.parametrize("blocked,max_len", [(True, 1024), (False, 1024), (True, 20)])
-def test_varlen_attention_equals_sdpa_with_block_mask(monkeypatch, blocked, max_len):
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA every example goes to SDPA
+def test_varlen_attention_equals_sdpa_with_block_mask(monkeypatch, blocked, max_len, device):
     from lorakit.attention import VARLEN_ATTENTION, use_varlen_attention
     from lorakit.loss import token_loss_sum
 
@@ -95,14 +96,15 @@ def test_varlen_attention_equals_sdpa_with_block_mask(monkeypatch, blocked, max_
     monkeypatch.setattr(attention, "ATTENTION_BLOCK_ROWS", 8)
     results = []
     for varlen in (False, True):
-        model = tiny_llama()
+        model = tiny_llama().to(device)
         if varlen:
             assert use_varlen_attention(model) and model.config._attn_implementation == VARLEN_ATTENTION
         inject_adapter(model, LoraConfig(r=4, alpha=8))
         model.train()
         losses, grads = [], None
         for seed in (0, 1, 2):  # several batches in a row: the per-forward segment cache must not go stale
-            loss, _ = token_loss_sum(model, _packed_batch(seed), chunk_tokens=16)
+            batch = {k: v.to(device) for k, v in _packed_batch(seed).items()}
+            loss, _ = token_loss_sum(model, batch, chunk_tokens=16)
             loss.backward()
             losses.append(loss.item())
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import tiny_llama
+from helpers import DEVICES, tiny_llama
 from lorakit import fused
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter, lora_layers
@@ -228,8 +228,8 @@ def test_use_fused_rms_norm_only_switches_the_llama_formula():
     torch.testing.assert_close(model[1](x), GemmaStyleRMSNorm(16)(x))
 
 
-def _model_step(dtype: torch.dtype, dropout: float = 0.0) -> tuple[float, dict[str, torch.Tensor]]:
-    model = tiny_llama(seed=0).to(dtype)
+def _model_step(dtype: torch.dtype, dropout: float = 0.0, device: str = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
+    model = tiny_llama(seed=0).to(device, dtype)
     model.config.final_logit_softcapping = None
     inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
     if fused.FUSED_RMS_NORM:
@@ -244,32 +244,34 @@ def _model_step(dtype: torch.dtype, dropout: float = 0.0) -> tuple[float, dict[s
     labels = ids.clone()
     labels[:, :3] = -100
     positions = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)  # two packed examples per row
-    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
     loss, count = token_loss_sum(model, batch, chunk_tokens=16)
     (loss / count).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return float(loss.detach() / count), grads
 
 
-def test_model_step_fp32_equals_plain():
-    loss, grads = _model_step(torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_step_fp32_equals_plain(device):
+    loss, grads = _model_step(torch.float32, device=device)
     with plain_path():
-        want_loss, want = _model_step(torch.float32)
+        want_loss, want = _model_step(torch.float32, device=device)
     assert abs(loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss))
     assert grads.keys() == want.keys() and len(grads) == 2 * 7 * 2
     for name in grads:
         torch.testing.assert_close(grads[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_model_step_bf16_equals_plain():
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_step_bf16_equals_plain(device):
     # In bf16 every gradient of the plain path is itself ~1% (relative) away from the fp32 result
     # on this tiny model, so two bf16 paths that round differently sit ~1.4% apart per tensor.
     # Checked: the loss and all gradients together within 1e-2 of the plain bf16 path, each
     # tensor within 3e-2, and the fused path no further from the fp32 result than the plain one.
-    loss, grads = _model_step(torch.bfloat16)
+    loss, grads = _model_step(torch.bfloat16, device=device)
     with plain_path():
-        want_loss, want = _model_step(torch.bfloat16)
-        _, exact = _model_step(torch.float32)
+        want_loss, want = _model_step(torch.bfloat16, device=device)
+        _, exact = _model_step(torch.float32, device=device)
     assert abs(loss - want_loss) <= 1e-2 * abs(want_loss)
 
     def flat(d: dict) -> torch.Tensor:
