@@ -26,9 +26,10 @@ computes the gradient with respect to the hidden states already in forward (soft
 one-hot, times the head weight), so backward is a scale of a (T, hidden) tensor: neither the
 (T, vocab) logits nor a recomputation of the head (what activation checkpointing would do) is
 needed. Per chunk, one (chunk, vocab) block in the head's dtype holds the logits and then, in
-place, their gradient; the fp32 softmax runs `SOFTMAX_ROWS` rows at a time in a small buffer that
-stays in cache; with a caller-kept `workspace` both buffers live across steps, since a fresh
-block of that size costs a page fault per 4 KiB on every step.
+place, their gradient; on CPU the fp32 softmax runs `SOFTMAX_ROWS` rows at a time in a small buffer
+that stays in cache (on a GPU, the whole block at once); with a caller-kept `workspace` both
+buffers live across steps, since a fresh block of that size costs a page fault per 4 KiB on every
+step.
 
 `rms_norm` is the Llama-style RMSNorm (normalise in fp32, cast, then scale) with x kept in its own
 dtype for backward; `use_fused_rms_norm` switches a model's norms to it after checking each gives
@@ -181,9 +182,10 @@ def _scratch(workspace: Optional[dict], name: str, rows: int, cols: int, dtype: 
     return buf[:rows]
 
 
-# Rows of the logits block converted to fp32 at a time for the softmax: 32 x 32k vocab is 4 MB,
-# which stays in cache across the softmax passes; 32 to 128 rows run equally fast (150 ms for
-# the head + loss of 1022 tokens), 16 slower (153 ms), so the smallest buffer wins.
+# Rows of the logits block converted to fp32 at a time for the softmax on CPU: 32 x 32k vocab is
+# 4 MB, which stays in cache across the softmax passes; 32 to 128 rows run equally fast (150 ms for
+# the head + loss of 1022 tokens), 16 slower (153 ms), so the smallest buffer wins. On a GPU the
+# softmax takes the whole chunk at once: every slice costs a dozen kernel launches.
 SOFTMAX_ROWS = 32
 
 
@@ -194,6 +196,7 @@ def _cross_entropy_rows(
     block is overwritten, in place, with d loss / d logits (softmax minus one-hot, zero rows for
     ignored targets)."""
     rows = torch.arange(logits.shape[0], device=logits.device)
+    on_cpu = logits.device.type == "cpu"
     valid = targets != ignore_index
     safe_t = targets.clamp(min=0)
     if softcap:
@@ -209,8 +212,9 @@ def _cross_entropy_rows(
     if need_grad:
         probs.mul_(sums.reciprocal_())
         probs[rows, safe_t] -= 1.0
-        # a host check, but it saves a pass over the block when every row counts (the usual case)
-        if not bool(valid.all()):
+        # On CPU a host check saves a pass over the block when every row counts (the usual case);
+        # on a GPU the pass costs less than the sync.
+        if not on_cpu or not bool(valid.all()):
             probs.mul_(valid.unsqueeze(1))
         if softcap:
             probs.mul_(1 - capped * capped)
@@ -245,14 +249,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(h, weight.t(), out=block)
             else:
                 torch.addmm(bias, h, weight.t(), out=block)
-            for row in range(0, h.shape[0], SOFTMAX_ROWS):
-                part = block[row : row + SOFTMAX_ROWS]
+            step = SOFTMAX_ROWS if h.device.type == "cpu" else block_rows
+            for row in range(0, h.shape[0], step):
+                part = block[row : row + step]
                 if part.dtype == torch.float32:
                     fp32 = part
                 else:
-                    fp32 = _scratch(workspace, "fp32", SOFTMAX_ROWS, vocab, torch.float32, h.device)[: part.shape[0]]
+                    fp32 = _scratch(workspace, "fp32", step, vocab, torch.float32, h.device)[: part.shape[0]]
                     fp32.copy_(part)
-                total += _cross_entropy_rows(fp32, t[row : row + SOFTMAX_ROWS], ignore_index, softcap, need_grad)
+                total += _cross_entropy_rows(fp32, t[row : row + step], ignore_index, softcap, need_grad)
                 if need_grad and fp32 is not part:
                     part.copy_(fp32)
             if need_grad:
@@ -282,8 +287,9 @@ def linear_cross_entropy_sum(
 
     hidden: (T, H); weight: (V, H), frozen; targets: (T,) with `ignore_index` for no loss.
     Logits are computed `chunk` rows at a time in the head's dtype, and their softmax in fp32
-    `SOFTMAX_ROWS` rows at a time (after an optional tanh softcap); the gradient for `hidden` is
-    computed in forward, so backward needs no logits and no recompute.
+    `SOFTMAX_ROWS` rows at a time on CPU, the whole chunk on a GPU (after an optional tanh
+    softcap); the gradient for `hidden` is computed in forward, so backward needs no logits and no
+    recompute.
     workspace: a dict the caller keeps between calls; the (chunk, V) block and the fp32 rows live
     there instead of being allocated afresh each call (None: allocate per call).
     """

@@ -144,11 +144,12 @@ def test_lora_linear_4bit_equals_plain():
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_linear_cross_entropy_equals_full_logits(softcap):
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_equals_full_logits(softcap, device):
     torch.manual_seed(0)
-    hidden = torch.randn(37, 16, requires_grad=True)
-    weight = torch.randn(50, 16)
-    targets = torch.randint(0, 50, (37,))
+    hidden = torch.randn(37, 16).to(device).requires_grad_(True)
+    weight = torch.randn(50, 16).to(device)
+    targets = torch.randint(0, 50, (37,)).to(device)
     targets[::5] = -100
     got = fused.linear_cross_entropy_sum(hidden, weight, targets, chunk=8, softcap=softcap)
     (g_got,) = torch.autograd.grad(2.5 * got, hidden)
@@ -162,16 +163,18 @@ def test_linear_cross_entropy_equals_full_logits(softcap):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_workspace_and_row_slices(monkeypatch, dtype):
+@pytest.mark.parametrize("softmax_rows", [5, 8])  # 8: the whole chunk at once, as on a GPU
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_workspace_and_row_slices(monkeypatch, dtype, softmax_rows, device):
     # softmax slices of 5 rows over chunks of 8: slice and chunk boundaries fall everywhere; the kept
     # workspace must give the same result when reused for a call with fewer rows
-    monkeypatch.setattr(fused, "SOFTMAX_ROWS", 5)
+    monkeypatch.setattr(fused, "SOFTMAX_ROWS", softmax_rows)
     torch.manual_seed(0)
-    weight = torch.randn(50, 16).to(dtype)
+    weight = torch.randn(50, 16).to(device, dtype)
     workspace: dict = {}
     for rows in (37, 21):
-        hidden = torch.randn(rows, 16).to(dtype).requires_grad_(True)
-        targets = torch.randint(0, 50, (rows,))
+        hidden = torch.randn(rows, 16).to(device, dtype).requires_grad_(True)
+        targets = torch.randint(0, 50, (rows,)).to(device)
         targets[::4] = -100
         got = fused.linear_cross_entropy_sum(hidden, weight, targets, chunk=8, workspace=workspace)
         (g_got,) = torch.autograd.grad(got, hidden)
