@@ -19,8 +19,9 @@ Checkpointing cases: "ckpt" runs full checkpointing on both sides; "selective" r
 Each side runs in its own process: `warmup` steps, then `steps` timed steps; step time and tokens/s
 are medians; memory is the process's peak RSS (ru_maxrss) after its last step, also shown above
 the RSS right after the imports (torch, transformers, lorakit or peft); on a CUDA GPU the table adds
-each side's peak GPU memory (torch.cuda.max_memory_allocated). The limit is the FLOPs no LoRA trainer can avoid divided by the best
-bf16 GEMM rate measured in the same run on the model's own GEMM shapes:
+each side's peak GPU memory (torch.cuda.max_memory_allocated). The limit is the FLOPs no LoRA
+trainer can avoid divided by the best bf16 GEMM rate measured in the same run on the model's own
+GEMM shapes:
   forward GEMMs of every linear layer and the head (2·T·in·out each), the input-gradient GEMMs of
   backward (the same again), attention scores and PV forward (4·d per attended query-key pair,
   causal within each packed example) and backward (2x forward), adapters 6·T·r·(in+out).
