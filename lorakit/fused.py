@@ -196,7 +196,6 @@ def _cross_entropy_rows(
     block is overwritten, in place, with d loss / d logits (softmax minus one-hot, zero rows for
     ignored targets)."""
     rows = torch.arange(logits.shape[0], device=logits.device)
-    on_cpu = logits.device.type == "cpu"
     valid = targets != ignore_index
     safe_t = targets.clamp(min=0)
     if softcap:
@@ -214,7 +213,7 @@ def _cross_entropy_rows(
         probs[rows, safe_t] -= 1.0
         # On CPU a host check saves a pass over the block when every row counts (the usual case);
         # on a GPU the pass costs less than the sync.
-        if not on_cpu or not bool(valid.all()):
+        if logits.device.type != "cpu" or not bool(valid.all()):
             probs.mul_(valid.unsqueeze(1))
         if softcap:
             probs.mul_(1 - capped * capped)
