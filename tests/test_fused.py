@@ -188,6 +188,21 @@ def test_linear_cross_entropy_workspace_and_row_slices(monkeypatch, dtype, softm
     assert ("fp32" in workspace) == (dtype != torch.float32)
 
 
+def test_linear_cross_entropy_when_the_target_probability_underflows():
+    # logit gaps of ~300: the targets' fp32 probabilities are 0, yet their loss is finite and exact
+    torch.manual_seed(0)
+    hidden = torch.eye(16, dtype=torch.float64)[:6]  # logits[i, v] = weight[v, i]
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    weight[0] = 300.0  # token 0 wins every row by a wide margin
+    targets = torch.tensor([1, 2, 3, 0, 4, -100])
+    logits = hidden @ weight.t()
+    assert (torch.softmax(logits.float(), 1)[torch.arange(5), targets[:5]][[0, 1, 2, 4]] == 0).all()
+    want = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    got = fused.linear_cross_entropy_sum(hidden.float(), weight.float(), targets, chunk=4)
+    assert torch.isfinite(got) and want.item() > 4 * 100
+    assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_rms_norm_equals_transformers(dtype, tol):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
