@@ -300,6 +300,7 @@ def pooled(outs: list[dict], size: dict) -> dict:
     out = dict(outs[0])
     timed = [t for o in outs for t in o["times"][size["warmup"] :]]
     out["step_s"], out["best_s"] = statistics.median(timed), min(timed)
+    out["round_s"] = [o["step_s"] for o in outs]  # a slow spell on a shared host shows as one slow round
     out["tokens_s"] = size["batch"] * size["seq"] / out["step_s"]
     out["peak_rss"] = max(o["peak_rss"] for o in outs)
     out["base_rss"] = min(o["base_rss"] for o in outs)
@@ -364,9 +365,10 @@ def main() -> None:
                     runs[side].append(child(work, size, side, case))
             peft, mine = pooled(runs["peft"], size), pooled(runs["lorakit"], size)
             rows.append((name, mine, peft))
-            print(f"  {name}: lorakit {mine['step_s']:.3f} s/step, {gib(mine['peak_rss'])} GiB; "
-                  f"peft {peft['step_s']:.3f} s/step, {gib(peft['peak_rss'])} GiB; first loss {mine['losses'][0]:.4f} / "
-                  f"{peft['losses'][0]:.4f}", flush=True)  # fmt: skip
+            rounds = {side: " ".join(f"{t:.3f}" for t in out["round_s"]) for side, out in (("lorakit", mine), ("peft", peft))}
+            print(f"  {name}: lorakit {mine['step_s']:.3f} s/step (rounds {rounds['lorakit']}), {gib(mine['peak_rss'])} GiB; "
+                  f"peft {peft['step_s']:.3f} s/step (rounds {rounds['peft']}), {gib(peft['peak_rss'])} GiB; "
+                  f"first loss {mine['losses'][0]:.4f} / {peft['losses'][0]:.4f}", flush=True)  # fmt: skip
         print_table(rows, limit)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
