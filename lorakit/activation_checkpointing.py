@@ -75,10 +75,11 @@ class KeptSlot:
         return (out, after_a) if out._version == version else None
 
 
-def current() -> Optional[KeptOutputs]:
-    """The kept outputs of the checkpointed layer running now on this thread, if any."""
+def current_slot(module: nn.Module) -> Optional[KeptSlot]:
+    """`module`'s slot in the kept outputs of the selectively checkpointed layer running now on
+    this thread; None outside one."""
     stack = getattr(_state, "stack", None)
-    return stack[-1] if stack else None
+    return stack[-1].slot(module) if stack else None
 
 
 @contextlib.contextmanager

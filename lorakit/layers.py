@@ -252,10 +252,9 @@ class LoraLayer(nn.Module):
 
             drop = self.lora_dropout[name]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            kept = activation_checkpointing.current()  # set inside a selectively checkpointed layer
             return lora_linear(
                 x, self.lora_A[name], self.lora_B[name], base=self.base_forward, dense_weight=self._dense_weight_like,
-                scale=self.scaling[name], dropout=p, kept=kept.slot(self) if kept is not None else None,
+                scale=self.scaling[name], dropout=p, kept=activation_checkpointing.current_slot(self),
             )  # fmt: skip
         return self.plain_forward(x)
 
