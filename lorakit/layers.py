@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import activation_checkpointing
 from lorakit.errors import UserError
 
 
@@ -247,7 +248,6 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
         if not (self.disabled or name is None or name in self.merged) and self._fused_ok(x, self.lora_A[name]):
-            from lorakit import activation_checkpointing
             from lorakit.fused import lora_linear
 
             drop = self.lora_dropout[name]
