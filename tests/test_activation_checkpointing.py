@@ -95,8 +95,10 @@ def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed, de
 
 
 def test_selective_rerun_reuses_the_attention_output(monkeypatch):
-    # Packed rows on CPU go through the blocked kernel: 2 batched GEMMs per query block forward
-    # (scores, probabilities @ values), 4 backward. Its selective rerun computes the scores only.
+    # Packed rows on CPU go through the blocked kernel; in PyTorch it makes 2 batched GEMMs per
+    # query block forward (scores, probabilities @ values), 4 backward. Its selective rerun
+    # computes the scores only.
+    monkeypatch.setattr(attention, "COMPILED_ATTENTION", False)
     calls = {"n": 0}
     real_bmm = torch.bmm
 
@@ -119,6 +121,31 @@ def test_selective_rerun_reuses_the_attention_output(monkeypatch):
     assert blocks > 0 and forward == 2 * LAYERS * blocks
     assert full_backward == 2 * (LAYERS - 1) * blocks + 4 * LAYERS * blocks
     assert counts["selective"] == (forward, (LAYERS - 1) * blocks + 4 * LAYERS * blocks)
+
+
+def test_selective_rerun_reuses_the_compiled_attention_output(monkeypatch):
+    # The compiled kernel runs once per layer; in the selective rerun it gets the kept output and
+    # computes only the probabilities (the gradients are held equal by the test above this one).
+    from lorakit import cpu_kernels
+
+    real = cpu_kernels.ops()
+    calls = []
+
+    class Counting:
+        def attention_forward(self, *args):
+            calls.append(args[-1] is not None)  # kept_out: a rerun that writes no output
+            return real.attention_forward(*args)
+
+        def attention_backward(self, *args):
+            return real.attention_backward(*args)
+
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: Counting())
+    for mode, reruns in ((True, [False] * (LAYERS - 1)), ("selective", [True] * (LAYERS - 1))):
+        model, _ = _model(torch.float32, packed=True)
+        activation_checkpointing.enable(model, mode)
+        calls.clear()
+        model(**_batch(packed=True)).loss.backward()
+        assert calls == [False] * LAYERS + reruns, mode
 
 
 def test_output_changed_in_place_is_recomputed_not_replayed():

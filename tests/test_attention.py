@@ -1,5 +1,6 @@
 """lorakit.attention: per-example causal attention for packed rows equals SDPA (1e-5 in fp32; in bf16
-as close to the fp64 result as torch's own flash kernel)."""
+as close to the fp64 result as torch's own flash kernel), with the blocked CPU kernel compiled
+(lorakit.cpu_kernels) and in PyTorch; the compiled kernel builds here, and its absence falls back."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICES, tiny_llama
-from lorakit import attention
+from lorakit import attention, cpu_kernels
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter
 
@@ -27,6 +28,41 @@ def _packed_batch(seed: int):
         torch.cat([torch.arange(5), torch.arange(30 - seed), torch.arange(5 + seed)]),
     ])  # fmt: skip
     return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def blocked_kernel(request, monkeypatch):
+    """Runs a test with the blocked CPU kernel compiled and with its PyTorch version."""
+    monkeypatch.setattr(attention, "COMPILED_ATTENTION", request.param == "compiled")
+    return request.param
+
+
+def test_compiled_kernels_build_here():
+    # the machines that run these tests have a compiler: the compiled path must be what they test
+    ops = cpu_kernels.ops()
+    assert ops is not None and hasattr(ops, "attention_forward") and hasattr(ops, "attention_backward")
+
+
+def test_without_compiled_kernels_attention_falls_back(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    inputs = _attention_inputs(torch.float32)
+    want = _attend(_sdpa_reference, *inputs)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    with caplog.at_level("WARNING", logger="lorakit.cpu_kernels"):
+        got = _attend(attention.blocked_causal_attention, *inputs)
+        assert cpu_kernels.ops() is None
+    assert "could not be built (Ninja is required to load C++ extensions)" in caplog.text
+    assert caplog.text.count("could not be built") == 1  # said once, not per call
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("LORAKIT_CPU_KERNELS", "0")
+    assert cpu_kernels.ops() is None
 
 
 def _attention_inputs(dtype, length=77, heads=6, kv_heads=2, dim=16, seed=0):
@@ -54,7 +90,7 @@ def _sdpa_reference(q, k, v):
 
 @pytest.mark.parametrize("block_rows", [64, 16, 7])  # one block; several with a partial last block
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (4, 1)])
-def test_blocked_attention_fp32_equals_sdpa(monkeypatch, block_rows, heads, kv_heads):
+def test_blocked_attention_fp32_equals_sdpa(monkeypatch, blocked_kernel, block_rows, heads, kv_heads):
     monkeypatch.setattr(attention, "ATTENTION_BLOCK_ROWS", block_rows)
     inputs = _attention_inputs(torch.float32, heads=heads, kv_heads=kv_heads)
     got = _attend(attention.blocked_causal_attention, *inputs)
@@ -64,7 +100,7 @@ def test_blocked_attention_fp32_equals_sdpa(monkeypatch, block_rows, heads, kv_h
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_blocked_attention_bf16_close_to_fp64():
+def test_blocked_attention_bf16_close_to_fp64(blocked_kernel):
     # bf16 against the fp64 result, next to torch's own bf16 flash kernel on the same inputs
     inputs = _attention_inputs(torch.bfloat16, length=150, heads=12, kv_heads=4, dim=64)
     got = _attend(attention.blocked_causal_attention, *inputs)
@@ -87,7 +123,7 @@ def test_blocked_attention_rejects_uneven_head_groups():
 # both kernels when BLOCKED_ATTENTION_MAX_LEN falls between its examples' lengths
 @pytest.mark.parametrize("blocked,max_len", [(True, 1024), (False, 1024), (True, 20)])
 @pytest.mark.parametrize("device", DEVICES)  # on CUDA every example goes to SDPA
-def test_varlen_attention_equals_sdpa_with_block_mask(monkeypatch, blocked, max_len, device):
+def test_varlen_attention_equals_sdpa_with_block_mask(monkeypatch, blocked_kernel, blocked, max_len, device):
     from lorakit.attention import VARLEN_ATTENTION, use_varlen_attention
     from lorakit.loss import token_loss_sum
 

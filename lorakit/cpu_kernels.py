@@ -1,0 +1,100 @@
+"""lorakit's compiled CPU kernels: built from `lorakit/csrc` on first use, cached, optional.
+
+The C++ sources are compiled with torch's extension builder the first time a CPU training step
+needs them (about 15 s, once per machine, torch version and source) and cached under
+`$LORAKIT_CACHE/kernels` (default `~/.cache/lorakit/kernels`). Without a C++ compiler or ninja,
+or with `LORAKIT_CPU_KERNELS=0`, lorakit logs why once and keeps its pure-PyTorch kernels, which
+compute the same results (tests/test_attention.py holds the two paths equal).
+
+The build targets the machine it runs on (`-march=native`), so the cache key includes the CPU
+model as well as the sources and torch's version: a cache shared between different machines
+keeps one build per CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).parent / "csrc" / "attention_cpu.cpp",)
+_NAME = "lorakit_cpu"
+# -fopenmp: at::parallel_for splits work across threads only when the caller is compiled with
+# OpenMP (torch's libgomp is already loaded; the extension links the same soname). -ffast-math
+# lets the compiler vectorize expf (glibc's libmvec) in the softmax loop.
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_directory() -> Path:
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(" ".join([torch.__version__, platform.machine(), _cpu_model(), *_CFLAGS]).encode())
+    root = Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser() / "kernels"
+    return root / f"{_NAME}-{digest.hexdigest()[:16]}"
+
+
+def _build() -> Optional[object]:
+    if os.environ.get("LORAKIT_CPU_KERNELS", "1") == "0":
+        log.info("LORAKIT_CPU_KERNELS=0: using the PyTorch CPU kernels")
+        return None
+    from torch.utils import cpp_extension
+
+    directory = _build_directory()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob(f"{_NAME}*.so")):
+            log.info("compiling lorakit's CPU kernels into %s (once, about 15 s)", directory)
+        # is_python_module=False: the library registers torch.ops.lorakit_cpu itself, so only
+        # ATen's headers are compiled, not pybind11's.
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a read-only cache, an unsupported platform
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning(
+            "lorakit's CPU kernels could not be built (%s); using the PyTorch kernels instead, which are "
+            "slower on CPU. Install a C++ compiler and `pip install ninja`, or set LORAKIT_CPU_KERNELS=0 "
+            "to silence this.",
+            first_line,
+        )
+        return None
+    return torch.ops.lorakit_cpu
+
+
+def ops() -> Optional[object]:
+    """`torch.ops.lorakit_cpu` (attention_forward, attention_backward), building it on first call;
+    None where it cannot be built (the reason is logged once)."""
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                _state["ops"] = _build()
+    return _state["ops"]
