@@ -19,7 +19,7 @@ import os
 import platform
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -56,7 +56,7 @@ def _build_directory() -> Path:
     return root / f"{_NAME}-{digest.hexdigest()[:16]}"
 
 
-def _build() -> Optional[object]:
+def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
     if os.environ.get("LORAKIT_CPU_KERNELS", "1") == "0":
         log.info("LORAKIT_CPU_KERNELS=0: using the PyTorch CPU kernels")
         return None
@@ -66,7 +66,8 @@ def _build() -> Optional[object]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob(f"{_NAME}*.so")):
-            log.info("compiling lorakit's CPU kernels into %s (once, about 15 s)", directory)
+            message = f"compiling lorakit's CPU kernels into {directory} (once, about 15 s)"
+            announce(message) if announce is not None else log.info(message)
         # is_python_module=False: the library registers torch.ops.lorakit_cpu itself, so only
         # ATen's headers are compiled, not pybind11's.
         cpp_extension.load(
@@ -90,11 +91,12 @@ def _build() -> Optional[object]:
     return torch.ops.lorakit_cpu
 
 
-def ops() -> Optional[object]:
+def ops(announce: Optional[Callable[[str], None]] = None) -> Optional[object]:
     """`torch.ops.lorakit_cpu` (attention_forward, attention_backward), building it on first call;
-    None where it cannot be built (the reason is logged once)."""
+    None where it cannot be built (the reason is logged once). `announce` is told when a build
+    starts (the trainer prints it; otherwise it goes to this module's logger at INFO)."""
     if "ops" not in _state:
         with _lock:
             if "ops" not in _state:
-                _state["ops"] = _build()
+                _state["ops"] = _build(announce)
     return _state["ops"]
