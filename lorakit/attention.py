@@ -185,18 +185,19 @@ class _CompiledBlockedAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, segments: tuple[int, ...], scale: float, kept: Optional[KeptSlot] = None):
         # query (B, H, T, D), key/value (B, H_kv, T, D); returns (B, T, H, D)
         replay = kept.take() if kept is not None and kept.replaying else None
-        out, probs = cpu_kernels.ops().attention_forward(query, key, value, segments, scale, None if replay is None else replay[0])
+        rows = ATTENTION_BLOCK_ROWS
+        out, probs = cpu_kernels.ops().attention_forward(query, key, value, segments, scale, rows, None if replay is None else replay[0])
         if kept is not None and not kept.replaying:
             kept.record(out)
         ctx.save_for_backward(query, key, value, out, probs)
-        ctx.segments, ctx.scale = segments, scale
+        ctx.segments, ctx.scale, ctx.rows = segments, scale, rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, probs = ctx.saved_tensors
         grad_query, grad_key, grad_value = cpu_kernels.ops().attention_backward(
-            grad_out, query, key, value, out, probs, ctx.segments, ctx.scale
+            grad_out, query, key, value, out, probs, ctx.segments, ctx.scale, ctx.rows
         )
         return grad_query.transpose(1, 2), grad_key, grad_value, None, None, None
 

@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "attention_cpu.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("attention_cpu.cpp", "rms_norm_cpu.cpp"))
 _NAME = "lorakit_cpu"
 # -fopenmp: at::parallel_for splits work across threads only when the caller is compiled with
 # OpenMP (torch's libgomp is already loaded; the extension links the same soname). -ffast-math

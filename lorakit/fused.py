@@ -32,8 +32,9 @@ buffers live across steps, since a fresh block of that size costs a page fault p
 step.
 
 `rms_norm` is the Llama-style RMSNorm (normalise in fp32, cast, then scale) with x kept in its own
-dtype for backward; `use_fused_rms_norm` switches a model's norms to it after checking each gives
-bit-identical output.
+dtype for backward; on CPU it runs compiled (lorakit/csrc/rms_norm_cpu.cpp: one pass per row, 5x
+faster in bf16), elsewhere as a few PyTorch ops. `use_fused_rms_norm` switches a model's norms to
+it after checking that each computes the same formula.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ ADAPTER_COMPUTE = "input"
 FUSED_CROSS_ENTROPY = True
 # Llama-style RMSNorm modules run through `rms_norm` (see `use_fused_rms_norm`).
 FUSED_RMS_NORM = True
+# On CPU, `rms_norm` runs lorakit's compiled kernel where it can be built (lorakit.cpu_kernels):
+# fwd+bwd of a (1024, 768) bf16 norm 1.23 -> 0.22 ms.
+COMPILED_RMS_NORM = True
 
 
 # --------------------------------------------------------------------------- LoRA linear
@@ -298,9 +302,26 @@ def linear_cross_entropy_sum(
 
 
 # --------------------------------------------------------------------------- RMSNorm
+def _compiled_rms_norm(x: torch.Tensor, weight: torch.Tensor):
+    """lorakit's compiled CPU ops when they take these tensors, else None."""
+    if not (COMPILED_RMS_NORM and x.device.type == "cpu" and weight.device.type == "cpu"):
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from lorakit import cpu_kernels
+
+    return cpu_kernels.ops()
+
+
 class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ops = _compiled_rms_norm(x, weight)
+        ctx.compiled = ops is not None
+        if ops is not None:
+            out, rstd = ops.rms_norm_forward(x, weight, eps)  # rstd: one fp32 value per row
+            ctx.save_for_backward(x, weight, rstd)
+            return out
         xf = x.to(torch.float32, copy=True)  # a copy even for fp32 x: it is scaled in place
         rstd = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
         normed = xf.mul_(rstd).to(x.dtype)
@@ -310,6 +331,11 @@ class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.compiled:
+            from lorakit import cpu_kernels
+
+            grad_x, grad_weight = cpu_kernels.ops().rms_norm_backward(grad_out, x, weight, rstd, ctx.needs_input_grad[1])
+            return grad_x, grad_weight, None
         normed = x.to(torch.float32, copy=True).mul_(rstd)  # (..., n) fp32, recomputed: x is kept instead
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -340,8 +366,10 @@ def use_fused_rms_norm(model: torch.nn.Module) -> int:
     """Run the model's Llama-style RMSNorm modules through `rms_norm`; returns how many switched.
 
     A module qualifies when its class name ends in "RMSNorm", it has a 1-d `weight` and an epsilon
-    (`variance_epsilon` or `eps`), and its own forward gives bit-identical output to `rms_norm` on a
-    random input: other formulas (Gemma's `1 + weight`, norms without a weight) keep their forward.
+    (`variance_epsilon` or `eps`), and its own forward gives `rms_norm`'s output on a random input,
+    to within rounding (the compiled kernel sums in another order, which can move a result by a few
+    units in the last place): other formulas (Gemma's `1 + weight`, norms without a weight) keep
+    their forward.
     """
     switched = 0
     for module in model.modules():
@@ -359,7 +387,11 @@ def use_fused_rms_norm(model: torch.nn.Module) -> int:
         probe = torch.randn(2, 3, weight.shape[0], generator=torch.Generator().manual_seed(0)).mul_(3)
         probe = probe.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            if not torch.equal(module(probe), rms_norm(probe, weight, eps)):
+            want, got = module(probe), rms_norm(probe, weight, eps)
+            if want.dtype != got.dtype or not want.dtype.is_floating_point:
+                continue
+            ulp = torch.finfo(want.dtype).eps  # a different formula misses by far more than rounding
+            if not torch.allclose(got, want, rtol=8 * ulp, atol=8 * ulp * float(want.abs().max())):
                 continue
         module._lorakit_eps = eps
         module.forward = _fused_rms_norm_forward.__get__(module)

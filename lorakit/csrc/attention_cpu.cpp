@@ -20,29 +20,28 @@
 
 namespace {
 
-// Query rows per block; as ATTENTION_BLOCK_ROWS in attention.py (measured there).
-constexpr int64_t kBlockRows = 64;
-
 struct Task {
-  int64_t row, start, length, kv_head, prob_offset;
+  int64_t row, start, length, kv_head, prob_offset, block_rows;
 };
 
 // One task per (example, key head). Each owns a slice of the flat probability buffer, in which its
 // blocks lie one after another as (query heads of the group x block rows, keys up to block end).
-std::vector<Task> make_tasks(at::IntArrayRef segments, int64_t kv_heads, int64_t per_group, int64_t* total) {
+std::vector<Task> make_tasks(at::IntArrayRef segments, int64_t kv_heads, int64_t per_group, int64_t block_rows,
+                             int64_t* total) {
   TORCH_CHECK(segments.size() % 3 == 0, "segments must be (row, start, end) triples");
+  TORCH_CHECK(block_rows > 0, "block_rows must be positive");
   std::vector<Task> tasks;
   int64_t offset = 0;
   for (size_t i = 0; i < segments.size(); i += 3) {
     const int64_t row = segments[i], start = segments[i + 1], length = segments[i + 2] - start;
     TORCH_CHECK(length > 0, "empty segment");
     int64_t size = 0;
-    for (int64_t r0 = 0; r0 < length; r0 += kBlockRows) {
-      const int64_t r1 = std::min(length, r0 + kBlockRows);
+    for (int64_t r0 = 0; r0 < length; r0 += block_rows) {
+      const int64_t r1 = std::min(length, r0 + block_rows);
       size += per_group * (r1 - r0) * r1;
     }
     for (int64_t g = 0; g < kv_heads; ++g) {
-      tasks.push_back({row, start, length, g, offset});
+      tasks.push_back({row, start, length, g, offset, block_rows});
       offset += size;
     }
   }
@@ -131,7 +130,7 @@ void forward_task(const Task& t, const at::Tensor& q, const at::Tensor& k, const
                   const at::Tensor& probs, float scale, int64_t per_group, bool write_out) {
   const auto opts = q.options();
   const auto fp32 = opts.dtype(at::kFloat);
-  const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * kBlockRows;
+  const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * t.block_rows;
   // (L, D) keys in fp32 for the score GEMM, as flash kernels accumulate scores in fp32
   at::Tensor keys = k.select(0, t.row).select(0, t.kv_head).narrow(0, t.start, t.length).to(at::kFloat);
   at::Tensor values = v.select(0, t.row).select(0, t.kv_head).narrow(0, t.start, t.length);
@@ -141,8 +140,8 @@ void forward_task(const Task& t, const at::Tensor& q, const at::Tensor& k, const
   const Rows<const scalar_t> qrows(q);
   const Rows<scalar_t> orows(out);
   scalar_t* p = probs.data_ptr<scalar_t>() + t.prob_offset;
-  for (int64_t r0 = 0; r0 < t.length; r0 += kBlockRows) {
-    const int64_t r1 = std::min(t.length, r0 + kBlockRows), rows = r1 - r0, n = per_group * rows;
+  for (int64_t r0 = 0; r0 < t.length; r0 += t.block_rows) {
+    const int64_t r1 = std::min(t.length, r0 + t.block_rows), rows = r1 - r0, n = per_group * rows;
     gather_heads(qrows, t.row, h0, per_group, t.start + r0, rows, d, scale, qbuf.data_ptr<float>());
     float* s = sbuf.data_ptr<float>();
     mm_into(view(s, {n, r1}, fp32), qbuf.narrow(0, 0, n), keys.narrow(0, 0, r1).t());
@@ -177,7 +176,7 @@ void backward_task(const Task& t, const at::Tensor& grad_out, const at::Tensor& 
                    const at::Tensor& grad_k, const at::Tensor& grad_v, float scale, int64_t per_group) {
   const auto opts = q.options();
   const auto fp32 = opts.dtype(at::kFloat);
-  const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * kBlockRows, length = t.length;
+  const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * t.block_rows, length = t.length;
   at::Tensor keys = k.select(0, t.row).select(0, t.kv_head).narrow(0, t.start, length);
   at::Tensor values = v.select(0, t.row).select(0, t.kv_head).narrow(0, t.start, length);
   const Rows<const scalar_t> qrows(q), grows(grad_out), orows(out);
@@ -199,8 +198,8 @@ void backward_task(const Task& t, const at::Tensor& grad_out, const at::Tensor& 
   at::Tensor sbuf = at::empty({block * length}, opts); // dP, then dS in place
   const Rows<scalar_t> dqrows(grad_q);
   const scalar_t* p = probs.data_ptr<scalar_t>() + t.prob_offset;
-  for (int64_t r0 = 0; r0 < length; r0 += kBlockRows) {
-    const int64_t r1 = std::min(length, r0 + kBlockRows), rows = r1 - r0, n = per_group * rows;
+  for (int64_t r0 = 0; r0 < length; r0 += t.block_rows) {
+    const int64_t r1 = std::min(length, r0 + t.block_rows), rows = r1 - r0, n = per_group * rows;
     at::Tensor gb = gbuf.narrow(0, 0, n), qb = qbuf.narrow(0, 0, n), kv = kvbuf.narrow(0, 0, r1);
     at::Tensor pb = view(const_cast<scalar_t*>(p), {n, r1}, opts);
     gather_tokens(grows, t.row, h0, per_group, t.start + r0, rows, d, gbuf.data_ptr<scalar_t>());
@@ -249,16 +248,17 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 }
 
 // query (B, H, T, D), key/value (B, H_kv, T, D), segments (row, start, end) triples covering the
-// examples; returns the output (B, T, H, D) and the flat probability buffer. With `kept_out` (a
+// examples, block_rows query rows per block; returns the output (B, T, H, D) and the flat
+// probability buffer. With `kept_out` (a
 // selective-checkpointing rerun, whose output was kept) only the probabilities are computed.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                                     at::IntArrayRef segments, double scale,
+                                                     at::IntArrayRef segments, double scale, int64_t block_rows,
                                                      const std::optional<at::Tensor>& kept_out) {
   check_inputs(query, key, value);
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
   const int64_t kv_heads = k.size(1), per_group = q.size(1) / kv_heads;
   int64_t total = 0;
-  const auto tasks = make_tasks(segments, kv_heads, per_group, &total);
+  const auto tasks = make_tasks(segments, kv_heads, per_group, block_rows, &total);
   at::Tensor probs = at::empty({total}, q.options());
   const bool write_out = !kept_out.has_value();
   at::Tensor out = write_out ? at::zeros({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()) : *kept_out;
@@ -275,13 +275,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& query,
                                                                   const at::Tensor& key, const at::Tensor& value,
                                                                   const at::Tensor& out, const at::Tensor& probs,
-                                                                  at::IntArrayRef segments, double scale) {
+                                                                  at::IntArrayRef segments, double scale,
+                                                                  int64_t block_rows) {
   check_inputs(query, key, value);
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
   const at::Tensor g = unit_stride(grad_out.to(q.scalar_type())), o = unit_stride(out);
   const int64_t kv_heads = k.size(1), per_group = q.size(1) / kv_heads;
   int64_t total = 0;
-  const auto tasks = make_tasks(segments, kv_heads, per_group, &total);
+  const auto tasks = make_tasks(segments, kv_heads, per_group, block_rows, &total);
   TORCH_CHECK(probs.numel() == total, "the probability buffer does not match the segments");
   at::Tensor grad_q = at::zeros({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());
   at::Tensor grad_k = at::zeros(k.sizes(), k.options());
@@ -297,10 +298,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
 }  // namespace
 
 TORCH_LIBRARY(lorakit_cpu, m) {
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, int[] segments, float scale, Tensor? kept_out) -> (Tensor, Tensor)");
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, int[] segments, float scale, int block_rows, Tensor? kept_out) "
+      "-> (Tensor, Tensor)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor probs, int[] segments, "
-      "float scale) -> (Tensor, Tensor, Tensor)");
+      "float scale, int block_rows) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lorakit_cpu, CPU, m) {
