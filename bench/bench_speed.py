@@ -70,6 +70,8 @@ LEVERS = [
     ("  loss softmax over the whole block (not 32 rows)", {"lorakit.fused.SOFTMAX_ROWS": 1024}, {}),
     ("- fused RMSNorm (transformers' module)", {"lorakit.fused.FUSED_RMS_NORM": False}, {}),
     ("- blocked CPU attention (torch's flash SDPA per example)", {"lorakit.attention.BLOCKED_ATTENTION": False}, {}),
+    ("  blocked CPU attention in PyTorch (not compiled)", {"lorakit.attention.COMPILED_ATTENTION": False}, {}),
+    ("  fused RMSNorm in PyTorch (not compiled)", {"lorakit.fused.COMPILED_RMS_NORM": False}, {}),
     ("  loss chunk 256 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 256}, {}),
     ("  loss chunk 1024 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 1024}, {}),
     ("+ train.compile: true", {}, {"train.compile": True}),

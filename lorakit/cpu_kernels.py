@@ -1,10 +1,11 @@
 """lorakit's compiled CPU kernels: built from `lorakit/csrc` on first use, cached, optional.
 
 The C++ sources are compiled with torch's extension builder the first time a CPU training step
-needs them (about 15 s, once per machine, torch version and source) and cached under
+needs them (about 20 s, once per machine, torch version and source) and cached under
 `$LORAKIT_CACHE/kernels` (default `~/.cache/lorakit/kernels`). Without a C++ compiler or ninja,
 or with `LORAKIT_CPU_KERNELS=0`, lorakit logs why once and keeps its pure-PyTorch kernels, which
-compute the same results (tests/test_attention.py holds the two paths equal).
+compute the same results (tests/test_attention.py and tests/test_fused.py hold the two equal).
+The kernels: packed-row causal attention (lorakit.attention) and RMSNorm (lorakit.fused).
 
 The build targets the machine it runs on (`-march=native`), so the cache key includes the CPU
 model as well as the sources and torch's version: a cache shared between different machines
@@ -66,7 +67,7 @@ def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob(f"{_NAME}*.so")):
-            message = f"compiling lorakit's CPU kernels into {directory} (once, about 15 s)"
+            message = f"compiling lorakit's CPU kernels into {directory} (once, about 20 s)"
             announce(message) if announce is not None else log.info(message)
         # is_python_module=False: the library registers torch.ops.lorakit_cpu itself, so only
         # ATen's headers are compiled, not pybind11's.
@@ -92,9 +93,10 @@ def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
 
 
 def ops(announce: Optional[Callable[[str], None]] = None) -> Optional[object]:
-    """`torch.ops.lorakit_cpu` (attention_forward, attention_backward), building it on first call;
-    None where it cannot be built (the reason is logged once). `announce` is told when a build
-    starts (the trainer prints it; otherwise it goes to this module's logger at INFO)."""
+    """`torch.ops.lorakit_cpu` (attention_forward / _backward, rms_norm_forward / _backward),
+    built on the first call; None where it cannot be built (the reason is logged once).
+    `announce` is told when a build starts (the trainer prints it; otherwise it goes to this
+    module's logger at INFO)."""
     if "ops" not in _state:
         with _lock:
             if "ops" not in _state:
