@@ -207,11 +207,14 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         frozen_summary = f"frozen weights {frozen / 2**20:.1f} MiB ({8 * frozen / max(1, sum(p.numel() for p in model.parameters())):.0f} bits/param)"
     from lorakit import attention, fused
 
-    if attention.VARLEN_ENABLED and attention.use_varlen_attention(model):  # per-example attention for packed rows
-        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and attention.COMPILED_ATTENTION:
-            from lorakit import cpu_kernels
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        from lorakit import cpu_kernels
 
-            cpu_kernels.ops(announce=log if dist.is_main else None)  # build now rather than inside the first step
+        # lorakit's compiled attention and RMSNorm: built here (once per machine, said aloud) rather
+        # than silently inside the first step
+        cpu_kernels.ops(announce=log if dist.is_main else None)
+    if attention.VARLEN_ENABLED:
+        attention.use_varlen_attention(model)  # per-example causal attention for packed rows
     inject_adapter(model, cfg.lora)
     if fused.FUSED_RMS_NORM:
         fused.use_fused_rms_norm(model)
