@@ -75,8 +75,8 @@ struct Rows {
   T* at(int64_t b, int64_t x, int64_t y) const { return data + b * sb + x * sx + y * sy; }
 };
 
-// Copies rows r0..r0+rows of heads h0..h0+heads at sequence offset `start` (a (B, H, T, D) tensor)
-// into a (heads x rows, D) block, converted to U and multiplied by `factor`.
+// Copies positions pos..pos+rows of heads h0..h0+heads of row b of a (B, H, T, D) tensor into a
+// (heads x rows, D) block, converted to U and multiplied by `factor`.
 template <typename T, typename U>
 void gather_heads(const Rows<const T>& src, int64_t b, int64_t h0, int64_t heads, int64_t pos, int64_t rows,
                   int64_t d, float factor, U* dst) {

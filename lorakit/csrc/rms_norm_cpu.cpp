@@ -13,7 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <vector>
+#include <type_traits>
 
 namespace {
 
@@ -77,17 +77,19 @@ void check(const at::Tensor& x, const at::Tensor& weight) {
               "weight must be float32 or bfloat16");
 }
 
-// Dispatches fn<x_t, w_t>() over the two supported dtypes of each.
+// Calls fn(x_data, weight_data) with pointers of the tensors' element types (float32 or bfloat16).
 template <typename Fn>
-void dispatch(at::ScalarType x_type, at::ScalarType w_type, const Fn& fn) {
-  if (x_type == at::kBFloat16) {
-    if (w_type == at::kBFloat16) fn(at::BFloat16(), at::BFloat16());
-    else fn(at::BFloat16(), float());
-  } else {
-    if (w_type == at::kBFloat16) fn(float(), at::BFloat16());
-    else fn(float(), float());
-  }
+void with_typed_data(const at::Tensor& x, const at::Tensor& weight, const Fn& fn) {
+  auto data = [](const at::Tensor& t, auto tag) { return static_cast<const decltype(tag)*>(t.data_ptr()); };
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16, w_bf16 = weight.scalar_type() == at::kBFloat16;
+  if (x_bf16 && w_bf16) fn(data(x, at::BFloat16()), data(weight, at::BFloat16()));
+  else if (x_bf16) fn(data(x, at::BFloat16()), data(weight, float()));
+  else if (w_bf16) fn(data(x, float()), data(weight, at::BFloat16()));
+  else fn(data(x, float()), data(weight, float()));
 }
+
+template <typename P>
+using element_t = std::remove_const_t<std::remove_pointer_t<P>>;
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& input, const at::Tensor& weight_in, double eps) {
   check(input, weight_in);
@@ -97,11 +99,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& input, con
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_type));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  dispatch(x.scalar_type(), weight.scalar_type(), [&](auto x_tag, auto w_tag) {
-    using x_t = decltype(x_tag);
-    using w_t = decltype(w_tag);
-    const x_t* xp = static_cast<const x_t*>(x.data_ptr());
-    const w_t* wp = static_cast<const w_t*>(weight.data_ptr());
+  with_typed_data(x, weight, [&](const auto* xp, const auto* wp) {
+    using x_t = element_t<decltype(xp)>;
     if (out_type == x.scalar_type())
       forward_rows(xp, wp, static_cast<x_t*>(out.data_ptr()), rstd.data_ptr<float>(), rows, n, static_cast<float>(eps));
     else
@@ -122,11 +121,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(const at::Te
   const int64_t chunks = (rows + kGrainRows - 1) / kGrainRows;
   at::Tensor partial = weight_grad ? at::zeros({chunks, n}, x.options().dtype(at::kFloat)) : at::Tensor();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  dispatch(x.scalar_type(), weight.scalar_type(), [&](auto x_tag, auto w_tag) {
-    using x_t = decltype(x_tag);
-    using w_t = decltype(w_tag);
-    const x_t* xp = static_cast<const x_t*>(x.data_ptr());
-    const w_t* wp = static_cast<const w_t*>(weight.data_ptr());
+  with_typed_data(x, weight, [&](const auto* xp, const auto* wp) {
+    using x_t = element_t<decltype(xp)>;
     float* gw = weight_grad ? partial.data_ptr<float>() : nullptr;
     if (g.scalar_type() == x.scalar_type())
       backward_rows(static_cast<const x_t*>(g.data_ptr()), xp, wp, rstd.data_ptr<float>(), static_cast<x_t*>(grad_x.data_ptr()),
