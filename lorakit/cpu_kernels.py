@@ -18,6 +18,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,38 +50,56 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build_directory() -> Path:
+def _library_path() -> Path:
+    """Where the built library lives: one file per (sources, torch version, CPU model, flags)."""
     digest = hashlib.sha256()
     for source in SOURCES:
         digest.update(source.read_bytes())
     digest.update(" ".join([torch.__version__, platform.machine(), _cpu_model(), *_CFLAGS]).encode())
     root = Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser() / "kernels"
-    return root / f"{_NAME}-{digest.hexdigest()[:16]}"
+    return root / f"{_NAME}-{digest.hexdigest()[:16]}.so"
+
+
+def _compile_into(library: Path, announce: Optional[Callable[[str], None]]) -> None:
+    """Compile the sources in a private folder and move the library into place in one rename.
+
+    No lock: processes that start together (torchrun's ranks) may each compile, and the last rename
+    wins with an identical file. torch's own build folders take a lock file instead, which a process
+    killed mid-build leaves behind for every later process to wait on.
+    """
+    from torch.utils import cpp_extension
+
+    message = f"compiling lorakit's CPU kernels into {library} (once, about 20 s)"
+    announce(message) if announce is not None else log.info(message)
+    library.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{library.stem}-", dir=library.parent))
+    try:
+        # is_python_module=False: the library registers torch.ops.lorakit_cpu itself, so only
+        # ATen's headers are compiled, not pybind11's. load() also loads it into this process.
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            build_directory=str(staging),
+            is_python_module=False,
+            verbose=False,
+        )
+        os.replace(staging / f"{_NAME}.so", library)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
     if os.environ.get("LORAKIT_CPU_KERNELS", "1") == "0":
         log.info("LORAKIT_CPU_KERNELS=0: using the PyTorch CPU kernels")
         return None
-    from torch.utils import cpp_extension
-
-    directory = _build_directory()
+    library = _library_path()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if not any(directory.glob(f"{_NAME}*.so")):
-            message = f"compiling lorakit's CPU kernels into {directory} (once, about 20 s)"
-            announce(message) if announce is not None else log.info(message)
-        # is_python_module=False: the library registers torch.ops.lorakit_cpu itself, so only
-        # ATen's headers are compiled, not pybind11's.
-        cpp_extension.load(
-            name=_NAME,
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        if library.exists():
+            torch.ops.load_library(str(library))
+        else:
+            _compile_into(library, announce)
     except Exception as exc:  # no compiler, no ninja, a read-only cache, an unsupported platform
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning(

@@ -1,12 +1,15 @@
 """lorakit.cpu_kernels: the compiled kernels build on the machines that run the tests; a build is
-announced once and cached per source, torch version and CPU; without a compiler or with
-LORAKIT_CPU_KERNELS=0 there are none (lorakit then runs its PyTorch kernels: tests/test_attention.py)."""
+announced once, renamed into place whole, and cached per source, torch version and CPU; a failed
+build leaves nothing; without a compiler or with LORAKIT_CPU_KERNELS=0 there are none (lorakit then
+runs its PyTorch kernels: tests/test_attention.py, tests/test_fused.py)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import torch
 from torch.utils import cpp_extension
 
 from lorakit import cpu_kernels
@@ -20,38 +23,50 @@ def test_compiled_kernels_build_here():
 
 @pytest.fixture
 def fake_build(monkeypatch, tmp_path):
-    """An empty kernel cache under tmp_path and a stand-in for the compiler that records its calls."""
-    builds = []
+    """An empty kernel cache under tmp_path, and stand-ins for the compiler and the library loader
+    that record their calls (builds: the compiler's keyword arguments; loads: library paths)."""
+    builds, loads = [], []
 
     def load(**kwargs):
         builds.append(kwargs)
-        (tmp_path / "kernels" / kwargs["build_directory"].rsplit("/", 1)[-1] / "lorakit_cpu.so").touch()
+        (Path(kwargs["build_directory"]) / "lorakit_cpu.so").write_text("built")
 
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(torch.ops, "load_library", loads.append)
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    return builds
+    return builds, loads
 
 
 def test_a_build_is_announced_once_and_cached(monkeypatch, tmp_path, fake_build):
+    builds, loads = fake_build
     said = []
     assert cpu_kernels.ops(announce=said.append) is not None
-    assert len(fake_build) == 1 and len(said) == 1
-    directory = fake_build[0]["build_directory"]
-    assert re.fullmatch(re.escape(str(tmp_path / "kernels")) + r"/lorakit_cpu-[0-9a-f]{16}", directory)
-    assert said[0] == f"compiling lorakit's CPU kernels into {directory} (once, about 20 s)"
-    assert "-fopenmp" in fake_build[0]["extra_cflags"] and fake_build[0]["is_python_module"] is False
-    # later calls in the process reuse it; a new process finds the built library and says nothing
+    library = tmp_path / "kernels" / re.search(r"lorakit_cpu-[0-9a-f]{16}\.so", said[0]).group(0)
+    assert said == [f"compiling lorakit's CPU kernels into {library} (once, about 20 s)"]
+    assert len(builds) == 1 and "-fopenmp" in builds[0]["extra_cflags"] and builds[0]["is_python_module"] is False
+    # built in a private folder, then renamed into place: nothing else is left in the cache
+    assert library.read_text() == "built" and sorted(p.name for p in library.parent.iterdir()) == [library.name]
+    # later calls in the process reuse it; a new process loads the file without compiling
     cpu_kernels.ops(announce=said.append)
-    assert len(fake_build) == 1
     monkeypatch.setattr(cpu_kernels, "_state", {})
     cpu_kernels.ops(announce=said.append)
-    assert len(said) == 1 and fake_build[1]["build_directory"] == directory
+    assert len(builds) == 1 and loads == [str(library)] and len(said) == 1
     # another CPU model builds its own (-march=native code must not run on a different CPU)
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setattr(cpu_kernels, "_cpu_model", lambda: "some other CPU")
     cpu_kernels.ops(announce=said.append)
-    assert len(said) == 2 and fake_build[2]["build_directory"] != directory
+    assert len(builds) == 2 and len(said) == 2 and str(library) not in said[1]
+
+
+def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path, fake_build):
+    def broken_compiler(**kwargs):
+        (Path(kwargs["build_directory"]) / "attention_cpu.o").write_text("half done")
+        raise RuntimeError("Error building extension 'lorakit_cpu'")
+
+    monkeypatch.setattr(cpp_extension, "load", broken_compiler)
+    assert cpu_kernels.ops() is None
+    assert list((tmp_path / "kernels").iterdir()) == []
 
 
 def test_without_a_compiler_there_are_no_kernels(monkeypatch, caplog, fake_build):
@@ -67,4 +82,4 @@ def test_without_a_compiler_there_are_no_kernels(monkeypatch, caplog, fake_build
 
 def test_switched_off(monkeypatch, fake_build):
     monkeypatch.setenv("LORAKIT_CPU_KERNELS", "0")
-    assert cpu_kernels.ops() is None and not fake_build
+    assert cpu_kernels.ops() is None and fake_build == ([], [])
