@@ -204,18 +204,18 @@ class _CompiledBlockedAttention(torch.autograd.Function):
 
 def _compiled(query: torch.Tensor) -> bool:
     """Whether the compiled blocked kernel takes these queries (and can be built: built here once)."""
-    return (
-        COMPILED_ATTENTION
-        and query.device.type == "cpu"
-        and query.dtype in (torch.float32, torch.bfloat16)
-        and cpu_kernels.ops() is not None
-    )
+    return COMPILED_ATTENTION and cpu_kernels.ops_for(query) is not None
 
 
-# Kept out of torch.compile graphs (`train.compile: true`): dynamo would unroll the block loop for
-# every example length it meets and trips over the mask cache; eager, the kernel is already GEMMs.
+# Kept out of torch.compile graphs (`train.compile: true`): dynamo would unroll the PyTorch kernel's
+# block loop for every example length it meets and trip over the mask cache, and the compiled
+# kernel's ops have no shape functions to trace; eager, either is already GEMMs.
 @torch.compiler.disable
 def _blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    if _compiled(query):
+        length = query.shape[2]
+        segments = tuple(x for row in range(query.shape[0]) for x in (row, 0, length))
+        return _CompiledBlockedAttention.apply(query, key, value, segments, scale)
     return _BlockedCausalAttention.apply(query, key, value, scale)
 
 
@@ -224,12 +224,7 @@ def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"attention.blocked_causal_attention: {query.shape[1]} query heads are not a multiple of "
                          f"{key.shape[1]} key heads; pass key/value with a divisor of the query heads")  # fmt: skip
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if _compiled(query):
-        length = query.shape[2]
-        segments = tuple(x for row in range(query.shape[0]) for x in (row, 0, length))
-        return _CompiledBlockedAttention.apply(query, key, value, segments, scale)
-    return _blocked_causal_attention(query, key, value, scale)
+    return _blocked_causal_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
 
 
 # Eager under torch.compile too: the segments come from position ids through Python lists and a

@@ -36,6 +36,9 @@ _NAME = "lorakit_cpu"
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
+# The element types the kernels are compiled for; others keep the PyTorch paths.
+DTYPES = (torch.float32, torch.bfloat16)
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -122,3 +125,11 @@ def ops(announce: Optional[Callable[[str], None]] = None) -> Optional[object]:
             if "ops" not in _state:
                 _state["ops"] = _build(announce)
     return _state["ops"]
+
+
+def ops_for(*tensors: torch.Tensor) -> Optional[object]:
+    """`ops()` when every tensor is a CPU tensor of a kernel dtype (`DTYPES`); None otherwise or
+    where the kernels cannot be built."""
+    if all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors):
+        return ops()
+    return None

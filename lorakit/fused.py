@@ -304,15 +304,6 @@ def linear_cross_entropy_sum(
 
 
 # --------------------------------------------------------------------------- RMSNorm
-def _compiled_rms_norm(x: torch.Tensor, weight: torch.Tensor):
-    """lorakit's compiled CPU ops when they take these tensors, else None."""
-    if not (COMPILED_RMS_NORM and x.device.type == "cpu" and weight.device.type == "cpu"):
-        return None
-    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return cpu_kernels.ops()
-
-
 def _rms_norm_ops(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The RMSNorm as PyTorch ops, the same ops in the same order as transformers' Llama module:
     returns the output and rstd (..., 1) in fp32."""
@@ -325,7 +316,7 @@ def _rms_norm_ops(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
 class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ops = _compiled_rms_norm(x, weight)
+        ops = cpu_kernels.ops_for(x, weight) if COMPILED_RMS_NORM else None
         ctx.compiled = ops is not None
         # rstd: one fp32 value per row
         out, rstd = ops.rms_norm_forward(x, weight, eps) if ops is not None else _rms_norm_ops(x, weight, eps)

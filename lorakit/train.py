@@ -205,11 +205,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         model = load_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code)
         frozen = sum(p.numel() * p.element_size() for p in model.parameters())
         frozen_summary = f"frozen weights {frozen / 2**20:.1f} MiB ({8 * frozen / max(1, sum(p.numel() for p in model.parameters())):.0f} bits/param)"
-    from lorakit import attention, fused
+    from lorakit import attention, cpu_kernels, fused
 
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        from lorakit import cpu_kernels
-
+    if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
         # lorakit's compiled attention and RMSNorm: built here (once per machine, said aloud) rather
         # than silently inside the first step
         cpu_kernels.ops(announce=log if dist.is_main else None)
