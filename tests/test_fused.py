@@ -235,12 +235,14 @@ def test_rms_norm_equals_transformers(monkeypatch, compiled, dtype, tol):
 
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
                                               (torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
-def test_compiled_rms_norm_equals_the_pytorch_one(monkeypatch, x_dtype, w_dtype):
-    # 150 rows: several parallel chunks, whose weight-gradient partial sums are added at the end
+@pytest.mark.parametrize("shape", [(3, 50, 96), (1, 17, 96)])
+def test_compiled_rms_norm_equals_the_pytorch_one(monkeypatch, x_dtype, w_dtype, shape):
+    # 150 rows: several parallel chunks, whose weight-gradient partial sums are added at the end;
+    # 17 rows: two chunks of unequal size, one per thread
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 50, 96, generator=gen) * 3).to(x_dtype)
-    weight = torch.empty(96).uniform_(0.5, 1.5, generator=gen).to(w_dtype)
-    grad = torch.randn(3, 50, 96, generator=gen)
+    x = (torch.randn(*shape, generator=gen) * 3).to(x_dtype)
+    weight = torch.empty(shape[-1]).uniform_(0.5, 1.5, generator=gen).to(w_dtype)
+    grad = torch.randn(*shape, generator=gen)
     results = {}
     for compiled in (True, False):
         monkeypatch.setattr(fused, "COMPILED_RMS_NORM", compiled)

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -47,24 +48,28 @@ void forward_rows(const x_t* x, const w_t* weight, out_t* out, float* rstd, int6
 template <typename x_t, typename w_t, typename g_t>
 void backward_rows(const g_t* grad, const x_t* x, const w_t* weight, const float* rstd, x_t* grad_x, float* grad_w,
                    int64_t rows, int64_t n) {
-  // grad_w: one row of partial sums per chunk, summed by the caller
-  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    float* gw = grad_w == nullptr ? nullptr : grad_w + (begin / kGrainRows) * n;
-    for (int64_t r = begin; r < end; ++r) {
-      const g_t* g = grad + r * n;
-      const x_t* xr = x + r * n;
-      x_t* gx = grad_x + r * n;
-      const float s = rstd[r];
-      // d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)), with g the weighted gradient
-      float dot = 0.f;
-      for (int64_t j = 0; j < n; ++j) dot += to_float(g[j]) * to_float(weight[j]) * (to_float(xr[j]) * s);
-      dot /= static_cast<float>(n);
-      for (int64_t j = 0; j < n; ++j) {
-        const float normed = to_float(xr[j]) * s;
-        gx[j] = static_cast<x_t>((to_float(g[j]) * to_float(weight[j]) - normed * dot) * s);
+  // grad_w: one row of partial sums per chunk of kGrainRows rows, summed by the caller. The loop runs
+  // over chunk indices, so each chunk (and its row of sums) belongs to exactly one thread.
+  const int64_t chunks = (rows + kGrainRows - 1) / kGrainRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      float* gw = grad_w == nullptr ? nullptr : grad_w + c * n;
+      for (int64_t r = c * kGrainRows; r < std::min(rows, (c + 1) * kGrainRows); ++r) {
+        const g_t* g = grad + r * n;
+        const x_t* xr = x + r * n;
+        x_t* gx = grad_x + r * n;
+        const float s = rstd[r];
+        // d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)), with g the weighted gradient
+        float dot = 0.f;
+        for (int64_t j = 0; j < n; ++j) dot += to_float(g[j]) * to_float(weight[j]) * (to_float(xr[j]) * s);
+        dot /= static_cast<float>(n);
+        for (int64_t j = 0; j < n; ++j) {
+          const float normed = to_float(xr[j]) * s;
+          gx[j] = static_cast<x_t>((to_float(g[j]) * to_float(weight[j]) - normed * dot) * s);
+        }
+        if (gw != nullptr)
+          for (int64_t j = 0; j < n; ++j) gw[j] += to_float(g[j]) * to_float(static_cast<x_t>(to_float(xr[j]) * s));
       }
-      if (gw != nullptr)
-        for (int64_t j = 0; j < n; ++j) gw[j] += to_float(g[j]) * to_float(static_cast<x_t>(to_float(xr[j]) * s));
     }
   });
 }
