@@ -5,7 +5,12 @@ forward each decoder layer keeps only its input, and backward reruns the layer t
 its own backward needs.
 
 - full (`train.gradient_checkpointing: true`): the rerun is the whole layer forward, GEMMs
-  included: about one more forward pass per step.
+  included: about one more forward pass per step. One GEMM per layer is left out: in the rerun a
+  LoRA layer computes its frozen projection only after its own tensors have been saved, and the
+  checkpoint stops the rerun once the last tensor the backward needs is back. The last LoRA layer
+  of a Llama-style layer (`down_proj`, whose output only joins the residual stream) therefore
+  never computes its projection again. Nothing is assumed about the model: where a later op saves
+  something (Gemma's norm after the MLP), the rerun goes on and the projection is computed.
 - selective (`train.gradient_checkpointing: selective`): the outputs that LoRA layers computed in
   forward are kept, and the rerun hands them back instead of recomputing them, so it runs only the
   cheap ops between the GEMMs (norms, rotary embeddings, activation functions, attention) and the
@@ -16,8 +21,8 @@ its own backward needs.
 What is kept is the tensor the LoRA layer returned, checked on replay against its version
 counter: had the model changed it in place after the layer returned it, the rerun computes the
 layer afresh instead of replaying a stale value. Only the fused LoRA path (`lorakit.fused.
-lora_linear`: frozen linear / Conv1D / 4-bit base, not FSDP-sharded) replays; other layers, and
-frozen linear layers without an adapter, are recomputed as under full checkpointing.
+lora_linear`: frozen linear / Conv1D / 4-bit base, not FSDP-sharded) replays or puts off its
+projection; other layers, and frozen linear layers without an adapter, are recomputed in order.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ _state = threading.local()
 
 class KeptOutputs:
     """What the LoRA layers of one checkpointed layer call computed in forward, per module, in
-    call order: their output and the (T, r) product x @ A^T that their backward needs."""
+    call order: their output and the (T, r) product x @ A^T that their backward needs. Under full
+    checkpointing (keeps=False) nothing is kept: the store only marks the rerun."""
 
-    def __init__(self) -> None:
+    def __init__(self, keeps: bool = True) -> None:
+        self.keeps = keeps
         self.replaying = False
         self._kept: dict[int, list[tuple[torch.Tensor, int, Optional[torch.Tensor]]]] = {}
 
@@ -62,6 +69,8 @@ class KeptSlot:
         # Detached: the output's autograd node leads (through the checkpoint's saved-tensor hooks)
         # back to this store, a cycle through C++ that Python's collector cannot see. A detached
         # alias shares the storage and the version counter.
+        if not self.kept.keeps:
+            return
         out = out.detach()
         self.kept._kept.setdefault(self.key, []).append((out, out._version, after_a))
 
@@ -76,8 +85,8 @@ class KeptSlot:
 
 
 def current_slot(module: nn.Module) -> Optional[KeptSlot]:
-    """`module`'s slot in the kept outputs of the selectively checkpointed layer running now on
-    this thread; None outside one."""
+    """`module`'s slot in the store of the checkpointed layer running now on this thread (selective:
+    forward and rerun; full: the rerun only); None outside one."""
     stack = getattr(_state, "stack", None)
     return stack[-1].slot(module) if stack else None
 
@@ -100,6 +109,12 @@ def _selective_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
     return _active(kept, replaying=False), _active(kept, replaying=True)
 
 
+def _full_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # Full checkpointing: the forward runs as without checkpointing; the rerun is marked, so that
+    # LoRA layers compute their projection after their saves (see the module docstring).
+    return contextlib.nullcontext(), _active(KeptOutputs(keeps=False), replaying=True)
+
+
 def enable(model: nn.Module, mode: Union[bool, str]) -> None:
     """Turn on gradient checkpointing of `model`'s decoder layers (mode: True / "full", or "selective").
 
@@ -111,9 +126,7 @@ def enable(model: nn.Module, mode: Union[bool, str]) -> None:
 
     if mode not in MODES:
         raise ValueError(f"gradient checkpointing mode {mode!r}: use True, 'full' or 'selective'")
-    kwargs: dict = {"use_reentrant": False}
-    if mode == "selective":
-        kwargs["context_fn"] = _selective_contexts
+    kwargs: dict = {"use_reentrant": False, "context_fn": _selective_contexts if mode == "selective" else _full_contexts}
     if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -63,6 +63,15 @@ COMPILED_RMS_NORM = True
 
 
 # --------------------------------------------------------------------------- LoRA linear
+def _add_low_rank(out: torch.Tensor, after_a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """out += scale · after_a @ b^T, in place (b already in after_a's dtype)."""
+    out2 = out.view(-1, out.shape[-1])
+    if out2.dtype == after_a.dtype:
+        out2.addmm_(after_a, b.t(), alpha=scale)
+    else:
+        out2.add_((after_a @ b.t()).mul_(scale).to(out2.dtype))
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -70,40 +79,52 @@ class _LoraLinear(torch.autograd.Function):
         x: torch.Tensor,
         a: torch.Tensor,
         b: torch.Tensor,
-        base: Callable[[torch.Tensor], torch.Tensor],
+        base: Callable[..., torch.Tensor],
         dense_weight: Callable[[torch.Tensor], torch.Tensor],
         scale: float,
         dropout: float,
         compute_dtype: torch.dtype,
         kept: Optional[KeptSlot],
+        finish_later: list,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         mask = None
         if dropout > 0:
-            # drawn in a selective rerun too: the checkpoint replays the random stream, so this is
+            # drawn in a checkpoint's rerun too: the checkpoint replays the random stream, so this is
             # the forward's mask, and the ops after this one draw what they drew then
             mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - dropout)
-        replay = kept.take() if kept is not None and kept.replaying else None
+        rerun = kept is not None and kept.replaying
+        replay = kept.take() if rerun else None
         if replay is not None:
             # Selective checkpointing's rerun: the output (low-rank term included) and x @ A^T
             # were kept from the forward; nothing is computed again.
             out, after_a = replay
         else:
-            with torch.no_grad():
-                out = base(x)  # (..., out) in the base's output dtype
             h = x2.to(compute_dtype)
             if mask is not None:
                 h = h * mask * (1.0 / (1 - dropout))
             ac, bc = a.to(compute_dtype), b.to(compute_dtype)
             after_a = h @ ac.t()  # (T, r)
             del h
-            out2 = out.view(-1, out.shape[-1])
-            if out2.dtype == compute_dtype:
-                out2.addmm_(after_a, bc.t(), alpha=scale)
+            if rerun:
+                # A checkpoint's rerun wants this layer's saved tensors, which autograd packs once
+                # forward returns; the output only matters to the ops after it. So the output is
+                # returned empty and `lora_linear` fills it after the packing, unless the
+                # checkpoint stops the rerun there because nothing after this layer saves anything
+                # (then the projection's GEMM is never run). The fill runs the same ops as below.
+                out = x.new_empty(*x.shape[:-1], b.shape[0])
+
+                def fill(out=out.detach(), after_a=after_a, bc=bc):
+                    base(x, out=out)
+                    _add_low_rank(out, after_a, bc, scale)
+
+                finish_later.append(fill)
             else:
-                out2.add_((after_a @ bc.t()).mul_(scale).to(out2.dtype))
-            if kept is not None and not kept.replaying:
-                kept.record(out, after_a)
+                with torch.no_grad():
+                    out = base(x)  # (..., out) in the base's output dtype
+                _add_low_rank(out, after_a, bc, scale)
+                if kept is not None:
+                    kept.record(out, after_a)
         ctx.save_for_backward(x, a, b, after_a, mask)
         ctx.dense_weight, ctx.scale, ctx.dropout, ctx.compute_dtype = dense_weight, scale, dropout, compute_dtype
         return out
@@ -141,7 +162,7 @@ class _LoraLinear(torch.autograd.Function):
                     scale = scale / (1 - dropout)
                 grad_x.add_(lora.to(grad_x.dtype), alpha=scale)
             grad_x = grad_x.view(x.shape).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 def lora_linear(
@@ -149,7 +170,7 @@ def lora_linear(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
-    base: Callable[[torch.Tensor], torch.Tensor],
+    base: Callable[..., torch.Tensor],
     dense_weight: Callable[[torch.Tensor], torch.Tensor],
     scale: float,
     dropout: float = 0.0,
@@ -159,16 +180,23 @@ def lora_linear(
     """base(x) + scale · B(A(dropout(x))) with one saved input; see the module docstring.
 
     x: (..., in); a: (r, in); b: (out, r); returns (..., out) in base's output dtype.
-    base: the frozen layer's forward (run without autograd).
+    base: the frozen layer's forward, `base(x)` -> (..., out) in x's dtype, or written into a
+        given `out=` tensor (run without autograd).
     dense_weight: given the output gradient, the frozen weight as (out, in) in its dtype.
     compute_dtype: dtype of the adapter matmuls (default: per ADAPTER_COMPUTE).
     dropout: only applied when > 0 (the caller passes 0 in eval mode).
-    kept: inside a selectively checkpointed layer (`lorakit.activation_checkpointing`), where the
-        forward records its output and x @ A^T and the rerun in backward takes them back.
+    kept: inside a checkpointed layer (`lorakit.activation_checkpointing`): under selective
+        checkpointing the forward records its output and x @ A^T and the rerun in backward takes
+        them back; in any rerun the projection runs after the layer's tensors are saved.
     """
     if compute_dtype is None:
         compute_dtype = x.dtype if ADAPTER_COMPUTE == "input" and x.is_floating_point() else a.dtype
-    return _LoraLinear.apply(x, a, b, base, dense_weight, scale, dropout, compute_dtype, kept)
+    finish_later: list = []
+    out = _LoraLinear.apply(x, a, b, base, dense_weight, scale, dropout, compute_dtype, kept, finish_later)
+    if finish_later:
+        with torch.no_grad():
+            finish_later[0]()
+    return out
 
 
 # --------------------------------------------------------------------------- linear cross-entropy

@@ -226,24 +226,31 @@ class LoraLayer(nn.Module):
             self.kind.set_dense_weight(self, w - (delta.t() if self.kind.name == "embedding" else delta))
 
     # ----------------------------------------------------------------- forward
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The frozen layer's forward; linear kinds write into `out` (..., out_features) when given."""
         kind = self.kind.name
-        if kind == "linear":
-            return F.linear(x, self.weight, self.bias)
-        if kind == "conv1d":
-            out = x.reshape(-1, x.shape[-1]) @ self.weight
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], self.out_features)
         if kind == "embedding":
             return F.embedding(x, self.weight, **self._embedding_args)
-        import bitsandbytes as bnb
+        if kind == "linear4bit":
+            import bitsandbytes as bnb
 
-        dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return bnb.matmul_4bit(x, self.weight.t(), bias=bias, quant_state=self.weight.quant_state).to(dtype)
+            dtype = x.dtype
+            xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(xc.dtype)
+            result = bnb.matmul_4bit(xc, self.weight.t(), bias=bias, quant_state=self.weight.quant_state).to(dtype)
+            return result if out is None else out.copy_(result)
+        if kind == "linear" and out is None:
+            return F.linear(x, self.weight, self.bias)
+        # One GEMM over the flattened tokens with the bias as its accumulator: what F.linear and
+        # transformers' Conv1D compute, bit for bit, here into a given output.
+        weight_t = self.weight.t() if kind == "linear" else self.weight  # (in, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        kwargs = {} if out is None else {"out": out.view(-1, self.out_features)}
+        if self.bias is None:
+            out2 = torch.mm(x2, weight_t, **kwargs)
+        else:
+            out2 = torch.addmm(self.bias, x2, weight_t, **kwargs)
+        return out2.view(*x.shape[:-1], self.out_features) if out is None else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter

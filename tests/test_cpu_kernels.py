@@ -83,3 +83,15 @@ def test_without_a_compiler_there_are_no_kernels(monkeypatch, caplog, fake_build
 def test_switched_off(monkeypatch, fake_build):
     monkeypatch.setenv("LORAKIT_CPU_KERNELS", "0")
     assert cpu_kernels.ops() is None and fake_build == ([], [])
+
+
+@pytest.mark.parametrize("segment", [(0, 5, 9), (1, 0, 4), (0, 3, 3), (0, -1, 2)])
+def test_attention_kernel_refuses_segments_outside_the_batch(segment):
+    # the kernel writes where the segments say: out-of-range ones must fail before any write
+    ops = cpu_kernels.ops()
+    q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
+    with pytest.raises(RuntimeError, match="is empty or outside the \\(1, 8\\) batch"):
+        ops.attention_forward(q, k, k, list(segment), 0.5, 64, None)
+    out, probs = ops.attention_forward(q, k, k, [0, 0, 8], 0.5, 64, None)
+    with pytest.raises(RuntimeError, match="must be \\(B, T, H, D\\)"):
+        ops.attention_backward(out[:, :4], q, k, k, out, probs, [0, 0, 8], 0.5, 64)

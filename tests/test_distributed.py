@@ -69,6 +69,14 @@ def _torchrun(root, out, *args, shortcut=False, env=None, timeout=240):
     return proc, time.perf_counter() - start
 
 
+def _failure(proc) -> str:
+    """What a failed torchrun printed: the ranks' own error lines (an abort in C++ prints its reason
+    early, above torchrun's long summary), then the end of stderr."""
+    signs = ("Error", "error", "terminate called", "what()", "Abort", "Signal", "Traceback")
+    lines = [line for line in proc.stderr.splitlines() if any(s in line for s in signs)]
+    return "\n".join(lines[:60]) + "\n--- end of stderr ---\n" + proc.stderr[-3000:]
+
+
 def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
@@ -98,7 +106,7 @@ def fsdp_run(workspace):
     # selective checkpointing recomputes everything here (FSDP2's sharded adapters take the plain
     # LoRA path, which keeps nothing) and must still match
     proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=fsdp", "train.gradient_checkpointing=selective")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     return out
 
 
@@ -117,7 +125,7 @@ def test_ddp_matches_one_process(workspace, single):
     # with selective checkpointing too: the kept outputs replay on each rank as in one process
     proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=ddp",
                         "train.gradient_checkpointing=selective", shortcut=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     _check_matches(out, single)
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["distributed"] == "ddp"
     assert proc.stdout.count("done:") == 1  # only rank 0 prints
@@ -152,7 +160,7 @@ def test_resume_two_process_checkpoint_with_one_process(workspace, fsdp_run, sin
 def test_resume_two_process_checkpoint_with_two_processes(workspace, fsdp_run, single):
     out = _resumable_copy(fsdp_run, workspace / "resume2")
     proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=fsdp", "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     assert "resuming from" in proc.stdout
     assert len(_losses(out)) == STEPS
     assert max(abs(a - b) for a, b in zip(_losses(out), _losses(single))) <= 1e-4

@@ -26,15 +26,17 @@ struct Task {
 
 // One task per (example, key head). Each owns a slice of the flat probability buffer, in which its
 // blocks lie one after another as (query heads of the group x block rows, keys up to block end).
-std::vector<Task> make_tasks(at::IntArrayRef segments, int64_t kv_heads, int64_t per_group, int64_t block_rows,
-                             int64_t* total) {
+std::vector<Task> make_tasks(at::IntArrayRef segments, int64_t batch, int64_t tokens, int64_t kv_heads,
+                             int64_t per_group, int64_t block_rows, int64_t* total) {
   TORCH_CHECK(segments.size() % 3 == 0, "segments must be (row, start, end) triples");
   TORCH_CHECK(block_rows > 0, "block_rows must be positive");
   std::vector<Task> tasks;
   int64_t offset = 0;
   for (size_t i = 0; i < segments.size(); i += 3) {
     const int64_t row = segments[i], start = segments[i + 1], length = segments[i + 2] - start;
-    TORCH_CHECK(length > 0, "empty segment");
+    TORCH_CHECK(row >= 0 && row < batch && start >= 0 && length > 0 && start + length <= tokens,
+                "segment (", row, ", ", start, ", ", start + length, ") is empty or outside the (", batch, ", ", tokens,
+                ") batch");
     int64_t size = 0;
     for (int64_t r0 = 0; r0 < length; r0 += block_rows) {
       const int64_t r1 = std::min(length, r0 + block_rows);
@@ -234,6 +236,9 @@ void backward_task(const Task& t, const at::Tensor& grad_out, const at::Tensor& 
   }
 }
 
+// (B, T, H, D): the layout of the output and of the query's gradient, for a (B, H, T, D) query
+std::vector<int64_t> token_major(const at::Tensor& q) { return {q.size(0), q.size(2), q.size(1), q.size(3)}; }
+
 // The kernels read the innermost dimension with unit stride; detached, as they are not differentiated.
 at::Tensor unit_stride(const at::Tensor& x) { return (x.stride(-1) == 1 ? x : x.contiguous()).detach(); }
 
@@ -258,11 +263,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
   const int64_t kv_heads = k.size(1), per_group = q.size(1) / kv_heads;
   int64_t total = 0;
-  const auto tasks = make_tasks(segments, kv_heads, per_group, block_rows, &total);
+  const auto tasks = make_tasks(segments, q.size(0), q.size(2), kv_heads, per_group, block_rows, &total);
   at::Tensor probs = at::empty({total}, q.options());
   const bool write_out = !kept_out.has_value();
-  at::Tensor out = write_out ? at::zeros({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()) : *kept_out;
-  TORCH_CHECK(out.stride(-1) == 1, "kept output must have unit stride in its last dimension");
+  at::Tensor out = write_out ? at::zeros(token_major(q), q.options()) : *kept_out;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(token_major(q)) && out.scalar_type() == q.scalar_type() && out.stride(-1) == 1,
+              "the kept output must be (B, T, H, D) in the query's dtype with unit stride in D");
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_forward", [&] {
     for_each_task(tasks, [&](const Task& t) {
       forward_task<scalar_t>(t, q, k, v, out, probs, static_cast<float>(scale), per_group, write_out);
@@ -279,12 +285,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   int64_t block_rows) {
   check_inputs(query, key, value);
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
-  const at::Tensor g = unit_stride(grad_out.to(q.scalar_type())), o = unit_stride(out);
+  const at::Tensor g = unit_stride(grad_out.to(q.scalar_type())), o = unit_stride(out.to(q.scalar_type()));
+  TORCH_CHECK(g.sizes() == at::IntArrayRef(token_major(q)) && o.sizes() == g.sizes(),
+              "the output and its gradient must be (B, T, H, D)");
   const int64_t kv_heads = k.size(1), per_group = q.size(1) / kv_heads;
   int64_t total = 0;
-  const auto tasks = make_tasks(segments, kv_heads, per_group, block_rows, &total);
+  const auto tasks = make_tasks(segments, q.size(0), q.size(2), kv_heads, per_group, block_rows, &total);
   TORCH_CHECK(probs.numel() == total, "the probability buffer does not match the segments");
-  at::Tensor grad_q = at::zeros({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());
+  at::Tensor grad_q = at::zeros(token_major(q), q.options());
   at::Tensor grad_k = at::zeros(k.sizes(), k.options());
   at::Tensor grad_v = at::zeros(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_backward", [&] {

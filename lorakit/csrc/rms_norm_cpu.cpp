@@ -122,6 +122,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(const at::Te
   const at::Tensor g = grad_out.detach().to(at::promote_types(x.scalar_type(), weight.scalar_type())).contiguous();
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
   TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == at::kFloat, "rstd does not match x");
+  TORCH_CHECK(g.sizes() == x.sizes(), "grad_out does not match x");
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   const int64_t chunks = (rows + kGrainRows - 1) / kGrainRows;
   at::Tensor partial = weight_grad ? at::zeros({chunks, n}, x.options().dtype(at::kFloat)) : at::Tensor();
