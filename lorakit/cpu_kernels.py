@@ -5,7 +5,8 @@ needs them (about 20 s, once per machine, torch version and source) and cached u
 `$LORAKIT_CACHE/kernels` (default `~/.cache/lorakit/kernels`). Without a C++ compiler or ninja,
 or with `LORAKIT_CPU_KERNELS=0`, lorakit logs why once and keeps its pure-PyTorch kernels, which
 compute the same results (tests/test_attention.py and tests/test_fused.py hold the two equal).
-The kernels: packed-row causal attention (lorakit.attention) and RMSNorm (lorakit.fused).
+The kernels: packed-row causal attention (lorakit.attention), RMSNorm and the SwiGLU gate
+(lorakit.fused).
 
 The build targets the machine it runs on (`-march=native`), so the cache key includes the CPU
 model as well as the sources and torch's version: a cache shared between different machines
@@ -28,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("attention_cpu.cpp", "rms_norm_cpu.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("attention_cpu.cpp", "rms_norm_cpu.cpp", "silu_gate_cpu.cpp"))
 _NAME = "lorakit_cpu"
 # -fopenmp: at::parallel_for splits work across threads only when the caller is compiled with
 # OpenMP (torch's libgomp is already loaded; the extension links the same soname). -ffast-math

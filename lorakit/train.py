@@ -208,7 +208,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     from lorakit import attention, cpu_kernels, fused
 
     if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
-        # lorakit's compiled attention and RMSNorm: built here (once per machine, said aloud) rather
+        # lorakit's compiled attention, RMSNorm and SwiGLU gate: built here (once per machine, said aloud) rather
         # than silently inside the first step
         cpu_kernels.ops(announce=log if dist.is_main else None)
     if attention.VARLEN_ENABLED:
@@ -216,6 +216,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     inject_adapter(model, cfg.lora)
     if fused.FUSED_RMS_NORM:
         fused.use_fused_rms_norm(model)
+    if fused.FUSED_SILU_GATE:
+        fused.use_fused_silu_gate(model)
     model.to(load_device)
     if cfg.train.gradient_checkpointing:
         from lorakit import activation_checkpointing

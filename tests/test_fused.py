@@ -19,12 +19,12 @@ from lorakit.loss import token_loss_sum
 
 @contextlib.contextmanager
 def plain_path():
-    saved = fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM
-    fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM = False, False, False
+    saved = fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM, fused.FUSED_SILU_GATE
+    fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM, fused.FUSED_SILU_GATE = False, False, False, False
     try:
         yield
     finally:
-        fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM = saved
+        fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM, fused.FUSED_SILU_GATE = saved
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -276,12 +276,85 @@ def test_use_fused_rms_norm_only_switches_the_llama_formula():
     torch.testing.assert_close(model[1](x), GemmaStyleRMSNorm(16)(x))
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_silu_gate_equals_transformers_mlp_gate(monkeypatch, compiled, dtype, tol):
+    # 3 x 50 x 700 elements: several parallel chunks of the compiled kernel
+    monkeypatch.setattr(fused, "COMPILED_SILU_GATE", compiled)
+    gen = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(3, 50, 700, generator=gen) * 4).to(dtype), torch.randn(3, 50, 700, generator=gen).to(dtype)
+    grad = torch.randn(3, 50, 700, generator=gen).to(dtype)
+    results = []
+    for forward in (lambda g, u: F.silu(g) * u, fused.silu_gate):
+        g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        y = forward(g, u)
+        y.backward(grad)
+        results.append((y.detach(), g.grad, u.grad))
+    (y_want, gg_want, gu_want), (y, gg, gu) = results
+    exact = [t.double().requires_grad_(True) for t in (gate, up)]
+    (F.silu(exact[0]) * exact[1]).backward(grad.double())
+    if compiled:  # its vectorized expf rounds differently: a few fp32 units, one bf16 unit now and then
+        ulp = torch.finfo(dtype).eps
+        assert ((y - y_want).abs() <= 4 * ulp * y_want.abs()).all()
+        assert dtype == torch.float32 or (y != y_want).float().mean() < 2e-3
+    else:
+        assert torch.equal(y, y_want)  # the same ops as transformers' MLP
+    for got, want, truth in ((gg, gg_want, exact[0].grad), (gu, gu_want, exact[1].grad)):
+        assert got.dtype == dtype and rel(got, want) < tol, rel(got, want)
+        assert rel(got, truth) <= max(tol / 10, 1.01 * rel(want, truth))  # rounded once: no further from fp64
+
+
+def test_silu_gate_keeps_one_tensor_less():
+    # autograd keeps gate, silu(gate) and up; the fused gate keeps gate and up
+    gate, up = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
+    for forward, kept in ((lambda: F.silu(gate) * up, 3), (lambda: fused.silu_gate(gate, up), 2)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            forward()
+        assert len(saved) == kept and all(t.shape == (4, 64) for t in saved)
+
+
+def test_use_fused_silu_gate_only_switches_the_swiglu_formula():
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    class ShiftedGate(LlamaMLP):  # the same parts in another formula: the probe tells them apart
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) + 1)
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=4)
+    llama, gelu, shifted = LlamaMLP(config), LlamaMLP(config), ShiftedGate(config)
+    gelu.act_fn = ACT2FN["gelu_pytorch_tanh"]  # Gemma's gate: keeps its forward
+    model = nn.Sequential(llama, gelu, shifted)
+    assert fused.use_fused_silu_gate(model) == 1
+    assert "forward" in vars(llama) and "forward" not in vars(gelu) and "forward" not in vars(shifted)
+    assert fused.use_fused_silu_gate(model) == 0  # already switched
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    want = llama.down_proj(F.silu(llama.gate_proj(x)) * llama.up_proj(x))
+    torch.testing.assert_close(llama(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_switching_probes_leave_training_mode_and_the_random_stream_alone():
+    # probed in eval mode: in training mode LoRA dropout would make the two sides differ and draw
+    # from the run's random stream, which moves every dropout mask of the run after it
+    model = tiny_llama(seed=0)
+    inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.5))
+    model.train()
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    assert fused.use_fused_silu_gate(model) == 2 and fused.use_fused_rms_norm(model) == 2 * 2 + 1
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(m.training for m in model.modules())
+
+
 def _model_step(dtype: torch.dtype, dropout: float = 0.0, device: str = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
     model = tiny_llama(seed=0).to(device, dtype)
     model.config.final_logit_softcapping = None
     inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
     if fused.FUSED_RMS_NORM:
         assert fused.use_fused_rms_norm(model) == 2 * 2 + 1
+    if fused.FUSED_SILU_GATE:
+        assert fused.use_fused_silu_gate(model) == 2
     torch.manual_seed(1)
     for _, layer in lora_layers(model):
         with torch.no_grad():
