@@ -126,7 +126,8 @@ def enable(model: nn.Module, mode: Union[bool, str]) -> None:
 
     if mode not in MODES:
         raise ValueError(f"gradient checkpointing mode {mode!r}: use True, 'full' or 'selective'")
-    kwargs: dict = {"use_reentrant": False, "context_fn": _selective_contexts if mode == "selective" else _full_contexts}
+    contexts = _selective_contexts if mode == "selective" else _full_contexts
+    kwargs: dict = {"use_reentrant": False, "context_fn": contexts}
     if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
