@@ -44,10 +44,9 @@ _state = threading.local()
 class KeptOutputs:
     """What the LoRA layers of one checkpointed layer call computed in forward, per module, in
     call order: their output and the (T, r) product x @ A^T that their backward needs. Under full
-    checkpointing (keeps=False) nothing is kept: the store only marks the rerun."""
+    checkpointing the store is only there in the rerun, which records nothing: it marks the rerun."""
 
-    def __init__(self, keeps: bool = True) -> None:
-        self.keeps = keeps
+    def __init__(self) -> None:
         self.replaying = False
         self._kept: dict[int, list[tuple[torch.Tensor, int, Optional[torch.Tensor]]]] = {}
 
@@ -69,8 +68,6 @@ class KeptSlot:
         # Detached: the output's autograd node leads (through the checkpoint's saved-tensor hooks)
         # back to this store, a cycle through C++ that Python's collector cannot see. A detached
         # alias shares the storage and the version counter.
-        if not self.kept.keeps:
-            return
         out = out.detach()
         self.kept._kept.setdefault(self.key, []).append((out, out._version, after_a))
 
@@ -112,7 +109,7 @@ def _selective_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
 def _full_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     # Full checkpointing: the forward runs as without checkpointing; the rerun is marked, so that
     # LoRA layers compute their projection after their saves (see the module docstring).
-    return contextlib.nullcontext(), _active(KeptOutputs(keeps=False), replaying=True)
+    return contextlib.nullcontext(), _active(KeptOutputs(), replaying=True)
 
 
 def enable(model: nn.Module, mode: Union[bool, str]) -> None:
