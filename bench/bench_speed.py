@@ -71,6 +71,7 @@ LEVERS = [
     ("- fused RMSNorm (transformers' module)", {"lorakit.fused.FUSED_RMS_NORM": False}, {}),
     ("- blocked CPU attention (torch's flash SDPA per example)", {"lorakit.attention.BLOCKED_ATTENTION": False}, {}),
     ("  blocked CPU attention in PyTorch (not compiled)", {"lorakit.attention.COMPILED_ATTENTION": False}, {}),
+    ("  compiled attention with oneDNN's GEMMs (not lorakit's bf16 ones)", {"lorakit.attention.COMPILED_BF16_GEMM": False}, {}),
     ("  fused RMSNorm in PyTorch (not compiled)", {"lorakit.fused.COMPILED_RMS_NORM": False}, {}),
     ("- fused SwiGLU gate (transformers' MLP)", {"lorakit.fused.FUSED_SILU_GATE": False}, {}),
     ("  fused SwiGLU gate in PyTorch (not compiled)", {"lorakit.fused.COMPILED_SILU_GATE": False}, {}),

@@ -35,6 +35,9 @@ BLOCKED_ATTENTION = True
 # The blocked kernel compiled (lorakit.cpu_kernels) rather than in PyTorch, where it can be built:
 # per 512-token example (12/4 heads of 64, bf16, forward + backward) 7.5 ms against 10.3 ms.
 COMPILED_ATTENTION = True
+# In bf16, the compiled kernel's GEMMs run on lorakit's own AVX512-BF16 code where the CPU has it,
+# rather than through oneDNN (see lorakit/csrc/attention_cpu.cpp).
+COMPILED_BF16_GEMM = True
 
 VARLEN_ATTENTION = "lorakit_varlen"
 
@@ -186,18 +189,20 @@ class _CompiledBlockedAttention(torch.autograd.Function):
         # query (B, H, T, D), key/value (B, H_kv, T, D); returns (B, T, H, D)
         replay = kept.take() if kept is not None and kept.replaying else None
         rows = ATTENTION_BLOCK_ROWS
-        out, probs = cpu_kernels.ops().attention_forward(query, key, value, segments, scale, rows, None if replay is None else replay[0])
+        out, probs = cpu_kernels.ops().attention_forward(
+            query, key, value, segments, scale, rows, COMPILED_BF16_GEMM, None if replay is None else replay[0]
+        )
         if kept is not None and not kept.replaying:
             kept.record(out)
         ctx.save_for_backward(query, key, value, out, probs)
-        ctx.segments, ctx.scale, ctx.rows = segments, scale, rows
+        ctx.segments, ctx.scale, ctx.rows, ctx.bf16_gemm = segments, scale, rows, COMPILED_BF16_GEMM
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, probs = ctx.saved_tensors
         grad_query, grad_key, grad_value = cpu_kernels.ops().attention_backward(
-            grad_out, query, key, value, out, probs, ctx.segments, ctx.scale, ctx.rows
+            grad_out, query, key, value, out, probs, ctx.segments, ctx.scale, ctx.rows, ctx.bf16_gemm
         )
         return grad_query.transpose(1, 2), grad_key, grad_value, None, None, None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from lorakit import cpu_kernels
@@ -91,7 +92,67 @@ def test_attention_kernel_refuses_segments_outside_the_batch(segment):
     ops = cpu_kernels.ops()
     q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
     with pytest.raises(RuntimeError, match="is empty or outside the \\(1, 8\\) batch"):
-        ops.attention_forward(q, k, k, list(segment), 0.5, 64, None)
-    out, probs = ops.attention_forward(q, k, k, [0, 0, 8], 0.5, 64, None)
+        ops.attention_forward(q, k, k, list(segment), 0.5, 64, True, None)
+    out, probs = ops.attention_forward(q, k, k, [0, 0, 8], 0.5, 64, True, None)
     with pytest.raises(RuntimeError, match="must be \\(B, T, H, D\\)"):
-        ops.attention_backward(out[:, :4], q, k, k, out, probs, [0, 0, 8], 0.5, 64)
+        ops.attention_backward(out[:, :4], q, k, k, out, probs, [0, 0, 8], 0.5, 64, True)
+
+
+def _per_segment_sdpa(q, k, v, grad, segments, scale):
+    """fp64 reference for the attention kernel: causal SDPA over each (row, start, end) segment;
+    returns the output and dQ as (B, T, H, D), dK and dV as (B, H_kv, T, D), zero outside segments."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=torch.float64)
+    total = 0
+    for row, start, end in zip(segments[0::3], segments[1::3], segments[2::3]):
+        o = F.scaled_dot_product_attention(
+            q[row : row + 1, :, start:end], k[row : row + 1, :, start:end], v[row : row + 1, :, start:end],
+            is_causal=True, scale=scale, enable_gqa=True,
+        )[0].transpose(0, 1)  # fmt: skip
+        out[row, start:end] = o.detach()
+        total = total + (o * grad[row, start:end].double()).sum()
+    total.backward()
+    return out, q.grad.transpose(1, 2), k.grad, v.grad
+
+
+# the benchmark's layout; odd head dims, block rows and group sizes, and gaps between examples
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,length,dim,segments,block_rows",
+    [
+        (2, 12, 4, 512, 64, [0, 0, 377, 0, 377, 512, 1, 0, 135, 1, 135, 512], 64),
+        (1, 6, 2, 77, 16, [0, 0, 77], 7),
+        (1, 3, 1, 45, 7, [0, 0, 20, 0, 25, 45], 5),
+        (2, 4, 4, 33, 9, [0, 0, 33, 1, 3, 30], 64),
+        (1, 2, 1, 19, 64, [0, 0, 19], 1),
+    ],
+)
+def test_attention_kernel_bf16_gemms_close_to_fp64(batch, heads, kv_heads, length, dim, segments, block_rows):
+    # lorakit's AVX512-BF16 GEMMs (fp32 sums, each result rounded once) against the fp64 result,
+    # next to the same kernel with oneDNN's GEMMs (which round every block product to bf16)
+    ops = cpu_kernels.ops()
+    if not ops.bf16_gemm_available():
+        pytest.skip("this build has no AVX512-BF16 GEMMs (the CPU lacks the instructions)")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, length, heads, dim, generator=gen).transpose(1, 2).bfloat16()
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen).bfloat16() for _ in range(2))
+    grad = torch.randn(batch, length, heads, dim, generator=gen).bfloat16()
+    scale = dim**-0.5
+    inside = torch.zeros(batch, length, dtype=torch.bool)
+    for row, start, end in zip(segments[0::3], segments[1::3], segments[2::3]):
+        inside[row, start:end] = True
+    exact = _per_segment_sdpa(q, k, v, grad, segments, scale)
+    errors = {}
+    for bf16_gemm in (True, False):
+        out, probs = ops.attention_forward(q, k, v, segments, scale, block_rows, bf16_gemm, None)
+        grads = ops.attention_backward(grad, q, k, v, out, probs, segments, scale, block_rows, bf16_gemm)
+        results = [out, grads[0], grads[1].transpose(1, 2), grads[2].transpose(1, 2)]
+        wants = [exact[0], exact[1], exact[2].transpose(1, 2), exact[3].transpose(1, 2)]
+        for name, got, want in zip(("output", "grad q", "grad k", "grad v"), results, wants):
+            assert got.dtype == torch.bfloat16
+            assert not got[~inside].any(), name  # nothing written outside the segments
+            got, want = got[inside].double(), want[inside]
+            errors[bf16_gemm, name] = float((got - want).norm() / want.norm())
+    for name in ("output", "grad q", "grad k", "grad v"):
+        ours, onednn = errors[True, name], errors[False, name]
+        assert ours < 6e-3, (name, ours)
+        assert ours <= 1.02 * onednn, (name, ours, onednn)

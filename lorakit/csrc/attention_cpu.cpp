@@ -16,7 +16,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LORAKIT_BF16_GEMM 1
+#endif
 
 namespace {
 
@@ -103,12 +111,12 @@ void gather_tokens(const Rows<const T>& src, int64_t b, int64_t h0, int64_t head
 }
 
 // The inverse of gather_tokens, scaled: a (heads x rows, D) block into a (B, T, H, D) tensor.
-template <typename T>
-void scatter_tokens(const T* src, int64_t heads, int64_t rows, int64_t d, float factor, const Rows<T>& dst, int64_t b,
+template <typename S, typename T>
+void scatter_tokens(const S* src, int64_t heads, int64_t rows, int64_t d, float factor, const Rows<T>& dst, int64_t b,
                     int64_t h0, int64_t pos) {
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t i = 0; i < rows; ++i) {
-      const T* s = src + (h * rows + i) * d;
+      const S* s = src + (h * rows + i) * d;
       T* o = dst.at(b, pos + i, h0 + h);
       for (int64_t j = 0; j < d; ++j) o[j] = static_cast<T>(static_cast<float>(s[j]) * factor);
     }
@@ -126,6 +134,154 @@ template <typename T>
 at::Tensor view(T* data, at::IntArrayRef shape, const at::TensorOptions& options) {
   return at::from_blob(data, shape, options);
 }
+
+#ifdef LORAKIT_BF16_GEMM
+// ---------------------------------------------------------------------------------------------
+// bf16 GEMMs with fp32 sums on AVX512-BF16, for the bf16 kernels below.
+//
+// Called through oneDNN, each of the block's small GEMMs costs a fixed ~15 us, runs at ~110 GFLOP/s
+// on one thread, and rounds its output to bf16; the fp32 score GEMM runs at ~86. Here one
+// instruction (vdpbf16ps) multiplies 16 pairs of bf16 values and adds them into 16 fp32 sums, so
+// the products need their two operands paired along the reduction: A as 32-bit words of two
+// consecutive reduction elements, broadcast one at a time; B packed as rows of such words, 16
+// output columns per vector. Every result stays fp32 until the kernel rounds it once.
+
+// A: word (m, p) -- elements 2p and 2p+1 of the reduction for output row m -- starts at element
+// m * row + p * pair. `tail`: the reduction has one element more, data[m * row + 2 * pairs], paired
+// with zero (row-major A of odd width; packed operands are padded instead).
+struct PairsA {
+  const at::BFloat16* data;
+  int64_t row, pair;
+};
+
+// B: word (p, n) at data[p * ld + n], ld a multiple of 16 and zero from the last column to ld.
+struct PairsB {
+  const uint32_t* data;
+  int64_t ld;
+};
+
+inline int64_t round_up16(int64_t n) { return (n + 15) / 16 * 16; }
+
+inline __m512 broadcast_word(const at::BFloat16* p) {
+  float word;  // two bf16 values as one 32-bit lane, loaded into the broadcast
+  std::memcpy(&word, p, 4);
+  return _mm512_set1_ps(word);
+}
+
+inline __m512 broadcast_half_word(const at::BFloat16* p) {  // (p[0], 0)
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _mm512_castsi512_ps(_mm512_set1_epi32(bits));
+}
+
+inline __m512 dot_pairs(__m512 sum, __m512 a, __m512 b) { return _mm512_dpbf16_ps(sum, (__m512bh)a, (__m512bh)b); }
+
+// C[m0 .. m0+rows, n0 .. n0+16*V) of a GEMM, rows <= MR; `mask` limits the last vector's columns.
+template <int MR, int V>
+void gemm_tile(const PairsA& a, const PairsB& b, int64_t pairs, bool tail, float* c, int64_t ldc, int64_t m0,
+               int64_t rows, int64_t n0, __mmask16 mask, bool accumulate) {
+  __m512 acc[MR][V];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+  const at::BFloat16* ar[MR];
+  for (int i = 0; i < MR; ++i) ar[i] = a.data + (m0 + std::min<int64_t>(i, rows - 1)) * a.row;  // spare rows repeat the last
+  const uint32_t* bp = b.data + n0;
+  for (int64_t p = 0; p < pairs; ++p, bp += b.ld) {
+    __m512 bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_castsi512_ps(_mm512_loadu_si512(bp + 16 * v));
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = broadcast_word(ar[i] + p * a.pair);
+      for (int v = 0; v < V; ++v) acc[i][v] = dot_pairs(acc[i][v], av, bv[v]);
+    }
+  }
+  if (tail) {
+    __m512 bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_castsi512_ps(_mm512_loadu_si512(bp + 16 * v));
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = broadcast_half_word(ar[i] + 2 * pairs);
+      for (int v = 0; v < V; ++v) acc[i][v] = dot_pairs(acc[i][v], av, bv[v]);
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* cr = c + (m0 + i) * ldc + n0;
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? mask : __mmask16(0xFFFF);
+      __m512 out = acc[i][v];
+      if (accumulate) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(m, cr + 16 * v));
+      _mm512_mask_storeu_ps(cr + 16 * v, m, out);
+    }
+  }
+}
+
+// C (M x N, fp32, row stride ldc) = A @ B, or += with `accumulate`, over `pairs` words of the
+// reduction (plus the tail element). Single-threaded: the callers run one per task.
+void gemm_bf16(const PairsA& a, int64_t M, const PairsB& b, int64_t N, int64_t pairs, bool tail, float* c, int64_t ldc,
+               bool accumulate) {
+  constexpr int MR = 6, V = 4;
+  int64_t n0 = 0;
+  for (; n0 + 16 * V <= N; n0 += 16 * V)  // whole 64-column tiles: B's tile stays in cache across A's rows
+    for (int64_t m0 = 0; m0 < M; m0 += MR) gemm_tile<MR, V>(a, b, pairs, tail, c, ldc, m0, std::min<int64_t>(MR, M - m0), n0, 0xFFFF, accumulate);
+  for (; n0 < N; n0 += 16) {  // the last columns, 16 at a time
+    const int64_t cols = std::min<int64_t>(16, N - n0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+    for (int64_t m0 = 0; m0 < M; m0 += 2 * MR)
+      gemm_tile<2 * MR, 1>(a, b, pairs, tail, c, ldc, m0, std::min<int64_t>(2 * MR, M - m0), n0, mask, accumulate);
+  }
+}
+
+// Rows 2p and 2p+1 of a (R, D) bf16 matrix (row stride ld) interleaved into row p of words: the
+// B operand for a reduction over R (and, read by column, the A operand of one over R). Odd R pairs
+// the last row with zeros. `out` holds (R + 1) / 2 rows of round_up16(D) words, zero past D.
+void pack_row_pairs(const at::BFloat16* src, int64_t R, int64_t D, int64_t ld, uint32_t* out) {
+  const int64_t width = round_up16(D);
+  static const __m512i interleave = [] {
+    alignas(64) int16_t idx[32];
+    for (int i = 0; i < 16; ++i) idx[2 * i] = static_cast<int16_t>(i), idx[2 * i + 1] = static_cast<int16_t>(32 + i);
+    return _mm512_load_si512(idx);
+  }();
+  for (int64_t p = 0; p < (R + 1) / 2; ++p) {
+    const at::BFloat16* r0 = src + 2 * p * ld;
+    const bool pair = 2 * p + 1 < R;
+    const at::BFloat16* r1 = r0 + ld;
+    uint32_t* o = out + p * width;
+    for (int64_t j = 0; j < width; j += 16) {
+      const int64_t cols = std::min<int64_t>(16, D - j);
+      const __mmask16 mask = cols > 0 ? static_cast<__mmask16>((1u << cols) - 1) : 0;
+      const __m512i lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask, r0 + j));
+      const __m512i hi = pair ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask, r1 + j)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(o + j, _mm512_permutex2var_epi16(lo, interleave, hi));
+    }
+  }
+}
+
+// The words of a (R, D) bf16 matrix's rows (D even; odd D pairs the last column with zero) as
+// columns: word (p, r) = (m[r][2p], m[r][2p+1]). The B operand for a reduction over D, where the
+// matrix's rows are the output's columns. `out` holds (D + 1) / 2 rows of `width` words (width a
+// multiple of 16, >= R), zero past R.
+void pack_column_pairs(const at::BFloat16* src, int64_t R, int64_t D, int64_t ld, int64_t width, uint32_t* out) {
+  const int64_t pairs = (D + 1) / 2;
+  std::memset(out, 0, sizeof(uint32_t) * pairs * width);
+  for (int64_t r = 0; r < R; ++r) {
+    const at::BFloat16* row = src + r * ld;
+    for (int64_t p = 0; p < D / 2; ++p) std::memcpy(out + p * width + r, row + 2 * p, 4);
+    if (D % 2) std::memcpy(out + (D / 2) * width + r, row + D - 1, 2);  // upper half stays zero
+  }
+}
+
+// Scratch memory of the calling thread that outlives the call: a task takes its buffers from here
+// (slot by slot) instead of allocating and zeroing ~1.5 MB each, which took a tenth of the
+// backward's time. It grows to the largest task seen (about 2 MB per thread at 512 tokens) and is
+// uninitialised.
+template <typename T>
+T* scratch(int slot, int64_t n) {
+  constexpr int kSlots = 16;
+  thread_local std::vector<char> buffers[kSlots];
+  std::vector<char>& b = buffers[slot];
+  const size_t bytes = static_cast<size_t>(n) * sizeof(T) + 64;
+  if (b.size() < bytes) b.resize(bytes);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(b.data()) + 63) & ~uintptr_t(63));  // 64-byte aligned
+}
+#endif  // LORAKIT_BF16_GEMM
 
 template <typename scalar_t>
 void forward_task(const Task& t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -236,6 +392,137 @@ void backward_task(const Task& t, const at::Tensor& grad_out, const at::Tensor& 
   }
 }
 
+#ifdef LORAKIT_BF16_GEMM
+// forward_task for bf16 with the GEMMs above: the same blocks, softmax and outputs, but the scores
+// come from bf16 pairs summed in fp32 (the same products as the fp32 GEMM of fp32 copies, summed in
+// another order) and P @ V is rounded once, from fp32, into the output. The keys and values are
+// packed once per task, for all of its blocks and query heads.
+void forward_task_bf16(const Task& t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& out, const at::Tensor& probs, float scale, int64_t per_group, bool write_out) {
+  using bf16 = at::BFloat16;
+  const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * t.block_rows, length = t.length;
+  const int64_t key_width = round_up16(length), d_width = round_up16(d);
+  const Rows<const bf16> qrows(q), krows(k), vrows(v);
+  const Rows<bf16> orows(out);
+  uint32_t* keys = scratch<uint32_t>(0, (d + 1) / 2 * key_width);  // B of Q @ K^T: the keys' words as columns
+  pack_column_pairs(krows.at(t.row, t.kv_head, t.start), length, d, krows.sy, key_width, keys);
+  uint32_t* values = scratch<uint32_t>(1, (length + 1) / 2 * d_width);  // B of P @ V: pairs of value rows
+  pack_row_pairs(vrows.at(t.row, t.kv_head, t.start), length, d, vrows.sy, values);
+  bf16* qbuf = scratch<bf16>(2, block * d);
+  float* sbuf = scratch<float>(3, block * length);
+  float* obuf = scratch<float>(4, block * d);
+  bf16* p = probs.data_ptr<bf16>() + t.prob_offset;
+  for (int64_t r0 = 0; r0 < length; r0 += t.block_rows) {
+    const int64_t r1 = std::min(length, r0 + t.block_rows), rows = r1 - r0, n = per_group * rows;
+    gather_heads(qrows, t.row, h0, per_group, t.start + r0, rows, d, 1.f, qbuf);
+    float* s = sbuf;
+    gemm_bf16({qbuf, d, 2}, n, {keys, key_width}, r1, d / 2, d % 2, s, r1, false);
+    for (int64_t h = 0; h < per_group; ++h)
+      for (int64_t i = 0; i < rows; ++i) {
+        float* sr = s + (h * rows + i) * r1;
+        bf16* pr = p + (h * rows + i) * r1;
+        const int64_t valid = r0 + i + 1;
+        float peak = sr[0];
+        for (int64_t j = 1; j < valid; ++j) peak = std::max(peak, sr[j]);
+        float total = 0.f;
+        for (int64_t j = 0; j < valid; ++j) {
+          sr[j] = std::exp((sr[j] - peak) * scale);  // scale > 0: the largest score stays the largest
+          total += sr[j];
+        }
+        const float inv = 1.f / total;
+        for (int64_t j = 0; j < valid; ++j) pr[j] = static_cast<bf16>(sr[j] * inv);
+        for (int64_t j = valid; j < r1; ++j) pr[j] = static_cast<bf16>(0.f);
+      }
+    if (write_out) {
+      gemm_bf16({p, r1, 2}, n, {values, d_width}, d, r1 / 2, r1 % 2, obuf, d, false);
+      scatter_tokens(obuf, per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
+    }
+    p += n * r1;
+  }
+}
+
+// backward_task for bf16 with the GEMMs above. dV and dK are summed over the blocks transposed,
+// (D, L) in fp32, as (dO^T @ P) and (Q^T @ dS), so that their reduction over the block's rows pairs
+// consecutive rows (packed per block); dP and dQ reduce over D and over the keys. dP stays fp32
+// into dS, and every gradient is rounded once.
+void backward_task_bf16(const Task& t, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& probs, const at::Tensor& grad_q,
+                        const at::Tensor& grad_k, const at::Tensor& grad_v, float scale, int64_t per_group) {
+  using bf16 = at::BFloat16;
+  const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * t.block_rows, length = t.length;
+  const int64_t key_width = round_up16(length), d_width = round_up16(d), block_pairs = (block + 1) / 2;
+  const Rows<const bf16> qrows(q), krows(k), vrows(v), grows(grad_out), orows(out);
+  uint32_t* keys = scratch<uint32_t>(0, (length + 1) / 2 * d_width);  // B of dS @ K: pairs of key rows
+  pack_row_pairs(krows.at(t.row, t.kv_head, t.start), length, d, krows.sy, keys);
+  uint32_t* values = scratch<uint32_t>(1, (d + 1) / 2 * key_width);  // B of dO @ V^T: the values' words as columns
+  pack_column_pairs(vrows.at(t.row, t.kv_head, t.start), length, d, vrows.sy, key_width, values);
+  float* grad_keys = scratch<float>(2, d * length);  // transposed: (D, L), summed over the blocks
+  float* grad_values = scratch<float>(3, d * length);
+  std::fill(grad_keys, grad_keys + d * length, 0.f);
+  std::fill(grad_values, grad_values + d * length, 0.f);
+  bf16* gbuf = scratch<bf16>(4, block * d);  // dO of the block
+  bf16* qbuf = scratch<bf16>(5, block * d);
+  bf16* ds = scratch<bf16>(6, block * length);
+  uint32_t* g_pairs = scratch<uint32_t>(7, block_pairs * d_width);
+  uint32_t* q_pairs = scratch<uint32_t>(8, block_pairs * d_width);
+  uint32_t* p_pairs = scratch<uint32_t>(9, block_pairs * key_width);
+  uint32_t* ds_pairs = scratch<uint32_t>(10, block_pairs * key_width);
+  float* dp = scratch<float>(11, block * length);
+  float* dq = scratch<float>(12, block * d);
+  float* delta = scratch<float>(13, block);  // rowsum(P ∘ dP) = rowsum(dO ∘ O) per row of the block
+  const Rows<bf16> dqrows(grad_q);
+  const bf16* p = probs.data_ptr<bf16>() + t.prob_offset;
+  // A operand read from row-pair words by column: word (m, p) of a (pairs, width) word matrix
+  const auto by_column = [](const uint32_t* words, int64_t width) {
+    return PairsA{reinterpret_cast<const bf16*>(words), 2, 2 * width};
+  };
+  for (int64_t r0 = 0; r0 < length; r0 += t.block_rows) {
+    const int64_t r1 = std::min(length, r0 + t.block_rows), rows = r1 - r0, n = per_group * rows;
+    const int64_t pairs = (n + 1) / 2, r1_width = round_up16(r1);
+    gather_tokens(grows, t.row, h0, per_group, t.start + r0, rows, d, gbuf);
+    for (int64_t h = 0; h < per_group; ++h)
+      for (int64_t i = 0; i < rows; ++i) {
+        const bf16* g = gbuf + (h * rows + i) * d;
+        const bf16* o = orows.at(t.row, t.start + r0 + i, h0 + h);
+        float sum = 0.f;
+        for (int64_t j = 0; j < d; ++j) sum += static_cast<float>(g[j]) * static_cast<float>(o[j]);
+        delta[h * rows + i] = sum;
+      }
+    // dV^T += dO^T @ P
+    pack_row_pairs(gbuf, n, d, d, g_pairs);
+    pack_row_pairs(p, n, r1, r1, p_pairs);
+    gemm_bf16(by_column(g_pairs, d_width), d, {p_pairs, r1_width}, r1, pairs, false, grad_values, length, true);
+    // dP = dO @ V^T, then dS = P ∘ (dP - delta)
+    gemm_bf16({gbuf, d, 2}, n, {values, key_width}, r1, d / 2, d % 2, dp, r1, false);
+    for (int64_t h = 0; h < per_group; ++h)
+      for (int64_t i = 0; i < rows; ++i) {
+        const float dl = delta[h * rows + i];
+        const int64_t base = (h * rows + i) * r1, valid = r0 + i + 1;
+        for (int64_t j = 0; j < valid; ++j) ds[base + j] = static_cast<bf16>(static_cast<float>(p[base + j]) * (dp[base + j] - dl));
+        for (int64_t j = valid; j < r1; ++j) ds[base + j] = static_cast<bf16>(0.f);
+      }
+    // dQ = dS @ K
+    gemm_bf16({ds, r1, 2}, n, {keys, d_width}, d, r1 / 2, r1 % 2, dq, d, false);
+    scatter_tokens(dq, per_group, rows, d, scale, dqrows, t.row, h0, t.start + r0);
+    // dK^T += Q^T @ dS
+    gather_heads(qrows, t.row, h0, per_group, t.start + r0, rows, d, 1.f, qbuf);
+    pack_row_pairs(qbuf, n, d, d, q_pairs);
+    pack_row_pairs(ds, n, r1, r1, ds_pairs);
+    gemm_bf16(by_column(q_pairs, d_width), d, {ds_pairs, r1_width}, r1, pairs, false, grad_keys, length, true);
+    p += n * r1;
+  }
+  const Rows<bf16> dkrows(grad_k), dvrows(grad_v);
+  for (int64_t i = 0; i < length; ++i) {
+    bf16* dk = dkrows.at(t.row, t.kv_head, t.start + i);
+    bf16* dv = dvrows.at(t.row, t.kv_head, t.start + i);
+    for (int64_t j = 0; j < d; ++j) {
+      dk[j] = static_cast<bf16>(grad_keys[j * length + i] * scale);
+      dv[j] = static_cast<bf16>(grad_values[j * length + i]);
+    }
+  }
+}
+#endif  // LORAKIT_BF16_GEMM
+
 // (B, T, H, D): the layout of the output and of the query's gradient, for a (B, H, T, D) query
 std::vector<int64_t> token_major(const at::Tensor& q) { return {q.size(0), q.size(2), q.size(1), q.size(3)}; }
 
@@ -254,11 +541,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 // query (B, H, T, D), key/value (B, H_kv, T, D), segments (row, start, end) triples covering the
 // examples, block_rows query rows per block; returns the output (B, T, H, D) and the flat
-// probability buffer. With `kept_out` (a
-// selective-checkpointing rerun, whose output was kept) only the probabilities are computed.
+// probability buffer. With `kept_out` (a selective-checkpointing rerun, whose output was kept) only
+// the probabilities are computed. `bf16_gemm`: bf16 inputs run the GEMMs above where this build has
+// them (bf16_gemm_available), otherwise oneDNN's.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                                      at::IntArrayRef segments, double scale, int64_t block_rows,
-                                                     const std::optional<at::Tensor>& kept_out) {
+                                                     bool bf16_gemm, const std::optional<at::Tensor>& kept_out) {
   check_inputs(query, key, value);
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
   const int64_t kv_heads = k.size(1), per_group = q.size(1) / kv_heads;
@@ -269,6 +557,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   at::Tensor out = write_out ? at::zeros(token_major(q), q.options()) : *kept_out;
   TORCH_CHECK(out.sizes() == at::IntArrayRef(token_major(q)) && out.scalar_type() == q.scalar_type() && out.stride(-1) == 1,
               "the kept output must be (B, T, H, D) in the query's dtype with unit stride in D");
+  TORCH_CHECK(scale > 0, "scale must be positive, got ", scale);
+#ifdef LORAKIT_BF16_GEMM
+  if (bf16_gemm && q.scalar_type() == at::kBFloat16) {
+    for_each_task(tasks, [&](const Task& t) {
+      forward_task_bf16(t, q, k, v, out, probs, static_cast<float>(scale), per_group, write_out);
+    });
+    return {out, probs};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_forward", [&] {
     for_each_task(tasks, [&](const Task& t) {
       forward_task<scalar_t>(t, q, k, v, out, probs, static_cast<float>(scale), per_group, write_out);
@@ -282,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const at::Tensor& key, const at::Tensor& value,
                                                                   const at::Tensor& out, const at::Tensor& probs,
                                                                   at::IntArrayRef segments, double scale,
-                                                                  int64_t block_rows) {
+                                                                  int64_t block_rows, bool bf16_gemm) {
   check_inputs(query, key, value);
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
   const at::Tensor g = unit_stride(grad_out.to(q.scalar_type())), o = unit_stride(out.to(q.scalar_type()));
@@ -295,6 +592,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   at::Tensor grad_q = at::zeros(token_major(q), q.options());
   at::Tensor grad_k = at::zeros(k.sizes(), k.options());
   at::Tensor grad_v = at::zeros(v.sizes(), v.options());
+#ifdef LORAKIT_BF16_GEMM
+  if (bf16_gemm && q.scalar_type() == at::kBFloat16) {
+    for_each_task(tasks, [&](const Task& t) {
+      backward_task_bf16(t, g, q, k, v, o, probs, grad_q, grad_k, grad_v, static_cast<float>(scale), per_group);
+    });
+    return {grad_q, grad_k, grad_v};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_backward", [&] {
     for_each_task(tasks, [&](const Task& t) {
       backward_task<scalar_t>(t, g, q, k, v, o, probs, grad_q, grad_k, grad_v, static_cast<float>(scale), per_group);
@@ -303,18 +608,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   return {grad_q, grad_k, grad_v};
 }
 
+bool bf16_gemm_available() {
+#ifdef LORAKIT_BF16_GEMM
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lorakit_cpu, m) {
   m.def(
-      "attention_forward(Tensor q, Tensor k, Tensor v, int[] segments, float scale, int block_rows, Tensor? kept_out) "
-      "-> (Tensor, Tensor)");
+      "attention_forward(Tensor q, Tensor k, Tensor v, int[] segments, float scale, int block_rows, bool bf16_gemm, "
+      "Tensor? kept_out) -> (Tensor, Tensor)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor probs, int[] segments, "
-      "float scale, int block_rows) -> (Tensor, Tensor, Tensor)");
+      "float scale, int block_rows, bool bf16_gemm) -> (Tensor, Tensor, Tensor)");
+  m.def("bf16_gemm_available() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(lorakit_cpu, CPU, m) {
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
 }
+
+TORCH_LIBRARY_IMPL(lorakit_cpu, CatchAll, m) { m.impl("bf16_gemm_available", &bf16_gemm_available); }
