@@ -240,3 +240,32 @@ def test_checkpointing_across_model_families(family, mode):
         for name, grad in plain[1].items():
             torch.testing.assert_close(got[1][name], grad, rtol=0, atol=1e-5, msg=name)
     assert got[2] == plain[2] > 0 and got[3] == (FULL_RERUN_PROJECTIONS[family] if mode == "full" else 0)
+
+
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_first_layer_input_gradient_is_not_computed(mode):
+    # transformers' checkpointing makes the embeddings' output require grad (for reentrant
+    # checkpointing); lorakit's non-reentrant checkpoints take that back, so backward computes no
+    # gradient for the first layer's input: as many dense input-gradient products as without
+    # checkpointing, and none into the embeddings' output
+    counts, embedded = {}, []
+    for checkpointed in (False, True):
+        model, _ = _model(torch.float32)
+        if checkpointed:
+            activation_checkpointing.enable(model, mode)
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: embedded.append(out))
+        dense = [0]
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                weight = module._dense_weight_like  # called once per input-gradient product
+
+                def counted(g, weight=weight):
+                    dense[0] += 1
+                    return weight(g)
+
+                module._dense_weight_like = counted
+        loss = model(**_batch(packed=False)).loss
+        loss.backward()
+        counts[checkpointed] = dense[0]
+        assert not embedded[-1].requires_grad and embedded[-1].grad is None
+    assert counts[True] == counts[False] == PROJECTIONS * LAYERS - 3  # the first layer's q, k, v need no input gradient
