@@ -6,8 +6,8 @@ model to it; it attends to each example on its own, so no work or memory goes to
 block-diagonal mask or to scores across examples.
 
 On CPU, examples of up to `BLOCKED_ATTENTION_MAX_LEN` tokens go through a blocked kernel:
-GEMMs over blocks of query rows that keep their softmax for backward, 1.4x-2x faster than torch's
-CPU flash kernel on them (docs/benchmarks.md). It runs compiled (`_CompiledBlockedAttention`, the
+GEMMs over blocks of query rows that keep their softmax for backward, 3x-5x faster than torch's
+CPU flash kernel on them in bf16 where it runs compiled (docs/benchmarks.md). It runs compiled (`_CompiledBlockedAttention`, the
 C++ of lorakit/csrc/attention_cpu.cpp, built by `lorakit.cpu_kernels`) for float32 and bfloat16
 where a compiler is at hand, in bfloat16 on its own AVX512-BF16 GEMMs where the CPU has them, else
 in PyTorch (`_BlockedCausalAttention`, the same algorithm).
