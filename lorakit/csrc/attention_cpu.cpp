@@ -140,6 +140,61 @@ at::Tensor view(T* data, at::IntArrayRef shape, const at::TensorOptions& options
   return at::from_blob(data, shape, options);
 }
 
+// The causal softmax of a block's scores s (heads x rows, r1) into probabilities p, row by row: row
+// i of the block (position r0 + i) sees keys 0..r0+i, and gets zeros past them. The scores are
+// multiplied by `scale` first (1 where they come scaled); scale > 0 keeps the largest the largest.
+template <typename T>
+void causal_softmax_rows(float* s, T* p, int64_t heads, int64_t rows, int64_t r0, int64_t r1, float scale) {
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < rows; ++i) {
+      float* sr = s + (h * rows + i) * r1;
+      T* pr = p + (h * rows + i) * r1;
+      const int64_t valid = r0 + i + 1;
+      float peak = sr[0];
+      for (int64_t j = 1; j < valid; ++j) peak = std::max(peak, sr[j]);
+      float total = 0.f;
+      for (int64_t j = 0; j < valid; ++j) {
+        sr[j] = std::exp((sr[j] - peak) * scale);
+        total += sr[j];
+      }
+      const float inv = 1.f / total;
+      for (int64_t j = 0; j < valid; ++j) pr[j] = static_cast<T>(sr[j] * inv);
+      for (int64_t j = valid; j < r1; ++j) pr[j] = static_cast<T>(0.f);
+    }
+}
+
+// dS = P ∘ (dP - delta) for a block, row by row as causal_softmax_rows lays it out; delta of head h,
+// row i at delta[h * delta_stride + i]. dP may be ds itself (computed in place).
+template <typename T, typename G>
+void softmax_gradient_rows(const T* p, const G* dp, T* ds, const float* delta, int64_t delta_stride, int64_t heads,
+                           int64_t rows, int64_t r0, int64_t r1) {
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < rows; ++i) {
+      const float dl = delta[h * delta_stride + i];
+      const int64_t base = (h * rows + i) * r1, valid = r0 + i + 1;
+      for (int64_t j = 0; j < valid; ++j)
+        ds[base + j] = static_cast<T>(static_cast<float>(p[base + j]) * (static_cast<float>(dp[base + j]) - dl));
+      for (int64_t j = valid; j < r1; ++j) ds[base + j] = static_cast<T>(0.f);
+    }
+}
+
+// A task's summed dK (times scale) and dV into the (B, H_kv, T, D) gradients; element (position i,
+// dim j) of the fp32 sums at [i * pos_stride + j * dim_stride].
+template <typename T>
+void write_key_value_gradients(const Task& t, const float* grad_keys, const float* grad_values, int64_t pos_stride,
+                               int64_t dim_stride, int64_t d, float scale, const at::Tensor& grad_k,
+                               const at::Tensor& grad_v) {
+  const Rows<T> dkrows(grad_k), dvrows(grad_v);
+  for (int64_t i = 0; i < t.length; ++i) {
+    T* dk = dkrows.at(t.row, t.kv_head, t.start + i);
+    T* dv = dvrows.at(t.row, t.kv_head, t.start + i);
+    for (int64_t j = 0; j < d; ++j) {
+      dk[j] = static_cast<T>(grad_keys[i * pos_stride + j * dim_stride] * scale);
+      dv[j] = static_cast<T>(grad_values[i * pos_stride + j * dim_stride]);
+    }
+  }
+}
+
 #ifdef LORAKIT_BF16_GEMM
 // ---------------------------------------------------------------------------------------------
 // bf16 GEMMs with fp32 sums on AVX512-BF16, for the bf16 kernels below.
@@ -308,23 +363,7 @@ void forward_task(const Task& t, const at::Tensor& q, const at::Tensor& k, const
     gather_heads(qrows, t.row, h0, per_group, t.start + r0, rows, d, scale, qbuf.data_ptr<float>());
     float* s = sbuf.data_ptr<float>();
     mm_into(view(s, {n, r1}, fp32), qbuf.narrow(0, 0, n), keys.narrow(0, 0, r1).t());
-    // causal softmax per row: row i of the block (position r0 + i) sees keys 0..r0+i
-    for (int64_t h = 0; h < per_group; ++h)
-      for (int64_t i = 0; i < rows; ++i) {
-        float* sr = s + (h * rows + i) * r1;
-        scalar_t* pr = p + (h * rows + i) * r1;
-        const int64_t valid = r0 + i + 1;
-        float peak = sr[0];
-        for (int64_t j = 1; j < valid; ++j) peak = std::max(peak, sr[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < valid; ++j) {
-          sr[j] = std::exp(sr[j] - peak);
-          total += sr[j];
-        }
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < valid; ++j) pr[j] = static_cast<scalar_t>(sr[j] * inv);
-        for (int64_t j = valid; j < r1; ++j) pr[j] = static_cast<scalar_t>(0.f);
-      }
+    causal_softmax_rows(s, p, per_group, rows, r0, r1, 1.f);
     if (write_out) {
       mm_into(obuf.narrow(0, 0, n), view(p, {n, r1}, opts), values.narrow(0, 0, r1));
       scatter_tokens(obuf.data_ptr<scalar_t>(), per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
@@ -370,14 +409,7 @@ void backward_task(const Task& t, const at::Tensor& grad_out, const at::Tensor& 
     accumulate(grad_values.data(), kvbuf.data_ptr<scalar_t>(), r1 * d);
     scalar_t* ds = sbuf.data_ptr<scalar_t>();
     mm_into(view(ds, {n, r1}, opts), gb, values.narrow(0, 0, r1).t());
-    for (int64_t h = 0; h < per_group; ++h)
-      for (int64_t i = 0; i < rows; ++i) {
-        const float dl = delta[h * length + r0 + i];
-        const int64_t base = (h * rows + i) * r1, valid = r0 + i + 1;
-        for (int64_t j = 0; j < valid; ++j)
-          ds[base + j] = static_cast<scalar_t>(static_cast<float>(p[base + j]) * (static_cast<float>(ds[base + j]) - dl));
-        for (int64_t j = valid; j < r1; ++j) ds[base + j] = static_cast<scalar_t>(0.f);
-      }
+    softmax_gradient_rows(p, ds, ds, delta.data() + r0, length, per_group, rows, r0, r1);
     at::Tensor dsb = view(ds, {n, r1}, opts);
     mm_into(dbuf.narrow(0, 0, n), dsb, keys.narrow(0, 0, r1));
     scatter_tokens(dbuf.data_ptr<scalar_t>(), per_group, rows, d, scale, dqrows, t.row, h0, t.start + r0);
@@ -386,15 +418,7 @@ void backward_task(const Task& t, const at::Tensor& grad_out, const at::Tensor& 
     accumulate(grad_keys.data(), kvbuf.data_ptr<scalar_t>(), r1 * d);
     p += n * r1;
   }
-  const Rows<scalar_t> dkrows(grad_k), dvrows(grad_v);
-  for (int64_t i = 0; i < length; ++i) {
-    scalar_t* dk = dkrows.at(t.row, t.kv_head, t.start + i);
-    scalar_t* dv = dvrows.at(t.row, t.kv_head, t.start + i);
-    for (int64_t j = 0; j < d; ++j) {
-      dk[j] = static_cast<scalar_t>(grad_keys[i * d + j] * scale);
-      dv[j] = static_cast<scalar_t>(grad_values[i * d + j]);
-    }
-  }
+  write_key_value_gradients<scalar_t>(t, grad_keys.data(), grad_values.data(), d, 1, d, scale, grad_k, grad_v);
 }
 
 #ifdef LORAKIT_BF16_GEMM
@@ -422,22 +446,7 @@ void forward_task_bf16(const Task& t, const at::Tensor& q, const at::Tensor& k, 
     gather_heads(qrows, t.row, h0, per_group, t.start + r0, rows, d, 1.f, qbuf);
     float* s = sbuf;
     gemm_bf16({qbuf, d, 2}, n, {keys, key_width}, r1, d / 2, d % 2, s, r1, false);
-    for (int64_t h = 0; h < per_group; ++h)
-      for (int64_t i = 0; i < rows; ++i) {
-        float* sr = s + (h * rows + i) * r1;
-        bf16* pr = p + (h * rows + i) * r1;
-        const int64_t valid = r0 + i + 1;
-        float peak = sr[0];
-        for (int64_t j = 1; j < valid; ++j) peak = std::max(peak, sr[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < valid; ++j) {
-          sr[j] = std::exp((sr[j] - peak) * scale);  // scale > 0: the largest score stays the largest
-          total += sr[j];
-        }
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < valid; ++j) pr[j] = static_cast<bf16>(sr[j] * inv);
-        for (int64_t j = valid; j < r1; ++j) pr[j] = static_cast<bf16>(0.f);
-      }
+    causal_softmax_rows(s, p, per_group, rows, r0, r1, scale);
     if (write_out) {
       gemm_bf16({p, r1, 2}, n, {values, d_width}, d, r1 / 2, r1 % 2, obuf, d, false);
       scatter_tokens(obuf, per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
@@ -499,13 +508,7 @@ void backward_task_bf16(const Task& t, const at::Tensor& grad_out, const at::Ten
     gemm_bf16(by_column(g_pairs, d_width), d, {p_pairs, r1_width}, r1, pairs, false, grad_values, length, true);
     // dP = dO @ V^T, then dS = P ∘ (dP - delta)
     gemm_bf16({gbuf, d, 2}, n, {values, key_width}, r1, d / 2, d % 2, dp, r1, false);
-    for (int64_t h = 0; h < per_group; ++h)
-      for (int64_t i = 0; i < rows; ++i) {
-        const float dl = delta[h * rows + i];
-        const int64_t base = (h * rows + i) * r1, valid = r0 + i + 1;
-        for (int64_t j = 0; j < valid; ++j) ds[base + j] = static_cast<bf16>(static_cast<float>(p[base + j]) * (dp[base + j] - dl));
-        for (int64_t j = valid; j < r1; ++j) ds[base + j] = static_cast<bf16>(0.f);
-      }
+    softmax_gradient_rows(p, dp, ds, delta, rows, per_group, rows, r0, r1);
     // dQ = dS @ K
     gemm_bf16({ds, r1, 2}, n, {keys, d_width}, d, r1 / 2, r1 % 2, dq, d, false);
     scatter_tokens(dq, per_group, rows, d, scale, dqrows, t.row, h0, t.start + r0);
@@ -516,15 +519,7 @@ void backward_task_bf16(const Task& t, const at::Tensor& grad_out, const at::Ten
     gemm_bf16(by_column(q_pairs, d_width), d, {ds_pairs, r1_width}, r1, pairs, false, grad_keys, length, true);
     p += n * r1;
   }
-  const Rows<bf16> dkrows(grad_k), dvrows(grad_v);
-  for (int64_t i = 0; i < length; ++i) {
-    bf16* dk = dkrows.at(t.row, t.kv_head, t.start + i);
-    bf16* dv = dvrows.at(t.row, t.kv_head, t.start + i);
-    for (int64_t j = 0; j < d; ++j) {
-      dk[j] = static_cast<bf16>(grad_keys[j * length + i] * scale);
-      dv[j] = static_cast<bf16>(grad_values[j * length + i]);
-    }
-  }
+  write_key_value_gradients<bf16>(t, grad_keys, grad_values, 1, length, d, scale, grad_k, grad_v);  // sums are (D, L)
 }
 #endif  // LORAKIT_BF16_GEMM
 
