@@ -6,11 +6,11 @@ model to it; it attends to each example on its own, so no work or memory goes to
 block-diagonal mask or to scores across examples.
 
 On CPU, examples of up to `BLOCKED_ATTENTION_MAX_LEN` tokens go through a blocked kernel:
-GEMMs over blocks of query rows that keep their softmax for backward, 3x-5x faster than torch's
-CPU flash kernel on them in bf16 where it runs compiled (docs/benchmarks.md). It runs compiled (`_CompiledBlockedAttention`, the
-C++ of lorakit/csrc/attention_cpu.cpp, built by `lorakit.cpu_kernels`) for float32 and bfloat16
-where a compiler is at hand, in bfloat16 on its own AVX512-BF16 GEMMs where the CPU has them, else
-in PyTorch (`_BlockedCausalAttention`, the same algorithm).
+GEMMs over blocks of query rows that keep their softmax for backward. It runs compiled
+(`_CompiledBlockedAttention`, the C++ of lorakit/csrc/attention_cpu.cpp, built by
+`lorakit.cpu_kernels`) for float32 and bfloat16 where a compiler is at hand, in bfloat16 on its own
+AVX512-BF16 GEMMs where the CPU has them (3x-5x faster than torch's CPU flash kernel there,
+docs/benchmarks.md), else in PyTorch (`_BlockedCausalAttention`, the same algorithm).
 Longer examples, dropout and GPUs use `F.scaled_dot_product_attention` per example; padding masks,
 KV caches and softcapping go to transformers' own SDPA path. Tested equal to SDPA in
 tests/test_attention.py.
@@ -38,7 +38,7 @@ BLOCKED_ATTENTION = True
 COMPILED_ATTENTION = True
 # In bf16, the compiled kernel's GEMMs run on lorakit's own AVX512-BF16 code where the CPU has it,
 # rather than through oneDNN (lorakit/csrc/attention_cpu.cpp): forward + backward of a benchmark
-# layer 12.2 -> 7.9 ms; whole plain steps 0.891 -> 0.871 s.
+# layer about 12 -> 8 ms; whole plain steps 0.891 -> 0.871 s.
 COMPILED_BF16_GEMM = True
 
 VARLEN_ATTENTION = "lorakit_varlen"

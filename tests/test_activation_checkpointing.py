@@ -1,7 +1,8 @@
 """lorakit.activation_checkpointing: full and selective checkpointing give the plain path's loss and
 gradients (full: the same bits); the full rerun leaves out the projection nothing after it needs,
 the selective one every frozen projection; a kept output changed in place is recomputed instead of
-replayed; nothing outlives the step; Llama, GPT-2, Qwen2 and Gemma 3."""
+replayed; nothing outlives the step; no gradient for the first layer's input; Llama, GPT-2, Qwen2
+and Gemma 3."""
 
 from __future__ import annotations
 

@@ -23,7 +23,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -329,9 +328,8 @@ void pack_column_pairs(const at::BFloat16* src, int64_t R, int64_t D, int64_t ld
 }
 
 // Scratch memory of the calling thread that outlives the call: a task takes its buffers from here
-// (slot by slot) instead of allocating and zeroing ~1.5 MB each, which took a tenth of the
-// backward's time. It grows to the largest task seen (about 2 MB per thread at 512 tokens) and is
-// uninitialised.
+// (slot by slot) instead of allocating ~1.5 MB for each task of each layer. It grows to the largest
+// task seen (about 2 MB per thread at 512 tokens) and is uninitialised.
 template <typename T>
 T* scratch(int slot, int64_t n) {
   constexpr int kSlots = 16;
@@ -444,9 +442,8 @@ void forward_task_bf16(const Task& t, const at::Tensor& q, const at::Tensor& k, 
   for (int64_t r0 = 0; r0 < length; r0 += t.block_rows) {
     const int64_t r1 = std::min(length, r0 + t.block_rows), rows = r1 - r0, n = per_group * rows;
     gather_heads(qrows, t.row, h0, per_group, t.start + r0, rows, d, 1.f, qbuf);
-    float* s = sbuf;
-    gemm_bf16({qbuf, d, 2}, n, {keys, key_width}, r1, d / 2, d % 2, s, r1, false);
-    causal_softmax_rows(s, p, per_group, rows, r0, r1, scale);
+    gemm_bf16({qbuf, d, 2}, n, {keys, key_width}, r1, d / 2, d % 2, sbuf, r1, false);
+    causal_softmax_rows(sbuf, p, per_group, rows, r0, r1, scale);
     if (write_out) {
       gemm_bf16({p, r1, 2}, n, {values, d_width}, d, r1 / 2, r1 % 2, obuf, d, false);
       scatter_tokens(obuf, per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
@@ -543,7 +540,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 // examples, block_rows query rows per block; returns the output (B, T, H, D) and the flat
 // probability buffer. With `kept_out` (a selective-checkpointing rerun, whose output was kept) only
 // the probabilities are computed. `bf16_gemm`: bf16 inputs run the GEMMs above where this build has
-// them (bf16_gemm_available), otherwise oneDNN's.
+// them (bf16_gemm_available), otherwise oneDNN's; either backward takes either forward's buffer.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                                      at::IntArrayRef segments, double scale, int64_t block_rows,
                                                      bool bf16_gemm, const std::optional<at::Tensor>& kept_out) {
@@ -557,9 +554,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   at::Tensor out = write_out ? at::zeros(token_major(q), q.options()) : *kept_out;
   TORCH_CHECK(out.sizes() == at::IntArrayRef(token_major(q)) && out.scalar_type() == q.scalar_type() && out.stride(-1) == 1,
               "the kept output must be (B, T, H, D) in the query's dtype with unit stride in D");
-  TORCH_CHECK(scale > 0, "scale must be positive, got ", scale);
 #ifdef LORAKIT_BF16_GEMM
-  if (bf16_gemm && q.scalar_type() == at::kBFloat16) {
+  if (bf16_gemm && q.scalar_type() == at::kBFloat16 && scale > 0) {  // its softmax scales after the max
     for_each_task(tasks, [&](const Task& t) {
       forward_task_bf16(t, q, k, v, out, probs, static_cast<float>(scale), per_group, write_out);
     });
