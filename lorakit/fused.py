@@ -26,10 +26,11 @@ computes the gradient with respect to the hidden states already in forward (soft
 one-hot, times the head weight), so backward is a scale of a (T, hidden) tensor: neither the
 (T, vocab) logits nor a recomputation of the head (what activation checkpointing would do) is
 needed. Per chunk, one (chunk, vocab) block in the head's dtype holds the logits and then, in
-place, their gradient; on CPU the fp32 softmax runs `SOFTMAX_ROWS` rows at a time in a small buffer
-that stays in cache (on a GPU, the whole block at once); with a caller-kept `workspace` both
-buffers live across steps, since a fresh block of that size costs a page fault per 4 KiB on every
-step.
+place, their gradient. On CPU the fp32 softmax and its gradient run compiled, one row per task
+(lorakit/csrc/cross_entropy_cpu.cpp); without the kernels, or with a tanh softcap, they run as
+PyTorch ops `SOFTMAX_ROWS` rows at a time in a small fp32 buffer that stays in cache (on a GPU,
+the whole block at once). With a caller-kept `workspace` the buffers live across steps, since a
+fresh block of that size costs a page fault per 4 KiB on every step.
 
 `rms_norm` is the Llama-style RMSNorm (normalise in fp32, cast, then scale) with x kept in its own
 dtype for backward; on CPU it runs compiled (lorakit/csrc/rms_norm_cpu.cpp: one pass per row, 5x
@@ -68,6 +69,9 @@ COMPILED_RMS_NORM = True
 # on CPU.
 FUSED_SILU_GATE = True
 COMPILED_SILU_GATE = True
+# On CPU, the loss head's softmax and its gradient run as one compiled pass per row
+# (lorakit/csrc/cross_entropy_cpu.cpp) instead of `_cross_entropy_rows` over fp32 slices.
+COMPILED_CROSS_ENTROPY = True
 
 
 # --------------------------------------------------------------------------- LoRA linear
@@ -263,6 +267,31 @@ def _cross_entropy_rows(
     return loss
 
 
+def _cross_entropy_block(
+    block: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    need_grad: bool,
+    workspace: Optional[dict],
+) -> torch.Tensor:
+    """`_cross_entropy_rows` over a block of logits in any float dtype, in fp32 slices of
+    `SOFTMAX_ROWS` rows on CPU (the whole block on a GPU), gradient written back into the block."""
+    step = SOFTMAX_ROWS if block.device.type == "cpu" else block.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=block.device)
+    for row in range(0, block.shape[0], step):
+        part = block[row : row + step]
+        if part.dtype == torch.float32:
+            fp32 = part
+        else:
+            fp32 = _scratch(workspace, "fp32", step, block.shape[1], torch.float32, block.device)[: part.shape[0]]
+            fp32.copy_(part)
+        total += _cross_entropy_rows(fp32, targets[row : row + step], ignore_index, softcap, need_grad)
+        if need_grad and fp32 is not part:
+            part.copy_(fp32)
+    return total
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -284,24 +313,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         block_rows = min(chunk, -(-hidden.shape[0] // 256) * 256)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            # The head's output in its own dtype; the softmax runs in fp32 a few rows at a time and
-            # writes the logits' gradient back into the same block, which then feeds one GEMM.
+            # The head's output in its own dtype; the softmax runs in fp32 (on CPU compiled, a row
+            # per task) and writes the logits' gradient back into the same block, which then feeds
+            # one GEMM.
             block = _scratch(workspace, "logits", block_rows, vocab, weight.dtype, h.device)[: h.shape[0]]
             if bias is None:
                 torch.mm(h, weight.t(), out=block)
             else:
                 torch.addmm(bias, h, weight.t(), out=block)
-            step = SOFTMAX_ROWS if h.device.type == "cpu" else block_rows
-            for row in range(0, h.shape[0], step):
-                part = block[row : row + step]
-                if part.dtype == torch.float32:
-                    fp32 = part
-                else:
-                    fp32 = _scratch(workspace, "fp32", step, vocab, torch.float32, h.device)[: part.shape[0]]
-                    fp32.copy_(part)
-                total += _cross_entropy_rows(fp32, t[row : row + step], ignore_index, softcap, need_grad)
-                if need_grad and fp32 is not part:
-                    part.copy_(fp32)
+            ops = cpu_kernels.ops_for(block) if COMPILED_CROSS_ENTROPY and not softcap else None
+            if ops is not None:
+                total += ops.cross_entropy_rows(block, t, ignore_index, need_grad)
+            else:
+                total += _cross_entropy_block(block, t, ignore_index, softcap, need_grad, workspace)
             if need_grad:
                 torch.mm(block, weight, out=grad_hidden[start : start + chunk])
             del block
@@ -328,9 +352,9 @@ def linear_cross_entropy_sum(
     """Summed cross-entropy of `hidden @ weight^T (+ bias)` against `targets`, fp32 scalar.
 
     hidden: (T, H); weight: (V, H), frozen; targets: (T,) with `ignore_index` for no loss.
-    Logits are computed `chunk` rows at a time in the head's dtype, and their softmax in fp32
-    `SOFTMAX_ROWS` rows at a time on CPU, the whole chunk on a GPU (after an optional tanh
-    softcap); the gradient for `hidden` is computed in forward, so backward needs no logits and no
+    Logits are computed `chunk` rows at a time in the head's dtype, and their softmax in fp32 (on
+    CPU compiled, a row per task, or `SOFTMAX_ROWS` rows at a time; the whole chunk on a GPU; after
+    an optional tanh softcap); the gradient for `hidden` is computed in forward, so backward needs no logits and no
     recompute.
     workspace: a dict the caller keeps between calls; the (chunk, V) block and the fp32 rows live
     there instead of being allocated afresh each call (None: allocate per call).

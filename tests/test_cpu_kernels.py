@@ -2,7 +2,8 @@
 announced once, renamed into place whole, and cached per source, torch version and CPU; a failed
 build leaves nothing; without a compiler or with LORAKIT_CPU_KERNELS=0 there are none (lorakit then
 runs its PyTorch kernels: tests/test_attention.py, tests/test_fused.py). The attention kernel refuses
-segments outside the batch, and its own bf16 GEMMs are at least as close to fp64 as oneDNN's."""
+segments outside the batch, and its own bf16 GEMMs are at least as close to fp64 as oneDNN's. The
+loss kernel's cross-entropy and gradient are within a rounding of fp64."""
 
 from __future__ import annotations
 
@@ -157,3 +158,57 @@ def test_attention_kernel_bf16_gemms_close_to_fp64(batch, heads, kv_heads, lengt
         ours, onednn = errors[True, name], errors[False, name]
         assert ours < 6e-3, (name, ours)
         assert ours <= 1.02 * onednn, (name, ours, onednn)
+
+
+def _cross_entropy_fp64(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Summed cross-entropy (ignore_index -100) and its gradient, in fp64."""
+    x = logits.double().requires_grad_(True)
+    loss = F.cross_entropy(x, targets, ignore_index=-100, reduction="sum")
+    loss.backward()
+    return loss.item(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 1000 + 7, 32000])  # below, at and past a 16-lane vector
+def test_cross_entropy_kernel_close_to_fp64(dtype, vocab):
+    ops = cpu_kernels.ops()
+    torch.manual_seed(0)
+    logits = (torch.randn(37, vocab) * 4).to(dtype)
+    logits[3, : vocab // 2] = -float("inf")  # masked-out vocabulary entries: probability 0, no NaN
+    logits[5] += 60.0  # large logits: the row's maximum is taken out before exp
+    targets = torch.randint(0, vocab, (37,))
+    targets[3] = vocab - 1
+    targets[::6] = -100
+    want_loss, want_grad = _cross_entropy_fp64(logits, targets)
+    block = logits.clone()
+    loss = ops.cross_entropy_rows(block, targets, -100, True)
+    assert loss.dtype == torch.float32 and abs(loss.item() - want_loss) <= 2e-6 * abs(want_loss) + 1e-6
+    # bf16: the fp64 gradient rounded once (within half a unit in the last place); fp32: within the
+    # 1e-5 the fused paths are held to (PyTorch's own fp32 softmax is 8e-6 off at vocab 32000). The
+    # target's p - 1 is computed in fp32 either way, so 1e-7 absolute on top.
+    tol = 2.0**-8 + 1e-6 if dtype == torch.bfloat16 else 1e-5
+    assert ((block.double() - want_grad).abs() <= tol * want_grad.abs() + 1e-7).all()
+    assert (block[targets == -100] == 0).all()
+    # without a gradient the block is left as it was and the loss is the same
+    block = logits.clone()
+    assert ops.cross_entropy_rows(block, targets, -100, False).item() == loss.item()
+    assert torch.equal(block, logits)
+
+
+def test_cross_entropy_kernel_gaps_nan_and_bad_targets():
+    ops = cpu_kernels.ops()
+    # a logit gap of 300: the target's probability underflows to 0 in fp32, its loss is still exact
+    logits = torch.zeros(2, 40)
+    logits[:, 0] = 300.0
+    loss = ops.cross_entropy_rows(logits.clone(), torch.tensor([1, 0]), -100, False)
+    assert abs(loss.item() - _cross_entropy_fp64(logits, torch.tensor([1, 0]))[0]) <= 1e-4
+    # a NaN logit makes its row's loss NaN (the trainer stops on a non-finite loss); an ignored row
+    # contributes 0 whatever its logits
+    logits = torch.randn(3, 40)
+    logits[1, 17] = float("nan")
+    assert torch.isnan(ops.cross_entropy_rows(logits.clone(), torch.tensor([0, 1, 2]), -100, False))
+    assert torch.isfinite(ops.cross_entropy_rows(logits.clone(), torch.tensor([0, -100, 2]), -100, True))
+    with pytest.raises(RuntimeError, match="target 40 of row 1 is outside the vocabulary"):
+        ops.cross_entropy_rows(logits.clone(), torch.tensor([0, 40, 2]), -100, True)
+    with pytest.raises(RuntimeError, match="target -1 of row 0"):
+        ops.cross_entropy_rows(logits.clone(), torch.tensor([-1, 0, 2]), -100, True)

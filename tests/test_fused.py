@@ -164,11 +164,13 @@ def test_linear_cross_entropy_equals_full_logits(softcap, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softmax_rows", [5, 8])  # 8: the whole chunk at once, as on a GPU
+@pytest.mark.parametrize("compiled", [False, True])  # True: on CPU the compiled loss kernel, no slices
 @pytest.mark.parametrize("device", DEVICES)
-def test_linear_cross_entropy_workspace_and_row_slices(monkeypatch, dtype, softmax_rows, device):
+def test_linear_cross_entropy_workspace_and_row_slices(monkeypatch, dtype, softmax_rows, compiled, device):
     # softmax slices of 5 rows over chunks of 8: slice and chunk boundaries fall everywhere; the kept
     # workspace must give the same result when reused for a call with fewer rows
     monkeypatch.setattr(fused, "SOFTMAX_ROWS", softmax_rows)
+    monkeypatch.setattr(fused, "COMPILED_CROSS_ENTROPY", compiled)
     torch.manual_seed(0)
     weight = torch.randn(50, 16).to(device, dtype)
     workspace: dict = {}
@@ -185,7 +187,8 @@ def test_linear_cross_entropy_workspace_and_row_slices(monkeypatch, dtype, softm
         assert abs(got.detach().item() - want.detach().item()) <= tol * abs(want.detach().item())
         assert rel(g_got, g_want) < tol
     assert workspace["logits"].shape == (8, 50) and workspace["logits"].dtype == dtype
-    assert ("fp32" in workspace) == (dtype != torch.float32)
+    sliced = not (compiled and device == "cpu")
+    assert ("fp32" in workspace) == (dtype != torch.float32 and sliced)
 
 
 def test_linear_cross_entropy_when_the_target_probability_underflows():
