@@ -311,6 +311,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab = weight.shape[0]
         # rounded up so that a later batch with a few more trainable tokens reuses the kept block
         block_rows = min(chunk, -(-hidden.shape[0] // 256) * 256)
+        # the blocks are in the head's dtype, on its device
+        ops = cpu_kernels.ops_for(weight) if COMPILED_CROSS_ENTROPY and not softcap else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             # The head's output in its own dtype; the softmax runs in fp32 (on CPU compiled, a row
@@ -321,7 +323,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(h, weight.t(), out=block)
             else:
                 torch.addmm(bias, h, weight.t(), out=block)
-            ops = cpu_kernels.ops_for(block) if COMPILED_CROSS_ENTROPY and not softcap else None
             if ops is not None:
                 total += ops.cross_entropy_rows(block, t, ignore_index, need_grad)
             else:
@@ -354,8 +355,8 @@ def linear_cross_entropy_sum(
     hidden: (T, H); weight: (V, H), frozen; targets: (T,) with `ignore_index` for no loss.
     Logits are computed `chunk` rows at a time in the head's dtype, and their softmax in fp32 (on
     CPU compiled, a row per task, or `SOFTMAX_ROWS` rows at a time; the whole chunk on a GPU; after
-    an optional tanh softcap); the gradient for `hidden` is computed in forward, so backward needs no logits and no
-    recompute.
+    an optional tanh softcap); the gradient for `hidden` is computed in forward, so backward needs
+    no logits and no recompute.
     workspace: a dict the caller keeps between calls; the (chunk, V) block and the fp32 rows live
     there instead of being allocated afresh each call (None: allocate per call).
     """

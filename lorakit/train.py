@@ -208,8 +208,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     from lorakit import attention, cpu_kernels, fused
 
     if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
-        # lorakit's compiled attention, RMSNorm and SwiGLU gate: built here (once per machine, said
-        # aloud) rather than silently inside the first step
+        # lorakit's compiled attention, RMSNorm, SwiGLU gate and loss: built here (once per machine,
+        # said aloud) rather than silently inside the first step
         cpu_kernels.ops(announce=log if dist.is_main else None)
     if attention.VARLEN_ENABLED:
         attention.use_varlen_attention(model)  # per-example causal attention for packed rows
