@@ -15,6 +15,7 @@ lorakit.data and given to both), LoRA r=16 alpha=32 on every linear layer but th
 
 Checkpointing cases: "ckpt" runs full checkpointing on both sides; "selective" runs lorakit's
 `gradient_checkpointing: selective` against the same PEFT run (transformers' checkpointing is full).
+The "dropout" case (not in the default set) is the plain case with LoRA dropout 0.05 on both sides.
 
 Each side runs in its own process: `warmup` steps, then `steps` timed steps; step time and tokens/s
 are medians; memory is the process's peak RSS (ru_maxrss) after its last step, also shown above
@@ -28,6 +29,7 @@ GEMM shapes:
 
     python bench/bench_speed.py                 # the full benchmark (plain, checkpointing full / selective, QLoRA)
     python bench/bench_speed.py --cases plain,selective   # a subset of the cases
+    python bench/bench_speed.py --cases dropout  # LoRA dropout 0.05 on both sides
     python bench/bench_speed.py --rounds 3      # each side run 3 times, alternating; steps pooled (noisy machines)
     python bench/bench_speed.py --quick         # a small model and few steps, for development
     python bench/bench_speed.py --levers        # lorakit alone with each optimisation switched off
@@ -60,6 +62,8 @@ CASES = {
     "ckpt": {"gradient_checkpointing": True},
     "selective": {"gradient_checkpointing": "selective"},
     "qlora": {"quantize": "nf4"},
+    # not in the default set: LoRA dropout 0.05 on both sides (the issue's benchmark has none)
+    "dropout": {"dropout": 0.05},
 }
 # lorakit variants for --levers: (label, module switches, config overrides)
 LEVERS = [
@@ -79,6 +83,8 @@ LEVERS = [
     ("  fused SwiGLU gate in PyTorch (not compiled)", {"lorakit.fused.COMPILED_SILU_GATE": False}, {}),
     ("  loss chunk 256 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 256}, {}),
     ("  loss chunk 1024 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 1024}, {}),
+    ("+ lora.dropout 0.05 (keep-mask from a seed, compiled)", {}, {"lora.dropout": 0.05}),
+    ("+ lora.dropout 0.05 with PyTorch's bernoulli mask (kept)", {"lorakit.fused.COMPILED_DROPOUT": False}, {"lora.dropout": 0.05}),
     ("+ train.compile: true", {}, {"train.compile": True}),
 ]
 WORDS = (
@@ -208,7 +214,7 @@ def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: 
         "model": str(work / "model"), "output_dir": str(work / f"run-{os.getpid()}"), "quantize": case.get("quantize", "none"),
         "data": {"train": str(work / "train.jsonl"), "format": "text", "max_length": size["seq"], "packing": True,
                  "cache_dir": str(work / "cache")},
-        "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": "all-linear"},
+        "lora": {"r": R, "alpha": ALPHA, "dropout": case.get("dropout", 0.0), "targets": "all-linear"},
         "train": {"max_steps": size["warmup"] + size["steps"], "batch_size": size["batch"], "lr": LR, "seed": SEED,
                   "gradient_checkpointing": case.get("gradient_checkpointing", False), "log_every": 1000, "save_every": 0},
     }  # fmt: skip
@@ -257,7 +263,7 @@ def side_peft(work: Path, size: dict, case: dict) -> dict:
     if case.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=case.get("dropout", 0.0), target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in params)

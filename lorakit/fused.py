@@ -12,9 +12,10 @@ path it is tested equal to (tests/test_fused.py).
 - The base output is computed without autograd and the low-rank term is added into it in place
   (one `addmm_`), so no second (T, out) tensor is kept.
 - Only `x` is saved. It is the tensor the previous op produced (usually shared by q/k/v or
-  gate/up), so the layer adds nothing per token to the saved activations but (T, r) and, with
-  dropout, a 1-byte mask (T, in) -- the dropped input is recomputed in backward from x and the
-  mask instead of being kept as a second copy of x.
+  gate/up), so the layer adds nothing per token to the saved activations but (T, r). With dropout
+  the dropped input is recomputed in backward instead of being kept as a second copy of x: on CPU
+  from a seed, through a counter-based keep-mask (lorakit/csrc/dropout_cpu.cpp), so nothing more
+  is kept; elsewhere from a kept 1-byte mask (T, in) drawn by PyTorch.
 - The adapter runs in the activations' dtype (bf16 under bf16 compute): A and B are cast, which
   costs r·(in+out) elements, where the plain path casts x (T·in elements) up to fp32 for an fp32
   matmul and keeps that copy for backward. The master weights and their gradients stay fp32.
@@ -72,6 +73,10 @@ COMPILED_SILU_GATE = True
 # On CPU, the loss head's softmax and its gradient run as one compiled pass per row
 # (lorakit/csrc/cross_entropy_cpu.cpp) instead of `_cross_entropy_rows` over fp32 slices.
 COMPILED_CROSS_ENTROPY = True
+# On CPU, LoRA dropout's keep-mask comes from a seed through a counter-based generator
+# (lorakit/csrc/dropout_cpu.cpp), recomputed in backward instead of kept; PyTorch's CPU bernoulli
+# (one Mersenne Twister stream, ~5 ns an element) took ~11 ms for a (1024, 2048) mask.
+COMPILED_DROPOUT = True
 
 
 # --------------------------------------------------------------------------- LoRA linear
@@ -82,6 +87,46 @@ def _add_low_rank(out: torch.Tensor, after_a: torch.Tensor, b: torch.Tensor, sca
         out2.addmm_(after_a, b.t(), alpha=scale)
     else:
         out2.add_((after_a @ b.t()).mul_(scale).to(out2.dtype))
+
+
+class _Dropout:
+    """LoRA dropout's keep-mask for one call: drawn in forward, applied again in backward.
+
+    On CPU in fp32/bf16 (with the kernels built) only a seed is drawn from torch's generator and
+    the mask is a function of it (lorakit/csrc/dropout_cpu.cpp), so backward recomputes it and
+    nothing the size of the input is kept; elsewhere PyTorch draws a bool mask, which is kept.
+    """
+
+    def __init__(self, p: float, mask: Optional[torch.Tensor] = None, seed: Optional[int] = None):
+        self.p, self.mask, self.seed = p, mask, seed
+        self.active = p > 0
+        self.rescale = 1.0 / (1 - p) if p > 0 else 1.0
+
+    @classmethod
+    def draw(cls, x2: torch.Tensor, p: float, compute_dtype: torch.dtype) -> "_Dropout":
+        if p <= 0:
+            return cls(0.0)
+        if _dropout_kernel(x2, compute_dtype) is not None:
+            # 63 bits from the run's random stream: seeded runs, resumes and checkpoint reruns
+            # draw the same seed, hence the same mask
+            return cls(p, seed=int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)))
+        return cls(p, mask=torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - p))
+
+    def apply(self, h: torch.Tensor, rescale: bool = True) -> torch.Tensor:
+        """h with the dropped elements zeroed, the kept ones times 1 / (1 - p) (rescale) or as they are."""
+        if not self.active:
+            return h
+        scale = self.rescale if rescale else 1.0
+        if self.seed is not None:  # drawn where the kernels were built and run
+            return cpu_kernels.ops().dropout_mask_mul(h, self.seed, 1 - self.p, scale)
+        return h * self.mask * scale if rescale else h * self.mask
+
+
+def _dropout_kernel(x: torch.Tensor, compute_dtype: torch.dtype):
+    """The compiled ops when LoRA dropout on x (in compute_dtype) runs through the seeded kernel."""
+    if COMPILED_DROPOUT and x.device.type == "cpu" and compute_dtype in cpu_kernels.DTYPES:
+        return cpu_kernels.ops()
+    return None
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -100,11 +145,9 @@ class _LoraLinear(torch.autograd.Function):
         finish_later: list,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        mask = None
-        if dropout > 0:
-            # drawn in a checkpoint's rerun too: the checkpoint replays the random stream, so this is
-            # the forward's mask, and the ops after this one draw what they drew then
-            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - dropout)
+        # drawn in a checkpoint's rerun too: the checkpoint replays the random stream, so this is
+        # the forward's mask, and the ops after this one draw what they drew then
+        drop = _Dropout.draw(x2, dropout, compute_dtype)
         rerun = kept is not None and kept.replaying
         replay = kept.take() if rerun else None
         if replay is not None:
@@ -112,9 +155,7 @@ class _LoraLinear(torch.autograd.Function):
             # were kept from the forward; nothing is computed again.
             out, after_a = replay
         else:
-            h = x2.to(compute_dtype)
-            if mask is not None:
-                h = h * mask * (1.0 / (1 - dropout))
+            h = drop.apply(x2.to(compute_dtype))
             ac, bc = a.to(compute_dtype), b.to(compute_dtype)
             after_a = h @ ac.t()  # (T, r)
             del h
@@ -137,14 +178,17 @@ class _LoraLinear(torch.autograd.Function):
                 _add_low_rank(out, after_a, bc, scale)
                 if kept is not None:
                     kept.record(out, after_a)
-        ctx.save_for_backward(x, a, b, after_a, mask)
-        ctx.dense_weight, ctx.scale, ctx.dropout, ctx.compute_dtype = dense_weight, scale, dropout, compute_dtype
+        ctx.save_for_backward(x, a, b, after_a, drop.mask)
+        ctx.dense_weight, ctx.scale, ctx.seed, ctx.dropout, ctx.compute_dtype = (
+            dense_weight, scale, drop.seed, dropout, compute_dtype
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, a, b, after_a, mask = ctx.saved_tensors
-        scale, dropout, cd = ctx.scale, ctx.dropout, ctx.compute_dtype
+        scale, cd = ctx.scale, ctx.compute_dtype
+        drop = _Dropout(ctx.dropout, mask, ctx.seed)
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         gc = g.to(cd)
         ac, bc = a.to(cd), b.to(cd)
@@ -156,23 +200,19 @@ class _LoraLinear(torch.autograd.Function):
             grad_b = (after_a.t() @ gc).t().mul_(scale).to(b.dtype).contiguous()  # (out, r)
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
-            h = x2.to(cd)
-            if mask is not None:
-                h = h * mask * (1.0 / (1 - dropout))
+            h = drop.apply(x2.to(cd))
             grad_a = (g_after_a.t() @ h).mul_(scale).to(a.dtype)  # (r, in)
             del h
         if ctx.needs_input_grad[0]:
             w = ctx.dense_weight(g)  # (out, in) in g's dtype, frozen
             grad_x = g @ w  # (T, in)
             del w
-            if mask is None and grad_x.dtype == cd:
+            if not drop.active and grad_x.dtype == cd:
                 grad_x.addmm_(g_after_a, ac, alpha=scale)
             else:
-                lora = g_after_a @ ac
-                if mask is not None:
-                    lora = lora * mask
-                    scale = scale / (1 - dropout)
-                grad_x.add_(lora.to(grad_x.dtype), alpha=scale)
+                # the mask without its 1 / (1 - p), which goes into the add's alpha
+                lora = drop.apply(g_after_a @ ac, rescale=False)
+                grad_x.add_(lora.to(grad_x.dtype), alpha=scale * drop.rescale)
             grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
 

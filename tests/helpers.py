@@ -139,3 +139,18 @@ def save_model_folder(path: Path, model=None, tokenizer=None, *, max_shard_size:
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+def splitmix_keep_mask(seed: int, numel: int, keep: float) -> torch.Tensor:
+    """LoRA dropout's keep-mask as lorakit/csrc/dropout_cpu.cpp defines it, in plain Python: element
+    i is kept when the low (even i) or high (odd i) 32 bits of SplitMix64's output i // 2 from
+    `seed` are below floor(keep * 2^32)."""
+    mask64, threshold = (1 << 64) - 1, int(keep * 2**32)
+    kept = []
+    for i in range(numel):
+        z = (seed + (i // 2 + 1) * 0x9E3779B97F4A7C15) & mask64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        z ^= z >> 31
+        kept.append(((z >> 32) if i % 2 else (z & 0xFFFFFFFF)) < threshold)
+    return torch.tensor(kept, dtype=torch.bool)

@@ -3,7 +3,9 @@ announced once, renamed into place whole, and cached per source, torch version a
 build leaves nothing; without a compiler or with LORAKIT_CPU_KERNELS=0 there are none (lorakit then
 runs its PyTorch kernels: tests/test_attention.py, tests/test_fused.py). The attention kernel refuses
 segments outside the batch, and its own bf16 GEMMs are at least as close to fp64 as oneDNN's. The
-loss kernel's cross-entropy and gradient are within a rounding of fp64."""
+loss kernel's cross-entropy and gradient are within a rounding of fp64. The dropout kernel's
+keep-mask is SplitMix64's, bit for bit, keeps the asked-for share of elements independently, and
+does not depend on the thread count."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import cpp_extension
 
+from helpers import splitmix_keep_mask
 from lorakit import cpu_kernels
 
 
@@ -212,3 +215,54 @@ def test_cross_entropy_kernel_gaps_nan_and_bad_targets():
         ops.cross_entropy_rows(logits.clone(), torch.tensor([0, 40, 2]), -100, True)
     with pytest.raises(RuntimeError, match="target -1 of row 0"):
         ops.cross_entropy_rows(logits.clone(), torch.tensor([-1, 0, 2]), -100, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 2, 63, 64, 65, 1000 + 3])  # one pair, a 64-element block and around it
+def test_dropout_kernel_is_splitmix64_bit_for_bit(dtype, numel):
+    ops = cpu_kernels.ops()
+    torch.manual_seed(0)
+    x = torch.randn(numel, dtype=dtype) * 3
+    seed, keep = 0x1234_5678_9ABC_DEF0, 0.7
+    want_kept = splitmix_keep_mask(seed, numel, keep)
+    # kept elements are x * scale rounded once to x's dtype, as PyTorch's x * mask * scale rounds
+    want = torch.where(want_kept, x * (1 / keep), torch.zeros((), dtype=dtype))
+    got = ops.dropout_mask_mul(x, seed, keep, 1 / keep)
+    assert got.dtype == dtype and torch.equal(got, want)
+    # scale 1: the mask alone; the same seed gives the same mask, another seed another one
+    assert torch.equal(ops.dropout_mask_mul(x, seed, keep, 1.0), x * want_kept)
+    if numel > 60:
+        assert not torch.equal(ops.dropout_mask_mul(x, seed + 1, keep, 1.0), x * want_kept)
+
+
+def test_dropout_kernel_statistics_threads_and_edges():
+    ops = cpu_kernels.ops()
+    n = 1 << 22
+    ones = torch.ones(n)
+    for keep in (0.95, 0.5, 0.1):
+        kept = ops.dropout_mask_mul(ones, 7, keep, 1.0).bool()
+        sigma = (keep * (1 - keep) / n) ** 0.5
+        assert abs(kept.float().mean().item() - keep) < 6 * sigma, keep
+        # neighbours (two halves of one 64-bit output, and across outputs) are kept independently
+        for a, b in ((kept[0::2], kept[1::2]), (kept[1:-1:2], kept[2::2])):
+            both = (a & b).float().mean().item()
+            assert abs(both - keep * keep) < 6 * (keep * keep * (1 - keep * keep) / a.numel()) ** 0.5, keep
+        # rows of a (T, in) mask are not copies of each other
+        rows = kept[: 64 * 768].view(64, 768)
+        assert (rows[1:] != rows[:-1]).any(dim=1).all()
+    # the same mask on one thread as on two (a function of the element index, not of the split)
+    x = torch.randn(3, 100_003, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.dropout_mask_mul(x, 11, 0.9, 1 / 0.9)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ops.dropout_mask_mul(x, 11, 0.9, 1 / 0.9))
+    # a kept NaN stays NaN; a dropped element is 0, NaN or not (the base layer's output carries it)
+    nans = ops.dropout_mask_mul(torch.full((64,), float("nan"), dtype=torch.bfloat16), 3, 0.5, 2.0)
+    kept = splitmix_keep_mask(3, 64, 0.5)
+    assert torch.isnan(nans[kept]).all() and (nans[~kept] == 0).all() and 0 < kept.sum() < 64
+    for keep in (0.0, 1.0, 1.5):
+        with pytest.raises(RuntimeError, match="keep must be in"):
+            ops.dropout_mask_mul(x, 1, keep, 1.0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import DEVICES, tiny_llama
+from helpers import DEVICES, splitmix_keep_mask, tiny_llama
 from lorakit import fused
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter, lora_layers
@@ -97,21 +97,30 @@ def test_lora_linear_adapter_dtype_compute_bf16():
     check(got, run(layer, x, layer.plain_forward), 1e-2, relative=True)
 
 
+@pytest.mark.parametrize("compiled", [True, False])  # the seeded CPU kernel's mask; PyTorch's bernoulli
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_lora_linear_dropout_equals_masked_reference(dtype, tol):
-    # The fused path draws its own keep-mask (a bool tensor); the reference redraws it from the
-    # same seed and applies it with plain ops.
+def test_lora_linear_dropout_equals_masked_reference(monkeypatch, compiled, dtype, tol):
+    # The fused path draws its keep-mask (on CPU: a seed from the run's random stream, the mask a
+    # function of it; otherwise a bool tensor); the reference redraws it from the same seed and
+    # applies it with plain ops.
+    monkeypatch.setattr(fused, "COMPILED_DROPOUT", compiled)
     p = 0.3
     layer = make_layer(nn.Linear(32, 48).to(dtype), dropout=p)
     x = torch.randn(6, 32, dtype=dtype)
+
+    def keep_mask():
+        torch.manual_seed(7)
+        if compiled:
+            seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+            return splitmix_keep_mask(seed, x.numel(), 1 - p).view_as(x)
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
 
     def fused_forward(x):
         torch.manual_seed(7)
         return layer.forward(x)
 
     def reference(x):
-        torch.manual_seed(7)
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        mask = keep_mask()
         a, b = layer.lora_A["default"], layer.lora_B["default"]
         h = (x * mask / (1 - p)).to(a.dtype)
         return layer.base_forward(x) + (layer.scaling["default"] * F.linear(F.linear(h, a), b)).to(dtype)
@@ -119,8 +128,28 @@ def test_lora_linear_dropout_equals_masked_reference(dtype, tol):
     got, want = run(layer, x, fused_forward), run(layer, x, reference)
     check(got, want, tol, relative=dtype != torch.float32)
     # about p of the inputs are dropped: A's gradient sees only the kept columns' rows
-    torch.manual_seed(7)
-    assert 0.1 < 1 - torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p).float().mean() < 0.5
+    assert 0.1 < 1 - keep_mask().float().mean() < 0.5
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lora_linear_dropout_keeps_no_mask_on_cpu(monkeypatch, compiled):
+    # What forward saves for backward: with the seeded kernel nothing more than without dropout;
+    # with PyTorch's bernoulli one (T, in) bool mask.
+    monkeypatch.setattr(fused, "COMPILED_DROPOUT", compiled)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+
+    def saved(dropout: float) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        layer = make_layer(nn.Linear(32, 48).to(torch.bfloat16), dropout=dropout)
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+            layer(x)
+        return packed
+
+    without, with_dropout = saved(0.0), saved(0.2)
+    if compiled:
+        assert with_dropout == without
+    else:
+        assert sorted(with_dropout, key=str) == sorted(without + [(torch.bool, (10, 32))], key=str)
 
 
 def test_lora_linear_eval_and_no_grad_use_plain_path():

@@ -68,13 +68,18 @@ def test_train_writes_every_file_and_loss_falls(workspace, capsys):
     assert "trainable" in printed and "done: 12 steps" in printed
 
 
+# The first losses of a fixed-seed fp32 run with LoRA dropout 0.1. Step 1 does not see dropout
+# (B starts at zero); steps 2 and 3 moved when dropout's masks came to be drawn from a seed per
+# layer call (lorakit/csrc/dropout_cpu.cpp) instead of by torch's bernoulli.
+GOLDEN_LOSSES = [6.029090881347656, 6.017055988311768, 5.962164402008057]
+
+
 def test_golden_losses(workspace):
     """Regression guard: the first losses of a fixed-seed fp32 run on this tiny setup."""
     out = workspace / "golden"
     assert main(["train", _config(workspace, out, max_steps=3)]) == 0
     losses = [e["loss"] for e in _entries(out) if "loss" in e]
-    golden = [6.029090881347656, 6.017607688903809, 5.961243629455566]
-    assert losses == pytest.approx(golden, abs=1e-4)
+    assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
 
 
 @pytest.mark.parametrize("mode", [True, "selective"])
@@ -84,7 +89,7 @@ def test_gradient_checkpointing_gives_the_same_losses(workspace, mode):
     out = workspace / f"ckpt-{mode}"
     assert main(["train", _config(workspace, out, max_steps=3, gradient_checkpointing=mode)]) == 0
     losses = [e["loss"] for e in _entries(out) if "loss" in e]
-    assert losses == pytest.approx([6.029090881347656, 6.017607688903809, 5.961243629455566], abs=1e-4)
+    assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
 
 
 def test_compiled_model_gives_the_same_losses(workspace):
