@@ -2,7 +2,8 @@
 // function of (seed, element index). Forward and backward compute the same mask from the seed
 // alone, and nothing the size of the input is kept for backward. PyTorch's CPU bernoulli draws
 // from one Mersenne Twister stream, a single-threaded ~5 ns per element: about 11 ms for a
-// (1024, 2048) mask, which over a model's LoRA layers cost more than their GEMMs.
+// (1024, 2048) mask, and 0.34 s of a 1.17 s step over the LoRA layers of lorakit's benchmark model
+// (docs/benchmarks.md).
 //
 // The generator is SplitMix64 (Steele, Lea and Flood 2014): output j is the finalizer applied to
 // seed + (j + 1) * golden gamma, a sequence that passes BigCrush. Element i uses the low 32 bits
@@ -51,7 +52,7 @@ inline void block_bits(uint64_t seed, int64_t start, int64_t count, uint32_t* bi
 inline float load(const float* p) { return *p; }
 inline void store(float* p, float v) { *p = v; }
 // bf16 through its bits, rounded to nearest even with NaN kept NaN, as c10::BFloat16 rounds; c10's
-// conversion kept this loop from vectorizing (2.6x slower).
+// conversion kept this loop from vectorizing (2.5x slower).
 inline float load(const c10::BFloat16* p) {
   const uint32_t u = static_cast<uint32_t>(p->x) << 16;
   float f;
@@ -67,7 +68,7 @@ inline void store(c10::BFloat16* p, float v) {
 
 // Elements [begin, end) of x times scale where kept, 0 where dropped; begin a multiple of kBlock.
 // The pointers come in by value, not through a lambda's captured references, which the stores
-// into out could alias as far as the compiler knows (that kept the loop scalar: 4x slower).
+// into out could alias as far as the compiler knows (that kept the loop scalar: 2.6x slower).
 template <typename T>
 void mask_mul_range(const T* x, T* out, int64_t begin, int64_t end, uint64_t seed, uint32_t threshold, float scale) {
   uint32_t bits[kBlock];
