@@ -13,9 +13,9 @@ path it is tested equal to (tests/test_fused.py).
   (one `addmm_`), so no second (T, out) tensor is kept.
 - Only `x` is saved. It is the tensor the previous op produced (usually shared by q/k/v or
   gate/up), so the layer adds nothing per token to the saved activations but (T, r). With dropout
-  the dropped input is recomputed in backward instead of being kept as a second copy of x: on CPU
-  from a seed, through a counter-based keep-mask (lorakit/csrc/dropout_cpu.cpp), so nothing more
-  is kept; elsewhere from a kept 1-byte mask (T, in) drawn by PyTorch.
+  the dropped input is recomputed in backward instead of being kept as a second copy of x, and so
+  is the mask, from a seed: on CPU through a counter-based generator (lorakit/csrc/dropout_cpu.cpp),
+  on GPUs through PyTorch's bernoulli with a private generator (`_Dropout`).
 - The adapter runs in the activations' dtype (bf16 under bf16 compute): A and B are cast, which
   costs r·(in+out) elements, where the plain path casts x (T·in elements) up to fp32 for an fp32
   matmul and keeps that copy for backward. The master weights and their gradients stay fp32.
@@ -77,6 +77,8 @@ COMPILED_CROSS_ENTROPY = True
 # (lorakit/csrc/dropout_cpu.cpp), recomputed in backward instead of kept; PyTorch's CPU bernoulli
 # (one Mersenne Twister stream, ~5 ns an element) took ~11 ms for a (1024, 2048) mask.
 COMPILED_DROPOUT = True
+# On GPUs, LoRA dropout's mask is drawn again in backward from a seed instead of kept (see _Dropout).
+REGENERATED_DROPOUT = True
 
 
 # --------------------------------------------------------------------------- LoRA linear
@@ -92,34 +94,59 @@ def _add_low_rank(out: torch.Tensor, after_a: torch.Tensor, b: torch.Tensor, sca
 class _Dropout:
     """LoRA dropout's keep-mask for one call: drawn in forward, applied again in backward.
 
-    On CPU in fp32/bf16 (with the kernels built) only a seed is drawn from torch's generator and
-    the mask is a function of it (lorakit/csrc/dropout_cpu.cpp), so backward recomputes it and
-    nothing the size of the input is kept; elsewhere PyTorch draws a bool mask, which is kept.
+    Three ways, by where the call runs:
+    - "kernel" (CPU, fp32/bf16, the kernels built): only a seed is drawn from torch's generator and
+      the mask is a function of it (lorakit/csrc/dropout_cpu.cpp): nothing the size of the input
+      is kept, and the mask costs a fraction of PyTorch's CPU bernoulli.
+    - "regenerate" (GPUs and other devices): a seed is drawn the same way and PyTorch's bernoulli
+      draws the mask from a private generator seeded with it, once in forward and once more in
+      backward, instead of keeping it (on a GPU a bernoulli over (T, in) costs microseconds, the
+      kept mask T·in bytes per LoRA layer).
+    - "kept" (CPU without the kernels, or fp16): PyTorch's bernoulli from the run's generator, the
+      bool mask kept for backward (on CPU a second draw would cost as much as the first).
+    The seed comes from the CPU generator on every device (no device sync), whose state a
+    checkpoint's rerun, a seeded run and a resume all restore: they draw the same masks.
     """
 
-    def __init__(self, p: float, mask: Optional[torch.Tensor] = None, seed: Optional[int] = None):
-        self.p, self.mask, self.seed = p, mask, seed
+    def __init__(self, p: float, how: str = "off", mask: Optional[torch.Tensor] = None, seed: Optional[int] = None):
+        self.p, self.how, self.mask, self.seed = p, how, mask, seed
         self.active = p > 0
         self.rescale = 1.0 / (1 - p) if p > 0 else 1.0
+        self._regenerated: Optional[torch.Tensor] = None
 
     @classmethod
     def draw(cls, x2: torch.Tensor, p: float, compute_dtype: torch.dtype) -> "_Dropout":
         if p <= 0:
             return cls(0.0)
         if _dropout_kernel(x2, compute_dtype) is not None:
-            # 63 bits from the run's random stream: seeded runs, resumes and checkpoint reruns
-            # draw the same seed, hence the same mask
-            return cls(p, seed=int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)))
-        return cls(p, mask=torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - p))
+            return cls(p, "kernel", seed=_draw_seed())
+        if _regenerates_mask(x2.device):
+            return cls(p, "regenerate", seed=_draw_seed())
+        return cls(p, "kept", mask=torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - p))
 
     def apply(self, h: torch.Tensor, rescale: bool = True) -> torch.Tensor:
-        """h with the dropped elements zeroed, the kept ones times 1 / (1 - p) (rescale) or as they are."""
+        """h (T, in) with the dropped elements zeroed, the kept ones times 1 / (1 - p) (rescale) or as they are."""
         if not self.active:
             return h
         scale = self.rescale if rescale else 1.0
-        if self.seed is not None:  # drawn where the kernels were built and run
+        if self.how == "kernel":
             return cpu_kernels.ops().dropout_mask_mul(h, self.seed, 1 - self.p, scale)
-        return h * self.mask * scale if rescale else h * self.mask
+        mask = self.mask if self.how == "kept" else self._mask_from_seed(h)
+        return h * mask * scale if rescale else h * mask
+
+    def _mask_from_seed(self, h: torch.Tensor) -> torch.Tensor:
+        # drawn once per forward or backward call and reused within it (not saved for backward)
+        if self._regenerated is None:
+            generator = torch.Generator(device=h.device)
+            generator.manual_seed(self.seed)
+            mask = torch.empty(h.shape, dtype=torch.bool, device=h.device)
+            self._regenerated = mask.bernoulli_(1 - self.p, generator=generator)
+        return self._regenerated
+
+
+def _draw_seed() -> int:
+    """63 bits from the CPU generator of the run."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
 def _dropout_kernel(x: torch.Tensor, compute_dtype: torch.dtype):
@@ -127,6 +154,11 @@ def _dropout_kernel(x: torch.Tensor, compute_dtype: torch.dtype):
     if COMPILED_DROPOUT and x.device.type == "cpu" and compute_dtype in cpu_kernels.DTYPES:
         return cpu_kernels.ops()
     return None
+
+
+def _regenerates_mask(device: torch.device) -> bool:
+    """Whether LoRA dropout on this device draws its mask again in backward instead of keeping it."""
+    return REGENERATED_DROPOUT and device.type != "cpu"
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -179,16 +211,15 @@ class _LoraLinear(torch.autograd.Function):
                 if kept is not None:
                     kept.record(out, after_a)
         ctx.save_for_backward(x, a, b, after_a, drop.mask)
-        ctx.dense_weight, ctx.scale, ctx.seed, ctx.dropout, ctx.compute_dtype = (
-            dense_weight, scale, drop.seed, dropout, compute_dtype
-        )
+        ctx.dense_weight, ctx.scale, ctx.compute_dtype = dense_weight, scale, compute_dtype
+        ctx.dropout, ctx.dropout_how, ctx.seed = dropout, drop.how, drop.seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, a, b, after_a, mask = ctx.saved_tensors
         scale, cd = ctx.scale, ctx.compute_dtype
-        drop = _Dropout(ctx.dropout, mask, ctx.seed)
+        drop = _Dropout(ctx.dropout, ctx.dropout_how, mask, ctx.seed)
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         gc = g.to(cd)
         ac, bc = a.to(cd), b.to(cd)

@@ -101,6 +101,18 @@ def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed, de
             assert torch.equal(got[0], plain[0]) and all(torch.equal(got[1][k], g) for k, g in plain[1].items())
 
 
+@pytest.mark.parametrize("how", ["regenerate", "kept"])
+def test_checkpointing_replays_each_way_of_drawing_dropout(monkeypatch, how):
+    # The test above runs LoRA dropout through the CPU kernel; the GPUs' way (a seeded private
+    # generator, the mask drawn again in backward) and the kept bernoulli mask replay too.
+    monkeypatch.setattr(fused, "COMPILED_DROPOUT", False)
+    monkeypatch.setattr(fused, "_regenerates_mask", lambda device: how == "regenerate")
+    plain = _run(False, torch.float32, 0.1)
+    for mode in (True, "selective"):
+        got = _run(mode, torch.float32, 0.1)
+        assert torch.equal(got[0], plain[0]) and all(torch.equal(got[1][k], g) for k, g in plain[1].items()), mode
+
+
 def test_selective_rerun_reuses_the_attention_output(monkeypatch):
     # Packed rows on CPU go through the blocked kernel; in PyTorch it makes 2 batched GEMMs per
     # query block forward (scores, probabilities @ values), 4 backward. Its selective rerun

@@ -97,23 +97,33 @@ def test_lora_linear_adapter_dtype_compute_bf16():
     check(got, run(layer, x, layer.plain_forward), 1e-2, relative=True)
 
 
-@pytest.mark.parametrize("compiled", [True, False])  # the seeded CPU kernel's mask; PyTorch's bernoulli
+def dropout_way(monkeypatch, how: str) -> None:
+    """Make the fused LoRA linear take one of its three ways to LoRA dropout on this CPU: "kernel"
+    (the seeded compiled mask), "regenerate" (the GPUs' way: PyTorch's bernoulli from a seeded
+    private generator, drawn again in backward) or "kept" (PyTorch's bernoulli mask, kept)."""
+    monkeypatch.setattr(fused, "COMPILED_DROPOUT", how == "kernel")
+    monkeypatch.setattr(fused, "_regenerates_mask", lambda device: how == "regenerate")
+
+
+@pytest.mark.parametrize("how", ["kernel", "regenerate", "kept"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_lora_linear_dropout_equals_masked_reference(monkeypatch, compiled, dtype, tol):
-    # The fused path draws its keep-mask (on CPU: a seed from the run's random stream, the mask a
-    # function of it; otherwise a bool tensor); the reference redraws it from the same seed and
-    # applies it with plain ops.
-    monkeypatch.setattr(fused, "COMPILED_DROPOUT", compiled)
+def test_lora_linear_dropout_equals_masked_reference(monkeypatch, how, dtype, tol):
+    # The fused path draws its keep-mask (a seed from the run's random stream and the mask a
+    # function of it, or a bool tensor); the reference redraws it from the same seed and applies
+    # it with plain ops.
+    dropout_way(monkeypatch, how)
     p = 0.3
     layer = make_layer(nn.Linear(32, 48).to(dtype), dropout=p)
     x = torch.randn(6, 32, dtype=dtype)
 
     def keep_mask():
         torch.manual_seed(7)
-        if compiled:
-            seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        if how == "kept":
+            return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        if how == "kernel":
             return splitmix_keep_mask(seed, x.numel(), 1 - p).view_as(x)
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed))
 
     def fused_forward(x):
         torch.manual_seed(7)
@@ -131,11 +141,11 @@ def test_lora_linear_dropout_equals_masked_reference(monkeypatch, compiled, dtyp
     assert 0.1 < 1 - keep_mask().float().mean() < 0.5
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_lora_linear_dropout_keeps_no_mask_on_cpu(monkeypatch, compiled):
-    # What forward saves for backward: with the seeded kernel nothing more than without dropout;
-    # with PyTorch's bernoulli one (T, in) bool mask.
-    monkeypatch.setattr(fused, "COMPILED_DROPOUT", compiled)
+@pytest.mark.parametrize("how", ["kernel", "regenerate", "kept"])
+def test_lora_linear_dropout_keeps_no_mask_unless_kept(monkeypatch, how):
+    # What forward saves for backward: with a seeded mask nothing more than without dropout; with
+    # PyTorch's bernoulli mask kept, one (T, in) bool tensor.
+    dropout_way(monkeypatch, how)
     x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
 
     def saved(dropout: float) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -146,7 +156,7 @@ def test_lora_linear_dropout_keeps_no_mask_on_cpu(monkeypatch, compiled):
         return packed
 
     without, with_dropout = saved(0.0), saved(0.2)
-    if compiled:
+    if how != "kept":
         assert with_dropout == without
     else:
         assert sorted(with_dropout, key=str) == sorted(without + [(torch.bool, (10, 32))], key=str)
