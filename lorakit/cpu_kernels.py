@@ -121,9 +121,9 @@ def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
 
 def ops(announce: Optional[Callable[[str], None]] = None) -> Optional[object]:
     """`torch.ops.lorakit_cpu` (attention_, rms_norm_ and silu_gate_forward / _backward,
-    cross_entropy_rows, dropout_mask_mul), built on the first call; None where it cannot be built (the reason is
-    logged once). `announce` is told when a build starts (the trainer prints it; otherwise it goes
-    to this module's logger at INFO)."""
+    cross_entropy_rows, dropout_mask_mul), built on the first call; None where it cannot be built
+    (the reason is logged once). `announce` is told when a build starts (the trainer prints it;
+    otherwise it goes to this module's logger at INFO)."""
     if "ops" not in _state:
         with _lock:
             if "ops" not in _state:

@@ -118,7 +118,7 @@ class _Dropout:
     def draw(cls, x2: torch.Tensor, p: float, compute_dtype: torch.dtype) -> "_Dropout":
         if p <= 0:
             return cls(0.0)
-        if _dropout_kernel(x2, compute_dtype) is not None:
+        if _uses_dropout_kernel(x2.device, compute_dtype):
             return cls(p, "kernel", seed=_draw_seed())
         if _regenerates_mask(x2.device):
             return cls(p, "regenerate", seed=_draw_seed())
@@ -149,11 +149,11 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
-def _dropout_kernel(x: torch.Tensor, compute_dtype: torch.dtype):
-    """The compiled ops when LoRA dropout on x (in compute_dtype) runs through the seeded kernel."""
-    if COMPILED_DROPOUT and x.device.type == "cpu" and compute_dtype in cpu_kernels.DTYPES:
-        return cpu_kernels.ops()
-    return None
+def _uses_dropout_kernel(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """Whether LoRA dropout on this device, in compute_dtype, runs through the seeded CPU kernel."""
+    if not (COMPILED_DROPOUT and device.type == "cpu" and compute_dtype in cpu_kernels.DTYPES):
+        return False
+    return cpu_kernels.ops() is not None
 
 
 def _regenerates_mask(device: torch.device) -> bool:

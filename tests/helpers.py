@@ -154,3 +154,13 @@ def splitmix_keep_mask(seed: int, numel: int, keep: float) -> torch.Tensor:
         z ^= z >> 31
         kept.append(((z >> 32) if i % 2 else (z & 0xFFFFFFFF)) < threshold)
     return torch.tensor(kept, dtype=torch.bool)
+
+
+def dropout_way(monkeypatch, how: str) -> None:
+    """Make the fused LoRA linear take one of its three ways to LoRA dropout on this CPU: "kernel"
+    (the seeded compiled mask), "regenerate" (the GPUs' way: PyTorch's bernoulli from a seeded
+    private generator, drawn again in backward) or "kept" (PyTorch's bernoulli mask, kept)."""
+    from lorakit import fused
+
+    monkeypatch.setattr(fused, "COMPILED_DROPOUT", how == "kernel")
+    monkeypatch.setattr(fused, "_regenerates_mask", lambda device: how == "regenerate")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import DEVICES, tiny_gpt2, tiny_llama
+from helpers import DEVICES, dropout_way, tiny_gpt2, tiny_llama
 from lorakit import activation_checkpointing, attention, fused
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter
@@ -105,8 +105,7 @@ def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed, de
 def test_checkpointing_replays_each_way_of_drawing_dropout(monkeypatch, how):
     # The test above runs LoRA dropout through the CPU kernel; the GPUs' way (a seeded private
     # generator, the mask drawn again in backward) and the kept bernoulli mask replay too.
-    monkeypatch.setattr(fused, "COMPILED_DROPOUT", False)
-    monkeypatch.setattr(fused, "_regenerates_mask", lambda device: how == "regenerate")
+    dropout_way(monkeypatch, how)
     plain = _run(False, torch.float32, 0.1)
     for mode in (True, "selective"):
         got = _run(mode, torch.float32, 0.1)

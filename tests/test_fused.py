@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import DEVICES, splitmix_keep_mask, tiny_llama
+from helpers import DEVICES, dropout_way, splitmix_keep_mask, tiny_llama
 from lorakit import fused
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_adapter, lora_layers
@@ -95,14 +95,6 @@ def test_lora_linear_adapter_dtype_compute_bf16():
     finally:
         fused.ADAPTER_COMPUTE = "input"
     check(got, run(layer, x, layer.plain_forward), 1e-2, relative=True)
-
-
-def dropout_way(monkeypatch, how: str) -> None:
-    """Make the fused LoRA linear take one of its three ways to LoRA dropout on this CPU: "kernel"
-    (the seeded compiled mask), "regenerate" (the GPUs' way: PyTorch's bernoulli from a seeded
-    private generator, drawn again in backward) or "kept" (PyTorch's bernoulli mask, kept)."""
-    monkeypatch.setattr(fused, "COMPILED_DROPOUT", how == "kernel")
-    monkeypatch.setattr(fused, "_regenerates_mask", lambda device: how == "regenerate")
 
 
 @pytest.mark.parametrize("how", ["kernel", "regenerate", "kept"])
