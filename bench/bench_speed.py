@@ -81,6 +81,7 @@ LEVERS = [
     ("  fused RMSNorm in PyTorch (not compiled)", {"lorakit.fused.COMPILED_RMS_NORM": False}, {}),
     ("- fused SwiGLU gate (transformers' MLP)", {"lorakit.fused.FUSED_SILU_GATE": False}, {}),
     ("  fused SwiGLU gate in PyTorch (not compiled)", {"lorakit.fused.COMPILED_SILU_GATE": False}, {}),
+    ("- fused RoPE (transformers' apply_rotary_pos_emb)", {"lorakit.fused.FUSED_ROPE": False}, {}),
     ("  loss chunk 256 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 256}, {}),
     ("  loss chunk 1024 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 1024}, {}),
     ("+ lora.dropout 0.05 (keep-mask from a seed, compiled)", {}, {"lora.dropout": 0.05}),

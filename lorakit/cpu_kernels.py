@@ -5,8 +5,8 @@ needs them (about 20 s, once per machine, torch version and source) and cached u
 `$LORAKIT_CACHE/kernels` (default `~/.cache/lorakit/kernels`). Without a C++ compiler or ninja,
 or with `LORAKIT_CPU_KERNELS=0`, lorakit logs why once and keeps its pure-PyTorch kernels, which
 compute the same results (tests/test_attention.py and tests/test_fused.py hold the two equal).
-The kernels: packed-row causal attention (lorakit.attention), RMSNorm, the SwiGLU gate, the loss
-head's cross-entropy and LoRA dropout's keep-mask (lorakit.fused).
+The kernels: packed-row causal attention (lorakit.attention), RMSNorm, the SwiGLU gate, rotary
+position embeddings, the loss head's cross-entropy and LoRA dropout's keep-mask (lorakit.fused).
 
 The build targets the machine it runs on (`-march=native`), so the cache key includes the CPU
 model as well as the sources and torch's version: a cache shared between different machines
@@ -30,9 +30,12 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE_NAMES = (
-    "attention_cpu.cpp", "rms_norm_cpu.cpp", "silu_gate_cpu.cpp", "cross_entropy_cpu.cpp", "dropout_cpu.cpp"
+    "attention_cpu.cpp", "rms_norm_cpu.cpp", "silu_gate_cpu.cpp", "cross_entropy_cpu.cpp", "dropout_cpu.cpp",
+    "rope_cpu.cpp",
 )
+_HEADER_NAMES = ("float_bits.h",)
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in _SOURCE_NAMES)
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in _HEADER_NAMES)
 _NAME = "lorakit_cpu"
 # -fopenmp: at::parallel_for splits work across threads only when the caller is compiled with
 # OpenMP (torch's libgomp is already loaded; the extension links the same soname). -ffast-math
@@ -60,7 +63,7 @@ def _cpu_model() -> str:
 def _library_path() -> Path:
     """Where the built library lives: one file per (sources, torch version, CPU model, flags)."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     digest.update(" ".join([torch.__version__, platform.machine(), _cpu_model(), *_CFLAGS]).encode())
     root = Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser() / "kernels"
@@ -120,7 +123,7 @@ def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
 
 
 def ops(announce: Optional[Callable[[str], None]] = None) -> Optional[object]:
-    """`torch.ops.lorakit_cpu` (attention_, rms_norm_ and silu_gate_forward / _backward,
+    """`torch.ops.lorakit_cpu` (attention_, rms_norm_ and silu_gate_forward / _backward, rope,
     cross_entropy_rows, dropout_mask_mul), built on the first call; None where it cannot be built
     (the reason is logged once). `announce` is told when a build starts (the trainer prints it;
     otherwise it goes to this module's logger at INFO)."""

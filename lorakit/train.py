@@ -208,7 +208,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     from lorakit import attention, cpu_kernels, fused
 
     if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
-        # lorakit's compiled attention, RMSNorm, SwiGLU gate and loss: built here (once per machine,
+        # lorakit's compiled attention, RMSNorm, SwiGLU gate, RoPE and loss: built here (once per machine,
         # said aloud) rather than silently inside the first step
         cpu_kernels.ops(announce=log if dist.is_main else None)
     if attention.VARLEN_ENABLED:
@@ -218,6 +218,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         fused.use_fused_rms_norm(model)
     if fused.FUSED_SILU_GATE:
         fused.use_fused_silu_gate(model)
+    if fused.FUSED_ROPE:
+        fused.use_fused_rope(model)
     model.to(load_device)
     if cfg.train.gradient_checkpointing:
         from lorakit import activation_checkpointing

@@ -29,6 +29,7 @@ def _model(dtype: torch.dtype, dropout: float = 0.0, packed: bool = False, devic
     inject_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
     fused.use_fused_rms_norm(model)  # as `lorakit train` runs it
     assert fused.use_fused_silu_gate(model) == LAYERS
+    fused.use_fused_rope(model)  # process-wide, so maybe switched already
     return model.train(), _count_base_calls(model)
 
 
@@ -229,6 +230,7 @@ def test_checkpointing_across_model_families(family, mode):
         inject_adapter(model, LoraConfig(r=4, alpha=8))
         fused.use_fused_rms_norm(model)
         assert fused.use_fused_silu_gate(model) == (3 if family == "qwen2" else 0)  # Gemma: GELU gate
+        fused.use_fused_rope(model)  # GPT-2 has no rotary embeddings
         base_calls = _count_base_calls(model)
         model.train()
         if m:

@@ -5,7 +5,8 @@ runs its PyTorch kernels: tests/test_attention.py, tests/test_fused.py). The att
 segments outside the batch, and its own bf16 GEMMs are at least as close to fp64 as oneDNN's. The
 loss kernel's cross-entropy and gradient are within a rounding of fp64. The dropout kernel's
 keep-mask is SplitMix64's, bit for bit, keeps the asked-for share of elements independently, and
-does not depend on the thread count."""
+does not depend on the thread count. The rotary-embedding kernel is transformers' formula and autograd's
+gradient of it, bit for bit."""
 
 from __future__ import annotations
 
@@ -266,3 +267,55 @@ def test_dropout_kernel_statistics_threads_and_edges():
     for keep in (0.0, 1.0, 1.5):
         with pytest.raises(RuntimeError, match="keep must be in"):
             ops.dropout_mask_mul(x, 1, keep, 1.0)
+
+
+def _rope_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # transformers' Llama rotary embedding, op for op: x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch, heads, tokens, dim, cos_batch, layout",
+    [
+        (2, 4, 40, 64, 2, "projection"),  # 320 rows: more than one parallel chunk; q as attention layers see it
+        (3, 2, 5, 6, 1, "contiguous"),  # cos and sin shared by the batch
+        (1, 3, 7, 2, 1, "projection"),  # the smallest head dim
+        (2, 2, 9, 8, 2, "head_dim_strided"),  # last dimension not contiguous: copied first
+    ],
+)
+def test_rope_kernel_is_the_transformers_formula_bit_for_bit(dtype, batch, heads, tokens, dim, cos_batch, layout):
+    ops = cpu_kernels.ops()
+    gen = torch.Generator().manual_seed(0)
+    if layout == "projection":  # (B, T, H*D) viewed as (B, T, H, D) and transposed to (B, H, T, D)
+        x = torch.randn(batch, tokens, heads * dim, generator=gen).mul_(3).to(dtype).view(batch, tokens, heads, dim).transpose(1, 2)
+    elif layout == "contiguous":
+        x = torch.randn(batch, heads, tokens, dim, generator=gen).mul_(3).to(dtype)
+    else:
+        x = torch.randn(batch, heads, dim, tokens, generator=gen).mul_(3).to(dtype).transpose(2, 3)
+    cos, sin = (torch.randn(cos_batch, tokens, dim, generator=gen).to(dtype) for _ in range(2))
+    grad = torch.randn(x.shape, generator=gen).to(dtype)
+    leaf = x.detach().requires_grad_(True)
+    want = _rope_formula(leaf, cos.unsqueeze(1), sin.unsqueeze(1))
+    want.backward(grad)
+    got = ops.rope(x, cos, sin, False)
+    assert torch.equal(got, want) and got.dtype == dtype
+    if layout != "head_dim_strided":
+        assert got.stride() == x.stride()  # the projection's layout kept
+    assert torch.equal(ops.rope(grad, cos, sin, True), leaf.grad)  # autograd's rounding, bit for bit
+
+
+def test_rope_kernel_refuses_what_it_does_not_compute():
+    ops = cpu_kernels.ops()
+    x = torch.randn(1, 2, 4, 6)
+    cos = torch.randn(1, 4, 6)
+    for bad, message in (
+        ((torch.randn(1, 2, 4, 5), torch.randn(1, 4, 5), torch.randn(1, 4, 5)), "head_dim must be even"),
+        ((x, torch.randn(1, 3, 6), torch.randn(1, 3, 6)), "must be \\(batch or 1, tokens, head_dim\\)"),
+        ((x, cos, torch.randn(1, 4, 4)), "cos and sin must be"),
+        ((x, cos.double(), cos.double()), "cos and sin must have x's dtype"),
+        ((x.half(), cos.half(), cos.half()), "float32 or bfloat16 only"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            ops.rope(*bad, False)

@@ -19,12 +19,15 @@ from lorakit.loss import token_loss_sum
 
 @contextlib.contextmanager
 def plain_path():
-    saved = fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM, fused.FUSED_SILU_GATE
-    fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM, fused.FUSED_SILU_GATE = False, False, False, False
+    names = ("ENABLED", "FUSED_CROSS_ENTROPY", "FUSED_RMS_NORM", "FUSED_SILU_GATE", "FUSED_ROPE")
+    saved = [getattr(fused, name) for name in names]
+    for name in names:
+        setattr(fused, name, False)
     try:
         yield
     finally:
-        fused.ENABLED, fused.FUSED_CROSS_ENTROPY, fused.FUSED_RMS_NORM, fused.FUSED_SILU_GATE = saved
+        for name, value in zip(names, saved):
+            setattr(fused, name, value)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -382,6 +385,109 @@ def test_switching_probes_leave_training_mode_and_the_random_stream_alone():
     assert all(m.training for m in model.modules())
 
 
+@pytest.fixture
+def llama_rope(monkeypatch):
+    """transformers' Llama modeling file with its own `apply_rotary_pos_emb` back (an earlier test may have
+    switched it; the switch is process-wide), restored after the test; yields the file and that function."""
+    from transformers.models.llama import modeling_llama
+
+    function = modeling_llama.apply_rotary_pos_emb
+    original = getattr(function, "_lorakit_original", function)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+    yield modeling_llama, original
+
+
+def _count_kernel_calls(monkeypatch) -> list:
+    calls: list = []
+    apply = fused._Rope.apply
+    monkeypatch.setattr(fused._Rope, "apply", lambda *args: calls.append(args[0].shape) or apply(*args))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_use_fused_rope_switches_llama_and_keeps_its_bits(monkeypatch, llama_rope, dtype):
+    modeling_llama, original = llama_rope
+    model = tiny_llama(seed=0).to(dtype)
+    inject_adapter(model, LoraConfig(r=4, alpha=8))
+    assert fused.use_fused_rope(model) == 1
+    assert modeling_llama.apply_rotary_pos_emb._lorakit_original is original
+    assert fused.use_fused_rope(model) == 0  # already switched
+    calls = _count_kernel_calls(monkeypatch)
+    model.train()
+    torch.manual_seed(1)
+    for _, layer in lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B["default"].normal_(0, 0.05)
+    ids = torch.randint(3, 400, (2, 24))
+    positions = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+    results = []
+    for switched in (True, False):
+        monkeypatch.setattr(fused, "FUSED_ROPE", switched)
+        model.zero_grad()
+        logits = model(input_ids=ids, position_ids=positions).logits
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert len(calls) == 2  # the two layers, with the switch on only
+    (logits, grads), (want_logits, want_grads) = results
+    assert torch.equal(logits, want_logits)
+    assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
+
+
+FIXED_PARTIAL_ROPE = """
+def rotate(x):  # Llama's rotation of the first 8 dimensions only: equal to Llama's at head_dim 8
+    x, rest = x[..., :8], x[..., 8:]
+    return torch.cat((torch.cat((-x[..., 4:], x[..., :4]), dim=-1), torch.zeros_like(rest)), dim=-1)
+"""
+INTERLEAVED_ROPE = """
+def rotate(x):  # GPT-J's interleaved rotation
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+"""
+
+
+@pytest.mark.parametrize("rotate", [INTERLEAVED_ROPE, FIXED_PARTIAL_ROPE], ids=["interleaved", "fixed_partial"])
+def test_fused_rope_leaves_other_formulas_and_calls_alone(monkeypatch, llama_rope, rotate):
+    import sys
+    import types
+
+    # a modeling file with the same signature and another formula
+    source = types.ModuleType("lorakit_test_other_rope")
+    exec(
+        "import torch\n"
+        + rotate
+        + "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):\n"
+        "    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)\n"
+        "    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin\n"
+        "class Attention(torch.nn.Module):\n"
+        "    def forward(self, q, k, cos, sin):\n"
+        "        return apply_rotary_pos_emb(q, k, cos, sin)\n",
+        source.__dict__,
+    )
+    monkeypatch.setitem(sys.modules, source.__name__, source)
+    other = source.apply_rotary_pos_emb
+    assert fused.use_fused_rope(source.Attention()) == 0 and source.apply_rotary_pos_emb is other
+
+    # Llama's, switched: calls the kernel does not cover go to the original, with its result
+    modeling_llama, original = llama_rope
+    assert fused.use_fused_rope(tiny_llama(seed=0)) == 1
+    switched = modeling_llama.apply_rotary_pos_emb
+    calls = _count_kernel_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 6, 8, generator=gen), torch.randn(2, 2, 6, 8, generator=gen)
+    cos, sin = torch.randn(2, 6, 8, generator=gen), torch.randn(2, 6, 8, generator=gen)
+    others = [
+        ((q.half(), k.half(), cos.half(), sin.half()), {}),  # a dtype without a kernel
+        ((q.transpose(1, 2), k.transpose(1, 2), cos, sin), {"unsqueeze_dim": 2}),  # (B, T, H, D) layout
+        ((q, k, cos.requires_grad_(True), sin), {}),  # a learned rotation
+        ((q, k.bfloat16(), cos, sin), {}),  # mixed dtypes
+    ]
+    for args, kwargs in others:
+        assert all(torch.equal(a, b) for a, b in zip(switched(*args, **kwargs), original(*args, **kwargs)))
+    assert calls == []
+    cos.requires_grad_(False)
+    assert all(torch.equal(a, b) for a, b in zip(switched(q, k, cos, sin), original(q, k, cos, sin)))
+    assert len(calls) == 1
+
+
 def _model_step(dtype: torch.dtype, dropout: float = 0.0, device: str = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
     model = tiny_llama(seed=0).to(device, dtype)
     model.config.final_logit_softcapping = None
@@ -390,6 +496,7 @@ def _model_step(dtype: torch.dtype, dropout: float = 0.0, device: str = "cpu") -
         assert fused.use_fused_rms_norm(model) == 2 * 2 + 1
     if fused.FUSED_SILU_GATE:
         assert fused.use_fused_silu_gate(model) == 2
+    fused.use_fused_rope(model)  # process-wide: off in the plain path through FUSED_ROPE
     torch.manual_seed(1)
     for _, layer in lora_layers(model):
         with torch.no_grad():

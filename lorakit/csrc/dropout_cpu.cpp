@@ -22,7 +22,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "float_bits.h"
+
 namespace {
+
+using lorakit_kernels::load;
+using lorakit_kernels::store;
 
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ULL;
 // Elements per block: the block's random bits are made in one loop and applied in a second, so the
@@ -47,23 +52,6 @@ inline void block_bits(uint64_t seed, int64_t start, int64_t count, uint32_t* bi
     outputs[k] = splitmix64(seed + static_cast<uint64_t>(first + k + 1) * kGamma);
   }
   std::memcpy(bits, outputs, sizeof(uint64_t) * n);
-}
-
-inline float load(const float* p) { return *p; }
-inline void store(float* p, float v) { *p = v; }
-// bf16 through its bits, rounded to nearest even with NaN kept NaN, as c10::BFloat16 rounds; c10's
-// conversion kept this loop from vectorizing (2.5x slower).
-inline float load(const c10::BFloat16* p) {
-  const uint32_t u = static_cast<uint32_t>(p->x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline void store(c10::BFloat16* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  p->x = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0 : static_cast<uint16_t>(rounded);
 }
 
 // Elements [begin, end) of x times scale where kept, 0 where dropped; begin a multiple of kBlock.
