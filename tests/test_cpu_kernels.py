@@ -283,6 +283,7 @@ def _rope_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
         (3, 2, 5, 6, 1, "contiguous"),  # cos and sin shared by the batch
         (1, 3, 7, 2, 1, "projection"),  # the smallest head dim
         (2, 2, 9, 8, 2, "head_dim_strided"),  # last dimension not contiguous: copied first
+        (2, 3, 5, 8, 2, "expanded"),  # broadcast over batch, heads and tokens (a gradient of a sum)
     ],
 )
 def test_rope_kernel_is_the_transformers_formula_bit_for_bit(dtype, batch, heads, tokens, dim, cos_batch, layout):
@@ -292,16 +293,20 @@ def test_rope_kernel_is_the_transformers_formula_bit_for_bit(dtype, batch, heads
         x = torch.randn(batch, tokens, heads * dim, generator=gen).mul_(3).to(dtype).view(batch, tokens, heads, dim).transpose(1, 2)
     elif layout == "contiguous":
         x = torch.randn(batch, heads, tokens, dim, generator=gen).mul_(3).to(dtype)
-    else:
+    elif layout == "head_dim_strided":
         x = torch.randn(batch, heads, dim, tokens, generator=gen).mul_(3).to(dtype).transpose(2, 3)
+    else:
+        x = torch.randn(1, 1, 1, dim, generator=gen).mul_(3).to(dtype).expand(batch, heads, tokens, dim)
     cos, sin = (torch.randn(cos_batch, tokens, dim, generator=gen).to(dtype) for _ in range(2))
     grad = torch.randn(x.shape, generator=gen).to(dtype)
+    if layout == "expanded":
+        grad = grad[:1, :1, :1].expand(x.shape)
     leaf = x.detach().requires_grad_(True)
     want = _rope_formula(leaf, cos.unsqueeze(1), sin.unsqueeze(1))
     want.backward(grad)
     got = ops.rope(x, cos, sin, False)
     assert torch.equal(got, want) and got.dtype == dtype
-    if layout != "head_dim_strided":
+    if layout in ("projection", "contiguous"):
         assert got.stride() == x.stride()  # the projection's layout kept
     assert torch.equal(ops.rope(grad, cos, sin, True), leaf.grad)  # autograd's rounding, bit for bit
 
