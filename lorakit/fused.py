@@ -702,15 +702,16 @@ def use_fused_rope(model: torch.nn.Module) -> int:
     original and hands every call the kernel does not cover (GPUs, other dtypes, other layouts, cos
     or sin that require grad, `FUSED_ROPE` off) to the original.
     """
-    switched = 0
+    switched, probed = 0, set()
     for module in model.modules():
         source = sys.modules.get(type(module).__module__)
         function = getattr(source, "apply_rotary_pos_emb", None)
-        if not callable(function) or hasattr(function, "_lorakit_original"):
+        if not callable(function) or hasattr(function, "_lorakit_original") or function in probed:
             continue
         forward = inspect.unwrap(type(module).forward)
         if "apply_rotary_pos_emb" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
             continue
+        probed.add(function)  # once per file, not once per layer
         if not _same_rope(function):
             continue
         source.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(function)
