@@ -486,6 +486,21 @@ def test_fused_rope_leaves_other_formulas_and_calls_alone(monkeypatch, llama_rop
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_rope_on_each_device_equals_transformers(monkeypatch, llama_rope, device):
+    # on CPU the kernel computes it, elsewhere transformers' ops do: the same bits either way
+    modeling_llama, original = llama_rope
+    assert fused.use_fused_rope(tiny_llama(seed=0)) == 1
+    calls = _count_kernel_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 4 * 8, generator=gen).bfloat16().view(2, 6, 4, 8).transpose(1, 2).to(device)
+    k = torch.randn(2, 6, 2 * 8, generator=gen).bfloat16().view(2, 6, 2, 8).transpose(1, 2).to(device)
+    cos, sin = (torch.randn(2, 6, 8, generator=gen).bfloat16().to(device) for _ in range(2))
+    got = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, original(q, k, cos, sin)))
+    assert len(calls) == (1 if device == "cpu" else 0)
+
+
 def _model_step(dtype: torch.dtype, dropout: float = 0.0, device: str = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
     model = tiny_llama(seed=0).to(device, dtype)
     model.config.final_logit_softcapping = None
