@@ -33,7 +33,7 @@ _SOURCE_NAMES = (
     "attention_cpu.cpp", "rms_norm_cpu.cpp", "silu_gate_cpu.cpp", "cross_entropy_cpu.cpp", "dropout_cpu.cpp",
     "rope_cpu.cpp",
 )
-_HEADER_NAMES = ("float_bits.h",)
+_HEADER_NAMES = ("float_bits.h", "vector_exp.h")
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in _SOURCE_NAMES)
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in _HEADER_NAMES)
 _NAME = "lorakit_cpu"
