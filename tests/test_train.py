@@ -10,6 +10,7 @@ import yaml
 from helpers import save_model_folder, write_addition_data
 from safetensors.torch import load_file
 
+from lorakit import host_memory
 from lorakit import train as train_module
 from lorakit.cli import main
 from lorakit.train import lr_lambda
@@ -74,22 +75,33 @@ def test_train_writes_every_file_and_loss_falls(workspace, capsys):
 GOLDEN_LOSSES = [6.029090881347656, 6.017055988311768, 5.962164402008057]
 
 
-def test_golden_losses(workspace):
+@pytest.fixture
+def allocator_calls(monkeypatch):
+    """Records `lorakit train`'s calls to host_memory.keep_freed_memory instead of making them (the
+    test process keeps glibc's defaults; tests/test_host_memory.py runs the real one apart)."""
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    return calls
+
+
+def test_golden_losses(workspace, allocator_calls):
     """Regression guard: the first losses of a fixed-seed fp32 run on this tiny setup."""
     out = workspace / "golden"
     assert main(["train", _config(workspace, out, max_steps=3)]) == 0
     losses = [e["loss"] for e in _entries(out) if "loss" in e]
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
+    assert allocator_calls == []  # without checkpointing glibc's defaults stay
 
 
 @pytest.mark.parametrize("mode", [True, "selective"])
-def test_gradient_checkpointing_gives_the_same_losses(workspace, mode):
+def test_gradient_checkpointing_gives_the_same_losses(workspace, mode, allocator_calls):
     # every layer checkpointed but the last (lorakit.activation_checkpointing.enable); dropout
     # masks are replayed in the recompute, so the run equals the golden one
     out = workspace / f"ckpt-{mode}"
     assert main(["train", _config(workspace, out, max_steps=3, gradient_checkpointing=mode)]) == 0
     losses = [e["loss"] for e in _entries(out) if "loss" in e]
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
+    assert allocator_calls == [1]  # freed memory kept for the rerun (lorakit.host_memory)
 
 
 def test_compiled_model_gives_the_same_losses(workspace):

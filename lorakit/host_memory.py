@@ -1,0 +1,65 @@
+"""Keep freed host memory in the process between training steps (Linux with glibc).
+
+glibc's malloc serves blocks above a floating threshold (128 KiB, rising to the largest block
+freed, at most 32 MiB) with fresh `mmap`s, and gives the top of its heap back to the system once
+more than twice that threshold lies free there. A training step on CPU allocates and frees the
+same few hundred MiB of activations every step, so every step meets some of its memory fresh from
+the kernel, one page fault per 4 KiB page, each about 2 us on the benchmark machine (the kernel
+zeroes the page). With gradient checkpointing, whose rerun frees and allocates each layer's
+activations again inside backward, that was 10,000-25,000 faults a step on the benchmark model:
+20-50 ms (docs/benchmarks.md).
+
+`keep_freed_memory` sets both thresholds once: blocks up to 32 MiB come from the heap, and the heap
+is never trimmed, so after the first step the same pages serve every step. The process then keeps
+what it held at its peak, which a training step reaches every step anyway. `lorakit train` calls it
+when it trains on CPU with gradient checkpointing. Without checkpointing a step met 1,000-10,000
+faults (plain LoRA and QLoRA), and keeping freed memory saved nothing measurable there while the
+peak grew by 20-30 MiB, so those runs keep glibc's defaults. Where the user has chosen the
+allocator's settings (glibc's MALLOC_* or GLIBC_TUNABLES variables) or preloaded another allocator,
+nothing is changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+from typing import Mapping
+
+# Switch for the benchmark's levers (docs/benchmarks.md): on by default.
+KEEP_FREED_MEMORY = True
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks above this still get their own mapping, returned when freed. 32 MiB is the most glibc takes
+# on 64-bit systems: it ignores larger values (and its mallopt still returns 1).
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 2**31 - 1  # the most mallopt takes: up to 2 GiB free at the top of the heap stays
+
+_applied = False
+
+
+def user_chose_allocator(environ: Mapping[str, str]) -> bool:
+    """Whether the environment already sets glibc malloc's behaviour or preloads another allocator."""
+    if any(name.startswith("MALLOC_") for name in environ):
+        return True
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        return True
+    return any(lib in environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc"))
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc malloc's thresholds as the module docstring says; True when they are set (now or
+    by an earlier call), False where this is not Linux with glibc or the user chose otherwise."""
+    global _applied
+    if _applied:
+        return True
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or user_chose_allocator(os.environ):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own libc, whose heap torch allocates from
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # M_MMAP_THRESHOLD first: setting either one stops glibc from moving both
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _applied
