@@ -87,6 +87,9 @@ LEVERS = [
     ("+ lora.dropout 0.05 (keep-mask from a seed, compiled)", {}, {"lora.dropout": 0.05}),
     ("+ lora.dropout 0.05 with PyTorch's bernoulli mask (kept)", {"lorakit.fused.COMPILED_DROPOUT": False}, {"lora.dropout": 0.05}),
     ("+ train.compile: true", {}, {"train.compile": True}),
+    ("+ train.gradient_checkpointing: true (full)", {}, {"train.gradient_checkpointing": True}),
+    ("+ full checkpointing with glibc's default allocator settings (freed memory not kept)",
+     {"lorakit.host_memory.KEEP_FREED_MEMORY": False}, {"train.gradient_checkpointing": True}),
 ]
 WORDS = (
     "the a of to and in is it that for on with as was at by be this are from or an have not but what all were "
