@@ -6,13 +6,15 @@ more than twice that threshold lies free there. A training step on CPU allocates
 same few hundred MiB of activations every step, so every step meets some of its memory fresh from
 the kernel, one page fault per 4 KiB page, each about 2 us on the benchmark machine (the kernel
 zeroes the page). With gradient checkpointing, whose rerun frees and allocates each layer's
-activations again inside backward, that was 10,000-25,000 faults a step on the benchmark model:
-20-50 ms (docs/benchmarks.md).
+activations again inside backward, that was 1,000-34,000 faults a step on the benchmark model
+(about 20,000 as a rule): up to ~70 ms (docs/benchmarks.md).
 
 `keep_freed_memory` sets both thresholds once: blocks up to 32 MiB come from the heap, and the heap
-is never trimmed, so after the first step the same pages serve every step. The process then keeps
-what it held at its peak, which a training step reaches every step anyway. `lorakit train` calls it
-when it trains on CPU with gradient checkpointing. Without checkpointing a step met 1,000-10,000
+is not trimmed (up to 2 GiB free at its top stays), so after the first steps the same pages serve
+every step. The process then keeps what it held at its peak, which a training step reaches every
+step anyway. `lorakit train` calls it when it trains on CPU with gradient checkpointing (the
+benchmark's full-checkpointing step: a median 51 ms faster over 13 interleaved pairs, 10-35 MiB
+more at the peak). Without checkpointing a step met 1,000-10,000
 faults (plain LoRA and QLoRA), and keeping freed memory saved nothing measurable there while the
 peak grew by 20-30 MiB, so those runs keep glibc's defaults. Where the user has chosen the
 allocator's settings (glibc's MALLOC_* or GLIBC_TUNABLES variables) or preloaded another allocator,
