@@ -14,11 +14,10 @@ is not trimmed (up to 2 GiB free at its top stays), so after the first steps the
 every step. The process then keeps what it held at its peak, which a training step reaches every
 step anyway. `lorakit train` calls it when it trains on CPU with gradient checkpointing (the
 benchmark's full-checkpointing step: a median 51 ms faster over 13 interleaved pairs, 10-35 MiB
-more at the peak). Without checkpointing a step met 1,000-10,000
-faults (plain LoRA and QLoRA), and keeping freed memory saved nothing measurable there while the
-peak grew by 20-30 MiB, so those runs keep glibc's defaults. Where the user has chosen the
-allocator's settings (glibc's MALLOC_* or GLIBC_TUNABLES variables) or preloaded another allocator,
-nothing is changed.
+more at the peak). Without checkpointing a step met 1,000-10,000 faults (plain LoRA and QLoRA),
+and keeping freed memory saved nothing measurable there while the peak grew by 20-30 MiB, so those
+runs keep glibc's defaults. Where the user has chosen the allocator's settings (glibc's MALLOC_* or
+GLIBC_TUNABLES variables) or preloaded another allocator, nothing is changed.
 """
 
 from __future__ import annotations
@@ -62,6 +61,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's own libc, whose heap torch allocates from
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    # M_MMAP_THRESHOLD first: setting either one stops glibc from moving both
+    # either setting also stops glibc from moving the mmap threshold itself, so both are set
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
