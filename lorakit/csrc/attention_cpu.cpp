@@ -331,10 +331,8 @@ void gemm_bf16(const PairsA& a, int64_t M, const PairsB& b, int64_t N, int64_t p
   for (; n0 + 16 * V <= N; n0 += 16 * V)  // whole 64-column tiles: B's tile stays in cache across A's rows
     for (int64_t m0 = 0; m0 < M; m0 += MR) gemm_tile<MR, V>(a, b, pairs, tail, c, ldc, m0, std::min<int64_t>(MR, M - m0), n0, 0xFFFF, accumulate);
   for (; n0 < N; n0 += 16) {  // the last columns, 16 at a time
-    const int64_t cols = std::min<int64_t>(16, N - n0);
-    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
     for (int64_t m0 = 0; m0 < M; m0 += 2 * MR)
-      gemm_tile<2 * MR, 1>(a, b, pairs, tail, c, ldc, m0, std::min<int64_t>(2 * MR, M - m0), n0, mask, accumulate);
+      gemm_tile<2 * MR, 1>(a, b, pairs, tail, c, ldc, m0, std::min<int64_t>(2 * MR, M - m0), n0, first(N - n0), accumulate);
   }
 }
 
@@ -354,8 +352,7 @@ void pack_row_pairs(const at::BFloat16* src, int64_t R, int64_t D, int64_t ld, u
     const at::BFloat16* r1 = r0 + ld;
     uint32_t* o = out + p * width;
     for (int64_t j = 0; j < width; j += 16) {
-      const int64_t cols = std::min<int64_t>(16, D - j);
-      const __mmask16 mask = cols > 0 ? static_cast<__mmask16>((1u << cols) - 1) : 0;
+      const __mmask16 mask = first(D - j);
       const __m512i lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask, r0 + j));
       const __m512i hi = pair ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask, r1 + j)) : _mm512_setzero_si512();
       _mm512_storeu_si512(o + j, _mm512_permutex2var_epi16(lo, interleave, hi));
