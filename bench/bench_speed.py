@@ -26,6 +26,8 @@ GEMM shapes (measured before the cases and again after them; the faster of the t
   forward GEMMs of every linear layer and the head (2·T·in·out each), the input-gradient GEMMs of
   backward (the same again), attention scores and PV forward (4·d per attended query-key pair,
   causal within each packed example) and backward (2x forward), adapters 6·T·r·(in+out).
+A second table times each case's projection and head GEMMs alone, back to back in a step's order
+(`gemm_sequence`): what they take when they run one after another, and the rest of the step.
 
     python bench/bench_speed.py                 # the full benchmark (plain, checkpointing full / selective, QLoRA)
     python bench/bench_speed.py --cases plain,selective   # a subset of the cases
@@ -199,6 +201,74 @@ def gemm_limit(size: dict, pairs: float) -> dict:
             "parts": {"linear+head fwd": gemm, "input grads": gemm, "attention": 3 * attn_fwd, "adapters": adapters}}
 
 
+def gemm_sequence(size: dict) -> dict:
+    """The step's projection and head GEMMs alone, back to back in a step's order: a floor per case.
+
+    The limit's rate is the best of each shape timed alone, its operands hot in cache. A step runs
+    ~90 such GEMMs one after another, each on its own weight fetched from memory; timed that way,
+    with nothing else in between (no attention, no rank-r adapter products), they show how much of
+    a step's time the GEMMs need by themselves.
+
+    Order: each layer's projections forward, the head's forward and input gradient in the loss's
+    chunks, then the layers' input gradients from the last layer down. Full checkpointing adds the
+    rerun before each checkpointed layer's backward (every layer but the last, which lorakit does
+    not checkpoint): its projections forward but the last, which lorakit's rerun never computes.
+    Selective checkpointing and QLoRA run the plain case's GEMMs (QLoRA's dequantisation is not a
+    GEMM). Returns {case: (GFLOP, fastest of 5 seconds)}.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from lorakit.loss import LOSS_CHUNK_TOKENS
+
+    h, i, v, d = size["hidden"], size["intermediate"], size["vocab"], size["hidden"] // size["heads"]
+    kv = size["kv_heads"] * d
+    t = size["batch"] * size["seq"]
+    # (in, out) of one layer's projections: q, k, v, o, gate, up, down
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    weights = [[torch.randn(o, n, **bf16) for n, o in shapes] for _ in range(size["layers"])]
+    head = torch.randn(v, h, **bf16)
+    inputs = {n: torch.randn(t, n, **bf16) for n in {n for n, _ in shapes}}
+    grads = {o: torch.randn(t, o, **bf16) for o in {o for _, o in shapes}}
+
+    def step(rerun: bool) -> float:
+        flops = 0.0
+        for layer in weights:
+            for (n, o), w in zip(shapes, layer):
+                F.linear(inputs[n], w)
+                flops += 2 * t * n * o
+        for start in range(0, t, LOSS_CHUNK_TOKENS):
+            rows = inputs[h][start : start + LOSS_CHUNK_TOKENS]
+            F.linear(rows, head) @ head
+            flops += 4 * rows.shape[0] * h * v
+        for index in reversed(range(len(weights))):
+            if rerun and index < len(weights) - 1:
+                for (n, o), w in zip(shapes[:-1], weights[index][:-1]):
+                    F.linear(inputs[n], w)
+                    flops += 2 * t * n * o
+            for (n, o), w in zip(shapes, weights[index]):
+                grads[o] @ w
+                flops += 2 * t * n * o
+        return flops
+
+    out = {}
+    for case, rerun in (("plain", False), ("ckpt", True)):
+        step(rerun)
+        times = []
+        for _ in range(5):
+            sync()
+            start = time.perf_counter()
+            flops = step(rerun)
+            sync()
+            times.append(time.perf_counter() - start)
+        out[case] = (flops / 1e9, min(times))
+    out["selective"] = out["qlora"] = out["dropout"] = out["plain"]
+    return out
+
+
 # --------------------------------------------------------------------------- the sides (children)
 def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: dict) -> dict:
     import importlib
@@ -366,6 +436,7 @@ def main() -> None:
         print(f"machine: {machine()}", flush=True)
         info = prepare(work, size)
         limit = gemm_limit(size, info["pairs"])
+        floor = gemm_sequence(size)
         print(f"model: hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; batch {size['batch']} x "
               f"{size['seq']} packed; LoRA r={R} all linear; {size['warmup']} warm-up + {size['steps']} timed steps, medians")  # fmt: skip
         print(f"limit: {limit['flops'] / 1e9:.1f} GFLOP/step at best bf16 GEMM {limit['gemm_rate'] / 1e9:.1f} GFLOP/s "
@@ -393,8 +464,11 @@ def main() -> None:
               f"(before: {limit['gemm_rate'] / 1e9:.1f}); the table uses the faster", flush=True)  # fmt: skip
         if again["gemm_rate"] > limit["gemm_rate"]:
             limit = again
+        after = gemm_sequence(size)
+        floor = {case: min(floor[case], after[case], key=lambda f: f[1]) for case in floor}
         print(f"limit: {limit['limit_s']:.3f} s/step")
         print_table(rows, limit)
+        print_gemm_floor(rows, floor, limit)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -416,6 +490,16 @@ def print_table(rows: list[tuple[str, dict, dict]], limit: dict) -> None:
               f"| {mine['step_s'] / limit['limit_s']:.2f}x | {peft['step_s'] / limit['limit_s']:.2f}x "
               f"| {mine['best_s']:.3f} / {peft['best_s']:.3f} ({peft['best_s'] / mine['best_s']:.2f}x) "
               f"| {mine['losses'][0]:.4f} / {peft['losses'][0]:.4f} |")  # fmt: skip
+
+
+def print_gemm_floor(rows: list[tuple[str, dict, dict]], floor: dict, limit: dict) -> None:
+    print("\nThe step's GEMMs alone, back to back (`gemm_sequence`; fastest of 5, before or after the cases):\n")
+    print("| case | GEMMs GFLOP | back to back s (GFLOP/s) | / limit | lorakit step outside them s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, mine, _ in rows:
+        gflop, seconds = floor[name]
+        print(f"| {name} | {gflop:.1f} | {seconds:.3f} ({gflop / seconds:.0f}) | {seconds / limit['limit_s']:.2f}x "
+              f"| {mine['step_s'] - seconds:.3f} |")  # fmt: skip
 
 
 def levers(work: Path, size: dict, limit: dict) -> None:

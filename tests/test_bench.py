@@ -1,0 +1,33 @@
+"""The speed benchmark's accounting: the GEMMs it times back to back are the ones its limit counts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemm_sequence_runs_the_gemms_the_limit_counts(bench):
+    size = bench.QUICK
+    floor = bench.gemm_sequence(size)
+    parts = bench.gemm_limit(size, pairs=1.0)["parts"]
+    plain_gflop, plain_s = floor["plain"]
+    assert plain_gflop * 1e9 == pytest.approx(parts["linear+head fwd"] + parts["input grads"], rel=1e-12)
+    # full checkpointing adds one forward of every layer but the last, without its last projection
+    h, i, t = size["hidden"], size["intermediate"], size["batch"] * size["seq"]
+    kv = size["kv_heads"] * h // size["heads"]
+    rerun_layer = 2 * t * (h * h + 2 * h * kv + h * h + 2 * h * i)  # q, k, v, o, gate, up
+    assert floor["ckpt"][0] * 1e9 == pytest.approx(plain_gflop * 1e9 + (size["layers"] - 1) * rerun_layer, rel=1e-12)
+    assert floor["selective"] == floor["qlora"] == floor["plain"]
+    assert 0 < plain_s and 0 < floor["ckpt"][1]
