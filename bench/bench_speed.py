@@ -166,14 +166,20 @@ def attention_pairs(batches: list[dict]) -> float:
     return statistics.mean(totals)
 
 
+def layer_shapes(size: dict) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's projections: q, k, v, o, gate, up, down."""
+    h, i = size["hidden"], size["intermediate"]
+    kv = size["kv_heads"] * h // size["heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
 def gemm_limit(size: dict, pairs: float) -> dict:
     """Unavoidable FLOPs per step and the best bf16 GEMM rate on this model's shapes."""
     import torch
 
-    h, i, v, d = size["hidden"], size["intermediate"], size["vocab"], size["hidden"] // size["heads"]
-    kv = size["kv_heads"] * d
+    h, v, d = size["hidden"], size["vocab"], size["hidden"] // size["heads"]
     t = size["batch"] * size["seq"]
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * size["layers"] + [(h, v)]
+    shapes = layer_shapes(size) * size["layers"] + [(h, v)]
     gemm = sum(2 * t * a * b for a, b in shapes)
     attn_fwd = 4 * d * size["heads"] * pairs * size["layers"]
     adapters = sum(6 * t * R * (a + b) for a, b in shapes[:-1])
@@ -221,11 +227,8 @@ def gemm_sequence(size: dict) -> dict:
 
     from lorakit.loss import LOSS_CHUNK_TOKENS
 
-    h, i, v, d = size["hidden"], size["intermediate"], size["vocab"], size["hidden"] // size["heads"]
-    kv = size["kv_heads"] * d
-    t = size["batch"] * size["seq"]
-    # (in, out) of one layer's projections: q, k, v, o, gate, up, down
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    h, v, t = size["hidden"], size["vocab"], size["batch"] * size["seq"]
+    shapes = layer_shapes(size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     bf16 = dict(dtype=torch.bfloat16, device=device)
