@@ -35,6 +35,7 @@ A second table times each case's projection and head GEMMs alone, back to back i
     python bench/bench_speed.py --rounds 3      # each side run 3 times, alternating; steps pooled (noisy machines)
     python bench/bench_speed.py --quick         # a small model and few steps, for development
     python bench/bench_speed.py --levers        # lorakit alone with each optimisation switched off
+    python bench/bench_speed.py --scale 7b --steps 2   # the same at 7B layer shapes (three layers, 4096 tokens)
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ sys.path.insert(0, str(ROOT))
 
 FULL = dict(hidden=768, layers=6, heads=12, kv_heads=4, intermediate=2048, vocab=32000, batch=2, seq=512, steps=6, warmup=2)
 QUICK = dict(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=8000, batch=2, seq=256, steps=3, warmup=1)
+# --scale 7b: the issue's model is small enough that per-op costs (Python, rank-r products, 64-wide
+# attention heads) weigh on every step; this asks how the same code fares at the shapes users train:
+# three decoder layers of Mistral-7B's shape (hidden 4096, 32 heads, 8 KV heads, intermediate
+# 14336, vocab 32000) on one packed row of 4096 tokens. Each step is ~30 s on 2 cores.
+SCALE_7B = dict(hidden=4096, layers=3, heads=32, kv_heads=8, intermediate=14336, vocab=32000, batch=1, seq=4096, steps=3,
+                warmup=1, repeats=2)  # fmt: skip
 R, ALPHA, LR, SEED = 16, 32.0, 2e-4, 0
 # "selective": lorakit's selective checkpointing against PEFT's (transformers') full one, its only mode
 CASES = {
@@ -142,7 +149,7 @@ def prepare(work: Path, size: dict) -> dict:
     steps = size["warmup"] + size["steps"]
     with open(work / "train.jsonl", "w") as f:
         # examples of ~40..1200 tokens, several per packed row; enough rows for every step
-        for _ in range(steps * size["batch"] * 6):
+        for _ in range(steps * size["batch"] * 6 * max(1, size["seq"] // 512)):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(15, 450)))}) + "\n")
     data = DataConfig(train=str(work / "train.jsonl"), format="text", max_length=size["seq"], packing=True,
                       cache_dir=str(work / "cache"))  # fmt: skip
@@ -220,7 +227,7 @@ def gemm_sequence(size: dict) -> dict:
     rerun before each checkpointed layer's backward (every layer but the last, which lorakit does
     not checkpoint): its projections forward but the last, which lorakit's rerun never computes.
     Selective checkpointing and QLoRA run the plain case's GEMMs (QLoRA's dequantisation is not a
-    GEMM). Returns {case: (GFLOP, fastest of 5 seconds)}.
+    GEMM). Returns {case: (GFLOP, fastest seconds of `repeats`, default 5)}.
     """
     import torch
     import torch.nn.functional as F
@@ -261,7 +268,7 @@ def gemm_sequence(size: dict) -> dict:
     for case, rerun in (("plain", False), ("ckpt", True)):
         step(rerun)
         times = []
-        for _ in range(5):
+        for _ in range(size.get("repeats", 5)):
             sync()
             start = time.perf_counter()
             flops = step(rerun)
@@ -420,6 +427,7 @@ def gib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, few steps (development)")
+    parser.add_argument("--scale", choices=["7b"], help="7b: three decoder layers of Mistral-7B's shape, 4096 tokens a step")
     parser.add_argument("--cases", default="plain,ckpt,selective,qlora", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--levers", action="store_true", help="lorakit alone with each lever switched off (plain case)")
     parser.add_argument("--steps", type=int, help="timed steps per side")
@@ -431,7 +439,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         return run_side(args)
-    size = dict(QUICK if args.quick else FULL)
+    size = dict(QUICK if args.quick else SCALE_7B if args.scale == "7b" else FULL)
     if args.steps:
         size["steps"] = args.steps
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
@@ -496,7 +504,7 @@ def print_table(rows: list[tuple[str, dict, dict]], limit: dict) -> None:
 
 
 def print_gemm_floor(rows: list[tuple[str, dict, dict]], floor: dict, limit: dict) -> None:
-    print("\nThe step's GEMMs alone, back to back (`gemm_sequence`; fastest of 5, before or after the cases):\n")
+    print("\nThe step's GEMMs alone, back to back (`gemm_sequence`; fastest of a few, before or after the cases):\n")
     print("| case | GEMMs GFLOP | back to back s (GFLOP/s) | / limit | lorakit step outside them s |")
     print("| --- | --- | --- | --- | --- |")
     for name, mine, _ in rows:

@@ -31,3 +31,12 @@ def test_gemm_sequence_runs_the_gemms_the_limit_counts(bench):
     assert floor["ckpt"][0] * 1e9 == pytest.approx(plain_gflop * 1e9 + (size["layers"] - 1) * rerun_layer, rel=1e-12)
     assert floor["selective"] == floor["qlora"] == floor["plain"]
     assert 0 < plain_s and 0 < floor["ckpt"][1]
+
+
+def test_scale_preset_has_mistral_7b_layer_shapes(bench):
+    # --scale 7b claims Mistral-7B's decoder layer: 218,103,808 projection weights per layer
+    size = bench.SCALE_7B
+    shapes = bench.layer_shapes(size)
+    assert shapes == [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
+    assert sum(a * b for a, b in shapes) == 218_103_808
+    assert size["batch"] * size["seq"] == 4096 and size["vocab"] == 32000
