@@ -61,7 +61,8 @@ QUICK = dict(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=
 # --scale 7b: the model is small enough that per-op costs (Python, rank-r products, 64-wide
 # attention heads) weigh on every step; this asks how the same code fares at the shapes users train:
 # three decoder layers of Mistral-7B's shape (hidden 4096, 32 heads, 8 KV heads, intermediate
-# 14336, vocab 32000) on one packed row of 4096 tokens. Each step is ~30 s on 2 cores.
+# 14336, vocab 32000) on one packed row of 4096 tokens. On 2 cores a lorakit step takes ~40 s and
+# PEFT's 70-100 s, and one pass of `gemm_sequence` ~35 s: it is timed 2 times, not 5.
 SCALE_7B = dict(hidden=4096, layers=3, heads=32, kv_heads=8, intermediate=14336, vocab=32000, batch=1, seq=4096, steps=3,
                 warmup=1, repeats=2)  # fmt: skip
 R, ALPHA, LR, SEED = 16, 32.0, 2e-4, 0
@@ -426,8 +427,9 @@ def gib(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, few steps (development)")
-    parser.add_argument("--scale", choices=["7b"], help="7b: three decoder layers of Mistral-7B's shape, 4096 tokens a step")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--quick", action="store_true", help="small model, few steps (development)")
+    model.add_argument("--scale", choices=["7b"], help="7b: three decoder layers of Mistral-7B's shape, 4096 tokens a step")
     parser.add_argument("--cases", default="plain,ckpt,selective,qlora", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--levers", action="store_true", help="lorakit alone with each lever switched off (plain case)")
     parser.add_argument("--steps", type=int, help="timed steps per side")
