@@ -9,9 +9,13 @@ zeroes the page). With gradient checkpointing, whose rerun frees and allocates e
 activations again inside backward, that was 1,000-34,000 faults a step on the benchmark model
 (about 20,000 as a rule): up to ~70 ms (docs/benchmarks.md).
 
-`keep_freed_memory` sets both thresholds once: blocks up to 32 MiB come from the heap, and the heap
+`keep_freed_memory` sets both thresholds once: blocks up to 16 MiB come from the heap, and the heap
 is not trimmed (up to 2 GiB free at its top stays), so after the first steps the same pages serve
-every step. The process then keeps what it held at its peak, which a training step reaches every
+every step. Larger blocks keep their own mappings, given back when freed: at 7B shapes a hidden-size
+bf16 activation of 4,096 tokens is just under 32 MiB, and with those in the heap its holes grew the
+full-checkpointing peak by 0.8-1.3 GiB (3.80-4.33 against 2.97-2.99 GiB on three Mistral-7B-shaped
+layers, docs/benchmarks.md); on the benchmark's model the step's 31 MiB loss blocks were slower
+from the heap too. The process then keeps what it held at its peak, which a training step reaches every
 step anyway. `lorakit train` calls it when it trains on CPU with gradient checkpointing (the
 benchmark's full-checkpointing step: a median 51 ms faster over 13 interleaved pairs, 10-35 MiB
 more at the peak). Without checkpointing a step met 1,000-10,000 faults (plain LoRA and QLoRA),
@@ -34,9 +38,9 @@ KEEP_FREED_MEMORY = True
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Blocks above this still get their own mapping, returned when freed. 32 MiB is the most glibc takes
-# on 64-bit systems: it ignores larger values (and its mallopt still returns 1).
-MMAP_THRESHOLD = 32 << 20
+# Blocks above this still get their own mapping, returned when freed (see the docstring for why 16
+# MiB and not the 32 MiB most glibc takes on 64-bit systems).
+MMAP_THRESHOLD = 16 << 20
 TRIM_THRESHOLD = 2**31 - 1  # the most mallopt takes: up to 2 GiB free at the top of the heap stays
 
 _applied = False
