@@ -9,11 +9,12 @@ import pytest
 
 from lorakit import host_memory
 
-# In a fresh process (the allocator's settings are process-wide): rounds of taking two 24 MiB
-# blocks from malloc, writing them and freeing them; it prints the page faults each round cost. With
-# glibc's defaults the first free lifts the mmap threshold to 24 MiB, so later blocks come from the
-# heap, but then 48 MiB lie free at its top, more than the trim threshold (twice the mmap
-# threshold): the heap is cut back and every round faults all its pages in again.
+# In a fresh process (the allocator's settings are process-wide): rounds of taking three 12 MiB
+# blocks from malloc (under lorakit's 16 MiB mmap threshold), writing them and freeing them; it
+# prints the page faults each round cost. With glibc's defaults the first free lifts the mmap
+# threshold to 12 MiB, so later blocks come from the heap, but then 36 MiB lie free at its top, more
+# than the trim threshold (twice the mmap threshold): the heap is cut back and every round faults
+# all its pages in again.
 _ROUNDS = """
 import ctypes, resource, sys
 from lorakit import host_memory
@@ -22,11 +23,11 @@ if sys.argv[1] == "keep":
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.memset.argtypes, libc.free.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t), (ctypes.c_void_p,)
-size = 24 << 20
+size = 12 << 20
 counts = []
 for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [libc.malloc(size) for _ in range(2)]
+    blocks = [libc.malloc(size) for _ in range(3)]
     for block in blocks:
         libc.memset(block, 1, size)
     for block in blocks:
@@ -44,7 +45,7 @@ def _faults(setting: str) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_kept_memory_is_taken_again_without_page_faults():
-    pages = (48 << 20) // 4096  # one round's two blocks
+    pages = (36 << 20) // 4096  # one round's three blocks
     default, kept = _faults("default"), _faults("keep")
     assert all(n > 0.9 * pages for n in default[2:]), default
     assert all(n < 0.01 * pages for n in kept[1:]), kept  # the heap's pages serve every round after the first
