@@ -14,9 +14,9 @@ is not trimmed (up to 2 GiB free at its top stays), so after the first steps the
 every step. Larger blocks keep their own mappings, given back when freed: at 7B shapes a hidden-size
 bf16 activation of 4,096 tokens is just under 32 MiB, and with those in the heap its holes grew the
 full-checkpointing peak by 0.8-1.3 GiB (3.80-4.33 against 2.97-2.99 GiB on three Mistral-7B-shaped
-layers, docs/benchmarks.md); on the benchmark's model the step's 31 MiB loss blocks were slower
-from the heap too. The process then keeps what it held at its peak, which a training step reaches every
-step anyway. `lorakit train` calls it when it trains on CPU with gradient checkpointing (the
+layers, docs/benchmarks.md); on the benchmark's model it changed neither the peak nor, within the
+host's noise, the step time. The process then keeps what it held at its peak, which a training step
+reaches every step anyway. `lorakit train` calls it when it trains on CPU with gradient checkpointing (the
 benchmark's full-checkpointing step: a median 51 ms faster over 13 interleaved pairs, 10-35 MiB
 more at the peak). Without checkpointing a step met 1,000-10,000 faults (plain LoRA and QLoRA),
 and keeping freed memory saved nothing measurable there while the peak grew by 20-30 MiB, so those
