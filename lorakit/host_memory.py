@@ -16,9 +16,9 @@ bf16 activation of 4,096 tokens is just under 32 MiB, and with those in the heap
 full-checkpointing peak by 0.8-1.3 GiB (3.80-4.33 against 2.97-2.99 GiB on three Mistral-7B-shaped
 layers, docs/benchmarks.md); on the benchmark's model it changed neither the peak nor, within the
 host's noise, the step time. The process then keeps what it held at its peak, which a training step
-reaches every step anyway. `lorakit train` calls it when it trains on CPU with gradient checkpointing (the
-benchmark's full-checkpointing step: a median 51 ms faster over 13 interleaved pairs, 10-35 MiB
-more at the peak). Without checkpointing a step met 1,000-10,000 faults (plain LoRA and QLoRA),
+reaches every step anyway. `lorakit train` calls it when it trains on CPU with gradient
+checkpointing (the benchmark's full-checkpointing step: a median 51 ms faster over 13 interleaved
+pairs, 10-35 MiB more at the peak). Without checkpointing a step met 1,000-10,000 faults (plain LoRA and QLoRA),
 and keeping freed memory saved nothing measurable there while the peak grew by 20-30 MiB, so those
 runs keep glibc's defaults. Where the user has chosen the allocator's settings (glibc's MALLOC_* or
 GLIBC_TUNABLES variables) or preloaded another allocator, nothing is changed.
