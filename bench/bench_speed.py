@@ -97,6 +97,7 @@ LEVERS = [
     ("+ lora.dropout 0.05 (keep-mask from a seed, compiled)", {}, {"lora.dropout": 0.05}),
     ("+ lora.dropout 0.05 with PyTorch's bernoulli mask (kept)", {"lorakit.fused.COMPILED_DROPOUT": False}, {"lora.dropout": 0.05}),
     ("+ train.compile: true", {}, {"train.compile": True}),
+    ("- glibc keeping freed memory (its default settings)", {"lorakit.host_memory.KEEP_FREED_MEMORY": False}, {}),
     ("+ train.gradient_checkpointing: true (full)", {}, {"train.gradient_checkpointing": True}),
     ("+ full checkpointing with glibc's default allocator settings (freed memory not kept)",
      {"lorakit.host_memory.KEEP_FREED_MEMORY": False}, {"train.gradient_checkpointing": True}),
@@ -457,19 +458,27 @@ def main() -> None:
               flush=True)  # fmt: skip
         if args.levers:
             return levers(work, size, limit)
-        rows = []
+        rows, failed = [], []
         for name in args.cases.split(","):
             case = CASES[name]
             runs: dict[str, list[dict]] = {"peft": [], "lorakit": []}
-            for round_ in range(args.rounds):
-                for side in ("peft", "lorakit") if round_ % 2 == 0 else ("lorakit", "peft"):
-                    runs[side].append(child(work, size, side, case))
+            try:
+                for round_ in range(args.rounds):
+                    for side in ("peft", "lorakit") if round_ % 2 == 0 else ("lorakit", "peft"):
+                        runs[side].append(child(work, size, side, case))
+            except SystemExit as failure:  # one case failing (say, on a new GPU) leaves the others to run
+                failed.append(name)
+                print(f"  {name}: {failure}", flush=True)
+                continue
             peft, mine = pooled(runs["peft"], size), pooled(runs["lorakit"], size)
             rows.append((name, mine, peft))
             rounds = {side: " ".join(f"{t:.3f}" for t in out["round_s"]) for side, out in (("lorakit", mine), ("peft", peft))}
+            gpu = "" if mine["peak_gpu"] is None else f" (GPU {gib(mine['peak_gpu'])} / {gib(peft['peak_gpu'])} GiB)"
             print(f"  {name}: lorakit {mine['step_s']:.3f} s/step (rounds {rounds['lorakit']}), {gib(mine['peak_rss'])} GiB; "
-                  f"peft {peft['step_s']:.3f} s/step (rounds {rounds['peft']}), {gib(peft['peak_rss'])} GiB; "
+                  f"peft {peft['step_s']:.3f} s/step (rounds {rounds['peft']}), {gib(peft['peak_rss'])} GiB{gpu}; "
                   f"first loss {mine['losses'][0]:.4f} / {peft['losses'][0]:.4f}", flush=True)  # fmt: skip
+        if not rows:
+            raise SystemExit(f"every case failed: {', '.join(failed)}")
         # The GEMM rate again, after the cases: a rate measured in a slow spell of a shared host
         # would loosen the limit. The table uses the faster of the two measurements.
         again = gemm_limit(size, info["pairs"])
@@ -483,6 +492,8 @@ def main() -> None:
         print_table(rows, limit)
         print_gemm_floor(rows, floor, limit)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if failed:
+            raise SystemExit(f"cases that failed: {', '.join(failed)} (their errors are printed above)")
 
 
 def print_table(rows: list[tuple[str, dict, dict]], limit: dict) -> None:

@@ -192,8 +192,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
 
     device = dist_device(dist)
     dtype = resolve_precision(cfg.train.precision, device)
-    if device.type == "cpu" and cfg.train.gradient_checkpointing and host_memory.KEEP_FREED_MEMORY:
-        host_memory.keep_freed_memory()  # the rerun's memory, freed and taken again, without page faults
+    if device.type == "cpu" and host_memory.KEEP_FREED_MEMORY:
+        host_memory.keep_freed_memory()  # each step's memory, freed and taken again, without page faults
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)

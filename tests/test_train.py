@@ -90,7 +90,7 @@ def test_golden_losses(workspace, allocator_calls):
     assert main(["train", _config(workspace, out, max_steps=3)]) == 0
     losses = [e["loss"] for e in _entries(out) if "loss" in e]
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
-    assert allocator_calls == []  # without checkpointing glibc's defaults stay
+    assert allocator_calls == [1]  # freed memory kept between steps on CPU (lorakit.host_memory)
 
 
 @pytest.mark.parametrize("mode", [True, "selective"])
