@@ -16,18 +16,13 @@ bf16 activation of 4,096 tokens is just under 32 MiB, and with those in the heap
 full-checkpointing peak by 0.8-1.3 GiB (3.80-4.33 against 2.97-2.99 GiB on three Mistral-7B-shaped
 layers, docs/benchmarks.md); on the benchmark's model it changed neither the peak nor, within the
 host's noise, the step time. The process then keeps what it held at its peak, which a training step
-reaches every step anyway. `lorakit train` calls it whenever it trains on CPU. With gradient
-checkpointing the benchmark's full-checkpointing step ran a median 51 ms faster over 13 interleaved
-pairs (10-35 MiB more at the peak). Without checkpointing a step meets fewer faults; keeping freed
-memory took away 4,000-9,000 a step on the benchmark's model (QLoRA also frees and takes again its
-dequantized 4-bit weights, 0.4-3 MiB each, twice per layer a step), and on a host with twice the
-earlier one's GEMM rate, where a step is shorter and the faults weigh more, it took 2-29 ms off a
-plain step and 9-16 ms off a QLoRA one in three alternating pairs each, peaks within 0.03 GiB (on
-the earlier host it had made no measurable difference there). At 7B shapes without checkpointing
-it lowered the peak too, 4.86-4.95 -> 4.12-4.15 GiB, for steps 0-7% slower (the 16-32 MiB blocks
-that glibc would have served from its heap fault in afresh). Where the user has chosen the
-allocator's settings (glibc's MALLOC_* or GLIBC_TUNABLES variables) or preloaded another allocator,
-nothing is changed.
+reaches every step anyway. `lorakit train` calls it whenever it trains on CPU: under gradient
+checkpointing, whose rerun takes each layer's activations again, it made the benchmark's step a
+median 51 ms faster; without checkpointing it took 4,000-9,000 faults and 2-29 ms (plain) or 9-16 ms
+(QLoRA, whose dequantized weights are taken again twice a layer) off a step on a host with twice the
+earlier GEMM rate, and at 7B shapes lowered the peak by 15% for steps 0-7% slower
+(docs/benchmarks.md, levers tables). Where the user has chosen the allocator's settings (glibc's
+MALLOC_* or GLIBC_TUNABLES variables) or preloaded another allocator, nothing is changed.
 """
 
 from __future__ import annotations
