@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ def run_one(spec: dict, out_dir: Path) -> dict:
     from lorakit.config import build_run_config
     from lorakit.demo.run import DEMO_CONFIG, _merge
     from lorakit.evaluate import generation_accuracy
+    from lorakit.metrics import peak_rss_bytes
     from lorakit.train import fit, setup
 
     overrides = {"output_dir": str(out_dir), "train.save_every": 0, "train.eval_generate": False, **spec.get("overrides", {})}
@@ -77,7 +77,7 @@ def run_one(spec: dict, out_dir: Path) -> dict:
         "trainable": trainable,
         "base_params": total,
         "saved_bytes": saved_bytes,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "time_s": elapsed,
     }
 

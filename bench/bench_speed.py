@@ -18,7 +18,7 @@ Checkpointing cases: "ckpt" runs full checkpointing on both sides; "selective" r
 The "dropout" case (not in the default set) is the plain case with LoRA dropout 0.05 on both sides.
 
 Each side runs in its own process: `warmup` steps, then `steps` timed steps; step time and tokens/s
-are medians; memory is the process's peak RSS (ru_maxrss) after its last step, also shown above
+are medians; memory is the process's peak RSS (VmHWM) after its last step, also shown above
 the RSS right after the imports (torch, transformers, lorakit or peft); on a CUDA GPU the table adds
 each side's peak GPU memory (torch.cuda.max_memory_allocated). The limit is the FLOPs no LoRA
 trainer can avoid divided by the best bf16 GEMM rate measured in the same run on the model's own
@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,6 +90,7 @@ LEVERS = [
     ("  fused RMSNorm in PyTorch (not compiled)", {"lorakit.fused.COMPILED_RMS_NORM": False}, {}),
     ("- fused SwiGLU gate (transformers' MLP)", {"lorakit.fused.FUSED_SILU_GATE": False}, {}),
     ("  fused SwiGLU gate in PyTorch (not compiled)", {"lorakit.fused.COMPILED_SILU_GATE": False}, {}),
+    ("  SwiGLU gradients in fresh tensors (not over gate and up)", {"lorakit.fused.SILU_GATE_GRADIENTS_IN_PLACE": False}, {}),
     ("- fused RoPE (transformers' apply_rotary_pos_emb)", {"lorakit.fused.FUSED_ROPE": False}, {}),
     ("  loss chunk 256 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 256}, {}),
     ("  loss chunk 1024 tokens", {"lorakit.train.LOSS_CHUNK_TOKENS": 1024}, {}),
@@ -116,7 +116,11 @@ def rss_now() -> int:
 
 
 def rss_peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's high-water mark,
+    # which after `prepare` (the model built in fp32) was above lorakit's own peaks
+    from lorakit.metrics import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def gpu_peak() -> int | None:

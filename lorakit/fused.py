@@ -78,6 +78,9 @@ COMPILED_RMS_NORM = True
 # on CPU.
 FUSED_SILU_GATE = True
 COMPILED_SILU_GATE = True
+# The fused MLPs' SwiGLU backward writes its two gradients over gate and up, the MLP's own
+# temporaries, instead of two fresh (T, intermediate) tensors (see `silu_gate`).
+SILU_GATE_GRADIENTS_IN_PLACE = True
 # Llama-style rotary position embeddings run through the compiled CPU kernel (see `use_fused_rope`):
 # forward + backward of a benchmark layer's q and k 1.86 -> 0.74 ms.
 FUSED_ROPE = True
@@ -547,7 +550,7 @@ def use_fused_rms_norm(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------- SwiGLU gate
 class _SiluGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gradients_into_inputs: bool) -> torch.Tensor:
         ops = cpu_kernels.ops_for(gate, up) if COMPILED_SILU_GATE else None
         ctx.compiled = ops is not None
         if ops is not None:
@@ -555,21 +558,46 @@ class _SiluGate(torch.autograd.Function):
         else:
             out = F.silu(gate).mul_(up)  # transformers' `act_fn(gate) * up`, rounded the same way
         ctx.save_for_backward(gate, up)
+        ctx.gradients_into_inputs, ctx.spent = gradients_into_inputs, False
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.spent:
+            raise RuntimeError(
+                "silu_gate: a second backward through the same graph, but the first wrote its gradients over "
+                "the saved gate and up; set lorakit.fused.SILU_GATE_GRADIENTS_IN_PLACE = False to backward twice"
+            )
         gate, up = ctx.saved_tensors
+        if ctx.gradients_into_inputs:
+            ctx.spent = True
+            return _silu_gate_gradients_into(grad_out, gate, up) + (None,)
         if ctx.compiled:
-            return cpu_kernels.ops().silu_gate_backward(grad_out, gate, up)
+            return cpu_kernels.ops().silu_gate_backward(grad_out, gate, up) + (None,)
         # autograd's own backward of `silu(gate) * up`, op for op (so the same bits), with
         # silu(gate) computed again instead of kept
         grad_up = grad_out * F.silu(gate)
         grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
-        return grad_gate, grad_up
+        return grad_gate, grad_up, None
 
 
-def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _silu_gate_gradients_into(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_SiluGate's gradients (d gate, d up), written over gate and up; the same values as its
+    allocating backward."""
+    if cpu_kernels.ops_for(gate, up) is not None and COMPILED_SILU_GATE and gate.is_contiguous() and up.is_contiguous():
+        cpu_kernels.ops().silu_gate_backward_(grad_out, gate, up)
+        # as an in-place PyTorch op would: another node that saved gate or up then refuses to run
+        torch.autograd.graph.increment_version((gate, up))
+        return gate, up
+    # The PyTorch ops of the allocating backward, ordered so that each input is read before it is
+    # overwritten: one fresh tensor, silu(gate), instead of two results and a temporary.
+    silu = F.silu(gate)
+    grad_gate_in = up.mul_(grad_out)  # grad_out * up
+    torch.ops.aten.silu_backward.grad_input(grad_gate_in, gate, grad_input=gate)
+    return gate, torch.mul(grad_out, silu, out=up)
+
+
+def silu_gate(gate: torch.Tensor, up: torch.Tensor, *, gradients_into_inputs: bool = False) -> torch.Tensor:
     """`silu(gate) * up` (the SwiGLU gate of Llama-style MLPs), rounded as transformers computes it.
 
     Autograd on the two ops keeps three (T, intermediate) tensors, gate, silu(gate) and up; this
@@ -577,14 +605,20 @@ def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     bit. On CPU it runs compiled instead (lorakit/csrc/silu_gate_cpu.cpp: one pass each way, 1.2x
     the speed of the PyTorch ops; its gradients round once, in fp32). gate and up: the same shape
     and dtype.
+
+    gradients_into_inputs: backward writes the gradients over gate and up instead of into two
+    fresh tensors, for callers whose gate and up are their own temporaries that nothing reads
+    afterwards (the fused MLP forward). A second backward through the same graph then raises.
     """
     if gate.shape != up.shape or gate.dtype != up.dtype:
         return F.silu(gate) * up
-    return _SiluGate.apply(gate, up)
+    return _SiluGate.apply(gate, up, gradients_into_inputs and not gate.is_set_to(up))
 
 
 def _fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(silu_gate(self.gate_proj(x), self.up_proj(x)))
+    # gate and up are this forward's own: their storage takes their gradients in backward
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(silu_gate(gate, up, gradients_into_inputs=SILU_GATE_GRADIENTS_IN_PLACE))
 
 
 def use_fused_silu_gate(model: torch.nn.Module) -> int:

@@ -72,7 +72,20 @@ class MetricsLog:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far, in bytes (whole process lifetime)."""
+    """The process's peak resident set size so far, in bytes (since the program started).
+
+    On Linux this is VmHWM from /proc/self/status, the high-water mark of this program's own
+    memory. getrusage's ru_maxrss would do elsewhere, but on Linux it also counts the memory of the
+    process it was started from: fork, then exec, carry the parent's high-water mark into the
+    child's, so a 0.7 GiB run started by a parent that once held 4 GiB reported 4 GiB.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

@@ -40,3 +40,14 @@ def test_scale_preset_has_mistral_7b_layer_shapes(bench):
     assert shapes == [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
     assert sum(a * b for a, b in shapes) == 218_103_808
     assert size["batch"] * size["seq"] == 4096 and size["vocab"] == 32000
+
+
+def test_every_lever_switch_names_an_existing_setting(bench):
+    # a misspelt switch would only set a new attribute, and --levers would time the default twice
+    import importlib
+
+    for label, switches, _ in bench.LEVERS:
+        for key, value in switches.items():
+            module, _, attr = key.rpartition(".")
+            current = getattr(importlib.import_module(module), attr, None)
+            assert current is not None and type(current) is type(value), (label, key)

@@ -344,6 +344,40 @@ def test_silu_gate_equals_transformers_mlp_gate(monkeypatch, compiled, dtype, to
         assert rel(got, truth) <= max(tol / 10, 1.01 * rel(want, truth))  # rounded once: no further from fp64
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_gate_gradients_into_inputs_are_the_same_gradients(monkeypatch, compiled, dtype):
+    monkeypatch.setattr(fused, "COMPILED_SILU_GATE", compiled)
+    gen = torch.Generator().manual_seed(1)
+    gate0, up0 = (torch.randn(3, 50, 700, generator=gen) * 4).to(dtype), torch.randn(3, 50, 700, generator=gen).to(dtype)
+    grad = torch.randn(3, 50, 700, generator=gen).to(dtype)
+    results = []
+    for into_inputs in (False, True):
+        g, u = gate0.clone().requires_grad_(True), up0.clone().requires_grad_(True)
+        gate, up = g * 1, u * 1  # the MLP's case: temporaries made in forward
+        y = fused.silu_gate(gate, up, gradients_into_inputs=into_inputs)
+        versions = gate._version, up._version
+        y.backward(grad)
+        results.append((y.detach(), g.grad, u.grad))
+        if into_inputs:
+            # the gradients went into gate's and up's own storage, and their versions moved as an
+            # in-place op's would
+            assert torch.equal(gate.detach(), g.grad) and torch.equal(up.detach(), u.grad)
+            assert gate._version > versions[0] and up._version > versions[1]
+        else:
+            assert torch.equal(gate.detach(), gate0) and torch.equal(up.detach(), up0)
+    (y_want, gg_want, gu_want), (y, gg, gu) = results
+    assert torch.equal(y, y_want) and torch.equal(gg, gg_want) and torch.equal(gu, gu_want)
+
+
+def test_silu_gate_gradients_into_inputs_refuse_a_second_backward():
+    g, u = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
+    y = fused.silu_gate(g * 1, u * 1, gradients_into_inputs=True).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward.*SILU_GATE_GRADIENTS_IN_PLACE = False"):
+        y.backward()
+
+
 def test_silu_gate_keeps_one_tensor_less():
     # autograd keeps gate, silu(gate) and up; the fused gate keeps gate and up
     gate, up = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
