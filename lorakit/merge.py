@@ -346,8 +346,8 @@ class MergeReport:
 
     peak_held_bytes: the most tensor bytes held at once (adapter + base tensor being merged + its
         fp32 working copies + the output shard being filled).
-    peak_rss_bytes: the process's peak resident memory (whole process lifetime, so it includes
-        torch itself and anything the caller did before).
+    peak_rss_bytes: the process's peak resident memory since the program started (so it includes
+        torch itself and anything the caller did before; `lorakit.metrics.peak_rss_bytes`).
     """
 
     out_dir: Path

@@ -56,7 +56,8 @@ class QuantReport:
     head); "before" is in the dtype the weights were quantized from.
     peak_bytes (loading only): the most tensor bytes held at once while loading: every tensor
     materialised so far plus the full-precision tensor being converted.
-    peak_rss_bytes: the process's peak resident memory so far (whole process lifetime).
+    peak_rss_bytes: the process's peak resident memory so far, since the program started
+        (`lorakit.metrics.peak_rss_bytes`).
     """
 
     layers: int
