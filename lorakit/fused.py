@@ -571,7 +571,7 @@ class _SiluGate(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         if ctx.gradients_into_inputs:
             ctx.spent = True
-            return _silu_gate_gradients_into(grad_out, gate, up) + (None,)
+            return _silu_gate_gradients_into(grad_out, gate, up, compiled=ctx.compiled) + (None,)
         if ctx.compiled:
             return cpu_kernels.ops().silu_gate_backward(grad_out, gate, up) + (None,)
         # autograd's own backward of `silu(gate) * up`, op for op (so the same bits), with
@@ -581,10 +581,12 @@ class _SiluGate(torch.autograd.Function):
         return grad_gate, grad_up, None
 
 
-def _silu_gate_gradients_into(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _silu_gate_gradients_into(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, compiled: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """_SiluGate's gradients (d gate, d up), written over gate and up; the same values as its
-    allocating backward."""
-    if cpu_kernels.ops_for(gate, up) is not None and COMPILED_SILU_GATE and gate.is_contiguous() and up.is_contiguous():
+    allocating backward (compiled: whether its forward ran the CPU kernel)."""
+    if compiled and gate.is_contiguous() and up.is_contiguous():
         cpu_kernels.ops().silu_gate_backward_(grad_out, gate, up)
         # as an in-place PyTorch op would: another node that saved gate or up then refuses to run
         torch.autograd.graph.increment_version((gate, up))
