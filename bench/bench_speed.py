@@ -79,6 +79,7 @@ LEVERS = [
     ("lorakit (all levers)", {}, {}),
     ("- fused LoRA linear (plain autograd)", {"lorakit.fused.ENABLED": False}, {}),
     ("- bf16 adapter compute (fp32 adapter matmuls)", {"lorakit.fused.ADAPTER_COMPUTE": "adapter"}, {}),
+    ("  rank-r products as oneDNN matmuls (not lorakit's bf16 kernels)", {"lorakit.fused.COMPILED_LORA_PRODUCTS": False}, {}),
     ("- fused linear CE (checkpointed chunks)", {"lorakit.fused.FUSED_CROSS_ENTROPY": False}, {}),
     ("  loss cross-entropy in PyTorch (not compiled)", {"lorakit.fused.COMPILED_CROSS_ENTROPY": False}, {}),
     ("  loss cross-entropy in PyTorch, the whole block at once (not 32 rows)",

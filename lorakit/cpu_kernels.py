@@ -6,7 +6,8 @@ needs them (about 20 s, once per machine, torch version and source) and cached u
 or with `LORAKIT_CPU_KERNELS=0`, lorakit logs why once and keeps its pure-PyTorch kernels, which
 compute the same results (tests/test_attention.py and tests/test_fused.py hold the two equal).
 The kernels: packed-row causal attention (lorakit.attention), RMSNorm, the SwiGLU gate, rotary
-position embeddings, the loss head's cross-entropy and LoRA dropout's keep-mask (lorakit.fused).
+position embeddings, the loss head's cross-entropy, LoRA dropout's keep-mask and, on CPUs with
+AVX512-BF16, the LoRA layers' rank-r products (lorakit.fused).
 
 The build targets the machine it runs on (`-march=native`), so the cache key includes the CPU
 model as well as the sources and torch's version: a cache shared between different machines
@@ -31,9 +32,9 @@ log = logging.getLogger(__name__)
 
 _SOURCE_NAMES = (
     "attention_cpu.cpp", "rms_norm_cpu.cpp", "silu_gate_cpu.cpp", "cross_entropy_cpu.cpp", "dropout_cpu.cpp",
-    "rope_cpu.cpp",
+    "rope_cpu.cpp", "lora_cpu.cpp",
 )
-_HEADER_NAMES = ("float_bits.h", "vector_exp.h")
+_HEADER_NAMES = ("bf16_pairs.h", "float_bits.h", "vector_exp.h")
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in _SOURCE_NAMES)
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in _HEADER_NAMES)
 _NAME = "lorakit_cpu"
@@ -132,6 +133,15 @@ def ops(announce: Optional[Callable[[str], None]] = None) -> Optional[object]:
             if "ops" not in _state:
                 _state["ops"] = _build(announce)
     return _state["ops"]
+
+
+def bf16_ops() -> Optional[object]:
+    """`ops()` where the build also has the kernels for CPUs with AVX512-BF16 (the attention's bf16
+    GEMMs, lora_project, lora_outer); None otherwise."""
+    if "bf16" not in _state:
+        built = ops()
+        _state["bf16"] = built if built is not None and built.bf16_gemm_available() else None
+    return _state["bf16"]
 
 
 def ops_for(*tensors: torch.Tensor) -> Optional[object]:

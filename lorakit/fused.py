@@ -18,7 +18,10 @@ path it is tested equal to (tests/test_fused.py).
   on GPUs through PyTorch's bernoulli with a private generator (`_Dropout`).
 - The adapter runs in the activations' dtype (bf16 under bf16 compute): A and B are cast, which
   costs r·(in+out) elements, where the plain path casts x (T·in elements) up to fp32 for an fp32
-  matmul and keeps that copy for backward. The master weights and their gradients stay fp32.
+  matmul and keeps that copy for backward. The master weights and their gradients stay fp32. On
+  CPUs with AVX512-BF16 the four rank-r products (x @ A^T, g @ B and the two adapter gradients)
+  run on lorakit's kernels (lorakit/csrc/lora_cpu.cpp), which sum in fp32 and hand the adapter
+  gradients over unrounded.
 - Backward runs the input gradient as one matmul against the frozen weight plus one rank-r
   `addmm_` (no weight gradient for W), and the two small adapter gradients.
 
@@ -93,6 +96,9 @@ COMPILED_CROSS_ENTROPY = True
 COMPILED_DROPOUT = True
 # On GPUs, LoRA dropout's mask is drawn again in backward from a seed instead of kept (see _Dropout).
 REGENERATED_DROPOUT = True
+# On CPUs with AVX512-BF16, the LoRA layers' rank-r products in bf16 (x @ A^T, g @ B and the two
+# adapter gradients) run on lorakit's kernels (lorakit/csrc/lora_cpu.cpp) instead of oneDNN's GEMMs.
+COMPILED_LORA_PRODUCTS = True
 
 
 # --------------------------------------------------------------------------- LoRA linear
@@ -163,6 +169,14 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
+def _lora_products(device: torch.device, compute_dtype: torch.dtype, rank: int) -> Optional[object]:
+    """`torch.ops.lorakit_cpu` where the rank-r products of a LoRA layer run on lorakit's bf16 CPU
+    kernels (bf16 compute on a CPU with AVX512-BF16, rank <= 64); None where they run as matmuls."""
+    if not (COMPILED_LORA_PRODUCTS and device.type == "cpu" and compute_dtype == torch.bfloat16 and rank <= 64):
+        return None
+    return cpu_kernels.bf16_ops()
+
+
 def _uses_dropout_kernel(device: torch.device, compute_dtype: torch.dtype) -> bool:
     """Whether LoRA dropout on this device, in compute_dtype, runs through the seeded CPU kernel."""
     if not (COMPILED_DROPOUT and device.type == "cpu" and compute_dtype in cpu_kernels.DTYPES):
@@ -203,7 +217,8 @@ class _LoraLinear(torch.autograd.Function):
         else:
             h = drop.apply(x2.to(compute_dtype))
             ac, bc = a.to(compute_dtype), b.to(compute_dtype)
-            after_a = h @ ac.t()  # (T, r)
+            products = _lora_products(h.device, compute_dtype, a.shape[0])
+            after_a = products.lora_project(h, ac.t()) if products is not None else h @ ac.t()  # (T, r)
             del h
             if rerun:
                 # A checkpoint's rerun wants this layer's saved tensors, which autograd packs once
@@ -237,16 +252,24 @@ class _LoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         gc = g.to(cd)
         ac, bc = a.to(cd), b.to(cd)
-        g_after_a = gc @ bc  # (T, r): gradient of (h @ A^T) before the scale
+        products = _lora_products(g.device, cd, a.shape[0])
+        # (T, r): gradient of (h @ A^T) before the scale
+        g_after_a = products.lora_project(gc, bc) if products is not None else gc @ bc
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
-            # (after_a^T @ g)^T: the same product, but the skinny operand goes first, which runs about
-            # 1.8x faster on CPU than g^T @ after_a for (T, out) x (T, r)
-            grad_b = (after_a.t() @ gc).t().mul_(scale).to(b.dtype).contiguous()  # (out, r)
+            if products is not None:  # fp32 sums, scaled, never rounded to bf16
+                grad_b = products.lora_outer(after_a, gc, scale).t().to(b.dtype).contiguous()  # (out, r)
+            else:
+                # (after_a^T @ g)^T: the same product, but the skinny operand goes first, which runs
+                # about 1.8x faster on CPU than g^T @ after_a for (T, out) x (T, r)
+                grad_b = (after_a.t() @ gc).t().mul_(scale).to(b.dtype).contiguous()  # (out, r)
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
             h = drop.apply(x2.to(cd))
-            grad_a = (g_after_a.t() @ h).mul_(scale).to(a.dtype)  # (r, in)
+            if products is not None:
+                grad_a = products.lora_outer(g_after_a, h, scale).to(a.dtype)  # (r, in)
+            else:
+                grad_a = (g_after_a.t() @ h).mul_(scale).to(a.dtype)  # (r, in)
             del h
         if ctx.needs_input_grad[0]:
             w = ctx.dense_weight(g)  # (out, in) in g's dtype, frozen

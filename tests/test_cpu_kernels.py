@@ -6,7 +6,8 @@ segments outside the batch, and its own bf16 GEMMs are at least as close to fp64
 loss kernel's cross-entropy and gradient are within a rounding of fp64. The dropout kernel's
 keep-mask is SplitMix64's, bit for bit, keeps the asked-for share of elements independently, and
 does not depend on the thread count. The rotary-embedding kernel is transformers' formula and autograd's
-gradient of it, bit for bit."""
+gradient of it, bit for bit. The LoRA rank-r product kernels round once (x @ A^T) or not at all
+(the adapter gradients)."""
 
 from __future__ import annotations
 
@@ -324,3 +325,62 @@ def test_rope_kernel_refuses_what_it_does_not_compute():
     ):
         with pytest.raises(RuntimeError, match=message):
             ops.rope(*bad, False)
+
+
+def _bf16_ops():
+    ops = cpu_kernels.bf16_ops()
+    if ops is None:
+        pytest.skip("this build has no AVX512-BF16 kernels (the CPU lacks the instructions)")
+    return ops
+
+
+@pytest.mark.parametrize(
+    "tokens,width,rank,layout",
+    [
+        (1024, 768, 16, "a_t"),  # the benchmark's q projection: x @ A^T
+        (1024, 2048, 16, "b"),  # g @ B of gate/up, B (out, r) row-major
+        (513, 257, 17, "a_t"),  # odd tokens, odd width, a rank past one vector
+        (37, 5, 3, "b"),
+        (64, 100, 64, "strided"),  # the largest rank; x with row padding
+        (1, 16, 1, "a_t"),
+    ],
+)
+def test_lora_products_close_to_fp64(tokens, width, rank, layout):
+    # lora_project: x @ W rounded once to bf16 (within half a bf16 unit of the fp64 result, as a
+    # single rounding is); lora_outer: scale · left^T @ right in fp32, far closer to fp64 than the
+    # bf16 matmul it replaces (which rounds the sums to bf16)
+    ops = _bf16_ops()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width + (7 if layout == "strided" else 0), generator=gen).bfloat16()[:, :width]
+    if layout == "a_t":
+        weight = torch.randn(rank, width, generator=gen).bfloat16().t()  # A^T: a view, stride (1, width)
+    else:
+        weight = torch.randn(width, rank, generator=gen).bfloat16()
+    exact = x.double() @ weight.double()
+    got = ops.lora_project(x, weight)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, rank)
+    # a bf16 value's neighbour is 2^-7 of its power of two away: at most half of that off
+    assert ((got.double() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-30).float().mean() > 0.99
+    assert float((got.double() - exact).norm() / exact.norm()) < 2e-3
+
+    left = torch.randn(tokens, rank, generator=gen).bfloat16()
+    exact = 0.25 * left.double().t() @ x.double()
+    got = ops.lora_outer(left, x, 0.25)
+    assert got.dtype == torch.float32 and got.shape == (rank, width)
+    error = float((got.double() - exact).norm() / exact.norm())
+    matmul = float(((0.25 * (left.t() @ x)).double() - exact).norm() / exact.norm())
+    assert error < 1e-6 and error < matmul / 100
+
+
+def test_lora_products_refuse_what_they_do_not_compute():
+    ops = _bf16_ops()
+    x = torch.randn(8, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="rank above 64"):
+        ops.lora_project(x, torch.randn(32, 65).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        ops.lora_outer(torch.randn(8, 4), x, 1.0)
+    with pytest.raises(RuntimeError, match="left .T, r., right .T, N."):
+        ops.lora_outer(torch.randn(7, 4).bfloat16(), x, 1.0)
+    # no rows: zeros of the right shapes
+    assert ops.lora_project(x[:0], torch.randn(32, 4).bfloat16()).shape == (0, 4)
+    assert not ops.lora_outer(torch.randn(0, 4).bfloat16(), x[:0], 1.0).any()

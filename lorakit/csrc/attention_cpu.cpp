@@ -26,13 +26,9 @@
 #include <limits>
 #include <vector>
 
+#include "bf16_pairs.h"
 #include "float_bits.h"
 #include "vector_exp.h"
-
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define LORAKIT_BF16_GEMM 1
-#endif
 
 namespace {
 
@@ -204,15 +200,21 @@ void write_key_value_gradients(const Task& t, const float* grad_keys, const floa
 }
 
 #ifdef LORAKIT_BF16_GEMM
+using lorakit_kernels::broadcast_half_word;
+using lorakit_kernels::broadcast_word;
+using lorakit_kernels::dot_pairs;
+using lorakit_kernels::first;
+using lorakit_kernels::pack_row_pairs;
+using lorakit_kernels::round_up16;
+using lorakit_kernels::store_bf16;
+
 // ---------------------------------------------------------------------------------------------
 // bf16 GEMMs with fp32 sums on AVX512-BF16, for the bf16 kernels below.
 //
 // Called through oneDNN, each of the block's small GEMMs costs a fixed ~15 us, runs at ~110 GFLOP/s
-// on one thread, and rounds its output to bf16; the fp32 score GEMM runs at ~86. Here one
-// instruction (vdpbf16ps) multiplies 16 pairs of bf16 values and adds them into 16 fp32 sums, so
-// the products need their two operands paired along the reduction: A as 32-bit words of two
-// consecutive reduction elements, broadcast one at a time; B packed as rows of such words, 16
-// output columns per vector. Every result stays fp32 until the kernel rounds it once.
+// on one thread, and rounds its output to bf16; the fp32 score GEMM runs at ~86. Here they are
+// built on vdpbf16ps (bf16_pairs.h): A as 32-bit words of two consecutive reduction elements,
+// broadcast one at a time; B packed as rows of such words, 16 output columns per vector.
 
 // A: word (m, p) -- elements 2p and 2p+1 of the reduction for output row m -- starts at element
 // m * row + p * pair. `tail`: the reduction has one element more, data[m * row + 2 * pairs], paired
@@ -228,33 +230,7 @@ struct PairsB {
   int64_t ld;
 };
 
-inline int64_t round_up16(int64_t n) { return (n + 15) / 16 * 16; }
-
-inline __m512 broadcast_word(const at::BFloat16* p) {
-  float word;  // two bf16 values as one 32-bit lane, loaded into the broadcast
-  std::memcpy(&word, p, 4);
-  return _mm512_set1_ps(word);
-}
-
-inline __m512 broadcast_half_word(const at::BFloat16* p) {  // (p[0], 0)
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return _mm512_castsi512_ps(_mm512_set1_epi32(bits));
-}
-
 using lorakit_kernels::exp_nonpositive;
-
-inline __m512 dot_pairs(__m512 sum, __m512 a, __m512 b) { return _mm512_dpbf16_ps(sum, (__m512bh)a, (__m512bh)b); }
-
-// The lanes of a 16-wide step that hold one of the `count` elements left (none when count <= 0).
-inline __mmask16 first(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << count) - 1);
-}
-
-// Rounds 16 floats to bf16 (to nearest even, as c10::BFloat16 does) and stores the lanes of `mask`.
-inline void store_bf16(at::BFloat16* dst, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 // causal_softmax_rows for bf16 probabilities, 16 keys per step: about 8% of a forward task's time
 // off the version the compiler vectorizes (which calls glibc's vector expf and converts one
@@ -333,30 +309,6 @@ void gemm_bf16(const PairsA& a, int64_t M, const PairsB& b, int64_t N, int64_t p
   for (; n0 < N; n0 += 16) {  // the last columns, 16 at a time
     for (int64_t m0 = 0; m0 < M; m0 += 2 * MR)
       gemm_tile<2 * MR, 1>(a, b, pairs, tail, c, ldc, m0, std::min<int64_t>(2 * MR, M - m0), n0, first(N - n0), accumulate);
-  }
-}
-
-// Rows 2p and 2p+1 of a (R, D) bf16 matrix (row stride ld) interleaved into row p of words: the
-// B operand for a reduction over R (and, read by column, the A operand of one over R). Odd R pairs
-// the last row with zeros. `out` holds (R + 1) / 2 rows of round_up16(D) words, zero past D.
-void pack_row_pairs(const at::BFloat16* src, int64_t R, int64_t D, int64_t ld, uint32_t* out) {
-  const int64_t width = round_up16(D);
-  static const __m512i interleave = [] {
-    alignas(64) int16_t idx[32];
-    for (int i = 0; i < 16; ++i) idx[2 * i] = static_cast<int16_t>(i), idx[2 * i + 1] = static_cast<int16_t>(32 + i);
-    return _mm512_load_si512(idx);
-  }();
-  for (int64_t p = 0; p < (R + 1) / 2; ++p) {
-    const at::BFloat16* r0 = src + 2 * p * ld;
-    const bool pair = 2 * p + 1 < R;
-    const at::BFloat16* r1 = r0 + ld;
-    uint32_t* o = out + p * width;
-    for (int64_t j = 0; j < width; j += 16) {
-      const __mmask16 mask = first(D - j);
-      const __m512i lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask, r0 + j));
-      const __m512i hi = pair ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask, r1 + j)) : _mm512_setzero_si512();
-      _mm512_storeu_si512(o + j, _mm512_permutex2var_epi16(lo, interleave, hi));
-    }
   }
 }
 
