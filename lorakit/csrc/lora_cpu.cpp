@@ -14,9 +14,11 @@
 // stay fp32 until the end: lora_project rounds its (T, r) result to bf16 once, and lora_outer
 // returns fp32, so the adapters' gradients are no longer rounded to bf16 before their fp32 update.
 //
-// The fourth kind of rank-r work, adding s · (x @ A^T) @ B^T into the output (and s · (g @ B) @ A
-// into the input gradient), stays with addmm_: a kernel of the same kind, reading B from L2 once
-// per four rows, ran 1.3x slower at 2048 columns and 2x slower with the output in memory.
+// The other rank-r work, adding s · (x @ A^T) @ B^T into the output and s · (g @ B) @ A into the
+// input gradient, stays with addmm_: a kernel of the same kind (tiles of 8 rows, b's columns in
+// L1, the next tile prefetched) gave addmm_'s results bit for bit and was 2x faster with the
+// output in memory, but in a training step, where the output comes fresh from the GEMM before,
+// the adds took 6.7 ms against 7.2: not worth the code.
 //
 // Registered as torch.ops.lorakit_cpu.lora_project / lora_outer; lorakit.fused calls them where
 // bf16_gemm_available() says this build has them (-march=native on an AVX512-BF16 CPU).
@@ -105,7 +107,8 @@ void project_all(const bf16* x, int64_t ldx, int64_t T, int64_t K, const uint32_
 // x (T, K) bf16 with unit stride in K, weight (K, r) bf16 of any strides, r <= 64: x @ weight as
 // (T, r) bf16, each element an fp32 sum rounded once.
 at::Tensor lora_project(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(0), "lora_project: x (T, K) @ weight (K, r)");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(0),
+              "lora_project: x (T, K) @ weight (K, r)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "lora_project: bfloat16 only");
   TORCH_CHECK(weight.size(1) <= kMaxRank, "lora_project: rank above ", kMaxRank);
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
@@ -182,10 +185,11 @@ void outer_block(const bf16* right, int64_t ld, int64_t T, const uint32_t* left_
 // one too. Walking 32 bytes a row leaves the hardware's prefetcher idle, so the lines two slices
 // on (or, at the end of the range, the next block's first) are prefetched into L2. Not L1: with
 // rows 4 KB apart (2048 columns) a slice's 64 rows all fall in one L1 set.
-// Against torch's matmul (oneDNN) on 1024 rows, 256-2048 columns, r = 16, 2 threads: 0.6-1.0x
-// its time with right in cache, 0.5-0.65x with right in memory.
+// Against torch's matmul (oneDNN) on 1024 rows, 256-2048 columns, r = 16, 2 threads: 0.65-1.0x
+// its time with right in cache, 0.5-0.7x with right in memory.
 at::Tensor lora_outer(const at::Tensor& left, const at::Tensor& right, double scale) {
-  TORCH_CHECK(left.dim() == 2 && right.dim() == 2 && left.size(0) == right.size(0), "lora_outer: left (T, r), right (T, N)");
+  TORCH_CHECK(left.dim() == 2 && right.dim() == 2 && left.size(0) == right.size(0),
+              "lora_outer: left (T, r), right (T, N)");
   TORCH_CHECK(left.scalar_type() == at::kBFloat16 && right.scalar_type() == at::kBFloat16, "lora_outer: bfloat16 only");
   TORCH_CHECK(left.size(1) <= kMaxRank, "lora_outer: rank above ", kMaxRank);
   const at::Tensor rs = right.stride(1) == 1 ? right : right.contiguous();
