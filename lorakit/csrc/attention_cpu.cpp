@@ -204,6 +204,7 @@ using lorakit_kernels::broadcast_half_word;
 using lorakit_kernels::broadcast_word;
 using lorakit_kernels::dot_pairs;
 using lorakit_kernels::first;
+using lorakit_kernels::pack_column_pairs;
 using lorakit_kernels::pack_row_pairs;
 using lorakit_kernels::round_up16;
 using lorakit_kernels::store_bf16;
@@ -309,20 +310,6 @@ void gemm_bf16(const PairsA& a, int64_t M, const PairsB& b, int64_t N, int64_t p
   for (; n0 < N; n0 += 16) {  // the last columns, 16 at a time
     for (int64_t m0 = 0; m0 < M; m0 += 2 * MR)
       gemm_tile<2 * MR, 1>(a, b, pairs, tail, c, ldc, m0, std::min<int64_t>(2 * MR, M - m0), n0, first(N - n0), accumulate);
-  }
-}
-
-// The words of a (R, D) bf16 matrix's rows (D even; odd D pairs the last column with zero) as
-// columns: word (p, r) = (m[r][2p], m[r][2p+1]). The B operand for a reduction over D, where the
-// matrix's rows are the output's columns. `out` holds (D + 1) / 2 rows of `width` words (width a
-// multiple of 16, >= R), zero past R.
-void pack_column_pairs(const at::BFloat16* src, int64_t R, int64_t D, int64_t ld, int64_t width, uint32_t* out) {
-  const int64_t pairs = (D + 1) / 2;
-  std::memset(out, 0, sizeof(uint32_t) * pairs * width);
-  for (int64_t r = 0; r < R; ++r) {
-    const at::BFloat16* row = src + r * ld;
-    for (int64_t p = 0; p < D / 2; ++p) std::memcpy(out + p * width + r, row + 2 * p, 4);
-    if (D % 2) std::memcpy(out + (D / 2) * width + r, row + D - 1, 2);  // upper half stays zero
   }
 }
 

@@ -82,5 +82,20 @@ inline void pack_row_pairs(const c10::BFloat16* src, int64_t R, int64_t D, int64
   }
 }
 
+// The words of a (R, D) bf16 matrix's rows (D even; odd D pairs the last column with zero) as
+// columns: word (p, r) = (m[r][2p], m[r][2p+1]). The B operand for a reduction over D, where the
+// matrix's rows are the output's columns. `out` holds (D + 1) / 2 rows of `width` words (width a
+// multiple of 16, >= R), zero past R.
+inline void pack_column_pairs(const c10::BFloat16* src, int64_t R, int64_t D, int64_t ld, int64_t width,
+                              uint32_t* out) {
+  const int64_t pairs = (D + 1) / 2;
+  std::memset(out, 0, sizeof(uint32_t) * pairs * width);
+  for (int64_t r = 0; r < R; ++r) {
+    const c10::BFloat16* row = src + r * ld;
+    for (int64_t p = 0; p < D / 2; ++p) std::memcpy(out + p * width + r, row + 2 * p, 4);
+    if (D % 2) std::memcpy(out + (D / 2) * width + r, row + D - 1, 2);  // upper half stays zero
+  }
+}
+
 }  // namespace lorakit_kernels
 #endif  // LORAKIT_BF16_GEMM

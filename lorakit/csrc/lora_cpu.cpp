@@ -28,7 +28,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "bf16_pairs.h"
@@ -42,6 +41,7 @@ using lorakit_kernels::dot_pairs;
 using lorakit_kernels::first;
 using lorakit_kernels::interleave_rows;
 using lorakit_kernels::load_half;
+using lorakit_kernels::pack_column_pairs;
 using lorakit_kernels::pack_row_pairs;
 using lorakit_kernels::round_up16;
 using lorakit_kernels::store_bf16;
@@ -120,13 +120,7 @@ at::Tensor lora_project(const at::Tensor& x, const at::Tensor& weight) {
   if (weight.stride(0) == 1 && weight.stride(1) >= K) {
     // W = A^T for a row-major A (r, K), as x @ A^T passes it: each word is two adjacent elements of
     // a row of A, copied whole (transposing A into a contiguous W first cost as much again)
-    const bf16* a = weight.data_ptr<bf16>();
-    const int64_t lda = weight.stride(1);
-    for (int64_t j = 0; j < r; ++j) {
-      const bf16* row = a + j * lda;
-      for (int64_t p = 0; p < K / 2; ++p) std::memcpy(&w[p * width + j], row + 2 * p, 4);
-      if (K % 2) std::memcpy(&w[(K / 2) * width + j], row + K - 1, 2);  // upper half stays zero
-    }
+    pack_column_pairs(weight.data_ptr<bf16>(), r, K, weight.stride(1), width, w.data());
   } else {
     const at::Tensor wc = weight.contiguous();
     pack_row_pairs(wc.data_ptr<bf16>(), K, r, r, w.data());
