@@ -65,6 +65,8 @@ QUICK = dict(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=
 SCALE_7B = dict(hidden=4096, layers=3, heads=32, kv_heads=8, intermediate=14336, vocab=32000, batch=1, seq=4096, steps=3,
                 warmup=1, repeats=2)  # fmt: skip
 R, ALPHA, LR, SEED = 16, 32.0, 2e-4, 0
+# Called after every step of either side (bench/profile_step.py steps its profiler here).
+STEP_HOOKS: list = []
 # "selective": lorakit's selective checkpointing against PEFT's (transformers') full one, its only mode
 CASES = {
     "plain": {},
@@ -88,6 +90,7 @@ LEVERS = [
     ("- blocked CPU attention (torch's flash SDPA per example)", {"lorakit.attention.BLOCKED_ATTENTION": False}, {}),
     ("  blocked CPU attention in PyTorch (not compiled)", {"lorakit.attention.COMPILED_ATTENTION": False}, {}),
     ("  compiled attention with oneDNN's GEMMs (not lorakit's bf16 ones)", {"lorakit.attention.COMPILED_BF16_GEMM": False}, {}),
+    ("+ cuDNN attention on GPUs (a plan per sequence length)", {"lorakit.attention.CUDNN_ATTENTION": True}, {}),
     ("  fused RMSNorm in PyTorch (not compiled)", {"lorakit.fused.COMPILED_RMS_NORM": False}, {}),
     ("- fused SwiGLU gate (transformers' MLP)", {"lorakit.fused.FUSED_SILU_GATE": False}, {}),
     ("  fused SwiGLU gate in PyTorch (not compiled)", {"lorakit.fused.COMPILED_SILU_GATE": False}, {}),
@@ -322,6 +325,8 @@ def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: 
         times.append(time.perf_counter() - start)
         losses.append(result["loss"])
         peaks.append(rss_peak())
+        for hook in STEP_HOOKS:
+            hook()
         return result
 
     lt.train_step = timed
@@ -371,6 +376,8 @@ def side_peft(work: Path, size: dict, case: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # one host sync per step (also ends the step on CUDA), like lorakit's logging
         times.append(time.perf_counter() - start)
+        for hook in STEP_HOOKS:
+            hook()
     return {"times": times, "losses": losses, "peak_rss": rss_peak(), "base_rss": base_rss, "peak_gpu": gpu_peak()}
 
 
@@ -459,7 +466,7 @@ def main() -> None:
         print(f"model: hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; batch {size['batch']} x "
               f"{size['seq']} packed; LoRA r={R} all linear; {size['warmup']} warm-up + {size['steps']} timed steps, medians")  # fmt: skip
         print(f"limit: {limit['flops'] / 1e9:.1f} GFLOP/step at best bf16 GEMM {limit['gemm_rate'] / 1e9:.1f} GFLOP/s "
-              f"= {limit['limit_s']:.3f} s/step (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in limit["parts"].items()) + ")",
+              f"= {limit['limit_s']:.3g} s/step (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in limit["parts"].items()) + ")",
               flush=True)  # fmt: skip
         if args.levers:
             return levers(work, size, limit)
@@ -493,7 +500,7 @@ def main() -> None:
             limit = again
         after = gemm_sequence(size)
         floor = {case: min(floor[case], after[case], key=lambda f: f[1]) for case in floor}
-        print(f"limit: {limit['limit_s']:.3f} s/step")
+        print(f"limit: {limit['limit_s']:.3g} s/step")
         print_table(rows, limit)
         print_gemm_floor(rows, floor, limit)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -527,7 +534,7 @@ def print_gemm_floor(rows: list[tuple[str, dict, dict]], floor: dict, limit: dic
     print("| --- | --- | --- | --- | --- |")
     for name, mine, _ in rows:
         gflop, seconds = floor[name]
-        print(f"| {name} | {gflop:.1f} | {seconds:.3f} ({gflop / seconds:.0f}) | {seconds / limit['limit_s']:.2f}x "
+        print(f"| {name} | {gflop:.1f} | {seconds:.3g} ({gflop / seconds:.0f}) | {seconds / limit['limit_s']:.2f}x "
               f"| {mine['step_s'] - seconds:.3f} |")  # fmt: skip
 
 

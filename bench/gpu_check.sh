@@ -23,11 +23,11 @@ for name in ("transformers", "peft", "bitsandbytes"):
         print(name, "not usable:", exc)
 EOF
 # the tests' CUDA cases: fused paths, packed attention, full and selective checkpointing against the plain path
-timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_fused.py tests/test_attention.py tests/test_activation_checkpointing.py 2>&1 | tee -a "$logs/gpu_tests.log"
 cases=plain,ckpt,selective
 if python3 -c 'import bitsandbytes' 2>/dev/null; then cases+=,qlora; fi
 # One round each: the GPU is not shared, unlike the CPU host the other runs came from. Steps of the
 # issue's model take tens of milliseconds there, so more of them are timed.
-timeout 200 python3 bench/bench_speed.py --cases "$cases" --steps 20 2>&1 | tee "$logs/gpu_bench.log"
-timeout 200 python3 bench/bench_speed.py --scale 7b --cases "$cases" --steps 10 2>&1 | tee "$logs/gpu_bench_7b.log"
+timeout 180 python3 bench/bench_speed.py --cases "$cases" --steps 20 2>&1 | tee "$logs/gpu_bench.log"
+timeout 180 python3 bench/bench_speed.py --scale 7b --cases "$cases" --steps 10 2>&1 | tee "$logs/gpu_bench_7b.log"

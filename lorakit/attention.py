@@ -11,17 +11,20 @@ GEMMs over blocks of query rows that keep their softmax for backward. It runs co
 `lorakit.cpu_kernels`) for float32 and bfloat16 where a compiler is at hand, in bfloat16 on its own
 AVX512-BF16 GEMMs where the CPU has them (3x-5x faster than torch's CPU flash kernel there,
 docs/benchmarks.md), else in PyTorch (`_BlockedCausalAttention`, the same algorithm).
-Longer examples, dropout and GPUs use `F.scaled_dot_product_attention` per example; padding masks,
+Longer examples, dropout and GPUs use `F.scaled_dot_product_attention` per example (on GPUs
+without cuDNN's backend, see CUDNN_ATTENTION); padding masks,
 KV caches and softcapping go to transformers' own SDPA path. Tested equal to SDPA in
 tests/test_attention.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lorakit import activation_checkpointing, cpu_kernels
 from lorakit.activation_checkpointing import KeptSlot
@@ -40,6 +43,12 @@ COMPILED_ATTENTION = True
 # rather than through oneDNN (lorakit/csrc/attention_cpu.cpp): forward + backward of a benchmark
 # layer about 12 -> 8 ms; whole plain steps 0.891 -> 0.871 s.
 COMPILED_BF16_GEMM = True
+# On GPUs, the per-example SDPA calls may use cuDNN's attention. Off by default: on Hopper torch
+# prefers cuDNN, which builds an execution plan for every new sequence length (25-31 ms of host
+# time a call on an H200 with torch 2.11, against ~0.1 ms on the GPU), and packed examples bring
+# new lengths every step. Flash attention (then the memory-efficient kernel, then math) has no
+# per-shape setup.
+CUDNN_ATTENTION = False
 
 VARLEN_ATTENTION = "lorakit_varlen"
 
@@ -237,6 +246,14 @@ def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return _blocked_causal_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
 
 
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_backends(query: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The SDPA backends a per-example call may use: all but cuDNN's on GPUs (see CUDNN_ATTENTION)."""
+    return sdpa_kernel(_NO_CUDNN) if query.is_cuda and not CUDNN_ATTENTION else contextlib.nullcontext()
+
+
 # Eager under torch.compile too: the segments come from position ids through Python lists and a
 # per-forward cache, which a traced graph would freeze to the first batch's layout.
 @torch.compiler.disable
@@ -289,7 +306,9 @@ def varlen_attention_forward(
     def attend(q, k, v):  # one example: (b, H, L, D) -> (b, L, H, D)
         if blocked and q.shape[2] <= BLOCKED_ATTENTION_MAX_LEN:
             return _BlockedCausalAttention.apply(q, k, v, scale, slot)  # already outside compiled graphs
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
+        with _sdpa_backends(q):
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
 
     def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

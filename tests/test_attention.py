@@ -137,6 +137,40 @@ def test_varlen_attention_equals_sdpa_with_block_mask(monkeypatch, blocked_kerne
         torch.testing.assert_close(g1[k], g0[k], atol=1e-5, rtol=1e-5)
 
 
+def _sdpa_flags() -> tuple[bool, bool, bool, bool]:
+    b = torch.backends.cuda
+    return b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()
+
+
+@pytest.mark.parametrize("cudnn", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_example_attention_leaves_out_cudnn_on_gpus(monkeypatch, device, cudnn):
+    # cuDNN's attention builds a plan for every new sequence length (tens of ms of host time on
+    # Hopper) and packed examples change length every step: on GPUs the per-example SDPA calls run
+    # with every backend but cuDNN's (unless CUDNN_ATTENTION); on CPU the flags stay as they are.
+    from lorakit.attention import use_varlen_attention
+    from lorakit.loss import token_loss_sum
+
+    monkeypatch.setattr(attention, "BLOCKED_ATTENTION", False)
+    monkeypatch.setattr(attention, "CUDNN_ATTENTION", cudnn)
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(_sdpa_flags())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_llama().to(device)
+    assert use_varlen_attention(model)
+    before = _sdpa_flags()
+    batch = {k: v.to(device) for k, v in _packed_batch(0).items()}
+    loss, _ = token_loss_sum(model, batch, chunk_tokens=16)
+    loss.backward()
+    assert _sdpa_flags() == before and len(seen) >= 2 * 2  # two layers, two examples or more per row
+    want = (False, True, True, True) if device == "cuda" and not cudnn else before
+    assert set(seen) == {want}
+
+
 def test_varlen_model_still_generates_with_padding():
     from lorakit.attention import use_varlen_attention
 

@@ -607,10 +607,12 @@ def test_model_step_fp32_equals_plain(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_model_step_bf16_equals_plain(device):
-    # In bf16 every gradient of the plain path is itself ~1% (relative) away from the fp32 result
-    # on this tiny model, so two bf16 paths that round differently sit ~1.4% apart per tensor.
-    # Checked: the loss and all gradients together within 1e-2 of the plain bf16 path, each
-    # tensor within 3e-2, and the fused path no further from the fp32 result than the plain one.
+    # In bf16 the plain path's gradients are themselves ~0.8% (relative, all together) away from
+    # its fp32 result on this tiny model, and the fused path's about as far in other directions:
+    # the two bf16 paths sit 0.9% (CPU) to 1.0% (H200) apart, two roundings' worth. Checked: the
+    # loss within 1e-2 of the plain bf16 path's; all gradients together within 1e-2 of the plain
+    # path's exact (fp32) result and no further from it than the plain bf16 path is; within 1.5e-2
+    # of the plain bf16 path; each tensor within 3e-2 of it.
     loss, grads = _model_step(torch.bfloat16, device=device)
     with plain_path():
         want_loss, want = _model_step(torch.bfloat16, device=device)
@@ -620,8 +622,9 @@ def test_model_step_bf16_equals_plain(device):
     def flat(d: dict) -> torch.Tensor:
         return torch.cat([d[n].flatten().float() for n in sorted(d)])
 
-    assert rel(flat(grads), flat(want)) < 1e-2
+    assert rel(flat(grads), flat(exact)) < 1e-2
     assert rel(flat(grads), flat(exact)) <= 1.25 * rel(flat(want), flat(exact))
+    assert rel(flat(grads), flat(want)) < 1.5e-2
     for name in grads:
         assert grads[name].dtype == torch.float32
         assert rel(grads[name], want[name]) < 3e-2, (name, rel(grads[name], want[name]))
