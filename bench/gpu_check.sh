@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check, prepared as one run for a lent CUDA machine (5-8 minutes): the equality tests of
-# the optimised paths on CUDA, then the speed benchmark unchanged (bench/bench_speed.py) on the
-# issue's model and at 7B layer shapes.
+# The GPU check, prepared as one run for a lent CUDA machine (5-9 minutes, at most 9.5): the
+# equality tests of the optimised paths on CUDA, the speed benchmark unchanged (bench/bench_speed.py)
+# on the model and at 7B layer shapes, then a profile of lorakit's 7B step
+# (bench/profile_step.py).
 # Needs torch with CUDA, transformers, peft, safetensors, pyyaml, tqdm, psutil, matplotlib and
 # pytest there; lorakit runs from this checkout. QLoRA is benchmarked when bitsandbytes imports.
 # Each part has its own time limit and log, and a part that fails does not stop the next: the logs
-# are written to $OUT (or /tmp): gpu_tests.log, gpu_bench.log, gpu_bench_7b.log.
+# are written to $OUT (or /tmp): gpu_tests.log, gpu_bench.log, gpu_bench_7b.log, gpu_profile_7b.log.
 #
 #   bash bench/gpu_check.sh
 set -uo pipefail
@@ -31,3 +32,5 @@ if python3 -c 'import bitsandbytes' 2>/dev/null; then cases+=,qlora; fi
 # issue's model take tens of milliseconds there, so more of them are timed.
 timeout 180 python3 bench/bench_speed.py --cases "$cases" --steps 20 2>&1 | tee "$logs/gpu_bench.log"
 timeout 180 python3 bench/bench_speed.py --scale 7b --cases "$cases" --steps 10 2>&1 | tee "$logs/gpu_bench_7b.log"
+# where lorakit's 7B step goes: device time by kernel, host time by op
+timeout 90 python3 bench/profile_step.py --scale 7b --case plain --sides lorakit --rows 25 2>&1 | tee "$logs/gpu_profile_7b.log"

@@ -28,6 +28,7 @@ import bench_speed  # noqa: E402
 
 def profile_side(args: argparse.Namespace) -> None:
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
     work, size, case = Path(args.work), json.loads(args.size), bench_speed.CASES[args.case]
@@ -38,7 +39,8 @@ def profile_side(args: argparse.Namespace) -> None:
         events = prof.key_averages()
         steps = args.active
         if on_gpu:
-            device_us = sum(e.self_device_time_total for e in events)
+            # the kernels' own entries (an op's entry repeats the time of the kernels it launched)
+            device_us = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU)
             print(f"\n{args.side}: device busy {device_us / 1e3 / steps:.1f} ms a step (sum of kernels' own times)")
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
