@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def main() -> None:
         for side in args.sides.split(","):
             cmd = [sys.executable, __file__, "--side", side, "--work", tmp, "--size", json.dumps(size), "--case", args.case,
                    "--active", str(args.active), "--rows", str(args.rows), "--switches", args.switches]  # fmt: skip
-            subprocess.run(cmd, check=False, cwd=ROOT, env={**bench_speed.os.environ, "HF_HUB_OFFLINE": "1"})
+            subprocess.run(cmd, check=False, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 if __name__ == "__main__":

@@ -306,9 +306,7 @@ def varlen_attention_forward(
     def attend(q, k, v):  # one example: (b, H, L, D) -> (b, L, H, D)
         if blocked and q.shape[2] <= BLOCKED_ATTENTION_MAX_LEN:
             return _BlockedCausalAttention.apply(q, k, v, scale, slot)  # already outside compiled graphs
-        with _sdpa_backends(q):
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
 
     def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
@@ -322,16 +320,17 @@ def varlen_attention_forward(
             for b, s, e in longer:
                 out[b : b + 1, s:e] = attend(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e])
         return out, None
-    if all(r == rows[0] for r in rows):  # same layout in every row (e.g. unpacked batches): batch the rows
-        out = join([attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]) for s, e in rows[0]], 1)
-    else:
-        out = join(
-            [
-                join([attend(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]) for s, e in segs], 1)
-                for b, segs in enumerate(rows)
-            ],
-            0,
-        )
+    with _sdpa_backends(query):  # once for all of this forward's calls (GPUs take SDPA here)
+        if all(r == rows[0] for r in rows):  # same layout in every row (e.g. unpacked batches): batch the rows
+            out = join([attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]) for s, e in rows[0]], 1)
+        else:
+            out = join(
+                [
+                    join([attend(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]) for s, e in segs], 1)
+                    for b, segs in enumerate(rows)
+                ],
+                0,
+            )
     return out.contiguous(), None
 
 
