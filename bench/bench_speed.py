@@ -466,7 +466,7 @@ def main() -> None:
         print(f"model: hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; batch {size['batch']} x "
               f"{size['seq']} packed; LoRA r={R} all linear; {size['warmup']} warm-up + {size['steps']} timed steps, medians")  # fmt: skip
         print(f"limit: {limit['flops'] / 1e9:.1f} GFLOP/step at best bf16 GEMM {limit['gemm_rate'] / 1e9:.1f} GFLOP/s "
-              f"= {limit['limit_s']:.3g} s/step (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in limit["parts"].items()) + ")",
+              f"= {limit['limit_s']:#.4g} s/step (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in limit["parts"].items()) + ")",
               flush=True)  # fmt: skip
         if args.levers:
             return levers(work, size, limit)
@@ -500,7 +500,7 @@ def main() -> None:
             limit = again
         after = gemm_sequence(size)
         floor = {case: min(floor[case], after[case], key=lambda f: f[1]) for case in floor}
-        print(f"limit: {limit['limit_s']:.3g} s/step")
+        print(f"limit: {limit['limit_s']:#.4g} s/step")
         print_table(rows, limit)
         print_gemm_floor(rows, floor, limit)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -534,7 +534,7 @@ def print_gemm_floor(rows: list[tuple[str, dict, dict]], floor: dict, limit: dic
     print("| --- | --- | --- | --- | --- |")
     for name, mine, _ in rows:
         gflop, seconds = floor[name]
-        print(f"| {name} | {gflop:.1f} | {seconds:.3g} ({gflop / seconds:.0f}) | {seconds / limit['limit_s']:.2f}x "
+        print(f"| {name} | {gflop:.1f} | {seconds:#.4g} ({gflop / seconds:.0f}) | {seconds / limit['limit_s']:.2f}x "
               f"| {mine['step_s'] - seconds:.3f} |")  # fmt: skip
 
 
