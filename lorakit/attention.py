@@ -135,22 +135,23 @@ class _BlockedCausalAttention(torch.autograd.Function):
         # query (B, H, L, D), key/value (B, H_kv, L, D), any strides; returns (B, L, H, D)
         b, heads, length, d = query.shape
         kv_heads = key.shape[1]
-        accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
-        keys = key.reshape(b * kv_heads, length, d).to(accumulate)
-        values = value.reshape(b * kv_heads, length, d)
-        # In a selective-checkpointing rerun the output is kept from the forward: only the
-        # probabilities, which backward needs, are computed again.
+        # Selective checkpointing keeps the output and the probabilities: its rerun computes nothing.
         replay = kept.take() if kept is not None and kept.replaying else None
-        out = query.new_empty(b, length, heads, d) if replay is None else replay[0]
-        out_grouped = _grouped(out, kv_heads)
-        probs = []
-        for start, end in _query_blocks(length):
-            p = torch.softmax(_block_scores(query, keys, start, end, scale), dim=-1).to(query.dtype)
-            if replay is None:
+        if replay is None:
+            accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
+            keys = key.reshape(b * kv_heads, length, d).to(accumulate)
+            values = value.reshape(b * kv_heads, length, d)
+            out = query.new_empty(b, length, heads, d)
+            out_grouped = _grouped(out, kv_heads)
+            probs = []
+            for start, end in _query_blocks(length):
+                p = torch.softmax(_block_scores(query, keys, start, end, scale), dim=-1).to(query.dtype)
                 out_grouped[:, :, :, start:end] = torch.bmm(p, values[:, :end]).view(b, kv_heads, -1, end - start, d)
-            probs.append(p)
+                probs.append(p)
+        else:
+            out, probs = replay
         if kept is not None and not kept.replaying:
-            kept.record(out)
+            kept.record(out, probs)
         ctx.save_for_backward(query, key, value, out, *probs)
         ctx.scale = scale
         return out
@@ -201,13 +202,15 @@ class _CompiledBlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, segments: tuple[int, ...], scale: float, kept: Optional[KeptSlot] = None):
         # query (B, H, T, D), key/value (B, H_kv, T, D); returns (B, T, H, D)
+        # Selective checkpointing keeps the output and the probabilities: its rerun computes nothing.
         replay = kept.take() if kept is not None and kept.replaying else None
         rows = ATTENTION_BLOCK_ROWS
-        out, probs = cpu_kernels.ops().attention_forward(
-            query, key, value, segments, scale, rows, COMPILED_BF16_GEMM, None if replay is None else replay[0]
-        )
+        if replay is None:
+            out, probs = cpu_kernels.ops().attention_forward(query, key, value, segments, scale, rows, COMPILED_BF16_GEMM)
+        else:
+            out, probs = replay
         if kept is not None and not kept.replaying:
-            kept.record(out)
+            kept.record(out, probs)
         ctx.save_for_backward(query, key, value, out, probs)
         ctx.segments, ctx.scale, ctx.rows, ctx.bf16_gemm = segments, scale, rows, COMPILED_BF16_GEMM
         return out

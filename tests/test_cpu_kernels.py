@@ -99,8 +99,8 @@ def test_attention_kernel_refuses_segments_outside_the_batch(segment):
     ops = cpu_kernels.ops()
     q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
     with pytest.raises(RuntimeError, match="is empty or outside the \\(1, 8\\) batch"):
-        ops.attention_forward(q, k, k, list(segment), 0.5, 64, True, None)
-    out, probs = ops.attention_forward(q, k, k, [0, 0, 8], 0.5, 64, True, None)
+        ops.attention_forward(q, k, k, list(segment), 0.5, 64, True)
+    out, probs = ops.attention_forward(q, k, k, [0, 0, 8], 0.5, 64, True)
     with pytest.raises(RuntimeError, match="must be \\(B, T, H, D\\)"):
         ops.attention_backward(out[:, :4], q, k, k, out, probs, [0, 0, 8], 0.5, 64, True)
 
@@ -150,7 +150,7 @@ def test_attention_kernel_bf16_gemms_close_to_fp64(batch, heads, kv_heads, lengt
     exact = _per_segment_sdpa(q, k, v, grad, segments, scale)
     errors = {}
     for bf16_gemm in (True, False):
-        out, probs = ops.attention_forward(q, k, v, segments, scale, block_rows, bf16_gemm, None)
+        out, probs = ops.attention_forward(q, k, v, segments, scale, block_rows, bf16_gemm)
         grads = ops.attention_backward(grad, q, k, v, out, probs, segments, scale, block_rows, bf16_gemm)
         results = [out, grads[0], grads[1].transpose(1, 2), grads[2].transpose(1, 2)]
         wants = [exact[0], exact[1], exact[2].transpose(1, 2), exact[3].transpose(1, 2)]

@@ -329,7 +329,7 @@ T* scratch(int slot, int64_t n) {
 
 template <typename scalar_t>
 void forward_task(const Task& t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& probs, float scale, int64_t per_group, bool write_out) {
+                  const at::Tensor& probs, float scale, int64_t per_group) {
   const auto opts = q.options();
   const auto fp32 = opts.dtype(at::kFloat);
   const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * t.block_rows;
@@ -348,10 +348,8 @@ void forward_task(const Task& t, const at::Tensor& q, const at::Tensor& k, const
     float* s = sbuf.data_ptr<float>();
     mm_into(view(s, {n, r1}, fp32), qbuf.narrow(0, 0, n), keys.narrow(0, 0, r1).t());
     causal_softmax_rows(s, p, per_group, rows, r0, r1, 1.f);
-    if (write_out) {
-      mm_into(obuf.narrow(0, 0, n), view(p, {n, r1}, opts), values.narrow(0, 0, r1));
-      scatter_tokens(obuf.data_ptr<scalar_t>(), per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
-    }
+    mm_into(obuf.narrow(0, 0, n), view(p, {n, r1}, opts), values.narrow(0, 0, r1));
+    scatter_tokens(obuf.data_ptr<scalar_t>(), per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
     p += n * r1;
   }
 }
@@ -411,7 +409,7 @@ void backward_task(const Task& t, const at::Tensor& grad_out, const at::Tensor& 
 // another order) and P @ V is rounded once, from fp32, into the output. The keys and values are
 // packed once per task, for all of its blocks and query heads.
 void forward_task_bf16(const Task& t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& out, const at::Tensor& probs, float scale, int64_t per_group, bool write_out) {
+                       const at::Tensor& out, const at::Tensor& probs, float scale, int64_t per_group) {
   using bf16 = at::BFloat16;
   const int64_t d = q.size(3), h0 = t.kv_head * per_group, block = per_group * t.block_rows, length = t.length;
   const int64_t key_width = round_up16(length), d_width = round_up16(d);
@@ -430,10 +428,8 @@ void forward_task_bf16(const Task& t, const at::Tensor& q, const at::Tensor& k, 
     gather_heads(qrows, t.row, h0, per_group, t.start + r0, rows, d, 1.f, qbuf);
     gemm_bf16({qbuf, d, 2}, n, {keys, key_width}, r1, d / 2, d % 2, sbuf, r1, false);
     causal_softmax_rows_bf16(sbuf, p, per_group, rows, r0, r1, scale);
-    if (write_out) {
-      gemm_bf16({p, r1, 2}, n, {values, d_width}, d, r1 / 2, r1 % 2, obuf, d, false);
-      scatter_tokens(obuf, per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
-    }
+    gemm_bf16({p, r1, 2}, n, {values, d_width}, d, r1 / 2, r1 % 2, obuf, d, false);
+    scatter_tokens(obuf, per_group, rows, d, 1.f, orows, t.row, h0, t.start + r0);
     p += n * r1;
   }
 }
@@ -524,26 +520,23 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 // query (B, H, T, D), key/value (B, H_kv, T, D), segments (row, start, end) triples covering the
 // examples, block_rows query rows per block; returns the output (B, T, H, D) and the flat
-// probability buffer. With `kept_out` (a selective-checkpointing rerun, whose output was kept) only
-// the probabilities are computed. `bf16_gemm`: bf16 inputs run the GEMMs above where this build has
-// them (bf16_gemm_available), otherwise oneDNN's; either backward takes either forward's buffer.
+// probability buffer (selective checkpointing keeps both, so its rerun calls nothing here).
+// `bf16_gemm`: bf16 inputs run the GEMMs above where this build has them (bf16_gemm_available),
+// otherwise oneDNN's; either backward takes either forward's buffer.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                                      at::IntArrayRef segments, double scale, int64_t block_rows,
-                                                     bool bf16_gemm, const std::optional<at::Tensor>& kept_out) {
+                                                     bool bf16_gemm) {
   check_inputs(query, key, value);
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
   const int64_t kv_heads = k.size(1), per_group = q.size(1) / kv_heads;
   int64_t total = 0;
   const auto tasks = make_tasks(segments, q.size(0), q.size(2), kv_heads, per_group, block_rows, &total);
   at::Tensor probs = at::empty({total}, q.options());
-  const bool write_out = !kept_out.has_value();
-  at::Tensor out = write_out ? at::zeros(token_major(q), q.options()) : *kept_out;
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(token_major(q)) && out.scalar_type() == q.scalar_type() && out.stride(-1) == 1,
-              "the kept output must be (B, T, H, D) in the query's dtype with unit stride in D");
+  at::Tensor out = at::zeros(token_major(q), q.options());
 #ifdef LORAKIT_BF16_GEMM
   if (bf16_gemm && q.scalar_type() == at::kBFloat16 && scale > 0) {  // its softmax scales after the max
     for_each_task(tasks, [&](const Task& t) {
-      forward_task_bf16(t, q, k, v, out, probs, static_cast<float>(scale), per_group, write_out);
+      forward_task_bf16(t, q, k, v, out, probs, static_cast<float>(scale), per_group);
     });
     return {out, probs};
   }
@@ -551,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   const auto run = [&](auto zero) {  // float32 or bfloat16 (check_inputs)
     using scalar_t = decltype(zero);
     for_each_task(tasks, [&](const Task& t) {
-      forward_task<scalar_t>(t, q, k, v, out, probs, static_cast<float>(scale), per_group, write_out);
+      forward_task<scalar_t>(t, q, k, v, out, probs, static_cast<float>(scale), per_group);
     });
   };
   if (q.scalar_type() == at::kFloat) run(float{}); else run(at::BFloat16{});
@@ -606,8 +599,8 @@ bool bf16_gemm_available() {
 
 TORCH_LIBRARY(lorakit_cpu, m) {
   m.def(
-      "attention_forward(Tensor q, Tensor k, Tensor v, int[] segments, float scale, int block_rows, bool bf16_gemm, "
-      "Tensor? kept_out) -> (Tensor, Tensor)");
+      "attention_forward(Tensor q, Tensor k, Tensor v, int[] segments, float scale, int block_rows, bool bf16_gemm) "
+      "-> (Tensor, Tensor)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor probs, int[] segments, "
       "float scale, int block_rows, bool bf16_gemm) -> (Tensor, Tensor, Tensor)");
