@@ -103,6 +103,9 @@ LEVERS = [
     ("+ train.compile: true", {}, {"train.compile": True}),
     ("- glibc keeping freed memory (its default settings)", {"lorakit.host_memory.KEEP_FREED_MEMORY": False}, {}),
     ("+ train.gradient_checkpointing: true (full)", {}, {"train.gradient_checkpointing": True}),
+    ("+ train.gradient_checkpointing: selective", {}, {"train.gradient_checkpointing": "selective"}),
+    ("+ selective checkpointing with a rerun (not saved-tensor hooks)",
+     {"lorakit.activation_checkpointing.SELECTIVE_WITHOUT_RERUN": False}, {"train.gradient_checkpointing": "selective"}),
     ("+ full checkpointing with glibc's default allocator settings (freed memory not kept)",
      {"lorakit.host_memory.KEEP_FREED_MEMORY": False}, {"train.gradient_checkpointing": True}),
 ]

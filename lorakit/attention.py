@@ -304,7 +304,7 @@ def varlen_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     blocked = BLOCKED_ATTENTION and p == 0.0 and query.device.type == "cpu" and query.shape[1] % key.shape[1] == 0
 
-    slot = activation_checkpointing.current_slot(module)  # set inside a selectively checkpointed layer
+    slot = activation_checkpointing.current_slot(module)  # set in a checkpointed layer that is rerun
 
     def attend(q, k, v):  # one example: (b, H, L, D) -> (b, L, H, D)
         if blocked and q.shape[2] <= BLOCKED_ATTENTION_MAX_LEN:

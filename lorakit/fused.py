@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from lorakit import cpu_kernels
+from lorakit import activation_checkpointing, cpu_kernels
 
 if TYPE_CHECKING:
     from lorakit.activation_checkpointing import KeptSlot
@@ -305,9 +305,10 @@ def lora_linear(
     dense_weight: given the output gradient, the frozen weight as (out, in) in its dtype.
     compute_dtype: dtype of the adapter matmuls (default: per ADAPTER_COMPUTE).
     dropout: only applied when > 0 (the caller passes 0 in eval mode).
-    kept: inside a checkpointed layer (`lorakit.activation_checkpointing`): under selective
-        checkpointing the forward records its output and x @ A^T and the rerun in backward takes
-        them back; in any rerun the projection runs after the layer's tensors are saved.
+    kept: inside a checkpointed layer that is rerun (`lorakit.activation_checkpointing`): in
+        selective checkpointing's rerun way the forward records its output and x @ A^T and the
+        rerun in backward takes them back; in any rerun the projection runs after the layer's
+        tensors are saved.
     """
     if compute_dtype is None:
         compute_dtype = x.dtype if ADAPTER_COMPUTE == "input" and x.is_floating_point() else a.dtype
@@ -482,13 +483,17 @@ def _rms_norm_ops(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     return (normed.mul_(weight) if normed.dtype == weight.dtype else weight * normed), rstd
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The norm's output, rstd (one fp32 value per row) and whether the compiled kernel ran."""
+    ops = cpu_kernels.ops_for(x, weight) if COMPILED_RMS_NORM else None
+    out, rstd = ops.rms_norm_forward(x, weight, eps) if ops is not None else _rms_norm_ops(x, weight, eps)
+    return out, rstd, ops is not None
+
+
 class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ops = cpu_kernels.ops_for(x, weight) if COMPILED_RMS_NORM else None
-        ctx.compiled = ops is not None
-        # rstd: one fp32 value per row
-        out, rstd = ops.rms_norm_forward(x, weight, eps) if ops is not None else _rms_norm_ops(x, weight, eps)
+        out, rstd, ctx.compiled = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
@@ -517,7 +522,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Autograd on the transformers module keeps an fp32 copy of x and runs seven elementwise ops each
     way; this keeps x in its own dtype and one value per row, and runs at about twice the speed.
     """
-    return _RmsNorm.apply(x, weight, eps)
+    out = _RmsNorm.apply(x, weight, eps)
+    # under selective checkpointing the norm's input is kept (its own backward reads it): its
+    # output, which the next projections save, is computed again instead of kept
+    activation_checkpointing.recomputable(out, lambda: _rms_norm_forward(x, weight, eps)[0], (x, weight))
+    return out
 
 
 def _fused_rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -571,15 +580,18 @@ def use_fused_rms_norm(model: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- SwiGLU gate
+def _silu_gate_forward(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """silu(gate) * up and whether the compiled kernel computed it."""
+    ops = cpu_kernels.ops_for(gate, up) if COMPILED_SILU_GATE else None
+    if ops is not None:
+        return ops.silu_gate_forward(gate, up), True
+    return F.silu(gate).mul_(up), False  # transformers' `act_fn(gate) * up`, rounded the same way
+
+
 class _SiluGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gradients_into_inputs: bool) -> torch.Tensor:
-        ops = cpu_kernels.ops_for(gate, up) if COMPILED_SILU_GATE else None
-        ctx.compiled = ops is not None
-        if ops is not None:
-            out = ops.silu_gate_forward(gate, up)
-        else:
-            out = F.silu(gate).mul_(up)  # transformers' `act_fn(gate) * up`, rounded the same way
+        out, ctx.compiled = _silu_gate_forward(gate, up)
         ctx.save_for_backward(gate, up)
         ctx.gradients_into_inputs, ctx.spent = gradients_into_inputs, False
         return out
@@ -637,7 +649,10 @@ def silu_gate(gate: torch.Tensor, up: torch.Tensor, *, gradients_into_inputs: bo
     """
     if gate.shape != up.shape or gate.dtype != up.dtype:
         return F.silu(gate) * up
-    return _SiluGate.apply(gate, up, gradients_into_inputs and not gate.is_set_to(up))
+    out = _SiluGate.apply(gate, up, gradients_into_inputs and not gate.is_set_to(up))
+    # gate and up are kept for the backward anyway; the product, which down_proj saves, is not
+    activation_checkpointing.recomputable(out, lambda: _silu_gate_forward(gate, up)[0], (gate, up))
+    return out
 
 
 def _fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -673,6 +688,11 @@ def use_fused_silu_gate(model: torch.nn.Module) -> int:
         module.forward = _fused_mlp_forward.__get__(module)
         switched += 1
     return switched
+
+
+def runs_fused(module: torch.nn.Module) -> bool:
+    """Whether `module` was switched to lorakit's fused RMSNorm or SwiGLU MLP forward."""
+    return getattr(vars(module).get("forward"), "__func__", None) in (_fused_rms_norm_forward, _fused_mlp_forward)
 
 
 # --------------------------------------------------------------------------- rotary embeddings

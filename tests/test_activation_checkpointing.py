@@ -1,8 +1,10 @@
-"""lorakit.activation_checkpointing: full and selective checkpointing give the plain path's loss and
-gradients (on CPU the same bits); the full rerun leaves out the projection nothing after it needs,
-the selective one every frozen projection and the attention; a kept output changed in place is
-recomputed instead of replayed; nothing outlives the step; no gradient for the first layer's
-input; Llama, GPT-2, Qwen2 and Gemma 3."""
+"""lorakit.activation_checkpointing: full and selective checkpointing (both of its ways: saved-tensor
+hooks without a rerun, and the rerun with kept outputs) give the plain path's loss and gradients (on
+CPU the same bits); the full rerun leaves out the projection nothing after it needs, selective
+checkpointing every frozen projection and the attention; the hooks way recomputes each norm and
+SwiGLU output once and raises on a saved tensor changed in place, the rerun way recomputes a kept
+output changed in place instead of replaying it; nothing outlives the step; no gradient for the
+first layer's input; Llama, GPT-2, Qwen2 and Gemma 3."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import weakref
 import pytest
 import torch
 import transformers
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from helpers import DEVICES, dropout_way, tiny_gpt2, tiny_llama
 from lorakit import activation_checkpointing, attention, fused
@@ -20,6 +23,21 @@ from lorakit.layers import LoraLayer
 
 LAYERS = 4
 PROJECTIONS = 7  # q, k, v, o, gate, up, down per Llama layer
+# The modes `_run` takes besides `enable`'s: selective checkpointing made to take its rerun way
+SELECTIVE_RERUN = "selective (rerun)"
+MODES = (True, "full", "selective", SELECTIVE_RERUN)
+
+
+def _enable(model, mode, monkeypatch=None) -> None:
+    """`activation_checkpointing.enable`, SELECTIVE_RERUN included (the switch is read at each
+    layer's first call: it stays set until the caller's test ends)."""
+    if mode == SELECTIVE_RERUN:
+        assert monkeypatch is not None
+        monkeypatch.setattr(activation_checkpointing, "SELECTIVE_WITHOUT_RERUN", False)
+        mode = "selective"
+    elif monkeypatch is not None:
+        monkeypatch.setattr(activation_checkpointing, "SELECTIVE_WITHOUT_RERUN", True)
+    activation_checkpointing.enable(model, mode)
 
 
 def _model(dtype: torch.dtype, dropout: float = 0.0, packed: bool = False, device: str = "cpu"):
@@ -61,13 +79,13 @@ def _batch(packed: bool):
     return batch
 
 
-def _run(mode, dtype=torch.float32, dropout=0.0, packed=False, hook=None, device="cpu"):
+def _run(mode, dtype=torch.float32, dropout=0.0, packed=False, hook=None, device="cpu", monkeypatch=None):
     """Loss, gradients of the adapters, base-projection calls in forward and in backward."""
     model, calls = _model(dtype, dropout, packed, device)
     if hook is not None:
         model.model.layers[0].self_attn.q_proj.register_forward_hook(hook)
     if mode:
-        activation_checkpointing.enable(model, mode)
+        _enable(model, mode, monkeypatch)
     torch.manual_seed(5)  # dropout masks
     loss = model(**{k: v.to(device) for k, v in _batch(packed).items()}).loss
     forward_calls = calls["n"]
@@ -88,16 +106,16 @@ def _assert_close(got, want, dtype):
 
 @pytest.mark.parametrize("dtype,dropout,packed", [(torch.float32, 0.1, False), (torch.float32, 0.0, True), (torch.bfloat16, 0.0, True)])
 @pytest.mark.parametrize("device", DEVICES)
-def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed, device):
+def test_checkpointing_modes_give_the_plain_gradients(dtype, dropout, packed, device, monkeypatch):
     plain = _run(False, dtype, dropout, packed, device=device)
     assert plain[2] == LAYERS * PROJECTIONS and plain[3] == 0
-    for mode in (True, "full", "selective"):
-        got = _run(mode, dtype, dropout, packed, device=device)
+    for mode in MODES:
+        got = _run(mode, dtype, dropout, packed, device=device, monkeypatch=monkeypatch)
         _assert_close(got, plain, dtype)
         assert got[2] == LAYERS * PROJECTIONS
         # backward reruns every layer but the last: full recomputes its projections but down_proj
         # (the rerun stops once down_proj's saved tensors are back), selective none
-        assert got[3] == (0 if mode == "selective" else (LAYERS - 1) * (PROJECTIONS - 1)), mode
+        assert got[3] == (0 if mode in ("selective", SELECTIVE_RERUN) else (LAYERS - 1) * (PROJECTIONS - 1)), mode
         if device == "cpu":  # the rerun computes or keeps what the forward did: the same bits
             assert torch.equal(got[0], plain[0]) and all(torch.equal(got[1][k], g) for k, g in plain[1].items())
 
@@ -108,8 +126,8 @@ def test_checkpointing_replays_each_way_of_drawing_dropout(monkeypatch, how):
     # generator, the mask drawn again in backward) and the kept bernoulli mask replay too.
     dropout_way(monkeypatch, how)
     plain = _run(False, torch.float32, 0.1)
-    for mode in (True, "selective"):
-        got = _run(mode, torch.float32, 0.1)
+    for mode in (True, "selective", SELECTIVE_RERUN):
+        got = _run(mode, torch.float32, 0.1, monkeypatch=monkeypatch)
         assert torch.equal(got[0], plain[0]) and all(torch.equal(got[1][k], g) for k, g in plain[1].items()), mode
 
 
@@ -127,9 +145,9 @@ def test_selective_rerun_reuses_the_attention_output(monkeypatch):
 
     monkeypatch.setattr(torch, "bmm", counting_bmm)
     counts = {}
-    for mode in (True, "selective"):
+    for mode in (True, "selective", SELECTIVE_RERUN):
         model, _ = _model(torch.float32, packed=True)
-        activation_checkpointing.enable(model, mode)
+        _enable(model, mode, monkeypatch)
         calls["n"] = 0
         loss = model(**_batch(packed=True)).loss
         forward = calls["n"]
@@ -139,7 +157,7 @@ def test_selective_rerun_reuses_the_attention_output(monkeypatch):
     blocks = forward // (2 * LAYERS)  # query blocks per layer
     assert blocks > 0 and forward == 2 * LAYERS * blocks
     assert full_backward == 2 * (LAYERS - 1) * blocks + 4 * LAYERS * blocks
-    assert counts["selective"] == (forward, 4 * LAYERS * blocks)
+    assert counts["selective"] == counts[SELECTIVE_RERUN] == (forward, 4 * LAYERS * blocks)
 
 
 def test_selective_rerun_reuses_the_compiled_attention_output(monkeypatch):
@@ -160,22 +178,69 @@ def test_selective_rerun_reuses_the_compiled_attention_output(monkeypatch):
             return getattr(real, name)
 
     monkeypatch.setattr(cpu_kernels, "ops", lambda: Counting())
-    for mode, reruns in ((True, LAYERS - 1), ("selective", 0)):
+    for mode, reruns in ((True, LAYERS - 1), ("selective", 0), (SELECTIVE_RERUN, 0)):
         model, _ = _model(torch.float32, packed=True)
-        activation_checkpointing.enable(model, mode)
+        _enable(model, mode, monkeypatch)
         calls.clear()
         model(**_batch(packed=True)).loss.backward()
         assert len(calls) == LAYERS + reruns, mode
 
 
-def test_output_changed_in_place_is_recomputed_not_replayed():
+def test_output_changed_in_place_is_recomputed_not_replayed(monkeypatch):
     def doubled(module, inputs, output):
-        output.mul_(2)  # after the LoRA layer returned (and selective checkpointing kept) it
+        output.mul_(2)  # after the LoRA layer returned (and the rerun way of selective checkpointing kept) it
 
     plain = _run(False, hook=doubled)
-    got = _run("selective", hook=doubled)
+    got = _run(SELECTIVE_RERUN, hook=doubled, monkeypatch=monkeypatch)
     _assert_close(got, plain, torch.float32)
     assert got[3] == 1  # layer 0's q_proj only: its kept output went stale, so the rerun computed it
+    # without a rerun, nothing saves q_proj's output (the attention saves the rotated q, computed after)
+    got = _run("selective", hook=doubled, monkeypatch=monkeypatch)
+    assert torch.equal(got[0], plain[0]) and all(torch.equal(got[1][k], g) for k, g in plain[1].items())
+    assert got[3] == 0
+
+
+def test_saved_tensor_changed_in_place_raises_as_without_checkpointing(monkeypatch):
+    # The second layer's input is saved by its norm (and, without a rerun, read by the recipe of
+    # the norm's output): changing it after the layer ran spoils what backward reads. Autograd
+    # refuses that without checkpointing, and so does the hooks way of selective checkpointing.
+    def doubled_input(module, args, output):
+        with torch.no_grad():
+            args[0].mul_(2)
+
+    for mode in (False, "selective"):
+        model, _ = _model(torch.float32)
+        if mode:
+            _enable(model, mode, monkeypatch)
+        model.model.layers[1].register_forward_hook(doubled_input)
+        loss = model(**_batch(packed=False)).loss
+        with pytest.raises(RuntimeError, match="modified by an inplace operation|changed in place"):
+            loss.backward()
+
+
+def test_hooks_recompute_each_norm_and_gate_once(monkeypatch):
+    # Without a rerun a checkpointed Llama layer keeps a recipe for its two norm outputs (read by
+    # q/k/v and by gate/up) and its SwiGLU product (read by down_proj), and computes each once.
+    computed = []
+    real = activation_checkpointing._Recipe.get
+
+    def counted(recipe):
+        if recipe.value is None:
+            computed.append(recipe)
+        return real(recipe)
+
+    monkeypatch.setattr(activation_checkpointing._Recipe, "get", counted)
+    model, _ = _model(torch.float32)
+    _enable(model, "selective", monkeypatch)
+    loss = model(**_batch(packed=False)).loss
+    layers = model.model.layers
+    assert [layer._gradient_checkpointing_func.by_hooks for layer in layers[:-1]] == [True] * (LAYERS - 1)
+    assert not layers[-1].gradient_checkpointing
+    loss.backward()
+    # the first layer's first norm has no backward (nothing before it needs a gradient): its output is kept
+    assert len(computed) == 3 * (LAYERS - 1) - 1
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    assert sorted(r.value.shape[-1] for r in computed) == [hidden] * (2 * (LAYERS - 1) - 1) + [inter] * (LAYERS - 1)
 
 
 def test_kept_outputs_die_with_the_step(monkeypatch):
@@ -186,14 +251,24 @@ def test_kept_outputs_die_with_the_step(monkeypatch):
             super().__init__()
             stores.append(weakref.ref(self))
 
+    class TrackedRecipe(activation_checkpointing._Recipe):
+        __slots__ = ("__weakref__",)
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            stores.append(weakref.ref(self))
+
     monkeypatch.setattr(activation_checkpointing, "KeptOutputs", Tracked)
-    model, _ = _model(torch.float32)
-    activation_checkpointing.enable(model, "selective")
-    loss = model(**_batch(packed=False)).loss
-    assert len(stores) == LAYERS - 1 and all(ref() is not None for ref in stores)
-    loss.backward()
-    del loss
-    assert all(ref() is None for ref in stores)  # freed by reference counting: no cycle left behind
+    monkeypatch.setattr(activation_checkpointing, "_Recipe", TrackedRecipe)
+    for mode, kept in ((SELECTIVE_RERUN, LAYERS - 1), ("selective", 3 * (LAYERS - 1) - 1)):
+        stores.clear()
+        model, _ = _model(torch.float32)
+        _enable(model, mode, monkeypatch)
+        loss = model(**_batch(packed=False)).loss
+        assert len(stores) == kept and all(ref() is not None for ref in stores), mode
+        loss.backward()
+        del loss
+        assert all(ref() is None for ref in stores), mode  # freed by reference counting: no cycle left behind
 
 
 def test_last_layer_is_not_checkpointed():
@@ -255,6 +330,10 @@ def test_checkpointing_across_model_families(family, mode):
         for name, grad in plain[1].items():
             torch.testing.assert_close(got[1][name], grad, rtol=0, atol=1e-5, msg=name)
     assert got[2] == plain[2] > 0 and got[3] == (FULL_RERUN_PROJECTIONS[family] if mode == "full" else 0)
+    if mode == "selective":  # without a rerun where the norms and the MLP are lorakit's fused ones
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        assert len(layers) == 2
+        assert all(layer._gradient_checkpointing_func.by_hooks == (family == "qwen2") for layer in layers)
 
 
 @pytest.mark.parametrize("mode", [True, "selective"])

@@ -103,8 +103,8 @@ def single(workspace):
 @pytest.fixture(scope="module")
 def fsdp_run(workspace):
     out = workspace / "fsdp"
-    # selective checkpointing recomputes everything here (FSDP2's sharded adapters take the plain
-    # LoRA path, which keeps nothing) and must still match
+    # selective checkpointing (without a rerun: inside a block's forward FSDP2 has gathered its
+    # parameters, so the fused paths run and register their recipes) must still match
     proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=fsdp", "train.gradient_checkpointing=selective")
     assert proc.returncode == 0, _failure(proc)
     return out
@@ -122,7 +122,7 @@ def _check_matches(run, single):
 
 def test_ddp_matches_one_process(workspace, single):
     out = workspace / "ddp"
-    # with selective checkpointing too: the kept outputs replay on each rank as in one process
+    # with selective checkpointing too: each rank keeps and recomputes as one process does
     proc, _ = _torchrun(workspace, out, "train.batch_size=2", "train.distributed=ddp",
                         "train.gradient_checkpointing=selective", shortcut=True)  # fmt: skip
     assert proc.returncode == 0, _failure(proc)
