@@ -246,7 +246,7 @@ def test_cli_nf4_bf16_trains(workspace, nf4_run, capsys):
 
 @pytest.mark.parametrize("mode", [True, "selective"])
 def test_cli_nf4_with_gradient_checkpointing_gives_the_same_losses(workspace, nf4_run, mode):
-    # selective checkpointing replays the 4-bit layers' outputs instead of dequantizing again
+    # selective checkpointing keeps the 4-bit layers' outputs: no 4-bit projection or dequantization is redone
     out = workspace / f"nf4-ckpt-{mode}"
     assert main(["train", _config(workspace, out, gradient_checkpointing=mode)]) == 0
     assert _losses(out) == pytest.approx(_losses(nf4_run[0]), abs=1e-4)
