@@ -102,6 +102,7 @@ LEVERS = [
     ("+ lora.dropout 0.05 with PyTorch's bernoulli mask (kept)", {"lorakit.fused.COMPILED_DROPOUT": False}, {"lora.dropout": 0.05}),
     ("+ train.compile: true", {}, {"train.compile": True}),
     ("- glibc keeping freed memory (its default settings)", {"lorakit.host_memory.KEEP_FREED_MEMORY": False}, {}),
+    ("- large blocks kept by size (glibc maps them afresh)", {"lorakit.host_memory.CACHE_LARGE_BLOCKS": False}, {}),
     ("+ train.gradient_checkpointing: true (full)", {}, {"train.gradient_checkpointing": True}),
     ("+ train.gradient_checkpointing: selective", {}, {"train.gradient_checkpointing": "selective"}),
     ("+ selective checkpointing with a rerun (not saved-tensor hooks)",

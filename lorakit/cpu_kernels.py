@@ -7,7 +7,8 @@ or with `LORAKIT_CPU_KERNELS=0`, lorakit logs why once and keeps its pure-PyTorc
 compute the same results (tests/test_attention.py and tests/test_fused.py hold the two equal).
 The kernels: packed-row causal attention (lorakit.attention), RMSNorm, the SwiGLU gate, rotary
 position embeddings, the loss head's cross-entropy, LoRA dropout's keep-mask and, on CPUs with
-AVX512-BF16, the LoRA layers' rank-r products (lorakit.fused).
+AVX512-BF16, the LoRA layers' rank-r products (lorakit.fused); and a CPU allocator that keeps freed
+large blocks by size (lorakit.host_memory.cache_large_blocks).
 
 The build targets the machine it runs on (`-march=native`), so the cache key includes the CPU
 model as well as the sources and torch's version: a cache shared between different machines
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE_NAMES = (
     "attention_cpu.cpp", "rms_norm_cpu.cpp", "silu_gate_cpu.cpp", "cross_entropy_cpu.cpp", "dropout_cpu.cpp",
-    "rope_cpu.cpp", "lora_cpu.cpp",
+    "rope_cpu.cpp", "lora_cpu.cpp", "block_cache_cpu.cpp",
 )
 _HEADER_NAMES = ("bf16_pairs.h", "float_bits.h", "vector_exp.h")
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in _SOURCE_NAMES)

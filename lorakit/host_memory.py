@@ -23,6 +23,13 @@ median 51 ms faster; without checkpointing it took 4,000-9,000 faults and 2-29 m
 earlier GEMM rate, and at 7B shapes lowered the peak by 15% for steps 0-7% slower
 (docs/benchmarks.md, levers tables). Where the user has chosen the allocator's settings (glibc's
 MALLOC_* or GLIBC_TUNABLES variables) or preloaded another allocator, nothing is changed.
+
+The blocks above the threshold still come fresh from the kernel every time they are taken: at 7B
+layer shapes about a million page faults a step, whose cost is the kernel zeroing the pages (huge
+pages cut the faults a hundredfold and saved no time). `cache_large_blocks` puts a CPU allocator of
+lorakit's in front of torch's that keeps those blocks by size, within the most that was live at
+once: half the faults and about 3% of a 7B-shaped step, plain or fully checkpointed, the peak
+within 0.1 GiB (docs/benchmarks.md). `lorakit train` installs it on CPU where lorakit's kernels build.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ import platform
 import sys
 from typing import Mapping
 
-# Switch for the benchmark's levers (docs/benchmarks.md): on by default.
+# Switches for the benchmark's levers (docs/benchmarks.md): on by default.
 KEEP_FREED_MEMORY = True
+# Freed blocks of MMAP_THRESHOLD bytes or more kept for the next request of their size
+# (`cache_large_blocks`).
+CACHE_LARGE_BLOCKS = True
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -69,3 +79,17 @@ def keep_freed_memory() -> bool:
     # either setting also stops glibc from moving the mmap threshold itself, so both are set
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+def cache_large_blocks() -> bool:
+    """Put lorakit's large-block cache (lorakit/csrc/block_cache_cpu.cpp) in front of torch's CPU
+    allocator, for the rest of the process: a freed block of MMAP_THRESHOLD bytes or more, which glibc
+    would hand back to the kernel, is kept for the next request of exactly its size, and the blocks
+    held, live and kept, never exceed the most that were live at once. At 7B layer shapes that takes
+    about a million page faults out of a step (docs/benchmarks.md). True when installed (now or
+    before); False where lorakit's CPU kernels cannot be built."""
+    from lorakit import cpu_kernels
+
+    ops = cpu_kernels.ops()
+    return ops is not None and bool(ops.cache_large_blocks(MMAP_THRESHOLD))
+

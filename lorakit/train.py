@@ -194,6 +194,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     dtype = resolve_precision(cfg.train.precision, device)
     if device.type == "cpu" and host_memory.KEEP_FREED_MEMORY:
         host_memory.keep_freed_memory()  # each step's memory, freed and taken again, without page faults
+    if device.type == "cpu" and host_memory.CACHE_LARGE_BLOCKS:
+        host_memory.cache_large_blocks()  # and the blocks glibc maps afresh, kept by size
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)

@@ -1,5 +1,6 @@
 """lorakit.host_memory: glibc keeps freed memory, so memory taken again costs no page faults."""
 
+import json
 import os
 import platform
 import subprocess
@@ -57,3 +58,53 @@ def test_the_users_allocator_settings_win():
     assert host_memory.user_chose_allocator({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"})
     assert not host_memory.user_chose_allocator({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"})
     assert host_memory.user_chose_allocator({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})
+
+
+# In a fresh process (the CPU allocator is process-wide): large tensors taken and freed under the
+# cache; prints JSON with what came back, the page faults and the cache's counters.
+_CACHE = """
+import json, resource, sys, torch
+from lorakit import cpu_kernels, host_memory
+if cpu_kernels.ops() is None:
+    print(json.dumps(None)); sys.exit()
+assert host_memory.cache_large_blocks() and host_memory.cache_large_blocks()  # the second call: already installed
+stats = lambda: list(torch.ops.lorakit_cpu.large_block_stats())
+mib = 1 << 20
+out = {}
+a = torch.full((40 * mib,), 7, dtype=torch.uint8)
+pointer = a.data_ptr()
+del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = torch.zeros(40 * mib, dtype=torch.uint8)  # the same size: the kept block, zeroed as asked
+out["reused"] = b.data_ptr() == pointer
+out["zeros"] = int(b.count_nonzero())
+out["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+out["after_reuse"] = stats()  # hits, misses, live, kept, peak live
+del b
+c = torch.ones(24 * mib, dtype=torch.uint8)  # another size: the 40 MiB block is given back first
+out["other_size"] = stats()
+small = torch.ones(1000)
+out["small"] = stats()
+x = torch.randn(2048, 2048)  # its product is 16 MiB: a block of the cache's
+out["matmul"] = torch.allclose((x @ x.t()).double(), x.double() @ x.double().t(), rtol=1e-4, atol=1e-3)
+del c, x, small
+out["end"] = stats()
+print(json.dumps(out))
+"""
+
+
+def test_large_blocks_come_back_by_size_within_the_peak():
+    done = subprocess.run([sys.executable, "-c", _CACHE], capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.splitlines()[-1])
+    if out is None:
+        pytest.skip("lorakit's CPU kernels cannot be built here")
+    mib = 1 << 20
+    assert out["reused"] and out["zeros"] == 0
+    assert out["faults"] < 0.01 * (40 * mib // 4096), out["faults"]  # its pages were already there
+    assert out["after_reuse"] == [1, 1, 40 * mib, 0, 40 * mib]
+    # 24 MiB found no block of its size; holding 40 kept + 24 live would pass the 40 MiB peak
+    assert out["other_size"] == [1, 2, 24 * mib, 0, 40 * mib]
+    assert out["small"] == out["other_size"]  # under 16 MiB: the allocator before it
+    assert out["matmul"]
+    hits, misses, live, kept, peak = out["end"]
+    assert live == 0 and kept <= peak and kept >= 24 * mib  # freed blocks kept, never above the peak
