@@ -91,6 +91,7 @@ class LargeBlockCache final : public c10::Allocator {
       std::lock_guard<std::mutex> guard(mutex_);
       sizes_[p] = n;
     }
+    c10::profiledCPUMemoryReporter().New(p, n);  // as torch's own CPU allocator reports, for the profiler
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -115,6 +116,8 @@ class LargeBlockCache final : public c10::Allocator {
       if (entry != cache.sizes_.end()) {
         const size_t n = entry->second;
         cache.sizes_.erase(entry);
+        // reported freed before another request can take it again
+        c10::profiledCPUMemoryReporter().Delete(p);
         cache.live_bytes_ -= n;
         cache.kept_[n].push_back(p);
         cache.kept_bytes_ += n;
