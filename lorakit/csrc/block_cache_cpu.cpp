@@ -52,7 +52,7 @@ class LargeBlockCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < min_bytes_) return base_->allocate(n);
     void* p = nullptr;
-    std::vector<std::pair<void*, size_t>> released;
+    std::vector<void*> released;  // given back outside the lock
     {
       std::lock_guard<std::mutex> guard(mutex_);
       auto kept = kept_.find(n);
@@ -68,7 +68,7 @@ class LargeBlockCache final : public c10::Allocator {
             ++size;
             continue;
           }
-          released.emplace_back(size->second.back(), size->first);
+          released.push_back(size->second.back());
           size->second.pop_back();
           kept_bytes_ -= size->first;
         }
@@ -77,7 +77,7 @@ class LargeBlockCache final : public c10::Allocator {
       live_bytes_ += n;
       peak_live_bytes_ = std::max(peak_live_bytes_, live_bytes_);
     }
-    for (const auto& block : released) c10::free_cpu(block.first);
+    for (void* block : released) c10::free_cpu(block);
     if (p == nullptr) {
       try {
         p = c10::alloc_cpu(n);
