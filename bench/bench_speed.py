@@ -26,6 +26,9 @@ GEMM shapes (measured before the cases and again after them; the faster of the t
   forward GEMMs of every linear layer and the head (2·T·in·out each), the input-gradient GEMMs of
   backward (the same again), attention scores and PV forward (4·d per attended query-key pair,
   causal within each packed example) and backward (2x forward), adapters 6·T·r·(in+out).
+Full checkpointing also gets a second figure, against the limit plus the least its rerun computes
+in backward (every layer but the last forward again, without its last frozen GEMM): the rerun is
+the price of its memory, which the limit does not count.
 A second table times each case's projection and head GEMMs alone, back to back in a step's order
 (`gemm_sequence`): what they take when they run one after another, and the rest of the step.
 
@@ -224,7 +227,19 @@ def gemm_limit(size: dict, pairs: float) -> dict:
                 sync()
                 times.append((time.perf_counter() - start) / burst)
             best = max(best, 2 * x_shape[0] * x_shape[1] * w_shape[1] / min(times))
-    return {"flops": flops, "gemm_rate": best, "limit_s": flops / best,
+    # Full checkpointing computes each layer again in backward, which the limit above does not count.
+    # The least any rerun must do, kept apart: every decoder layer but the last (whose backward comes
+    # first, so that keeping its activations costs no extra peak) runs its forward again but for the
+    # frozen GEMM of its last projection (whose output only joins the residual stream): the other
+    # projections, their adapters (the last one's x @ A^T too: its backward reads it), the attention.
+    layer = layer_shapes(size)
+    rerun = (size["layers"] - 1) * (
+        sum(2 * t * a * b for a, b in layer[:-1])
+        + attn_fwd / size["layers"]
+        + sum(2 * t * R * (a + b) for a, b in layer[:-1])
+        + 2 * t * R * layer[-1][0]
+    )
+    return {"flops": flops, "gemm_rate": best, "limit_s": flops / best, "rerun_flops": rerun,
             "parts": {"linear+head fwd": gemm, "input grads": gemm, "attention": 3 * attn_fwd, "adapters": adapters}}
 
 
@@ -506,6 +521,7 @@ def main() -> None:
         floor = {case: min(floor[case], after[case], key=lambda f: f[1]) for case in floor}
         print(f"limit: {limit['limit_s']:#.4g} s/step")
         print_table(rows, limit)
+        print_rerun_limit(rows, limit)
         print_gemm_floor(rows, floor, limit)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if failed:
@@ -530,6 +546,17 @@ def print_table(rows: list[tuple[str, dict, dict]], limit: dict) -> None:
               f"| {mine['step_s'] / limit['limit_s']:.2f}x | {peft['step_s'] / limit['limit_s']:.2f}x "
               f"| {mine['best_s']:.3f} / {peft['best_s']:.3f} ({peft['best_s'] / mine['best_s']:.2f}x) "
               f"| {mine['losses'][0]:.4f} / {peft['losses'][0]:.4f} |")  # fmt: skip
+
+
+def print_rerun_limit(rows: list[tuple[str, dict, dict]], limit: dict) -> None:
+    """Full checkpointing against the limit plus the least its rerun computes (see `gemm_limit`)."""
+    for name, mine, peft in rows:
+        if CASES[name].get("gradient_checkpointing") is not True:
+            continue
+        with_rerun = (limit["flops"] + limit["rerun_flops"]) / limit["gemm_rate"]
+        print(f"\n{name}: the limit plus the least a full rerun computes ({limit['rerun_flops'] / 1e9:.1f} GFLOP) is "
+              f"{with_rerun:#.4g} s/step; against it lorakit {mine['step_s'] / with_rerun:.2f}x, "
+              f"PEFT {peft['step_s'] / with_rerun:.2f}x")  # fmt: skip
 
 
 def print_gemm_floor(rows: list[tuple[str, dict, dict]], floor: dict, limit: dict) -> None:

@@ -33,6 +33,20 @@ def test_gemm_sequence_runs_the_gemms_the_limit_counts(bench):
     assert 0 < plain_s and 0 < floor["ckpt"][1]
 
 
+def test_rerun_counts_what_full_checkpointing_computes_again(bench):
+    size, pairs = bench.QUICK, 1000.0
+    limit = bench.gemm_limit(size, pairs=pairs)
+    h, i, t, r = size["hidden"], size["intermediate"], size["batch"] * size["seq"], bench.R
+    kv = size["kv_heads"] * h // size["heads"]
+    gemms = 2 * t * (h * h + 2 * h * kv + h * h + 2 * h * i)  # q, k, v, o, gate, up: not down
+    attention = 4 * (h // size["heads"]) * size["heads"] * pairs  # scores and PV, forward only
+    adapters = 2 * t * r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i)) + 2 * t * r * i  # down: x @ A^T only
+    assert limit["rerun_flops"] == pytest.approx((size["layers"] - 1) * (gemms + attention + adapters), rel=1e-12)
+    # its GEMMs are the ones gemm_sequence adds for the checkpointing case
+    floor = bench.gemm_sequence(dict(size, repeats=1))
+    assert (floor["ckpt"][0] - floor["plain"][0]) * 1e9 == pytest.approx((size["layers"] - 1) * gemms, rel=1e-12)
+
+
 def test_scale_preset_has_mistral_7b_layer_shapes(bench):
     # --scale 7b claims Mistral-7B's decoder layer: 218,103,808 projection weights per layer
     size = bench.SCALE_7B
