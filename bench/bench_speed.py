@@ -94,6 +94,7 @@ LEVERS = [
     ("  blocked CPU attention in PyTorch (not compiled)", {"lorakit.attention.COMPILED_ATTENTION": False}, {}),
     ("  compiled attention with oneDNN's GEMMs (not lorakit's bf16 ones)", {"lorakit.attention.COMPILED_BF16_GEMM": False}, {}),
     ("+ cuDNN attention on GPUs (a plan per sequence length)", {"lorakit.attention.CUDNN_ATTENTION": True}, {}),
+    ("- varlen flash attention on GPUs (an SDPA call per example)", {"lorakit.attention.GPU_VARLEN_FLASH": False}, {}),
     ("  fused RMSNorm in PyTorch (not compiled)", {"lorakit.fused.COMPILED_RMS_NORM": False}, {}),
     ("- fused SwiGLU gate (transformers' MLP)", {"lorakit.fused.FUSED_SILU_GATE": False}, {}),
     ("  fused SwiGLU gate in PyTorch (not compiled)", {"lorakit.fused.COMPILED_SILU_GATE": False}, {}),
@@ -104,6 +105,8 @@ LEVERS = [
     ("+ lora.dropout 0.05 (keep-mask from a seed, compiled)", {}, {"lora.dropout": 0.05}),
     ("+ lora.dropout 0.05 with PyTorch's bernoulli mask (kept)", {"lorakit.fused.COMPILED_DROPOUT": False}, {"lora.dropout": 0.05}),
     ("+ train.compile: true", {}, {"train.compile": True}),
+    ("+ train.compile: true, mode reduce-overhead (CUDA graphs on GPUs)", {"lorakit.train.COMPILE_MODE": "reduce-overhead"},
+     {"train.compile": True}),
     ("- glibc keeping freed memory (its default settings)", {"lorakit.host_memory.KEEP_FREED_MEMORY": False}, {}),
     ("- large blocks kept by size (glibc maps them afresh)", {"lorakit.host_memory.CACHE_LARGE_BLOCKS": False}, {}),
     ("+ train.gradient_checkpointing: true (full)", {}, {"train.gradient_checkpointing": True}),
@@ -463,7 +466,9 @@ def main() -> None:
     model.add_argument("--quick", action="store_true", help="small model, few steps (development)")
     model.add_argument("--scale", choices=["7b"], help="7b: three decoder layers of Mistral-7B's shape, 4096 tokens a step")
     parser.add_argument("--cases", default="plain,ckpt,selective,qlora", help="comma-separated: " + ", ".join(CASES))
-    parser.add_argument("--levers", action="store_true", help="lorakit alone with each lever switched off (plain case)")
+    parser.add_argument("--levers", nargs="?", const="", metavar="WORDS",
+                        help="lorakit alone with each lever switched off (plain case); with WORDS (comma-separated), "
+                             "only the levers whose label holds one of them")  # fmt: skip
     parser.add_argument("--steps", type=int, help="timed steps per side")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run each side this many times, alternating which goes first; step times pooled")  # fmt: skip
@@ -487,8 +492,8 @@ def main() -> None:
         print(f"limit: {limit['flops'] / 1e9:.1f} GFLOP/step at best bf16 GEMM {limit['gemm_rate'] / 1e9:.1f} GFLOP/s "
               f"= {limit['limit_s']:#.4g} s/step (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in limit["parts"].items()) + ")",
               flush=True)  # fmt: skip
-        if args.levers:
-            return levers(work, size, limit)
+        if args.levers is not None:
+            return levers(work, size, limit, [w for w in args.levers.split(",") if w])
         rows, failed = [], []
         for name in args.cases.split(","):
             case = CASES[name]
@@ -569,15 +574,39 @@ def print_gemm_floor(rows: list[tuple[str, dict, dict]], floor: dict, limit: dic
               f"| {mine['step_s'] - seconds:.3f} |")  # fmt: skip
 
 
-def levers(work: Path, size: dict, limit: dict) -> None:
-    print("\n| lorakit variant (plain case) | s/step | tokens/s | peak RSS GiB | above imports GiB | / limit |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, switches, overrides in LEVERS:
-        out = child(work, size, "lorakit", {}, switches, overrides)
-        print(f"| {label} | {out['step_s']:.3f} | {out['tokens_s']:,.0f} | {gib(out['peak_rss'])} "
-              f"| {gib(out['peak_rss'] - out['base_rss'])} | {out['step_s'] / limit['limit_s']:.2f}x |", flush=True)  # fmt: skip
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+def chosen_levers(words: list[str]) -> list[tuple[str, dict, dict]]:
+    """The levers whose label holds one of `words` (all of them without words), after the baseline."""
+    baseline, *rest = LEVERS
+    chosen = [lever for lever in rest if not words or any(w in lever[0] for w in words)]
+    if words and not chosen:
+        raise SystemExit(f"--levers {','.join(words)}: no lever's label holds these words; the labels:\n"
+                         + "\n".join(label for label, _, _ in rest))  # fmt: skip
+    return [baseline] + chosen
 
+
+def levers(work: Path, size: dict, limit: dict, words: list[str]) -> None:
+    import torch
+
+    on_gpu = torch.cuda.is_available()  # the GPU's peak memory is the one that limits training there
+    print("\n| lorakit variant (plain case) | s/step | fastest s | tokens/s | " + ("peak GPU GiB | " if on_gpu else "")
+          + "peak RSS GiB | above imports GiB | / limit | step-1 loss |")  # fmt: skip
+    print("| --- " * (9 if on_gpu else 8) + "|")
+    failed = []
+    for label, switches, overrides in chosen_levers(words):
+        try:
+            out = child(work, size, "lorakit", {}, switches, overrides)
+        except SystemExit as failure:  # one lever failing (say, compile on a new GPU) leaves the others to run
+            failed.append(label)
+            print(f"| {label} | failed: {str(failure).splitlines()[0]} |", flush=True)
+            print(failure, flush=True)
+            continue
+        gpu = f"| {gib(out['peak_gpu'])} " if on_gpu else ""
+        print(f"| {label} | {out['step_s']:.3f} | {out['best_s']:.3f} | {out['tokens_s']:,.0f} {gpu}| {gib(out['peak_rss'])} "
+              f"| {gib(out['peak_rss'] - out['base_rss'])} | {out['step_s'] / limit['limit_s']:.2f}x "
+              f"| {out['losses'][0]:.4f} |", flush=True)  # fmt: skip
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if failed:
+        raise SystemExit(f"levers that failed: {', '.join(failed)} (their errors are printed above)")
 
 if __name__ == "__main__":
     main()

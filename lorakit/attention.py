@@ -11,8 +11,10 @@ GEMMs over blocks of query rows that keep their softmax for backward. It runs co
 `lorakit.cpu_kernels`) for float32 and bfloat16 where a compiler is at hand, in bfloat16 on its own
 AVX512-BF16 GEMMs where the CPU has them (3x-5x faster than torch's CPU flash kernel there,
 docs/benchmarks.md), else in PyTorch (`_BlockedCausalAttention`, the same algorithm).
-Longer examples, dropout and GPUs use `F.scaled_dot_product_attention` per example (on GPUs
-without cuDNN's backend, see CUDNN_ATTENTION); padding masks,
+On GPUs, bf16 and fp16 rows go through one call of torch's variable-length flash kernel per layer
+for all the examples of the batch (`_FlashVarlenAttention`, see GPU_VARLEN_FLASH). Longer examples,
+dropout and everything else use `F.scaled_dot_product_attention` per example (on GPUs without
+cuDNN's backend, see CUDNN_ATTENTION); padding masks,
 KV caches and softcapping go to transformers' own SDPA path. Tested equal to SDPA in
 tests/test_attention.py.
 """
@@ -49,6 +51,10 @@ COMPILED_BF16_GEMM = True
 # new lengths every step. Flash attention (then the memory-efficient kernel, then math) has no
 # per-shape setup.
 CUDNN_ATTENTION = False
+# On GPUs, bf16/fp16 packed rows go to one varlen flash-attention call per layer (the examples given
+# by cumulative lengths) instead of one SDPA call per example, whose slicing, joins and launches
+# grow with the number of examples: on a small model a GPU step is bound by the host's launches.
+GPU_VARLEN_FLASH = True
 
 VARLEN_ATTENTION = "lorakit_varlen"
 
@@ -249,6 +255,90 @@ def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return _blocked_causal_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
 
 
+def _gpu_has_flash(device: torch.device) -> bool:
+    """A CUDA GPU of sm80 or later, with torch's flash attention built in."""
+    return (
+        device.type == "cuda"
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+def _flash_varlen_takes(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+    """Whether torch's varlen flash kernel takes these (B, H, T, D) queries: on such a GPU, in
+    bf16/fp16, without dropout, head dims up to 256, whole groups of query heads per key head."""
+    return (
+        GPU_VARLEN_FLASH
+        and dropout == 0.0
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and key.dtype == query.dtype
+        and query.shape[-1] <= 256
+        and query.shape[-1] % 8 == 0
+        and query.shape[1] % key.shape[1] == 0
+        and _gpu_has_flash(query.device)
+    )
+
+
+def _tokens_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B·T, H, D), as the varlen kernel takes it: a view where transformers'
+    projections left the heads inside each token's row (no copy), a copy otherwise."""
+    b, heads, t, d = x.shape
+    return x.transpose(1, 2).reshape(b * t, heads, d)
+
+
+class _FlashVarlenAttention(torch.autograd.Function):
+    """Causal attention over every example of a packed batch in one call of torch's varlen flash
+    kernel (GPUs): the rows are laid end to end and the examples given by their cumulative lengths.
+
+    Saves what flash attention's backward reads (the inputs, the output and the per-row log-sum-exp)
+    and no probabilities. Selective checkpointing keeps the output and the log-sum-exp, so its
+    rerun computes nothing here either.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu_seqlens: torch.Tensor, max_len: int, scale: float,
+                kept: Optional[KeptSlot] = None):  # fmt: skip
+        # query (B, H, T, D), key/value (B, H_kv, T, D), heads inside each token's row; returns (B, T, H, D)
+        b, heads, t, d = query.shape
+        q, k, v = _tokens_first(query), _tokens_first(key), _tokens_first(value)
+        replay = kept.take() if kept is not None and kept.replaying else None
+        if replay is None:
+            out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale
+            )
+        else:
+            out, (lse, rng_state, unused) = replay
+        if kept is not None and not kept.replaying:
+            kept.record(out, (lse, rng_state, unused))
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
+        ctx.max_len, ctx.scale, ctx.shapes = max_len, scale, (query.shape, key.shape)
+        return out.view(b, t, heads, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+        grad = grad_out.reshape(out.shape)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        grad_q, grad_k, grad_v = torch.ops.aten._flash_attention_backward(
+            grad, q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_len, ctx.max_len, 0.0, True, rng_state, unused,
+            scale=ctx.scale,
+        )  # fmt: skip
+        (b, heads, t, d), (_, kv_heads, _, _) = ctx.shapes
+        return (grad_q.view(b, t, heads, d).transpose(1, 2), grad_k.view(b, t, kv_heads, d).transpose(1, 2),
+                grad_v.view(b, t, kv_heads, d).transpose(1, 2), None, None, None, None)  # fmt: skip
+
+
+def _cumulative_lengths(rows: list[list[tuple[int, int]]], length: int, device) -> tuple[torch.Tensor, int]:
+    """The examples of all rows laid end to end: int32 offsets (0, end_1, ..., B·T) and the longest."""
+    offsets, longest = [0], 0
+    for b, segs in enumerate(rows):
+        for s, e in segs:
+            offsets.append(b * length + e)
+            longest = max(longest, e - s)
+    return torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True), longest
+
+
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -297,11 +387,21 @@ def varlen_attention_forward(
     else:
         full = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] != query.shape[0] else position_ids
         rows = _segments(full)
+        _segment_cache.pop("flash", None)
         if version is not None:
             _segment_cache.update(key=position_ids, version=version, rows=rows)
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if _flash_varlen_takes(query, key, p):  # GPUs: one call for every example of the batch
+        flash = _segment_cache.get("flash") if version is not None else None
+        if flash is None or flash[0] != query.device:
+            flash = (query.device, *_cumulative_lengths(rows, query.shape[2], query.device))
+            if version is not None:
+                _segment_cache["flash"] = flash
+        _, cu_seqlens, longest = flash
+        slot = activation_checkpointing.current_slot(module)
+        return _FlashVarlenAttention.apply(query, key, value, cu_seqlens, longest, scale, slot), None
     blocked = BLOCKED_ATTENTION and p == 0.0 and query.device.type == "cpu" and query.shape[1] % key.shape[1] == 0
 
     slot = activation_checkpointing.current_slot(module)  # set in a checkpointed layer that is rerun

@@ -39,6 +39,10 @@ from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, peak_rss_bytes, write_text_atomic
 from lorakit.models import load_model, load_tokenizer, pick_device, resolve_precision
 
+# torch.compile's mode under `train.compile: true`, a switch for the benchmark's levers:
+# "reduce-overhead" adds CUDA graphs on GPUs, where small models' steps are bound by kernel launches.
+COMPILE_MODE = "default"
+
 
 class TrainingDiverged(RuntimeError):
     """Loss or gradients became inf/NaN; the run stops, earlier checkpoints stay."""
@@ -252,7 +256,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         train_model = wrap_model(model, cfg, dist, device)
     elif cfg.train.compile:
         # The compiled model returns full logits: the fused head's autograd function would break the graph.
-        train_model = TokenLoss(torch.compile(model), None)
+        train_model = TokenLoss(torch.compile(model, mode=COMPILE_MODE), None)
     else:
         train_model = TokenLoss(model, LOSS_CHUNK_TOKENS)
     optimizer = make_optimizer(cfg, model)

@@ -198,3 +198,129 @@ def test_varlen_model_under_inference_mode():
         for _ in range(2):  # the second call must not reuse the first call's segments blindly
             got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"].clone()).logits
             torch.testing.assert_close(got, packed, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------- GPUs: one varlen flash call per layer
+def _reference_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale=None):
+    """torch's `_flash_attention_forward` in its varlen form, in fp32 on any device: (T, H, D)
+    inputs, examples at the cumulative offsets; returns output, log-sum-exp (H, T) and the rest."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and dropout_p == 0.0 and is_causal
+    offsets = cu_q.tolist()
+    assert offsets[0] == 0 and offsets[-1] == q.shape[0] and max_q == max_k == max(np - p for p, np in zip(offsets, offsets[1:]))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    for a, b in zip(offsets, offsets[1:]):
+        qs = q[a:b].float().transpose(0, 1)
+        ks, vs = (x[a:b].float().transpose(0, 1).repeat_interleave(group, 0) for x in (k, v))
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        lse[:, a:b] = scores.logsumexp(-1)
+        out[a:b] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    empty = q.new_empty(0)
+    return out, lse, empty, empty, empty
+
+
+def _reference_flash_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, rng_state, unused, *, scale=None):
+    assert grad.shape == out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+    with torch.enable_grad():
+        leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        again = _reference_flash_forward(*leaves, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)[0]
+        torch.testing.assert_close(again.to(out.dtype), out, rtol=0, atol=0)
+        grads = torch.autograd.grad(again, leaves, grad.float())
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+@pytest.fixture(params=DEVICES)
+def flash_device(request, monkeypatch):
+    """Runs a test on CUDA with torch's varlen flash kernel, and on CPU with the reference ops in its
+    place, so the layouts, offsets and gradients around the kernel are checked without a GPU."""
+    if request.param == "cpu":
+        monkeypatch.setattr(attention, "_gpu_has_flash", lambda device: True)
+        monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", _reference_flash_forward, raising=False)
+        monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", _reference_flash_backward, raising=False)
+    elif not attention._gpu_has_flash(torch.device("cuda")):
+        pytest.skip("no GPU with flash attention")
+    return request.param
+
+
+def test_cumulative_lengths_lay_rows_end_to_end():
+    rows = [[(0, 15), (15, 40)], [(0, 40)], [(0, 5), (5, 35), (35, 40)]]
+    offsets, longest = attention._cumulative_lengths(rows, 40, "cpu")
+    assert offsets.dtype == torch.int32 and offsets.tolist() == [0, 15, 40, 80, 85, 115, 120] and longest == 40
+
+
+def test_flash_varlen_only_for_half_precision_on_gpus(monkeypatch):
+    q, k = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
+    assert not attention._flash_varlen_takes(q, k, 0.0)  # CPU
+    monkeypatch.setattr(attention, "_gpu_has_flash", lambda device: True)
+    assert attention._flash_varlen_takes(q, k, 0.0)
+    assert not attention._flash_varlen_takes(q, k, 0.1)  # dropout: per-example SDPA
+    assert not attention._flash_varlen_takes(q.float(), k.float(), 0.0)
+    assert not attention._flash_varlen_takes(q[..., :12], k[..., :12], 0.0)  # head dim not a multiple of 8
+    assert not attention._flash_varlen_takes(torch.zeros(1, 3, 8, 16, dtype=torch.bfloat16), k, 0.0)
+    monkeypatch.setattr(attention, "GPU_VARLEN_FLASH", False)
+    assert not attention._flash_varlen_takes(q, k, 0.0)
+
+
+def _packed_bf16_run(device, mode=None, seeds=(0, 1)):
+    """Losses and LoRA gradients of a bf16 tiny Llama on packed batches, per-example attention."""
+    from lorakit import activation_checkpointing
+    from lorakit.attention import use_varlen_attention
+    from lorakit.loss import token_loss_sum
+
+    torch.manual_seed(0)
+    model = tiny_llama().to(device=device, dtype=torch.bfloat16)
+    assert use_varlen_attention(model)
+    inject_adapter(model, LoraConfig(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 would leave the adapters' A without a gradient
+            torch.nn.init.normal_(p, std=0.02)
+    if mode:
+        activation_checkpointing.enable(model, mode)
+    model.train()
+    losses = []
+    for seed in seeds:  # batches of other layouts in a row: the offsets must follow the batch
+        batch = {k: v.to(device) for k, v in _packed_batch(seed).items()}
+        loss, _ = token_loss_sum(model, batch, chunk_tokens=16)
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_flash_varlen_model_equals_per_example_attention(monkeypatch, flash_device):
+    # the whole model in bf16: one flash call per layer against an SDPA call per example
+    calls = []
+    real = attention._FlashVarlenAttention.apply
+    monkeypatch.setattr(attention._FlashVarlenAttention, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(attention, "BLOCKED_ATTENTION", False)
+    got_losses, got = _packed_bf16_run(flash_device)
+    assert len(calls) == 2 * 2  # two layers, two batches
+    monkeypatch.setattr(attention, "GPU_VARLEN_FLASH", False)
+    want_losses, want = _packed_bf16_run(flash_device)
+    assert len(calls) == 4
+    assert got_losses == pytest.approx(want_losses, rel=1e-2)
+    for k in want:
+        assert rel(got[k], want[k]) < 2e-2, (k, rel(got[k], want[k]))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective", "selective-rerun"])
+def test_flash_varlen_under_gradient_checkpointing(monkeypatch, flash_device, mode):
+    # Of the tiny model's two layers the first is checkpointed (the last never is). Full reruns its
+    # flash call; selective keeps the call's output and log-sum-exp (the rerun way replays them)
+    # and calls the kernel no more than without checkpointing.
+    from lorakit import activation_checkpointing
+
+    monkeypatch.setattr(activation_checkpointing, "SELECTIVE_WITHOUT_RERUN", mode != "selective-rerun")
+    calls = []
+    real = torch.ops.aten._flash_attention_forward
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain_losses, plain = _packed_bf16_run(flash_device, seeds=(0,))
+    assert len(calls) == 2
+    losses, grads = _packed_bf16_run(flash_device, mode=True if mode == "full" else "selective", seeds=(0,))
+    assert len(calls) - 2 == (3 if mode == "full" else 2)
+    # the same bits on CPU; on a GPU flash's backward sums dQ with atomics, in any order
+    assert losses == pytest.approx(plain_losses, rel=0 if flash_device == "cpu" else 1e-3)
+    for k in plain:
+        tolerance = 0 if flash_device == "cpu" else 1e-2
+        assert rel(grads[k], plain[k]) <= tolerance, (k, rel(grads[k], plain[k]))

@@ -56,6 +56,19 @@ def test_scale_preset_has_mistral_7b_layer_shapes(bench):
     assert size["batch"] * size["seq"] == 4096 and size["vocab"] == 32000
 
 
+def test_levers_chosen_by_words_in_their_labels(bench):
+    labels = [label for label, _, _ in bench.chosen_levers(["train.compile", "varlen flash"])]
+    assert labels == [
+        "lorakit (all levers)",
+        "- varlen flash attention on GPUs (an SDPA call per example)",
+        "+ train.compile: true",
+        "+ train.compile: true, mode reduce-overhead (CUDA graphs on GPUs)",
+    ]
+    assert len(bench.chosen_levers([])) == len(bench.LEVERS)
+    with pytest.raises(SystemExit, match="--levers no-such-lever: no lever's label holds these words"):
+        bench.chosen_levers(["no-such-lever"])
+
+
 def test_every_lever_switch_names_an_existing_setting(bench):
     # a misspelt switch would only set a new attribute, and --levers would time the default twice
     import importlib
