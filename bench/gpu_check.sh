@@ -2,7 +2,7 @@
 # The GPU check, prepared as one run for a lent CUDA machine (at most GPU_CHECK_SECONDS, default
 # 540): the equality tests of the optimised paths on CUDA, the speed benchmark unchanged
 # (bench/bench_speed.py) on the issue's model, the GPU levers there (varlen flash attention,
-# cuDNN's attention, torch.compile with and without CUDA graphs), the benchmark at 7B layer shapes,
+# torch.compile with and without CUDA graphs), the benchmark at 7B layer shapes,
 # then, with time left, a profile of both sides' steps on the issue's model (bench/profile_step.py).
 # Needs torch with CUDA, transformers, peft, safetensors, pyyaml, tqdm, psutil, matplotlib and
 # pytest there; lorakit runs from this checkout. QLoRA is benchmarked when bitsandbytes imports.
@@ -50,7 +50,7 @@ if python3 -c 'import bitsandbytes' 2>/dev/null; then cases+=,qlora; fi
 # One round each: the GPU is not shared, unlike the CPU host the other runs came from. Steps of the
 # issue's model take tens of milliseconds there, so more of them are timed.
 part 150 gpu_bench.log python3 bench/bench_speed.py --cases "$cases" --steps 20
-part 150 gpu_levers.log python3 bench/bench_speed.py --levers "varlen flash,cuDNN,train.compile" --steps 20
+part 150 gpu_levers.log python3 bench/bench_speed.py --levers "varlen flash,train.compile" --steps 20
 part 180 gpu_bench_7b.log python3 bench/bench_speed.py --scale 7b --cases "$cases" --steps 8
 # where the issue's model's steps go on each side (launch-bound there): device time by kernel, host time by op
 part 90 gpu_profile.log python3 bench/profile_step.py --case plain --rows 25

@@ -40,8 +40,14 @@ def profile_side(args: argparse.Namespace) -> None:
         events = prof.key_averages()
         steps = args.active
         if on_gpu:
-            # the kernels' own entries (an op's entry repeats the time of the kernels it launched)
-            device_us = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU)
+            # the kernels' own entries (an op's entry repeats the time of the kernels it launched);
+            # annotations (the profiler's step, the optimizer's step) show on the GPU's timeline
+            # too, spanning kernels already counted
+            device_us = sum(
+                e.self_device_time_total for e in events
+                if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+                and not e.key.startswith(("ProfilerStep", "Optimizer."))
+            )  # fmt: skip
             print(f"\n{args.side}: device busy {device_us / 1e3 / steps:.1f} ms a step (sum of kernels' own times)")
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
