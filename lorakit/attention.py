@@ -393,18 +393,15 @@ def varlen_attention_forward(
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    slot = activation_checkpointing.current_slot(module)  # set in a checkpointed layer that is rerun
     if _flash_varlen_takes(query, key, p):  # GPUs: one call for every example of the batch
-        flash = _segment_cache.get("flash") if version is not None else None
-        if flash is None or flash[0] != query.device:
-            flash = (query.device, *_cumulative_lengths(rows, query.shape[2], query.device))
-            if version is not None:
-                _segment_cache["flash"] = flash
-        _, cu_seqlens, longest = flash
-        slot = activation_checkpointing.current_slot(module)
+        # the offsets go with the cached segments (dropped above whenever those are found afresh)
+        flash = _segment_cache.get("flash") or _cumulative_lengths(rows, query.shape[2], query.device)
+        if version is not None:
+            _segment_cache["flash"] = flash
+        cu_seqlens, longest = flash
         return _FlashVarlenAttention.apply(query, key, value, cu_seqlens, longest, scale, slot), None
     blocked = BLOCKED_ATTENTION and p == 0.0 and query.device.type == "cpu" and query.shape[1] % key.shape[1] == 0
-
-    slot = activation_checkpointing.current_slot(module)  # set in a checkpointed layer that is rerun
 
     def attend(q, k, v):  # one example: (b, H, L, D) -> (b, L, H, D)
         if blocked and q.shape[2] <= BLOCKED_ATTENTION_MAX_LEN:
