@@ -120,7 +120,10 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             linear = [p for p, k in layout.kinds.items() if k in ("linear", "conv1d")]
         else:
             linear = [k.rpartition(".")[0] for k, s in layout.shapes.items() if k.endswith(".weight") and len(s) == 2]
-        untouched = [p for p in linear if p not in touched and p.partition(".")[2] not in touched]
+        untouched = [
+            p for p in linear
+            if p not in touched and p.partition(".")[2] not in touched and layout.key_for(p) not in plan.replace
+        ]  # fmt: skip
         by_path = {m["module"]: m for m in modules}
         for key, update in plan.updates.items():
             stored = layout.tied.get(key, key) if key not in layout.shapes else key

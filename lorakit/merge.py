@@ -58,7 +58,7 @@ from safetensors.torch import save_file
 from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
 from lorakit.errors import UserError
 from lorakit.metrics import peak_rss_bytes
-from lorakit.models import DTYPES, check_model_folder
+from lorakit.models import DTYPES, check_model_folder, checkpoint_key_transform
 
 INDEX_NAME = "model.safetensors.index.json"
 NF4_BLOCKSIZE = 64
@@ -79,6 +79,9 @@ class BaseLayout:
     kinds: module path -> "linear" | "conv1d" | "embedding" (empty when the class could not be built).
     tied: checkpoint key -> the key it shares storage with in the model (e.g. lm_head.weight ->
         model.embed_tokens.weight), for keys transformers ties on load.
+    stored_as: the model's key -> the checkpoint key it is stored under, where transformers renames
+        keys on load (GPT-NeoX: lm_head.weight is stored as embed_out.weight). The merged folder
+        keeps the stored names, so transformers renames them the same way when it loads the result.
     """
 
     folder: Path
@@ -90,6 +93,7 @@ class BaseLayout:
     tied: dict[str, str] = field(default_factory=dict)
     head: Optional[str] = None  # module path of the output head
     embedding: Optional[str] = None  # module path of the input embedding
+    stored_as: dict[str, str] = field(default_factory=dict)
 
     @property
     def shard_files(self) -> list[Path]:
@@ -99,6 +103,7 @@ class BaseLayout:
         """The checkpoint key of module `path`'s `param`, allowing a checkpoint saved without the
         base-model prefix (`h.0.attn.c_attn.weight` for `transformer.h.0.attn.c_attn`)."""
         key = f"{path}.{param}"
+        key = self.stored_as.get(key, key)
         if key in self.shapes or key in self.tied:
             return key
         short = key.partition(".")[2]
@@ -163,6 +168,11 @@ def _read_model_structure(layout: BaseLayout) -> None:
             hf_logging.set_verbosity(verbosity)
     except Exception:  # noqa: BLE001 - custom code or an unknown architecture: fall back to shapes
         return
+    transform = checkpoint_key_transform(model)
+    for key in layout.shapes:
+        renamed, converted = transform(key)
+        if renamed != key and not converted:  # converted tensors (fused MoE experts) are no LoRA target
+            layout.stored_as[renamed] = key
     for path, module in model.named_modules():
         kind = base_kind(module) if path else None
         if kind is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -84,9 +84,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
     trust_remote_code: bool = False,
-    attn_implementation: Optional[str] = "sdpa",
+    attn_implementation: Optional[str] = None,
 ) -> nn.Module:
-    """Load a causal LM from a folder (safetensors only) in `dtype` on `device`, in eval mode."""
+    """Load a causal LM from a folder (safetensors only) in `dtype` on `device`, in eval mode.
+
+    attn_implementation: None takes transformers' choice, SDPA where the architecture supports it
+    (lorakit's packed attention then takes over in training) and its eager attention where it does
+    not (Gemma 2, whose attention logits are soft-capped); naming "sdpa" for those raises.
+    """
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)
@@ -137,3 +142,32 @@ def load_for_inference(
         apply_adapter(model, files)
         model.to(device)
     return model.eval(), tokenizer
+
+
+def checkpoint_key_transform(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
+    """How transformers maps `model`'s checkpoint keys to its own on load, as a function of a key
+    in the safetensors files: (the model's name for it, whether a converter must also run).
+
+    transformers 5 renames some stored keys (GPT-NeoX stores its head as `embed_out`, held as
+    `lm_head`; legacy `LayerNorm.gamma`) and converts others (MoE experts stored one by one and
+    held as one fused tensor). lorakit's own readers of safetensors (the 4-bit loader, `merge`) apply
+    the renames themselves and leave what needs a converter to transformers. Without the mapping
+    (an older transformers, custom code) keys are taken as stored.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - the mapping is transformers-internal: without it, keys as stored
+        return lambda key: (key, False)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return lambda key: (key, False)
+
+    def transform(key: str) -> tuple[str, bool]:
+        renamed, converter = rename_source_key(key, renamings, converters)
+        return renamed, converter is not None
+
+    return transform

@@ -28,6 +28,7 @@ from torch import nn
 from lorakit.errors import UserError
 from lorakit.layers import _is_conv1d
 from lorakit.metrics import peak_rss_bytes
+from lorakit.models import checkpoint_key_transform, load_model
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ def load_model_4bit(
     equals `from_pretrained(folder, dtype=compute_dtype)` followed by `quantize_model`. Every
     parameter is frozen (requires_grad=False). Returns the model in eval mode and its report.
 
+    Keys are read as transformers maps them (`lorakit.models.checkpoint_key_transform`: GPT-NeoX's
+    `embed_out` is the model's `lm_head`). A folder storing tensors that transformers converts on
+    load (MoE experts one by one, held as one fused tensor) is loaded whole by transformers and
+    then quantized: that loading peaks at the 16-bit model.
+
     Raises:
         UserError: folder or config.json missing; only pickle (.bin) weights; weights missing
             from the files; anything `quantize_model` raises.
@@ -178,6 +184,15 @@ def load_model_4bit(
         for module in {model.get_submodule(k.rpartition(".")[0]) for k, _ in model.named_non_persistent_buffers()}:
             model._init_weights(module)
 
+    transform = checkpoint_key_transform(model)
+    converted = [k for path in files for k in _safetensors_header(path) if transform(k)[1]]
+    if converted:
+        # Weights stored in another layout than the model holds them (MoE experts one by one,
+        # held fused): transformers' own loader converts them, then the linear layers are quantized.
+        log.info("%s: %d stored tensors need transformers' conversion on load (e.g. %s); loading the model whole, "
+                 "then quantizing", folder, len(converted), converted[0])  # fmt: skip
+        del model
+        return _load_whole_then_quantize(folder, compute_dtype, skip, trust_remote_code, device, blocksize, double_quant)
     tied = {t: s for t, s in getattr(model, "all_tied_weights_keys", {}).items()}
     param_names = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     expected = param_names | {k for k, _ in _persistent_buffers(model)}
@@ -188,14 +203,14 @@ def load_model_4bit(
     prefix = getattr(model, "base_model_prefix", "")
     in_files = set()
     for path in files:
-        in_files |= {_match_key(k, expected, prefix) for k in _safetensors_header(path)}
+        in_files |= {_match_key(transform(k)[0], expected, prefix) for k in _safetensors_header(path)}
     loaded: set[str] = set()
     unexpected: list[str] = []
     before = 0
     codes: dict[Any, tuple] = {}
     for path in files:
         for file_key, read in _safetensors_reader(path):
-            key = _match_key(file_key, expected, prefix)
+            key = _match_key(transform(file_key)[0], expected, prefix)
             if key is None:
                 unexpected.append(file_key)
                 continue
@@ -249,6 +264,24 @@ def load_model_4bit(
     report.peak_bytes = held.peak
     report.peak_rss_bytes = peak_rss_bytes()
     return model, report
+
+
+def _load_whole_then_quantize(
+    folder: Path,
+    compute_dtype: torch.dtype,
+    skip: Iterable[str],
+    trust_remote_code: bool,
+    device: Union[str, torch.device],
+    blocksize: int,
+    double_quant: bool,
+) -> tuple[nn.Module, QuantReport]:
+    """`load_model_4bit`'s result the plain way: the whole model in `compute_dtype`, then `quantize_model`."""
+    model = load_model(folder, dtype=compute_dtype, device=device, trust_remote_code=trust_remote_code)
+    model.requires_grad_(False)
+    report = quantize_model(model, compute_dtype=compute_dtype, skip=skip, blocksize=blocksize, double_quant=double_quant)
+    _release_freed_memory()
+    report.peak_rss_bytes = peak_rss_bytes()
+    return model.eval(), report
 
 
 _SAFETENSORS_DTYPES = {

@@ -120,6 +120,30 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 400, **overrides) -> GPT2LMHeadMo
     return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
 
 
+def tiny_causal_lm(architecture: str, seed: int = 0, vocab_size: int = 400, **overrides):
+    """A tiny `{architecture}ForCausalLM` built from `{architecture}Config` (2 layers, width 64)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    config = getattr(transformers, f"{architecture}Config")(**{**kwargs, **overrides})
+    return getattr(transformers, f"{architecture}ForCausalLM")(config).eval()
+
+
+# GPT-NeoX stores its head as `embed_out`, which transformers 5 renames to `lm_head` on load.
+tiny_gpt_neox = functools.partial(tiny_causal_lm, "GPTNeoX")
+# Gemma 2 soft-caps its attention logits, so transformers runs it on eager attention, not SDPA.
+tiny_gemma2 = functools.partial(tiny_causal_lm, "Gemma2", num_key_value_heads=2, head_dim=16)
+# A mixture of experts whose experts are stored one by one and held fused (transformers 5).
+tiny_qwen3_moe = functools.partial(
+    tiny_causal_lm, "Qwen3Moe", num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+    num_experts_per_tok=2,
+)  # fmt: skip
+
+
 def write_addition_data(path: Path, count: int, seed: int = 0) -> Path:
     """A learnable toy completion dataset ("3 plus 4 is" -> " 7") as JSONL, for training tests."""
     rng = random.Random(seed)

@@ -83,7 +83,9 @@ def test_peft_adapter_and_cli(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["modules"][0]["norm"] == pytest.approx(info["modules"][0]["norm"])
     assert main(["inspect", str(tmp_path / "peft"), "--base", str(base)]) == 0
     out = capsys.readouterr().out
-    assert "model.layers.1.mlp.down_proj" in out and "linear modules left untouched: 11" in out and "||ΔW||/||W||" in out
+    # 2 layers x 7 linears + lm_head, minus the 4 targets and lm_head, which the adapter replaces
+    assert "model.layers.1.mlp.down_proj" in out and "linear modules left untouched: 10" in out and "||ΔW||/||W||" in out
+    assert "lm_head" not in info["base"]["untouched"]
 
 
 def test_mismatch_and_bad_folders(tmp_path, capsys):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama
+from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from safetensors import safe_open
@@ -94,6 +94,19 @@ def test_gpt2_conv1d_and_tied_embedding_are_untied(tmp_path):
     torch.testing.assert_close(merged.lm_head.weight, tiny_gpt2().transformer.wte.weight)  # head keeps the base
     with torch.no_grad():
         torch.testing.assert_close(merged(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_keys_transformers_renames_on_load(tmp_path):
+    # GPT-NeoX stores its head as embed_out.weight, which the model holds as lm_head.weight: the
+    # adapter's copy of lm_head replaces the stored tensor, under its stored name.
+    lora = LoraConfig(r=4, alpha=8, targets=["query_key_value", "dense_4h_to_h"], modules_to_save=["lm_head"])
+    base, expected = _lorakit_case(tmp_path, tiny_gpt_neox, lora, shard=None)
+    report = merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    assert (report.merged_modules, report.replaced_tensors) == (4, 1)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        assert "embed_out.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(_plain(tmp_path / "out")(_ids()).logits, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])

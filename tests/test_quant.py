@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from helpers import save_model_folder, tiny_gpt2, tiny_llama
+from helpers import save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_qwen3_moe
 from lorakit.errors import UserError
 from lorakit.quant import (
     NF4_CODE,
@@ -168,8 +168,9 @@ def _load_reference(folder):
         (tiny_llama, "100KB"),
         (lambda: tiny_llama(tie_word_embeddings=True), None),
         (tiny_gpt2, None),  # Conv1D layers, tied head
+        (tiny_gpt_neox, None),  # its head stored as embed_out, renamed on load
     ],
-    ids=["llama", "llama-sharded", "llama-tied", "gpt2-tied"],
+    ids=["llama", "llama-sharded", "llama-tied", "gpt2-tied", "gpt-neox"],
 )
 def test_load_model_4bit_equals_load_then_quantize(tmp_path, make, shard):
     folder = save_model_folder(tmp_path / "m", make(), max_shard_size=shard)
@@ -191,6 +192,22 @@ def test_load_model_4bit_equals_load_then_quantize(tmp_path, make, shard):
     assert report.peak_bytes <= report.frozen_bytes_after + largest + 4096, report.summary()
     assert report.peak_bytes < 0.75 * report.frozen_bytes_before  # never the whole fp32 model
     assert report.peak_rss_bytes > 0 and "loading peak" in report.summary()
+
+
+def test_load_model_4bit_leaves_converted_weights_to_transformers(tmp_path, caplog):
+    # Qwen3-MoE's experts are stored one by one and held as fused 3-d tensors: transformers loads
+    # the model whole, then the linear layers are quantized; the result is the reference's.
+    folder = save_model_folder(tmp_path / "m", tiny_qwen3_moe())
+    with caplog.at_level("INFO", logger="lorakit.quant"):
+        model, report = load_model_4bit(folder, compute_dtype=FP32)
+    assert "need transformers' conversion on load" in caplog.text and "experts" in caplog.text
+    ref, ref_report = _load_reference(folder)
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, ref(_ids()).logits)
+    for field in ("layers", "params", "linear_bytes_after", "frozen_bytes_after"):
+        assert getattr(report, field) == getattr(ref_report, field), field
+    assert report.layers == 2 * 4  # q/k/v/o per layer; the router and the fused experts stay 16-bit
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
 def test_load_model_4bit_accepts_checkpoint_keys_without_base_prefix(tmp_path):
