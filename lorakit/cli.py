@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL/JSON dataset in any lorakit format")
     p.add_argument("--generate", action="store_true", help="also measure exact-match accuracy of greedy completions")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example, longer ones truncated (default 1024, or the model's positions if fewer)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_eval)

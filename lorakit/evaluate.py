@@ -25,6 +25,7 @@ from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.loss import token_loss_sum
+from lorakit.models import position_limit
 
 
 def evaluate_loss(
@@ -139,16 +140,35 @@ def generation_accuracy(
     return {"accuracy": correct / len(cases), "correct": correct, "total": len(cases), "failures": failures}
 
 
+DEFAULT_MAX_LENGTH = 1024
+
+
+def _max_length(asked: Optional[int], model: nn.Module, name: str) -> int:
+    """--max-length, by default 1024 or a learned position table's length if shorter.
+
+    Raises:
+        UserError: --max-length below 1, or above a learned position table's length.
+    """
+    limit, learned = position_limit(model)
+    if asked is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if learned else DEFAULT_MAX_LENGTH
+    if asked < 1 or (learned and asked > limit):
+        most = f"{limit} (the positions of {name}, a learned table)" if learned else "any positive length"
+        raise UserError(f"--max-length {asked}: give 1 to {most}")
+    return asked
+
+
 def eval_command(args: argparse.Namespace) -> int:
     from lorakit.config import DataConfig
     from lorakit.data import load_dataset, read_records
     from lorakit.generate import load_for_command
 
     model, tokenizer = load_for_command(args.model, args.adapter)
-    cfg = DataConfig(max_length=args.max_length, packing=False)
+    max_length = _max_length(args.max_length, model, args.model)
+    cfg = DataConfig(max_length=max_length, packing=False)
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     result: dict[str, Any] = {"loss": None, "perplexity": None, "accuracy": None}
-    result.update(evaluate_loss(model, dataset, batch_size=args.batch_size, max_length=args.max_length))
+    result.update(evaluate_loss(model, dataset, batch_size=args.batch_size, max_length=max_length))
     result["examples"] = len(dataset)
     if args.generate:
         records = [r for _, r in read_records(args.data)]

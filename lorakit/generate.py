@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.models import position_limit
 
 # End-of-turn tokens of common chat templates; generation also stops at these when the vocabulary has them.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -83,8 +84,11 @@ def generate(
     (`top_k=0` and `top_p=1` switch those filters off), seeded with `seed`, so the same call
     gives the same text. The global RNG state is left as it was.
 
+    A model with a learned position table (GPT-2) generates at most until its positions run out.
+
     Raises:
-        UserError: bad sampling values, or chat prompts without a chat template.
+        UserError: bad sampling values; chat prompts without a chat template; a prompt that fills
+            every position of a learned position table.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
         raise UserError(
@@ -101,8 +105,8 @@ def generate(
         options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
         options.update(do_sample=False)
-    gen_config = GenerationConfig(**options)
     device = next(model.parameters()).device
+    limit, learned = position_limit(model)
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -112,6 +116,12 @@ def generate(
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
                 width = max(len(ids) for ids in chunk)
+                room = limit - width if learned else max_new_tokens  # past the table there is no position
+                if room < 1:
+                    raise UserError(
+                        f"a prompt of {width} tokens fills all {limit} positions of the model (a learned position "
+                        "table); shorten the prompt"
+                    )
                 input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 for i, ids in enumerate(chunk):  # left padding
@@ -122,7 +132,7 @@ def generate(
                     result = model.generate(
                         input_ids=input_ids.to(device),
                         attention_mask=mask.to(device),
-                        generation_config=gen_config,
+                        generation_config=GenerationConfig(**{**options, "max_new_tokens": min(max_new_tokens, room)}),
                         streamer=streamer,
                     )
                 for row in result[:, width:].tolist():
@@ -254,7 +264,12 @@ def chat_loop(
             continue
         history.append({"role": "user", "content": message})
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = generate(model, tokenizer, [history], chat=True, batch_size=1, streamer=streamer, **sampling)[0]
+        try:
+            reply = generate(model, tokenizer, [history], chat=True, batch_size=1, streamer=streamer, **sampling)[0]
+        except UserError as exc:  # the conversation outgrew the model's positions: the session goes on
+            history.pop()
+            stdout.write(f"({exc}; /reset clears the conversation)\n")
+            continue
         history.append({"role": "assistant", "content": reply})
     return history
 

@@ -46,7 +46,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -58,7 +57,7 @@ from safetensors.torch import save_file
 from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
 from lorakit.errors import UserError
 from lorakit.metrics import peak_rss_bytes
-from lorakit.models import DTYPES, check_model_folder, checkpoint_key_transform
+from lorakit.models import DTYPES, check_model_folder, checkpoint_key_transform, meta_model
 
 INDEX_NAME = "model.safetensors.index.json"
 NF4_BLOCKSIZE = 64
@@ -152,21 +151,8 @@ def _read_model_structure(layout: BaseLayout) -> None:
     """Fill kinds / tied / head / embedding from the model class built on the meta device."""
     from lorakit.layers import base_kind
 
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cfg = AutoConfig.from_pretrained(str(layout.folder))
-                with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(cfg)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    except Exception:  # noqa: BLE001 - custom code or an unknown architecture: fall back to shapes
+    model = meta_model(layout.folder)
+    if model is None:  # custom code or an unknown architecture: fall back to shapes
         return
     transform = checkpoint_key_transform(model)
     for key in layout.shapes:

@@ -7,6 +7,7 @@ read from safetensors only; `trust_remote_code` stays off unless the caller turn
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -142,6 +143,48 @@ def load_for_inference(
         apply_adapter(model, files)
         model.to(device)
     return model.eval(), tokenizer
+
+
+def meta_model(path: Union[str, Path], *, trust_remote_code: bool = False) -> Optional[nn.Module]:
+    """The folder's model built from its config.json on the meta device: its module structure, no
+    weights read, no memory. None where it cannot be built (custom code not trusted, an
+    architecture this transformers does not know, no config)."""
+    import warnings
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+                with torch.device("meta"):
+                    return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:  # noqa: BLE001 - callers fall back to what they can do without the structure
+        return None
+
+
+def position_limit(model: nn.Module) -> tuple[Optional[int], bool]:
+    """How many positions `model` encodes (config: `n_positions`, else `max_position_embeddings`)
+    and whether that is a hard limit: a learned position table (GPT-2's `wpe`, OPT's
+    `embed_positions`), which has no row for a later position, as opposed to rotary or ALiBi
+    positions, which are computed for any position (past the limit, untrained). (None, False)
+    when the config names no limit."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None, False
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    learned = any(
+        isinstance(m, nn.Embedding) and m is not inputs and m.num_embeddings in (limit, limit + 2)  # OPT: offset 2
+        for m in model.modules()
+    )
+    return limit, learned
 
 
 def checkpoint_key_transform(model: nn.Module) -> Callable[[str], tuple[str, bool]]:

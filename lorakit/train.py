@@ -37,7 +37,7 @@ from lorakit.errors import UserError
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, peak_rss_bytes, write_text_atomic
-from lorakit.models import load_model, load_tokenizer, pick_device, resolve_precision
+from lorakit.models import load_model, load_tokenizer, meta_model, pick_device, position_limit, resolve_precision
 
 # torch.compile's mode under `train.compile: true`, a switch for the benchmark's levers:
 # "reduce-overhead" adds CUDA graphs on GPUs, where small models' steps are bound by kernel launches.
@@ -204,6 +204,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if device.type == "cpu" and host_memory.CACHE_LARGE_BLOCKS:
         host_memory.cache_large_blocks()  # and the blocks glibc maps afresh, kept by size
     torch.manual_seed(cfg.train.seed)
+    check_positions(cfg, log if dist.is_main else lambda _: None)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)
 
@@ -282,6 +283,27 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
     return run
+
+
+def check_positions(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """Refuse rows longer than the model's learned position table, before the data is tokenized;
+    say so when they are longer than the positions a rotary model was trained on.
+
+    Raises:
+        UserError: data.max_length above a learned table's length (GPT-2's n_positions).
+    """
+    limit, learned = position_limit(meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code) or nn.Module())
+    if limit is None or cfg.data.max_length <= limit:
+        return
+    if learned:
+        raise UserError(
+            f"data.max_length = {cfg.data.max_length} is longer than the {limit} positions of {cfg.model} (a learned "
+            f"position table, config.json); set data.max_length: {limit} or less"
+        )
+    log(
+        f"note: data.max_length = {cfg.data.max_length} is past the {limit} positions {cfg.model} was trained on "
+        "(config.json); its positions are computed for any length, but examples longer than that are untrained ground"
+    )
 
 
 def dist_device(dist: Distributed) -> torch.device:

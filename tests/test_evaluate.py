@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_tokenizer, save_model_folder, tiny_llama
+from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama
 
 from lorakit.cli import main
 from lorakit.config import DataConfig
@@ -99,3 +99,14 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["eval", "--model", str(folder), "--data", str(path), "--adapter", str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_max_length_follows_a_learned_position_table(tmp_path, capsys):
+    # GPT-2 (n_positions 16): by default examples are cut at 16 tokens, and more is refused
+    folder = save_model_folder(tmp_path / "m", tiny_gpt2(n_positions=16), make_tokenizer())
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 4}) + "\n")
+    assert main(["eval", "--model", str(folder), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 15  # 16 positions, 15 predicted tokens
+    assert main(["eval", "--model", str(folder), "--data", str(data), "--max-length", "17"]) == 2
+    assert "--max-length 17: give 1 to 16 (the positions of" in capsys.readouterr().err

@@ -5,10 +5,11 @@ import json
 
 import pytest
 import torch
-from helpers import make_tokenizer, save_model_folder, tiny_llama
+from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, inject_adapter, save_adapter
 from lorakit.cli import main
+from lorakit.errors import UserError
 from lorakit.generate import chat_loop, generate, read_prompts, render_prompt, stop_token_ids
 
 PROMPTS = ["The quick brown fox", "Low-rank", "Translate to French: hello world ->", "abc"]
@@ -77,6 +78,25 @@ def test_generation_stops_at_eos(model_tok):
     stopping.eos_token = tok.convert_ids_to_tokens(greedy[k])  # the k-th greedy token now ends the text
     got = generate(model, stopping, ["hello"], max_new_tokens=8)
     assert got == [tok.decode(greedy[:k], skip_special_tokens=True)]
+
+
+def test_learned_position_table_bounds_the_generation():
+    # GPT-2 has a row per position up to n_positions: generation stops there instead of failing
+    model, tok = tiny_gpt2(n_positions=24), make_tokenizer()
+    ids = render_prompt(tok, PROMPTS[0], chat=False)
+    room = 24 - len(ids)
+    assert 0 < room < 100
+    got = generate(model, tok, [PROMPTS[0]], max_new_tokens=100)
+    assert got == generate(model, tok, [PROMPTS[0]], max_new_tokens=room)
+    assert got == [tok.decode(_argmax_loop(model, tok, ids, room, stop_token_ids(tok, model)), skip_special_tokens=True)]
+    long = len(render_prompt(tok, PROMPTS[0] * 3, chat=False))
+    with pytest.raises(UserError, match=f"a prompt of {long} tokens fills all 24 positions"):
+        generate(model, tok, [PROMPTS[0] * 3], max_new_tokens=5)
+    out = io.StringIO()  # in a chat, a conversation that outgrew the table is refused and the session goes on
+    history = chat_loop(model, tok, stdin=io.StringIO(PROMPTS[0] * 3 + "\nhi\n"), stdout=out, max_new_tokens=3)
+    reply = generate(model, tok, [[{"role": "user", "content": "hi"}]], chat=True, max_new_tokens=3)[0]
+    assert history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+    assert "fills all 24 positions" in out.getvalue() and "/reset" in out.getvalue()
 
 
 def test_chat_loop_history_reset_exit(model_tok):

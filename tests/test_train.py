@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 import yaml
-from helpers import save_model_folder, tiny_gemma2, tiny_gpt_neox, write_addition_data
+from helpers import save_model_folder, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, write_addition_data
 from safetensors.torch import load_file
 
 from lorakit import host_memory
@@ -221,6 +221,19 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert "invalid YAML" in capsys.readouterr().err
     assert main(["train", str(bad), "oops"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_max_length_against_the_models_positions(workspace, tmp_path, capsys):
+    # a learned position table (GPT-2, n_positions 32) has no row past its end: refused before
+    # the data is read; rotary positions (the Llama model, 256) go on, with a note
+    save_model_folder(tmp_path / "gpt2", tiny_gpt2(n_positions=32))
+    config = _config(workspace, tmp_path / "gpt2-run", max_steps=1)
+    assert main(["train", config, f"model={tmp_path / 'gpt2'}", "data.max_length=33"]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_length = 33 is longer than the 32 positions of" in err and "data.max_length: 32 or less" in err
+    assert not (tmp_path / "gpt2-run").exists()
+    assert main(["train", _config(workspace, tmp_path / "llama-run", max_steps=1), "data.max_length=300"]) == 0
+    assert "note: data.max_length = 300 is past the 256 positions" in capsys.readouterr().out
 
 
 def test_lr_schedules():
