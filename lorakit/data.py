@@ -24,7 +24,11 @@ Token ids and labels:
   with `add_generation_prompt=True` ends and ends where the render including it ends, so the
   span holds the content and the template's end-of-turn token (`<|eot_id|>`, `<|im_end|>`).
   Whitespace the template writes after the end-of-turn token (ChatML's "\\n") is not trained:
-  generation stops at the end-of-turn token, so the model never produces it.
+  generation stops at the end-of-turn token, so the model never produces it. Some templates render
+  a turn one way while it is the last and another once a later turn follows (Qwen3's empty think
+  block goes into the last assistant turn only; Mistral's system prompt into the last user turn):
+  such a turn is found by its content instead, after the turns before it, and trained with the
+  end-of-turn text that follows it.
 - A token is trainable when its characters overlap a trained span (a token straddling the
   prompt/completion boundary is trained). `train_on_inputs: true` trains every token.
 - `labels` use the Hugging Face convention (aligned with `input_ids`; the loss shifts by one),
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import gc
 import hashlib
 import itertools
@@ -72,7 +77,7 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 1  # bump when tokenization or the cache layout changes
+FORMAT_VERSION = 2  # bump when tokenization or the cache layout changes
 FORMATS = ("text", "completion", "instruction", "chat")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -398,6 +403,18 @@ class _ChatRenderer:
                 conv, tokenize=False, add_generation_prompt=gen
             )
 
+    @functools.cached_property
+    def end_of_turn(self) -> str:
+        """What the template writes right after an assistant turn's content (`<|eot_id|>`,
+        `<|im_end|>`), from a probe conversation; "" where the probe does not render."""
+        marker = "lorakit-probe-reply"
+        for conv in ([], [{"role": "system", "content": "Be brief."}]):
+            conv = conv + [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": marker}]
+            text = self([conv], False)[0]
+            if isinstance(text, str) and marker in text:
+                return text[text.rindex(marker) + len(marker) :].rstrip()
+        return ""
+
     def __call__(self, convs: list[list[dict]], gen: bool) -> list[Union[str, Exception]]:
         """One text per conversation, or the exception the template raised for it."""
         out: list[Union[str, Exception]] = []
@@ -432,7 +449,7 @@ def _chat_spans(
         if not isinstance(text, str):
             out.append(_template_error(text))
             continue
-        spans, problem = [], None
+        spans, problem, cursor = [], None, 0
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
@@ -441,16 +458,50 @@ def _chat_spans(
             if isinstance(before, Exception) or isinstance(upto, Exception):
                 problem = _template_error(before if isinstance(before, Exception) else upto)
                 break
-            if not (text.startswith(upto) and upto.startswith(before)):
+            if text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
+                span = (len(before), len(upto.rstrip()))
+            else:
+                span = _turn_by_content(text, msgs, i, before, cursor, renderer.end_of_turn)
+            if span is None:
                 problem = (
-                    f"messages[{i}]: the chat template renders this conversation differently from its "
-                    "prefixes (e.g. it rewrites earlier turns), so the assistant turns cannot be located; "
-                    "use a template whose render of a conversation starts with the render of its first turns"
+                    f"messages[{i}]: the chat template renders this conversation differently from its prefixes "
+                    "and this assistant turn's content is not in the render after the turns before it, so it "
+                    "cannot be located; use a template that writes each turn's content as it is"
                 )
                 break
-            spans.append((len(before), len(upto.rstrip())))
+            spans.append(span)
+            cursor = span[1]
         out.append(problem if problem else (text, spans))
     return out
+
+
+def _turn_by_content(
+    text: str, msgs: list[dict], i: int, before: str, cursor: int, end_of_turn: str
+) -> Union[tuple[int, int], None]:
+    """The character span of assistant turn `i` in `text`, found by its content, for templates
+    whose render of a conversation does not start with the render of its first turns: Qwen3 writes
+    an empty think block into the last assistant turn only, so a turn renders one way as the last
+    and another once a later one follows; Mistral writes the system prompt into the last user turn.
+
+    The turn starts where the render of the turns before it ends when that is a prefix of `text`
+    (as without a rewrite: what the template writes between the generation prompt and the content
+    is trained too), else at its content, searched after the previous trained span and after the
+    message before it. It ends after the content and the template's end-of-turn text. None when the
+    content (stripped: templates trim it) is not found."""
+    content = msgs[i]["content"].strip()
+    if text.startswith(before) and len(before) >= cursor:
+        start = search = len(before)
+    else:
+        start, previous = None, msgs[i - 1]["content"].strip() if i else ""
+        found = text.find(previous, cursor) if previous else -1
+        search = found + len(previous) if found >= 0 else cursor
+    at = text.find(content, search) if content else search
+    if at < 0:
+        return None
+    end = at + len(content)
+    if end_of_turn and text.startswith(end_of_turn, end):
+        end += len(end_of_turn)
+    return (at if start is None else start, end)
 
 
 def _template_error(exc: Exception) -> str:

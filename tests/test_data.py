@@ -152,6 +152,65 @@ def test_chat_ids_equal_apply_chat_template_and_labels_cover_assistant_turns(tem
     assert groups == ["Four." + eot, "1 2 3" + eot]
 
 
+# Templates that render a turn differently once a later turn follows, written here after the
+# behaviour of Qwen3's (an empty think block in the assistant turns after the last user turn
+# only) and Mistral's (the system prompt inside the last user turn).
+QWEN3_LIKE = (
+    "{%- set ns = namespace(searching=true, last_query=messages|length - 1) %}"
+    "{%- for m in messages[::-1] %}{%- if ns.searching and m.role == 'user' %}"
+    "{%- set ns.searching = false %}{%- set ns.last_query = messages|length - 1 - loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role != 'assistant' %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}"
+    "{%- elif loop.index0 > ns.last_query %}{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m.content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+MISTRAL_LIKE = (
+    "{%- if messages[0].role == 'system' %}{%- set system = messages[0].content %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set turns = messages %}{%- endif %}{{- bos_token }}"
+    "{%- for m in turns %}{%- if m.role == 'user' %}{{- '[INST] ' }}"
+    "{%- if loop.last and system is defined %}{{- system + '\n\n' }}{%- endif %}{{- m.content + '[/INST]' }}"
+    "{%- else %}{{- ' ' + m.content|trim + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def _trained_groups(tok, labels) -> list[str]:
+    """The decoded runs of trained tokens."""
+    groups, current = [], []
+    for t in labels.tolist() + [-100]:
+        if t != -100:
+            current.append(t)
+        elif current:
+            groups.append(tok.decode(current))
+            current = []
+    return groups
+
+
+@pytest.mark.parametrize("template", ["qwen3", "mistral"])
+def test_chat_templates_that_rewrite_earlier_turns(template):
+    tok = make_tokenizer(template=None)
+    tok.chat_template, tok.eos_token = {"qwen3": (QWEN3_LIKE, "<|im_end|>"), "mistral": (MISTRAL_LIKE, "</s>")}[template]
+    ds = build([{"messages": CHAT}, {"messages": CHAT[:3]}, {"messages": CHAT[1:3] + [CHAT[3], {"role": "assistant", "content": ""}]}], tok)
+    for i, messages in enumerate([CHAT, CHAT[:3]]):
+        assert ds.example(i)[0].tolist() == tok.apply_chat_template(messages)["input_ids"]
+    if template == "qwen3":  # the last turn as the model generates it, think block included; earlier ones as rendered
+        assert _trained_groups(tok, ds.example(0)[1]) == ["Four.<|im_end|>", "<think>\n\n</think>\n\n1 2 3<|im_end|>"]
+        assert _trained_groups(tok, ds.example(1)[1]) == ["<think>\n\n</think>\n\nFour.<|im_end|>"]
+        assert _trained_groups(tok, ds.example(2)[1]) == ["Four.<|im_end|>", "<think>\n\n</think>\n\n<|im_end|>"]
+    else:  # from the space the template writes before each reply (the first turn: " Four" is one token)
+        assert _trained_groups(tok, ds.example(0)[1]) == [" Four.</s>", " 1 2 3</s>"]
+        assert _trained_groups(tok, ds.example(1)[1]) == [" Four.</s>"]
+
+
+def test_a_turn_the_template_rewrites_is_refused():
+    tok = make_tokenizer(template=None)  # a template that writes the reply upper-cased when it is not the last
+    tok.chat_template = (
+        "{%- for m in messages %}{{- m.role + ': ' }}{%- if m.role == 'assistant' and not loop.last %}{{- m.content|upper }}"
+        "{%- else %}{{- m.content }}{%- endif %}{{- '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
+    )
+    with pytest.raises(UserError, match=r"d\.jsonl:1: messages\[1\]: .*content is not in the render"):
+        build([{"messages": CHAT[1:]}], tok)
+
+
 def test_sharegpt_conversations_equal_messages():
     tok = make_tokenizer("chatml")
     names = {"system": "system", "user": "human", "assistant": "gpt"}
