@@ -73,6 +73,18 @@ def expected_labels(ids: list[int], trainable: list[bool]) -> list[int]:
     return out
 
 
+def _trained_groups(tok, labels) -> list[str]:
+    """The decoded runs of trained tokens."""
+    groups, current = [], []
+    for t in labels.tolist() + [-100]:
+        if t != -100:
+            current.append(t)
+        elif current:
+            groups.append(tok.decode(current))
+            current = []
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------
 # Formats
 
@@ -141,15 +153,7 @@ def test_chat_ids_equal_apply_chat_template_and_labels_cover_assistant_turns(tem
         assert labels.tolist() == expected_labels(ref["input_ids"], [m == 1 for m in ref["assistant_masks"]])
     # read back: each assistant turn's trained tokens are its content plus the end-of-turn token
     eot = "<|eot_id|>" if template == "llama3" else "<|im_end|>"
-    ids, labels = ds.example(0)
-    groups, current = [], []
-    for t in labels.tolist() + [-100]:
-        if t != -100:
-            current.append(t)
-        elif current:
-            groups.append(tok.decode(current))
-            current = []
-    assert groups == ["Four." + eot, "1 2 3" + eot]
+    assert _trained_groups(tok, ds.example(0)[1]) == ["Four." + eot, "1 2 3" + eot]
 
 
 # Templates that render a turn differently once a later turn follows, written here after the
@@ -171,18 +175,6 @@ MISTRAL_LIKE = (
     "{%- if loop.last and system is defined %}{{- system + '\n\n' }}{%- endif %}{{- m.content + '[/INST]' }}"
     "{%- else %}{{- ' ' + m.content|trim + eos_token }}{%- endif %}{%- endfor %}"
 )
-
-
-def _trained_groups(tok, labels) -> list[str]:
-    """The decoded runs of trained tokens."""
-    groups, current = [], []
-    for t in labels.tolist() + [-100]:
-        if t != -100:
-            current.append(t)
-        elif current:
-            groups.append(tok.decode(current))
-            current = []
-    return groups
 
 
 @pytest.mark.parametrize("template", ["qwen3", "mistral"])
