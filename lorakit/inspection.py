@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from lorakit.adapters import read_adapter
 from lorakit.errors import UserError
+from lorakit.layers import PRINCIPAL_INITS
 
 
 def update_spectrum(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -103,6 +104,7 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
         "r": config.r,
         "alpha": config.alpha,
         "rslora": config.rslora,
+        "init": config.init,
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "modules_to_save": saved,
@@ -128,9 +130,12 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
         for key, update in plan.updates.items():
             stored = layout.tied.get(key, key) if key not in layout.shapes else key
             with safe_open(str(layout.files[stored]), framework="pt") as f:
-                w_norm = float(f.get_tensor(stored).double().norm())
+                w = f.get_tensor(stored).float()
+            w_norm = float(w.double().norm())
+            # what merging changes; for PiSSA / OLoRA not s·B@A, which started as W's principal part
+            change = float(update.delta(w).double().norm()) if update.init in PRINCIPAL_INITS else by_path[update.path]["norm"]
             by_path[update.path]["kind"] = update.kind
-            by_path[update.path]["relative"] = by_path[update.path]["norm"] / w_norm if w_norm else math.inf
+            by_path[update.path]["relative"] = change / w_norm if w_norm else math.inf
         result["base"] = {
             "model": str(layout.folder),
             "compatible": True,
@@ -175,6 +180,10 @@ def format_report(info: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("rank>1%: singular values of s·B@A above 1% of the largest; eff.rank: exp(entropy of the normalised spectrum)")
+    if info.get("init") in PRINCIPAL_INITS:
+        lines.append(f"init {info['init']}: B@A started as the base weight's principal part, which the base lost, so ||ΔW|| and "
+                     "the spectrum are of s·B@A, not of the change to W" + ("; ||ΔW||/||W|| is the change merging makes"
+                     if relative else "; --base shows the change merging makes"))  # fmt: skip
     for s in info["modules_to_save"]:
         lines.append(f"saved in full: {s['tensor']} {tuple(s['shape'])}")
     if relative:

@@ -80,6 +80,26 @@ BASE_KINDS: list[BaseKind] = [
 ]
 
 
+PRINCIPAL_INITS = ("pissa", "olora")  # inits that move the base weight's principal part into the adapter
+
+
+def principal_factors(w: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial (A (r, in), B (out, r)) of a PiSSA or OLoRA adapter on the fp32 weight w (out, in).
+
+    The adapter starts as W's principal part, scale · B @ A, and the base keeps the residual
+    W - scale · B @ A, so the model is unchanged at step 0. Loading such an adapter recomputes these
+    from the base, as PEFT does, to rebuild the residual its B and A were trained against.
+    """
+    if init == "pissa":
+        # The top-r singular directions move into the adapter.
+        u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)
+        sr = s_vals[:r] / scale
+        return torch.diag(torch.sqrt(sr)) @ vh[:r], u[:, :r] @ torch.diag(torch.sqrt(sr))
+    # OLoRA: an orthonormal basis of W's column space (QR) initialises B.
+    q, rr = torch.linalg.qr(w)
+    return rr[:r], q[:, :r]
+
+
 def base_kind(module: nn.Module) -> Optional[BaseKind]:
     """The dispatcher for `module`, or None if LoRA cannot wrap it."""
     for kind in BASE_KINDS:
@@ -163,23 +183,15 @@ class LoraLayer(nn.Module):
                 nn.init.normal_(b)
             else:
                 nn.init.normal_(a, std=1 / r)
-        elif init in ("pissa", "olora"):
+        elif init in PRINCIPAL_INITS:
             if self.kind.name not in ("linear", "conv1d"):
                 raise UserError(f"init {init!r} needs a full-precision linear base; {self.path} is {self.kind.name}")
             if self.merged:
                 raise UserError(f"unmerge the adapters of {self.path} before adding a {init} adapter")
             w = self.kind.dense_weight(self)
-            if init == "pissa":
-                # The top-r singular directions move into the adapter; the base keeps the residual.
-                u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)
-                sr = s_vals[:r] / scale
-                a.copy_(torch.diag(torch.sqrt(sr)) @ vh[:r])
-                b.copy_(u[:, :r] @ torch.diag(torch.sqrt(sr)))
-            else:
-                # OLoRA: an orthonormal basis of W's column space (QR) initialises B.
-                q, rr = torch.linalg.qr(w)
-                a.copy_(rr[:r])
-                b.copy_(q[:, :r])
+            a0, b0 = principal_factors(w, r, scale, init)
+            a.copy_(a0)
+            b.copy_(b0)
             self.kind.set_dense_weight(self, w - scale * (b.float() @ a.float()))
         else:
             raise UserError(f"unknown LoRA init {init!r}; use one of default, gaussian, pissa, olora")

@@ -56,6 +56,7 @@ from safetensors.torch import save_file
 
 from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
 from lorakit.errors import UserError
+from lorakit.layers import PRINCIPAL_INITS, principal_factors
 from lorakit.metrics import peak_rss_bytes
 from lorakit.models import DTYPES, check_model_folder, checkpoint_key_transform, meta_model
 
@@ -188,10 +189,16 @@ class _Update:
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+    init: str = "default"  # pissa | olora: B and A were trained against the base minus its principal part
 
-    def delta(self) -> torch.Tensor:
-        """s · B @ A in fp32 in the checkpoint's layout of the weight."""
+    def delta(self, w: torch.Tensor) -> torch.Tensor:
+        """What merging adds to the fp32 base weight w, both in the checkpoint's layout: s · B @ A,
+        less, for PiSSA / OLoRA adapters, the principal part s · B0 @ A0 their init moved out of W
+        (computed again from w, as loading the adapter does)."""
         d = self.scale * (self.b.float() @ self.a.float())
+        if self.init in PRINCIPAL_INITS:
+            a0, b0 = principal_factors(w if self.kind == "linear" else w.t(), self.a.shape[0], self.scale, self.init)
+            d -= self.scale * (b0 @ a0)
         return d if self.kind == "linear" else d.t()
 
 
@@ -253,7 +260,7 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
                 f"in adapter_config.json) but the base weight {key} is {tuple(w_shape)}; "
                 "the adapter was trained on a different base model"
             )
-        updates[key] = _Update(path, kind, a, b, adapter_scaling(config, path))
+        updates[key] = _Update(path, kind, a, b, adapter_scaling(config, path), config.init)
     replaced: dict[str, torch.Tensor] = {}
     for name, tensor in list(replace.items()) + [(f"{p}.weight", t) for p, t in base_replace.items()]:
         path, _, param = name.rpartition(".")
@@ -555,7 +562,7 @@ def _merged_tensor(
         held.drop(_nbytes(rounded))
         del rounded
     if update is not None:
-        delta = update.delta()
+        delta = update.delta(w)
         held.add(_nbytes(delta))
         w += delta
         held.drop(_nbytes(delta))

@@ -9,6 +9,7 @@ from helpers import make_tokenizer, save_model_folder, tiny_llama
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from lorakit import LoraConfig, inject_adapter, save_adapter
 from lorakit.adapters import write_adapter_folder
 from lorakit.cli import main
 from lorakit.inspection import inspect_adapter, update_spectrum
@@ -53,6 +54,28 @@ def test_hand_built_numbers(tmp_path):
     assert q["relative"] == pytest.approx(q["norm"] / float(w.norm()), rel=1e-9)
     assert len(info["base"]["untouched"]) == 13 and "lm_head" in info["base"]["untouched"]
     assert "model.layers.0.self_attn.k_proj" in info["base"]["untouched"]
+
+
+def test_principal_init_relative_size_is_the_change_merging_makes(tmp_path, capsys):
+    # PiSSA: s·B@A holds the base's principal part; against the base, inspect reports what the
+    # merge changes, ||residual + s·B@A - W|| / ||W||
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], init="pissa"))
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].add_(0.005)
+    save_adapter(model, tmp_path / "adapter")
+    base = save_model_folder(tmp_path / "base", tiny_llama(), make_tokenizer())
+    info = inspect_adapter(tmp_path / "adapter", base)
+    w = tiny_llama().model.layers[0].self_attn.q_proj.weight.detach().double()
+    merged = layer.weight.detach().double() + layer.scaling["default"] * (
+        layer.lora_B["default"].detach().double() @ layer.lora_A["default"].detach().double())  # fmt: skip
+    q0 = info["modules"][0]
+    assert q0["module"] == "model.layers.0.self_attn.q_proj" and info["init"] == "pissa"
+    assert q0["relative"] == pytest.approx(float((merged - w).norm() / w.norm()), rel=1e-4)
+    assert q0["relative"] < 0.5 * q0["norm"] / float(w.norm())  # s·B@A alone is mostly W's principal part
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    assert "init pissa: B@A started as the base weight's principal part" in capsys.readouterr().out
 
 
 def test_spectrum_matches_dense_svd():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -94,6 +94,20 @@ def test_gpt2_conv1d_and_tied_embedding_are_untied(tmp_path):
     torch.testing.assert_close(merged.lm_head.weight, tiny_gpt2().transformer.wte.weight)  # head keeps the base
     with torch.no_grad():
         torch.testing.assert_close(merged(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_inits_merge_into_the_residual(tmp_path, init):
+    # PiSSA / OLoRA adapters were trained against W minus its principal part: the merge takes that
+    # part out again (recomputed from W, as loading does), so the merged model is the adapted one
+    lora = LoraConfig(r=4, alpha=8, targets=["q_proj", "down_proj"], init=init)
+    base, expected = _lorakit_case(tmp_path, tiny_llama, lora, shard=None)
+    merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    with torch.no_grad():
+        got = _plain(tmp_path / "out")(_ids()).logits
+        peft_model = PeftModel.from_pretrained(_plain(base), str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(peft_model(_ids()).logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_keys_transformers_renames_on_load(tmp_path):
