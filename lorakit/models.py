@@ -6,10 +6,11 @@ read from safetensors only; `trust_remote_code` stays off unless the caller turn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -60,13 +61,30 @@ def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -
     return folder
 
 
+@contextlib.contextmanager
+def _loading_errors(path: Union[str, Path]) -> Iterator[None]:
+    """transformers' OSError for a model it cannot get (a Hub name offline or misspelt, a gated
+    repository, a folder's file it cannot read) as a one-line UserError."""
+    try:
+        yield
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if Path(path).exists():
+            raise UserError(f"{path}: transformers could not load it: {first}") from None
+        raise UserError(
+            f"model {str(path)!r} is not a local folder, and transformers could not get it from the Hugging Face Hub "
+            f"({first}); pass a local model folder, or check the name and the network (HF_HUB_OFFLINE)"
+        ) from None
+
+
 def load_tokenizer(path: Union[str, Path], *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     folder = Path(path)
     if folder.exists():
         check_model_folder(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with _loading_errors(path):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding is always masked out of the loss and attention; eos is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -101,9 +119,10 @@ def load_model(
     _quiet_transformers()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
-        )
+        with _loading_errors(path):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+            )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise UserError(f"{path}: this model needs custom code; set trust_remote_code: true if you trust it") from None

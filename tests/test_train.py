@@ -223,6 +223,17 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
+def test_a_hub_name_transformers_cannot_get_exits_2(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as in every test: the name is not in the local cache either
+    config = _config(workspace, tmp_path / "hub-run", max_steps=1)
+    assert main(["train", config, "model=lorakit-tests/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "error: model 'lorakit-tests/no-such-model' is not a local folder, and transformers could not get it" in err
+    assert "Traceback" not in err
+    assert main(["generate", "--model", "lorakit-tests/no-such-model", "--prompt", "hi"]) == 2
+    assert "could not get it from the Hugging Face Hub" in capsys.readouterr().err
+
+
 def test_max_length_against_the_models_positions(workspace, tmp_path, capsys):
     # a learned position table (GPT-2, n_positions 32) has no row past its end: refused before
     # the data is read; rotary positions (the Llama model, 256) go on, with a note
