@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -94,6 +95,16 @@ def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
     return text[:prompt_chars], text[prompt_chars:], False
 
 
+# A reasoning block before the answer (Qwen3, DeepSeek-R1; Qwen3's template writes an empty one
+# into the reply it trains on): exact match is about the answer after it.
+_REASONING = re.compile(r"\A\s*<think>.*?</think>", re.DOTALL)
+
+
+def final_answer(text: str) -> str:
+    """`text` without a leading <think>...</think> block, stripped."""
+    return _REASONING.sub("", text, count=1).strip()
+
+
 def generation_accuracy(
     model: nn.Module,
     tokenizer: Any,
@@ -104,7 +115,8 @@ def generation_accuracy(
     show_failures: int = 3,
 ) -> dict[str, Any]:
     """{"accuracy", "correct", "total", "failures": [{"prompt", "expected", "got"}]} over the
-    records that have an answer (exact match after strip(); greedy; at most `show_failures` listed).
+    records that have an answer (exact match of `final_answer`s: stripped, a leading reasoning block
+    left out; greedy; at most `show_failures` listed).
 
     Raises:
         UserError: see `prompt_and_answer`; no record with an answer.
@@ -132,7 +144,7 @@ def generation_accuracy(
                 got[i] = text
     correct, failures = 0, []
     for (prompt, expected, is_chat), text in zip(cases, got):
-        if text.strip() == expected.strip():
+        if final_answer(text) == final_answer(expected):
             correct += 1
         elif len(failures) < show_failures:
             shown = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if is_chat else prompt

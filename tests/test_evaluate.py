@@ -10,7 +10,7 @@ from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama
 from lorakit.cli import main
 from lorakit.config import DataConfig
 from lorakit.data import INSTRUCTION_TEMPLATE_NO_INPUT, load_dataset
-from lorakit.evaluate import evaluate_loss, generation_accuracy
+from lorakit.evaluate import evaluate_loss, final_answer, generation_accuracy
 from lorakit.generate import generate
 
 RECORDS = [
@@ -73,6 +73,20 @@ def test_accuracy_on_known_case(setup):
     assert (got["correct"], got["total"]) == (2, 3) and got["accuracy"] == pytest.approx(2 / 3)
     assert got["failures"] == [{"prompt": "### Instruction:\nSay hi\n\n### Response:\n", "expected": plain[1] + " extra",
                                 "got": plain[1]}]  # fmt: skip
+
+
+def test_a_leading_reasoning_block_is_not_part_of_the_answer(setup, monkeypatch):
+    # Qwen3's template trains an empty think block before each final reply; reasoning models write
+    # a full one: the answer compared is what follows it
+    model, tok, _, _ = setup
+    replies = iter([["<think>\n\n</think>\n\nFour.", "<think>two and two</think> Five.", "Four. <think></think>"]])
+    monkeypatch.setattr("lorakit.generate.generate", lambda *args, **kwargs: next(replies))
+    ask = [{"role": "user", "content": "What is two plus two?"}]
+    records = [{"messages": ask + [{"role": "assistant", "content": answer}]} for answer in ("Four.", "Four.", "Four.")]
+    got = generation_accuracy(model, tok, records)
+    assert (got["correct"], got["total"]) == (1, 3)
+    assert [f["got"] for f in got["failures"]] == ["<think>two and two</think> Five.", "Four. <think></think>"]
+    assert final_answer("<think>\nsteps\n</think>\n\n 42 ") == "42" == final_answer("42")
 
 
 def test_cli_eval_json_and_table(setup, tmp_path, capsys):
