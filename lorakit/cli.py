@@ -58,6 +58,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return inspect_command(args)
 
 
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none",
+                   help="nf4: the base in 4-bit as QLoRA trains it (a QLoRA adapter runs over the base it learned on)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning for causal language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", required=True, help="model folder")
         p.add_argument("--adapter", default=None, help="adapter folder")
+        _add_quantize(p)
         if name == "generate":
             src = p.add_mutually_exclusive_group(required=True)
             src.add_argument("--prompt", help="one prompt")
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy on a dataset")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None)
+    _add_quantize(p)
     p.add_argument("--data", required=True, help="JSONL/JSON dataset in any lorakit format")
     p.add_argument("--generate", action="store_true", help="also measure exact-match accuracy of greedy completions")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -175,7 +175,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from lorakit.data import load_dataset, read_records
     from lorakit.generate import load_for_command
 
-    model, tokenizer = load_for_command(args.model, args.adapter)
+    model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
     cfg = DataConfig(max_length=max_length, packing=False)
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)

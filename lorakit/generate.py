@@ -185,15 +185,15 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     return prompts
 
 
-def load_for_command(model_path: str, adapter_path: Optional[str]) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for a CLI command; a path that is not a folder is a UserError (a bare
-    `org/name` is left to transformers, for users with a network)."""
+def load_for_command(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a CLI command's --model, --adapter and --quantize; a path that is not
+    a folder is a UserError (a bare `org/name` is left to transformers, for users with a network)."""
     from lorakit.config import _looks_like_hub_name
     from lorakit.models import check_model_folder, load_for_inference
 
-    if not _looks_like_hub_name(model_path):
-        check_model_folder(model_path)
-    return load_for_inference(model_path, adapter_path)
+    if not _looks_like_hub_name(args.model):
+        check_model_folder(args.model)
+    return load_for_inference(args.model, args.adapter, quantize=args.quantize)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +205,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def generate_command(args: argparse.Namespace) -> int:
     """Print the completion of --prompt, or one JSON line {"prompt", "completion"} per --prompts entry."""
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    model, tokenizer = load_for_command(args.model, args.adapter)
+    model, tokenizer = load_for_command(args)
     texts = generate(model, tokenizer, prompts, chat=args.chat, batch_size=args.batch_size, **_sampling(args))
     if args.prompt is not None:
         print(texts[0])
@@ -275,6 +275,6 @@ def chat_loop(
 
 
 def chat_command(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_command(args.model, args.adapter)
+    model, tokenizer = load_for_command(args)
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
     return 0

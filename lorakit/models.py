@@ -144,10 +144,14 @@ def load_for_inference(
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ):
     """(model, tokenizer) with the adapter (if any) loaded, in eval mode.
 
-    The adapter is checked against the model before any weight is touched.
+    The adapter is checked against the model before any weight is touched. quantize "nf4" loads
+    the base in 4-bit as QLoRA training does (`lorakit.quant.load_model_4bit`), computing in `dtype`
+    (default: bf16 where the hardware has it, as training's `precision: auto`), so a QLoRA adapter
+    runs over the base it was trained against.
     """
     from lorakit.adapters import apply_adapter, read_adapter
 
@@ -155,9 +159,15 @@ def load_for_inference(
         check_model_folder(model_path)
     files = read_adapter(adapter_path) if adapter_path is not None else None
     device = torch.device(device) if device is not None else pick_device()
-    dtype = dtype or (torch.float32 if device.type == "cpu" else resolve_precision("auto", device))
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if quantize == "nf4":
+        from lorakit.quant import load_model_4bit
+
+        dtype = dtype or resolve_precision("auto", device)
+        model, _ = load_model_4bit(model_path, compute_dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    else:
+        dtype = dtype or (torch.float32 if device.type == "cpu" else resolve_precision("auto", device))
+        model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if files is not None:
         apply_adapter(model, files)
         model.to(device)
@@ -168,8 +178,6 @@ def meta_model(path: Union[str, Path], *, trust_remote_code: bool = False) -> Op
     """The folder's model built from its config.json on the meta device: its module structure, no
     weights read, no memory. None where it cannot be built (custom code not trusted, an
     architecture this transformers does not know, no config)."""
-    import warnings
-
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging

@@ -320,6 +320,24 @@ def test_adapter_loads_in_peft_over_the_16bit_base(workspace, nf4_run):
     torch.testing.assert_close(_logits(peft16, ids), ours, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_commands_run_a_qlora_adapter_over_its_4bit_base(workspace, nf4_run, capsys):
+    from lorakit.cli import main
+    from lorakit.generate import generate
+    from lorakit.models import load_for_inference
+
+    out, _ = nf4_run
+    ids = _ids(4)
+    model, tokenizer = load_for_inference(workspace / "model", out / "adapter", dtype=FP32, device="cpu", quantize="nf4")
+    assert sum(type(p).__name__ == "Params4bit" for p in model.parameters()) == 2 * len(LINEAR_NAMES)
+    torch.testing.assert_close(_logits(model, ids), _logits(_lorakit_qlora(workspace, out / "adapter"), ids), rtol=0, atol=0)
+    # the CLI computes in bf16 where the CPU has it, as training's precision: auto would
+    model, tokenizer = load_for_inference(workspace / "model", out / "adapter", device="cpu", quantize="nf4")
+    want = generate(model, tokenizer, ["3 plus 4 is"], max_new_tokens=3)
+    args = ["generate", "--model", str(workspace / "model"), "--adapter", str(out / "adapter"), "--prompt", "3 plus 4 is"]
+    assert main(args + ["--quantize", "nf4", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == want[0] + "\n"
+
+
 def test_adapter_loads_in_peft_over_a_bitsandbytes_4bit_base(workspace, nf4_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
