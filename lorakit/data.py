@@ -210,7 +210,7 @@ def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[
             f"`datasets.load_dataset('{path.suffix[1:]}', data_files='{path}')['train'].to_json('data.jsonl')`"
         )
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None

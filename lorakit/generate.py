@@ -161,7 +161,7 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--prompts {str(path)!r}: file not found; give a text file (one prompt per line) or JSONL")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is dropped
     jsonl = path.suffix.lower() in (".jsonl", ".json") or any(line.lstrip().startswith("{") for line in lines[:1])
     prompts: list[Prompt] = []
     for number, line in enumerate(lines, 1):

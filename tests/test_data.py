@@ -251,6 +251,17 @@ def test_subset_and_read_records_line_numbers(tmp_path):
         assert [x.tolist() for x in sub.example(j)] == [x.tolist() for x in ds.example(i)]
 
 
+def test_a_byte_order_mark_and_windows_line_ends_are_read(tmp_path):
+    # files saved by Windows editors: UTF-8 with a BOM, CRLF line ends
+    records = [{"prompt": "1 plus 1 is", "completion": " 2"}, {"prompt": "2 plus 2 is", "completion": " 4"}]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in records).encode() + b"\r\n")
+    assert read_records(jsonl) == [(1, records[0]), (2, records[1])]
+    listed = tmp_path / "d.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).replace("\n", "\r\n").encode())
+    assert [r for _, r in read_records(listed)] == records
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 

@@ -148,3 +148,5 @@ def test_bad_inputs(tmp_path, capsys):
         read_prompts(tmp_path / "bad.jsonl")
     (tmp_path / "plain.txt").write_text("one\n\ntwo\n")
     assert read_prompts(tmp_path / "plain.txt") == ["one", "two"]
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "one"}\r\n')  # saved by a Windows editor
+    assert read_prompts(tmp_path / "bom.jsonl") == ["one"]
