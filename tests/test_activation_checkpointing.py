@@ -4,7 +4,7 @@ CPU the same bits); the full rerun leaves out the projection nothing after it ne
 checkpointing every frozen projection and the attention; the hooks way recomputes each norm and
 SwiGLU output once and raises on a saved tensor changed in place, the rerun way recomputes a kept
 output changed in place instead of replaying it; nothing outlives the step; no gradient for the
-first layer's input; Llama, GPT-2, Qwen2 and Gemma 3."""
+first layer's input; Llama, GPT-2, Qwen2, Qwen3, OLMo 2, Phi-3, GPT-NeoX and Gemma 3."""
 
 from __future__ import annotations
 
@@ -284,28 +284,41 @@ def _family(name: str):
     if name == "gpt2":  # Conv1D projections, q/k/v from one c_attn
         return tiny_gpt2(n_layer=3)
     shape = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="sdpa")  # fmt: skip
-    if name == "qwen2":  # biased q/k/v
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
-    # Gemma 3: q/k norms and a norm after the MLP, so the rerun reads the down projection's output
-    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**shape))
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="sdpa",
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    if name in ("phi3", "gpt_neox"):  # no separate head_dim; GPT-NeoX: no grouped KV heads either
+        shape = {k: v for k, v in shape.items() if k != "head_dim" and (name == "phi3" or k != "num_key_value_heads")}
+    config, model = {
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),  # biased q/k/v
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),  # RMSNorms on q and k per head
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),  # norms after the attention and after the MLP
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"),  # fused qkv_proj and gate_up_proj
+        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),  # LayerNorm, fused query_key_value, parallel residual
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),  # q/k norms, a norm after the MLP, GELU gate
+    }[name]
+    return getattr(transformers, model)(getattr(transformers, config)(**shape))
 
 
 # Projections the full rerun computes again in the two checkpointed layers of `_family`'s models.
-# It stops once the last saved tensor is back: in Qwen2 that is down_proj's own, so its projection is
-# never rerun; Gemma 3's norm after the MLP reads it, and GPT-2's dropout after the MLP saves a mask.
-FULL_RERUN_PROJECTIONS = {"gpt2": 2 * 4, "qwen2": 2 * 6, "gemma3": 2 * 7}
+# It stops once the last saved tensor is back: in Qwen2, Qwen3, Phi-3 and GPT-NeoX that is the last
+# projection's own, so that projection is never rerun; OLMo 2's and Gemma 3's norms after the MLP
+# read its output, and GPT-2's dropout after the MLP saves a mask.
+FULL_RERUN_PROJECTIONS = {"gpt2": 2 * 4, "qwen2": 2 * 6, "qwen3": 2 * 6, "olmo2": 2 * 7, "phi3": 2 * 3, "gpt_neox": 2 * 3,
+                          "gemma3": 2 * 7}  # fmt: skip
+# Llama-style MLPs with separate gate and up projections, and RMSNorms of Llama's formula: the
+# selective mode keeps recipes instead of rerunning those layers
+SWIGLU_FAMILIES = ("qwen2", "qwen3", "olmo2")
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
-@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "qwen3", "olmo2", "phi3", "gpt_neox", "gemma3"])
 def test_checkpointing_across_model_families(family, mode):
     results = {}
     for m in (False, mode):
         model = _family(family)
         inject_adapter(model, LoraConfig(r=4, alpha=8))
         fused.use_fused_rms_norm(model)
-        assert fused.use_fused_silu_gate(model) == (3 if family == "qwen2" else 0)  # Gemma: GELU gate
+        assert fused.use_fused_silu_gate(model) == (3 if family in SWIGLU_FAMILIES else 0)
         fused.use_fused_rope(model)  # GPT-2 has no rotary embeddings
         base_calls = _count_base_calls(model)
         model.train()
@@ -333,7 +346,7 @@ def test_checkpointing_across_model_families(family, mode):
     if mode == "selective":  # without a rerun where the norms and the MLP are lorakit's fused ones
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
         assert len(layers) == 2
-        assert all(layer._gradient_checkpointing_func.by_hooks == (family == "qwen2") for layer in layers)
+        assert all(layer._gradient_checkpointing_func.by_hooks == (family in SWIGLU_FAMILIES) for layer in layers)
 
 
 @pytest.mark.parametrize("mode", [True, "selective"])
