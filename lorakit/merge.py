@@ -13,6 +13,10 @@ Per base tensor `<path>.weight`:
     modules_to_save: W is replaced by the adapter's trained copy; a PEFT `base_layer.weight`
     (saved for resized embeddings) replaces the base weight before the update is added.
 s comes from `adapters.adapter_scaling` (rank_pattern / alpha_pattern / rsLoRA resolved per module).
+PiSSA / OLoRA adapters were trained against W less its principal part s · B0 @ A0 (their init):
+that part is computed again from W, as loading such an adapter does, and taken out as well.
+Stored keys that transformers renames on load (GPT-NeoX's `embed_out` for `lm_head`) are matched
+to the adapter's module names its way, and written under their stored names.
 Module kinds (Linear vs Conv1D vs Embedding) and tied weights are read from the model class built
 on the meta device from config.json (no memory); when that fails (custom code), from the tensor
 shapes and the adapter's `fan_in_fan_out`.
@@ -149,7 +153,7 @@ def read_base_layout(folder: Union[str, Path], *, need_tokenizer: bool = True) -
 
 
 def _read_model_structure(layout: BaseLayout) -> None:
-    """Fill kinds / tied / head / embedding from the model class built on the meta device."""
+    """Fill kinds / tied / head / embedding / stored_as from the model class built on the meta device."""
     from lorakit.layers import base_kind
 
     model = meta_model(layout.folder)
