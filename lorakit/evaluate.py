@@ -156,16 +156,16 @@ DEFAULT_MAX_LENGTH = 1024
 
 
 def _max_length(asked: Optional[int], model: nn.Module, name: str) -> int:
-    """--max-length, by default 1024 or a learned position table's length if shorter.
+    """--max-length, by default 1024 or a position table's length if shorter.
 
     Raises:
-        UserError: --max-length below 1, or above a learned position table's length.
+        UserError: --max-length below 1, or above a position table's length.
     """
-    limit, learned = position_limit(model)
+    limit, table = position_limit(model)
     if asked is None:
-        return min(DEFAULT_MAX_LENGTH, limit) if learned else DEFAULT_MAX_LENGTH
-    if asked < 1 or (learned and asked > limit):
-        most = f"{limit} (the positions of {name}, a learned table)" if learned else "any positive length"
+        return min(DEFAULT_MAX_LENGTH, limit) if table else DEFAULT_MAX_LENGTH
+    if asked < 1 or (table and asked > limit):
+        most = f"{limit} (the rows of {name}'s position table)" if table else "any positive length"
         raise UserError(f"--max-length {asked}: give 1 to {most}")
     return asked
 

@@ -84,11 +84,11 @@ def generate(
     (`top_k=0` and `top_p=1` switch those filters off), seeded with `seed`, so the same call
     gives the same text. The global RNG state is left as it was.
 
-    A model with a learned position table (GPT-2) generates at most until its positions run out.
+    A model with a table of positions (GPT-2, GPT-J) generates at most until its positions run out.
 
     Raises:
         UserError: bad sampling values; chat prompts without a chat template; a prompt that fills
-            every position of a learned position table.
+            every position of a table of positions.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
         raise UserError(
@@ -106,7 +106,7 @@ def generate(
     else:
         options.update(do_sample=False)
     device = next(model.parameters()).device
-    limit, learned = position_limit(model)
+    limit, table = position_limit(model)
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -116,11 +116,11 @@ def generate(
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
                 width = max(len(ids) for ids in chunk)
-                room = limit - width if learned else max_new_tokens  # past the table there is no position
+                room = limit - width if table else max_new_tokens  # past the table there is no position
                 if room < 1:
                     raise UserError(
-                        f"a prompt of {width} tokens fills all {limit} positions of the model (a learned position "
-                        "table); shorten the prompt"
+                        f"a prompt of {width} tokens fills all {limit} positions of the model (a table with a row per "
+                        "position); shorten the prompt"
                     )
                 input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)

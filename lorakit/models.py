@@ -63,11 +63,11 @@ def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -
 
 @contextlib.contextmanager
 def _loading_errors(path: Union[str, Path]) -> Iterator[None]:
-    """transformers' OSError for a model it cannot get (a Hub name offline or misspelt, a gated
-    repository, a folder's file it cannot read) as a one-line UserError."""
+    """transformers' errors for a model it cannot get (a Hub name offline or misspelt, a gated
+    repository, a folder's file it cannot read or parse) as a one-line UserError."""
     try:
         yield
-    except OSError as exc:
+    except (OSError, json.JSONDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if Path(path).exists():
             raise UserError(f"{path}: transformers could not load it: {first}") from None
@@ -198,20 +198,21 @@ def meta_model(path: Union[str, Path], *, trust_remote_code: bool = False) -> Op
 
 def position_limit(model: nn.Module) -> tuple[Optional[int], bool]:
     """How many positions `model` encodes (config: `n_positions`, else `max_position_embeddings`)
-    and whether that is a hard limit: a learned position table (GPT-2's `wpe`, OPT's
-    `embed_positions`), which has no row for a later position, as opposed to rotary or ALiBi
-    positions, which are computed for any position (past the limit, untrained). (None, False)
-    when the config names no limit."""
+    and whether that is a hard limit: a position table with a row per position, learned (GPT-2's
+    `wpe`, OPT's `embed_positions`) or precomputed (GPT-J's rotary `embed_positions`), which has no
+    row for a later position, as opposed to rotary or ALiBi positions computed for any position
+    (past the limit, untrained). (None, False) when the config names no limit."""
     config = getattr(model, "config", None)
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return None, False
+    rows = (limit, limit + 2)  # OPT's table has an offset of 2
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    learned = any(
-        isinstance(m, nn.Embedding) and m is not inputs and m.num_embeddings in (limit, limit + 2)  # OPT: offset 2
-        for m in model.modules()
+    table = any(isinstance(m, nn.Embedding) and m is not inputs and m.num_embeddings in rows for m in model.modules())
+    table = table or any(
+        "position" in name and buffer.dim() == 2 and buffer.shape[0] in rows for name, buffer in model.named_buffers()
     )
-    return limit, learned
+    return limit, table
 
 
 def checkpoint_key_transform(model: nn.Module) -> Callable[[str], tuple[str, bool]]:

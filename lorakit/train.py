@@ -286,19 +286,19 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
 
 
 def check_positions(cfg: RunConfig, log: Callable[[str], None]) -> None:
-    """Refuse rows longer than the model's learned position table, before the data is tokenized;
+    """Refuse rows longer than the model's position table, before the data is tokenized;
     say so when they are longer than the positions a rotary model was trained on.
 
     Raises:
-        UserError: data.max_length above a learned table's length (GPT-2's n_positions).
+        UserError: data.max_length above a position table's length (GPT-2's n_positions).
     """
-    limit, learned = position_limit(meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code) or nn.Module())
+    limit, table = position_limit(meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code) or nn.Module())
     if limit is None or cfg.data.max_length <= limit:
         return
-    if learned:
+    if table:
         raise UserError(
-            f"data.max_length = {cfg.data.max_length} is longer than the {limit} positions of {cfg.model} (a learned "
-            f"position table, config.json); set data.max_length: {limit} or less"
+            f"data.max_length = {cfg.data.max_length} is longer than the {limit} positions of {cfg.model} (a table "
+            f"with a row per position, config.json); set data.max_length: {limit} or less"
         )
     log(
         f"note: data.max_length = {cfg.data.max_length} is past the {limit} positions {cfg.model} was trained on "

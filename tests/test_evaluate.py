@@ -115,7 +115,7 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "adapter_config.json" in capsys.readouterr().err
 
 
-def test_max_length_follows_a_learned_position_table(tmp_path, capsys):
+def test_max_length_follows_a_position_table(tmp_path, capsys):
     # GPT-2 (n_positions 16): by default examples are cut at 16 tokens, and more is refused
     folder = save_model_folder(tmp_path / "m", tiny_gpt2(n_positions=16), make_tokenizer())
     data = tmp_path / "long.jsonl"
@@ -123,4 +123,4 @@ def test_max_length_follows_a_learned_position_table(tmp_path, capsys):
     assert main(["eval", "--model", str(folder), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == 15  # 16 positions, 15 predicted tokens
     assert main(["eval", "--model", str(folder), "--data", str(data), "--max-length", "17"]) == 2
-    assert "--max-length 17: give 1 to 16 (the positions of" in capsys.readouterr().err
+    assert "--max-length 17: give 1 to 16 (the rows of" in capsys.readouterr().err

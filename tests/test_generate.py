@@ -80,7 +80,7 @@ def test_generation_stops_at_eos(model_tok):
     assert got == [tok.decode(greedy[:k], skip_special_tokens=True)]
 
 
-def test_learned_position_table_bounds_the_generation():
+def test_a_position_table_bounds_the_generation():
     # GPT-2 has a row per position up to n_positions: generation stops there instead of failing
     model, tok = tiny_gpt2(n_positions=24), make_tokenizer()
     ids = render_prompt(tok, PROMPTS[0], chat=False)

@@ -235,7 +235,7 @@ def test_a_hub_name_transformers_cannot_get_exits_2(workspace, tmp_path, capsys,
 
 
 def test_max_length_against_the_models_positions(workspace, tmp_path, capsys):
-    # a learned position table (GPT-2, n_positions 32) has no row past its end: refused before
+    # a position table (GPT-2's, n_positions 32) has no row past its end: refused before
     # the data is read; rotary positions (the Llama model, 256) go on, with a note
     save_model_folder(tmp_path / "gpt2", tiny_gpt2(n_positions=32))
     config = _config(workspace, tmp_path / "gpt2-run", max_steps=1)

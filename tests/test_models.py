@@ -1,0 +1,43 @@
+"""lorakit.models: position limits, transformers' renames of stored keys, the structure on the meta device."""
+
+import pytest
+import torch
+import transformers
+from helpers import save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_qwen3_moe
+
+from lorakit.errors import UserError
+from lorakit.models import checkpoint_key_transform, load_tokenizer, meta_model, position_limit
+
+
+def test_position_limit_tells_tables_from_computed_positions():
+    assert position_limit(tiny_llama()) == (256, False)  # rotary: computed for any position
+    assert position_limit(tiny_gpt2(n_positions=48)) == (48, True)  # learned table `wpe`
+    gptj = transformers.GPTJConfig(vocab_size=400, n_embd=64, n_layer=1, n_head=4, n_positions=32, rotary_dim=8,
+                                   bos_token_id=1, eos_token_id=2)  # fmt: skip
+    with torch.device("meta"):  # as lorakit train checks it, before loading any weight
+        assert position_limit(transformers.GPTJForCausalLM(gptj)) == (32, True)  # precomputed rotary table
+    opt = transformers.OPTConfig(vocab_size=400, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+                                 word_embed_proj_dim=64, max_position_embeddings=40, pad_token_id=0)  # fmt: skip
+    assert position_limit(transformers.OPTForCausalLM(opt)) == (40, True)  # learned, with OPT's offset of 2 rows
+    assert position_limit(torch.nn.Linear(2, 2)) == (None, False)
+
+
+def test_checkpoint_key_transform_follows_transformers():
+    with torch.device("meta"):
+        llama, neox, moe = tiny_llama(), tiny_gpt_neox(), tiny_qwen3_moe()
+    same = checkpoint_key_transform(llama)
+    assert same("model.layers.0.self_attn.q_proj.weight") == ("model.layers.0.self_attn.q_proj.weight", False)
+    assert checkpoint_key_transform(neox)("embed_out.weight") == ("lm_head.weight", False)
+    assert checkpoint_key_transform(moe)("model.layers.1.mlp.experts.3.up_proj.weight")[1] is True
+    assert checkpoint_key_transform(moe)("model.layers.1.self_attn.q_proj.weight") == ("model.layers.1.self_attn.q_proj.weight", False)
+    assert checkpoint_key_transform(torch.nn.Linear(2, 2))("weight") == ("weight", False)
+
+
+def test_meta_model_and_a_folder_transformers_cannot_read(tmp_path):
+    folder = save_model_folder(tmp_path / "m", tiny_llama())
+    structure = meta_model(folder)
+    assert structure is not None and all(p.is_meta for p in structure.parameters())
+    assert meta_model(tmp_path / "none") is None
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"m: transformers could not load it"):
+        load_tokenizer(folder)
