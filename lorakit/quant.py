@@ -174,6 +174,18 @@ def load_model_4bit(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
+    # Each stored key as transformers maps it, read once from the headers: (the model's name, whether
+    # a converter must run).
+    transform = checkpoint_key_transform(model)
+    stored = {k: transform(k) for path in files for k in _safetensors_header(path)}
+    converted = [k for k, (_, needs_converter) in stored.items() if needs_converter]
+    if converted:
+        # Weights stored in another layout than the model holds them (MoE experts one by one,
+        # held fused): transformers' own loader converts them, then the linear layers are quantized.
+        log.info("%s: %d stored tensors need transformers' conversion on load (e.g. %s); loading the model whole, "
+                 "then quantizing", folder, len(converted), converted[0])  # fmt: skip
+        del model
+        return _load_whole_then_quantize(folder, compute_dtype, skip, trust_remote_code, device, blocksize, double_quant)
     held = _Held()
     # Non-persistent buffers are not in the files: materialise them first and let the model's
     # own init compute them (its parameters are still on meta, so nothing real is overwritten).
@@ -184,15 +196,6 @@ def load_model_4bit(
         for module in {model.get_submodule(k.rpartition(".")[0]) for k, _ in model.named_non_persistent_buffers()}:
             model._init_weights(module)
 
-    transform = checkpoint_key_transform(model)
-    converted = [k for path in files for k in _safetensors_header(path) if transform(k)[1]]
-    if converted:
-        # Weights stored in another layout than the model holds them (MoE experts one by one,
-        # held fused): transformers' own loader converts them, then the linear layers are quantized.
-        log.info("%s: %d stored tensors need transformers' conversion on load (e.g. %s); loading the model whole, "
-                 "then quantizing", folder, len(converted), converted[0])  # fmt: skip
-        del model
-        return _load_whole_then_quantize(folder, compute_dtype, skip, trust_remote_code, device, blocksize, double_quant)
     tied = {t: s for t, s in getattr(model, "all_tied_weights_keys", {}).items()}
     param_names = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     expected = param_names | {k for k, _ in _persistent_buffers(model)}
@@ -201,16 +204,14 @@ def load_model_4bit(
     for name, module in targets.items():
         _set_module(model, name, _new_linear4bit(bnb, module, compute_dtype, double_quant))
     prefix = getattr(model, "base_model_prefix", "")
-    in_files = set()
-    for path in files:
-        in_files |= {_match_key(transform(k)[0], expected, prefix) for k in _safetensors_header(path)}
+    in_files = {_match_key(name, expected, prefix) for name, _ in stored.values()}
     loaded: set[str] = set()
     unexpected: list[str] = []
     before = 0
     codes: dict[Any, tuple] = {}
     for path in files:
         for file_key, read in _safetensors_reader(path):
-            key = _match_key(transform(file_key)[0], expected, prefix)
+            key = _match_key(stored[file_key][0], expected, prefix)
             if key is None:
                 unexpected.append(file_key)
                 continue

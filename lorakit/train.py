@@ -292,7 +292,10 @@ def check_positions(cfg: RunConfig, log: Callable[[str], None]) -> None:
     Raises:
         UserError: data.max_length above a position table's length (GPT-2's n_positions).
     """
-    limit, table = position_limit(meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code) or nn.Module())
+    structure = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if structure is None:  # a Hub name, custom code not trusted: the model's loader speaks for it
+        return
+    limit, table = position_limit(structure)
     if limit is None or cfg.data.max_length <= limit:
         return
     if table:
