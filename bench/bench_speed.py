@@ -331,7 +331,8 @@ def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: 
         "model": str(work / "model"), "output_dir": str(work / f"run-{os.getpid()}"), "quantize": case.get("quantize", "none"),
         "data": {"train": str(work / "train.jsonl"), "format": "text", "max_length": size["seq"], "packing": True,
                  "cache_dir": str(work / "cache")},
-        "lora": {"r": R, "alpha": ALPHA, "dropout": case.get("dropout", 0.0), "targets": "all-linear"},
+        "lora": {"r": R, "alpha": ALPHA, "dropout": case.get("dropout", 0.0), "targets": "all-linear",
+                 "target_parameters": case.get("target_parameters", [])},
         "train": {"max_steps": size["warmup"] + size["steps"], "batch_size": size["batch"], "lr": LR, "seed": SEED,
                   "gradient_checkpointing": case.get("gradient_checkpointing", False), "log_every": 1000, "save_every": 0},
     }  # fmt: skip
@@ -382,9 +383,12 @@ def side_peft(work: Path, size: dict, case: dict) -> dict:
     if case.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=case.get("dropout", 0.0), target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=case.get("dropout", 0.0), target_modules="all-linear",
+                                             target_parameters=case.get("target_parameters"), task_type="CAUSAL_LM"))  # fmt: skip
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # PEFT keeps expert adapters (target_parameters) in the weight's dtype: fp32 like lorakit's
+        p.data = p.data.float()
     assert all(p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     batches = torch.load(work / "batches.pt")

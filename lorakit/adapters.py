@@ -7,6 +7,11 @@ A PEFT LoRA adapter folder holds:
                                base_model.model.<module path>.lora_embedding_A (r, num_embeddings)
                                base_model.model.<module path>.lora_embedding_B (dim, r)
                                base_model.model.<module path>.<param>         modules_to_save copies
+                               base_model.model.<experts path>[.base_layer]*.lora_A.weight (E·r, in)
+                               base_model.model.<experts path>[.base_layer]*.lora_B.weight (out, r·E)
+PEFT wraps each targeted expert weight (`target_parameters`) in its own layer, nested in the
+order the module registers them, so the last one's keys have no `.base_layer` and each earlier one
+gets one more (Qwen3-MoE: gate_up_proj under `experts.base_layer.`, down_proj under `experts.`).
 The adapter's name never appears in the keys. Only safetensors are read: a pickled adapter
 (`adapter_model.bin`) could run arbitrary code when loaded, so it is refused.
 """
@@ -31,15 +36,17 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
+from lorakit.experts import LoraExperts, expert_parameter_names
 from lorakit.inject import (
     _pattern_value,
+    find_parameter_targets,
     find_targets,
     inject_adapter,
     lora_configs,
     lora_layers,
     saved_modules,
 )
-from lorakit.layers import base_kind
+from lorakit.layers import LoraLayer, base_kind
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,12 +63,12 @@ _PEFT_BOOKKEEPING = {
 _PEFT_UNSUPPORTED_DEFAULTS = {
     "use_dora": False, "bias": "none", "lora_bias": False, "loftq_config": {}, "eva_config": None,
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
-    "use_qalora": False, "monteclora_config": None, "layer_replication": None, "target_parameters": None,
+    "use_qalora": False, "monteclora_config": None, "layer_replication": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "trainable_token_indices": None,
 }  # fmt: skip
 _LORAKIT_KEYS = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
-    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "target_parameters",
 }  # fmt: skip
 _INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -88,8 +95,10 @@ def peft_config_dict(
     config = lora_configs(model).get(name)
     if config is None:
         raise UserError(f"no adapter named {name!r} on the model; it has {sorted(lora_configs(model))}")
-    paths = [p for p, layer in lora_layers(model) if name in layer.lora_A]
-    kinds = {layer.kind.name for _, layer in lora_layers(model) if name in layer.lora_A}
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
+    paths = [p for p, layer in layers if isinstance(layer, LoraLayer)]
+    kinds = {layer.kind.name for _, layer in layers if isinstance(layer, LoraLayer)}
+    expert_params = [f"{p}.{param}" for p, layer in layers if isinstance(layer, LoraExperts) for param in layer.lora_A[name]]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -98,7 +107,8 @@ def peft_config_dict(
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": _targets_for_peft(model, paths),
+        "target_modules": _targets_for_peft(model, paths) if paths else None,
+        "target_parameters": _parameter_targets_for_peft(config, expert_params),
         "exclude_modules": None,
         "use_rslora": config.rslora,
         "init_lora_weights": _INIT_TO_PEFT[config.init],
@@ -128,9 +138,17 @@ def _targets_for_peft(model: nn.Module, paths: list[str]) -> Union[list[str], st
     return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
 
 
-def _wraps(module: nn.Module) -> bool:
-    from lorakit.layers import LoraLayer
+def _parameter_targets_for_peft(config: LoraConfig, expert_params: list[str]) -> Optional[list[str]]:
+    """The config's own entries when PEFT selects the same weights with them (PEFT applies no layer
+    or exclude filter to parameters); else the full parameter paths."""
+    if not expert_params:
+        return None
+    if config.layers is None and config.exclude is None:
+        return sorted(config.target_parameters)
+    return sorted(expert_params)
 
+
+def _wraps(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer) or base_kind(module) is not None
 
 
@@ -141,14 +159,33 @@ def peft_keys(path: str, layer) -> tuple[str, str]:
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
 
 
+def expert_peft_keys(path: str, params: list[str]) -> dict[str, tuple[str, str]]:
+    """PEFT's (A key, B key) of each adapted expert weight of the experts module at `path`.
+
+    `params` in registration order: PEFT nests a wrapper per weight in that order, so the last
+    sits outermost and each earlier one is one `.base_layer` deeper."""
+    out = {}
+    for i, param in enumerate(params):
+        inner = ".base_layer" * (len(params) - 1 - i)
+        out[param] = (f"{PREFIX}{path}{inner}.lora_A.weight", f"{PREFIX}{path}{inner}.lora_B.weight")
+    return out
+
+
+def _adapter_tensors(path: str, layer, name: str) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor of adapter `name` on one LoraLayer or LoraExperts."""
+    if isinstance(layer, LoraExperts):
+        keys = expert_peft_keys(path, list(layer.lora_A[name].keys()))
+        return {k: t for param, pair in keys.items() for k, t in zip(pair, (layer.lora_A[name][param], layer.lora_B[name][param]))}
+    a_key, b_key = peft_keys(path, layer)
+    return {a_key: layer.lora_A[name], b_key: layer.lora_B[name]}
+
+
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's key names (detached, contiguous, on CPU)."""
     out: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
-        if name not in layer.lora_A:
-            continue
-        a_key, b_key = peft_keys(path, layer)
-        out[a_key], out[b_key] = layer.lora_A[name], layer.lora_B[name]
+        if name in layer.lora_A:
+            out.update(_adapter_tensors(path, layer, name))
     for path, module in saved_modules(model):
         if name in module.copies:
             for key, value in module.copies[name].state_dict().items():
@@ -281,8 +318,11 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
     elif init not in ("gaussian", "olora"):
         raise UserError(f"{source}: init_lora_weights = {init!r} is not supported; lorakit knows default, gaussian, pissa, olora")
     targets = raw.get("target_modules")
-    if targets is None:
+    target_parameters = list(raw.get("target_parameters") or [])
+    if targets is None and not target_parameters:
         raise UserError(f"{source}: target_modules is missing")
+    if targets is None:
+        targets = []  # the experts alone
     if isinstance(targets, (list, tuple)):
         targets = list(targets)
     layers = raw.get("layers_to_transform")
@@ -301,6 +341,7 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             layers=layers,
             modules_to_save=list(raw.get("modules_to_save") or []),
+            target_parameters=target_parameters,
         )
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
@@ -330,6 +371,15 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int
             fan_out, fan_in = module.weight.shape
         out[f"{PREFIX}{path}.lora_A.weight"] = (r, fan_in)
         out[f"{PREFIX}{path}.lora_B.weight"] = (fan_out, r)
+    for path, params in find_parameter_targets(model, config).items():
+        module = model.get_submodule(path)
+        experts = module if isinstance(module, LoraExperts) else LoraExperts(module, path)
+        order = [p for p in expert_parameter_names(experts.base_layer) if p in params]
+        for param, (a_key, b_key) in expert_peft_keys(path, order).items():
+            r = _pattern_value(f"{path}.{param}", config.rank_pattern, config.r)
+            fan_in, fan_out = experts.features(param)
+            out[a_key] = (experts.num_experts * r, fan_in)
+            out[b_key] = (fan_out, r * experts.num_experts)
     for target in config.modules_to_save:
         for path, module in model.named_modules():
             if path and (path == target or path.endswith("." + target)) and ".copies." not in path:
@@ -404,9 +454,10 @@ def copy_adapter_weights(
         for path, layer in lora_layers(model):
             if name not in layer.lora_A:
                 continue
-            a_key, b_key = peft_keys(path, layer)
-            copy(layer.lora_A[name], files.tensors[a_key])
-            copy(layer.lora_B[name], files.tensors[b_key])
+            for key, param in _adapter_tensors(path, layer, name).items():
+                copy(param, files.tensors[key])
+            if isinstance(layer, LoraExperts):
+                continue
             base_weight = files.tensors.get(f"{PREFIX}{path}.base_layer.weight")
             if base_weight is not None:
                 copy(layer.weight, base_weight)

@@ -35,6 +35,9 @@ class LoraConfig:
         matched against the end of the module path (PEFT's semantics).
     layers: restrict adapters to these transformer block indices (`...layers.<i>....`).
     modules_to_save: modules trained in full and saved with the adapter, e.g. `["lm_head"]`.
+    target_parameters: MoE expert weights to adapt, named like PEFT's `target_parameters` and matched
+        against the end of each parameter path (`"mlp.experts.gate_up_proj"`); see lorakit.experts.
+        `targets: []` adapts the experts alone.
     """
 
     r: int = 16
@@ -48,6 +51,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers: Union[list[int], None] = None
     modules_to_save: list[str] = field(default_factory=list)
+    target_parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -65,8 +69,15 @@ class LoraConfig:
             out.append(f"{where}.dropout = {self.dropout!r}: must be in [0, 1), e.g. 0.05")
         if self.init not in LORA_INITS:
             out.append(f"{where}.init = {self.init!r}: unknown init; use one of {', '.join(LORA_INITS)}")
-        if isinstance(self.targets, (list, tuple)) and not self.targets:
+        if isinstance(self.targets, (list, tuple)) and not self.targets and not self.target_parameters:
             out.append(f"{where}.targets = []: name at least one module, or use 'all-linear'")
+        if self.target_parameters and _is_number(self.dropout) and self.dropout > 0:
+            out.append(
+                f"{where}.dropout = {self.dropout!r} with {where}.target_parameters: PEFT cannot load expert adapters "
+                "trained with dropout; set dropout: 0"
+            )
+        if self.target_parameters and self.init not in ("default", "gaussian"):
+            out.append(f"{where}.init = {self.init!r} with {where}.target_parameters: expert weights take default or gaussian")
         for name, rank in self.rank_pattern.items():
             if not _is_int(rank) or rank <= 0:
                 out.append(f"{where}.rank_pattern[{name!r}] = {rank!r}: ranks must be positive integers")

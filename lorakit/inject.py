@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
+from lorakit.experts import LoraExperts, expert_parameter_names, is_experts_module
 from lorakit.layers import LoraLayer, base_kind
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -95,6 +96,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     Raises:
         UserError: when nothing matches; the message lists the closest module names.
     """
+    if isinstance(config.targets, (list, tuple)) and not config.targets:
+        return []  # the experts alone (config.target_parameters)
     heads = _output_head_names(model)
     chosen = []
     for path, module in model.named_modules():
@@ -111,10 +114,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if _is_target(path, config.exclude):
             continue
-        if config.layers is not None:
-            found = _BLOCK_INDEX.search(path)
-            if found is None or int(found.group(1)) not in config.layers:
-                continue
+        if not _in_layers(path, config):
+            continue
         if any(path.startswith(c + ".") for c in chosen):
             continue
         chosen.append(path)
@@ -132,11 +133,58 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return chosen
 
 
+def _in_layers(path: str, config: LoraConfig) -> bool:
+    if config.layers is None:
+        return True
+    found = _BLOCK_INDEX.search(path)
+    return found is not None and int(found.group(1)) in config.layers
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
+    """Module path -> the expert weights `config.target_parameters` selects there, in model order.
+
+    A parameter matches when its path (`model.layers.0.mlp.experts.gate_up_proj`) equals an entry
+    or ends with `.` + the entry, as in PEFT; `layers` and `exclude` apply to the module path.
+
+    Raises:
+        UserError: an entry matching nothing, or a match that is not a 3-D expert weight.
+    """
+    if not config.target_parameters:
+        return {}
+    chosen: dict[str, list[str]] = {}
+    matched_entries = set()
+    for path, module in model.named_modules():
+        if ".lora_" in path or path.endswith(".base_layer") or ".base_layer." in path:
+            continue
+        base = module.base_layer if isinstance(module, LoraExperts) else module
+        for param, _ in base.named_parameters(recurse=False):
+            full = f"{path}.{param}" if path else param
+            hits = [t for t in config.target_parameters if full == t or full.endswith("." + t)]
+            if not hits or _is_target(path, config.exclude) or not _in_layers(path, config):
+                continue
+            matched_entries.update(hits)
+            if not is_experts_module(base) or param not in expert_parameter_names(base):
+                raise UserError(
+                    f"lora.target_parameters: {full} ({type(base).__name__}.{param}) is not a 3-D expert weight of a "
+                    "transformers MoE experts module; target linear layers with lora.targets instead"
+                )
+            chosen.setdefault(path, []).append(param)
+    unmatched = [t for t in config.target_parameters if t not in matched_entries]
+    if unmatched:
+        names = sorted({f"{p.rpartition('.')[0].rpartition('.')[2]}.{p.rpartition('.')[2]}"
+                        for p, prm in model.named_parameters() if prm.dim() == 3})  # fmt: skip
+        raise UserError(
+            f"lora.target_parameters entry {unmatched[0]!r} matches no parameter (layers={config.layers!r}, "
+            f"exclude={config.exclude!r}); the model's expert weights: {', '.join(names) or 'none (not a MoE model?)'}"
+        )
+    return chosen
+
+
 def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
     """Wrap the layers `config` selects with `LoraLayer`s carrying adapter `name`.
 
     Freezes every parameter that is not an adapter (or a `modules_to_save` copy). The first adapter
-    added becomes the active one. Returns the wrapped module paths.
+    added becomes the active one. Returns the wrapped module paths (expert modules included).
 
     Raises:
         UserError: bad config values, no matching layer, or an adapter name already in use.
@@ -148,6 +196,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") 
     if name in configs:
         raise UserError(f"adapter {name!r} is already on the model; delete_adapter it first or pick another name")
     paths = find_targets(model, config)
+    expert_targets = find_parameter_targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     for path in paths:
@@ -163,6 +212,17 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") 
             rslora=config.rslora,
             init=config.init,
         )
+    for path, params in expert_targets.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraExperts):
+            module = LoraExperts(module, path)
+            _replace(model, path, module)
+        ranks = {
+            p: (_pattern_value(f"{path}.{p}", config.rank_pattern, config.r),
+                _pattern_value(f"{path}.{p}", config.alpha_pattern, config.alpha))
+            for p in params
+        }  # fmt: skip
+        module.add_adapter(name, ranks, rslora=config.rslora, init=config.init)
     for target in config.modules_to_save:
         matched = [p for p, _ in model.named_modules() if p and (p == target or p.endswith("." + target))]
         matched = [p for p in matched if ".copies." not in p and not p.endswith(".original")]
@@ -179,7 +239,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") 
         set_active_adapter(model, name)
     else:
         set_active_adapter(model, active_adapter(model) or name)
-    return paths
+    return paths + list(expert_targets)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -197,9 +257,13 @@ def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
     return configs
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, Union[LoraLayer, LoraExperts]]]:
+    """Every module carrying adapters: LoRA layers and LoRA'd MoE experts (lorakit.experts).
+
+    Both keep `lora_A` / `lora_B` keyed by adapter name and know `active_adapter`, `merged`,
+    `disabled`, `merge`, `unmerge`, `delete_adapter` and `to_base_module`."""
     for path, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, LoraExperts)):
             yield path, module
 
 
@@ -223,7 +287,7 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
         # A layer without this adapter runs its base alone, so adapters never leak into each other.
         layer.active_adapter = name if name in layer.lora_A else None
         for n, p in list(layer.lora_A.items()) + list(layer.lora_B.items()):
-            p.requires_grad_(n == name)
+            p.requires_grad_(n == name)  # a Parameter, or a LoraExperts' ParameterDict (a Module)
     for _, module in saved_modules(model):
         module.active_adapter = name if name in module.copies else None
         for n, c in module.copies.items():

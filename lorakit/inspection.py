@@ -13,6 +13,9 @@ orthonormal columns). From them:
                     direction, r when all r are equal
 With a base model, the check reads only the safetensors headers (names, shapes, dtypes) and then
 loads just the targeted weights, for the relative size ||ΔW||_F / ||W||_F.
+
+MoE expert weights (`target_parameters`, lorakit.experts) get one row per fused weight: the norm
+over all experts' updates, the largest rank>1% of any expert and the experts' mean effective rank.
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
     config = files.config
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     saved: list[dict[str, Any]] = []
+    expert_rows, expert_keys = _expert_modules(files)
     for key, tensor in files.tensors.items():
+        if key in expert_keys:
+            continue
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
                              (".lora_embedding_B", "B")):  # fmt: skip
@@ -98,9 +104,11 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             "params": a.numel() + b.numel(),
             **stats,
         })  # fmt: skip
+    modules = sorted(modules + expert_rows, key=lambda m: _natural(m["module"]))
     result: dict[str, Any] = {
         "adapter": str(files.path),
         "targets": config.targets,
+        "target_parameters": config.target_parameters,
         "r": config.r,
         "alpha": config.alpha,
         "rslora": config.rslora,
@@ -117,7 +125,7 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
     if base_dir is not None:
         layout = read_base_layout(base_dir, need_tokenizer=False)
         plan = plan_merge(layout, files)  # raises on the first mismatch, from the headers alone
-        touched = {u.path for u in plan.updates.values()}
+        touched = {u.path for u in plan.updates.values()} | {u.path for u in plan.experts.values()}
         if layout.kinds:
             linear = [p for p, k in layout.kinds.items() if k in ("linear", "conv1d")]
         else:
@@ -136,6 +144,13 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             change = float(update.delta(w).double().norm()) if update.init in PRINCIPAL_INITS else by_path[update.path]["norm"]
             by_path[update.path]["kind"] = update.kind
             by_path[update.path]["relative"] = change / w_norm if w_norm else math.inf
+        for update in dict.fromkeys(plan.experts.values()):  # each fused weight once, over its stored keys
+            w_norm = 0.0
+            for key in update.stored:
+                with safe_open(str(layout.files[key]), framework="pt") as f:
+                    w_norm += float(f.get_tensor(key).double().norm()) ** 2
+            row = by_path[f"{update.path}.{update.param}"]
+            row["relative"] = row["norm"] / math.sqrt(w_norm) if w_norm else math.inf
         result["base"] = {
             "model": str(layout.folder),
             "compatible": True,
@@ -143,6 +158,71 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             "replaced": sorted(plan.replace),
         }
     return result
+
+
+def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
+    """Rows for the adapter's expert weights (lorakit.experts) and the file keys they use.
+
+    PEFT's keys do not name the weight, only its nesting depth, which follows the order the experts
+    module registers its weights: transformers' experts classes all register the first projection
+    (gate_up_proj or up_proj) before down_proj, so that order decodes them without the model."""
+    from lorakit.adapters import PREFIX, expert_peft_keys
+    from lorakit.experts import FIRST_PROJECTIONS, SECOND_PROJECTIONS
+
+    config = files.config
+    if not config.target_parameters:
+        return [], set()
+    canonical = FIRST_PROJECTIONS + SECOND_PROJECTIONS
+    leaves = sorted({t.rpartition(".")[2] for t in config.target_parameters} & set(canonical), key=canonical.index)
+    paths = set()
+    for key in files.tensors:
+        name = key[len(PREFIX) :]
+        if name.endswith(".lora_A.weight"):
+            path = name[: -len(".lora_A.weight")]
+            while path.endswith(".base_layer"):
+                path = path[: -len(".base_layer")]
+            paths.add(path)
+    rows, used = [], set()
+    for path in paths:
+        params = [p for p in leaves if any(f"{path}.{p}" == t or f"{path}.{p}".endswith("." + t) for t in config.target_parameters)]
+        if not params:
+            continue
+        for param, (a_key, b_key) in expert_peft_keys(path, params).items():
+            if a_key not in files.tensors or b_key not in files.tensors:
+                raise UserError(f"{files.path}: the adapter has no {a_key if a_key not in files.tensors else b_key}, which its "
+                                "target_parameters imply; the file is incomplete")  # fmt: skip
+            a, b = files.tensors[a_key], files.tensors[b_key]
+            used.update((a_key, b_key))
+            r = _pattern_rank(config, f"{path}.{param}")
+            experts = a.shape[0] // r
+            scale = _scaling(config, f"{path}.{param}")
+            a_e, b_e = a.view(experts, r, -1), b.view(b.shape[0], r, experts).permute(2, 0, 1)
+            per_expert = [spectrum_stats(update_spectrum(a_e[e], b_e[e], scale)) for e in range(experts)]
+            rows.append({
+                "module": f"{path}.{param}",
+                "kind": "experts",
+                "r": r,
+                "alpha": float(_alpha(config, f"{path}.{param}")),
+                "scaling": scale,
+                "shape": [experts, int(b.shape[0]), int(a.shape[1])],
+                "params": a.numel() + b.numel(),
+                "norm": math.sqrt(sum(st["norm"] ** 2 for st in per_expert)),
+                "rank_1pct": max(st["rank_1pct"] for st in per_expert),
+                "effective_rank": sum(st["effective_rank"] for st in per_expert) / experts,
+            })  # fmt: skip
+    return rows, used
+
+
+def _pattern_rank(config, path: str) -> int:
+    from lorakit.inject import _pattern_value
+
+    return _pattern_value(path, config.rank_pattern, config.r)
+
+
+def _alpha(config, path: str) -> float:
+    from lorakit.inject import _pattern_value
+
+    return _pattern_value(path, config.alpha_pattern, config.alpha)
 
 
 def _scaling(config, path: str) -> float:
@@ -159,7 +239,8 @@ def format_report(info: dict[str, Any]) -> str:
     """The human-readable form of `inspect_adapter`'s result."""
     lines = [
         f"adapter   {info['adapter']}",
-        f"targets   {info['targets']}",
+        f"targets   {info['targets']}"
+        + (f", expert weights {info['target_parameters']}" if info.get("target_parameters") else ""),
         f"rank      r={info['r']}, alpha={info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}"
         + (f", rank_pattern={info['rank_pattern']}" if info["rank_pattern"] else "")
         + (f", alpha_pattern={info['alpha_pattern']}" if info["alpha_pattern"] else ""),
@@ -180,6 +261,9 @@ def format_report(info: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("rank>1%: singular values of s·B@A above 1% of the largest; eff.rank: exp(entropy of the normalised spectrum)")
+    if any(m["kind"] == "experts" for m in info["modules"]):
+        lines.append("experts rows (shape experts x out x in): ||ΔW|| over all experts, the largest rank>1% of any expert, "
+                     "the experts' mean eff.rank")  # fmt: skip
     if info.get("init") in PRINCIPAL_INITS:
         lines.append(f"init {info['init']}: B@A started as the base weight's principal part, which the base lost, so ||ΔW|| and "
                      "the spectrum are of s·B@A, not of the change to W" + ("; ||ΔW||/||W|| is the change merging makes"

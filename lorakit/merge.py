@@ -15,6 +15,12 @@ Per base tensor `<path>.weight`:
 s comes from `adapters.adapter_scaling` (rank_pattern / alpha_pattern / rsLoRA resolved per module).
 PiSSA / OLoRA adapters were trained against W less its principal part s · B0 @ A0 (their init):
 that part is computed again from W, as loading such an adapter does, and taken out as well.
+MoE expert weights (an adapter with `target_parameters`, lorakit.experts): transformers holds each
+layer's experts as fused 3-D tensors but most checkpoints store them one by one (Qwen3-MoE:
+`experts.<e>.gate_proj.weight`, `.up_proj`, `.down_proj`). The fused update s · B_e @ A_e of a
+weight is built for all its experts at once, when the stream reaches the first of its stored keys,
+and cut into the stored keys by transformers' own save-time conversion (`revert_weight_conversion`);
+each piece is dropped once added, so the extra memory is one layer's expert update in fp32.
 Stored keys that transformers renames on load (GPT-NeoX's `embed_out` for `lm_head`) are matched
 to the adapter's module names its way, and written under their stored names.
 Module kinds (Linear vs Conv1D vs Embedding) and tied weights are read from the model class built
@@ -98,6 +104,7 @@ class BaseLayout:
     head: Optional[str] = None  # module path of the output head
     embedding: Optional[str] = None  # module path of the input embedding
     stored_as: dict[str, str] = field(default_factory=dict)
+    model: Any = None  # the meta-device model (None when it could not be built)
 
     @property
     def shard_files(self) -> list[Path]:
@@ -159,6 +166,7 @@ def _read_model_structure(layout: BaseLayout) -> None:
     model = meta_model(layout.folder)
     if model is None:  # custom code or an unknown architecture: fall back to shapes
         return
+    layout.model = model
     transform = checkpoint_key_transform(model)
     for key in layout.shapes:
         renamed, converted = transform(key)
@@ -206,6 +214,35 @@ class _Update:
         return d if self.kind == "linear" else d.t()
 
 
+@dataclass(eq=False)
+class _ExpertUpdate:
+    """LoRA on one fused expert weight: every expert's s · B_e @ A_e, in the fused weight's layout."""
+
+    path: str  # the experts module
+    param: str  # gate_up_proj | up_proj | down_proj
+    a: torch.Tensor  # (E·r, in), PEFT's layout (lorakit.experts)
+    b: torch.Tensor  # (out, r·E)
+    r: int
+    scale: float
+    transposed: bool  # the fused weight is (E, in, out)
+    stored: tuple[str, ...] = ()  # the checkpoint keys it is stored under
+
+    def fused_delta(self) -> torch.Tensor:
+        experts = self.a.shape[0] // self.r
+        a = self.a.float().view(experts, self.r, -1)
+        b = self.b.float().view(self.b.shape[0], self.r, experts).permute(2, 0, 1)
+        delta = self.scale * torch.bmm(b, a)  # (E, out, in)
+        return (delta.transpose(1, 2) if self.transposed else delta).contiguous()
+
+    def stored_deltas(self, model, delta: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Checkpoint key -> the part of the update (fp32; meta tensors for `delta` on meta) stored
+        under it, cut by transformers' save-time conversion of the model's keys."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        delta = self.fused_delta() if delta is None else delta
+        return dict(revert_weight_conversion(model, {f"{self.path}.{self.param}": delta}))
+
+
 @dataclass
 class MergePlan:
     updates: dict[str, _Update]  # checkpoint key -> update
@@ -213,6 +250,7 @@ class MergePlan:
     extra: dict[str, str]  # key absent from the checkpoint -> key whose stored value it starts from
     untie: bool
     nf4: dict[str, str]  # checkpoint key -> "linear" | "conv1d", weights to NF4-round (simulate_nf4)
+    experts: dict[str, _ExpertUpdate] = field(default_factory=dict)  # checkpoint key -> its expert update
 
 
 def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = False) -> MergePlan:
@@ -228,7 +266,10 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
     lora: dict[str, dict[str, torch.Tensor]] = {}
     replace: dict[str, torch.Tensor] = {}
     base_replace: dict[str, torch.Tensor] = {}
+    experts, expert_keys = _plan_experts(layout, files)
     for key, tensor in files.tensors.items():
+        if key in expert_keys:
+            continue
         if not key.startswith(PREFIX):
             raise UserError(f"{where}: adapter tensor {key} does not start with {PREFIX!r}; not a PEFT LoRA adapter")
         name = key[len(PREFIX) :]
@@ -281,12 +322,62 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
                 "the adapter was trained on a different base model"
             )
         replaced[key] = tensor
-    changed = set(updates) | set(replaced)
+    changed = set(updates) | set(replaced) | set(experts)
     # Tied keys the checkpoint does not store: write them only when untying.
     tied_changed = any(k in changed or v in changed for k, v in layout.tied.items())
     extra = {k: v for k, v in layout.tied.items() if tied_changed and k not in layout.shapes}
     nf4 = _nf4_keys(layout) if simulate_nf4 else {}
-    return MergePlan(updates, replaced, extra, tied_changed, nf4)
+    return MergePlan(updates, replaced, extra, tied_changed, nf4, experts)
+
+
+def _plan_experts(layout: BaseLayout, files: AdapterFiles) -> tuple[dict[str, _ExpertUpdate], set[str]]:
+    """The expert-weight updates of an adapter with `target_parameters`, by the checkpoint keys they
+    touch, and the adapter keys they use; every shape checked against the base's headers."""
+    from lorakit.adapters import expert_peft_keys
+    from lorakit.experts import expert_parameter_names
+    from lorakit.inject import find_parameter_targets
+
+    config, where = files.config, files.path
+    if not config.target_parameters:
+        return {}, set()
+    if layout.model is None:
+        raise UserError(
+            f"{where}: the adapter adapts MoE expert weights (target_parameters), and merging them needs the base's "
+            f"model class, which could not be built from {layout.folder / 'config.json'} (custom code?)"
+        )
+    updates: dict[str, _ExpertUpdate] = {}
+    used: set[str] = set()
+    for path, params in find_parameter_targets(layout.model, config).items():
+        module = layout.model.get_submodule(path)
+        order = [p for p in expert_parameter_names(module) if p in params]
+        for param, keys in expert_peft_keys(path, order).items():
+            missing = [k for k in keys if k not in files.tensors]
+            if missing:
+                raise UserError(f"{where}: the adapter has no {missing[0]}, which its target_parameters imply; the file is incomplete")
+            used.update(keys)
+            a, b = (files.tensors[k] for k in keys)
+            weight = getattr(module, param)
+            experts, transposed = weight.shape[0], bool(module.is_transposed)
+            fan_in, fan_out = (weight.shape[1], weight.shape[2]) if transposed else (weight.shape[2], weight.shape[1])
+            r = _pattern_rank(config, f"{path}.{param}")
+            if tuple(a.shape) != (experts * r, fan_in) or tuple(b.shape) != (fan_out, r * experts):
+                raise UserError(
+                    f"{where}: {path}.{param} does not fit: adapter A {tuple(a.shape)}, B {tuple(b.shape)} but {experts} "
+                    f"experts of rank {r} on a {tuple(weight.shape)} weight need A {(experts * r, fan_in)}, "
+                    f"B {(fan_out, r * experts)}; the adapter was trained on a different base model"
+                )
+            update = _ExpertUpdate(path, param, a, b, r, adapter_scaling(config, f"{path}.{param}"), transposed)
+            pieces = update.stored_deltas(layout.model, torch.empty(weight.shape, device="meta"))
+            for key, piece in pieces.items():
+                if layout.shapes.get(key) != tuple(piece.shape):
+                    raise UserError(
+                        f"{where}: {path}.{param} is stored as {key} {tuple(piece.shape)}, which the base's files "
+                        f"{'hold as ' + str(layout.shapes[key]) if key in layout.shapes else 'do not hold'}; "
+                        "is the base another model, or saved by another transformers version?"
+                    )
+            update.stored = tuple(pieces)
+            updates.update(dict.fromkeys(pieces, update))
+    return updates, used
 
 
 def _pattern_rank(config, path: str) -> int:
@@ -503,20 +594,24 @@ def merge_adapter_files(
         stored = [t for k, t in layout.dtypes.items() if t.is_floating_point]
         out_dtype = dtype or _config_dtype(layout.config) or (max(set(stored), key=stored.count) if stored else torch.float32)
         nf4_done = 0
+        pending: dict[_ExpertUpdate, dict[str, torch.Tensor]] = {}  # expert updates cut, not yet all added
         for shard in layout.shard_files:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     held.add(_nbytes(tensor))
+                    expert_delta = _take_expert_delta(key, plan, layout, pending, held)
                     for target in [key] + [k for k, v in plan.extra.items() if v == key]:
-                        out, rounded = _merged_tensor(target, tensor, plan, held, dtype)
+                        out, rounded = _merged_tensor(target, tensor, plan, held, dtype, expert_delta)
                         if target != key and out.data_ptr() == tensor.data_ptr():
                             out = out.clone()  # safetensors refuses two keys sharing storage
                         nf4_done += rounded
                         writer.add(target, out)  # counts `out`, even when it is `tensor` itself
                         del out
+                    if expert_delta is not None:
+                        held.drop(_nbytes(expert_delta))
                     held.drop(_nbytes(tensor))
-                    del tensor
+                    del tensor, expert_delta
         shards = writer.finish()
         _write_config(layout, staging, out_dtype, plan.untie)
         _copy_side_files(layout.folder, staging)
@@ -529,7 +624,7 @@ def merge_adapter_files(
         dtype=out_dtype,
         shards=shards,
         tensors=len(layout.shapes) + len(plan.extra),
-        merged_modules=len(plan.updates),
+        merged_modules=len(plan.updates) + len(set(plan.experts.values())),
         replaced_tensors=len(plan.replace),
         untied=plan.untie,
         output_bytes=writer.total,
@@ -541,17 +636,45 @@ def merge_adapter_files(
     )
 
 
+def _take_expert_delta(
+    key: str, plan: MergePlan, layout: BaseLayout, pending: dict[_ExpertUpdate, dict[str, torch.Tensor]], held: _Held
+) -> Optional[torch.Tensor]:
+    """The expert update stored under `key` (fp32), cutting its fused update when first needed;
+    the caller drops it from `held` once added."""
+    update = plan.experts.get(key)
+    if update is None:
+        return None
+    if update not in pending:
+        pieces = update.stored_deltas(layout.model)
+        held.add(sum(_nbytes(t) for t in pieces.values()))
+        pending[update] = pieces
+    piece = pending[update].pop(key)
+    if not pending[update]:
+        del pending[update]
+    return piece
+
+
 def _merged_tensor(
-    key: str, stored: torch.Tensor, plan: MergePlan, held: _Held, dtype: Optional[torch.dtype]
+    key: str,
+    stored: torch.Tensor,
+    plan: MergePlan,
+    held: _Held,
+    dtype: Optional[torch.dtype],
+    expert_delta: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, bool]:
     """The output value of checkpoint key `key` (read as `stored`), and whether it was NF4-rounded.
 
-    Temporaries are counted in `held` while they live; the returned tensor is left for the
-    caller's writer to count.
+    `expert_delta`: the part of an expert update stored under `key`, added as it is. Temporaries
+    are counted in `held` while they live; the returned tensor is left for the caller's writer to count.
     """
     value = plan.replace.get(key, stored)
     update = plan.updates.get(key)
     nf4_kind = plan.nf4.get(key)
+    if expert_delta is not None:
+        w = value.float() + expert_delta
+        if not torch.isfinite(w).all():
+            raise UserError(f"merging the adapter into {key} gives inf/NaN weights; the adapter is broken")
+        return w.to(dtype or value.dtype), False
     if update is None and nf4_kind is None:
         return value.to(dtype if dtype is not None and value.is_floating_point() else value.dtype), False
     w = value.float()

@@ -34,6 +34,7 @@ from lorakit import host_memory
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
+from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, peak_rss_bytes, write_text_atomic
@@ -622,12 +623,19 @@ Load with lorakit (`lorakit generate --model BASE --adapter THIS_FOLDER ...`) or
 """
 
 
+def _adapted_summary(model) -> str:
+    """"196 layers" or, with MoE expert weights adapted, "96 layers and 48 expert modules"."""
+    experts = sum(isinstance(layer, LoraExperts) for _, layer in lora_layers(model))
+    linear = sum(1 for _ in lora_layers(model)) - experts
+    return f"{linear} layers" + (f" and {experts} expert modules" if experts else "")
+
+
 def start_summary(run: Run) -> str:
     trainable, total = count_parameters(run.model)
     s = run.data_stats
     lines = [
         f"model        {run.cfg.model} ({type(run.model).__name__}, {total:,} params)",
-        f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {len(list(lora_layers(run.model)))} layers; "
+        f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {_adapted_summary(run.model)}; "
         f"trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)",
         f"precision    {str(run.dtype).replace('torch.', '')} compute on {run.device}; {run.frozen_summary}",
         f"data         {s.get('examples')} examples, {s.get('tokens'):,} tokens ({s.get('trainable_tokens'):,} trained); "

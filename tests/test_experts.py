@@ -1,0 +1,269 @@
+"""LoRA on MoE expert weights (lorakit.experts): the math against a reference built from transformers'
+own experts forward, PEFT's file format both ways, merging (in memory and streamed), the CLI."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import yaml
+from helpers import save_model_folder, tiny_causal_lm, tiny_qwen3_moe, write_addition_data
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from lorakit import LoraConfig, UserError, inject_adapter, load_adapter, save_adapter
+from lorakit.cli import main
+from lorakit.experts import LoraExperts
+from lorakit.inject import lora_layers, merge_adapter, unload, unmerge_adapter
+from lorakit.inspection import inspect_adapter
+from lorakit.merge import merge_adapter_files
+
+EXPERT_WEIGHTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def tiny_gpt_oss():
+    # gpt-oss: transposed (E, in, out) expert weights with biases and its own clamped, interleaved gate
+    return tiny_causal_lm(
+        "GptOss", num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        layer_types=["full_attention", "sliding_attention"], sliding_window=16,
+    )  # fmt: skip
+
+
+MODELS = {"qwen3_moe": tiny_qwen3_moe, "gpt_oss": tiny_gpt_oss}
+
+
+def randomize(model, seed=1):
+    """Give every adapter a non-zero B, so the update shows in outputs and gradients."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for b in layer.lora_B.values():
+                for p in b.values() if isinstance(layer, LoraExperts) else [b]:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def reference_loss(model, adapted, ids):
+    """The loss with each adapted expert weight replaced by W + s·B_e@A_e, run through transformers'
+    own experts forward (torch.func.functional_call on the unwrapped base model)."""
+    overrides = {}
+    for path, layer in adapted:
+        for param in layer.lora_A["default"]:
+            weight = getattr(layer.base_layer, param)
+            a, b = layer.factors("default", param)
+            delta = layer.scaling["default"][param] * torch.bmm(b, a)
+            overrides[f"{path}.base_layer.{param}"] = weight + (delta.transpose(1, 2) if layer.base_layer.is_transposed else delta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.func.functional_call(model, overrides, (ids,), {"labels": ids}).loss
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_forward_and_gradients_match_the_merged_weight_reference(arch):
+    model = MODELS[arch]().float()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets=[], target_parameters=EXPERT_WEIGHTS))
+    randomize(model)
+    adapted = [(p, layer) for p, layer in lora_layers(model) if isinstance(layer, LoraExperts)]
+    assert len(adapted) == 2 and all(set(layer.lora_A["default"]) == {"gate_up_proj", "down_proj"} for _, layer in adapted)
+    ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    for _, layer in adapted:
+        layer.disabled = True  # the reference runs the base experts forward on the overridden weights
+    ref = reference_loss(model, adapted, ids)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert len(grads) == 8
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert grads[name].abs().max() > 0, name
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_peft_format_both_ways(arch, tmp_path):
+    base = MODELS[arch]().float()
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    peft_model = get_peft_model(
+        MODELS[arch]().float(),
+        PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERT_WEIGHTS, init_lora_weights=False),
+    )
+    peft_model.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        base_logits = base(ids).logits
+    load_adapter(base, tmp_path / "peft")
+    with torch.no_grad():
+        got = base(ids).logits
+    assert (expected - base_logits).abs().max() > 1e-2  # the adapter changes the outputs
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+
+    save_adapter(base, tmp_path / "ours")
+    ours, theirs = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == sorted(EXPERT_WEIGHTS) and config["target_modules"] == ["q_proj"]
+    again = PeftModel.from_pretrained(MODELS[arch]().float(), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, expected, rtol=0, atol=2e-6)
+
+
+def test_nesting_order_follows_the_module_not_the_config(tmp_path):
+    # PEFT nests one wrapper per weight in the order the experts module registers them: gate_up_proj
+    # (first) sits one `.base_layer` deeper than down_proj, whichever order the config lists them in.
+    model = tiny_qwen3_moe()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=[], target_parameters=list(reversed(EXPERT_WEIGHTS))))
+    save_adapter(model, tmp_path / "a")
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "a" / "adapter_model.safetensors").items()}
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    # 4 experts x r=2; gate_up_proj (E, 2·32, 64): in 64, out 64; down_proj (E, 64, 32): in 32, out 64
+    assert shapes[f"{prefix}.base_layer.lora_A.weight"] == (8, 64) and shapes[f"{prefix}.base_layer.lora_B.weight"] == (64, 8)
+    assert shapes[f"{prefix}.lora_A.weight"] == (8, 32) and shapes[f"{prefix}.lora_B.weight"] == (64, 8)
+    assert len(shapes) == 8
+
+
+def test_merge_unmerge_and_unload():
+    model = tiny_gpt_oss().float()
+    ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        weight = model.model.layers[0].mlp.experts.gate_up_proj.clone()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], target_parameters=EXPERT_WEIGHTS))
+    randomize(model)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merge_adapter(model)
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=2e-5)
+        unmerge_adapter(model)
+        torch.testing.assert_close(model.model.layers[0].mlp.experts.base_layer.gate_up_proj, weight, rtol=0, atol=1e-6)
+        plain = unload(model)
+        assert type(plain.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+        torch.testing.assert_close(plain(ids).logits, adapted, rtol=0, atol=2e-5)
+    assert (adapted - before).abs().max() > 1e-3
+
+
+def test_streamed_merge_and_inspect_match_the_adapted_model(tmp_path):
+    folder = save_model_folder(tmp_path / "base", tiny_qwen3_moe())
+    model = tiny_qwen3_moe()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, rank_pattern={"down_proj": 2}, target_parameters=EXPERT_WEIGHTS))
+    randomize(model)
+    save_adapter(model, tmp_path / "adapter")
+    report = merge_adapter_files(folder, tmp_path / "adapter", tmp_path / "merged")
+    assert report.merged_modules == 8 + 4  # q, k, v, o of 2 layers (the router is no nn.Linear), 4 expert weights
+    stored = load_file(tmp_path / "merged" / "model.safetensors")
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in stored  # written in the layout the base stores
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=0, atol=2e-5)
+
+    info = inspect_adapter(tmp_path / "adapter", folder)
+    rows = {m["module"]: m for m in info["modules"]}
+    down = rows["model.layers.1.mlp.experts.down_proj"]
+    assert down["kind"] == "experts" and down["r"] == 2 and down["shape"] == [4, 64, 32]
+    layer = model.model.layers[1].mlp.experts
+    delta = layer.delta_weight("default", "down_proj")
+    assert down["norm"] == pytest.approx(float(delta.norm()), rel=1e-5)
+    assert down["relative"] == pytest.approx(float(delta.norm() / layer.base_layer.down_proj.norm()), rel=1e-5)
+
+
+def test_bad_targets_are_one_line_errors():
+    model = tiny_qwen3_moe()
+    with pytest.raises(UserError, match=r"'mlp.experts.gate_proj' matches no parameter.*gate_up_proj"):
+        inject_adapter(model, LoraConfig(target_parameters=["mlp.experts.gate_proj"]))
+    with pytest.raises(UserError, match="q_proj.weight .* is not a 3-D expert weight"):
+        inject_adapter(model, LoraConfig(target_parameters=["q_proj.weight"]))
+    with pytest.raises(UserError, match="dropout = 0.1 with lora.target_parameters"):
+        LoraConfig(dropout=0.1, target_parameters=EXPERT_WEIGHTS)
+    with pytest.raises(UserError, match="init = 'pissa' with lora.target_parameters"):
+        LoraConfig(init="pissa", target_parameters=EXPERT_WEIGHTS)
+    # the errors come before any change to the model
+    assert all(p.requires_grad for p in model.parameters()) and not list(lora_layers(model))
+
+
+def test_train_experts_through_the_cli(tmp_path, capsys):
+    folder = save_model_folder(tmp_path / "model", tiny_qwen3_moe())
+    data = write_addition_data(tmp_path / "train.jsonl", 48)
+    cfg = {
+        "model": str(folder),
+        "data": {"train": str(data), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, "targets": [], "target_parameters": EXPERT_WEIGHTS},
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 2.0e-2, "precision": "fp32", "seed": 0, "log_every": 1},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    losses = {}
+    for mode in ("false", "full", "selective", "nf4"):
+        out = tmp_path / f"out_{mode}"
+        option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
+        assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={out}", option]) == 0
+        text = capsys.readouterr().out
+        assert "on 0 layers and 2 expert modules" in text
+        losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses["false"]) == 6 and losses["false"][-1] < losses["false"][0] - 0.5
+    assert losses["full"] == pytest.approx(losses["false"], rel=1e-5)
+    assert losses["selective"] == pytest.approx(losses["false"], rel=1e-5)
+    # QLoRA: the attention weights are NF4-rounded (the experts stay 16-bit), so close, not equal
+    assert losses["nf4"][0] == pytest.approx(losses["false"][0], abs=0.05) and losses["nf4"][-1] < losses["nf4"][0] - 0.5
+    tensors = load_file(tmp_path / "out_false" / "adapter" / "adapter_model.safetensors")
+    assert len(tensors) == 8 and all(".mlp.experts." in k for k in tensors)
+
+
+def test_a_layer_filter_is_written_as_full_parameter_paths(tmp_path):
+    # PEFT applies no layer filter to target_parameters, so the file names the adapted weights in full.
+    model = tiny_qwen3_moe()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"], layers=[1], target_parameters=["gate_up_proj"]))
+    randomize(model)
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["model.layers.1.mlp.experts.gate_up_proj"]
+    ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    peft_model = PeftModel.from_pretrained(tiny_qwen3_moe(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=0, atol=2e-6)
+    assert isinstance(model.model.layers[1].mlp.experts, LoraExperts)
+    assert not isinstance(model.model.layers[0].mlp.experts, LoraExperts)
+
+
+def test_experts_without_a_gate():
+    # has_gate=False (Nemotron-H style): up_proj then the activation, no gate_up_proj
+    from types import SimpleNamespace
+
+    from transformers.integrations.moe import use_experts_implementation
+
+    @use_experts_implementation(has_gate=False)
+    class UpDownExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = 3
+            self.up_proj = torch.nn.Parameter(torch.randn(3, 8, 6))  # (E, I, H)
+            self.down_proj = torch.nn.Parameter(torch.randn(3, 6, 8))  # (E, H, I)
+            self.act_fn = torch.nn.functional.relu
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for t in range(hidden_states.shape[0]):
+                for slot, e in enumerate(top_k_index[t].tolist()):
+                    h = self.act_fn(hidden_states[t] @ self.up_proj[e].t())
+                    out[t] += top_k_weights[t, slot] * (h @ self.down_proj[e].t())
+            return out
+
+    torch.manual_seed(0)
+    experts = UpDownExperts(SimpleNamespace(_experts_implementation="eager"))
+    holder = torch.nn.Module()
+    holder.experts = experts
+    inject_adapter(holder, LoraConfig(r=2, alpha=2, targets=[], target_parameters=["up_proj", "down_proj"]))
+    randomize(holder)
+    layer = holder.experts
+    x = torch.randn(5, 6)
+    index = torch.tensor([[0, 2], [1, 0], [2, 1], [2, 0], [1, 2]])
+    weights = torch.rand(5, 2)
+    got = layer(x, index, weights)
+    merged = {p: getattr(experts, p) + layer.delta_weight("default", p) for p in ("up_proj", "down_proj")}
+    expected = torch.func.functional_call(experts, merged, (x, index, weights))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got - experts(x, index, weights)).abs().max() > 1e-3
