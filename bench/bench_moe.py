@@ -84,12 +84,12 @@ def main() -> None:
         ours, theirs = harness.pooled(outs["lorakit"], SIZE), harness.pooled(outs["peft"], SIZE)
     print(f"machine: {harness.machine()}")
     print(f"model: Qwen3-MoE shape {SIZE}; LoRA r={harness.R} on q/k/v/o and both expert weights\n")
-    print("| side | s/step | tokens/s | peak RSS | first loss |")
+    print("| side | s/step | tokens/s | peak RSS (GiB) | first loss |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, out in (("lorakit", ours), ("PEFT + transformers", theirs)):
         print(f"| {name} | {out['step_s']:.3f} | {out['tokens_s']:,.0f} | {harness.gib(out['peak_rss'])} | {out['losses'][0]:.4f} |")
     print(f"\ntokens/s lorakit/PEFT: {ours['tokens_s'] / theirs['tokens_s']:.2f}x; "
-          f"peak memory: {ours['peak_rss'] / theirs['peak_rss']:.2f}x; rounds {ours['round_s']} vs {theirs['round_s']}")  # fmt: skip
+          f"peak memory: {ours['peak_rss'] / theirs['peak_rss']:.2f}x; rounds {[round(t, 3) for t in ours['round_s']]} vs {[round(t, 3) for t in theirs['round_s']]}")  # fmt: skip
 
 
 if __name__ == "__main__":
