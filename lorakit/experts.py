@@ -28,7 +28,7 @@ need nothing here.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -41,16 +41,98 @@ SECOND_PROJECTIONS = ("down_proj",)
 
 
 def is_experts_module(module: nn.Module) -> bool:
-    """Whether `module` is a transformers experts module LoRA can adapt (see the module docstring)."""
-    return all(hasattr(module, attr) for attr in _INTERFACE) and isinstance(
-        getattr(module, "down_proj", None), nn.Parameter
+    """Whether `module` is a transformers experts module LoRA can adapt (see the module docstring),
+    its expert weights 16-bit or NF4 (lorakit.quant.Experts4bit)."""
+    return all(hasattr(module, attr) for attr in _INTERFACE) and (
+        isinstance(getattr(module, "down_proj", None), nn.Parameter) or hasattr(module, "frozen_projection")
     )
 
 
 def expert_parameter_names(module: nn.Module) -> list[str]:
     """The 3-D expert weights of an experts module, in registration order (PEFT nests in this order)."""
+    if hasattr(module, "frozen_projection"):  # NF4 experts keep the order of the module they replaced
+        return list(module.weight_names)
     names = FIRST_PROJECTIONS + SECOND_PROJECTIONS
     return [n for n, p in module.named_parameters(recurse=False) if n in names and p.dim() == 3]
+
+
+def expert_shape(module: nn.Module, param: str) -> tuple[int, int, int]:
+    """(experts, in, out) of the expert weight `param`, whatever its layout or storage."""
+    if hasattr(module, "frozen_projection"):
+        return module.expert_shape(param)
+    experts, d1, d2 = getattr(module, param).shape
+    return (experts, d1, d2) if module.is_transposed else (experts, d2, d1)
+
+
+def frozen_projection(module: nn.Module, param: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """e, x -> x W_e^T (+ b_e): expert e's frozen projection `param` of rows x (T_e, in)."""
+    if hasattr(module, "frozen_projection"):
+        return module.frozen_projection(param)
+    weights = getattr(module, param).unbind(0)  # unbind: one backward node for all experts
+    bias = getattr(module, f"{param}_bias", None) if module.has_bias else None
+    biases = bias.unbind(0) if bias is not None else None
+    transposed = module.is_transposed
+
+    def run(e: int, x: torch.Tensor) -> torch.Tensor:
+        y = x @ weights[e] if transposed else x @ weights[e].t()
+        return y if biases is None else y + biases[e]
+
+    return run
+
+
+Projection = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def routed_forward(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    first: Projection,
+    second: Projection,
+) -> torch.Tensor:
+    """transformers' eager experts forward with the two projections given as functions.
+
+    The (token, expert) pairs are sorted by expert so each expert runs one GEMM on its rows; ids
+    >= num_experts (expert-parallel placeholders) are skipped, as transformers does. The gate
+    between the projections is the module's own (`_apply_gate`, or `act_fn` without a gate).
+    """
+    experts = module.num_experts
+    top_k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=experts + 1)[: experts + 1].tolist()
+    order = order[: sum(counts[:experts])]  # placeholder ids sort last
+    token_of = torch.div(order, top_k, rounding_mode="floor")
+    rows = hidden_states[token_of]
+    pieces = []
+    for e, chunk in enumerate(rows.split(counts[:experts])):
+        if chunk.shape[0] == 0:
+            continue
+        h = first(e, chunk)
+        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+        pieces.append(second(e, h))
+    out_rows = torch.cat(pieces) if pieces else rows.new_zeros(0, hidden_states.shape[-1])
+    if getattr(module, "has_post_expert_norm", False):
+        out_rows = module.post_expert_norm(out_rows)
+    out_rows = out_rows * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out_rows.dtype)
+    result = torch.zeros_like(hidden_states)
+    return result.index_add_(0, token_of, out_rows.to(result.dtype))
+
+
+def first_projection_name(module: nn.Module) -> str:
+    return "gate_up_proj" if module.has_gate else "up_proj"
+
+
+def passthrough_getattr(module: nn.Module, name: str):
+    """`nn.Module.__getattr__`, then the wrapped `base_layer`'s attribute (num_experts, act_fn, ...)."""
+    try:
+        return nn.Module.__getattr__(module, name)
+    except AttributeError:
+        base = module.__dict__["_modules"].get("base_layer")
+        if base is None:
+            raise
+        return getattr(base, name)
 
 
 class LoraExperts(nn.Module):
@@ -79,21 +161,12 @@ class LoraExperts(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)
+    __getattr__ = passthrough_getattr
 
     # ----------------------------------------------------------------- shapes
     def features(self, param: str) -> tuple[int, int]:
         """(in, out) of one expert's projection held in `param`."""
-        weight = getattr(self.base_layer, param)
-        _, d1, d2 = weight.shape
-        return (d1, d2) if self.base_layer.is_transposed else (d2, d1)
+        return expert_shape(self.base_layer, param)[1:]
 
     def adapted_parameters(self, name: str) -> list[str]:
         return list(self.lora_A[name].keys())
@@ -123,7 +196,7 @@ class LoraExperts(nn.Module):
                 f"lora.target_parameters: {self.path}.{unknown[0]} is not an expert weight LoRA can adapt; "
                 f"{self.path} has {', '.join(expert_parameter_names(self.base_layer))}"
             )
-        device = self.base_layer.down_proj.device
+        device = next(self.base_layer.parameters()).device
         device = device if device.type != "meta" else torch.device("cpu")
         experts = self.num_experts
         a_set, b_set = nn.ParameterDict(), nn.ParameterDict()
@@ -171,6 +244,11 @@ class LoraExperts(nn.Module):
         name = name or self.active_adapter
         if name is None or name in self.merged:
             return
+        if hasattr(self.base_layer, "frozen_projection"):
+            raise UserError(
+                f"cannot merge an adapter into the 4-bit experts {self.path or '(unnamed)'}: re-quantizing would lose the "
+                "update; merge into the full-precision base with `lorakit merge` instead"
+            )
         for param in self.adapted_parameters(name):
             weight = getattr(self.base_layer, param)
             merged = weight.float() + self.delta_weight(name, param)
@@ -199,59 +277,23 @@ class LoraExperts(nn.Module):
     def _adapted_forward(
         self, name: str, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """transformers' eager experts forward with each routed expert's LoRA terms added.
-
-        The (token, expert) pairs are sorted by expert so each expert runs one GEMM on its rows;
-        ids >= num_experts (expert-parallel placeholders) are skipped, as transformers does.
-        """
         base = self.base_layer
-        experts = self.num_experts
-        first = "gate_up_proj" if base.has_gate else "up_proj"
-        num_tokens, top_k = top_k_index.shape
-        expert_ids = top_k_index.reshape(-1)
-        order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=experts + 1)[: experts + 1].tolist()
-        routed = sum(counts[:experts])
-        order = order[:routed]  # placeholder ids sort last
-        token_of = torch.div(order, top_k, rounding_mode="floor")
-        rows = hidden_states[token_of]
-        up = self._projection(name, first)
-        down = self._projection(name, "down_proj")
-        pieces = []
-        for e, chunk in enumerate(rows.split(counts[:experts])):
-            if chunk.shape[0] == 0:
-                continue
-            h = up(e, chunk)
-            h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
-            pieces.append(down(e, h))
-        out_rows = torch.cat(pieces) if pieces else rows.new_zeros(0, hidden_states.shape[-1])
-        if getattr(base, "has_post_expert_norm", False):
-            out_rows = base.post_expert_norm(out_rows)
-        out_rows = out_rows * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out_rows.dtype)
-        result = torch.zeros_like(hidden_states)
-        return result.index_add_(0, token_of, out_rows.to(result.dtype))
+        first = self._projection(name, first_projection_name(base))
+        second = self._projection(name, "down_proj")
+        return routed_forward(base, hidden_states, top_k_index, top_k_weights, first, second)
 
-    def _projection(self, name: str, param: str):
+    def _projection(self, name: str, param: str) -> Projection:
         """e, x -> expert e's projection `param` of x, with its LoRA term when `param` is adapted."""
-        base = self.base_layer
-        weights = getattr(base, param).unbind(0)  # unbind: one backward for all experts
-        bias = getattr(base, f"{param}_bias", None) if base.has_bias else None
-        biases = bias.unbind(0) if bias is not None else None
-        transposed = base.is_transposed
-        adapted = name in self.lora_A and param in self.lora_A[name]
-        if adapted:
-            a, b = self.factors(name, param)
-            a_list, b_list, scale = a.unbind(0), b.unbind(0), self.scaling[name][param]
+        frozen = frozen_projection(self.base_layer, param)
+        if param not in self.lora_A[name]:
+            return frozen
+        a, b = self.factors(name, param)
+        a_list, b_list, scale = a.unbind(0), b.unbind(0), self.scaling[name][param]
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
-            w = weights[e]
-            y = x @ w if transposed else x @ w.t()
-            if biases is not None:
-                y = y + biases[e]
-            if adapted:
-                lora = (x.to(a_list[e].dtype) @ a_list[e].t()) @ b_list[e].t()
-                y = y + (scale * lora).to(y.dtype)
-            return y
+            y = frozen(e, x)
+            lora = (x.to(a_list[e].dtype) @ a_list[e].t()) @ b_list[e].t()
+            return y + (scale * lora).to(y.dtype)
 
         return run
 

@@ -157,13 +157,15 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, li
         if ".lora_" in path or path.endswith(".base_layer") or ".base_layer." in path:
             continue
         base = module.base_layer if isinstance(module, LoraExperts) else module
-        for param, _ in base.named_parameters(recurse=False):
+        experts = is_experts_module(base)
+        names = expert_parameter_names(base) if experts else [n for n, _ in base.named_parameters(recurse=False)]
+        for param in names:
             full = f"{path}.{param}" if path else param
             hits = [t for t in config.target_parameters if full == t or full.endswith("." + t)]
             if not hits or _is_target(path, config.exclude) or not _in_layers(path, config):
                 continue
             matched_entries.update(hits)
-            if not is_experts_module(base) or param not in expert_parameter_names(base):
+            if not experts:
                 raise UserError(
                     f"lora.target_parameters: {full} ({type(base).__name__}.{param}) is not a 3-D expert weight of a "
                     "transformers MoE experts module; target linear layers with lora.targets instead"
@@ -171,8 +173,8 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, li
             chosen.setdefault(path, []).append(param)
     unmatched = [t for t in config.target_parameters if t not in matched_entries]
     if unmatched:
-        names = sorted({f"{p.rpartition('.')[0].rpartition('.')[2]}.{p.rpartition('.')[2]}"
-                        for p, prm in model.named_parameters() if prm.dim() == 3})  # fmt: skip
+        names = sorted({f"{p.rpartition('.')[2]}.{w}" for p, m in model.named_modules()
+                        if is_experts_module(m) and not p.endswith(".base_layer") for w in expert_parameter_names(m)})  # fmt: skip
         raise UserError(
             f"lora.target_parameters entry {unmatched[0]!r} matches no parameter (layers={config.layers!r}, "
             f"exclude={config.exclude!r}); the model's expert weights: {', '.join(names) or 'none (not a MoE model?)'}"

@@ -45,6 +45,10 @@ exist. `simulate_nf4=True` merges into W_q instead: every layer lorakit's QLoRA 
 targeted ones, because the adapter saw all of them rounded) is quantized with bitsandbytes NF4
 (blocksize 64, double quantization, as `lorakit.quant`) and dequantized before the update is added,
 so the merged model computes what the training-time model computed (up to its compute dtype).
+MoE expert weights are rounded as lorakit.quant.Experts4bit holds them, each expert's (out, in)
+matrix on its own; that matrix may be stored under several keys (Qwen3-MoE: gate_proj and up_proj
+rows of one gate_up_proj), so when the stream reaches the first of them all are read, put together
+through an index tensor cut by the same save-time conversion, rounded, updated and cut again.
 The weights are then stored in 16 bits: the output is the same size as the base.
 """
 
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -215,17 +220,22 @@ class _Update:
 
 
 @dataclass(eq=False)
-class _ExpertUpdate:
-    """LoRA on one fused expert weight: every expert's s · B_e @ A_e, in the fused weight's layout."""
+class _ExpertWeight:
+    """A fused MoE expert weight the merge changes: by an adapter's update (every expert's
+    s · B_e @ A_e) and/or, with simulate_nf4, by NF4-rounding each expert's matrix as lorakit.quant
+    does. It is held fused by the model, in `shape` (E, out, in) or, `transposed`, (E, in, out),
+    and stored under the checkpoint keys `stored`."""
 
     path: str  # the experts module
     param: str  # gate_up_proj | up_proj | down_proj
-    a: torch.Tensor  # (E·r, in), PEFT's layout (lorakit.experts)
-    b: torch.Tensor  # (out, r·E)
-    r: int
-    scale: float
-    transposed: bool  # the fused weight is (E, in, out)
-    stored: tuple[str, ...] = ()  # the checkpoint keys it is stored under
+    shape: tuple[int, ...]
+    transposed: bool
+    stored: tuple[str, ...] = ()
+    a: Optional[torch.Tensor] = None  # (E·r, in), PEFT's layout (lorakit.experts)
+    b: Optional[torch.Tensor] = None  # (out, r·E)
+    r: int = 0
+    scale: float = 0.0
+    nf4: bool = False
 
     def fused_delta(self) -> torch.Tensor:
         experts = self.a.shape[0] // self.r
@@ -234,13 +244,37 @@ class _ExpertUpdate:
         delta = self.scale * torch.bmm(b, a)  # (E, out, in)
         return (delta.transpose(1, 2) if self.transposed else delta).contiguous()
 
-    def stored_deltas(self, model, delta: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Checkpoint key -> the part of the update (fp32; meta tensors for `delta` on meta) stored
-        under it, cut by transformers' save-time conversion of the model's keys."""
+    def cut(self, model, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Checkpoint key -> the part of `fused` stored under it, by transformers' save-time conversion."""
         from transformers.core_model_loading import revert_weight_conversion
 
-        delta = self.fused_delta() if delta is None else delta
-        return dict(revert_weight_conversion(model, {f"{self.path}.{self.param}": delta}))
+        return dict(revert_weight_conversion(model, {f"{self.path}.{self.param}": fused}))
+
+    def stored_values(self, layout: "BaseLayout") -> tuple[dict[str, torch.Tensor], bool]:
+        """(checkpoint key -> fp32 tensor, whether those replace the stored values): the update's
+        pieces to add, or with `nf4` the final values, for which every stored piece is read, put
+        together (through an index tensor cut the same way), rounded expert by expert, updated."""
+        if not self.nf4:
+            return self.cut(layout.model, self.fused_delta()), False
+        numel = math.prod(self.shape)
+        index = torch.arange(numel, dtype=torch.int64 if numel >= 2**31 else torch.int32).view(self.shape)
+        where = self.cut(layout.model, index)
+        fused = torch.empty(numel, dtype=torch.float32)
+        dtypes = set()
+        for key, idx in where.items():
+            with safe_open(str(layout.files[key]), framework="pt") as f:
+                piece = f.get_tensor(key)
+            dtypes.add(piece.dtype)
+            fused[idx.reshape(-1).long()] = piece.float().reshape(-1)
+        stored_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        fused = fused.view(self.shape)
+        for e in range(self.shape[0]):
+            dense = fused[e].t() if self.transposed else fused[e]  # (out, in), as lorakit.quant quantizes it
+            dense.copy_(nf4_round(dense.to(stored_dtype)))
+        if self.a is not None:
+            fused += self.fused_delta()
+        flat = fused.view(-1)
+        return {key: flat[idx.reshape(-1).long()].view(idx.shape) for key, idx in where.items()}, True
 
 
 @dataclass
@@ -250,7 +284,7 @@ class MergePlan:
     extra: dict[str, str]  # key absent from the checkpoint -> key whose stored value it starts from
     untie: bool
     nf4: dict[str, str]  # checkpoint key -> "linear" | "conv1d", weights to NF4-round (simulate_nf4)
-    experts: dict[str, _ExpertUpdate] = field(default_factory=dict)  # checkpoint key -> its expert update
+    experts: dict[str, _ExpertWeight] = field(default_factory=dict)  # checkpoint key -> its fused expert weight
 
 
 def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = False) -> MergePlan:
@@ -266,7 +300,7 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
     lora: dict[str, dict[str, torch.Tensor]] = {}
     replace: dict[str, torch.Tensor] = {}
     base_replace: dict[str, torch.Tensor] = {}
-    experts, expert_keys = _plan_experts(layout, files)
+    experts, expert_keys = _plan_experts(layout, files, simulate_nf4)
     for key, tensor in files.tensors.items():
         if key in expert_keys:
             continue
@@ -330,22 +364,33 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
     return MergePlan(updates, replaced, extra, tied_changed, nf4, experts)
 
 
-def _plan_experts(layout: BaseLayout, files: AdapterFiles) -> tuple[dict[str, _ExpertUpdate], set[str]]:
-    """The expert-weight updates of an adapter with `target_parameters`, by the checkpoint keys they
-    touch, and the adapter keys they use; every shape checked against the base's headers."""
+def _plan_experts(layout: BaseLayout, files: AdapterFiles, simulate_nf4: bool) -> tuple[dict[str, _ExpertWeight], set[str]]:
+    """The fused expert weights the merge changes, by the checkpoint keys they are stored under, and
+    the adapter keys their updates use: the adapter's `target_parameters` and, with simulate_nf4,
+    every expert weight lorakit.quant quantizes. Every shape is checked against the base's headers."""
     from lorakit.adapters import expert_peft_keys
     from lorakit.experts import expert_parameter_names
     from lorakit.inject import find_parameter_targets
+    from lorakit.quant import _find_experts
 
     config, where = files.config, files.path
-    if not config.target_parameters:
+    if not config.target_parameters and not simulate_nf4:
         return {}, set()
     if layout.model is None:
+        if not config.target_parameters:
+            return {}, set()  # _nf4_keys refuses a base without a model class
         raise UserError(
             f"{where}: the adapter adapts MoE expert weights (target_parameters), and merging them needs the base's "
             f"model class, which could not be built from {layout.folder / 'config.json'} (custom code?)"
         )
-    updates: dict[str, _ExpertUpdate] = {}
+    weights: dict[tuple[str, str], _ExpertWeight] = {}
+
+    def weight(path: str, param: str) -> _ExpertWeight:
+        if (path, param) not in weights:
+            module = layout.model.get_submodule(path)
+            weights[(path, param)] = _ExpertWeight(path, param, tuple(getattr(module, param).shape), bool(module.is_transposed))
+        return weights[(path, param)]
+
     used: set[str] = set()
     for path, params in find_parameter_targets(layout.model, config).items():
         module = layout.model.get_submodule(path)
@@ -356,28 +401,34 @@ def _plan_experts(layout: BaseLayout, files: AdapterFiles) -> tuple[dict[str, _E
                 raise UserError(f"{where}: the adapter has no {missing[0]}, which its target_parameters imply; the file is incomplete")
             used.update(keys)
             a, b = (files.tensors[k] for k in keys)
-            weight = getattr(module, param)
-            experts, transposed = weight.shape[0], bool(module.is_transposed)
-            fan_in, fan_out = (weight.shape[1], weight.shape[2]) if transposed else (weight.shape[2], weight.shape[1])
+            w = weight(path, param)
+            experts = w.shape[0]
+            fan_in, fan_out = (w.shape[1], w.shape[2]) if w.transposed else (w.shape[2], w.shape[1])
             r = _pattern_rank(config, f"{path}.{param}")
             if tuple(a.shape) != (experts * r, fan_in) or tuple(b.shape) != (fan_out, r * experts):
                 raise UserError(
                     f"{where}: {path}.{param} does not fit: adapter A {tuple(a.shape)}, B {tuple(b.shape)} but {experts} "
-                    f"experts of rank {r} on a {tuple(weight.shape)} weight need A {(experts * r, fan_in)}, "
+                    f"experts of rank {r} on a {w.shape} weight need A {(experts * r, fan_in)}, "
                     f"B {(fan_out, r * experts)}; the adapter was trained on a different base model"
                 )
-            update = _ExpertUpdate(path, param, a, b, r, adapter_scaling(config, f"{path}.{param}"), transposed)
-            pieces = update.stored_deltas(layout.model, torch.empty(weight.shape, device="meta"))
-            for key, piece in pieces.items():
-                if layout.shapes.get(key) != tuple(piece.shape):
-                    raise UserError(
-                        f"{where}: {path}.{param} is stored as {key} {tuple(piece.shape)}, which the base's files "
-                        f"{'hold as ' + str(layout.shapes[key]) if key in layout.shapes else 'do not hold'}; "
-                        "is the base another model, or saved by another transformers version?"
-                    )
-            update.stored = tuple(pieces)
-            updates.update(dict.fromkeys(pieces, update))
-    return updates, used
+            w.a, w.b, w.r, w.scale = a, b, r, adapter_scaling(config, f"{path}.{param}")
+    if simulate_nf4:
+        for path in _find_experts(layout.model, ("lm_head",), NF4_BLOCKSIZE):
+            for param in expert_parameter_names(layout.model.get_submodule(path)):
+                weight(path, param).nf4 = True
+    out: dict[str, _ExpertWeight] = {}
+    for (path, param), w in weights.items():
+        pieces = w.cut(layout.model, torch.empty(w.shape, device="meta"))
+        for key, piece in pieces.items():
+            if layout.shapes.get(key) != tuple(piece.shape):
+                raise UserError(
+                    f"{where}: {path}.{param} is stored as {key} {tuple(piece.shape)}, which the base's files "
+                    f"{'hold as ' + str(layout.shapes[key]) if key in layout.shapes else 'do not hold'}; "
+                    "is the base another model, or saved by another transformers version?"
+                )
+        w.stored = tuple(pieces)
+        out.update(dict.fromkeys(pieces, w))
+    return out, used
 
 
 def _pattern_rank(config, path: str) -> int:
@@ -594,24 +645,24 @@ def merge_adapter_files(
         stored = [t for k, t in layout.dtypes.items() if t.is_floating_point]
         out_dtype = dtype or _config_dtype(layout.config) or (max(set(stored), key=stored.count) if stored else torch.float32)
         nf4_done = 0
-        pending: dict[_ExpertUpdate, dict[str, torch.Tensor]] = {}  # expert updates cut, not yet all added
+        pending: dict[_ExpertWeight, tuple[dict[str, torch.Tensor], bool]] = {}  # cut, not yet all written
         for shard in layout.shard_files:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     held.add(_nbytes(tensor))
-                    expert_delta = _take_expert_delta(key, plan, layout, pending, held)
+                    expert_part = _take_expert_part(key, plan, layout, pending, held)
                     for target in [key] + [k for k, v in plan.extra.items() if v == key]:
-                        out, rounded = _merged_tensor(target, tensor, plan, held, dtype, expert_delta)
+                        out, rounded = _merged_tensor(target, tensor, plan, held, dtype, expert_part)
                         if target != key and out.data_ptr() == tensor.data_ptr():
                             out = out.clone()  # safetensors refuses two keys sharing storage
                         nf4_done += rounded
                         writer.add(target, out)  # counts `out`, even when it is `tensor` itself
                         del out
-                    if expert_delta is not None:
-                        held.drop(_nbytes(expert_delta))
+                    if expert_part is not None:
+                        held.drop(_nbytes(expert_part[0]))
                     held.drop(_nbytes(tensor))
-                    del tensor, expert_delta
+                    del tensor, expert_part
         shards = writer.finish()
         _write_config(layout, staging, out_dtype, plan.untie)
         _copy_side_files(layout.folder, staging)
@@ -624,7 +675,7 @@ def merge_adapter_files(
         dtype=out_dtype,
         shards=shards,
         tensors=len(layout.shapes) + len(plan.extra),
-        merged_modules=len(plan.updates) + len(set(plan.experts.values())),
+        merged_modules=len(plan.updates) + len({w for w in plan.experts.values() if w.a is not None}),
         replaced_tensors=len(plan.replace),
         untied=plan.untie,
         output_bytes=writer.total,
@@ -636,22 +687,27 @@ def merge_adapter_files(
     )
 
 
-def _take_expert_delta(
-    key: str, plan: MergePlan, layout: BaseLayout, pending: dict[_ExpertUpdate, dict[str, torch.Tensor]], held: _Held
-) -> Optional[torch.Tensor]:
-    """The expert update stored under `key` (fp32), cutting its fused update when first needed;
-    the caller drops it from `held` once added."""
-    update = plan.experts.get(key)
-    if update is None:
+def _take_expert_part(
+    key: str,
+    plan: MergePlan,
+    layout: BaseLayout,
+    pending: dict[_ExpertWeight, tuple[dict[str, torch.Tensor], bool]],
+    held: _Held,
+) -> Optional[tuple[torch.Tensor, bool]]:
+    """(the expert-weight part stored under `key`, fp32; whether it replaces the stored value or is
+    added to it), cutting its fused weight when first needed; the caller drops it from `held`."""
+    weight = plan.experts.get(key)
+    if weight is None:
         return None
-    if update not in pending:
-        pieces = update.stored_deltas(layout.model)
+    if weight not in pending:
+        pieces, replaces = weight.stored_values(layout)
         held.add(sum(_nbytes(t) for t in pieces.values()))
-        pending[update] = pieces
-    piece = pending[update].pop(key)
-    if not pending[update]:
-        del pending[update]
-    return piece
+        pending[weight] = (pieces, replaces)
+    pieces, replaces = pending[weight]
+    piece = pieces.pop(key)
+    if not pieces:
+        del pending[weight]
+    return piece, replaces
 
 
 def _merged_tensor(
@@ -660,21 +716,23 @@ def _merged_tensor(
     plan: MergePlan,
     held: _Held,
     dtype: Optional[torch.dtype],
-    expert_delta: Optional[torch.Tensor] = None,
+    expert_part: Optional[tuple[torch.Tensor, bool]] = None,
 ) -> tuple[torch.Tensor, bool]:
     """The output value of checkpoint key `key` (read as `stored`), and whether it was NF4-rounded.
 
-    `expert_delta`: the part of an expert update stored under `key`, added as it is. Temporaries
-    are counted in `held` while they live; the returned tensor is left for the caller's writer to count.
+    `expert_part`: what `_take_expert_part` gave for `key` (a fused expert weight's piece: the
+    final value, or an update to add). Temporaries are counted in `held` while they live; the
+    returned tensor is left for the caller's writer to count.
     """
     value = plan.replace.get(key, stored)
     update = plan.updates.get(key)
     nf4_kind = plan.nf4.get(key)
-    if expert_delta is not None:
-        w = value.float() + expert_delta
+    if expert_part is not None:
+        piece, replaces = expert_part
+        w = piece if replaces else value.float() + piece
         if not torch.isfinite(w).all():
             raise UserError(f"merging the adapter into {key} gives inf/NaN weights; the adapter is broken")
-        return w.to(dtype or value.dtype), False
+        return w.to(dtype or value.dtype), replaces
     if update is None and nf4_kind is None:
         return value.to(dtype if dtype is not None and value.is_floating_point() else value.dtype), False
     w = value.float()

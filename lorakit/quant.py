@@ -7,6 +7,11 @@ produce. Each weight (out, in) is cut into blocks of 64 values; a block stores 6
 quantized again to 8 bits in blocks of 256, each such block keeping one fp32 scale:
 4 + 8/64 + 32/(64*256) ~= 4.127 bits per parameter.
 
+MoE expert weights (3-D, one per experts module: lorakit.experts) are quantized too, each
+expert's (out, in) matrix on its own as a `Linear4bit`, held by an `Experts4bit` that runs the
+experts forward itself (lorakit.experts.routed_forward): on MoE models they are nearly all the
+weights.
+
 `quantize_model` converts a model already in memory; `load_model_4bit` reads a model folder's
 safetensors one tensor at a time and quantizes each linear weight as it arrives, so loading
 never holds the whole 16-bit model.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 import torch
 from torch import nn
 
+from lorakit import experts as moe
 from lorakit.errors import UserError
 from lorakit.layers import _is_conv1d
 from lorakit.metrics import peak_rss_bytes
@@ -114,6 +121,7 @@ def quantize_model(
     before = _param_bytes(model)
     targets = _find_targets(model, tuple(skip))
     _check_shapes(targets, blocksize)
+    expert_targets = _find_experts(model, tuple(skip), blocksize)
     linear_before = sum(m.weight.numel() * torch.empty((), dtype=compute_dtype).element_size() for _, m in targets)
     codes: dict[Any, tuple] = {}
     targets.reverse()
@@ -129,10 +137,103 @@ def quantize_model(
             new.bias = nn.Parameter(bias, requires_grad=False)
         _set_module(model, name, new)
         del module, weight
+    for name in expert_targets:
+        module = model.get_submodule(name)
+        linear_before += sum(math.prod(moe.expert_shape(module, p)) for p in moe.expert_parameter_names(module)) * (
+            torch.empty((), dtype=compute_dtype).element_size()
+        )
+        _set_module(model, name, Experts4bit.quantize(module, compute_dtype, blocksize, double_quant, codes))
+        del module
     report = _report(model, blocksize, double_quant)
     report.frozen_bytes_before = before
     report.linear_bytes_before = linear_before
     return report
+
+
+class Experts4bit(nn.Module):
+    """A transformers experts module with its 3-D expert weights in NF4: one bitsandbytes
+    `Linear4bit` (out, in) per expert and weight, in `experts4[weight][e]`.
+
+    The module it replaces is kept as `base_layer` without those weights (set to None): its gate
+    function, activation, biases and flags still serve, and its attributes read through. Forward is
+    `lorakit.experts.routed_forward` over 4-bit matmuls; a `LoraExperts` wraps it like any experts
+    module (`frozen_projection`, `expert_shape`, `weight_names` are what it asks of one).
+    """
+
+    __getattr__ = moe.passthrough_getattr
+
+    def __init__(self, base: nn.Module, weight_names: list[str], compute_dtype: torch.dtype):
+        super().__init__()
+        self.base_layer = base
+        self.weight_names = list(weight_names)
+        self.compute_dtype = compute_dtype
+        self.experts4 = nn.ModuleDict()
+
+    @classmethod
+    def quantize(
+        cls, base: nn.Module, compute_dtype: torch.dtype, blocksize: int, double_quant: bool, codes: dict[Any, tuple]
+    ) -> "Experts4bit":
+        """Quantize `base`'s expert weights expert by expert (cast to `compute_dtype` first) and drop them from it."""
+        bnb = _require_bnb()
+        names = moe.expert_parameter_names(base)
+        new = cls(base, names, compute_dtype)
+        for param in names:
+            weight = getattr(base, param).detach()
+            experts, fan_in, fan_out = moe.expert_shape(base, param)
+            layers = nn.ModuleList()
+            for e in range(experts):
+                layer = _new_linear4bit_shaped(bnb, fan_in, fan_out, False, compute_dtype, double_quant)
+                dense = weight[e].t() if base.is_transposed else weight[e]  # (out, in)
+                _set_quantized_weight(layer, dense.to(compute_dtype), blocksize, double_quant, codes)
+                layers.append(layer)
+            new.experts4[param] = layers
+            base.register_parameter(param, None)  # the 16-bit weight goes; the name stays
+            del weight
+        return new
+
+    def expert_shape(self, param: str) -> tuple[int, int, int]:
+        layers = self.experts4[param]
+        return len(layers), layers[0].in_features, layers[0].out_features
+
+    def frozen_projection(self, param: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        import bitsandbytes as bnb
+
+        layers = self.experts4[param]
+        bias = getattr(self.base_layer, f"{param}_bias", None) if self.base_layer.has_bias else None
+
+        def run(e: int, x: torch.Tensor) -> torch.Tensor:
+            weight = layers[e].weight
+            b = None if bias is None else bias[e].to(self.compute_dtype)
+            y = bnb.matmul_4bit(x.to(self.compute_dtype), weight.t(), bias=b, quant_state=weight.quant_state)
+            return y.to(x.dtype)
+
+        return run
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs):
+        first = self.frozen_projection(moe.first_projection_name(self.base_layer))
+        return moe.routed_forward(self.base_layer, hidden_states, top_k_index, top_k_weights, first, self.frozen_projection("down_proj"))
+
+    def extra_repr(self) -> str:
+        return f"NF4 experts x{len(next(iter(self.experts4.values())))}: {', '.join(self.weight_names)}"
+
+
+def _find_experts(model: nn.Module, skip: tuple[str, ...], blocksize: int) -> list[str]:
+    """Paths of the MoE experts modules whose 3-D weights `quantize_model` quantizes: all of them,
+    unless their name is in `skip` or blocks cannot cut a weight's rows (logged; it stays 16-bit)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, Experts4bit) or not moe.is_experts_module(module) or name.rpartition(".")[2] in skip:
+            continue
+        if hasattr(module, "lora_A"):  # a LoraExperts: its base is what gets quantized
+            continue
+        uneven = [(p, moe.expert_shape(module, p)[1]) for p in moe.expert_parameter_names(module)]
+        uneven = [(p, fan_in) for p, fan_in in uneven if fan_in % blocksize]
+        if uneven:
+            log.warning("%s: expert weight %s has in_features=%d, not a multiple of the NF4 blocksize %d; its "
+                        "experts stay 16-bit", name, uneven[0][0], uneven[0][1], blocksize)  # fmt: skip
+            continue
+        out.append(name)
+    return out
 
 
 def load_model_4bit(
@@ -158,7 +259,8 @@ def load_model_4bit(
     Keys are read as transformers maps them (`lorakit.models.checkpoint_key_transform`: GPT-NeoX's
     `embed_out` is the model's `lm_head`). A folder storing tensors that transformers converts on
     load (MoE experts one by one, held as one fused tensor) is loaded whole by transformers and
-    then quantized: that loading peaks at the 16-bit model.
+    then quantized: that loading peaks at the 16-bit model. MoE expert weights stored fused are
+    quantized once the stream is done, so they are all held in 16 bits until then.
 
     Raises:
         UserError: folder or config.json missing; only pickle (.bin) weights; weights missing
@@ -255,13 +357,20 @@ def load_model_4bit(
         )
     if unexpected:
         log.warning("%s: %d tensors not used by the model, e.g. %s", folder, len(unexpected), unexpected[:3])
+    # Expert weights stored fused, as the model holds them: quantized once loaded (16-bit until then).
+    experts_before = 0
+    for name in _find_experts(model, tuple(skip), blocksize):
+        module = model.get_submodule(name)
+        experts_before += sum(getattr(module, p).numel() for p in moe.expert_parameter_names(module))
+        _set_module(model, name, Experts4bit.quantize(module, compute_dtype, blocksize, double_quant, codes))
+        del module
     model.eval()
     _release_freed_memory()
     report = _report(model, blocksize, double_quant)
     report.frozen_bytes_before = before
-    report.linear_bytes_before = sum(
-        m.weight.numel() * torch.empty((), dtype=compute_dtype).element_size() for m in targets.values()
-    )
+    report.linear_bytes_before = (
+        sum(m.weight.numel() for m in targets.values()) + experts_before
+    ) * torch.empty((), dtype=compute_dtype).element_size()
     report.peak_bytes = held.peak
     report.peak_rss_bytes = peak_rss_bytes()
     return model, report
@@ -489,10 +598,16 @@ def _check_shapes(targets: list[tuple[str, nn.Module]], blocksize: int) -> None:
 
 def _new_linear4bit(bnb: Any, module: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> nn.Module:
     fan_in, fan_out = _in_out(module)
+    return _new_linear4bit_shaped(bnb, fan_in, fan_out, module.bias is not None, compute_dtype, double_quant)
+
+
+def _new_linear4bit_shaped(
+    bnb: Any, fan_in: int, fan_out: int, bias: bool, compute_dtype: torch.dtype, double_quant: bool
+) -> nn.Module:
     new = bnb.nn.Linear4bit(
         fan_in,
         fan_out,
-        bias=module.bias is not None,
+        bias=bias,
         compute_dtype=compute_dtype,
         compress_statistics=double_quant,
         quant_type="nf4",

@@ -627,7 +627,9 @@ def _adapted_summary(model) -> str:
     """"196 layers" or, with MoE expert weights adapted, "96 layers and 48 expert modules"."""
     experts = sum(isinstance(layer, LoraExperts) for _, layer in lora_layers(model))
     linear = sum(1 for _ in lora_layers(model)) - experts
-    return f"{linear} layers" + (f" and {experts} expert modules" if experts else "")
+    if not experts:
+        return f"{linear} layers"
+    return (f"{linear} layers and " if linear else "") + f"{experts} expert modules"
 
 
 def start_summary(run: Run) -> str:

@@ -139,7 +139,7 @@ tiny_gpt_neox = functools.partial(tiny_causal_lm, "GPTNeoX")
 tiny_gemma2 = functools.partial(tiny_causal_lm, "Gemma2", num_key_value_heads=2, head_dim=16)
 # A mixture of experts whose experts are stored one by one and held fused (transformers 5).
 tiny_qwen3_moe = functools.partial(
-    tiny_causal_lm, "Qwen3Moe", num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+    tiny_causal_lm, "Qwen3Moe", num_key_value_heads=2, head_dim=16, moe_intermediate_size=64, num_experts=4,
     num_experts_per_tok=2,
 )  # fmt: skip
 

@@ -25,7 +25,7 @@ EXPERT_WEIGHTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 def tiny_gpt_oss():
     # gpt-oss: transposed (E, in, out) expert weights with biases and its own clamped, interleaved gate
     return tiny_causal_lm(
-        "GptOss", num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        "GptOss", num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
         layer_types=["full_attention", "sliding_attention"], sliding_window=16,
     )  # fmt: skip
 
@@ -125,9 +125,9 @@ def test_nesting_order_follows_the_module_not_the_config(tmp_path):
     save_adapter(model, tmp_path / "a")
     shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "a" / "adapter_model.safetensors").items()}
     prefix = "base_model.model.model.layers.0.mlp.experts"
-    # 4 experts x r=2; gate_up_proj (E, 2·32, 64): in 64, out 64; down_proj (E, 64, 32): in 32, out 64
-    assert shapes[f"{prefix}.base_layer.lora_A.weight"] == (8, 64) and shapes[f"{prefix}.base_layer.lora_B.weight"] == (64, 8)
-    assert shapes[f"{prefix}.lora_A.weight"] == (8, 32) and shapes[f"{prefix}.lora_B.weight"] == (64, 8)
+    # 4 experts x r=2; gate_up_proj (E, 2·64, 64): in 64, out 128; down_proj (E, 64, 64): in 64, out 64
+    assert shapes[f"{prefix}.base_layer.lora_A.weight"] == (8, 64) and shapes[f"{prefix}.base_layer.lora_B.weight"] == (128, 8)
+    assert shapes[f"{prefix}.lora_A.weight"] == (8, 64) and shapes[f"{prefix}.lora_B.weight"] == (64, 8)
     assert len(shapes) == 8
 
 
@@ -215,7 +215,7 @@ def test_train_experts_through_the_cli(tmp_path, capsys):
         option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
         assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={out}", option]) == 0
         text = capsys.readouterr().out
-        assert "on 0 layers and 2 expert modules" in text
+        assert "on 2 expert modules;" in text
         losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses["false"]) == 6 and losses["false"][-1] < losses["false"][0] - 0.5
     assert losses["full"] == pytest.approx(losses["false"], rel=1e-5)
@@ -280,3 +280,66 @@ def test_experts_without_a_gate():
     expected = torch.func.functional_call(experts, merged, (x, index, weights))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (got - experts(x, index, weights)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_nf4_experts_compute_with_their_dequantized_weights(arch):
+    # QLoRA on a MoE: every expert's (out, in) matrix is NF4 on its own (lorakit.quant.Experts4bit);
+    # forward and the adapters' gradients equal the 16-bit model run on the dequantized weights.
+    from lorakit.quant import Experts4bit, dequantize_weight, is_4bit, quantize_model
+
+    model, twin = MODELS[arch]().float(), MODELS[arch]().float()
+    report = quantize_model(model, compute_dtype=torch.float32)
+    assert report.layers == 2 * (4 + 4 * 2)  # q, k, v, o and 4 experts x 2 weights, per layer
+    overrides = {}
+    for path, module in model.named_modules():
+        if isinstance(module, Experts4bit):
+            for param, layers in module.experts4.items():
+                dense = torch.stack([dequantize_weight(layer) for layer in layers])  # (E, out, in)
+                overrides[f"{path}.{param}"] = dense.transpose(1, 2) if module.is_transposed else dense
+        elif is_4bit(module) and ".experts4." not in path:
+            overrides[f"{path}.weight"] = dequantize_weight(module)
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets=[], target_parameters=EXPERT_WEIGHTS))
+    randomize(model)
+    ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    factors = [p for _, layer in lora_layers(model) for ab in (layer.lora_A, layer.lora_B) for p in ab["default"].values()]
+    loss = model(ids, labels=ids).loss
+    ours = torch.autograd.grad(loss, factors)
+    for path, layer in lora_layers(model):
+        for param in layer.lora_A["default"]:
+            a, b = layer.factors("default", param)
+            delta = layer.scaling["default"][param] * torch.bmm(b, a)
+            overrides[f"{path}.{param}"] = overrides[f"{path}.{param}"] + (delta.transpose(1, 2) if layer.is_transposed else delta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.func.functional_call(twin, overrides, (ids,), {"labels": ids}).loss
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for got, expected in zip(ours, torch.autograd.grad(ref, factors)):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="cannot merge an adapter into the 4-bit experts"):
+        merge_adapter(model)
+
+
+def test_simulate_nf4_merge_reproduces_the_4bit_model(tmp_path):
+    # --simulate-nf4 rounds each expert's matrix as QLoRA training held it: put together from the
+    # keys the base stores it under (gate_proj and up_proj rows of one gate_up_proj), rounded, cut again.
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.quant import load_model_4bit
+
+    folder = save_model_folder(tmp_path / "base", tiny_qwen3_moe())
+    model, _ = load_model_4bit(folder, compute_dtype=torch.float32)
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], target_parameters=["experts.down_proj"]))
+    randomize(model)
+    save_adapter(model, tmp_path / "adapter")
+    report = merge_adapter_files(folder, tmp_path / "adapter", tmp_path / "merged", simulate_nf4=True)
+    assert report.nf4_rounded == 2 * (4 + 4 * 3)  # q, k, v, o and each expert's gate, up, down, per layer
+    plain = merge_adapter_files(folder, tmp_path / "adapter", tmp_path / "plain")
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model(ids).logits
+        simulated = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+        unrounded = AutoModelForCausalLM.from_pretrained(plain.out_dir).eval()(ids).logits
+    torch.testing.assert_close(simulated, trained, rtol=0, atol=2e-5)
+    assert (unrounded - trained).abs().max() > 1e-3  # the rounding is what makes the difference

@@ -196,7 +196,7 @@ def test_load_model_4bit_equals_load_then_quantize(tmp_path, make, shard):
 
 def test_load_model_4bit_leaves_converted_weights_to_transformers(tmp_path, caplog):
     # Qwen3-MoE's experts are stored one by one and held as fused 3-d tensors: transformers loads
-    # the model whole, then the linear layers are quantized; the result is the reference's.
+    # the model whole, then the linear layers and the experts are quantized; the result is the reference's.
     folder = save_model_folder(tmp_path / "m", tiny_qwen3_moe())
     with caplog.at_level("INFO", logger="lorakit.quant"):
         model, report = load_model_4bit(folder, compute_dtype=FP32)
@@ -206,7 +206,8 @@ def test_load_model_4bit_leaves_converted_weights_to_transformers(tmp_path, capl
         assert torch.equal(model(_ids()).logits, ref(_ids()).logits)
     for field in ("layers", "params", "linear_bytes_after", "frozen_bytes_after"):
         assert getattr(report, field) == getattr(ref_report, field), field
-    assert report.layers == 2 * 4  # q/k/v/o per layer; the router and the fused experts stay 16-bit
+    # per layer q/k/v/o and, for each of the 4 experts, gate_up and down; the router stays 16-bit
+    assert report.layers == 2 * (4 + 4 * 2)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
