@@ -78,6 +78,7 @@ class QuantReport:
     double_quant: bool = True
     peak_bytes: Union[int, None] = None
     peak_rss_bytes: Union[int, None] = None
+    expert_matrices: int = 0  # of `layers`, the MoE experts' (out, in) matrices (Experts4bit)
 
     @property
     def bits_per_param(self) -> float:
@@ -85,7 +86,9 @@ class QuantReport:
 
     def summary(self) -> str:
         line = (
-            f"nf4: {self.layers} linear layers, {self.params / 1e6:.2f}M params -> "
+            f"nf4: {self.layers} linear layers"
+            + (f" ({self.expert_matrices} of them expert matrices)" if self.expert_matrices else "")
+            + f", {self.params / 1e6:.2f}M params -> "
             f"{self.bits_per_param:.3f} bits/param; frozen linear weights {_mb(self.linear_bytes_before)} -> "
             f"{_mb(self.linear_bytes_after)}; all frozen weights {_mb(self.frozen_bytes_before)} -> "
             f"{_mb(self.frozen_bytes_after)}"
@@ -683,7 +686,9 @@ def _report(model: nn.Module, blocksize: int, double_quant: bool) -> QuantReport
             if state.nested:
                 linear_after += count(state.state2.code)
     other = sum(count(p) for p in model.parameters() if not isinstance(p, _params4bit_type()))
-    return QuantReport(layers, params, 0, linear_after, 0, linear_after + other, blocksize, double_quant)
+    report = QuantReport(layers, params, 0, linear_after, 0, linear_after + other, blocksize, double_quant)
+    report.expert_matrices = sum(len(m) for e in model.modules() if isinstance(e, Experts4bit) for m in e.experts4.values())
+    return report
 
 
 def _params4bit_type() -> type:

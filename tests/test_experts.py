@@ -290,7 +290,8 @@ def test_nf4_experts_compute_with_their_dequantized_weights(arch):
 
     model, twin = MODELS[arch]().float(), MODELS[arch]().float()
     report = quantize_model(model, compute_dtype=torch.float32)
-    assert report.layers == 2 * (4 + 4 * 2)  # q, k, v, o and 4 experts x 2 weights, per layer
+    assert report.layers == 2 * (4 + 4 * 2) and report.expert_matrices == 2 * 4 * 2  # q, k, v, o; 4 experts x 2 weights
+    assert "nf4: 24 linear layers (16 of them expert matrices)" in report.summary()
     overrides = {}
     for path, module in model.named_modules():
         if isinstance(module, Experts4bit):
