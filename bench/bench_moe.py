@@ -11,8 +11,13 @@ harness of bench_speed.py): warm-up steps, then timed steps; medians; peak RSS.
   peft     get_peft_model(..., target_parameters=[...]) over transformers' default experts
            implementation: PEFT adds every expert's full update s·B_e@A_e to the weight each step
 
-    python bench/bench_moe.py               # 6 timed steps a side
+Cases: "plain" (bf16 frozen weights) and "qlora": lorakit with `quantize: nf4` (linear layers and
+every expert's matrix NF4) against PEFT over a bitsandbytes 4-bit base from transformers'
+BitsAndBytesConfig (which quantizes the linear layers; the 3-D expert weights stay bf16).
+
+    python bench/bench_moe.py               # both cases, 6 timed steps a side
     python bench/bench_moe.py --rounds 3    # each side 3 times, alternating; steps pooled
+    python bench/bench_moe.py --cases qlora
 """
 
 from __future__ import annotations
@@ -70,24 +75,33 @@ def prepare(work: Path, size: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--cases", default="plain,qlora", help="comma-separated: plain, qlora")
     args = parser.parse_args()
     import tempfile
 
+    cases = {"plain": {"target_parameters": EXPERT_WEIGHTS}, "qlora": {"target_parameters": EXPERT_WEIGHTS, "quantize": "nf4"}}
+    results = {}
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-moe-") as tmp:
         work = Path(tmp)
         prepare(work, SIZE)
-        case = {"target_parameters": EXPERT_WEIGHTS}
-        outs: dict[str, list[dict]] = {"lorakit": [], "peft": []}
-        for _ in range(args.rounds):
-            for side in ("lorakit", "peft"):
-                outs[side].append(harness.child(work, SIZE, side, case))
-        ours, theirs = harness.pooled(outs["lorakit"], SIZE), harness.pooled(outs["peft"], SIZE)
+        for name in args.cases.split(","):
+            outs: dict[str, list[dict]] = {"lorakit": [], "peft": []}
+            for _ in range(args.rounds):
+                for side in ("lorakit", "peft"):
+                    outs[side].append(harness.child(work, SIZE, side, cases[name]))
+            results[name] = (harness.pooled(outs["lorakit"], SIZE), harness.pooled(outs["peft"], SIZE))
     print(f"machine: {harness.machine()}")
-    print(f"model: Qwen3-MoE shape {SIZE}; LoRA r={harness.R} on q/k/v/o and both expert weights\n")
+    print(f"model: Qwen3-MoE shape {SIZE}; LoRA r={harness.R} on q/k/v/o and both expert weights")
+    for name, (ours, theirs) in results.items():
+        report(name, ours, theirs)
+
+
+def report(name: str, ours: dict, theirs: dict) -> None:
+    print(f"\n{name}:\n")
     print("| side | s/step | tokens/s | peak RSS (GiB) | first loss |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, out in (("lorakit", ours), ("PEFT + transformers", theirs)):
-        print(f"| {name} | {out['step_s']:.3f} | {out['tokens_s']:,.0f} | {harness.gib(out['peak_rss'])} | {out['losses'][0]:.4f} |")
+    for side, out in (("lorakit", ours), ("PEFT + transformers", theirs)):
+        print(f"| {side} | {out['step_s']:.3f} | {out['tokens_s']:,.0f} | {harness.gib(out['peak_rss'])} | {out['losses'][0]:.4f} |")
     print(f"\ntokens/s lorakit/PEFT: {ours['tokens_s'] / theirs['tokens_s']:.2f}x; "
           f"peak memory: {ours['peak_rss'] / theirs['peak_rss']:.2f}x; rounds {[round(t, 3) for t in ours['round_s']]} vs {[round(t, 3) for t in theirs['round_s']]}")  # fmt: skip
 
