@@ -648,7 +648,26 @@ def start_summary(run: Run) -> str:
     ]
     if run.eval_set is not None:
         lines.insert(4, f"eval         {len(run.eval_set)} examples")
+    untouched = _unadapted_experts(run.model)
+    if untouched:
+        lines.insert(2, f"note         the MoE experts are not adapted (their 3-D weights are no linear layers): "
+                        f"lora.target_parameters: [{', '.join(untouched)}] adapts them")  # fmt: skip
     return "\n".join(lines)
+
+
+def _unadapted_experts(model) -> list[str]:
+    """`mlp.experts.gate_up_proj`-style names of the expert weights of MoE experts modules no adapter touches."""
+    from lorakit.experts import expert_parameter_names, is_experts_module
+
+    if any(isinstance(m, LoraExperts) for m in model.modules()):
+        return []  # experts are targeted (maybe on some layers only, as the config asks)
+    names = []
+    for path, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        short = ".".join(path.split(".")[-2:])
+        names += [f"{short}.{p}" for p in expert_parameter_names(module)]
+    return list(dict.fromkeys(names))
 
 
 def final_summary(summary: dict[str, Any]) -> str:

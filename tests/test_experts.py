@@ -215,7 +215,7 @@ def test_train_experts_through_the_cli(tmp_path, capsys):
         option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
         assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={out}", option]) == 0
         text = capsys.readouterr().out
-        assert "on 2 expert modules;" in text
+        assert "on 2 expert modules;" in text and "not adapted" not in text
         losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses["false"]) == 6 and losses["false"][-1] < losses["false"][0] - 0.5
     assert losses["full"] == pytest.approx(losses["false"], rel=1e-5)
@@ -224,6 +224,11 @@ def test_train_experts_through_the_cli(tmp_path, capsys):
     assert losses["nf4"][0] == pytest.approx(losses["false"][0], abs=0.05) and losses["nf4"][-1] < losses["nf4"][0] - 0.5
     tensors = load_file(tmp_path / "out_false" / "adapter" / "adapter_model.safetensors")
     assert len(tensors) == 8 and all(".mlp.experts." in k for k in tensors)
+    # all-linear leaves the experts alone, and the start summary says how to adapt them
+    assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={tmp_path / 'linear'}", "lora.targets=all-linear",
+                 "lora.target_parameters=[]", "train.max_steps=1"]) == 0  # fmt: skip
+    assert ("the MoE experts are not adapted (their 3-D weights are no linear layers): lora.target_parameters: "
+            "[mlp.experts.gate_up_proj, mlp.experts.down_proj] adapts them") in capsys.readouterr().out  # fmt: skip
 
 
 def test_a_layer_filter_is_written_as_full_parameter_paths(tmp_path):
