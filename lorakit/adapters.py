@@ -4,6 +4,7 @@ A PEFT LoRA adapter folder holds:
     adapter_config.json        PEFT's field names (peft_type "LORA", r, lora_alpha, target_modules, ...)
     adapter_model.safetensors  base_model.model.<module path>.lora_A.weight   (r, in)
                                base_model.model.<module path>.lora_B.weight   (out, r)
+                               base_model.model.<module path>.lora_magnitude_vector (out,)  DoRA
                                base_model.model.<module path>.lora_embedding_A (r, num_embeddings)
                                base_model.model.<module path>.lora_embedding_B (dim, r)
                                base_model.model.<module path>.<param>         modules_to_save copies
@@ -61,14 +62,14 @@ _PEFT_BOOKKEEPING = {
 }  # fmt: skip
 # PEFT features lorakit does not implement: refused when set to anything but their default.
 _PEFT_UNSUPPORTED_DEFAULTS = {
-    "use_dora": False, "bias": "none", "lora_bias": False, "loftq_config": {}, "eva_config": None,
+    "bias": "none", "lora_bias": False, "loftq_config": {}, "eva_config": None,
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
     "use_qalora": False, "monteclora_config": None, "layer_replication": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "trainable_token_indices": None,
 }  # fmt: skip
 _LORAKIT_KEYS = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
-    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "target_parameters",
+    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "target_parameters", "use_dora",
 }  # fmt: skip
 _INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -119,7 +120,7 @@ def peft_config_dict(
         "layers_pattern": None,
         "fan_in_fan_out": "conv1d" in kinds,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": config.dora,
         "lora_bias": False,
     }
 
@@ -177,7 +178,10 @@ def _adapter_tensors(path: str, layer, name: str) -> dict[str, torch.Tensor]:
         keys = expert_peft_keys(path, list(layer.lora_A[name].keys()))
         return {k: t for param, pair in keys.items() for k, t in zip(pair, (layer.lora_A[name][param], layer.lora_B[name][param]))}
     a_key, b_key = peft_keys(path, layer)
-    return {a_key: layer.lora_A[name], b_key: layer.lora_B[name]}
+    out = {a_key: layer.lora_A[name], b_key: layer.lora_B[name]}
+    if name in layer.lora_magnitude:
+        out[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude[name]
+    return out
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -342,6 +346,7 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
             layers=layers,
             modules_to_save=list(raw.get("modules_to_save") or []),
             target_parameters=target_parameters,
+            dora=bool(raw.get("use_dora", False)),
         )
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
@@ -371,6 +376,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int
             fan_out, fan_in = module.weight.shape
         out[f"{PREFIX}{path}.lora_A.weight"] = (r, fan_in)
         out[f"{PREFIX}{path}.lora_B.weight"] = (fan_out, r)
+        if config.dora:
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = (fan_out,)
     for path, params in find_parameter_targets(model, config).items():
         module = model.get_submodule(path)
         experts = module if isinstance(module, LoraExperts) else LoraExperts(module, path)
@@ -433,6 +440,8 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
             if name in layer.lora_A:
                 layer.lora_A[name].requires_grad_(False)
                 layer.lora_B[name].requires_grad_(False)
+                if name in getattr(layer, "lora_magnitude", {}):
+                    layer.lora_magnitude[name].requires_grad_(False)
         for _, module in saved_modules(model):
             if name in module.copies:
                 for p in module.copies[name].parameters():

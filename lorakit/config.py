@@ -35,6 +35,8 @@ class LoraConfig:
         matched against the end of the module path (PEFT's semantics).
     layers: restrict adapters to these transformer block indices (`...layers.<i>....`).
     modules_to_save: modules trained in full and saved with the adapter, e.g. `["lm_head"]`.
+    dora: DoRA (PEFT's `use_dora`): a trained magnitude per output row on top of the low-rank
+        update (lorakit.layers).
     target_parameters: MoE expert weights to adapt, named like PEFT's `target_parameters` and matched
         against the end of each parameter path (`"mlp.experts.gate_up_proj"`); see lorakit.experts.
         `targets: []` adapts the experts alone.
@@ -52,6 +54,7 @@ class LoraConfig:
     layers: Union[list[int], None] = None
     modules_to_save: list[str] = field(default_factory=list)
     target_parameters: list[str] = field(default_factory=list)
+    dora: bool = False
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -76,6 +79,10 @@ class LoraConfig:
                 f"{where}.dropout = {self.dropout!r} with {where}.target_parameters: PEFT cannot load expert adapters "
                 "trained with dropout; set dropout: 0"
             )
+        if self.dora and self.target_parameters:
+            out.append(f"{where}.dora with {where}.target_parameters: DoRA adapts linear layers, not MoE expert weights")
+        if self.dora and self.init in ("pissa", "olora"):
+            out.append(f"{where}.dora with {where}.init = {self.init!r}: use default or gaussian init with DoRA")
         if self.target_parameters and self.init not in ("default", "gaussian"):
             out.append(f"{where}.init = {self.init!r} with {where}.target_parameters: expert weights take default or gaussian")
         for name, rank in self.rank_pattern.items():

@@ -213,6 +213,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") 
             dropout=config.dropout,
             rslora=config.rslora,
             init=config.init,
+            dora=config.dora,
         )
     for path, params in expert_targets.items():
         module = model.get_submodule(path)
@@ -288,7 +289,8 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     for _, layer in lora_layers(model):
         # A layer without this adapter runs its base alone, so adapters never leak into each other.
         layer.active_adapter = name if name in layer.lora_A else None
-        for n, p in list(layer.lora_A.items()) + list(layer.lora_B.items()):
+        magnitudes = list(getattr(layer, "lora_magnitude", {}).items())  # DoRA
+        for n, p in list(layer.lora_A.items()) + list(layer.lora_B.items()) + magnitudes:
             p.requires_grad_(n == name)  # a Parameter, or a LoraExperts' ParameterDict (a Module)
     for _, module in saved_modules(model):
         module.active_adapter = name if name in module.copies else None

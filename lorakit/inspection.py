@@ -79,11 +79,11 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             continue
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
-                             (".lora_embedding_B", "B")):  # fmt: skip
+                             (".lora_embedding_B", "B"), (".lora_magnitude_vector", "M")):  # fmt: skip
             if name.endswith(suffix):
                 entry = pairs.setdefault(name[: -len(suffix)], {})
                 entry[slot] = tensor
-                entry["embedding"] = "embedding" in suffix
+                entry["embedding"] = entry.get("embedding", False) or "embedding" in suffix
                 break
         else:
             saved.append({"tensor": name, "shape": list(tensor.shape), "params": tensor.numel()})
@@ -101,7 +101,8 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             "alpha": float(_pattern_value(path, config.alpha_pattern, config.alpha)),
             "scaling": scale,
             "shape": [int(b.shape[0]), int(a.shape[1])],
-            "params": a.numel() + b.numel(),
+            "params": a.numel() + b.numel() + (entry["M"].numel() if "M" in entry else 0),
+            "dora": "M" in entry,
             **stats,
         })  # fmt: skip
     modules = sorted(modules + expert_rows, key=lambda m: _natural(m["module"]))
@@ -141,7 +142,8 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
                 w = f.get_tensor(stored).float()
             w_norm = float(w.double().norm())
             # what merging changes; for PiSSA / OLoRA not s·B@A, which started as W's principal part
-            change = float(update.delta(w).double().norm()) if update.init in PRINCIPAL_INITS else by_path[update.path]["norm"]
+            exact = update.init in PRINCIPAL_INITS or update.magnitude is not None
+            change = float(update.delta(w).double().norm()) if exact else by_path[update.path]["norm"]
             by_path[update.path]["kind"] = update.kind
             by_path[update.path]["relative"] = change / w_norm if w_norm else math.inf
         for update in dict.fromkeys(plan.experts.values()):  # each fused weight once, over its stored keys
@@ -264,6 +266,10 @@ def format_report(info: dict[str, Any]) -> str:
     if any(m["kind"] == "experts" for m in info["modules"]):
         lines.append("experts rows (shape experts x out x in): ||ΔW|| over all experts, the largest rank>1% of any expert, "
                      "the experts' mean eff.rank")  # fmt: skip
+    if any(m.get("dora") for m in info["modules"]):
+        lines.append("DoRA: the rows also rescale to trained magnitudes, so ||ΔW|| and the spectrum are of s·B@A, not of the "
+                     "change to W" + ("; ||ΔW||/||W|| is the change merging makes" if relative else
+                                      "; --base shows the change merging makes"))  # fmt: skip
     if info.get("init") in PRINCIPAL_INITS:
         lines.append(f"init {info['init']}: B@A started as the base weight's principal part, which the base lost, so ||ΔW|| and "
                      "the spectrum are of s·B@A, not of the change to W" + ("; ||ΔW||/||W|| is the change merging makes"

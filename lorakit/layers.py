@@ -13,6 +13,16 @@ before; it knows how to apply each kind of base itself (the dispatch table `BASE
 
 Adapters live in `lora_A[name]` / `lora_B[name]` (plain Parameters, fp32 by default), so several
 can sit on one layer; one is active at a time.
+
+DoRA (Liu et al. 2024, PEFT's `use_dora`) adds a trained magnitude per output row,
+`lora_magnitude[name]` (out,), and rescales each row of the adapted weight to it:
+
+    W' = m / ||W + s·B A||_row · (W + s·B A)      y = x W'^T + bias
+
+The norm is treated as a constant in backward (the paper's section 4.3, as PEFT does) and is
+computed in fp32. With dropout, the base part of the rescaling sees the dropped input, as in PEFT:
+y = base(x) + (m/n - 1) · x̃ W^T + m/n · s · x̃ A^T B^T with x̃ = dropout(x). A DoRA adapter runs
+the plain autograd path (no fused kernel).
 """
 
 from __future__ import annotations
@@ -144,6 +154,8 @@ class LoraLayer(nn.Module):
         self.base_class = type(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only: (out,)
+        self._dora_norms: dict[str, torch.Tensor] = {}  # ||W + s·B A||_row of a merged DoRA adapter, to unmerge
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.ranks: dict[str, int] = {}
@@ -161,11 +173,15 @@ class LoraLayer(nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         init: str = "default",
+        dora: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        """Create adapter `name`; `init` picks A and B (and, for pissa/olora, rewrites the base weight)."""
+        """Create adapter `name`; `init` picks A and B (and, for pissa/olora, rewrites the base weight);
+        `dora` adds a magnitude vector starting at the row norms of the adapted weight."""
         if name in self.lora_A:
             raise UserError(f"adapter {name!r} already exists on {self.path}; delete it first or pick another name")
+        if dora and self.kind.name == "embedding":
+            raise UserError(f"lora.dora: {self.path} is an embedding; DoRA adapts linear layers, exclude it from the targets")
         device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
         a = torch.empty(r, self.in_features, dtype=dtype, device=device)
         b = torch.zeros(self.out_features, r, dtype=dtype, device=device)
@@ -200,6 +216,10 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scale
         self.ranks[name] = r
+        if dora:
+            with torch.no_grad():
+                norms = self._adapted_row_norms(name)
+            self.lora_magnitude[name] = nn.Parameter(norms.to(dtype))
         if self.active_adapter is None:
             self.active_adapter = name
 
@@ -208,12 +228,19 @@ class LoraLayer(nn.Module):
             self.unmerge()
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         del self.scaling[name], self.ranks[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.lora_A.keys()), None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · B @ A in fp32, shape (out, in) (for embeddings: (dim, num_embeddings))."""
         return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+
+    def _adapted_row_norms(self, name: str) -> torch.Tensor:
+        """||W + s·B A|| of every output row, fp32, no gradient (DoRA's norm)."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self.kind.dense_weight(self) + self.delta_weight(name), dim=1)
 
     # ----------------------------------------------------------------- merging
     def merge(self, name: Optional[str] = None) -> None:
@@ -224,6 +251,10 @@ class LoraLayer(nn.Module):
         w = self.kind.dense_weight(self)
         delta = self.delta_weight(name)
         merged = w + (delta.t() if self.kind.name == "embedding" else delta)
+        if name in self.lora_magnitude:
+            norms = torch.linalg.vector_norm(merged, dim=1)
+            self._dora_norms[name] = norms  # of the unmerged weight: unmerge divides by m / norms again
+            merged = (self.lora_magnitude[name].detach().float() / norms).unsqueeze(1) * merged
         if not torch.isfinite(merged).all():
             raise UserError(f"merging adapter {name!r} into {self.path} gives inf/NaN weights; the adapter is broken")
         self.kind.set_dense_weight(self, merged)
@@ -235,6 +266,8 @@ class LoraLayer(nn.Module):
             name = self.merged.pop()
             w = self.kind.dense_weight(self)
             delta = self.delta_weight(name)
+            if name in self.lora_magnitude:
+                w = w / (self.lora_magnitude[name].detach().float() / self._dora_norms.pop(name)).unsqueeze(1)
             self.kind.set_dense_weight(self, w - (delta.t() if self.kind.name == "embedding" else delta))
 
     # ----------------------------------------------------------------- forward
@@ -288,8 +321,19 @@ class LoraLayer(nn.Module):
             # (..., r) rows of A^T picked by the token ids, then projected by B^T
             after_a = F.embedding(x, a.t(), **self._embedding_args)
             return result + (scale * (after_a @ b.t())).to(result.dtype)
-        h = self.lora_dropout[name](x).to(a.dtype)
-        return result + (scale * F.linear(F.linear(h, a), b)).to(result.dtype)
+        dropped = self.lora_dropout[name](x)
+        h = dropped.to(a.dtype)
+        lora = scale * F.linear(F.linear(h, a), b)
+        if name not in self.lora_magnitude:
+            return result + lora.to(result.dtype)
+        # DoRA: every row rescaled to its magnitude, the norm a constant (see the module docstring)
+        norm_scale = (self.lora_magnitude[name] / self._adapted_row_norms(name)).to(result.dtype)
+        if dropped is x:
+            frozen = result if self.bias is None else result - self.bias.to(result.dtype)
+        else:
+            frozen = self.base_forward(dropped)
+            frozen = frozen if self.bias is None else frozen - self.bias.to(frozen.dtype)
+        return result + (norm_scale - 1) * frozen + norm_scale * lora.to(result.dtype)
 
     def _fused_ok(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         """Whether `lorakit.fused.lora_linear` computes this call (frozen linear-like base, plain tensors)."""
@@ -298,6 +342,7 @@ class LoraLayer(nn.Module):
         return (
             fused.ENABLED
             and self.kind.name in ("linear", "conv1d", "linear4bit")
+            and self.active_adapter not in self.lora_magnitude  # DoRA runs the plain path
             and torch.is_grad_enabled()
             and not self.weight.requires_grad
             and (self.bias is None or not self.bias.requires_grad)
@@ -338,5 +383,6 @@ class LoraLayer(nn.Module):
         return plain
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}(r={self.ranks[n]}, s={self.scaling[n]:g})" for n in self.lora_A)
+        adapters = ", ".join(f"{n}(r={self.ranks[n]}, s={self.scaling[n]:g}{', DoRA' if n in self.lora_magnitude else ''})"
+                             for n in self.lora_A)  # fmt: skip
         return f"{self.kind.name} {self.in_features}->{self.out_features}, adapters=[{adapters}], active={self.active_adapter}"

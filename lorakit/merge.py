@@ -207,15 +207,21 @@ class _Update:
     b: torch.Tensor
     scale: float
     init: str = "default"  # pissa | olora: B and A were trained against the base minus its principal part
+    magnitude: Optional[torch.Tensor] = None  # DoRA: (out,)
 
     def delta(self, w: torch.Tensor) -> torch.Tensor:
         """What merging adds to the fp32 base weight w, both in the checkpoint's layout: s · B @ A,
         less, for PiSSA / OLoRA adapters, the principal part s · B0 @ A0 their init moved out of W
-        (computed again from w, as loading the adapter does)."""
+        (computed again from w, as loading the adapter does); for DoRA, what rescaling each row of
+        W + s · B @ A to its magnitude makes of W."""
         d = self.scale * (self.b.float() @ self.a.float())
         if self.init in PRINCIPAL_INITS:
             a0, b0 = principal_factors(w if self.kind == "linear" else w.t(), self.a.shape[0], self.scale, self.init)
             d -= self.scale * (b0 @ a0)
+        if self.magnitude is not None:
+            w_oi = w if self.kind == "linear" else w.t()  # (out, in)
+            adapted = w_oi + d
+            d = (self.magnitude.float() / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1) * adapted - w_oi
         return d if self.kind == "linear" else d.t()
 
 
@@ -307,7 +313,7 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
         if not key.startswith(PREFIX):
             raise UserError(f"{where}: adapter tensor {key} does not start with {PREFIX!r}; not a PEFT LoRA adapter")
         name = key[len(PREFIX) :]
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", name)
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)", name)
         if m:
             lora.setdefault(m.group(1), {})[m.group(2)] = tensor
         elif name.endswith(".base_layer.weight"):
@@ -339,7 +345,14 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
                 f"in adapter_config.json) but the base weight {key} is {tuple(w_shape)}; "
                 "the adapter was trained on a different base model"
             )
-        updates[key] = _Update(path, kind, a, b, adapter_scaling(config, path), config.init)
+        magnitude = parts.get("lora_magnitude_vector")
+        if config.dora != (magnitude is not None) or (magnitude is not None and tuple(magnitude.shape) != (fan_out,)):
+            raise UserError(
+                f"{where}: {path} has {'a' if magnitude is not None else 'no'} DoRA magnitude vector"
+                + (f" {tuple(magnitude.shape)}" if magnitude is not None else "")
+                + f" but adapter_config.json says use_dora = {config.dora}; the adapter file is inconsistent"
+            )
+        updates[key] = _Update(path, kind, a, b, adapter_scaling(config, path), config.init, magnitude)
     replaced: dict[str, torch.Tensor] = {}
     for name, tensor in list(replace.items()) + [(f"{p}.weight", t) for p, t in base_replace.items()]:
         path, _, param = name.rpartition(".")

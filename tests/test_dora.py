@@ -1,0 +1,160 @@
+"""DoRA (`lora.dora`, PEFT's `use_dora`): PEFT's numbers and files both ways, merging in memory and
+streamed, training through the CLI with checkpointing and QLoRA."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from helpers import save_model_folder, tiny_gpt2, tiny_llama, write_addition_data
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lorakit import LoraConfig, UserError, inject_adapter, load_adapter, save_adapter
+from lorakit.adapters import _adapter_tensors
+from lorakit.cli import main
+from lorakit.inject import lora_layers, merge_adapter, unmerge_adapter
+from lorakit.inspection import inspect_adapter
+from lorakit.merge import merge_adapter_files
+
+TARGETS = {"llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]), "gpt2": (tiny_gpt2, ["c_attn", "c_fc"])}
+
+
+def peft_dora(make, targets, tmp_path, dropout=0.0):
+    """A PEFT DoRA model with random B and magnitudes moved off their init, and its saved folder."""
+    model = get_peft_model(
+        make(), PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, use_dora=True, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "peft")
+    return model.eval(), tmp_path / "peft"
+
+
+def gradients(model):
+    """lorakit's adapter gradients under PEFT's parameter names (`...lora_A.default.weight` without the adapter)."""
+    out = {}
+    for path, layer in lora_layers(model):
+        for key, p in _adapter_tensors(path, layer, "default").items():
+            out[key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")] = p.grad
+    return out
+
+
+@pytest.mark.parametrize("arch, dropout", [("llama", 0.0), ("gpt2", 0.0), ("llama", 0.2)])
+def test_matches_peft_in_forward_and_gradients(arch, dropout, tmp_path):
+    make, targets = TARGETS[arch]
+    theirs, folder = peft_dora(make, targets, tmp_path, dropout)
+    ours = make()
+    load_adapter(ours, folder, trainable=True)
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    if dropout:
+        # Llama has no dropout of its own: in train mode the LoRA dropouts are the only random draws,
+        # one nn.Dropout call per adapted layer in layer order on both sides, so one seed gives both the same masks
+        theirs.train(), ours.train()
+    torch.manual_seed(5)
+    expected = theirs(ids, labels=ids)
+    expected.loss.backward()
+    torch.manual_seed(5)
+    got = ours(ids, labels=ids)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=2e-6)
+    reference = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    mine = gradients(ours)
+    assert sorted(mine) == sorted(reference) and sum("magnitude" in k for k in mine) == 2 * len(targets)
+    for key, grad in mine.items():
+        torch.testing.assert_close(grad, reference[key], rtol=1e-4, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("arch", sorted(TARGETS))
+def test_merge_unmerge_and_files_round_trip(arch, tmp_path):
+    make, targets = TARGETS[arch]
+    theirs, folder = peft_dora(make, targets, tmp_path)
+    model = make()
+    load_adapter(model, folder)
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        weight = next(layer for _, layer in lora_layers(model)).weight.clone()
+        merge_adapter(model)
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=2e-6)
+        unmerge_adapter(model)
+        torch.testing.assert_close(next(layer for _, layer in lora_layers(model)).weight, weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=2e-6)
+    save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+    ours_t, theirs_t = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
+    assert sorted(ours_t) == sorted(theirs_t) and all(torch.equal(ours_t[k], theirs_t[k]) for k in ours_t)
+    again = PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, adapted, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("arch", sorted(TARGETS))
+def test_streamed_merge_and_inspect(arch, tmp_path):
+    make, targets = TARGETS[arch]
+    base = save_model_folder(tmp_path / "base", make())
+    theirs, folder = peft_dora(make, targets, tmp_path)
+    report = merge_adapter_files(base, folder, tmp_path / "merged")
+    assert report.merged_modules == 2 * len(targets)
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(ids).logits, theirs(ids).logits, rtol=0, atol=5e-6)
+    info = inspect_adapter(folder, base)
+    row = info["modules"][0]
+    assert row["dora"] and row["params"] == 4 * sum(row["shape"]) + row["shape"][0]  # A, B and the magnitudes (out,)
+    layer = dict(lora_layers(load_adapter_model(make, folder)))[row["module"]]
+    w = layer.weight.float() if layer.kind.name == "linear" else layer.weight.float().t()
+    change = (layer.lora_magnitude["default"] / layer._adapted_row_norms("default")).unsqueeze(1) * (w + layer.delta_weight("default")) - w
+    assert row["relative"] == pytest.approx(float(change.norm() / w.norm()), rel=1e-4)
+
+
+def load_adapter_model(make, folder):
+    model = make()
+    load_adapter(model, folder)
+    return model
+
+
+def test_dora_config_errors():
+    with pytest.raises(UserError, match="lora.dora with lora.init = 'pissa'"):
+        LoraConfig(dora=True, init="pissa")
+    with pytest.raises(UserError, match="DoRA adapts linear layers"):
+        LoraConfig(dora=True, target_parameters=["mlp.experts.down_proj"])
+    with pytest.raises(UserError, match="is an embedding; DoRA adapts linear layers"):
+        inject_adapter(tiny_llama(), LoraConfig(dora=True, targets=["embed_tokens"]))
+
+
+def test_train_dora_through_the_cli(tmp_path):
+    folder = save_model_folder(tmp_path / "model", tiny_llama())
+    data = write_addition_data(tmp_path / "train.jsonl", 48)
+    cfg = {
+        "model": str(folder),
+        "data": {"train": str(data), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, "dora": True},
+        "train": {"max_steps": 5, "batch_size": 8, "lr": 1.0e-2, "precision": "fp32", "seed": 0, "log_every": 1},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    losses = {}
+    for mode in ("false", "full", "selective", "nf4"):
+        out = tmp_path / f"out_{mode}"
+        option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
+        assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={out}", option]) == 0
+        losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses["false"][-1] < losses["false"][0] - 0.3
+    assert losses["full"] == pytest.approx(losses["false"], rel=1e-5)
+    assert losses["selective"] == pytest.approx(losses["false"], rel=1e-5)
+    assert losses["nf4"][-1] < losses["nf4"][0] - 0.3
+    tensors = load_file(tmp_path / "out_false" / "adapter" / "adapter_model.safetensors")
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == 2 * 7  # every linear layer of both blocks
+    # the trained adapter loads in PEFT with the same logits
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    ours = load_adapter_model(tiny_llama, tmp_path / "out_false" / "adapter")
+    theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out_false" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=2e-5)
