@@ -19,7 +19,18 @@ from lorakit.inject import lora_layers, merge_adapter, unmerge_adapter
 from lorakit.inspection import inspect_adapter
 from lorakit.merge import merge_adapter_files
 
-TARGETS = {"llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]), "gpt2": (tiny_gpt2, ["c_attn", "c_fc"])}
+def gpt2_with_biases():
+    """GPT-2 whose Conv1D biases are not zero (its init zeroes them): DoRA rescales W x, not the bias."""
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and (".c_attn." in name or ".c_fc." in name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+TARGETS = {"llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]), "gpt2": (gpt2_with_biases, ["c_attn", "c_fc"])}
 
 
 def peft_dora(make, targets, tmp_path, dropout=0.0):
