@@ -15,7 +15,8 @@ lorakit.data and given to both), LoRA r=16 alpha=32 on every linear layer but th
 
 Checkpointing cases: "ckpt" runs full checkpointing on both sides; "selective" runs lorakit's
 `gradient_checkpointing: selective` against the same PEFT run (transformers' checkpointing is full).
-The "dropout" case (not in the default set) is the plain case with LoRA dropout 0.05 on both sides.
+The "dropout" case (not in the default set) is the plain case with LoRA dropout 0.05 on both sides;
+the "dora" case (neither) is the plain case with DoRA on both sides.
 
 Each side runs in its own process: `warmup` steps, then `steps` timed steps; step time and tokens/s
 are medians; memory is the process's peak RSS (VmHWM) after its last step, also shown above
@@ -78,6 +79,8 @@ CASES = {
     "qlora": {"quantize": "nf4"},
     # not in the default set: LoRA dropout 0.05 on both sides (the issue's benchmark has none)
     "dropout": {"dropout": 0.05},
+    # not in the default set: DoRA on both sides (lorakit's `lora.dora`, PEFT's `use_dora`)
+    "dora": {"dora": True},
 }
 # lorakit variants for --levers: (label, module switches, config overrides)
 LEVERS = [
@@ -308,7 +311,7 @@ def gemm_sequence(size: dict) -> dict:
             sync()
             times.append(time.perf_counter() - start)
         out[case] = (flops / 1e9, min(times))
-    out["selective"] = out["qlora"] = out["dropout"] = out["plain"]
+    out["selective"] = out["qlora"] = out["dropout"] = out["dora"] = out["plain"]
     return out
 
 
@@ -332,7 +335,7 @@ def side_lorakit(work: Path, size: dict, case: dict, switches: dict, overrides: 
         "data": {"train": str(work / "train.jsonl"), "format": "text", "max_length": size["seq"], "packing": True,
                  "cache_dir": str(work / "cache")},
         "lora": {"r": R, "alpha": ALPHA, "dropout": case.get("dropout", 0.0), "targets": "all-linear",
-                 "target_parameters": case.get("target_parameters", [])},
+                 "target_parameters": case.get("target_parameters", []), "dora": case.get("dora", False)},
         "train": {"max_steps": size["warmup"] + size["steps"], "batch_size": size["batch"], "lr": LR, "seed": SEED,
                   "gradient_checkpointing": case.get("gradient_checkpointing", False), "log_every": 1000, "save_every": 0},
     }  # fmt: skip
@@ -384,7 +387,8 @@ def side_peft(work: Path, size: dict, case: dict) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=case.get("dropout", 0.0), target_modules="all-linear",
-                                             target_parameters=case.get("target_parameters"), task_type="CAUSAL_LM"))  # fmt: skip
+                                             target_parameters=case.get("target_parameters"), use_dora=case.get("dora", False),
+                                             task_type="CAUSAL_LM"))  # fmt: skip
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # PEFT keeps expert adapters (target_parameters) in the weight's dtype: fp32 like lorakit's
