@@ -108,8 +108,8 @@ def test_bad_folders_and_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(UserError, match="peft_type = 'IA3'"):
         load_adapter(tiny_llama(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "use_dora": True}))
-    with pytest.raises(UserError, match="use_dora = True is a PEFT feature lorakit does not support"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "lora_bias": True}))
+    with pytest.raises(UserError, match="lora_bias = True is a PEFT feature lorakit does not support"):
         load_adapter(tiny_llama(), tmp_path)
 
 
