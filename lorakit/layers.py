@@ -19,10 +19,12 @@ DoRA (Liu et al. 2024, PEFT's `use_dora`) adds a trained magnitude per output ro
 
     W' = m / ||W + s·B A||_row · (W + s·B A)      y = x W'^T + bias
 
-The norm is treated as a constant in backward (the paper's section 4.3, as PEFT does) and is
-computed in fp32. With dropout, the base part of the rescaling sees the dropped input, as in PEFT:
-y = base(x) + (m/n - 1) · x̃ W^T + m/n · s · x̃ A^T B^T with x̃ = dropout(x). A DoRA adapter runs
-the plain autograd path (no fused kernel).
+The norm n is treated as a constant in backward (the paper's section 4.3, as PEFT does) and is
+computed in fp32 from ||W||² per row (kept until W changes) and rank-r products, never forming an
+(out, in) matrix. Without dropout the fused LoRA kernel runs and its output is rescaled:
+y = m/n · (x W^T + s · x A^T B^T) + bias. With dropout, the base part of the rescaling sees the
+dropped input, as in PEFT: y = base(x) + (m/n - 1) · x̃ W^T + m/n · s · x̃ A^T B^T with
+x̃ = dropout(x), on the plain autograd path.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only: (out,)
+        # ||W||² per output row for DoRA's norm, computed once; a buffer so it moves with the layer
+        self.register_buffer("_dora_row_sq", None, persistent=False)
         self._dora_norms: dict[str, torch.Tensor] = {}  # ||W + s·B A||_row of a merged DoRA adapter, to unmerge
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
@@ -209,6 +213,7 @@ class LoraLayer(nn.Module):
             a.copy_(a0)
             b.copy_(b0)
             self.kind.set_dense_weight(self, w - scale * (b.float() @ a.float()))
+            self._dora_row_sq = None
         else:
             raise UserError(f"unknown LoRA init {init!r}; use one of default, gaussian, pissa, olora")
         self.lora_A[name] = nn.Parameter(a)
@@ -238,9 +243,17 @@ class LoraLayer(nn.Module):
         return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
 
     def _adapted_row_norms(self, name: str) -> torch.Tensor:
-        """||W + s·B A|| of every output row, fp32, no gradient (DoRA's norm)."""
+        """||W + s·B A|| of every output row, fp32, no gradient (DoRA's norm), without forming either
+        (out, in) matrix: ||W_k||² (kept until W changes) + 2s·B_k·(A W^T)_k + s²·B_k (A A^T) B_k^T."""
         with torch.no_grad():
-            return torch.linalg.vector_norm(self.kind.dense_weight(self) + self.delta_weight(name), dim=1)
+            if self._dora_row_sq is None:
+                self._dora_row_sq = torch.linalg.vector_norm(self.kind.dense_weight(self), dim=1).square()
+            a, b, s = self.lora_A[name].float(), self.lora_B[name].float(), self.scaling[name]
+            frozen = self.base_forward(a.to(self.weight.dtype if self.weight.is_floating_point() else a.dtype))
+            a_wt = (frozen if self.bias is None else frozen - self.bias.to(frozen.dtype)).float()  # (r, out) = A W^T
+            cross = (b * a_wt.t()).sum(1)
+            own = ((b @ (a @ a.t())) * b).sum(1)
+            return (self._dora_row_sq.float() + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
 
     # ----------------------------------------------------------------- merging
     def merge(self, name: Optional[str] = None) -> None:
@@ -248,6 +261,7 @@ class LoraLayer(nn.Module):
         name = name or self.active_adapter
         if name is None or name in self.merged:
             return
+        self._dora_row_sq = None  # W changes
         w = self.kind.dense_weight(self)
         delta = self.delta_weight(name)
         merged = w + (delta.t() if self.kind.name == "embedding" else delta)
@@ -262,6 +276,7 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again (exact up to the weight dtype's rounding)."""
+        self._dora_row_sq = None  # W changes
         while self.merged:
             name = self.merged.pop()
             w = self.kind.dense_weight(self)
@@ -304,10 +319,17 @@ class LoraLayer(nn.Module):
 
             drop = self.lora_dropout[name]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            return lora_linear(
-                x, self.lora_A[name], self.lora_B[name], base=self.base_forward, dense_weight=self._dense_weight_like,
-                scale=self.scaling[name], dropout=p, kept=activation_checkpointing.current_slot(self),
-            )  # fmt: skip
+            dora = name in self.lora_magnitude
+            if not (dora and p > 0):  # DoRA with dropout needs x̃ W^T apart: the plain path
+                out = lora_linear(
+                    x, self.lora_A[name], self.lora_B[name], base=self.base_forward, dense_weight=self._dense_weight_like,
+                    scale=self.scaling[name], dropout=p, kept=activation_checkpointing.current_slot(self),
+                )  # fmt: skip
+                if not dora:
+                    return out
+                # without dropout DoRA's output is m/n · (x W^T + s·x A^T B^T) + bias = m/n · out + (1 - m/n) · bias
+                norm_scale = (self.lora_magnitude[name] / self._adapted_row_norms(name)).to(out.dtype)
+                return out * norm_scale if self.bias is None else out * norm_scale + (1 - norm_scale) * self.bias.to(out.dtype)
         return self.plain_forward(x)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -342,7 +364,6 @@ class LoraLayer(nn.Module):
         return (
             fused.ENABLED
             and self.kind.name in ("linear", "conv1d", "linear4bit")
-            and self.active_adapter not in self.lora_magnitude  # DoRA runs the plain path
             and torch.is_grad_enabled()
             and not self.weight.requires_grad
             and (self.bias is None or not self.bias.requires_grad)

@@ -169,3 +169,27 @@ def test_train_dora_through_the_cli(tmp_path):
     theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out_false" / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fused_path_equals_the_plain_path(dtype, tol):
+    # Without dropout a DoRA layer runs the fused LoRA kernel and rescales its output; the plain
+    # autograd path is the reference (outputs and every gradient).
+    model = gpt2_with_biases().to(dtype)
+    inject_adapter(model, LoraConfig(r=4, alpha=8, dora=True, targets=["c_attn"]))
+    layer = model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(0, 0.1)
+        layer.lora_magnitude["default"].mul_(torch.linspace(0.8, 1.2, layer.out_features))
+    x = torch.randn(2, 7, layer.in_features, dtype=dtype, requires_grad=True)
+    results = []
+    for run in (layer.forward, layer.plain_forward):
+        out = run(x)
+        grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
+                                    [x, layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude["default"]])  # fmt: skip
+        results.append((out, grads))
+    (fused, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=tol, atol=tol)
+    for f, p in zip(fused_grads, plain_grads):
+        assert p.abs().max() > 0
+        torch.testing.assert_close(f.float(), p.float(), rtol=tol, atol=tol * p.abs().max().item())
