@@ -22,7 +22,9 @@ Which module classes qualify: those transformers decorates with `use_experts_imp
 (it sets `has_gate`, `has_bias`, `is_transposed`, `has_post_expert_norm`), called as
 `experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))`. The gate between the
 projections is the class's own `_apply_gate`, so model-specific gates (gpt-oss's clamped SwiGLU)
-need nothing here.
+need nothing here. Under QLoRA the module is a `lorakit.quant.Experts4bit` (each expert's matrix
+NF4 on its own), which offers the same through `frozen_projection` / `expert_shape`; both run
+`routed_forward`, transformers' eager experts forward with the projections as functions.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from lorakit.errors import UserError
 _INTERFACE = ("has_gate", "has_bias", "is_transposed", "num_experts")
 FIRST_PROJECTIONS = ("gate_up_proj", "up_proj")
 SECOND_PROJECTIONS = ("down_proj",)
+Projection = Callable[[int, torch.Tensor], torch.Tensor]  # e, rows routed to expert e -> their projection
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -64,7 +67,7 @@ def expert_shape(module: nn.Module, param: str) -> tuple[int, int, int]:
     return (experts, d1, d2) if module.is_transposed else (experts, d2, d1)
 
 
-def frozen_projection(module: nn.Module, param: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+def frozen_projection(module: nn.Module, param: str) -> Projection:
     """e, x -> x W_e^T (+ b_e): expert e's frozen projection `param` of rows x (T_e, in)."""
     if hasattr(module, "frozen_projection"):
         return module.frozen_projection(param)
@@ -78,9 +81,6 @@ def frozen_projection(module: nn.Module, param: str) -> Callable[[int, torch.Ten
         return y if biases is None else y + biases[e]
 
     return run
-
-
-Projection = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def routed_forward(

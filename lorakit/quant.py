@@ -198,7 +198,7 @@ class Experts4bit(nn.Module):
         layers = self.experts4[param]
         return len(layers), layers[0].in_features, layers[0].out_features
 
-    def frozen_projection(self, param: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def frozen_projection(self, param: str) -> moe.Projection:
         import bitsandbytes as bnb
 
         layers = self.experts4[param]
