@@ -188,3 +188,33 @@ def dropout_way(monkeypatch, how: str) -> None:
 
     monkeypatch.setattr(fused, "COMPILED_DROPOUT", how == "kernel")
     monkeypatch.setattr(fused, "_regenerates_mask", lambda device: how == "regenerate")
+
+
+CHECKPOINTING_AND_NF4 = ("false", "full", "selective", "nf4")
+
+
+def train_in_modes(tmp_path: Path, model_folder: Path, lora: dict, *, steps: int, lr: float, after=None) -> dict[str, list]:
+    """Train `lorakit train` on the addition data without checkpointing, with full and selective
+    checkpointing and with `quantize: nf4` (fp32 compute, seed 0); mode -> logged losses.
+    `after(mode, output_dir)` runs after each run (to read what it printed or wrote)."""
+    import yaml
+
+    from lorakit.cli import main
+
+    data = write_addition_data(tmp_path / "train.jsonl", 48)
+    cfg = {
+        "model": str(model_folder),
+        "data": {"train": str(data), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, **lora},
+        "train": {"max_steps": steps, "batch_size": 8, "lr": lr, "precision": "fp32", "seed": 0, "log_every": 1},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    losses = {}
+    for mode in CHECKPOINTING_AND_NF4:
+        out = tmp_path / f"out_{mode}"
+        option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
+        assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={out}", option]) == 0
+        losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        if after is not None:
+            after(mode, out)
+    return losses

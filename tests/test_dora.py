@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-import yaml
-from helpers import save_model_folder, tiny_gpt2, tiny_llama, write_addition_data
+from helpers import save_model_folder, tiny_gpt2, tiny_llama, train_in_modes
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -14,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, UserError, inject_adapter, load_adapter, save_adapter
 from lorakit.adapters import _adapter_tensors
-from lorakit.cli import main
 from lorakit.inject import lora_layers, merge_adapter, unmerge_adapter
 from lorakit.inspection import inspect_adapter
 from lorakit.merge import merge_adapter_files
@@ -142,20 +140,7 @@ def test_dora_config_errors():
 
 def test_train_dora_through_the_cli(tmp_path):
     folder = save_model_folder(tmp_path / "model", tiny_llama())
-    data = write_addition_data(tmp_path / "train.jsonl", 48)
-    cfg = {
-        "model": str(folder),
-        "data": {"train": str(data), "max_length": 32},
-        "lora": {"r": 4, "alpha": 8, "dora": True},
-        "train": {"max_steps": 5, "batch_size": 8, "lr": 1.0e-2, "precision": "fp32", "seed": 0, "log_every": 1},
-    }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    losses = {}
-    for mode in ("false", "full", "selective", "nf4"):
-        out = tmp_path / f"out_{mode}"
-        option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
-        assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={out}", option]) == 0
-        losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = train_in_modes(tmp_path, folder, {"dora": True}, steps=5, lr=1.0e-2)
     assert losses["false"][-1] < losses["false"][0] - 0.3
     assert losses["full"] == pytest.approx(losses["false"], rel=1e-5)
     assert losses["selective"] == pytest.approx(losses["false"], rel=1e-5)

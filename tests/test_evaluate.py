@@ -103,7 +103,7 @@ def test_cli_eval_json_and_table(setup, tmp_path, capsys):
     assert result["total"] == 4 and 0 <= result["correct"] <= 4 and len(result["failures"]) == min(3, 4 - result["correct"])
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert f"loss        {ref:.4f}" in out and f"/4 exact matches" in out
+    assert f"loss        {ref:.4f}" in out and "/4 exact matches" in out
 
 
 def test_bad_inputs(setup, tmp_path, capsys):

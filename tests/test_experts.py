@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-import yaml
-from helpers import save_model_folder, tiny_causal_lm, tiny_qwen3_moe, write_addition_data
+from helpers import save_model_folder, tiny_causal_lm, tiny_qwen3_moe, train_in_modes
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -201,26 +200,17 @@ def test_bad_targets_are_one_line_errors():
 
 def test_train_experts_through_the_cli(tmp_path, capsys):
     folder = save_model_folder(tmp_path / "model", tiny_qwen3_moe())
-    data = write_addition_data(tmp_path / "train.jsonl", 48)
-    cfg = {
-        "model": str(folder),
-        "data": {"train": str(data), "max_length": 32},
-        "lora": {"r": 4, "alpha": 8, "targets": [], "target_parameters": EXPERT_WEIGHTS},
-        "train": {"max_steps": 6, "batch_size": 8, "lr": 2.0e-2, "precision": "fp32", "seed": 0, "log_every": 1},
-    }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    losses = {}
-    for mode in ("false", "full", "selective", "nf4"):
-        out = tmp_path / f"out_{mode}"
-        option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
-        assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={out}", option]) == 0
+
+    def summary_line(mode, out):
         text = capsys.readouterr().out
         assert "on 2 expert modules;" in text and "not adapted" not in text
-        losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    lora = {"targets": [], "target_parameters": EXPERT_WEIGHTS}
+    losses = train_in_modes(tmp_path, folder, lora, steps=6, lr=2.0e-2, after=summary_line)
     assert len(losses["false"]) == 6 and losses["false"][-1] < losses["false"][0] - 0.5
     assert losses["full"] == pytest.approx(losses["false"], rel=1e-5)
     assert losses["selective"] == pytest.approx(losses["false"], rel=1e-5)
-    # QLoRA: the attention weights are NF4-rounded (the experts stay 16-bit), so close, not equal
+    # QLoRA: the attention and the expert weights are NF4-rounded, so close, not equal
     assert losses["nf4"][0] == pytest.approx(losses["false"][0], abs=0.05) and losses["nf4"][-1] < losses["nf4"][0] - 0.5
     tensors = load_file(tmp_path / "out_false" / "adapter" / "adapter_model.safetensors")
     assert len(tensors) == 8 and all(".mlp.experts." in k for k in tensors)
