@@ -199,19 +199,28 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-def test_fsdp_with_moe_expert_adapters_matches_one_process(workspace):
-    # LoRA on the fused expert weights (lorakit.experts): FSDP2 shards the (E·r, in) / (out, r·E) factors
+@pytest.mark.parametrize("variant", ["moe_experts", "dora"])
+def test_fsdp_with_expert_adapters_or_dora_matches_one_process(workspace, variant):
+    # LoRA on the fused expert weights (lorakit.experts): FSDP2 shards the (E·r, in) / (out, r·E)
+    # factors; DoRA: the magnitudes are sharded, its norm reads the gathered weight.
     from helpers import tiny_qwen3_moe
 
-    root = workspace / "moe"
+    root = workspace / variant
     root.mkdir()
-    save_model_folder(root / "model", tiny_qwen3_moe())
     cfg = yaml.safe_load((workspace / "cfg.yaml").read_text())
-    cfg["model"] = str(root / "model")
-    cfg["lora"].update(targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    if variant == "moe_experts":
+        save_model_folder(root / "model", tiny_qwen3_moe())
+        cfg["model"] = str(root / "model")
+        cfg["lora"].update(targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    else:
+        cfg["lora"]["dora"] = True
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "cfg.yaml"), f"output_dir={root / 'single'}", "train.batch_size=4"]) == 0
     proc, _ = _torchrun(root, root / "fsdp", "train.batch_size=2", "train.distributed=fsdp", "train.gradient_checkpointing=full")
     assert proc.returncode == 0, _failure(proc)
     _check_matches(root / "fsdp", root / "single")
-    assert sum(".mlp.experts." in k for k in _adapter(root / "single" / "adapter")) == 8
+    tensors = _adapter(root / "single" / "adapter")
+    if variant == "moe_experts":
+        assert sum(".mlp.experts." in k for k in tensors) == 8
+    else:
+        assert sum(k.endswith(".lora_magnitude_vector") for k in tensors) == 2 * 7
