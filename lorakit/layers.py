@@ -58,6 +58,20 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+# nn.Linear subclasses whose forward is x W^T + b all the same. Other subclasses that override
+# forward are no linear layer to LoRA or to quantize: MoE routers built on nn.Linear return routing
+# tuples (Phi-MoE's PhimoeTopKRouter, Llama 4's Llama4Router), DeepSeek-V4's grouped linear
+# multiplies per group; wrapping or replacing them would change what they compute.
+LINEAR_EQUIVALENTS = ("FalconLinear",)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is nn.Linear's own (or an equivalent's, LINEAR_EQUIVALENTS)."""
+    return isinstance(module, nn.Linear) and (
+        type(module).forward is nn.Linear.forward or type(module).__name__ in LINEAR_EQUIVALENTS
+    )
+
+
 def _is_linear4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
 
@@ -86,7 +100,7 @@ def _set_4bit(layer: "LoraLayer", w: torch.Tensor) -> None:
 # First match wins: Linear4bit subclasses nn.Linear, so it must come before linear.
 BASE_KINDS: list[BaseKind] = [
     BaseKind("linear4bit", _is_linear4bit, _dequant, _set_4bit),
-    BaseKind("linear", lambda m: isinstance(m, nn.Linear), lambda l: l.weight.float(), _set_linear),
+    BaseKind("linear", is_plain_linear, lambda l: l.weight.float(), _set_linear),
     BaseKind("conv1d", _is_conv1d, lambda l: l.weight.float().t(), _set_conv1d),
     BaseKind("embedding", lambda m: isinstance(m, nn.Embedding), lambda l: l.weight.float(), _set_linear),
 ]

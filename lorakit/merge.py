@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -73,7 +72,14 @@ from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter
 from lorakit.errors import UserError
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
 from lorakit.metrics import peak_rss_bytes
-from lorakit.models import DTYPES, check_model_folder, checkpoint_key_transform, meta_model
+from lorakit.models import (
+    DTYPES,
+    assemble_stored,
+    check_model_folder,
+    checkpoint_key_transform,
+    meta_model,
+    stored_pieces,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 NF4_BLOCKSIZE = 64
@@ -262,18 +268,10 @@ class _ExpertWeight:
         together (through an index tensor cut the same way), rounded expert by expert, updated."""
         if not self.nf4:
             return self.cut(layout.model, self.fused_delta()), False
-        numel = math.prod(self.shape)
-        index = torch.arange(numel, dtype=torch.int64 if numel >= 2**31 else torch.int32).view(self.shape)
-        where = self.cut(layout.model, index)
-        fused = torch.empty(numel, dtype=torch.float32)
-        dtypes = set()
-        for key, idx in where.items():
-            with safe_open(str(layout.files[key]), framework="pt") as f:
-                piece = f.get_tensor(key)
-            dtypes.add(piece.dtype)
-            fused[idx.reshape(-1).long()] = piece.float().reshape(-1)
+        where = stored_pieces(layout.model, f"{self.path}.{self.param}", self.shape)
+        dtypes = {layout.dtypes[key] for key in where}
         stored_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        fused = fused.view(self.shape)
+        fused = assemble_stored(where, lambda key: _read_tensor(layout, key), self.shape, torch.float32)
         for e in range(self.shape[0]):
             dense = fused[e].t() if self.transposed else fused[e]  # (out, in), as lorakit.quant quantizes it
             dense.copy_(nf4_round(dense.to(stored_dtype)))
@@ -281,6 +279,11 @@ class _ExpertWeight:
             fused += self.fused_delta()
         flat = fused.view(-1)
         return {key: flat[idx.reshape(-1).long()].view(idx.shape) for key, idx in where.items()}, True
+
+
+def _read_tensor(layout: "BaseLayout", key: str) -> torch.Tensor:
+    with safe_open(str(layout.files[key]), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 @dataclass

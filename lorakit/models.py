@@ -242,3 +242,43 @@ def checkpoint_key_transform(model: nn.Module) -> Callable[[str], tuple[str, boo
         return renamed, converter is not None
 
     return transform
+
+
+def stored_pieces(model: nn.Module, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Where the model's tensor `name` (of `shape`) is stored when transformers saves it: checkpoint
+    key -> the flat indices into the tensor of what that key holds (the key's own shape).
+
+    For tensors transformers converts on load (MoE experts stored one by one, Qwen3-MoE's
+    gate_proj and up_proj rows in one fused gate_up_proj): its save-time conversion cuts an index
+    tensor as it would cut the weight. Holds one int32 index per element of `name` while it runs.
+    `shape` on the meta device ("meta" in `device`) gives the keys and shapes without memory.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    numel = 1
+    for size in shape:
+        numel *= size
+    index = torch.arange(numel, dtype=torch.int64 if numel >= 2**31 else torch.int32).view(shape)
+    return dict(revert_weight_conversion(model, {name: index}))
+
+
+def stored_keys(model: nn.Module, name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape of what transformers stores `name` (of `shape`) as (no memory)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    pieces = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
+    return {key: tuple(piece.shape) for key, piece in pieces.items()}
+
+
+def assemble_stored(
+    pieces: dict[str, torch.Tensor], read: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """The model's tensor put together from its stored keys (`stored_pieces`' indices; `read(key)`
+    loads one), in `dtype`."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    out = torch.empty(numel, dtype=dtype)
+    for key, index in pieces.items():
+        out[index.reshape(-1).long()] = read(key).reshape(-1).to(dtype)
+    return out.view(shape)

@@ -33,9 +33,11 @@ from torch import nn
 
 from lorakit import experts as moe
 from lorakit.errors import UserError
-from lorakit.layers import _is_conv1d
+from lorakit.layers import _is_conv1d, is_plain_linear
 from lorakit.metrics import peak_rss_bytes
-from lorakit.models import checkpoint_key_transform, load_model
+from lorakit.models import assemble_stored as _assemble_stored
+from lorakit.models import checkpoint_key_transform, load_model, stored_keys
+from lorakit.models import stored_pieces as _stored_pieces
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +262,13 @@ def load_model_4bit(
     parameter is frozen (requires_grad=False). Returns the model in eval mode and its report.
 
     Keys are read as transformers maps them (`lorakit.models.checkpoint_key_transform`: GPT-NeoX's
-    `embed_out` is the model's `lm_head`). A folder storing tensors that transformers converts on
-    load (MoE experts one by one, held as one fused tensor) is loaded whole by transformers and
-    then quantized: that loading peaks at the 16-bit model. MoE expert weights stored fused are
-    quantized once the stream is done, so they are all held in 16 bits until then.
+    `embed_out` is the model's `lm_head`). MoE expert weights stored one by one (held fused, which
+    transformers converts on load) are put together a layer's experts module at a time from their
+    stored pieces (`lorakit.models.stored_pieces`: transformers' save-time conversion run on an
+    index) and quantized expert by expert; expert weights stored fused are quantized once the
+    stream is done, so they are held in 16 bits until then. A folder with other tensors that need a
+    converter is loaded whole by transformers and then quantized: that loading peaks at the
+    16-bit model.
 
     Raises:
         UserError: folder or config.json missing; only pickle (.bin) weights; weights missing
@@ -282,15 +287,18 @@ def load_model_4bit(
     # Each stored key as transformers maps it, read once from the headers: (the model's name, whether
     # a converter must run).
     transform = checkpoint_key_transform(model)
-    stored = {k: transform(k) for path in files for k in _safetensors_header(path)}
+    headers = {path: _safetensors_header(path) for path in files}
+    stored = {k: transform(k) for path in files for k in headers[path]}
     converted = [k for k, (_, needs_converter) in stored.items() if needs_converter]
-    if converted:
-        # Weights stored in another layout than the model holds them (MoE experts one by one,
-        # held fused): transformers' own loader converts them, then the linear layers are quantized.
+    expert_pieces = _stored_expert_pieces(model, set(converted)) if converted else {}
+    if converted and expert_pieces is None:
+        # Weights stored in another layout than the model holds them, other than MoE experts:
+        # transformers' own loader converts them, then the linear layers are quantized.
         log.info("%s: %d stored tensors need transformers' conversion on load (e.g. %s); loading the model whole, "
                  "then quantizing", folder, len(converted), converted[0])  # fmt: skip
         del model
         return _load_whole_then_quantize(folder, compute_dtype, skip, trust_remote_code, device, blocksize, double_quant)
+    file_of = {k: path for path in files for k in headers[path]}
     held = _Held()
     # Non-persistent buffers are not in the files: materialise them first and let the model's
     # own init compute them (its parameters are still on meta, so nothing real is overwritten).
@@ -316,6 +324,8 @@ def load_model_4bit(
     codes: dict[Any, tuple] = {}
     for path in files:
         for file_key, read in _safetensors_reader(path):
+            if stored[file_key][1]:
+                continue  # an expert's piece of a fused weight: put together below, a layer at a time
             key = _match_key(stored[file_key][0], expected, prefix)
             if key is None:
                 unexpected.append(file_key)
@@ -351,6 +361,38 @@ def load_model_4bit(
             owner, _, leaf = target.rpartition(".")
             setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
             loaded.add(target)
+    if unexpected:
+        log.warning("%s: %d tensors not used by the model, e.g. %s", folder, len(unexpected), unexpected[:3])
+    # MoE expert weights stored one by one: each fused weight put together from its pieces, a layer's
+    # experts module at a time, then quantized with the others below.
+    quantizable = set(_find_experts(model, tuple(skip), blocksize))
+    experts_before = 0
+    by_module: dict[str, list[str]] = {}
+    for path, param in expert_pieces or {}:
+        by_module.setdefault(path, []).append(param)
+    for path, params in by_module.items():
+        module = model.get_submodule(path)
+        for param in params:
+            shape = tuple(getattr(module, param).shape)
+            where = _stored_pieces(model, f"{path}.{param}", shape)
+            held.add(*where.values())  # the index, while the pieces are put together
+            value = _assemble_stored(where, lambda k: _read_one(file_of[k], k), shape, compute_dtype).to(device)
+            held.add(value)
+            held.drop(*where.values())
+            before += value.numel() * value.element_size()
+            _set_tensor(model, f"{path}.{param}", value, param=True)
+            loaded.add(f"{path}.{param}")
+            del where, value
+        if path in quantizable:
+            experts_before += sum(getattr(module, p).numel() for p in moe.expert_parameter_names(module))
+            held.drop(*[getattr(module, p) for p in moe.expert_parameter_names(module)])
+            new = Experts4bit.quantize(module, compute_dtype, blocksize, double_quant, codes)
+            held.add(*[t for layer in new.modules() if is_4bit(layer) for t in _weight4_tensors(layer)])
+            _set_module(model, path, new)
+            quantizable.discard(path)
+            del new
+        del module
+        _release_freed_memory()
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -358,11 +400,8 @@ def load_model_4bit(
             f"{folder}: the safetensors files lack {len(missing)} weights the model from config.json needs "
             f"({shown}); the folder is incomplete or its config.json belongs to another model"
         )
-    if unexpected:
-        log.warning("%s: %d tensors not used by the model, e.g. %s", folder, len(unexpected), unexpected[:3])
     # Expert weights stored fused, as the model holds them: quantized once loaded (16-bit until then).
-    experts_before = 0
-    for name in _find_experts(model, tuple(skip), blocksize):
+    for name in sorted(quantizable):
         module = model.get_submodule(name)
         experts_before += sum(getattr(module, p).numel() for p in moe.expert_parameter_names(module))
         _set_module(model, name, Experts4bit.quantize(module, compute_dtype, blocksize, double_quant, codes))
@@ -377,6 +416,28 @@ def load_model_4bit(
     report.peak_bytes = held.peak
     report.peak_rss_bytes = peak_rss_bytes()
     return model, report
+
+
+def _stored_expert_pieces(model: nn.Module, converted: set[str]) -> Union[dict[tuple[str, str], set[str]], None]:
+    """(experts module path, weight) -> the stored keys its fused weight is put together from,
+    when every key in `converted` is such a piece (MoE experts stored one by one); else None."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for path, module in model.named_modules():
+        if not moe.is_experts_module(module):
+            continue
+        for param in moe.expert_parameter_names(module):
+            keys = set(stored_keys(model, f"{path}.{param}", tuple(getattr(module, param).shape)))
+            if keys & converted:
+                out[(path, param)] = keys
+    covered = set().union(*out.values()) if out else set()
+    return out if converted <= covered else None
+
+
+def _read_one(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def _load_whole_then_quantize(
@@ -555,8 +616,8 @@ def _find_targets(
     tied_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     linears, out = [], []
     for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit) or not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            continue
+        if isinstance(module, bnb.nn.Linear4bit) or not (is_plain_linear(module) or _is_conv1d(module)):
+            continue  # (an nn.Linear subclass with its own forward, such as a MoE router, stays as it is)
         linears.append(name)
         if name.rpartition(".")[2] in skip:
             continue

@@ -339,3 +339,28 @@ def test_simulate_nf4_merge_reproduces_the_4bit_model(tmp_path):
         unrounded = AutoModelForCausalLM.from_pretrained(plain.out_dir).eval()(ids).logits
     torch.testing.assert_close(simulated, trained, rtol=0, atol=2e-5)
     assert (unrounded - trained).abs().max() > 1e-3  # the rounding is what makes the difference
+
+
+def test_routers_built_on_nn_linear_are_left_alone():
+    # Phi-MoE's router subclasses nn.Linear but returns a routing tuple: LoRA (all-linear) and NF4
+    # leave it as it is, where wrapping or replacing it broke the model's forward.
+    from lorakit.quant import quantize_model
+
+    def make():
+        return tiny_causal_lm("Phimoe", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                              intermediate_size=64, router_jitter_noise=0.0, input_jitter_noise=0.0).float()  # fmt: skip
+
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = make()
+    with torch.no_grad():
+        expected = model(ids).logits
+    paths = inject_adapter(model, LoraConfig(r=2, alpha=4))
+    assert not any(p.endswith(".router") for p in paths) and len(paths) == 2 * 4  # q, k, v, o
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-6)  # B = 0: unchanged
+    quantized = make()
+    report = quantize_model(quantized, compute_dtype=torch.float32)
+    assert type(quantized.model.layers[0].mlp.router).__name__ == "PhimoeTopKRouter"
+    assert report.layers == 2 * (4 + 4 * 2)
+    with torch.no_grad():
+        assert quantized(ids).logits.isfinite().all()

@@ -194,13 +194,14 @@ def test_load_model_4bit_equals_load_then_quantize(tmp_path, make, shard):
     assert report.peak_rss_bytes > 0 and "loading peak" in report.summary()
 
 
-def test_load_model_4bit_leaves_converted_weights_to_transformers(tmp_path, caplog):
-    # Qwen3-MoE's experts are stored one by one and held as fused 3-d tensors: transformers loads
-    # the model whole, then the linear layers and the experts are quantized; the result is the reference's.
+def test_load_model_4bit_puts_moe_experts_together_a_layer_at_a_time(tmp_path, caplog):
+    # Qwen3-MoE's experts are stored one by one and held as fused 3-d tensors: the loader streams,
+    # putting each layer's fused expert weights together from their pieces and quantizing them
+    # expert by expert; the result is the reference's (from_pretrained, then quantize_model).
     folder = save_model_folder(tmp_path / "m", tiny_qwen3_moe())
     with caplog.at_level("INFO", logger="lorakit.quant"):
         model, report = load_model_4bit(folder, compute_dtype=FP32)
-    assert "need transformers' conversion on load" in caplog.text and "experts" in caplog.text
+    assert "loading the model whole" not in caplog.text
     ref, ref_report = _load_reference(folder)
     with torch.no_grad():
         assert torch.equal(model(_ids()).logits, ref(_ids()).logits)
@@ -208,6 +209,8 @@ def test_load_model_4bit_leaves_converted_weights_to_transformers(tmp_path, capl
         assert getattr(report, field) == getattr(ref_report, field), field
     # per layer q/k/v/o and, for each of the 4 experts, gate_up and down; the router stays 16-bit
     assert report.layers == 2 * (4 + 4 * 2)
+    # never all of the model in fp32: the loader holds one layer's experts (and an index) at a time
+    assert report.peak_bytes < 0.75 * report.frozen_bytes_before, report.summary()
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
