@@ -113,6 +113,7 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
         "r": config.r,
         "alpha": config.alpha,
         "rslora": config.rslora,
+        "dora": config.dora,
         "init": config.init,
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
@@ -244,6 +245,7 @@ def format_report(info: dict[str, Any]) -> str:
         f"targets   {info['targets']}"
         + (f", expert weights {info['target_parameters']}" if info.get("target_parameters") else ""),
         f"rank      r={info['r']}, alpha={info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}"
+        + (", DoRA" if info.get("dora") else "")
         + (f", rank_pattern={info['rank_pattern']}" if info["rank_pattern"] else "")
         + (f", alpha_pattern={info['alpha_pattern']}" if info["alpha_pattern"] else ""),
         f"params    {info['params']:,} ({info['lora_params']:,} in {info['lora_modules']} LoRA modules"

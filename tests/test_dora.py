@@ -115,6 +115,7 @@ def test_streamed_merge_and_inspect(arch, tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(merged(ids).logits, theirs(ids).logits, rtol=0, atol=5e-6)
     info = inspect_adapter(folder, base)
+    assert info["dora"] is True
     row = info["modules"][0]
     assert row["dora"] and row["params"] == 4 * sum(row["shape"]) + row["shape"][0]  # A, B and the magnitudes (out,)
     layer = dict(lora_layers(load_adapter_model(make, folder)))[row["module"]]
