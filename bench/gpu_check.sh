@@ -2,13 +2,14 @@
 # The GPU check, prepared as one run for a lent CUDA machine (at most GPU_CHECK_SECONDS, default
 # 540): the equality tests of the optimised paths on CUDA, the speed benchmark unchanged
 # (bench/bench_speed.py) on the issue's model, the GPU levers there (varlen flash attention,
-# torch.compile with and without CUDA graphs), the benchmark at 7B layer shapes,
-# then, with time left, a profile of both sides' steps on the issue's model (bench/profile_step.py).
+# torch.compile with and without CUDA graphs), the benchmark at 7B layer shapes, then, with time
+# left, LoRA on MoE expert weights and DoRA against PEFT (bench/bench_moe.py, --cases dora) and a
+# profile of both sides' steps on the issue's model (bench/profile_step.py).
 # Needs torch with CUDA, transformers, peft, safetensors, pyyaml, tqdm, psutil, matplotlib and
 # pytest there; lorakit runs from this checkout. QLoRA is benchmarked when bitsandbytes imports.
 # Each part has its own time limit (cut to what is left of the whole) and log, and a part that
 # fails does not stop the next: the logs are written to $OUT (or /tmp): gpu_tests.log,
-# gpu_bench.log, gpu_levers.log, gpu_bench_7b.log, gpu_profile.log.
+# gpu_bench.log, gpu_levers.log, gpu_bench_7b.log, gpu_moe.log, gpu_dora.log, gpu_profile.log.
 #
 #   bash bench/gpu_check.sh
 set -uo pipefail
@@ -52,6 +53,10 @@ if python3 -c 'import bitsandbytes' 2>/dev/null; then cases+=,qlora; fi
 part 150 gpu_bench.log python3 bench/bench_speed.py --cases "$cases" --steps 20
 part 150 gpu_levers.log python3 bench/bench_speed.py --levers "varlen flash,train.compile" --steps 20
 part 180 gpu_bench_7b.log python3 bench/bench_speed.py --scale 7b --cases "$cases" --steps 8
+moe_cases=plain
+if python3 -c 'import bitsandbytes' 2>/dev/null; then moe_cases+=,qlora; fi
+part 90 gpu_moe.log python3 bench/bench_moe.py --cases "$moe_cases"
+part 60 gpu_dora.log python3 bench/bench_speed.py --cases dora --steps 20
 # where the issue's model's steps go on each side (launch-bound there): device time by kernel, host time by op
 part 90 gpu_profile.log python3 bench/profile_step.py --case plain --rows 25
 echo "gpu_check: ${SECONDS} s"
