@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, merge, generate, chat, eval, inspect.
+"""The `lorakit` command line: train, merge, convert, generate, chat, eval, inspect.
 
 User mistakes (`UserError`) print one `error: ...` line and exit 2; anything else is a bug and
 exits 1 with its traceback. Each subcommand's work lives in its own module; this file only
@@ -32,6 +32,12 @@ def _merge(args: argparse.Namespace) -> int:
     from lorakit.merge import merge_command
 
     return merge_command(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from lorakit.merge import convert_command
+
+    return convert_command(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -83,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate-nf4", action="store_true", help="merge into the NF4-rounded base the adapter was trained on")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("convert", help="write a PiSSA / OLoRA adapter as a plain LoRA adapter (rank 2r) over the unchanged base")
+    p.add_argument("--base", required=True, help="base model folder the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="PiSSA or OLoRA adapter folder (lorakit or PEFT)")
+    p.add_argument("--out", required=True, help="output adapter folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_convert)
 
     for name, func, help_text in (
         ("generate", _generate, "complete prompts with a model (and adapter)"),

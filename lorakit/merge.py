@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -817,4 +818,73 @@ def merge_command(args: argparse.Namespace) -> int:
         force=args.force,
     )
     print(report.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------- PiSSA / OLoRA as plain LoRA
+@dataclass
+class ConvertReport:
+    out_dir: Path
+    modules: int
+    r: int
+
+    def summary(self) -> str:
+        return (f"converted {self.modules} PiSSA/OLoRA modules into a plain LoRA adapter of rank {self.r} "
+                f"over the unchanged base -> {self.out_dir}")  # fmt: skip
+
+
+def principal_to_lora(
+    base_dir: Union[str, Path], adapter_dir: Union[str, Path], out_dir: Union[str, Path], *, force: bool = False
+) -> ConvertReport:
+    """A PiSSA / OLoRA adapter written as a plain LoRA adapter over the original base.
+
+    Such an adapter was trained against W less its principal part s · B0 @ A0 (its init, computed
+    again from W here as loading it does), so what it changes is s · (B @ A - B0 @ A0) =
+    s · [B, -B0] @ [A; A0]: a LoRA of rank 2r with A' = [A; A0] (2r, in), B' = [B, -B0] (out, 2r).
+    r and rank_pattern double, alpha and alpha_pattern scale so s stays (x2, or x sqrt 2 under
+    rsLoRA), init is the default. Servers that apply B @ A to the unchanged base (vLLM) and stacks
+    of several adapters then take it as any LoRA. Only the targeted base weights are read.
+
+    Raises:
+        UserError: missing or invalid folders, an adapter that is not PiSSA / OLoRA or does not fit
+            the base, a non-empty `out_dir` without `force`.
+    """
+    from lorakit.adapters import write_adapter_folder
+
+    files = read_adapter(adapter_dir)
+    config = files.config
+    if config.init not in PRINCIPAL_INITS:
+        raise UserError(f"{files.path}: init = {config.init!r}; only PiSSA and OLoRA adapters need converting, this one "
+                        "is a plain LoRA adapter already")  # fmt: skip
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force to replace it")
+    if out_dir.resolve() == files.path.resolve():
+        raise UserError(f"--out {out_dir} is the adapter folder; write the converted adapter somewhere else")
+    layout = read_base_layout(base_dir, need_tokenizer=False)
+    plan = plan_merge(layout, files)
+    tensors = dict(files.tensors)
+    for key, update in plan.updates.items():
+        stored = layout.tied.get(key, key) if key not in layout.shapes else key
+        w = _read_tensor(layout, stored).float()
+        w_oi = w if update.kind == "linear" else w.t()  # (out, in)
+        a0, b0 = principal_factors(w_oi, update.a.shape[0], update.scale, update.init)
+        a_key, b_key = f"{PREFIX}{update.path}.lora_A.weight", f"{PREFIX}{update.path}.lora_B.weight"
+        tensors[a_key] = torch.cat([update.a.float(), a0]).to(update.a.dtype).contiguous()
+        tensors[b_key] = torch.cat([update.b.float(), -b0], dim=1).to(update.b.dtype).contiguous()
+    alpha_factor = math.sqrt(2) if config.rslora else 2
+    raw = dict(files.peft_config)
+    raw.update(
+        r=2 * config.r,
+        lora_alpha=alpha_factor * config.alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: alpha_factor * v for k, v in config.alpha_pattern.items()},
+        init_lora_weights=True,
+    )
+    write_adapter_folder(out_dir, raw, tensors)
+    return ConvertReport(out_dir, len(plan.updates), 2 * config.r)
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    print(principal_to_lora(args.base, args.adapter, args.out, force=args.force).summary())
     return 0

@@ -218,3 +218,41 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
 
 def test_parse_size():
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("10kb") == 10_000
+
+
+@pytest.mark.parametrize(
+    "make, init, rslora", [(tiny_llama, "pissa", False), (tiny_gpt2, "olora", True)], ids=["llama-pissa", "gpt2-olora-rslora"]
+)
+def test_convert_writes_a_principal_adapter_as_plain_lora(make, init, rslora, tmp_path, capsys):
+    # A PiSSA / OLoRA adapter over the unchanged base, as a rank-2r LoRA: the model it makes is the
+    # adapted model the principal adapter makes over its residual base (lorakit and PEFT both).
+    from lorakit import load_adapter
+
+    base = save_model_folder(tmp_path / "base", make())
+    model = make()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, init=init, rslora=rslora, rank_pattern={"q_proj": 2}))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)  # "trained" away from the init
+    save_adapter(model, tmp_path / "adapter")
+    args = ["convert", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "lora")]
+    assert main(args) == 0
+    assert "plain LoRA adapter of rank 8" in capsys.readouterr().out
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True and config["rank_pattern"] == {"q_proj": 4}
+    assert config["lora_alpha"] == pytest.approx(8 * (2**0.5 if rslora else 2))
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    plain = make()
+    load_adapter(plain, tmp_path / "lora")
+    theirs = PeftModel.from_pretrained(make(), tmp_path / "lora").eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=2e-5)
+        torch.testing.assert_close(theirs(ids).logits, expected, rtol=0, atol=2e-5)
+        assert (make()(ids).logits - expected).abs().max() > 1e-3  # the adapter does change the model
+    assert main(args) == 2  # a non-empty --out without --force
+    plain_lora = tmp_path / "lora"
+    assert main(["convert", "--base", str(base), "--adapter", str(plain_lora), "--out", str(tmp_path / "again")]) == 2
+    assert "only PiSSA and OLoRA adapters need converting" in capsys.readouterr().err
