@@ -367,6 +367,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int
             num, dim = module.weight.shape
             out[f"{PREFIX}{path}.lora_embedding_A"] = (r, num)
             out[f"{PREFIX}{path}.lora_embedding_B"] = (dim, r)
+            if config.dora:
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = (dim,)
             continue
         if kind.name == "conv1d":
             fan_in, fan_out = module.weight.shape

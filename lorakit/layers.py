@@ -19,7 +19,8 @@ DoRA (Liu et al. 2024, PEFT's `use_dora`) adds a trained magnitude per output ro
 
     W' = m / ||W + s·B A||_row · (W + s·B A)      y = x W'^T + bias
 
-The norm n is treated as a constant in backward (the paper's section 4.3, as PEFT does) and is
+An embedding (W: (num, dim)) gets a magnitude per dimension, its norms over W's columns, as in
+PEFT. The norm n is treated as a constant in backward (the paper's section 4.3, as PEFT does) and is
 computed in fp32 from ||W||² per row (kept until W changes) and rank-r products, never forming an
 (out, in) matrix. Without dropout the fused LoRA kernel runs and its output is rescaled:
 y = m/n · (x W^T + s · x A^T B^T) + bias. With dropout, the base part of the rescaling sees the
@@ -198,8 +199,6 @@ class LoraLayer(nn.Module):
         `dora` adds a magnitude vector starting at the row norms of the adapted weight."""
         if name in self.lora_A:
             raise UserError(f"adapter {name!r} already exists on {self.path}; delete it first or pick another name")
-        if dora and self.kind.name == "embedding":
-            raise UserError(f"lora.dora: {self.path} is an embedding; DoRA adapts linear layers, exclude it from the targets")
         device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
         a = torch.empty(r, self.in_features, dtype=dtype, device=device)
         b = torch.zeros(self.out_features, r, dtype=dtype, device=device)
@@ -258,16 +257,26 @@ class LoraLayer(nn.Module):
 
     def _adapted_row_norms(self, name: str) -> torch.Tensor:
         """||W + s·B A|| of every output row, fp32, no gradient (DoRA's norm), without forming either
-        (out, in) matrix: ||W_k||² (kept until W changes) + 2s·B_k·(A W^T)_k + s²·B_k (A A^T) B_k^T."""
+        (out, in) matrix: ||W_k||² (kept until W changes) + 2s·B_k·(A W^T)_k + s²·B_k (A A^T) B_k^T.
+        For an embedding (W: (num, dim), its update s·B A: (dim, num)) the rows are W's columns."""
+        embedding = self.kind.name == "embedding"
         with torch.no_grad():
             if self._dora_row_sq is None:
-                self._dora_row_sq = torch.linalg.vector_norm(self.kind.dense_weight(self), dim=1).square()
+                self._dora_row_sq = torch.linalg.vector_norm(self.kind.dense_weight(self), dim=0 if embedding else 1).square()
             a, b, s = self.lora_A[name].float(), self.lora_B[name].float(), self.scaling[name]
-            frozen = self.base_forward(a.to(self.weight.dtype if self.weight.is_floating_point() else a.dtype))
-            a_wt = (frozen if self.bias is None else frozen - self.bias.to(frozen.dtype)).float()  # (r, out) = A W^T
+            if embedding:
+                a_wt = (a.to(self.weight.dtype) @ self.weight).float()  # (r, dim) = A W
+            else:
+                frozen = self.base_forward(a.to(self.weight.dtype if self.weight.is_floating_point() else a.dtype))
+                a_wt = (frozen if self.bias is None else frozen - self.bias.to(frozen.dtype)).float()  # (r, out) = A W^T
             cross = (b * a_wt.t()).sum(1)
             own = ((b @ (a @ a.t())) * b).sum(1)
             return (self._dora_row_sq.float() + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
+
+    @property
+    def _dora_axis(self) -> int:
+        """The axis of the dense weight DoRA's norm runs along: rows (out, in), an embedding's columns."""
+        return 0 if self.kind.name == "embedding" else 1
 
     # ----------------------------------------------------------------- merging
     def merge(self, name: Optional[str] = None) -> None:
@@ -280,9 +289,9 @@ class LoraLayer(nn.Module):
         delta = self.delta_weight(name)
         merged = w + (delta.t() if self.kind.name == "embedding" else delta)
         if name in self.lora_magnitude:
-            norms = torch.linalg.vector_norm(merged, dim=1)
+            norms = torch.linalg.vector_norm(merged, dim=self._dora_axis)
             self._dora_norms[name] = norms  # of the unmerged weight: unmerge divides by m / norms again
-            merged = (self.lora_magnitude[name].detach().float() / norms).unsqueeze(1) * merged
+            merged = merged * (self.lora_magnitude[name].detach().float() / norms).unsqueeze(self._dora_axis)
         if not torch.isfinite(merged).all():
             raise UserError(f"merging adapter {name!r} into {self.path} gives inf/NaN weights; the adapter is broken")
         self.kind.set_dense_weight(self, merged)
@@ -296,7 +305,7 @@ class LoraLayer(nn.Module):
             w = self.kind.dense_weight(self)
             delta = self.delta_weight(name)
             if name in self.lora_magnitude:
-                w = w / (self.lora_magnitude[name].detach().float() / self._dora_norms.pop(name)).unsqueeze(1)
+                w = w / (self.lora_magnitude[name].detach().float() / self._dora_norms.pop(name)).unsqueeze(self._dora_axis)
             self.kind.set_dense_weight(self, w - (delta.t() if self.kind.name == "embedding" else delta))
 
     # ----------------------------------------------------------------- forward
@@ -356,7 +365,11 @@ class LoraLayer(nn.Module):
         if self.kind.name == "embedding":
             # (..., r) rows of A^T picked by the token ids, then projected by B^T
             after_a = F.embedding(x, a.t(), **self._embedding_args)
-            return result + (scale * (after_a @ b.t())).to(result.dtype)
+            lora = (scale * (after_a @ b.t())).to(result.dtype)
+            if name not in self.lora_magnitude:
+                return result + lora
+            norm_scale = (self.lora_magnitude[name] / self._adapted_row_norms(name)).to(result.dtype)  # (dim,)
+            return norm_scale * (result + lora)
         dropped = self.lora_dropout[name](x)
         h = dropped.to(a.dtype)
         lora = scale * F.linear(F.linear(h, a), b)
