@@ -83,6 +83,18 @@ def frozen_projection(module: nn.Module, param: str) -> Projection:
     return run
 
 
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's (A_e, B_e) from PEFT's layout: A (E·r, in) -> (E, r, in), B (out, r·E) -> (E, out, r), views."""
+    return a.view(experts, -1, a.shape[-1]), b.view(b.shape[0], -1, experts).permute(2, 0, 1)
+
+
+def expert_delta(a: torch.Tensor, b: torch.Tensor, experts: int, scale: float, transposed: bool) -> torch.Tensor:
+    """s · B_e @ A_e for every expert, fp32, in the fused weight's layout ((E, out, in), or (E, in, out) transposed)."""
+    a_e, b_e = expert_factors(a, b, experts)
+    delta = scale * torch.bmm(b_e.float(), a_e.float())
+    return delta.transpose(1, 2) if transposed else delta
+
+
 def routed_forward(
     module: nn.Module,
     hidden_states: torch.Tensor,
@@ -228,15 +240,12 @@ class LoraExperts(nn.Module):
 
     def factors(self, name: str, param: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert's (A_e, B_e) of `param`: (E, r, in) and (E, out, r), views of the stored tensors."""
-        a, b = self.lora_A[name][param], self.lora_B[name][param]
-        experts = self.num_experts
-        return a.view(experts, -1, a.shape[-1]), b.view(b.shape[0], -1, experts).permute(2, 0, 1)
+        return expert_factors(self.lora_A[name][param], self.lora_B[name][param], self.num_experts)
 
     def delta_weight(self, name: str, param: str) -> torch.Tensor:
         """s · B_e @ A_e for every expert, fp32, in `param`'s own layout ((E, out, in) or transposed)."""
-        a, b = self.factors(name, param)
-        delta = self.scaling[name][param] * torch.bmm(b.float(), a.float())
-        return delta.transpose(1, 2) if self.base_layer.is_transposed else delta
+        a, b = self.lora_A[name][param], self.lora_B[name][param]
+        return expert_delta(a, b, self.num_experts, self.scaling[name][param], self.base_layer.is_transposed)
 
     # ----------------------------------------------------------------- merging
     def merge(self, name: Optional[str] = None) -> None:

@@ -170,7 +170,8 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
     module registers its weights: transformers' experts classes all register the first projection
     (gate_up_proj or up_proj) before down_proj, so that order decodes them without the model."""
     from lorakit.adapters import PREFIX, expert_peft_keys
-    from lorakit.experts import FIRST_PROJECTIONS, SECOND_PROJECTIONS
+    from lorakit.experts import FIRST_PROJECTIONS, SECOND_PROJECTIONS, expert_factors
+    from lorakit.inject import _pattern_value
 
     config = files.config
     if not config.target_parameters:
@@ -196,16 +197,16 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
                                 "target_parameters imply; the file is incomplete")  # fmt: skip
             a, b = files.tensors[a_key], files.tensors[b_key]
             used.update((a_key, b_key))
-            r = _pattern_rank(config, f"{path}.{param}")
+            r = _pattern_value(f"{path}.{param}", config.rank_pattern, config.r)
             experts = a.shape[0] // r
             scale = _scaling(config, f"{path}.{param}")
-            a_e, b_e = a.view(experts, r, -1), b.view(b.shape[0], r, experts).permute(2, 0, 1)
+            a_e, b_e = expert_factors(a, b, experts)
             per_expert = [spectrum_stats(update_spectrum(a_e[e], b_e[e], scale)) for e in range(experts)]
             rows.append({
                 "module": f"{path}.{param}",
                 "kind": "experts",
                 "r": r,
-                "alpha": float(_alpha(config, f"{path}.{param}")),
+                "alpha": float(_pattern_value(f"{path}.{param}", config.alpha_pattern, config.alpha)),
                 "scaling": scale,
                 "shape": [experts, int(b.shape[0]), int(a.shape[1])],
                 "params": a.numel() + b.numel(),
@@ -214,18 +215,6 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
                 "effective_rank": sum(st["effective_rank"] for st in per_expert) / experts,
             })  # fmt: skip
     return rows, used
-
-
-def _pattern_rank(config, path: str) -> int:
-    from lorakit.inject import _pattern_value
-
-    return _pattern_value(path, config.rank_pattern, config.r)
-
-
-def _alpha(config, path: str) -> float:
-    from lorakit.inject import _pattern_value
-
-    return _pattern_value(path, config.alpha_pattern, config.alpha)
 
 
 def _scaling(config, path: str) -> float:

@@ -73,12 +73,16 @@ from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter
 from lorakit.errors import UserError
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
 from lorakit.metrics import peak_rss_bytes
+from lorakit.experts import expert_delta
 from lorakit.models import (
     DTYPES,
     assemble_stored,
     check_model_folder,
     checkpoint_key_transform,
+    cut_as_stored,
     meta_model,
+    read_stored,
+    stored_keys,
     stored_pieces,
 )
 
@@ -246,33 +250,22 @@ class _ExpertWeight:
     stored: tuple[str, ...] = ()
     a: Optional[torch.Tensor] = None  # (E·r, in), PEFT's layout (lorakit.experts)
     b: Optional[torch.Tensor] = None  # (out, r·E)
-    r: int = 0
     scale: float = 0.0
     nf4: bool = False
 
     def fused_delta(self) -> torch.Tensor:
-        experts = self.a.shape[0] // self.r
-        a = self.a.float().view(experts, self.r, -1)
-        b = self.b.float().view(self.b.shape[0], self.r, experts).permute(2, 0, 1)
-        delta = self.scale * torch.bmm(b, a)  # (E, out, in)
-        return (delta.transpose(1, 2) if self.transposed else delta).contiguous()
-
-    def cut(self, model, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Checkpoint key -> the part of `fused` stored under it, by transformers' save-time conversion."""
-        from transformers.core_model_loading import revert_weight_conversion
-
-        return dict(revert_weight_conversion(model, {f"{self.path}.{self.param}": fused}))
+        return expert_delta(self.a, self.b, self.shape[0], self.scale, self.transposed).contiguous()
 
     def stored_values(self, layout: "BaseLayout") -> tuple[dict[str, torch.Tensor], bool]:
         """(checkpoint key -> fp32 tensor, whether those replace the stored values): the update's
         pieces to add, or with `nf4` the final values, for which every stored piece is read, put
         together (through an index tensor cut the same way), rounded expert by expert, updated."""
         if not self.nf4:
-            return self.cut(layout.model, self.fused_delta()), False
+            return cut_as_stored(layout.model, f"{self.path}.{self.param}", self.fused_delta()), False
         where = stored_pieces(layout.model, f"{self.path}.{self.param}", self.shape)
         dtypes = {layout.dtypes[key] for key in where}
         stored_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        fused = assemble_stored(where, lambda key: _read_tensor(layout, key), self.shape, torch.float32)
+        fused = assemble_stored(where, lambda key: read_stored(layout.files[key], key), self.shape, torch.float32)
         for e in range(self.shape[0]):
             dense = fused[e].t() if self.transposed else fused[e]  # (out, in), as lorakit.quant quantizes it
             dense.copy_(nf4_round(dense.to(stored_dtype)))
@@ -280,11 +273,6 @@ class _ExpertWeight:
             fused += self.fused_delta()
         flat = fused.view(-1)
         return {key: flat[idx.reshape(-1).long()].view(idx.shape) for key, idx in where.items()}, True
-
-
-def _read_tensor(layout: "BaseLayout", key: str) -> torch.Tensor:
-    with safe_open(str(layout.files[key]), framework="pt") as f:
-        return f.get_tensor(key)
 
 
 @dataclass
@@ -428,18 +416,18 @@ def _plan_experts(layout: BaseLayout, files: AdapterFiles, simulate_nf4: bool) -
                     f"experts of rank {r} on a {w.shape} weight need A {(experts * r, fan_in)}, "
                     f"B {(fan_out, r * experts)}; the adapter was trained on a different base model"
                 )
-            w.a, w.b, w.r, w.scale = a, b, r, adapter_scaling(config, f"{path}.{param}")
+            w.a, w.b, w.scale = a, b, adapter_scaling(config, f"{path}.{param}")
     if simulate_nf4:
         for path in _find_experts(layout.model, ("lm_head",), NF4_BLOCKSIZE):
             for param in expert_parameter_names(layout.model.get_submodule(path)):
                 weight(path, param).nf4 = True
     out: dict[str, _ExpertWeight] = {}
     for (path, param), w in weights.items():
-        pieces = w.cut(layout.model, torch.empty(w.shape, device="meta"))
-        for key, piece in pieces.items():
-            if layout.shapes.get(key) != tuple(piece.shape):
+        pieces = stored_keys(layout.model, f"{path}.{param}", w.shape)
+        for key, shape in pieces.items():
+            if layout.shapes.get(key) != shape:
                 raise UserError(
-                    f"{where}: {path}.{param} is stored as {key} {tuple(piece.shape)}, which the base's files "
+                    f"{where}: {path}.{param} is stored as {key} {shape}, which the base's files "
                     f"{'hold as ' + str(layout.shapes[key]) if key in layout.shapes else 'do not hold'}; "
                     "is the base another model, or saved by another transformers version?"
                 )
@@ -866,7 +854,7 @@ def principal_to_lora(
     tensors = dict(files.tensors)
     for key, update in plan.updates.items():
         stored = layout.tied.get(key, key) if key not in layout.shapes else key
-        w = _read_tensor(layout, stored).float()
+        w = read_stored(layout.files[stored], stored).float()
         w_oi = w if update.kind == "linear" else w.t()  # (out, in)
         a0, b0 = principal_factors(w_oi, update.a.shape[0], update.scale, update.init)
         a_key, b_key = f"{PREFIX}{update.path}.lora_A.weight", f"{PREFIX}{update.path}.lora_B.weight"

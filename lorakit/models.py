@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -244,30 +245,30 @@ def checkpoint_key_transform(model: nn.Module) -> Callable[[str], tuple[str, boo
     return transform
 
 
-def stored_pieces(model: nn.Module, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Where the model's tensor `name` (of `shape`) is stored when transformers saves it: checkpoint
-    key -> the flat indices into the tensor of what that key holds (the key's own shape).
-
-    For tensors transformers converts on load (MoE experts stored one by one, Qwen3-MoE's
-    gate_proj and up_proj rows in one fused gate_up_proj): its save-time conversion cuts an index
-    tensor as it would cut the weight. Holds one int32 index per element of `name` while it runs.
-    `shape` on the meta device ("meta" in `device`) gives the keys and shapes without memory.
-    """
+def cut_as_stored(model: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`tensor`, a value of the model's tensor `name`, cut into the checkpoint keys transformers
+    stores it under (its save-time conversion: MoE experts held fused, stored one by one)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    numel = 1
-    for size in shape:
-        numel *= size
-    index = torch.arange(numel, dtype=torch.int64 if numel >= 2**31 else torch.int32).view(shape)
-    return dict(revert_weight_conversion(model, {name: index}))
+    return dict(revert_weight_conversion(model, {name: tensor}))
 
 
 def stored_keys(model: nn.Module, name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape of what transformers stores `name` (of `shape`) as (no memory)."""
-    from transformers.core_model_loading import revert_weight_conversion
+    return {key: tuple(piece.shape) for key, piece in cut_as_stored(model, name, torch.empty(shape, device="meta")).items()}
 
-    pieces = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
-    return {key: tuple(piece.shape) for key, piece in pieces.items()}
+
+def stored_pieces(model: nn.Module, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Where the model's tensor `name` (of `shape`) is stored: checkpoint key -> the flat indices
+    into the tensor of what that key holds (in the key's own shape).
+
+    For tensors transformers converts on load (MoE experts stored one by one, Qwen3-MoE's
+    gate_proj and up_proj rows in one fused gate_up_proj): its save-time conversion cuts an index
+    tensor as it would cut the weight. Holds one int32 index per element of `name` while it runs.
+    """
+    numel = math.prod(shape)
+    index = torch.arange(numel, dtype=torch.int64 if numel >= 2**31 else torch.int32).view(shape)
+    return cut_as_stored(model, name, index)
 
 
 def assemble_stored(
@@ -275,10 +276,15 @@ def assemble_stored(
 ) -> torch.Tensor:
     """The model's tensor put together from its stored keys (`stored_pieces`' indices; `read(key)`
     loads one), in `dtype`."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    out = torch.empty(numel, dtype=dtype)
+    out = torch.empty(math.prod(shape), dtype=dtype)
     for key, index in pieces.items():
         out[index.reshape(-1).long()] = read(key).reshape(-1).to(dtype)
     return out.view(shape)
+
+
+def read_stored(path: Union[str, Path], key: str) -> torch.Tensor:
+    """One tensor of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)

@@ -36,7 +36,7 @@ from lorakit.errors import UserError
 from lorakit.layers import _is_conv1d, is_plain_linear
 from lorakit.metrics import peak_rss_bytes
 from lorakit.models import assemble_stored as _assemble_stored
-from lorakit.models import checkpoint_key_transform, load_model, stored_keys
+from lorakit.models import checkpoint_key_transform, load_model, read_stored, stored_keys
 from lorakit.models import stored_pieces as _stored_pieces
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def _find_experts(model: nn.Module, skip: tuple[str, ...], blocksize: int) -> li
     for name, module in model.named_modules():
         if isinstance(module, Experts4bit) or not moe.is_experts_module(module) or name.rpartition(".")[2] in skip:
             continue
-        if hasattr(module, "lora_A"):  # a LoraExperts: its base is what gets quantized
+        if isinstance(module, moe.LoraExperts):  # its base is what gets quantized
             continue
         uneven = [(p, moe.expert_shape(module, p)[1]) for p in moe.expert_parameter_names(module)]
         uneven = [(p, fan_in) for p, fan_in in uneven if fan_in % blocksize]
@@ -376,7 +376,7 @@ def load_model_4bit(
             shape = tuple(getattr(module, param).shape)
             where = _stored_pieces(model, f"{path}.{param}", shape)
             held.add(*where.values())  # the index, while the pieces are put together
-            value = _assemble_stored(where, lambda k: _read_one(file_of[k], k), shape, compute_dtype).to(device)
+            value = _assemble_stored(where, lambda k: read_stored(file_of[k], k), shape, compute_dtype).to(device)
             held.add(value)
             held.drop(*where.values())
             before += value.numel() * value.element_size()
@@ -431,13 +431,6 @@ def _stored_expert_pieces(model: nn.Module, converted: set[str]) -> Union[dict[t
                 out[(path, param)] = keys
     covered = set().union(*out.values()) if out else set()
     return out if converted <= covered else None
-
-
-def _read_one(path: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key)
 
 
 def _load_whole_then_quantize(
