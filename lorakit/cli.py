@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy on a dataset")
+    p = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy (DPO reward accuracy) on a dataset")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None)
     _add_quantize(p)
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per example, longer ones truncated (default 1024, or the model's positions if fewer)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="preference data: DPO's beta for the loss and rewards (the adapter against its base)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("inspect", help="summarise an adapter (and check it against a base model)")

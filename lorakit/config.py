@@ -103,7 +103,7 @@ class DataConfig:
     train: Union[str, None] = None
     eval: Union[str, None] = None
     eval_fraction: float = 0.0  # held out from `train` when `eval` is not given
-    format: str = "auto"  # auto | text | completion | instruction | chat
+    format: str = "auto"  # auto | text | completion | instruction | chat | preference (prompt, chosen, rejected)
     max_length: int = 1024
     too_long: str = "truncate"  # truncate | drop
     packing: bool = True
@@ -112,7 +112,7 @@ class DataConfig:
     cache_dir: Union[str, None] = None  # default: ~/.cache/lorakit/data
 
 
-DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat")
+DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference")
 
 
 @dataclass
@@ -141,6 +141,8 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     distributed: str = "auto"  # auto | ddp | fsdp
+    objective: str = "sft"  # sft (next-token loss) | dpo (preference pairs, lorakit.preference)
+    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
 
 
 @dataclass
@@ -170,6 +172,7 @@ _CHOICES = {
     "train.optimizer": ("adamw", "adamw8bit"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
+    "train.objective": ("sft", "dpo"),
     "lora.init": LORA_INITS,
 }
 
@@ -191,6 +194,7 @@ _RANGES = {
     "train.save_every": (0, True),
     "train.eval_max_new_tokens": (1, True),
     "train.keep_checkpoints": (1, True),
+    "train.dpo_beta": (0.0, False),
 }
 
 
@@ -265,6 +269,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         )
     if cfg.train.eval_generate and cfg.data.eval is None:
         problems.append("train.eval_generate = true: needs data.eval, a file of records with reference answers")
+    problems += _objective_problems(cfg)
     if not 0 <= cfg.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction = {cfg.data.eval_fraction!r}: must be in [0, 1)")
     if cfg.model is None:
@@ -280,6 +285,34 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     if problems:
         raise UserError(_join(source, problems))
     return cfg
+
+
+def _objective_problems(cfg: RunConfig) -> list[str]:
+    """Settings that contradict train.objective (the data's records are checked when read)."""
+    dpo = cfg.train.objective == "dpo"
+    if not dpo:
+        if cfg.data.format == "preference":
+            return ["data.format = 'preference': preference pairs train with train.objective: dpo; set it"]
+        return []
+    problems = []
+    if cfg.data.format not in ("auto", "preference"):
+        problems.append(
+            f"data.format = {cfg.data.format!r}: train.objective: dpo trains on preference records "
+            "(prompt, chosen, rejected); use auto or preference"
+        )
+    if cfg.lora.init in ("pissa", "olora"):
+        problems.append(
+            f"lora.init = {cfg.lora.init!r}: DPO's reference is the base with the adapter off, and "
+            f"{cfg.lora.init} moves part of the base into the adapter; use default or gaussian"
+        )
+    if cfg.data.train_on_inputs:
+        problems.append("data.train_on_inputs = true: DPO compares the answers only; set it to false")
+    if cfg.train.eval_generate:
+        problems.append(
+            "train.eval_generate = true: preference data has no single reference answer; DPO eval reports "
+            "eval_reward_accuracy instead, set it to false"
+        )
+    return problems
 
 
 def _looks_like_hub_name(name: str) -> bool:

@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FORMAT_VERSION = 2  # bump when tokenization or the cache layout changes
-FORMATS = ("text", "completion", "instruction", "chat")
+FORMATS = ("text", "completion", "instruction", "chat", "preference")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -90,8 +90,12 @@ _FORMAT_KEYS = {
     "completion": "prompt + completion",
     "instruction": "instruction + output (input optional)",
     "chat": "messages (or ShareGPT conversations)",
+    "preference": "prompt + chosen + rejected",
 }
-_REQUIRED = {"text": ("text",), "completion": ("prompt", "completion"), "instruction": ("instruction", "output"), "chat": ()}
+_REQUIRED = {
+    "text": ("text",), "completion": ("prompt", "completion"), "instruction": ("instruction", "output"), "chat": (),
+    "preference": ("prompt", "chosen", "rejected"),
+}  # fmt: skip
 _SKIP_HINT = "fix it, or set data.skip_invalid: true to skip invalid records"
 
 
@@ -108,20 +112,26 @@ class DataStats:
     dropped_no_trainable: int = 0  # no trainable token left (e.g. truncation cut the whole answer)
     skipped_invalid: int = 0  # invalid records skipped with skip_invalid: true
     skipped_lines: list[int] = field(default_factory=list)  # the first MAX_REPORTED of them
+    pairs: int = 0  # preference pairs kept (each is two examples); 0 for other data
 
 
 class TokenizedDataset:
     """Examples stored flat: `input_ids`/`labels` int32 arrays (N,) and int64 `offsets` (n+1,).
 
     Example i is `input_ids[offsets[i]:offsets[i+1]]`; labels are -100 where there is no loss.
+    pairs: preference data, examples 2j (the chosen answer) and 2j+1 (the rejected one) are pair j.
     """
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, stats: DataStats) -> None:
+    def __init__(
+        self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, stats: DataStats, *, pairs: bool = False
+    ) -> None:
         self.input_ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         self.labels = np.ascontiguousarray(labels, dtype=np.int32)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         self.stats = stats
+        self.pairs = pairs
         assert self.input_ids.shape == self.labels.shape and self.offsets[-1] == len(self.input_ids)
+        assert not pairs or len(self) % 2 == 0, "preference data holds whole pairs"
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -134,10 +144,17 @@ class TokenizedDataset:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def num_units(self) -> int:
+        """What batches and held-out splits count: pairs for preference data, else examples."""
+        return len(self) // 2 if self.pairs else len(self)
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> "TokenizedDataset":
-        """The examples at `indices`, in that order. File-level counts (records, truncated, dropped,
-        skipped) are kept; examples, tokens and trainable_tokens are those of the subset."""
+        """The examples at `indices` (the pairs, for preference data), in that order. File-level
+        counts (records, truncated, dropped, skipped) are kept; examples, pairs, tokens and
+        trainable_tokens are those of the subset."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.pairs:
+            idx = np.stack([2 * idx, 2 * idx + 1], axis=1).reshape(-1)
         lengths = self.lengths()[idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -149,8 +166,9 @@ class TokenizedDataset:
             tokens=int(offsets[-1]),
             trainable_tokens=int((labels != IGNORE_INDEX).sum()),
             skipped_lines=list(self.stats.skipped_lines),
+            pairs=len(idx) // 2 if self.pairs else 0,
         )
-        return TokenizedDataset(self.input_ids[gather], labels, offsets, stats)
+        return TokenizedDataset(self.input_ids[gather], labels, offsets, stats, pairs=self.pairs)
 
     def save(self, path: Union[str, Path]) -> None:
         """Write an .npz (no pickle) atomically: a temporary file in the same folder, then rename."""
@@ -160,7 +178,10 @@ class TokenizedDataset:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets, stats=stats)
+                np.savez(
+                    f, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets, stats=stats,
+                    pairs=np.array([self.pairs]),
+                )  # fmt: skip
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -170,7 +191,8 @@ class TokenizedDataset:
     def load(cls, path: Union[str, Path]) -> "TokenizedDataset":
         with np.load(path, allow_pickle=False) as z:
             stats = DataStats(**json.loads(z["stats"].tobytes().decode()))
-            return cls(z["input_ids"], z["labels"], z["offsets"], stats)
+            pairs = bool(z["pairs"][0]) if "pairs" in z.files else False
+            return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +200,10 @@ class TokenizedDataset:
 
 
 def detect_format(record: dict) -> str | None:
-    """"chat", "instruction", "completion" or "text" from the record's keys; None if none fits."""
+    """"chat", "instruction", "preference", "completion" or "text" from the record's keys; None
+    if none fits."""
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record or "conversations" in record:
         return "chat"
     if "instruction" in record and "output" in record:
@@ -317,7 +342,9 @@ def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) 
 
 
 def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, Any]:
-    """Validate one record -> (format, (text, prompt_chars)) or ("chat", messages).
+    """Validate one record -> (format, (text, prompt_chars)), ("chat", (messages, untrained
+    assistant turns)) or ("preference", [chosen, rejected]), each of those a completion or chat
+    (format, payload).
 
     Raises:
         BadRecord: unknown format, wrong types, unknown roles, empty values.
@@ -327,10 +354,10 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
         if found is None:
             raise BadRecord(
                 f"unknown record format, keys {sorted(record)}; "
-                "expected one of text / prompt+completion / instruction+output / messages"
+                "expected one of text / prompt+completion / instruction+output / messages / prompt+chosen+rejected"
             )
         fmt = found
-    elif (fmt == "chat" and found != "chat") or not all(k in record for k in _REQUIRED[fmt]):
+    elif (fmt in ("chat", "preference") and found != fmt) or not all(k in record for k in _REQUIRED[fmt]):
         raise BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
     if fmt == "text":
         return fmt, (_string(record, "text"), 0)
@@ -347,13 +374,41 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
         else:
             prompt = INSTRUCTION_TEMPLATE_NO_INPUT.format(instruction=instruction)
         return fmt, (prompt + _string(record, "output"), len(prompt))
-    return "chat", _messages(record, train_on_inputs)
+    if fmt == "preference":
+        return fmt, _preference_pair(record)
+    return "chat", (_messages(record, train_on_inputs), 0)
 
 
-def _messages(record: dict, train_on_inputs: bool) -> list[dict[str, str]]:
-    """OpenAI `messages` or ShareGPT `conversations` -> [{"role", "content"}] (other keys dropped)."""
-    sharegpt = "messages" not in record
-    key, role_key, text_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
+def _preference_pair(record: dict) -> list[tuple[str, Any]]:
+    """A preference record -> [chosen, rejected] as completion or chat (format, payload): a string
+    prompt is joined with each answer as it is; a prompt of chat messages is followed by each
+    answer as an assistant turn (a string) or turns (a list of messages). Only the answer's
+    tokens count, never the prompt's, assistant turns of the prompt included."""
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        return [("completion", (prompt + _string(record, key), len(prompt))) for key in ("chosen", "rejected")]
+    if not isinstance(prompt, list):
+        raise BadRecord(f"'prompt' must be a string or a list of chat messages, got {_kind(prompt)}")
+    history = _messages(record, True, key="prompt") if prompt else []
+    earlier_turns = sum(m["role"] == "assistant" for m in history)
+    out = []
+    for key in ("chosen", "rejected"):
+        answer = record[key]
+        if isinstance(answer, str):
+            turns = [{"role": "assistant", "content": _string(record, key)}]
+        elif isinstance(answer, list):
+            turns = _messages(record, False, key=key)
+        else:
+            raise BadRecord(f"'{key}' must be a string or a list of chat messages (the prompt is chat), got {_kind(answer)}")
+        out.append(("chat", (history + turns, earlier_turns)))
+    return out
+
+
+def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) -> list[dict[str, str]]:
+    """OpenAI `messages` or ShareGPT `conversations` -> [{"role", "content"}] (other keys dropped);
+    `key`: the OpenAI-style list under another key (a preference record's prompt and answers)."""
+    sharegpt = key is None and "messages" not in record
+    key, role_key, text_key = ("conversations", "from", "value") if sharegpt else (key or "messages", "role", "content")
     raw = record[key]
     if not isinstance(raw, list) or not raw:
         got = "an empty list" if isinstance(raw, list) else _kind(raw)
@@ -372,6 +427,8 @@ def _messages(record: dict, train_on_inputs: bool) -> list[dict[str, str]]:
             raise BadRecord(f"{key}[{i}].{text_key} {got}")
         out.append({"role": roles[role], "content": content})
     if not train_on_inputs and out[-1]["role"] != "assistant":
+        if key in ("chosen", "rejected"):
+            raise BadRecord(f"'{key}' ends with a {out[-1]['role']} turn; an answer ends with an assistant turn")
         raise BadRecord(
             f"the chat ends with a {out[-1]['role']} turn, not an assistant reply to train on; "
             "end it with an assistant turn, or set data.train_on_inputs: true"
@@ -527,11 +584,25 @@ def tokenize_records(
     stats = DataStats(records=len(records))
     problems: list[tuple[int, str]] = []
     prepared: list[tuple[int, str, Any]] = []
+    pairs = None  # whether the file holds preference pairs, from its first valid record
     for line, record in records:
         try:
-            prepared.append((line, *prepare_record(record, cfg.format, cfg.train_on_inputs)))
+            fmt, payload = prepare_record(record, cfg.format, cfg.train_on_inputs)
+            if pairs is None:
+                pairs = fmt == "preference"
+            elif pairs != (fmt == "preference"):
+                raise BadRecord(
+                    f"a {fmt} record in a file of {'preference' if pairs else 'non-preference'} records; a data "
+                    "file holds preference pairs (prompt, chosen, rejected) or other records, not both"
+                )
         except BadRecord as exc:
             problems.append((line, str(exc)))
+            continue
+        # A pair's two examples stay next to each other (2j, 2j+1) through every step below.
+        if fmt == "preference":
+            prepared.extend((line, *side) for side in payload)
+        else:
+            prepared.append((line, fmt, payload))
     chat_lines = [line for line, fmt, _ in prepared if fmt == "chat"]
     if chat_lines and tokenizer.chat_template is None:
         raise UserError(
@@ -553,13 +624,13 @@ def tokenize_records(
                 job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems)
                 future = pool.submit(_encode_job, backend, job) if job.size else None
                 if pending is not None:
-                    parts.append(_assemble(_finish_chunk(pending[0], pending[1].result(), eos), cfg, stats))
+                    parts.append(_assemble(_finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, bool(pairs)))
                 pending = (job, future) if future is not None else None
     finally:
         if gc_was_on:
             gc.enable()
     if problems:
-        problems.sort()
+        problems = sorted({line: msg for line, msg in reversed(problems)}.items())  # one per record
         if not cfg.skip_invalid:
             _raise_problems(source, problems)
         stats.skipped_invalid += len(problems)
@@ -571,9 +642,10 @@ def tokenize_records(
     np.cumsum(lengths, out=offsets[1:])
     stats.examples, stats.tokens = len(lengths), int(offsets[-1])
     stats.trainable_tokens = int((labels != IGNORE_INDEX).sum())
+    stats.pairs = len(lengths) // 2 if pairs else 0
     if stats.examples == 0:
         raise UserError(_nothing_left(source, stats, cfg))
-    return TokenizedDataset(ids, labels, offsets, stats)
+    return TokenizedDataset(ids, labels, offsets, stats, pairs=bool(pairs))
 
 
 def _nothing_left(source: str, s: DataStats, cfg: DataConfig) -> str:
@@ -611,11 +683,12 @@ def _render_chunk(
     chats = [(k, payload) for k, (_, fmt, payload) in enumerate(chunk) if fmt == "chat"]
     ok = []
     if chats:
-        for (k, _), r in zip(chats, _chat_spans(renderer, [msgs for _, msgs in chats], train_on_inputs)):
+        for (k, (_, skip)), r in zip(chats, _chat_spans(renderer, [msgs for _, (msgs, _) in chats], train_on_inputs)):
             if isinstance(r, str):
                 problems.append((chunk[k][0], r))
             else:
-                ok.append((k, r))
+                text, spans = r
+                ok.append((k, (text, spans[skip:])))  # a preference prompt's own assistant turns do not count
     return _Job(
         size=len(chunk),
         plain=[(k, prompt_chars) for k, (_, prompt_chars) in plain],
@@ -636,8 +709,10 @@ def _encode_job(backend: Any, job: _Job) -> tuple[list, list]:
     )
 
 
-def _finish_chunk(job: _Job, encoded: tuple[list, list], eos: int | None) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Token ids and trainable token ranges [a, b) of each valid record, in input order."""
+def _finish_chunk(
+    job: _Job, encoded: tuple[list, list], eos: int | None
+) -> list[tuple[int, list[int], list[tuple[int, int]]]]:
+    """(position in chunk, token ids, trainable token ranges [a, b)) of each valid record, in input order."""
     results: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}  # by position in chunk
     plain_enc, chat_enc = encoded
     for (k, prompt_chars), enc in zip(job.plain, plain_enc):
@@ -655,7 +730,7 @@ def _finish_chunk(job: _Job, encoded: tuple[list, list], eos: int | None) -> lis
             offs = enc.offsets
             ranges = [(_first_token_ending_after(offs, a), _first_token_starting_at(offs, b)) for a, b in spans]
             results[k] = (enc.ids, ranges)
-    return [results[k] for k in range(job.size) if k in results]
+    return [(k, *results[k]) for k in range(job.size) if k in results]
 
 
 def _encode(backend: Any, texts: list[str], *, special: bool, offsets: bool) -> list:
@@ -685,31 +760,51 @@ def _first_token_starting_at(offsets: list[tuple[int, int]], char: int) -> int:
     return bisect.bisect_left(offsets, char, key=lambda o: o[0])
 
 
+def _fit(ids: list[int], ranges: list[tuple[int, int]], max_len: int, drop: bool) -> tuple[int, list[tuple[int, int]]] | str:
+    """(kept length, trainable ranges within it), or why the example is dropped: "dropped_too_long"
+    or "dropped_no_trainable" (the DataStats counter)."""
+    n = len(ids)
+    if n > max_len:
+        if drop:
+            return "dropped_too_long"
+        n = max_len
+    clipped = []
+    for a, b in ranges:
+        a, b = max(a, 1), min(n if b < 0 else b, n)  # the first token is never a label
+        if a < b:
+            clipped.append((a, b))
+    return (n, clipped) if clipped else "dropped_no_trainable"
+
+
 def _assemble(
-    seqs: list[tuple[list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats
+    seqs: list[tuple[int, list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats, pairs: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat."""
+    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat.
+
+    seqs: (position in chunk, ids, ranges) from `_finish_chunk`. With `pairs`, positions 2j and
+    2j+1 are a preference pair, kept or dropped together (a dropped side counts for both)."""
     max_len, drop = cfg.max_length, cfg.too_long == "drop"
+    fitted = [(k, ids, _fit(ids, ranges, max_len, drop)) for k, ids, ranges in seqs]
+    if pairs:
+        by_pair: dict[int, list] = {}
+        for item in fitted:
+            by_pair.setdefault(item[0] // 2, []).append(item)
+        fitted = []
+        for sides in by_pair.values():
+            if len(sides) < 2:
+                continue  # the other side's record was invalid (already reported)
+            reasons = [r for _, _, r in sides if isinstance(r, str)]
+            fitted += [(k, ids, reasons[0]) for k, ids, _ in sides] if reasons else sides
     kept_ids: list[list[int]] = []
     lengths: list[int] = []
     starts: list[int] = []  # flat positions where a trainable range starts / ends
     ends: list[int] = []
     total = 0
-    for ids, ranges in seqs:
-        n = len(ids)
-        if n > max_len:
-            if drop:
-                stats.dropped_too_long += 1
-                continue
-            n = max_len
-        clipped = []
-        for a, b in ranges:
-            a, b = max(a, 1), min(n if b < 0 else b, n)  # the first token is never a label
-            if a < b:
-                clipped.append((a, b))
-        if not clipped:
-            stats.dropped_no_trainable += 1
+    for _, ids, fit in fitted:
+        if isinstance(fit, str):
+            setattr(stats, fit, getattr(stats, fit) + 1)
             continue
+        n, clipped = fit
         if n < len(ids):
             stats.truncated += 1
             ids = ids[:n]
@@ -813,11 +908,11 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
         return train, load_dataset(cfg.eval, tokenizer, cfg)
     if cfg.eval_fraction <= 0:
         return train, None
-    n = len(train)
+    n = train.num_units()  # pairs are held out whole
     n_eval = max(1, round(n * cfg.eval_fraction))
     if n_eval >= n:
         raise UserError(
-            f"data.eval_fraction = {cfg.eval_fraction} holds out {n_eval} of {n} examples, leaving none to "
+            f"data.eval_fraction = {cfg.eval_fraction} holds out {n_eval} of {n} {'pairs' if train.pairs else 'examples'}, leaving none to "
             "train on; lower it or give data.eval a file"
         )
     perm = np.random.default_rng([_seed(seed), 0xE7A1]).permutation(n)
@@ -854,6 +949,13 @@ class BatchStream:
         num_trainable: int, labels != -100 at positions 1.. (what a shifted loss counts).
     Feed the model `position_ids` with `attention_mask=None, use_cache=False`: transformers then
     builds a block-diagonal causal mask, so attention never crosses an example boundary.
+
+    Preference data (`dataset.pairs`): a pair is what rows hold, pack and count: its chosen and
+    rejected answers are two examples side by side in one row, which holds up to 2 x max_length
+    tokens. Its micro-batches also have
+        sequence_ids (B, T) int64: which example of the micro-batch a token belongs to, numbered
+            along the rows (2p: pair p's chosen answer, 2p+1: its rejected one), -1 on padding;
+        num_pairs: int.
     """
 
     WINDOW_CHUNKS = 64
@@ -881,6 +983,9 @@ class BatchStream:
                 f"an example has {lengths.max()} tokens, more than max_length = {max_length}; build the "
                 "dataset with the same data.max_length as the batches"
             )
+        self.pairs = dataset.pairs
+        if self.pairs:  # the unit is a pair: both answers go into the same row
+            lengths, max_length = lengths[0::2] + lengths[1::2], 2 * max_length
         self.dataset, self.batch_size, self.max_length = dataset, batch_size, max_length
         self.packing, self.seed, self.shuffle = packing, seed, shuffle
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
@@ -893,7 +998,7 @@ class BatchStream:
         self._row_lengths = np.add.reduceat(lengths[self._items], self._row_offsets[:-1])
         self.num_rows = len(self._row_offsets) - 1
         if self.num_rows < self.global_batch:
-            what = "packed rows" if packing else "examples"
+            what = "packed rows" if packing else ("pairs" if self.pairs else "examples")
             raise UserError(
                 f"the dataset makes {self.num_rows} {what}, fewer than one micro-batch of batch_size x "
                 f"world_size = {self.global_batch} rows; lower train.batch_size or add data"
@@ -978,26 +1083,33 @@ class BatchStream:
         input_ids = np.full((b, width), self.pad_id, dtype=np.int64)
         labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((b, width), dtype=np.int64)
-        num_tokens = 0
+        sequence_ids = np.full((b, width), -1, dtype=np.int64) if self.pairs else None
+        num_tokens = sequence = 0
         for r, row in enumerate(rows):
-            examples = self._items[self._row_offsets[row] : self._row_offsets[row + 1]]
+            units = self._items[self._row_offsets[row] : self._row_offsets[row + 1]]
             t = 0
-            for e in examples:
+            for e in np.stack([2 * units, 2 * units + 1], axis=1).reshape(-1) if self.pairs else units:
                 a, z = ds.offsets[e], ds.offsets[e + 1]
                 input_ids[r, t : t + z - a] = ds.input_ids[a:z]
                 labels[r, t : t + z - a] = ds.labels[a:z]
                 labels[r, t] = IGNORE_INDEX  # never predict an example's first token from the previous one
                 position_ids[r, t : t + z - a] = np.arange(z - a)
+                if sequence_ids is not None:
+                    sequence_ids[r, t : t + z - a] = sequence
+                    sequence += 1
                 t += z - a
             position_ids[r, t:] = np.arange(width - t)  # padding: its own segment, no labels
             num_tokens += t
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(position_ids),
             "num_tokens": num_tokens,
             "num_trainable": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         }
+        if sequence_ids is not None:
+            batch["sequence_ids"], batch["num_pairs"] = torch.from_numpy(sequence_ids), sequence // 2
+        return batch
 
 
 def _pack(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lorakit.config import RunConfig
 from lorakit.errors import UserError
-from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
+from lorakit.loss import LOSS_CHUNK_TOKENS
+from lorakit.preference import loss_module
 
 DEFAULT_TIMEOUT_S = 300.0
 # auto picks FSDP on GPUs when the frozen weights take more than this share of one GPU's memory;
@@ -206,7 +207,7 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
         # buffers (rotary tables) are synced once at construction and never change, so no sync per step.
         # DDP wraps the whole loss computation, so the chunked fused output head runs under it too.
         ddp = DistributedDataParallel(
-            TokenLoss(model, LOSS_CHUNK_TOKENS), device_ids=[device.index] if device.type == "cuda" else None,
+            loss_module(model, LOSS_CHUNK_TOKENS, cfg.train), device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False, forward_sync_buffers=False,
         )  # fmt: skip
         dist.no_sync = ddp.no_sync
@@ -221,7 +222,7 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
     fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, output head
     dist.no_sync = lambda: _fsdp_no_sync(model)
     # The loss calls the whole sharded model (full logits) so FSDP2's root hooks run on every forward.
-    return TokenLoss(_Forward(model, getattr(model, "config", None)), None)
+    return loss_module(_Forward(model, getattr(model, "config", None)), None, cfg.train)
 
 
 @contextlib.contextmanager

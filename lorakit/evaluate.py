@@ -1,4 +1,6 @@
-"""`lorakit eval`: loss and perplexity over a dataset, and exact-match accuracy of greedy completions.
+"""`lorakit eval`: loss and perplexity over a dataset, and exact-match accuracy of greedy completions;
+on preference pairs (prompt, chosen, rejected), the adapter's DPO loss, reward accuracy and margin
+against its base (lorakit.preference).
 
 The loss is the trainer's: the data is tokenized and masked by `lorakit.data` exactly as for
 training, and `loss.token_loss_sum` is summed over every batch and divided by the number of
@@ -86,7 +88,10 @@ def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
         raise UserError(str(exc)) from None
     if fmt == "text":
         return None
+    if fmt == "preference":
+        raise UserError("a preference record (prompt, chosen, rejected) has no single answer to compare with")
     if fmt == "chat":
+        payload = payload[0]  # the messages
         last = max((i for i, m in enumerate(payload) if m["role"] == "assistant"), default=None)
         if last is None:
             raise UserError("a chat record has no assistant turn to compare with")
@@ -155,6 +160,31 @@ def generation_accuracy(
 DEFAULT_MAX_LENGTH = 1024
 
 
+def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, max_length: int) -> int:
+    """`lorakit eval` on preference pairs: the adapter's DPO loss and rewards against its base."""
+    from lorakit.preference import evaluate_preference
+
+    if args.adapter is None:
+        raise UserError(
+            f"{args.data} holds preference pairs: their DPO rewards compare an adapter with its base; pass --adapter"
+        )
+    if args.generate:
+        raise UserError(f"--generate: {args.data} holds preference pairs, which have no single answer to match")
+    if not args.beta > 0:
+        raise UserError(f"--beta {args.beta}: DPO's beta must be > 0 (training's train.dpo_beta, default 0.1)")
+    result: dict[str, Any] = evaluate_preference(
+        model, dataset, beta=args.beta, batch_size=args.batch_size, max_length=max_length
+    )
+    result = {"pairs": dataset.num_units(), "beta": args.beta, **result}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
 def _max_length(asked: Optional[int], model: nn.Module, name: str) -> int:
     """--max-length, by default 1024 or a position table's length if shorter.
 
@@ -179,6 +209,8 @@ def eval_command(args: argparse.Namespace) -> int:
     max_length = _max_length(args.max_length, model, args.model)
     cfg = DataConfig(max_length=max_length, packing=False)
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
+    if dataset.pairs:
+        return _preference_eval(args, model, dataset, max_length)
     result: dict[str, Any] = {"loss": None, "perplexity": None, "accuracy": None}
     result.update(evaluate_loss(model, dataset, batch_size=args.batch_size, max_length=max_length))
     result["examples"] = len(dataset)

@@ -347,9 +347,9 @@ SOFTMAX_ROWS = 32
 def _cross_entropy_rows(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: Optional[float], need_grad: bool
 ) -> torch.Tensor:
-    """Summed cross-entropy of fp32 `logits` (n, V) against `targets` (n,); with need_grad the
-    block is overwritten, in place, with d loss / d logits (softmax minus one-hot, zero rows for
-    ignored targets)."""
+    """Cross-entropy of each row of fp32 `logits` (n, V) against `targets` (n,), 0 for ignored
+    targets, as (n,) fp32; with need_grad the block is overwritten, in place, with d loss / d logits
+    (softmax minus one-hot, zero rows for ignored targets)."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     valid = targets != ignore_index
     safe_t = targets.clamp(min=0)
@@ -364,7 +364,7 @@ def _cross_entropy_rows(
     # The row's largest probability is exp(top - lse) >= 1/V: it never underflows, so the log-sum-exp
     # comes back from it to fp32 precision, where -log(p[target]) is inf once p[target] underflows.
     lse = top - probs.amax(dim=1).log()
-    loss = torch.where(valid, lse - picked, 0.0).sum()
+    loss = torch.where(valid, lse - picked, 0.0)
     if need_grad:
         probs[rows, safe_t] -= 1.0
         # On CPU a host check saves a pass over the block when every row counts (the usual case);
@@ -383,9 +383,11 @@ def _cross_entropy_block(
     softcap: Optional[float],
     need_grad: bool,
     workspace: Optional[dict],
+    rows_out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`_cross_entropy_rows` over a block of logits in any float dtype, in fp32 slices of
-    `SOFTMAX_ROWS` rows on CPU (the whole block on a GPU), gradient written back into the block."""
+    `SOFTMAX_ROWS` rows on CPU (the whole block on a GPU), gradient written back into the block;
+    returns the sum, and writes each row's loss into `rows_out` (n,) when given."""
     step = SOFTMAX_ROWS if block.device.type == "cpu" else block.shape[0]
     total = torch.zeros((), dtype=torch.float32, device=block.device)
     for row in range(0, block.shape[0], step):
@@ -395,7 +397,10 @@ def _cross_entropy_block(
         else:
             fp32 = _scratch(workspace, "fp32", step, block.shape[1], torch.float32, block.device)[: part.shape[0]]
             fp32.copy_(part)
-        total += _cross_entropy_rows(fp32, targets[row : row + step], ignore_index, softcap, need_grad)
+        losses = _cross_entropy_rows(fp32, targets[row : row + step], ignore_index, softcap, need_grad)
+        total += losses.sum()
+        if rows_out is not None:
+            rows_out[row : row + step] = losses
         if need_grad and fp32 is not part:
             part.copy_(fp32)
     return total
@@ -413,15 +418,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         softcap: Optional[float],
         ignore_index: int,
         workspace: Optional[dict],
+        per_row: bool,
     ) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) if per_row else None
         vocab = weight.shape[0]
         # rounded up so that a later batch with a few more trainable tokens reuses the kept block
         block_rows = min(chunk, -(-hidden.shape[0] // 256) * 256)
         # the blocks are in the head's dtype, on its device
-        ops = cpu_kernels.ops_for(weight) if COMPILED_CROSS_ENTROPY and not softcap else None
+        ops = cpu_kernels.ops_for(weight) if COMPILED_CROSS_ENTROPY and not softcap and not per_row else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             # The head's output in its own dtype; the softmax runs in fp32 (on CPU compiled, a row
@@ -435,17 +442,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ops is not None:
                 total += ops.cross_entropy_rows(block, t, ignore_index, need_grad)
             else:
-                total += _cross_entropy_block(block, t, ignore_index, softcap, need_grad, workspace)
+                part = rows[start : start + chunk] if per_row else None
+                total += _cross_entropy_block(block, t, ignore_index, softcap, need_grad, workspace, part)
             if need_grad:
                 torch.mm(block, weight, out=grad_hidden[start : start + chunk])
             del block
         ctx.save_for_backward(grad_hidden)
-        return total
+        return rows if per_row else total
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None, None
+        # each row's gradient is linear in its loss's incoming gradient: per row a scale of the row
+        scale = grad_out.to(grad_hidden.dtype)
+        grad = grad_hidden * (scale.unsqueeze(1) if grad_out.dim() else scale)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(
@@ -470,7 +481,26 @@ def linear_cross_entropy_sum(
     there instead of being allocated afresh each call (None: allocate per call).
     """
     assert not weight.requires_grad and (bias is None or not bias.requires_grad), "the head must be frozen"
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, softcap, ignore_index, workspace)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, softcap, ignore_index, workspace, False)
+
+
+def linear_cross_entropy_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    chunk: int = 512,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    workspace: Optional[dict] = None,
+) -> torch.Tensor:
+    """`linear_cross_entropy_sum`, but each token's cross-entropy: (T,) fp32, 0 where the target is
+    `ignore_index`. For losses that weigh tokens by what only the whole forward knows (DPO's
+    per-sequence sums): the gradient for `hidden` is still computed in forward, one row per token,
+    and backward scales each row by its token's incoming gradient."""
+    assert not weight.requires_grad and (bias is None or not bias.requires_grad), "the head must be frozen"
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, softcap, ignore_index, workspace, True)
 
 
 # --------------------------------------------------------------------------- RMSNorm

@@ -34,11 +34,13 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+def _chunk_loss(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: Optional[float], reduction: str = "sum"
+) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
@@ -72,21 +74,12 @@ def token_loss_sum(
     workspace: a dict kept by the caller between calls, where the fused loss keeps its logits
     buffers (see `lorakit.fused.linear_cross_entropy_sum`).
     """
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    targets = shift_labels(labels)
+    targets = shift_labels(batch["labels"])
     count = int((targets != IGNORE_INDEX).sum())
-    position_ids = batch.get("position_ids")
-    config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    body, head = _decoder_and_head(model) if chunk_tokens else (None, None)
-    if body is None:
-        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-        return _chunk_loss(nn.Identity(), logits.flatten(0, 1), targets.flatten(), softcap), count
-    hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    hidden, targets = hidden.flatten(0, 1), targets.flatten()
-    # Only positions with a target need logits at all.
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    head, hidden, targets, _ = _head_inputs(model, batch, chunk_tokens, targets)
+    if head is None:  # `hidden` holds the model's logits
+        return _chunk_loss(nn.Identity(), hidden, targets, softcap), count
     if _fusable_head(head):
         from lorakit.fused import linear_cross_entropy_sum
 
@@ -103,6 +96,56 @@ def token_loss_sum(
         else:
             total = total + _chunk_loss(head, h, t, softcap)
     return total, count
+
+
+def _head_inputs(
+    model: nn.Module, batch: dict, chunk_tokens: Optional[int], targets: torch.Tensor
+) -> tuple[Optional[nn.Module], torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Run the model up to its output head -> (head, hidden (K, H), targets (K,), positions (K,)):
+    the hidden states of the K positions that have a target, and where those are in the flattened
+    (B*T) batch. Without `chunk_tokens` (or a head to split off): (None, the whole model's logits
+    (B*T, V), every target (B*T,), None)."""
+    body, head = _decoder_and_head(model) if chunk_tokens else (None, None)
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False)
+    if body is None:
+        return None, model(**inputs).logits.flatten(0, 1), targets.flatten(), None
+    hidden, targets = body(**inputs).last_hidden_state.flatten(0, 1), targets.flatten()
+    # Only positions with a target need logits at all.
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return head, hidden.index_select(0, keep), targets.index_select(0, keep), keep
+
+
+def token_losses(
+    model: nn.Module, batch: dict, *, chunk_tokens: Optional[int] = None, workspace: Optional[dict] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trainable token's next-token cross-entropy and where it is: (losses (K,) fp32,
+    positions (K,) int64 in the flattened (B*T) batch, aligned with `shift_labels`' targets).
+
+    For losses built from per-sequence sums (DPO); arguments as for `token_loss_sum`, and the same
+    chunked head: a frozen nn.Linear head through `lorakit.fused.linear_cross_entropy_rows`.
+    """
+    targets = shift_labels(batch["labels"])
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    head, hidden, targets, keep = _head_inputs(model, batch, chunk_tokens, targets)
+    if head is None:  # `hidden` holds the model's logits
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        return _chunk_loss(nn.Identity(), hidden.index_select(0, keep), targets.index_select(0, keep), softcap, "none"), keep
+    if _fusable_head(head):
+        from lorakit.fused import linear_cross_entropy_rows
+
+        losses = linear_cross_entropy_rows(
+            hidden, head.weight, targets, bias=head.bias, chunk=chunk_tokens, softcap=softcap, ignore_index=IGNORE_INDEX,
+            workspace=workspace,
+        )  # fmt: skip
+        return losses, keep
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_loss, head, h, t, softcap, "none", use_reentrant=False))
+        else:
+            pieces.append(_chunk_loss(head, h, t, softcap, "none"))
+    return (torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)), keep
 
 
 class TokenLoss(nn.Module):

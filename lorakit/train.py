@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from lorakit import host_memory
+from lorakit import host_memory, preference
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
@@ -39,10 +39,13 @@ from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, peak_rss_bytes, write_text_atomic
 from lorakit.models import load_model, load_tokenizer, meta_model, pick_device, position_limit, resolve_precision
+from lorakit.preference import loss_module
 
 # torch.compile's mode under `train.compile: true`, a switch for the benchmark's levers:
 # "reduce-overhead" adds CUDA graphs on GPUs, where small models' steps are bound by kernel launches.
 COMPILE_MODE = "default"
+# what a DPO step logs beside the loss (lorakit.preference.step_metrics)
+DPO_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,7 +82,9 @@ class Run:
     dtype: torch.dtype
     tokenizer: Any
     model: nn.Module  # the LoRA model (unwrapped)
-    train_model: nn.Module  # (input_ids, labels, position_ids) -> summed token loss (lorakit.loss.TokenLoss, maybe wrapped)
+    # (input_ids, labels, position_ids) -> summed token loss (lorakit.loss.TokenLoss, maybe wrapped);
+    # for DPO (..., sequence_ids) -> (summed pair loss, stats) (lorakit.preference.PreferenceLoss)
+    train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     stream: Any
@@ -208,6 +213,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     check_positions(cfg, log if dist.is_main else lambda _: None)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)
+    _check_objective(cfg, train_set, eval_set)
 
     load_device = dist.load_device or device
     if cfg.quantize == "nf4":
@@ -228,6 +234,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if attention.VARLEN_ENABLED:
         attention.use_varlen_attention(model)  # per-example causal attention for packed rows
     inject_adapter(model, cfg.lora)
+    if cfg.train.objective == "dpo":
+        preference.disable_dropout(model)
     if fused.FUSED_RMS_NORM:
         fused.use_fused_rms_norm(model)
     if fused.FUSED_SILU_GATE:
@@ -261,9 +269,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         train_model = wrap_model(model, cfg, dist, device)
     elif cfg.train.compile:
         # The compiled model returns full logits: the fused head's autograd function would break the graph.
-        train_model = TokenLoss(torch.compile(model, mode=COMPILE_MODE), None)
+        train_model = loss_module(torch.compile(model, mode=COMPILE_MODE), None, cfg.train)
     else:
-        train_model = TokenLoss(model, LOSS_CHUNK_TOKENS)
+        train_model = loss_module(model, LOSS_CHUNK_TOKENS, cfg.train)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     eval_records = None
@@ -284,6 +292,21 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
     return run
+
+
+def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
+    """Preference pairs train with DPO, everything else with the next-token loss."""
+    dpo = cfg.train.objective == "dpo"
+    for key, data in (("data.train", train_set), ("data.eval", eval_set)):
+        if data is None or data.pairs == dpo:
+            continue
+        where = getattr(cfg.data, key.split(".")[1]) or cfg.data.train
+        if dpo:
+            raise UserError(
+                f"{where}: train.objective is dpo but {key} holds no preference records; give it records "
+                "with prompt, chosen and rejected"
+            )
+        raise UserError(f"{where}: {key} holds preference records (prompt, chosen, rejected); set train.objective: dpo")
 
 
 def check_positions(cfg: RunConfig, log: Callable[[str], None]) -> None:
@@ -367,27 +390,42 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def train_step(run: Run) -> dict[str, float]:
     """One optimizer step over grad_accum micro-batches; returns its (global) loss and grad norm."""
     cfg, dist = run.cfg, run.dist
+    dpo = cfg.train.objective == "dpo"
     micro = [run.stream.next() for _ in range(cfg.train.grad_accum)]
-    local_tokens = sum(b["num_trainable"] for b in micro)
-    counts = dist.all_reduce_sum(torch.tensor([float(local_tokens), float(sum(b["num_tokens"] for b in micro))]))
-    step_tokens, step_all_tokens = max(1.0, counts[0].item()), counts[1].item()
+    # the loss is a mean over the step's trained tokens (sft) or its pairs (dpo)
+    local_units = sum(b["num_pairs"] if dpo else b["num_trainable"] for b in micro)
+    local = [local_units, sum(b["num_trainable"] for b in micro), sum(b["num_tokens"] for b in micro)]
+    counts = dist.all_reduce_sum(torch.tensor([float(v) for v in local]))
+    step_units, step_tokens, step_all_tokens = max(1.0, counts[0].item()), max(1.0, counts[1].item()), counts[2].item()
     # DDP and FSDP average gradients over ranks; scaling by world_size turns that average into the
-    # sum that the token-exact normalisation needs.
-    scale = dist.world_size / step_tokens
+    # sum that the token-exact (pair-exact) normalisation needs.
+    scale = dist.world_size / step_units
     loss_sum = torch.zeros((), device=run.device)
+    stats = torch.zeros(len(preference.STAT_NAMES), device=run.device) if dpo else None
     for i, batch in enumerate(micro):
         batch = _to_device(batch, run.device)
         sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else contextlib.nullcontext()
         with sync_ctx:
-            batch_loss = run.train_model(batch["input_ids"], batch["labels"], batch["position_ids"])
+            inputs = [batch["input_ids"], batch["labels"], batch["position_ids"]]
+            if dpo:
+                batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"])
+                stats += batch_stats
+            else:
+                batch_loss = run.train_model(*inputs)
             (batch_loss * scale).backward()
         loss_sum += batch_loss.detach().float()
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    loss = dist.all_reduce_sum(loss_sum.reshape(1))[0] / step_tokens
-    loss_value, norm_value = loss.item(), float(grad_norm)
+    if dpo:
+        reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), stats]))
+        extra = preference.step_metrics(reduced[0].item(), reduced[1:].cpu())
+        loss_value = extra.pop("loss")
+    else:
+        extra = {}
+        loss_value = (dist.all_reduce_sum(loss_sum.reshape(1))[0] / step_tokens).item()
+    norm_value = float(grad_norm)
     if not math.isfinite(loss_value) or not math.isfinite(norm_value):
         run.optimizer.zero_grad(set_to_none=True)
         what = "loss" if not math.isfinite(loss_value) else "gradient norm"
@@ -400,14 +438,17 @@ def train_step(run: Run) -> dict[str, float]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"loss": loss_value, "grad_norm": norm_value, "lr": lr, "tokens": step_all_tokens, "trainable_tokens": step_tokens}
+    return {
+        "loss": loss_value, "grad_norm": norm_value, "lr": lr, "tokens": step_all_tokens, "trainable_tokens": step_tokens,
+        **extra,
+    }  # fmt: skip
 
 
 def evaluate(run: Run) -> dict[str, float]:
     """eval_loss / eval_perplexity over the eval set (and eval_accuracy with eval_generate)."""
     # the training loss's kept logits buffers would otherwise sit beside eval's own logits
     for module in run.train_model.modules():
-        if isinstance(module, TokenLoss):
+        if isinstance(module, TokenLoss):  # PreferenceLoss keeps its buffers in one too
             module.release()
     was_training = run.model.training
     try:
@@ -418,7 +459,13 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def _evaluate(run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
-    if run.eval_set is not None:
+    if run.eval_set is not None and run.cfg.train.objective == "dpo":
+        result = preference.evaluate_preference(
+            run.model, run.eval_set, beta=run.cfg.train.dpo_beta, batch_size=run.cfg.train.batch_size,
+            max_length=run.cfg.data.max_length, device=run.device,
+        )  # fmt: skip
+        out.update({f"eval_{k}": v for k, v in result.items()})
+    elif run.eval_set is not None:
         from lorakit.evaluate import evaluate_loss
 
         result = evaluate_loss(
@@ -512,9 +559,11 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
                 entry = {
                     "step": run.step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                     "tokens_per_s": tps, "elapsed_s": now - start_time,
+                    **{k: result[k] for k in DPO_METRICS if k in result},
                 }  # fmt: skip
                 run.metrics.log(entry)
-                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                shown = {"acc": f"{result['reward_accuracy']:.2f}"} if "reward_accuracy" in result else {}
+                bar.set_postfix(loss=f"{result['loss']:.4f}", **shown, lr=f"{result['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
             if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < run.total_steps:
                 last_eval = evaluate(run)
@@ -544,6 +593,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # tokens_seen already counts every rank
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "final_loss": last_train.get("loss"),
+        **{f"final_{k}": last_train[k] for k in ("reward_accuracy", "reward_margin") if k in last_train},
         **last_eval,
         "adapter": str(run.output_dir / "adapter"),
     }
@@ -605,7 +655,7 @@ tags: [lora, lorakit]
 # LoRA adapter trained with lorakit
 
 - Base model: `{cfg.model}`{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
-- Training data: `{cfg.data.train}` ({run.data_stats.get('examples', '?')} examples, {run.data_stats.get('tokens', '?')} tokens)
+- Training data: `{cfg.data.train}` ({_examples(run.data_stats)}, {run.data_stats.get('tokens', '?')} tokens){f"; DPO, beta {cfg.train.dpo_beta}" if cfg.train.objective == "dpo" else ""}
 - LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.targets}, dropout={cfg.lora.dropout}
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 - Steps: {run.step}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x processes {run.dist.world_size}, lr {cfg.train.lr}
@@ -640,19 +690,28 @@ def start_summary(run: Run) -> str:
         f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {_adapted_summary(run.model)}; "
         f"trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)",
         f"precision    {str(run.dtype).replace('torch.', '')} compute on {run.device}; {run.frozen_summary}",
-        f"data         {s.get('examples')} examples, {s.get('tokens'):,} tokens ({s.get('trainable_tokens'):,} trained); "
+        f"data         {_examples(s)}, {s.get('tokens'):,} tokens ({s.get('trainable_tokens'):,} trained); "
         f"truncated {s.get('truncated')}, dropped {s.get('dropped_too_long', 0) + s.get('dropped_no_trainable', 0)}, "
         f"skipped {s.get('skipped_invalid')}",
         f"plan         {run.total_steps} steps x {run.cfg.train.batch_size * run.cfg.train.grad_accum * run.dist.world_size} rows "
-        f"of <= {run.cfg.data.max_length} tokens; output {run.output_dir}",
+        f"of <= {run.stream.max_length} tokens{' (pairs)' if run.stream.pairs else ''}; output {run.output_dir}",
     ]
     if run.eval_set is not None:
-        lines.insert(4, f"eval         {len(run.eval_set)} examples")
+        lines.insert(4, f"eval         {_examples(dataclasses.asdict(run.eval_set.stats))}")
+    if run.cfg.train.objective == "dpo":
+        lines.insert(2, f"objective    DPO, beta {run.cfg.train.dpo_beta}; reference: the base (adapter off), one more forward a micro-batch")
     untouched = _unadapted_experts(run.model)
     if untouched:
         lines.insert(2, f"note         the MoE experts are not adapted (their 3-D weights are no linear layers): "
                         f"lora.target_parameters: [{', '.join(untouched)}] adapts them")  # fmt: skip
     return "\n".join(lines)
+
+
+def _examples(stats: dict) -> str:
+    """"120 examples" or, for preference data, "60 pairs (120 answers)"."""
+    if stats.get("pairs"):
+        return f"{stats['pairs']} pairs ({stats['examples']} answers)"
+    return f"{stats.get('examples')} examples"
 
 
 def _unadapted_experts(model) -> list[str]:
@@ -675,8 +734,11 @@ def final_summary(summary: dict[str, Any]) -> str:
              f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"]  # fmt: skip
     if summary.get("final_loss") is not None:
         parts.append(f"final train loss {summary['final_loss']:.4f}")
-    if "eval_loss" in summary:
+    if "eval_perplexity" in summary:
         parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
+    elif "eval_reward_accuracy" in summary:
+        parts.append(f"eval DPO loss {summary['eval_loss']:.4f}, reward accuracy {100 * summary['eval_reward_accuracy']:.1f}%, "
+                     f"margin {summary['eval_reward_margin']:.3f}")  # fmt: skip
     if "eval_accuracy" in summary:
         parts.append(f"eval accuracy {100 * summary['eval_accuracy']:.1f}%")
     parts.append(f"adapter: {summary['adapter']}")

@@ -529,5 +529,5 @@ def test_stats_shape():
     fields = {f.name: f.type for f in dataclasses.fields(DataStats)}
     assert list(fields) == [
         "records", "examples", "tokens", "trainable_tokens", "truncated", "dropped_too_long",
-        "dropped_no_trainable", "skipped_invalid", "skipped_lines",
+        "dropped_no_trainable", "skipped_invalid", "skipped_lines", "pairs",
     ]

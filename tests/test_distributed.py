@@ -199,11 +199,14 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-@pytest.mark.parametrize("variant", ["moe_experts", "dora"])
-def test_fsdp_with_expert_adapters_or_dora_matches_one_process(workspace, variant):
+@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp"])
+def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
     # LoRA on the fused expert weights (lorakit.experts): FSDP2 shards the (E·r, in) / (out, r·E)
-    # factors; DoRA: the magnitudes are sharded, its norm reads the gathered weight.
+    # factors; DoRA: the magnitudes are sharded, its norm reads the gathered weight; DPO: each
+    # rank's micro-batch runs the reference (adapter off) and the policy, and the loss is a mean
+    # over the pairs of all ranks.
     from helpers import tiny_qwen3_moe
+    from test_preference import addition_pairs
 
     root = workspace / variant
     root.mkdir()
@@ -212,15 +215,23 @@ def test_fsdp_with_expert_adapters_or_dora_matches_one_process(workspace, varian
         save_model_folder(root / "model", tiny_qwen3_moe())
         cfg["model"] = str(root / "model")
         cfg["lora"].update(targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    else:
+    elif variant == "dora":
         cfg["lora"]["dora"] = True
+    else:
+        (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(64)))
+        cfg["data"].update(train=str(root / "prefs.jsonl"), packing=False)  # a row is a pair: 8 a step
+        cfg["train"].update(objective="dpo", dpo_beta=0.5)
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "cfg.yaml"), f"output_dir={root / 'single'}", "train.batch_size=4"]) == 0
-    proc, _ = _torchrun(root, root / "fsdp", "train.batch_size=2", "train.distributed=fsdp", "train.gradient_checkpointing=full")
+    strategy = "ddp" if variant == "dpo_ddp" else "fsdp"
+    proc, _ = _torchrun(root, root / "fsdp", "train.batch_size=2", f"train.distributed={strategy}", "train.gradient_checkpointing=full")
     assert proc.returncode == 0, _failure(proc)
     _check_matches(root / "fsdp", root / "single")
     tensors = _adapter(root / "single" / "adapter")
     if variant == "moe_experts":
         assert sum(".mlp.experts." in k for k in tensors) == 8
-    else:
+    elif variant == "dora":
         assert sum(k.endswith(".lora_magnitude_vector") for k in tensors) == 2 * 7
+    else:
+        entries = [json.loads(line) for line in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+        assert abs(entries[0]["loss"] - 0.6931472) < 1e-6 and all("reward_accuracy" in e for e in entries)

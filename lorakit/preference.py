@@ -1,0 +1,176 @@
+"""Preference tuning with DPO (Rafailov et al. 2023): train on pairs of a chosen and a rejected answer.
+
+For a pair with prompt x, chosen answer y_c and rejected answer y_r, and log-probabilities summed
+over each answer's tokens under the trained model (pi) and a frozen reference (ref):
+
+    z    = beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x)))
+    loss = -log sigmoid(z)
+
+averaged over the pairs of an optimizer step (all micro-batches and processes). beta * (log pi -
+log ref) of an answer is its implicit reward; a pair counts as right when the chosen answer's is
+higher (`reward_accuracy`), and `reward_margin` is the mean of z, the chosen reward minus the
+rejected one.
+
+The reference is the base model: the same model with the adapter switched off
+(`lorakit.inject.disable_adapters`), run without gradients in the same micro-batch. It costs one
+forward pass and no memory for a second model, and it equals the trained model at the start
+(B = 0), so the first step's loss is exactly ln 2. Both passes take the same packed batch (a
+pair's answers side by side in one row, `lorakit.data.BatchStream`) and the trainer's chunked
+output head, which gives each token's log-probability without keeping (tokens x vocab) logits
+(`lorakit.loss.token_losses`); the sums per answer are `index_add`s over the micro-batch's
+`sequence_ids`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.config import TrainConfig
+from lorakit.errors import UserError
+from lorakit.inject import disable_adapters
+from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss, token_losses
+
+# what PreferenceLoss returns beside the loss, summed over the micro-batch's pairs
+STAT_NAMES = ("pairs", "chosen_reward", "rejected_reward", "right")
+
+
+def sequence_logps(
+    model: nn.Module, batch: dict, *, chunk_tokens: Optional[int] = None, workspace: Optional[dict] = None
+) -> torch.Tensor:
+    """(S,) fp32: each sequence's log-probability, summed over its trained tokens.
+
+    batch: `input_ids`, `labels`, `position_ids` (B, T) and `sequence_ids` (B, T): which sequence
+    of the batch each token belongs to (0 .. S-1, -1 on padding), as BatchStream gives them for
+    preference data. A sequence's first token never has a label, so the target of position t
+    (the token at t+1) belongs to the sequence of t.
+    """
+    losses, positions = token_losses(model, batch, chunk_tokens=chunk_tokens, workspace=workspace)
+    sequence_ids = batch["sequence_ids"]
+    count = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
+    owner = F.pad(sequence_ids[:, 1:], (0, 1), value=-1).flatten().index_select(0, positions)
+    return losses.new_zeros(count).index_add(0, owner, losses.neg())
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss and the answers' rewards from sequence log-probabilities.
+
+    policy, reference: (2P,) log-probabilities, chosen answers at even positions, rejected at odd.
+    Returns (losses (P,), rewards (P, 2): beta * (policy - reference) of the chosen and the rejected answer).
+    """
+    rewards = (beta * (policy - reference)).view(-1, 2)
+    return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards
+
+
+class PreferenceLoss(nn.Module):
+    """What the training loop calls for `train.objective: dpo`: forward(input_ids, labels,
+    position_ids, sequence_ids) -> (summed DPO loss over the micro-batch's pairs, fp32 scalar;
+    stats (4,) fp32, detached: pairs, chosen rewards' sum, rejected rewards' sum, pairs right).
+
+    A module like `lorakit.loss.TokenLoss` (whose kept loss buffers it shares), so a DDP wrapper
+    around it sees both passes.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: Optional[int], beta: float) -> None:
+        super().__init__()
+        self.tokens = TokenLoss(model, chunk_tokens)  # keeps the fused loss's buffers; release() frees them
+        self.beta = beta
+
+    @property
+    def model(self) -> nn.Module:
+        return self.tokens.model
+
+    def release(self) -> None:
+        self.tokens.release()
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
+        kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace)
+        with torch.no_grad(), disable_adapters(self.model):
+            reference = sequence_logps(self.model, batch, **kw)
+        policy = sequence_logps(self.model, batch, **kw)
+        losses, rewards = dpo_loss(policy, reference, self.beta)
+        rewards = rewards.detach()
+        stats = torch.stack([
+            torch.tensor(float(len(losses)), device=losses.device), rewards[:, 0].sum(), rewards[:, 1].sum(),
+            (rewards[:, 0] > rewards[:, 1]).sum().float(),
+        ])  # fmt: skip
+        return losses.sum(), stats
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Turn the model's own dropout off (LoRA dropout is not touched); returns how many modules.
+
+    DPO compares the policy's log-probabilities with the reference's; dropout in either pass
+    would add noise to every pair's margin (and the first step's loss would not be ln 2). TRL
+    turns it off for DPO as well."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout, changed = 0.0, changed + 1  # Llama-style attention passes it to SDPA
+    return changed
+
+
+def loss_module(model: nn.Module, chunk_tokens: Optional[int], train: TrainConfig) -> nn.Module:
+    """The module the training loop runs forward on: TokenLoss (sft) or PreferenceLoss (dpo)."""
+    if train.objective == "dpo":
+        return PreferenceLoss(model, chunk_tokens, train.dpo_beta)
+    return TokenLoss(model, chunk_tokens)
+
+
+def step_metrics(loss_sum: float, stats: torch.Tensor) -> dict[str, float]:
+    """loss, reward_accuracy, reward_margin, chosen_reward, rejected_reward: means over the pairs
+    of `stats` (PreferenceLoss' stats, summed over micro-batches and processes)."""
+    pairs, chosen, rejected, right = (float(v) for v in stats)
+    n = max(pairs, 1.0)
+    return {
+        "loss": loss_sum / n,
+        "reward_accuracy": right / n,
+        "reward_margin": (chosen - rejected) / n,
+        "chosen_reward": chosen / n,
+        "rejected_reward": rejected / n,
+    }
+
+
+def evaluate_preference(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    beta: float,
+    batch_size: int = 8,
+    max_length: int,
+    device: Optional[torch.device] = None,
+) -> dict[str, float]:
+    """DPO loss and reward accuracy / margin over every pair of a preference dataset (a
+    lorakit.data.TokenizedDataset with pairs), the model in eval mode under no_grad; its previous
+    mode is restored."""
+    from lorakit.data import BatchStream
+
+    if not dataset.pairs:
+        raise UserError("DPO eval needs preference records (prompt, chosen, rejected); the eval data has other records")
+    device = device or next(model.parameters()).device
+    stream = BatchStream(
+        dataset, batch_size=min(batch_size, dataset.num_units()), max_length=max_length, packing=False, seed=0,
+        shuffle=False,
+    )  # fmt: skip
+    loss = PreferenceLoss(model, LOSS_CHUNK_TOKENS, beta)
+    was_training = model.training
+    model.eval()
+    total_loss, stats = 0.0, torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for batch in stream.epoch_batches():
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids", "sequence_ids")}
+                batch_loss, batch_stats = loss(**inputs)
+                total_loss += float(batch_loss)
+                stats += batch_stats.double().cpu()
+    finally:
+        model.train(was_training)
+    return step_metrics(total_loss, stats)

@@ -1,0 +1,352 @@
+"""DPO (lorakit.preference) and preference data: records -> pairs, pair batches, the per-token
+fused loss, the DPO loss and gradients against a plain reference, and `lorakit train` end to end."""
+
+import copy
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama
+from safetensors.torch import load_file
+
+from lorakit import fused
+from lorakit import train as train_module
+from lorakit.cli import main
+from lorakit.config import DataConfig, LoraConfig
+from lorakit.data import BatchStream, load_dataset, load_train_eval, tokenize_records
+from lorakit.errors import UserError
+from lorakit.inject import inject_adapter, lora_layers
+from lorakit.loss import LOSS_CHUNK_TOKENS
+from lorakit.preference import PreferenceLoss, disable_dropout, dpo_loss, sequence_logps
+
+IGNORE = -100
+
+
+def build(records, tok=None, **cfg):
+    tok = tok if tok is not None else make_tokenizer("llama3")
+    return tokenize_records(list(enumerate(records, start=1)), tok, DataConfig(**cfg), source="p.jsonl")
+
+
+def addition_pairs(count, seed=0):
+    """The sum preferred over a wrong sum or over a refusal (which a tiny model learns to avoid fast)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rejected = " I do not know" if i % 2 else f" {a + b + rng.choice([-3, -2, -1, 1, 2, 3])}"
+        out.append({"prompt": f"{a} plus {b} is", "chosen": f" {a + b}", "rejected": rejected})
+    return out
+
+
+# --------------------------------------------------------------------------- data
+def test_string_pairs_are_two_completion_examples_with_the_answers_trained():
+    tok = make_tokenizer("llama3")
+    record = {"prompt": "Say hello:", "chosen": " hello there", "rejected": " no"}
+    ds = build([record, {**record, "rejected": " go away now"}], tok)
+    assert ds.pairs and len(ds) == 4 and ds.num_units() == 2 and ds.stats.pairs == 2
+    completion = build([{"prompt": "Say hello:", "completion": " hello there"}, {"prompt": "Say hello:", "completion": " no"}], tok)
+    for i in range(2):  # the same ids and labels as the completion format gives prompt + answer
+        for got, want in zip(ds.example(i), completion.example(i)):
+            assert got.tolist() == want.tolist()
+    ids, labels = ds.example(1)
+    prompt_len = len(tok("Say hello:")["input_ids"])
+    assert (labels[:prompt_len] == IGNORE).all() and (labels[prompt_len:] == ids[prompt_len:]).all()
+
+
+def test_chat_pairs_train_only_the_answer_not_the_prompts_assistant_turns():
+    tok = make_tokenizer("llama3")
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Add 2 and 3"}]
+    ds = build([{"prompt": prompt, "chosen": "It is 5", "rejected": [{"role": "assistant", "content": "It is 6"}]}], tok)
+    for i, answer in enumerate(["It is 5", "It is 6"]):
+        ids, labels = ds.example(i)
+        full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True)["input_ids"]
+        prefix = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert ids.tolist() == full
+        expected = [IGNORE] * len(prefix) + full[len(prefix) :]  # the answer and its <|eot_id|>
+        assert labels.tolist() == expected
+        assert tok.decode(ids[len(prefix) :]) == f"{answer}<|eot_id|>"
+
+
+def test_a_pair_is_dropped_whole_and_invalid_records_are_reported_by_line():
+    long = " ".join(["word"] * 40)
+    records = [
+        {"prompt": "a", "chosen": " b", "rejected": long},  # rejected too long
+        {"prompt": "c", "chosen": " d", "rejected": " e"},
+        {"prompt": "f", "chosen": 3, "rejected": " g"},  # invalid
+    ]
+    ds = build(records, max_length=16, too_long="drop", skip_invalid=True)
+    assert ds.stats.pairs == 1 and len(ds) == 2 and ds.stats.dropped_too_long == 2
+    assert ds.stats.skipped_invalid == 1 and ds.stats.skipped_lines == [3]
+    with pytest.raises(UserError, match=r"p.jsonl:3: 'chosen' must be a string, got a number"):
+        build(records, max_length=16, too_long="drop")
+    with pytest.raises(UserError, match=r"p.jsonl:2: a completion record in a file of preference records"):
+        build([records[1], {"prompt": "x", "completion": " y"}])
+    with pytest.raises(UserError, match=r"'rejected' ends with a user turn"):
+        build([{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": [{"role": "user", "content": "b"}]}])
+    with pytest.raises(UserError, match=r"data.format is 'preference' but the record has keys \['completion', 'prompt'\]"):
+        build([{"prompt": "x", "completion": " y"}], format="preference")
+
+
+def test_held_out_pairs_stay_whole_and_the_cache_keeps_pairs(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(20)))
+    tok = make_tokenizer("llama3")
+    cfg = DataConfig(train=str(path), eval_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    train, held = load_train_eval(cfg, tok, seed=0)
+    assert (train.num_units(), held.num_units()) == (15, 5) and train.pairs and held.pairs
+    for ds in (train, held):  # every pair is one prompt answered twice
+        for j in range(ds.num_units()):
+            a, b = ds.example(2 * j)[0], ds.example(2 * j + 1)[0]
+            assert tok.decode(a).split(" is")[0] == tok.decode(b).split(" is")[0]
+    cached = load_dataset(path, tok, cfg)  # written by the first load, read back
+    fresh = load_dataset(path, tok, cfg, use_cache=False)
+    assert cached.pairs and np.array_equal(cached.input_ids, fresh.input_ids) and cached.stats == fresh.stats
+
+
+def test_pair_batches_keep_both_answers_in_one_row():
+    ds = build(addition_pairs(12), max_length=16)
+    for packing in (False, True):
+        stream = BatchStream(ds, batch_size=2, max_length=16, packing=packing, seed=0)
+        seen = []
+        for _ in range(stream.microbatches_per_epoch()):
+            batch = stream.next()
+            seq, pos = batch["sequence_ids"], batch["position_ids"]
+            n = int(seq.max()) + 1
+            assert n == 2 * batch["num_pairs"] and batch["input_ids"].shape[1] <= 32
+            for s in range(n):
+                rows = (seq == s).any(dim=1).nonzero().flatten().tolist()
+                assert len(rows) == 1  # a sequence sits in one row, and its pair beside it
+                assert rows == (seq == (s ^ 1)).any(dim=1).nonzero().flatten().tolist()
+                assert pos[seq == s].tolist() == list(range(int((seq == s).sum())))
+            seen.append(n // 2)
+        assert sum(seen) == 12  # one epoch: every pair once
+    single = BatchStream(ds, batch_size=1, max_length=16, packing=False, seed=0)
+    assert single.num_rows == 12 and single.next()["num_pairs"] == 1
+
+
+# --------------------------------------------------------------------------- the loss
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_per_token_fused_cross_entropy_and_its_gradient(softcap):
+    torch.manual_seed(0)
+    hidden = torch.randn(21, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (21,))
+    targets[[2, 9]] = IGNORE
+    got = fused.linear_cross_entropy_rows(hidden, weight, targets, chunk=8, softcap=softcap)
+    upstream = torch.randn(21, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * upstream).sum(), hidden)
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    (g_want,) = torch.autograd.grad((want * upstream).sum(), hidden)
+    assert got.dtype == torch.float32 and got[[2, 9]].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)  # the softmax runs in fp32
+
+
+def _adapted(model, seed=1):
+    """LoRA on every linear layer with B non-zero, so the policy differs from the reference."""
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in lora_layers(model):
+        for name, b in layer.lora_B.items():
+            b.data.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model
+
+
+def _reference_dpo(policy, reference, pairs, beta):
+    """DPO from plain full-logit forwards, one sequence at a time (no packing, no fused head)."""
+    def logp(model, ids, labels):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        targets = torch.tensor(labels[1:])
+        mask = targets != IGNORE
+        return -F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+
+    losses = []
+    for (c_ids, c_lab), (r_ids, r_lab) in pairs:
+        with torch.no_grad():
+            ref_c, ref_r = logp(reference, c_ids, c_lab), logp(reference, r_ids, r_lab)
+        z = beta * ((logp(policy, c_ids, c_lab) - ref_c) - (logp(policy, r_ids, r_lab) - ref_r))
+        losses.append(-F.logsigmoid(z))
+    return torch.stack(losses).sum()
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("checkpointing", [False, "full", "selective"])
+def test_dpo_loss_and_gradients_match_a_plain_reference(make_model, checkpointing):
+    tok = make_tokenizer("llama3")
+    ds = build(addition_pairs(6) + [{"prompt": "7 plus 1 is", "chosen": " 8, I think", "rejected": " 9"}], tok, max_length=24)
+    base = make_model()
+    assert disable_dropout(base) == (7 if make_model is tiny_gpt2 else 0)  # GPT-2: embeddings, 3 a block
+    reference = copy.deepcopy(base).eval()  # the adapter-free model DPO compares against
+    model = _adapted(base)
+    plain = copy.deepcopy(model)
+    if checkpointing:
+        from lorakit import activation_checkpointing
+
+        activation_checkpointing.enable(model, checkpointing)
+    model.train()
+    stream = BatchStream(ds, batch_size=3, max_length=24, packing=True, seed=0)
+    batch = stream.next()
+    beta = 0.3
+    loss, stats = PreferenceLoss(model, LOSS_CHUNK_TOKENS, beta)(
+        batch["input_ids"], batch["labels"], batch["position_ids"], batch["sequence_ids"]
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params)
+
+    # the same pairs, in the batch's order, one sequence at a time through the plain model
+    seq = batch["sequence_ids"]
+    pairs = []
+    for p in range(batch["num_pairs"]):
+        sides = []
+        for s in (2 * p, 2 * p + 1):
+            mask = seq == s
+            sides.append((batch["input_ids"][mask].tolist(), batch["labels"][mask].tolist()))
+        pairs.append(sides)
+    want_loss = _reference_dpo(plain, reference, pairs, beta)
+    want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
+    assert stats[0].item() == batch["num_pairs"] >= 3
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert max(g.abs().max().item() for g in got) > 1e-4  # the gradients are not all zero
+
+
+def test_sequence_logps_sum_each_answers_tokens():
+    tok = make_tokenizer("llama3")
+    ds = build(addition_pairs(3), tok, max_length=16)
+    model = tiny_llama().eval()
+    batch = BatchStream(ds, batch_size=3, max_length=16, packing=True, seed=0).next()
+    with torch.no_grad():
+        got = sequence_logps(model, batch, chunk_tokens=LOSS_CHUNK_TOKENS)
+        for s in range(len(got)):
+            mask = batch["sequence_ids"] == s
+            ids, labels = batch["input_ids"][mask], batch["labels"][mask]
+            logp = model(input_ids=ids[None]).logits[0, :-1].float().log_softmax(-1)
+            targets = labels[1:]
+            want = logp[targets != IGNORE].gather(1, targets[targets != IGNORE, None]).sum()
+            assert abs(got[s].item() - want.item()) < 1e-5
+    losses, rewards = dpo_loss(got, got, 0.1)  # against itself: every z is 0
+    assert torch.allclose(losses, torch.full_like(losses, math.log(2))) and not rewards.any()
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    save_model_folder(root / "model")
+    for name, (count, seed) in {"train": (96, 0), "eval": (16, 1)}.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(count, seed)))
+    return root
+
+
+def _config(root, out, **train):
+    cfg = {
+        "model": str(root / "model"),
+        "output_dir": str(out),
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 16},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"objective": "dpo", "dpo_beta": 0.1, "max_steps": 12, "batch_size": 4, "lr": 1e-2, "precision": "fp32",
+                  "seed": 0, "warmup_steps": 1, **train},
+    }  # fmt: skip
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _entries(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_training_starts_at_ln2_and_learns_the_preference(workspace, capsys):
+    out = workspace / "run"
+    assert main(["train", _config(workspace, out, max_steps=30), "train.eval_every=15"]) == 0
+    printed = capsys.readouterr().out
+    assert "objective    DPO, beta 0.1" in printed and "96 pairs (192 answers)" in printed
+    train = [e for e in _entries(out) if "loss" in e]
+    evals = [e for e in _entries(out) if "eval_loss" in e]
+    # the policy starts as the reference (B = 0): z = 0 for every pair
+    assert abs(train[0]["loss"] - math.log(2)) < 1e-6 and train[0]["reward_margin"] == 0.0
+    assert train[0]["reward_accuracy"] == 0.0  # no pair is right while the rewards tie
+    late = train[-10:]
+    assert sum(e["loss"] for e in late) / 10 < 0.6 and sum(e["reward_accuracy"] for e in late) / 10 > 0.6
+    assert [e["step"] for e in evals] == [15, 30]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(2) and evals[-1]["eval_reward_accuracy"] >= 0.75
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_reward_accuracy"] == evals[-1]["eval_reward_accuracy"]
+    assert "eval DPO loss" in printed and "DPO, beta 0.1" in (out / "adapter" / "README.md").read_text()
+
+
+def test_dpo_resume_is_bit_identical(workspace, monkeypatch):
+    full = workspace / "full"
+    assert main(["train", _config(workspace, full, save_every=4, max_steps=8)]) == 0
+    crashed = workspace / "crashed"
+    real_step = train_module.train_step
+
+    def crash_after_six(run):
+        if run.step == 6:
+            raise RuntimeError("simulated crash")
+        return real_step(run)
+
+    monkeypatch.setattr(train_module, "train_step", crash_after_six)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", _config(workspace, crashed, save_every=4, max_steps=8)])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["train", _config(workspace, crashed, save_every=4, max_steps=8), "--resume"]) == 0
+    strip = lambda es: [{k: v for k, v in e.items() if k not in ("tokens_per_s", "elapsed_s")} for e in es]  # noqa: E731
+    assert strip(_entries(crashed)) == strip(_entries(full))
+    a, b = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (full, crashed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_under_checkpointing_and_nf4_gives_the_plain_losses(workspace):
+    losses = {}
+    for mode in ("false", "full", "selective", "nf4"):
+        out = workspace / f"mode_{mode}"
+        option = "quantize=nf4" if mode == "nf4" else f"train.gradient_checkpointing={mode}"
+        assert main(["train", _config(workspace, out, max_steps=4), option, "data.eval=null"]) == 0
+        losses[mode] = [e["loss"] for e in _entries(out) if "loss" in e]
+    assert losses["full"] == losses["false"] and losses["selective"] == losses["false"]
+    assert abs(losses["nf4"][0] - math.log(2)) < 1e-6 and losses["nf4"][-1] < losses["nf4"][0]
+
+
+def test_objective_and_data_must_agree(workspace, capsys):
+    out = workspace / "bad"
+    sft_on_pairs = _config(workspace, out, objective="sft")
+    assert main(["train", sft_on_pairs]) == 2
+    assert "holds preference records (prompt, chosen, rejected); set train.objective: dpo" in capsys.readouterr().err
+    (workspace / "sft.jsonl").write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n")
+    assert main(["train", _config(workspace, out), f"data.train={workspace / 'sft.jsonl'}", "data.eval=null"]) == 2
+    assert "train.objective is dpo but data.train holds no preference records" in capsys.readouterr().err
+    assert main(["train", _config(workspace, out), "lora.init=pissa", "train.eval_generate=true", "train.dpo_beta=0"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err and "train.dpo_beta = 0.0: must be > 0.0" in err
+    assert "lora.init = 'pissa': DPO's reference is the base with the adapter off" in err
+    assert "train.eval_generate = true: preference data has no single reference answer" in err
+    assert "Traceback" not in err
+    assert main(["train", _config(workspace, out, objective="sft"), "data.format=preference"]) == 2
+    assert "data.format = 'preference': preference pairs train with train.objective: dpo" in capsys.readouterr().err
+
+
+def test_eval_command_reports_dpo_rewards_of_an_adapter(workspace, capsys):
+    out = workspace / "run"
+    if not (out / "adapter").is_dir():
+        assert main(["train", _config(workspace, out, max_steps=30)]) == 0
+    capsys.readouterr()
+    eval_file = workspace / "eval.jsonl"
+    args = ["eval", "--model", str(workspace / "model"), "--data", str(eval_file), "--max-length", "16", "--json"]
+    assert main([*args, "--adapter", str(out / "adapter"), "--beta", "0.1"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    evals = [e for e in _entries(out) if "eval_loss" in e]
+    assert got["pairs"] == 16 and got["reward_accuracy"] >= 0.75
+    # the trainer's own eval of the same adapter on the same file (it ran in fp32; eval loads fp32 on this CPU too)
+    assert abs(got["loss"] - evals[-1]["eval_loss"]) < 1e-4
+    assert main(args) == 2
+    assert "holds preference pairs: their DPO rewards compare an adapter with its base; pass --adapter" in capsys.readouterr().err
