@@ -141,8 +141,21 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     distributed: str = "auto"  # auto | ddp | fsdp
-    objective: str = "sft"  # sft (next-token loss) | dpo (preference pairs, lorakit.preference)
-    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
+    objective: str = "sft"  # sft (next-token loss) | dpo | ipo | simpo | orpo (preference pairs, lorakit.preference)
+    beta: Union[float, None] = None  # the preference objective's beta; None: its usual value (PREFERENCE_BETA)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+
+    def preference_beta(self) -> float:
+        """`beta`, or the objective's usual value when it is unset."""
+        return self.beta if self.beta is not None else PREFERENCE_BETA[self.objective]
+
+
+# The preference objectives (lorakit.preference) and the beta each uses unless train.beta is set:
+# DPO's and IPO's 0.1 as in TRL; SimPO's reward scale 2.0 (TRL's CPO, the paper's range 2-2.5);
+# ORPO's lambda 0.1 (TRL, the paper).
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+# those that compare with a frozen reference: the base with the adapter off
+REFERENCE_OBJECTIVES = ("dpo", "ipo")
 
 
 @dataclass
@@ -172,7 +185,7 @@ _CHOICES = {
     "train.optimizer": ("adamw", "adamw8bit"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
-    "train.objective": ("sft", "dpo"),
+    "train.objective": ("sft", *PREFERENCE_BETA),
     "lora.init": LORA_INITS,
 }
 
@@ -194,7 +207,8 @@ _RANGES = {
     "train.save_every": (0, True),
     "train.eval_max_new_tokens": (1, True),
     "train.keep_checkpoints": (1, True),
-    "train.dpo_beta": (0.0, False),
+    "train.beta": (0.0, False),
+    "train.simpo_gamma": (0.0, True),
 }
 
 
@@ -289,27 +303,27 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
 
 def _objective_problems(cfg: RunConfig) -> list[str]:
     """Settings that contradict train.objective (the data's records are checked when read)."""
-    dpo = cfg.train.objective == "dpo"
-    if not dpo:
+    objective = cfg.train.objective
+    if objective not in PREFERENCE_BETA:
         if cfg.data.format == "preference":
-            return ["data.format = 'preference': preference pairs train with train.objective: dpo; set it"]
+            return ["data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo; set it"]
         return []
     problems = []
     if cfg.data.format not in ("auto", "preference"):
         problems.append(
-            f"data.format = {cfg.data.format!r}: train.objective: dpo trains on preference records "
+            f"data.format = {cfg.data.format!r}: train.objective: {objective} trains on preference records "
             "(prompt, chosen, rejected); use auto or preference"
         )
-    if cfg.lora.init in ("pissa", "olora"):
+    if objective in REFERENCE_OBJECTIVES and cfg.lora.init in ("pissa", "olora"):
         problems.append(
-            f"lora.init = {cfg.lora.init!r}: DPO's reference is the base with the adapter off, and "
+            f"lora.init = {cfg.lora.init!r}: {objective.upper()}'s reference is the base with the adapter off, and "
             f"{cfg.lora.init} moves part of the base into the adapter; use default or gaussian"
         )
     if cfg.data.train_on_inputs:
-        problems.append("data.train_on_inputs = true: DPO compares the answers only; set it to false")
+        problems.append(f"data.train_on_inputs = true: {objective} compares the answers only; set it to false")
     if cfg.train.eval_generate:
         problems.append(
-            "train.eval_generate = true: preference data has no single reference answer; DPO eval reports "
+            "train.eval_generate = true: preference data has no single reference answer; preference eval reports "
             "eval_reward_accuracy instead, set it to false"
         )
     return problems

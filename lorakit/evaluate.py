@@ -171,7 +171,7 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     if args.generate:
         raise UserError(f"--generate: {args.data} holds preference pairs, which have no single answer to match")
     if not args.beta > 0:
-        raise UserError(f"--beta {args.beta}: DPO's beta must be > 0 (training's train.dpo_beta, default 0.1)")
+        raise UserError(f"--beta {args.beta}: DPO's beta must be > 0 (training's train.beta, default 0.1)")
     result: dict[str, Any] = evaluate_preference(
         model, dataset, beta=args.beta, batch_size=args.batch_size, max_length=max_length
     )

@@ -428,7 +428,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # rounded up so that a later batch with a few more trainable tokens reuses the kept block
         block_rows = min(chunk, -(-hidden.shape[0] // 256) * 256)
         # the blocks are in the head's dtype, on its device
-        ops = cpu_kernels.ops_for(weight) if COMPILED_CROSS_ENTROPY and not softcap and not per_row else None
+        ops = cpu_kernels.ops_for(weight) if COMPILED_CROSS_ENTROPY and not softcap else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             # The head's output in its own dtype; the softmax runs in fp32 (on CPU compiled, a row
@@ -439,7 +439,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(h, weight.t(), out=block)
             else:
                 torch.addmm(bias, h, weight.t(), out=block)
-            if ops is not None:
+            if ops is not None and per_row:
+                rows[start : start + chunk] = ops.cross_entropy_losses(block, t, ignore_index, need_grad)
+            elif ops is not None:
                 total += ops.cross_entropy_rows(block, t, ignore_index, need_grad)
             else:
                 part = rows[start : start + chunk] if per_row else None

@@ -1,24 +1,30 @@
-"""Preference tuning with DPO (Rafailov et al. 2023): train on pairs of a chosen and a rejected answer.
+"""Preference tuning: train on pairs of a chosen and a rejected answer to the same prompt.
 
-For a pair with prompt x, chosen answer y_c and rejected answer y_r, and log-probabilities summed
-over each answer's tokens under the trained model (pi) and a frozen reference (ref):
+Per pair, with log pi(y) the trained model's log-probability of an answer summed over its tokens,
+|y| its token count, a(y) = log pi(y) / |y| the mean, and ref the frozen reference:
 
-    z    = beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x)))
-    loss = -log sigmoid(z)
+    dpo    (Rafailov et al. 2023)  z = beta * ((log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)))
+                                   loss = -log sigmoid(z)
+    ipo    (Azar et al. 2023)      h = (a(y_c) - a_ref(y_c)) - (a(y_r) - a_ref(y_r))
+                                   loss = (h - 1 / (2 beta))^2
+    simpo  (Meng et al. 2024)      loss = -log sigmoid(beta * a(y_c) - beta * a(y_r) - gamma)
+    orpo   (Hong et al. 2024)      odds(y) = a(y) - log(1 - exp(a(y)))   (the log-odds of exp(a))
+                                   loss = -a(y_c) - beta * log sigmoid(odds(y_c) - odds(y_r))
 
-averaged over the pairs of an optimizer step (all micro-batches and processes). beta * (log pi -
-log ref) of an answer is its implicit reward; a pair counts as right when the chosen answer's is
-higher (`reward_accuracy`), and `reward_margin` is the mean of z, the chosen reward minus the
-rejected one.
+as TRL computes them (DPOTrainer's sigmoid and ipo losses, CPOTrainer's simpo, ORPOTrainer),
+averaged over the pairs of an optimizer step (all micro-batches and processes). Each logs the
+answers' rewards (dpo: beta * (log pi - log ref); ipo: the same of the means; simpo, orpo: beta *
+a(y)); a pair counts as right when the chosen answer's reward is higher (`reward_accuracy`), and
+`reward_margin` is the mean of chosen minus rejected reward.
 
-The reference is the base model: the same model with the adapter switched off
-(`lorakit.inject.disable_adapters`), run without gradients in the same micro-batch. It costs one
+The reference of dpo and ipo is the base model: the same model with the adapter switched off
+(`lorakit.inject.disable_adapters`), run without gradients on the same micro-batch. It costs one
 forward pass and no memory for a second model, and it equals the trained model at the start
-(B = 0), so the first step's loss is exactly ln 2. Both passes take the same packed batch (a
-pair's answers side by side in one row, `lorakit.data.BatchStream`) and the trainer's chunked
-output head, which gives each token's log-probability without keeping (tokens x vocab) logits
-(`lorakit.loss.token_losses`); the sums per answer are `index_add`s over the micro-batch's
-`sequence_ids`.
+(B = 0), so DPO's first loss is exactly ln 2. simpo and orpo need no reference: one forward a
+micro-batch, as for SFT. Both passes take the same packed batch (a pair's answers side by side in
+one row, `lorakit.data.BatchStream`) and the trainer's chunked output head, which gives each
+token's log-probability without keeping (tokens x vocab) logits (`lorakit.loss.token_losses`);
+the sums per answer are `index_add`s over the micro-batch's `sequence_ids`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import TrainConfig
+from lorakit.config import REFERENCE_OBJECTIVES, TrainConfig
 from lorakit.errors import UserError
 from lorakit.inject import disable_adapters
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss, token_losses
@@ -40,8 +46,9 @@ STAT_NAMES = ("pairs", "chosen_reward", "rejected_reward", "right")
 
 def sequence_logps(
     model: nn.Module, batch: dict, *, chunk_tokens: Optional[int] = None, workspace: Optional[dict] = None
-) -> torch.Tensor:
-    """(S,) fp32: each sequence's log-probability, summed over its trained tokens.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's log-probability summed over its trained tokens, and how many there are:
+    ((S,) fp32, (S,) fp32).
 
     batch: `input_ids`, `labels`, `position_ids` (B, T) and `sequence_ids` (B, T): which sequence
     of the batch each token belongs to (0 .. S-1, -1 on padding), as BatchStream gives them for
@@ -52,32 +59,55 @@ def sequence_logps(
     sequence_ids = batch["sequence_ids"]
     count = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
     owner = F.pad(sequence_ids[:, 1:], (0, 1), value=-1).flatten().index_select(0, positions)
-    return losses.new_zeros(count).index_add(0, owner, losses.neg())
+    logps = losses.new_zeros(count).index_add(0, owner, losses.neg())
+    return logps, losses.new_zeros(count).index_add_(0, owner, torch.ones_like(losses))
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair DPO loss and the answers' rewards from sequence log-probabilities.
+def pair_loss(
+    objective: str,
+    policy: torch.Tensor,
+    tokens: torch.Tensor,
+    reference: Optional[torch.Tensor],
+    *,
+    beta: float,
+    gamma: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair loss of a preference objective and the answers' rewards (see the module docstring).
 
-    policy, reference: (2P,) log-probabilities, chosen answers at even positions, rejected at odd.
-    Returns (losses (P,), rewards (P, 2): beta * (policy - reference) of the chosen and the rejected answer).
+    policy, reference: (2P,) summed log-probabilities, chosen answers at even positions and rejected
+    at odd (reference: None for simpo and orpo); tokens: (2P,) each answer's trained tokens.
+    Returns (losses (P,), rewards (P, 2): the chosen and the rejected answer's).
     """
-    rewards = (beta * (policy - reference)).view(-1, 2)
-    return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards
+    if objective == "dpo":
+        rewards = (beta * (policy - reference)).view(-1, 2)
+        return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards
+    mean = (policy / tokens).view(-1, 2)
+    if objective == "ipo":
+        ratio = mean - (reference / tokens).view(-1, 2)
+        return (ratio[:, 0] - ratio[:, 1] - 1 / (2 * beta)) ** 2, beta * ratio
+    rewards = beta * mean
+    if objective == "simpo":
+        return -F.logsigmoid(rewards[:, 0] - rewards[:, 1] - gamma), rewards
+    if objective == "orpo":
+        # log(1 - exp(a)) as log(-expm1(a)): exact where exp(a) is close to 1
+        odds = mean - torch.log(-torch.expm1(mean))
+        return -mean[:, 0] - beta * F.logsigmoid(odds[:, 0] - odds[:, 1]), rewards
+    raise ValueError(f"unknown preference objective {objective!r}")
 
 
 class PreferenceLoss(nn.Module):
-    """What the training loop calls for `train.objective: dpo`: forward(input_ids, labels,
-    position_ids, sequence_ids) -> (summed DPO loss over the micro-batch's pairs, fp32 scalar;
-    stats (4,) fp32, detached: pairs, chosen rewards' sum, rejected rewards' sum, pairs right).
+    """What the training loop calls for a preference objective: forward(input_ids, labels,
+    position_ids, sequence_ids) -> (summed loss over the micro-batch's pairs, fp32 scalar; stats
+    (4,) fp32, detached: pairs, chosen rewards' sum, rejected rewards' sum, pairs right).
 
     A module like `lorakit.loss.TokenLoss` (whose kept loss buffers it shares), so a DDP wrapper
     around it sees both passes.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: Optional[int], beta: float) -> None:
+    def __init__(self, model: nn.Module, chunk_tokens: Optional[int], objective: str, beta: float, gamma: float = 0.0) -> None:
         super().__init__()
         self.tokens = TokenLoss(model, chunk_tokens)  # keeps the fused loss's buffers; release() frees them
-        self.beta = beta
+        self.objective, self.beta, self.gamma = objective, beta, gamma
 
     @property
     def model(self) -> nn.Module:
@@ -91,10 +121,12 @@ class PreferenceLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
         kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace)
-        with torch.no_grad(), disable_adapters(self.model):
-            reference = sequence_logps(self.model, batch, **kw)
-        policy = sequence_logps(self.model, batch, **kw)
-        losses, rewards = dpo_loss(policy, reference, self.beta)
+        reference = None
+        if self.objective in REFERENCE_OBJECTIVES:
+            with torch.no_grad(), disable_adapters(self.model):
+                reference = sequence_logps(self.model, batch, **kw)[0]
+        policy, tokens = sequence_logps(self.model, batch, **kw)
+        losses, rewards = pair_loss(self.objective, policy, tokens, reference, beta=self.beta, gamma=self.gamma)
         rewards = rewards.detach()
         stats = torch.stack([
             torch.tensor(float(len(losses)), device=losses.device), rewards[:, 0].sum(), rewards[:, 1].sum(),
@@ -119,10 +151,10 @@ def disable_dropout(model: nn.Module) -> int:
 
 
 def loss_module(model: nn.Module, chunk_tokens: Optional[int], train: TrainConfig) -> nn.Module:
-    """The module the training loop runs forward on: TokenLoss (sft) or PreferenceLoss (dpo)."""
-    if train.objective == "dpo":
-        return PreferenceLoss(model, chunk_tokens, train.dpo_beta)
-    return TokenLoss(model, chunk_tokens)
+    """The module the training loop runs forward on: TokenLoss (sft) or PreferenceLoss."""
+    if train.objective == "sft":
+        return TokenLoss(model, chunk_tokens)
+    return PreferenceLoss(model, chunk_tokens, train.objective, train.preference_beta(), train.simpo_gamma)
 
 
 def step_metrics(loss_sum: float, stats: torch.Tensor) -> dict[str, float]:
@@ -143,24 +175,26 @@ def evaluate_preference(
     model: nn.Module,
     dataset: Any,
     *,
+    objective: str = "dpo",
     beta: float,
+    gamma: float = 0.0,
     batch_size: int = 8,
     max_length: int,
     device: Optional[torch.device] = None,
 ) -> dict[str, float]:
-    """DPO loss and reward accuracy / margin over every pair of a preference dataset (a
-    lorakit.data.TokenizedDataset with pairs), the model in eval mode under no_grad; its previous
-    mode is restored."""
+    """The objective's loss and reward accuracy / margin over every pair of a preference dataset
+    (a lorakit.data.TokenizedDataset with pairs), the model in eval mode under no_grad; its
+    previous mode is restored."""
     from lorakit.data import BatchStream
 
     if not dataset.pairs:
-        raise UserError("DPO eval needs preference records (prompt, chosen, rejected); the eval data has other records")
+        raise UserError("preference eval needs preference records (prompt, chosen, rejected); the eval data has other records")
     device = device or next(model.parameters()).device
     stream = BatchStream(
         dataset, batch_size=min(batch_size, dataset.num_units()), max_length=max_length, packing=False, seed=0,
         shuffle=False,
     )  # fmt: skip
-    loss = PreferenceLoss(model, LOSS_CHUNK_TOKENS, beta)
+    loss = PreferenceLoss(model, LOSS_CHUNK_TOKENS, objective, beta, gamma)
     was_training = model.training
     model.eval()
     total_loss, stats = 0.0, torch.zeros(len(STAT_NAMES), dtype=torch.float64)

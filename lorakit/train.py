@@ -32,7 +32,7 @@ from torch import nn
 
 from lorakit import host_memory, preference
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from lorakit.config import RunConfig, load_run_config, parse_overrides
+from lorakit.config import REFERENCE_OBJECTIVES, RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
@@ -234,7 +234,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if attention.VARLEN_ENABLED:
         attention.use_varlen_attention(model)  # per-example causal attention for packed rows
     inject_adapter(model, cfg.lora)
-    if cfg.train.objective == "dpo":
+    if cfg.train.objective != "sft":
         preference.disable_dropout(model)
     if fused.FUSED_RMS_NORM:
         fused.use_fused_rms_norm(model)
@@ -295,18 +295,21 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
 
 
 def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
-    """Preference pairs train with DPO, everything else with the next-token loss."""
-    dpo = cfg.train.objective == "dpo"
+    """Preference pairs train with a preference objective, everything else with the next-token loss."""
+    pairs = cfg.train.objective != "sft"
     for key, data in (("data.train", train_set), ("data.eval", eval_set)):
-        if data is None or data.pairs == dpo:
+        if data is None or data.pairs == pairs:
             continue
         where = getattr(cfg.data, key.split(".")[1]) or cfg.data.train
-        if dpo:
+        if pairs:
             raise UserError(
-                f"{where}: train.objective is dpo but {key} holds no preference records; give it records "
-                "with prompt, chosen and rejected"
+                f"{where}: train.objective is {cfg.train.objective} but {key} holds no preference records; give it "
+                "records with prompt, chosen and rejected"
             )
-        raise UserError(f"{where}: {key} holds preference records (prompt, chosen, rejected); set train.objective: dpo")
+        raise UserError(
+            f"{where}: {key} holds preference records (prompt, chosen, rejected); set train.objective to dpo, "
+            "ipo, simpo or orpo"
+        )
 
 
 def check_positions(cfg: RunConfig, log: Callable[[str], None]) -> None:
@@ -390,10 +393,10 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def train_step(run: Run) -> dict[str, float]:
     """One optimizer step over grad_accum micro-batches; returns its (global) loss and grad norm."""
     cfg, dist = run.cfg, run.dist
-    dpo = cfg.train.objective == "dpo"
+    pairs = cfg.train.objective != "sft"
     micro = [run.stream.next() for _ in range(cfg.train.grad_accum)]
-    # the loss is a mean over the step's trained tokens (sft) or its pairs (dpo)
-    local_units = sum(b["num_pairs"] if dpo else b["num_trainable"] for b in micro)
+    # the loss is a mean over the step's trained tokens (sft) or its pairs (preference objectives)
+    local_units = sum(b["num_pairs"] if pairs else b["num_trainable"] for b in micro)
     local = [local_units, sum(b["num_trainable"] for b in micro), sum(b["num_tokens"] for b in micro)]
     counts = dist.all_reduce_sum(torch.tensor([float(v) for v in local]))
     step_units, step_tokens, step_all_tokens = max(1.0, counts[0].item()), max(1.0, counts[1].item()), counts[2].item()
@@ -401,13 +404,13 @@ def train_step(run: Run) -> dict[str, float]:
     # sum that the token-exact (pair-exact) normalisation needs.
     scale = dist.world_size / step_units
     loss_sum = torch.zeros((), device=run.device)
-    stats = torch.zeros(len(preference.STAT_NAMES), device=run.device) if dpo else None
+    stats = torch.zeros(len(preference.STAT_NAMES), device=run.device) if pairs else None
     for i, batch in enumerate(micro):
         batch = _to_device(batch, run.device)
         sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else contextlib.nullcontext()
         with sync_ctx:
             inputs = [batch["input_ids"], batch["labels"], batch["position_ids"]]
-            if dpo:
+            if pairs:
                 batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"])
                 stats += batch_stats
             else:
@@ -418,7 +421,7 @@ def train_step(run: Run) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    if dpo:
+    if pairs:
         reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), stats]))
         extra = preference.step_metrics(reduced[0].item(), reduced[1:].cpu())
         loss_value = extra.pop("loss")
@@ -459,10 +462,11 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def _evaluate(run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
-    if run.eval_set is not None and run.cfg.train.objective == "dpo":
+    train = run.cfg.train
+    if run.eval_set is not None and train.objective != "sft":
         result = preference.evaluate_preference(
-            run.model, run.eval_set, beta=run.cfg.train.dpo_beta, batch_size=run.cfg.train.batch_size,
-            max_length=run.cfg.data.max_length, device=run.device,
+            run.model, run.eval_set, objective=train.objective, beta=train.preference_beta(), gamma=train.simpo_gamma,
+            batch_size=train.batch_size, max_length=run.cfg.data.max_length, device=run.device,
         )  # fmt: skip
         out.update({f"eval_{k}": v for k, v in result.items()})
     elif run.eval_set is not None:
@@ -655,7 +659,7 @@ tags: [lora, lorakit]
 # LoRA adapter trained with lorakit
 
 - Base model: `{cfg.model}`{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
-- Training data: `{cfg.data.train}` ({_examples(run.data_stats)}, {run.data_stats.get('tokens', '?')} tokens){f"; DPO, beta {cfg.train.dpo_beta}" if cfg.train.objective == "dpo" else ""}
+- Training data: `{cfg.data.train}` ({_examples(run.data_stats)}, {run.data_stats.get('tokens', '?')} tokens){_objective_line(cfg)}
 - LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.targets}, dropout={cfg.lora.dropout}
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 - Steps: {run.step}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x processes {run.dist.world_size}, lr {cfg.train.lr}
@@ -698,13 +702,26 @@ def start_summary(run: Run) -> str:
     ]
     if run.eval_set is not None:
         lines.insert(4, f"eval         {_examples(dataclasses.asdict(run.eval_set.stats))}")
-    if run.cfg.train.objective == "dpo":
-        lines.insert(2, f"objective    DPO, beta {run.cfg.train.dpo_beta}; reference: the base (adapter off), one more forward a micro-batch")
+    if run.cfg.train.objective != "sft":
+        lines.insert(2, f"objective   {_objective_line(run.cfg)[1:]}")
     untouched = _unadapted_experts(run.model)
     if untouched:
         lines.insert(2, f"note         the MoE experts are not adapted (their 3-D weights are no linear layers): "
                         f"lora.target_parameters: [{', '.join(untouched)}] adapts them")  # fmt: skip
     return "\n".join(lines)
+
+
+def _objective_line(cfg: RunConfig) -> str:
+    """"; DPO, beta 0.1 (reference: ...)" for a preference objective, "" for sft."""
+    train = cfg.train
+    if train.objective == "sft":
+        return ""
+    extra = f", gamma {train.simpo_gamma}" if train.objective == "simpo" else ""
+    reference = (
+        "reference: the base (adapter off), one more forward a micro-batch"
+        if train.objective in REFERENCE_OBJECTIVES else "no reference model"
+    )  # fmt: skip
+    return f"; {train.objective.upper()}, beta {train.preference_beta()}{extra}; {reference}"
 
 
 def _examples(stats: dict) -> str:

@@ -198,6 +198,12 @@ def test_cross_entropy_kernel_close_to_fp64(dtype, vocab):
     block = logits.clone()
     assert ops.cross_entropy_rows(block, targets, -100, False).item() == loss.item()
     assert torch.equal(block, logits)
+    # each row's loss on its own (DPO's per-answer sums), the same rows the total adds up
+    rows = ops.cross_entropy_losses(logits.clone(), targets, -100, False)
+    want_rows = F.cross_entropy(logits.double(), targets, ignore_index=-100, reduction="none")
+    assert rows.dtype == torch.float32 and rows.shape == (37,) and (rows[targets == -100] == 0).all()
+    assert ((rows.double() - want_rows).abs() <= 2e-6 * want_rows.abs() + 1e-6).all()
+    assert rows.double().sum().float().item() == loss.item()
 
 
 def test_cross_entropy_kernel_gaps_nan_and_bad_targets():

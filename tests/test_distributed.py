@@ -220,7 +220,7 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
     else:
         (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(64)))
         cfg["data"].update(train=str(root / "prefs.jsonl"), packing=False)  # a row is a pair: 8 a step
-        cfg["train"].update(objective="dpo", dpo_beta=0.5)
+        cfg["train"].update(objective="dpo", beta=0.5)
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "cfg.yaml"), f"output_dir={root / 'single'}", "train.batch_size=4"]) == 0
     strategy = "ddp" if variant == "dpo_ddp" else "fsdp"

@@ -22,7 +22,7 @@ from lorakit.data import BatchStream, load_dataset, load_train_eval, tokenize_re
 from lorakit.errors import UserError
 from lorakit.inject import inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS
-from lorakit.preference import PreferenceLoss, disable_dropout, dpo_loss, sequence_logps
+from lorakit.preference import PreferenceLoss, disable_dropout, pair_loss, sequence_logps
 
 IGNORE = -100
 
@@ -160,20 +160,30 @@ def _adapted(model, seed=1):
     return model
 
 
-def _reference_dpo(policy, reference, pairs, beta):
-    """DPO from plain full-logit forwards, one sequence at a time (no packing, no fused head)."""
-    def logp(model, ids, labels):
+def _reference_loss(objective, policy, reference, pairs, beta, gamma=0.0):
+    """The objective's summed loss from plain full-logit forwards, one sequence at a time (no
+    packing, no fused head), written out from the papers' formulas."""
+    def logp(model, ids, labels):  # (summed log-probability, mean log-probability) of the answer
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
         targets = torch.tensor(labels[1:])
         mask = targets != IGNORE
-        return -F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+        total = -F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+        return total, total / mask.sum()
 
     losses = []
-    for (c_ids, c_lab), (r_ids, r_lab) in pairs:
+    for chosen, rejected in pairs:
+        (pc, ac), (pr, ar) = logp(policy, *chosen), logp(policy, *rejected)
         with torch.no_grad():
-            ref_c, ref_r = logp(reference, c_ids, c_lab), logp(reference, r_ids, r_lab)
-        z = beta * ((logp(policy, c_ids, c_lab) - ref_c) - (logp(policy, r_ids, r_lab) - ref_r))
-        losses.append(-F.logsigmoid(z))
+            (rc, rac), (rr, rar) = logp(reference, *chosen), logp(reference, *rejected)
+        if objective == "dpo":
+            losses.append(-F.logsigmoid(beta * ((pc - rc) - (pr - rr))))
+        elif objective == "ipo":
+            losses.append(((ac - rac) - (ar - rar) - 1 / (2 * beta)) ** 2)
+        elif objective == "simpo":
+            losses.append(-F.logsigmoid(beta * ac - beta * ar - gamma))
+        else:  # orpo: the chosen answer's mean NLL plus the odds-ratio term
+            odds = lambda a: torch.log(a.exp() / (1 - a.exp()))  # noqa: E731
+            losses.append(-ac - beta * F.logsigmoid(odds(ac) - odds(ar)))
     return torch.stack(losses).sum()
 
 
@@ -195,7 +205,7 @@ def test_dpo_loss_and_gradients_match_a_plain_reference(make_model, checkpointin
     stream = BatchStream(ds, batch_size=3, max_length=24, packing=True, seed=0)
     batch = stream.next()
     beta = 0.3
-    loss, stats = PreferenceLoss(model, LOSS_CHUNK_TOKENS, beta)(
+    loss, stats = PreferenceLoss(model, LOSS_CHUNK_TOKENS, "dpo", beta)(
         batch["input_ids"], batch["labels"], batch["position_ids"], batch["sequence_ids"]
     )
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,7 +220,7 @@ def test_dpo_loss_and_gradients_match_a_plain_reference(make_model, checkpointin
             mask = seq == s
             sides.append((batch["input_ids"][mask].tolist(), batch["labels"][mask].tolist()))
         pairs.append(sides)
-    want_loss = _reference_dpo(plain, reference, pairs, beta)
+    want_loss = _reference_loss("dpo", plain, reference, pairs, beta)
     want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
     assert stats[0].item() == batch["num_pairs"] >= 3
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
@@ -219,21 +229,47 @@ def test_dpo_loss_and_gradients_match_a_plain_reference(make_model, checkpointin
     assert max(g.abs().max().item() for g in got) > 1e-4  # the gradients are not all zero
 
 
+@pytest.mark.parametrize("objective,beta", [("ipo", 0.4), ("simpo", 2.0), ("orpo", 0.3)])
+def test_ipo_simpo_orpo_losses_and_gradients_match_their_formulas(objective, beta):
+    tok = make_tokenizer("llama3")
+    ds = build(addition_pairs(6), tok, max_length=24)
+    base = tiny_llama()
+    reference = copy.deepcopy(base).eval()
+    model = _adapted(base).train()
+    plain = copy.deepcopy(model)
+    batch = BatchStream(ds, batch_size=3, max_length=24, packing=True, seed=0).next()
+    loss, stats = PreferenceLoss(model, LOSS_CHUNK_TOKENS, objective, beta, gamma=0.7)(
+        batch["input_ids"], batch["labels"], batch["position_ids"], batch["sequence_ids"]
+    )
+    got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    seq = batch["sequence_ids"]
+    pairs = [
+        [(batch["input_ids"][seq == s].tolist(), batch["labels"][seq == s].tolist()) for s in (2 * p, 2 * p + 1)]
+        for p in range(batch["num_pairs"])
+    ]
+    want_loss = _reference_loss(objective, plain, reference, pairs, beta, gamma=0.7)
+    want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert stats[0] == batch["num_pairs"] and max(g.abs().max().item() for g in got) > 1e-4
+
+
 def test_sequence_logps_sum_each_answers_tokens():
     tok = make_tokenizer("llama3")
     ds = build(addition_pairs(3), tok, max_length=16)
     model = tiny_llama().eval()
     batch = BatchStream(ds, batch_size=3, max_length=16, packing=True, seed=0).next()
     with torch.no_grad():
-        got = sequence_logps(model, batch, chunk_tokens=LOSS_CHUNK_TOKENS)
+        got, tokens = sequence_logps(model, batch, chunk_tokens=LOSS_CHUNK_TOKENS)
         for s in range(len(got)):
             mask = batch["sequence_ids"] == s
             ids, labels = batch["input_ids"][mask], batch["labels"][mask]
             logp = model(input_ids=ids[None]).logits[0, :-1].float().log_softmax(-1)
             targets = labels[1:]
             want = logp[targets != IGNORE].gather(1, targets[targets != IGNORE, None]).sum()
-            assert abs(got[s].item() - want.item()) < 1e-5
-    losses, rewards = dpo_loss(got, got, 0.1)  # against itself: every z is 0
+            assert abs(got[s].item() - want.item()) < 1e-5 and tokens[s] == (targets != IGNORE).sum()
+    losses, rewards = pair_loss("dpo", got, torch.ones_like(got), got, beta=0.1)  # against itself: every z is 0
     assert torch.allclose(losses, torch.full_like(losses, math.log(2))) and not rewards.any()
 
 
@@ -253,7 +289,7 @@ def _config(root, out, **train):
         "output_dir": str(out),
         "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 16},
         "lora": {"r": 4, "alpha": 8},
-        "train": {"objective": "dpo", "dpo_beta": 0.1, "max_steps": 12, "batch_size": 4, "lr": 1e-2, "precision": "fp32",
+        "train": {"objective": "dpo", "beta": 0.1, "max_steps": 12, "batch_size": 4, "lr": 1e-2, "precision": "fp32",
                   "seed": 0, "warmup_steps": 1, **train},
     }  # fmt: skip
     path = out.parent / f"{out.name}.yaml"
@@ -282,6 +318,21 @@ def test_dpo_training_starts_at_ln2_and_learns_the_preference(workspace, capsys)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_reward_accuracy"] == evals[-1]["eval_reward_accuracy"]
     assert "eval DPO loss" in printed and "DPO, beta 0.1" in (out / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("objective", ["ipo", "simpo", "orpo"])
+def test_ipo_simpo_orpo_train_end_to_end(workspace, objective, capsys):
+    out = workspace / f"run_{objective}"
+    assert main(["train", _config(workspace, out, max_steps=30, objective=objective)]) == 0
+    printed = capsys.readouterr().out
+    reference = "the base (adapter off)" if objective == "ipo" else "no reference model"
+    assert f"objective    {objective.upper()}, beta " in printed and reference in printed
+    train = [e for e in _entries(out) if "loss" in e]
+    evals = [e for e in _entries(out) if "eval_loss" in e]
+    if objective == "ipo":  # the policy starts as the reference: (0 - 1 / (2 beta))^2 with beta 0.1
+        assert train[0]["loss"] == 25.0 and train[0]["reward_margin"] == 0.0
+    assert sum(e["loss"] for e in train[-10:]) / 10 < train[0]["loss"]
+    assert evals[-1]["eval_reward_accuracy"] >= 0.6
 
 
 def test_dpo_resume_is_bit_identical(workspace, monkeypatch):
@@ -321,18 +372,19 @@ def test_objective_and_data_must_agree(workspace, capsys):
     out = workspace / "bad"
     sft_on_pairs = _config(workspace, out, objective="sft")
     assert main(["train", sft_on_pairs]) == 2
-    assert "holds preference records (prompt, chosen, rejected); set train.objective: dpo" in capsys.readouterr().err
+    assert "holds preference records (prompt, chosen, rejected); set train.objective to dpo, ipo, simpo or orpo" in capsys.readouterr().err
     (workspace / "sft.jsonl").write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n")
     assert main(["train", _config(workspace, out), f"data.train={workspace / 'sft.jsonl'}", "data.eval=null"]) == 2
     assert "train.objective is dpo but data.train holds no preference records" in capsys.readouterr().err
-    assert main(["train", _config(workspace, out), "lora.init=pissa", "train.eval_generate=true", "train.dpo_beta=0"]) == 2
+    assert main(["train", _config(workspace, out), "lora.init=pissa", "train.eval_generate=true", "train.beta=0"]) == 2
     err = capsys.readouterr().err
-    assert "3 problems" in err and "train.dpo_beta = 0.0: must be > 0.0" in err
+    assert "3 problems" in err and "train.beta = 0.0: must be > 0.0" in err
     assert "lora.init = 'pissa': DPO's reference is the base with the adapter off" in err
     assert "train.eval_generate = true: preference data has no single reference answer" in err
     assert "Traceback" not in err
     assert main(["train", _config(workspace, out, objective="sft"), "data.format=preference"]) == 2
-    assert "data.format = 'preference': preference pairs train with train.objective: dpo" in capsys.readouterr().err
+    assert "data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo" in capsys.readouterr().err
+    assert main(["train", _config(workspace, out, objective="simpo"), "lora.init=pissa", "train.max_steps=1"]) == 0  # no reference
 
 
 def test_eval_command_reports_dpo_rewards_of_an_adapter(workspace, capsys):

@@ -14,7 +14,9 @@
 // blocks this runs in a third of the PyTorch path's time, where plain loops (which the compiler
 // vectorizes with glibc's expf, computed twice) ran in two thirds.
 //
-// Registered as torch.ops.lorakit_cpu.cross_entropy_rows.
+// Registered as torch.ops.lorakit_cpu.cross_entropy_rows (the rows' summed loss) and
+// cross_entropy_losses (each row's loss, for losses that weigh tokens afterwards: DPO's sums per
+// answer).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -97,8 +99,9 @@ float row_cross_entropy(T* row, int64_t vocab, int64_t target, bool valid, bool 
   return peak + std::log(total) - picked;
 }
 
-at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& targets_in, int64_t ignore_index,
-                              bool need_grad) {
+// (rows,) fp32: each row's loss; with need_grad the block holds the gradient afterwards.
+at::Tensor cross_entropy_losses(const at::Tensor& logits, const at::Tensor& targets_in, int64_t ignore_index,
+                                bool need_grad) {
   TORCH_CHECK(logits.device().is_cpu() && targets_in.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.stride(0) == logits.size(1),
               "logits must be a contiguous (rows, vocab) block");
@@ -111,8 +114,8 @@ at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target
   for (int64_t i = 0; i < rows; ++i)
     TORCH_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < vocab), "target ", t[i], " of row ", i,
                 " is outside the vocabulary [0, ", vocab, ")");
-  // per-row losses summed in row order afterwards: the same total for any number of threads
-  std::vector<float> losses(rows);
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kFloat));
+  float* losses = out.data_ptr<float>();
   auto run = [&](auto* data) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -124,8 +127,16 @@ at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target
     run(logits.data_ptr<float>());
   else
     run(logits.data_ptr<at::BFloat16>());
+  return out;
+}
+
+at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                              bool need_grad) {
+  const at::Tensor losses = cross_entropy_losses(logits, targets, ignore_index, need_grad);
+  // summed in row order: the same total for any number of threads
+  const float* l = losses.data_ptr<float>();
   double sum = 0.0;
-  for (float loss : losses) sum += loss;
+  for (int64_t i = 0; i < losses.size(0); ++i) sum += l[i];
   return at::scalar_tensor(sum, logits.options().dtype(at::kFloat));
 }
 
@@ -133,6 +144,10 @@ at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target
 
 TORCH_LIBRARY_FRAGMENT(lorakit_cpu, m) {
   m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, int ignore_index, bool need_grad) -> Tensor");
+  m.def("cross_entropy_losses(Tensor(a!) logits, Tensor targets, int ignore_index, bool need_grad) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lorakit_cpu, CPU, m) { m.impl("cross_entropy_rows", &cross_entropy_rows); }
+TORCH_LIBRARY_IMPL(lorakit_cpu, CPU, m) {
+  m.impl("cross_entropy_rows", &cross_entropy_rows);
+  m.impl("cross_entropy_losses", &cross_entropy_losses);
+}
