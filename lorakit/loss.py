@@ -3,6 +3,8 @@
 `token_loss_sum` returns the summed cross-entropy over trainable tokens and their count. The
 trainer divides the sum of every micro-batch (and every rank) by the total count, which makes the
 loss independent of packing, batch composition and gradient accumulation.
+`token_losses` returns each trainable token's cross-entropy instead, for losses built from sums
+per sequence (the preference objectives of lorakit.preference).
 
 With `chunk_tokens` set, the output head and the cross-entropy run chunk by chunk under
 activation checkpointing: the full (tokens x vocab) logits and their fp32 copy never exist at

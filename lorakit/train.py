@@ -44,8 +44,8 @@ from lorakit.preference import loss_module
 # torch.compile's mode under `train.compile: true`, a switch for the benchmark's levers:
 # "reduce-overhead" adds CUDA graphs on GPUs, where small models' steps are bound by kernel launches.
 COMPILE_MODE = "default"
-# what a DPO step logs beside the loss (lorakit.preference.step_metrics)
-DPO_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+# what a preference objective's step logs beside the loss (lorakit.preference.step_metrics)
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,7 +83,7 @@ class Run:
     tokenizer: Any
     model: nn.Module  # the LoRA model (unwrapped)
     # (input_ids, labels, position_ids) -> summed token loss (lorakit.loss.TokenLoss, maybe wrapped);
-    # for DPO (..., sequence_ids) -> (summed pair loss, stats) (lorakit.preference.PreferenceLoss)
+    # for a preference objective (..., sequence_ids) -> (summed pair loss, stats) (lorakit.preference.PreferenceLoss)
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -448,7 +448,8 @@ def train_step(run: Run) -> dict[str, float]:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """eval_loss / eval_perplexity over the eval set (and eval_accuracy with eval_generate)."""
+    """eval_loss / eval_perplexity over the eval set (and eval_accuracy with eval_generate); for a
+    preference objective its eval_loss, eval_reward_accuracy and the rewards."""
     # the training loss's kept logits buffers would otherwise sit beside eval's own logits
     for module in run.train_model.modules():
         if isinstance(module, TokenLoss):  # PreferenceLoss keeps its buffers in one too
@@ -563,7 +564,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
                 entry = {
                     "step": run.step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                     "tokens_per_s": tps, "elapsed_s": now - start_time,
-                    **{k: result[k] for k in DPO_METRICS if k in result},
+                    **{k: result[k] for k in PREFERENCE_METRICS if k in result},
                 }  # fmt: skip
                 run.metrics.log(entry)
                 shown = {"acc": f"{result['reward_accuracy']:.2f}"} if "reward_accuracy" in result else {}
@@ -712,7 +713,7 @@ def start_summary(run: Run) -> str:
 
 
 def _objective_line(cfg: RunConfig) -> str:
-    """"; DPO, beta 0.1 (reference: ...)" for a preference objective, "" for sft."""
+    """"; DPO, beta 0.1; reference: ..." for a preference objective, "" for sft."""
     train = cfg.train
     if train.objective == "sft":
         return ""
@@ -754,7 +755,7 @@ def final_summary(summary: dict[str, Any]) -> str:
     if "eval_perplexity" in summary:
         parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
     elif "eval_reward_accuracy" in summary:
-        parts.append(f"eval DPO loss {summary['eval_loss']:.4f}, reward accuracy {100 * summary['eval_reward_accuracy']:.1f}%, "
+        parts.append(f"eval loss {summary['eval_loss']:.4f}, reward accuracy {100 * summary['eval_reward_accuracy']:.1f}%, "
                      f"margin {summary['eval_reward_margin']:.3f}")  # fmt: skip
     if "eval_accuracy" in summary:
         parts.append(f"eval accuracy {100 * summary['eval_accuracy']:.1f}%")
