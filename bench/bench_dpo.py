@@ -46,8 +46,6 @@ import json
 import math
 import os
 import random
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,22 +86,7 @@ def words_text(tokenizer, rng: random.Random, n: int, lead: str) -> str:
 
 def prepare(work: Path, size: dict) -> dict:
     """Model folder and preference JSONL; the pairs' tokens as lorakit's and TRL's tokenization give them."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.helpers import make_tokenizer
-
-    torch.manual_seed(SEED)
-    config = LlamaConfig(
-        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
-        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    tokenizer = make_tokenizer()
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    del model
+    tokenizer = harness.write_model(work, size)
     rng = random.Random(SEED)
     records = []
     for _ in range(2 * (size["warmup"] + size["steps"]) * size["batch"]):  # twice what the steps take
@@ -301,16 +284,7 @@ def side_peft(work: Path, size: dict) -> dict:
 
 
 def child(work: Path, size: dict, side: str) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", json.dumps(size)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side} side failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    out = json.loads(lines[-1][7:])
-    timed = out["times"][size["warmup"] :]
-    out["step_s"], out["best_s"] = statistics.median(timed), min(timed)
-    return out
+    return harness.run_child(Path(__file__), work, size, side)
 
 
 # --------------------------------------------------------------------------- report

@@ -149,13 +149,12 @@ def gpu_peak() -> int | None:
 
 
 # --------------------------------------------------------------------------- preparation (parent)
-def prepare(work: Path, size: dict) -> dict:
-    """Model folder, text JSONL and the batches every side trains on (saved as tensors)."""
+def write_model(work: Path, size: dict):
+    """A random-weight bf16 Llama of `size`'s shape and the test tokenizer in `work / "model"`;
+    returns the tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.config import DataConfig
-    from lorakit.data import BatchStream, load_train_eval
     from tests.helpers import make_tokenizer
 
     torch.manual_seed(SEED)
@@ -168,7 +167,17 @@ def prepare(work: Path, size: dict) -> dict:
     tokenizer = make_tokenizer()
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
-    del model
+    return tokenizer
+
+
+def prepare(work: Path, size: dict) -> dict:
+    """Model folder, text JSONL and the batches every side trains on (saved as tensors)."""
+    import torch
+
+    from lorakit.config import DataConfig
+    from lorakit.data import BatchStream, load_train_eval
+
+    tokenizer = write_model(work, size)
     rng = random.Random(SEED)
     steps = size["warmup"] + size["steps"]
     with open(work / "train.jsonl", "w") as f:
@@ -422,9 +431,15 @@ def run_side(args: argparse.Namespace) -> None:
 
 
 def child(work: Path, size: dict, side: str, case: dict, switches: dict | None = None, overrides: dict | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", json.dumps(size), "--case", json.dumps(case),
-           "--switches", json.dumps(switches or {}), "--overrides", json.dumps(overrides or {})]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ["--case", json.dumps(case), "--switches", json.dumps(switches or {}), "--overrides", json.dumps(overrides or {})]
+    return run_child(Path(__file__), work, size, side, args)
+
+
+def run_child(script: Path, work: Path, size: dict, side: str, args: list[str] = ()) -> dict:
+    """`python SCRIPT --side SIDE --work WORK --size SIZE ARGS...` in its own process -> the dict it
+    printed as `RESULT {...}`, with the medians of its timed steps added."""
+    cmd = [sys.executable, str(script), "--side", side, "--work", str(work), "--size", json.dumps(size), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

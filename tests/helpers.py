@@ -218,3 +218,30 @@ def train_in_modes(tmp_path: Path, model_folder: Path, lora: dict, *, steps: int
         if after is not None:
             after(mode, out)
     return losses
+
+
+def crash_and_resume(monkeypatch, config: str, *, crash_at: int) -> None:
+    """`lorakit train CONFIG`, crashed (a RuntimeError in the loop) when step `crash_at` is done,
+    then `lorakit train CONFIG --resume` to the end: what a run that died and was restarted does."""
+    import pytest
+
+    from lorakit import train as train_module
+    from lorakit.cli import main
+
+    real_step = train_module.train_step
+
+    def crashing(run):
+        if run.step == crash_at:
+            raise RuntimeError("simulated crash")
+        return real_step(run)
+
+    monkeypatch.setattr(train_module, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", config])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["train", config, "--resume"]) == 0
+
+
+def without_timing(entries: list[dict]) -> list[dict]:
+    """metrics.jsonl entries without the fields that differ between identical runs (wall time)."""
+    return [{k: v for k, v in e.items() if k not in ("tokens_per_s", "elapsed_s")} for e in entries]

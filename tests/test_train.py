@@ -7,7 +7,9 @@ import signal
 import pytest
 import torch
 import yaml
-from helpers import save_model_folder, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, write_addition_data
+from helpers import (
+    crash_and_resume, save_model_folder, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, without_timing, write_addition_data,
+)
 from safetensors.torch import load_file
 
 from lorakit import host_memory
@@ -137,22 +139,9 @@ def test_resume_after_crash_is_bit_identical(workspace, monkeypatch):
     assert main(["train", _config(workspace, full, save_every=4)]) == 0
 
     crashed = workspace / "crashed"
-    real_step = train_module.train_step
-
-    def crash_after_six(run):
-        if run.step == 6:
-            raise RuntimeError("simulated crash")
-        return real_step(run)
-
-    monkeypatch.setattr(train_module, "train_step", crash_after_six)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["train", _config(workspace, crashed, save_every=4)])
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    crash_and_resume(monkeypatch, _config(workspace, crashed, save_every=4), crash_at=6)
     assert (crashed / "checkpoints" / "step-4").is_dir()
-    assert main(["train", _config(workspace, crashed, save_every=4), "--resume"]) == 0
-
-    strip = lambda es: [{k: v for k, v in e.items() if k not in ("tokens_per_s", "elapsed_s")} for e in es]  # noqa: E731
-    assert strip(_entries(crashed)) == strip(_entries(full))
+    assert without_timing(_entries(crashed)) == without_timing(_entries(full))
     a, b = _adapter(full), _adapter(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
