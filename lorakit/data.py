@@ -90,11 +90,11 @@ _FORMAT_KEYS = {
     "completion": "prompt + completion",
     "instruction": "instruction + output (input optional)",
     "chat": "messages (or ShareGPT conversations)",
-    "preference": "prompt + chosen + rejected",
+    "preference": "chosen + rejected (and a prompt)",
 }
 _REQUIRED = {
     "text": ("text",), "completion": ("prompt", "completion"), "instruction": ("instruction", "output"), "chat": (),
-    "preference": ("prompt", "chosen", "rejected"),
+    "preference": ("chosen", "rejected"),
 }  # fmt: skip
 _SKIP_HINT = "fix it, or set data.skip_invalid: true to skip invalid records"
 
@@ -383,7 +383,11 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
     """A preference record -> [chosen, rejected] as completion or chat (format, payload): a string
     prompt is joined with each answer as it is; a prompt of chat messages is followed by each
     answer as an assistant turn (a string) or turns (a list of messages). Only the answer's
-    tokens count, never the prompt's, assistant turns of the prompt included."""
+    tokens count, never the prompt's, assistant turns of the prompt included. Without a prompt,
+    chat answers that are whole conversations (TRL's implicit prompt) share their first turns: those
+    are the prompt."""
+    if "prompt" not in record:
+        return _implicit_prompt_pair(record)
     prompt = record["prompt"]
     if isinstance(prompt, str):
         return [("completion", (prompt + _string(record, key), len(prompt))) for key in ("chosen", "rejected")]
@@ -402,6 +406,21 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
             raise BadRecord(f"'{key}' must be a string or a list of chat messages (the prompt is chat), got {_kind(answer)}")
         out.append(("chat", (history + turns, earlier_turns)))
     return out
+
+
+def _implicit_prompt_pair(record: dict) -> list[tuple[str, Any]]:
+    """[chosen, rejected] chat payloads of a record whose answers are whole conversations."""
+    if not all(isinstance(record[key], list) for key in ("chosen", "rejected")):
+        raise BadRecord("'prompt' is missing; give it, or give 'chosen' and 'rejected' as whole chat conversations")
+    chosen, rejected = _messages(record, False, key="chosen"), _messages(record, False, key="rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0 or shared == max(len(chosen), len(rejected)):
+        what = "start differently" if shared == 0 else "are the same conversation"
+        raise BadRecord(f"'chosen' and 'rejected' {what}, so no prompt can be taken from them; give it as 'prompt'")
+    earlier_turns = sum(m["role"] == "assistant" for m in chosen[:shared])
+    return [("chat", (chosen, earlier_turns)), ("chat", (rejected, earlier_turns))]
 
 
 def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) -> list[dict[str, str]]:

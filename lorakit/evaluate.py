@@ -1,6 +1,6 @@
 """`lorakit eval`: loss and perplexity over a dataset, and exact-match accuracy of greedy completions;
-on preference pairs (prompt, chosen, rejected), the adapter's DPO loss, reward accuracy and margin
-against its base (lorakit.preference).
+on preference pairs (prompt, chosen, rejected), a preference objective's loss, reward accuracy and
+margin (DPO by default: the adapter against its base; lorakit.preference).
 
 The loss is the trainer's: the data is tokenized and masked by `lorakit.data` exactly as for
 training, and `loss.token_loss_sum` is summed over every batch and divided by the number of
@@ -161,21 +161,26 @@ DEFAULT_MAX_LENGTH = 1024
 
 
 def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, max_length: int) -> int:
-    """`lorakit eval` on preference pairs: the adapter's DPO loss and rewards against its base."""
+    """`lorakit eval` on preference pairs: an objective's loss and rewards (dpo, ipo: the adapter
+    against its base)."""
+    from lorakit.config import PREFERENCE_BETA, REFERENCE_OBJECTIVES
     from lorakit.preference import evaluate_preference
 
-    if args.adapter is None:
+    if args.adapter is None and args.objective in REFERENCE_OBJECTIVES:
         raise UserError(
-            f"{args.data} holds preference pairs: their DPO rewards compare an adapter with its base; pass --adapter"
+            f"{args.data} holds preference pairs: their {args.objective.upper()} rewards compare an adapter with its "
+            "base; pass --adapter (or --objective simpo / orpo, which need no reference)"
         )
     if args.generate:
         raise UserError(f"--generate: {args.data} holds preference pairs, which have no single answer to match")
-    if not args.beta > 0:
-        raise UserError(f"--beta {args.beta}: DPO's beta must be > 0 (training's train.beta, default 0.1)")
+    beta = args.beta if args.beta is not None else PREFERENCE_BETA[args.objective]
+    if not beta > 0:
+        raise UserError(f"--beta {args.beta}: the objective's beta must be > 0 (training's train.beta)")
     result: dict[str, Any] = evaluate_preference(
-        model, dataset, beta=args.beta, batch_size=args.batch_size, max_length=max_length
-    )
-    result = {"pairs": dataset.num_units(), "beta": args.beta, **result}
+        model, dataset, objective=args.objective, beta=beta, gamma=args.simpo_gamma, batch_size=args.batch_size,
+        max_length=max_length,
+    )  # fmt: skip
+    result = {"pairs": dataset.num_units(), "objective": args.objective, "beta": beta, **result}
     if args.json:
         print(json.dumps(result))
         return 0

@@ -71,6 +71,19 @@ def test_chat_pairs_train_only_the_answer_not_the_prompts_assistant_turns():
         assert tok.decode(ids[len(prefix) :]) == f"{answer}<|eot_id|>"
 
 
+def test_whole_conversations_share_their_first_turns_as_the_prompt():
+    # TRL's "implicit prompt": no prompt key, the answers are whole conversations
+    user = {"role": "user", "content": "Add 2 and 3"}
+    implicit = {"chosen": [user, {"role": "assistant", "content": "5"}], "rejected": [user, {"role": "assistant", "content": "6"}]}
+    explicit = {"prompt": [user], "chosen": "5", "rejected": "6"}
+    a, b = build([implicit]), build([explicit])
+    assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels) and a.pairs
+    with pytest.raises(UserError, match=r"p.jsonl:1: 'prompt' is missing; give it, or give 'chosen' and 'rejected' as whole"):
+        build([{"chosen": " a", "rejected": " b"}])
+    with pytest.raises(UserError, match=r"p.jsonl:1: 'chosen' and 'rejected' are the same conversation"):
+        build([{"chosen": implicit["chosen"], "rejected": implicit["chosen"]}])
+
+
 def test_a_pair_is_dropped_whole_and_invalid_records_are_reported_by_line():
     long = " ".join(["word"] * 40)
     records = [
@@ -389,3 +402,6 @@ def test_eval_command_reports_dpo_rewards_of_an_adapter(workspace, capsys):
     assert abs(got["loss"] - evals[-1]["eval_loss"]) < 1e-4
     assert main(args) == 2
     assert "holds preference pairs: their DPO rewards compare an adapter with its base; pass --adapter" in capsys.readouterr().err
+    assert main([*args, "--objective", "simpo"]) == 0  # no reference: the base model alone
+    base = json.loads(capsys.readouterr().out)
+    assert (base["objective"], base["beta"], base["pairs"]) == ("simpo", 2.0, 16) and 0 <= base["reward_accuracy"] <= 1
