@@ -385,15 +385,22 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
     answer as an assistant turn (a string) or turns (a list of messages). Only the answer's
     tokens count, never the prompt's, assistant turns of the prompt included. Without a prompt,
     chat answers that are whole conversations (TRL's implicit prompt) share their first turns: those
-    are the prompt."""
+    are the prompt. A string prompt with chat answers is the user's turn before them, or, where each
+    answer is a whole conversation starting with that user turn (UltraFeedback's layout), already in
+    them."""
     if "prompt" not in record:
         return _implicit_prompt_pair(record)
     prompt = record["prompt"]
+    answers = [record[key] for key in ("chosen", "rejected")]
+    if isinstance(prompt, str) and all(isinstance(a, list) for a in answers):
+        if all(a and isinstance(a[0], dict) and a[0].get("role") == "user" and a[0].get("content") == prompt for a in answers):
+            return _implicit_prompt_pair(record)
+        prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, str):
         return [("completion", (prompt + _string(record, key), len(prompt))) for key in ("chosen", "rejected")]
     if not isinstance(prompt, list):
         raise BadRecord(f"'prompt' must be a string or a list of chat messages, got {_kind(prompt)}")
-    history = _messages(record, True, key="prompt") if prompt else []
+    history = _messages({"prompt": prompt}, True, key="prompt") if prompt else []
     earlier_turns = sum(m["role"] == "assistant" for m in history)
     out = []
     for key in ("chosen", "rejected"):

@@ -76,7 +76,11 @@ def test_whole_conversations_share_their_first_turns_as_the_prompt():
     user = {"role": "user", "content": "Add 2 and 3"}
     implicit = {"chosen": [user, {"role": "assistant", "content": "5"}], "rejected": [user, {"role": "assistant", "content": "6"}]}
     explicit = {"prompt": [user], "chosen": "5", "rejected": "6"}
-    a, b = build([implicit]), build([explicit])
+    # UltraFeedback's layout: a string prompt, and answers that are whole conversations repeating it
+    ultrafeedback = {"prompt": "Add 2 and 3", **implicit}
+    # a string prompt before chat answers: the user's turn
+    user_turn = {"prompt": "Add 2 and 3", "chosen": [implicit["chosen"][1]], "rejected": [implicit["rejected"][1]]}
+    a, b = build([implicit, ultrafeedback, user_turn]), build([explicit] * 3)
     assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels) and a.pairs
     with pytest.raises(UserError, match=r"p.jsonl:1: 'prompt' is missing; give it, or give 'chosen' and 'rejected' as whole"):
         build([{"chosen": " a", "rejected": " b"}])
