@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per example, longer ones truncated (default 1024, or the model's positions if fewer)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo"], default="dpo",
-                   help="preference data: the objective whose loss and rewards to report (dpo, ipo: the adapter against its base)")
+    p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo"], default=None,
+                   help="read the data as preference pairs and report this objective's loss and rewards (default for "
+                        "preference data: dpo; dpo, ipo: the adapter against its base)")
     p.add_argument("--beta", type=float, default=None, help="preference data: the objective's beta (default: its usual value)")
     p.add_argument("--simpo-gamma", type=float, default=0.5, help="preference data: SimPO's target reward margin")
     p.set_defaults(func=_eval)

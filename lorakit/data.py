@@ -77,7 +77,7 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 2  # bump when tokenization or the cache layout changes
+FORMAT_VERSION = 3  # bump when tokenization or the cache layout changes
 FORMATS = ("text", "completion", "instruction", "chat", "preference")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -200,12 +200,13 @@ class TokenizedDataset:
 
 
 def detect_format(record: dict) -> str | None:
-    """"chat", "instruction", "preference", "completion" or "text" from the record's keys; None
-    if none fits."""
-    if "chosen" in record and "rejected" in record:
-        return "preference"
+    """"chat", "preference", "instruction", "completion" or "text" from the record's keys; None
+    if none fits. A record with chat messages beside chosen/rejected answers (UltraFeedback's layout)
+    is chat here; `data.format: preference` (which preference objectives set) reads its pair."""
     if "messages" in record or "conversations" in record:
         return "chat"
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "instruction" in record and "output" in record:
         return "instruction"
     if "prompt" in record and "completion" in record:
@@ -357,7 +358,9 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
                 "expected one of text / prompt+completion / instruction+output / messages / prompt+chosen+rejected"
             )
         fmt = found
-    elif (fmt in ("chat", "preference") and found != fmt) or not all(k in record for k in _REQUIRED[fmt]):
+    elif not _has_keys(record, fmt) and fmt == "preference":
+        raise BadRecord(f"not a preference record: keys {sorted(record)}; a pair needs chosen and rejected (and a prompt)")
+    elif not _has_keys(record, fmt):
         raise BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
     if fmt == "text":
         return fmt, (_string(record, "text"), 0)
@@ -377,6 +380,12 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
     if fmt == "preference":
         return fmt, _preference_pair(record)
     return "chat", (_messages(record, train_on_inputs), 0)
+
+
+def _has_keys(record: dict, fmt: str) -> bool:
+    if fmt == "chat":
+        return "messages" in record or "conversations" in record
+    return all(k in record for k in _REQUIRED[fmt])
 
 
 def _preference_pair(record: dict) -> list[tuple[str, Any]]:
@@ -647,7 +656,7 @@ def tokenize_records(
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
             for c in range(0, len(prepared) + CHUNK, CHUNK):
-                job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems)
+                job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems, bool(pairs))
                 future = pool.submit(_encode_job, backend, job) if job.size else None
                 if pending is not None:
                     parts.append(_assemble(_finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, bool(pairs)))
@@ -656,7 +665,7 @@ def tokenize_records(
         if gc_was_on:
             gc.enable()
     if problems:
-        problems = sorted({line: msg for line, msg in reversed(problems)}.items())  # one per record
+        problems.sort()
         if not cfg.skip_invalid:
             _raise_problems(source, problems)
         stats.skipped_invalid += len(problems)
@@ -703,15 +712,17 @@ class _Job:
 
 def _render_chunk(
     chunk: list[tuple[int, str, Any]], renderer: _ChatRenderer | None, train_on_inputs: bool,
-    problems: list[tuple[int, str]],
+    problems: list[tuple[int, str]], pairs: bool = False,
 ) -> _Job:
     plain = [(k, payload) for k, (_, fmt, payload) in enumerate(chunk) if fmt != "chat"]
     chats = [(k, payload) for k, (_, fmt, payload) in enumerate(chunk) if fmt == "chat"]
-    ok = []
+    ok, failed = [], set()
     if chats:
         for (k, (_, skip)), r in zip(chats, _chat_spans(renderer, [msgs for _, (msgs, _) in chats], train_on_inputs)):
             if isinstance(r, str):
-                problems.append((chunk[k][0], r))
+                if not (pairs and k % 2 and k - 1 in failed):  # one problem per record: a pair's first failure
+                    problems.append((chunk[k][0], r))
+                failed.add(k)
             else:
                 text, spans = r
                 ok.append((k, (text, spans[skip:])))  # a preference prompt's own assistant turns do not count
@@ -1010,6 +1021,7 @@ class BatchStream:
                 "dataset with the same data.max_length as the batches"
             )
         self.pairs = dataset.pairs
+        self.example_max_length = max_length  # positions restart per example: never beyond this
         if self.pairs:  # the unit is a pair: both answers go into the same row
             lengths, max_length = lengths[0::2] + lengths[1::2], 2 * max_length
         self.dataset, self.batch_size, self.max_length = dataset, batch_size, max_length
@@ -1124,7 +1136,9 @@ class BatchStream:
                     sequence_ids[r, t : t + z - a] = sequence
                     sequence += 1
                 t += z - a
-            position_ids[r, t:] = np.arange(width - t)  # padding: its own segment, no labels
+            # padding: segments of its own, no labels, positions within what an example may use (a
+            # row of pairs is up to twice as long, a table of positions is not)
+            position_ids[r, t:] = np.arange(width - t) % self.example_max_length
             num_tokens += t
         batch = {
             "input_ids": torch.from_numpy(input_ids),

@@ -166,21 +166,22 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     from lorakit.config import PREFERENCE_BETA, REFERENCE_OBJECTIVES
     from lorakit.preference import evaluate_preference
 
-    if args.adapter is None and args.objective in REFERENCE_OBJECTIVES:
+    objective = args.objective or "dpo"
+    if args.adapter is None and objective in REFERENCE_OBJECTIVES:
         raise UserError(
-            f"{args.data} holds preference pairs: their {args.objective.upper()} rewards compare an adapter with its "
+            f"{args.data} holds preference pairs: their {objective.upper()} rewards compare an adapter with its "
             "base; pass --adapter (or --objective simpo / orpo, which need no reference)"
         )
     if args.generate:
         raise UserError(f"--generate: {args.data} holds preference pairs, which have no single answer to match")
-    beta = args.beta if args.beta is not None else PREFERENCE_BETA[args.objective]
+    beta = args.beta if args.beta is not None else PREFERENCE_BETA[objective]
     if not beta > 0:
         raise UserError(f"--beta {args.beta}: the objective's beta must be > 0 (training's train.beta)")
     result: dict[str, Any] = evaluate_preference(
-        model, dataset, objective=args.objective, beta=beta, gamma=args.simpo_gamma, batch_size=args.batch_size,
+        model, dataset, objective=objective, beta=beta, gamma=args.simpo_gamma, batch_size=args.batch_size,
         max_length=max_length,
     )  # fmt: skip
-    result = {"pairs": dataset.num_units(), "objective": args.objective, "beta": beta, **result}
+    result = {"pairs": dataset.num_units(), "objective": objective, "beta": beta, **result}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -212,7 +213,8 @@ def eval_command(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
-    cfg = DataConfig(max_length=max_length, packing=False)
+    # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto reads as chat)
+    cfg = DataConfig(max_length=max_length, packing=False, format="preference" if args.objective else "auto")
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     if dataset.pairs:
         return _preference_eval(args, model, dataset, max_length)

@@ -136,17 +136,33 @@ class PreferenceLoss(nn.Module):
 
 
 def disable_dropout(model: nn.Module) -> int:
-    """Turn the model's own dropout off (LoRA dropout is not touched); returns how many modules.
+    """Turn the model's own dropout off, LoRA dropout left as configured; returns how many settings
+    changed.
 
-    DPO compares the policy's log-probabilities with the reference's; dropout in either pass
-    would add noise to every pair's margin (and the first step's loss would not be ln 2). TRL
-    turns it off for DPO as well."""
+    Preference objectives compare log-probabilities of two answers (and, for DPO and IPO, with the
+    reference's); dropout in the model would add noise to every pair's margin, and DPO's first
+    loss would not be ln 2. TRL turns `nn.Dropout` modules off for DPO; models also drop with
+    `F.dropout` and a float attribute (OPT's `dropout` and `activation_dropout`, Falcon's and Bloom's
+    `hidden_dropout`, Llama's `attention_dropout` handed to SDPA), and some read the config at
+    forward time, so those are zeroed too."""
+    from lorakit.inject import lora_layers
+
+    lora_dropout = {id(m) for _, layer in lora_layers(model) for m in getattr(layer, "lora_dropout", {}).values()}
     changed = 0
     for module in model.modules():
+        if id(module) in lora_dropout:
+            continue
         if isinstance(module, nn.Dropout) and module.p > 0:
             module.p, changed = 0.0, changed + 1
-        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
-            module.attention_dropout, changed = 0.0, changed + 1  # Llama-style attention passes it to SDPA
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    config = getattr(model, "config", None)
+    for name, value in (config.to_dict().items() if hasattr(config, "to_dict") else ()):
+        if "dropout" in name and isinstance(value, float) and value > 0:
+            setattr(config, name, 0.0)
+            changed += 1
     return changed
 
 
@@ -181,10 +197,12 @@ def evaluate_preference(
     batch_size: int = 8,
     max_length: int,
     device: Optional[torch.device] = None,
+    chunk_tokens: Optional[int] = LOSS_CHUNK_TOKENS,
 ) -> dict[str, float]:
     """The objective's loss and reward accuracy / margin over every pair of a preference dataset
     (a lorakit.data.TokenizedDataset with pairs), the model in eval mode under no_grad; its
-    previous mode is restored."""
+    previous mode is restored. chunk_tokens: as for training (None for an FSDP-sharded model,
+    whose root module must run every forward)."""
     from lorakit.data import BatchStream
 
     if not dataset.pairs:
@@ -194,7 +212,7 @@ def evaluate_preference(
         dataset, batch_size=min(batch_size, dataset.num_units()), max_length=max_length, packing=False, seed=0,
         shuffle=False,
     )  # fmt: skip
-    loss = PreferenceLoss(model, LOSS_CHUNK_TOKENS, objective, beta, gamma)
+    loss = PreferenceLoss(model, chunk_tokens, objective, beta, gamma)
     was_training = model.training
     model.eval()
     total_loss, stats = 0.0, torch.zeros(len(STAT_NAMES), dtype=torch.float64)

@@ -32,7 +32,7 @@ from torch import nn
 
 from lorakit import host_memory, preference
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from lorakit.config import REFERENCE_OBJECTIVES, RunConfig, load_run_config, parse_overrides
+from lorakit.config import REFERENCE_OBJECTIVES, DataConfig, RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
@@ -105,7 +105,7 @@ class Run:
 
 # --------------------------------------------------------------------------- setup
 def fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """What must not change across a resume: the model, the data and the LoRA config."""
+    """What must not change across a resume: the model, the data, the LoRA config and the objective."""
 
     def file_hash(path: Optional[str]) -> Optional[str]:
         if path is None:
@@ -126,7 +126,16 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
         "data": {"train": file_hash(cfg.data.train), "eval": file_hash(cfg.data.eval), **_data_options(cfg)},
         "lora": dataclasses.asdict(cfg.lora),
         "quantize": cfg.quantize,
+        **_objective_fingerprint(cfg),
     }
+
+
+def _objective_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The objective, for runs that have one other than sft (so checkpoints of earlier runs still resume)."""
+    train = cfg.train
+    if train.objective == "sft":
+        return {}
+    return {"objective": {"name": train.objective, "beta": train.preference_beta(), "simpo_gamma": train.simpo_gamma}}
 
 
 def _data_options(cfg: RunConfig) -> dict[str, Any]:
@@ -212,7 +221,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     torch.manual_seed(cfg.train.seed)
     check_positions(cfg, log if dist.is_main else lambda _: None)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_set, eval_set = load_train_eval(cfg.data, tokenizer, seed=cfg.train.seed)
+    train_set, eval_set = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_set)
 
     load_device = dist.load_device or device
@@ -294,6 +303,14 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     return run
 
 
+def data_config(cfg: RunConfig) -> DataConfig:
+    """cfg.data, reading records as preference pairs under a preference objective (a record may hold
+    chat messages beside its pair, as UltraFeedback's do, which `auto` reads as chat)."""
+    if cfg.train.objective != "sft" and cfg.data.format == "auto":
+        return dataclasses.replace(cfg.data, format="preference")
+    return cfg.data
+
+
 def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
     """Preference pairs train with a preference objective, everything else with the next-token loss."""
     pairs = cfg.train.objective != "sft"
@@ -344,7 +361,7 @@ def dist_device(dist: Distributed) -> torch.device:
 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
-    changed = [key for key in ("model", "data", "lora", "quantize") if saved.get(key) != now.get(key)]
+    changed = [key for key in ("model", "data", "lora", "quantize", "objective") if saved.get(key) != now.get(key)]
     if changed:
         details = []
         for key in changed:
@@ -465,9 +482,11 @@ def _evaluate(run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
     train = run.cfg.train
     if run.eval_set is not None and train.objective != "sft":
+        # the training loss's chunking: none under FSDP2, whose root module must run every forward
+        chunk = next(m.chunk_tokens for m in run.train_model.modules() if isinstance(m, TokenLoss))
         result = preference.evaluate_preference(
             run.model, run.eval_set, objective=train.objective, beta=train.preference_beta(), gamma=train.simpo_gamma,
-            batch_size=train.batch_size, max_length=run.cfg.data.max_length, device=run.device,
+            batch_size=train.batch_size, max_length=run.cfg.data.max_length, device=run.device, chunk_tokens=chunk,
         )  # fmt: skip
         out.update({f"eval_{k}": v for k, v in result.items()})
     elif run.eval_set is not None:

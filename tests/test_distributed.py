@@ -219,7 +219,9 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         cfg["lora"]["dora"] = True
     else:
         (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(64)))
-        cfg["data"].update(train=str(root / "prefs.jsonl"), packing=False)  # a row is a pair: 8 a step
+        (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(6, seed=1)))
+        # a row is a pair: 8 a step; eval at the end (under FSDP2 through the root module's forward)
+        cfg["data"].update(train=str(root / "prefs.jsonl"), eval=str(root / "eval.jsonl"), packing=False)
         cfg["train"].update(objective="dpo", beta=0.5)
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "cfg.yaml"), f"output_dir={root / 'single'}", "train.batch_size=4"]) == 0
@@ -234,4 +236,6 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         assert sum(k.endswith(".lora_magnitude_vector") for k in tensors) == 2 * 7
     else:
         entries = [json.loads(line) for line in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-        assert abs(entries[0]["loss"] - 0.6931472) < 1e-6 and all("reward_accuracy" in e for e in entries)
+        assert abs(entries[0]["loss"] - 0.6931472) < 1e-6 and all("reward_accuracy" in e for e in entries if "loss" in e)
+        got, want = (json.loads((root / side / "summary.json").read_text()) for side in ("fsdp", "single"))
+        assert abs(got["eval_loss"] - want["eval_loss"]) < 1e-5 and got["eval_reward_accuracy"] == want["eval_reward_accuracy"]

@@ -104,8 +104,28 @@ def test_a_pair_is_dropped_whole_and_invalid_records_are_reported_by_line():
         build([records[1], {"prompt": "x", "completion": " y"}])
     with pytest.raises(UserError, match=r"'rejected' ends with a user turn"):
         build([{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": [{"role": "user", "content": "b"}]}])
-    with pytest.raises(UserError, match=r"data.format is 'preference' but the record has keys \['completion', 'prompt'\]"):
+    with pytest.raises(UserError, match=r"p.jsonl:1: not a preference record: keys \['completion', 'prompt'\]; a pair needs"):
         build([{"prompt": "x", "completion": " y"}], format="preference")
+
+
+def test_a_record_with_chat_messages_and_a_pair_is_chat_unless_pairs_are_asked_for():
+    # UltraFeedback's layout: its SFT split trains on `messages`, its preference split on the pair
+    user = {"role": "user", "content": "Add 2 and 3"}
+    record = {"prompt": "Add 2 and 3", "messages": [user, {"role": "assistant", "content": "5"}],
+              "chosen": [user, {"role": "assistant", "content": "5"}], "rejected": [user, {"role": "assistant", "content": "6"}]}  # fmt: skip
+    chat = build([record])
+    assert not chat.pairs and len(chat) == 1
+    assert np.array_equal(chat.input_ids, build([{"messages": record["messages"]}]).input_ids)
+    pairs = build([record], format="preference")
+    assert pairs.pairs and np.array_equal(pairs.input_ids, build([{k: record[k] for k in ("chosen", "rejected")}]).input_ids)
+
+
+def test_invalid_records_are_counted_one_each_when_they_share_a_line():
+    # a JSON list written on one line: every record reports line 1
+    bad = {"prompt": "f", "chosen": 3, "rejected": " g"}
+    good = {"prompt": "c", "chosen": " d", "rejected": " e"}
+    ds = tokenize_records([(1, bad), (1, good), (1, bad), (1, bad)], make_tokenizer("llama3"), DataConfig(skip_invalid=True), source="p")
+    assert ds.stats.skipped_invalid == 3 and ds.stats.pairs == 1
 
 
 def test_held_out_pairs_stay_whole_and_the_cache_keeps_pairs(tmp_path):
@@ -143,6 +163,14 @@ def test_pair_batches_keep_both_answers_in_one_row():
         assert sum(seen) == 12  # one epoch: every pair once
     single = BatchStream(ds, batch_size=1, max_length=16, packing=False, seed=0)
     assert single.num_rows == 12 and single.next()["num_pairs"] == 1
+
+
+def test_padding_positions_stay_within_an_examples_length():
+    # a row of pairs is up to 2 x max_length long; a model's table of positions (GPT-2) is not
+    ds = build([{"prompt": "1 plus 1 is", "chosen": " 2", "rejected": " " + " ".join(["three"] * 20)}] +
+               [{"prompt": "2", "chosen": " 4", "rejected": " 5"}] * 3, max_length=24)  # fmt: skip
+    batch = BatchStream(ds, batch_size=4, max_length=24, packing=False, seed=0).next()
+    assert batch["input_ids"].shape[1] > 24 and int(batch["position_ids"].max()) < 24
 
 
 # --------------------------------------------------------------------------- the loss
@@ -209,7 +237,7 @@ def test_dpo_loss_and_gradients_match_a_plain_reference(make_model, checkpointin
     tok = make_tokenizer("llama3")
     ds = build(addition_pairs(6) + [{"prompt": "7 plus 1 is", "chosen": " 8, I think", "rejected": " 9"}], tok, max_length=24)
     base = make_model()
-    assert disable_dropout(base) == (7 if make_model is tiny_gpt2 else 0)  # GPT-2: embeddings, 3 a block
+    disable_dropout(base)
     reference = copy.deepcopy(base).eval()  # the adapter-free model DPO compares against
     model = _adapted(base)
     plain = copy.deepcopy(model)
@@ -269,6 +297,21 @@ def test_ipo_simpo_orpo_losses_and_gradients_match_their_formulas(objective, bet
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     assert stats[0] == batch["num_pairs"] and max(g.abs().max().item() for g in got) > 1e-4
+
+
+def test_the_models_dropout_is_off_and_lora_dropout_stays():
+    from helpers import tiny_causal_lm
+
+    llama = tiny_llama()
+    inject_adapter(llama, LoraConfig(r=4, alpha=8, dropout=0.1))
+    assert disable_dropout(llama) == 0
+    assert all(layer.lora_dropout["default"].p == 0.1 for _, layer in lora_layers(llama))
+    # GPT-2's nn.Dropout modules, OPT's F.dropout with float attributes (read from its config)
+    for model in (tiny_gpt2(), tiny_causal_lm("OPT")):
+        assert disable_dropout(model) > 0
+        model.train()
+        ids = torch.randint(0, 400, (2, 12))
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_sequence_logps_sum_each_answers_tokens():
@@ -351,12 +394,16 @@ def test_ipo_simpo_orpo_train_end_to_end(workspace, objective, capsys):
     assert evals[-1]["eval_reward_accuracy"] >= 0.6
 
 
-def test_dpo_resume_is_bit_identical(workspace, monkeypatch):
+def test_dpo_resume_is_bit_identical(workspace, monkeypatch, capsys):
     full, crashed = workspace / "full", workspace / "crashed"
     assert main(["train", _config(workspace, full, save_every=4, max_steps=8)]) == 0
     crash_and_resume(monkeypatch, _config(workspace, crashed, save_every=4, max_steps=8), crash_at=6)
     assert (crashed / "checkpoints" / "step-4").is_dir()
     assert without_timing(_entries(crashed)) == without_timing(_entries(full))
+    # another objective or beta is another run: the checkpoint at step 4 is not resumed with it
+    capsys.readouterr()
+    assert main(["train", _config(workspace, crashed, save_every=4, max_steps=8), "train.beta=0.2", "--resume"]) == 2
+    assert "the objective (objective.beta) changed since it was written" in capsys.readouterr().err
     a, b = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (full, crashed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -379,7 +426,7 @@ def test_objective_and_data_must_agree(workspace, capsys):
     assert "holds preference records (prompt, chosen, rejected); set train.objective to dpo, ipo, simpo or orpo" in capsys.readouterr().err
     (workspace / "sft.jsonl").write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n")
     assert main(["train", _config(workspace, out), f"data.train={workspace / 'sft.jsonl'}", "data.eval=null"]) == 2
-    assert "train.objective is dpo but data.train holds no preference records" in capsys.readouterr().err
+    assert "sft.jsonl:1: not a preference record: keys ['completion', 'prompt']" in capsys.readouterr().err
     assert main(["train", _config(workspace, out), "lora.init=pissa", "train.eval_generate=true", "train.beta=0"]) == 2
     err = capsys.readouterr().err
     assert "3 problems" in err and "train.beta = 0.0: must be > 0.0" in err
@@ -389,6 +436,15 @@ def test_objective_and_data_must_agree(workspace, capsys):
     assert main(["train", _config(workspace, out, objective="sft"), "data.format=preference"]) == 2
     assert "data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo" in capsys.readouterr().err
     assert main(["train", _config(workspace, out, objective="simpo"), "lora.init=pissa", "train.max_steps=1"]) == 0  # no reference
+    # UltraFeedback's layout (chat messages beside the pair) trains on the pairs under a preference objective
+    user = {"role": "user", "content": "Add 2 and 3"}
+    record = {"prompt": "Add 2 and 3", "messages": [user, {"role": "assistant", "content": "5"}],
+              "chosen": [user, {"role": "assistant", "content": "5"}], "rejected": [user, {"role": "assistant", "content": "6"}]}  # fmt: skip
+    (workspace / "ufb.jsonl").write_text((json.dumps(record) + "\n") * 8)
+    capsys.readouterr()
+    assert main(["train", _config(workspace, workspace / "ufb"), f"data.train={workspace / 'ufb.jsonl'}", "data.eval=null",
+                 "data.max_length=48", "train.max_steps=1"]) == 0  # fmt: skip
+    assert "8 pairs (16 answers)" in capsys.readouterr().out
 
 
 def test_eval_command_reports_dpo_rewards_of_an_adapter(workspace, capsys):
