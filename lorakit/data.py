@@ -394,15 +394,16 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
     answer as an assistant turn (a string) or turns (a list of messages). Only the answer's
     tokens count, never the prompt's, assistant turns of the prompt included. Without a prompt,
     chat answers that are whole conversations (TRL's implicit prompt) share their first turns: those
-    are the prompt. A string prompt with chat answers is the user's turn before them, or, where each
-    answer is a whole conversation starting with that user turn (UltraFeedback's layout), already in
-    them."""
+    are the prompt. A string prompt with chat answers is the user's turn before them, or, where the
+    answers are whole conversations whose shared first turns hold a user turn (UltraFeedback's
+    layout, with or without a system turn), already in them."""
     if "prompt" not in record:
         return _implicit_prompt_pair(record)
     prompt = record["prompt"]
     answers = [record[key] for key in ("chosen", "rejected")]
     if isinstance(prompt, str) and all(isinstance(a, list) for a in answers):
-        if all(a and isinstance(a[0], dict) and a[0].get("role") == "user" and a[0].get("content") == prompt for a in answers):
+        chosen, rejected = _messages(record, False, key="chosen"), _messages(record, False, key="rejected")
+        if any(m["role"] == "user" for m in chosen[: _shared_turns(chosen, rejected)]):
             return _implicit_prompt_pair(record)
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, str):
@@ -429,14 +430,20 @@ def _implicit_prompt_pair(record: dict) -> list[tuple[str, Any]]:
     if not all(isinstance(record[key], list) for key in ("chosen", "rejected")):
         raise BadRecord("'prompt' is missing; give it, or give 'chosen' and 'rejected' as whole chat conversations")
     chosen, rejected = _messages(record, False, key="chosen"), _messages(record, False, key="rejected")
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
+    shared = _shared_turns(chosen, rejected)
     if shared == 0 or shared == max(len(chosen), len(rejected)):
         what = "start differently" if shared == 0 else "are the same conversation"
         raise BadRecord(f"'chosen' and 'rejected' {what}, so no prompt can be taken from them; give it as 'prompt'")
     earlier_turns = sum(m["role"] == "assistant" for m in chosen[:shared])
     return [("chat", (chosen, earlier_turns)), ("chat", (rejected, earlier_turns))]
+
+
+def _shared_turns(a: list[dict], b: list[dict]) -> int:
+    """How many first turns two conversations have in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) -> list[dict[str, str]]:
@@ -520,19 +527,24 @@ class _ChatRenderer:
 
 
 def _chat_spans(
-    renderer: _ChatRenderer, convs: list[list[dict]], train_on_inputs: bool
+    renderer: _ChatRenderer, convs: list[list[dict]], train_on_inputs: bool, untrained: Sequence[int] = ()
 ) -> list[Union[tuple[str, list[tuple[int, int]]], str]]:
-    """Per conversation: (rendered text, character spans to train) or an error message."""
+    """Per conversation: (rendered text, character spans to train) or an error message.
+
+    untrained: per conversation, how many first assistant turns are not trained (a preference
+    record's prompt); they are not located either, so a template may rewrite them freely (Qwen3
+    drops the think blocks of earlier turns)."""
     full = renderer(convs, False)
     if train_on_inputs:
         return [(t, []) if isinstance(t, str) else _template_error(t) for t in full]  # spans unused
+    skips = list(untrained) or [0] * len(convs)
+    trained = [[i for i, m in enumerate(msgs) if m["role"] == "assistant"][skip:] for msgs, skip in zip(convs, skips)]
     starts, ends = [], []  # (conversation, message index) of each prefix render
     for ci, msgs in enumerate(convs):
-        for i, m in enumerate(msgs):
-            if m["role"] == "assistant":
-                starts.append((ci, i))
-                if i != len(msgs) - 1:
-                    ends.append((ci, i))
+        for i in trained[ci]:
+            starts.append((ci, i))
+            if i != len(msgs) - 1:
+                ends.append((ci, i))
     start_texts = dict(zip(starts, renderer([convs[c][:i] for c, i in starts], True)))
     end_texts = dict(zip(ends, renderer([convs[c][: i + 1] for c, i in ends], False)))
     out: list[Union[tuple[str, list[tuple[int, int]]], str]] = []
@@ -542,9 +554,7 @@ def _chat_spans(
             out.append(_template_error(text))
             continue
         spans, problem, cursor = [], None, 0
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
+        for i in trained[ci]:
             before = start_texts[(ci, i)]
             upto = text if i == len(msgs) - 1 else end_texts[(ci, i)]
             if isinstance(before, Exception) or isinstance(upto, Exception):
@@ -587,7 +597,11 @@ def _turn_by_content(
         start, previous = None, msgs[i - 1]["content"].strip() if i else ""
         found = text.find(previous, cursor) if previous else -1
         search = found + len(previous) if found >= 0 else cursor
-    at = text.find(content, search) if content else search
+    # the content followed by the end of its turn, where the template writes one: the same words
+    # may appear earlier in the template's own markup (Mistral's "[/INST]" holds "I", "INST")
+    at = text.find(content + end_of_turn, search) if content and end_of_turn else -1
+    if at < 0:
+        at = text.find(content, search) if content else search
     if at < 0:
         return None
     end = at + len(content)
@@ -718,14 +732,14 @@ def _render_chunk(
     chats = [(k, payload) for k, (_, fmt, payload) in enumerate(chunk) if fmt == "chat"]
     ok, failed = [], set()
     if chats:
-        for (k, (_, skip)), r in zip(chats, _chat_spans(renderer, [msgs for _, (msgs, _) in chats], train_on_inputs)):
+        convs, skips = [msgs for _, (msgs, _) in chats], [skip for _, (_, skip) in chats]
+        for (k, _), r in zip(chats, _chat_spans(renderer, convs, train_on_inputs, skips)):
             if isinstance(r, str):
                 if not (pairs and k % 2 and k - 1 in failed):  # one problem per record: a pair's first failure
                     problems.append((chunk[k][0], r))
                 failed.add(k)
             else:
-                text, spans = r
-                ok.append((k, (text, spans[skip:])))  # a preference prompt's own assistant turns do not count
+                ok.append((k, r))
     return _Job(
         size=len(chunk),
         plain=[(k, prompt_chars) for k, (_, prompt_chars) in plain],

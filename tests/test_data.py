@@ -194,6 +194,17 @@ def test_chat_templates_that_rewrite_earlier_turns(template):
         assert _trained_groups(tok, ds.example(1)[1]) == [" Four.</s>"]
 
 
+def test_a_reply_that_spells_template_markup_is_found_where_its_turn_ends():
+    # Mistral-like with a system prompt: the render of the prefixes differs, so the reply is found by
+    # its content, which "[/INST]" holds too ("I", "INST"); it is the one followed by the end of turn
+    tok = make_tokenizer(template=None)
+    tok.chat_template, tok.eos_token = MISTRAL_LIKE, "</s>"
+    system = {"role": "system", "content": "Be brief."}
+    for reply in ("I", "INST", "T"):
+        ds = build([{"messages": [system, {"role": "user", "content": "Which letter?"}, {"role": "assistant", "content": reply}]}], tok)
+        assert _trained_groups(tok, ds.example(0)[1]) == [f"{reply}</s>"]
+
+
 def test_a_turn_the_template_rewrites_is_refused():
     tok = make_tokenizer(template=None)  # a template that writes the reply upper-cased when it is not the last
     tok.chat_template = (

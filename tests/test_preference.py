@@ -80,12 +80,36 @@ def test_whole_conversations_share_their_first_turns_as_the_prompt():
     ultrafeedback = {"prompt": "Add 2 and 3", **implicit}
     # a string prompt before chat answers: the user's turn
     user_turn = {"prompt": "Add 2 and 3", "chosen": [implicit["chosen"][1]], "rejected": [implicit["rejected"][1]]}
+    # whole conversations that open with a system turn: the shared turns hold the user's, so they are the prompt
+    system = {"role": "system", "content": "Be brief."}
+    with_system = {"prompt": "Add 2 and 3", "chosen": [system, *implicit["chosen"]], "rejected": [system, *implicit["rejected"]]}
+    assert build([with_system]).input_ids.tolist() == build([{"prompt": [system, user], "chosen": "5", "rejected": "6"}]).input_ids.tolist()
     a, b = build([implicit, ultrafeedback, user_turn]), build([explicit] * 3)
     assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels) and a.pairs
     with pytest.raises(UserError, match=r"p.jsonl:1: 'prompt' is missing; give it, or give 'chosen' and 'rejected' as whole"):
         build([{"chosen": " a", "rejected": " b"}])
     with pytest.raises(UserError, match=r"p.jsonl:1: 'chosen' and 'rejected' are the same conversation"):
         build([{"chosen": implicit["chosen"], "rejected": implicit["chosen"]}])
+
+
+def test_the_prompts_assistant_turns_are_not_located_so_a_template_may_rewrite_them():
+    # Qwen3 drops the think block of assistant turns before the last user turn: a prompt's earlier
+    # turn is then not in the render as written, which does not matter, it is not trained
+    from test_data import QWEN3_LIKE, _trained_groups
+
+    template = QWEN3_LIKE.replace(
+        "{%- else %}{{- '<|im_start|>assistant\n' + m.content + '<|im_end|>\n' }}",
+        "{%- else %}{{- '<|im_start|>assistant\n' + m.content.split('</think>')[-1].lstrip('\n') + '<|im_end|>\n' }}",
+    )
+    assert template != QWEN3_LIKE
+    tok = make_tokenizer(template=None)
+    tok.chat_template, tok.eos_token = template, "<|im_end|>"
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nHello."},
+              {"role": "user", "content": "2+2?"}]  # fmt: skip
+    ds = build([{"prompt": prompt, "chosen": "Four.", "rejected": "Five."}], tok)
+    assert [_trained_groups(tok, ds.example(i)[1]) for i in range(2)] == [
+        ["<think>\n\n</think>\n\nFour.<|im_end|>"], ["<think>\n\n</think>\n\nFive.<|im_end|>"]
+    ]
 
 
 def test_a_pair_is_dropped_whole_and_invalid_records_are_reported_by_line():
