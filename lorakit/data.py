@@ -1,7 +1,7 @@
 """Training data: JSONL/JSON records -> tokenized examples with loss masks -> micro-batches.
 
-Record formats, detected per record from its keys (a file may mix them) or forced with
-`data.format`:
+Record formats, detected per record from its keys (a file may mix them, preference records
+aside) or forced with `data.format`:
 
 - text:        `{"text": str}`; loss on every token (continued pre-training).
 - completion:  `{"prompt": str, "completion": str}`; the two strings are joined as they are
@@ -14,6 +14,11 @@ Record formats, detected per record from its keys (a file may mix them) or force
 - chat:        `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
                ShareGPT's `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`,
                rendered with the tokenizer's own chat template; loss on the assistant turns only.
+- preference:  `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`
+               (or whole conversations without a prompt): two examples, prompt + each answer, as
+               completion or chat examples with the loss on the answer only; a file of them holds
+               nothing else, and its examples come in pairs (`TokenizedDataset.pairs`). A record
+               with chat `messages` beside its pair is chat unless `data.format: preference`.
 
 Token ids and labels:
 - Non-chat text is tokenized with the tokenizer's special tokens (a BOS where its post-processor
@@ -27,8 +32,10 @@ Token ids and labels:
   generation stops at the end-of-turn token, so the model never produces it. Some templates render
   a turn one way while it is the last and another once a later turn follows (Qwen3's empty think
   block goes into the last assistant turn only; Mistral's system prompt into the last user turn):
-  such a turn is found by its content instead, after the turns before it, and trained with the
-  end-of-turn text that follows it.
+  such a turn is found by its content instead (followed by the end-of-turn text, where the
+  template writes one), after the turns before it, and trained with that end-of-turn text.
+- A preference record's chat examples train only the answer's assistant turns; the prompt's own
+  assistant turns are neither trained nor located (a template may rewrite them).
 - A token is trainable when its characters overlap a trained span (a token straddling the
   prompt/completion boundary is trained). `train_on_inputs: true` trains every token.
 - `labels` use the Hugging Face convention (aligned with `input_ids`; the loss shifts by one),
