@@ -365,9 +365,9 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
                 "expected one of text / prompt+completion / instruction+output / messages / prompt+chosen+rejected"
             )
         fmt = found
-    elif not _has_keys(record, fmt) and fmt == "preference":
-        raise BadRecord(f"not a preference record: keys {sorted(record)}; a pair needs chosen and rejected (and a prompt)")
     elif not _has_keys(record, fmt):
+        if fmt == "preference":
+            raise BadRecord(f"not a preference record: keys {sorted(record)}; a pair needs chosen and rejected (and a prompt)")
         raise BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
     if fmt == "text":
         return fmt, (_string(record, "text"), 0)
@@ -404,14 +404,16 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
     are the prompt. A string prompt with chat answers is the user's turn before them, or, where the
     answers are whole conversations whose shared first turns hold a user turn (UltraFeedback's
     layout, with or without a system turn), already in them."""
+    prompt = record.get("prompt")
+    conversations = all(isinstance(record[key], list) for key in ("chosen", "rejected"))
     if "prompt" not in record:
-        return _implicit_prompt_pair(record)
-    prompt = record["prompt"]
-    answers = [record[key] for key in ("chosen", "rejected")]
-    if isinstance(prompt, str) and all(isinstance(a, list) for a in answers):
+        if not conversations:
+            raise BadRecord("'prompt' is missing; give it, or give 'chosen' and 'rejected' as whole chat conversations")
+        return _implicit_prompt_pair(_messages(record, False, key="chosen"), _messages(record, False, key="rejected"))
+    if isinstance(prompt, str) and conversations:
         chosen, rejected = _messages(record, False, key="chosen"), _messages(record, False, key="rejected")
         if any(m["role"] == "user" for m in chosen[: _shared_turns(chosen, rejected)]):
-            return _implicit_prompt_pair(record)
+            return _implicit_prompt_pair(chosen, rejected)
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, str):
         return [("completion", (prompt + _string(record, key), len(prompt))) for key in ("chosen", "rejected")]
@@ -432,11 +434,8 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
     return out
 
 
-def _implicit_prompt_pair(record: dict) -> list[tuple[str, Any]]:
-    """[chosen, rejected] chat payloads of a record whose answers are whole conversations."""
-    if not all(isinstance(record[key], list) for key in ("chosen", "rejected")):
-        raise BadRecord("'prompt' is missing; give it, or give 'chosen' and 'rejected' as whole chat conversations")
-    chosen, rejected = _messages(record, False, key="chosen"), _messages(record, False, key="rejected")
+def _implicit_prompt_pair(chosen: list[dict], rejected: list[dict]) -> list[tuple[str, Any]]:
+    """[chosen, rejected] chat payloads of answers that are whole conversations (validated)."""
     shared = _shared_turns(chosen, rejected)
     if shared == 0 or shared == max(len(chosen), len(rejected)):
         what = "start differently" if shared == 0 else "are the same conversation"

@@ -37,18 +37,25 @@ from torch import nn
 
 from lorakit.config import REFERENCE_OBJECTIVES, TrainConfig
 from lorakit.errors import UserError
-from lorakit.inject import disable_adapters
+from lorakit.inject import disable_adapters, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss, token_losses
 
 # what PreferenceLoss returns beside the loss, summed over the micro-batch's pairs
 STAT_NAMES = ("pairs", "chosen_reward", "rejected_reward", "right")
+# what a training step logs beside the loss (`step_metrics`)
+STEP_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
 
 
 def sequence_logps(
-    model: nn.Module, batch: dict, *, chunk_tokens: Optional[int] = None, workspace: Optional[dict] = None
+    model: nn.Module,
+    batch: dict,
+    *,
+    chunk_tokens: Optional[int] = None,
+    workspace: Optional[dict] = None,
+    count: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's log-probability summed over its trained tokens, and how many there are:
-    ((S,) fp32, (S,) fp32).
+    ((S,) fp32, (S,) fp32). count: S, when the caller knows it (else read from the batch, a host sync).
 
     batch: `input_ids`, `labels`, `position_ids` (B, T) and `sequence_ids` (B, T): which sequence
     of the batch each token belongs to (0 .. S-1, -1 on padding), as BatchStream gives them for
@@ -57,10 +64,16 @@ def sequence_logps(
     """
     losses, positions = token_losses(model, batch, chunk_tokens=chunk_tokens, workspace=workspace)
     sequence_ids = batch["sequence_ids"]
-    count = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
+    if count is None:
+        count = sequence_count(sequence_ids)
     owner = F.pad(sequence_ids[:, 1:], (0, 1), value=-1).flatten().index_select(0, positions)
     logps = losses.new_zeros(count).index_add(0, owner, losses.neg())
     return logps, losses.new_zeros(count).index_add_(0, owner, torch.ones_like(losses))
+
+
+def sequence_count(sequence_ids: torch.Tensor) -> int:
+    """How many sequences a batch's `sequence_ids` number (a host sync on a GPU)."""
+    return int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
 
 
 def pair_loss(
@@ -120,7 +133,8 @@ class PreferenceLoss(nn.Module):
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
-        kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace)
+        # both passes number the same sequences: counted once
+        kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace, count=sequence_count(sequence_ids))
         reference = None
         if self.objective in REFERENCE_OBJECTIVES:
             with torch.no_grad(), disable_adapters(self.model):
@@ -145,8 +159,6 @@ def disable_dropout(model: nn.Module) -> int:
     `F.dropout` and a float attribute (OPT's `dropout` and `activation_dropout`, Falcon's and Bloom's
     `hidden_dropout`, Llama's `attention_dropout` handed to SDPA), and some read the config at
     forward time, so those are zeroed too."""
-    from lorakit.inject import lora_layers
-
     lora_dropout = {id(m) for _, layer in lora_layers(model) for m in getattr(layer, "lora_dropout", {}).values()}
     changed = 0
     for module in model.modules():

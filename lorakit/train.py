@@ -44,8 +44,6 @@ from lorakit.preference import loss_module
 # torch.compile's mode under `train.compile: true`, a switch for the benchmark's levers:
 # "reduce-overhead" adds CUDA graphs on GPUs, where small models' steps are bound by kernel launches.
 COMPILE_MODE = "default"
-# what a preference objective's step logs beside the loss (lorakit.preference.step_metrics)
-PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
 
 
 class TrainingDiverged(RuntimeError):
@@ -583,7 +581,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
                 entry = {
                     "step": run.step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                     "tokens_per_s": tps, "elapsed_s": now - start_time,
-                    **{k: result[k] for k in PREFERENCE_METRICS if k in result},
+                    **{k: result[k] for k in preference.STEP_METRICS if k in result},
                 }  # fmt: skip
                 run.metrics.log(entry)
                 shown = {"acc": f"{result['reward_accuracy']:.2f}"} if "reward_accuracy" in result else {}
