@@ -13,6 +13,7 @@ from lorakit.inject import (
     set_active_adapter,
     unload,
     unmerge_adapter,
+    use_adapter,
 )
 from lorakit.layers import LoraLayer
 
@@ -22,5 +23,5 @@ __all__ = [
     "DataConfig", "LoraConfig", "LoraLayer", "RunConfig", "TrainConfig", "UserError",
     "count_parameters", "delete_adapter", "describe_trainable", "disable_adapters", "inject_adapter",
     "load_adapter", "load_run_config", "merge_adapter", "read_adapter", "save_adapter",
-    "set_active_adapter", "unload", "unmerge_adapter",
+    "set_active_adapter", "unload", "unmerge_adapter", "use_adapter",
 ]  # fmt: skip

@@ -264,19 +264,8 @@ def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
             lorakit does not support, a pickled adapter, a truncated or corrupted safetensors file.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"adapter folder {str(directory)!r} not found")
-    config_path = directory / CONFIG_NAME
+    config, raw = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
-    if not config_path.is_file():
-        raise UserError(f"{directory}: no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_path}: invalid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
-    config = lora_config_from_peft(raw, source=str(config_path))
     if not weights_path.is_file():
         pickled = [n for n in PICKLED_NAMES if (directory / n).is_file()]
         if pickled:
@@ -288,6 +277,27 @@ def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
         raise UserError(f"{directory}: no {WEIGHTS_NAME}")
     tensors = load_safetensors(weights_path)
     return AdapterFiles(directory, config, raw, tensors)
+
+
+def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[str, Any]]:
+    """(LoraConfig, raw PEFT config) of an adapter folder, its weights not read.
+
+    Raises:
+        UserError: missing folder or config, invalid JSON, not a LoRA adapter, an unsupported PEFT feature.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"adapter folder {str(directory)!r} not found")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise UserError(f"{directory}: no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path}: invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    return lora_config_from_peft(raw, source=str(config_path)), raw
 
 
 def load_safetensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo"], default=None,
                    help="read the data as preference pairs and report this objective's loss and rewards (default for "
                         "preference data: dpo; dpo, ipo: the adapter against its base)")
+    p.add_argument("--reference-adapter", default=None,
+                   help="preference data, dpo / ipo: the reference is this adapter (the one a run's `adapter` continued), "
+                        "not the base")
     p.add_argument("--beta", type=float, default=None, help="preference data: the objective's beta (default: its usual value)")
     p.add_argument("--simpo-gamma", type=float, default=0.5, help="preference data: SimPO's target reward margin")
     p.set_defaults(func=_eval)

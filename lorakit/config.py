@@ -163,6 +163,8 @@ class RunConfig:
     """Everything `lorakit train` needs; only `model` and `data.train` have no default."""
 
     model: Union[str, None] = None
+    # an adapter folder (PEFT format) to continue training: its LoRA config and weights are the start
+    adapter: Union[str, None] = None
     output_dir: str = "runs/lorakit"
     trust_remote_code: bool = False
     quantize: str = "none"  # none | nf4
@@ -265,6 +267,8 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     # Bad values are reported and replaced by their defaults so the checks below still run:
     # the user sees every problem in one message.
     cfg = _convert(RunConfig, raw, "", problems)
+    if cfg.adapter is not None:
+        problems += _take_adapter_config(cfg, raw.get("lora"), check_paths)
     problems += cfg.lora.problems("lora")
     for key, choices in _CHOICES.items():
         value = _get_dotted(cfg, key)
@@ -301,6 +305,35 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     return cfg
 
 
+def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool) -> list[str]:
+    """Make cfg.lora the LoRA config of the adapter training starts from (`adapter`), its dropout
+    the config's when the config sets one. Other lora keys the config sets must agree with the
+    adapter's: the adapter's shape is fixed, so a different value is a mistake, not a wish. A
+    resolved config.yaml, which lists them all, runs again as it is."""
+    from lorakit.adapters import read_adapter_config
+
+    if not Path(cfg.adapter).is_dir():
+        return [f"adapter = {cfg.adapter!r}: folder not found; pass an adapter folder (adapter_config.json + "
+                "adapter_model.safetensors)"] if check_paths else []  # fmt: skip
+    try:
+        start, _ = read_adapter_config(cfg.adapter)
+    except UserError as exc:
+        return [f"adapter = {cfg.adapter!r}: {exc}"]
+    given = raw_lora if isinstance(raw_lora, dict) else {}
+    problems = []
+    for key in given:
+        if key == "dropout" or not hasattr(start, key):
+            continue  # unknown keys are reported by _convert
+        mine, theirs = getattr(cfg.lora, key), getattr(start, key)
+        if mine != theirs:
+            problems.append(
+                f"lora.{key} = {mine!r}: training continues the adapter {cfg.adapter}, whose {key} is {theirs!r}; "
+                f"remove lora.{key} (the adapter sets it)"
+            )
+    cfg.lora = dataclasses.replace(start, dropout=cfg.lora.dropout if "dropout" in given else start.dropout)
+    return problems
+
+
 def _objective_problems(cfg: RunConfig) -> list[str]:
     """Settings that contradict train.objective (the data's records are checked when read)."""
     objective = cfg.train.objective
@@ -315,10 +348,17 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
             "(prompt, chosen, rejected); use auto or preference"
         )
     if objective in REFERENCE_OBJECTIVES and cfg.lora.init in ("pissa", "olora"):
-        problems.append(
-            f"lora.init = {cfg.lora.init!r}: {objective.upper()}'s reference is the base with the adapter off, and "
-            f"{cfg.lora.init} moves part of the base into the adapter; use default or gaussian"
-        )
+        if cfg.adapter is None:
+            problems.append(
+                f"lora.init = {cfg.lora.init!r}: {objective.upper()}'s reference is the base with the adapter off, and "
+                f"{cfg.lora.init} moves part of the base into the adapter; use default or gaussian"
+            )
+        else:
+            problems.append(
+                f"adapter = {cfg.adapter!r}: a {cfg.lora.init} adapter moves part of the base into itself, so "
+                f"{objective.upper()} cannot hold it a second time, frozen, as the reference; write it as a plain "
+                "LoRA first (lorakit convert) and continue that one"
+            )
     if cfg.data.train_on_inputs:
         problems.append(f"data.train_on_inputs = true: {objective} compares the answers only; set it to false")
     if cfg.train.eval_generate:

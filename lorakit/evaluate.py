@@ -1,6 +1,7 @@
 """`lorakit eval`: loss and perplexity over a dataset, and exact-match accuracy of greedy completions;
 on preference pairs (prompt, chosen, rejected), a preference objective's loss, reward accuracy and
-margin (DPO by default: the adapter against its base; lorakit.preference).
+margin (DPO by default: the adapter against its base, or against --reference-adapter, the adapter
+its training continued; lorakit.preference).
 
 The loss is the trainer's: the data is tokenized and masked by `lorakit.data` exactly as for
 training, and `loss.token_loss_sum` is summed over every batch and divided by the number of
@@ -26,7 +27,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from lorakit.config import LoraConfig
 from lorakit.errors import UserError
+from lorakit.inject import lora_configs
 from lorakit.loss import token_loss_sum
 from lorakit.models import position_limit
 
@@ -172,6 +175,19 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
             f"{args.data} holds preference pairs: their {objective.upper()} rewards compare an adapter with its "
             "base; pass --adapter (or --objective simpo / orpo, which need no reference)"
         )
+    if objective in REFERENCE_OBJECTIVES:
+        _check_plain_base(lora_configs(model)["default"], args.adapter, objective)
+    if args.reference_adapter is not None:
+        if objective not in REFERENCE_OBJECTIVES:
+            raise UserError(f"--reference-adapter: {objective} compares with no reference; drop it, or use --objective dpo / ipo")
+        from lorakit.adapters import apply_adapter, read_adapter
+        from lorakit.preference import REFERENCE_ADAPTER
+
+        files = read_adapter(args.reference_adapter)
+        _check_plain_base(files.config, args.reference_adapter, objective)
+        device = next(model.parameters()).device
+        apply_adapter(model, files, REFERENCE_ADAPTER)
+        model.to(device)
     if args.generate:
         raise UserError(f"--generate: {args.data} holds preference pairs, which have no single answer to match")
     beta = args.beta if args.beta is not None else PREFERENCE_BETA[objective]
@@ -189,6 +205,17 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
+
+
+def _check_plain_base(config: LoraConfig, path: str, objective: str) -> None:
+    """Refuse a PiSSA / OLoRA adapter where a reference is compared: loading one moves part of the
+    base into the adapter, so neither the base with adapters off nor a second adapter over it is
+    what the reference should be."""
+    if config.init in ("pissa", "olora"):
+        raise UserError(
+            f"{path}: a {config.init} adapter moves part of the base into itself, so {objective.upper()}'s reference "
+            "cannot be computed over it; write it as a plain LoRA first (lorakit convert) and evaluate that"
+        )
 
 
 def _max_length(asked: Optional[int], model: nn.Module, name: str) -> int:
@@ -218,6 +245,8 @@ def eval_command(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     if dataset.pairs:
         return _preference_eval(args, model, dataset, max_length)
+    if args.reference_adapter is not None:
+        raise UserError(f"--reference-adapter: {args.data} holds no preference pairs, whose dpo / ipo rewards use a reference")
     result: dict[str, Any] = {"loss": None, "perplexity": None, "accuracy": None}
     result.update(evaluate_loss(model, dataset, batch_size=args.batch_size, max_length=max_length))
     result["examples"] = len(dataset)

@@ -320,6 +320,34 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             module.disabled = False
 
 
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Run forward with adapter `name` instead of the active one, which is restored after; which
+    parameters require grad stays as it is (DDP and FSDP see the same trainable set throughout).
+
+    Raises:
+        UserError: no adapter `name`, or an adapter merged into the weights.
+    """
+    layers, saved = list(lora_layers(model)), list(saved_modules(model))
+    if not any(name in layer.lora_A for _, layer in layers):
+        raise UserError(f"no adapter named {name!r} on the model")
+    merged = next((path for path, layer in layers if layer.merged), None)
+    if merged is not None:
+        raise UserError(f"{merged}: an adapter is merged into the weights; unmerge_adapter before switching adapters")
+    previous = [layer.active_adapter for _, layer in layers], [module.active_adapter for _, module in saved]
+    for _, layer in layers:
+        layer.active_adapter = name if name in layer.lora_A else None
+    for _, module in saved:
+        module.active_adapter = name if name in module.copies else None
+    try:
+        yield model
+    finally:
+        for (_, layer), active in zip(layers, previous[0]):
+            layer.active_adapter = active
+        for (_, module), active in zip(saved, previous[1]):
+            module.active_adapter = active
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     configs = lora_configs(model)
     if name not in configs:

@@ -17,10 +17,12 @@ answers' rewards (dpo: beta * (log pi - log ref); ipo: the same of the means; si
 a(y)); a pair counts as right when the chosen answer's reward is higher (`reward_accuracy`), and
 `reward_margin` is the mean of chosen minus rejected reward.
 
-The reference of dpo and ipo is the base model: the same model with the adapter switched off
-(`lorakit.inject.disable_adapters`), run without gradients on the same micro-batch. It costs one
-forward pass and no memory for a second model, and it equals the trained model at the start
-(B = 0), so DPO's first loss is exactly ln 2. simpo and orpo need no reference: one forward a
+The reference of dpo and ipo is the model training starts from, run without gradients on the same
+micro-batch: the base model, the same model with the adapter switched off
+(`lorakit.inject.disable_adapters`), or, when training continues an adapter (an SFT adapter, say:
+`adapter` in the run config), a frozen copy of that adapter carried by the model under the name
+REFERENCE_ADAPTER (`lorakit.inject.use_adapter`). Either costs one forward pass and no memory for
+a second model, and equals the trained model at the start, so DPO's first loss is exactly ln 2. simpo and orpo need no reference: one forward a
 micro-batch, as for SFT. Both passes take the same packed batch (a pair's answers side by side in
 one row, `lorakit.data.BatchStream`) and the trainer's chunked output head, which gives each
 token's log-probability without keeping (tokens x vocab) logits (`lorakit.loss.token_losses`);
@@ -37,9 +39,12 @@ from torch import nn
 
 from lorakit.config import REFERENCE_OBJECTIVES, TrainConfig
 from lorakit.errors import UserError
-from lorakit.inject import disable_adapters, lora_layers
+from lorakit.inject import disable_adapters, lora_layers, use_adapter
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss, token_losses
 
+# the name of the frozen copy of the adapter training started from, the reference of dpo and ipo
+# when there is one (otherwise the reference is the base, adapters off)
+REFERENCE_ADAPTER = "reference"
 # what PreferenceLoss returns beside the loss, summed over the micro-batch's pairs
 STAT_NAMES = ("pairs", "chosen_reward", "rejected_reward", "right")
 # what a training step logs beside the loss (`step_metrics`)
@@ -121,6 +126,7 @@ class PreferenceLoss(nn.Module):
         super().__init__()
         self.tokens = TokenLoss(model, chunk_tokens)  # keeps the fused loss's buffers; release() frees them
         self.objective, self.beta, self.gamma = objective, beta, gamma
+        self.has_reference_adapter = has_reference_adapter(model)
 
     @property
     def model(self) -> nn.Module:
@@ -137,7 +143,8 @@ class PreferenceLoss(nn.Module):
         kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace, count=sequence_count(sequence_ids))
         reference = None
         if self.objective in REFERENCE_OBJECTIVES:
-            with torch.no_grad(), disable_adapters(self.model):
+            switch = use_adapter(self.model, REFERENCE_ADAPTER) if self.has_reference_adapter else disable_adapters(self.model)
+            with torch.no_grad(), switch:
                 reference = sequence_logps(self.model, batch, **kw)[0]
         policy, tokens = sequence_logps(self.model, batch, **kw)
         losses, rewards = pair_loss(self.objective, policy, tokens, reference, beta=self.beta, gamma=self.gamma)
@@ -147,6 +154,11 @@ class PreferenceLoss(nn.Module):
             (rewards[:, 0] > rewards[:, 1]).sum().float(),
         ])  # fmt: skip
         return losses.sum(), stats
+
+
+def has_reference_adapter(model: nn.Module) -> bool:
+    """Whether `model` (or the model a wrapper holds) carries the frozen REFERENCE_ADAPTER."""
+    return any(REFERENCE_ADAPTER in layer.lora_A for _, layer in lora_layers(model))
 
 
 def disable_dropout(model: nn.Module) -> int:

@@ -32,6 +32,7 @@ from torch import nn
 
 from lorakit import host_memory, preference
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from lorakit.adapters import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.config import REFERENCE_OBJECTIVES, DataConfig, RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
@@ -119,11 +120,14 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     if model_dir.is_dir():
         weights = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))
         model_id = hashlib.sha256(((model_dir / "config.json").read_text() + repr(weights)).encode()).hexdigest()
+    # the adapter training continues, for runs that have one (so checkpoints of earlier runs still resume)
+    start = {} if cfg.adapter is None else {"adapter": [file_hash(str(Path(cfg.adapter) / n)) for n in (CONFIG_NAME, WEIGHTS_NAME)]}
     return {
         "model": model_id,
         "data": {"train": file_hash(cfg.data.train), "eval": file_hash(cfg.data.eval), **_data_options(cfg)},
         "lora": dataclasses.asdict(cfg.lora),
         "quantize": cfg.quantize,
+        **start,
         **_objective_fingerprint(cfg),
     }
 
@@ -240,7 +244,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         cpu_kernels.ops(announce=log if dist.is_main else None)
     if attention.VARLEN_ENABLED:
         attention.use_varlen_attention(model)  # per-example causal attention for packed rows
-    inject_adapter(model, cfg.lora)
+    add_adapters(model, cfg)
     if cfg.train.objective != "sft":
         preference.disable_dropout(model)
     if fused.FUSED_RMS_NORM:
@@ -301,6 +305,22 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     return run
 
 
+def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
+    """The adapter to train: new (cfg.lora), or the one training continues (cfg.adapter, whose config
+    cfg.lora then is) with its weights. DPO and IPO then also get that adapter frozen, their reference
+    (`lorakit.preference.REFERENCE_ADAPTER`, without dropout, so the reference is deterministic)."""
+    if cfg.adapter is None:
+        inject_adapter(model, cfg.lora)
+        return
+    from lorakit.adapters import apply_adapter, read_adapter
+
+    files = read_adapter(cfg.adapter)
+    apply_adapter(model, dataclasses.replace(files, config=cfg.lora), trainable=True)
+    if cfg.train.objective in REFERENCE_OBJECTIVES:
+        frozen = dataclasses.replace(files, config=dataclasses.replace(cfg.lora, dropout=0.0))
+        apply_adapter(model, frozen, preference.REFERENCE_ADAPTER)
+
+
 def data_config(cfg: RunConfig) -> DataConfig:
     """cfg.data, reading records as preference pairs under a preference objective (a record may hold
     chat messages beside its pair, as UltraFeedback's do, which `auto` reads as chat)."""
@@ -359,7 +379,7 @@ def dist_device(dist: Distributed) -> torch.device:
 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
-    changed = [key for key in ("model", "data", "lora", "quantize", "objective") if saved.get(key) != now.get(key)]
+    changed = [key for key in ("model", "adapter", "data", "lora", "quantize", "objective") if saved.get(key) != now.get(key)]
     if changed:
         details = []
         for key in changed:
@@ -678,7 +698,7 @@ tags: [lora, lorakit]
 
 - Base model: `{cfg.model}`{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
 - Training data: `{cfg.data.train}` ({_examples(run.data_stats)}, {run.data_stats.get('tokens', '?')} tokens){_objective_line(cfg)}
-- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.targets}, dropout={cfg.lora.dropout}
+- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.targets}, dropout={cfg.lora.dropout}{f', continuing the adapter `{cfg.adapter}`' if cfg.adapter else ''}
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 - Steps: {run.step}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x processes {run.dist.world_size}, lr {cfg.train.lr}
 
@@ -710,7 +730,8 @@ def start_summary(run: Run) -> str:
     lines = [
         f"model        {run.cfg.model} ({type(run.model).__name__}, {total:,} params)",
         f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {_adapted_summary(run.model)}; "
-        f"trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)",
+        f"trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)"
+        + (f"; continues {run.cfg.adapter}" if run.cfg.adapter is not None else ""),
         f"precision    {str(run.dtype).replace('torch.', '')} compute on {run.device}; {run.frozen_summary}",
         f"data         {_examples(s)}, {s.get('tokens'):,} tokens ({s.get('trainable_tokens'):,} trained); "
         f"truncated {s.get('truncated')}, dropped {s.get('dropped_too_long', 0) + s.get('dropped_no_trainable', 0)}, "
@@ -735,10 +756,12 @@ def _objective_line(cfg: RunConfig) -> str:
     if train.objective == "sft":
         return ""
     extra = f", gamma {train.simpo_gamma}" if train.objective == "simpo" else ""
-    reference = (
-        "reference: the base (adapter off), one more forward a micro-batch"
-        if train.objective in REFERENCE_OBJECTIVES else "no reference model"
-    )  # fmt: skip
+    if train.objective not in REFERENCE_OBJECTIVES:
+        reference = "no reference model"
+    elif cfg.adapter is not None:
+        reference = f"reference: the starting adapter {cfg.adapter} (frozen), one more forward a micro-batch"
+    else:
+        reference = "reference: the base (adapter off), one more forward a micro-batch"
     return f"; {train.objective.upper()}, beta {train.preference_beta()}{extra}; {reference}"
 
 

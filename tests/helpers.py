@@ -220,9 +220,9 @@ def train_in_modes(tmp_path: Path, model_folder: Path, lora: dict, *, steps: int
     return losses
 
 
-def crash_and_resume(monkeypatch, config: str, *, crash_at: int) -> None:
-    """`lorakit train CONFIG`, crashed (a RuntimeError in the loop) when step `crash_at` is done,
-    then `lorakit train CONFIG --resume` to the end: what a run that died and was restarted does."""
+def crash_and_resume(monkeypatch, config: str, *overrides: str, crash_at: int) -> None:
+    """`lorakit train CONFIG [KEY=VALUE ...]`, crashed (a RuntimeError in the loop) when step `crash_at`
+    is done, then the same with `--resume` to the end: what a run that died and was restarted does."""
     import pytest
 
     from lorakit import train as train_module
@@ -237,9 +237,9 @@ def crash_and_resume(monkeypatch, config: str, *, crash_at: int) -> None:
 
     monkeypatch.setattr(train_module, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["train", config])
+        main(["train", config, *overrides])
     monkeypatch.setattr(train_module, "train_step", real_step)
-    assert main(["train", config, "--resume"]) == 0
+    assert main(["train", config, *overrides, "--resume"]) == 0
 
 
 def without_timing(entries: list[dict]) -> list[dict]:

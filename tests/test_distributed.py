@@ -199,12 +199,13 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp"])
+@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp"])
 def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
     # LoRA on the fused expert weights (lorakit.experts): FSDP2 shards the (E·r, in) / (out, r·E)
     # factors; DoRA: the magnitudes are sharded, its norm reads the gathered weight; DPO: each
     # rank's micro-batch runs the reference (adapter off) and the policy, and the loss is a mean
-    # over the pairs of all ranks.
+    # over the pairs of all ranks; continuing an adapter, the reference is its frozen copy, sharded
+    # beside the trained one.
     from helpers import tiny_qwen3_moe
     from test_preference import addition_pairs
 
@@ -223,6 +224,10 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         # a row is a pair: 8 a step; eval at the end (under FSDP2 through the root module's forward)
         cfg["data"].update(train=str(root / "prefs.jsonl"), eval=str(root / "eval.jsonl"), packing=False)
         cfg["train"].update(objective="dpo", beta=0.5)
+    if variant == "dpo_continued_fsdp":  # from an adapter trained (SFT) on the addition records
+        start = workspace / "cfg.yaml", f"output_dir={root / 'start'}", "train.max_steps=3", "train.save_every=0"
+        assert main(["train", *map(str, start)]) == 0
+        cfg["adapter"] = str(root / "start" / "adapter")
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "cfg.yaml"), f"output_dir={root / 'single'}", "train.batch_size=4"]) == 0
     strategy = "ddp" if variant == "dpo_ddp" else "fsdp"

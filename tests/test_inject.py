@@ -15,6 +15,7 @@ from lorakit import (
     set_active_adapter,
     unload,
     unmerge_adapter,
+    use_adapter,
 )
 from lorakit.inject import find_targets, lora_layers
 
@@ -133,6 +134,31 @@ def test_several_adapters_do_not_leak():
     delete_adapter(both, "a")
     assert not list(lora_layers(both))
     torch.testing.assert_close(both(ids).logits, tiny_llama()(ids).logits, atol=0, rtol=0)
+
+
+def test_use_adapter_switches_forward_only_and_restores():
+    ids = _ids()
+    only_b = tiny_llama()
+    inject_adapter(only_b, LoraConfig(r=2, alpha=2, targets=["q_proj"]), "b")
+    _perturb(only_b, "b")
+    both = tiny_llama()
+    inject_adapter(both, LoraConfig(r=4, alpha=8), "a")
+    _perturb(both, "a")
+    inject_adapter(both, LoraConfig(r=2, alpha=2, targets=["q_proj"]), "b")
+    _perturb(both, "b")
+    with_a = both(ids).logits
+    trainable = [n for n, p in both.named_parameters() if p.requires_grad]
+    with use_adapter(both, "b"):  # layers without "b" run their base alone
+        assert torch.equal(both(ids).logits, only_b(ids).logits)
+        assert [n for n, p in both.named_parameters() if p.requires_grad] == trainable  # still "a"'s
+    assert torch.equal(both(ids).logits, with_a)
+    with pytest.raises(UserError, match="no adapter named 'c'"):
+        with use_adapter(both, "c"):
+            pass
+    merge_adapter(both)
+    with pytest.raises(UserError, match="an adapter is merged into the weights; unmerge_adapter"):
+        with use_adapter(both, "b"):
+            pass
 
 
 def test_embedding_target():

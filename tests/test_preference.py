@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -12,16 +13,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 from helpers import crash_and_resume, make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama, without_timing
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorakit import fused
 from lorakit.cli import main
 from lorakit.config import DataConfig, LoraConfig
 from lorakit.data import BatchStream, load_dataset, load_train_eval, tokenize_records
 from lorakit.errors import UserError
-from lorakit.inject import inject_adapter, lora_layers
+from lorakit.inject import inject_adapter, lora_layers, set_active_adapter
 from lorakit.loss import LOSS_CHUNK_TOKENS
-from lorakit.preference import PreferenceLoss, disable_dropout, pair_loss, sequence_logps
+from lorakit.preference import REFERENCE_ADAPTER, PreferenceLoss, disable_dropout, pair_loss, sequence_logps
 
 IGNORE = -100
 
@@ -297,6 +298,47 @@ def test_dpo_loss_and_gradients_match_a_plain_reference(make_model, checkpointin
     assert max(g.abs().max().item() for g in got) > 1e-4  # the gradients are not all zero
 
 
+@pytest.mark.parametrize("objective", ["dpo", "ipo"])
+def test_the_reference_is_the_adapter_training_continues_when_the_model_holds_it(objective):
+    tok = make_tokenizer("llama3")
+    ds = build(addition_pairs(6), tok, max_length=24)
+    base = tiny_llama()
+    disable_dropout(base)
+    model = _adapted(base)  # the adapter training continues (an SFT adapter, say), B non-zero
+    reference = copy.deepcopy(model).eval()  # a separate model holding it
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets="all-linear"), name=REFERENCE_ADAPTER)
+    for _, layer in lora_layers(model):
+        layer.lora_A[REFERENCE_ADAPTER].data.copy_(layer.lora_A["default"])
+        layer.lora_B[REFERENCE_ADAPTER].data.copy_(layer.lora_B["default"])
+    set_active_adapter(model, "default")
+    model.train()
+    batch = BatchStream(ds, batch_size=3, max_length=24, packing=True, seed=0).next()
+    inputs = [batch[k] for k in ("input_ids", "labels", "position_ids", "sequence_ids")]
+    loss_fn = PreferenceLoss(model, LOSS_CHUNK_TOKENS, objective, 0.3)
+    # the policy starts as its reference: every margin is 0, so DPO's loss is ln 2 a pair, IPO's (1 / (2 beta))^2
+    loss, stats = loss_fn(*inputs)
+    first = math.log(2) if objective == "dpo" else (1 / 0.6) ** 2
+    assert abs(loss.item() - first * batch["num_pairs"]) < 1e-4 and stats[1] == stats[2] == 0
+    # trained on: the loss and every gradient of the trained adapter against the frozen one
+    gen = torch.Generator().manual_seed(7)
+    for _, layer in lora_layers(model):
+        layer.lora_B["default"].data.add_(torch.randn(layer.lora_B["default"].shape, generator=gen) * 0.05)
+    plain = copy.deepcopy(model)
+    loss, _ = loss_fn(*inputs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 2 * sum(1 for _ in lora_layers(model))  # the reference adapter stays frozen
+    got = torch.autograd.grad(loss, params)
+    seq = batch["sequence_ids"]
+    pairs = [[(batch["input_ids"][seq == s].tolist(), batch["labels"][seq == s].tolist()) for s in (2 * p, 2 * p + 1)]
+             for p in range(batch["num_pairs"])]  # fmt: skip
+    want_loss = _reference_loss(objective, plain, reference, pairs, 0.3)
+    want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert all(layer.active_adapter == "default" for _, layer in lora_layers(model))  # switched back
+
+
 @pytest.mark.parametrize("objective,beta", [("ipo", 0.4), ("simpo", 2.0), ("orpo", 0.3)])
 def test_ipo_simpo_orpo_losses_and_gradients_match_their_formulas(objective, beta):
     tok = make_tokenizer("llama3")
@@ -489,3 +531,97 @@ def test_eval_command_reports_dpo_rewards_of_an_adapter(workspace, capsys):
     assert main([*args, "--objective", "simpo"]) == 0  # no reference: the base model alone
     base = json.loads(capsys.readouterr().out)
     assert (base["objective"], base["beta"], base["pairs"]) == ("simpo", 2.0, 16) and 0 <= base["reward_accuracy"] <= 1
+
+
+# --------------------------------------------------------------------------- DPO after SFT: continuing an adapter
+@pytest.fixture(scope="module")
+def sft_adapter(workspace):
+    """An SFT adapter trained on the chosen answers as completions: where DPO usually starts."""
+    records = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in addition_pairs(96)]
+    (workspace / "sft_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = workspace / "sft"
+    config = _config(workspace, out, objective="sft", max_steps=12)
+    assert main(["train", config, f"data.train={workspace / 'sft_data.jsonl'}", "data.eval=null", "lora.dropout=0.1"]) == 0
+    return out / "adapter"
+
+
+def test_dpo_continues_an_sft_adapter_against_it_as_the_reference(workspace, sft_adapter, capsys):
+    from lorakit.config import load_run_config
+    from lorakit.train import setup
+
+    out = workspace / "dpo_after_sft"
+    config = _config(workspace, out, max_steps=20)
+    capsys.readouterr()
+    assert main(["train", config, f"adapter={sft_adapter}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"continues {sft_adapter}" in printed and f"reference: the starting adapter {sft_adapter} (frozen)" in printed
+    train = [e for e in _entries(out) if "loss" in e]
+    evals = [e for e in _entries(out) if "eval_loss" in e]
+    # the policy starts as its reference, the SFT adapter (B is not 0), with LoRA dropout 0.1 from its config
+    # kept in the policy: so ln 2 up to the dropout's noise, not the base's margin
+    assert abs(train[0]["loss"] - math.log(2)) < 0.02 and evals[-1]["eval_loss"] < math.log(2)
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    start = json.loads((sft_adapter / "adapter_config.json").read_text())
+    keys = ("r", "lora_alpha", "target_modules", "lora_dropout")
+    assert {k: saved[k] for k in keys} == {k: start[k] for k in keys} and start["lora_dropout"] == 0.1
+    assert f"continuing the adapter `{sft_adapter}`" in (out / "adapter" / "README.md").read_text()
+
+    # without dropout the first loss is ln 2 exactly: the reference is the SFT adapter, not the base
+    out = workspace / "dpo_after_sft_nodrop"
+    assert main(["train", _config(workspace, out, max_steps=1), f"adapter={sft_adapter}", "lora.dropout=0"]) == 0
+    assert abs(_entries(out)[0]["loss"] - math.log(2)) < 1e-6
+    cfg = load_run_config(_config(workspace, workspace / "fresh", max_steps=1), {"adapter": str(sft_adapter), "lora.dropout": 0.0})
+    run = setup(cfg, log=lambda _: None)
+    files = load_file(str(sft_adapter / "adapter_model.safetensors"))
+    for path, layer in lora_layers(run.model):  # both adapters start as the SFT adapter; the reference is frozen
+        for name in ("default", REFERENCE_ADAPTER):
+            key = f"base_model.model.{path}.lora_B.weight"
+            assert torch.equal(layer.lora_B[name].detach(), files[key]) and files[key].abs().sum() > 0
+        assert layer.lora_B["default"].requires_grad and not layer.lora_B[REFERENCE_ADAPTER].requires_grad
+        assert isinstance(layer.lora_dropout[REFERENCE_ADAPTER], torch.nn.Identity)
+
+    # eval: against the base the SFT adapter already prefers the chosen answers; against itself it is ln 2
+    args = ["eval", "--model", str(workspace / "model"), "--data", str(workspace / "eval.jsonl"), "--max-length", "16",
+            "--json", "--adapter", str(sft_adapter)]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    against_base = json.loads(capsys.readouterr().out)
+    assert main([*args, "--reference-adapter", str(sft_adapter)]) == 0
+    against_itself = json.loads(capsys.readouterr().out)
+    assert abs(against_itself["loss"] - math.log(2)) < 1e-6 and against_itself["reward_margin"] == 0.0
+    assert abs(against_base["loss"] - math.log(2)) > 1e-3
+    assert main([*args, "--reference-adapter", str(sft_adapter), "--objective", "simpo"]) == 2
+    assert "--reference-adapter: simpo compares with no reference" in capsys.readouterr().err
+
+
+def test_a_continued_adapter_fixes_the_lora_config_and_resumes_only_unchanged(workspace, sft_adapter, monkeypatch, capsys):
+    out = workspace / "continue_bad"
+    assert main(["train", _config(workspace, out), f"adapter={sft_adapter}", "lora.r=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"lora.r = 8: training continues the adapter {sft_adapter}, whose r is 4; remove lora.r (the adapter sets it)" in err
+    assert main(["train", _config(workspace, out), f"adapter={workspace / 'nowhere'}"]) == 2
+    assert "adapter = " in (err := capsys.readouterr().err) and "nowhere': folder not found" in err
+    # a PiSSA adapter moves part of the base into itself: DPO cannot hold it twice
+    pissa = workspace / "pissa_adapter"
+    shutil.copytree(sft_adapter, pissa)
+    raw = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps({**raw, "init_lora_weights": "pissa"}))
+    assert main(["train", _config(workspace, out), f"adapter={pissa}"]) == 2
+    assert "a pissa adapter moves part of the base into itself" in capsys.readouterr().err
+
+    # continued SFT (on the pairs' chosen answers), crashed and resumed: bit-identical
+    copy_ = workspace / "sft_copy"
+    shutil.copytree(sft_adapter, copy_)
+    sft = [f"data.train={workspace / 'sft_data.jsonl'}", "data.eval=null", f"adapter={copy_}"]
+    full, crashed = workspace / "continue_full", workspace / "continue_crashed"
+    assert main(["train", _config(workspace, full, objective="sft", save_every=3, max_steps=6), *sft]) == 0
+    config = _config(workspace, crashed, objective="sft", save_every=3, max_steps=6)
+    crash_and_resume(monkeypatch, config, *sft, crash_at=4)
+    assert without_timing(_entries(crashed)) == without_timing(_entries(full))
+    # the adapter it continues changed since the checkpoint: that is another run
+    shutil.rmtree(crashed / "adapter")
+    tensors = load_file(str(copy_ / "adapter_model.safetensors"))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(copy_ / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert main(["train", config, *sft, "--resume"]) == 2
+    assert "the adapter changed since it was written" in capsys.readouterr().err
