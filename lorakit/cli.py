@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per example, longer ones truncated (default 1024, or the model's positions if fewer)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted in the result) instead of stopping")
     p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo"], default=None,
                    help="read the data as preference pairs and report this objective's loss and rewards (default for "
                         "preference data: dpo; dpo, ipo: the adapter against its base)")

@@ -121,10 +121,12 @@ def generation_accuracy(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     show_failures: int = 3,
+    skip_invalid: bool = False,
 ) -> dict[str, Any]:
     """{"accuracy", "correct", "total", "failures": [{"prompt", "expected", "got"}]} over the
     records that have an answer (exact match of `final_answer`s: stripped, a leading reasoning block
-    left out; greedy; at most `show_failures` listed).
+    left out; greedy; at most `show_failures` listed). skip_invalid: leave out invalid records (the
+    data's own reading has counted them) instead of raising.
 
     Raises:
         UserError: see `prompt_and_answer`; no record with an answer.
@@ -136,6 +138,8 @@ def generation_accuracy(
         try:
             case = prompt_and_answer(record)
         except UserError as exc:
+            if skip_invalid:
+                continue
             raise UserError(f"record {i + 1}: {exc}") from None
         if case is not None:
             cases.append(case)
@@ -198,6 +202,8 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
         max_length=max_length,
     )  # fmt: skip
     result = {"pairs": dataset.num_units(), "objective": objective, "beta": beta, **result}
+    if args.skip_invalid:
+        result["skipped"] = dataset.stats.skipped_invalid
     if args.json:
         print(json.dumps(result))
         return 0
@@ -241,7 +247,9 @@ def eval_command(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto reads as chat)
-    cfg = DataConfig(max_length=max_length, packing=False, format="preference" if args.objective else "auto")
+    cfg = DataConfig(
+        max_length=max_length, packing=False, format="preference" if args.objective else "auto", skip_invalid=args.skip_invalid
+    )
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     if dataset.pairs:
         return _preference_eval(args, model, dataset, max_length)
@@ -250,15 +258,22 @@ def eval_command(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"loss": None, "perplexity": None, "accuracy": None}
     result.update(evaluate_loss(model, dataset, batch_size=args.batch_size, max_length=max_length))
     result["examples"] = len(dataset)
+    if args.skip_invalid:
+        result["skipped"] = dataset.stats.skipped_invalid
     if args.generate:
-        records = [r for _, r in read_records(args.data)]
-        acc = generation_accuracy(model, tokenizer, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        records = [r for _, r in read_records(args.data, skip_invalid=args.skip_invalid)]
+        acc = generation_accuracy(
+            model, tokenizer, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            skip_invalid=args.skip_invalid,
+        )  # fmt: skip
         result.update(accuracy=acc["accuracy"], correct=acc["correct"], total=acc["total"], failures=acc["failures"])
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
     rows = [("examples", f"{result['examples']}"), ("tokens", f"{result['tokens']}"),
             ("loss", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}")]  # fmt: skip
+    if args.skip_invalid:
+        rows.insert(1, ("skipped", f"{result['skipped']} invalid records"))
     if args.generate:
         rows.append(("accuracy", f"{result['accuracy']:.2%} ({result['correct']}/{result['total']} exact matches)"))
     width = max(len(k) for k, _ in rows)

@@ -31,8 +31,8 @@ import yaml
 from torch import nn
 
 from lorakit import host_memory, preference
-from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.adapters import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import REFERENCE_OBJECTIVES, DataConfig, RunConfig, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
@@ -521,7 +521,8 @@ def _evaluate(run: Run) -> dict[str, float]:
         from lorakit.evaluate import generation_accuracy
 
         acc = generation_accuracy(
-            run.model, run.tokenizer, run.eval_records, max_new_tokens=run.cfg.train.eval_max_new_tokens
+            run.model, run.tokenizer, run.eval_records, max_new_tokens=run.cfg.train.eval_max_new_tokens,
+            skip_invalid=run.cfg.data.skip_invalid,
         )
         out["eval_accuracy"] = acc["accuracy"]
     return out
@@ -734,8 +735,7 @@ def start_summary(run: Run) -> str:
         + (f"; continues {run.cfg.adapter}" if run.cfg.adapter is not None else ""),
         f"precision    {str(run.dtype).replace('torch.', '')} compute on {run.device}; {run.frozen_summary}",
         f"data         {_examples(s)}, {s.get('tokens'):,} tokens ({s.get('trainable_tokens'):,} trained); "
-        f"truncated {s.get('truncated')}, dropped {s.get('dropped_too_long', 0) + s.get('dropped_no_trainable', 0)}, "
-        f"skipped {s.get('skipped_invalid')}",
+        f"{_dropped(s)}, skipped {s.get('skipped_invalid')}",
         f"plan         {run.total_steps} steps x {run.cfg.train.batch_size * run.cfg.train.grad_accum * run.dist.world_size} rows "
         f"of <= {run.stream.max_length} tokens{' (pairs)' if run.stream.pairs else ''}; output {run.output_dir}",
     ]
@@ -770,6 +770,15 @@ def _examples(stats: dict) -> str:
     if stats.get("pairs"):
         return f"{stats['pairs']} pairs ({stats['examples']} answers)"
     return f"{stats.get('examples')} examples"
+
+
+def _dropped(stats: dict) -> str:
+    """"truncated 3, dropped 1" or, for preference data (a pair is dropped whole, both answers
+    counted in the stats), "truncated 3 answers, dropped 1 pair"."""
+    truncated, dropped = stats.get("truncated"), stats.get("dropped_too_long", 0) + stats.get("dropped_no_trainable", 0)
+    if not stats.get("pairs"):
+        return f"truncated {truncated}, dropped {dropped}"
+    return f"truncated {truncated} answers, dropped {dropped // 2} pair{'' if dropped // 2 == 1 else 's'}"
 
 
 def _unadapted_experts(model) -> list[str]:

@@ -113,6 +113,18 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["eval", "--model", str(folder), "--data", str(path), "--adapter", str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+    # a bad record stops eval with its line, and the hint names eval's own switch, which skips it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(path.read_text() + '{"prompt": "x", "completion": 3}\n')
+    args = ["eval", "--model", str(folder), "--data", str(bad), "--max-length", "64"]
+    assert main(args) == 2
+    assert "bad.jsonl:6: " in (err := capsys.readouterr().err) and "lorakit eval --skip-invalid" in err
+    assert main([*args, "--skip-invalid", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ref, _ = _reference_loss(model, setup[2])
+    assert result["skipped"] == 1 and result["examples"] == 5 and result["loss"] == pytest.approx(ref, abs=1e-5)
+    assert main([*args, "--skip-invalid", "--generate", "--max-new-tokens", "2"]) == 0
+    assert "skipped     1 invalid records" in capsys.readouterr().out
 
 
 def test_max_length_follows_a_position_table(tmp_path, capsys):

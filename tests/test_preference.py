@@ -2,6 +2,7 @@
 fused loss, the DPO loss and gradients against a plain reference, and `lorakit train` end to end."""
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from lorakit.errors import UserError
 from lorakit.inject import inject_adapter, lora_layers, set_active_adapter
 from lorakit.loss import LOSS_CHUNK_TOKENS
 from lorakit.preference import REFERENCE_ADAPTER, PreferenceLoss, disable_dropout, pair_loss, sequence_logps
+from lorakit.train import _dropped
 
 IGNORE = -100
 
@@ -123,6 +125,7 @@ def test_a_pair_is_dropped_whole_and_invalid_records_are_reported_by_line():
     ds = build(records, max_length=16, too_long="drop", skip_invalid=True)
     assert ds.stats.pairs == 1 and len(ds) == 2 and ds.stats.dropped_too_long == 2
     assert ds.stats.skipped_invalid == 1 and ds.stats.skipped_lines == [3]
+    assert _dropped(dataclasses.asdict(ds.stats)) == "truncated 0 answers, dropped 1 pair"  # the start summary's words
     with pytest.raises(UserError, match=r"p.jsonl:3: 'chosen' must be a string, got a number"):
         build(records, max_length=16, too_long="drop")
     with pytest.raises(UserError, match=r"p.jsonl:2: a completion record in a file of preference records"):
@@ -431,6 +434,7 @@ def test_dpo_training_starts_at_ln2_and_learns_the_preference(workspace, capsys)
     assert main(["train", _config(workspace, out, max_steps=30), "train.eval_every=15"]) == 0
     printed = capsys.readouterr().out
     assert "objective    DPO, beta 0.1" in printed and "96 pairs (192 answers)" in printed
+    assert "truncated 0 answers, dropped 0 pairs" in printed
     train = [e for e in _entries(out) if "loss" in e]
     evals = [e for e in _entries(out) if "eval_loss" in e]
     # the policy starts as the reference (B = 0): z = 0 for every pair
