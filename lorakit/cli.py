@@ -67,6 +67,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "nf4"], default="none",
                    help="nf4: the base in 4-bit as QLoRA trains it (a QLoRA adapter runs over the base it learned on)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+                   help="compute dtype (default: fp32 on CPU, else auto; with --quantize nf4 auto, as training's "
+                        "precision: auto); set it to a run's train.precision to reproduce its numbers")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -193,7 +193,7 @@ def load_for_command(args: argparse.Namespace) -> tuple[nn.Module, Any]:
 
     if not _looks_like_hub_name(args.model):
         check_model_folder(args.model)
-    return load_for_inference(args.model, args.adapter, quantize=args.quantize)
+    return load_for_inference(args.model, args.adapter, quantize=args.quantize, precision=args.precision)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:

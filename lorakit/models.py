@@ -146,13 +146,15 @@ def load_for_inference(
     device: Union[str, torch.device, None] = None,
     trust_remote_code: bool = False,
     quantize: str = "none",
+    precision: Optional[str] = None,
 ):
     """(model, tokenizer) with the adapter (if any) loaded, in eval mode.
 
     The adapter is checked against the model before any weight is touched. quantize "nf4" loads
     the base in 4-bit as QLoRA training does (`lorakit.quant.load_model_4bit`), computing in `dtype`
     (default: bf16 where the hardware has it, as training's `precision: auto`), so a QLoRA adapter
-    runs over the base it was trained against.
+    runs over the base it was trained against. precision (a run config's `train.precision` value)
+    sets `dtype` instead.
     """
     from lorakit.adapters import apply_adapter, read_adapter
 
@@ -160,6 +162,8 @@ def load_for_inference(
         check_model_folder(model_path)
     files = read_adapter(adapter_path) if adapter_path is not None else None
     device = torch.device(device) if device is not None else pick_device()
+    if precision is not None:
+        dtype = resolve_precision(precision, device)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     if quantize == "nf4":
         from lorakit.quant import load_model_4bit

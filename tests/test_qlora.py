@@ -336,6 +336,17 @@ def test_inference_commands_run_a_qlora_adapter_over_its_4bit_base(workspace, nf
     args = ["generate", "--model", str(workspace / "model"), "--adapter", str(out / "adapter"), "--prompt", "3 plus 4 is"]
     assert main(args + ["--quantize", "nf4", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out == want[0] + "\n"
+    # --precision fp32 computes as this fp32 run did, so eval gives its numbers
+    from lorakit.config import DataConfig
+    from lorakit.data import load_dataset
+    from lorakit.evaluate import evaluate_loss
+
+    model, tokenizer = load_for_inference(workspace / "model", out / "adapter", dtype=FP32, device="cpu", quantize="nf4")
+    data = load_dataset(workspace / "train.jsonl", tokenizer, DataConfig(max_length=1024, packing=False), use_cache=False)
+    want = evaluate_loss(model, data, batch_size=8, max_length=1024)["loss"]
+    args = ["eval", "--model", str(workspace / "model"), "--adapter", str(out / "adapter"), "--data", str(workspace / "train.jsonl")]
+    assert main(args + ["--quantize", "nf4", "--precision", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(want, abs=1e-6)
 
 
 def test_adapter_loads_in_peft_over_a_bitsandbytes_4bit_base(workspace, nf4_run):
