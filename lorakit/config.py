@@ -100,8 +100,9 @@ class LoraConfig:
 class DataConfig:
     """Where the training data is and how it becomes token batches (see lorakit.data)."""
 
-    train: Union[str, None] = None
-    eval: Union[str, None] = None
+    # a file, or a list of files read one after another (a file listed twice counts twice)
+    train: Union[str, list[str], None] = None
+    eval: Union[str, list[str], None] = None
     eval_fraction: float = 0.0  # held out from `train` when `eval` is not given
     format: str = "auto"  # auto | text | completion | instruction | chat | preference (prompt, chosen, rejected)
     max_length: int = 1024
@@ -295,14 +296,24 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     elif check_paths and not _looks_like_hub_name(cfg.model) and not Path(cfg.model).is_dir():
         problems.append(f"model = {cfg.model!r}: folder not found; pass a local Hugging Face model folder")
     if cfg.data.train is None:
-        problems.append("data.train: missing; set it to a JSONL or JSON file of training records")
-    elif check_paths and not Path(cfg.data.train).is_file():
-        problems.append(f"data.train = {cfg.data.train!r}: file not found")
-    if cfg.data.eval is not None and check_paths and not Path(cfg.data.eval).is_file():
-        problems.append(f"data.eval = {cfg.data.eval!r}: file not found")
+        problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
+    for key in ("train", "eval"):
+        files = data_files(getattr(cfg.data, key))
+        if isinstance(getattr(cfg.data, key), list) and not files:
+            problems.append(f"data.{key} = []: name at least one file, or leave it out")
+        missing = [f for f in files if check_paths and not Path(f).is_file()]
+        if missing:
+            problems.append(f"data.{key} = {missing[0]!r}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if problems:
         raise UserError(_join(source, problems))
     return cfg
+
+
+def data_files(value: Union[str, list[str], None]) -> list[str]:
+    """data.train / data.eval as a list of files: [] for None, [path] for one path."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool) -> list[str]:
@@ -487,6 +498,9 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     return isinstance(value, hint), value
 
 
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
 def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -494,7 +508,7 @@ def _type_name(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+        return f"a list of {_PLURALS.get(typing.get_args(hint)[0], _type_name(typing.get_args(hint)[0]))}"
     if origin is dict:
         k, v = typing.get_args(hint)
         return f"a mapping of {_type_name(k)} to {_type_name(v)}"

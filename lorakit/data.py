@@ -78,7 +78,7 @@ from typing import Any, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from lorakit.config import DataConfig
+from lorakit.config import DataConfig, data_files
 from lorakit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,35 @@ class TokenizedDataset:
             pairs=len(idx) // 2 if self.pairs else 0,
         )
         return TokenizedDataset(self.input_ids[gather], labels, offsets, stats, pairs=self.pairs)
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenizedDataset"], sources: Sequence[str]) -> "TokenizedDataset":
+        """The examples of `parts` one after another, with their counts summed (the skipped lines,
+        reported per file as each was read, are left out).
+
+        Raises:
+            UserError: preference pairs in some parts and other records in others.
+        """
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.pairs for p in parts}) > 1:
+            pairs = sources[next(i for i, p in enumerate(parts) if p.pairs)]
+            other = sources[next(i for i, p in enumerate(parts) if not p.pairs)]
+            raise UserError(
+                f"{other}: holds no preference records, while {pairs} holds preference pairs; the files of one run "
+                "train with one objective, so list only one kind"
+            )
+        lengths = np.concatenate([p.lengths() for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        counts = {
+            f.name: sum(getattr(p.stats, f.name) for p in parts)
+            for f in dataclasses.fields(DataStats) if f.name != "skipped_lines"
+        }  # fmt: skip
+        return cls(
+            np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]), offsets,
+            DataStats(**counts), pairs=parts[0].pairs,
+        )  # fmt: skip
 
     def save(self, path: Union[str, Path]) -> None:
         """Write an .npz (no pickle) atomically: a temporary file in the same folder, then rename."""
@@ -953,16 +982,21 @@ def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
 
 def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """The train set, and the eval set: `cfg.eval` if given, else a held-out `cfg.eval_fraction`
-    of train (chosen from `seed`, the same every run), else None.
+    of train (chosen from `seed`, the same every run), else None. A list of files is read file by
+    file (each cached on its own) and put together in its order.
 
     Raises:
         UserError: data.train unset, or a held-out fraction that leaves train or eval empty.
     """
     if not cfg.train:
         raise UserError("data.train is not set; point it at a .jsonl or .json file")
-    train = load_dataset(cfg.train, tokenizer, cfg)
+
+    def load(files: list[str]) -> TokenizedDataset:
+        return TokenizedDataset.concat([load_dataset(f, tokenizer, cfg) for f in files], files)
+
+    train = load(data_files(cfg.train))
     if cfg.eval:
-        return train, load_dataset(cfg.eval, tokenizer, cfg)
+        return train, load(data_files(cfg.eval))
     if cfg.eval_fraction <= 0:
         return train, None
     n = train.num_units()  # pairs are held out whole

@@ -33,7 +33,7 @@ from torch import nn
 from lorakit import host_memory, preference
 from lorakit.adapters import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from lorakit.config import REFERENCE_OBJECTIVES, DataConfig, RunConfig, load_run_config, parse_overrides
+from lorakit.config import REFERENCE_OBJECTIVES, DataConfig, RunConfig, data_files, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
@@ -115,6 +115,9 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
                 h.update(block)
         return h.hexdigest()
 
+    def files_hash(files):  # one file's hash as before, so checkpoints of earlier runs still resume
+        return [file_hash(f) for f in files] if isinstance(files, list) else file_hash(files)
+
     model_dir = Path(cfg.model)
     model_id = cfg.model
     if model_dir.is_dir():
@@ -124,7 +127,7 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     start = {} if cfg.adapter is None else {"adapter": [file_hash(str(Path(cfg.adapter) / n)) for n in (CONFIG_NAME, WEIGHTS_NAME)]}
     return {
         "model": model_id,
-        "data": {"train": file_hash(cfg.data.train), "eval": file_hash(cfg.data.eval), **_data_options(cfg)},
+        "data": {"train": files_hash(cfg.data.train), "eval": files_hash(cfg.data.eval), **_data_options(cfg)},
         "lora": dataclasses.asdict(cfg.lora),
         "quantize": cfg.quantize,
         **start,
@@ -289,7 +292,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if cfg.train.eval_generate:
         from lorakit.data import read_records
 
-        eval_records = [r for _, r in read_records(cfg.data.eval, skip_invalid=cfg.data.skip_invalid)]
+        eval_records = [r for f in data_files(cfg.data.eval) for _, r in read_records(f, skip_invalid=cfg.data.skip_invalid)]
 
     run = Run(
         cfg=cfg, output_dir=output_dir, device=device, dtype=dtype, tokenizer=tokenizer, model=model,
@@ -335,7 +338,7 @@ def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
     for key, data in (("data.train", train_set), ("data.eval", eval_set)):
         if data is None or data.pairs == pairs:
             continue
-        where = getattr(cfg.data, key.split(".")[1]) or cfg.data.train
+        where = ", ".join(data_files(getattr(cfg.data, key.split(".")[1]) or cfg.data.train))
         if pairs:
             raise UserError(
                 f"{where}: train.objective is {cfg.train.objective} but {key} holds no preference records; give it "
@@ -698,7 +701,7 @@ tags: [lora, lorakit]
 # LoRA adapter trained with lorakit
 
 - Base model: `{cfg.model}`{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
-- Training data: `{cfg.data.train}` ({_examples(run.data_stats)}, {run.data_stats.get('tokens', '?')} tokens){_objective_line(cfg)}
+- Training data: {', '.join(f'`{f}`' for f in data_files(cfg.data.train))} ({_examples(run.data_stats)}, {run.data_stats.get('tokens', '?')} tokens){_objective_line(cfg)}
 - LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.targets}, dropout={cfg.lora.dropout}{f', continuing the adapter `{cfg.adapter}`' if cfg.adapter else ''}
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 - Steps: {run.step}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x processes {run.dist.world_size}, lr {cfg.train.lr}

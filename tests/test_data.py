@@ -462,6 +462,31 @@ def test_load_train_eval_holds_out_a_deterministic_fraction(tmp_path):
     assert len(ev3) == 20
 
 
+def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
+    tok = make_tokenizer("llama3")
+    first = [{"prompt": f"{i} plus 1 is", "completion": f" {i + 1}"} for i in range(5)] + [{"text": "a " * 90}]
+    second = [{"messages": CHAT}, {"instruction": "Say hi", "output": "hi"}, {"prompt": "x", "completion": 3}]
+    a, b = write_jsonl(tmp_path / "a.jsonl", first), write_jsonl(tmp_path / "b.jsonl", second)
+    both = write_jsonl(tmp_path / "both.jsonl", first + second)
+    cfg = DataConfig(train=[str(a), str(b), str(a)], max_length=64, skip_invalid=True, cache_dir=str(tmp_path / "c"))
+    got, _ = load_train_eval(cfg, tok, seed=0)
+    once = load_dataset(both, tok, dataclasses.replace(cfg, train=str(both)), use_cache=False)
+    n = len(first) + len(second) - 1  # the invalid record is skipped
+    assert len(got) == n + len(first)  # a file listed twice counts twice
+    for i in range(n):
+        assert all(np.array_equal(x, y) for x, y in zip(got.example(i), once.example(i)))
+    assert all(np.array_equal(x, y) for x, y in zip(got.example(n), once.example(0)))
+    s = got.stats  # the counts of the three files, summed
+    truncated_a = load_dataset(a, tok, cfg, use_cache=False).stats.truncated
+    assert truncated_a >= 1 and s.truncated == once.stats.truncated + truncated_a
+    assert (s.records, s.examples, s.skipped_invalid) == (15, 14, 1) and s.skipped_lines == []
+    assert s.tokens == int(got.offsets[-1]) and s.trainable_tokens == int((got.labels != -100).sum())
+    # pairs and other records do not mix
+    prefs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1 plus 1 is", "chosen": " 2", "rejected": " 3"}])
+    with pytest.raises(UserError, match=r"a.jsonl: holds no preference records, while .*p.jsonl holds preference pairs"):
+        load_train_eval(DataConfig(train=[str(prefs), str(a)], max_length=24), tok, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 

@@ -184,6 +184,22 @@ def test_refuses_to_overwrite_and_resume_mismatch(workspace, capsys):
     assert "cannot resume" in err and "lora (lora.r)" in err
 
 
+def test_a_list_of_data_files_trains_as_one_and_resumes_only_unchanged(workspace, capsys):
+    out = workspace / "two_files"
+    extra = workspace / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": f"{a} plus {a} is {2 * a}"}) + "\n" for a in range(8)))
+    files = f"data.train=[{workspace / 'train.jsonl'}, {extra}]"
+    assert main(["train", _config(workspace, out, max_steps=2, save_every=1), files]) == 0
+    assert "data         168 examples" in capsys.readouterr().out  # 160 + 8
+    saved = yaml.safe_load((out / "config.yaml").read_text())["data"]["train"]
+    assert saved == [str(workspace / "train.jsonl"), str(extra)]
+    extra.write_text(extra.read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert main(["train", _config(workspace, out, max_steps=3, save_every=1), files, "--resume"]) == 2
+    assert "cannot resume" in (err := capsys.readouterr().err) and "data (data.train)" in err
+    assert main(["train", _config(workspace, out, max_steps=3), f"data.train=[{workspace / 'nowhere.jsonl'}, {extra}]"]) == 2
+    assert "nowhere.jsonl': file not found" in capsys.readouterr().err
+
+
 def test_validation_reports_every_problem(workspace, tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({
