@@ -145,6 +145,7 @@ class TrainConfig:
     objective: str = "sft"  # sft (next-token loss) | dpo | ipo | simpo | orpo (preference pairs, lorakit.preference)
     beta: Union[float, None] = None  # the preference objective's beta; None: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
+    neftune_alpha: float = 0.0  # NEFTune: noise on the input embeddings in training (5 in the paper); 0: off
 
     def preference_beta(self) -> float:
         """`beta`, or the objective's usual value when it is unset."""
@@ -212,6 +213,7 @@ _RANGES = {
     "train.keep_checkpoints": (1, True),
     "train.beta": (0.0, False),
     "train.simpo_gamma": (0.0, True),
+    "train.neftune_alpha": (0.0, True),
 }
 
 
@@ -353,6 +355,11 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
             return ["data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo; set it"]
         return []
     problems = []
+    if cfg.train.neftune_alpha:
+        problems.append(
+            f"train.neftune_alpha = {cfg.train.neftune_alpha!r}: NEFTune is for SFT; {objective} would compare noisy "
+            "answers with a clean reference, set it to 0"
+        )
     if cfg.data.format not in ("auto", "preference"):
         problems.append(
             f"data.format = {cfg.data.format!r}: train.objective: {objective} trains on preference records "

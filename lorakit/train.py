@@ -250,6 +250,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     add_adapters(model, cfg)
     if cfg.train.objective != "sft":
         preference.disable_dropout(model)
+    if cfg.train.neftune_alpha:
+        add_neftune(model, cfg.train.neftune_alpha)
     if fused.FUSED_RMS_NORM:
         fused.use_fused_rms_norm(model)
     if fused.FUSED_SILU_GATE:
@@ -322,6 +324,22 @@ def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
     if cfg.train.objective in REFERENCE_OBJECTIVES:
         frozen = dataclasses.replace(files, config=dataclasses.replace(cfg.lora, dropout=0.0))
         apply_adapter(model, frozen, preference.REFERENCE_ADAPTER)
+
+
+def add_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
+    """NEFTune (Jain et al. 2023): while training, the input embeddings get uniform noise in
+    [-m, m], m = alpha / sqrt(L·d) with L the row's length and d the hidden size, as transformers'
+    and TRL's `neftune_noise_alpha` add it (a packed row is one L, as in TRL's packed SFT). Eval and
+    generation see clean embeddings. The noise comes from torch's generator, so a resumed run,
+    whose generator state the checkpoint restores, draws the same noise."""
+
+    def noisy(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        bound = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-bound, bound)
+
+    return model.get_input_embeddings().register_forward_hook(noisy)
 
 
 def data_config(cfg: RunConfig) -> DataConfig:

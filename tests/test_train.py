@@ -146,6 +146,37 @@ def test_resume_after_crash_is_bit_identical(workspace, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_neftune_adds_bounded_noise_in_training_only():
+    from helpers import tiny_llama
+
+    from lorakit.train import add_neftune
+
+    model = tiny_llama().train()
+    ids = torch.randint(0, 400, (3, 40), generator=torch.Generator().manual_seed(0))
+    clean = model.get_input_embeddings()(ids)
+    add_neftune(model, 5.0)
+    noise = model.get_input_embeddings()(ids) - clean
+    bound = 5.0 / (40 * 64) ** 0.5  # alpha / sqrt(L * d)
+    assert noise.abs().max() <= bound and noise.abs().max() > 0.99 * bound
+    assert abs(noise.abs().mean().item() - bound / 2) < 0.02 * bound  # uniform on [-bound, bound]
+    model.eval()
+    assert torch.equal(model.get_input_embeddings()(ids), clean)
+
+
+def test_neftune_changes_the_losses_and_resumes_bit_identically(workspace, monkeypatch, capsys):
+    noisy, crashed = workspace / "neftune", workspace / "neftune_crashed"
+    assert main(["train", _config(workspace, noisy, max_steps=6, save_every=3, neftune_alpha=5.0)]) == 0
+    assert main(["train", _config(workspace, workspace / "neftune_off", max_steps=1)]) == 0
+    plain = [e["loss"] for e in _entries(workspace / "neftune_off") if "loss" in e]
+    losses = [e["loss"] for e in _entries(noisy) if "loss" in e]
+    assert losses[0] != plain[0] and abs(losses[0] - plain[0]) < 0.05  # noise, not another model
+    crash_and_resume(monkeypatch, _config(workspace, crashed, max_steps=6, save_every=3, neftune_alpha=5.0), crash_at=4)
+    assert without_timing(_entries(crashed)) == without_timing(_entries(noisy))
+    capsys.readouterr()
+    assert main(["train", _config(workspace, workspace / "neftune_dpo", objective="dpo", neftune_alpha=5.0)]) == 2
+    assert "train.neftune_alpha = 5.0: NEFTune is for SFT; dpo would compare noisy answers" in capsys.readouterr().err
+
+
 def test_sigint_saves_a_checkpoint_and_resume_finishes(workspace, monkeypatch, capsys):
     out = workspace / "sigint"
     real_step = train_module.train_step
