@@ -128,6 +128,8 @@ class TrainConfig:
     lr_ratio_b: float = 1.0  # LoRA+: B matrices learn at lr * lr_ratio_b
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a share of the run's steps (instead of warmup_steps)
+    min_lr_ratio: float = 0.0  # cosine / linear decay ends at lr * min_lr_ratio, not 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 turns clipping off
     optimizer: str = "adamw"  # adamw | adamw8bit
@@ -214,6 +216,8 @@ _RANGES = {
     "train.beta": (0.0, False),
     "train.simpo_gamma": (0.0, True),
     "train.neftune_alpha": (0.0, True),
+    "train.warmup_ratio": (0.0, True),
+    "train.min_lr_ratio": (0.0, True),
 }
 
 
@@ -291,6 +295,15 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     if cfg.train.eval_generate and cfg.data.eval is None:
         problems.append("train.eval_generate = true: needs data.eval, a file of records with reference answers")
     problems += _objective_problems(cfg)
+    if _is_number(cfg.train.warmup_ratio) and not cfg.train.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio = {cfg.train.warmup_ratio!r}: must be in [0, 1), e.g. 0.03")
+    if cfg.train.warmup_ratio and cfg.train.warmup_steps:
+        problems.append(
+            f"train.warmup_ratio = {cfg.train.warmup_ratio!r} and train.warmup_steps = {cfg.train.warmup_steps!r}: "
+            "set one of them"
+        )
+    if _is_number(cfg.train.min_lr_ratio) and not cfg.train.min_lr_ratio <= 1:
+        problems.append(f"train.min_lr_ratio = {cfg.train.min_lr_ratio!r}: must be in [0, 1], e.g. 0.1")
     if not 0 <= cfg.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction = {cfg.data.eval_fraction!r}: must be in [0, 1)")
     if cfg.model is None:

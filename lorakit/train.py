@@ -168,7 +168,10 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
-    warmup, kind = cfg.train.warmup_steps, cfg.train.scheduler
+    """The lr factor of each step: a linear warmup (warmup_steps, or warmup_ratio of the steps), then
+    constant, or a linear / cosine decay from 1 to min_lr_ratio at the last step."""
+    kind, floor = cfg.train.scheduler, cfg.train.min_lr_ratio
+    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -176,9 +179,8 @@ def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
         if kind == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * decay
 
     return factor
 

@@ -1,6 +1,7 @@
 """`lorakit train` end to end through the CLI on a tiny model: files, golden losses, resume, errors."""
 
 import json
+import math
 import os
 import signal
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from lorakit import host_memory
 from lorakit import train as train_module
 from lorakit.cli import main
+from lorakit.errors import UserError
 from lorakit.train import lr_lambda
 
 
@@ -291,6 +293,17 @@ def test_lr_schedules():
     assert [round(f(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
     cfg.train.scheduler = "linear"
     assert lr_lambda(cfg, 10)(6) == pytest.approx(0.5)
+    # warmup as a share of the steps (5 of 50), and a decay that ends at 10% of lr
+    cfg = build_run_config(
+        {"model": "m", "data": {"train": "t"}, "train": {"warmup_ratio": 0.1, "min_lr_ratio": 0.1}}, check_paths=False
+    )
+    f = lr_lambda(cfg, 50)
+    assert [round(f(s), 4) for s in (0, 4, 5, 50)] == [round(1 / 6, 4), round(5 / 6, 4), 1.0, 0.1]
+    assert f(27) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 22 / 45)))
+    with pytest.raises(UserError, match=r"warmup_ratio = 0.1 and train.warmup_steps = 2: set one of them"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"warmup_ratio": 0.1, "warmup_steps": 2}}, check_paths=False)
+    with pytest.raises(UserError, match=r"train.min_lr_ratio = 1.5: must be in \[0, 1\]"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"min_lr_ratio": 1.5}}, check_paths=False)
 
 
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
