@@ -181,6 +181,8 @@ def _adapter_tensors(path: str, layer, name: str) -> dict[str, torch.Tensor]:
     out = {a_key: layer.lora_A[name], b_key: layer.lora_B[name]}
     if name in layer.lora_magnitude:
         out[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude[name]
+    if layer.saves_base_weight:
+        out[f"{PREFIX}{path}.base_layer.weight"] = layer.weight
     return out
 
 
@@ -265,25 +267,16 @@ def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
     """
     directory = Path(directory)
     config, raw = read_adapter_config(directory)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        pickled = [n for n in PICKLED_NAMES if (directory / n).is_file()]
-        if pickled:
-            raise UserError(
-                f"{directory / pickled[0]}: refusing a pickled adapter: unpickling can run arbitrary code. "
-                "Convert it once in a trusted environment: `python -c \"import torch; from safetensors.torch import "
-                f"save_file; save_file(torch.load('{pickled[0]}', weights_only=True), '{WEIGHTS_NAME}')\"`"
-            )
-        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
-    tensors = load_safetensors(weights_path)
+    tensors = load_safetensors(directory / WEIGHTS_NAME)
     return AdapterFiles(directory, config, raw, tensors)
 
 
 def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[str, Any]]:
-    """(LoraConfig, raw PEFT config) of an adapter folder, its weights not read.
+    """(LoraConfig, raw PEFT config) of an adapter folder, its weights not read (only looked for).
 
     Raises:
-        UserError: missing folder or config, invalid JSON, not a LoRA adapter, an unsupported PEFT feature.
+        UserError: missing folder or config, invalid JSON, not a LoRA adapter, an unsupported PEFT
+            feature, no safetensors weights (a pickled adapter is refused).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -297,7 +290,17 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
         raise UserError(f"{config_path}: invalid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
-    return lora_config_from_peft(raw, source=str(config_path)), raw
+    config = lora_config_from_peft(raw, source=str(config_path))
+    if not (directory / WEIGHTS_NAME).is_file():
+        pickled = [n for n in PICKLED_NAMES if (directory / n).is_file()]
+        if pickled:
+            raise UserError(
+                f"{directory / pickled[0]}: refusing a pickled adapter: unpickling can run arbitrary code. "
+                "Convert it once in a trusted environment: `python -c \"import torch; from safetensors.torch import "
+                f"save_file; save_file(torch.load('{pickled[0]}', weights_only=True), '{WEIGHTS_NAME}')\"`"
+            )
+        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+    return config, raw
 
 
 def load_safetensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
@@ -410,7 +413,13 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int
 
 def check_fits(model: nn.Module, files: AdapterFiles) -> None:
     """Raise a UserError naming the first key whose name or shape does not fit `model`."""
-    expected = expected_shapes(model, files.config)
+    try:
+        expected = expected_shapes(model, files.config)
+    except UserError:  # find_targets' words name lora.targets, which here the adapter's config sets
+        raise UserError(
+            f"{files.path}: the adapter's targets {files.config.targets!r} match no layer of this model; is it an "
+            "adapter for another base model?"
+        ) from None
     for key, tensor in files.tensors.items():
         if key not in expected:
             wanted = ", ".join(list(expected)[:3])
@@ -476,12 +485,14 @@ def copy_adapter_weights(
             if name not in layer.lora_A:
                 continue
             for key, param in _adapter_tensors(path, layer, name).items():
-                copy(param, files.tensors[key])
+                if not key.endswith(".base_layer.weight"):  # the layer's own weight: below, when the file has it
+                    copy(param, files.tensors[key])
             if isinstance(layer, LoraExperts):
                 continue
             base_weight = files.tensors.get(f"{PREFIX}{path}.base_layer.weight")
             if base_weight is not None:
                 copy(layer.weight, base_weight)
+                layer.saves_base_weight = True
         for path, module in saved_modules(model):
             if name in module.copies:
                 for key, param in module.copies[name].named_parameters():

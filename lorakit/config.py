@@ -275,7 +275,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     # the user sees every problem in one message.
     cfg = _convert(RunConfig, raw, "", problems)
     if cfg.adapter is not None:
-        problems += _take_adapter_config(cfg, raw.get("lora"), check_paths)
+        problems += _take_adapter_config(cfg, raw.get("lora"), check_paths, problems)
     problems += cfg.lora.problems("lora")
     for key, choices in _CHOICES.items():
         value = _get_dotted(cfg, key)
@@ -331,11 +331,14 @@ def data_files(value: Union[str, list[str], None]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool) -> list[str]:
+def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool, earlier: list[str]) -> list[str]:
     """Make cfg.lora the LoRA config of the adapter training starts from (`adapter`), its dropout
     the config's when the config sets one. Other lora keys the config sets must agree with the
-    adapter's: the adapter's shape is fixed, so a different value is a mistake, not a wish. A
-    resolved config.yaml, which lists them all, runs again as it is."""
+    adapter's: the adapter's shape is fixed, so a different value is a mistake, not a wish. The
+    modules the config's targets, exclude and layers select are compared on the model's structure
+    (`all-linear` against the adapter's list of names, layers against its regex), so the config
+    that trained the adapter, or a resolved config.yaml, runs again as it is. `earlier`: the
+    problems found so far (a value already reported as invalid is not compared)."""
     from lorakit.adapters import read_adapter_config
 
     if not Path(cfg.adapter).is_dir():
@@ -346,18 +349,62 @@ def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool) -> li
     except UserError as exc:
         return [f"adapter = {cfg.adapter!r}: {exc}"]
     given = raw_lora if isinstance(raw_lora, dict) else {}
+    invalid = {key for key in given if any(p.startswith((f"lora.{key} ", f"lora.{key}:")) for p in earlier)}
+    keys = [k for k in given if k != "dropout" and hasattr(start, k) and k not in invalid]  # unknown keys: _convert's
     problems = []
-    for key in given:
-        if key == "dropout" or not hasattr(start, key):
-            continue  # unknown keys are reported by _convert
+    selection = [k for k in _SELECTION_KEYS if k in keys and _unordered(getattr(cfg.lora, k)) != _unordered(getattr(start, k))]
+    if selection:
+        problems += _same_modules(cfg, start, selection)
+    for key in keys:
         mine, theirs = getattr(cfg.lora, key), getattr(start, key)
-        if mine != theirs:
+        if key not in _SELECTION_KEYS and _unordered(mine) != _unordered(theirs):  # PEFT writes lists in any order
             problems.append(
                 f"lora.{key} = {mine!r}: training continues the adapter {cfg.adapter}, whose {key} is {theirs!r}; "
                 f"remove lora.{key} (the adapter sets it)"
             )
     cfg.lora = dataclasses.replace(start, dropout=cfg.lora.dropout if "dropout" in given else start.dropout)
     return problems
+
+
+# the lora keys that select modules together: compared by the modules they select
+_SELECTION_KEYS = ("targets", "exclude", "layers")
+
+
+def _same_modules(cfg: RunConfig, start: LoraConfig, keys: list[str]) -> list[str]:
+    """[] when the config's targets / exclude / layers select the adapter's modules on the model,
+    else the problem. Compared on the model built from its config.json without weights; a model
+    that cannot be built so is compared by the values as written."""
+    from lorakit.inject import find_targets
+    from lorakit.models import meta_model
+
+    written = ", ".join(f"lora.{k} = {getattr(cfg.lora, k)!r}" for k in keys)
+    fix = f"remove {' and '.join('lora.' + k for k in keys)} (the adapter sets {'it' if len(keys) == 1 else 'them'})"
+    model = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code) if Path(cfg.model).is_dir() else None
+    if model is None:
+        theirs = ", ".join(f"{k} {getattr(start, k)!r}" for k in keys)
+        return [f"{written}: training continues the adapter {cfg.adapter}, whose {theirs}; {fix}"]
+    mine = dataclasses.replace(start, **{k: getattr(cfg.lora, k) for k in _SELECTION_KEYS})
+    try:
+        mine_paths = set(find_targets(model, mine))
+    except UserError:
+        mine_paths = set()
+    try:
+        theirs_paths = set(find_targets(model, start))
+    except UserError:
+        return [f"adapter = {cfg.adapter!r}: its targets {start.targets!r} match no layer of {cfg.model}; is it an "
+                "adapter for another base model?"]  # fmt: skip
+    if mine_paths == theirs_paths:
+        return []
+    extra = sorted(mine_paths - theirs_paths) or sorted(theirs_paths - mine_paths)
+    side = "only the config's" if mine_paths - theirs_paths else "only the adapter's"
+    return [
+        f"{written}: selects other modules than the adapter {cfg.adapter} holds ({side}: {extra[0]}"
+        f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}); {fix}"
+    ]
+
+
+def _unordered(value: Any) -> Any:
+    return sorted(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _objective_problems(cfg: RunConfig) -> list[str]:

@@ -103,7 +103,7 @@ _REQUIRED = {
     "text": ("text",), "completion": ("prompt", "completion"), "instruction": ("instruction", "output"), "chat": (),
     "preference": ("chosen", "rejected"),
 }  # fmt: skip
-_SKIP_HINT = "fix it, or skip invalid records (data.skip_invalid: true; lorakit eval --skip-invalid)"
+_SKIP_HINT = "fix it, or skip invalid records with data.skip_invalid: true (lorakit eval --skip-invalid)"
 
 
 @dataclass

@@ -99,9 +99,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if isinstance(config.targets, (list, tuple)) and not config.targets:
         return []  # the experts alone (config.target_parameters)
     heads = _output_head_names(model)
+    # a modules_to_save wrapper's inside (its original and its adapters' trained copies) is never a target
+    saved = tuple(p + "." for p, m in model.named_modules() if isinstance(m, SavedModule))
     chosen = []
     for path, module in model.named_modules():
-        if not path or isinstance(module, (SavedModule,)) or ".lora_" in path:
+        if not path or isinstance(module, (SavedModule,)) or ".lora_" in path or path.startswith(saved):
             continue
         inner = module
         kind = base_kind(inner) if not isinstance(inner, LoraLayer) else inner.kind

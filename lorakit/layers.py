@@ -181,6 +181,9 @@ class LoraLayer(nn.Module):
         self.active_adapter: Optional[str] = None
         self.merged: list[str] = []
         self.disabled = False
+        # the base weight came from an adapter file (PEFT saves a targeted embedding's, e.g. of a
+        # resized vocabulary): adapters saved from this layer carry it on
+        self.saves_base_weight = False
 
     # ----------------------------------------------------------------- adapters
     def add_adapter(
@@ -344,9 +347,12 @@ class LoraLayer(nn.Module):
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
             dora = name in self.lora_magnitude
             if not (dora and p > 0):  # DoRA with dropout needs x̃ W^T apart: the plain path
+                # without grad (eval, generation, DPO's reference pass) it computes what a training
+                # forward computes, to the bit: a frozen copy of the trained adapter is its equal
+                kept = activation_checkpointing.current_slot(self) if torch.is_grad_enabled() else None
                 out = lora_linear(
                     x, self.lora_A[name], self.lora_B[name], base=self.base_forward, dense_weight=self._dense_weight_like,
-                    scale=self.scaling[name], dropout=p, kept=activation_checkpointing.current_slot(self),
+                    scale=self.scaling[name], dropout=p, kept=kept,
                 )  # fmt: skip
                 if not dora:
                     return out
@@ -391,7 +397,6 @@ class LoraLayer(nn.Module):
         return (
             fused.ENABLED
             and self.kind.name in ("linear", "conv1d", "linear4bit")
-            and torch.is_grad_enabled()
             and not self.weight.requires_grad
             and (self.bias is None or not self.bias.requires_grad)
             and not hasattr(a, "placements")  # FSDP2 shards (DTensor) take the plain path

@@ -31,6 +31,7 @@ the sums per answer are `index_add`s over the micro-batch's `sequence_ids`.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
@@ -159,6 +160,15 @@ class PreferenceLoss(nn.Module):
 def has_reference_adapter(model: nn.Module) -> bool:
     """Whether `model` (or the model a wrapper holds) carries the frozen REFERENCE_ADAPTER."""
     return any(REFERENCE_ADAPTER in layer.lora_A for _, layer in lora_layers(model))
+
+
+def reference_parameters(model: nn.Module) -> int:
+    """How many parameters the frozen REFERENCE_ADAPTER holds (0 without one): not the model's own."""
+    return sum(p.numel() for name, p in model.named_parameters() if _REFERENCE_PARAMETER.search(name))
+
+
+# lora_A.reference, lora_B.reference(.gate_up_proj for experts), lora_magnitude.reference, copies.reference.weight
+_REFERENCE_PARAMETER = re.compile(rf"\.(lora_A|lora_B|lora_magnitude|copies)\.{REFERENCE_ADAPTER}(\.|$)")
 
 
 def disable_dropout(model: nn.Module) -> int:

@@ -711,7 +711,7 @@ def _restore_signal_handlers(previous: dict) -> None:
 
 def model_card(run: Run, summary: dict[str, Any]) -> str:
     cfg = run.cfg
-    trainable, total = count_parameters(run.model)
+    trainable, total = _parameter_counts(run.model)
     metrics = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items() if k != "adapter")
     return f"""---
 library_name: peft
@@ -748,8 +748,14 @@ def _adapted_summary(model) -> str:
     return (f"{linear} layers and " if linear else "") + f"{experts} expert modules"
 
 
+def _parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, without the frozen copy of the adapter a DPO run continues."""
+    trainable, total = count_parameters(model)
+    return trainable, total - preference.reference_parameters(model)
+
+
 def start_summary(run: Run) -> str:
-    trainable, total = count_parameters(run.model)
+    trainable, total = _parameter_counts(run.model)
     s = run.data_stats
     lines = [
         f"model        {run.cfg.model} ({type(run.model).__name__}, {total:,} params)",

@@ -64,6 +64,24 @@ def test_peft_adapter_loads_in_lorakit(make, tmp_path):
     torch.testing.assert_close(model(_ids()).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_an_adapters_embedding_base_weight_is_carried_on(tmp_path):
+    # PEFT saves a targeted embedding's base weight (a resized vocabulary's rows, say); an adapter
+    # loaded with it and saved again (training continued it) keeps it, or the model it gives changes
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    _randomise(peft_model.named_parameters())
+    with torch.no_grad():
+        peft_model.base_model.model.model.embed_tokens.base_layer.weight[:50].mul_(1.5)
+    expected = peft_model.eval()(_ids()).logits
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "peft", trainable=True)
+    save_adapter(model, tmp_path / "again")
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "again")
+    torch.testing.assert_close(fresh.eval()(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
 def test_lorakit_round_trip_and_atomic_overwrite(tmp_path):
     model = tiny_llama()
     inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))

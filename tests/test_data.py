@@ -527,7 +527,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
     with pytest.raises(UserError) as err:
         load(tmp_path, [{"text": 1}, OK, {"messages": "hi"}, {"x": 1}])
     msg = str(err.value)
-    assert "d.jsonl: 3 invalid records (fix them, or set data.skip_invalid: true" in msg and all(f"d.jsonl:{i}:" in msg for i in (1, 3, 4))
+    assert "d.jsonl: 3 invalid records (fix them, or skip invalid records with data.skip_invalid: true" in msg and all(f"d.jsonl:{i}:" in msg for i in (1, 3, 4))
 
 
 def test_file_level_errors(tmp_path):

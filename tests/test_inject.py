@@ -136,6 +136,14 @@ def test_several_adapters_do_not_leak():
     torch.testing.assert_close(both(ids).logits, tiny_llama()(ids).logits, atol=0, rtol=0)
 
 
+def test_a_second_adapter_does_not_wrap_the_firsts_trained_copies():
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"]), "a")
+    inject_adapter(model, LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"]), "b")  # all-linear again
+    names = [n for n, _ in model.named_parameters() if n.startswith("lm_head.")]
+    assert sorted(names) == ["lm_head.copies.a.weight", "lm_head.copies.b.weight", "lm_head.original.weight"]
+
+
 def test_use_adapter_switches_forward_only_and_restores():
     ids = _ids()
     only_b = tiny_llama()

@@ -17,8 +17,9 @@ from helpers import crash_and_resume, make_tokenizer, save_model_folder, tiny_gp
 from safetensors.torch import load_file, save_file
 
 from lorakit import fused
+from lorakit.adapters import save_adapter
 from lorakit.cli import main
-from lorakit.config import DataConfig, LoraConfig
+from lorakit.config import DataConfig, LoraConfig, load_run_config
 from lorakit.data import BatchStream, load_dataset, load_train_eval, tokenize_records
 from lorakit.errors import UserError
 from lorakit.inject import inject_adapter, lora_layers, set_active_adapter
@@ -434,7 +435,7 @@ def test_dpo_training_starts_at_ln2_and_learns_the_preference(workspace, capsys)
     assert main(["train", _config(workspace, out, max_steps=30), "train.eval_every=15"]) == 0
     printed = capsys.readouterr().out
     assert "objective    DPO, beta 0.1" in printed and "96 pairs (192 answers)" in printed
-    assert "truncated 0 answers, dropped 0 pairs" in printed
+    assert "truncated 48 answers, dropped 0 pairs" in printed
     train = [e for e in _entries(out) if "loss" in e]
     evals = [e for e in _entries(out) if "eval_loss" in e]
     # the policy starts as the reference (B = 0): z = 0 for every pair
@@ -550,7 +551,6 @@ def sft_adapter(workspace):
 
 
 def test_dpo_continues_an_sft_adapter_against_it_as_the_reference(workspace, sft_adapter, capsys):
-    from lorakit.config import load_run_config
     from lorakit.train import setup
 
     out = workspace / "dpo_after_sft"
@@ -570,10 +570,14 @@ def test_dpo_continues_an_sft_adapter_against_it_as_the_reference(workspace, sft
     assert {k: saved[k] for k in keys} == {k: start[k] for k in keys} and start["lora_dropout"] == 0.1
     assert f"continuing the adapter `{sft_adapter}`" in (out / "adapter" / "README.md").read_text()
 
-    # without dropout the first loss is ln 2 exactly: the reference is the SFT adapter, not the base
-    out = workspace / "dpo_after_sft_nodrop"
-    assert main(["train", _config(workspace, out, max_steps=1), f"adapter={sft_adapter}", "lora.dropout=0"]) == 0
-    assert abs(_entries(out)[0]["loss"] - math.log(2)) < 1e-6
+    # without dropout the first loss is ln 2 exactly: the reference is the SFT adapter, not the base;
+    # in bf16 too, where the frozen copy's forward (no grad) must round as the trained one's does
+    for precision in ("fp32", "bf16"):
+        out = workspace / f"dpo_after_sft_nodrop_{precision}"
+        assert main(["train", _config(workspace, out, max_steps=1, precision=precision), f"adapter={sft_adapter}",
+                     "lora.dropout=0"]) == 0  # fmt: skip
+        first = _entries(out)[0]
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["reward_margin"] == 0.0, precision
     cfg = load_run_config(_config(workspace, workspace / "fresh", max_steps=1), {"adapter": str(sft_adapter), "lora.dropout": 0.0})
     run = setup(cfg, log=lambda _: None)
     files = load_file(str(sft_adapter / "adapter_model.safetensors"))
@@ -603,8 +607,43 @@ def test_a_continued_adapter_fixes_the_lora_config_and_resumes_only_unchanged(wo
     assert main(["train", _config(workspace, out), f"adapter={sft_adapter}", "lora.r=8"]) == 2
     err = capsys.readouterr().err
     assert f"lora.r = 8: training continues the adapter {sft_adapter}, whose r is 4; remove lora.r (the adapter sets it)" in err
+    # the same targets in another order are the adapter's own (PEFT writes them in any order)
+    targets = json.loads((sft_adapter / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(targets, list) and len(targets) > 1
+    cfg = load_run_config(_config(workspace, out), {"adapter": str(sft_adapter), "lora.targets": targets[::-1]})
+    assert sorted(cfg.lora.targets) == sorted(targets) and cfg.lora.r == 4
     assert main(["train", _config(workspace, out), f"adapter={workspace / 'nowhere'}"]) == 2
     assert "adapter = " in (err := capsys.readouterr().err) and "nowhere': folder not found" in err
+    # the config that trained the adapter (all-linear) runs again with it; other modules are refused
+    sft_config = str(sft_adapter.parent / "config.yaml")
+    assert yaml.safe_load(open(sft_config))["lora"]["targets"] == "all-linear"
+    cfg = load_run_config(sft_config, {"adapter": str(sft_adapter), "output_dir": str(out)})
+    assert sorted(cfg.lora.targets) == sorted(targets)
+    assert main(["train", _config(workspace, out), f"adapter={sft_adapter}", "lora.targets=[q_proj]"]) == 2
+    assert "lora.targets = ['q_proj']: selects other modules than the adapter" in (err := capsys.readouterr().err)
+    assert "only the adapter's: model.layers.0.mlp.down_proj and 11 more); remove lora.targets" in err
+    # a bad value is reported once, not also as a disagreement with the adapter
+    assert main(["train", _config(workspace, out), f"adapter={sft_adapter}", "lora.r=abc"]) == 2
+    assert "lora.r = 'abc'" in (err := capsys.readouterr().err) and "whose r is" not in err
+    # an adapter without safetensors weights, or with pickled ones only
+    for name, files in (("no_weights", []), ("pickled", ["adapter_model.bin"])):
+        folder = workspace / name
+        folder.mkdir()
+        shutil.copy(sft_adapter / "adapter_config.json", folder)
+        for f in files:
+            (folder / f).write_bytes(b"not read")
+        assert main(["train", _config(workspace, out), f"adapter={folder}"]) == 2
+        err = capsys.readouterr().err
+        assert ("refusing a pickled adapter" if files else "no adapter_model.safetensors") in err and "Traceback" not in err
+    # an adapter of another base model
+    gpt2_adapter = workspace / "gpt2_adapter"
+    gpt2 = tiny_gpt2()
+    inject_adapter(gpt2, LoraConfig(r=4, alpha=8, targets=["c_attn"]))
+    save_adapter(gpt2, gpt2_adapter)
+    assert main(["train", _config(workspace, out, objective="sft"), f"adapter={gpt2_adapter}",
+                 f"data.train={workspace / 'sft_data.jsonl'}", "data.eval=null"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "targets ['c_attn'] match no layer of this model; is it an adapter for another base model?" in err
     # a PiSSA adapter moves part of the base into itself: DPO cannot hold it twice
     pissa = workspace / "pissa_adapter"
     shutil.copytree(sft_adapter, pissa)
