@@ -1,4 +1,5 @@
-"""Training data: JSONL/JSON records -> tokenized examples with loss masks -> micro-batches.
+"""Training data: JSONL/JSON records (or Parquet, Arrow, CSV, TSV rows) -> tokenized examples with
+loss masks -> micro-batches.
 
 Record formats, detected per record from its keys (a file may mix them, preference records
 aside) or forced with `data.format`:
@@ -253,7 +254,8 @@ def detect_format(record: dict) -> str | None:
 
 
 def read_records(path: Union[str, Path], *, skip_invalid: bool = False) -> list[tuple[int, dict]]:
-    """(line number, record) for every JSON object of a JSONL file or a JSON list.
+    """(line number, record) for every JSON object of a JSONL file or a JSON list (for a table
+    file, `TABLE_SUFFIXES`: (row number, record) for every row).
 
     Raises:
         UserError: missing/unreadable/empty file, invalid JSON or a non-object record
@@ -265,12 +267,9 @@ def read_records(path: Union[str, Path], *, skip_invalid: bool = False) -> list[
 def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
     """(records, line numbers of skipped invalid ones)."""
     if not path.is_file():
-        raise UserError(f"data file {str(path)!r} not found; set data.train / data.eval to a .jsonl or .json file")
-    if path.suffix.lower() in (".parquet", ".csv", ".tsv", ".arrow"):
-        raise UserError(
-            f"{path}: lorakit reads JSONL or JSON; convert it first, e.g. "
-            f"`datasets.load_dataset('{path.suffix[1:]}', data_files='{path}')['train'].to_json('data.jsonl')`"
-        )
+        raise UserError(f"data file {str(path)!r} not found; set data.train / data.eval to a .jsonl, .json, .parquet or .csv file")
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return _read_table(path), []
     try:
         text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as exc:
@@ -287,6 +286,47 @@ def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[
     if not records and not skipped:
         raise UserError(f"{path}: no records in the file; write one JSON object per line (JSONL) or a JSON list")
     return records, skipped
+
+
+# Tables read as records, a row each, numbered from 1 (what errors call the line): Parquet and Arrow
+# (Hugging Face datasets' files; needs pyarrow, `pip install lorakit[parquet]`), CSV and TSV (a
+# header row, then one record a row; string columns only, so no chat messages).
+TABLE_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv")
+
+
+def _read_table(path: Path) -> list[tuple[int, dict]]:
+    """Rows of a table file as (row number, record); a null cell is a key the record lacks (a
+    column other rows fill, such as Alpaca's empty `input`)."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            try:
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise UserError(f"{path}: not a readable {suffix[1:].upper()} file ({exc}); save it as UTF-8") from None
+        records = [(i, {k: v for k, v in row.items() if k is not None and v is not None}) for i, row in enumerate(rows, 1)]
+    else:
+        try:
+            import pyarrow.ipc
+            import pyarrow.parquet
+        except ImportError:
+            raise UserError(f"{path}: reading {suffix} files needs pyarrow; `pip install lorakit[parquet]`") from None
+        try:
+            if suffix == ".parquet":
+                table = pyarrow.parquet.read_table(path)
+            else:  # datasets writes the Arrow stream format; the file format is the other one
+                try:
+                    table = pyarrow.ipc.open_stream(path).read_all()
+                except pyarrow.ArrowInvalid:
+                    table = pyarrow.ipc.open_file(path).read_all()
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: not a readable {suffix[1:]} file ({str(exc).splitlines()[0]})") from None
+        records = [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(table.to_pylist(), 1)]
+    if not records:
+        raise UserError(f"{path}: no rows in the table")
+    return records
 
 
 def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:

@@ -487,6 +487,46 @@ def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
         load_train_eval(DataConfig(train=[str(prefs), str(a)], max_length=24), tok, seed=0)
 
 
+def test_parquet_arrow_csv_and_tsv_tables_read_as_their_jsonl(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet
+
+    tok = make_tokenizer("llama3")
+    cfg = DataConfig(max_length=64)
+    same = lambda a, b: np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)  # noqa: E731
+    # chat messages (a list of structs) and Alpaca records whose empty input is a null cell
+    chats = [{"messages": CHAT}, {"messages": CHAT[1:3]}]
+    alpaca = [{"instruction": "Say hi", "input": None, "output": "hi"}, {"instruction": "Add", "input": "1 2", "output": "3"}]
+    for records in (chats, alpaca):
+        table = pa.Table.from_pylist(records)
+        pyarrow.parquet.write_table(table, tmp_path / "d.parquet")
+        with pa.ipc.new_stream(tmp_path / "d.arrow", table.schema) as writer:  # datasets' cache files
+            writer.write_table(table)
+        want = load_dataset(write_jsonl(tmp_path / "d.jsonl", [{k: v for k, v in r.items() if v is not None} for r in records]),
+                            tok, cfg, use_cache=False)  # fmt: skip
+        for name in ("d.parquet", "d.arrow"):
+            assert same(load_dataset(tmp_path / name, tok, cfg, use_cache=False), want), name
+    # CSV / TSV: a header, then a record a row (a completion spanning two lines, quoted)
+    completions = [{"prompt": "1 plus 1 is", "completion": " 2"}, {"prompt": "a, b and\nc", "completion": " d"}]
+    want = load_dataset(write_jsonl(tmp_path / "c.jsonl", completions), tok, cfg, use_cache=False)
+    for name, delimiter in (("c.csv", ","), ("c.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, ["prompt", "completion"], delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(completions)
+        assert same(load_dataset(tmp_path / name, tok, cfg, use_cache=False), want), name
+    # a bad row is named by its number
+    pyarrow.parquet.write_table(pa.Table.from_pylist([{"prompt": "x", "completion": " y"}, {"prompt": "x", "completion": None}]),
+                                tmp_path / "bad.parquet")  # fmt: skip
+    with pytest.raises(UserError, match=r"bad.parquet:2: "):
+        load_dataset(tmp_path / "bad.parquet", tok, cfg, use_cache=False)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match=r"broken.parquet: not a readable parquet file"):
+        load_dataset(tmp_path / "broken.parquet", tok, cfg, use_cache=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 
