@@ -51,6 +51,8 @@ from lorakit.layers import LoraLayer, base_kind
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# the chat template an adapter was trained with (data.chat_template), under transformers' own name
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 PREFIX = "base_model.model."
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 

@@ -50,14 +50,16 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
     base_model_name_or_path: Optional[str] = None,
+    adapter_files: Optional[dict[str, str]] = None,
 ) -> Path:
-    """Write checkpoints/step-<step>/ atomically and prune to the newest `keep`."""
+    """Write checkpoints/step-<step>/ atomically and prune to the newest `keep`; adapter_files:
+    text files written into its adapter folder too (a chat template)."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
     try:
-        save_adapter(model, staging / "adapter", base_model_name_or_path=base_model_name_or_path)
+        save_adapter(model, staging / "adapter", base_model_name_or_path=base_model_name_or_path, extra_files=adapter_files)
         torch.save(optimizer_state, staging / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():

@@ -111,9 +111,13 @@ class DataConfig:
     train_on_inputs: bool = False
     skip_invalid: bool = False
     cache_dir: Union[str, None] = None  # default: ~/.cache/lorakit/data
+    # the chat template for chat records instead of the tokenizer's: a Jinja file, or "chatml"
+    # (for base models without one); saved with the adapter, which inference and merge then use
+    chat_template: Union[str, None] = None
 
 
 DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference")
+
 
 
 @dataclass
@@ -310,6 +314,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         problems.append("model: missing; set it to a Hugging Face model folder (config.json + *.safetensors)")
     elif check_paths and not _looks_like_hub_name(cfg.model) and not Path(cfg.model).is_dir():
         problems.append(f"model = {cfg.model!r}: folder not found; pass a local Hugging Face model folder")
+    problems += _chat_template_problems(cfg.data.chat_template, check_paths)
     if cfg.data.train is None:
         problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
     for key in ("train", "eval"):
@@ -322,6 +327,14 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     if problems:
         raise UserError(_join(source, problems))
     return cfg
+
+
+def _chat_template_problems(value: Union[str, None], check_paths: bool) -> list[str]:
+    from lorakit.data import CHAT_TEMPLATES
+
+    if value is None or value in CHAT_TEMPLATES or not check_paths or Path(value).is_file():
+        return []
+    return [f"data.chat_template = {value!r}: no such file; give a Jinja template file or one of {', '.join(CHAT_TEMPLATES)}"]
 
 
 def data_files(value: Union[str, list[str], None]) -> list[str]:

@@ -553,6 +553,31 @@ def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) ->
     return out
 
 
+# The chat templates data.chat_template names: ChatML as Qwen and
+# Axolotl write it; a turn ends in <|im_end|>, which generation stops at where the vocabulary has it
+# as one token.
+CHAT_TEMPLATES = {
+    "chatml": (
+        r"{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        r"{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def chat_template_text(value: str) -> str:
+    """data.chat_template's template: a name of CHAT_TEMPLATES, else a Jinja file's text.
+
+    Raises:
+        UserError: a file that cannot be read as UTF-8 text.
+    """
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"data.chat_template = {value!r}: cannot read it ({exc}); give a UTF-8 Jinja file") from None
+
+
 class _ChatRenderer:
     """Renders conversations exactly as `tokenizer.apply_chat_template(..., tokenize=False)`.
 
@@ -731,8 +756,8 @@ def tokenize_records(
     if chat_lines and tokenizer.chat_template is None:
         raise UserError(
             f"{source}:{chat_lines[0]}: chat records need a tokenizer with a chat template, and this one has "
-            "none; use the tokenizer of a chat/instruct model, set tokenizer.chat_template, or write the "
-            "data as prompt/completion records"
+            "none; set data.chat_template (chatml, or a Jinja file), use the tokenizer of a chat/instruct model, "
+            "or write the data as prompt/completion records"
         )
     renderer = _ChatRenderer(tokenizer) if chat_lines else None
     eos = tokenizer.eos_token_id

@@ -69,7 +69,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
+from lorakit.adapters import CHAT_TEMPLATE_NAME, PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
 from lorakit.errors import UserError
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
 from lorakit.metrics import peak_rss_bytes
@@ -671,6 +671,10 @@ def merge_adapter_files(
         shards = writer.finish()
         _write_config(layout, staging, out_dtype, plan.untie)
         _copy_side_files(layout.folder, staging)
+        template = files.path / CHAT_TEMPLATE_NAME
+        if template.is_file():  # the adapter's training template (data.chat_template) over the base's
+            shutil.copy2(template, staging / CHAT_TEMPLATE_NAME)
+            _drop_config_template(staging)
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -780,6 +784,17 @@ def _write_config(layout: BaseLayout, folder: Path, dtype: torch.dtype, untie: b
     if untie:
         config["tie_word_embeddings"] = False
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _drop_config_template(folder: Path) -> None:
+    """Remove a chat template tokenizer_config.json holds (older transformers wrote it there), so the
+    folder's chat_template.jinja is the one a tokenizer loads."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if isinstance(config, dict) and config.pop("chat_template", None) is not None:
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _copy_side_files(base: Path, folder: Path) -> None:

@@ -165,6 +165,12 @@ def load_for_inference(
     if precision is not None:
         dtype = resolve_precision(precision, device)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    if files is not None:
+        from lorakit.adapters import CHAT_TEMPLATE_NAME
+
+        template = files.path / CHAT_TEMPLATE_NAME
+        if template.is_file():  # the template the adapter was trained with (data.chat_template)
+            tokenizer.chat_template = template.read_text(encoding="utf-8")
     if quantize == "nf4":
         from lorakit.quant import load_model_4bit
 

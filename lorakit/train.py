@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 
 from lorakit import host_memory, preference
-from lorakit.adapters import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import REFERENCE_OBJECTIVES, DataConfig, RunConfig, data_files, load_run_config, parse_overrides
 from lorakit.errors import UserError
@@ -147,6 +147,12 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg.data)
     for key in ("train", "eval", "cache_dir"):
         d.pop(key)
+    if d["chat_template"] is None:
+        del d["chat_template"]  # so checkpoints of earlier runs still resume
+    else:  # its text: an edited template file is another run
+        from lorakit.data import chat_template_text
+
+        d["chat_template"] = hashlib.sha256(chat_template_text(d["chat_template"]).encode()).hexdigest()
     return d
 
 
@@ -228,6 +234,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     torch.manual_seed(cfg.train.seed)
     check_positions(cfg, log if dist.is_main else lambda _: None)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.data.chat_template is not None:
+        use_chat_template(tokenizer, cfg.data.chat_template, log if dist.is_main else lambda _: None)
     train_set, eval_set = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_set)
 
@@ -326,6 +334,20 @@ def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
     if cfg.train.objective in REFERENCE_OBJECTIVES:
         frozen = dataclasses.replace(files, config=dataclasses.replace(cfg.lora, dropout=0.0))
         apply_adapter(model, frozen, preference.REFERENCE_ADAPTER)
+
+
+def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) -> None:
+    """Give `tokenizer` data.chat_template's template; say so where generation would not stop at
+    its turns' end (not one token of the vocabulary: only EOS stops it then)."""
+    from lorakit.data import _ChatRenderer, chat_template_text
+    from lorakit.generate import stop_token_ids
+
+    tokenizer.chat_template = chat_template_text(value)
+    end = _ChatRenderer(tokenizer).end_of_turn
+    ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    if end and not (len(ids) == 1 and ids[0] in stop_token_ids(tokenizer)):
+        log(f"note         the chat template ends a turn with {end!r}, which is {len(ids)} tokens of this vocabulary, "
+            "not a stop token: generation stops at EOS only; end the assistant turns with {{ eos_token }} to stop there")  # fmt: skip
 
 
 def add_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
@@ -563,12 +585,17 @@ def _checkpoint(run: Run) -> Path:
     if run.dist.is_main:
         path = save_checkpoint(
             run.output_dir, run.step, model=run.model, optimizer_state=optimizer_state, state=state,
-            keep=run.cfg.train.keep_checkpoints, base_model_name_or_path=run.cfg.model,
+            keep=run.cfg.train.keep_checkpoints, base_model_name_or_path=run.cfg.model, adapter_files=_template_files(run),
         )  # fmt: skip
     else:
         _join_adapter_gathers(run)
     run.dist.barrier()
     return path or run.output_dir / "checkpoints" / f"step-{run.step}"
+
+
+def _template_files(run: Run) -> dict[str, str]:
+    """The chat template data.chat_template gave, for the adapter folder (inference and merge use it)."""
+    return {CHAT_TEMPLATE_NAME: run.tokenizer.chat_template} if run.cfg.data.chat_template is not None else {}
 
 
 def _join_adapter_gathers(run: Run) -> None:
@@ -667,7 +694,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         from lorakit.adapters import save_adapter
 
         save_adapter(run.model, run.output_dir / "adapter", base_model_name_or_path=cfg.model,
-                     extra_files={"README.md": model_card(run, summary)})  # fmt: skip
+                     extra_files={"README.md": model_card(run, summary), **_template_files(run)})  # fmt: skip
         run.metrics.plot(_plot_title(run))
     else:
         _join_adapter_gathers(run)

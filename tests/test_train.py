@@ -233,6 +233,55 @@ def test_a_list_of_data_files_trains_as_one_and_resumes_only_unchanged(workspace
     assert "nowhere.jsonl': file not found" in capsys.readouterr().err
 
 
+def test_a_chat_template_for_a_base_model_is_trained_with_and_travels_with_the_adapter(tmp_path, capsys):
+    from helpers import make_tokenizer, tiny_llama
+    from transformers import AutoTokenizer
+
+    from lorakit.data import CHAT_TEMPLATES
+    from lorakit.models import load_for_inference
+
+    save_model_folder(tmp_path / "base", tiny_llama(), make_tokenizer(None))  # a base model: no chat template
+    chat = [{"messages": [{"role": "user", "content": f"{a} plus 1?"}, {"role": "assistant", "content": f"{a + 1}"}]}
+            for a in range(16)]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    cfg = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "out"), "lora": {"r": 4},
+           "data": {"train": str(tmp_path / "chat.jsonl"), "max_length": 64},
+           "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32", "save_every": 1}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "chat records need a tokenizer with a chat template, and this one has none; set data.chat_template" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "c.yaml"), "data.chat_template=chatml"]) == 0
+    printed = capsys.readouterr().out
+    for folder in (tmp_path / "out" / "adapter", tmp_path / "out" / "checkpoints" / "step-1" / "adapter"):
+        assert (folder / "chat_template.jinja").read_text() == CHAT_TEMPLATES["chatml"]
+    # the trained tokens are ChatML's, as apply_chat_template renders it
+    tok = make_tokenizer(None)
+    tok.chat_template = CHAT_TEMPLATES["chatml"]
+    from lorakit.config import DataConfig
+    from lorakit.data import load_dataset
+
+    data = load_dataset(tmp_path / "chat.jsonl", tok, DataConfig(max_length=64), use_cache=False)
+    assert data.example(0)[0].tolist() == tok.apply_chat_template(chat[0]["messages"])["input_ids"]
+    assert ("ends a turn with '<|im_end|>'" in printed) == (len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) != 1)
+    # inference and merge take the adapter's template
+    _, loaded = load_for_inference(tmp_path / "base", tmp_path / "out" / "adapter", device="cpu")
+    assert loaded.chat_template == CHAT_TEMPLATES["chatml"]
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "out" / "adapter"), "--out", str(merged)]) == 0
+    assert AutoTokenizer.from_pretrained(merged).chat_template == CHAT_TEMPLATES["chatml"]
+    # an edited template file is another run: its checkpoint does not resume
+    template = tmp_path / "t.jinja"
+    template.write_text(CHAT_TEMPLATES["chatml"])
+    out = ["output_dir=" + str(tmp_path / "out2"), f"data.chat_template={template}"]
+    assert main(["train", str(tmp_path / "c.yaml"), *out]) == 0  # 2 steps, a checkpoint at step 1
+    template.write_text(CHAT_TEMPLATES["chatml"].replace("<|im_start|>", "<|im_start|> "))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "c.yaml"), *out, "train.max_steps=3", "--resume"]) == 2
+    assert "data (data.chat_template)" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "c.yaml"), "data.chat_template=nowhere.jinja"]) == 2
+    assert "data.chat_template = 'nowhere.jinja': no such file; give a Jinja template file or one of chatml" in capsys.readouterr().err
+
+
 def test_validation_reports_every_problem(workspace, tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({
