@@ -135,14 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted in the result) instead of stopping")
-    p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo"], default=None,
-                   help="read the data as preference pairs and report this objective's loss and rewards (default for "
-                        "preference data: dpo; dpo, ipo: the adapter against its base)")
+    p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo", "kto"], default=None,
+                   help="read the data as preference pairs (kto: labelled examples) and report this objective's loss and "
+                        "rewards (default for preference data: dpo; dpo, ipo, kto: the adapter against its base)")
     p.add_argument("--reference-adapter", default=None,
                    help="preference data, dpo / ipo: the reference is this adapter (the one a run's `adapter` continued), "
                         "not the base")
     p.add_argument("--beta", type=float, default=None, help="preference data: the objective's beta (default: its usual value)")
     p.add_argument("--simpo-gamma", type=float, default=0.5, help="preference data: SimPO's target reward margin")
+    p.add_argument("--kto-desirable-weight", type=float, default=1.0, help="kto: the desirable examples' loss weight")
+    p.add_argument("--kto-undesirable-weight", type=float, default=1.0, help="kto: the undesirable examples' loss weight")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("inspect", help="summarise an adapter (and check it against a base model)")

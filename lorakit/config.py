@@ -104,7 +104,9 @@ class DataConfig:
     train: Union[str, list[str], None] = None
     eval: Union[str, list[str], None] = None
     eval_fraction: float = 0.0  # held out from `train` when `eval` is not given
-    format: str = "auto"  # auto | text | completion | instruction | chat | preference (prompt, chosen, rejected)
+    # auto | text | completion | instruction | chat | preference (prompt, chosen, rejected) | unpaired
+    # (prompt, completion, label: KTO's)
+    format: str = "auto"
     max_length: int = 1024
     too_long: str = "truncate"  # truncate | drop
     packing: bool = True
@@ -116,7 +118,7 @@ class DataConfig:
     chat_template: Union[str, None] = None
 
 
-DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference")
+DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference", "unpaired")
 
 
 
@@ -151,6 +153,8 @@ class TrainConfig:
     objective: str = "sft"  # sft (next-token loss) | dpo | ipo | simpo | orpo (preference pairs, lorakit.preference)
     beta: Union[float, None] = None  # the preference objective's beta; None: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
+    kto_desirable_weight: float = 1.0  # KTO's weights of the desirable and undesirable examples' losses
+    kto_undesirable_weight: float = 1.0
     neftune_alpha: float = 0.0  # NEFTune: noise on the input embeddings in training (5 in the paper); 0: off
 
     def preference_beta(self) -> float:
@@ -161,9 +165,11 @@ class TrainConfig:
 # The preference objectives (lorakit.preference) and the beta each uses unless train.beta is set:
 # DPO's and IPO's 0.1 as in TRL; SimPO's reward scale 2.0 (TRL's CPO, the paper's range 2-2.5);
 # ORPO's lambda 0.1 (TRL, the paper).
-PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
 # those that compare with a frozen reference: the base with the adapter off
-REFERENCE_OBJECTIVES = ("dpo", "ipo")
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")
+# those that train on unpaired examples labelled desirable or not (data.format unpaired), not pairs
+UNPAIRED_OBJECTIVES = ("kto",)
 
 
 @dataclass
@@ -219,6 +225,8 @@ _RANGES = {
     "train.keep_checkpoints": (1, True),
     "train.beta": (0.0, False),
     "train.simpo_gamma": (0.0, True),
+    "train.kto_desirable_weight": (0.0, False),
+    "train.kto_undesirable_weight": (0.0, False),
     "train.neftune_alpha": (0.0, True),
     "train.warmup_ratio": (0.0, True),
     "train.min_lr_ratio": (0.0, True),
@@ -308,6 +316,11 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         )
     if _is_number(cfg.train.min_lr_ratio) and not cfg.train.min_lr_ratio <= 1:
         problems.append(f"train.min_lr_ratio = {cfg.train.min_lr_ratio!r}: must be in [0, 1], e.g. 0.1")
+    if cfg.train.min_lr_ratio and cfg.train.scheduler == "constant":
+        problems.append(
+            f"train.min_lr_ratio = {cfg.train.min_lr_ratio!r} with train.scheduler = 'constant': a constant lr does not "
+            "decay to a floor; use cosine or linear, or remove min_lr_ratio"
+        )
     if not 0 <= cfg.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction = {cfg.data.eval_fraction!r}: must be in [0, 1)")
     if cfg.model is None:
@@ -315,7 +328,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     elif check_paths and not _looks_like_hub_name(cfg.model) and not Path(cfg.model).is_dir():
         problems.append(f"model = {cfg.model!r}: folder not found; pass a local Hugging Face model folder")
     problems += _chat_template_problems(cfg.data.chat_template, check_paths)
-    if cfg.data.train is None:
+    if cfg.data.train is None and not any(p.startswith("data.train ") for p in problems):
         problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
     for key in ("train", "eval"):
         files = data_files(getattr(cfg.data, key))
@@ -426,6 +439,8 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
     if objective not in PREFERENCE_BETA:
         if cfg.data.format == "preference":
             return ["data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo; set it"]
+        if cfg.data.format == "unpaired":
+            return ["data.format = 'unpaired': labelled examples train with train.objective kto; set it"]
         return []
     problems = []
     if cfg.train.neftune_alpha:
@@ -433,10 +448,11 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
             f"train.neftune_alpha = {cfg.train.neftune_alpha!r}: NEFTune is for SFT; {objective} would compare noisy "
             "answers with a clean reference, set it to 0"
         )
-    if cfg.data.format not in ("auto", "preference"):
+    wanted = "unpaired" if objective in UNPAIRED_OBJECTIVES else "preference"
+    if cfg.data.format not in ("auto", wanted):
+        records = "labelled records (prompt, completion, label)" if wanted == "unpaired" else "preference records (prompt, chosen, rejected)"
         problems.append(
-            f"data.format = {cfg.data.format!r}: train.objective: {objective} trains on preference records "
-            "(prompt, chosen, rejected); use auto or preference"
+            f"data.format = {cfg.data.format!r}: train.objective: {objective} trains on {records}; use auto or {wanted}"
         )
     if objective in REFERENCE_OBJECTIVES and cfg.lora.init in ("pissa", "olora"):
         if cfg.adapter is None:

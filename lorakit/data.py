@@ -20,6 +20,10 @@ aside) or forced with `data.format`:
                completion or chat examples with the loss on the answer only; a file of them holds
                nothing else, and its examples come in pairs (`TokenizedDataset.pairs`). A record
                with chat `messages` beside its pair is chat unless `data.format: preference`.
+- unpaired:    `{"prompt": str | messages, "completion": str | messages, "label": bool}` (KTO's;
+               only with `data.format: unpaired`): a pair of examples, prompt + completion and the
+               KL example, the prompt with the completion of the record before it (the first: of
+               the last); `TokenizedDataset.desirable` holds the labels.
 
 Token ids and labels:
 - Non-chat text is tokenized with the tokenizer's special tokens (a BOS where its post-processor
@@ -74,7 +78,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -86,7 +90,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FORMAT_VERSION = 3  # bump when tokenization or the cache layout changes
-FORMATS = ("text", "completion", "instruction", "chat", "preference")
+FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -99,10 +103,11 @@ _FORMAT_KEYS = {
     "instruction": "instruction + output (input optional)",
     "chat": "messages (or ShareGPT conversations)",
     "preference": "chosen + rejected (and a prompt)",
+    "unpaired": "prompt + completion + label",
 }
 _REQUIRED = {
     "text": ("text",), "completion": ("prompt", "completion"), "instruction": ("instruction", "output"), "chat": (),
-    "preference": ("chosen", "rejected"),
+    "preference": ("chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
 }  # fmt: skip
 _SKIP_HINT = "fix it, or skip invalid records with data.skip_invalid: true (lorakit eval --skip-invalid)"
 
@@ -121,6 +126,9 @@ class DataStats:
     skipped_invalid: int = 0  # invalid records skipped with skip_invalid: true
     skipped_lines: list[int] = field(default_factory=list)  # the first MAX_REPORTED of them
     pairs: int = 0  # preference pairs kept (each is two examples); 0 for other data
+    # unpaired (KTO) data: `pairs` counts its examples, each kept with its mismatched KL example
+    unpaired: bool = False
+    desirable: int = 0  # of those, labelled desirable
 
 
 class TokenizedDataset:
@@ -128,18 +136,23 @@ class TokenizedDataset:
 
     Example i is `input_ids[offsets[i]:offsets[i+1]]`; labels are -100 where there is no loss.
     pairs: preference data, examples 2j (the chosen answer) and 2j+1 (the rejected one) are pair j.
+    desirable: unpaired (KTO) data, which is pairs too: 2j is example j (prompt + completion), 2j+1
+        its KL example (the same prompt with another example's completion), desirable[j] its label.
     """
 
     def __init__(
-        self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, stats: DataStats, *, pairs: bool = False
-    ) -> None:
+        self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, stats: DataStats, *, pairs: bool = False,
+        desirable: Optional[np.ndarray] = None,
+    ) -> None:  # fmt: skip
         self.input_ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         self.labels = np.ascontiguousarray(labels, dtype=np.int32)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         self.stats = stats
         self.pairs = pairs
+        self.desirable = None if desirable is None else np.ascontiguousarray(desirable, dtype=np.bool_)
         assert self.input_ids.shape == self.labels.shape and self.offsets[-1] == len(self.input_ids)
         assert not pairs or len(self) % 2 == 0, "preference data holds whole pairs"
+        assert self.desirable is None or (pairs and len(self.desirable) == len(self) // 2)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -176,7 +189,11 @@ class TokenizedDataset:
             skipped_lines=list(self.stats.skipped_lines),
             pairs=len(idx) // 2 if self.pairs else 0,
         )
-        return TokenizedDataset(self.input_ids[gather], labels, offsets, stats, pairs=self.pairs)
+        desirable = None
+        if self.desirable is not None:
+            desirable = self.desirable[idx[0::2] // 2]
+            stats.desirable = int(desirable.sum())
+        return TokenizedDataset(self.input_ids[gather], labels, offsets, stats, pairs=self.pairs, desirable=desirable)
 
     @classmethod
     def concat(cls, parts: Sequence["TokenizedDataset"], sources: Sequence[str]) -> "TokenizedDataset":
@@ -188,23 +205,27 @@ class TokenizedDataset:
         """
         if len(parts) == 1:
             return parts[0]
-        if len({p.pairs for p in parts}) > 1:
-            pairs = sources[next(i for i, p in enumerate(parts) if p.pairs)]
-            other = sources[next(i for i, p in enumerate(parts) if not p.pairs)]
+        kinds = [p.desirable is not None if p.pairs else None for p in parts]
+        if len(set(kinds)) > 1:
+            names = {None: "neither preference pairs nor labelled examples", False: "preference pairs",
+                     True: "labelled (unpaired) examples"}  # fmt: skip
+            other = next(i for i, k in enumerate(kinds) if k != kinds[0])
             raise UserError(
-                f"{other}: holds no preference records, while {pairs} holds preference pairs; the files of one run "
-                "train with one objective, so list only one kind"
+                f"{sources[other]}: holds {names[kinds[other]]}, while {sources[0]} holds {names[kinds[0]]}; the files "
+                "of one run train with one objective, so list only one kind"
             )
         lengths = np.concatenate([p.lengths() for p in parts])
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         counts = {
             f.name: sum(getattr(p.stats, f.name) for p in parts)
-            for f in dataclasses.fields(DataStats) if f.name != "skipped_lines"
+            for f in dataclasses.fields(DataStats) if f.name not in ("skipped_lines", "unpaired")
         }  # fmt: skip
+        unpaired = parts[0].desirable is not None
         return cls(
             np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]), offsets,
-            DataStats(**counts), pairs=parts[0].pairs,
+            DataStats(**counts, unpaired=unpaired), pairs=parts[0].pairs,
+            desirable=np.concatenate([p.desirable for p in parts]) if unpaired else None,
         )  # fmt: skip
 
     def save(self, path: Union[str, Path]) -> None:
@@ -215,9 +236,10 @@ class TokenizedDataset:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
+                extra = {} if self.desirable is None else {"desirable": self.desirable}
                 np.savez(
                     f, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets, stats=stats,
-                    pairs=np.array([self.pairs]),
+                    pairs=np.array([self.pairs]), **extra,
                 )  # fmt: skip
             os.replace(tmp, path)
         except BaseException:
@@ -229,7 +251,8 @@ class TokenizedDataset:
         with np.load(path, allow_pickle=False) as z:
             stats = DataStats(**json.loads(z["stats"].tobytes().decode()))
             pairs = bool(z["pairs"][0]) if "pairs" in z.files else False
-            return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs)
+            desirable = z["desirable"] if "desirable" in z.files else None
+            return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs, desirable=desirable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +292,7 @@ def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} not found; set data.train / data.eval to a .jsonl, .json, .parquet or .csv file")
     if path.suffix.lower() in TABLE_SUFFIXES:
-        return _read_table(path), []
+        return _read_table(path, skip_invalid)
     try:
         text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as exc:
@@ -288,45 +311,72 @@ def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[
     return records, skipped
 
 
-# Tables read as records, a row each, numbered from 1 (what errors call the line): Parquet and Arrow
-# (Hugging Face datasets' files; needs pyarrow, `pip install lorakit[parquet]`), CSV and TSV (a
-# header row, then one record a row; string columns only, so no chat messages).
+# Tables read as records, a row each: Parquet and Arrow (Hugging Face datasets' files; needs
+# pyarrow, `pip install lorakit[parquet]`), numbered by row from 1; CSV and TSV (a header row, then
+# a record a row; string cells only, so no chat messages), numbered by the line a row starts on,
+# as JSONL records are. A missing value (a null cell, an empty CSV cell) is a key the record lacks:
+# a column other rows fill, such as Alpaca's empty `input`.
 TABLE_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv")
 
 
-def _read_table(path: Path) -> list[tuple[int, dict]]:
-    """Rows of a table file as (row number, record); a null cell is a key the record lacks (a
-    column other rows fill, such as Alpaca's empty `input`)."""
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        import csv
-
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            try:
-                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise UserError(f"{path}: not a readable {suffix[1:].upper()} file ({exc}); save it as UTF-8") from None
-        records = [(i, {k: v for k, v in row.items() if k is not None and v is not None}) for i, row in enumerate(rows, 1)]
+def _read_table(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
+    """(records, line numbers of rows skipped as invalid) of a table file."""
+    if path.suffix.lower() in (".csv", ".tsv"):
+        records, problems = _read_csv(path)
     else:
-        try:
-            import pyarrow.ipc
-            import pyarrow.parquet
-        except ImportError:
-            raise UserError(f"{path}: reading {suffix} files needs pyarrow; `pip install lorakit[parquet]`") from None
-        try:
-            if suffix == ".parquet":
-                table = pyarrow.parquet.read_table(path)
-            else:  # datasets writes the Arrow stream format; the file format is the other one
-                try:
-                    table = pyarrow.ipc.open_stream(path).read_all()
-                except pyarrow.ArrowInvalid:
-                    table = pyarrow.ipc.open_file(path).read_all()
-        except (pyarrow.ArrowException, OSError) as exc:
-            raise UserError(f"{path}: not a readable {suffix[1:]} file ({str(exc).splitlines()[0]})") from None
-        records = [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(table.to_pylist(), 1)]
-    if not records:
+        records, problems = _read_arrow(path), []
+    if problems and not skip_invalid:
+        _raise_problems(str(path), problems)
+    if not records and not problems:
         raise UserError(f"{path}: no rows in the table")
-    return records
+    return records, [line for line, _ in problems]
+
+
+def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    import csv
+
+    csv.field_size_limit(2**31 - 1)  # whole documents in a cell: far beyond the module's 128 KiB default
+    records, problems = [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        try:
+            header = next(reader, None)
+            while True:
+                line = reader.line_num + 1  # where the next row starts (blank lines give empty rows)
+                row = next(reader, None)
+                if row is None:
+                    break
+                if not row:
+                    continue
+                if header is not None and len(row) > len(header):
+                    problems.append((line, f"{len(row)} cells, more than the header's {len(header)}; quote cells that "
+                                           "hold the delimiter"))  # fmt: skip
+                    continue
+                records.append((line, {k: v for k, v in zip(header, row) if v != ""}))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}:{reader.line_num}: not readable as {path.suffix[1:].upper()} ({exc}); save it as UTF-8 "
+                            "with quoted cells") from None  # fmt: skip
+    return records, problems
+
+
+def _read_arrow(path: Path) -> list[tuple[int, dict]]:
+    suffix = path.suffix.lower()
+    try:
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(f"{path}: reading {suffix} files needs pyarrow; `pip install lorakit[parquet]`") from None
+    try:
+        if suffix == ".parquet":
+            table = pyarrow.parquet.read_table(path)
+        else:  # datasets writes the Arrow stream format; the file format is the other one
+            try:
+                table = pyarrow.ipc.open_stream(path).read_all()
+            except pyarrow.ArrowInvalid:
+                table = pyarrow.ipc.open_file(path).read_all()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: not a readable {suffix[1:]} file ({str(exc).splitlines()[0]})") from None
+    return [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(table.to_pylist(), 1)]
 
 
 def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
@@ -455,6 +505,14 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
         return fmt, (prompt + _string(record, "output"), len(prompt))
     if fmt == "preference":
         return fmt, _preference_pair(record)
+    if fmt == "unpaired":
+        if not isinstance(record["label"], bool):
+            raise BadRecord(f"'label' must be true (a desirable completion) or false, got {_kind(record['label'])}")
+        try:
+            own = _preference_pair({"prompt": record["prompt"], "chosen": record["completion"], "rejected": record["completion"]})
+        except BadRecord as exc:  # read as a pair: its words name the pair's keys
+            raise BadRecord(str(exc).replace("'chosen'", "'completion'")) from None
+        return fmt, (record, own[0])
     return "chat", (_messages(record, train_on_inputs), 0)
 
 
@@ -733,16 +791,18 @@ def tokenize_records(
     stats = DataStats(records=len(records))
     problems: list[tuple[int, str]] = []
     prepared: list[tuple[int, str, Any]] = []
-    pairs = None  # whether the file holds preference pairs, from its first valid record
+    kind = None  # "preference", "unpaired" or "non-preference": the file's records, from its first valid one
+    unpaired: list[tuple[int, dict, tuple[str, Any]]] = []  # (line, record, its own example)
     for line, record in records:
         try:
             fmt, payload = prepare_record(record, cfg.format, cfg.train_on_inputs)
-            if pairs is None:
-                pairs = fmt == "preference"
-            elif pairs != (fmt == "preference"):
+            this = fmt if fmt in ("preference", "unpaired") else "non-preference"
+            if kind is None:
+                kind = this
+            elif kind != this:
                 raise BadRecord(
-                    f"a {fmt} record in a file of {'preference' if pairs else 'non-preference'} records; a data "
-                    "file holds preference pairs (prompt, chosen, rejected) or other records, not both"
+                    f"a {fmt} record in a file of {kind} records; a data file holds preference pairs (prompt, chosen, "
+                    "rejected), labelled examples (prompt, completion, label) or other records, one kind only"
                 )
         except BadRecord as exc:
             problems.append((line, str(exc)))
@@ -750,8 +810,12 @@ def tokenize_records(
         # A pair's two examples stay next to each other (2j, 2j+1) through every step below.
         if fmt == "preference":
             prepared.extend((line, *side) for side in payload)
+        elif fmt == "unpaired":
+            unpaired.append((line, *payload))
         else:
             prepared.append((line, fmt, payload))
+    pairs = kind in ("preference", "unpaired")
+    labels_by_pair = _kl_pairs(unpaired, prepared, problems, source) if kind == "unpaired" else None
     chat_lines = [line for line, fmt, _ in prepared if fmt == "chat"]
     if chat_lines and tokenizer.chat_template is None:
         raise UserError(
@@ -770,11 +834,12 @@ def tokenize_records(
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
             for c in range(0, len(prepared) + CHUNK, CHUNK):
-                job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems, bool(pairs))
+                job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems, pairs)
                 future = pool.submit(_encode_job, backend, job) if job.size else None
                 if pending is not None:
-                    parts.append(_assemble(_finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, bool(pairs)))
-                pending = (job, future) if future is not None else None
+                    flat, labels, lengths, kept = _assemble(_finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, pairs)
+                    parts.append((flat, labels, lengths, kept + pending[2] // 2))  # CHUNK is even: pairs do not straddle
+                pending = (job, future, c) if future is not None else None
     finally:
         if gc_was_on:
             gc.enable()
@@ -794,7 +859,40 @@ def tokenize_records(
     stats.pairs = len(lengths) // 2 if pairs else 0
     if stats.examples == 0:
         raise UserError(_nothing_left(source, stats, cfg))
-    return TokenizedDataset(ids, labels, offsets, stats, pairs=bool(pairs))
+    desirable = None
+    if labels_by_pair is not None:
+        desirable = labels_by_pair[np.concatenate([p[3] for p in parts])]
+        stats.unpaired, stats.desirable = True, int(desirable.sum())
+    return TokenizedDataset(ids, labels, offsets, stats, pairs=pairs, desirable=desirable)
+
+
+def _kl_pairs(
+    unpaired: list[tuple[int, dict, tuple[str, Any]]], prepared: list, problems: list[tuple[int, str]], source: str
+) -> np.ndarray:
+    """Unpaired (KTO) records -> pairs in `prepared`, and each pair's label: record j's example
+    (its prompt and completion) and its KL example, its prompt with the completion of the record
+    before it (the first: of the last), which KTO's reference point is estimated from. TRL pairs
+    each example with its neighbour's completion within a batch the same way.
+
+    Raises:
+        UserError: fewer than two valid records (no other completion to pair with).
+    """
+    if len(unpaired) < 2:
+        raise UserError(
+            f"{source}: {len(unpaired)} valid labelled record; KTO pairs each example with another one's completion "
+            "for its KL estimate, so it needs at least 2"
+        )
+    labels = []
+    for j, (line, record, own) in enumerate(unpaired):
+        other_line, other, _ = unpaired[j - 1]
+        try:
+            kl = _preference_pair({"prompt": record["prompt"], "chosen": other["completion"], "rejected": other["completion"]})[0]
+        except BadRecord as exc:
+            problems.append((line, f"its prompt does not take the completion of line {other_line} (its KL example): {exc}"))
+            continue
+        prepared.extend([(line, *own), (line, *kl)])
+        labels.append(record["label"])
+    return np.asarray(labels, dtype=np.bool_)
 
 
 def _nothing_left(source: str, s: DataStats, cfg: DataConfig) -> str:
@@ -929,13 +1027,15 @@ def _fit(ids: list[int], ranges: list[tuple[int, int]], max_len: int, drop: bool
 
 def _assemble(
     seqs: list[tuple[int, list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats, pairs: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat, and the
+    chunk's kept pairs (position in chunk // 2; empty without `pairs`).
 
     seqs: (position in chunk, ids, ranges) from `_finish_chunk`. With `pairs`, positions 2j and
     2j+1 are a preference pair, kept or dropped together (a dropped side counts for both)."""
     max_len, drop = cfg.max_length, cfg.too_long == "drop"
     fitted = [(k, ids, _fit(ids, ranges, max_len, drop)) for k, ids, ranges in seqs]
+    kept_pairs: list[int] = []
     if pairs:
         by_pair: dict[int, list] = {}
         for item in fitted:
@@ -946,6 +1046,8 @@ def _assemble(
                 continue  # the other side's record was invalid (already reported)
             reasons = [r for _, _, r in sides if isinstance(r, str)]
             fitted += [(k, ids, reasons[0]) for k, ids, _ in sides] if reasons else sides
+            if not reasons:
+                kept_pairs.append(sides[0][0] // 2)
     kept_ids: list[list[int]] = []
     lengths: list[int] = []
     starts: list[int] = []  # flat positions where a trainable range starts / ends
@@ -970,7 +1072,7 @@ def _assemble(
     np.add.at(delta, np.asarray(starts, dtype=np.int64), 1)
     np.add.at(delta, np.asarray(ends, dtype=np.int64), -1)
     labels = np.where(np.cumsum(delta[:-1]) > 0, flat, IGNORE_INDEX).astype(np.int32)
-    return flat, labels, np.asarray(lengths, dtype=np.int64)
+    return flat, labels, np.asarray(lengths, dtype=np.int64), np.asarray(kept_pairs, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1059,20 +1161,30 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     def load(files: list[str]) -> TokenizedDataset:
         return TokenizedDataset.concat([load_dataset(f, tokenizer, cfg) for f in files], files)
 
-    train = load(data_files(cfg.train))
+    files = data_files(cfg.train)
     if cfg.eval:
-        return train, load(data_files(cfg.eval))
+        return load(files), load(data_files(cfg.eval))
     if cfg.eval_fraction <= 0:
-        return train, None
-    n = train.num_units()  # pairs are held out whole
+        return load(files), None
+    # Held out of the files' examples once each, however often a file is listed: a file listed
+    # twice (weighted up) then trains twice on its training part, and never on what is held out.
+    distinct = list(dict.fromkeys(files))
+    parts = {f: load_dataset(f, tokenizer, cfg) for f in distinct}
+    union = TokenizedDataset.concat([parts[f] for f in distinct], distinct)
+    n = union.num_units()  # pairs are held out whole
     n_eval = max(1, round(n * cfg.eval_fraction))
     if n_eval >= n:
         raise UserError(
-            f"data.eval_fraction = {cfg.eval_fraction} holds out {n_eval} of {n} {'pairs' if train.pairs else 'examples'}, leaving none to "
+            f"data.eval_fraction = {cfg.eval_fraction} holds out {n_eval} of {n} {'pairs' if union.pairs else 'examples'}, leaving none to "
             "train on; lower it or give data.eval a file"
         )
     perm = np.random.default_rng([_seed(seed), 0xE7A1]).permutation(n)
-    return train.subset(np.sort(perm[n_eval:])), train.subset(np.sort(perm[:n_eval]))
+    held = np.zeros(n, dtype=bool)
+    held[perm[:n_eval]] = True
+    starts = dict(zip(distinct, np.cumsum([0] + [parts[f].num_units() for f in distinct])))
+    kept = {f: np.flatnonzero(~held[starts[f] : starts[f] + parts[f].num_units()]) for f in distinct}
+    train = TokenizedDataset.concat([parts[f].subset(kept[f]) for f in files], files)
+    return train, union.subset(np.flatnonzero(held))
 
 
 def _seed(seed: int) -> int:
@@ -1111,7 +1223,9 @@ class BatchStream:
     tokens. Its micro-batches also have
         sequence_ids (B, T) int64: which example of the micro-batch a token belongs to, numbered
             along the rows (2p: pair p's chosen answer, 2p+1: its rejected one), -1 on padding;
-        num_pairs: int.
+        num_pairs: int;
+        desirable (num_pairs,) bool, for unpaired (KTO) data, whose pairs are an example and its KL
+            example: each example's label.
     """
 
     WINDOW_CHUNKS = 64
@@ -1241,9 +1355,12 @@ class BatchStream:
         labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((b, width), dtype=np.int64)
         sequence_ids = np.full((b, width), -1, dtype=np.int64) if self.pairs else None
+        desirable = [] if ds.desirable is not None else None
         num_tokens = sequence = 0
         for r, row in enumerate(rows):
             units = self._items[self._row_offsets[row] : self._row_offsets[row + 1]]
+            if desirable is not None:
+                desirable.extend(ds.desirable[units])
             t = 0
             for e in np.stack([2 * units, 2 * units + 1], axis=1).reshape(-1) if self.pairs else units:
                 a, z = ds.offsets[e], ds.offsets[e + 1]
@@ -1268,6 +1385,8 @@ class BatchStream:
         }
         if sequence_ids is not None:
             batch["sequence_ids"], batch["num_pairs"] = torch.from_numpy(sequence_ids), sequence // 2
+        if desirable is not None:
+            batch["desirable"] = torch.tensor(desirable, dtype=torch.bool)
         return batch
 
 

@@ -207,7 +207,8 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
         # buffers (rotary tables) are synced once at construction and never change, so no sync per step.
         # DDP wraps the whole loss computation, so the chunked fused output head runs under it too.
         ddp = DistributedDataParallel(
-            loss_module(model, LOSS_CHUNK_TOKENS, cfg.train), device_ids=[device.index] if device.type == "cuda" else None,
+            loss_module(model, LOSS_CHUNK_TOKENS, cfg.train, dist.all_reduce_sum),
+            device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False, forward_sync_buffers=False,
         )  # fmt: skip
         dist.no_sync = ddp.no_sync
@@ -222,7 +223,7 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
     fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, output head
     dist.no_sync = lambda: _fsdp_no_sync(model)
     # The loss calls the whole sharded model (full logits) so FSDP2's root hooks run on every forward.
-    return loss_module(_Forward(model, getattr(model, "config", None)), None, cfg.train)
+    return loss_module(_Forward(model, getattr(model, "config", None)), None, cfg.train, dist.all_reduce_sum)
 
 
 @contextlib.contextmanager

@@ -122,22 +122,27 @@ def generation_accuracy(
     batch_size: int = 8,
     show_failures: int = 3,
     skip_invalid: bool = False,
+    train_on_inputs: bool = False,
 ) -> dict[str, Any]:
     """{"accuracy", "correct", "total", "failures": [{"prompt", "expected", "got"}]} over the
     records that have an answer (exact match of `final_answer`s: stripped, a leading reasoning block
-    left out; greedy; at most `show_failures` listed). skip_invalid: leave out invalid records (the
-    data's own reading has counted them) instead of raising.
+    left out; greedy; at most `show_failures` listed). skip_invalid: leave out the records the
+    data's own reading (with `train_on_inputs`) skips as invalid, which it has counted, instead of
+    raising.
 
     Raises:
         UserError: see `prompt_and_answer`; no record with an answer.
     """
+    from lorakit.data import BadRecord, prepare_record
     from lorakit.generate import generate
 
     cases = []
     for i, record in enumerate(records):
         try:
+            if skip_invalid:
+                prepare_record(record, "auto", train_on_inputs)  # what the loss skipped, this skips too
             case = prompt_and_answer(record)
-        except UserError as exc:
+        except (UserError, BadRecord) as exc:
             if skip_invalid:
                 continue
             raise UserError(f"record {i + 1}: {exc}") from None
@@ -199,9 +204,9 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
         raise UserError(f"--beta {args.beta}: the objective's beta must be > 0 (training's train.beta)")
     result: dict[str, Any] = evaluate_preference(
         model, dataset, objective=objective, beta=beta, gamma=args.simpo_gamma, batch_size=args.batch_size,
-        max_length=max_length,
+        max_length=max_length, kto_weights=(args.kto_desirable_weight, args.kto_undesirable_weight),
     )  # fmt: skip
-    result = {"pairs": dataset.num_units(), "objective": objective, "beta": beta, **result}
+    result = {"examples" if objective == "kto" else "pairs": dataset.num_units(), "objective": objective, "beta": beta, **result}
     if args.skip_invalid:
         result["skipped"] = dataset.stats.skipped_invalid
     if args.json:
@@ -247,9 +252,9 @@ def eval_command(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto reads as chat)
-    cfg = DataConfig(
-        max_length=max_length, packing=False, format="preference" if args.objective else "auto", skip_invalid=args.skip_invalid
-    )
+    # --objective reads the records as pairs, or kto as labelled examples (prompt, completion, label)
+    fmt = "unpaired" if args.objective == "kto" else "preference" if args.objective else "auto"
+    cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid)
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     if dataset.pairs:
         return _preference_eval(args, model, dataset, max_length)

@@ -397,6 +397,8 @@ class LoraLayer(nn.Module):
         return (
             fused.ENABLED
             and self.kind.name in ("linear", "conv1d", "linear4bit")
+            # under autocast the products come out in its dtype, the in-place sum does not follow it
+            and not torch.is_autocast_enabled(x.device.type)
             and not self.weight.requires_grad
             and (self.bias is None or not self.bias.requires_grad)
             and not hasattr(a, "placements")  # FSDP2 shards (DTensor) take the plain path

@@ -11,7 +11,15 @@ Per pair, with log pi(y) the trained model's log-probability of an answer summed
     orpo   (Hong et al. 2024)      odds(y) = a(y) - log(1 - exp(a(y)))   (the log-odds of exp(a))
                                    loss = -a(y_c) - beta * log sigmoid(odds(y_c) - odds(y_r))
 
-as TRL computes them (DPOTrainer's sigmoid and ipo losses, CPOTrainer's simpo, ORPOTrainer),
+and, per unpaired example labelled desirable or not, with r(y) = log pi(y) - log ref(y):
+
+    kto    (Ethayarajh et al. 2024) z0 = max(0, mean of r over the KL examples: each example's
+                                   prompt with another example's completion), no gradient
+                                   loss = w_D * (1 - sigmoid(beta * (r(y) - z0)))   desirable
+                                          w_U * (1 - sigmoid(beta * (z0 - r(y))))   undesirable
+
+as TRL computes them (DPOTrainer's sigmoid and ipo losses, CPOTrainer's simpo, ORPOTrainer,
+KTOTrainer's kto; a KTO example and its KL example sit in a batch as a pair's two answers do),
 averaged over the pairs of an optimizer step (all micro-batches and processes). Each logs the
 answers' rewards (dpo: beta * (log pi - log ref); ipo: the same of the means; simpo, orpo: beta *
 a(y)); a pair counts as right when the chosen answer's reward is higher (`reward_accuracy`), and
@@ -32,7 +40,7 @@ the sums per answer are `index_add`s over the micro-batch's `sequence_ids`.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +54,12 @@ from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss, token_losses
 # the name of the frozen copy of the adapter training started from, the reference of dpo and ipo
 # when there is one (otherwise the reference is the base, adapters off)
 REFERENCE_ADAPTER = "reference"
-# what PreferenceLoss returns beside the loss, summed over the micro-batch's pairs
-STAT_NAMES = ("pairs", "chosen_reward", "rejected_reward", "right")
-# what a training step logs beside the loss (`step_metrics`)
-STEP_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+# what PreferenceLoss returns beside the loss, summed over the micro-batch's pairs: the pairs (KTO:
+# examples), the chosen (desirable) and rejected (undesirable) answers' rewards and how many
+# there are, the pairs (examples) right, and KTO's KL estimate times the examples
+STAT_NAMES = ("pairs", "chosen_reward", "rejected_reward", "right", "chosen", "rejected", "kl")
+# what a training step logs beside the loss (`step_metrics`; kl: KTO's only)
+STEP_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "kl")
 
 
 def sequence_logps(
@@ -114,19 +124,47 @@ def pair_loss(
     raise ValueError(f"unknown preference objective {objective!r}")
 
 
+def kto_loss(
+    ratio: torch.Tensor, kl: torch.Tensor, desirable: torch.Tensor, *, beta: float, desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO's loss per example (TRL's KTOTrainer, loss_type "kto") and its reward beta * ratio.
+
+    ratio: (N,) log pi(y|x) - log ref(y|x), summed over the completion; kl: the reference point z0,
+    a detached scalar; desirable: (N,) bool. A desirable example's loss is
+    desirable_weight * (1 - sigmoid(beta * (ratio - kl))), an undesirable one's
+    undesirable_weight * (1 - sigmoid(beta * (kl - ratio))).
+    """
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
+    return losses, beta * ratio
+
+
 class PreferenceLoss(nn.Module):
     """What the training loop calls for a preference objective: forward(input_ids, labels,
     position_ids, sequence_ids) -> (summed loss over the micro-batch's pairs, fp32 scalar; stats
-    (4,) fp32, detached: pairs, chosen rewards' sum, rejected rewards' sum, pairs right).
+    (STAT_NAMES,) fp32, detached). KTO's micro-batches also give `desirable`, each example's label.
 
     A module like `lorakit.loss.TokenLoss` (whose kept loss buffers it shares), so a DDP wrapper
     around it sees both passes.
+
+    KTO's reference point z0 is the mean of log pi - log ref over the micro-batch's KL examples
+    (each example's prompt with another's completion), clamped at 0 and detached, as TRL computes
+    it: over the micro-batches of all processes, which `all_reduce_sum` sums (the identity in one
+    process; under torchrun each process calls it once a micro-batch, in step).
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: Optional[int], objective: str, beta: float, gamma: float = 0.0) -> None:
+    def __init__(
+        self, model: nn.Module, chunk_tokens: Optional[int], objective: str, beta: float, gamma: float = 0.0, *,
+        kto_weights: tuple[float, float] = (1.0, 1.0), all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.tokens = TokenLoss(model, chunk_tokens)  # keeps the fused loss's buffers; release() frees them
         self.objective, self.beta, self.gamma = objective, beta, gamma
+        self.kto_weights, self.all_reduce_sum = kto_weights, all_reduce_sum
         self.has_reference_adapter = has_reference_adapter(model)
 
     @property
@@ -137,8 +175,9 @@ class PreferenceLoss(nn.Module):
         self.tokens.release()
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor,
+        desirable: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
         # both passes number the same sequences: counted once
         kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace, count=sequence_count(sequence_ids))
@@ -148,11 +187,32 @@ class PreferenceLoss(nn.Module):
             with torch.no_grad(), switch:
                 reference = sequence_logps(self.model, batch, **kw)[0]
         policy, tokens = sequence_logps(self.model, batch, **kw)
+        if self.objective == "kto":
+            return self._kto(policy, reference, desirable)
         losses, rewards = pair_loss(self.objective, policy, tokens, reference, beta=self.beta, gamma=self.gamma)
         rewards = rewards.detach()
+        n = torch.tensor(float(len(losses)), device=losses.device)
         stats = torch.stack([
-            torch.tensor(float(len(losses)), device=losses.device), rewards[:, 0].sum(), rewards[:, 1].sum(),
-            (rewards[:, 0] > rewards[:, 1]).sum().float(),
+            n, rewards[:, 0].sum(), rewards[:, 1].sum(), (rewards[:, 0] > rewards[:, 1]).sum().float(), n, n, n.new_zeros(()),
+        ])  # fmt: skip
+        return losses.sum(), stats
+
+    def _kto(
+        self, policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ratio = (policy - reference).view(-1, 2)  # (examples, [the example, its KL example])
+        kl_sum = ratio[:, 1].detach().sum()
+        n = torch.tensor(float(len(ratio)), device=ratio.device)
+        totals = self.all_reduce_sum(torch.stack([kl_sum, n]))
+        kl = (totals[0] / totals[1].clamp(min=1)).clamp(min=0)
+        desirable = desirable.to(ratio.device)
+        losses, rewards = kto_loss(ratio[:, 0], kl, desirable, beta=self.beta, desirable_weight=self.kto_weights[0],
+                                   undesirable_weight=self.kto_weights[1])  # fmt: skip
+        rewards = rewards.detach()
+        good, bad = desirable.float(), (~desirable).float()
+        stats = torch.stack([
+            n, (rewards * good).sum(), (rewards * bad).sum(), ((rewards > 0).float() * good + (rewards < 0).float() * bad).sum(),
+            good.sum(), bad.sum(), kl * n,
         ])  # fmt: skip
         return losses.sum(), stats
 
@@ -200,25 +260,38 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-def loss_module(model: nn.Module, chunk_tokens: Optional[int], train: TrainConfig) -> nn.Module:
-    """The module the training loop runs forward on: TokenLoss (sft) or PreferenceLoss."""
+def loss_module(
+    model: nn.Module, chunk_tokens: Optional[int], train: TrainConfig,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> nn.Module:  # fmt: skip
+    """The module the training loop runs forward on: TokenLoss (sft) or PreferenceLoss
+    (all_reduce_sum: over the training processes, for KTO's reference point)."""
     if train.objective == "sft":
         return TokenLoss(model, chunk_tokens)
-    return PreferenceLoss(model, chunk_tokens, train.objective, train.preference_beta(), train.simpo_gamma)
+    return PreferenceLoss(
+        model, chunk_tokens, train.objective, train.preference_beta(), train.simpo_gamma,
+        kto_weights=(train.kto_desirable_weight, train.kto_undesirable_weight), all_reduce_sum=all_reduce_sum,
+    )  # fmt: skip
 
 
-def step_metrics(loss_sum: float, stats: torch.Tensor) -> dict[str, float]:
-    """loss, reward_accuracy, reward_margin, chosen_reward, rejected_reward: means over the pairs
-    of `stats` (PreferenceLoss' stats, summed over micro-batches and processes)."""
-    pairs, chosen, rejected, right = (float(v) for v in stats)
+def step_metrics(loss_sum: float, stats: torch.Tensor, *, kto: bool = False) -> dict[str, float]:
+    """loss, reward_accuracy, reward_margin, chosen_reward, rejected_reward (and KTO's kl): means
+    over the pairs (KTO: examples; the rewards over the desirable and undesirable ones) of `stats`
+    (PreferenceLoss' stats, summed over micro-batches and processes). A KTO example is right when
+    its reward has its label's sign."""
+    pairs, chosen, rejected, right, n_chosen, n_rejected, kl = (float(v) for v in stats)
     n = max(pairs, 1.0)
-    return {
+    chosen, rejected = chosen / max(n_chosen, 1.0), rejected / max(n_rejected, 1.0)
+    out = {
         "loss": loss_sum / n,
         "reward_accuracy": right / n,
-        "reward_margin": (chosen - rejected) / n,
-        "chosen_reward": chosen / n,
-        "rejected_reward": rejected / n,
+        "reward_margin": chosen - rejected,
+        "chosen_reward": chosen,
+        "rejected_reward": rejected,
     }
+    if kto:
+        out["kl"] = kl / n
+    return out
 
 
 def evaluate_preference(
@@ -232,6 +305,7 @@ def evaluate_preference(
     max_length: int,
     device: Optional[torch.device] = None,
     chunk_tokens: Optional[int] = LOSS_CHUNK_TOKENS,
+    kto_weights: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, float]:
     """The objective's loss and reward accuracy / margin over every pair of a preference dataset
     (a lorakit.data.TokenizedDataset with pairs), the model in eval mode under no_grad; its
@@ -239,24 +313,27 @@ def evaluate_preference(
     whose root module must run every forward)."""
     from lorakit.data import BatchStream
 
-    if not dataset.pairs:
+    kto = objective == "kto"
+    if kto and dataset.desirable is None:
+        raise UserError("KTO eval needs labelled records (prompt, completion, label); the eval data has other records")
+    if not kto and (not dataset.pairs or dataset.desirable is not None):
         raise UserError("preference eval needs preference records (prompt, chosen, rejected); the eval data has other records")
     device = device or next(model.parameters()).device
     stream = BatchStream(
         dataset, batch_size=min(batch_size, dataset.num_units()), max_length=max_length, packing=False, seed=0,
         shuffle=False,
     )  # fmt: skip
-    loss = PreferenceLoss(model, chunk_tokens, objective, beta, gamma)
+    loss = PreferenceLoss(model, chunk_tokens, objective, beta, gamma, kto_weights=kto_weights)
     was_training = model.training
     model.eval()
     total_loss, stats = 0.0, torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     try:
         with torch.no_grad():
             for batch in stream.epoch_batches():
-                inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids", "sequence_ids")}
-                batch_loss, batch_stats = loss(**inputs)
+                keys = ("input_ids", "labels", "position_ids", "sequence_ids", "desirable")
+                batch_loss, batch_stats = loss(**{k: batch[k].to(device) for k in keys if k in batch})
                 total_loss += float(batch_loss)
                 stats += batch_stats.double().cpu()
     finally:
         model.train(was_training)
-    return step_metrics(total_loss, stats)
+    return step_metrics(total_loss, stats, kto=kto)

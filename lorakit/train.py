@@ -33,7 +33,7 @@ from torch import nn
 from lorakit import host_memory, preference
 from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from lorakit.config import REFERENCE_OBJECTIVES, DataConfig, RunConfig, data_files, load_run_config, parse_overrides
+from lorakit.config import REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, data_files, load_run_config, parse_overrides
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
@@ -115,8 +115,9 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
                 h.update(block)
         return h.hexdigest()
 
-    def files_hash(files):  # one file's hash as before, so checkpoints of earlier runs still resume
-        return [file_hash(f) for f in files] if isinstance(files, list) else file_hash(files)
+    def files_hash(value):  # one file's hash as before (a list of one too), so earlier checkpoints still resume
+        files = data_files(value)
+        return file_hash(files[0]) if len(files) == 1 else [file_hash(f) for f in files] or None
 
     model_dir = Path(cfg.model)
     model_id = cfg.model
@@ -140,7 +141,10 @@ def _objective_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     train = cfg.train
     if train.objective == "sft":
         return {}
-    return {"objective": {"name": train.objective, "beta": train.preference_beta(), "simpo_gamma": train.simpo_gamma}}
+    objective = {"name": train.objective, "beta": train.preference_beta(), "simpo_gamma": train.simpo_gamma}
+    if train.objective == "kto":
+        objective["kto_weights"] = [train.kto_desirable_weight, train.kto_undesirable_weight]
+    return {"objective": objective}
 
 
 def _data_options(cfg: RunConfig) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
     """The lr factor of each step: a linear warmup (warmup_steps, or warmup_ratio of the steps), then
     constant, or a linear / cosine decay from 1 to min_lr_ratio at the last step."""
     kind, floor = cfg.train.scheduler, cfg.train.min_lr_ratio
-    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total_steps)
+    warmup = cfg.train.warmup_steps or math.ceil(cfg.train.warmup_ratio * total_steps)  # as transformers rounds it
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -297,7 +301,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         # The compiled model returns full logits: the fused head's autograd function would break the graph.
         train_model = loss_module(torch.compile(model, mode=COMPILE_MODE), None, cfg.train)
     else:
-        train_model = loss_module(model, LOSS_CHUNK_TOKENS, cfg.train)
+        train_model = loss_module(model, LOSS_CHUNK_TOKENS, cfg.train)  # one process: no sum over others
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     eval_records = None
@@ -370,22 +374,20 @@ def data_config(cfg: RunConfig) -> DataConfig:
     """cfg.data, reading records as preference pairs under a preference objective (a record may hold
     chat messages beside its pair, as UltraFeedback's do, which `auto` reads as chat)."""
     if cfg.train.objective != "sft" and cfg.data.format == "auto":
-        return dataclasses.replace(cfg.data, format="preference")
+        return dataclasses.replace(cfg.data, format="unpaired" if cfg.train.objective in UNPAIRED_OBJECTIVES else "preference")
     return cfg.data
 
 
 def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
     """Preference pairs train with a preference objective, everything else with the next-token loss."""
-    pairs = cfg.train.objective != "sft"
+    pairs, unpaired = cfg.train.objective != "sft", cfg.train.objective in UNPAIRED_OBJECTIVES
     for key, data in (("data.train", train_set), ("data.eval", eval_set)):
-        if data is None or data.pairs == pairs:
+        if data is None or (data.pairs == pairs and (data.desirable is not None) == unpaired):
             continue
         where = ", ".join(data_files(getattr(cfg.data, key.split(".")[1]) or cfg.data.train))
         if pairs:
-            raise UserError(
-                f"{where}: train.objective is {cfg.train.objective} but {key} holds no preference records; give it "
-                "records with prompt, chosen and rejected"
-            )
+            records = "labelled records (prompt, completion, label)" if unpaired else "preference records (prompt, chosen, rejected)"
+            raise UserError(f"{where}: train.objective is {cfg.train.objective} but {key} holds no {records}; give it those")
         raise UserError(
             f"{where}: {key} holds preference records (prompt, chosen, rejected); set train.objective to dpo, "
             "ipo, simpo or orpo"
@@ -491,7 +493,8 @@ def train_step(run: Run) -> dict[str, float]:
         with sync_ctx:
             inputs = [batch["input_ids"], batch["labels"], batch["position_ids"]]
             if pairs:
-                batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"])
+                kto = [batch["desirable"]] if "desirable" in batch else []  # KTO: each example's label
+                batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"], *kto)
                 stats += batch_stats
             else:
                 batch_loss = run.train_model(*inputs)
@@ -503,7 +506,7 @@ def train_step(run: Run) -> dict[str, float]:
         grad_norm = grad_norm.full_tensor()
     if pairs:
         reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), stats]))
-        extra = preference.step_metrics(reduced[0].item(), reduced[1:].cpu())
+        extra = preference.step_metrics(reduced[0].item(), reduced[1:].cpu(), kto=cfg.train.objective == "kto")
         loss_value = extra.pop("loss")
     else:
         extra = {}
@@ -550,6 +553,7 @@ def _evaluate(run: Run) -> dict[str, float]:
         result = preference.evaluate_preference(
             run.model, run.eval_set, objective=train.objective, beta=train.preference_beta(), gamma=train.simpo_gamma,
             batch_size=train.batch_size, max_length=run.cfg.data.max_length, device=run.device, chunk_tokens=chunk,
+            kto_weights=(train.kto_desirable_weight, train.kto_undesirable_weight),
         )  # fmt: skip
         out.update({f"eval_{k}": v for k, v in result.items()})
     elif run.eval_set is not None:
@@ -567,7 +571,7 @@ def _evaluate(run: Run) -> dict[str, float]:
 
         acc = generation_accuracy(
             run.model, run.tokenizer, run.eval_records, max_new_tokens=run.cfg.train.eval_max_new_tokens,
-            skip_invalid=run.cfg.data.skip_invalid,
+            skip_invalid=run.cfg.data.skip_invalid, train_on_inputs=run.cfg.data.train_on_inputs,
         )
         out["eval_accuracy"] = acc["accuracy"]
     return out
@@ -812,6 +816,8 @@ def _objective_line(cfg: RunConfig) -> str:
     if train.objective == "sft":
         return ""
     extra = f", gamma {train.simpo_gamma}" if train.objective == "simpo" else ""
+    if train.objective == "kto":
+        extra = f", weights {train.kto_desirable_weight} (desirable) / {train.kto_undesirable_weight} (undesirable)"
     if train.objective not in REFERENCE_OBJECTIVES:
         reference = "no reference model"
     elif cfg.adapter is not None:
@@ -823,6 +829,9 @@ def _objective_line(cfg: RunConfig) -> str:
 
 def _examples(stats: dict) -> str:
     """"120 examples" or, for preference data, "60 pairs (120 answers)"."""
+    if stats.get("unpaired"):
+        n, good = stats["pairs"], stats.get("desirable", 0)
+        return f"{n} labelled examples ({good} desirable, {n - good} undesirable; each with its KL example)"
     if stats.get("pairs"):
         return f"{stats['pairs']} pairs ({stats['examples']} answers)"
     return f"{stats.get('examples')} examples"
@@ -834,7 +843,8 @@ def _dropped(stats: dict) -> str:
     truncated, dropped = stats.get("truncated"), stats.get("dropped_too_long", 0) + stats.get("dropped_no_trainable", 0)
     if not stats.get("pairs"):
         return f"truncated {truncated}, dropped {dropped}"
-    return f"truncated {truncated} answers, dropped {dropped // 2} pair{'' if dropped // 2 == 1 else 's'}"
+    unit = "labelled example" if stats.get("unpaired") else "pair"
+    return f"truncated {truncated} answers, dropped {dropped // 2} {unit}{'' if dropped // 2 == 1 else 's'}"
 
 
 def _unadapted_experts(model) -> list[str]:

@@ -481,9 +481,16 @@ def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
     assert truncated_a >= 1 and s.truncated == once.stats.truncated + truncated_a
     assert (s.records, s.examples, s.skipped_invalid) == (15, 14, 1) and s.skipped_lines == []
     assert s.tokens == int(got.offsets[-1]) and s.trainable_tokens == int((got.labels != -100).sum())
+    # held out once, however often a file is listed: nothing held out is trained on
+    train, held = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.3), tok, seed=0)
+    rows = lambda d: [tuple(d.example(i)[0].tolist()) for i in range(len(d))]  # noqa: E731
+    a_rows = set(rows(load_dataset(a, tok, cfg, use_cache=False)))
+    held_a = len(set(rows(held)) & a_rows)
+    assert len(held) == 2 and not set(rows(held)) & set(rows(train)) and len(set(rows(train)) | set(rows(held))) == n
+    assert len(train) == 2 * (6 - held_a) + (2 - (2 - held_a))  # a's training part twice, b's once
     # pairs and other records do not mix
     prefs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1 plus 1 is", "chosen": " 2", "rejected": " 3"}])
-    with pytest.raises(UserError, match=r"a.jsonl: holds no preference records, while .*p.jsonl holds preference pairs"):
+    with pytest.raises(UserError, match=r"a.jsonl: holds neither preference pairs nor labelled examples, while .*p.jsonl holds preference pairs"):
         load_train_eval(DataConfig(train=[str(prefs), str(a)], max_length=24), tok, seed=0)
 
 
@@ -517,6 +524,16 @@ def test_parquet_arrow_csv_and_tsv_tables_read_as_their_jsonl(tmp_path):
             writer.writeheader()
             writer.writerows(completions)
         assert same(load_dataset(tmp_path / name, tok, cfg, use_cache=False), want), name
+    # CSV rows are named by the line they start on; a row with more cells than the header (an
+    # unquoted comma) is refused; an empty cell is a missing key; a cell may hold a whole document
+    long = "word " * 40_000
+    (tmp_path / "m.csv").write_text(
+        'prompt,completion,text\n"a\nb",c,\n\n,,' + long + '\nHello, world,x,y\n', encoding="utf-8"
+    )
+    with pytest.raises(UserError, match=r"m.csv:6: 4 cells, more than the header's 3; quote cells that hold the delimiter"):
+        load_dataset(tmp_path / "m.csv", tok, cfg, use_cache=False)
+    mixed = load_dataset(tmp_path / "m.csv", tok, dataclasses.replace(cfg, skip_invalid=True), use_cache=False)
+    assert len(mixed) == 2 and mixed.stats.skipped_lines == [6] and mixed.stats.truncated == 1
     # a bad row is named by its number
     pyarrow.parquet.write_table(pa.Table.from_pylist([{"prompt": "x", "completion": " y"}, {"prompt": "x", "completion": None}]),
                                 tmp_path / "bad.parquet")  # fmt: skip
@@ -605,5 +622,5 @@ def test_stats_shape():
     fields = {f.name: f.type for f in dataclasses.fields(DataStats)}
     assert list(fields) == [
         "records", "examples", "tokens", "trainable_tokens", "truncated", "dropped_too_long",
-        "dropped_no_trainable", "skipped_invalid", "skipped_lines", "pairs",
+        "dropped_no_trainable", "skipped_invalid", "skipped_lines", "pairs", "unpaired", "desirable",
     ]

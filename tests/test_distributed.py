@@ -199,7 +199,7 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp"])
+@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp"])
 def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
     # LoRA on the fused expert weights (lorakit.experts): FSDP2 shards the (E·r, in) / (out, r·E)
     # factors; DoRA: the magnitudes are sharded, its norm reads the gathered weight; DPO: each
@@ -207,7 +207,7 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
     # over the pairs of all ranks; continuing an adapter, the reference is its frozen copy, sharded
     # beside the trained one.
     from helpers import tiny_qwen3_moe
-    from test_preference import addition_pairs
+    from test_preference import addition_pairs, unpaired_records
 
     root = workspace / variant
     root.mkdir()
@@ -218,6 +218,11 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         cfg["lora"].update(targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     elif variant == "dora":
         cfg["lora"]["dora"] = True
+    elif variant == "kto_ddp":  # KTO's reference point z0: a mean over the micro-batches of both processes
+        (root / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(32)))
+        (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(4, seed=1)))
+        cfg["data"].update(train=str(root / "kto.jsonl"), eval=str(root / "eval.jsonl"), packing=False)
+        cfg["train"].update(objective="kto", beta=0.5)
     else:
         (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(64)))
         (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(6, seed=1)))
@@ -230,7 +235,7 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         cfg["adapter"] = str(root / "start" / "adapter")
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "cfg.yaml"), f"output_dir={root / 'single'}", "train.batch_size=4"]) == 0
-    strategy = "ddp" if variant == "dpo_ddp" else "fsdp"
+    strategy = "ddp" if variant.endswith("_ddp") else "fsdp"
     proc, _ = _torchrun(root, root / "fsdp", "train.batch_size=2", f"train.distributed={strategy}", "train.gradient_checkpointing=full")
     assert proc.returncode == 0, _failure(proc)
     _check_matches(root / "fsdp", root / "single")
@@ -241,6 +246,11 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         assert sum(k.endswith(".lora_magnitude_vector") for k in tensors) == 2 * 7
     else:
         entries = [json.loads(line) for line in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-        assert abs(entries[0]["loss"] - 0.6931472) < 1e-6 and all("reward_accuracy" in e for e in entries if "loss" in e)
+        first = 0.5 if variant == "kto_ddp" else 0.6931472  # the policy starts as the reference
+        assert abs(entries[0]["loss"] - first) < 1e-6 and all("reward_accuracy" in e for e in entries if "loss" in e)
+        if variant == "kto_ddp":
+            want = [json.loads(line) for line in (root / "single" / "metrics.jsonl").read_text().splitlines()]
+            assert max(abs(a["kl"] - b["kl"]) for a, b in zip(entries, want) if "kl" in a) < 1e-5
+            assert any(e.get("kl", 0) > 0 for e in entries)
         got, want = (json.loads((root / side / "summary.json").read_text()) for side in ("fsdp", "single"))
         assert abs(got["eval_loss"] - want["eval_loss"]) < 1e-5 and got["eval_reward_accuracy"] == want["eval_reward_accuracy"]

@@ -60,7 +60,8 @@ def gradients(model):
     out = {}
     for path, layer in lora_layers(model):
         for key, p in _adapter_tensors(path, layer, "default").items():
-            out[key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")] = p.grad
+            if not key.endswith(".base_layer.weight"):  # a targeted embedding's frozen weight PEFT saves
+                out[key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")] = p.grad
     return out
 
 
@@ -107,8 +108,11 @@ def test_merge_unmerge_and_files_round_trip(arch, tmp_path):
     save_adapter(model, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
     ours_t, theirs_t = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
-    theirs_t = {k: v for k, v in theirs_t.items() if not k.endswith(".base_layer.weight")}  # PEFT's copy of a targeted embedding
-    assert sorted(ours_t) == sorted(theirs_t) and all(torch.equal(ours_t[k], theirs_t[k]) for k in ours_t)
+    # PEFT saves a targeted embedding's weight too, and so does an adapter loaded with it, saved again
+    # (after a merge and unmerge, up to their rounding)
+    assert sorted(ours_t) == sorted(theirs_t)
+    for k in ours_t:
+        torch.testing.assert_close(ours_t[k], theirs_t[k], rtol=0, atol=1e-5 if k.endswith(".base_layer.weight") else 0)
     again = PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, adapted, rtol=0, atol=2e-6)

@@ -115,16 +115,21 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "adapter_config.json" in capsys.readouterr().err
     # a bad record stops eval with its line, and the hint names eval's own switch, which skips it
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(path.read_text() + '{"prompt": "x", "completion": 3}\n')
+    ends_with_user = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                   {"role": "user", "content": "Bye"}]}  # the loss path's: no assistant turn after the last user's
+    bad.write_text(path.read_text() + '{"prompt": "x", "completion": 3}\n' + json.dumps(ends_with_user) + "\n")
     args = ["eval", "--model", str(folder), "--data", str(bad), "--max-length", "64"]
     assert main(args) == 2
     assert "bad.jsonl:6: " in (err := capsys.readouterr().err) and "lorakit eval --skip-invalid" in err
     assert main([*args, "--skip-invalid", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     ref, _ = _reference_loss(model, setup[2])
-    assert result["skipped"] == 1 and result["examples"] == 5 and result["loss"] == pytest.approx(ref, abs=1e-5)
-    assert main([*args, "--skip-invalid", "--generate", "--max-new-tokens", "2"]) == 0
-    assert "skipped     1 invalid records" in capsys.readouterr().out
+    assert result["skipped"] == 2 and result["examples"] == 5 and result["loss"] == pytest.approx(ref, abs=1e-5)
+    assert main([*args, "--skip-invalid", "--generate", "--max-new-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["total"] == 4 and result["skipped"] == 2  # generation leaves out what the loss left out
+    assert main([*args, "--skip-invalid"]) == 0
+    assert "skipped     2 invalid records" in capsys.readouterr().out
 
 
 def test_max_length_follows_a_position_table(tmp_path, capsys):

@@ -144,6 +144,18 @@ def test_a_second_adapter_does_not_wrap_the_firsts_trained_copies():
     assert sorted(names) == ["lm_head.copies.a.weight", "lm_head.copies.b.weight", "lm_head.original.weight"]
 
 
+def test_inference_under_autocast_takes_the_plain_path():
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=4, alpha=8))
+    _perturb(model, "default")
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids).logits  # bf16 products; the fused in-place sum would mix dtypes
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
 def test_use_adapter_switches_forward_only_and_restores():
     ids = _ids()
     only_b = tiny_llama()

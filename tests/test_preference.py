@@ -233,16 +233,27 @@ def _adapted(model, seed=1):
     return model
 
 
+def _answer_logp(model, ids, labels):
+    """(summed log-probability, mean log-probability) of an answer: a plain full-logit forward of
+    one sequence (no packing, no fused head)."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    targets = torch.tensor(labels[1:])
+    mask = targets != IGNORE
+    total = -F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    return total, total / mask.sum()
+
+
+def _batch_pairs(batch):
+    """The batch's pairs, in its order: [((ids, labels) of sequence 2p, (ids, labels) of 2p+1)]."""
+    seq = batch["sequence_ids"]
+    return [[(batch["input_ids"][seq == s].tolist(), batch["labels"][seq == s].tolist()) for s in (2 * p, 2 * p + 1)]
+            for p in range(batch["num_pairs"])]  # fmt: skip
+
+
 def _reference_loss(objective, policy, reference, pairs, beta, gamma=0.0):
     """The objective's summed loss from plain full-logit forwards, one sequence at a time (no
     packing, no fused head), written out from the papers' formulas."""
-    def logp(model, ids, labels):  # (summed log-probability, mean log-probability) of the answer
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-        targets = torch.tensor(labels[1:])
-        mask = targets != IGNORE
-        total = -F.cross_entropy(logits[mask], targets[mask], reduction="sum")
-        return total, total / mask.sum()
-
+    logp = _answer_logp
     losses = []
     for chosen, rejected in pairs:
         (pc, ac), (pr, ar) = logp(policy, *chosen), logp(policy, *rejected)
@@ -285,14 +296,7 @@ def test_dpo_loss_and_gradients_match_a_plain_reference(make_model, checkpointin
     got = torch.autograd.grad(loss, params)
 
     # the same pairs, in the batch's order, one sequence at a time through the plain model
-    seq = batch["sequence_ids"]
-    pairs = []
-    for p in range(batch["num_pairs"]):
-        sides = []
-        for s in (2 * p, 2 * p + 1):
-            mask = seq == s
-            sides.append((batch["input_ids"][mask].tolist(), batch["labels"][mask].tolist()))
-        pairs.append(sides)
+    pairs = _batch_pairs(batch)
     want_loss = _reference_loss("dpo", plain, reference, pairs, beta)
     want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
     assert stats[0].item() == batch["num_pairs"] >= 3
@@ -332,10 +336,7 @@ def test_the_reference_is_the_adapter_training_continues_when_the_model_holds_it
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 2 * sum(1 for _ in lora_layers(model))  # the reference adapter stays frozen
     got = torch.autograd.grad(loss, params)
-    seq = batch["sequence_ids"]
-    pairs = [[(batch["input_ids"][seq == s].tolist(), batch["labels"][seq == s].tolist()) for s in (2 * p, 2 * p + 1)]
-             for p in range(batch["num_pairs"])]  # fmt: skip
-    want_loss = _reference_loss(objective, plain, reference, pairs, 0.3)
+    want_loss = _reference_loss(objective, plain, reference, _batch_pairs(batch), 0.3)
     want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want):
@@ -356,17 +357,100 @@ def test_ipo_simpo_orpo_losses_and_gradients_match_their_formulas(objective, bet
         batch["input_ids"], batch["labels"], batch["position_ids"], batch["sequence_ids"]
     )
     got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-    seq = batch["sequence_ids"]
-    pairs = [
-        [(batch["input_ids"][seq == s].tolist(), batch["labels"][seq == s].tolist()) for s in (2 * p, 2 * p + 1)]
-        for p in range(batch["num_pairs"])
-    ]
-    want_loss = _reference_loss(objective, plain, reference, pairs, beta, gamma=0.7)
+    want_loss = _reference_loss(objective, plain, reference, _batch_pairs(batch), beta, gamma=0.7)
     want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     assert stats[0] == batch["num_pairs"] and max(g.abs().max().item() for g in got) > 1e-4
+
+
+def unpaired_records(count, seed=0):
+    """KTO's labelled examples: each addition pair's answers, the sum desirable, shuffled."""
+    out = []
+    for r in addition_pairs(count, seed):
+        out += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]  # fmt: skip
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def test_labelled_records_pair_each_example_with_the_previous_ones_completion(tmp_path):
+    tok = make_tokenizer("llama3")
+    chat_prompt = [{"role": "user", "content": "Add 2 and 3"}]
+    records = [
+        {"prompt": "1 plus 1 is", "completion": " 2", "label": True},
+        {"prompt": "2 plus 2 is", "completion": " 5", "label": False},
+        {"prompt": "x", "completion": " y", "label": "yes"},  # invalid: skipped
+        {"prompt": chat_prompt, "completion": "5", "label": True},
+    ]
+    ds = build(records, tok, format="unpaired", max_length=32, skip_invalid=True)
+    assert ds.pairs and ds.desirable.tolist() == [True, False, True] and ds.stats.skipped_invalid == 1
+    # example j, then its KL example: its prompt with the completion of the example before (the first: the last's)
+    want = [("1 plus 1 is", " 2"), ("1 plus 1 is", "5"), ("2 plus 2 is", " 5"), ("2 plus 2 is", " 2")]
+    for i, (prompt, completion) in enumerate(want):
+        ref = build([{"prompt": prompt, "completion": completion}], tok, max_length=32)
+        assert np.array_equal(ds.example(i)[0], ref.example(0)[0]) and np.array_equal(ds.example(i)[1], ref.example(0)[1])
+    chat = build([{"prompt": chat_prompt, "chosen": "5", "rejected": " 5"}], tok, max_length=32)
+    assert np.array_equal(ds.example(4)[0], chat.example(0)[0]) and np.array_equal(ds.example(5)[0], chat.example(1)[0])
+    with pytest.raises(UserError, match=r"p.jsonl:3: 'label' must be true \(a desirable completion\) or false, got a string"):
+        build(records, tok, format="unpaired", max_length=32)
+    with pytest.raises(UserError, match=r"1 valid labelled record; KTO pairs each example with another one's completion"):
+        build(records[:1], tok, format="unpaired", max_length=32)
+    with pytest.raises(UserError, match=r"p.jsonl:1: data.format is 'unpaired' but the record has keys \['completion', 'prompt'\]"):
+        build([{"prompt": "a", "completion": " b"}] * 2, tok, format="unpaired")
+    # the labels follow held-out splits, the cache and batches
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(20)))
+    cfg = DataConfig(train=str(path), format="unpaired", max_length=16, eval_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    train, held = load_train_eval(cfg, tok, seed=0)
+    again, _ = load_train_eval(cfg, tok, seed=0)  # from the cache
+    full = load_dataset(path, tok, cfg, use_cache=False)
+    assert (train.num_units(), held.num_units()) == (30, 10) and np.array_equal(again.desirable, train.desirable)
+    assert sorted(train.desirable.tolist() + held.desirable.tolist()) == sorted(full.desirable.tolist())
+    assert train.stats.desirable == int(train.desirable.sum())
+    batch = BatchStream(train, batch_size=4, max_length=16, packing=True, seed=0).next()
+    for p, label in enumerate(batch["desirable"].tolist()):
+        ids = batch["input_ids"][batch["sequence_ids"] == 2 * p].tolist()
+        j = next(j for j in range(train.num_units()) if train.example(2 * j)[0].tolist() == ids)
+        assert label == bool(train.desirable[j])
+
+
+# adapter seed 1 moves the KL examples' log-probabilities down (z0 clamped at 0), seed 4 up
+@pytest.mark.parametrize("weights,seed", [((1.0, 1.0), 1), ((1.5, 0.7), 4)])
+def test_kto_loss_and_gradients_match_the_formula(weights, seed):
+    tok = make_tokenizer("llama3")
+    ds = build(unpaired_records(4), tok, format="unpaired", max_length=24)
+    base = tiny_llama()
+    reference = copy.deepcopy(base).eval()
+    model = _adapted(base, seed=seed).train()
+    plain = copy.deepcopy(model)
+    batch = BatchStream(ds, batch_size=3, max_length=24, packing=True, seed=0).next()
+    beta = 0.3
+    loss, stats = PreferenceLoss(model, LOSS_CHUNK_TOKENS, "kto", beta, kto_weights=weights)(
+        batch["input_ids"], batch["labels"], batch["position_ids"], batch["sequence_ids"], batch["desirable"]
+    )
+    got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    # written out: z0 = the mean of log pi - log ref over the KL examples (no gradient), clamped at 0
+    ratios, kl = [], []
+    for example, kl_example in _batch_pairs(batch):
+        with torch.no_grad():
+            kl.append(_answer_logp(plain, *kl_example)[0] - _answer_logp(reference, *kl_example)[0])
+            ref = _answer_logp(reference, *example)[0]
+        ratios.append(_answer_logp(plain, *example)[0] - ref)
+    z0 = torch.stack(kl).mean().clamp(min=0)
+    want_loss = sum(
+        weights[0] * (1 - torch.sigmoid(beta * (r - z0))) if good else weights[1] * (1 - torch.sigmoid(beta * (z0 - r)))
+        for r, good in zip(ratios, batch["desirable"].tolist())
+    )
+    want = torch.autograd.grad(want_loss, [p for p in plain.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    n = batch["num_pairs"]
+    assert stats[0] == n >= 3 and stats[4] + stats[5] == n and stats[4] == batch["desirable"].sum()
+    assert abs(stats[6].item() / n - z0.item()) < 1e-5 and (z0 > 0) == (seed == 4)
+    assert max(g.abs().max().item() for g in got) > 1e-4
 
 
 def test_the_models_dropout_is_off_and_lora_dropout_stays():
@@ -463,6 +547,41 @@ def test_ipo_simpo_orpo_train_end_to_end(workspace, objective, capsys):
         assert train[0]["loss"] == 25.0 and train[0]["reward_margin"] == 0.0
     assert sum(e["loss"] for e in train[-10:]) / 10 < train[0]["loss"]
     assert evals[-1]["eval_reward_accuracy"] >= 0.6
+
+
+def test_kto_trains_on_labelled_examples_resumes_and_evaluates_as_the_trainer(workspace, monkeypatch, capsys):
+    for name, (count, seed) in {"kto_train": (96, 0), "kto_eval": (16, 1)}.items():
+        (workspace / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(count, seed)))
+    data = [f"data.train={workspace / 'kto_train.jsonl'}", f"data.eval={workspace / 'kto_eval.jsonl'}"]
+    out = workspace / "kto"
+    config = _config(workspace, out, objective="kto", max_steps=30, batch_size=8, eval_every=15, save_every=10)
+    assert main(["train", config, *data]) == 0
+    printed = capsys.readouterr().out
+    assert "objective    KTO, beta 0.1, weights 1.0 (desirable) / 1.0 (undesirable); reference: the base" in printed
+    assert "192 labelled examples (96 desirable, 96 undesirable; each with its KL example)" in printed
+    train = [e for e in _entries(out) if "loss" in e]
+    evals = [e for e in _entries(out) if "eval_loss" in e]
+    # the policy starts as the reference: every ratio and z0 are 0, so each loss is 1 - sigmoid(0)
+    assert train[0]["loss"] == 0.5 and train[0]["kl"] == 0.0 and train[0]["reward_margin"] == 0.0
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < 0.5 and evals[-1]["eval_reward_margin"] > 0
+    assert sum(e["loss"] for e in train[-10:]) / 10 < 0.49
+    crashed = workspace / "kto_crashed"
+    crash_and_resume(monkeypatch, _config(workspace, crashed, objective="kto", max_steps=30, batch_size=8, eval_every=15,
+                                          save_every=10), *data, crash_at=17)  # fmt: skip
+    assert without_timing(_entries(crashed)) == without_timing(_entries(out))
+    # lorakit eval reads the file as labelled examples and gives the trainer's eval
+    capsys.readouterr()
+    args = ["eval", "--model", str(workspace / "model"), "--adapter", str(out / "adapter"), "--data",
+            str(workspace / "kto_eval.jsonl"), "--max-length", "16", "--batch-size", "8", "--objective", "kto", "--json"]  # fmt: skip
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["examples"] == 32 and abs(got["loss"] - evals[-1]["eval_loss"]) < 1e-5
+    assert abs(got["kl"] - evals[-1]["eval_kl"]) < 1e-5
+    # pairs under kto are refused with what kto needs
+    assert main(["train", _config(workspace, workspace / "kto_bad", objective="kto"), "data.eval=null"]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:1: data.format is 'unpaired' but the record has keys ['chosen', 'prompt', 'rejected']" in err
+    assert "it needs prompt + completion + label" in err
 
 
 def test_dpo_resume_is_bit_identical(workspace, monkeypatch, capsys):

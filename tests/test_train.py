@@ -351,6 +351,11 @@ def test_lr_schedules():
     assert f(27) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 22 / 45)))
     with pytest.raises(UserError, match=r"warmup_ratio = 0.1 and train.warmup_steps = 2: set one of them"):
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"warmup_ratio": 0.1, "warmup_steps": 2}}, check_paths=False)
+    short = build_run_config({"model": "m", "data": {"train": "t"}, "train": {"warmup_ratio": 0.04}}, check_paths=False)
+    assert lr_lambda(short, 10)(0) == 0.5  # 0.4 of a step rounds up, as transformers does: never no warmup
+    with pytest.raises(UserError, match=r"min_lr_ratio = 0.1 with train.scheduler = 'constant'"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"min_lr_ratio": 0.1, "scheduler": "constant"}},
+                         check_paths=False)  # fmt: skip
     with pytest.raises(UserError, match=r"train.min_lr_ratio = 1.5: must be in \[0, 1\]"):
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"min_lr_ratio": 1.5}}, check_paths=False)
 
