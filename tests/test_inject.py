@@ -112,18 +112,19 @@ def test_disable_gives_base_exactly_even_when_merged():
     assert not torch.allclose(model(ids).logits, base)
 
 
+def _adapted(*names):
+    """A tiny Llama with adapter "a" (all-linear, r 4) and/or "b" (q_proj, r 2), B non-zero."""
+    model = tiny_llama()
+    configs = {"a": LoraConfig(r=4, alpha=8), "b": LoraConfig(r=2, alpha=2, targets=["q_proj"])}
+    for name in names:
+        inject_adapter(model, configs[name], name)
+        _perturb(model, name)
+    return model
+
+
 def test_several_adapters_do_not_leak():
     ids = _ids()
-    only_a, only_b = tiny_llama(), tiny_llama()
-    inject_adapter(only_a, LoraConfig(r=4, alpha=8), "a")
-    _perturb(only_a, "a")
-    inject_adapter(only_b, LoraConfig(r=2, alpha=2, targets=["q_proj"]), "b")
-    _perturb(only_b, "b")
-    both = tiny_llama()
-    inject_adapter(both, LoraConfig(r=4, alpha=8), "a")
-    _perturb(both, "a")
-    inject_adapter(both, LoraConfig(r=2, alpha=2, targets=["q_proj"]), "b")
-    _perturb(both, "b")
+    only_a, only_b, both = _adapted("a"), _adapted("b"), _adapted("a", "b")
     assert torch.equal(both(ids).logits, only_a(ids).logits)  # the first adapter stays active
     set_active_adapter(both, "b")
     assert torch.equal(both(ids).logits, only_b(ids).logits)
@@ -158,14 +159,7 @@ def test_inference_under_autocast_takes_the_plain_path():
 
 def test_use_adapter_switches_forward_only_and_restores():
     ids = _ids()
-    only_b = tiny_llama()
-    inject_adapter(only_b, LoraConfig(r=2, alpha=2, targets=["q_proj"]), "b")
-    _perturb(only_b, "b")
-    both = tiny_llama()
-    inject_adapter(both, LoraConfig(r=4, alpha=8), "a")
-    _perturb(both, "a")
-    inject_adapter(both, LoraConfig(r=2, alpha=2, targets=["q_proj"]), "b")
-    _perturb(both, "b")
+    only_b, both = _adapted("b"), _adapted("a", "b")
     with_a = both(ids).logits
     trainable = [n for n, p in both.named_parameters() if p.requires_grad]
     with use_adapter(both, "b"):  # layers without "b" run their base alone
