@@ -260,13 +260,15 @@ class TokenizedDataset:
 
 
 def detect_format(record: dict) -> str | None:
-    """"chat", "preference", "instruction", "completion" or "text" from the record's keys; None
-    if none fits. A record with chat messages beside chosen/rejected answers (UltraFeedback's layout)
+    """"chat", "preference", "unpaired", "instruction", "completion" or "text" from the record's
+    keys; None if none fits. A record with chat messages beside chosen/rejected answers (UltraFeedback's layout)
     is chat here; `data.format: preference` (which preference objectives set) reads its pair."""
     if "messages" in record or "conversations" in record:
         return "chat"
     if "chosen" in record and "rejected" in record:
         return "preference"
+    if "prompt" in record and "completion" in record and isinstance(record.get("label"), bool):
+        return "unpaired"  # TRL's unpaired preference (KTO) records: not SFT data, whose bad answers would train
     if "instruction" in record and "output" in record:
         return "instruction"
     if "prompt" in record and "completion" in record:
@@ -486,7 +488,8 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
         fmt = found
     elif not _has_keys(record, fmt):
         if fmt == "preference":
-            raise BadRecord(f"not a preference record: keys {sorted(record)}; a pair needs chosen and rejected (and a prompt)")
+            hint = "; labelled records (prompt, completion, label) train with train.objective: kto" if "label" in record else ""
+            raise BadRecord(f"not a preference record: keys {sorted(record)}; a pair needs chosen and rejected (and a prompt){hint}")
         raise BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
     if fmt == "text":
         return fmt, (_string(record, "text"), 0)
@@ -506,8 +509,11 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
     if fmt == "preference":
         return fmt, _preference_pair(record)
     if fmt == "unpaired":
-        if not isinstance(record["label"], bool):
-            raise BadRecord(f"'label' must be true (a desirable completion) or false, got {_kind(record['label'])}")
+        if _label(record["label"]) is None:
+            raise BadRecord(
+                f"'label' must be true (a desirable completion) or false (also 1 / 0, \"true\" / \"false\"), "
+                f"got {_kind(record['label'])}"
+            )
         try:
             own = _preference_pair({"prompt": record["prompt"], "chosen": record["completion"], "rejected": record["completion"]})
         except BadRecord as exc:  # read as a pair: its words name the pair's keys
@@ -769,7 +775,8 @@ def _turn_by_content(
 
 
 def _template_error(exc: Exception) -> str:
-    return f"the chat template failed on this conversation: {exc}; fix the record (e.g. alternate user/assistant turns)"
+    return (f"the chat template failed on this conversation: {exc}; fix the record (e.g. alternate user/assistant "
+            "turns), or the template (data.chat_template)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,7 +844,9 @@ def tokenize_records(
                 job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems, pairs)
                 future = pool.submit(_encode_job, backend, job) if job.size else None
                 if pending is not None:
-                    flat, labels, lengths, kept = _assemble(_finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, pairs)
+                    flat, labels, lengths, kept = _assemble(
+                        _finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, pairs, kind == "unpaired"
+                    )
                     parts.append((flat, labels, lengths, kept + pending[2] // 2))  # CHUNK is even: pairs do not straddle
                 pending = (job, future, c) if future is not None else None
     finally:
@@ -891,8 +900,20 @@ def _kl_pairs(
             problems.append((line, f"its prompt does not take the completion of line {other_line} (its KL example): {exc}"))
             continue
         prepared.extend([(line, *own), (line, *kl)])
-        labels.append(record["label"])
+        labels.append(_label(record["label"]))
     return np.asarray(labels, dtype=np.bool_)
+
+
+def _label(value: Any) -> Optional[bool]:
+    """A KTO label: a JSON bool, 1 / 0, or "true" / "false" / "1" / "0" (CSV cells are strings); None
+    for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    return None
 
 
 def _nothing_left(source: str, s: DataStats, cfg: DataConfig) -> str:
@@ -1026,15 +1047,18 @@ def _fit(ids: list[int], ranges: list[tuple[int, int]], max_len: int, drop: bool
 
 
 def _assemble(
-    seqs: list[tuple[int, list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats, pairs: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    seqs: list[tuple[int, list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats, pairs: bool = False,
+    unpaired: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat, and the
     chunk's kept pairs (position in chunk // 2; empty without `pairs`).
 
     seqs: (position in chunk, ids, ranges) from `_finish_chunk`. With `pairs`, positions 2j and
     2j+1 are a preference pair, kept or dropped together (a dropped side counts for both)."""
     max_len, drop = cfg.max_length, cfg.too_long == "drop"
-    fitted = [(k, ids, _fit(ids, ranges, max_len, drop)) for k, ids, ranges in seqs]
+    # a KL example (odd, of unpaired data) is cut, never dropped: it only estimates KTO's reference
+    # point, and dropping it would drop the example it belongs to for another record's length
+    fitted = [(k, ids, _fit(ids, ranges, max_len, drop and not (unpaired and k % 2))) for k, ids, ranges in seqs]
     kept_pairs: list[int] = []
     if pairs:
         by_pair: dict[int, list] = {}

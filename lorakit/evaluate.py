@@ -178,11 +178,19 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     from lorakit.config import PREFERENCE_BETA, REFERENCE_OBJECTIVES
     from lorakit.preference import evaluate_preference
 
-    objective = args.objective or "dpo"
+    labelled = dataset.desirable is not None
+    objective = args.objective or ("kto" if labelled else "dpo")
     if args.adapter is None and objective in REFERENCE_OBJECTIVES:
+        if labelled:
+            raise UserError(f"{args.data} holds labelled examples: their KTO rewards compare an adapter with its base; pass --adapter")
         raise UserError(
             f"{args.data} holds preference pairs: their {objective.upper()} rewards compare an adapter with its "
             "base; pass --adapter (or --objective simpo / orpo, which need no reference)"
+        )
+    if not (args.kto_desirable_weight > 0 and args.kto_undesirable_weight > 0):
+        raise UserError(
+            f"--kto-desirable-weight {args.kto_desirable_weight} / --kto-undesirable-weight {args.kto_undesirable_weight}: "
+            "KTO's weights must be > 0 (training's train.kto_desirable_weight / kto_undesirable_weight)"
         )
     if objective in REFERENCE_OBJECTIVES:
         _check_plain_base(lora_configs(model)["default"], args.adapter, objective)

@@ -201,20 +201,39 @@ class PreferenceLoss(nn.Module):
         self, policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ratio = (policy - reference).view(-1, 2)  # (examples, [the example, its KL example])
-        kl_sum = ratio[:, 1].detach().sum()
         n = torch.tensor(float(len(ratio)), device=ratio.device)
-        totals = self.all_reduce_sum(torch.stack([kl_sum, n]))
+        totals = self.all_reduce_sum(torch.stack([ratio[:, 1].detach().sum(), n]))
         kl = (totals[0] / totals[1].clamp(min=1)).clamp(min=0)
-        desirable = desirable.to(ratio.device)
-        losses, rewards = kto_loss(ratio[:, 0], kl, desirable, beta=self.beta, desirable_weight=self.kto_weights[0],
-                                   undesirable_weight=self.kto_weights[1])  # fmt: skip
-        rewards = rewards.detach()
-        good, bad = desirable.float(), (~desirable).float()
-        stats = torch.stack([
-            n, (rewards * good).sum(), (rewards * bad).sum(), ((rewards > 0).float() * good + (rewards < 0).float() * bad).sum(),
-            good.sum(), bad.sum(), kl * n,
-        ])  # fmt: skip
-        return losses.sum(), stats
+        return kto_result(ratio[:, 0], kl, desirable.to(ratio.device), beta=self.beta, weights=self.kto_weights)
+
+    def log_ratios(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """log pi - log ref of each sequence of the micro-batch, as (pairs, 2), without gradients."""
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
+        kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace, count=sequence_count(sequence_ids))
+        switch = use_adapter(self.model, REFERENCE_ADAPTER) if self.has_reference_adapter else disable_adapters(self.model)
+        with torch.no_grad():
+            with switch:
+                reference = sequence_logps(self.model, batch, **kw)[0]
+            return (sequence_logps(self.model, batch, **kw)[0] - reference).view(-1, 2)
+
+
+def kto_result(
+    ratio: torch.Tensor, kl: torch.Tensor, desirable: torch.Tensor, *, beta: float, weights: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO's summed loss over examples with log-ratios `ratio` (N,), reference point `kl` and labels
+    `desirable` (N,), and their STAT_NAMES stats (an example is right when its reward has its
+    label's sign)."""
+    losses, rewards = kto_loss(ratio, kl, desirable, beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    rewards = rewards.detach()
+    good, bad = desirable.float(), (~desirable).float()
+    n = torch.tensor(float(len(ratio)), device=ratio.device)
+    stats = torch.stack([
+        n, (rewards * good).sum(), (rewards * bad).sum(), ((rewards > 0).float() * good + (rewards < 0).float() * bad).sum(),
+        good.sum(), bad.sum(), kl.detach() * n,
+    ])  # fmt: skip
+    return losses.sum(), stats
 
 
 def has_reference_adapter(model: nn.Module) -> bool:
@@ -291,6 +310,10 @@ def step_metrics(loss_sum: float, stats: torch.Tensor, *, kto: bool = False) -> 
     }
     if kto:
         out["kl"] = kl / n
+        # a class the step (or eval set) has no example of has no mean reward, nor a margin
+        missing = [k for k, count in (("chosen_reward", n_chosen), ("rejected_reward", n_rejected)) if not count]
+        for key in missing + (["reward_margin"] if missing else []):
+            del out[key]
     return out
 
 
@@ -308,8 +331,9 @@ def evaluate_preference(
     kto_weights: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, float]:
     """The objective's loss and reward accuracy / margin over every pair of a preference dataset
-    (a lorakit.data.TokenizedDataset with pairs), the model in eval mode under no_grad; its
-    previous mode is restored. chunk_tokens: as for training (None for an FSDP-sharded model,
+    (a lorakit.data.TokenizedDataset with pairs; for kto, its labelled examples, with z0 taken over
+    the whole set, so neither the eval batch size nor the process count changes it), the model in
+    eval mode under no_grad; its previous mode is restored. chunk_tokens: as for training (None for an FSDP-sharded model,
     whose root module must run every forward)."""
     from lorakit.data import BatchStream
 
@@ -327,13 +351,25 @@ def evaluate_preference(
     was_training = model.training
     model.eval()
     total_loss, stats = 0.0, torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    ratios, labels = [], []
+    keys = ("input_ids", "labels", "position_ids", "sequence_ids")
     try:
         with torch.no_grad():
             for batch in stream.epoch_batches():
-                keys = ("input_ids", "labels", "position_ids", "sequence_ids", "desirable")
-                batch_loss, batch_stats = loss(**{k: batch[k].to(device) for k in keys if k in batch})
+                inputs = {k: batch[k].to(device) for k in keys}
+                if kto:  # z0 over the whole eval set (below), so no eval batch size or process count changes it
+                    ratios.append(loss.log_ratios(**inputs).float().cpu())
+                    labels.append(batch["desirable"])
+                    continue
+                batch_loss, batch_stats = loss(**inputs)
                 total_loss += float(batch_loss)
                 stats += batch_stats.double().cpu()
     finally:
         model.train(was_training)
+    if kto:
+        ratio = torch.cat(ratios)
+        batch_loss, batch_stats = kto_result(
+            ratio[:, 0], ratio[:, 1].mean().clamp(min=0), torch.cat(labels), beta=beta, weights=kto_weights
+        )  # fmt: skip
+        total_loss, stats = float(batch_loss), batch_stats.double()
     return step_metrics(total_loss, stats, kto=kto)

@@ -388,6 +388,8 @@ def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
         if pairs:
             records = "labelled records (prompt, completion, label)" if unpaired else "preference records (prompt, chosen, rejected)"
             raise UserError(f"{where}: train.objective is {cfg.train.objective} but {key} holds no {records}; give it those")
+        if data.desirable is not None:
+            raise UserError(f"{where}: {key} holds labelled records (prompt, completion, label); set train.objective: kto")
         raise UserError(
             f"{where}: {key} holds preference records (prompt, chosen, rejected); set train.objective to dpo, "
             "ipo, simpo or orpo"
@@ -870,8 +872,8 @@ def final_summary(summary: dict[str, Any]) -> str:
     if "eval_perplexity" in summary:
         parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
     elif "eval_reward_accuracy" in summary:
-        parts.append(f"eval loss {summary['eval_loss']:.4f}, reward accuracy {100 * summary['eval_reward_accuracy']:.1f}%, "
-                     f"margin {summary['eval_reward_margin']:.3f}")  # fmt: skip
+        margin = f", margin {summary['eval_reward_margin']:.3f}" if "eval_reward_margin" in summary else ""
+        parts.append(f"eval loss {summary['eval_loss']:.4f}, reward accuracy {100 * summary['eval_reward_accuracy']:.1f}%{margin}")
     if "eval_accuracy" in summary:
         parts.append(f"eval accuracy {100 * summary['eval_accuracy']:.1f}%")
     parts.append(f"adapter: {summary['adapter']}")

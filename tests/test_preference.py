@@ -393,8 +393,15 @@ def test_labelled_records_pair_each_example_with_the_previous_ones_completion(tm
         assert np.array_equal(ds.example(i)[0], ref.example(0)[0]) and np.array_equal(ds.example(i)[1], ref.example(0)[1])
     chat = build([{"prompt": chat_prompt, "chosen": "5", "rejected": " 5"}], tok, max_length=32)
     assert np.array_equal(ds.example(4)[0], chat.example(0)[0]) and np.array_equal(ds.example(5)[0], chat.example(1)[0])
-    with pytest.raises(UserError, match=r"p.jsonl:3: 'label' must be true \(a desirable completion\) or false, got a string"):
+    with pytest.raises(UserError, match=r"p.jsonl:3: 'label' must be true \(a desirable completion\) or false .* got a string"):
         build(records, tok, format="unpaired", max_length=32)
+    # labels as 1 / 0 or strings (a CSV's cells) read as bools; a too-long completion drops its own
+    # example only: the next one's KL example, which borrows it, is cut instead
+    loose = [{"prompt": "1 plus 1 is", "completion": " 2", "label": 1}, {"prompt": "2 plus 2 is", "completion": " 4", "label": "False"},
+             {"prompt": "3 plus 3 is", "completion": " 6" * 20, "label": "true"}, {"prompt": "4 plus 4 is", "completion": " 8", "label": 0}]  # fmt: skip
+    kept = build(loose, tok, format="unpaired", max_length=16, too_long="drop")
+    assert kept.desirable.tolist() == [True, False, False] and kept.stats.dropped_too_long == 2 and kept.stats.truncated == 1
+    assert tok.decode(kept.example(5)[0]).startswith("4 plus 4 is 6 6 6")  # record 4's KL example: record 3's completion, cut
     with pytest.raises(UserError, match=r"1 valid labelled record; KTO pairs each example with another one's completion"):
         build(records[:1], tok, format="unpaired", max_length=32)
     with pytest.raises(UserError, match=r"p.jsonl:1: data.format is 'unpaired' but the record has keys \['completion', 'prompt'\]"):
@@ -451,6 +458,37 @@ def test_kto_loss_and_gradients_match_the_formula(weights, seed):
     assert stats[0] == n >= 3 and stats[4] + stats[5] == n and stats[4] == batch["desirable"].sum()
     assert abs(stats[6].item() / n - z0.item()) < 1e-5 and (z0 > 0) == (seed == 4)
     assert max(g.abs().max().item() for g in got) > 1e-4
+
+
+def test_kto_eval_takes_z0_over_the_whole_set_whatever_the_batch_size():
+    from lorakit.preference import evaluate_preference
+
+    tok = make_tokenizer("llama3")
+    ds = build(unpaired_records(6), tok, format="unpaired", max_length=24)
+    base = tiny_llama()
+    reference = copy.deepcopy(base).eval()
+    model = _adapted(base, seed=4)  # moves the KL examples up: z0 > 0
+    got = [evaluate_preference(model, ds, objective="kto", beta=0.3, batch_size=b, max_length=24) for b in (2, 5, 12)]
+    ratios, kl = [], []
+    with torch.no_grad():
+        for j in range(ds.num_units()):
+            example, kl_example = ([x.tolist() for x in ds.example(2 * j + side)] for side in (0, 1))
+            ratios.append(_answer_logp(model, *example)[0] - _answer_logp(reference, *example)[0])
+            kl.append(_answer_logp(model, *kl_example)[0] - _answer_logp(reference, *kl_example)[0])
+    z0 = torch.stack(kl).mean().clamp(min=0)
+    want = sum(1 - torch.sigmoid(0.3 * (r - z0)) if good else 1 - torch.sigmoid(0.3 * (z0 - r))
+               for r, good in zip(ratios, ds.desirable.tolist())) / ds.num_units()  # fmt: skip
+    assert z0 > 0
+    for result in got:
+        assert abs(result["loss"] - want.item()) < 1e-5 and abs(result["kl"] - z0.item()) < 1e-5
+
+
+def test_kto_metrics_leave_out_a_class_with_no_example():
+    from lorakit.preference import STAT_NAMES, step_metrics
+
+    stats = dict.fromkeys(STAT_NAMES, 0.0) | {"pairs": 4, "chosen_reward": 0.8, "right": 3, "chosen": 4, "kl": 0.4}
+    got = step_metrics(2.0, torch.tensor(list(stats.values()), dtype=torch.float64), kto=True)
+    assert got == {"loss": 0.5, "reward_accuracy": 0.75, "chosen_reward": 0.2, "kl": 0.1}
 
 
 def test_the_models_dropout_is_off_and_lora_dropout_stays():
@@ -577,6 +615,16 @@ def test_kto_trains_on_labelled_examples_resumes_and_evaluates_as_the_trainer(wo
     got = json.loads(capsys.readouterr().out)
     assert got["examples"] == 32 and abs(got["loss"] - evals[-1]["eval_loss"]) < 1e-5
     assert abs(got["kl"] - evals[-1]["eval_kl"]) < 1e-5
+    # z0 is the whole eval set's: another eval batch size gives the same numbers; and labelled
+    # records are read as KTO's without --objective
+    assert main([*args[:-3], "--batch-size", "3", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["objective"] == "kto" and abs(again["loss"] - got["loss"]) < 1e-6 and abs(again["kl"] - got["kl"]) < 1e-6
+    assert main([*args, "--kto-desirable-weight", "-1"]) == 2
+    assert "KTO's weights must be > 0" in capsys.readouterr().err
+    # labelled records under sft are refused: their undesirable completions would be trained
+    assert main(["train", _config(workspace, workspace / "kto_sft", objective="sft"), *data]) == 2
+    assert "holds labelled records (prompt, completion, label); set train.objective: kto" in capsys.readouterr().err
     # pairs under kto are refused with what kto needs
     assert main(["train", _config(workspace, workspace / "kto_bad", objective="kto"), "data.eval=null"]) == 2
     err = capsys.readouterr().err
