@@ -675,6 +675,7 @@ def merge_adapter_files(
         if template.is_file():  # the adapter's training template (data.chat_template) over the base's
             shutil.copy2(template, staging / CHAT_TEMPLATE_NAME)
             _drop_config_template(staging)
+            _stop_at_end_of_turn(staging)
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -784,6 +785,32 @@ def _write_config(layout: BaseLayout, folder: Path, dtype: torch.dtype, untie: b
     if untie:
         config["tie_word_embeddings"] = False
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _stop_at_end_of_turn(folder: Path) -> None:
+    """Add the chat template's end-of-turn token to generation_config.json's eos_token_id, where it
+    is one token of the vocabulary, so generators other than lorakit's (transformers, vLLM) stop
+    where the model learned to end its turn. A base without the file gets one, from config.json."""
+    from transformers import AutoTokenizer
+
+    from lorakit.data import _ChatRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    end = _ChatRenderer(tokenizer).end_of_turn
+    ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    if len(ids) != 1:
+        return
+    path = folder / "generation_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+    else:
+        model_config = json.loads((folder / "config.json").read_text())
+        config = {k: model_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if model_config.get(k) is not None}
+    eos = config.get("eos_token_id")
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if ids[0] not in eos:
+        config["eos_token_id"] = eos + ids
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _drop_config_template(folder: Path) -> None:

@@ -269,6 +269,11 @@ def test_a_chat_template_for_a_base_model_is_trained_with_and_travels_with_the_a
     merged = tmp_path / "merged"
     assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "out" / "adapter"), "--out", str(merged)]) == 0
     assert AutoTokenizer.from_pretrained(merged).chat_template == CHAT_TEMPLATES["chatml"]
+    # and generators other than lorakit's stop at its end of turn, a token of this vocabulary
+    from transformers import GenerationConfig
+
+    end = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert len(end) == 1 and end[0] in GenerationConfig.from_pretrained(merged).eos_token_id
     # an edited template file is another run: its checkpoint does not resume
     template = tmp_path / "t.jinja"
     template.write_text(CHAT_TEMPLATES["chatml"])
