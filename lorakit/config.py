@@ -121,7 +121,6 @@ class DataConfig:
 DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference", "unpaired")
 
 
-
 @dataclass
 class TrainConfig:
     """The optimisation loop (see lorakit.train)."""
@@ -405,7 +404,7 @@ def _same_modules(cfg: RunConfig, start: LoraConfig, keys: list[str]) -> list[st
 
     written = ", ".join(f"lora.{k} = {getattr(cfg.lora, k)!r}" for k in keys)
     fix = f"remove {' and '.join('lora.' + k for k in keys)} (the adapter sets {'it' if len(keys) == 1 else 'them'})"
-    model = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code) if Path(cfg.model).is_dir() else None
+    model = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code) if cfg.model and Path(cfg.model).is_dir() else None
     if model is None:
         theirs = ", ".join(f"{k} {getattr(start, k)!r}" for k in keys)
         return [f"{written}: training continues the adapter {cfg.adapter}, whose {theirs}; {fix}"]

@@ -1,7 +1,8 @@
 """`lorakit eval`: loss and perplexity over a dataset, and exact-match accuracy of greedy completions;
 on preference pairs (prompt, chosen, rejected), a preference objective's loss, reward accuracy and
 margin (DPO by default: the adapter against its base, or against --reference-adapter, the adapter
-its training continued; lorakit.preference).
+its training continued), and on labelled examples (prompt, completion, label) KTO's
+(lorakit.preference).
 
 The loss is the trainer's: the data is tokenized and masked by `lorakit.data` exactly as for
 training, and `loss.token_loss_sum` is summed over every batch and divided by the number of
@@ -173,8 +174,8 @@ DEFAULT_MAX_LENGTH = 1024
 
 
 def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, max_length: int) -> int:
-    """`lorakit eval` on preference pairs: an objective's loss and rewards (dpo, ipo: the adapter
-    against its base)."""
+    """`lorakit eval` on preference pairs or labelled examples: an objective's loss and rewards
+    (dpo, ipo, kto: the adapter against its base, or against --reference-adapter)."""
     from lorakit.config import PREFERENCE_BETA, REFERENCE_OBJECTIVES
     from lorakit.preference import evaluate_preference
 

@@ -25,14 +25,15 @@ answers' rewards (dpo: beta * (log pi - log ref); ipo: the same of the means; si
 a(y)); a pair counts as right when the chosen answer's reward is higher (`reward_accuracy`), and
 `reward_margin` is the mean of chosen minus rejected reward.
 
-The reference of dpo and ipo is the model training starts from, run without gradients on the same
-micro-batch: the base model, the same model with the adapter switched off
+The reference of dpo, ipo and kto is the model training starts from, run without gradients on the
+same micro-batch: the base model, the same model with the adapter switched off
 (`lorakit.inject.disable_adapters`), or, when training continues an adapter (an SFT adapter, say:
 `adapter` in the run config), a frozen copy of that adapter carried by the model under the name
 REFERENCE_ADAPTER (`lorakit.inject.use_adapter`). Either costs one forward pass and no memory for
-a second model, and equals the trained model at the start, so DPO's first loss is exactly ln 2. simpo and orpo need no reference: one forward a
-micro-batch, as for SFT. Both passes take the same packed batch (a pair's answers side by side in
-one row, `lorakit.data.BatchStream`) and the trainer's chunked output head, which gives each
+a second model, and equals the trained model at the start, so DPO's first loss is exactly ln 2
+(KTO's 0.5). simpo and orpo need no reference: one forward a micro-batch, as for SFT. Both
+passes take the same packed batch (a pair's answers side by side in one row,
+`lorakit.data.BatchStream`) and the trainer's chunked output head, which gives each
 token's log-probability without keeping (tokens x vocab) logits (`lorakit.loss.token_losses`);
 the sums per answer are `index_add`s over the micro-batch's `sequence_ids`.
 """
@@ -51,7 +52,7 @@ from lorakit.errors import UserError
 from lorakit.inject import disable_adapters, lora_layers, use_adapter
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss, token_losses
 
-# the name of the frozen copy of the adapter training started from, the reference of dpo and ipo
+# the name of the frozen copy of the adapter training started from, the reference of dpo, ipo, kto
 # when there is one (otherwise the reference is the base, adapters off)
 REFERENCE_ADAPTER = "reference"
 # what PreferenceLoss returns beside the loss, summed over the micro-batch's pairs: the pairs (KTO:
@@ -254,7 +255,7 @@ def disable_dropout(model: nn.Module) -> int:
     """Turn the model's own dropout off, LoRA dropout left as configured; returns how many settings
     changed.
 
-    Preference objectives compare log-probabilities of two answers (and, for DPO and IPO, with the
+    Preference objectives compare log-probabilities of two answers (and, for DPO, IPO, KTO, with the
     reference's); dropout in the model would add noise to every pair's margin, and DPO's first
     loss would not be ln 2. TRL turns `nn.Dropout` modules off for DPO; models also drop with
     `F.dropout` and a float attribute (OPT's `dropout` and `activation_dropout`, Falcon's and Bloom's

@@ -326,7 +326,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
 
 def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
     """The adapter to train: new (cfg.lora), or the one training continues (cfg.adapter, whose config
-    cfg.lora then is) with its weights. DPO and IPO then also get that adapter frozen, their reference
+    cfg.lora then is) with its weights. DPO, IPO and KTO then also get that adapter frozen, their reference
     (`lorakit.preference.REFERENCE_ADAPTER`, without dropout, so the reference is deterministic)."""
     if cfg.adapter is None:
         inject_adapter(model, cfg.lora)
