@@ -265,7 +265,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if cfg.train.objective != "sft":
         preference.disable_dropout(model)
     if cfg.train.neftune_alpha:
-        add_neftune(model, cfg.train.neftune_alpha)
+        add_neftune(model, cfg.train.neftune_alpha, dist.rank)
     if fused.FUSED_RMS_NORM:
         fused.use_fused_rms_norm(model)
     if fused.FUSED_SILU_GATE:
@@ -354,18 +354,25 @@ def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) ->
             "not a stop token: generation stops at EOS only; end the assistant turns with {{ eos_token }} to stop there")  # fmt: skip
 
 
-def add_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
+def add_neftune(model: nn.Module, alpha: float, rank: int = 0) -> torch.utils.hooks.RemovableHandle:
     """NEFTune (Jain et al. 2023): while training, the input embeddings get uniform noise in
     [-m, m], m = alpha / sqrt(L·d) with L the row's length and d the hidden size, as transformers'
     and TRL's `neftune_noise_alpha` add it (a packed row is one L, as in TRL's packed SFT). Eval and
-    generation see clean embeddings. The noise comes from torch's generator, so a resumed run,
-    whose generator state the checkpoint restores, draws the same noise."""
+    generation see clean embeddings.
+
+    Each call draws one seed from torch's generator and the noise from a generator of its own,
+    seeded with it and the process's `rank`: processes draw other noise for their rows, while
+    torch's generator advances alike in all of them whatever their rows' shapes, so the state a
+    checkpoint keeps resumes every process bit-exactly."""
 
     def noisy(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return output
+        seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator(device=output.device)
+        generator.manual_seed(seed ^ (rank * 0x9E3779B97F4A7C15 % 2**62))
         bound = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
-        return output + torch.empty_like(output).uniform_(-bound, bound)
+        return output + torch.empty_like(output).uniform_(-bound, bound, generator=generator)
 
     return model.get_input_embeddings().register_forward_hook(noisy)
 

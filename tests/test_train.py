@@ -163,6 +163,15 @@ def test_neftune_adds_bounded_noise_in_training_only():
     assert abs(noise.abs().mean().item() - bound / 2) < 0.02 * bound  # uniform on [-bound, bound]
     model.eval()
     assert torch.equal(model.get_input_embeddings()(ids), clean)
+    # another process (rank) draws other noise, while torch's generator advances alike in both
+    noise = {}
+    for rank in (0, 1):
+        other = tiny_llama().train()
+        add_neftune(other, 5.0, rank)
+        torch.manual_seed(7)
+        noise[rank] = other.get_input_embeddings()(ids) - clean
+        noise[f"after{rank}"] = torch.rand(3)
+    assert not torch.equal(noise[0], noise[1]) and torch.equal(noise["after0"], noise["after1"])
 
 
 def test_neftune_changes_the_losses_and_resumes_bit_identically(workspace, monkeypatch, capsys):
