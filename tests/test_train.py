@@ -240,6 +240,14 @@ def test_a_list_of_data_files_trains_as_one_and_resumes_only_unchanged(workspace
     assert "cannot resume" in (err := capsys.readouterr().err) and "data (data.train)" in err
     assert main(["train", _config(workspace, out, max_steps=3), f"data.train=[{workspace / 'nowhere.jsonl'}, {extra}]"]) == 2
     assert "nowhere.jsonl': file not found" in capsys.readouterr().err
+    # a list of one file is that file: a run started either way resumes the other way
+    from lorakit.config import load_run_config
+    from lorakit.train import fingerprint
+
+    one, listed = (load_run_config(_config(workspace, out), {"data.train": v}) for v in (str(extra), [str(extra)]))
+    assert fingerprint(one) == fingerprint(listed)
+    assert main(["train", _config(workspace, out), f"data.train=[{workspace / 'train.jsonl'}, 3]"]) == 2
+    assert "data.train: missing" not in capsys.readouterr().err  # the bad item is the one problem
 
 
 def test_a_chat_template_for_a_base_model_is_trained_with_and_travels_with_the_adapter(tmp_path, capsys):
