@@ -179,14 +179,8 @@ class PreferenceLoss(nn.Module):
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor,
         desirable: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
-        # both passes number the same sequences: counted once
-        kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace, count=sequence_count(sequence_ids))
-        reference = None
-        if self.objective in REFERENCE_OBJECTIVES:
-            switch = use_adapter(self.model, REFERENCE_ADAPTER) if self.has_reference_adapter else disable_adapters(self.model)
-            with torch.no_grad(), switch:
-                reference = sequence_logps(self.model, batch, **kw)[0]
+        batch, kw = self._batch(input_ids, labels, position_ids, sequence_ids)
+        reference = self._reference_logps(batch, kw) if self.objective in REFERENCE_OBJECTIVES else None
         policy, tokens = sequence_logps(self.model, batch, **kw)
         if self.objective == "kto":
             return self._kto(policy, reference, desirable)
@@ -211,13 +205,25 @@ class PreferenceLoss(nn.Module):
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
     ) -> torch.Tensor:
         """log pi - log ref of each sequence of the micro-batch, as (pairs, 2), without gradients."""
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
-        kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace, count=sequence_count(sequence_ids))
-        switch = use_adapter(self.model, REFERENCE_ADAPTER) if self.has_reference_adapter else disable_adapters(self.model)
+        batch, kw = self._batch(input_ids, labels, position_ids, sequence_ids)
         with torch.no_grad():
-            with switch:
-                reference = sequence_logps(self.model, batch, **kw)[0]
-            return (sequence_logps(self.model, batch, **kw)[0] - reference).view(-1, 2)
+            return (sequence_logps(self.model, batch, **kw)[0] - self._reference_logps(batch, kw)).view(-1, 2)
+
+    def _batch(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor
+    ) -> tuple[dict, dict]:
+        """The micro-batch as `sequence_logps` takes it, and its keyword arguments."""
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids}
+        # both passes number the same sequences: counted once
+        kw = dict(chunk_tokens=self.tokens.chunk_tokens, workspace=self.tokens.workspace, count=sequence_count(sequence_ids))
+        return batch, kw
+
+    def _reference_logps(self, batch: dict, kw: dict) -> torch.Tensor:
+        """The reference's summed log-probabilities, without gradients: the frozen REFERENCE_ADAPTER
+        where the model carries one, else the base with the adapters off."""
+        switch = use_adapter(self.model, REFERENCE_ADAPTER) if self.has_reference_adapter else disable_adapters(self.model)
+        with torch.no_grad(), switch:
+            return sequence_logps(self.model, batch, **kw)[0]
 
 
 def kto_result(
