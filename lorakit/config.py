@@ -155,6 +155,16 @@ class TrainConfig:
     kto_desirable_weight: float = 1.0  # KTO's weights of the desirable and undesirable examples' losses
     kto_undesirable_weight: float = 1.0
     neftune_alpha: float = 0.0  # NEFTune: noise on the input embeddings in training (5 in the paper); 0: off
+    save_best: bool = False  # also keep the adapter of the best eval so far (best_metric) in best_adapter/
+    best_metric: str = "eval_loss"  # the eval figure save_best and early stopping watch (BEST_METRICS)
+    early_stopping_patience: int = 0  # stop after this many evals in a row without a better best_metric; 0: off
+    report_to: Union[list[str], str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb
+    run_name: Union[str, None] = None  # the run's name in the trackers; None: the output_dir's name
+
+    def trackers(self) -> list[str]:
+        """report_to as a list ("none" and [] alike: no tracker)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [n for n in names if n != "none"]
 
     def preference_beta(self) -> float:
         """`beta`, or the objective's usual value when it is unset."""
@@ -169,6 +179,11 @@ PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1
 REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")
 # those that train on unpaired examples labelled desirable or not (data.format unpaired), not pairs
 UNPAIRED_OBJECTIVES = ("kto",)
+# the eval figures train.best_metric may name, each with whether a higher value is better
+BEST_METRICS = {
+    "eval_loss": False, "eval_perplexity": False, "eval_accuracy": True, "eval_reward_accuracy": True,
+    "eval_reward_margin": True,
+}  # fmt: skip
 
 
 @dataclass
@@ -201,6 +216,7 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
     "train.objective": ("sft", *PREFERENCE_BETA),
+    "train.best_metric": tuple(BEST_METRICS),
     "lora.init": LORA_INITS,
 }
 
@@ -229,6 +245,7 @@ _RANGES = {
     "train.neftune_alpha": (0.0, True),
     "train.warmup_ratio": (0.0, True),
     "train.min_lr_ratio": (0.0, True),
+    "train.early_stopping_patience": (0, True),
 }
 
 
@@ -306,6 +323,8 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     if cfg.train.eval_generate and cfg.data.eval is None:
         problems.append("train.eval_generate = true: needs data.eval, a file of records with reference answers")
     problems += _objective_problems(cfg)
+    problems += _best_eval_problems(cfg)
+    problems += _tracker_problems(cfg.train, check_paths)
     if _is_number(cfg.train.warmup_ratio) and not cfg.train.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio = {cfg.train.warmup_ratio!r}: must be in [0, 1), e.g. 0.03")
     if cfg.train.warmup_ratio and cfg.train.warmup_steps:
@@ -473,6 +492,41 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
             "eval_reward_accuracy instead, set it to false"
         )
     return problems
+
+
+def _best_eval_problems(cfg: RunConfig) -> list[str]:
+    """save_best and early stopping need periodic evals of a figure the run measures."""
+    train = cfg.train
+    watched = [f"train.{k} = {getattr(train, k)!r}" for k in ("save_best", "early_stopping_patience") if getattr(train, k)]
+    if not watched:
+        return []
+    problems = []
+    if not train.eval_every:
+        problems.append(f"{watched[0]}: needs evals during the run; set train.eval_every, e.g. to 100")
+    if cfg.data.eval is None and not cfg.data.eval_fraction:
+        problems.append(f"{watched[0]}: needs eval data; set data.eval or data.eval_fraction")
+    metric, objective = train.best_metric, train.objective
+    preference = objective in PREFERENCE_BETA
+    if metric == "eval_accuracy" and not train.eval_generate:
+        problems.append("train.best_metric = 'eval_accuracy': measured with train.eval_generate: true; set it, or watch eval_loss")
+    elif metric == "eval_perplexity" and preference:
+        problems.append(f"train.best_metric = 'eval_perplexity': {objective} reports no perplexity; use eval_loss or eval_reward_accuracy")
+    elif metric in ("eval_reward_accuracy", "eval_reward_margin") and not preference:
+        problems.append(f"train.best_metric = {metric!r}: reported by preference objectives; use eval_loss for sft")
+    return problems
+
+
+def _tracker_problems(train: TrainConfig, check_paths: bool) -> list[str]:
+    from lorakit.tracking import TRACKER_PACKAGES, missing_packages
+
+    names = train.trackers()
+    unknown = [n for n in names if n not in TRACKER_PACKAGES]
+    if unknown:
+        return [f"train.report_to = {train.report_to!r}: unknown tracker {unknown[0]!r}; use {', '.join(TRACKER_PACKAGES)} (or none)"]
+    missing = missing_packages(names) if check_paths else []
+    if missing:
+        return [f"train.report_to = {train.report_to!r}: {missing[0]} is not installed; pip install 'lorakit[{missing[0]}]'"]
+    return []
 
 
 def _looks_like_hub_name(name: str) -> bool:

@@ -1,7 +1,8 @@
 """The run's record: `metrics.jsonl` (one JSON object per line) and `loss.png`.
 
 Train entries carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `elapsed_s`; eval entries
-carry `step` and `eval_loss` (plus `eval_perplexity`, `eval_accuracy` when measured).
+carry `step` and `eval_loss` (plus `eval_perplexity`, `eval_accuracy` when measured). Experiment
+trackers (lorakit.tracking) are handed each entry as it is written.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import os
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 
 class MetricsLog:
-    """Appends entries to metrics.jsonl and redraws loss.png from them."""
+    """Appends entries to metrics.jsonl and redraws loss.png from them; `trackers` (an object with
+    log(entry), lorakit.tracking.Trackers) gets each entry too."""
 
-    def __init__(self, output_dir: Union[str, Path], *, enabled: bool = True):
+    def __init__(self, output_dir: Union[str, Path], *, enabled: bool = True, trackers: Optional[Any] = None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.plot_path = Path(output_dir) / "loss.png"
         self.enabled = enabled
+        self.trackers = trackers
         self.entries: list[dict[str, Any]] = []
 
     def resume_from(self, step: int) -> None:
@@ -43,6 +46,8 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(entry)
 
     def plot(self, title: str = "") -> None:
         if not self.enabled:

@@ -33,7 +33,10 @@ from torch import nn
 from lorakit import host_memory, preference
 from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from lorakit.config import REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, data_files, load_run_config, parse_overrides
+from lorakit.config import (
+    BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, data_files, load_run_config,
+    parse_overrides,
+)  # fmt: skip
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
@@ -100,6 +103,9 @@ class Run:
     # The parameters that train, listed once: walking the module tree for them took 0.2 ms a step
     # on the benchmark's model and CPU, host time that a GPU's small-model step waits for.
     trainable: list = field(default_factory=list)
+    # the best eval so far of train.best_metric (for save_best and early stopping): its value and
+    # step (None before the first eval) and how many evals since have not bettered it
+    best: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- setup
@@ -315,13 +321,32 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         train_model=train_model, optimizer=optimizer, scheduler=scheduler, stream=stream, eval_set=eval_set,
         total_steps=total_steps, fingerprint=fp, dist=dist, frozen_summary=frozen_summary,
         data_stats=dataclasses.asdict(train_set.stats), eval_records=eval_records,
-        trainable=[p for p in model.parameters() if p.requires_grad],
+        trainable=[p for p in model.parameters() if p.requires_grad], best=new_best_record(cfg.train.best_metric),
     )  # fmt: skip
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
     if ckpt_state is not None:
         _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
+    if dist.is_main and cfg.train.trackers():
+        run.metrics.trackers = open_trackers(run, ckpt_state)
     return run
+
+
+def open_trackers(run: Run, ckpt_state: Optional[dict]):
+    """The experiment trackers train.report_to names (lorakit.tracking), continuing the runs a
+    resumed checkpoint names."""
+    from lorakit.tracking import Trackers
+
+    cfg = run.cfg
+    trainable, total = _parameter_counts(run.model)
+    config = {
+        **cfg.to_dict(),
+        "run": {"total_steps": run.total_steps, "processes": run.dist.world_size, "trainable_parameters": trainable,
+                "parameters": total, "data": run.data_stats},
+    }  # fmt: skip
+    resume = None if ckpt_state is None else {**ckpt_state.get("trackers", {}), "step": ckpt_state["step"]}
+    name = cfg.train.run_name or run.output_dir.resolve().name
+    return Trackers(cfg.train.trackers(), run.output_dir, run_name=name, config=config, resume_state=resume)
 
 
 def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
@@ -401,6 +426,15 @@ def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
             f"{where}: {key} holds preference records (prompt, chosen, rejected); set train.objective to dpo, "
             "ipo, simpo or orpo"
         )
+    watched = cfg.train.save_best or cfg.train.early_stopping_patience
+    if watched and cfg.train.best_metric == "eval_reward_margin" and unpaired and eval_set is not None:
+        classes = set(eval_set.desirable.tolist())
+        if len(classes) < 2:
+            missing = "undesirable" if True in classes else "desirable"
+            raise UserError(
+                f"train.best_metric = 'eval_reward_margin': the eval set has no {missing} example, so KTO's margin "
+                "is undefined; watch eval_loss or eval_reward_accuracy, or add such examples to the eval data"
+            )
 
 
 def check_positions(cfg: RunConfig, log: Callable[[str], None]) -> None:
@@ -464,6 +498,9 @@ def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng
     run.step = state["step"]
     restore_rng(rng_state)
     run.metrics.resume_from(run.step)
+    best = state.get("best")
+    if best is not None and best.get("metric") == run.cfg.train.best_metric:  # another metric's best is no best
+        run.best = best
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -592,6 +629,8 @@ def _checkpoint(run: Run) -> Path:
         "scheduler": run.scheduler.state_dict(),
         "stream": run.stream.state_dict(),
         "total_steps": run.total_steps,
+        "best": run.best,
+        "trackers": run.metrics.trackers.state() if run.metrics.trackers is not None else {},
     }
     optimizer_state = optimizer_state_dict(run)
     path = None
@@ -633,7 +672,21 @@ def optimizer_state_dict(run: Run) -> dict:
 
 
 def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train to total_steps with logging, eval, checkpoints and plots; returns the final summary."""
+    """Train to total_steps (or until early stopping) with logging, eval, checkpoints and plots;
+    returns the final summary, which the experiment trackers also get before they are closed."""
+    trackers = run.metrics.trackers
+    if trackers is None:
+        return _fit(run, log)
+    try:
+        summary = _fit(run, log)
+    except BaseException:
+        trackers.finish({}, failed=True)
+        raise
+    trackers.finish(summary, failed="interrupted" in summary)
+    return summary
+
+
+def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg, dist = run.cfg, run.dist
@@ -649,6 +702,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     previous_handlers = _install_signal_handlers(run)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not main, dynamic_ncols=True, unit="step", file=sys.stderr)
     window_tokens, window_time = 0.0, 0.0
+    evaluated_at, stop_early = None, False
     try:
         while run.step < run.total_steps:
             step_start = time.perf_counter()
@@ -673,13 +727,15 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
             bar.update(1)
             if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < run.total_steps:
                 last_eval = evaluate(run)
+                evaluated_at = run.step
                 if last_eval:
                     run.metrics.log({"step": run.step, **last_eval})
+                stop_early = _after_eval(run, last_eval)
             if cfg.train.save_every and run.step % cfg.train.save_every == 0 and run.step < run.total_steps:
                 _checkpoint(run)
             if main and (run.step % max(cfg.train.log_every, 10) == 0):
                 run.metrics.plot(_plot_title(run))
-            if run.interrupted is not None:
+            if run.interrupted is not None or stop_early:
                 break
     finally:
         bar.close()
@@ -689,9 +745,15 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         name = signal.Signals(run.interrupted).name
         log(f"{name}: stopped at step {run.step}; checkpoint saved to {path}; continue with --resume")
         return {"interrupted": run.interrupted, "step": run.step, "checkpoint": str(path)}
-    last_eval = evaluate(run)
-    if last_eval:
-        run.metrics.log({"step": run.step, **last_eval})
+    if stop_early:
+        best = run.best
+        log(f"early stopping at step {run.step}: {cfg.train.best_metric} has not bettered {best['value']:.4f} "
+            f"(step {best['step']}) in {best['evals_since']} evals")  # fmt: skip
+    if evaluated_at != run.step:  # an early stop comes right after its eval
+        last_eval = evaluate(run)
+        if last_eval:
+            run.metrics.log({"step": run.step, **last_eval})
+            _after_eval(run, last_eval)
     elapsed = time.perf_counter() - start_time
     summary = {
         "steps": run.step,
@@ -701,6 +763,7 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         "final_loss": last_train.get("loss"),
         **{f"final_{k}": last_train[k] for k in ("reward_accuracy", "reward_margin") if k in last_train},
         **last_eval,
+        **_best_summary(run, stop_early),
         "adapter": str(run.output_dir / "adapter"),
     }
     if main:
@@ -713,6 +776,62 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         _join_adapter_gathers(run)
     dist.barrier()
     return summary
+
+
+def new_best_record(metric: str) -> dict[str, Any]:
+    """Run.best before any eval (kept in checkpoints as it is, so JSON)."""
+    return {"metric": metric, "value": None, "step": None, "evals_since": 0}
+
+
+def _after_eval(run: Run, result: dict[str, float]) -> bool:
+    """Follow train.best_metric over the evals (when save_best or early stopping asks): a better
+    value becomes the best (save_best: its adapter is written to best_adapter/); True when early
+    stopping should end the run. Every process sees the same eval figures, so they agree."""
+    train = run.cfg.train
+    if not (train.save_best or train.early_stopping_patience):
+        return False
+    metric = train.best_metric
+    value = result.get(metric)
+    if value is None:  # a KTO eval set with one class has no margin; setup refuses it, so this is a bug
+        raise RuntimeError(f"the eval reported no {metric} (it reported {', '.join(result)})")
+    best = run.best
+    higher = BEST_METRICS[metric]
+    better = math.isfinite(value) and (best["value"] is None or (value > best["value"] if higher else value < best["value"]))
+    if better:
+        best.update(value=value, step=run.step, evals_since=0)
+        if train.save_best:
+            _save_best_adapter(run)
+    else:
+        best["evals_since"] += 1
+    return bool(train.early_stopping_patience) and best["evals_since"] >= train.early_stopping_patience
+
+
+def _save_best_adapter(run: Run) -> None:
+    if run.dist.is_main:
+        from lorakit.adapters import save_adapter
+
+        card = model_card(run, {"step": run.step, run.best["metric"]: run.best["value"]})
+        save_adapter(run.model, run.output_dir / BEST_ADAPTER_DIR, base_model_name_or_path=run.cfg.model,
+                     extra_files={"README.md": card, **_template_files(run)})  # fmt: skip
+    else:
+        _join_adapter_gathers(run)
+
+
+# where train.save_best keeps the adapter of the best eval, beside output_dir/adapter
+BEST_ADAPTER_DIR = "best_adapter"
+
+
+def _best_summary(run: Run, stopped_early: bool) -> dict[str, Any]:
+    """The summary's record of the best eval and early stopping (nothing when neither is on)."""
+    train = run.cfg.train
+    if not (train.save_best or train.early_stopping_patience) or run.best["step"] is None:
+        return {}
+    out: dict[str, Any] = {"best_step": run.best["step"], f"best_{train.best_metric}": run.best["value"]}
+    if train.early_stopping_patience:
+        out["stopped_early"] = stopped_early
+    if train.save_best:
+        out["best_adapter"] = str(run.output_dir / BEST_ADAPTER_DIR)
+    return out
 
 
 def _plot_title(run: Run) -> str:
@@ -884,6 +1003,10 @@ def final_summary(summary: dict[str, Any]) -> str:
     if "eval_accuracy" in summary:
         parts.append(f"eval accuracy {100 * summary['eval_accuracy']:.1f}%")
     parts.append(f"adapter: {summary['adapter']}")
+    if "best_step" in summary:
+        metric = next(k[len("best_"):] for k in summary if k.startswith("best_eval_"))
+        where = f" -> {summary['best_adapter']}" if "best_adapter" in summary else ""
+        parts.append(f"best {metric}: {summary['best_' + metric]:.4f} at step {summary['best_step']}{where}")
     return "\n".join(parts)
 
 

@@ -62,3 +62,44 @@ def test_gradient_checkpointing_modes():
         build_run_config({**base, "train": {"gradient_checkpointing": "partial"}}, check_paths=False)
     with pytest.raises(UserError, match="train.gradient_checkpointing = 1: expected true/false or a string"):
         build_run_config({**base, "train": {"gradient_checkpointing": 1}}, check_paths=False)
+
+
+def test_best_eval_and_early_stopping_settings():
+    base = {"model": "m", "data": {"train": "t", "eval": "e"}}
+
+    def problems(train, data=None):
+        with pytest.raises(UserError) as err:
+            build_run_config({**base, **({"data": data} if data else {}), "train": train}, check_paths=False)
+        return str(err.value)
+
+    cfg = build_run_config({**base, "train": {"save_best": True, "eval_every": 10, "early_stopping_patience": 3}}, check_paths=False)
+    assert cfg.train.best_metric == "eval_loss" and cfg.train.early_stopping_patience == 3
+    assert "train.save_best = True: needs evals during the run; set train.eval_every" in problems({"save_best": True})
+    assert "train.early_stopping_patience = 2: needs eval data; set data.eval or data.eval_fraction" in problems(
+        {"early_stopping_patience": 2, "eval_every": 5}, data={"train": "t"}
+    )
+    assert build_run_config({**base, "data": {"train": "t", "eval_fraction": 0.1}, "train": {"save_best": True, "eval_every": 5}},
+                            check_paths=False).train.save_best  # fmt: skip
+    assert "train.best_metric = 'eval_accuracy': measured with train.eval_generate: true" in problems(
+        {"save_best": True, "eval_every": 5, "best_metric": "eval_accuracy"}
+    )
+    assert "train.best_metric = 'eval_reward_margin': reported by preference objectives; use eval_loss for sft" in problems(
+        {"save_best": True, "eval_every": 5, "best_metric": "eval_reward_margin"}
+    )
+    assert "train.best_metric = 'eval_perplexity': dpo reports no perplexity" in problems(
+        {"save_best": True, "eval_every": 5, "best_metric": "eval_perplexity", "objective": "dpo"}
+    )
+    assert "train.best_metric = 'accuracy': use one of eval_loss, eval_perplexity, eval_accuracy" in problems(
+        {"best_metric": "accuracy"}
+    )
+    assert "train.early_stopping_patience = -1: must be >= 0" in problems({"early_stopping_patience": -1})
+    # watched by nothing, best_metric is not checked against the run
+    assert build_run_config({**base, "train": {"best_metric": "eval_accuracy"}}, check_paths=False)
+
+
+def test_report_to_takes_a_name_a_list_or_none():
+    base = {"model": "m", "data": {"train": "t"}}
+    for value, names in (("tensorboard", ["tensorboard"]), (["wandb", "tensorboard"], ["wandb", "tensorboard"]), ("none", []), ([], [])):
+        assert build_run_config({**base, "train": {"report_to": value}}, check_paths=False).train.trackers() == names
+    with pytest.raises(UserError, match=r"train.report_to = \['tensorbord'\]: unknown tracker 'tensorbord'; use tensorboard, wandb"):
+        build_run_config({**base, "train": {"report_to": ["tensorbord"]}}, check_paths=False)

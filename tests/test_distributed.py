@@ -199,7 +199,7 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp"])
+@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "best_fsdp"])
 def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
     # LoRA on the fused expert weights (lorakit.experts): FSDP2 shards the (E·r, in) / (out, r·E)
     # factors; DoRA: the magnitudes are sharded, its norm reads the gathered weight; DPO: each
@@ -218,6 +218,10 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         cfg["lora"].update(targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     elif variant == "dora":
         cfg["lora"]["dora"] = True
+    elif variant == "best_fsdp":  # save_best's adapter gathered from FSDP2 shards, one tracker writer
+        write_addition_data(root / "eval.jsonl", 4, seed=1)
+        cfg["data"]["eval"] = str(root / "eval.jsonl")
+        cfg["train"].update(eval_every=1, save_best=True, early_stopping_patience=2, report_to="tensorboard")
     elif variant == "kto_ddp":  # KTO's reference point z0: a mean over the micro-batches of both processes
         (root / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(32)))
         (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(4, seed=1)))
@@ -244,6 +248,12 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         assert sum(".mlp.experts." in k for k in tensors) == 8
     elif variant == "dora":
         assert sum(k.endswith(".lora_magnitude_vector") for k in tensors) == 2 * 7
+    elif variant == "best_fsdp":
+        got, want = (json.loads((root / side / "summary.json").read_text()) for side in ("fsdp", "single"))
+        assert got["best_step"] == want["best_step"] and abs(got["best_eval_loss"] - want["best_eval_loss"]) < 1e-5
+        assert got["stopped_early"] is want["stopped_early"] is False
+        assert _max_diff(_adapter(root / "fsdp" / "best_adapter"), _adapter(root / "single" / "best_adapter")) <= 1e-5
+        assert len(list((root / "fsdp" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     else:
         entries = [json.loads(line) for line in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
         first = 0.5 if variant == "kto_ddp" else 0.6931472  # the policy starts as the reference

@@ -625,11 +625,32 @@ def test_kto_trains_on_labelled_examples_resumes_and_evaluates_as_the_trainer(wo
     # labelled records under sft are refused: their undesirable completions would be trained
     assert main(["train", _config(workspace, workspace / "kto_sft", objective="sft"), *data]) == 2
     assert "holds labelled records (prompt, completion, label); set train.objective: kto" in capsys.readouterr().err
+    # KTO's margin needs both classes in the eval set: watching it on a one-class set is refused early
+    good = [r for r in unpaired_records(8, seed=1) if r["label"]]
+    (workspace / "kto_eval_good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    watched = _config(workspace, workspace / "kto_margin", objective="kto", eval_every=5, save_best=True,
+                      best_metric="eval_reward_margin")  # fmt: skip
+    assert main(["train", watched, data[0], f"data.eval={workspace / 'kto_eval_good.jsonl'}"]) == 2
+    assert ("train.best_metric = 'eval_reward_margin': the eval set has no undesirable example, so KTO's margin is "
+            "undefined") in capsys.readouterr().err  # fmt: skip
     # pairs under kto are refused with what kto needs
     assert main(["train", _config(workspace, workspace / "kto_bad", objective="kto"), "data.eval=null"]) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:1: data.format is 'unpaired' but the record has keys ['chosen', 'prompt', 'rejected']" in err
     assert "it needs prompt + completion + label" in err
+
+
+def test_dpo_keeps_the_adapter_of_the_best_reward_accuracy(workspace):
+    out = workspace / "best"
+    assert main(["train", _config(workspace, out, eval_every=3, save_every=3, keep_checkpoints=4, save_best=True,
+                                  best_metric="eval_reward_accuracy")]) == 0  # fmt: skip
+    evals = [e for e in _entries(out) if "eval_loss" in e]
+    best = max(evals, key=lambda e: e["eval_reward_accuracy"])  # the first of equals: a tie is no better
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == best["step"] and summary["best_eval_reward_accuracy"] == best["eval_reward_accuracy"]
+    source = out / "adapter" if best["step"] == 12 else out / "checkpoints" / f"step-{best['step']}" / "adapter"
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "best_adapter", source))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dpo_resume_is_bit_identical(workspace, monkeypatch, capsys):

@@ -148,6 +148,74 @@ def test_resume_after_crash_is_bit_identical(workspace, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _best_config(workspace, out, **train):
+    # lr 0.03 on this data: eval loss 5.4716 at step 2, then 5.4826, 5.4833, 5.5924 (steps 4-8: worse), 5.4077;
+    # lr 0.1: best at step 8 of 12 (5.4346), then 5.4364, 5.4364
+    return _config(workspace, out, eval_every=2, save_every=2, keep_checkpoints=10, **train)
+
+
+def _same_adapter(a_dir, b_dir) -> bool:
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (a_dir, b_dir))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_best_keeps_the_adapter_of_the_best_eval(workspace):
+    out = workspace / "best"
+    assert main(["train", _best_config(workspace, out, lr=0.1, save_best=True)]) == 0
+    evals = [e for e in _entries(out) if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4, 6, 8, 10, 12]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert best["step"] == 8  # not the last: the test would pass with a copy of the final adapter otherwise
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 8 and summary["best_eval_loss"] == best["eval_loss"] and "stopped_early" not in summary
+    assert summary["best_adapter"] == str(out / "best_adapter") and summary["steps"] == 12
+    assert _same_adapter(out / "best_adapter", out / "checkpoints" / "step-8" / "adapter")
+    assert not _same_adapter(out / "best_adapter", out / "adapter")
+    card = (out / "best_adapter" / "README.md").read_text()
+    assert "Steps: 8," in card and f"| eval_loss | {best['eval_loss']:.4f} |" in card
+
+
+def test_early_stopping_ends_the_run_after_patience_evals_without_a_better_one(workspace, capsys):
+    out = workspace / "early"
+    assert main(["train", _best_config(workspace, out, lr=0.03, early_stopping_patience=2, save_best=True)]) == 0
+    entries = _entries(out)
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    evals = [e for e in entries if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4, 6]  # the stop's own eval is the final one, not run twice
+    assert evals[1]["eval_loss"] > evals[0]["eval_loss"] and evals[2]["eval_loss"] > evals[0]["eval_loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["stopped_early"] is True and summary["best_step"] == 2
+    assert summary["eval_loss"] == evals[2]["eval_loss"] and summary["best_eval_loss"] == evals[0]["eval_loss"]
+    assert _same_adapter(out / "best_adapter", out / "checkpoints" / "step-2" / "adapter")
+    assert _same_adapter(out / "adapter", out / "checkpoints" / "step-6" / "adapter")
+    printed = capsys.readouterr().out
+    assert f"early stopping at step 6: eval_loss has not bettered {evals[0]['eval_loss']:.4f} (step 2) in 2 evals" in printed
+    assert f"best eval_loss: {evals[0]['eval_loss']:.4f} at step 2 -> {out / 'best_adapter'}" in printed
+    # patience 4 outlasts the bad patch (steps 4, 6, 8; step 10 is better): the run goes on to its end
+    longer = workspace / "early4"
+    assert main(["train", _best_config(workspace, longer, lr=0.03, early_stopping_patience=4)]) == 0
+    summary = json.loads((longer / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["stopped_early"] is False and not (longer / "best_adapter").exists()
+
+
+def test_early_stopping_and_the_best_resume_exactly(workspace, monkeypatch):
+    # the checkpoint at step 4 holds the best so far (step 2) and one eval without a better one
+    whole = workspace / "early_whole"
+    assert main(["train", _best_config(workspace, whole, lr=0.03, early_stopping_patience=2, save_best=True)]) == 0
+    crashed = workspace / "early_crashed"
+    crash_and_resume(monkeypatch, _best_config(workspace, crashed, lr=0.03, early_stopping_patience=2, save_best=True), crash_at=5)
+    assert json.loads((crashed / "checkpoints" / "step-4" / "state.json").read_text())["best"] == {
+        "metric": "eval_loss", "value": [e for e in _entries(whole) if "eval_loss" in e][0]["eval_loss"], "step": 2,
+        "evals_since": 1,
+    }  # fmt: skip
+    assert without_timing(_entries(crashed)) == without_timing(_entries(whole))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, crashed))
+    assert {k: a[k] for k in ("steps", "best_step", "best_eval_loss", "stopped_early")} == {
+        k: b[k] for k in ("steps", "best_step", "best_eval_loss", "stopped_early")
+    }  # fmt: skip
+    assert _same_adapter(whole / "best_adapter", crashed / "best_adapter")
+
+
 def test_neftune_adds_bounded_noise_in_training_only():
     from helpers import tiny_llama
 
