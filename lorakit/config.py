@@ -111,6 +111,9 @@ class DataConfig:
     too_long: str = "truncate"  # truncate | drop
     packing: bool = True
     train_on_inputs: bool = False
+    # the assistant turns of a chat record trained: all, or the last one only (the earlier turns are
+    # context); a turn marked "weight": 0 is never trained
+    train_turns: str = "all"
     skip_invalid: bool = False
     cache_dir: Union[str, None] = None  # default: ~/.cache/lorakit/data
     # the chat template for chat records instead of the tokenizer's: a Jinja file, or "chatml"
@@ -211,6 +214,7 @@ _CHOICES = {
     "quantize": ("none", "nf4"),
     "data.format": DATA_FORMATS,
     "data.too_long": ("truncate", "drop"),
+    "data.train_turns": ("all", "last"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "adamw8bit"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -339,6 +343,8 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
             f"train.min_lr_ratio = {cfg.train.min_lr_ratio!r} with train.scheduler = 'constant': a constant lr does not "
             "decay to a floor; use cosine or linear, or remove min_lr_ratio"
         )
+    if cfg.data.train_turns == "last" and cfg.data.train_on_inputs:
+        problems.append("data.train_turns = 'last' with data.train_on_inputs = true: every token is trained then; set one of them")
     if not 0 <= cfg.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction = {cfg.data.eval_fraction!r}: must be in [0, 1)")
     if cfg.model is None:
@@ -486,6 +492,11 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
             )
     if cfg.data.train_on_inputs:
         problems.append(f"data.train_on_inputs = true: {objective} compares the answers only; set it to false")
+    if cfg.data.train_turns != "all":
+        problems.append(
+            f"data.train_turns = {cfg.data.train_turns!r}: {objective} trains the answers of its records, whatever their "
+            "turns; remove it"
+        )
     if cfg.train.eval_generate:
         problems.append(
             "train.eval_generate = true: preference data has no single reference answer; preference eval reports "

@@ -14,7 +14,9 @@ aside) or forced with `data.format`:
                with the Input block left out when `input` is missing or empty; loss on the output.
 - chat:        `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
                ShareGPT's `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`,
-               rendered with the tokenizer's own chat template; loss on the assistant turns only.
+               rendered with the tokenizer's own chat template; loss on the assistant turns only
+               (not on those marked `"weight": 0`, OpenAI's format; with `train_turns: last`, on the
+               last one only).
 - preference:  `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`
                (or whole conversations without a prompt): two examples, prompt + each answer, as
                completion or chat examples with the loss on the answer only; a file of them holds
@@ -89,7 +91,7 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 3  # bump when tokenization or the cache layout changes
+FORMAT_VERSION = 4  # bump when tokenization or the cache layout changes (4: chat turns' weight)
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -470,10 +472,11 @@ def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) 
     return value
 
 
-def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, Any]:
-    """Validate one record -> (format, (text, prompt_chars)), ("chat", (messages, untrained
-    assistant turns)) or ("preference", [chosen, rejected]), each of those a completion or chat
-    (format, payload).
+def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: str = "all") -> tuple[str, Any]:
+    """Validate one record -> (format, (text, prompt_chars)), ("chat", (messages, the message
+    indices of the assistant turns not trained)) or ("preference", [chosen, rejected]), each of
+    those a completion or chat (format, payload). train_turns: "all" or "last", the assistant turns
+    of a chat record trained (those with weight 0 never are).
 
     Raises:
         BadRecord: unknown format, wrong types, unknown roles, empty values.
@@ -519,7 +522,28 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool) -> tuple[str, 
         except BadRecord as exc:  # read as a pair: its words name the pair's keys
             raise BadRecord(str(exc).replace("'chosen'", "'completion'")) from None
         return fmt, (record, own[0])
-    return "chat", (_messages(record, train_on_inputs), 0)
+    messages = _messages(record, train_on_inputs)
+    return "chat", (messages, _untrained_turns(record, messages, train_turns))
+
+
+def _untrained_turns(record: dict, messages: list[dict], train_turns: str) -> tuple[int, ...]:
+    """The message indices of a chat record's assistant turns not to train: those marked
+    `"weight": 0` (OpenAI's fine-tuning format; 1 or no weight: trained) and, with train_turns
+    "last", every one but the last."""
+    key = "messages" if "messages" in record else "conversations"
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    untrained = set(assistant[:-1]) if train_turns == "last" else set()
+    for i, msg in enumerate(record[key]):
+        if "weight" not in msg:
+            continue
+        weight = msg["weight"]
+        if weight not in (0, 1) or not isinstance(weight, (int, float)):
+            raise BadRecord(f"{key}[{i}].weight = {weight!r}: use 0 (the turn is not trained) or 1 (it is)")
+        if messages[i]["role"] != "assistant":
+            raise BadRecord(f"{key}[{i}].weight: only assistant turns are trained or not; remove the weight of this {messages[i]['role']} turn")
+        if weight == 0:
+            untrained.add(i)
+    return tuple(sorted(untrained))
 
 
 def _has_keys(record: dict, fmt: str) -> bool:
@@ -553,7 +577,7 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
     if not isinstance(prompt, list):
         raise BadRecord(f"'prompt' must be a string or a list of chat messages, got {_kind(prompt)}")
     history = _messages({"prompt": prompt}, True, key="prompt") if prompt else []
-    earlier_turns = sum(m["role"] == "assistant" for m in history)
+    earlier_turns = tuple(i for i, m in enumerate(history) if m["role"] == "assistant")
     out = []
     for key in ("chosen", "rejected"):
         answer = record[key]
@@ -573,7 +597,7 @@ def _implicit_prompt_pair(chosen: list[dict], rejected: list[dict]) -> list[tupl
     if shared == 0 or shared == max(len(chosen), len(rejected)):
         what = "start differently" if shared == 0 else "are the same conversation"
         raise BadRecord(f"'chosen' and 'rejected' {what}, so no prompt can be taken from them; give it as 'prompt'")
-    earlier_turns = sum(m["role"] == "assistant" for m in chosen[:shared])
+    earlier_turns = tuple(i for i, m in enumerate(chosen[:shared]) if m["role"] == "assistant")
     return [("chat", (chosen, earlier_turns)), ("chat", (rejected, earlier_turns))]
 
 
@@ -691,18 +715,19 @@ class _ChatRenderer:
 
 
 def _chat_spans(
-    renderer: _ChatRenderer, convs: list[list[dict]], train_on_inputs: bool, untrained: Sequence[int] = ()
+    renderer: _ChatRenderer, convs: list[list[dict]], train_on_inputs: bool, untrained: Sequence[Sequence[int]] = ()
 ) -> list[Union[tuple[str, list[tuple[int, int]]], str]]:
     """Per conversation: (rendered text, character spans to train) or an error message.
 
-    untrained: per conversation, how many first assistant turns are not trained (a preference
-    record's prompt); they are not located either, so a template may rewrite them freely (Qwen3
-    drops the think blocks of earlier turns)."""
+    untrained: per conversation, the message indices of assistant turns not trained (a preference
+    record's prompt, turns of weight 0, all but the last under train_turns: last); they are not
+    located either, so a template may rewrite them freely (Qwen3 drops the think blocks of earlier
+    turns)."""
     full = renderer(convs, False)
     if train_on_inputs:
         return [(t, []) if isinstance(t, str) else _template_error(t) for t in full]  # spans unused
-    skips = list(untrained) or [0] * len(convs)
-    trained = [[i for i, m in enumerate(msgs) if m["role"] == "assistant"][skip:] for msgs, skip in zip(convs, skips)]
+    skips = list(untrained) or [()] * len(convs)
+    trained = [[i for i, m in enumerate(msgs) if m["role"] == "assistant" and i not in skip] for msgs, skip in zip(convs, skips)]
     starts, ends = [], []  # (conversation, message index) of each prefix render
     for ci, msgs in enumerate(convs):
         for i in trained[ci]:
@@ -802,7 +827,7 @@ def tokenize_records(
     unpaired: list[tuple[int, dict, tuple[str, Any]]] = []  # (line, record, its own example)
     for line, record in records:
         try:
-            fmt, payload = prepare_record(record, cfg.format, cfg.train_on_inputs)
+            fmt, payload = prepare_record(record, cfg.format, cfg.train_on_inputs, cfg.train_turns)
             this = fmt if fmt in ("preference", "unpaired") else "non-preference"
             if kind is None:
                 kind = this
@@ -1155,7 +1180,7 @@ def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    options = {k: getattr(cfg, k) for k in ("format", "max_length", "too_long", "train_on_inputs", "skip_invalid")}
+    options = {k: getattr(cfg, k) for k in ("format", "max_length", "too_long", "train_on_inputs", "skip_invalid", "train_turns")}
     meta = {
         "version": FORMAT_VERSION,
         "instruction_template": [INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT],

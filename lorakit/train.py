@@ -157,6 +157,8 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg.data)
     for key in ("train", "eval", "cache_dir"):
         d.pop(key)
+    if d["train_turns"] == "all":
+        del d["train_turns"]  # so checkpoints of earlier runs still resume
     if d["chat_template"] is None:
         del d["chat_template"]  # so checkpoints of earlier runs still resume
     else:  # its text: an edited template file is another run

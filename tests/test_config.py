@@ -103,3 +103,14 @@ def test_report_to_takes_a_name_a_list_or_none():
         assert build_run_config({**base, "train": {"report_to": value}}, check_paths=False).train.trackers() == names
     with pytest.raises(UserError, match=r"train.report_to = \['tensorbord'\]: unknown tracker 'tensorbord'; use tensorboard, wandb"):
         build_run_config({**base, "train": {"report_to": ["tensorbord"]}}, check_paths=False)
+
+
+def test_train_turns_settings():
+    base = {"model": "m", "data": {"train": "t", "train_turns": "last"}}
+    assert build_run_config(base, check_paths=False).data.train_turns == "last"
+    with pytest.raises(UserError, match="data.train_turns = 'first': use one of all, last"):
+        build_run_config({**base, "data": {"train": "t", "train_turns": "first"}}, check_paths=False)
+    with pytest.raises(UserError, match="data.train_turns = 'last' with data.train_on_inputs = true: every token is trained"):
+        build_run_config({**base, "data": {"train": "t", "train_turns": "last", "train_on_inputs": True}}, check_paths=False)
+    with pytest.raises(UserError, match="data.train_turns = 'last': dpo trains the answers of its records"):
+        build_run_config({**base, "train": {"objective": "dpo"}}, check_paths=False)

@@ -225,6 +225,52 @@ def test_sharegpt_conversations_equal_messages():
     assert a.example(1)[0].tolist() == tok.apply_chat_template(CHAT)["input_ids"]
 
 
+@pytest.mark.parametrize("template", ["llama3", "qwen3"])
+def test_chat_turn_weights_and_train_turns_last_leave_turns_untrained(template):
+    # OpenAI's fine-tuning format: an assistant turn with "weight": 0 stays as context, untrained;
+    # train_turns: last trains only the final assistant turn. The ids never change.
+    tok = make_tokenizer(template if template == "llama3" else None)
+    if template == "qwen3":
+        tok.chat_template, tok.eos_token = QWEN3_LIKE, "<|im_end|>"
+    eot = "<|eot_id|>" if template == "llama3" else "<|im_end|>"
+    last = "1 2 3" + eot if template == "llama3" else "<think>\n\n</think>\n\n1 2 3<|im_end|>"
+    weighted = [dict(m, weight=0) if m["content"] == "Four." else m for m in CHAT]
+    ds = build([{"messages": CHAT}, {"messages": weighted}], tok)
+    plain, zero = ds.example(0), ds.example(1)
+    assert np.array_equal(plain[0], zero[0]) and zero[0].tolist() == tok.apply_chat_template(CHAT)["input_ids"]
+    assert _trained_groups(tok, zero[1]) == [last]
+    # the untrained turn's tokens are exactly the ones the plain example trains and this one does not
+    first = [i for i, (a, b) in enumerate(zip(plain[1].tolist(), zero[1].tolist())) if a != b]
+    assert tok.decode(plain[0][first].tolist()) == "Four." + eot
+    assert zero[1].tolist() == [t if i not in first else -100 for i, t in enumerate(plain[1].tolist())]
+    # weight 1 is the default; train_turns: last equals weight 0 on every earlier turn
+    ones = [dict(m, weight=1) if m["role"] == "assistant" else m for m in CHAT]
+    again = build([{"messages": ones}, {"messages": CHAT}], tok, train_turns="last")
+    assert np.array_equal(again.example(0)[1], zero[1]) and np.array_equal(again.example(1)[1], zero[1])
+    assert np.array_equal(build([{"messages": ones}], tok).example(0)[1], plain[1])
+    # ShareGPT's turns take a weight too; a chat whose every turn has weight 0 trains nothing and is dropped
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": names[m["role"]], "value": m["content"], **({"weight": m["weight"]} if "weight" in m else {})}
+                                  for m in weighted]}  # fmt: skip
+    nothing = [dict(m, weight=0) if m["role"] == "assistant" else m for m in CHAT]
+    ds = build([sharegpt, {"messages": nothing}, {"messages": CHAT[1:3]}], tok)
+    assert len(ds) == 2 and np.array_equal(ds.example(0)[1], zero[1]) and ds.stats.dropped_no_trainable == 1
+
+
+@pytest.mark.parametrize(
+    "weight, where, message",
+    [
+        (0.5, 2, r"messages\[2\]\.weight = 0\.5: use 0 \(the turn is not trained\) or 1 \(it is\)"),
+        ("0", 2, r"messages\[2\]\.weight = '0': use 0"),
+        (0, 1, r"messages\[1\]\.weight: only assistant turns are trained or not; remove the weight of this user turn"),
+    ],
+)
+def test_a_bad_turn_weight_names_the_message_and_the_fix(weight, where, message):
+    messages = [dict(m, weight=weight) if i == where else m for i, m in enumerate(CHAT)]
+    with pytest.raises(UserError, match=r"d\.jsonl:1: " + message):
+        build([{"messages": messages}])
+
+
 def test_train_on_inputs_trains_every_token():
     tok = make_tokenizer("llama3")
     ds = build([{"messages": CHAT}, {"prompt": "Q: two plus two?", "completion": " Four."}], tok, train_on_inputs=True)
