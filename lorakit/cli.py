@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, merge, convert, generate, chat, eval, inspect.
+"""The `lorakit` command line: train, merge, convert, combine, generate, chat, eval, inspect.
 
 User mistakes (`UserError`) print one `error: ...` line and exit 2; anything else is a bug and
 exits 1 with its traceback. Each subcommand's work lives in its own module; this file only
@@ -38,6 +38,12 @@ def _convert(args: argparse.Namespace) -> int:
     from lorakit.merge import convert_command
 
     return convert_command(args)
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from lorakit.combine import combine_command
+
+    return combine_command(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -99,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output adapter folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("combine", help="combine several adapters of one base into one adapter (PEFT's add_weighted_adapter)")
+    p.add_argument("--adapter", required=True, action="append", help="an adapter folder; repeat for each adapter")
+    p.add_argument("--out", required=True, help="output adapter folder")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter, in order (default 1 each)")
+    p.add_argument("--method", default="cat", help="cat (exact; rank: the sum of ranks), svd (rank --rank), or ties_svd, "
+                   "dare_linear_svd, dare_ties_svd, magnitude_prune_svd (prune with --density first)")  # fmt: skip
+    p.add_argument("--rank", type=int, default=None, help="rank of the svd methods' result (default: the largest adapter rank)")
+    p.add_argument("--density", type=float, default=None, help="share of each update the pruning methods keep, in (0, 1]")
+    p.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="TIES' sign election")
+    p.add_argument("--seed", type=int, default=0, help="DARE's random pruning seed")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_combine)
 
     for name, func, help_text in (
         ("generate", _generate, "complete prompts with a model (and adapter)"),

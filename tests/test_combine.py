@@ -1,0 +1,170 @@
+"""`lorakit combine` (lorakit.combine): the combined adapter's updates equal PEFT's add_weighted_adapter
+for every method, load in PEFT and lorakit with the same logits, and bad input is refused."""
+
+import json
+
+import pytest
+import torch
+from helpers import save_model_folder, tiny_llama
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.combine import combine_adapters
+from lorakit.errors import UserError
+
+peft = pytest.importorskip("peft")
+
+# two PEFT adapters of other ranks, scales and targets: "one" also adapts the embedding (its own
+# factor layout), "two" uses rsLoRA and a rank pattern; q_proj is the module both adapt
+ONE = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+TWO = dict(r=6, lora_alpha=3, target_modules=["q_proj", "o_proj"], use_rslora=True, rank_pattern={"o_proj": 2})
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("combine")
+    save_model_folder(root / "model")
+    for seed, (name, config) in enumerate((("one", ONE), ("two", TWO)), start=1):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(init_lora_weights=False, **config))
+        model.save_pretrained(root / name)
+    return root
+
+
+def _peft_model(root, *names):
+    model = peft.PeftModel.from_pretrained(tiny_llama(), root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(root / name, adapter_name=name)
+    return model.eval()
+
+
+def _deltas(model, name):
+    """module path -> the adapter's update in its base weight's layout (PEFT's get_delta_weight)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        path.removeprefix("base_model.model."): layer.get_delta_weight(name)
+        for path, layer in model.named_modules() if isinstance(layer, LoraLayer) and (name in layer.lora_A or name in layer.lora_embedding_A)
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method, weights, options",
+    [
+        ("cat", [0.7, -1.3], {}),
+        ("svd", [0.7, -1.3], {}),
+        ("svd", [1.0, 1.0], {"rank": 3}),
+        ("ties_svd", [0.7, 1.3], {"density": 0.5}),
+        ("ties_svd", [1.0, 0.5], {"density": 0.3, "majority_sign": "frequency"}),
+        ("magnitude_prune_svd", [0.7, -1.3], {"density": 0.4}),
+        # density 1 prunes nothing (DARE's random masks are tested below): the sign election and sums
+        ("dare_ties_svd", [0.7, 1.3], {"density": 1.0}),
+        ("dare_linear_svd", [0.7, -1.3], {"density": 1.0, "rank": 2}),
+    ],
+)
+def test_combined_updates_equal_peft_add_weighted_adapter(adapters, tmp_path, method, weights, options):
+    out = tmp_path / "mix"
+    report = combine_adapters([adapters / "one", adapters / "two"], out, weights=weights, method=method, **options)
+    model = _peft_model(adapters, "one", "two")
+    peft_options = {"svd_rank": options["rank"]} if "rank" in options else {}
+    peft_options.update({k: v for k, v in (("density", options.get("density")),) if v is not None})
+    if "majority_sign" in options:
+        peft_options["majority_sign_method"] = options["majority_sign"]
+    model.add_weighted_adapter(["one", "two"], weights, "theirs", combination_type=method, **peft_options)
+    model.load_adapter(out, adapter_name="ours")  # PEFT reads lorakit's file as it is
+    theirs, ours = _deltas(model, "theirs"), _deltas(model, "ours")
+    assert sorted(ours) == sorted(theirs) and len(ours) == report.modules == 7  # embed, q, v, o (2 layers)
+    for path in theirs:
+        scale = theirs[path].abs().max().item()
+        assert (ours[path] - theirs[path]).abs().max().item() <= 2e-5 * max(scale, 1.0), path
+    # the file: s = 1 everywhere, exact module paths as targets
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] and config["alpha_pattern"] == config["rank_pattern"]
+    assert "model.layers.0.self_attn.q_proj" in config["target_modules"] and not config["use_rslora"]
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    rank_q = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0]
+    assert rank_q == {"cat": 10}.get(method, options.get("rank", 6))  # cat: 4 + 6; svd: the largest rank (6)
+    if method == "cat":
+        assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape[0] == 4
+
+
+def test_cat_is_exact_and_loads_in_lorakit_with_the_weighted_sum_of_updates(adapters, tmp_path, capsys):
+    # through the CLI; lorakit's model with the combined adapter gives the logits of the base with
+    # 0.5 D_one - 2 D_two added to its weights, computed here from the files
+    from lorakit.adapters import adapter_scaling, load_adapter, read_adapter
+
+    out = tmp_path / "cat"
+    args = ["combine", "--adapter", str(adapters / "one"), "--adapter", str(adapters / "two"), "--weights", "0.5", "-2",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert f"combined 2 adapters (cat) over 7 modules into a rank-10 adapter -> {out}" in capsys.readouterr().out
+    reference = tiny_llama()
+    weights = dict(reference.named_parameters())
+    with torch.no_grad():
+        for w, name in ((0.5, "one"), (-2.0, "two")):
+            files = read_adapter(adapters / name)
+            for key, a in files.tensors.items():
+                if not key.endswith(("lora_A.weight", "lora_embedding_A")):
+                    continue
+                path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                b = files.tensors[key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")]
+                update = w * adapter_scaling(files.config, path) * (b @ a)
+                weights[f"{path}.weight"] += update.t() if "embedding" in key else update
+    model = tiny_llama()
+    load_adapter(model, out)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max().item() < 1e-4
+    assert main(args) == 2  # an existing --out is never overwritten without --force
+    assert "exists and is not empty; pick another folder or pass --force" in capsys.readouterr().err
+
+
+def test_dare_keeps_each_entry_with_the_density_and_rescales_it(adapters, tmp_path):
+    # one adapter at full rank: the result is the pruned update itself, each entry 0 or D / density
+    from lorakit.adapters import adapter_scaling, read_adapter
+
+    files = read_adapter(adapters / "one")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    update = adapter_scaling(files.config, "model.layers.0.self_attn.q_proj") * (
+        files.tensors[f"{key}.lora_B.weight"] @ files.tensors[f"{key}.lora_A.weight"]
+    )
+    got = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"dare{len(got)}-{seed}"
+        combine_adapters([adapters / "one"], out, method="dare_linear_svd", density=0.5, rank=64, seed=seed)
+        t = load_file(str(out / "adapter_model.safetensors"))
+        got.setdefault(seed, []).append(t[f"{key}.lora_B.weight"] @ t[f"{key}.lora_A.weight"])
+    pruned, tol = got[0][0], 1e-5 * update.abs().max().item()  # float32 SVD at full rank
+    dropped, kept = pruned.abs() < tol, (pruned - update / 0.5).abs() < tol
+    assert (dropped | kept).all()
+    clear = update.abs() > 100 * tol  # entries that are not ~0 anyway
+    assert 0.4 < kept[clear].float().mean().item() < 0.6
+    assert torch.allclose(got[0][0], got[0][1], atol=1e-6) and not torch.allclose(got[0][0], got[1][0], atol=1e-3)
+
+
+def test_adapters_that_cannot_be_combined_are_refused(adapters, tmp_path, capsys):
+    torch.manual_seed(0)
+    dora = tmp_path / "dora"
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(dora)
+    saved = tmp_path / "saved"
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(saved)
+    other = tmp_path / "other"
+    peft.get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(other)
+    one = adapters / "one"
+    cases = [
+        ([one, dora], {}, "dora: cannot combine this adapter: DoRA rescales each row by a trained magnitude"),
+        ([saved], {}, "saved: cannot combine this adapter: its modules_to_save (lm_head) are whole trained copies"),
+        ([one, other], {}, "model.layers.0.self_attn.q_proj: " + str(one) + " adapts it as linear (64 x 64) and "),
+        ([one], {"weights": [1.0, 2.0]}, "--weights: 2 given for 1 adapters; give one weight per adapter"),
+        ([one], {"method": "ties"}, "--method 'ties': use one of cat, svd, ties_svd"),
+        ([one], {"method": "ties_svd"}, "--method ties_svd prunes each update first; give --density"),
+        ([one], {"method": "svd", "density": 0.5}, "--density: svd prunes nothing"),
+        ([one], {"method": "dare_ties_svd", "density": 1.5}, "--density 1.5: must be in (0, 1]"),
+        ([one], {"rank": 4}, "--rank: cat keeps every adapter's rank"),
+    ]
+    for dirs, options, message in cases:
+        with pytest.raises(UserError) as err:
+            combine_adapters(dirs, tmp_path / "out", **options)
+        assert message in str(err.value)
+    assert main(["combine", "--adapter", str(dora), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out").exists()
