@@ -29,6 +29,13 @@ from lorakit.errors import UserError
 
 # the trackers `train.report_to` may name, and the package each needs
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+# TensorBoard's event files, under output_dir
+TENSORBOARD_DIR = "tensorboard"
+
+
+def wandb_project() -> str:
+    """The W&B project runs go to: $WANDB_PROJECT, else "lorakit"."""
+    return os.environ.get("WANDB_PROJECT") or "lorakit"
 
 
 def missing_packages(names: list[str]) -> list[str]:
@@ -47,7 +54,7 @@ class TensorBoardTracker:
 
         # purge_step: TensorBoard hides what an earlier writer logged at this step and after, i.e.
         # what the interrupted run logged past the checkpoint a resume starts from
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+        self.writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=None if resume_step is None else resume_step + 1)
         if resume_step is None:
             self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
@@ -68,7 +75,7 @@ class WandbTracker:
     def __init__(self, output_dir: Path, run_name: str, config: dict[str, Any], run_id: Optional[str]) -> None:
         import wandb
 
-        kwargs: dict[str, Any] = dict(project=os.environ.get("WANDB_PROJECT") or "lorakit", name=run_name, config=config)
+        kwargs: dict[str, Any] = dict(project=wandb_project(), name=run_name, config=config)
         if run_id is not None:
             kwargs.update(id=run_id, resume="allow")
         if not os.environ.get("WANDB_DIR"):

@@ -347,8 +347,12 @@ def open_trackers(run: Run, ckpt_state: Optional[dict]):
                 "parameters": total, "data": run.data_stats},
     }  # fmt: skip
     resume = None if ckpt_state is None else {**ckpt_state.get("trackers", {}), "step": ckpt_state["step"]}
-    name = cfg.train.run_name or run.output_dir.resolve().name
-    return Trackers(cfg.train.trackers(), run.output_dir, run_name=name, config=config, resume_state=resume)
+    return Trackers(cfg.train.trackers(), run.output_dir, run_name=_run_name(run), config=config, resume_state=resume)
+
+
+def _run_name(run: Run) -> str:
+    """The run's name in the experiment trackers: train.run_name, or the output_dir's name."""
+    return run.cfg.train.run_name or run.output_dir.resolve().name
 
 
 def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
@@ -930,7 +934,9 @@ def start_summary(run: Run) -> str:
         f"of <= {run.stream.max_length} tokens{' (pairs)' if run.stream.pairs else ''}; output {run.output_dir}",
     ]
     if run.eval_set is not None:
-        lines.insert(4, f"eval         {_examples(dataclasses.asdict(run.eval_set.stats))}")
+        lines.insert(4, f"eval         {_examples(dataclasses.asdict(run.eval_set.stats))}{_eval_plan(run.cfg)}")
+    if run.cfg.train.trackers():
+        lines.append(f"tracking     {_tracking_line(run)}")
     if run.cfg.train.objective != "sft":
         lines.insert(2, f"objective   {_objective_line(run.cfg)[1:]}")
     untouched = _unadapted_experts(run.model)
@@ -938,6 +944,34 @@ def start_summary(run: Run) -> str:
         lines.insert(2, f"note         the MoE experts are not adapted (their 3-D weights are no linear layers): "
                         f"lora.target_parameters: [{', '.join(untouched)}] adapts them")  # fmt: skip
     return "\n".join(lines)
+
+
+def _eval_plan(cfg: RunConfig) -> str:
+    """"; every 50 steps, the best eval_loss kept in best_adapter/, early stopping after 3 evals
+    without a better one" (what the eval line adds when evals run during the run)."""
+    train = cfg.train
+    if not train.eval_every:
+        return ""
+    parts = [f"every {train.eval_every} steps"]
+    if train.save_best:
+        parts.append(f"the best {train.best_metric} kept in {BEST_ADAPTER_DIR}/")
+    if train.early_stopping_patience:
+        evals = "eval" if train.early_stopping_patience == 1 else f"{train.early_stopping_patience} evals"
+        parts.append(f"early stopping after {evals} without a better {train.best_metric}")
+    return "; " + ", ".join(parts)
+
+
+def _tracking_line(run: Run) -> str:
+    """"tensorboard (runs/x/tensorboard), wandb (project lorakit, run x)"."""
+    from lorakit.tracking import TENSORBOARD_DIR, wandb_project
+
+    out = []
+    for name in run.cfg.train.trackers():
+        if name == "tensorboard":
+            out.append(f"tensorboard ({run.output_dir / TENSORBOARD_DIR})")
+        else:
+            out.append(f"wandb (project {wandb_project()}, run {_run_name(run)})")
+    return ", ".join(out)
 
 
 def _objective_line(cfg: RunConfig) -> str:

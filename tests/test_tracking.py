@@ -73,11 +73,13 @@ def _assert_same(got: dict[str, dict[int, float]], want: dict[str, dict[int, flo
         assert list(got[name].values()) == pytest.approx(list(want[name].values()), rel=rel), name  # float32 in TensorBoard
 
 
-def test_tensorboard_gets_every_entry_and_the_config(workspace):
+def test_tensorboard_gets_every_entry_and_the_config(workspace, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = workspace / "tb"
     assert main(["train", _config(workspace, out, report_to="tensorboard")]) == 0
+    printed = capsys.readouterr().out
+    assert f"tracking     tensorboard ({out / 'tensorboard'})" in printed and "eval         4 examples; every 3 steps\n" in printed
     got, want = _tensorboard_scalars(out), _expected(out)
     assert sorted(want["train/loss"]) == [1, 2, 3, 4, 5, 6] and sorted(want["eval/loss"]) == [3, 6]
     _assert_same(got, want)
@@ -130,13 +132,14 @@ class FakeWandb:
         return Run()
 
 
-def test_wandb_gets_every_entry_the_config_and_the_summary(workspace, monkeypatch):
+def test_wandb_gets_every_entry_the_config_and_the_summary(workspace, monkeypatch, capsys):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake.module())
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
     out = workspace / "wandb_fake"
     assert main(["train", _config(workspace, out, report_to="wandb")]) == 0
+    assert "tracking     wandb (project lorakit, run wandb_fake)" in capsys.readouterr().out
     (init,) = fake.inits
     assert init["project"] == "lorakit" and init["name"] == "wandb_fake" and init["dir"] == str(out)
     assert init["config"]["train"]["lr"] == 3.0e-3 and init["config"]["run"]["total_steps"] == 6 and "id" not in init

@@ -189,6 +189,8 @@ def test_early_stopping_ends_the_run_after_patience_evals_without_a_better_one(w
     assert _same_adapter(out / "best_adapter", out / "checkpoints" / "step-2" / "adapter")
     assert _same_adapter(out / "adapter", out / "checkpoints" / "step-6" / "adapter")
     printed = capsys.readouterr().out
+    assert "eval         4 examples; every 2 steps, the best eval_loss kept in best_adapter/, early stopping after 2 evals " \
+           "without a better eval_loss" in printed  # fmt: skip
     assert f"early stopping at step 6: eval_loss has not bettered {evals[0]['eval_loss']:.4f} (step 2) in 2 evals" in printed
     assert f"best eval_loss: {evals[0]['eval_loss']:.4f} at step 2 -> {out / 'best_adapter'}" in printed
     # patience 4 outlasts the bad patch (steps 4, 6, 8; step 10 is better): the run goes on to its end
