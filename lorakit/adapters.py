@@ -234,8 +234,7 @@ def write_adapter_folder(
     extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = staging_folder(directory)
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
@@ -246,6 +245,36 @@ def write_adapter_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def check_output_folder(out_dir: Union[str, Path], inputs: dict[str, Union[str, Path]], force: bool) -> Path:
+    """`out_dir` as a Path, refused when writing it would replace one of the `inputs` (what -> folder:
+    the folder itself or a folder holding it, even with --force) or, without `force`, when it is not
+    empty."""
+    out_dir = Path(out_dir)
+    out = out_dir.resolve()
+    for what, folder in inputs.items():
+        folder_path = Path(folder).resolve()
+        if out == folder_path or out in folder_path.parents:
+            where = "is" if out == folder_path else "holds"
+            raise UserError(f"--out {out_dir} {where} the {what} {folder}; write the result somewhere else")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force to replace it")
+    return out_dir
+
+
+def staging_folder(target: Path) -> Path:
+    """A new hidden folder beside `target` to build it in (then `replace_dir`).
+
+    Raises:
+        UserError: `target`'s parent cannot be made or written (a file in the way, no permission).
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc} ({exc.filename or target.parent}); pick a folder "
+                        "you can write to") from None  # fmt: skip
 
 
 def replace_dir(staging: Path, target: Path) -> None:

@@ -19,9 +19,12 @@ s_i its scale (alpha / r, rank_pattern / alpha_pattern / rsLoRA resolved). With 
 
 as PEFT's methods of these names compute them, with its split of a rank-r result: B = U_r · S_r,
 A = V_rᵀ. r is `rank` (default: the largest rank of the adapters, PEFT's default), at most a
-module's smaller dimension. Only the adapters that hold a module take part in it. The written
-adapter is a plain LoRA with alpha equal to each module's rank (s = 1) and `target_modules` the exact
-module paths, so it loads in PEFT, vLLM and lorakit alike. DARE draws its masks from a generator
+module's smaller dimension. Only the adapters that hold a module take part in it. With a single
+adapter the method is applied as asked (PEFT falls back to its rough `linear` then), so one adapter
+can be scaled, pruned or cut to a lower rank. The written
+adapter is a plain LoRA with alpha equal to each module's rank (s = 1), `target_modules` the exact
+module paths and `r` the largest rank (smaller ones by `rank_pattern`), so PEFT and lorakit load it
+and servers (vLLM) take it as any LoRA. DARE draws its masks from a generator
 seeded from `seed` and the module's path, so a module's result does not depend on the others.
 
 Refused: adapters whose update is not s · B @ A alone (DoRA's row magnitudes; PiSSA / OLoRA, which
@@ -34,13 +37,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, read_adapter, write_adapter_folder
+from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, check_output_folder, read_adapter, write_adapter_folder
 from lorakit.errors import UserError
 
 METHODS = ("cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -64,8 +68,9 @@ class CombineReport:
     notes: list[str]
 
     def summary(self) -> str:
-        lines = [f"combined {self.adapters} adapters ({self.method}) over {self.modules} modules into a rank-{self.rank} "
-                 f"adapter -> {self.out_dir}"]  # fmt: skip
+        what = "1 adapter" if self.adapters == 1 else f"{self.adapters} adapters"
+        lines = [f"combined {what} ({self.method}) over {self.modules} modules into an adapter of rank up to {self.rank} "
+                 f"-> {self.out_dir}"]  # fmt: skip
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -92,20 +97,17 @@ def combine_adapters(
     """
     _check_options(adapter_dirs, weights, method, rank, density, majority_sign)
     weights = list(weights) if weights is not None else [1.0] * len(adapter_dirs)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UserError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force to replace it")
+    out_dir = check_output_folder(out_dir, {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}, force)
     files = [read_adapter(d) for d in adapter_dirs]
     for f in files:
-        if out_dir.resolve() == f.path.resolve():
-            raise UserError(f"--out {out_dir} is one of the adapters; write the combination somewhere else")
         _check_combinable(f)
     factors = [_module_factors(f) for f in files]
     paths = sorted({p for fs in factors for p in fs})
     _check_shapes(files, factors, paths)
     if method != "cat" and rank is None:
         rank = max(max([f.config.r, *f.config.rank_pattern.values()]) for f in files)
-    dtype = next(iter(factors[0].values()))[1].dtype
+    # the widest of the adapters' dtypes (fp32 where any is)
+    dtype = max((a.dtype for fs in factors for _, a, _, _ in fs.values()), key=lambda t: torch.finfo(t).bits)
     tensors, ranks, kinds = {}, {}, {}
     for path in paths:
         parts = [(w, fs[path]) for w, fs in zip(weights, factors) if path in fs]  # (w_i, (kind, A_i, B_i, s_i))
@@ -137,6 +139,8 @@ def _check_options(adapter_dirs: list, weights: Optional[list[float]], method: s
         raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     if weights is not None and len(weights) != len(adapter_dirs):
         raise UserError(f"--weights: {len(weights)} given for {len(adapter_dirs)} adapters; give one weight per adapter, in their order")
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise UserError(f"--weights {' '.join(map(str, weights))}: every weight must be a finite number")
     if rank is not None and method == "cat":
         raise UserError("--rank: cat keeps every adapter's rank (their sum); use --method svd for a chosen rank")
     if rank is not None and rank < 1:
@@ -170,7 +174,9 @@ def _check_combinable(files: AdapterFiles) -> None:
 def _module_factors(files: AdapterFiles) -> dict[str, tuple[str, torch.Tensor, torch.Tensor, float]]:
     """module path -> (kind, A (r, in), B (out, r), scale s) of every module the file holds."""
     out, seen = {}, set()
-    for key in files.tensors:
+    for key, tensor in files.tensors.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{files.path}: {key} holds {tensor.dtype} numbers; LoRA factors are floating point")
         for kind, (a_suffix, b_suffix) in _FACTORS.items():
             if key.endswith(a_suffix) and key.startswith(PREFIX):
                 path = key[len(PREFIX) : -len(a_suffix)]
@@ -184,6 +190,9 @@ def _module_factors(files: AdapterFiles) -> dict[str, tuple[str, torch.Tensor, t
                 seen.update((key, b_key))
     other = sorted(k for k in set(files.tensors) - seen if not k.endswith(BASE_WEIGHT_SUFFIX))
     if other:
+        b_suffixes = tuple(b for _, b in _FACTORS.values())
+        if other[0].endswith(b_suffixes):
+            raise UserError(f"{files.path}: {other[0]} has no A factor beside it; the adapter file is incomplete")
         raise UserError(f"{files.path}: {other[0]} is no LoRA factor (A or B); only plain LoRA adapters combine")
     if not out:
         raise UserError(f"{files.path}: the adapter holds no LoRA modules")
@@ -276,10 +285,7 @@ def _keep_largest(update: torch.Tensor, density: float) -> torch.Tensor:
 
 def _peft_config(files: list[AdapterFiles], ranks: dict[str, int]) -> dict:
     """The combined adapter's adapter_config.json: a plain LoRA on exactly these modules, s = 1."""
-    counts: dict[int, int] = {}
-    for r in ranks.values():
-        counts[r] = counts.get(r, 0) + 1
-    r = max(counts, key=lambda k: (counts[k], k))  # the most common rank; the others by pattern
+    r = max(ranks.values())  # servers size their buffers by r (vLLM's max_lora_rank); smaller ones by pattern
     pattern = {path: rank for path, rank in ranks.items() if rank != r}
     raw = dict(files[0].peft_config)
     raw.update(

@@ -534,6 +534,9 @@ def _tracker_problems(train: TrainConfig, check_paths: bool) -> list[str]:
     unknown = [n for n in names if n not in TRACKER_PACKAGES]
     if unknown:
         return [f"train.report_to = {train.report_to!r}: unknown tracker {unknown[0]!r}; use {', '.join(TRACKER_PACKAGES)} (or none)"]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        return [f"train.report_to = {train.report_to!r}: {twice[0]} is listed twice; name each tracker once"]
     missing = missing_packages(names) if check_paths else []
     if missing:
         return [f"train.report_to = {train.report_to!r}: {missing[0]} is not installed; pip install 'lorakit[{missing[0]}]'"]

@@ -743,7 +743,13 @@ def _chat_spans(
             out.append(_template_error(text))
             continue
         spans, problem, cursor = [], None, 0
-        for i in trained[ci]:
+        for i in (k for k, m in enumerate(msgs) if m["role"] == "assistant"):
+            if i not in trained[ci]:
+                # an untrained turn is passed by its content where it can be found, so that the search
+                # for a later turn's content starts after it (Mistral's turns are all found so)
+                span = _turn_by_content(text, msgs, i, None, cursor, renderer.end_of_turn)
+                cursor = span[1] if span is not None else cursor
+                continue
             before = start_texts[(ci, i)]
             upto = text if i == len(msgs) - 1 else end_texts[(ci, i)]
             if isinstance(before, Exception) or isinstance(upto, Exception):
@@ -767,7 +773,7 @@ def _chat_spans(
 
 
 def _turn_by_content(
-    text: str, msgs: list[dict], i: int, before: str, cursor: int, end_of_turn: str
+    text: str, msgs: list[dict], i: int, before: Optional[str], cursor: int, end_of_turn: str
 ) -> Union[tuple[int, int], None]:
     """The character span of assistant turn `i` in `text`, found by its content, for templates
     whose render of a conversation does not start with the render of its first turns: Qwen3 writes
@@ -778,9 +784,10 @@ def _turn_by_content(
     (as without a rewrite: what the template writes between the generation prompt and the content
     is trained too), else at its content, searched after the previous trained span and after the
     message before it. It ends after the content and the template's end-of-turn text. None when the
-    content (stripped: templates trim it) is not found."""
+    content (stripped: templates trim it) is not found. before: None for a turn whose prefix render
+    is not at hand (an untrained turn, only passed over)."""
     content = msgs[i]["content"].strip()
-    if text.startswith(before) and len(before) >= cursor:
+    if before is not None and text.startswith(before) and len(before) >= cursor:
         start = search = len(before)
     else:
         start, previous = None, msgs[i - 1]["content"].strip() if i else ""
@@ -950,8 +957,8 @@ def _nothing_left(source: str, s: DataStats, cfg: DataConfig) -> str:
     if s.dropped_no_trainable:
         return (
             f"{source}: none of the {s.dropped_no_trainable} examples has a token to train on within "
-            f"data.max_length = {cfg.max_length} (prompts fill the whole length); raise data.max_length "
-            "or shorten the prompts"
+            f"data.max_length = {cfg.max_length}: the prompts fill the whole length (raise data.max_length or "
+            "shorten them), or, in chats, no assistant turn is trained (each has \"weight\": 0)"
         )
     return f"{source}: no valid record ({s.skipped_invalid} skipped as invalid, lines {s.skipped_lines}); fix the file"
 
@@ -1133,7 +1140,7 @@ def load_dataset(path: Union[str, Path], tokenizer: Any, cfg: DataConfig, *, use
 
     The cache key is the sha256 of the file's bytes, the tokenizer (its JSON, chat template and
     special tokens), the options that change the result (format, max_length, too_long,
-    train_on_inputs, skip_invalid) and lorakit/transformers/tokenizers versions. Files live in
+    train_on_inputs, skip_invalid, train_turns) and lorakit/transformers/tokenizers versions. Files live in
     `cfg.cache_dir`, else `$LORAKIT_CACHE`, else `~/.cache/lorakit/data`, as .npz (no pickle),
     written atomically. A cache that cannot be written only logs a warning.
 

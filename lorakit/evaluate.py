@@ -76,7 +76,8 @@ def evaluate_loss(
 
 
 def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
-    """(prompt, expected answer, is_chat) for a record, or None for a text record.
+    """(prompt, expected answer, is_chat) for a record, or None for a text record (and a chat whose
+    last assistant turn has weight 0: untrained, so unscored).
 
     The prompt is a string (completion, instruction: rendered by lorakit.data) or the chat
     messages before the last assistant turn.
@@ -95,11 +96,13 @@ def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
     if fmt == "preference":
         raise UserError("a preference record (prompt, chosen, rejected) has no single answer to compare with")
     if fmt == "chat":
-        payload = payload[0]  # the messages
-        last = max((i for i, m in enumerate(payload) if m["role"] == "assistant"), default=None)
+        messages, untrained = payload
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             raise UserError("a chat record has no assistant turn to compare with")
-        return payload[:last], payload[last]["content"], True
+        if last in untrained:  # "weight": 0: not trained, so not scored either
+            return None
+        return messages[:last], messages[last]["content"], True
     text, prompt_chars = payload
     return text[:prompt_chars], text[prompt_chars:], False
 

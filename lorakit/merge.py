@@ -60,7 +60,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -69,7 +68,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorakit.adapters import CHAT_TEMPLATE_NAME, PREFIX, AdapterFiles, adapter_scaling, read_adapter, replace_dir
+from lorakit.adapters import (
+    CHAT_TEMPLATE_NAME, PREFIX, AdapterFiles, adapter_scaling, check_output_folder, read_adapter, replace_dir,
+    staging_folder,
+)  # fmt: skip
 from lorakit.errors import UserError
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
 from lorakit.metrics import peak_rss_bytes
@@ -628,11 +630,7 @@ def merge_adapter_files(
     """
     files = read_adapter(adapter_dir)
     layout = read_base_layout(base_dir)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UserError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force to replace it")
-    if out_dir.resolve() in (layout.folder.resolve(), files.path.resolve()):
-        raise UserError(f"--out {out_dir} is the base or adapter folder; write the merged model somewhere else")
+    out_dir = check_output_folder(out_dir, {"base model": layout.folder, "adapter": files.path}, force)
     max_bytes = parse_size(max_shard_size)
     if max_bytes <= 0:
         raise UserError(f"--max-shard-size = {max_shard_size!r}: must be positive")
@@ -643,8 +641,7 @@ def merge_adapter_files(
     held = _Held()
     adapter_bytes = sum(_nbytes(t) for t in files.tensors.values())
     held.add(adapter_bytes)  # the adapter stays in memory throughout
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = staging_folder(out_dir)
     try:
         writer = _ShardWriter(staging, max_bytes, held)
         stored = [t for k, t in layout.dtypes.items() if t.is_floating_point]
@@ -886,11 +883,7 @@ def principal_to_lora(
     if config.init not in PRINCIPAL_INITS:
         raise UserError(f"{files.path}: init = {config.init!r}; only PiSSA and OLoRA adapters need converting, this one "
                         "is a plain LoRA adapter already")  # fmt: skip
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UserError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force to replace it")
-    if out_dir.resolve() == files.path.resolve():
-        raise UserError(f"--out {out_dir} is the adapter folder; write the converted adapter somewhere else")
+    out_dir = check_output_folder(out_dir, {"adapter": files.path, "base model": base_dir}, force)
     layout = read_base_layout(base_dir, need_tokenizer=False)
     plan = plan_merge(layout, files)
     tensors = dict(files.tensors)

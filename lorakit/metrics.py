@@ -40,6 +40,12 @@ class MetricsLog:
         if self.enabled:
             _write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
 
+    def clear(self) -> None:
+        """Start metrics.jsonl anew (a new run where an earlier one died before its first checkpoint)."""
+        self.entries = []
+        if self.enabled and self.path.is_file():
+            _write_atomic(self.path, "")
+
     def log(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
         if self.enabled:

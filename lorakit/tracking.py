@@ -6,13 +6,17 @@ transformers' Trainer, so runs of both sit side by side in one dashboard: a trai
 becomes `train/loss`, an eval entry's `eval_loss` becomes `eval/loss`.
 
 - tensorboard: event files in `output_dir/tensorboard/` (`tensorboard --logdir runs/`). A resumed
-  run purges what the interrupted one logged after its checkpoint, as metrics.jsonl does.
+  run purges what the interrupted one logged after its checkpoint, as metrics.jsonl does; a new
+  run, what one that died before its first checkpoint left.
 - wandb: a W&B run named `train.run_name` (default: the output_dir's name) in the project
   `$WANDB_PROJECT` (default "lorakit"), its files under `output_dir/wandb/` unless `$WANDB_DIR`
   says otherwise. The resolved config is the run's config and the final summary its summary. A
   resumed run continues the same W&B run (its id is kept in the checkpoints); W&B keeps the first
   values logged at a step, so the steps a resume runs again keep the interrupted run's values.
-  Offline (`WANDB_MODE=offline`) it writes locally, to `wandb sync` later.
+  Offline (`WANDB_MODE=offline`) it writes locally, to `wandb sync` later; each start of the run
+  then writes a folder of its own (the same run id), the steps a resume ran again in both.
+
+A tracker that fails during the run is dropped with a warning; training and its files go on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -49,12 +54,15 @@ def tracker_name(key: str) -> str:
 
 
 class TensorBoardTracker:
+    name = "tensorboard"
+
     def __init__(self, output_dir: Path, config: dict[str, Any], resume_step: Optional[int]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: TensorBoard hides what an earlier writer logged at this step and after, i.e.
-        # what the interrupted run logged past the checkpoint a resume starts from
-        self.writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=None if resume_step is None else resume_step + 1)
+        # purge_step: TensorBoard hides what earlier writers logged at this step and after: what the
+        # interrupted run logged past the checkpoint a resume starts from, and for a new run all that
+        # a run which died before its first checkpoint left in the folder
+        self.writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=0 if resume_step is None else resume_step + 1)
         if resume_step is None:
             self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
@@ -72,6 +80,8 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
+    name = "wandb"
+
     def __init__(self, output_dir: Path, run_name: str, config: dict[str, Any], run_id: Optional[str]) -> None:
         import wandb
 
@@ -126,13 +136,19 @@ class Trackers:
             raise
 
     def log(self, entry: dict[str, Any]) -> None:
-        """One metrics.jsonl entry: its numbers at its `step`."""
+        """One metrics.jsonl entry: its numbers at its `step`. A tracker that fails (its service
+        process killed, a full disk) is dropped with a warning: training goes on, and metrics.jsonl
+        keeps every entry."""
         values = {
             tracker_name(k): float(v) for k, v in entry.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
         }  # fmt: skip
-        for tracker in self.trackers:
-            tracker.log(values, int(entry["step"]))
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(values, int(entry["step"]))
+            except Exception as exc:
+                self.trackers.remove(tracker)
+                _warn(tracker, exc, "training goes on without it; metrics.jsonl keeps every entry")
 
     def state(self) -> dict[str, Any]:
         """What a resumed run needs to continue the same tracker runs (kept in checkpoints)."""
@@ -142,4 +158,12 @@ class Trackers:
         """Write the final summary (when there is one) and close every tracker; safe to call twice."""
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
-            tracker.finish(summary, failed)
+            try:
+                tracker.finish(summary, failed)
+            except Exception as exc:  # the run's own files are written; a tracker's end is not worth a failure
+                _warn(tracker, exc, "its record of the run may lack the end")
+
+
+def _warn(tracker: Any, exc: Exception, consequence: str) -> None:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"warning: train.report_to: {tracker.name} failed ({exc.__class__.__name__}: {first}); {consequence}", file=sys.stderr)

@@ -329,9 +329,27 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if ckpt_state is not None:
         _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
-    if dist.is_main and cfg.train.trackers():
-        run.metrics.trackers = open_trackers(run, ckpt_state)
+    elif dist.is_main:
+        run.metrics.clear()  # a run that died before its first checkpoint left these; this run starts anew
+    if cfg.train.trackers():
+        run.metrics.trackers = _start_trackers(run, ckpt_state)
     return run
+
+
+def _start_trackers(run: Run, ckpt_state: Optional[dict]):
+    """The main process's experiment trackers; under torchrun the other processes learn whether
+    they started, so a tracker that fails (not logged in) stops every process with its error."""
+    trackers, failure = None, None
+    if run.dist.is_main:
+        try:
+            trackers = open_trackers(run, ckpt_state)
+        except UserError as exc:
+            failure = exc
+    if run.dist.world_size > 1 and run.dist.all_reduce_sum(torch.tensor([float(failure is not None)])).item() and failure is None:
+        raise UserError("the main process could not start the experiment trackers (train.report_to); its error says why")
+    if failure is not None:
+        raise failure
+    return trackers
 
 
 def open_trackers(run: Run, ckpt_state: Optional[dict]):
@@ -480,7 +498,7 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path
         details = []
         for key in changed:
             if isinstance(now.get(key), dict) and isinstance(saved.get(key), dict):
-                sub = [k for k in now[key] if now[key].get(k) != saved[key].get(k)]
+                sub = [k for k in dict.fromkeys([*now[key], *saved[key]]) if now[key].get(k) != saved[key].get(k)]
                 details.append(f"{key} ({', '.join(key + '.' + s for s in sub)})" if sub else key)
             else:
                 details.append(key)
@@ -688,7 +706,8 @@ def fit(run: Run, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     except BaseException:
         trackers.finish({}, failed=True)
         raise
-    trackers.finish(summary, failed="interrupted" in summary)
+    interrupted = "interrupted" in summary  # its checkpoint's stub is no summary; a resume writes the real one
+    trackers.finish({} if interrupted else summary, failed=interrupted)
     return summary
 
 
@@ -708,9 +727,11 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     previous_handlers = _install_signal_handlers(run)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not main, dynamic_ncols=True, unit="step", file=sys.stderr)
     window_tokens, window_time = 0.0, 0.0
-    evaluated_at, stop_early = None, False
+    evaluated_at, stop_early = None, _patience_spent(run)
+    if stop_early:  # resumed from the checkpoint of the eval that ended the run: it ends there again
+        evaluated_at, last_eval = run.step, _logged_eval(run)
     try:
-        while run.step < run.total_steps:
+        while run.step < run.total_steps and not stop_early:
             step_start = time.perf_counter()
             result = train_step(run)
             # tokens/s counts training time only, not eval, checkpoints or plotting
@@ -752,9 +773,12 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
         log(f"{name}: stopped at step {run.step}; checkpoint saved to {path}; continue with --resume")
         return {"interrupted": run.interrupted, "step": run.step, "checkpoint": str(path)}
     if stop_early:
-        best = run.best
-        log(f"early stopping at step {run.step}: {cfg.train.best_metric} has not bettered {best['value']:.4f} "
-            f"(step {best['step']}) in {best['evals_since']} evals")  # fmt: skip
+        best, metric = run.best, cfg.train.best_metric
+        if best["value"] is None:
+            log(f"early stopping at step {run.step}: {metric} has been no finite number in {best['evals_since']} evals")
+        else:
+            log(f"early stopping at step {run.step}: {metric} has not bettered {best['value']:.4f} (step {best['step']}) "
+                f"in {best['evals_since']} evals")  # fmt: skip
     if evaluated_at != run.step:  # an early stop comes right after its eval
         last_eval = evaluate(run)
         if last_eval:
@@ -785,8 +809,23 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def new_best_record(metric: str) -> dict[str, Any]:
-    """Run.best before any eval (kept in checkpoints as it is, so JSON)."""
-    return {"metric": metric, "value": None, "step": None, "evals_since": 0}
+    """Run.best before any eval (kept in checkpoints as it is, so JSON); `saved`: whether
+    best_adapter/ holds the best's adapter (save_best was on when it was measured)."""
+    return {"metric": metric, "value": None, "step": None, "evals_since": 0, "saved": False}
+
+
+def _patience_spent(run: Run) -> bool:
+    """Whether early stopping has ended the run: patience evals in a row without a better value."""
+    patience = run.cfg.train.early_stopping_patience
+    return bool(patience) and run.best["evals_since"] >= patience
+
+
+def _logged_eval(run: Run) -> dict[str, float]:
+    """The eval logged at the current step (a resumed run that ended there), else that eval again."""
+    for entry in reversed(run.metrics.entries):
+        if entry.get("step") == run.step and any(k.startswith("eval_") for k in entry):
+            return {k: v for k, v in entry.items() if k != "step"}
+    return evaluate(run)
 
 
 def _after_eval(run: Run, result: dict[str, float]) -> bool:
@@ -804,12 +843,12 @@ def _after_eval(run: Run, result: dict[str, float]) -> bool:
     higher = BEST_METRICS[metric]
     better = math.isfinite(value) and (best["value"] is None or (value > best["value"] if higher else value < best["value"]))
     if better:
-        best.update(value=value, step=run.step, evals_since=0)
+        best.update(value=value, step=run.step, evals_since=0, saved=train.save_best)
         if train.save_best:
             _save_best_adapter(run)
     else:
         best["evals_since"] += 1
-    return bool(train.early_stopping_patience) and best["evals_since"] >= train.early_stopping_patience
+    return _patience_spent(run)
 
 
 def _save_best_adapter(run: Run) -> None:
@@ -835,7 +874,7 @@ def _best_summary(run: Run, stopped_early: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"best_step": run.best["step"], f"best_{train.best_metric}": run.best["value"]}
     if train.early_stopping_patience:
         out["stopped_early"] = stopped_early
-    if train.save_best:
+    if run.best.get("saved"):  # not when save_best was off as the best was measured (turned on at a resume)
         out["best_adapter"] = str(run.output_dir / BEST_ADAPTER_DIR)
     return out
 

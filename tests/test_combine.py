@@ -97,7 +97,7 @@ def test_cat_is_exact_and_loads_in_lorakit_with_the_weighted_sum_of_updates(adap
     args = ["combine", "--adapter", str(adapters / "one"), "--adapter", str(adapters / "two"), "--weights", "0.5", "-2",
             "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    assert f"combined 2 adapters (cat) over 7 modules into a rank-10 adapter -> {out}" in capsys.readouterr().out
+    assert f"combined 2 adapters (cat) over 7 modules into an adapter of rank up to 10 -> {out}" in capsys.readouterr().out
     reference = tiny_llama()
     weights = dict(reference.named_parameters())
     with torch.no_grad():
@@ -117,6 +117,8 @@ def test_cat_is_exact_and_loads_in_lorakit_with_the_weighted_sum_of_updates(adap
         assert (model(ids).logits - reference(ids).logits).abs().max().item() < 1e-4
     assert main(args) == 2  # an existing --out is never overwritten without --force
     assert "exists and is not empty; pick another folder or pass --force" in capsys.readouterr().err
+    config = json.loads((out / "adapter_config.json").read_text())  # r: the largest rank (v_proj and embed: 4, by pattern)
+    assert config["r"] == 10 and config["rank_pattern"]["model.layers.0.self_attn.v_proj"] == 4
 
 
 def test_dare_keeps_each_entry_with_the_density_and_rescales_it(adapters, tmp_path):
@@ -161,10 +163,16 @@ def test_adapters_that_cannot_be_combined_are_refused(adapters, tmp_path, capsys
         ([one], {"method": "svd", "density": 0.5}, "--density: svd prunes nothing"),
         ([one], {"method": "dare_ties_svd", "density": 1.5}, "--density 1.5: must be in (0, 1]"),
         ([one], {"rank": 4}, "--rank: cat keeps every adapter's rank"),
+        ([one], {"weights": [float("nan")]}, "--weights nan: every weight must be a finite number"),
+        ([one], {"force": True, "out_dir": adapters}, f"--out {adapters} holds the adapter 1 {one}; write the result somewhere else"),
     ]
     for dirs, options, message in cases:
         with pytest.raises(UserError) as err:
-            combine_adapters(dirs, tmp_path / "out", **options)
+            combine_adapters(dirs, options.pop("out_dir", tmp_path / "out"), **options)
         assert message in str(err.value)
+    assert (one / "adapter_model.safetensors").is_file()  # --force never replaces an input
+    (tmp_path / "plain").write_text("a file")
+    with pytest.raises(UserError, match=r"cannot write .*plain/sub: File exists .*; pick a folder you can write to"):
+        combine_adapters([one], tmp_path / "plain" / "sub")
     assert main(["combine", "--adapter", str(dora), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out").exists()

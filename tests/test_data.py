@@ -255,6 +255,26 @@ def test_chat_turn_weights_and_train_turns_last_leave_turns_untrained(template):
     nothing = [dict(m, weight=0) if m["role"] == "assistant" else m for m in CHAT]
     ds = build([sharegpt, {"messages": nothing}, {"messages": CHAT[1:3]}], tok)
     assert len(ds) == 2 and np.array_equal(ds.example(0)[1], zero[1]) and ds.stats.dropped_no_trainable == 1
+    with pytest.raises(UserError, match=r"in chats, no assistant turn is trained \(each has \"weight\": 0\)"):
+        build([{"messages": nothing}], tok)
+
+
+def test_an_untrained_turn_is_passed_over_where_turns_are_found_by_content():
+    # Mistral-like with a system prompt: every turn is found by its content. The untrained first
+    # reply must be passed over, or the search for the last one's user turn ("sure?") stops inside
+    # the first user turn ("Are you sure?") and the first "Yes." is trained instead
+    tok = make_tokenizer(template=None)
+    tok.chat_template, tok.eos_token = MISTRAL_LIKE, "</s>"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Are you sure?"},
+            {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "sure?"}, {"role": "assistant", "content": "Yes."}]  # fmt: skip
+    plain = build([{"messages": msgs}], tok).example(0)
+    weighted = build([{"messages": [dict(m, weight=0) if i == 2 else m for i, m in enumerate(msgs)]}], tok).example(0)
+    last = build([{"messages": msgs}], tok, train_turns="last").example(0)
+    groups = [i for i, t in enumerate(plain[1].tolist()) if t != -100]
+    assert _trained_groups(tok, plain[1]) == ["Yes.</s>", "Yes.</s>"]
+    for labels in (weighted[1], last[1]):
+        trained = [i for i, t in enumerate(labels.tolist()) if t != -100]
+        assert trained and trained == groups[len(groups) - len(trained):]  # the last reply's tokens, as in the plain chat
 
 
 @pytest.mark.parametrize(

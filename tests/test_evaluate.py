@@ -68,6 +68,7 @@ def test_accuracy_on_known_case(setup):
         {"instruction": "Say hi", "input": "", "output": plain[1] + " extra"},  # wrong
         {"messages": msgs + [{"role": "assistant", "content": chat}, {"role": "user", "content": "more"}]},  # right
         {"text": "no answer: not counted"},
+        {"messages": msgs + [{"role": "assistant", "content": "untrained", "weight": 0}]},  # not trained: not counted
     ]
     got = generation_accuracy(model, tok, records, max_new_tokens=5, batch_size=2)
     assert (got["correct"], got["total"]) == (2, 3) and got["accuracy"] == pytest.approx(2 / 3)

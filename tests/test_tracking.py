@@ -103,8 +103,8 @@ def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(workspace, mo
 class FakeWandb:
     """A stand-in for the wandb package that records what lorakit hands it."""
 
-    def __init__(self, fail: Exception | None = None) -> None:
-        self.inits, self.logged, self.finished, self.fail = [], [], [], fail
+    def __init__(self, fail: Exception | None = None, fail_log_at: int | None = None) -> None:
+        self.inits, self.logged, self.finished, self.fail, self.fail_log_at = [], [], [], fail, fail_log_at
 
     def module(self) -> types.ModuleType:
         module = types.ModuleType("wandb")
@@ -123,6 +123,8 @@ class FakeWandb:
             summary: dict = {}
 
             def log(self, values, step):
+                if len(fake.logged) == fake.fail_log_at:
+                    raise ConnectionResetError("[Errno 104] Connection reset by peer")
                 fake.logged.append((step, dict(values)))
 
             def finish(self, exit_code=0):
@@ -171,6 +173,32 @@ def test_wandb_resume_continues_the_same_run(workspace, monkeypatch):
     assert steps == [1, 2, 3, 4, 5, 4, 5, 6]
 
 
+def test_a_tracker_that_fails_mid_run_is_dropped_and_training_goes_on(workspace, monkeypatch, capsys):
+    # wandb's service process killed (a job scheduler signalling every process): a warning, not a lost run
+    fake = FakeWandb(fail_log_at=2)
+    monkeypatch.setitem(sys.modules, "wandb", fake.module())
+    out = workspace / "wandb_dies"
+    assert main(["train", _config(workspace, out, report_to=["wandb", "tensorboard"])]) == 0
+    err = capsys.readouterr().err
+    assert "warning: train.report_to: wandb failed (ConnectionResetError: [Errno 104] Connection reset by peer); " \
+           "training goes on without it; metrics.jsonl keeps every entry" in err  # fmt: skip
+    assert len(fake.logged) == 2 and not fake.finished and (out / "summary.json").is_file()
+    _assert_same(_tensorboard_scalars(out), _expected(out))  # the other tracker goes on
+
+
+def test_a_new_run_hides_what_a_run_that_died_before_its_first_checkpoint_logged(workspace, monkeypatch):
+    from lorakit import train as train_module
+
+    out = workspace / "tb_died"
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda run: (_ for _ in ()).throw(RuntimeError("crash")) if run.step == 4 else real_step(run))
+    with pytest.raises(RuntimeError, match="crash"):
+        main(["train", _config(workspace, out, report_to="tensorboard", lr=1e-2)])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["train", _config(workspace, out, report_to="tensorboard")]) == 0  # no checkpoint: a new run
+    _assert_same(_tensorboard_scalars(out), _expected(out))
+
+
 def test_wandb_offline_writes_the_run_into_output_dir(workspace, monkeypatch):
     pytest.importorskip("wandb")
     for name in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY"):
@@ -188,6 +216,8 @@ def test_wandb_offline_writes_the_run_into_output_dir(workspace, monkeypatch):
 
 def test_tracker_errors_are_one_line_with_the_fix(workspace, monkeypatch, capsys):
     out = workspace / "bad"
+    assert main(["train", _config(workspace, out, report_to=["tensorboard", "tensorboard"])]) == 2
+    assert "train.report_to = ['tensorboard', 'tensorboard']: tensorboard is listed twice" in capsys.readouterr().err
     assert main(["train", _config(workspace, out, report_to="mlflow")]) == 2
     assert "train.report_to = 'mlflow': unknown tracker 'mlflow'; use tensorboard, wandb (or none)" in capsys.readouterr().err
     from lorakit import tracking

@@ -151,7 +151,7 @@ def test_resume_after_crash_is_bit_identical(workspace, monkeypatch):
 def _best_config(workspace, out, **train):
     # lr 0.03 on this data: eval loss 5.4716 at step 2, then 5.4826, 5.4833, 5.5924 (steps 4-8: worse), 5.4077;
     # lr 0.1: best at step 8 of 12 (5.4346), then 5.4364, 5.4364
-    return _config(workspace, out, eval_every=2, save_every=2, keep_checkpoints=10, **train)
+    return _config(workspace, out, **{"eval_every": 2, "save_every": 2, "keep_checkpoints": 10, **train})
 
 
 def _same_adapter(a_dir, b_dir) -> bool:
@@ -193,6 +193,14 @@ def test_early_stopping_ends_the_run_after_patience_evals_without_a_better_one(w
            "without a better eval_loss" in printed  # fmt: skip
     assert f"early stopping at step 6: eval_loss has not bettered {evals[0]['eval_loss']:.4f} (step 2) in 2 evals" in printed
     assert f"best eval_loss: {evals[0]['eval_loss']:.4f} at step 2 -> {out / 'best_adapter'}" in printed
+    # --resume from the checkpoint of the stopping eval ends there again (nothing trains, nothing changes)
+    before = (_entries(out), _adapter(out), (out / "best_adapter" / "adapter_model.safetensors").read_bytes())
+    assert main(["train", _best_config(workspace, out, lr=0.03, early_stopping_patience=2, save_best=True), "--resume"]) == 0
+    assert _entries(out) == before[0] and (out / "best_adapter" / "adapter_model.safetensors").read_bytes() == before[2]
+    assert all(torch.equal(a, before[1][k]) for k, a in _adapter(out).items())
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == 6 and again["stopped_early"] is True and again["eval_loss"] == evals[2]["eval_loss"]
+    assert "early stopping at step 6" in capsys.readouterr().out
     # patience 4 outlasts the bad patch (steps 4, 6, 8; step 10 is better): the run goes on to its end
     longer = workspace / "early4"
     assert main(["train", _best_config(workspace, longer, lr=0.03, early_stopping_patience=4)]) == 0
@@ -208,7 +216,7 @@ def test_early_stopping_and_the_best_resume_exactly(workspace, monkeypatch):
     crash_and_resume(monkeypatch, _best_config(workspace, crashed, lr=0.03, early_stopping_patience=2, save_best=True), crash_at=5)
     assert json.loads((crashed / "checkpoints" / "step-4" / "state.json").read_text())["best"] == {
         "metric": "eval_loss", "value": [e for e in _entries(whole) if "eval_loss" in e][0]["eval_loss"], "step": 2,
-        "evals_since": 1,
+        "evals_since": 1, "saved": True,
     }  # fmt: skip
     assert without_timing(_entries(crashed)) == without_timing(_entries(whole))
     a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, crashed))
@@ -216,6 +224,48 @@ def test_early_stopping_and_the_best_resume_exactly(workspace, monkeypatch):
         k: b[k] for k in ("steps", "best_step", "best_eval_loss", "stopped_early")
     }  # fmt: skip
     assert _same_adapter(whole / "best_adapter", crashed / "best_adapter")
+
+
+def test_early_stopping_on_evals_that_are_no_finite_number(workspace, monkeypatch, capsys):
+    # a NaN eval is never better: patience runs out, and the summary has no best
+    monkeypatch.setattr(train_module, "_evaluate", lambda run: {"eval_loss": math.nan, "eval_perplexity": math.nan})
+    out = workspace / "early_nan"
+    assert main(["train", _best_config(workspace, out, lr=0.03, early_stopping_patience=2, save_best=True)]) == 0
+    assert "early stopping at step 4: eval_loss has been no finite number in 2 evals" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and "best_step" not in summary and not (out / "best_adapter").exists()
+
+
+def test_save_best_turned_on_at_a_resume_names_no_folder_it_did_not_write(workspace, monkeypatch):
+    # the best (step 8) was measured while save_best was off: no best_adapter/ holds it, and none is named
+    out = workspace / "best_late"
+    config = _best_config(workspace, out, lr=0.1, early_stopping_patience=5, save_every=4)
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda run: (_ for _ in ()).throw(RuntimeError("crash")) if run.step == 9 else real_step(run))
+    with pytest.raises(RuntimeError, match="crash"):
+        main(["train", config])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["train", config, "train.save_best=true", "--resume"]) == 0  # from step 8, whose eval is the best
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 8 and "best_adapter" not in summary
+
+
+def test_a_new_run_starts_its_record_anew_where_a_run_died_before_its_first_checkpoint(workspace, monkeypatch):
+    out = workspace / "died"
+    real_step = train_module.train_step
+
+    def crashing(run):
+        if run.step == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(run)
+
+    monkeypatch.setattr(train_module, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", _config(workspace, out, max_steps=6)])
+    assert len(_entries(out)) == 3 and not (out / "checkpoints").exists()
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["train", _config(workspace, out, max_steps=6)]) == 0  # no checkpoint: a new run, no --resume
+    assert [e["step"] for e in _entries(out)] == [1, 2, 3, 4, 5, 6, 6]  # six train entries and the final eval
 
 
 def test_neftune_adds_bounded_noise_in_training_only():
