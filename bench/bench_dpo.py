@@ -1,4 +1,4 @@
-"""DPO with LoRA: `lorakit train` (train.objective: dpo) against TRL's DPOTrainer + PEFT + transformers.
+"""DPO (or KTO) with LoRA: `lorakit train` (train.objective: dpo / kto) against TRL's DPOTrainer (KTOTrainer) + PEFT + transformers.
 
 Both sides train the same random-weight Llama-shaped model (hidden 512, 4 layers, 8 heads, 4 KV
 heads, intermediate 1408, vocab 32000; frozen weights bf16) with LoRA r=16 alpha=32, dropout 0, on
@@ -35,8 +35,18 @@ either side). Step 1 must give loss ln 2 = 0.6931 on both sides (the policy is t
 while the adapter's B is zero) and reward accuracy 0 (chosen and rejected rewards are both 0).
 Needs TRL, a bench-only extra (`pip install trl`; not in pyproject.toml).
 
+KTO (`--objective kto`): the same prompts, each record's chosen answer labelled desirable and,
+every other record, its rejected one undesirable: `{"prompt", "completion", "label"}`, 2 examples a
+step. Each example comes with its KL example (its prompt and another example's completion), so a
+step again holds 4 sequences of 385 tokens, and every side runs the policy and the reference over
+all 4. lorakit pairs an example with the previous record's completion, TRL's KTOTrainer with the
+previous one in its batch (cycled), the plain PEFT loop as lorakit: other partners, the same
+tokens. KTO loss with beta 0.1, weights 1; step 1 gives loss 0.5 (1 - sigmoid(0)) on every side.
+TRL's KTOTrainer reports no reward accuracy.
+
     python bench/bench_dpo.py               # 2 warm-up + 5 timed steps a side
     python bench/bench_dpo.py --rounds 3    # each side 3 times, alternating; steps pooled
+    python bench/bench_dpo.py --objective kto
 """
 
 from __future__ import annotations
@@ -92,18 +102,26 @@ def prepare(work: Path, size: dict) -> dict:
     for _ in range(2 * (size["warmup"] + size["steps"]) * size["batch"]):  # twice what the steps take
         records.append({"prompt": words_text(tokenizer, rng, PROMPT, ""), "chosen": words_text(tokenizer, rng, ANSWER, " "),
                         "rejected": words_text(tokenizer, rng, ANSWER, " ")})  # fmt: skip
+    if size["objective"] == "kto":  # labelled examples: chosen answers desirable, every other one rejected
+        records = [{"prompt": r["prompt"], "completion": r["chosen" if j % 2 == 0 else "rejected"], "label": j % 2 == 0}
+                   for j, r in enumerate(records)]  # fmt: skip
     with open(work / "train.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
     # The sequences as TRL 1.x builds them: tokenizer(prompt + answer + eos_token) (no BOS: this
     # tokenizer adds none), the answer from where it leaves tokenizer(prompt).
-    expected = []
-    for record in records:
-        for key in ("chosen", "rejected"):
-            ids = tokenizer(record["prompt"] + record[key] + tokenizer.eos_token)["input_ids"]
-            expected.append((ids, ANSWER + 1))
-    (work / "sequences.json").write_text(json.dumps(expected))  # the plain PEFT loop's input
-    return {"expected": expected, "lorakit": lorakit_examples(work, size, tokenizer)}
+    def sequence(prompt: str, answer: str) -> tuple[list[int], int]:
+        return tokenizer(prompt + answer + tokenizer.eos_token)["input_ids"], ANSWER + 1
+
+    if size["objective"] == "kto":  # each example, then its KL example: its prompt with the previous record's completion
+        expected = [sequence(r["prompt"], r["completion"]) for r in records]
+        loop = [s for j, r in enumerate(records) for s in (expected[j], sequence(r["prompt"], records[j - 1]["completion"]))]
+    else:
+        expected = loop = [sequence(r["prompt"], r[key]) for r in records for key in ("chosen", "rejected")]
+    (work / "sequences.json").write_text(json.dumps(loop))  # the plain PEFT loop's input
+    (work / "labels.json").write_text(json.dumps([r.get("label") for r in records]))
+    examples = lorakit_examples(work, size, tokenizer)
+    return {"expected": expected, "lorakit": examples[0::2] if size["objective"] == "kto" else examples}
 
 
 def data_config(work: Path, size: dict) -> dict:
@@ -157,7 +175,7 @@ def side_lorakit(work: Path, size: dict) -> dict:
         "model": str(work / "model"), "output_dir": str(work / f"run-{os.getpid()}"),
         "data": data_config(work, size),
         "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": "all-linear"},
-        "train": {"objective": "dpo", "beta": BETA, "max_steps": size["warmup"] + size["steps"],
+        "train": {"objective": size["objective"], "beta": BETA, "max_steps": size["warmup"] + size["steps"],
                   "batch_size": size["batch"], "lr": LR, "scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                   "max_grad_norm": 1.0, "seed": SEED, "gradient_checkpointing": False, "log_every": 1000, "save_every": 0},
     }  # fmt: skip
@@ -188,7 +206,7 @@ def side_trl(work: Path, size: dict) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.utils import logging as hf_logging
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     base_rss = harness.rss_now()
     hf_logging.set_verbosity_error()
@@ -203,35 +221,41 @@ def side_trl(work: Path, size: dict) -> dict:
             times.append(time.perf_counter() - self.start)
             peaks.append(harness.rss_peak())
 
-    class Trainer(DPOTrainer):
+    kto = size["objective"] == "kto"
+
+    class Trainer(KTOTrainer if kto else DPOTrainer):
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
             losses.append(loss.item())  # TRL's own metrics already sync every step (.item() in _compute_loss)
-            accuracies.append(self._metrics["train"]["rewards/accuracies"][-1])
+            accuracies.append(None if kto else self._metrics["train"]["rewards/accuracies"][-1])
             return loss
 
     with open(work / "train.jsonl") as f:
         dataset = Dataset.from_list([json.loads(line) for line in f])
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16, attn_implementation="sdpa")
-    args = DPOConfig(
+    common = dict(
         output_dir=str(work / f"trl-{os.getpid()}"), bf16=True, use_cpu=True, per_device_train_batch_size=size["batch"],
         gradient_accumulation_steps=1, max_steps=size["warmup"] + size["steps"], learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",
-        beta=BETA, loss_type=["sigmoid"], max_length=size["max_length"], gradient_checkpointing=False,
-        report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=SEED, data_seed=SEED,
-        dataloader_num_workers=0,
+        beta=BETA, max_length=size["max_length"], gradient_checkpointing=False, report_to=[], save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=SEED, data_seed=SEED, dataloader_num_workers=0,
     )  # fmt: skip
+    if kto:  # KTO's own loss with weights 1; its KL completions need the sequential sampler (its default)
+        args = KTOConfig(**common, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0)
+    else:
+        args = DPOConfig(**common, loss_type=["sigmoid"])
     assert not args.gradient_checkpointing, "TRL's default is checkpointing on; this benchmark runs without"
     peft_config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = Trainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=peft_config, callbacks=[StepTimer()])  # fmt: skip
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable), "PEFT's adapters are expected in fp32"
-    seqs = [(row["prompt_ids"] + row[key], len(row[key])) for row in trainer.train_dataset for key in ("chosen_ids", "rejected_ids")]
+    keys = ("completion_ids",) if kto else ("chosen_ids", "rejected_ids")
+    seqs = [(row["prompt_ids"] + row[key], len(row[key])) for row in trainer.train_dataset for key in keys]
     trainer.train()
     return {"times": times, "losses": losses, "accuracies": accuracies, "peak_rss": peaks[-1], "base_rss": base_rss,
-            "peak_gpu": None, "seqs": seqs, "padding_free": trainer.padding_free}  # fmt: skip
+            "peak_gpu": None, "seqs": seqs, "padding_free": getattr(trainer, "padding_free", False)}  # fmt: skip
 
 
 def side_peft(work: Path, size: dict) -> dict:
@@ -253,7 +277,8 @@ def side_peft(work: Path, size: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
-    sequences = json.loads((work / "sequences.json").read_text())  # chosen, rejected, chosen, ...
+    sequences = json.loads((work / "sequences.json").read_text())  # chosen, rejected, ... (KTO: example, KL example, ...)
+    labels = torch.tensor([bool(v) for v in json.loads((work / "labels.json").read_text())])
     rows = 2 * size["batch"]
 
     def answer_logps(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -270,14 +295,20 @@ def side_peft(work: Path, size: dict) -> dict:
             reference = answer_logps(ids, n)
         policy = answer_logps(ids, n)
         rewards = BETA * (policy - reference)
-        loss = -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
+        if size["objective"] == "kto":  # examples at even rows, their KL examples at odd ones
+            ratio = (policy - reference)[0::2]
+            kl = (policy - reference)[1::2].detach().mean().clamp(min=0)
+            desirable = labels[step * size["batch"] : (step + 1) * size["batch"]]
+            loss = torch.where(desirable, 1 - torch.sigmoid(BETA * (ratio - kl)), 1 - torch.sigmoid(BETA * (kl - ratio))).mean()
+        else:
+            loss = -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         times.append(time.perf_counter() - start)
-        accuracies.append((rewards[0::2] > rewards[1::2]).float().mean().item())
+        accuracies.append(None if size["objective"] == "kto" else (rewards[0::2] > rewards[1::2]).float().mean().item())
         peaks.append(harness.rss_peak())
     return {"times": times, "losses": losses, "accuracies": accuracies, "peak_rss": peaks[-1], "base_rss": base_rss,
             "peak_gpu": None}  # fmt: skip
@@ -292,6 +323,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=1, help="run each side this many times, alternating; steps pooled")
     parser.add_argument("--steps", type=int, help=f"timed steps per side (default {SIZE['steps']})")
+    parser.add_argument("--objective", choices=["dpo", "kto"], default="dpo", help="DPO on pairs, or KTO on labelled examples")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -304,7 +336,7 @@ def main() -> None:
         import trl
     except ImportError as exc:
         raise SystemExit(f"{NO_TRL} ({exc})") from None
-    size = dict(SIZE)
+    size = dict(SIZE, objective=args.objective)
     if args.steps:
         size["steps"] = args.steps
     runs: dict[str, list[dict]] = {"lorakit": [], "trl": [], "peft": []}
@@ -323,8 +355,8 @@ def main() -> None:
     print(f"machine: {harness.machine()}")
     print(f"model: Llama shape hidden {size['hidden']}, {size['layers']} layers, {size['heads']} heads, {size['kv_heads']} KV "
           f"heads, intermediate {size['intermediate']}, vocab {size['vocab']}, bf16; LoRA r={R} alpha={ALPHA:g} all linear "
-          f"but the head; DPO sigmoid beta {BETA}; {size['batch']} pairs a step of {PROMPT}-token prompts and "
-          f"{ANSWER}-token answers (+ EOS): {size['batch'] * size['seq']:,} tokens; {size['warmup']} warm-up + "
+          f"but the head; {_what(size)}, beta {BETA}; {size['batch']} {'examples (+ KL examples)' if size['objective'] == 'kto' else 'pairs'} "
+          f"a step of {PROMPT}-token prompts and {ANSWER}-token answers (+ EOS): {size['batch'] * size['seq']:,} tokens; {size['warmup']} warm-up + "
           f"{size['steps']} timed steps, medians; rounds {args.rounds}")  # fmt: skip
     print(f"TRL {trl.__version__}")
     for note in token_check(info, runs["trl"][0]["seqs"] if runs["trl"] else None):
@@ -332,28 +364,34 @@ def main() -> None:
     if runs["trl"] and runs["trl"][0]["padding_free"]:
         print("note: TRL ran padding-free")
     pooled = {side: harness.pooled(outs, size) for side, outs in runs.items() if outs}
-    report(pooled)
+    report(pooled, size["objective"])
     for side, failure in failed.items():
         print(f"\n{failure}")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 
 
-def report(pooled: dict) -> None:
-    names = {"lorakit": "lorakit", "trl": "TRL DPOTrainer + PEFT", "peft": "PEFT + transformers, plain loop"}
+def _what(size: dict) -> str:
+    return "KTO" if size["objective"] == "kto" else "DPO sigmoid"
+
+
+def report(pooled: dict, objective: str = "dpo") -> None:
+    trainer = "KTOTrainer" if objective == "kto" else "DPOTrainer"
+    names = {"lorakit": "lorakit", "trl": f"TRL {trainer} + PEFT", "peft": "PEFT + transformers, plain loop"}
+    first = 0.5 if objective == "kto" else math.log(2)  # the policy starts as the reference
     print("\n| side | s/step | fastest s | tokens/s | peak RSS GiB | above imports GiB | step-1 loss | step-1 reward acc | last loss |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side in ("lorakit", "trl", "peft"):
         if side not in pooled:
             continue
         out = pooled[side]
-        acc = out["accuracies"][0] if out["accuracies"] else None
+        acc = out["accuracies"][0] if out["accuracies"] and out["accuracies"][0] is not None else None
         print(f"| {names[side]} | {out['step_s']:.3f} | {out['best_s']:.3f} | {out['tokens_s']:,.0f} | {harness.gib(out['peak_rss'])} "
               f"| {harness.gib(out['peak_rss'] - out['base_rss'])} | {out['losses'][0]:.4f} "
               f"| {'-' if acc is None else f'{acc:.2f}'} | {out['losses'][-1]:.4f} |")  # fmt: skip
     for side, out in pooled.items():
-        if abs(out["losses"][0] - math.log(2)) > 1e-3:
-            print(f"WARNING: {names[side]}'s step-1 loss {out['losses'][0]:.6f} is not ln 2 = {math.log(2):.6f}")
+        if abs(out["losses"][0] - first) > 1e-3:
+            print(f"WARNING: {names[side]}'s step-1 loss {out['losses'][0]:.6f} is not {first:.6f}")
     ours = pooled.get("lorakit")
     for side, label in (("trl", "TRL"), ("peft", "the plain PEFT loop")):
         if ours is None or side not in pooled:
