@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=20 lora.r=8")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--nproc", type=int, default=None, help="launch torchrun with N processes on this machine")
+    p.add_argument("--dry-run", action="store_true", help="check the config, data and model (no weights read) and "
+                   "print the plan; trains nothing")  # fmt: skip
     p.set_defaults(func=_train)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and write a plain model folder")

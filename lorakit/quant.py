@@ -585,6 +585,20 @@ class _Held:
                 self.now -= t.numel() * t.element_size()
 
 
+def quantized_layers(model: nn.Module, *, skip: Iterable[str] = ("lm_head",), blocksize: int = 64) -> list[str]:
+    """The paths of the linear layers `load_model_4bit` quantizes in `model` (built from the same
+    config.json, on the meta device will do), checked as it checks them (for `lorakit train --dry-run`).
+
+    Raises:
+        UserError: no bitsandbytes, no layer to quantize, a layer whose in_features blocks do not fit.
+    """
+    _require_bnb()
+    tied = getattr(model, "all_tied_weights_keys", {}) or {}
+    targets = _find_targets(model, tuple(skip), tied_names=set(tied) | set(tied.values()))
+    _check_shapes(targets, blocksize)
+    return [name for name, _ in targets]
+
+
 def _require_bnb(what: str = "quantize: nf4"):
     try:
         import bitsandbytes as bnb

@@ -1087,6 +1087,12 @@ def final_summary(summary: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- command
 def train_command(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        from lorakit.dry_run import dry_run
+
+        if args.nproc is not None and args.nproc < 1:
+            raise UserError(f"--nproc {args.nproc}: the number of processes must be >= 1")
+        return dry_run(_command_config(args), resume=args.resume, processes=args.nproc or 1)
     if args.nproc:
         from lorakit.distributed import launch_torchrun
 
@@ -1102,6 +1108,15 @@ def train_command(args: argparse.Namespace) -> int:
 
         return run_distributed(cfg, resume=args.resume)
     return run_training(cfg, resume=args.resume)
+
+
+def _command_config(args: argparse.Namespace) -> RunConfig:
+    """The run config `lorakit train` was given: the YAML file with its overrides, or the demo's."""
+    if args.config is None or "=" in str(args.config):
+        from lorakit.demo.run import demo_config
+
+        return demo_config(parse_overrides(([args.config] if args.config else []) + list(args.overrides)))
+    return load_run_config(args.config, parse_overrides(args.overrides))
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] = None) -> int:

@@ -1,0 +1,128 @@
+"""`lorakit train CONFIG --dry-run`: what a run checks before its first step, and its plan, without
+loading a weight.
+
+It validates the config, the output folder, the data (read, checked and tokenized, so the tokenized
+data is cached for the run), the chat template and the preference records; builds the model from its
+config.json on the meta device (no memory) with the adapters the run would add, or checks that the
+adapter a run continues fits it; and prints what the run would train: the trainable parameters, the
+data, the steps, and the memory its weights, adapters and optimizer state take (activations come on
+top and depend on the batch). A user about to spend GPU hours on a config finds its mistakes in
+seconds, on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lorakit.config import RunConfig
+from lorakit.errors import UserError
+
+# NF4 with double quantization: 4 bits a weight, one 8-bit scale per 64 weights and one fp32 per 256 scales
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+# what an adapter parameter costs in training: its fp32 value, its gradient and AdamW's two moments
+TRAINABLE_BYTES_PER_PARAMETER = 4 + 4 + 8
+
+
+def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Callable[[str], None] = print) -> int:
+    """Check everything `cfg` needs before a step and print its plan (see the module docstring);
+    processes: the run's process count (`--nproc`), for the rows a step takes. Returns 0.
+
+    Raises:
+        UserError: what the run would refuse before its first step.
+    """
+    from lorakit.data import BatchStream, load_train_eval
+    from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
+    from lorakit.train import (
+        _check_objective, _dropped, _eval_plan, _examples, _objective_line, check_output_dir, check_positions,
+        data_config, use_chat_template,
+    )  # fmt: skip
+
+    checkpoint = check_output_dir(Path(cfg.output_dir), resume)
+    if Path(cfg.model).is_dir():  # (a Hub name is left to transformers)
+        check_model_folder(cfg.model)  # safetensors weights there, looked for, not read
+    check_positions(cfg, log)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.data.chat_template is not None:
+        use_chat_template(tokenizer, cfg.data.chat_template, log)
+    train_set, eval_set = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
+    _check_objective(cfg, train_set, eval_set)
+    model = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if model is None:
+        raise UserError(f"model = {cfg.model!r}: its config.json does not build a transformers model here (an unknown "
+                        "architecture, or custom code without trust_remote_code: true)")  # fmt: skip
+    dtype = resolve_precision(cfg.train.precision, pick_device())
+    frozen_bytes = _frozen_bytes(model, dtype, cfg.quantize == "nf4")
+    trainable, total, adapted = _adapters(model, cfg)
+
+    stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
+                         packing=cfg.data.packing, seed=cfg.train.seed, rank=0, world_size=processes)  # fmt: skip
+    steps_per_epoch = stream.microbatches_per_epoch() // cfg.train.grad_accum
+    rows = cfg.train.batch_size * cfg.train.grad_accum * processes
+    if steps_per_epoch == 0:
+        raise UserError(f"one optimizer step needs batch_size x grad_accum x processes = {rows} rows but the data makes "
+                        f"{stream.num_rows}; lower train.batch_size or train.grad_accum")  # fmt: skip
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    stats = dataclasses.asdict(train_set.stats)
+    weights = "NF4 linear layers, the rest" if cfg.quantize == "nf4" else "frozen weights"
+    lines = [
+        f"model        {cfg.model} ({type(model).__name__}, {total:,} params, config.json only: no weight read)",
+        f"adapters     LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {adapted} modules; trainable {trainable:,} "
+        f"({100 * trainable / max(total, 1):.3f}%)" + (f"; continues {cfg.adapter} (fits the model)" if cfg.adapter else ""),
+        f"data         {_examples(stats)}, {stats['tokens']:,} tokens ({stats['trainable_tokens']:,} trained); "
+        f"{_dropped(stats)}, skipped {stats['skipped_invalid']}",
+        f"plan         {total_steps} steps ({steps_per_epoch} an epoch) x {rows} rows of <= {stream.max_length} tokens"
+        f"{' (pairs)' if stream.pairs else ''}; {processes} process{'es' if processes > 1 else ''}; output {cfg.output_dir}"
+        + (f", resuming from {checkpoint}" if checkpoint is not None else ""),
+        f"memory       {weights} in {str(dtype).replace('torch.', '')}: {_size(frozen_bytes)}; adapters, gradients and "
+        f"AdamW state {_size(trainable * TRAINABLE_BYTES_PER_PARAMETER)} (per process, activations on top)",
+    ]
+    if eval_set is not None:
+        lines.insert(3, f"eval         {_examples(dataclasses.asdict(eval_set.stats))}{_eval_plan(cfg)}")
+    if cfg.train.objective != "sft":
+        lines.insert(2, f"objective   {_objective_line(cfg)[1:]}")
+    log("\n".join(lines))
+    log("dry run: nothing trained; the tokenized data is cached for the run")
+    return 0
+
+
+def _frozen_bytes(model: nn.Module, dtype: torch.dtype, nf4: bool) -> int:
+    """Bytes of the model's weights in `dtype`; with nf4, the linear layers and MoE expert weights
+    QLoRA's loader quantizes (checked as it checks them) in NF4."""
+    from lorakit.experts import expert_parameter_names, is_experts_module
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    quantized = set()
+    if nf4:
+        from lorakit.quant import quantized_layers
+
+        quantized = {id(model.get_submodule(path).weight) for path in quantized_layers(model)}
+        quantized |= {id(getattr(m, name)) for m in model.modules() if is_experts_module(m) for name in expert_parameter_names(m)}
+    seen, total = set(), 0.0
+    for p in model.parameters():
+        if id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        total += p.numel() * (NF4_BYTES_PER_WEIGHT if id(p) in quantized else size)
+    return int(total)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _adapters(model: nn.Module, cfg: RunConfig) -> tuple[int, int, int]:
+    """(trainable, total parameters, adapted modules) with the adapter the run trains added to the meta
+    model, counted as the run's start summary counts them."""
+    from lorakit.adapters import check_fits, read_adapter
+    from lorakit.inject import count_parameters, inject_adapter
+
+    if cfg.adapter is not None:
+        check_fits(model, read_adapter(cfg.adapter))
+    # the shapes are init's alone; PiSSA / OLoRA would factor weights that are not there
+    paths = inject_adapter(model, dataclasses.replace(cfg.lora, init="default"))
+    return (*count_parameters(model), len(paths))

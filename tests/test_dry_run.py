@@ -1,0 +1,88 @@
+"""`lorakit train --dry-run` (lorakit.dry_run): the plan and counts a run would print, without a
+weight read, and the mistakes a run would stop at, found before it."""
+
+import json
+
+import pytest
+import yaml
+from helpers import save_model_folder, write_addition_data
+
+from lorakit import models, quant
+from lorakit.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dry")
+    save_model_folder(root / "model")
+    write_addition_data(root / "train.jsonl", 100)
+    write_addition_data(root / "eval.jsonl", 8, seed=1)
+    return root
+
+
+def _config(root, out, **train):
+    cfg = {
+        "model": str(root / "model"), "output_dir": str(out),
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_steps": 3, "batch_size": 4, "grad_accum": 2, "precision": "fp32", "eval_every": 2, **train},
+    }  # fmt: skip
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _lines(text: str) -> dict[str, str]:
+    return {line[:13].strip(): line[13:] for line in text.splitlines() if len(line) > 13 and line[12] == " " and line[:12].strip()}
+
+
+def test_the_dry_run_prints_the_runs_counts_without_reading_a_weight(workspace, capsys, monkeypatch):
+    out = workspace / "run"
+    assert main(["train", _config(workspace, out)]) == 0
+    run = _lines(capsys.readouterr().out)
+    with monkeypatch.context() as m:  # the dry run may not load any weights
+        m.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+        m.setattr(quant, "load_model_4bit", lambda *a, **k: pytest.fail("loaded the model"))
+        assert main(["train", _config(workspace, workspace / "fresh"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    dry = _lines(printed)
+    assert "dry run: nothing trained" in printed and not (workspace / "fresh").exists()
+    # the same counts as the run's own start summary
+    assert dry["adapters"] == run["adapters"].replace(" layers;", " modules;")
+    assert dry["data"] == run["data"] and dry["eval"] == run["eval"] == "8 examples; every 2 steps"
+    assert dry["plan"].startswith("3 steps (4 an epoch) x 8 rows of <= 32 tokens; 1 process")
+    frozen = run["precision"].split("frozen weights ")[1].split(" MiB")[0]
+    assert f"frozen weights in float32: {frozen} MiB" in dry["memory"]
+    # the plan of a two-process run: twice the rows a step, half the steps an epoch
+    assert main(["train", _config(workspace, workspace / "two"), "--dry-run", "--nproc", "2"]) == 0
+    assert _lines(capsys.readouterr().out)["plan"].startswith("3 steps (2 an epoch) x 16 rows of <= 32 tokens; 2 processes")
+
+
+def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):
+    finished = workspace / "finished"
+    assert main(["train", _config(workspace, finished, max_steps=1)]) == 0
+    capsys.readouterr()
+    cases = [
+        ([_config(workspace, finished)], "already holds a finished run; pass --resume"),
+        ([_config(workspace, tmp_path / "a"), "quantize=nf4", "lora.targets=[q_proj]", "model=" + str(_odd_model(tmp_path))],
+         "quantize: nf4: cannot quantize model.layers.0.mlp.down_proj (in_features=96"),
+        ([_config(workspace, tmp_path / "b"), "lora.targets=[nothing_here]"], "lora.targets"),
+        ([_config(workspace, tmp_path / "c"), "train.batch_size=64", "train.grad_accum=4"], "lower train.batch_size"),
+        ([_config(workspace, tmp_path / "d"), f"data.train={_bad_data(tmp_path)}"], "bad.jsonl:2:"),
+    ]
+    for args, message in cases:
+        assert main(["train", *args, "--dry-run"]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def _odd_model(tmp_path):
+    from helpers import tiny_llama
+
+    return save_model_folder(tmp_path / "odd", tiny_llama(intermediate_size=96))
+
+
+def _bad_data(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    return path
