@@ -258,7 +258,9 @@ def check_output_folder(out_dir: Union[str, Path], inputs: dict[str, Union[str, 
         if out == folder_path or out in folder_path.parents:
             where = "is" if out == folder_path else "holds"
             raise UserError(f"--out {out_dir} {where} the {what} {folder}; write the result somewhere else")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder to write")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"--out {out_dir} exists and is not empty; pick another folder or pass --force to replace it")
     return out_dir
 

@@ -106,8 +106,9 @@ def combine_adapters(
     _check_shapes(files, factors, paths)
     if method != "cat" and rank is None:
         rank = max(max([f.config.r, *f.config.rank_pattern.values()]) for f in files)
-    # the widest of the adapters' dtypes (fp32 where any is)
-    dtype = max((a.dtype for fs in factors for _, a, _, _ in fs.values()), key=lambda t: torch.finfo(t).bits)
+    # the adapters' dtype, or fp32 where they differ (bf16 and fp16 hold no common 16-bit values)
+    dtypes = {t.dtype for fs in factors for _, a, b, _ in fs.values() for t in (a, b)}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     tensors, ranks, kinds = {}, {}, {}
     for path in paths:
         parts = [(w, fs[path]) for w, fs in zip(weights, factors) if path in fs]  # (w_i, (kind, A_i, B_i, s_i))
@@ -116,7 +117,13 @@ def combine_adapters(
             a = torch.cat([w * s * a_i.float() for w, (_, a_i, _, s) in parts])
             b = torch.cat([b_i.float() for _, (_, _, b_i, _) in parts], dim=1)
         else:
-            a, b = _low_rank(method, parts, rank, density, majority_sign, _module_seed(seed, path))
+            try:
+                a, b = _low_rank(method, parts, rank, density, majority_sign, _module_seed(seed, path))
+            except torch.linalg.LinAlgError:  # an SVD of numbers out of range: reported below as such
+                a = b = None
+        if a is None or not _finite(a.to(dtype), b.to(dtype)):
+            raise UserError(f"{path}: the combination is not finite in {str(dtype).replace('torch.', '')} (weights "
+                            f"{', '.join(map(str, weights))}); use smaller weights")  # fmt: skip
         a_key, b_key = _FACTORS[kind]
         tensors[f"{PREFIX}{path}{a_key}"] = a.to(dtype).contiguous()
         tensors[f"{PREFIX}{path}{b_key}"] = b.to(dtype).contiguous()
@@ -224,6 +231,10 @@ def _base_weights(files: list[AdapterFiles]) -> dict[str, torch.Tensor]:
                                 "differently?); the adapters are not for the same base model")  # fmt: skip
             out[key] = (f.path, tensor)
     return {key: tensor for key, (_, tensor) in out.items()}
+
+
+def _finite(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.isfinite(a).all() and torch.isfinite(b).all())
 
 
 def _module_seed(seed: int, path: str) -> int:

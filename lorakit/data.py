@@ -76,6 +76,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -742,13 +743,10 @@ def _chat_spans(
         if not isinstance(text, str):
             out.append(_template_error(text))
             continue
-        spans, problem, cursor = [], None, 0
+        spans, problem, cursor, passed = [], None, 0, []
         for i in (k for k, m in enumerate(msgs) if m["role"] == "assistant"):
             if i not in trained[ci]:
-                # an untrained turn is passed by its content where it can be found, so that the search
-                # for a later turn's content starts after it (Mistral's turns are all found so)
-                span = _turn_by_content(text, msgs, i, None, cursor, renderer.end_of_turn)
-                cursor = span[1] if span is not None else cursor
+                passed.append(i)
                 continue
             before = start_texts[(ci, i)]
             upto = text if i == len(msgs) - 1 else end_texts[(ci, i)]
@@ -758,7 +756,15 @@ def _chat_spans(
             if text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
                 span = (len(before), len(upto.rstrip()))
             else:
-                span = _turn_by_content(text, msgs, i, before, cursor, renderer.end_of_turn)
+                # found by content: the untrained turns since the last trained one are passed over by
+                # theirs first, so the search starts after them (where the prefix renders locate a
+                # turn, above, they play no part)
+                after = cursor
+                for k in passed:
+                    over = _turn_by_content(text, msgs, k, None, after, renderer.end_of_turn)
+                    after = over[1] if over is not None else after
+                span = _turn_by_content(text, msgs, i, before, cursor, renderer.end_of_turn, after)
+            passed = []
             if span is None:
                 problem = (
                     f"messages[{i}]: the chat template renders this conversation differently from its prefixes "
@@ -773,7 +779,7 @@ def _chat_spans(
 
 
 def _turn_by_content(
-    text: str, msgs: list[dict], i: int, before: Optional[str], cursor: int, end_of_turn: str
+    text: str, msgs: list[dict], i: int, before: Optional[str], cursor: int, end_of_turn: str, after: int = 0
 ) -> Union[tuple[int, int], None]:
     """The character span of assistant turn `i` in `text`, found by its content, for templates
     whose render of a conversation does not start with the render of its first turns: Qwen3 writes
@@ -782,28 +788,29 @@ def _turn_by_content(
 
     The turn starts where the render of the turns before it ends when that is a prefix of `text`
     (as without a rewrite: what the template writes between the generation prompt and the content
-    is trained too), else at its content, searched after the previous trained span and after the
-    message before it. It ends after the content and the template's end-of-turn text. None when the
-    content (stripped: templates trim it) is not found. before: None for a turn whose prefix render
-    is not at hand (an untrained turn, only passed over)."""
+    is trained too), else at its content, searched after the previous trained span (`cursor`), the
+    untrained turns passed over since (`after`) and the message before it. It ends after the
+    content and the template's end-of-turn text, with any whitespace the template keeps between
+    them (an empty reply: at its end of turn). None when the content (stripped: templates trim it)
+    is not found. before: None for a turn whose prefix render is not at hand (an untrained turn,
+    only passed over)."""
     content = msgs[i]["content"].strip()
     if before is not None and text.startswith(before) and len(before) >= cursor:
         start = search = len(before)
     else:
-        start, previous = None, msgs[i - 1]["content"].strip() if i else ""
-        found = text.find(previous, cursor) if previous else -1
-        search = found + len(previous) if found >= 0 else cursor
+        start, previous, search = None, msgs[i - 1]["content"].strip() if i else "", max(cursor, after)
+        found = text.find(previous, search) if previous else -1
+        search = found + len(previous) if found >= 0 else search
     # the content followed by the end of its turn, where the template writes one: the same words
     # may appear earlier in the template's own markup (Mistral's "[/INST]" holds "I", "INST")
-    at = text.find(content + end_of_turn, search) if content and end_of_turn else -1
-    if at < 0:
-        at = text.find(content, search) if content else search
+    if end_of_turn:
+        ended = re.compile(re.escape(content) + r"\s*" + re.escape(end_of_turn)).search(text, search)
+        if ended is not None:
+            return (ended.start() if start is None else start, ended.end())
+    at = text.find(content, search) if content else search
     if at < 0:
         return None
-    end = at + len(content)
-    if end_of_turn and text.startswith(end_of_turn, end):
-        end += len(end_of_turn)
-    return (at if start is None else start, end)
+    return (at if start is None else start, at + len(content))
 
 
 def _template_error(exc: Exception) -> str:

@@ -62,7 +62,12 @@ class TensorBoardTracker:
         # purge_step: TensorBoard hides what earlier writers logged at this step and after: what the
         # interrupted run logged past the checkpoint a resume starts from, and for a new run all that
         # a run which died before its first checkpoint left in the folder
-        self.writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=0 if resume_step is None else resume_step + 1)
+        folder = output_dir / TENSORBOARD_DIR
+        try:
+            self.writer = SummaryWriter(str(folder), purge_step=0 if resume_step is None else resume_step + 1)
+        except OSError as exc:
+            raise UserError(f"train.report_to: tensorboard cannot write {folder} ({exc.strerror or exc}); remove what is "
+                            "in the way or pick another output_dir") from None  # fmt: skip
         if resume_step is None:
             self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 

@@ -785,6 +785,8 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
             run.metrics.log({"step": run.step, **last_eval})
             _after_eval(run, last_eval)
     elapsed = time.perf_counter() - start_time
+    if not last_train:  # nothing trained in this process (resumed where early stopping ended the run)
+        last_train = next((e for e in reversed(run.metrics.entries) if "loss" in e), {})
     summary = {
         "steps": run.step,
         "time_s": elapsed,
@@ -796,6 +798,9 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
         **_best_summary(run, stop_early),
         "adapter": str(run.output_dir / "adapter"),
     }
+    earlier = _earlier_summary(run) if tokens_seen == 0 else None
+    if earlier is not None:  # its time and speed are the run's; this process only ended it again
+        summary = earlier
     if main:
         from lorakit.adapters import save_adapter
 
@@ -806,6 +811,15 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
         _join_adapter_gathers(run)
     dist.barrier()
     return summary
+
+
+def _earlier_summary(run: Run) -> Optional[dict[str, Any]]:
+    """summary.json of the run when it was written at this step (a resume after its early stop)."""
+    try:
+        earlier = json.loads((run.output_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) and earlier.get("steps") == run.step else None
 
 
 def new_best_record(metric: str) -> dict[str, Any]:
@@ -869,9 +883,9 @@ BEST_ADAPTER_DIR = "best_adapter"
 def _best_summary(run: Run, stopped_early: bool) -> dict[str, Any]:
     """The summary's record of the best eval and early stopping (nothing when neither is on)."""
     train = run.cfg.train
-    if not (train.save_best or train.early_stopping_patience) or run.best["step"] is None:
-        return {}
-    out: dict[str, Any] = {"best_step": run.best["step"], f"best_{train.best_metric}": run.best["value"]}
+    out: dict[str, Any] = {}
+    if run.best["step"] is not None and (train.save_best or train.early_stopping_patience):
+        out.update({"best_step": run.best["step"], f"best_{train.best_metric}": run.best["value"]})
     if train.early_stopping_patience:
         out["stopped_early"] = stopped_early
     if run.best.get("saved"):  # not when save_best was off as the best was measured (turned on at a resume)

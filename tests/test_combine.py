@@ -144,6 +144,20 @@ def test_dare_keeps_each_entry_with_the_density_and_rescales_it(adapters, tmp_pa
     assert torch.allclose(got[0][0], got[0][1], atol=1e-6) and not torch.allclose(got[0][0], got[1][0], atol=1e-3)
 
 
+def test_the_combination_keeps_the_adapters_dtype_or_takes_fp32_where_they_differ(adapters, tmp_path):
+    from safetensors.torch import save_file
+
+    for name, dtype in (("half", torch.float16), ("brain", torch.bfloat16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text((adapters / "one" / "adapter_config.json").read_text())
+        tensors = load_file(str(adapters / "one" / "adapter_model.safetensors"))
+        save_file({k: v.to(dtype) if ".lora_" in k else v for k, v in tensors.items()}, str(tmp_path / name / "adapter_model.safetensors"))
+    for inputs, want in (([tmp_path / "half", tmp_path / "half"], torch.float16), ([tmp_path / "half", tmp_path / "brain"], torch.float32)):
+        out = tmp_path / f"out-{want}"
+        combine_adapters(inputs, out)
+        assert {t.dtype for k, t in load_file(str(out / "adapter_model.safetensors")).items() if ".lora_" in k} == {want}
+
+
 def test_adapters_that_cannot_be_combined_are_refused(adapters, tmp_path, capsys):
     torch.manual_seed(0)
     dora = tmp_path / "dora"
@@ -165,6 +179,8 @@ def test_adapters_that_cannot_be_combined_are_refused(adapters, tmp_path, capsys
         ([one], {"rank": 4}, "--rank: cat keeps every adapter's rank"),
         ([one], {"weights": [float("nan")]}, "--weights nan: every weight must be a finite number"),
         ([one], {"force": True, "out_dir": adapters}, f"--out {adapters} holds the adapter 1 {one}; write the result somewhere else"),
+        ([one, one], {"weights": [1e39, 1.0]}, "the combination is not finite in float32 (weights 1e+39, 1.0); use smaller weights"),
+        ([one, one], {"weights": [1e308, 1e308], "method": "svd"}, "the combination is not finite in float32"),
     ]
     for dirs, options, message in cases:
         with pytest.raises(UserError) as err:
@@ -172,6 +188,8 @@ def test_adapters_that_cannot_be_combined_are_refused(adapters, tmp_path, capsys
         assert message in str(err.value)
     assert (one / "adapter_model.safetensors").is_file()  # --force never replaces an input
     (tmp_path / "plain").write_text("a file")
+    with pytest.raises(UserError, match=r"--out .*plain is a file; give a folder to write"):
+        combine_adapters([one], tmp_path / "plain", force=True)
     with pytest.raises(UserError, match=r"cannot write .*plain/sub: File exists .*; pick a folder you can write to"):
         combine_adapters([one], tmp_path / "plain" / "sub")
     assert main(["combine", "--adapter", str(dora), "--out", str(tmp_path / "out")]) == 2

@@ -277,6 +277,32 @@ def test_an_untrained_turn_is_passed_over_where_turns_are_found_by_content():
         assert trained and trained == groups[len(groups) - len(trained):]  # the last reply's tokens, as in the plain chat
 
 
+def test_turns_found_by_content_allow_the_whitespace_a_template_keeps_before_the_end_of_turn():
+    # an untrained reply with trailing whitespace ("Yes.\n", ChatML keeps it) may not move the
+    # search onto a later equal reply; a reply "Yes. " (Qwen3-like) ends at its end of turn, not at
+    # the next "Yes."; an empty reply trains its end of turn (Mistral-like with a system prompt)
+    tok = make_tokenizer("chatml")
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "Yes.\n", "weight": 0},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "Yes.", "weight": 0}]  # fmt: skip
+    plain = build([{"messages": [{k: v for k, v in m.items() if k != "weight"} for m in msgs]}], tok).example(0)[1]
+    weighted = build([{"messages": msgs}], tok).example(0)[1]
+    second = [i for i, t in enumerate(plain.tolist()) if t != -100][5:9]  # "Yes.\n<|im_end|>" is 5 tokens
+    assert [i for i, t in enumerate(weighted.tolist()) if t != -100] == second
+    assert _trained_groups(tok, build([{"messages": msgs[:4]}], tok, train_turns="last").example(0)[1]) == ["Yes.<|im_end|>"]
+    qwen = make_tokenizer(template=None)
+    qwen.chat_template, qwen.eos_token = QWEN3_LIKE, "<|im_end|>"
+    spaced = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes. "}, {"role": "user", "content": "Yes."},
+              {"role": "assistant", "content": "ok"}]  # fmt: skip
+    assert _trained_groups(qwen, build([{"messages": spaced}], qwen).example(0)[1]) == [
+        "Yes. <|im_end|>", "<think>\n\n</think>\n\nok<|im_end|>"
+    ]  # fmt: skip
+    mistral = make_tokenizer(template=None)
+    mistral.chat_template, mistral.eos_token = MISTRAL_LIKE, "</s>"
+    empty = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
+    assert _trained_groups(mistral, build([{"messages": empty}], mistral).example(0)[1]) == [" </s>"]
+
+
 @pytest.mark.parametrize(
     "weight, where, message",
     [

@@ -232,5 +232,10 @@ def test_tracker_errors_are_one_line_with_the_fix(workspace, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "wandb did not start (RuntimeError: api_key not configured (no-tty)" in err
     assert "set WANDB_MODE=offline" in err
+    blocked = workspace / "blocked"
+    blocked.mkdir()
+    (blocked / "tensorboard").write_text("a file where the event files go")
+    assert main(["train", _config(workspace, blocked, report_to="tensorboard")]) == 2
+    assert "train.report_to: tensorboard cannot write" in capsys.readouterr().err
     assert main(["train", _config(workspace, workspace / "none", report_to="none", max_steps=1, eval_every=0)]) == 0
     assert not (workspace / "none" / "tensorboard").exists() and not (workspace / "none" / "wandb").exists()
