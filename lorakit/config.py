@@ -343,6 +343,11 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
             f"train.min_lr_ratio = {cfg.train.min_lr_ratio!r} with train.scheduler = 'constant': a constant lr does not "
             "decay to a floor; use cosine or linear, or remove min_lr_ratio"
         )
+    if cfg.quantize == "nf4" and cfg.lora.init in ("pissa", "olora"):
+        problems.append(
+            f"lora.init = {cfg.lora.init!r} with quantize: nf4: {cfg.lora.init} factors the full-precision weights, "
+            "which QLoRA does not hold; use default or gaussian init, or quantize: none"
+        )
     if cfg.data.train_turns == "last" and cfg.data.train_on_inputs:
         problems.append("data.train_turns = 'last' with data.train_on_inputs = true: every token is trained then; set one of them")
     if not 0 <= cfg.data.eval_fraction < 1:

@@ -19,13 +19,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.config import RunConfig
+from lorakit.config import REFERENCE_OBJECTIVES, RunConfig
 from lorakit.errors import UserError
 
 # NF4 with double quantization: 4 bits a weight, one 8-bit scale per 64 weights and one fp32 per 256 scales
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 # what an adapter parameter costs in training: its fp32 value, its gradient and AdamW's two moments
-TRAINABLE_BYTES_PER_PARAMETER = 4 + 4 + 8
+# (fp32, or 8-bit with adamw8bit)
+TRAINABLE_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2}
 
 
 def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Callable[[str], None] = print) -> int:
@@ -43,6 +44,20 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
+    if checkpoint is not None:  # the run refuses a resume whose model, data or LoRA changed
+        import json
+
+        from lorakit.train import _check_same_run, fingerprint
+
+        _check_same_run(json.loads((checkpoint / "state.json").read_text()).get("fingerprint", {}), fingerprint(cfg), checkpoint)
+    if processes > 1:
+        from lorakit.distributed import resolve_strategy
+
+        resolve_strategy(cfg, pick_device().type)  # (FSDP with QLoRA is refused)
+    if cfg.train.optimizer == "adamw8bit":
+        from lorakit.quant import _require_bnb
+
+        _require_bnb("train.optimizer: adamw8bit")
     if Path(cfg.model).is_dir():  # (a Hub name is left to transformers)
         check_model_folder(cfg.model)  # safetensors weights there, looked for, not read
     check_positions(cfg, log)
@@ -68,6 +83,9 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
                         f"{stream.num_rows}; lower train.batch_size or train.grad_accum")  # fmt: skip
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     stats = dataclasses.asdict(train_set.stats)
+    adapter_bytes = trainable * TRAINABLE_BYTES[cfg.train.optimizer]
+    if cfg.adapter is not None and cfg.train.objective in REFERENCE_OBJECTIVES:
+        adapter_bytes += trainable * 4  # the frozen copy of the starting adapter, the reference
     weights = "NF4 linear layers, the rest" if cfg.quantize == "nf4" else "frozen weights"
     lines = [
         f"model        {cfg.model} ({type(model).__name__}, {total:,} params, config.json only: no weight read)",
@@ -79,7 +97,7 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         f"{' (pairs)' if stream.pairs else ''}; {processes} process{'es' if processes > 1 else ''}; output {cfg.output_dir}"
         + (f", resuming from {checkpoint}" if checkpoint is not None else ""),
         f"memory       {weights} in {str(dtype).replace('torch.', '')}: {_size(frozen_bytes)}; adapters, gradients and "
-        f"AdamW state {_size(trainable * TRAINABLE_BYTES_PER_PARAMETER)} (per process, activations on top)",
+        f"AdamW state {_size(adapter_bytes)} (per process, activations on top)",
     ]
     if eval_set is not None:
         lines.insert(3, f"eval         {_examples(dataclasses.asdict(eval_set.stats))}{_eval_plan(cfg)}")
@@ -123,6 +141,15 @@ def _adapters(model: nn.Module, cfg: RunConfig) -> tuple[int, int, int]:
 
     if cfg.adapter is not None:
         check_fits(model, read_adapter(cfg.adapter))
-    # the shapes are init's alone; PiSSA / OLoRA would factor weights that are not there
-    paths = inject_adapter(model, dataclasses.replace(cfg.lora, init="default"))
-    return (*count_parameters(model), len(paths))
+    # the shapes are init's alone: PiSSA / OLoRA would factor weights that are not there, and DoRA
+    # take the norms of their rows (its magnitudes, one per output row, are counted here instead)
+    paths = inject_adapter(model, dataclasses.replace(cfg.lora, init="default", dora=False))
+    trainable, total = count_parameters(model)
+    if cfg.lora.dora:
+        magnitudes = 0
+        for path in paths:
+            layer = model.get_submodule(path)
+            rows, cols = layer.kind.dense_weight(layer).shape  # (out, in); an embedding's (num, dim)
+            magnitudes += cols if layer.kind.name == "embedding" else rows
+        trainable, total = trainable + magnitudes, total + magnitudes
+    return trainable, total, len(paths)

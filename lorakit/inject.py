@@ -101,9 +101,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     heads = _output_head_names(model)
     # a modules_to_save wrapper's inside (its original and its adapters' trained copies) is never a target
     saved = tuple(p + "." for p, m in model.named_modules() if isinstance(m, SavedModule))
+    # nor is an experts module's inside: QLoRA holds its expert weights as a 4-bit linear layer per
+    # expert (lorakit.quant.Experts4bit), which `all-linear` would otherwise take for the model's own
+    experts = tuple(p + "." for p, m in model.named_modules() if p and is_experts_module(m))
     chosen = []
     for path, module in model.named_modules():
-        if not path or isinstance(module, (SavedModule,)) or ".lora_" in path or path.startswith(saved):
+        if not path or isinstance(module, (SavedModule,)) or ".lora_" in path or path.startswith(saved + experts):
             continue
         inner = module
         kind = base_kind(inner) if not isinstance(inner, LoraLayer) else inner.kind

@@ -121,13 +121,23 @@ def load_model(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         with _loading_errors(path):
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
-            )
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True,
+                **kwargs,
+            )  # fmt: skip
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise UserError(f"{path}: this model needs custom code; set trust_remote_code: true if you trust it") from None
         raise
+    except RuntimeError as exc:  # transformers raises this after its load report for a weight of another shape
+        if "mismatched_sizes" in str(exc):
+            raise UserError(f"{path}: a stored weight's shape differs from the one config.json implies (transformers' "
+                            "load report above names it); the weights and config.json are of different models") from None
+        raise
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would start those at random and only print a report
+        raise UserError(f"{path}: the safetensors files lack {len(missing)} weight{'s' if len(missing) > 1 else ''} the "
+                        f"model needs ({missing[0]}{', ...' if len(missing) > 1 else ''}); the folder is incomplete")  # fmt: skip
     return model.to(device).eval()
 
 

@@ -1106,6 +1106,8 @@ def train_command(args: argparse.Namespace) -> int:
 
         if args.nproc is not None and args.nproc < 1:
             raise UserError(f"--nproc {args.nproc}: the number of processes must be >= 1")
+        if args.nproc and (args.config is None or "=" in str(args.config)):
+            raise UserError("--nproc needs a YAML config (lorakit train CONFIG.yaml --nproc N); the demo runs in one process")
         return dry_run(_command_config(args), resume=args.resume, processes=args.nproc or 1)
     if args.nproc:
         from lorakit.distributed import launch_torchrun

@@ -53,6 +53,11 @@ def test_the_dry_run_prints_the_runs_counts_without_reading_a_weight(workspace, 
     assert dry["plan"].startswith("3 steps (4 an epoch) x 8 rows of <= 32 tokens; 1 process")
     frozen = run["precision"].split("frozen weights ")[1].split(" MiB")[0]
     assert f"frozen weights in float32: {frozen} MiB" in dry["memory"]
+    # DoRA's magnitudes (one per output row) counted as the run counts them
+    assert main(["train", _config(workspace, workspace / "dora"), "lora.dora=true"]) == 0
+    with_dora = _lines(capsys.readouterr().out)["adapters"]
+    assert main(["train", _config(workspace, workspace / "dora_dry"), "lora.dora=true", "--dry-run"]) == 0
+    assert _lines(capsys.readouterr().out)["adapters"] == with_dora.replace(" layers;", " modules;")
     # the plan of a two-process run: twice the rows a step, half the steps an epoch
     assert main(["train", _config(workspace, workspace / "two"), "--dry-run", "--nproc", "2"]) == 0
     assert _lines(capsys.readouterr().out)["plan"].startswith("3 steps (2 an epoch) x 16 rows of <= 32 tokens; 2 processes")
@@ -60,7 +65,7 @@ def test_the_dry_run_prints_the_runs_counts_without_reading_a_weight(workspace, 
 
 def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):
     finished = workspace / "finished"
-    assert main(["train", _config(workspace, finished, max_steps=1)]) == 0
+    assert main(["train", _config(workspace, finished, save_every=2)]) == 0  # a checkpoint at step 2
     capsys.readouterr()
     cases = [
         ([_config(workspace, finished)], "already holds a finished run; pass --resume"),
@@ -69,6 +74,11 @@ def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):
         ([_config(workspace, tmp_path / "b"), "lora.targets=[nothing_here]"], "lora.targets"),
         ([_config(workspace, tmp_path / "c"), "train.batch_size=64", "train.grad_accum=4"], "lower train.batch_size"),
         ([_config(workspace, tmp_path / "d"), f"data.train={_bad_data(tmp_path)}"], "bad.jsonl:2:"),
+        ([_config(workspace, tmp_path / "e"), "quantize=nf4", "lora.init=pissa"], "lora.init = 'pissa' with quantize: nf4"),
+        ([_config(workspace, tmp_path / "f"), "quantize=nf4", "train.distributed=fsdp", "--nproc", "2"],
+         "train.distributed: fsdp"),
+        (["--nproc", "2"], "--nproc needs a YAML config"),
+        ([_config(workspace, finished, save_every=2), "lora.r=8", "--resume"], "the lora (lora.r) changed since it was written"),
     ]
     for args, message in cases:
         assert main(["train", *args, "--dry-run"]) == 2, message

@@ -317,6 +317,19 @@ def test_nf4_experts_compute_with_their_dequantized_weights(arch):
         merge_adapter(model)
 
 
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_all_linear_never_reaches_into_4bit_experts(arch):
+    # QLoRA holds each expert's matrix as a 4-bit linear layer: all-linear must select what it
+    # selects on the 16-bit model (attention), not those (their adapters would fit no other model)
+    from lorakit.inject import find_targets
+    from lorakit.quant import quantize_model
+
+    plain, quantized = MODELS[arch]().float(), MODELS[arch]().float()
+    quantize_model(quantized, compute_dtype=torch.float32)
+    chosen = find_targets(quantized, LoraConfig(targets="all-linear"))
+    assert chosen == find_targets(plain, LoraConfig(targets="all-linear")) and not any("experts" in p for p in chosen)
+
+
 def test_simulate_nf4_merge_reproduces_the_4bit_model(tmp_path):
     # --simulate-nf4 rounds each expert's matrix as QLoRA training held it: put together from the
     # keys the base stores it under (gate_proj and up_proj rows of one gate_up_proj), rounded, cut again.

@@ -1,5 +1,7 @@
 """lorakit.models: position limits, transformers' renames of stored keys, the structure on the meta device."""
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -41,3 +43,23 @@ def test_meta_model_and_a_folder_transformers_cannot_read(tmp_path):
     (folder / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match=r"m: transformers could not load it"):
         load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("case", ["missing", "shape"])
+def test_weights_that_do_not_fit_config_json_are_refused(tmp_path, case):
+    # transformers would start a missing weight at random (and only print a report): a user error here
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.models import load_model
+
+    folder = save_model_folder(tmp_path / "m", tiny_llama())
+    tensors = load_file(str(folder / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    if case == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 2)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    message = f"lack 1 weight the model needs ({key})" if case == "missing" else "a stored weight's shape differs"
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_model(folder)
