@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lorakit.errors import UserError
@@ -68,6 +69,8 @@ def _loading_errors(path: Union[str, Path]) -> Iterator[None]:
     repository, a folder's file it cannot read or parse) as a one-line UserError."""
     try:
         yield
+    except SafetensorError as exc:
+        raise UserError(f"{path}: a weights file is not a valid safetensors file ({exc}); re-save or re-download it") from None
     except (OSError, json.JSONDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if Path(path).exists():

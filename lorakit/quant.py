@@ -462,7 +462,12 @@ def _safetensors_header(path: Path) -> dict[str, dict]:
     """The tensor entries of a safetensors file's JSON header (name -> dtype, shape, data_offsets)."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+        try:
+            header = json.loads(f.read(min(size, path.stat().st_size - 8)))
+        except (ValueError, OverflowError):
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a valid safetensors file (its header does not read); re-save or re-download it")
     header.pop("__metadata__", None)
     return header
 

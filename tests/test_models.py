@@ -63,3 +63,16 @@ def test_weights_that_do_not_fit_config_json_are_refused(tmp_path, case):
     message = f"lack 1 weight the model needs ({key})" if case == "missing" else "a stored weight's shape differs"
     with pytest.raises(UserError, match=re.escape(message)):
         load_model(folder)
+
+
+def test_a_corrupt_weights_file_is_a_user_error_for_both_loaders(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lorakit.models import load_model
+    from lorakit.quant import load_model_4bit
+
+    folder = save_model_folder(tmp_path / "m", tiny_llama())
+    (folder / "model.safetensors").write_bytes(b"\xff" * 8 + b"not a header")
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        load_model(folder)
+    with pytest.raises(UserError, match="model.safetensors: not a valid safetensors file"):
+        load_model_4bit(folder, compute_dtype=torch.float32)
