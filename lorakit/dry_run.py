@@ -40,7 +40,7 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
     from lorakit.train import (
         _check_objective, _dropped, _eval_plan, _examples, _objective_line, check_output_dir, check_positions,
-        data_config, use_chat_template,
+        data_config, plan_steps, use_chat_template,
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
@@ -76,12 +76,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
 
     stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
                          packing=cfg.data.packing, seed=cfg.train.seed, rank=0, world_size=processes)  # fmt: skip
-    steps_per_epoch = stream.microbatches_per_epoch() // cfg.train.grad_accum
+    total_steps, steps_per_epoch = plan_steps(cfg, stream, processes)
     rows = cfg.train.batch_size * cfg.train.grad_accum * processes
-    if steps_per_epoch == 0:
-        raise UserError(f"one optimizer step needs batch_size x grad_accum x processes = {rows} rows but the data makes "
-                        f"{stream.num_rows}; lower train.batch_size or train.grad_accum")  # fmt: skip
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     stats = dataclasses.asdict(train_set.stats)
     adapter_bytes = trainable * TRAINABLE_BYTES[cfg.train.optimizer]
     if cfg.adapter is not None and cfg.train.objective in REFERENCE_OBJECTIVES:

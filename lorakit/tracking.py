@@ -99,9 +99,8 @@ class WandbTracker:
         try:
             self.run = wandb.init(**kwargs)
         except Exception as exc:  # wandb raises its own errors (not logged in, no network, bad entity)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise UserError(
-                f"train.report_to: wandb did not start ({exc.__class__.__name__}: {first}); log in with `wandb login`, "
+                f"train.report_to: wandb did not start ({exc.__class__.__name__}: {_first_line(exc)}); log in with `wandb login`, "
                 "or set WANDB_MODE=offline to record the run locally and `wandb sync` it later"
             ) from None
 
@@ -170,5 +169,11 @@ class Trackers:
 
 
 def _warn(tracker: Any, exc: Exception, consequence: str) -> None:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    print(f"warning: train.report_to: {tracker.name} failed ({exc.__class__.__name__}: {first}); {consequence}", file=sys.stderr)
+    print(f"warning: train.report_to: {tracker.name} failed ({exc.__class__.__name__}: {_first_line(exc)}); {consequence}",
+          file=sys.stderr)  # fmt: skip
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's message up to its first line break (services write pages of help after it)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

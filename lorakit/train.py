@@ -292,14 +292,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length, packing=cfg.data.packing,
         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, pad_id=pad_id,
     )  # fmt: skip
-    steps_per_epoch = stream.microbatches_per_epoch() // cfg.train.grad_accum
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"one optimizer step needs batch_size x grad_accum x processes = "
-            f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world_size} rows but the data makes "
-            f"{stream.num_rows}; lower train.batch_size or train.grad_accum"
-        )
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    total_steps, _ = plan_steps(cfg, stream, dist.world_size)
 
     if dist.world_size > 1:
         from lorakit.distributed import wrap_model
@@ -371,6 +364,22 @@ def open_trackers(run: Run, ckpt_state: Optional[dict]):
 def _run_name(run: Run) -> str:
     """The run's name in the experiment trackers: train.run_name, or the output_dir's name."""
     return run.cfg.train.run_name or run.output_dir.resolve().name
+
+
+def plan_steps(cfg: RunConfig, stream: Any, world_size: int) -> tuple[int, int]:
+    """(the run's optimizer steps, the steps of an epoch) for the batches `stream` makes.
+
+    Raises:
+        UserError: the data makes fewer rows than one optimizer step takes.
+    """
+    steps_per_epoch = stream.microbatches_per_epoch() // cfg.train.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"one optimizer step needs batch_size x grad_accum x processes = "
+            f"{cfg.train.batch_size * cfg.train.grad_accum * world_size} rows but the data makes "
+            f"{stream.num_rows}; lower train.batch_size or train.grad_accum"
+        )
+    return cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch
 
 
 def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
