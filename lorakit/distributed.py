@@ -10,8 +10,9 @@ itself by rank (lorakit.data.BatchStream) and the loop lets only rank 0 write fi
 
 `train.distributed` picks how the model is spread over the processes:
     ddp   every process holds the whole frozen base; adapter gradients are all-reduced (DDP).
-    fsdp  FSDP2 (`fully_shard`) per transformer block, then the root: the frozen base and the
-          adapters are sharded, each block gathered only while it runs.
+    fsdp  FSDP2 (`fully_shard`) per transformer block, then the root: the frozen base (4-bit
+          too, with `quantize: nf4`) and the adapters are sharded, each block gathered only
+          while it runs.
     auto  see `resolve_strategy`.
 
 Environment:
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +49,7 @@ DEFAULT_TIMEOUT_S = 300.0
 # auto picks FSDP on GPUs when the frozen weights take more than this share of one GPU's memory;
 # the rest is left for activations, adapters, optimizer state and the allocator.
 FSDP_MEMORY_SHARE = 0.5
+NF4_BITS_PER_PARAM = 4.127  # NF4 codes plus double-quantized absmax (lorakit.quant)
 
 
 # --------------------------------------------------------------------------- launching
@@ -76,37 +79,32 @@ def launch_torchrun(args: argparse.Namespace) -> int:
 def resolve_strategy(cfg: RunConfig, device_type: str) -> str:
     """"ddp" or "fsdp" for `train.distributed`, checked before any model is loaded.
 
-    auto: DDP, except on GPUs when the model folder's weights take more than half of one GPU's
-    memory: then FSDP2, so each GPU holds only its share of the frozen base. With
-    `quantize: nf4` always DDP (the 4-bit base is small, and FSDP2 cannot shard it).
-
-    Raises:
-        UserError: `fsdp` together with `quantize: nf4`.
+    auto: DDP, except on GPUs when the frozen base (with `quantize: nf4` its 4-bit size) takes
+    more than half of one GPU's memory: then FSDP2, so each GPU holds only its share of it.
     """
     choice = cfg.train.distributed
-    if choice == "fsdp" and cfg.quantize == "nf4":
-        # Checked: fully_shard turns bitsandbytes' Params4bit into plain DTensors and drops their
-        # quant_state, so the 4-bit layers cannot run afterwards.
-        raise UserError(
-            "train.distributed: fsdp does not work with quantize: nf4 (FSDP2 cannot shard bitsandbytes 4-bit "
-            "weights); use train.distributed: ddp (each process holds the whole 4-bit base, about a quarter of its "
-            "bf16 size), or quantize: none with fsdp"
-        )
     if choice != "auto":
         return choice
-    if cfg.quantize == "nf4" or device_type != "cuda":
+    if device_type != "cuda":
         return "ddp"
-    weights = _weights_bytes(cfg.model)
+    weights = _weights_bytes(cfg.model, nf4=cfg.quantize == "nf4")
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return "fsdp" if weights is not None and weights > FSDP_MEMORY_SHARE * gpu else "ddp"
 
 
-def _weights_bytes(model: Optional[str]) -> Optional[int]:
-    """Size of a local model folder's safetensors files (None for a Hub name)."""
+def _weights_bytes(model: Optional[str], *, nf4: bool = False) -> Optional[int]:
+    """Size of a local model folder's safetensors files (None for a Hub name); with `nf4` what the
+    4-bit model takes, about 4.13 bits a parameter (counted from the files' headers)."""
     folder = Path(model or "")
     if not folder.is_dir():
         return None
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    files = sorted(folder.glob("*.safetensors"))
+    if not nf4:
+        return sum(p.stat().st_size for p in files)
+    from lorakit.quant import _safetensors_header
+
+    numel = sum(math.prod(t["shape"]) for p in files for t in _safetensors_header(p).values())
+    return int(numel * NF4_BITS_PER_PARAM / 8)
 
 
 # --------------------------------------------------------------------------- running one rank
@@ -221,9 +219,22 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, output head
+    _move_quant_states(model, device)
     dist.no_sync = lambda: _fsdp_no_sync(model)
     # The loss calls the whole sharded model (full logits) so FSDP2's root hooks run on every forward.
     return loss_module(_Forward(model, getattr(model, "config", None)), None, cfg.train, dist.all_reduce_sum)
+
+
+def _move_quant_states(model: nn.Module, device: torch.device) -> None:
+    """QLoRA under FSDP2: the 4-bit layers' quantization statistics (one 8-bit absmax per 64 codes,
+    double-quantized; lorakit.layers.quant_state_of) are no parameters, so fully_shard neither
+    shards nor moves them: each rank keeps them whole, moved here to its device."""
+    seen: set[int] = set()
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and id(state) not in seen:
+            seen.add(id(state))
+            state.to(device)
 
 
 @contextlib.contextmanager
@@ -233,6 +244,33 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def frozen_bytes_held(model: nn.Module) -> tuple[int, int]:
+    """(bytes of frozen weights this process holds, bytes of the whole frozen model): under FSDP2
+    its shards of each parameter; 4-bit layers' quantization statistics count in full on every
+    process (they are not sharded: `_move_quant_states`), as lorakit.quant's report counts them."""
+    held = whole = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        size = p.element_size()
+        whole += p.numel() * size
+        held += (p.to_local() if hasattr(p, "to_local") else p).numel() * size
+    states: set[int] = set()
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is None or id(state) in states:
+            continue
+        states.add(id(state))
+        stats = [state.absmax] + ([state.offset, state.state2.absmax] if state.nested else [])
+        tables = [state.code] + ([state.state2.code] if state.nested else [])  # often shared between layers
+        stats += [t for t in tables if t.data_ptr() not in states and not states.add(t.data_ptr())]
+        n = sum(t.numel() * t.element_size() for t in stats)
+        held, whole = held + n, whole + n
+    return held, whole
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

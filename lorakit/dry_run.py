@@ -50,10 +50,11 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         from lorakit.train import _check_same_run, fingerprint
 
         _check_same_run(json.loads((checkpoint / "state.json").read_text()).get("fingerprint", {}), fingerprint(cfg), checkpoint)
+    strategy = None
     if processes > 1:
         from lorakit.distributed import resolve_strategy
 
-        resolve_strategy(cfg, pick_device().type)  # (FSDP with QLoRA is refused)
+        strategy = resolve_strategy(cfg, pick_device().type)
     if cfg.train.optimizer == "adamw8bit":
         from lorakit.quant import _require_bnb
 
@@ -71,7 +72,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         raise UserError(f"model = {cfg.model!r}: its config.json does not build a transformers model here (an unknown "
                         "architecture, or custom code without trust_remote_code: true)")  # fmt: skip
     dtype = resolve_precision(cfg.train.precision, pick_device())
-    frozen_bytes = _frozen_bytes(model, dtype, cfg.quantize == "nf4")
+    shards = processes if strategy == "fsdp" else 1  # FSDP2 shards the weights and the adapters
+    frozen_bytes = _frozen_bytes(model, dtype, cfg.quantize == "nf4", shards)
     trainable, total, adapted = _adapters(model, cfg)
 
     stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
@@ -83,6 +85,7 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     if cfg.adapter is not None and cfg.train.objective in REFERENCE_OBJECTIVES:
         adapter_bytes += trainable * 4  # the frozen copy of the starting adapter, the reference
     weights = "NF4 linear layers, the rest" if cfg.quantize == "nf4" else "frozen weights"
+    sharded = " under fsdp: its shards, plus the block being run" if shards > 1 else ""
     lines = [
         f"model        {cfg.model} ({type(model).__name__}, {total:,} params, config.json only: no weight read)",
         f"adapters     LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {adapted} modules; trainable {trainable:,} "
@@ -92,8 +95,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         f"plan         {total_steps} steps ({steps_per_epoch} an epoch) x {rows} rows of <= {stream.max_length} tokens"
         f"{' (pairs)' if stream.pairs else ''}; {processes} process{'es' if processes > 1 else ''}; output {cfg.output_dir}"
         + (f", resuming from {checkpoint}" if checkpoint is not None else ""),
-        f"memory       {weights} in {str(dtype).replace('torch.', '')}: {_size(frozen_bytes)}; adapters, gradients and "
-        f"AdamW state {_size(adapter_bytes)} (per process, activations on top)",
+        f"memory       {weights} in {str(dtype).replace('torch.', '')}: {_size(frozen_bytes)}; adapters, gradients "
+        f"and AdamW state {_size(adapter_bytes / shards)} (per process{sharded}, activations on top)",
     ]
     if eval_set is not None:
         lines.insert(3, f"eval         {_examples(dataclasses.asdict(eval_set.stats))}{_eval_plan(cfg)}")
@@ -104,9 +107,10 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     return 0
 
 
-def _frozen_bytes(model: nn.Module, dtype: torch.dtype, nf4: bool) -> int:
-    """Bytes of the model's weights in `dtype`; with nf4, the linear layers and MoE expert weights
-    QLoRA's loader quantizes (checked as it checks them) in NF4."""
+def _frozen_bytes(model: nn.Module, dtype: torch.dtype, nf4: bool, shards: int = 1) -> int:
+    """Bytes of the model's weights in `dtype` a process holds; with nf4, the linear layers and MoE
+    expert weights QLoRA's loader quantizes (checked as it checks them) in NF4. With `shards`
+    (FSDP2's processes) each holds its share, except NF4's quantization state, whole everywhere."""
     from lorakit.experts import expert_parameter_names, is_experts_module
 
     size = torch.tensor([], dtype=dtype).element_size()
@@ -121,7 +125,7 @@ def _frozen_bytes(model: nn.Module, dtype: torch.dtype, nf4: bool) -> int:
         if id(p) in seen:  # tied weights count once
             continue
         seen.add(id(p))
-        total += p.numel() * (NF4_BYTES_PER_WEIGHT if id(p) in quantized else size)
+        total += p.numel() * ((0.5 / shards + NF4_BYTES_PER_WEIGHT - 0.5) if id(p) in quantized else size / shards)
     return int(total)
 
 

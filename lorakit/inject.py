@@ -412,20 +412,22 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count their logical elements."""
+    """(trainable, total) parameter counts; 4-bit weights count their logical elements (from the
+    layer's quantization state, which FSDP2's sharded weights no longer carry themselves)."""
     trainable = total = 0
     seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = p.numel()
-        quant_state = getattr(p, "quant_state", None)
-        if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-            n = int(torch.Size(quant_state.shape).numel())
-        total += n
-        if p.requires_grad:
-            trainable += n
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            quant_state = getattr(p, "quant_state", None) or (getattr(module, "quant_state", None) if name == "weight" else None)
+            if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+                n = int(torch.Size(quant_state.shape).numel())
+            total += n
+            if p.requires_grad:
+                trainable += n
     return trainable, total
 
 

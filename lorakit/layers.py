@@ -85,10 +85,17 @@ def _set_conv1d(layer: "LoraLayer", w: torch.Tensor) -> None:
     layer.weight.data.copy_(w.t().to(layer.weight.dtype))
 
 
+def quant_state_of(layer: nn.Module):
+    """A 4-bit layer's bitsandbytes QuantState. Kept on the module as well as on its Params4bit
+    weight: FSDP2 turns the weight into plain (sharded, then gathered) tensors without it."""
+    state = getattr(layer.weight, "quant_state", None)
+    return layer.quant_state if state is None else state
+
+
 def _dequant(layer: "LoraLayer") -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return bnbf.dequantize_4bit(layer.weight.data, quant_state_of(layer)).float()
 
 
 def _set_4bit(layer: "LoraLayer", w: torch.Tensor) -> None:
@@ -168,6 +175,8 @@ class LoraLayer(nn.Module):
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
         self.compute_dtype = getattr(base, "compute_dtype", None)
+        if kind.name == "linear4bit":
+            self.quant_state = base.weight.quant_state  # see quant_state_of
         self.base_class = type(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -323,7 +332,7 @@ class LoraLayer(nn.Module):
             dtype = x.dtype
             xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
             bias = None if self.bias is None else self.bias.to(xc.dtype)
-            result = bnb.matmul_4bit(xc, self.weight.t(), bias=bias, quant_state=self.weight.quant_state).to(dtype)
+            result = bnb.matmul_4bit(xc, self.weight.t(), bias=bias, quant_state=quant_state_of(self)).to(dtype)
             return result if out is None else out.copy_(result)
         if kind == "linear" and out is None:
             return F.linear(x, self.weight, self.bias)
@@ -414,7 +423,7 @@ class LoraLayer(nn.Module):
             return self.weight.t().to(g.dtype)
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).to(g.dtype)
+        return bnbf.dequantize_4bit(self.weight.data, quant_state_of(self)).to(g.dtype)
 
     # ----------------------------------------------------------------- unwrapping
     def to_base_module(self) -> nn.Module:

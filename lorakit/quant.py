@@ -33,8 +33,8 @@ from torch import nn
 
 from lorakit import experts as moe
 from lorakit.errors import UserError
-from lorakit.layers import _is_conv1d, is_plain_linear
-from lorakit.metrics import peak_rss_bytes
+from lorakit.layers import _is_conv1d, is_plain_linear, quant_state_of
+from lorakit.metrics import byte_size, peak_rss_bytes
 from lorakit.models import assemble_stored as _assemble_stored
 from lorakit.models import checkpoint_key_transform, load_model, read_stored, stored_keys
 from lorakit.models import stored_pieces as _stored_pieces
@@ -91,14 +91,14 @@ class QuantReport:
             f"nf4: {self.layers} linear layers"
             + (f" ({self.expert_matrices} of them expert matrices)" if self.expert_matrices else "")
             + f", {self.params / 1e6:.2f}M params -> "
-            f"{self.bits_per_param:.3f} bits/param; frozen linear weights {_mb(self.linear_bytes_before)} -> "
-            f"{_mb(self.linear_bytes_after)}; all frozen weights {_mb(self.frozen_bytes_before)} -> "
-            f"{_mb(self.frozen_bytes_after)}"
+            f"{self.bits_per_param:.3f} bits/param; frozen linear weights {byte_size(self.linear_bytes_before)} -> "
+            f"{byte_size(self.linear_bytes_after)}; all frozen weights {byte_size(self.frozen_bytes_before)} -> "
+            f"{byte_size(self.frozen_bytes_after)}"
         )
         if self.peak_bytes is not None:
-            line += f"; loading peak {_mb(self.peak_bytes)} held"
+            line += f"; loading peak {byte_size(self.peak_bytes)} held"
         if self.peak_rss_bytes is not None:
-            line += f", process peak RSS {_mb(self.peak_rss_bytes)}"
+            line += f", process peak RSS {byte_size(self.peak_rss_bytes)}"
         return line
 
 
@@ -207,9 +207,8 @@ class Experts4bit(nn.Module):
         bias = getattr(self.base_layer, f"{param}_bias", None) if self.base_layer.has_bias else None
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
-            weight = layers[e].weight
             b = None if bias is None else bias[e].to(self.compute_dtype)
-            y = bnb.matmul_4bit(x.to(self.compute_dtype), weight.t(), bias=b, quant_state=weight.quant_state)
+            y = bnb.matmul_4bit(x.to(self.compute_dtype), layers[e].weight.t(), bias=b, quant_state=quant_state_of(layers[e]))
             return y.to(x.dtype)
 
         return run
@@ -843,7 +842,3 @@ def _adamw8bit_problem(bnb: Any, device: str) -> Union[str, None]:
     except Exception as exc:  # any failure means this device is unsupported for the optimizer
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return None
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

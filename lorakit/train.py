@@ -41,7 +41,7 @@ from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
-from lorakit.metrics import MetricsLog, peak_rss_bytes, write_text_atomic
+from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, write_text_atomic
 from lorakit.models import load_model, load_tokenizer, meta_model, pick_device, position_limit, resolve_precision
 from lorakit.preference import loss_module
 
@@ -255,7 +255,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if cfg.quantize == "nf4":
         from lorakit.quant import load_model_4bit
 
-        model, report = load_model_4bit(cfg.model, compute_dtype=dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+        model, report = load_model_4bit(cfg.model, compute_dtype=dtype, device=str(load_device), trust_remote_code=cfg.trust_remote_code)
         frozen_summary = report.summary()
     else:
         model = load_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code)
@@ -981,11 +981,28 @@ def _parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total - preference.reference_parameters(model)
 
 
+def _processes_line(run: Run) -> str:
+    """How the processes hold the frozen model, e.g. "2 (fsdp); each holds 1.20 MiB of the 2.39 MiB of
+    frozen weights (its shards; one block gathered at a time on top)"."""
+    from lorakit.distributed import frozen_bytes_held
+
+    held, whole = frozen_bytes_held(run.model)
+    how = "its shards; one block gathered at a time on top" if run.cfg.train.distributed == "fsdp" else "a whole copy"
+    return f"{run.dist.world_size} ({run.cfg.train.distributed}); each holds {byte_size(held)} of the {byte_size(whole)} of frozen weights ({how})"
+
+
+def _class_name(model: nn.Module) -> str:
+    """The model's class, not the subclass FSDP2's fully_shard swaps in (FSDPLlamaForCausalLM)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def start_summary(run: Run) -> str:
     trainable, total = _parameter_counts(run.model)
     s = run.data_stats
     lines = [
-        f"model        {run.cfg.model} ({type(run.model).__name__}, {total:,} params)",
+        f"model        {run.cfg.model} ({_class_name(run.model)}, {total:,} params)",
         f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {_adapted_summary(run.model)}; "
         f"trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)"
         + (f"; continues {run.cfg.adapter}" if run.cfg.adapter is not None else ""),
@@ -997,6 +1014,8 @@ def start_summary(run: Run) -> str:
     ]
     if run.eval_set is not None:
         lines.insert(4, f"eval         {_examples(dataclasses.asdict(run.eval_set.stats))}{_eval_plan(run.cfg)}")
+    if run.dist.world_size > 1:
+        lines.append(f"processes    {_processes_line(run)}")
     if run.cfg.train.trackers():
         lines.append(f"tracking     {_tracking_line(run)}")
     if run.cfg.train.objective != "sft":

@@ -8,10 +8,12 @@ runs call the CLI in this process (no second interpreter start).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,6 @@ from safetensors.torch import load_file
 from lorakit.cli import main
 from lorakit.config import build_run_config
 from lorakit.distributed import resolve_strategy, transformer_blocks
-from lorakit.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT = 4, 2
@@ -83,6 +84,11 @@ def _losses(out):
 
 def _adapter(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _kib(size: str) -> float:
+    value, unit = size.split()
+    return float(value) * (1024 if unit == "MiB" else 1)
 
 
 def _max_diff(a, b):
@@ -177,15 +183,22 @@ def test_a_failing_rank_ends_the_job(workspace):
     assert not (workspace / "failing" / "adapter").exists()
 
 
-def test_strategy_choice_and_nf4_with_fsdp(workspace):
+def test_strategy_choice(workspace, monkeypatch):
     def cfg(**kw):
         return build_run_config({"model": str(workspace / "model"), "data": {"train": str(workspace / "train.jsonl")}, **kw})
 
     assert resolve_strategy(cfg(), "cpu") == "ddp"
     assert resolve_strategy(cfg(train={"distributed": "fsdp"}), "cpu") == "fsdp"
-    assert resolve_strategy(cfg(quantize="nf4"), "cuda") == "ddp"
-    with pytest.raises(UserError, match="train.distributed: ddp"):
-        resolve_strategy(cfg(quantize="nf4", train={"distributed": "fsdp"}), "cpu")
+    assert resolve_strategy(cfg(quantize="nf4", train={"distributed": "fsdp"}), "cpu") == "fsdp"
+    # auto on GPUs: FSDP when the frozen base takes more than half a GPU; with nf4 its 4-bit size counts
+    files = sum(p.stat().st_size for p in (workspace / "model").glob("*.safetensors"))  # fp32 weights
+    gpu = types.SimpleNamespace(total_memory=files)  # the (fp32) weights: twice what half of this GPU is
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    assert resolve_strategy(cfg(), "cuda") == "fsdp"
+    assert resolve_strategy(cfg(quantize="nf4"), "cuda") == "ddp"  # 4.127 of 32 bits: an eighth of the files
+    gpu.total_memory = files // 5  # half of it: a tenth of the files, less than the 4-bit base
+    assert resolve_strategy(cfg(quantize="nf4"), "cuda") == "fsdp"
 
 
 def test_nproc_needs_a_config(capsys):
@@ -199,20 +212,29 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-@pytest.mark.parametrize("variant", ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "best_fsdp"])
-def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
+VARIANTS = ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "best_fsdp", "qlora_fsdp",
+            "qlora_moe_fsdp", "qlora_dpo_fsdp"]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_expert_adapters_dora_dpo_and_qlora_match_one_process(workspace, variant):
     # LoRA on the fused expert weights (lorakit.experts): FSDP2 shards the (E·r, in) / (out, r·E)
     # factors; DoRA: the magnitudes are sharded, its norm reads the gathered weight; DPO: each
     # rank's micro-batch runs the reference (adapter off) and the policy, and the loss is a mean
     # over the pairs of all ranks; continuing an adapter, the reference is its frozen copy, sharded
-    # beside the trained one.
+    # beside the trained one. QLoRA: FSDP2 shards the packed NF4 codes (the quantization state
+    # stays whole on the layer), in LoRA layers, in bitsandbytes' own Linear4bit (layers without
+    # an adapter) and in the 4-bit MoE experts.
     from helpers import tiny_qwen3_moe
     from test_preference import addition_pairs, unpaired_records
 
     root = workspace / variant
     root.mkdir()
     cfg = yaml.safe_load((workspace / "cfg.yaml").read_text())
-    if variant == "moe_experts":
+    if variant.startswith("qlora"):
+        cfg["quantize"] = "nf4"
+        cfg["lora"]["targets"] = ["q_proj", "v_proj", "down_proj"]  # the others stay bitsandbytes Linear4bit
+    if variant in ("moe_experts", "qlora_moe_fsdp"):
         save_model_folder(root / "model", tiny_qwen3_moe())
         cfg["model"] = str(root / "model")
         cfg["lora"].update(targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -222,6 +244,8 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         write_addition_data(root / "eval.jsonl", 4, seed=1)
         cfg["data"]["eval"] = str(root / "eval.jsonl")
         cfg["train"].update(eval_every=1, save_best=True, early_stopping_patience=2, report_to="tensorboard")
+    elif variant in ("qlora_fsdp", "qlora_moe_fsdp"):
+        pass
     elif variant == "kto_ddp":  # KTO's reference point z0: a mean over the micro-batches of both processes
         (root / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(32)))
         (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(4, seed=1)))
@@ -244,7 +268,12 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
     assert proc.returncode == 0, _failure(proc)
     _check_matches(root / "fsdp", root / "single")
     tensors = _adapter(root / "single" / "adapter")
-    if variant == "moe_experts":
+    if variant.startswith("qlora"):
+        # each process holds its half of the packed codes, plus the whole quantization state
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("processes"))
+        held, whole = (_kib(part) for part in re.findall(r"([\d.]+ [KM]iB)", line))
+        assert "2 (fsdp)" in line and 0.5 * whole < held < 0.6 * whole, line
+    if variant in ("moe_experts", "qlora_moe_fsdp"):
         assert sum(".mlp.experts." in k for k in tensors) == 8
     elif variant == "dora":
         assert sum(k.endswith(".lora_magnitude_vector") for k in tensors) == 2 * 7
@@ -254,7 +283,7 @@ def test_expert_adapters_dora_and_dpo_match_one_process(workspace, variant):
         assert got["stopped_early"] is want["stopped_early"] is False
         assert _max_diff(_adapter(root / "fsdp" / "best_adapter"), _adapter(root / "single" / "best_adapter")) <= 1e-5
         assert len(list((root / "fsdp" / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    else:
+    elif variant in ("dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "qlora_dpo_fsdp"):
         entries = [json.loads(line) for line in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
         first = 0.5 if variant == "kto_ddp" else 0.6931472  # the policy starts as the reference
         assert abs(entries[0]["loss"] - first) < 1e-6 and all("reward_accuracy" in e for e in entries if "loss" in e)

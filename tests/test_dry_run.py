@@ -4,11 +4,13 @@ weight read, and the mistakes a run would stop at, found before it."""
 import json
 
 import pytest
+import torch
 import yaml
 from helpers import save_model_folder, write_addition_data
 
 from lorakit import models, quant
 from lorakit.cli import main
+from lorakit.dry_run import _frozen_bytes
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,18 @@ def test_the_dry_run_prints_the_runs_counts_without_reading_a_weight(workspace, 
     # the plan of a two-process run: twice the rows a step, half the steps an epoch
     assert main(["train", _config(workspace, workspace / "two"), "--dry-run", "--nproc", "2"]) == 0
     assert _lines(capsys.readouterr().out)["plan"].startswith("3 steps (2 an epoch) x 16 rows of <= 32 tokens; 2 processes")
+    # FSDP2 with QLoRA: each process holds half of the NF4 codes and of the other weights, and the
+    # quantization state whole
+    args = [_config(workspace, workspace / "fsdp"), "quantize=nf4", "train.distributed=fsdp", "--dry-run", "--nproc", "2"]
+    assert main(["train", *args]) == 0
+    assert "(per process under fsdp: its shards, plus the block being run" in _lines(capsys.readouterr().out)["memory"]
+    model = models.meta_model(str(workspace / "model"))
+    quantized = {id(model.get_submodule(path).weight) for path in quant.quantized_layers(model)}
+    codes = sum(p.numel() for p in model.parameters() if id(p) in quantized)
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+    state = codes * (1 / 64 + 4 / (64 * 256))  # 8-bit absmax per 64 weights, fp32 per 256 absmax
+    assert _frozen_bytes(model, torch.float32, True, 1) == int(codes / 2 + state + rest * 4)
+    assert _frozen_bytes(model, torch.float32, True, 2) == int(codes / 4 + state + rest * 2)
 
 
 def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):
@@ -75,8 +89,6 @@ def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):
         ([_config(workspace, tmp_path / "c"), "train.batch_size=64", "train.grad_accum=4"], "lower train.batch_size"),
         ([_config(workspace, tmp_path / "d"), f"data.train={_bad_data(tmp_path)}"], "bad.jsonl:2:"),
         ([_config(workspace, tmp_path / "e"), "quantize=nf4", "lora.init=pissa"], "lora.init = 'pissa' with quantize: nf4"),
-        ([_config(workspace, tmp_path / "f"), "quantize=nf4", "train.distributed=fsdp", "--nproc", "2"],
-         "train.distributed: fsdp"),
         (["--nproc", "2"], "--nproc needs a YAML config"),
         ([_config(workspace, finished, save_every=2), "lora.r=8", "--resume"], "the lora (lora.r) changed since it was written"),
     ]
