@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted in the result) instead of stopping")
+    p.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
+                   help="the records' NAME for lorakit's KEY, e.g. --column prompt=question (data.columns); repeatable")
     p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo", "kto"], default=None,
                    help="read the data as preference pairs (kto: labelled examples) and report this objective's loss and "
                         "rewards (default for preference data: dpo; dpo, ipo, kto: the adapter against its base)")

@@ -115,6 +115,8 @@ class DataConfig:
     # context); a turn marked "weight": 0 is never trained
     train_turns: str = "all"
     skip_invalid: bool = False
+    # the records' own names for lorakit's keys, e.g. {prompt: question, completion: answer}
+    columns: dict[str, str] = field(default_factory=dict)
     cache_dir: Union[str, None] = None  # default: ~/.cache/lorakit/data
     # the chat template for chat records instead of the tokenizer's: a Jinja file, or "chatml"
     # (for base models without one); saved with the adapter, which inference and merge then use
@@ -122,6 +124,27 @@ class DataConfig:
 
 
 DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference", "unpaired")
+# the top-level keys of lorakit's record formats, which data.columns may take from other names
+RECORD_KEYS = ("text", "prompt", "completion", "instruction", "input", "output", "messages", "conversations",
+               "chosen", "rejected", "label")  # fmt: skip
+
+
+def column_problems(columns: dict[str, str], where: str) -> list[str]:
+    """What is wrong with a data.columns mapping (lorakit's key -> the records' name for it)."""
+    problems = []
+    for key, name in columns.items():
+        if key not in RECORD_KEYS:
+            close = difflib.get_close_matches(key, RECORD_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{where}: {key!r} is no key of lorakit's records; {hint}map one of {', '.join(RECORD_KEYS)} "
+                            f"to your records' name for it, e.g. {{prompt: question}}")  # fmt: skip
+        elif not name:
+            problems.append(f"{where}.{key} = {name!r}: give the records' name for {key!r}")
+    names = list(columns.values())
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        problems.append(f"{where}: {twice[0]!r} is named for {names.count(twice[0])} keys; map each key of the records once")
+    return problems
 
 
 @dataclass
@@ -348,6 +371,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
             f"lora.init = {cfg.lora.init!r} with quantize: nf4: {cfg.lora.init} factors the full-precision weights, "
             "which QLoRA does not hold; use default or gaussian init, or quantize: none"
         )
+    problems += column_problems(cfg.data.columns, "data.columns")
     if cfg.data.train_turns == "last" and cfg.data.train_on_inputs:
         problems.append("data.train_turns = 'last' with data.train_on_inputs = true: every token is trained then; set one of them")
     if not 0 <= cfg.data.eval_fraction < 1:

@@ -262,6 +262,28 @@ class TokenizedDataset:
 # Reading records
 
 
+def rename_columns(record: dict, columns: dict[str, str]) -> dict:
+    """The record with its keys named as lorakit reads them: `columns` maps lorakit's key to the
+    records' own name for it (data.columns, e.g. {"prompt": "question"}); names the record lacks
+    are passed over, so one mapping serves files of several layouts.
+
+    Raises:
+        BadRecord: the record holds both a name and the key it is mapped to.
+    """
+    if not columns:
+        return record
+    taken = {name: key for key, name in columns.items() if name in record}
+    out = {k: v for k, v in record.items() if k not in taken}
+    for name, key in taken.items():
+        if key in out:
+            raise BadRecord(
+                f"the record has both {key!r} and {name!r}, which data.columns maps to {key!r}; "
+                f"drop one of them from the data, or {key!r} from data.columns"
+            )
+        out[key] = record[name]
+    return out
+
+
 def detect_format(record: dict) -> str | None:
     """"chat", "preference", "unpaired", "instruction", "completion" or "text" from the record's
     keys; None if none fits. A record with chat messages beside chosen/rejected answers (UltraFeedback's layout)
@@ -841,6 +863,7 @@ def tokenize_records(
     unpaired: list[tuple[int, dict, tuple[str, Any]]] = []  # (line, record, its own example)
     for line, record in records:
         try:
+            record = rename_columns(record, cfg.columns)
             fmt, payload = prepare_record(record, cfg.format, cfg.train_on_inputs, cfg.train_turns)
             this = fmt if fmt in ("preference", "unpaired") else "non-preference"
             if kind is None:
@@ -1147,7 +1170,7 @@ def load_dataset(path: Union[str, Path], tokenizer: Any, cfg: DataConfig, *, use
 
     The cache key is the sha256 of the file's bytes, the tokenizer (its JSON, chat template and
     special tokens), the options that change the result (format, max_length, too_long,
-    train_on_inputs, skip_invalid, train_turns) and lorakit/transformers/tokenizers versions. Files live in
+    train_on_inputs, skip_invalid, train_turns, columns) and lorakit/transformers/tokenizers versions. Files live in
     `cfg.cache_dir`, else `$LORAKIT_CACHE`, else `~/.cache/lorakit/data`, as .npz (no pickle),
     written atomically. A cache that cannot be written only logs a warning.
 
@@ -1195,6 +1218,8 @@ def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     options = {k: getattr(cfg, k) for k in ("format", "max_length", "too_long", "train_on_inputs", "skip_invalid", "train_turns")}
+    if cfg.columns:
+        options["columns"] = cfg.columns  # (only when set: the caches of earlier runs stay valid)
     meta = {
         "version": FORMAT_VERSION,
         "instruction_template": [INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT],

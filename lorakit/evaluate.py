@@ -256,9 +256,25 @@ def _max_length(asked: Optional[int], model: nn.Module, name: str) -> int:
     return asked
 
 
+def _columns(pairs: list[str]) -> dict[str, str]:
+    """--column KEY=NAME options as a data.columns mapping, checked as the config checks it."""
+    from lorakit.config import column_problems
+
+    columns = {}
+    for pair in pairs:
+        key, sep, name = pair.partition("=")
+        if not sep:
+            raise UserError(f"--column {pair!r}: give KEY=NAME, lorakit's key and the records' name for it, e.g. prompt=question")
+        columns[key.strip()] = name.strip()
+    problems = column_problems(columns, "--column")
+    if problems:
+        raise UserError(problems[0])
+    return columns
+
+
 def eval_command(args: argparse.Namespace) -> int:
     from lorakit.config import DataConfig
-    from lorakit.data import load_dataset, read_records
+    from lorakit.data import BadRecord, load_dataset, read_records, rename_columns
     from lorakit.generate import load_for_command
 
     model, tokenizer = load_for_command(args)
@@ -266,7 +282,8 @@ def eval_command(args: argparse.Namespace) -> int:
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto reads as chat)
     # --objective reads the records as pairs, or kto as labelled examples (prompt, completion, label)
     fmt = "unpaired" if args.objective == "kto" else "preference" if args.objective else "auto"
-    cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid)
+    columns = _columns(args.column)
+    cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid, columns=columns)
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     if dataset.pairs:
         return _preference_eval(args, model, dataset, max_length)
@@ -278,7 +295,12 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.skip_invalid:
         result["skipped"] = dataset.stats.skipped_invalid
     if args.generate:
-        records = [r for _, r in read_records(args.data, skip_invalid=args.skip_invalid)]
+        records = []
+        for _, record in read_records(args.data, skip_invalid=args.skip_invalid):
+            try:
+                records.append(rename_columns(record, columns))
+            except BadRecord:  # skipped by the loss above (--skip-invalid), so here too
+                continue
         acc = generation_accuracy(
             model, tokenizer, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             skip_invalid=args.skip_invalid,

@@ -159,6 +159,8 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
         d.pop(key)
     if d["train_turns"] == "all":
         del d["train_turns"]  # so checkpoints of earlier runs still resume
+    if not d["columns"]:
+        del d["columns"]  # so checkpoints of earlier runs still resume
     if d["chat_template"] is None:
         del d["chat_template"]  # so checkpoints of earlier runs still resume
     else:  # its text: an edited template file is another run
@@ -307,9 +309,15 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     eval_records = None
     if cfg.train.eval_generate:
-        from lorakit.data import read_records
+        from lorakit.data import BadRecord, read_records, rename_columns
 
-        eval_records = [r for f in data_files(cfg.data.eval) for _, r in read_records(f, skip_invalid=cfg.data.skip_invalid)]
+        eval_records = []
+        for f in data_files(cfg.data.eval):
+            for _, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
+                try:
+                    eval_records.append(rename_columns(record, cfg.data.columns))
+                except BadRecord:  # what tokenizing the eval set skipped (skip_invalid), this skips too
+                    continue
 
     run = Run(
         cfg=cfg, output_dir=output_dir, device=device, dtype=dtype, tokenizer=tokenizer, model=model,

@@ -540,6 +540,56 @@ def test_cache_hit_returns_identical_arrays_without_tokenizing(tmp_path, monkeyp
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
 
 
+def test_columns_take_lorakit_keys_from_the_records_own_names(tmp_path):
+    tok = make_tokenizer("llama3")
+    plain = [{"prompt": "2 plus 2 is", "completion": " 4"}, {"messages": CHAT}, {"text": "just text"},
+             {"instruction": "Say hi", "input": "", "output": "hi"}]  # fmt: skip
+    named = [{"question": "2 plus 2 is", "answer": " 4", "id": 7}, {"conversation": CHAT}, {"text": "just text"},
+             {"instruction": "Say hi", "input": "", "response": "hi"}]  # fmt: skip
+    columns = {"prompt": "question", "completion": "answer", "messages": "conversation", "output": "response"}
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), packing=False)
+    want = load_dataset(write_jsonl(tmp_path / "plain.jsonl", plain), tok, cfg)
+    path = write_jsonl(tmp_path / "named.jsonl", named)
+    with pytest.raises(UserError, match="named.jsonl:1: .*prompt"):  # without the mapping nothing fits
+        load_dataset(path, tok, cfg)
+    got = load_dataset(path, tok, dataclasses.replace(cfg, columns=columns))
+    for name in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(getattr(got, name), getattr(want, name))
+    assert got.stats == want.stats and len(list((tmp_path / "cache").glob("*.npz"))) == 2  # the mapping keys the cache
+    # a record holding both a name and the key it stands for is an error naming both (or skipped)
+    write_jsonl(path, named + [{"prompt": "a", "question": "b", "answer": "c"}])
+    with pytest.raises(UserError, match="named.jsonl:5: the record has both 'prompt' and 'question'"):
+        load_dataset(path, tok, dataclasses.replace(cfg, columns=columns))
+    skipped = load_dataset(path, tok, dataclasses.replace(cfg, columns=columns, skip_invalid=True))
+    assert skipped.stats.skipped_invalid == 1 and skipped.stats.examples == 4
+    # preference pairs under other names, and a swap of two keys
+    pair = {"query": "2 plus 2 is", "good": " 4", "bad": " 5"}
+    pairs = load_dataset(write_jsonl(tmp_path / "pairs.jsonl", [pair]), tok,
+                         dataclasses.replace(cfg, columns={"prompt": "query", "chosen": "good", "rejected": "bad"}))  # fmt: skip
+    swapped = {"prompt": "2 plus 2 is", "chosen": " 5", "rejected": " 4"}
+    swap = load_dataset(write_jsonl(tmp_path / "swap.jsonl", [swapped]), tok,
+                        dataclasses.replace(cfg, columns={"chosen": "rejected", "rejected": "chosen"}))  # fmt: skip
+    assert pairs.pairs and np.array_equal(pairs.input_ids, swap.input_ids) and np.array_equal(pairs.labels, swap.labels)
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"promt": "question"}, "data.columns: 'promt' is no key of lorakit's records; did you mean 'prompt'?"),
+        ({"prompt": "q", "completion": "q"}, "data.columns: 'q' is named for 2 keys"),
+        ({"prompt": ""}, "data.columns.prompt = '': give the records' name for 'prompt'"),
+        ({"prompt": 3}, "data.columns = {'prompt': 3}: expected a mapping of a string to a string"),
+    ],
+)
+def test_bad_columns_are_config_errors(tmp_path, columns, message):
+    from lorakit.config import build_run_config
+
+    raw = {"model": "m", "data": {"train": "t.jsonl", "columns": columns}}
+    with pytest.raises(UserError) as err:
+        build_run_config(raw, check_paths=False)
+    assert message in str(err.value)
+
+
 def test_load_train_eval_holds_out_a_deterministic_fraction(tmp_path):
     tok = make_tokenizer("llama3")
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"example {i}"} for i in range(20)])

@@ -107,6 +107,24 @@ def test_cli_eval_json_and_table(setup, tmp_path, capsys):
     assert f"loss        {ref:.4f}" in out and "/4 exact matches" in out
 
 
+def test_cli_eval_reads_other_column_names(setup, tmp_path, capsys):
+    model, tok, _, path = setup
+    folder = save_model_folder(tmp_path / "m", model, tok)
+    rename = {"prompt": "question", "completion": "answer", "messages": "dialog"}
+    named = tmp_path / "named.jsonl"
+    with open(named, "w") as f:
+        for line in path.read_text().splitlines():
+            f.write(json.dumps({rename.get(k, k): v for k, v in json.loads(line).items()}) + "\n")
+    args = ["--max-length", "64", "--generate", "--max-new-tokens", "4", "--json"]
+    assert main(["eval", "--model", str(folder), "--data", str(path), *args]) == 0
+    want = json.loads(capsys.readouterr().out)
+    columns = [f"--column={k}={v}" for k, v in rename.items()]
+    assert main(["eval", "--model", str(folder), "--data", str(named), *args, *columns]) == 0
+    assert json.loads(capsys.readouterr().out) == want and want["total"] == 4
+    assert main(["eval", "--model", str(folder), "--data", str(named), "--column", "prompt"]) == 2
+    assert "--column 'prompt': give KEY=NAME" in capsys.readouterr().err
+
+
 def test_bad_inputs(setup, tmp_path, capsys):
     model, tok, _, path = setup
     folder = save_model_folder(tmp_path / "m", model, tok)

@@ -345,6 +345,10 @@ def test_refuses_to_overwrite_and_resume_mismatch(workspace, capsys):
     assert main(["train", _config(workspace, out, max_steps=2), "lora.r=8", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "lora (lora.r)" in err
+    # data.columns is part of the data: another mapping is another run (none leaves the fingerprint as it was)
+    assert main(["train", _config(workspace, out, max_steps=2), "data.columns={prompt: question}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "data (data.columns)" in err
 
 
 def test_a_list_of_data_files_trains_as_one_and_resumes_only_unchanged(workspace, capsys):
