@@ -170,6 +170,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
+    eval_on_start: bool = False  # also eval before the first step (the base's figures, logged at step 0)
     eval_generate: bool = False  # also log eval_accuracy: exact match of greedy answers on data.eval
     eval_max_new_tokens: int = 64  # generation budget per answer for eval_generate
     save_every: int = 0
@@ -347,6 +348,8 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         problems.append(
             f"train.gradient_checkpointing = {cfg.train.gradient_checkpointing!r}: use false, true (= full), full or selective"
         )
+    if cfg.train.eval_on_start and cfg.data.eval is None and not cfg.data.eval_fraction:
+        problems.append("train.eval_on_start = true: needs eval data; set data.eval or data.eval_fraction")
     if cfg.train.eval_generate and cfg.data.eval is None:
         problems.append("train.eval_generate = true: needs data.eval, a file of records with reference answers")
     problems += _objective_problems(cfg)

@@ -747,6 +747,11 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     evaluated_at, stop_early = None, _patience_spent(run)
     if stop_early:  # resumed from the checkpoint of the eval that ended the run: it ends there again
         evaluated_at, last_eval = run.step, _logged_eval(run)
+    elif cfg.train.eval_on_start and run.step == 0:
+        # the starting point of the eval curves; not a candidate for the best (its adapter trained nothing)
+        start_eval = evaluate(run)
+        if start_eval:
+            run.metrics.log({"step": 0, **start_eval})
     try:
         while run.step < run.total_steps and not stop_early:
             step_start = time.perf_counter()
@@ -1040,8 +1045,8 @@ def _eval_plan(cfg: RunConfig) -> str:
     without a better one" (what the eval line adds when evals run during the run)."""
     train = cfg.train
     if not train.eval_every:
-        return ""
-    parts = [f"every {train.eval_every} steps"]
+        return "; before the first step and at the end" if train.eval_on_start else ""
+    parts = (["before the first step"] if train.eval_on_start else []) + [f"every {train.eval_every} steps"]
     if train.save_best:
         parts.append(f"the best {train.best_metric} kept in {BEST_ADAPTER_DIR}/")
     if train.early_stopping_patience:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from lorakit import host_memory
 from lorakit import train as train_module
 from lorakit.cli import main
+from lorakit.config import build_run_config
 from lorakit.errors import UserError
 from lorakit.train import lr_lambda
 
@@ -505,6 +506,27 @@ def test_lr_schedules():
                          check_paths=False)  # fmt: skip
     with pytest.raises(UserError, match=r"train.min_lr_ratio = 1.5: must be in \[0, 1\]"):
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"min_lr_ratio": 1.5}}, check_paths=False)
+
+
+def test_eval_on_start_logs_the_base_at_step_0_and_changes_nothing_else(workspace, capsys):
+    with_start, without = workspace / "evalstart", workspace / "evalnostart"
+    assert main(["train", _config(workspace, with_start, max_steps=4, eval_every=2, save_best=True, eval_on_start=True)]) == 0
+    assert "eval         4 examples; before the first step, every 2 steps, the best eval_loss" in capsys.readouterr().out
+    assert main(["train", _config(workspace, without, max_steps=4, eval_every=2, save_best=True)]) == 0
+    first, *rest = _entries(with_start)
+    assert first["step"] == 0 and set(first) == {"step", "eval_loss", "eval_perplexity"}
+    capsys.readouterr()
+    assert main(["eval", "--model", str(workspace / "model"), "--data", str(workspace / "eval.jsonl"), "--json",
+                 "--max-length", "64"]) == 0  # fmt: skip
+    assert first["eval_loss"] == pytest.approx(json.loads(capsys.readouterr().out)["loss"], abs=1e-5)  # the base's
+    # the same steps, evals, best and adapter, to the bit: the eval before the start draws no random numbers
+    timeless = [[{k: v for k, v in e.items() if k not in ("tokens_per_s", "elapsed_s")} for e in run] for run in (rest, _entries(without))]
+    assert timeless[0] == timeless[1]
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (with_start, without)]
+    assert summaries[0]["best_step"] == summaries[1]["best_step"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(with_start).values(), _adapter(without).values()))
+    with pytest.raises(UserError, match="train.eval_on_start = true: needs eval data"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_on_start": True}}, check_paths=False)
 
 
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
