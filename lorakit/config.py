@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Optional, Union
 
 import yaml
 
@@ -102,7 +103,8 @@ class DataConfig:
 
     # a file, or a list of files read one after another (a file listed twice counts twice)
     train: Union[str, list[str], None] = None
-    eval: Union[str, list[str], None] = None
+    # a file or a list (one eval set), or named sets {name: file or list}, each evaluated on its own
+    eval: Union[str, list[str], dict[str, Union[str, list[str]]], None] = None
     eval_fraction: float = 0.0  # held out from `train` when `eval` is not given
     # auto | text | completion | instruction | chat | preference (prompt, chosen, rejected) | unpaired
     # (prompt, completion, label: KTO's)
@@ -206,6 +208,8 @@ PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1
 REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")
 # those that train on unpaired examples labelled desirable or not (data.format unpaired), not pairs
 UNPAIRED_OBJECTIVES = ("kto",)
+# every figure an eval reports (sft: loss, perplexity, accuracy; preference objectives: the rest)
+EVAL_FIGURES = ("loss", "perplexity", "accuracy", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "kl")
 # the eval figures train.best_metric may name, each with whether a higher value is better
 BEST_METRICS = {
     "eval_loss": False, "eval_perplexity": False, "eval_accuracy": True, "eval_reward_accuracy": True,
@@ -244,7 +248,6 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
     "train.objective": ("sft", *PREFERENCE_BETA),
-    "train.best_metric": tuple(BEST_METRICS),
     "lora.init": LORA_INITS,
 }
 
@@ -386,6 +389,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     problems += _chat_template_problems(cfg.data.chat_template, check_paths)
     if cfg.data.train is None and not any(p.startswith("data.train ") for p in problems):
         problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
+    problems += _eval_set_problems(cfg.data.eval)
     for key in ("train", "eval"):
         files = data_files(getattr(cfg.data, key))
         if isinstance(getattr(cfg.data, key), list) and not files:
@@ -406,11 +410,38 @@ def _chat_template_problems(value: Union[str, None], check_paths: bool) -> list[
     return [f"data.chat_template = {value!r}: no such file; give a Jinja template file or one of {', '.join(CHAT_TEMPLATES)}"]
 
 
-def data_files(value: Union[str, list[str], None]) -> list[str]:
-    """data.train / data.eval as a list of files: [] for None, [path] for one path."""
+def data_files(value: Union[str, list[str], dict[str, Any], None]) -> list[str]:
+    """data.train / data.eval as a list of files: [] for None, [path] for one path; named eval
+    sets' files one set after another."""
     if value is None:
         return []
+    if isinstance(value, dict):
+        return [f for files in eval_sets(value).values() for f in files]
     return [value] if isinstance(value, str) else list(value)
+
+
+def eval_sets(value: Union[str, list[str], dict[str, Any], None]) -> dict[str, list[str]]:
+    """data.eval as {set name: its files}: {} for None, one set named "" for a file or a list,
+    the named sets as given."""
+    if isinstance(value, dict):
+        return {name: data_files(files) for name, files in value.items()}
+    return {"": data_files(value)} if value is not None else {}
+
+
+def eval_key(set_name: str, metric: str) -> str:
+    """An eval figure's key: eval_loss for the one eval set, eval_<set>_loss for a named set
+    (transformers' naming for several eval datasets)."""
+    return f"eval_{set_name}_{metric}" if set_name else f"eval_{metric}"
+
+
+def best_metric_parts(metric: str, set_names: Iterable[str]) -> Optional[tuple[str, str]]:
+    """(eval set name, the figure's key as BEST_METRICS names it) of a train.best_metric, e.g.
+    ("gsm8k", "eval_loss") for eval_gsm8k_loss; None when it names no figure of these sets."""
+    for name in sorted(set_names, key=len, reverse=True):  # the longest name that fits
+        for base in BEST_METRICS:
+            if metric == eval_key(name, base[len("eval_"):]):
+                return name, base
+    return None
 
 
 def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool, earlier: list[str]) -> list[str]:
@@ -548,14 +579,46 @@ def _best_eval_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"{watched[0]}: needs evals during the run; set train.eval_every, e.g. to 100")
     if cfg.data.eval is None and not cfg.data.eval_fraction:
         problems.append(f"{watched[0]}: needs eval data; set data.eval or data.eval_fraction")
-    metric, objective = train.best_metric, train.objective
+    names = list(eval_sets(cfg.data.eval)) or [""]
+    parts = best_metric_parts(train.best_metric, names)
+    if parts is None:
+        choices = [eval_key(n, base[len("eval_"):]) for n in names for base in BEST_METRICS]
+        problems.append(f"train.best_metric = {train.best_metric!r}: use one of {', '.join(choices)}"
+                        + ("" if names == [""] else " (data.eval names its sets: the figure of one of them)"))  # fmt: skip
+        return problems
+    metric, objective = parts[1], train.objective
     preference = objective in PREFERENCE_BETA
     if metric == "eval_accuracy" and not train.eval_generate:
-        problems.append("train.best_metric = 'eval_accuracy': measured with train.eval_generate: true; set it, or watch eval_loss")
+        problems.append(f"train.best_metric = {train.best_metric!r}: measured with train.eval_generate: true; set it, or watch "
+                        "the loss")  # fmt: skip
     elif metric == "eval_perplexity" and preference:
-        problems.append(f"train.best_metric = 'eval_perplexity': {objective} reports no perplexity; use eval_loss or eval_reward_accuracy")
+        problems.append(f"train.best_metric = {train.best_metric!r}: {objective} reports no perplexity; watch the loss or the "
+                        "reward accuracy")  # fmt: skip
     elif metric in ("eval_reward_accuracy", "eval_reward_margin") and not preference:
-        problems.append(f"train.best_metric = {metric!r}: reported by preference objectives; use eval_loss for sft")
+        problems.append(f"train.best_metric = {train.best_metric!r}: reported by preference objectives; watch the loss for sft")
+    return problems
+
+
+def _eval_set_problems(value: Any) -> list[str]:
+    """Named eval sets' names become parts of metric keys (eval_<name>_loss): keep them plain."""
+    if not isinstance(value, dict):
+        return []
+    if not value:
+        return ["data.eval = {}: name at least one eval set, or leave data.eval out"]
+    problems = []
+    for name, files in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            problems.append(f"data.eval: the set name {name!r} is no plain name; use letters, digits, - and _ (it becomes "
+                            "part of the eval keys, eval_<name>_loss)")  # fmt: skip
+        elif not data_files(files):
+            problems.append(f"data.eval.{name} = []: name at least one file, or leave the set out")
+    keys = {}
+    for name in value:
+        for figure in EVAL_FIGURES:
+            key = eval_key(name, figure)
+            if key in keys and keys[key] != name:
+                problems.append(f"data.eval: the sets {keys[key]!r} and {name!r} would both report {key}; rename one")
+            keys[key] = name
     return problems
 
 

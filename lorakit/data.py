@@ -86,7 +86,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from lorakit.config import DataConfig, data_files
+from lorakit.config import DataConfig, data_files, eval_sets
 from lorakit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -1235,10 +1235,11 @@ def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
     return h.hexdigest()
 
 
-def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """The train set, and the eval set: `cfg.eval` if given, else a held-out `cfg.eval_fraction`
-    of train (chosen from `seed`, the same every run), else None. A list of files is read file by
-    file (each cached on its own) and put together in its order.
+def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[TokenizedDataset, dict[str, TokenizedDataset]]:
+    """The train set, and the eval sets by name (`lorakit.config.eval_sets`; "" for the one set):
+    `cfg.eval`'s if given, else a held-out `cfg.eval_fraction` of train (chosen from `seed`, the
+    same every run) as the set "", else none. A list of files is read file by file (each cached on
+    its own) and put together in its order.
 
     Raises:
         UserError: data.train unset, or a held-out fraction that leaves train or eval empty.
@@ -1251,9 +1252,9 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
 
     files = data_files(cfg.train)
     if cfg.eval:
-        return load(files), load(data_files(cfg.eval))
+        return load(files), {name: load(set_files) for name, set_files in eval_sets(cfg.eval).items()}
     if cfg.eval_fraction <= 0:
-        return load(files), None
+        return load(files), {}
     # Held out of the files' examples once each, however often a file is listed: a file listed
     # twice (weighted up) then trains twice on its training part, and never on what is held out.
     distinct = list(dict.fromkeys(files))
@@ -1272,7 +1273,7 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     starts = dict(zip(distinct, np.cumsum([0] + [parts[f].num_units() for f in distinct])))
     kept = {f: np.flatnonzero(~held[starts[f] : starts[f] + parts[f].num_units()]) for f in distinct}
     train = TokenizedDataset.concat([parts[f].subset(kept[f]) for f in files], files)
-    return train, union.subset(np.flatnonzero(held))
+    return train, {"": union.subset(np.flatnonzero(held))}
 
 
 def _seed(seed: int) -> int:

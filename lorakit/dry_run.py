@@ -39,8 +39,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     from lorakit.data import BatchStream, load_train_eval
     from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
     from lorakit.train import (
-        _check_objective, _dropped, _eval_plan, _examples, _objective_line, check_output_dir, check_positions,
-        data_config, plan_steps, use_chat_template,
+        _check_objective, _dropped, _examples, _objective_line, check_output_dir, check_positions, data_config,
+        eval_sets_line, plan_steps, use_chat_template,
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
@@ -65,8 +65,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.data.chat_template is not None:
         use_chat_template(tokenizer, cfg.data.chat_template, log)
-    train_set, eval_set = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
-    _check_objective(cfg, train_set, eval_set)
+    train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
+    _check_objective(cfg, train_set, eval_sets)
     model = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if model is None:
         raise UserError(f"model = {cfg.model!r}: its config.json does not build a transformers model here (an unknown "
@@ -98,8 +98,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         f"memory       {weights} in {str(dtype).replace('torch.', '')}: {_size(frozen_bytes)}; adapters, gradients "
         f"and AdamW state {_size(adapter_bytes / shards)} (per process{sharded}, activations on top)",
     ]
-    if eval_set is not None:
-        lines.insert(3, f"eval         {_examples(dataclasses.asdict(eval_set.stats))}{_eval_plan(cfg)}")
+    if eval_sets:
+        lines.insert(3, f"eval         {eval_sets_line(eval_sets, cfg)}")
     if cfg.train.objective != "sft":
         lines.insert(2, f"objective   {_objective_line(cfg)[1:]}")
     log("\n".join(lines))

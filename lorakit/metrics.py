@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 from pathlib import Path
@@ -64,12 +65,16 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         train = [(e["step"], e["loss"]) for e in self.entries if "loss" in e]
-        evals = [(e["step"], e["eval_loss"]) for e in self.entries if "eval_loss" in e]
+        # eval_loss, or each named eval set's eval_<name>_loss
+        keys = list(dict.fromkeys(k for e in self.entries for k in e if re.fullmatch(r"eval_(.+_)?loss", k)))
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         if train:
             ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
-        if evals:
-            ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange", linewidth=1.2, markersize=4)
+        colors = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+        for i, key in enumerate(keys):
+            evals = [(e["step"], e[key]) for e in self.entries if key in e]
+            label = "eval loss" if key == "eval_loss" else f"eval {key[len('eval_'):-len('_loss')]} loss"
+            ax.plot(*zip(*evals), "o-", label=label, color=colors[i % len(colors)], linewidth=1.2, markersize=4)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats / trainable token)")
         ax.set_title(title or "lorakit training loss")

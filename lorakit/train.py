@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -34,9 +35,10 @@ from lorakit import host_memory, preference
 from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import (
-    BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, data_files, load_run_config,
-    parse_overrides,
+    BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
+    eval_key, load_run_config, parse_overrides,
 )  # fmt: skip
+from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
@@ -90,7 +92,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     stream: Any
-    eval_set: Any
+    eval_sets: dict[str, Any]  # by name ("" for the one set): lorakit.config.eval_sets
     total_steps: int
     fingerprint: dict[str, Any]
     dist: Distributed = field(default_factory=Distributed)
@@ -98,7 +100,7 @@ class Run:
     metrics: Optional[MetricsLog] = None
     data_stats: dict[str, Any] = field(default_factory=dict)
     frozen_summary: str = ""
-    eval_records: Optional[list] = None
+    eval_records: Optional[dict[str, list]] = None  # eval_generate's records, by eval set
     interrupted: Optional[int] = None  # the signal number that asked us to stop
     # The parameters that train, listed once: walking the module tree for them took 0.2 ms a step
     # on the benchmark's model and CPU, host time that a GPU's small-model step waits for.
@@ -250,8 +252,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.data.chat_template is not None:
         use_chat_template(tokenizer, cfg.data.chat_template, log if dist.is_main else lambda _: None)
-    train_set, eval_set = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
-    _check_objective(cfg, train_set, eval_set)
+    train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
+    _check_objective(cfg, train_set, eval_sets)
 
     load_device = dist.load_device or device
     if cfg.quantize == "nf4":
@@ -311,17 +313,18 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if cfg.train.eval_generate:
         from lorakit.data import BadRecord, read_records, rename_columns
 
-        eval_records = []
-        for f in data_files(cfg.data.eval):
-            for _, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
-                try:
-                    eval_records.append(rename_columns(record, cfg.data.columns))
-                except BadRecord:  # what tokenizing the eval set skipped (skip_invalid), this skips too
-                    continue
+        eval_records = {name: [] for name in eval_sets}
+        for name, files in config_eval_sets(cfg.data.eval).items():
+            for f in files:
+                for _, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
+                    try:
+                        eval_records[name].append(rename_columns(record, cfg.data.columns))
+                    except BadRecord:  # what tokenizing the eval set skipped (skip_invalid), this skips too
+                        continue
 
     run = Run(
         cfg=cfg, output_dir=output_dir, device=device, dtype=dtype, tokenizer=tokenizer, model=model,
-        train_model=train_model, optimizer=optimizer, scheduler=scheduler, stream=stream, eval_set=eval_set,
+        train_model=train_model, optimizer=optimizer, scheduler=scheduler, stream=stream, eval_sets=eval_sets,
         total_steps=total_steps, fingerprint=fp, dist=dist, frozen_summary=frozen_summary,
         data_stats=dataclasses.asdict(train_set.stats), eval_records=eval_records,
         trainable=[p for p in model.parameters() if p.requires_grad], best=new_best_record(cfg.train.best_metric),
@@ -451,13 +454,16 @@ def data_config(cfg: RunConfig) -> DataConfig:
     return cfg.data
 
 
-def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
+def _check_objective(cfg: RunConfig, train_set, eval_sets: dict[str, Any]) -> None:
     """Preference pairs train with a preference objective, everything else with the next-token loss."""
     pairs, unpaired = cfg.train.objective != "sft", cfg.train.objective in UNPAIRED_OBJECTIVES
-    for key, data in (("data.train", train_set), ("data.eval", eval_set)):
-        if data is None or (data.pairs == pairs and (data.desirable is not None) == unpaired):
+    named = config_eval_sets(cfg.data.eval)
+    checked = [("data.train", train_set, data_files(cfg.data.train))]
+    checked += [(f"data.eval.{n}" if n else "data.eval", data, named.get(n) or data_files(cfg.data.train)) for n, data in eval_sets.items()]
+    for key, data, files in checked:
+        if data.pairs == pairs and (data.desirable is not None) == unpaired:
             continue
-        where = ", ".join(data_files(getattr(cfg.data, key.split(".")[1]) or cfg.data.train))
+        where = ", ".join(files)
         if pairs:
             records = "labelled records (prompt, completion, label)" if unpaired else "preference records (prompt, chosen, rejected)"
             raise UserError(f"{where}: train.objective is {cfg.train.objective} but {key} holds no {records}; give it those")
@@ -468,13 +474,15 @@ def _check_objective(cfg: RunConfig, train_set, eval_set) -> None:
             "ipo, simpo or orpo"
         )
     watched = cfg.train.save_best or cfg.train.early_stopping_patience
-    if watched and cfg.train.best_metric == "eval_reward_margin" and unpaired and eval_set is not None:
-        classes = set(eval_set.desirable.tolist())
+    parts = best_metric_parts(cfg.train.best_metric, eval_sets) if watched else None
+    if parts is not None and parts[1] == "eval_reward_margin" and unpaired and parts[0] in eval_sets:
+        classes = set(eval_sets[parts[0]].desirable.tolist())
         if len(classes) < 2:
             missing = "undesirable" if True in classes else "desirable"
             raise UserError(
-                f"train.best_metric = 'eval_reward_margin': the eval set has no {missing} example, so KTO's margin "
-                "is undefined; watch eval_loss or eval_reward_accuracy, or add such examples to the eval data"
+                f"train.best_metric = {cfg.train.best_metric!r}: the eval set{' ' + repr(parts[0]) if parts[0] else ''} has no "
+                f"{missing} example, so KTO's margin is undefined; watch the loss or the reward accuracy, or add such "
+                "examples to the eval data"
             )
 
 
@@ -632,35 +640,37 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def _evaluate(run: Run) -> dict[str, float]:
+    """Every eval set's figures, keyed by `lorakit.config.eval_key` (eval_loss; eval_<set>_loss)."""
     out: dict[str, float] = {}
     train = run.cfg.train
-    if run.eval_set is not None and train.objective != "sft":
-        # the training loss's chunking: none under FSDP2, whose root module must run every forward
-        chunk = next(m.chunk_tokens for m in run.train_model.modules() if isinstance(m, TokenLoss))
-        result = preference.evaluate_preference(
-            run.model, run.eval_set, objective=train.objective, beta=train.preference_beta(), gamma=train.simpo_gamma,
-            batch_size=train.batch_size, max_length=run.cfg.data.max_length, device=run.device, chunk_tokens=chunk,
-            kto_weights=(train.kto_desirable_weight, train.kto_undesirable_weight),
-        )  # fmt: skip
-        out.update({f"eval_{k}": v for k, v in result.items()})
-    elif run.eval_set is not None:
-        from lorakit.evaluate import evaluate_loss
+    for name, eval_set in run.eval_sets.items():
+        if train.objective != "sft":
+            # the training loss's chunking: none under FSDP2, whose root module must run every forward
+            chunk = next(m.chunk_tokens for m in run.train_model.modules() if isinstance(m, TokenLoss))
+            result = preference.evaluate_preference(
+                run.model, eval_set, objective=train.objective, beta=train.preference_beta(), gamma=train.simpo_gamma,
+                batch_size=train.batch_size, max_length=run.cfg.data.max_length, device=run.device, chunk_tokens=chunk,
+                kto_weights=(train.kto_desirable_weight, train.kto_undesirable_weight),
+            )  # fmt: skip
+            out.update({eval_key(name, k): v for k, v in result.items()})
+        else:
+            from lorakit.evaluate import evaluate_loss
 
-        result = evaluate_loss(
-            run.model, run.eval_set, batch_size=run.cfg.train.batch_size, max_length=run.cfg.data.max_length,
-            device=run.device,
-        )  # fmt: skip
-        out["eval_loss"], out["eval_perplexity"] = result["loss"], result["perplexity"]
-    # Every rank evaluates the whole eval set: FSDP needs all ranks in every forward, and the
-    # results are then identical everywhere without a gather.
-    if run.eval_records is not None:
-        from lorakit.evaluate import generation_accuracy
+            result = evaluate_loss(
+                run.model, eval_set, batch_size=run.cfg.train.batch_size, max_length=run.cfg.data.max_length,
+                device=run.device,
+            )  # fmt: skip
+            out[eval_key(name, "loss")], out[eval_key(name, "perplexity")] = result["loss"], result["perplexity"]
+        # Every rank evaluates the whole eval set: FSDP needs all ranks in every forward, and the
+        # results are then identical everywhere without a gather.
+        if run.eval_records is not None:
+            from lorakit.evaluate import generation_accuracy
 
-        acc = generation_accuracy(
-            run.model, run.tokenizer, run.eval_records, max_new_tokens=run.cfg.train.eval_max_new_tokens,
-            skip_invalid=run.cfg.data.skip_invalid, train_on_inputs=run.cfg.data.train_on_inputs,
-        )
-        out["eval_accuracy"] = acc["accuracy"]
+            acc = generation_accuracy(
+                run.model, run.tokenizer, run.eval_records[name], max_new_tokens=run.cfg.train.eval_max_new_tokens,
+                skip_invalid=run.cfg.data.skip_invalid, train_on_inputs=run.cfg.data.train_on_inputs,
+            )
+            out[eval_key(name, "accuracy")] = acc["accuracy"]
     return out
 
 
@@ -817,6 +827,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
         "final_loss": last_train.get("loss"),
         **{f"final_{k}": last_train[k] for k in ("reward_accuracy", "reward_margin") if k in last_train},
         **last_eval,
+        **({"eval_sets": list(run.eval_sets)} if any(run.eval_sets) else {}),  # named sets: their order
         **_best_summary(run, stop_early),
         "adapter": str(run.output_dir / "adapter"),
     }
@@ -876,7 +887,7 @@ def _after_eval(run: Run, result: dict[str, float]) -> bool:
     if value is None:  # a KTO eval set with one class has no margin; setup refuses it, so this is a bug
         raise RuntimeError(f"the eval reported no {metric} (it reported {', '.join(result)})")
     best = run.best
-    higher = BEST_METRICS[metric]
+    higher = BEST_METRICS[best_metric_parts(metric, run.eval_sets)[1]]
     better = math.isfinite(value) and (best["value"] is None or (value > best["value"] if higher else value < best["value"]))
     if better:
         best.update(value=value, step=run.step, evals_since=0, saved=train.save_best)
@@ -1025,8 +1036,8 @@ def start_summary(run: Run) -> str:
         f"plan         {run.total_steps} steps x {run.cfg.train.batch_size * run.cfg.train.grad_accum * run.dist.world_size} rows "
         f"of <= {run.stream.max_length} tokens{' (pairs)' if run.stream.pairs else ''}; output {run.output_dir}",
     ]
-    if run.eval_set is not None:
-        lines.insert(4, f"eval         {_examples(dataclasses.asdict(run.eval_set.stats))}{_eval_plan(run.cfg)}")
+    if run.eval_sets:
+        lines.insert(4, f"eval         {eval_sets_line(run.eval_sets, run.cfg)}")
     if run.dist.world_size > 1:
         lines.append(f"processes    {_processes_line(run)}")
     if run.cfg.train.trackers():
@@ -1038,6 +1049,12 @@ def start_summary(run: Run) -> str:
         lines.insert(2, f"note         the MoE experts are not adapted (their 3-D weights are no linear layers): "
                         f"lora.target_parameters: [{', '.join(untouched)}] adapts them")  # fmt: skip
     return "\n".join(lines)
+
+
+def eval_sets_line(eval_sets: dict[str, Any], cfg: RunConfig) -> str:
+    """"4 examples; every 2 steps" or, for named sets, "gsm8k 4 examples, chat 8 examples; every 2 steps"."""
+    sets = ", ".join(f"{name + ' ' if name else ''}{_examples(dataclasses.asdict(data.stats))}" for name, data in eval_sets.items())
+    return sets + _eval_plan(cfg)
 
 
 def _eval_plan(cfg: RunConfig) -> str:
@@ -1125,13 +1142,15 @@ def final_summary(summary: dict[str, Any]) -> str:
              f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"]  # fmt: skip
     if summary.get("final_loss") is not None:
         parts.append(f"final train loss {summary['final_loss']:.4f}")
-    if "eval_perplexity" in summary:
-        parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
-    elif "eval_reward_accuracy" in summary:
-        margin = f", margin {summary['eval_reward_margin']:.3f}" if "eval_reward_margin" in summary else ""
-        parts.append(f"eval loss {summary['eval_loss']:.4f}, reward accuracy {100 * summary['eval_reward_accuracy']:.1f}%{margin}")
-    if "eval_accuracy" in summary:
-        parts.append(f"eval accuracy {100 * summary['eval_accuracy']:.1f}%")
+    for name in summary.get("eval_sets", [""]):
+        label, key = f"eval{' ' + name if name else ''}", functools.partial(eval_key, name)
+        if key("perplexity") in summary:
+            parts.append(f"{label} loss {summary[key('loss')]:.4f} (perplexity {summary[key('perplexity')]:.2f})")
+        elif key("reward_accuracy") in summary:
+            margin = f", margin {summary[key('reward_margin')]:.3f}" if key("reward_margin") in summary else ""
+            parts.append(f"{label} loss {summary[key('loss')]:.4f}, reward accuracy {100 * summary[key('reward_accuracy')]:.1f}%{margin}")
+        if key("accuracy") in summary:
+            parts.append(f"{label} accuracy {100 * summary[key('accuracy')]:.1f}%")
     parts.append(f"adapter: {summary['adapter']}")
     if "best_step" in summary:
         metric = next(k[len("best_"):] for k in summary if k.startswith("best_eval_"))

@@ -594,14 +594,18 @@ def test_load_train_eval_holds_out_a_deterministic_fraction(tmp_path):
     tok = make_tokenizer("llama3")
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"example {i}"} for i in range(20)])
     cfg = DataConfig(train=str(path), eval_fraction=0.25, cache_dir=str(tmp_path / "c"))
-    train, ev = load_train_eval(cfg, tok, seed=1)
-    train2, ev2 = load_train_eval(cfg, tok, seed=1)
-    assert (len(train), len(ev)) == (15, 5) and np.array_equal(ev.input_ids, ev2.input_ids)
+    (train, sets), (_, again) = load_train_eval(cfg, tok, seed=1), load_train_eval(cfg, tok, seed=1)
+    ev, ev2 = sets[""], again[""]  # a held-out fraction is the one eval set
+    assert list(sets) == [""] and (len(train), len(ev)) == (15, 5) and np.array_equal(ev.input_ids, ev2.input_ids)
     texts = lambda d: {tok.decode(d.example(i)[0]) for i in range(len(d))}  # noqa: E731
     assert not texts(train) & texts(ev) and len(texts(train) | texts(ev)) == 20
-    assert load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), tok, seed=1)[1] is None
-    _, ev3 = load_train_eval(dataclasses.replace(cfg, eval=str(path)), tok, seed=1)
-    assert len(ev3) == 20
+    assert load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), tok, seed=1)[1] == {}
+    _, sets = load_train_eval(dataclasses.replace(cfg, eval=str(path)), tok, seed=1)
+    assert list(sets) == [""] and len(sets[""]) == 20
+    # named eval sets: each on its own, in the order given
+    other = write_jsonl(tmp_path / "o.jsonl", [{"text": "other"}])
+    _, sets = load_train_eval(dataclasses.replace(cfg, eval={"b": str(other), "a": [str(path), str(other)]}), tok, seed=1)
+    assert list(sets) == ["b", "a"] and (len(sets["b"]), len(sets["a"])) == (1, 21)
 
 
 def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
@@ -624,7 +628,8 @@ def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
     assert (s.records, s.examples, s.skipped_invalid) == (15, 14, 1) and s.skipped_lines == []
     assert s.tokens == int(got.offsets[-1]) and s.trainable_tokens == int((got.labels != -100).sum())
     # held out once, however often a file is listed: nothing held out is trained on
-    train, held = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.3), tok, seed=0)
+    train, sets = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.3), tok, seed=0)
+    held = sets[""]
     rows = lambda d: [tuple(d.example(i)[0].tolist()) for i in range(len(d))]  # noqa: E731
     a_rows = set(rows(load_dataset(a, tok, cfg, use_cache=False)))
     held_a = len(set(rows(held)) & a_rows)

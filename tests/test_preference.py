@@ -162,7 +162,8 @@ def test_held_out_pairs_stay_whole_and_the_cache_keeps_pairs(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(20)))
     tok = make_tokenizer("llama3")
     cfg = DataConfig(train=str(path), eval_fraction=0.25, cache_dir=str(tmp_path / "cache"))
-    train, held = load_train_eval(cfg, tok, seed=0)
+    train, sets = load_train_eval(cfg, tok, seed=0)
+    held = sets[""]
     assert (train.num_units(), held.num_units()) == (15, 5) and train.pairs and held.pairs
     for ds in (train, held):  # every pair is one prompt answered twice
         for j in range(ds.num_units()):
@@ -410,7 +411,8 @@ def test_labelled_records_pair_each_example_with_the_previous_ones_completion(tm
     path = tmp_path / "kto.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(20)))
     cfg = DataConfig(train=str(path), format="unpaired", max_length=16, eval_fraction=0.25, cache_dir=str(tmp_path / "c"))
-    train, held = load_train_eval(cfg, tok, seed=0)
+    train, sets = load_train_eval(cfg, tok, seed=0)
+    held = sets[""]
     again, _ = load_train_eval(cfg, tok, seed=0)  # from the cache
     full = load_dataset(path, tok, cfg, use_cache=False)
     assert (train.num_units(), held.num_units()) == (30, 10) and np.array_equal(again.desirable, train.desirable)

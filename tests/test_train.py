@@ -529,6 +529,36 @@ def test_eval_on_start_logs_the_base_at_step_0_and_changes_nothing_else(workspac
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_on_start": True}}, check_paths=False)
 
 
+def test_named_eval_sets_are_each_evaluated_and_one_is_watched(workspace, capsys):
+    other = workspace / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"{a} plus 2 is", "completion": f" {a + 2}"}) + "\n" for a in range(6)))
+    one, named = workspace / "evalone", workspace / "evalnamed"
+    assert main(["train", _config(workspace, one, max_steps=4, eval_every=2, save_best=True, eval_generate=True,
+                                  eval_max_new_tokens=2)]) == 0  # fmt: skip
+    sets = {"plus1": str(workspace / "eval.jsonl"), "mixed": [str(other), str(workspace / "eval.jsonl")]}
+    args = ["train", _config(workspace, named, max_steps=4, eval_every=2, save_best=True, eval_generate=True,
+                             eval_max_new_tokens=2, best_metric="eval_plus1_loss"), f"data.eval={json.dumps(sets)}"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval         plus1 4 examples, mixed 10 examples; every 2 steps, the best eval_plus1_loss kept in" in out
+    assert "eval plus1 loss " in out and "eval mixed loss " in out and "eval mixed accuracy " in out
+    evals = [e for e in _entries(named) if "eval_plus1_loss" in e]
+    want = [e for e in _entries(one) if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [e["step"] for e in want] == [2, 4]
+    for got, ref in zip(evals, want):  # the set of the same file gives the same figures
+        assert set(got) == {"step"} | {f"eval_{n}_{k}" for n in sets for k in ("loss", "perplexity", "accuracy")}
+        assert (got["eval_plus1_loss"], got["eval_plus1_accuracy"]) == (ref["eval_loss"], ref["eval_accuracy"])
+        assert got["eval_mixed_loss"] != got["eval_plus1_loss"]
+    summary, reference = (json.loads((out / "summary.json").read_text()) for out in (named, one))
+    assert summary["eval_sets"] == ["plus1", "mixed"] and summary["best_step"] == reference["best_step"]
+    assert summary["best_eval_plus1_loss"] == reference["best_eval_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(named).values(), _adapter(one).values()))
+    with pytest.raises(UserError, match="train.best_metric = 'eval_loss': use one of eval_a_loss, eval_a_perplexity"):
+        build_run_config({"model": "m", "data": {"train": "t", "eval": {"a": "x"}},
+                          "train": {"save_best": True, "eval_every": 2}}, check_paths=False)  # fmt: skip
+
+
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
     out = workspace / "evalmatch"
     assert main(["train", _config(workspace, out, max_steps=2)]) == 0

@@ -63,7 +63,7 @@ def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> i
         before = evaluate(run)
         run.metrics.log({"step": 0, **before})
         if run.eval_records:
-            samples = generation_accuracy(run.model, run.tokenizer, run.eval_records[:3], max_new_tokens=MAX_NEW_TOKENS)
+            samples = generation_accuracy(run.model, run.tokenizer, run.eval_records[""][:3], max_new_tokens=MAX_NEW_TOKENS)
             for f in samples["failures"][:3]:
                 log(f"  prompt {_last_user(f['prompt'])!r}: expected {f['expected']!r}, base model says {f['got']!r}")
         log(f"  base model: {_scores(before)}\n")
