@@ -572,19 +572,20 @@ def _best_eval_problems(cfg: RunConfig) -> list[str]:
     """save_best and early stopping need periodic evals of a figure the run measures."""
     train = cfg.train
     watched = [f"train.{k} = {getattr(train, k)!r}" for k in ("save_best", "early_stopping_patience") if getattr(train, k)]
-    if not watched:
-        return []
+    names = list(eval_sets(cfg.data.eval)) if isinstance(cfg.data.eval, dict) and cfg.data.eval else [""]
+    parts = best_metric_parts(train.best_metric, names)
     problems = []
+    if parts is None and (watched or best_metric_parts(train.best_metric, [""]) is None):
+        choices = [eval_key(n, base[len("eval_"):]) for n in names for base in BEST_METRICS]
+        problems.append(f"train.best_metric = {train.best_metric!r}: use one of {', '.join(choices)}"
+                        + ("" if names == [""] else " (data.eval names its sets: the figure of one of them)"))  # fmt: skip
+    if not watched:
+        return problems
     if not train.eval_every:
         problems.append(f"{watched[0]}: needs evals during the run; set train.eval_every, e.g. to 100")
     if cfg.data.eval is None and not cfg.data.eval_fraction:
         problems.append(f"{watched[0]}: needs eval data; set data.eval or data.eval_fraction")
-    names = list(eval_sets(cfg.data.eval)) or [""]
-    parts = best_metric_parts(train.best_metric, names)
     if parts is None:
-        choices = [eval_key(n, base[len("eval_"):]) for n in names for base in BEST_METRICS]
-        problems.append(f"train.best_metric = {train.best_metric!r}: use one of {', '.join(choices)}"
-                        + ("" if names == [""] else " (data.eval names its sets: the figure of one of them)"))  # fmt: skip
         return problems
     metric, objective = parts[1], train.objective
     preference = objective in PREFERENCE_BETA

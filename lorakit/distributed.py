@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lorakit import preference
 from lorakit.config import RunConfig
 from lorakit.errors import UserError
 from lorakit.loss import LOSS_CHUNK_TOKENS
@@ -49,7 +49,6 @@ DEFAULT_TIMEOUT_S = 300.0
 # auto picks FSDP on GPUs when the frozen weights take more than this share of one GPU's memory;
 # the rest is left for activations, adapters, optimizer state and the allocator.
 FSDP_MEMORY_SHARE = 0.5
-NF4_BITS_PER_PARAM = 4.127  # NF4 codes plus double-quantized absmax (lorakit.quant)
 
 
 # --------------------------------------------------------------------------- launching
@@ -81,30 +80,43 @@ def resolve_strategy(cfg: RunConfig, device_type: str) -> str:
 
     auto: DDP, except on GPUs when the frozen base (with `quantize: nf4` its 4-bit size) takes
     more than half of one GPU's memory: then FSDP2, so each GPU holds only its share of it.
+
+    Raises:
+        UserError: FSDP2 with `train.optimizer: adamw8bit`.
     """
     choice = cfg.train.distributed
-    if choice != "auto":
-        return choice
-    if device_type != "cuda":
-        return "ddp"
-    weights = _weights_bytes(cfg.model, nf4=cfg.quantize == "nf4")
-    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return "fsdp" if weights is not None and weights > FSDP_MEMORY_SHARE * gpu else "ddp"
+    if choice == "auto":
+        choice = "ddp"
+        if device_type == "cuda":
+            weights = _weights_bytes(cfg)
+            gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            choice = "fsdp" if weights is not None and weights > FSDP_MEMORY_SHARE * gpu else "ddp"
+    if choice == "fsdp" and cfg.train.optimizer == "adamw8bit":
+        # Checked: bitsandbytes' update kernel has no DTensor sharding rule, so the first step fails.
+        raise UserError(
+            "train.optimizer: adamw8bit does not run on FSDP2's sharded adapter (bitsandbytes' 8-bit update takes "
+            "plain tensors); use train.optimizer: adamw (an adapter's AdamW state is small), or train.distributed: ddp"
+            + (" (chosen by auto for this model's size)" if cfg.train.distributed == "auto" else "")
+        )
+    return choice
 
 
-def _weights_bytes(model: Optional[str], *, nf4: bool = False) -> Optional[int]:
-    """Size of a local model folder's safetensors files (None for a Hub name); with `nf4` what the
-    4-bit model takes, about 4.13 bits a parameter (counted from the files' headers)."""
-    folder = Path(model or "")
+def _weights_bytes(cfg: RunConfig) -> Optional[int]:
+    """What the frozen base of a local model folder takes (None for a Hub name): its safetensors
+    files' size, or with `quantize: nf4` the 4-bit model's (the quantized layers in NF4, the rest in
+    the run's precision), from config.json without reading a weight."""
+    folder = Path(cfg.model or "")
     if not folder.is_dir():
         return None
-    files = sorted(folder.glob("*.safetensors"))
-    if not nf4:
-        return sum(p.stat().st_size for p in files)
-    from lorakit.quant import _safetensors_header
+    if cfg.quantize != "nf4":
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    from lorakit.models import meta_model, resolve_precision
+    from lorakit.quant import frozen_bytes_estimate
 
-    numel = sum(math.prod(t["shape"]) for p in files for t in _safetensors_header(p).values())
-    return int(numel * NF4_BITS_PER_PARAM / 8)
+    model = meta_model(str(folder), trust_remote_code=cfg.trust_remote_code)
+    if model is None:
+        return None
+    return frozen_bytes_estimate(model, resolve_precision(cfg.train.precision, torch.device("cuda")), nf4=True)
 
 
 # --------------------------------------------------------------------------- running one rank
@@ -252,8 +264,9 @@ def frozen_bytes_held(model: nn.Module) -> tuple[int, int]:
     process (they are not sharded: `_move_quant_states`), as lorakit.quant's report counts them."""
     held = whole = 0
     seen: set[int] = set()
-    for p in model.parameters():
-        if p.requires_grad or id(p) in seen:
+    for name, p in model.named_parameters():
+        # the frozen copy of a continued adapter (DPO's reference) is the adapter's, not the model's
+        if p.requires_grad or id(p) in seen or preference.is_reference_parameter(name):
             continue
         seen.add(id(p))
         size = p.element_size()

@@ -16,14 +16,12 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from lorakit.config import REFERENCE_OBJECTIVES, RunConfig
 from lorakit.errors import UserError
+from lorakit.quant import frozen_bytes_estimate
 
-# NF4 with double quantization: 4 bits a weight, one 8-bit scale per 64 weights and one fp32 per 256 scales
-NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 # what an adapter parameter costs in training: its fp32 value, its gradient and AdamW's two moments
 # (fp32, or 8-bit with adamw8bit)
 TRAINABLE_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2}
@@ -73,7 +71,7 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
                         "architecture, or custom code without trust_remote_code: true)")  # fmt: skip
     dtype = resolve_precision(cfg.train.precision, pick_device())
     shards = processes if strategy == "fsdp" else 1  # FSDP2 shards the weights and the adapters
-    frozen_bytes = _frozen_bytes(model, dtype, cfg.quantize == "nf4", shards)
+    frozen_bytes = frozen_bytes_estimate(model, dtype, nf4=cfg.quantize == "nf4", shards=shards)
     trainable, total, adapted = _adapters(model, cfg)
 
     stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
@@ -105,28 +103,6 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     log("\n".join(lines))
     log("dry run: nothing trained; the tokenized data is cached for the run")
     return 0
-
-
-def _frozen_bytes(model: nn.Module, dtype: torch.dtype, nf4: bool, shards: int = 1) -> int:
-    """Bytes of the model's weights in `dtype` a process holds; with nf4, the linear layers and MoE
-    expert weights QLoRA's loader quantizes (checked as it checks them) in NF4. With `shards`
-    (FSDP2's processes) each holds its share, except NF4's quantization state, whole everywhere."""
-    from lorakit.experts import expert_parameter_names, is_experts_module
-
-    size = torch.tensor([], dtype=dtype).element_size()
-    quantized = set()
-    if nf4:
-        from lorakit.quant import quantized_layers
-
-        quantized = {id(model.get_submodule(path).weight) for path in quantized_layers(model)}
-        quantized |= {id(getattr(m, name)) for m in model.modules() if is_experts_module(m) for name in expert_parameter_names(m)}
-    seen, total = set(), 0.0
-    for p in model.parameters():
-        if id(p) in seen:  # tied weights count once
-            continue
-        seen.add(id(p))
-        total += p.numel() * ((0.5 / shards + NF4_BYTES_PER_WEIGHT - 0.5) if id(p) in quantized else size / shards)
-    return int(total)
 
 
 def _size(n: float) -> str:

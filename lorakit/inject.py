@@ -238,6 +238,13 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") 
             raise UserError(f"lora.modules_to_save: no module named {target!r} in the model")
         for path in matched:
             module = model.get_submodule(path)
+            frozen_ints = [n for n, p in module.named_parameters() if not p.is_floating_point()]
+            if frozen_ints:  # a 4-bit layer's packed codes (QLoRA): no full-precision weight to train
+                raise UserError(
+                    f"lora.modules_to_save: {path} holds no floating-point weight to train in full ({path}.{frozen_ints[0]} "
+                    f"is {module.get_parameter(frozen_ints[0]).dtype}, e.g. a 4-bit layer under quantize: nf4); adapt it "
+                    "with LoRA (lora.targets) instead, or train it in full with quantize: none"
+                )
             if not isinstance(module, SavedModule):
                 module = SavedModule(module)
                 _replace(model, path, module)

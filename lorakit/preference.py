@@ -250,7 +250,12 @@ def has_reference_adapter(model: nn.Module) -> bool:
 
 def reference_parameters(model: nn.Module) -> int:
     """How many parameters the frozen REFERENCE_ADAPTER holds (0 without one): not the model's own."""
-    return sum(p.numel() for name, p in model.named_parameters() if _REFERENCE_PARAMETER.search(name))
+    return sum(p.numel() for name, p in model.named_parameters() if is_reference_parameter(name))
+
+
+def is_reference_parameter(name: str) -> bool:
+    """Whether the parameter of this name (from named_parameters) belongs to the REFERENCE_ADAPTER."""
+    return _REFERENCE_PARAMETER.search(name) is not None
 
 
 # lora_A.reference, lora_B.reference(.gate_up_proj for experts), lora_magnitude.reference, copies.reference.weight

@@ -603,6 +603,33 @@ def quantized_layers(model: nn.Module, *, skip: Iterable[str] = ("lm_head",), bl
     return [name for name, _ in targets]
 
 
+# NF4 with double quantization: 4 bits a weight, one 8-bit scale per 64 weights and one fp32 per 256 scales
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def frozen_bytes_estimate(model: nn.Module, dtype: torch.dtype, *, nf4: bool, shards: int = 1) -> int:
+    """Bytes of `model`'s weights (built from config.json, on the meta device will do) in `dtype`
+    that a process holds; with `nf4`, the linear layers and MoE expert weights `load_model_4bit`
+    quantizes (checked as it checks them) in NF4, the rest in `dtype`. With `shards` (FSDP2's
+    processes) each holds its share, except NF4's quantization state, whole everywhere.
+
+    Raises:
+        UserError: with `nf4`, what `quantized_layers` raises.
+    """
+    size = torch.tensor([], dtype=dtype).element_size()
+    quantized = set()
+    if nf4:
+        quantized = {id(model.get_submodule(path).weight) for path in quantized_layers(model)}
+        quantized |= {id(getattr(m, name)) for m in model.modules() if moe.is_experts_module(m) for name in moe.expert_parameter_names(m)}
+    seen, total = set(), 0.0
+    for p in model.parameters():
+        if id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        total += p.numel() * ((0.5 / shards + NF4_BYTES_PER_WEIGHT - 0.5) if id(p) in quantized else size / shards)
+    return int(total)
+
+
 def _require_bnb(what: str = "quantize: nf4"):
     try:
         import bitsandbytes as bnb

@@ -83,7 +83,7 @@ def test_best_eval_and_early_stopping_settings():
     assert "train.best_metric = 'eval_accuracy': measured with train.eval_generate: true" in problems(
         {"save_best": True, "eval_every": 5, "best_metric": "eval_accuracy"}
     )
-    assert "train.best_metric = 'eval_reward_margin': reported by preference objectives; use eval_loss for sft" in problems(
+    assert "train.best_metric = 'eval_reward_margin': reported by preference objectives; watch the loss for sft" in problems(
         {"save_best": True, "eval_every": 5, "best_metric": "eval_reward_margin"}
     )
     assert "train.best_metric = 'eval_perplexity': dpo reports no perplexity" in problems(

@@ -25,6 +25,10 @@ from safetensors.torch import load_file
 from lorakit.cli import main
 from lorakit.config import build_run_config
 from lorakit.distributed import resolve_strategy, transformer_blocks
+from lorakit.errors import UserError
+from lorakit.metrics import byte_size
+from lorakit.models import meta_model
+from lorakit.quant import frozen_bytes_estimate
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT = 4, 2
@@ -190,15 +194,25 @@ def test_strategy_choice(workspace, monkeypatch):
     assert resolve_strategy(cfg(), "cpu") == "ddp"
     assert resolve_strategy(cfg(train={"distributed": "fsdp"}), "cpu") == "fsdp"
     assert resolve_strategy(cfg(quantize="nf4", train={"distributed": "fsdp"}), "cpu") == "fsdp"
-    # auto on GPUs: FSDP when the frozen base takes more than half a GPU; with nf4 its 4-bit size counts
+    # auto on GPUs: FSDP when the frozen base takes more than half a GPU; with nf4 the 4-bit model's
+    # size (NF4 layers, the embeddings, norms and head in the run's precision) counts
     files = sum(p.stat().st_size for p in (workspace / "model").glob("*.safetensors"))  # fp32 weights
-    gpu = types.SimpleNamespace(total_memory=files)  # the (fp32) weights: twice what half of this GPU is
+    four_bit = frozen_bytes_estimate(meta_model(str(workspace / "model")), torch.float32, nf4=True)
+    assert 0.3 * files < four_bit < 0.6 * files  # this tiny model's embeddings and head are half its weights
+    gpu = types.SimpleNamespace(total_memory=files)  # half of it: half the (fp32) weights
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
-    assert resolve_strategy(cfg(), "cuda") == "fsdp"
-    assert resolve_strategy(cfg(quantize="nf4"), "cuda") == "ddp"  # 4.127 of 32 bits: an eighth of the files
-    gpu.total_memory = files // 5  # half of it: a tenth of the files, less than the 4-bit base
-    assert resolve_strategy(cfg(quantize="nf4"), "cuda") == "fsdp"
+    assert resolve_strategy(cfg(train={"precision": "fp32"}), "cuda") == "fsdp"
+    assert resolve_strategy(cfg(quantize="nf4", train={"precision": "fp32"}), "cuda") == "ddp"
+    gpu.total_memory = 2 * four_bit - 2  # half of it: just under the 4-bit model
+    assert resolve_strategy(cfg(quantize="nf4", train={"precision": "fp32"}), "cuda") == "fsdp"
+    gpu.total_memory = 2 * four_bit + 2
+    assert resolve_strategy(cfg(quantize="nf4", train={"precision": "fp32"}), "cuda") == "ddp"
+    # bitsandbytes' 8-bit AdamW cannot update FSDP2's sharded tensors: refused, whoever chose fsdp
+    with pytest.raises(UserError, match="train.optimizer: adamw8bit does not run on FSDP2's sharded adapter"):
+        resolve_strategy(cfg(train={"distributed": "fsdp", "optimizer": "adamw8bit"}), "cpu")
+    with pytest.raises(UserError, match=r"train.distributed: ddp \(chosen by auto for this model's size\)"):
+        resolve_strategy(cfg(train={"precision": "fp32", "optimizer": "adamw8bit"}), "cuda")
 
 
 def test_nproc_needs_a_config(capsys):
@@ -268,11 +282,17 @@ def test_expert_adapters_dora_dpo_and_qlora_match_one_process(workspace, variant
     assert proc.returncode == 0, _failure(proc)
     _check_matches(root / "fsdp", root / "single")
     tensors = _adapter(root / "single" / "adapter")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("processes"))
+    held, whole = re.findall(r"([\d.]+ [KM]iB)", line)
     if variant.startswith("qlora"):
-        # each process holds its half of the packed codes, plus the whole quantization state
-        line = next(line for line in proc.stdout.splitlines() if line.startswith("processes"))
-        held, whole = (_kib(part) for part in re.findall(r"([\d.]+ [KM]iB)", line))
-        assert "2 (fsdp)" in line and 0.5 * whole < held < 0.6 * whole, line
+        # each process holds its half of the packed codes, plus the whole quantization state; the
+        # whole is what the quantization report counts
+        assert "2 (fsdp)" in line and 0.5 * _kib(whole) < _kib(held) < 0.6 * _kib(whole), line
+        report = next(line for line in proc.stdout.splitlines() if line.startswith("precision"))
+        assert re.search(r"all frozen weights [\d.]+ [KM]iB -> ([\d.]+ [KM]iB)", report).group(1) == whole
+    elif variant == "dpo_continued_fsdp":  # the frozen copy of the continued adapter is not the model's
+        tensors = load_file(str(workspace / "model" / "model.safetensors"))
+        assert whole == byte_size(sum(t.numel() * t.element_size() for t in tensors.values())), line
     if variant in ("moe_experts", "qlora_moe_fsdp"):
         assert sum(".mlp.experts." in k for k in tensors) == 8
     elif variant == "dora":

@@ -10,7 +10,7 @@ from helpers import save_model_folder, write_addition_data
 
 from lorakit import models, quant
 from lorakit.cli import main
-from lorakit.dry_run import _frozen_bytes
+from lorakit.quant import frozen_bytes_estimate
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_the_dry_run_prints_the_runs_counts_without_reading_a_weight(workspace, 
     codes = sum(p.numel() for p in model.parameters() if id(p) in quantized)
     rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     state = codes * (1 / 64 + 4 / (64 * 256))  # 8-bit absmax per 64 weights, fp32 per 256 absmax
-    assert _frozen_bytes(model, torch.float32, True, 1) == int(codes / 2 + state + rest * 4)
-    assert _frozen_bytes(model, torch.float32, True, 2) == int(codes / 4 + state + rest * 2)
+    assert frozen_bytes_estimate(model, torch.float32, nf4=True) == int(codes / 2 + state + rest * 4)
+    assert frozen_bytes_estimate(model, torch.float32, nf4=True, shards=2) == int(codes / 4 + state + rest * 2)
 
 
 def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):

@@ -20,6 +20,7 @@ from torch import nn
 from lorakit.adapters import load_adapter
 from lorakit.cli import main
 from lorakit.config import LoraConfig
+from lorakit.errors import UserError
 from lorakit.inject import inject_adapter
 from lorakit.layers import LoraLayer
 from lorakit.loss import token_loss_sum
@@ -214,6 +215,19 @@ def test_only_adapters_train_and_the_4bit_base_stays_bit_identical(workspace):
 
 
 # --------------------------------------------------------------------------- the CLI
+def test_modules_to_save_on_a_4bit_layer_is_a_one_line_error(workspace, capsys):
+    model = tiny_llama()
+    quantize_model(model, compute_dtype=FP32)
+    with pytest.raises(UserError, match=r"lora.modules_to_save: model.layers.0.self_attn.o_proj holds no floating-point weight "
+                                        r"to train in full \(model.layers.0.self_attn.o_proj.weight is torch.uint8"):  # fmt: skip
+        inject_adapter(model, LoraConfig(r=4, targets=["q_proj"], modules_to_save=["o_proj"]))
+    inject_adapter(tiny_llama(), LoraConfig(r=4, targets=["q_proj"], modules_to_save=["lm_head"]))  # 16-bit: trained in full
+    out = workspace / "nf4-o-proj"
+    assert main(["train", _config(workspace, out, lora={"r": 4, "alpha": 8, "modules_to_save": ["o_proj"]})]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lora.modules_to_save: model.layers.0.self_attn.o_proj holds") and err.count("\n") == 1
+
+
 def test_cli_nf4_fp32_trains_and_reports_frozen_memory(nf4_run):
     out, printed = nf4_run
     losses = _losses(out)
