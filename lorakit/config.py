@@ -131,15 +131,16 @@ RECORD_KEYS = ("text", "prompt", "completion", "instruction", "input", "output",
                "chosen", "rejected", "label")  # fmt: skip
 
 
-def column_problems(columns: dict[str, str], where: str) -> list[str]:
-    """What is wrong with a data.columns mapping (lorakit's key -> the records' name for it)."""
+def column_problems(columns: dict[str, str], where: str, example: str = "{prompt: question}") -> list[str]:
+    """What is wrong with a data.columns mapping (lorakit's key -> the records' name for it);
+    `example` shows the fix in the syntax of `where` (the config's, or --column's)."""
     problems = []
     for key, name in columns.items():
         if key not in RECORD_KEYS:
             close = difflib.get_close_matches(key, RECORD_KEYS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             problems.append(f"{where}: {key!r} is no key of lorakit's records; {hint}map one of {', '.join(RECORD_KEYS)} "
-                            f"to your records' name for it, e.g. {{prompt: question}}")  # fmt: skip
+                            f"to your records' name for it, e.g. {example}")  # fmt: skip
         elif not name:
             problems.append(f"{where}.{key} = {name!r}: give the records' name for {key!r}")
     names = list(columns.values())
@@ -323,7 +324,7 @@ def load_run_config(
             raise UserError(f"{path}: the config must be a mapping of keys, got {type(loaded).__name__}")
         raw = loaded
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return build_run_config(raw, source=str(path) if path else "command line", check_paths=check_paths)
 
 
@@ -389,7 +390,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     problems += _chat_template_problems(cfg.data.chat_template, check_paths)
     if cfg.data.train is None and not any(p.startswith("data.train ") for p in problems):
         problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
-    problems += _eval_set_problems(cfg.data.eval)
+    problems += _eval_set_problems(cfg.data.eval, cfg.train.objective)
     for key in ("train", "eval"):
         files = data_files(getattr(cfg.data, key))
         if isinstance(getattr(cfg.data, key), list) and not files:
@@ -600,8 +601,9 @@ def _best_eval_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _eval_set_problems(value: Any) -> list[str]:
-    """Named eval sets' names become parts of metric keys (eval_<name>_loss): keep them plain."""
+def _eval_set_problems(value: Any, objective: str) -> list[str]:
+    """Named eval sets' names become parts of metric keys (eval_<name>_loss): keep them plain, and
+    apart in the figures `objective` reports."""
     if not isinstance(value, dict):
         return []
     if not value:
@@ -609,13 +611,14 @@ def _eval_set_problems(value: Any) -> list[str]:
     problems = []
     for name, files in value.items():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-            problems.append(f"data.eval: the set name {name!r} is no plain name; use letters, digits, - and _ (it becomes "
-                            "part of the eval keys, eval_<name>_loss)")  # fmt: skip
+            problems.append(f"data.eval: the set name {name!r} is no plain name; use letters, digits, - and _, starting with "
+                            "a letter or digit (it becomes part of the eval keys, eval_<name>_loss)")  # fmt: skip
         elif not data_files(files):
             problems.append(f"data.eval.{name} = []: name at least one file, or leave the set out")
     keys = {}
+    figures = EVAL_FIGURES if objective in PREFERENCE_BETA else ("loss", "perplexity", "accuracy")
     for name in value:
-        for figure in EVAL_FIGURES:
+        for figure in figures:
             key = eval_key(name, figure)
             if key in keys and keys[key] != name:
                 problems.append(f"data.eval: the sets {keys[key]!r} and {name!r} would both report {key}; rename one")
@@ -651,14 +654,25 @@ def _join(source: str, problems: list[str]) -> str:
     return f"{source}: {len(problems)} problems: " + "; ".join(problems)
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """A KEY=VALUE override into a config mapping (`data.eval.a` sets a in the mapping data.eval).
+
+    Raises:
+        UserError: the key goes through a value that is no mapping (data.eval.a while data.eval is
+            a file), which the override would silently replace.
+    """
     parts = key.split(".")
     node = raw
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
+        if child is not None and not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise UserError(
+                f"override {key}={value!r}: {where} is {child!r}, not a mapping to set {parts[i + 1]!r} in; "
+                f"override the whole of it instead, e.g. {where}='{{{parts[i + 1]}: ...}}'"
+            )
+        if child is None:
+            child = node[part] = {}
         node = child
     node[parts[-1]] = value
 

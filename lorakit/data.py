@@ -262,7 +262,7 @@ class TokenizedDataset:
 # Reading records
 
 
-def rename_columns(record: dict, columns: dict[str, str]) -> dict:
+def rename_columns(record: dict, columns: dict[str, str], *, source: str = "data.columns") -> dict:
     """The record with its keys named as lorakit reads them: `columns` maps lorakit's key to the
     records' own name for it (data.columns, e.g. {"prompt": "question"}); names the record lacks
     are passed over, so one mapping serves files of several layouts.
@@ -277,8 +277,8 @@ def rename_columns(record: dict, columns: dict[str, str]) -> dict:
     for name, key in taken.items():
         if key in out:
             raise BadRecord(
-                f"the record has both {key!r} and {name!r}, which data.columns maps to {key!r}; "
-                f"drop one of them from the data, or {key!r} from data.columns"
+                f"the record has both {key!r} and {name!r}, which {source} maps to {key!r}; "
+                f"drop one of them from the data, or {key!r} from {source}"
             )
         out[key] = record[name]
     return out
@@ -863,8 +863,14 @@ def tokenize_records(
     unpaired: list[tuple[int, dict, tuple[str, Any]]] = []  # (line, record, its own example)
     for line, record in records:
         try:
-            record = rename_columns(record, cfg.columns)
-            fmt, payload = prepare_record(record, cfg.format, cfg.train_on_inputs, cfg.train_turns)
+            renamed = rename_columns(record, cfg.columns)
+            try:
+                fmt, payload = prepare_record(renamed, cfg.format, cfg.train_on_inputs, cfg.train_turns)
+            except BadRecord as exc:
+                if renamed.keys() != record.keys():  # the keys it names are data.columns', not the file's
+                    raise BadRecord(f"{exc} (keys as data.columns renames them; the record's own: {sorted(record)})") from None
+                raise
+            record = renamed
             this = fmt if fmt in ("preference", "unpaired") else "non-preference"
             if kind is None:
                 kind = this

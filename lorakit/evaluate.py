@@ -260,13 +260,15 @@ def _columns(pairs: list[str]) -> dict[str, str]:
     """--column KEY=NAME options as a data.columns mapping, checked as the config checks it."""
     from lorakit.config import column_problems
 
-    columns = {}
+    columns: dict[str, str] = {}
     for pair in pairs:
-        key, sep, name = pair.partition("=")
+        key, sep, name = (part.strip() for part in pair.partition("="))
         if not sep:
             raise UserError(f"--column {pair!r}: give KEY=NAME, lorakit's key and the records' name for it, e.g. prompt=question")
-        columns[key.strip()] = name.strip()
-    problems = column_problems(columns, "--column")
+        if key in columns and columns[key] != name:
+            raise UserError(f"--column {pair!r}: {key!r} is already mapped to {columns[key]!r}; give each key once")
+        columns[key] = name
+    problems = column_problems(columns, "--column", example="--column prompt=question")
     if problems:
         raise UserError(problems[0])
     return columns
@@ -298,7 +300,7 @@ def eval_command(args: argparse.Namespace) -> int:
         records = []
         for _, record in read_records(args.data, skip_invalid=args.skip_invalid):
             try:
-                records.append(rename_columns(record, columns))
+                records.append(rename_columns(record, columns, source="--column"))
             except BadRecord:  # skipped by the loss above (--skip-invalid), so here too
                 continue
         acc = generation_accuracy(

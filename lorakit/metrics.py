@@ -1,8 +1,9 @@
 """The run's record: `metrics.jsonl` (one JSON object per line) and `loss.png`.
 
 Train entries carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `elapsed_s`; eval entries
-carry `step` and `eval_loss` (plus `eval_perplexity`, `eval_accuracy` when measured). Experiment
-trackers (lorakit.tracking) are handed each entry as it is written.
+carry `step` and `eval_loss` (plus `eval_perplexity`, `eval_accuracy` when measured, a preference
+objective's rewards; for named eval sets `eval_<name>_loss` and so on; step 0 for the eval before
+the first step). Experiment trackers (lorakit.tracking) are handed each entry as it is written.
 """
 
 from __future__ import annotations

@@ -136,12 +136,18 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     start = {} if cfg.adapter is None else {"adapter": [file_hash(str(Path(cfg.adapter) / n)) for n in (CONFIG_NAME, WEIGHTS_NAME)]}
     return {
         "model": model_id,
-        "data": {"train": files_hash(cfg.data.train), "eval": files_hash(cfg.data.eval), **_data_options(cfg)},
+        "data": {"train": files_hash(cfg.data.train), "eval": _eval_hash(cfg.data.eval, files_hash), **_data_options(cfg)},
         "lora": dataclasses.asdict(cfg.lora),
         "quantize": cfg.quantize,
         **start,
         **_objective_fingerprint(cfg),
     }
+
+
+def _eval_hash(value: Any, files_hash: Callable[[Any], Any]) -> Any:
+    """data.eval's part of the fingerprint: its files' hashes, by set for named sets (a file moved
+    to another set changes what that set's figures, and the best, mean)."""
+    return {name: files_hash(files) for name, files in value.items()} if isinstance(value, dict) else files_hash(value)
 
 
 def _objective_fingerprint(cfg: RunConfig) -> dict[str, Any]:
@@ -755,14 +761,14 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not main, dynamic_ncols=True, unit="step", file=sys.stderr)
     window_tokens, window_time = 0.0, 0.0
     evaluated_at, stop_early = None, _patience_spent(run)
-    if stop_early:  # resumed from the checkpoint of the eval that ended the run: it ends there again
-        evaluated_at, last_eval = run.step, _logged_eval(run)
-    elif cfg.train.eval_on_start and run.step == 0:
-        # the starting point of the eval curves; not a candidate for the best (its adapter trained nothing)
-        start_eval = evaluate(run)
-        if start_eval:
-            run.metrics.log({"step": 0, **start_eval})
     try:
+        if stop_early:  # resumed from the checkpoint of the eval that ended the run: it ends there again
+            evaluated_at, last_eval = run.step, _logged_eval(run)
+        elif cfg.train.eval_on_start and run.step == 0:
+            # the starting point of the eval curves; not a candidate for the best (its adapter trained nothing)
+            start_eval = evaluate(run)
+            if start_eval:
+                run.metrics.log({"step": 0, **start_eval})
         while run.step < run.total_steps and not stop_early:
             step_start = time.perf_counter()
             result = train_step(run)
@@ -1037,7 +1043,7 @@ def start_summary(run: Run) -> str:
         f"of <= {run.stream.max_length} tokens{' (pairs)' if run.stream.pairs else ''}; output {run.output_dir}",
     ]
     if run.eval_sets:
-        lines.insert(4, f"eval         {eval_sets_line(run.eval_sets, run.cfg)}")
+        lines.insert(4, f"eval         {eval_sets_line(run.eval_sets, run.cfg, resumed=run.step > 0)}")
     if run.dist.world_size > 1:
         lines.append(f"processes    {_processes_line(run)}")
     if run.cfg.train.trackers():
@@ -1051,19 +1057,21 @@ def start_summary(run: Run) -> str:
     return "\n".join(lines)
 
 
-def eval_sets_line(eval_sets: dict[str, Any], cfg: RunConfig) -> str:
+def eval_sets_line(eval_sets: dict[str, Any], cfg: RunConfig, *, resumed: bool = False) -> str:
     """"4 examples; every 2 steps" or, for named sets, "gsm8k 4 examples, chat 8 examples; every 2 steps"."""
     sets = ", ".join(f"{name + ' ' if name else ''}{_examples(dataclasses.asdict(data.stats))}" for name, data in eval_sets.items())
-    return sets + _eval_plan(cfg)
+    return sets + _eval_plan(cfg, resumed=resumed)
 
 
-def _eval_plan(cfg: RunConfig) -> str:
+def _eval_plan(cfg: RunConfig, *, resumed: bool = False) -> str:
     """"; every 50 steps, the best eval_loss kept in best_adapter/, early stopping after 3 evals
-    without a better one" (what the eval line adds when evals run during the run)."""
+    without a better one" (what the eval line adds when evals run during the run; a resumed run
+    has had its eval before the first step)."""
     train = cfg.train
+    on_start = train.eval_on_start and not resumed
     if not train.eval_every:
-        return "; before the first step and at the end" if train.eval_on_start else ""
-    parts = (["before the first step"] if train.eval_on_start else []) + [f"every {train.eval_every} steps"]
+        return "; before the first step and at the end" if on_start else ""
+    parts = (["before the first step"] if on_start else []) + [f"every {train.eval_every} steps"]
     if train.save_best:
         parts.append(f"the best {train.best_metric} kept in {BEST_ADAPTER_DIR}/")
     if train.early_stopping_patience:

@@ -562,6 +562,11 @@ def test_columns_take_lorakit_keys_from_the_records_own_names(tmp_path):
         load_dataset(path, tok, dataclasses.replace(cfg, columns=columns))
     skipped = load_dataset(path, tok, dataclasses.replace(cfg, columns=columns, skip_invalid=True))
     assert skipped.stats.skipped_invalid == 1 and skipped.stats.examples == 4
+    # a record that fits no format after renaming names the keys both ways
+    write_jsonl(path, [{"prompt": "a", "response": "b"}])
+    with pytest.raises(UserError, match=r"named.jsonl:1: unknown record format, keys \['output', 'prompt'\].* \(keys as "
+                                        r"data.columns renames them; the record's own: \['prompt', 'response'\]\)"):  # fmt: skip
+        load_dataset(path, tok, dataclasses.replace(cfg, columns=columns))
     # preference pairs under other names, and a swap of two keys
     pair = {"query": "2 plus 2 is", "good": " 4", "bad": " 5"}
     pairs = load_dataset(write_jsonl(tmp_path / "pairs.jsonl", [pair]), tok,
@@ -580,6 +585,7 @@ def test_columns_take_lorakit_keys_from_the_records_own_names(tmp_path):
         ({"prompt": ""}, "data.columns.prompt = '': give the records' name for 'prompt'"),
         ({"prompt": 3}, "data.columns = {'prompt': 3}: expected a mapping of a string to a string"),
     ],
+    ids=["unknown key", "a name twice", "empty name", "not a string"],
 )
 def test_bad_columns_are_config_errors(tmp_path, columns, message):
     from lorakit.config import build_run_config

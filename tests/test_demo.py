@@ -19,3 +19,14 @@ def test_shortened_demo_learns_the_task(tmp_path, capsys):
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
     for fragment in ("before", "after", "exact match", "lorakit generate", "lorakit chat", "lorakit merge"):
         assert fragment in printed, fragment
+
+
+def test_the_demo_takes_one_eval_set_and_evaluates_the_base_once(tmp_path, capsys):
+    from lorakit.demo import EVAL_FILE
+    from lorakit.demo.run import demo_config
+
+    assert main(["train", f"output_dir={tmp_path / 'd'}", f"data.eval={json.dumps({'dates': str(EVAL_FILE)})}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.eval: the demo's before/after table reads one eval set") and err.count("\n") == 1
+    # its own eval of the base is the eval before the first step: not run twice
+    assert demo_config({"train.eval_on_start": True}).train.eval_on_start is False

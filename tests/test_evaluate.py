@@ -121,8 +121,13 @@ def test_cli_eval_reads_other_column_names(setup, tmp_path, capsys):
     columns = [f"--column={k}={v}" for k, v in rename.items()]
     assert main(["eval", "--model", str(folder), "--data", str(named), *args, *columns]) == 0
     assert json.loads(capsys.readouterr().out) == want and want["total"] == 4
-    assert main(["eval", "--model", str(folder), "--data", str(named), "--column", "prompt"]) == 2
-    assert "--column 'prompt': give KEY=NAME" in capsys.readouterr().err
+    for bad, messages in [(["prompt"], ["--column 'prompt': give KEY=NAME"]),
+                          (["prompt=a", "prompt=b"], ["--column 'prompt=b': 'prompt' is already mapped to 'a'"]),
+                          (["promt=question"], ["did you mean 'prompt'? map one of text, prompt", "e.g. --column prompt=question"]),
+                          (["prompt=question", "text=question"], ["'question' is named for 2 keys"])]:  # fmt: skip
+        assert main(["eval", "--model", str(folder), "--data", str(named), *[f"--column={b}" for b in bad]]) == 2
+        err = capsys.readouterr().err
+        assert all(m in err for m in messages) and err.count("\n") == 1, err
 
 
 def test_bad_inputs(setup, tmp_path, capsys):

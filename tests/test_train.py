@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -557,6 +558,32 @@ def test_named_eval_sets_are_each_evaluated_and_one_is_watched(workspace, capsys
     with pytest.raises(UserError, match="train.best_metric = 'eval_loss': use one of eval_a_loss, eval_a_perplexity"):
         build_run_config({"model": "m", "data": {"train": "t", "eval": {"a": "x"}},
                           "train": {"save_best": True, "eval_every": 2}}, check_paths=False)  # fmt: skip
+
+
+def test_named_eval_sets_resume_only_with_the_same_sets_and_a_failing_first_eval_leaves_no_handlers(workspace, capsys, monkeypatch):
+    other = workspace / "other2.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"{a} plus 3 is", "completion": f" {a + 3}"}) + "\n" for a in range(3)))
+    sets = {"a": str(workspace / "eval.jsonl"), "b": str(other)}
+    out = workspace / "evalsets-resume"
+    assert main(["train", _config(workspace, out, max_steps=2, save_every=1), f"data.eval={json.dumps(sets)}"]) == 0
+    swapped = {"b": sets["a"], "a": sets["b"]}  # the same files in the same order, each in the other set
+    capsys.readouterr()
+    assert main(["train", _config(workspace, out, max_steps=2), f"data.eval={json.dumps(swapped)}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "data (data.eval)" in err
+    # an override into a data.eval that is a file, not sets, is refused rather than replacing it
+    assert main(["train", _config(workspace, workspace / "evalsets-dotted"), "data.eval.a=x.jsonl"]) == 2
+    assert "override data.eval.a='x.jsonl': data.eval is" in capsys.readouterr().err
+    # the eval before the first step fails: the run's signal handlers are gone all the same
+    def failing(run):
+        raise RuntimeError("eval failed")
+
+    monkeypatch.setattr(train_module, "evaluate", failing)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="eval failed"):
+        train_module.run_training(build_run_config(yaml.safe_load(Path(_config(workspace, workspace / "evalfails",
+                                                                               eval_on_start=True)).read_text())))  # fmt: skip
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):

@@ -7,10 +7,13 @@ unless `output_dir=...` is given; any other `KEY=VALUE` override works as with a
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
-from lorakit.config import build_run_config
+from lorakit.config import build_run_config, set_dotted
 from lorakit.demo import EVAL_FILE, MAX_NEW_TOKENS, MODEL_DIR, TRAIN_FILE
+from lorakit.errors import UserError
 
 # Chosen so the whole demo (two evals and training) takes a few minutes on 2 CPU cores
 # (measured settings: scripts/make_demo_data.py and the model card in lorakit/demo/model).
@@ -32,18 +35,19 @@ DEMO_CONFIG: dict[str, Any] = {
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    out = copy.deepcopy(base)
     for key, value in overrides.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(out, key, value)
     return out
 
 
 def demo_config(overrides: dict[str, Any]):
-    return build_run_config(_merge(DEMO_CONFIG, overrides), source="demo")
+    cfg = build_run_config(_merge(DEMO_CONFIG, overrides), source="demo")
+    if isinstance(cfg.data.eval, dict):
+        raise UserError("data.eval: the demo's before/after table reads one eval set; named eval sets are for your own "
+                        "configs (lorakit train CONFIG.yaml)")  # fmt: skip
+    # the demo evaluates the base before training itself (its table's "before")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_on_start=False))
 
 
 def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> int:
