@@ -108,3 +108,12 @@ def _bad_data(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
     return path
+
+
+def test_overrides_may_follow_the_flags(workspace, capsys):
+    assert main(["train", _config(workspace, workspace / "late"), "--dry-run", "train.max_steps=2", "lora.r=2"]) == 0
+    out = _lines(capsys.readouterr().out)
+    assert out["plan"].startswith("2 steps") and "LoRA r=2 " in out["adapters"]
+    with pytest.raises(SystemExit) as stop:  # anything else after the flags is still argparse's error
+        main(["train", _config(workspace, workspace / "late"), "--dry-run", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
