@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted in the result) instead of stopping")
     p.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
                    help="the records' NAME for lorakit's KEY, e.g. --column prompt=question (data.columns); repeatable")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message put first in chats that have none (data.system_prompt of the run)")
     p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo", "kto"], default=None,
                    help="read the data as preference pairs (kto: labelled examples) and report this objective's loss and "
                         "rewards (default for preference data: dpo; dpo, ipo, kto: the adapter against its base)")

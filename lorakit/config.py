@@ -119,6 +119,8 @@ class DataConfig:
     skip_invalid: bool = False
     # the records' own names for lorakit's keys, e.g. {prompt: question, completion: answer}
     columns: dict[str, str] = field(default_factory=dict)
+    # a system message put first in every chat conversation that has none (chat data only)
+    system_prompt: Union[str, None] = None
     cache_dir: Union[str, None] = None  # default: ~/.cache/lorakit/data
     # the chat template for chat records instead of the tokenizer's: a Jinja file, or "chatml"
     # (for base models without one); saved with the adapter, which inference and merge then use
@@ -379,6 +381,8 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
             "which QLoRA does not hold; use default or gaussian init, or quantize: none"
         )
     problems += column_problems(cfg.data.columns, "data.columns")
+    if cfg.data.system_prompt is not None and not cfg.data.system_prompt.strip():
+        problems.append(f"data.system_prompt = {cfg.data.system_prompt!r}: give the system message's text, or leave it out")
     if cfg.data.train_turns == "last" and cfg.data.train_on_inputs:
         problems.append("data.train_turns = 'last' with data.train_on_inputs = true: every token is trained then; set one of them")
     if not 0 <= cfg.data.eval_fraction < 1:

@@ -284,6 +284,15 @@ def rename_columns(record: dict, columns: dict[str, str], *, source: str = "data
     return out
 
 
+def with_system_prompt(conversation: tuple[list[dict], tuple[int, ...]], text: Optional[str]) -> tuple[list[dict], tuple[int, ...]]:
+    """A chat payload (messages, indices of its untrained turns) with a system message `text`
+    (data.system_prompt) put first, where it has no system turn of its own; the indices follow."""
+    messages, untrained = conversation
+    if text is None or (messages and messages[0]["role"] == "system"):
+        return conversation
+    return [{"role": "system", "content": text}, *messages], tuple(i + 1 for i in untrained)
+
+
 def detect_format(record: dict) -> str | None:
     """"chat", "preference", "unpaired", "instruction", "completion" or "text" from the record's
     keys; None if none fits. A record with chat messages beside chosen/rejected answers (UltraFeedback's layout)
@@ -891,6 +900,9 @@ def tokenize_records(
             prepared.append((line, fmt, payload))
     pairs = kind in ("preference", "unpaired")
     labels_by_pair = _kl_pairs(unpaired, prepared, problems, source) if kind == "unpaired" else None
+    if cfg.system_prompt is not None:  # every conversation: chats, preference answers, KL examples
+        prepared = [(line, fmt, with_system_prompt(payload, cfg.system_prompt) if fmt == "chat" else payload)
+                    for line, fmt, payload in prepared]  # fmt: skip
     chat_lines = [line for line, fmt, _ in prepared if fmt == "chat"]
     if chat_lines and tokenizer.chat_template is None:
         raise UserError(
@@ -1176,7 +1188,8 @@ def load_dataset(path: Union[str, Path], tokenizer: Any, cfg: DataConfig, *, use
 
     The cache key is the sha256 of the file's bytes, the tokenizer (its JSON, chat template and
     special tokens), the options that change the result (format, max_length, too_long,
-    train_on_inputs, skip_invalid, train_turns, columns) and lorakit/transformers/tokenizers versions. Files live in
+    train_on_inputs, skip_invalid, train_turns, columns, system_prompt) and lorakit/transformers/tokenizers
+    versions. Files live in
     `cfg.cache_dir`, else `$LORAKIT_CACHE`, else `~/.cache/lorakit/data`, as .npz (no pickle),
     written atomically. A cache that cannot be written only logs a warning.
 
@@ -1224,8 +1237,9 @@ def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     options = {k: getattr(cfg, k) for k in ("format", "max_length", "too_long", "train_on_inputs", "skip_invalid", "train_turns")}
-    if cfg.columns:
-        options["columns"] = cfg.columns  # (only when set: the caches of earlier runs stay valid)
+    for key in ("columns", "system_prompt"):
+        if getattr(cfg, key):
+            options[key] = getattr(cfg, key)  # (only when set: the caches of earlier runs stay valid)
     meta = {
         "version": FORMAT_VERSION,
         "instruction_template": [INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT],

@@ -75,17 +75,17 @@ def evaluate_loss(
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
 
 
-def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
+def prompt_and_answer(record: dict, system_prompt: Optional[str] = None) -> Optional[tuple[Any, str, bool]]:
     """(prompt, expected answer, is_chat) for a record, or None for a text record (and a chat whose
     last assistant turn has weight 0: untrained, so unscored).
 
     The prompt is a string (completion, instruction: rendered by lorakit.data) or the chat
-    messages before the last assistant turn.
+    messages before the last assistant turn (after `system_prompt`, as data.system_prompt puts it).
 
     Raises:
         UserError: a record lorakit.data would reject, or a chat without an assistant turn.
     """
-    from lorakit.data import BadRecord, prepare_record
+    from lorakit.data import BadRecord, prepare_record, with_system_prompt
 
     try:
         fmt, payload = prepare_record(record, "auto", train_on_inputs=True)
@@ -96,7 +96,7 @@ def prompt_and_answer(record: dict) -> Optional[tuple[Any, str, bool]]:
     if fmt == "preference":
         raise UserError("a preference record (prompt, chosen, rejected) has no single answer to compare with")
     if fmt == "chat":
-        messages, untrained = payload
+        messages, untrained = with_system_prompt(payload, system_prompt)
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             raise UserError("a chat record has no assistant turn to compare with")
@@ -127,12 +127,13 @@ def generation_accuracy(
     show_failures: int = 3,
     skip_invalid: bool = False,
     train_on_inputs: bool = False,
+    system_prompt: Optional[str] = None,
 ) -> dict[str, Any]:
     """{"accuracy", "correct", "total", "failures": [{"prompt", "expected", "got"}]} over the
     records that have an answer (exact match of `final_answer`s: stripped, a leading reasoning block
     left out; greedy; at most `show_failures` listed). skip_invalid: leave out the records the
     data's own reading (with `train_on_inputs`) skips as invalid, which it has counted, instead of
-    raising.
+    raising. system_prompt: data.system_prompt, put first in chats without a system turn.
 
     Raises:
         UserError: see `prompt_and_answer`; no record with an answer.
@@ -145,7 +146,7 @@ def generation_accuracy(
         try:
             if skip_invalid:
                 prepare_record(record, "auto", train_on_inputs)  # what the loss skipped, this skips too
-            case = prompt_and_answer(record)
+            case = prompt_and_answer(record, system_prompt)
         except (UserError, BadRecord) as exc:
             if skip_invalid:
                 continue
@@ -285,7 +286,10 @@ def eval_command(args: argparse.Namespace) -> int:
     # --objective reads the records as pairs, or kto as labelled examples (prompt, completion, label)
     fmt = "unpaired" if args.objective == "kto" else "preference" if args.objective else "auto"
     columns = _columns(args.column)
-    cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid, columns=columns)
+    if args.system is not None and not args.system.strip():
+        raise UserError("--system '': give the system message's text, or leave --system out")
+    cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid, columns=columns,
+                     system_prompt=args.system)  # fmt: skip
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     if dataset.pairs:
         return _preference_eval(args, model, dataset, max_length)
@@ -305,7 +309,7 @@ def eval_command(args: argparse.Namespace) -> int:
                 continue
         acc = generation_accuracy(
             model, tokenizer, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            skip_invalid=args.skip_invalid,
+            skip_invalid=args.skip_invalid, system_prompt=args.system,
         )  # fmt: skip
         result.update(accuracy=acc["accuracy"], correct=acc["correct"], total=acc["total"], failures=acc["failures"])
     if args.json:

@@ -167,8 +167,9 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
         d.pop(key)
     if d["train_turns"] == "all":
         del d["train_turns"]  # so checkpoints of earlier runs still resume
-    if not d["columns"]:
-        del d["columns"]  # so checkpoints of earlier runs still resume
+    for key in ("columns", "system_prompt"):
+        if not d[key]:
+            del d[key]  # so checkpoints of earlier runs still resume
     if d["chat_template"] is None:
         del d["chat_template"]  # so checkpoints of earlier runs still resume
     else:  # its text: an edited template file is another run
@@ -675,6 +676,7 @@ def _evaluate(run: Run) -> dict[str, float]:
             acc = generation_accuracy(
                 run.model, run.tokenizer, run.eval_records[name], max_new_tokens=run.cfg.train.eval_max_new_tokens,
                 skip_invalid=run.cfg.data.skip_invalid, train_on_inputs=run.cfg.data.train_on_inputs,
+                system_prompt=run.cfg.data.system_prompt,
             )
             out[eval_key(name, "accuracy")] = acc["accuracy"]
     return out

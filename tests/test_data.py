@@ -577,6 +577,45 @@ def test_columns_take_lorakit_keys_from_the_records_own_names(tmp_path):
     assert pairs.pairs and np.array_equal(pairs.input_ids, swap.input_ids) and np.array_equal(pairs.labels, swap.labels)
 
 
+def test_a_system_prompt_is_put_first_in_every_conversation_without_one(tmp_path):
+    tok = make_tokenizer("llama3")
+    system = {"role": "system", "content": "You add numbers."}
+    user, reply = {"role": "user", "content": "2 plus 2?"}, {"role": "assistant", "content": "4"}
+    own = [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]  # has its own: kept
+    bare = [
+        {"messages": [user, {**reply, "weight": 0}, user, reply]},  # an untrained turn: its index moves with the insert
+        {"conversations": [{"from": "human", "value": "2 plus 2?"}, {"from": "gpt", "value": "4"}]},
+        {"messages": own},
+        {"text": "plain text: no conversation"},
+    ]
+    given = [{"messages": [system, *bare[0]["messages"]]}, {"messages": [system, user, reply]}, {"messages": own}, bare[3]]
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), packing=False)
+    want = load_dataset(write_jsonl(tmp_path / "given.jsonl", given), tok, cfg)
+    path = write_jsonl(tmp_path / "bare.jsonl", bare)
+    got = load_dataset(path, tok, dataclasses.replace(cfg, system_prompt=system["content"]))
+    for name in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(getattr(got, name), getattr(want, name))
+    assert not np.array_equal(load_dataset(path, tok, cfg).input_ids[:8], got.input_ids[:8])  # another cache entry
+    # preference pairs (a chat prompt, and whole conversations sharing their first turns) and KTO's examples
+    pairs = [{"prompt": [user], "chosen": "4", "rejected": "5"},
+             {"chosen": [user, reply], "rejected": [user, {**reply, "content": "5"}]}]  # fmt: skip
+    want = load_dataset(write_jsonl(tmp_path / "pg.jsonl", [{**pairs[0], "prompt": [system, user]},
+                                                          {k: [system, *v] for k, v in pairs[1].items()}]), tok, cfg)  # fmt: skip
+    got = load_dataset(write_jsonl(tmp_path / "pb.jsonl", pairs), tok, dataclasses.replace(cfg, system_prompt=system["content"]))
+    assert got.pairs and np.array_equal(got.input_ids, want.input_ids) and np.array_equal(got.labels, want.labels)
+    kto = [{"prompt": [user], "completion": "4", "label": True}, {"prompt": [user], "completion": "5", "label": False}]
+    want = load_dataset(write_jsonl(tmp_path / "kg.jsonl", [{**r, "prompt": [system, user]} for r in kto]), tok,
+                        dataclasses.replace(cfg, format="unpaired"))  # fmt: skip
+    got = load_dataset(write_jsonl(tmp_path / "kb.jsonl", kto), tok,
+                       dataclasses.replace(cfg, format="unpaired", system_prompt=system["content"]))  # fmt: skip
+    assert np.array_equal(got.input_ids, want.input_ids) and np.array_equal(got.labels, want.labels)  # KL examples too
+    # what generation is asked for eval: the same conversation
+    from lorakit.evaluate import prompt_and_answer
+
+    assert prompt_and_answer(bare[1], system["content"]) == ([system, user], "4", True)
+    assert prompt_and_answer(bare[2], system["content"]) == (own[:2], "Hello", True)
+
+
 @pytest.mark.parametrize(
     "columns, message",
     [

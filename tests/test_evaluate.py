@@ -130,6 +130,24 @@ def test_cli_eval_reads_other_column_names(setup, tmp_path, capsys):
         assert all(m in err for m in messages) and err.count("\n") == 1, err
 
 
+def test_cli_eval_system_prompt_equals_the_message_in_the_data(setup, tmp_path, capsys):
+    model, tok, _, _ = setup
+    folder = save_model_folder(tmp_path / "m", model, tok)
+    ask = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]
+    system = {"role": "system", "content": "Answer briefly."}
+    bare, given = tmp_path / "bare.jsonl", tmp_path / "given.jsonl"
+    bare.write_text(json.dumps({"messages": ask}) + "\n")
+    given.write_text(json.dumps({"messages": [system, *ask]}) + "\n")
+    args = ["--max-length", "64", "--generate", "--max-new-tokens", "4", "--json"]
+    assert main(["eval", "--model", str(folder), "--data", str(given), *args]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", str(folder), "--data", str(bare), *args, "--system", system["content"]]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == want and got["tokens"] > 0
+    assert main(["eval", "--model", str(folder), "--data", str(bare), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] != want["loss"]  # without it: another conversation
+
+
 def test_bad_inputs(setup, tmp_path, capsys):
     model, tok, _, path = setup
     folder = save_model_folder(tmp_path / "m", model, tok)

@@ -351,6 +351,9 @@ def test_refuses_to_overwrite_and_resume_mismatch(workspace, capsys):
     assert main(["train", _config(workspace, out, max_steps=2), "data.columns={prompt: question}", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "data (data.columns)" in err
+    assert main(["train", _config(workspace, out, max_steps=2), "data.system_prompt=Be brief.", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "data (data.system_prompt)" in err
 
 
 def test_a_list_of_data_files_trains_as_one_and_resumes_only_unchanged(workspace, capsys):
