@@ -48,6 +48,10 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         from lorakit.train import _check_same_run, fingerprint
 
         _check_same_run(json.loads((checkpoint / "state.json").read_text()).get("fingerprint", {}), fingerprint(cfg), checkpoint)
+    if cfg.train.trackers():
+        from lorakit.tracking import check_tracker_paths
+
+        check_tracker_paths(Path(cfg.output_dir), cfg.train.trackers())
     strategy = None
     if processes > 1:
         from lorakit.distributed import resolve_strategy

@@ -53,6 +53,19 @@ def tracker_name(key: str) -> str:
     return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
 
 
+def check_tracker_paths(output_dir: Path, names: list[str]) -> None:
+    """What the trackers will write in output_dir is not blocked by a file (for the dry run; the
+    run finds it as it opens them).
+
+    Raises:
+        UserError: output_dir/tensorboard is a file.
+    """
+    folder = output_dir / TENSORBOARD_DIR
+    if "tensorboard" in names and folder.exists() and not folder.is_dir():
+        raise UserError(f"train.report_to: tensorboard cannot write {folder} (a file is there); remove it or pick another "
+                        "output_dir")  # fmt: skip
+
+
 class TensorBoardTracker:
     name = "tensorboard"
 

@@ -90,12 +90,20 @@ def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):
         ([_config(workspace, tmp_path / "d"), f"data.train={_bad_data(tmp_path)}"], "bad.jsonl:2:"),
         ([_config(workspace, tmp_path / "e"), "quantize=nf4", "lora.init=pissa"], "lora.init = 'pissa' with quantize: nf4"),
         (["--nproc", "2"], "--nproc needs a YAML config"),
+        ([_config(workspace, _file_at(tmp_path / "g" / "tensorboard").parent), "train.report_to=tensorboard"],
+         "train.report_to: tensorboard cannot write"),
         ([_config(workspace, finished, save_every=2), "lora.r=8", "--resume"], "the lora (lora.r) changed since it was written"),
     ]
     for args, message in cases:
         assert main(["train", *args, "--dry-run"]) == 2, message
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def _file_at(path):
+    path.parent.mkdir(parents=True)
+    path.write_text("in the way")
+    return path
 
 
 def _odd_model(tmp_path):
