@@ -252,13 +252,27 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist, device: torch.device) -> 
 def _move_quant_states(model: nn.Module, device: torch.device) -> None:
     """QLoRA under FSDP2: the 4-bit layers' quantization statistics (one 8-bit absmax per 64 codes,
     double-quantized; lorakit.layers.quant_state_of) are no parameters, so fully_shard neither
-    shards nor moves them: each rank keeps them whole, moved here to its device."""
+    shards nor moves them: each rank keeps them whole, moved here to its device. The two code
+    tables the layers share (lorakit.quant) stay shared: one copy per device, not one per layer."""
+    moved: dict[int, torch.Tensor] = {}
+
+    def move(t: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        if not shared:
+            return t.to(device)
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        return moved[id(t)]
+
     seen: set[int] = set()
     for module in model.modules():
         state = getattr(module, "quant_state", None)
-        if state is not None and id(state) not in seen:
-            seen.add(id(state))
-            state.to(device)
+        if state is None or id(state) in seen:
+            continue
+        seen.add(id(state))
+        state.absmax, state.code = move(state.absmax), move(state.code, shared=True)
+        if state.nested:
+            state.offset, state.state2.absmax = move(state.offset), move(state.state2.absmax)
+            state.state2.code = move(state.state2.code, shared=True)
 
 
 @contextlib.contextmanager

@@ -215,6 +215,22 @@ def test_strategy_choice(workspace, monkeypatch):
         resolve_strategy(cfg(train={"precision": "fp32", "optimizer": "adamw8bit"}), "cuda")
 
 
+def test_quant_states_move_with_their_shared_code_tables_shared():
+    # after fully_shard, each 4-bit layer's quantization state goes to the process's device; the
+    # code tables all layers share stay one tensor there (the meta device stands in for a GPU)
+    from lorakit.distributed import _move_quant_states
+    from lorakit.quant import quantize_model
+
+    model = tiny_llama()
+    quantize_model(model, compute_dtype=torch.float32)
+    states = [m.quant_state for m in model.modules() if getattr(m, "quant_state", None) is not None]
+    _move_quant_states(model, torch.device("meta"))
+    moved = [t for st in states for t in (st.absmax, st.code, st.offset, st.state2.absmax, st.state2.code)]
+    assert len(states) == 14 and {t.device.type for t in moved} == {"meta"}
+    assert len({id(st.code) for st in states}) == len({id(st.state2.code) for st in states}) == 1
+    assert len({id(st.absmax) for st in states}) == 14  # each layer's own statistics
+
+
 def test_nproc_needs_a_config(capsys):
     assert main(["train", "--nproc", "2"]) == 2
     assert "--nproc needs a YAML config" in capsys.readouterr().err
