@@ -13,6 +13,7 @@ never leaves a half checkpoint that looks complete; only the newest `keep` are k
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import tempfile
@@ -78,13 +79,39 @@ def save_checkpoint(
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(state, optimizer_state, rng) of a checkpoint folder; tensors load with weights_only=True."""
     path = Path(path)
+    name = "state.json"
     try:
-        state = json.loads((path / "state.json").read_text())
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
-    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
-        raise UserError(f"checkpoint {path} is damaged ({exc.__class__.__name__}: {exc}); delete it to resume from an older one") from None
+        state = json.loads((path / name).read_text())
+        name = "optimizer.pt"
+        optimizer_state = torch.load(path / name, weights_only=True, map_location="cpu")
+        name = "rng.pt"
+        rng = torch.load(path / name, weights_only=True, map_location="cpu")
+        problem = _layout_problem(state, optimizer_state, rng)
+    except pickle.UnpicklingError:  # (its message suggests weights_only=False: never for a file we cannot trust)
+        problem = f"{name} holds no tensors lorakit wrote"
+    except (OSError, ValueError, RuntimeError) as exc:  # (ValueError: invalid JSON or UTF-8 too)
+        problem = f"{name}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged ({problem}); delete it to resume from an older one")
     return state, optimizer_state, rng
+
+
+def _layout_problem(state: Any, optimizer_state: Any, rng: Any) -> Optional[str]:
+    """What in a checkpoint's files is not what `save_checkpoint` writes, or None."""
+    if not isinstance(state, dict) or not _is_step(state.get("step")):
+        return "state.json holds no step number"
+    missing = [k for k in ("scheduler", "stream") if not isinstance(state.get(k), dict)]
+    if missing:
+        return f"state.json lacks {missing[0]}"
+    if not isinstance(optimizer_state, dict) or not {"state", "param_groups"} <= optimizer_state.keys():
+        return "optimizer.pt holds no optimizer state"
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
+        return "rng.pt holds no random-number state"
+    return None
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

@@ -94,6 +94,15 @@ class LoraConfig:
                 out.append(f"{where}.alpha_pattern[{name!r}] = {alpha!r}: alphas must be positive numbers")
         if self.layers is not None and any(not _is_int(i) or i < 0 for i in self.layers):
             out.append(f"{where}.layers = {self.layers!r}: block indices must be integers >= 0")
+        # a string target, the exclude and the pattern keys are regexes (as PEFT reads them)
+        patterns = [("targets", self.targets)] if isinstance(self.targets, str) and self.targets != "all-linear" else []
+        patterns += [("exclude", self.exclude)] if isinstance(self.exclude, str) else []
+        patterns += [(f"{key}[{name!r}]", name) for key in ("rank_pattern", "alpha_pattern") for name in getattr(self, key)]
+        for key, pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                out.append(f"{where}.{key} = {pattern!r}: not a valid regex ({exc}); fix it, or list module names instead")
         return out
 
 

@@ -560,13 +560,13 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: s
 
 def _untrained_turns(record: dict, messages: list[dict], train_turns: str) -> tuple[int, ...]:
     """The message indices of a chat record's assistant turns not to train: those marked
-    `"weight": 0` (OpenAI's fine-tuning format; 1 or no weight: trained) and, with train_turns
+    `"weight": 0` (OpenAI's fine-tuning format; 1, null or no weight: trained) and, with train_turns
     "last", every one but the last."""
     key = "messages" if "messages" in record else "conversations"
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     untrained = set(assistant[:-1]) if train_turns == "last" else set()
     for i, msg in enumerate(record[key]):
-        if "weight" not in msg:
+        if msg.get("weight") is None:  # (null: a table's cell for the turns without one, as if missing)
             continue
         weight = msg["weight"]
         if weight not in (0, 1) or not isinstance(weight, (int, float)):
@@ -656,7 +656,7 @@ def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) ->
         if not isinstance(msg, dict):
             raise BadRecord(f"{key}[{i}] must be an object with '{role_key}' and '{text_key}', got {_kind(msg)}")
         role = msg.get(role_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise BadRecord(f"{key}[{i}].{role_key} = {role!r}: unknown role; use one of {', '.join(roles)}")
         content = msg.get(text_key)
         if not isinstance(content, str):

@@ -38,7 +38,7 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
     from lorakit.train import (
         _check_objective, _dropped, _examples, _objective_line, check_output_dir, check_positions, data_config,
-        eval_sets_line, plan_steps, use_chat_template,
+        check_token_ids, eval_sets_line, generation_eval_records, plan_steps, use_chat_template,
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
@@ -69,6 +69,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         use_chat_template(tokenizer, cfg.data.chat_template, log)
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
+    if cfg.train.eval_generate:
+        generation_eval_records(cfg, eval_sets)  # every set has answers to compare with
     model = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if model is None:
         raise UserError(f"model = {cfg.model!r}: its config.json does not build a transformers model here (an unknown "
@@ -76,6 +78,7 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     dtype = resolve_precision(cfg.train.precision, pick_device())
     shards = processes if strategy == "fsdp" else 1  # FSDP2 shards the weights and the adapters
     frozen_bytes = frozen_bytes_estimate(model, dtype, nf4=cfg.quantize == "nf4", shards=shards)
+    check_token_ids(model, cfg, train_set, eval_sets)
     trainable, total, adapted = _adapters(model, cfg)
 
     stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,

@@ -180,7 +180,13 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
 
 
 def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
-    """The checkpoint to resume from; refuses to overwrite an earlier run without --resume."""
+    """The checkpoint to resume from; refuses to overwrite an earlier run without --resume, and an
+    output_dir that cannot be made (a file on its path, a folder it may not write in)."""
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UserError(f"output_dir {str(output_dir)!r}: {existing} is a file, not a folder; set output_dir to a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {str(output_dir)!r}: {existing} may not be written in; set output_dir to a folder you can write")
     checkpoint = latest_checkpoint(output_dir)
     if resume:
         if checkpoint is None:
@@ -261,6 +267,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         use_chat_template(tokenizer, cfg.data.chat_template, log if dist.is_main else lambda _: None)
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
+    eval_records = generation_eval_records(cfg, eval_sets) if cfg.train.eval_generate else None
 
     load_device = dist.load_device or device
     if cfg.quantize == "nf4":
@@ -272,6 +279,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         model = load_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code)
         frozen = sum(p.numel() * p.element_size() for p in model.parameters())
         frozen_summary = f"frozen weights {frozen / 2**20:.1f} MiB ({8 * frozen / max(1, sum(p.numel() for p in model.parameters())):.0f} bits/param)"
+    check_token_ids(model, cfg, train_set, eval_sets)
     from lorakit import attention, cpu_kernels, fused
 
     if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
@@ -316,19 +324,6 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         train_model = loss_module(model, LOSS_CHUNK_TOKENS, cfg.train)  # one process: no sum over others
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    eval_records = None
-    if cfg.train.eval_generate:
-        from lorakit.data import BadRecord, read_records, rename_columns
-
-        eval_records = {name: [] for name in eval_sets}
-        for name, files in config_eval_sets(cfg.data.eval).items():
-            for f in files:
-                for _, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
-                    try:
-                        eval_records[name].append(rename_columns(record, cfg.data.columns))
-                    except BadRecord:  # what tokenizing the eval set skipped (skip_invalid), this skips too
-                        continue
-
     run = Run(
         cfg=cfg, output_dir=output_dir, device=device, dtype=dtype, tokenizer=tokenizer, model=model,
         train_model=train_model, optimizer=optimizer, scheduler=scheduler, stream=stream, eval_sets=eval_sets,
@@ -338,6 +333,12 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     )  # fmt: skip
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
     if ckpt_state is not None:
+        if ckpt_state["step"] > total_steps:
+            raise UserError(
+                f"--resume: the checkpoint {checkpoint} is at step {ckpt_state['step']}, past this run's {total_steps} steps "
+                "(train.max_steps / epochs); resuming would end the run behind its own checkpoints, so raise "
+                "train.max_steps or start a new output_dir"
+            )
         _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
     elif dist.is_main:
@@ -459,6 +460,57 @@ def data_config(cfg: RunConfig) -> DataConfig:
     if cfg.train.objective != "sft" and cfg.data.format == "auto":
         return dataclasses.replace(cfg.data, format="unpaired" if cfg.train.objective in UNPAIRED_OBJECTIVES else "preference")
     return cfg.data
+
+
+def check_token_ids(model: nn.Module, cfg: RunConfig, train_set: Any, eval_sets: dict[str, Any]) -> None:
+    """Every token id of the data has a row in the model's input embeddings (a tokenizer of another
+    model, or one with tokens added that the model was never resized for, gives ids past it).
+
+    Raises:
+        UserError: an id past the embedding table, naming the data and the sizes.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    for where, data in [("data.train", train_set)] + [(f"data.eval.{n}" if n else "data.eval", d) for n, d in eval_sets.items()]:
+        top = int(data.input_ids.max()) if len(data.input_ids) else -1
+        if top >= rows:
+            raise UserError(
+                f"{where}: the tokenizer gives token id {top}, but {cfg.model}'s embedding table has {rows} rows "
+                f"(vocab_size); the tokenizer is not this model's, or it has tokens the model was never resized for"
+            )
+
+
+def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any]) -> dict[str, list[dict]]:
+    """eval_generate's records of each eval set, as the data reads them (data.columns), checked
+    before any step: every set needs a record with an answer to compare generations with.
+
+    Raises:
+        UserError: a set whose records have no answer (text records), named with its files.
+    """
+    from lorakit.data import BadRecord, read_records, rename_columns
+    from lorakit.evaluate import prompt_and_answer
+
+    records: dict[str, list[dict]] = {name: [] for name in eval_sets}
+    for name, files in config_eval_sets(cfg.data.eval).items():
+        for f in files:
+            for _, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
+                try:
+                    records[name].append(rename_columns(record, cfg.data.columns))
+                except BadRecord:  # what tokenizing the eval set skipped (skip_invalid), this skips too
+                    continue
+        answers = 0
+        for record in records[name]:
+            try:
+                answers += prompt_and_answer(record, cfg.data.system_prompt) is not None
+            except UserError:  # an invalid record: the eval set's own reading reported or skipped it
+                continue
+        if not answers:
+            where = f"data.eval.{name}" if name else "data.eval"
+            raise UserError(
+                f"train.eval_generate = true: {where} ({', '.join(files)}) has no record with an answer to compare "
+                "generations with (text records have none); give it prompt/completion, instruction or chat records, "
+                "or set train.eval_generate: false"
+            )
+    return records
 
 
 def _check_objective(cfg: RunConfig, train_set, eval_sets: dict[str, Any]) -> None:

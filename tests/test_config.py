@@ -1,5 +1,7 @@
 """Run-config loading: YAML, dotted overrides, one-pass validation."""
 
+import re
+
 import pytest
 
 from lorakit.config import build_run_config, load_run_config, parse_overrides
@@ -114,3 +116,13 @@ def test_train_turns_settings():
         build_run_config({**base, "data": {"train": "t", "train_turns": "last", "train_on_inputs": True}}, check_paths=False)
     with pytest.raises(UserError, match="data.train_turns = 'last': dpo trains the answers of its records"):
         build_run_config({**base, "train": {"objective": "dpo"}}, check_paths=False)
+
+
+def test_invalid_regexes_are_config_errors():
+    base = {"model": "m", "data": {"train": "t"}}
+    for lora, key in [({"targets": ".*(q_proj|v_proj"}, "lora.targets"), ({"exclude": "("}, "lora.exclude"),
+                      ({"rank_pattern": {"(": 8}}, "lora.rank_pattern['(']"), ({"alpha_pattern": {"[": 8}}, "lora.alpha_pattern['[']")]:
+        with pytest.raises(UserError, match=re.escape(key) + r" = .*: not a valid regex \(") as err:
+            build_run_config({**base, "lora": lora}, check_paths=False)
+        assert "\n" not in str(err.value)
+    assert build_run_config({**base, "lora": {"targets": r"model\.layers\.\d+\.self_attn\.(q|v)_proj"}}, check_paths=False)

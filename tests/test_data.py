@@ -317,6 +317,25 @@ def test_a_bad_turn_weight_names_the_message_and_the_fix(weight, where, message)
         build([{"messages": messages}])
 
 
+def test_a_role_that_is_no_string_is_a_bad_record_and_a_null_weight_is_none(tmp_path):
+    tok = make_tokenizer("llama3")
+    bad = [{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+           {"conversations": [{"from": {"a": 1}, "value": "hi"}, {"from": "gpt", "value": "yo"}]}]  # fmt: skip
+    path = write_jsonl(tmp_path / "roles.jsonl", bad + [{"messages": CHAT}])
+    with pytest.raises(UserError, match=r"roles.jsonl:1: messages\[0\].role = \['user'\]: unknown role; use one of system"):
+        load_dataset(path, tok, DataConfig(), use_cache=False)
+    kept = load_dataset(path, tok, DataConfig(skip_invalid=True), use_cache=False).stats
+    assert (kept.skipped_invalid, kept.examples) == (2, 1)
+    # a table writes null into the turns without a weight: as if it were missing
+    nulls = [{"messages": [{"role": "user", "content": "hi", "weight": None}, {"role": "assistant", "content": "yo", "weight": None},
+                           {"role": "user", "content": "again"}, {"role": "assistant", "content": "yo2", "weight": 0}]}]  # fmt: skip
+    plain = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                           {"role": "user", "content": "again"}, {"role": "assistant", "content": "yo2", "weight": 0}]}]  # fmt: skip
+    got = load_dataset(write_jsonl(tmp_path / "nulls.jsonl", nulls), tok, DataConfig(), use_cache=False)
+    want = load_dataset(write_jsonl(tmp_path / "plain.jsonl", plain), tok, DataConfig(), use_cache=False)
+    assert np.array_equal(got.labels, want.labels) and (got.labels != -100).any()
+
+
 def test_train_on_inputs_trains_every_token():
     tok = make_tokenizer("llama3")
     ds = build([{"messages": CHAT}, {"prompt": "Q: two plus two?", "completion": " Four."}], tok, train_on_inputs=True)

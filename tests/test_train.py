@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
-    crash_and_resume, save_model_folder, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, without_timing, write_addition_data,
+    crash_and_resume, save_model_folder, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, without_timing, write_addition_data,
 )
 from safetensors.torch import load_file
 
@@ -587,6 +587,38 @@ def test_named_eval_sets_resume_only_with_the_same_sets_and_a_failing_first_eval
         train_module.run_training(build_run_config(yaml.safe_load(Path(_config(workspace, workspace / "evalfails",
                                                                                eval_on_start=True)).read_text())))  # fmt: skip
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_mistakes_found_before_the_first_step(workspace, tmp_path, capsys):
+    def refused(args, message):
+        assert main(["train", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "no answer here"}) + "\n")
+    for dry in ([], ["--dry-run"]):  # eval_generate on eval records without an answer: before training, not after it
+        refused([_config(workspace, tmp_path / "noanswer", eval_generate=True), f"data.eval={json.dumps({'t': str(texts)})}", *dry],
+                f"train.eval_generate = true: data.eval.t ({texts}) has no record with an answer")
+    assert not (tmp_path / "noanswer" / "metrics.jsonl").exists()
+    small = save_model_folder(tmp_path / "small", tiny_llama(vocab_size=50))  # the test tokenizer has 400 tokens
+    capsys.readouterr()
+    for dry in ([], ["--dry-run"]):
+        refused([_config(workspace, tmp_path / "vocab"), f"model={small}", *dry], "but " + str(small) + "'s embedding table has 50 rows")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    refused([_config(workspace, tmp_path / "o"), f"output_dir={afile / 'run'}"], f"{afile} is a file, not a folder")
+    # a checkpoint past this run's steps, and damaged checkpoints
+    out = tmp_path / "ckpt"
+    assert main(["train", _config(workspace, out, max_steps=5, save_every=2)]) == 0  # checkpoints at steps 2 and 4
+    capsys.readouterr()
+    refused([_config(workspace, out, max_steps=1), "--resume"], "is at step 4, past this run's 1 steps")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()  # the finished run's adapter stays
+    step = out / "checkpoints" / "step-4"
+    (step / "state.json").write_text(json.dumps({"step": "4"}))
+    refused([_config(workspace, out, max_steps=6), "--resume"], f"checkpoint {step} is damaged (state.json holds no step number)")
+    (step / "optimizer.pt").write_bytes(b"not a pickle at all")
+    refused([_config(workspace, out, max_steps=6), "--resume"], "is damaged (optimizer.pt holds no tensors lorakit wrote)")
 
 
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
