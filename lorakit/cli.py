@@ -22,6 +22,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts that must be >= 1 (argparse reports the bad value, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give a number >= 1")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from lorakit.train import train_command
 
@@ -134,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--prompt", help="one prompt")
             src.add_argument("--prompts", help="file of prompts: one per line, or JSONL with a 'prompt' field")
             p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--batch-size", type=_positive_int, default=8)
         else:
             p.add_argument("--system", default=None, help="system prompt")
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -153,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per example, longer ones truncated (default 1024, or the model's positions if fewer)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted in the result) instead of stopping")
     p.add_argument("--column", action="append", default=[], metavar="KEY=NAME",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -90,7 +91,7 @@ def generate(
         UserError: bad sampling values; chat prompts without a chat template; a prompt that fills
             every position of a table of positions.
     """
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
+    if not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
         raise UserError(
             f"temperature={temperature}, top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
             f"batch_size={batch_size}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1"
@@ -98,6 +99,9 @@ def generate(
     from transformers import GenerationConfig
 
     encoded = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
+    empty = next((i for i, ids in enumerate(encoded) if not ids), None)
+    if empty is not None:  # (a tokenizer that adds no BOS: an empty text is no token to start from)
+        raise UserError(f"prompt {empty + 1} is empty and this tokenizer adds no start token; give text to continue")
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad_id)

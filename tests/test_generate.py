@@ -150,3 +150,22 @@ def test_bad_inputs(tmp_path, capsys):
     assert read_prompts(tmp_path / "plain.txt") == ["one", "two"]
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "one"}\r\n')  # saved by a Windows editor
     assert read_prompts(tmp_path / "bom.jsonl") == ["one"]
+
+
+def test_an_empty_prompt_without_a_start_token_and_a_nan_temperature_are_user_errors(model_tok, monkeypatch):
+    model, tok = model_tok
+    with pytest.raises(UserError, match="temperature=nan"):
+        generate(model, tok, ["hi"], temperature=float("nan"))
+    monkeypatch.setattr("lorakit.generate.render_prompt", lambda tokenizer, prompt, chat: tok("hi")["input_ids"] if prompt else [])
+    with pytest.raises(UserError, match="prompt 2 is empty and this tokenizer adds no start token"):
+        generate(model, tok, ["hi", ""])
+
+
+def test_a_config_that_is_not_utf8_and_a_zero_batch_size_exit_2(tmp_path, capsys):
+    config = tmp_path / "u16.yaml"
+    config.write_text("model: m\n", encoding="utf-16")
+    assert main(["train", str(config)]) == 2
+    assert "not UTF-8 text (saved as UTF-16, say); save the config as UTF-8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"])
+    assert stop.value.code == 2 and "--batch-size: 0: give a number >= 1" in capsys.readouterr().err
