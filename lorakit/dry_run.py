@@ -38,16 +38,17 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
     from lorakit.train import (
         _check_objective, _dropped, _examples, _objective_line, check_output_dir, check_positions, data_config,
-        check_token_ids, eval_sets_line, generation_eval_records, plan_steps, use_chat_template,
+        check_resume_step, check_token_ids, eval_sets_line, generation_eval_records, plan_steps, use_chat_template,
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
-    if checkpoint is not None:  # the run refuses a resume whose model, data or LoRA changed
-        import json
-
+    state = None
+    if checkpoint is not None:  # the run refuses a damaged checkpoint, and a resume whose model, data or LoRA changed
+        from lorakit.checkpoint import load_checkpoint
         from lorakit.train import _check_same_run, fingerprint
 
-        _check_same_run(json.loads((checkpoint / "state.json").read_text()).get("fingerprint", {}), fingerprint(cfg), checkpoint)
+        state = load_checkpoint(checkpoint)[0]
+        _check_same_run(state.get("fingerprint", {}), fingerprint(cfg), checkpoint)
     if cfg.train.trackers():
         from lorakit.tracking import check_tracker_paths
 
@@ -84,6 +85,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
                          packing=cfg.data.packing, seed=cfg.train.seed, rank=0, world_size=processes)  # fmt: skip
     total_steps, steps_per_epoch = plan_steps(cfg, stream, processes)
+    if state is not None:
+        check_resume_step(state["step"], total_steps, checkpoint)
     rows = cfg.train.batch_size * cfg.train.grad_accum * processes
     stats = dataclasses.asdict(train_set.stats)
     adapter_bytes = trainable * TRAINABLE_BYTES[cfg.train.optimizer]

@@ -333,12 +333,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     )  # fmt: skip
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
     if ckpt_state is not None:
-        if ckpt_state["step"] > total_steps:
-            raise UserError(
-                f"--resume: the checkpoint {checkpoint} is at step {ckpt_state['step']}, past this run's {total_steps} steps "
-                "(train.max_steps / epochs); resuming would end the run behind its own checkpoints, so raise "
-                "train.max_steps or start a new output_dir"
-            )
+        check_resume_step(ckpt_state["step"], total_steps, checkpoint)
         _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
     elif dist.is_main:
@@ -460,6 +455,20 @@ def data_config(cfg: RunConfig) -> DataConfig:
     if cfg.train.objective != "sft" and cfg.data.format == "auto":
         return dataclasses.replace(cfg.data, format="unpaired" if cfg.train.objective in UNPAIRED_OBJECTIVES else "preference")
     return cfg.data
+
+
+def check_resume_step(step: int, total_steps: int, checkpoint: Path) -> None:
+    """A resume must start within the run: a checkpoint past its steps would end it behind them.
+
+    Raises:
+        UserError: the checkpoint's step is past `total_steps`.
+    """
+    if step > total_steps:
+        raise UserError(
+            f"--resume: the checkpoint {checkpoint} is at step {step}, past this run's {total_steps} steps "
+            "(train.max_steps / epochs); resuming would end the run behind its own checkpoints, so raise "
+            "train.max_steps or start a new output_dir"
+        )
 
 
 def check_token_ids(model: nn.Module, cfg: RunConfig, train_set: Any, eval_sets: dict[str, Any]) -> None:

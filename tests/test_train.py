@@ -612,13 +612,15 @@ def test_mistakes_found_before_the_first_step(workspace, tmp_path, capsys):
     out = tmp_path / "ckpt"
     assert main(["train", _config(workspace, out, max_steps=5, save_every=2)]) == 0  # checkpoints at steps 2 and 4
     capsys.readouterr()
-    refused([_config(workspace, out, max_steps=1), "--resume"], "is at step 4, past this run's 1 steps")
+    for dry in ([], ["--dry-run"]):
+        refused([_config(workspace, out, max_steps=1), "--resume", *dry], "is at step 4, past this run's 1 steps")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()  # the finished run's adapter stays
     step = out / "checkpoints" / "step-4"
     (step / "state.json").write_text(json.dumps({"step": "4"}))
     refused([_config(workspace, out, max_steps=6), "--resume"], f"checkpoint {step} is damaged (state.json holds no step number)")
     (step / "optimizer.pt").write_bytes(b"not a pickle at all")
-    refused([_config(workspace, out, max_steps=6), "--resume"], "is damaged (optimizer.pt holds no tensors lorakit wrote)")
+    for dry in ([], ["--dry-run"]):
+        refused([_config(workspace, out, max_steps=6), "--resume", *dry], "is damaged (optimizer.pt holds no tensors lorakit wrote)")
 
 
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
