@@ -33,7 +33,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import torch
 import torch.distributed as tdist
@@ -263,16 +263,21 @@ def _move_quant_states(model: nn.Module, device: torch.device) -> None:
             moved[id(t)] = t.to(device)
         return moved[id(t)]
 
-    seen: set[int] = set()
-    for module in model.modules():
-        state = getattr(module, "quant_state", None)
-        if state is None or id(state) in seen:
-            continue
-        seen.add(id(state))
+    for state in _quant_states(model):
         state.absmax, state.code = move(state.absmax), move(state.code, shared=True)
         if state.nested:
             state.offset, state.state2.absmax = move(state.offset), move(state.state2.absmax)
             state.state2.code = move(state.state2.code, shared=True)
+
+
+def _quant_states(model: nn.Module) -> Iterator[Any]:
+    """Each 4-bit layer's bitsandbytes QuantState (lorakit.layers.quant_state_of), once."""
+    seen: set[int] = set()
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and id(state) not in seen:
+            seen.add(id(state))
+            yield state
 
 
 @contextlib.contextmanager
@@ -298,15 +303,13 @@ def frozen_bytes_held(model: nn.Module) -> tuple[int, int]:
         size = p.element_size()
         whole += p.numel() * size
         held += (p.to_local() if hasattr(p, "to_local") else p).numel() * size
-    states: set[int] = set()
-    for module in model.modules():
-        state = getattr(module, "quant_state", None)
-        if state is None or id(state) in states:
-            continue
-        states.add(id(state))
+    tables: set[int] = set()
+    for state in _quant_states(model):
         stats = [state.absmax] + ([state.offset, state.state2.absmax] if state.nested else [])
-        tables = [state.code] + ([state.state2.code] if state.nested else [])  # often shared between layers
-        stats += [t for t in tables if t.data_ptr() not in states and not states.add(t.data_ptr())]
+        for table in [state.code] + ([state.state2.code] if state.nested else []):
+            if table.data_ptr() not in tables:  # the code tables are shared between layers: counted once
+                tables.add(table.data_ptr())
+                stats.append(table)
         n = sum(t.numel() * t.element_size() for t in stats)
         held, whole = held + n, whole + n
     return held, whole
