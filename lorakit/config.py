@@ -372,6 +372,8 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     problems += _objective_problems(cfg)
     problems += _best_eval_problems(cfg)
     problems += _tracker_problems(cfg.train, check_paths)
+    if _is_int(cfg.train.seed) and not -(2**63) <= cfg.train.seed < 2**63:
+        problems.append(f"train.seed = {cfg.train.seed!r}: must fit in 64 bits, e.g. 0")
     if _is_number(cfg.train.warmup_ratio) and not cfg.train.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio = {cfg.train.warmup_ratio!r}: must be in [0, 1), e.g. 0.03")
     if cfg.train.warmup_ratio and cfg.train.warmup_steps:

@@ -192,7 +192,7 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
             f"{args.data} holds preference pairs: their {objective.upper()} rewards compare an adapter with its "
             "base; pass --adapter (or --objective simpo / orpo, which need no reference)"
         )
-    if not (args.kto_desirable_weight > 0 and args.kto_undesirable_weight > 0):
+    if not all(math.isfinite(w) and w > 0 for w in (args.kto_desirable_weight, args.kto_undesirable_weight)):
         raise UserError(
             f"--kto-desirable-weight {args.kto_desirable_weight} / --kto-undesirable-weight {args.kto_undesirable_weight}: "
             "KTO's weights must be > 0 (training's train.kto_desirable_weight / kto_undesirable_weight)"
@@ -213,8 +213,10 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     if args.generate:
         raise UserError(f"--generate: {args.data} holds preference pairs, which have no single answer to match")
     beta = args.beta if args.beta is not None else PREFERENCE_BETA[objective]
-    if not beta > 0:
-        raise UserError(f"--beta {args.beta}: the objective's beta must be > 0 (training's train.beta)")
+    if not (math.isfinite(beta) and beta > 0):
+        raise UserError(f"--beta {args.beta}: the objective's beta must be a number > 0 (training's train.beta)")
+    if not (math.isfinite(args.simpo_gamma) and args.simpo_gamma >= 0):
+        raise UserError(f"--simpo-gamma {args.simpo_gamma}: SimPO's margin must be a number >= 0 (training's train.simpo_gamma)")
     result: dict[str, Any] = evaluate_preference(
         model, dataset, objective=objective, beta=beta, gamma=args.simpo_gamma, batch_size=args.batch_size,
         max_length=max_length, kto_weights=(args.kto_desirable_weight, args.kto_undesirable_weight),

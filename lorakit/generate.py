@@ -65,6 +65,15 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, batch_size: int = 1) -> None:
+    """Raises UserError unless the sampling settings are usable (also for `chat`, before its first turn)."""
+    if not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
+        raise UserError(
+            f"temperature={temperature}, top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
+            f"batch_size={batch_size}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1"
+        )
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -91,11 +100,7 @@ def generate(
         UserError: bad sampling values; chat prompts without a chat template; a prompt that fills
             every position of a table of positions.
     """
-    if not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
-        raise UserError(
-            f"temperature={temperature}, top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
-            f"batch_size={batch_size}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1"
-        )
+    check_sampling(temperature, top_p, top_k, max_new_tokens, batch_size)
     from transformers import GenerationConfig
 
     encoded = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
@@ -201,6 +206,8 @@ def load_for_command(args: argparse.Namespace) -> tuple[nn.Module, Any]:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    if not -(2**63) <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must fit in 64 bits, e.g. 0")
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
@@ -279,6 +286,8 @@ def chat_loop(
 
 
 def chat_command(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    check_sampling(sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["max_new_tokens"])
     model, tokenizer = load_for_command(args)
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
     return 0

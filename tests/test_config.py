@@ -126,3 +126,10 @@ def test_invalid_regexes_are_config_errors():
             build_run_config({**base, "lora": lora}, check_paths=False)
         assert "\n" not in str(err.value)
     assert build_run_config({**base, "lora": {"targets": r"model\.layers\.\d+\.self_attn\.(q|v)_proj"}}, check_paths=False)
+
+
+def test_a_seed_must_fit_in_64_bits():
+    base = {"model": "m", "data": {"train": "t"}}
+    with pytest.raises(UserError, match=r"train.seed = 99999999999999999999999: must fit in 64 bits"):
+        build_run_config({**base, "train": {"seed": 99999999999999999999999}}, check_paths=False)
+    assert build_run_config({**base, "train": {"seed": -1}}, check_paths=False).train.seed == -1

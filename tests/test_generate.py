@@ -169,3 +169,10 @@ def test_a_config_that_is_not_utf8_and_a_zero_batch_size_exit_2(tmp_path, capsys
     with pytest.raises(SystemExit) as stop:
         main(["eval", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"])
     assert stop.value.code == 2 and "--batch-size: 0: give a number >= 1" in capsys.readouterr().err
+
+
+def test_chat_refuses_bad_sampling_before_loading_and_seeds_must_fit_64_bits(capsys):
+    for args, message in [(["--max-new-tokens", "0"], "max_new_tokens=0"), (["--seed", str(2**64)], "--seed 18446744073709551616: must fit")]:
+        assert main(["chat", "--model", "no/such/model", *args]) == 2  # refused before the model is looked for
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

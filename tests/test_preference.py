@@ -726,6 +726,10 @@ def test_eval_command_reports_dpo_rewards_of_an_adapter(workspace, capsys):
     assert main([*args, "--objective", "simpo"]) == 0  # no reference: the base model alone
     base = json.loads(capsys.readouterr().out)
     assert (base["objective"], base["beta"], base["pairs"]) == ("simpo", 2.0, 16) and 0 <= base["reward_accuracy"] <= 1
+    for bad, message in [(["--simpo-gamma", "nan"], "--simpo-gamma nan: SimPO's margin must be a number >= 0"),
+                         (["--beta", "inf"], "--beta inf: the objective's beta must be a number > 0")]:  # fmt: skip
+        assert main([*args, "--objective", "simpo", *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- DPO after SFT: continuing an adapter
