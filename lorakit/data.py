@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
+from jinja2 import TemplateError
 import torch
 
 from lorakit.config import DataConfig, data_files, eval_sets
@@ -713,7 +714,10 @@ class _ChatRenderer:
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
-            compiled = _compile_jinja_template(template)
+            try:
+                compiled = _compile_jinja_template(template)
+            except TemplateError as exc:  # (TemplateSyntaxError: it does not parse)
+                raise UserError(f"the chat template does not parse ({exc}); fix it, or give another (data.chat_template)") from None
             self._render = lambda conv, gen: compiled.render(
                 messages=conv, tools=None, documents=None, add_generation_prompt=gen, **kwargs
             )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO, Union
 
 import torch
+from jinja2 import TemplateError, TemplateSyntaxError
 from torch import nn
 
 from lorakit.errors import UserError
@@ -51,7 +52,7 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
     """Token ids of one prompt (see the module docstring for how they match training).
 
     Raises:
-        UserError: chat requested but the tokenizer has no chat template.
+        UserError: chat requested but the tokenizer has no chat template; the template fails.
     """
     if chat or not isinstance(prompt, str):
         if not getattr(tokenizer, "chat_template", None):
@@ -60,7 +61,13 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
                 "use a chat model's tokenizer or leave out --chat"
             )
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateSyntaxError as exc:
+            raise UserError(f"the chat template does not parse ({exc}); fix it, or give the adapter or model another") from None
+        except TemplateError as exc:  # e.g. Gemma's "System role not supported"
+            raise UserError(f"the chat template failed on this conversation ({exc}); leave out what it refuses (a "
+                            "system message, turns out of order) or give the adapter or model another template") from None  # fmt: skip
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 

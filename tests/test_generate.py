@@ -176,3 +176,24 @@ def test_chat_refuses_bad_sampling_before_loading_and_seeds_must_fit_64_bits(cap
         assert main(["chat", "--model", "no/such/model", *args]) == 2  # refused before the model is looked for
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_chat_template_that_refuses_or_does_not_parse_is_a_user_error(tmp_path):
+    from lorakit.config import DataConfig
+    from lorakit.data import load_dataset
+
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    assert render_prompt(tok, [{"role": "user", "content": "hi"}], chat=True)  # what it accepts renders
+    with pytest.raises(UserError, match=r"the chat template failed on this conversation \(System role not supported\)"):
+        render_prompt(tok, [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}], chat=True)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }"  # does not parse
+    with pytest.raises(UserError, match="the chat template does not parse"):
+        render_prompt(tok, "hi", chat=True)
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    with pytest.raises(UserError, match="the chat template does not parse"):
+        load_dataset(path, tok, DataConfig(), use_cache=False)
