@@ -734,6 +734,11 @@ def _merged_tensor(
     value = plan.replace.get(key, stored)
     update = plan.updates.get(key)
     nf4_kind = plan.nf4.get(key)
+    if (expert_part is not None or update is not None or nf4_kind is not None) and not value.is_floating_point():
+        raise UserError(
+            f"{key} is stored as {value.dtype}, not as floating-point numbers; lorakit merges adapters into float weights "
+            "only (an update added to integer weights would be rounded away); merge into the model's float checkpoint"
+        )
     if expert_part is not None:
         piece, replaces = expert_part
         w = piece if replaces else value.float() + piece

@@ -256,3 +256,17 @@ def test_convert_writes_a_principal_adapter_as_plain_lora(make, init, rslora, tm
     plain_lora = tmp_path / "lora"
     assert main(["convert", "--base", str(base), "--adapter", str(plain_lora), "--out", str(tmp_path / "again")]) == 2
     assert "only PiSSA and OLoRA adapters need converting" in capsys.readouterr().err
+
+
+def test_an_update_to_an_integer_weight_is_refused(tmp_path, capsys):
+    # a checkpoint whose weight is stored as integers: the update would be rounded into it
+    from safetensors.torch import load_file, save_file
+
+    base, _ = _lorakit_case(tmp_path, tiny_llama, LoraConfig(r=4, targets=["q_proj"]), shard="10GB")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors[key] = (tensors[key] * 100).to(torch.int8)
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 2
+    assert f"error: {key} is stored as torch.int8, not as floating-point numbers" in _error(capsys)
+    assert not (tmp_path / "out").exists()
