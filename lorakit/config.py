@@ -446,6 +446,11 @@ def eval_sets(value: Union[str, list[str], dict[str, Any], None]) -> dict[str, l
     return {"": data_files(value)} if value is not None else {}
 
 
+def eval_set_key(set_name: str) -> str:
+    """Where an eval set is configured, for messages: data.eval, or data.eval.<set> for a named set."""
+    return f"data.eval.{set_name}" if set_name else "data.eval"
+
+
 def eval_key(set_name: str, metric: str) -> str:
     """An eval figure's key: eval_loss for the one eval set, eval_<set>_loss for a named set
     (transformers' naming for several eval datasets)."""

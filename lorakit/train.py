@@ -36,7 +36,7 @@ from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
-    eval_key, load_run_config, parse_overrides,
+    eval_key, eval_set_key, load_run_config, parse_overrides,
 )  # fmt: skip
 from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
@@ -482,7 +482,7 @@ def check_token_ids(model: nn.Module, cfg: RunConfig, train_set: Any, eval_sets:
         rows = model.get_input_embeddings().num_embeddings
     except (NotImplementedError, AttributeError):  # custom code without the accessor: nothing to check against
         return
-    for where, data in [("data.train", train_set)] + [(f"data.eval.{n}" if n else "data.eval", d) for n, d in eval_sets.items()]:
+    for where, data in [("data.train", train_set)] + [(eval_set_key(n), d) for n, d in eval_sets.items()]:
         top = int(data.input_ids.max()) if len(data.input_ids) else -1
         if top >= rows:
             raise UserError(
@@ -516,9 +516,8 @@ def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any]) -> dict[s
             except UserError:  # an invalid record: the eval set's own reading reported or skipped it
                 continue
         if not answers:
-            where = f"data.eval.{name}" if name else "data.eval"
             raise UserError(
-                f"train.eval_generate = true: {where} ({', '.join(files)}) has no record with an answer to compare "
+                f"train.eval_generate = true: {eval_set_key(name)} ({', '.join(files)}) has no record with an answer to compare "
                 "generations with (text records have none); give it prompt/completion, instruction or chat records, "
                 "or set train.eval_generate: false"
             )
@@ -530,7 +529,7 @@ def _check_objective(cfg: RunConfig, train_set, eval_sets: dict[str, Any]) -> No
     pairs, unpaired = cfg.train.objective != "sft", cfg.train.objective in UNPAIRED_OBJECTIVES
     named = config_eval_sets(cfg.data.eval)
     checked = [("data.train", train_set, data_files(cfg.data.train))]
-    checked += [(f"data.eval.{n}" if n else "data.eval", data, named.get(n) or data_files(cfg.data.train)) for n, data in eval_sets.items()]
+    checked += [(eval_set_key(n), data, named.get(n) or data_files(cfg.data.train)) for n, data in eval_sets.items()]
     for key, data, files in checked:
         if data.pairs == pairs and (data.desirable is not None) == unpaired:
             continue

@@ -154,6 +154,14 @@ def write_addition_data(path: Path, count: int, seed: int = 0) -> Path:
     return Path(path)
 
 
+def training_workspace(root: Path, *, train: int, eval: int) -> Path:
+    """`root` with a tiny model folder, `train` addition records in train.jsonl and `eval` others in eval.jsonl."""
+    save_model_folder(root / "model")
+    write_addition_data(root / "train.jsonl", train)
+    write_addition_data(root / "eval.jsonl", eval, seed=1)
+    return root
+
+
 def save_model_folder(path: Path, model=None, tokenizer=None, *, max_shard_size: str | None = None) -> Path:
     """Write a Hugging Face model folder (config, safetensors, tokenizer) for CLI tests."""
     model = model if model is not None else tiny_llama()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import save_model_folder, write_addition_data
+from helpers import save_model_folder, training_workspace
 
 from lorakit import models, quant
 from lorakit.cli import main
@@ -15,11 +15,7 @@ from lorakit.quant import frozen_bytes_estimate
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dry")
-    save_model_folder(root / "model")
-    write_addition_data(root / "train.jsonl", 100)
-    write_addition_data(root / "eval.jsonl", 8, seed=1)
-    return root
+    return training_workspace(tmp_path_factory.mktemp("dry"), train=100, eval=8)
 
 
 def _config(root, out, **train):

@@ -8,7 +8,7 @@ import types
 
 import pytest
 import yaml
-from helpers import crash_and_resume, save_model_folder, write_addition_data
+from helpers import crash_and_resume, training_workspace
 
 from lorakit.cli import main
 from lorakit.tracking import tracker_name
@@ -16,11 +16,7 @@ from lorakit.tracking import tracker_name
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tracking")
-    save_model_folder(root / "model")
-    write_addition_data(root / "train.jsonl", 64)
-    write_addition_data(root / "eval.jsonl", 4, seed=1)
-    return root
+    return training_workspace(tmp_path_factory.mktemp("tracking"), train=64, eval=4)
 
 
 def _config(root, out, **train):
