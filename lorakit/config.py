@@ -139,7 +139,7 @@ class DataConfig:
 DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference", "unpaired")
 # the top-level keys of lorakit's record formats, which data.columns may take from other names
 RECORD_KEYS = ("text", "prompt", "completion", "instruction", "input", "output", "messages", "conversations",
-               "chosen", "rejected", "label")  # fmt: skip
+               "chosen", "rejected", "label", "tools")  # fmt: skip
 
 
 def column_problems(columns: dict[str, str], where: str, example: str = "{prompt: question}") -> list[str]:

@@ -12,11 +12,15 @@ aside) or forced with `data.format`:
                    ### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n{output}
 
                with the Input block left out when `input` is missing or empty; loss on the output.
-- chat:        `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
+- chat:        `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}` or
                ShareGPT's `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`,
                rendered with the tokenizer's own chat template; loss on the assistant turns only
                (not on those marked `"weight": 0`, OpenAI's format; with `train_turns: last`, on the
-               last one only).
+               last one only). Tool use as in OpenAI's fine-tuning format: assistant turns with
+               `tool_calls`, `tool` turns with the results, and the record's `tools` (JSON schemas)
+               given to the template; a message's other keys (`name`, `reasoning_content`, ...) reach
+               the template as they are. ShareGPT's `function_call` / `observation` turns
+               (LLaMA-Factory's) are an assistant's tool call and a tool's result.
 - preference:  `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`
                (or whole conversations without a prompt): two examples, prompt + each answer, as
                completion or chat examples with the loss on the answer only; a file of them holds
@@ -81,7 +85,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from jinja2 import TemplateError
@@ -93,14 +97,15 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 4  # bump when tokenization or the cache layout changes (4: chat turns' weight)
+FORMAT_VERSION = 5  # bump when tokenization or the cache layout changes (5: tools, messages' other keys)
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 INSTRUCTION_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
-_ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_ROLES = ("system", "user", "assistant", "tool")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "function_call": "assistant", "observation": "tool", "tool": "tool"}  # fmt: skip
 _FORMAT_KEYS = {
     "text": "text",
     "completion": "prompt + completion",
@@ -285,13 +290,13 @@ def rename_columns(record: dict, columns: dict[str, str], *, source: str = "data
     return out
 
 
-def with_system_prompt(conversation: tuple[list[dict], tuple[int, ...]], text: Optional[str]) -> tuple[list[dict], tuple[int, ...]]:
-    """A chat payload (messages, indices of its untrained turns) with a system message `text`
-    (data.system_prompt) put first, where it has no system turn of its own; the indices follow."""
-    messages, untrained = conversation
+def with_system_prompt(chat: "Chat", text: Optional[str]) -> "Chat":
+    """A chat with a system message `text` (data.system_prompt) put first, where it has no system
+    turn of its own; the indices of its untrained turns follow."""
+    messages = chat.messages
     if text is None or (messages and messages[0]["role"] == "system"):
-        return conversation
-    return [{"role": "system", "content": text}, *messages], tuple(i + 1 for i in untrained)
+        return chat
+    return chat._replace(messages=[{"role": "system", "content": text}, *messages], untrained=tuple(i + 1 for i in chat.untrained))
 
 
 def detect_format(record: dict) -> str | None:
@@ -495,6 +500,14 @@ class BadRecord(Exception):
     """A record a user must fix; becomes `FILE:LINE: message` (or is skipped)."""
 
 
+class Chat(NamedTuple):
+    """A chat example before rendering."""
+
+    messages: list[dict]
+    untrained: tuple[int, ...] = ()  # indices of the assistant turns not trained
+    tools: Optional[list[dict]] = None  # the JSON schemas given to the template as `tools`
+
+
 def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) -> str:
     value = record.get(key)
     name = f"{where}{key}"
@@ -506,10 +519,9 @@ def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) 
 
 
 def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: str = "all") -> tuple[str, Any]:
-    """Validate one record -> (format, (text, prompt_chars)), ("chat", (messages, the message
-    indices of the assistant turns not trained)) or ("preference", [chosen, rejected]), each of
-    those a completion or chat (format, payload). train_turns: "all" or "last", the assistant turns
-    of a chat record trained (those with weight 0 never are).
+    """Validate one record -> (format, (text, prompt_chars)), ("chat", Chat) or ("preference",
+    [chosen, rejected]), each of those a completion or chat (format, payload). train_turns: "all" or
+    "last", the assistant turns of a chat record trained (those with weight 0 never are).
 
     Raises:
         BadRecord: unknown format, wrong types, unknown roles, empty values.
@@ -543,7 +555,7 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: s
             prompt = INSTRUCTION_TEMPLATE_NO_INPUT.format(instruction=instruction)
         return fmt, (prompt + _string(record, "output"), len(prompt))
     if fmt == "preference":
-        return fmt, _preference_pair(record)
+        return fmt, _with_tools(_preference_pair(record), record)
     if fmt == "unpaired":
         if _label(record["label"]) is None:
             raise BadRecord(
@@ -554,9 +566,79 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: s
             own = _preference_pair({"prompt": record["prompt"], "chosen": record["completion"], "rejected": record["completion"]})
         except BadRecord as exc:  # read as a pair: its words name the pair's keys
             raise BadRecord(str(exc).replace("'chosen'", "'completion'")) from None
-        return fmt, (record, own[0])
+        return fmt, (record, _with_tools([own[0]], record)[0])
     messages = _messages(record, train_on_inputs)
-    return "chat", (messages, _untrained_turns(record, messages, train_turns))
+    return "chat", Chat(messages, _untrained_turns(record, messages, train_turns), record_tools(record))
+
+
+def _with_tools(examples: list[tuple[str, Any]], record: dict) -> list[tuple[str, Any]]:
+    """A preference record's examples with its `tools`, which only chat examples can take."""
+    tools = record_tools(record)
+    if tools is None:
+        return examples
+    if any(fmt != "chat" for fmt, _ in examples):
+        raise BadRecord("'tools' is given but the prompt and answers are strings; tools go with chat messages")
+    return [(fmt, chat._replace(tools=tools)) for fmt, chat in examples]
+
+
+def record_tools(record: dict) -> Optional[list[dict]]:
+    """The record's `tools` as OpenAI's function schemas ({"type": "function", "function": {...}}),
+    what chat templates are given at inference; None without any. A list, or a JSON string of one
+    (LLaMA-Factory's); a bare function ({"name", "description", "parameters"}) is wrapped."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as exc:
+            raise BadRecord(f"'tools' is a string but not JSON ({exc.msg}); give a list of function schemas") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise BadRecord(f"'tools' must be a list of function schemas, got {_kind(tools)}")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRecord(
+                f"tools[{i}] must be a function schema with a 'name' ({{\"type\": \"function\", \"function\": "
+                f"{{\"name\": ..., \"parameters\": ...}}}}), got {_kind(tool) if not isinstance(tool, dict) else sorted(tool)}"
+            )
+        out.append(tool if "function" in tool else {"type": "function", "function": tool})
+    return out
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant turn's tool calls in OpenAI's form, [{"type": "function", "function": {"name",
+    "arguments"}}, ...] (an `id` and other keys kept), with the arguments an object: transformers'
+    convention, which templates write with `tojson` (OpenAI's JSON-string arguments are parsed, so
+    they are not written as a quoted string). Also a bare {"name", "arguments"} call, one call
+    alone, or a JSON string of either (ShareGPT's function_call turns)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRecord(f"{where} is not JSON ({exc.msg}); give {{\"name\": ..., \"arguments\": {{...}}}}") from None
+    calls = [value] if isinstance(value, dict) else value
+    if not isinstance(calls, list) or not calls:
+        raise BadRecord(f"{where} must be a non-empty list of calls ({{\"name\", \"arguments\"}}), got {_kind(value)}")
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRecord(f"{where}[{i}] must be a call with a function 'name' and 'arguments', got {_kind(call)}")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise BadRecord(f"{where}[{i}].arguments is a string but not JSON ({exc.msg}); give an object") from None
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise BadRecord(f"{where}[{i}].arguments must be an object (or its JSON), got {_kind(arguments)}")
+        kept = {k: v for k, v in call.items() if v is not None and k != "function"} if "function" in call else {}
+        out.append({**kept, "type": kept.get("type", "function"), "function": {**function, "arguments": arguments}})
+    return out
 
 
 def _untrained_turns(record: dict, messages: list[dict], train_turns: str) -> tuple[int, ...]:
@@ -620,7 +702,7 @@ def _preference_pair(record: dict) -> list[tuple[str, Any]]:
             turns = _messages(record, False, key=key)
         else:
             raise BadRecord(f"'{key}' must be a string or a list of chat messages (the prompt is chat), got {_kind(answer)}")
-        out.append(("chat", (history + turns, earlier_turns)))
+        out.append(("chat", Chat(history + turns, earlier_turns)))
     return out
 
 
@@ -631,7 +713,7 @@ def _implicit_prompt_pair(chosen: list[dict], rejected: list[dict]) -> list[tupl
         what = "start differently" if shared == 0 else "are the same conversation"
         raise BadRecord(f"'chosen' and 'rejected' {what}, so no prompt can be taken from them; give it as 'prompt'")
     earlier_turns = tuple(i for i, m in enumerate(chosen[:shared]) if m["role"] == "assistant")
-    return [("chat", (chosen, earlier_turns)), ("chat", (rejected, earlier_turns))]
+    return [("chat", Chat(chosen, earlier_turns)), ("chat", Chat(rejected, earlier_turns))]
 
 
 def _shared_turns(a: list[dict], b: list[dict]) -> int:
@@ -642,9 +724,14 @@ def _shared_turns(a: list[dict], b: list[dict]) -> int:
     return n
 
 
-def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) -> list[dict[str, str]]:
-    """OpenAI `messages` or ShareGPT `conversations` -> [{"role", "content"}] (other keys dropped);
-    `key`: the OpenAI-style list under another key (a preference record's prompt and answers)."""
+def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) -> list[dict]:
+    """OpenAI `messages` or ShareGPT `conversations` -> the messages given to the chat template:
+    each with its role and content (a string; "" for an assistant turn that only calls tools),
+    `tool_calls` in OpenAI's form (`_tool_calls`) and, in OpenAI's layout, the message's other keys as
+    they are (`name`, `tool_call_id`, `reasoning_content`, ...: what templates read), less those that
+    are null (as transformers drops them: a table's cell for the messages without one) and lorakit's
+    `weight`. `key`: the OpenAI-style list under another key (a preference record's prompt and
+    answers)."""
     sharegpt = key is None and "messages" not in record
     key, role_key, text_key = ("conversations", "from", "value") if sharegpt else (key or "messages", "role", "content")
     raw = record[key]
@@ -660,10 +747,24 @@ def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) ->
         if not isinstance(role, str) or role not in roles:
             raise BadRecord(f"{key}[{i}].{role_key} = {role!r}: unknown role; use one of {', '.join(roles)}")
         content = msg.get(text_key)
-        if not isinstance(content, str):
+        if sharegpt:
+            message = {"role": roles[role], "content": content}
+            if role == "function_call":  # its value is the call, as JSON
+                message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(content, f"{key}[{i}].{text_key}")}
+        else:
+            message = {k: v for k, v in msg.items() if v is not None and k != "weight"}
+            if message.get("tool_calls") == []:  # (what APIs write for a turn without calls)
+                del message["tool_calls"]
+            if "tool_calls" in message:
+                if role != "assistant":
+                    raise BadRecord(f"{key}[{i}].tool_calls: only assistant turns call tools, not this {role} turn")
+                message["tool_calls"] = _tool_calls(message["tool_calls"], f"{key}[{i}].tool_calls")
+                if content is None:  # OpenAI's content: null beside the calls
+                    message["content"] = content = ""
+        if not isinstance(message.get("content"), str):
             got = "is missing" if text_key not in msg else f"must be a string, got {_kind(content)}"
             raise BadRecord(f"{key}[{i}].{text_key} {got}")
-        out.append({"role": roles[role], "content": content})
+        out.append(message)
     if not train_on_inputs and out[-1]["role"] != "assistant":
         if key in ("chosen", "rejected"):
             raise BadRecord(f"'{key}' ends with a {out[-1]['role']} turn; an answer ends with an assistant turn")
@@ -703,13 +804,17 @@ class _ChatRenderer:
     """Renders conversations exactly as `tokenizer.apply_chat_template(..., tokenize=False)`.
 
     apply_chat_template renders with the template transformers compiles (and caches), passing the
-    tokenizer's special tokens; for messages that are plain {"role", "content"} string dicts (all
-    lorakit passes) its per-call copying of the data changes nothing, so calling the compiled
-    template directly gives the same text at half the cost. Tests compare the two.
+    tokenizer's special tokens; for messages that are plain {"role", "content"} string dicts (most
+    lorakit passes) its per-call copying and rewriting of the data (null keys dropped, reasoning
+    fields aliased) changes nothing, so calling the compiled template directly gives the same text at
+    half the cost. Conversations with more (tools, tool calls, other message keys) go through
+    apply_chat_template itself. Tests compare the two.
     """
 
     def __init__(self, tokenizer: Any) -> None:
         template = tokenizer.get_chat_template()
+        self.template = template
+        self._tokenizer = tokenizer
         kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes too
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -738,31 +843,36 @@ class _ChatRenderer:
                 return text[text.rindex(marker) + len(marker) :].rstrip()
         return ""
 
-    def __call__(self, convs: list[list[dict]], gen: bool) -> list[Union[str, Exception]]:
-        """One text per conversation, or the exception the template raised for it."""
+    def __call__(
+        self, convs: list[list[dict]], gen: bool, tools: Optional[Sequence[Optional[list[dict]]]] = None
+    ) -> list[Union[str, Exception]]:
+        """One text per conversation (with its `tools`: None, or one list or None per conversation),
+        or the exception the template raised for it."""
         out: list[Union[str, Exception]] = []
-        render = self._render
-        for conv in convs:
+        render, apply = self._render, self._tokenizer.apply_chat_template
+        for conv, conv_tools in zip(convs, tools or [None] * len(convs)):
             try:
-                out.append(render(conv, gen))
+                if conv_tools is None and all(len(m) == 2 for m in conv):  # {"role", "content"} only
+                    out.append(render(conv, gen))
+                else:
+                    out.append(apply(conv, tools=conv_tools, tokenize=False, add_generation_prompt=gen))
             except Exception as exc:  # noqa: BLE001 - a template error is about the user's data/template
                 out.append(exc)
         return out
 
 
 def _chat_spans(
-    renderer: _ChatRenderer, convs: list[list[dict]], train_on_inputs: bool, untrained: Sequence[Sequence[int]] = ()
+    renderer: _ChatRenderer, chats: Sequence[Chat], train_on_inputs: bool
 ) -> list[Union[tuple[str, list[tuple[int, int]]], str]]:
     """Per conversation: (rendered text, character spans to train) or an error message.
 
-    untrained: per conversation, the message indices of assistant turns not trained (a preference
-    record's prompt, turns of weight 0, all but the last under train_turns: last); they are not
-    located either, so a template may rewrite them freely (Qwen3 drops the think blocks of earlier
-    turns)."""
-    full = renderer(convs, False)
+    The assistant turns a chat does not train (`Chat.untrained`: a preference record's prompt,
+    turns of weight 0, all but the last under train_turns: last) are not located either, so a
+    template may rewrite them freely (Qwen3 drops the think blocks of earlier turns)."""
+    convs, skips, tools = [c.messages for c in chats], [c.untrained for c in chats], [c.tools for c in chats]
+    full = renderer(convs, False, tools)
     if train_on_inputs:
         return [(t, []) if isinstance(t, str) else _template_error(t) for t in full]  # spans unused
-    skips = list(untrained) or [()] * len(convs)
     trained = [[i for i, m in enumerate(msgs) if m["role"] == "assistant" and i not in skip] for msgs, skip in zip(convs, skips)]
     starts, ends = [], []  # (conversation, message index) of each prefix render
     for ci, msgs in enumerate(convs):
@@ -770,8 +880,8 @@ def _chat_spans(
             starts.append((ci, i))
             if i != len(msgs) - 1:
                 ends.append((ci, i))
-    start_texts = dict(zip(starts, renderer([convs[c][:i] for c, i in starts], True)))
-    end_texts = dict(zip(ends, renderer([convs[c][: i + 1] for c, i in ends], False)))
+    start_texts = dict(zip(starts, renderer([convs[c][:i] for c, i in starts], True, [tools[c] for c, _ in starts])))
+    end_texts = dict(zip(ends, renderer([convs[c][: i + 1] for c, i in ends], False, [tools[c] for c, _ in ends])))
     out: list[Union[tuple[str, list[tuple[int, int]]], str]] = []
     for ci, msgs in enumerate(convs):
         text = full[ci]
@@ -827,12 +937,14 @@ def _turn_by_content(
     untrained turns passed over since (`after`) and the message before it. It ends after the
     content and the template's end-of-turn text, with any whitespace the template keeps between
     them (an empty reply: at its end of turn). None when the content (stripped: templates trim it)
-    is not found. before: None for a turn whose prefix render is not at hand (an untrained turn,
+    is not found, and for a turn with tool calls whose start is not known. before: None for a turn whose prefix render is not at hand (an untrained turn,
     only passed over)."""
     content = msgs[i]["content"].strip()
     if before is not None and text.startswith(before) and len(before) >= cursor:
         start = search = len(before)
     else:
+        if msgs[i].get("tool_calls"):  # its calls are written in the template's own way: not to be found
+            return None
         start, previous, search = None, msgs[i - 1]["content"].strip() if i else "", max(cursor, after)
         found = text.find(previous, search) if previous else -1
         search = found + len(previous) if found >= 0 else search
@@ -915,6 +1027,8 @@ def tokenize_records(
             "or write the data as prompt/completion records"
         )
     renderer = _ChatRenderer(tokenizer) if chat_lines else None
+    if renderer is not None:
+        _check_template_reads_tools(renderer.template, prepared, source)
     eos = tokenizer.eos_token_id
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     gc_was_on = gc.isenabled()
@@ -959,6 +1073,22 @@ def tokenize_records(
     return TokenizedDataset(ids, labels, offsets, stats, pairs=pairs, desirable=desirable)
 
 
+def _check_template_reads_tools(template: str, prepared: list[tuple[int, str, Any]], source: str) -> None:
+    """Raises UserError where chats give tools or tool calls that the chat template never reads
+    (ChatML's, Llama 2's): they would be left out of the text silently, and a turn that only calls
+    a tool trained as an empty reply."""
+    for what, name in (("'tools'", "tools"), ("assistant turns with 'tool_calls'", "tool_calls")):
+        if name in template:
+            continue
+        for line, fmt, chat in prepared:
+            if fmt == "chat" and (chat.tools if name == "tools" else any("tool_calls" in m for m in chat.messages)):
+                raise UserError(
+                    f"{source}:{line}: the record has {what}, but the chat template never reads `{name}`, so they "
+                    "would be left out of the text; use a model whose template writes them (data.chat_template: a "
+                    "Jinja file of one), or drop them from the data"
+                )
+
+
 def _kl_pairs(
     unpaired: list[tuple[int, dict, tuple[str, Any]]], prepared: list, problems: list[tuple[int, str]], source: str
 ) -> np.ndarray:
@@ -980,6 +1110,7 @@ def _kl_pairs(
         other_line, other, _ = unpaired[j - 1]
         try:
             kl = _preference_pair({"prompt": record["prompt"], "chosen": other["completion"], "rejected": other["completion"]})[0]
+            kl = _with_tools([kl], record)[0]  # the prompt's tools
         except BadRecord as exc:
             problems.append((line, f"its prompt does not take the completion of line {other_line} (its KL example): {exc}"))
             continue
@@ -1035,8 +1166,7 @@ def _render_chunk(
     chats = [(k, payload) for k, (_, fmt, payload) in enumerate(chunk) if fmt == "chat"]
     ok, failed = [], set()
     if chats:
-        convs, skips = [msgs for _, (msgs, _) in chats], [skip for _, (_, skip) in chats]
-        for (k, _), r in zip(chats, _chat_spans(renderer, convs, train_on_inputs, skips)):
+        for (k, _), r in zip(chats, _chat_spans(renderer, [chat for _, chat in chats], train_on_inputs)):
             if isinstance(r, str):
                 if not (pairs and k % 2 and k - 1 in failed):  # one problem per record: a pair's first failure
                     problems.append((chunk[k][0], r))

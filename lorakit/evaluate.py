@@ -23,9 +23,10 @@ import argparse
 import json
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 
 from lorakit.config import LoraConfig
@@ -75,12 +76,14 @@ def evaluate_loss(
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
 
 
-def prompt_and_answer(record: dict, system_prompt: Optional[str] = None) -> Optional[tuple[Any, str, bool]]:
+def prompt_and_answer(record: dict, system_prompt: Optional[str] = None) -> Optional[tuple[Any, Union[str, dict], bool]]:
     """(prompt, expected answer, is_chat) for a record, or None for a text record (and a chat whose
     last assistant turn has weight 0: untrained, so unscored).
 
     The prompt is a string (completion, instruction: rendered by lorakit.data) or the chat
-    messages before the last assistant turn (after `system_prompt`, as data.system_prompt puts it).
+    messages before the last assistant turn (after `system_prompt`, as data.system_prompt puts it;
+    with the record's tools: {"messages", "tools"}). The answer is the turn's content, or, for a turn
+    that calls tools, the turn itself (`tool_call_answer` renders it).
 
     Raises:
         UserError: a record lorakit.data would reject, or a chat without an assistant turn.
@@ -96,15 +99,45 @@ def prompt_and_answer(record: dict, system_prompt: Optional[str] = None) -> Opti
     if fmt == "preference":
         raise UserError("a preference record (prompt, chosen, rejected) has no single answer to compare with")
     if fmt == "chat":
-        messages, untrained = with_system_prompt(payload, system_prompt)
+        chat = with_system_prompt(payload, system_prompt)
+        messages = chat.messages
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             raise UserError("a chat record has no assistant turn to compare with")
-        if last in untrained:  # "weight": 0: not trained, so not scored either
+        if last in chat.untrained:  # "weight": 0: not trained, so not scored either
             return None
-        return messages[:last], messages[last]["content"], True
+        prompt = messages[:last] if chat.tools is None else {"messages": messages[:last], "tools": chat.tools}
+        turn = messages[last]
+        return prompt, turn if turn.get("tool_calls") else turn["content"], True
     text, prompt_chars = payload
     return text[:prompt_chars], text[prompt_chars:], False
+
+
+def tool_call_answer(tokenizer: Any, prompt: Any, turn: dict) -> str:
+    """The text a model answers `prompt` with in an assistant `turn` that calls tools: the chat
+    template's render of the turn after the generation prompt, up to its end of turn, with the
+    special tokens left out as generation leaves them out of its text.
+
+    Raises:
+        UserError: the template fails, or does not render the turn after its generation prompt.
+    """
+    from lorakit.data import _ChatRenderer
+
+    messages, tools = (prompt["messages"], prompt["tools"]) if isinstance(prompt, dict) else (prompt, None)
+    try:
+        before = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(messages + [turn], tools=tools, tokenize=False)
+    except TemplateError as exc:
+        raise UserError(f"the chat template failed on a conversation with tool calls ({exc}); fix the record or the template") from None
+    if not whole.startswith(before):
+        raise UserError(
+            "the chat template does not write a turn with tool calls after its generation prompt, so the answer "
+            "to compare with cannot be taken from it; score tool calls with a template that does"
+        )
+    text = whole[len(before) :].rstrip()
+    end = _ChatRenderer(tokenizer).end_of_turn
+    text = text[: -len(end)] if end and text.endswith(end) else text
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
 
 
 # A reasoning block before the answer (Qwen3, DeepSeek-R1; Qwen3's template writes an empty one
@@ -164,12 +197,16 @@ def generation_accuracy(
                              max_new_tokens=max_new_tokens, batch_size=batch_size)  # fmt: skip
             for i, text in zip(idx, texts):
                 got[i] = text
+    cases = [(p, e if isinstance(e, str) else tool_call_answer(tokenizer, p, e), c) for p, e, c in cases]
     correct, failures = 0, []
     for (prompt, expected, is_chat), text in zip(cases, got):
         if final_answer(text) == final_answer(expected):
             correct += 1
         elif len(failures) < show_failures:
-            shown = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if is_chat else prompt
+            shown = prompt
+            if is_chat:
+                messages, tools = (prompt["messages"], prompt["tools"]) if isinstance(prompt, dict) else (prompt, None)
+                shown = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
             failures.append({"prompt": shown, "expected": expected, "got": text})
     return {"accuracy": correct / len(cases), "correct": correct, "total": len(cases), "failures": failures}
 

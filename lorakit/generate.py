@@ -26,13 +26,16 @@ import torch
 from jinja2 import TemplateError, TemplateSyntaxError
 from torch import nn
 
+from lorakit.data import BadRecord, record_tools
 from lorakit.errors import UserError
 from lorakit.models import position_limit
 
 # End-of-turn tokens of common chat templates; generation also stops at these when the vocabulary has them.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
-Prompt = Union[str, list[dict[str, str]]]  # a text, or chat messages [{"role", "content"}]
+# A text, chat messages [{"role", "content"}], or {"messages": [...], "tools": [...]}: chat messages
+# and the function schemas their template is given.
+Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
 
 
 def stop_token_ids(tokenizer: Any, model: Optional[nn.Module] = None) -> list[int]:
@@ -61,8 +64,11 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
                 "use a chat model's tokenizer or leave out --chat"
             )
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        tools = None
+        if isinstance(messages, dict):
+            messages, tools = messages["messages"], messages.get("tools")
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except TemplateSyntaxError as exc:
             raise UserError(f"the chat template does not parse ({exc}); fix it, or give the adapter or model another") from None
         except TemplateError as exc:  # e.g. Gemma's "System role not supported"
@@ -169,7 +175,8 @@ def _decode(tokenizer: Any, ids: list[int], stops: list[int]) -> str:
 
 # --------------------------------------------------------------------------- prompt files
 def read_prompts(path: Union[str, Path]) -> list[Prompt]:
-    """One prompt per line, or JSONL with a "prompt" (text) or "messages" (chat) field per line.
+    """One prompt per line, or JSONL with a "prompt" (text) or "messages" (chat, with the record's
+    "tools" where it has them) field per line.
 
     Raises:
         UserError: missing file, no prompts, a JSON line without a usable field (FILE:LINE).
@@ -193,7 +200,11 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             prompts.append(record["prompt"])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            prompts.append(record["messages"])
+            try:
+                tools = record_tools(record)
+            except BadRecord as exc:
+                raise UserError(f"{path}:{number}: {exc}") from None
+            prompts.append(record["messages"] if tools is None else {"messages": record["messages"], "tools": tools})
         else:
             raise UserError(f"{path}:{number}: expected an object with a \"prompt\" string or a \"messages\" list")
     if not prompts:

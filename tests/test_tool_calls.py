@@ -1,0 +1,212 @@
+"""Tool use in chat data: OpenAI's fine-tuning layout (assistant `tool_calls`, `tool` turns, the
+record's `tools`), ShareGPT's function_call / observation turns, messages' other keys, and the
+tool-call answers of generation eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import make_tokenizer
+
+from lorakit.config import DataConfig
+from lorakit.data import BadRecord, prepare_record, tokenize_records
+from lorakit.errors import UserError
+from lorakit.evaluate import prompt_and_answer, tool_call_answer
+from lorakit.generate import read_prompts, render_prompt
+
+# A ChatML template that writes the tools into the system turn and each call as <tool_call>JSON</tool_call>
+# after the reply's content (the layout of Qwen's); {% generation %} marks what an assistant writes, for
+# transformers' own assistant mask (return_assistant_tokens_mask), the reference of the labels.
+TOOLS_TEMPLATE_TAGGED = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}"
+    "{%- endif %}{{- 'Tools:\n' }}{%- for tool in tools %}{{- tool | tojson }}{{- '\n' }}{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}{% generation %}"
+    "{%- if m.reasoning_content %}{{- '<think>' + m.reasoning_content + '</think>' }}{%- endif %}{{- m.content }}"
+    "{%- for call in m.tool_calls or [] %}{{- '<tool_call>' + call.function | tojson + '</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+    "{%- elif m.role != 'system' %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TOOLS_TEMPLATE = TOOLS_TEMPLATE_TAGGED.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+FUNCTION = {
+    "name": "get_weather",
+    "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+TOOLS = [{"type": "function", "function": FUNCTION}]
+# OpenAI's layout: the arguments a JSON string, the content null beside the calls
+OPENAI_CHAT = [
+    {"role": "system", "content": "You can look up the weather."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 21}"},
+    {"role": "assistant", "content": "21 degrees."},
+]  # fmt: skip
+# what the template is given: transformers' layout (the arguments an object)
+RENDERED_CHAT = [
+    OPENAI_CHAT[0],
+    OPENAI_CHAT[1],
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    OPENAI_CHAT[3],
+    OPENAI_CHAT[4],
+]  # fmt: skip
+CALL_TEXT = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def tools_tokenizer():
+    tok = make_tokenizer("chatml")
+    tok.chat_template = TOOLS_TEMPLATE
+    return tok
+
+
+def build(records, tok=None, **cfg):
+    tok = tok if tok is not None else tools_tokenizer()
+    return tokenize_records(list(enumerate(records, start=1)), tok, DataConfig(**cfg), source="d.jsonl")
+
+
+def trained_groups(tok, labels) -> list[str]:
+    groups, current = [], []
+    for t in labels.tolist() + [-100]:
+        if t != -100:
+            current.append(t)
+        elif current:
+            groups.append(tok.decode(current))
+            current = []
+    return groups
+
+
+def test_tool_calls_render_as_apply_chat_template_and_the_calls_are_trained():
+    tok = tools_tokenizer()
+    ds = build([{"messages": OPENAI_CHAT, "tools": TOOLS}], tok)
+    ids, labels = ds.example(0)
+    assert ids.tolist() == tok.apply_chat_template(RENDERED_CHAT, tools=TOOLS)["input_ids"]
+    ref = tok.apply_chat_template(RENDERED_CHAT, tools=TOOLS, chat_template=TOOLS_TEMPLATE_TAGGED, return_dict=True,
+                                  return_assistant_tokens_mask=True)  # fmt: skip
+    assert ref["input_ids"] == ids.tolist()
+    expected = [t if m == 1 else -100 for t, m in zip(ref["input_ids"], ref["assistant_masks"])]
+    assert labels.tolist() == expected
+    # the call is trained, the tool's result and the tools' schemas are not
+    assert trained_groups(tok, labels) == [CALL_TEXT + "<|im_end|>", "21 degrees.<|im_end|>"]
+    assert '"get_weather"' in tok.decode(ids)
+
+
+def test_the_layouts_of_a_tool_call_give_the_same_example():
+    tok = tools_tokenizer()
+    sharegpt = {  # LLaMA-Factory's: the call and the tools as JSON strings, the tools bare functions
+        "conversations": [
+            {"from": "system", "value": OPENAI_CHAT[0]["content"]},
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+            {"from": "observation", "value": "{\"temp\": 21}"},
+            {"from": "gpt", "value": "21 degrees."},
+        ],
+        "tools": json.dumps([FUNCTION]),
+    }
+    records = [
+        {"messages": OPENAI_CHAT, "tools": TOOLS},
+        {"messages": RENDERED_CHAT, "tools": [FUNCTION]},  # a bare function schema is wrapped
+        sharegpt,
+        {"messages": [*OPENAI_CHAT[:2], {"role": "assistant", "tool_calls": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                      *OPENAI_CHAT[3:]], "tools": json.dumps(TOOLS)},  # one bare call, no content
+    ]  # fmt: skip
+    ds = build(records, tok)
+    first = [a.tolist() for a in ds.example(0)]
+    for i in range(1, len(records)):
+        assert [a.tolist() for a in ds.example(i)] == first, i
+
+
+def test_messages_keep_their_other_keys_for_the_template_and_drop_null_ones():
+    tok = tools_tokenizer()
+    reasoning = [
+        {"role": "user", "content": "Weather in Paris?", "name": None, "tool_calls": None},  # a table's empty cells
+        {"role": "assistant", "content": "Sunny.", "reasoning_content": "It is July.", "weight": 1, "tool_calls": []},
+    ]
+    ds = build([{"messages": reasoning}], tok)
+    rendered = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny.", "reasoning_content": "It is July."}]
+    assert ds.example(0)[0].tolist() == tok.apply_chat_template(rendered)["input_ids"]
+    assert trained_groups(tok, ds.example(0)[1]) == ["<think>It is July.</think>Sunny.<|im_end|>"]
+    kind, chat = prepare_record({"messages": reasoning}, "auto", False)
+    assert chat.messages == rendered and chat.tools is None
+
+
+def test_a_preference_pair_with_tools_gives_each_answer_the_tools():
+    tok = tools_tokenizer()
+    call = RENDERED_CHAT[2]
+    record = {"prompt": OPENAI_CHAT[:2], "chosen": [call], "rejected": "It is sunny.", "tools": TOOLS}
+    ds = build([record], tok, format="preference")
+    for i, answer in enumerate([call, {"role": "assistant", "content": "It is sunny."}]):
+        ids, labels = ds.example(i)
+        assert ids.tolist() == tok.apply_chat_template([*OPENAI_CHAT[:2], answer], tools=TOOLS)["input_ids"]
+    assert trained_groups(tok, ds.example(0)[1]) == [CALL_TEXT + "<|im_end|>"]
+    with pytest.raises(BadRecord, match="tools go with chat messages"):
+        prepare_record({"prompt": "Weather?", "chosen": "a", "rejected": "b", "tools": TOOLS}, "auto", False)
+
+
+@pytest.mark.parametrize(
+    "messages, tools, message",
+    [
+        ([{"role": "user", "content": "x", "tool_calls": [{"name": "f", "arguments": {}}]}, {"role": "assistant", "content": "y"}],
+         None, r"messages\[0\]\.tool_calls: only assistant turns call tools, not this user turn"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{city"}}]}],
+         None, r"messages\[1\]\.tool_calls\[0\]\.arguments is a string but not JSON"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"name": "f", "arguments": [1]}]}],
+         None, r"messages\[1\]\.tool_calls\[0\]\.arguments must be an object \(or its JSON\), got a list"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"arguments": {}}]}],
+         None, r"messages\[1\]\.tool_calls\[0\] must be a call with a function 'name'"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None}], None, r"messages\[1\]\.content must be a string"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], {"name": "f"}, r"'tools' must be a list of function schemas"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [{"parameters": {}}], r"tools\[0\] must be a function schema with a 'name'"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "[{", r"'tools' is a string but not JSON"),
+    ],
+)  # fmt: skip
+def test_bad_tool_data_names_the_place_and_the_fix(messages, tools, message):
+    record = {"messages": messages} if tools is None else {"messages": messages, "tools": tools}
+    with pytest.raises(UserError, match=r"d\.jsonl:1: " + message):
+        build([record])
+
+
+def test_a_sharegpt_function_call_that_is_not_json_is_a_bad_record():
+    record = {"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "get_weather(Paris)"}]}
+    with pytest.raises(UserError, match=r"d\.jsonl:1: conversations\[1\]\.value is not JSON"):
+        build([record])
+
+
+def test_a_template_that_never_reads_tools_or_calls_is_refused():
+    chatml = make_tokenizer("chatml")
+    with pytest.raises(UserError, match=r"d\.jsonl:2: the record has 'tools', but the chat template never reads `tools`"):
+        build([{"messages": OPENAI_CHAT[1:2] + [OPENAI_CHAT[4]]}, {"messages": OPENAI_CHAT[1:2] + [OPENAI_CHAT[4]], "tools": TOOLS}], chatml)
+    with pytest.raises(UserError, match=r"d\.jsonl:1: the record has assistant turns with 'tool_calls', but the chat template never reads `tool_calls`"):
+        build([{"messages": OPENAI_CHAT}], chatml)
+
+
+def test_data_columns_name_the_records_tools():
+    a = build([{"messages": OPENAI_CHAT, "functions": TOOLS}], columns={"tools": "functions"})
+    b = build([{"messages": OPENAI_CHAT, "tools": TOOLS}])
+    assert [x.tolist() for x in a.example(0)] == [x.tolist() for x in b.example(0)]
+
+
+def test_generation_eval_compares_a_tool_call_with_the_turn_the_template_writes():
+    tok = tools_tokenizer()
+    prompt, expected, is_chat = prompt_and_answer({"messages": OPENAI_CHAT[:3], "tools": TOOLS})
+    assert is_chat and prompt == {"messages": RENDERED_CHAT[:2], "tools": TOOLS}
+    assert expected == RENDERED_CHAT[2]
+    assert tool_call_answer(tok, prompt, expected) == CALL_TEXT
+    # the prompt is rendered with its tools, as training rendered it
+    assert render_prompt(tok, prompt, chat=True) == tok.apply_chat_template(RENDERED_CHAT[:2], tools=TOOLS, add_generation_prompt=True)["input_ids"]
+    # a plain answer stays its content
+    assert prompt_and_answer({"messages": OPENAI_CHAT, "tools": TOOLS})[1] == "21 degrees."
+
+
+def test_generate_reads_prompts_with_their_tools(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"messages": OPENAI_CHAT[:2], "tools": [FUNCTION]}) + "\n" + json.dumps({"messages": OPENAI_CHAT[:2]}) + "\n")
+    assert read_prompts(path) == [{"messages": OPENAI_CHAT[:2], "tools": TOOLS}, OPENAI_CHAT[:2]]
+    path.write_text(json.dumps({"messages": OPENAI_CHAT[:2], "tools": {"name": "f"}}) + "\n")
+    with pytest.raises(UserError, match=r"p\.jsonl:1: 'tools' must be a list of function schemas"):
+        read_prompts(path)
