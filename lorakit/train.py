@@ -334,8 +334,10 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
     if ckpt_state is not None:
         check_resume_step(ckpt_state["step"], total_steps, checkpoint)
-        _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
+        changed = _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
+        if changed:
+            log(f"  the config's {changed} hold from here, not the checkpoint's")
     elif dist.is_main:
         run.metrics.clear()  # a run that died before its first checkpoint left these; this run starts anew
     if cfg.train.trackers():
@@ -603,10 +605,13 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path
         )
 
 
-def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng_state: dict) -> None:
+def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng_state: dict) -> str:
+    """Restore the checkpoint into `run`; returns what of the optimiser's settings the config
+    changes ("" if nothing; see `_keep_configured_rates`)."""
     from lorakit.adapters import copy_adapter_weights, read_adapter
 
     copy_adapter_weights(run.model, read_adapter(checkpoint / "adapter"), copy=_copy_into)
+    configured = [(g["initial_lr"], g["weight_decay"]) for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(optimizer_state)
     if run.dist.world_size > 1:
         from lorakit.distributed import shard_optimizer_state
@@ -620,6 +625,30 @@ def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng
     best = state.get("best")
     if best is not None and best.get("metric") == run.cfg.train.best_metric:  # another metric's best is no best
         run.best = best
+    return _keep_configured_rates(run, configured)
+
+
+def _keep_configured_rates(run: Run, configured: list[tuple[float, float]]) -> str:
+    """Loading the optimizer's and scheduler's states brings back the learning rates (train.lr, and
+    lr_ratio_b's for the B matrices) and weight decay they were saved with, while the schedule's
+    shape comes from the config: a run resumed with a lower train.lr would go on at the old one,
+    silently. The config's (initial lr, weight decay) per parameter group hold instead; returns
+    what changed, for the log ("" if nothing, and nothing is touched)."""
+    groups = run.optimizer.param_groups
+    saved = [(g["initial_lr"], g["weight_decay"]) for g in groups]
+    if saved == configured:
+        return ""
+    changed = []
+    for what, i in (("learning rate", 0), ("weight decay", 1)):
+        old, new = (", ".join(f"{v[i]:g}" for v in values) for values in (saved, configured))
+        if old != new:
+            changed.append(f"{what} {new} (was {old})")
+    step = run.scheduler.last_epoch
+    for group, (lr, decay), factor in zip(groups, configured, run.scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"], group["lr"] = lr, decay, lr * factor(step)
+    run.scheduler.base_lrs = [lr for lr, _ in configured]
+    run.scheduler._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports
+    return " and ".join(changed)
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -633,3 +633,25 @@ def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loss"] == pytest.approx(trainer_loss, abs=1e-5)
+
+
+def test_a_resume_with_a_changed_learning_rate_and_weight_decay_goes_on_with_the_new_ones(workspace, monkeypatch, capsys):
+    # the schedule's factors come from the config, the states saved the learning rates and weight
+    # decay: the resumed steps must be those of a run configured with the new values throughout
+    from lorakit import train as train_module
+
+    new = workspace / "new-lr"
+    assert main(["train", _config(workspace, new, save_every=4, lr=1e-3, weight_decay=0.1, lr_ratio_b=2.0)]) == 0
+    changed = workspace / "changed-lr"
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda run: real_step(run) if run.step < 6 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", _config(workspace, changed, save_every=4, lr=3e-3, lr_ratio_b=2.0)])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    capsys.readouterr()
+    assert main(["train", _config(workspace, changed, save_every=4, lr=1e-3, weight_decay=0.1, lr_ratio_b=2.0), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "the config's learning rate 0.001, 0.002 (was 0.003, 0.006) and weight decay 0.1, 0.1 (was 0, 0) hold" in printed
+    resumed = {e["step"]: e["lr"] for e in _entries(changed) if "lr" in e and e["step"] > 4}
+    fresh = {e["step"]: e["lr"] for e in _entries(new) if "lr" in e and e["step"] > 4}
+    assert resumed == fresh and len(fresh) == 8
