@@ -37,7 +37,7 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     from lorakit.data import BatchStream, load_train_eval
     from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
     from lorakit.train import (
-        _check_objective, _dropped, _examples, _objective_line, check_output_dir, check_positions, data_config,
+        _check_objective, _dropped, _examples, _objective_line, chat_template_source, check_output_dir, check_positions, data_config,
         check_resume_step, check_token_ids, eval_sets_line, generation_eval_records, plan_steps, use_chat_template,
     )  # fmt: skip
 
@@ -66,8 +66,8 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
         check_model_folder(cfg.model)  # safetensors weights there, looked for, not read
     check_positions(cfg, log)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if cfg.data.chat_template is not None:
-        use_chat_template(tokenizer, cfg.data.chat_template, log)
+    if chat_template_source(cfg) is not None:
+        use_chat_template(tokenizer, chat_template_source(cfg), log)
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
     if cfg.train.eval_generate:

@@ -263,8 +263,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     torch.manual_seed(cfg.train.seed)
     check_positions(cfg, log if dist.is_main else lambda _: None)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if cfg.data.chat_template is not None:
-        use_chat_template(tokenizer, cfg.data.chat_template, log if dist.is_main else lambda _: None)
+    if chat_template_source(cfg) is not None:
+        use_chat_template(tokenizer, chat_template_source(cfg), log if dist.is_main else lambda _: None)
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
     eval_records = generation_eval_records(cfg, eval_sets) if cfg.train.eval_generate else None
@@ -414,9 +414,21 @@ def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
         apply_adapter(model, frozen, preference.REFERENCE_ADAPTER)
 
 
+def chat_template_source(cfg: RunConfig) -> Optional[str]:
+    """The chat template a run renders chats with in place of the tokenizer's: data.chat_template,
+    else the template of the adapter the run continues (its chat_template.jinja, which its own run
+    wrote from data.chat_template), as generate, eval and merge use it with that adapter; None: the
+    tokenizer's."""
+    if cfg.data.chat_template is not None:
+        return cfg.data.chat_template
+    if cfg.adapter is not None and (Path(cfg.adapter) / CHAT_TEMPLATE_NAME).is_file():
+        return str(Path(cfg.adapter) / CHAT_TEMPLATE_NAME)
+    return None
+
+
 def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) -> None:
-    """Give `tokenizer` data.chat_template's template; say so where generation would not stop at
-    its turns' end (not one token of the vocabulary: only EOS stops it then)."""
+    """Give `tokenizer` the template `value` names (`chat_template_source`); say so where generation
+    would not stop at its turns' end (not one token of the vocabulary: only EOS stops it then)."""
     from lorakit.data import _ChatRenderer, chat_template_text
     from lorakit.generate import stop_token_ids
 
@@ -797,8 +809,9 @@ def _checkpoint(run: Run) -> Path:
 
 
 def _template_files(run: Run) -> dict[str, str]:
-    """The chat template data.chat_template gave, for the adapter folder (inference and merge use it)."""
-    return {CHAT_TEMPLATE_NAME: run.tokenizer.chat_template} if run.cfg.data.chat_template is not None else {}
+    """The chat template data.chat_template (or the continued adapter) gave, for the adapter folder
+    (inference and merge use it)."""
+    return {CHAT_TEMPLATE_NAME: run.tokenizer.chat_template} if chat_template_source(run.cfg) is not None else {}
 
 
 def _join_adapter_gathers(run: Run) -> None:

@@ -421,6 +421,12 @@ def test_a_chat_template_for_a_base_model_is_trained_with_and_travels_with_the_a
 
     end = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
     assert len(end) == 1 and end[0] in GenerationConfig.from_pretrained(merged).eos_token_id
+    # training that continues the adapter renders with its template (the base has none) and keeps it
+    more = {**cfg, "adapter": str(tmp_path / "out" / "adapter"), "output_dir": str(tmp_path / "more")}
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(more))
+    assert main(["train", str(tmp_path / "more.yaml"), "--dry-run"]) == 0
+    assert main(["train", str(tmp_path / "more.yaml")]) == 0
+    assert (tmp_path / "more" / "adapter" / "chat_template.jinja").read_text() == CHAT_TEMPLATES["chatml"]
     # an edited template file is another run: its checkpoint does not resume
     template = tmp_path / "t.jinja"
     template.write_text(CHAT_TEMPLATES["chatml"])
