@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, help="launch torchrun with N processes on this machine")
     p.add_argument("--dry-run", action="store_true", help="check the config, data and model (no weights read) and "
                    "print the plan; trains nothing")  # fmt: skip
+    p.add_argument("--show-examples", type=int, default=0, metavar="N", help="with --dry-run: print the first N "
+                   "training examples as the model reads them, the trained tokens marked")  # fmt: skip
     p.set_defaults(func=_train)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and write a plain model folder")

@@ -264,6 +264,18 @@ class TokenizedDataset:
             return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs, desirable=desirable)
 
 
+def show_example(tokenizer: Any, ids: np.ndarray, labels: np.ndarray, *, color: bool = False) -> str:
+    """An example's text as the model reads it, special tokens written out, with the trained tokens
+    (labels not -100) in green (`color`, for a terminal) or between ⟦ and ⟧. Each run of trained or
+    untrained tokens is decoded on its own, so a character split between two runs shows as
+    replacement characters."""
+    out = []
+    for trained, run in itertools.groupby(zip(ids.tolist(), labels.tolist()), key=lambda t: t[1] != IGNORE_INDEX):
+        text = tokenizer.decode([i for i, _ in run], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out.append((f"\033[32m{text}\033[0m" if color else f"⟦{text}⟧") if trained else text)
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading records
 

@@ -13,12 +13,14 @@ seconds, on any machine.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from lorakit.config import REFERENCE_OBJECTIVES, RunConfig
+from lorakit.data import IGNORE_INDEX, TokenizedDataset, show_example
 from lorakit.errors import UserError
 from lorakit.quant import frozen_bytes_estimate
 
@@ -27,9 +29,12 @@ from lorakit.quant import frozen_bytes_estimate
 TRAINABLE_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2}
 
 
-def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Callable[[str], None] = print) -> int:
+def dry_run(
+    cfg: RunConfig, *, resume: bool = False, processes: int = 1, show_examples: int = 0, log: Callable[[str], None] = print
+) -> int:
     """Check everything `cfg` needs before a step and print its plan (see the module docstring);
-    processes: the run's process count (`--nproc`), for the rows a step takes. Returns 0.
+    processes: the run's process count (`--nproc`), for the rows a step takes; show_examples: how
+    many of the first training examples to print (`show_example`). Returns 0.
 
     Raises:
         UserError: what the run would refuse before its first step.
@@ -111,7 +116,21 @@ def dry_run(cfg: RunConfig, *, resume: bool = False, processes: int = 1, log: Ca
     if cfg.train.objective != "sft":
         lines.insert(2, f"objective   {_objective_line(cfg)[1:]}")
     log("\n".join(lines))
+    for i in range(min(show_examples, len(train_set))):
+        ids, labels = train_set.example(i)
+        log(f"\nexample {i + 1} of {len(train_set):,}{_example_role(train_set, i)}: {len(ids)} tokens, "
+            f"{int((labels != IGNORE_INDEX).sum())} trained")  # fmt: skip
+        log(show_example(tokenizer, ids, labels, color=sys.stdout.isatty()))
     log("dry run: nothing trained; the tokenized data is cached for the run")
+
+
+def _example_role(data: TokenizedDataset, i: int) -> str:
+    """What example `i` of a preference or KTO data set is; "" for other data."""
+    if data.desirable is not None:
+        return f" (record {i // 2 + 1}: {'its KL example' if i % 2 else 'desirable' if data.desirable[i // 2] else 'undesirable'})"
+    if data.pairs:
+        return f" (pair {i // 2 + 1}: {'rejected' if i % 2 else 'chosen'})"
+    return ""
     return 0
 
 

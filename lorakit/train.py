@@ -1276,6 +1276,8 @@ def final_summary(summary: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- command
 def train_command(args: argparse.Namespace) -> int:
+    if getattr(args, "show_examples", 0) and not getattr(args, "dry_run", False):
+        raise UserError("--show-examples goes with --dry-run: lorakit train CONFIG.yaml --dry-run --show-examples N")
     if getattr(args, "dry_run", False):
         from lorakit.dry_run import dry_run
 
@@ -1283,7 +1285,9 @@ def train_command(args: argparse.Namespace) -> int:
             raise UserError(f"--nproc {args.nproc}: the number of processes must be >= 1")
         if args.nproc and (args.config is None or "=" in str(args.config)):
             raise UserError("--nproc needs a YAML config (lorakit train CONFIG.yaml --nproc N); the demo runs in one process")
-        return dry_run(_command_config(args), resume=args.resume, processes=args.nproc or 1)
+        if args.show_examples < 0:
+            raise UserError(f"--show-examples {args.show_examples}: give how many examples to print (>= 0)")
+        return dry_run(_command_config(args), resume=args.resume, processes=args.nproc or 1, show_examples=args.show_examples)
     if args.nproc:
         from lorakit.distributed import launch_torchrun
 

@@ -121,3 +121,26 @@ def test_overrides_may_follow_the_flags(workspace, capsys):
     with pytest.raises(SystemExit) as stop:  # anything else after the flags is still argparse's error
         main(["train", _config(workspace, workspace / "late"), "--dry-run", "--bogus"])
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(workspace, tmp_path, capsys):
+    records = [
+        {"prompt": "2 plus 3 is", "completion": " 5"},
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Four."},
+                      {"role": "user", "content": "sort 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]},
+        {"text": "not shown"},
+    ]  # fmt: skip
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = _config(workspace, tmp_path / "show")
+    args = ["train", cfg, f"data.train={tmp_path / 'mixed.jsonl'}", "data.eval=null", "train.eval_every=0", "data.packing=false", "train.batch_size=1", "data.max_length=64"]
+    assert main([*args, "--dry-run", "--show-examples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "\nexample 1 of 3: 9 tokens, 3 trained\n2 plus 3 is⟦ 5<|eot_id|>⟧\n" in printed
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    chat = (f"<s>{header.format('user')}hello<|eot_id|>{header.format('assistant')}⟦Four.<|eot_id|>⟧"
+            f"{header.format('user')}sort 3 1 2<|eot_id|>{header.format('assistant')}⟦1 2 3<|eot_id|>⟧")  # fmt: skip
+    assert f"\n{chat}\n" in printed and "example 2 of 3:" in printed
+    assert "not shown" not in printed and "example 3" not in printed
+    assert main([*args, "--show-examples", "2"]) == 2
+    assert "--show-examples goes with --dry-run" in capsys.readouterr().err
+    assert main([*args, "--dry-run", "--show-examples", "-1"]) == 2
