@@ -825,7 +825,9 @@ class _ChatRenderer:
 
     def __init__(self, tokenizer: Any) -> None:
         template = tokenizer.get_chat_template()
-        self.template = template
+        # what apply_chat_template renders with: a tokenizer with several templates takes its
+        # "tool_use" one for conversations with tools
+        self.template, self.tools_template = template, tokenizer.get_chat_template(tools=[])
         self._tokenizer = tokenizer
         kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes too
         try:
@@ -1040,7 +1042,7 @@ def tokenize_records(
         )
     renderer = _ChatRenderer(tokenizer) if chat_lines else None
     if renderer is not None:
-        _check_template_reads_tools(renderer.template, prepared, source)
+        _check_template_reads_tools(renderer, prepared, source)
     eos = tokenizer.eos_token_id
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     gc_was_on = gc.isenabled()
@@ -1085,15 +1087,19 @@ def tokenize_records(
     return TokenizedDataset(ids, labels, offsets, stats, pairs=pairs, desirable=desirable)
 
 
-def _check_template_reads_tools(template: str, prepared: list[tuple[int, str, Any]], source: str) -> None:
+def _check_template_reads_tools(renderer: _ChatRenderer, prepared: list[tuple[int, str, Any]], source: str) -> None:
     """Raises UserError where chats give tools or tool calls that the chat template never reads
     (ChatML's, Llama 2's): they would be left out of the text silently, and a turn that only calls
     a tool trained as an empty reply."""
-    for what, name in (("'tools'", "tools"), ("assistant turns with 'tool_calls'", "tool_calls")):
-        if name in template:
+    if all(name in t for name in ("tools", "tool_calls") for t in (renderer.template, renderer.tools_template)):
+        return
+    for line, fmt, chat in prepared:
+        if fmt != "chat":
             continue
-        for line, fmt, chat in prepared:
-            if fmt == "chat" and (chat.tools if name == "tools" else any("tool_calls" in m for m in chat.messages)):
+        template = renderer.tools_template if chat.tools is not None else renderer.template
+        for what, name, has in (("'tools'", "tools", chat.tools is not None),
+                                ("assistant turns with 'tool_calls'", "tool_calls", any("tool_calls" in m for m in chat.messages))):  # fmt: skip
+            if has and name not in template:
                 raise UserError(
                     f"{source}:{line}: the record has {what}, but the chat template never reads `{name}`, so they "
                     "would be left out of the text; use a model whose template writes them (data.chat_template: a "

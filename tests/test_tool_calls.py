@@ -210,3 +210,15 @@ def test_generate_reads_prompts_with_their_tools(tmp_path):
     path.write_text(json.dumps({"messages": OPENAI_CHAT[:2], "tools": {"name": "f"}}) + "\n")
     with pytest.raises(UserError, match=r"p\.jsonl:1: 'tools' must be a list of function schemas"):
         read_prompts(path)
+
+
+def test_a_tokenizer_with_a_tool_use_template_renders_the_chats_with_tools_with_it():
+    tok = make_tokenizer("chatml")
+    tok.chat_template = {"default": tok.chat_template, "tool_use": TOOLS_TEMPLATE}  # as apply_chat_template picks
+    plain = OPENAI_CHAT[1:2] + [OPENAI_CHAT[4]]
+    ds = build([{"messages": plain}, {"messages": OPENAI_CHAT, "tools": TOOLS}], tok)
+    assert ds.example(0)[0].tolist() == tok.apply_chat_template(plain)["input_ids"]
+    assert ds.example(1)[0].tolist() == tok.apply_chat_template(RENDERED_CHAT, tools=TOOLS)["input_ids"]
+    assert trained_groups(tok, ds.example(1)[1]) == [CALL_TEXT + "<|im_end|>", "21 degrees.<|im_end|>"]
+    with pytest.raises(UserError, match="never reads `tool_calls`"):  # calls without tools: the default template
+        build([{"messages": OPENAI_CHAT}], tok)
