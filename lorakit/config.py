@@ -134,6 +134,9 @@ class DataConfig:
     # the chat template for chat records instead of the tokenizer's: a Jinja file, or "chatml"
     # (for base models without one); saved with the adapter, which inference and merge then use
     chat_template: Union[str, None] = None
+    # variables for the chat template, as apply_chat_template's keyword arguments: Qwen3's
+    # {enable_thinking: false}; set at the top of the template, which the adapter keeps
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 DATA_FORMATS = ("auto", "text", "completion", "instruction", "chat", "preference", "unpaired")
@@ -405,6 +408,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     elif check_paths and not _looks_like_hub_name(cfg.model) and not Path(cfg.model).is_dir():
         problems.append(f"model = {cfg.model!r}: folder not found; pass a local Hugging Face model folder")
     problems += _chat_template_problems(cfg.data.chat_template, check_paths)
+    problems += template_variable_problems(cfg.data.chat_template_kwargs)
     if cfg.data.train is None and not any(p.startswith("data.train ") for p in problems):
         problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
     problems += _eval_set_problems(cfg.data.eval, cfg.train.objective)
@@ -418,6 +422,36 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     if problems:
         raise UserError(_join(source, problems))
     return cfg
+
+
+# what apply_chat_template itself gives a template: no variable to set from the config
+_TEMPLATE_INPUTS = ("messages", "tools", "documents", "add_generation_prompt")
+
+
+def template_variable_problems(variables: dict[str, Any]) -> list[str]:
+    """What is wrong with data.chat_template_kwargs: names that are no Jinja variable or are the
+    template's own inputs, values that are not YAML's plain data (or not finite)."""
+    problems = []
+    for name, value in variables.items():
+        if not name.isidentifier() or name in _TEMPLATE_INPUTS:
+            why = "apply_chat_template gives it itself" if name in _TEMPLATE_INPUTS else "not a template variable's name"
+            problems.append(f"data.chat_template_kwargs.{name}: {why}; name the variable the template reads, e.g. enable_thinking")
+        elif not _plain_data(value):
+            problems.append(f"data.chat_template_kwargs.{name} = {value!r}: give a boolean, number, string, or a list or "
+                            "mapping of them")  # fmt: skip
+    return problems
+
+
+def _plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False
 
 
 def _chat_template_problems(value: Union[str, None], check_paths: bool) -> list[str]:

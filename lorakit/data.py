@@ -812,6 +812,39 @@ def chat_template_text(value: str) -> str:
         raise UserError(f"data.chat_template = {value!r}: cannot read it ({exc}); give a UTF-8 Jinja file") from None
 
 
+# The first line of a template that data.chat_template_kwargs' variables are set in.
+TEMPLATE_VARIABLES_MARK = "{#- data.chat_template_kwargs -#}"
+
+
+def template_with_variables(template: str, variables: dict[str, Any]) -> str:
+    """`template` with `variables` (data.chat_template_kwargs) set on a first line of its own,
+    `{%- set enable_thinking = false -%}`: every renderer of the template (lorakit's, transformers',
+    vLLM's) then renders as apply_chat_template(..., enable_thinking=False) does, and an adapter that
+    keeps the template keeps them. The line a template already starts with (a continued adapter's)
+    is replaced."""
+    if template.startswith(TEMPLATE_VARIABLES_MARK):
+        template = template.split("\n", 1)[1] if "\n" in template else ""
+    if not variables:
+        return template
+    sets = "".join(f"{{%- set {name} = {_jinja_literal(value)} -%}}" for name, value in variables.items())
+    return f"{TEMPLATE_VARIABLES_MARK}{sets}\n{template}"
+
+
+def _jinja_literal(value: Any) -> str:
+    """A Jinja expression of plain data (config.template_variable_problems' kinds); on one line."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # ASCII, with \uXXXX escapes, which Jinja's string literals read
+    if isinstance(value, list):
+        return "[" + ", ".join(_jinja_literal(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
+
+
 class _ChatRenderer:
     """Renders conversations exactly as `tokenizer.apply_chat_template(..., tokenize=False)`.
 

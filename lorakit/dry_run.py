@@ -42,8 +42,8 @@ def dry_run(
     from lorakit.data import BatchStream, load_train_eval
     from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
     from lorakit.train import (
-        _check_objective, _dropped, _examples, _objective_line, chat_template_source, check_output_dir, check_positions, data_config,
-        check_resume_step, check_token_ids, eval_sets_line, generation_eval_records, plan_steps, use_chat_template,
+        _check_objective, _dropped, _examples, _objective_line, check_output_dir, check_positions, data_config, prepare_chat_template,
+        check_resume_step, check_token_ids, eval_sets_line, generation_eval_records, plan_steps,
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
@@ -71,8 +71,7 @@ def dry_run(
         check_model_folder(cfg.model)  # safetensors weights there, looked for, not read
     check_positions(cfg, log)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if chat_template_source(cfg) is not None:
-        use_chat_template(tokenizer, chat_template_source(cfg), log)
+    prepare_chat_template(tokenizer, cfg, log)
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
     if cfg.train.eval_generate:

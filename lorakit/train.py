@@ -167,7 +167,7 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
         d.pop(key)
     if d["train_turns"] == "all":
         del d["train_turns"]  # so checkpoints of earlier runs still resume
-    for key in ("columns", "system_prompt"):
+    for key in ("columns", "system_prompt", "chat_template_kwargs"):
         if not d[key]:
             del d[key]  # so checkpoints of earlier runs still resume
     if d["chat_template"] is None:
@@ -263,8 +263,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     torch.manual_seed(cfg.train.seed)
     check_positions(cfg, log if dist.is_main else lambda _: None)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if chat_template_source(cfg) is not None:
-        use_chat_template(tokenizer, chat_template_source(cfg), log if dist.is_main else lambda _: None)
+    prepare_chat_template(tokenizer, cfg, log if dist.is_main else lambda _: None)
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
     eval_records = generation_eval_records(cfg, eval_sets) if cfg.train.eval_generate else None
@@ -424,6 +423,27 @@ def chat_template_source(cfg: RunConfig) -> Optional[str]:
     if cfg.adapter is not None and (Path(cfg.adapter) / CHAT_TEMPLATE_NAME).is_file():
         return str(Path(cfg.adapter) / CHAT_TEMPLATE_NAME)
     return None
+
+
+def prepare_chat_template(tokenizer: Any, cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """Give `tokenizer` the run's chat template (`chat_template_source`) with the variables of
+    data.chat_template_kwargs set in it.
+
+    Raises:
+        UserError: variables for a tokenizer without a chat template.
+    """
+    from lorakit.data import template_with_variables
+
+    if chat_template_source(cfg) is not None:
+        use_chat_template(tokenizer, chat_template_source(cfg), log)
+    variables = cfg.data.chat_template_kwargs
+    if variables:  # (a continued adapter's template keeps those it was trained with otherwise)
+        if not tokenizer.chat_template:
+            raise UserError(f"data.chat_template_kwargs = {variables}: the tokenizer has no chat template to give them to; "
+                            "set data.chat_template (chatml, or a Jinja file)")  # fmt: skip
+        if isinstance(tokenizer.chat_template, dict):  # several: the one for conversations without tools
+            tokenizer.chat_template = tokenizer.get_chat_template()
+        tokenizer.chat_template = template_with_variables(tokenizer.chat_template, variables)
 
 
 def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) -> None:
@@ -811,7 +831,8 @@ def _checkpoint(run: Run) -> Path:
 def _template_files(run: Run) -> dict[str, str]:
     """The chat template data.chat_template (or the continued adapter) gave, for the adapter folder
     (inference and merge use it)."""
-    return {CHAT_TEMPLATE_NAME: run.tokenizer.chat_template} if chat_template_source(run.cfg) is not None else {}
+    kept = chat_template_source(run.cfg) is not None or run.cfg.data.chat_template_kwargs
+    return {CHAT_TEMPLATE_NAME: run.tokenizer.chat_template} if kept else {}
 
 
 def _join_adapter_gathers(run: Run) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -835,3 +836,57 @@ def test_stats_shape():
         "records", "examples", "tokens", "trainable_tokens", "truncated", "dropped_too_long",
         "dropped_no_trainable", "skipped_invalid", "skipped_lines", "pairs", "unpaired", "desirable",
     ]
+
+
+# A template with a variable of its own, as Qwen3's enable_thinking: false writes an empty think block
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\n' }}"
+    "{%- if m.role == 'assistant' and enable_thinking is defined and enable_thinking is false %}{{- '<think></think>' }}{%- endif %}"
+    "{{- m.content + '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think></think>' }}{%- endif %}{%- endif %}"
+)
+
+
+def test_template_variables_render_as_apply_chat_template_keyword_arguments():
+    from lorakit.data import template_with_variables
+
+    tok = make_tokenizer("chatml")
+    tok.chat_template = THINKING_TEMPLATE
+    expected = [tok.apply_chat_template(CHAT, tokenize=False, enable_thinking=False),
+                tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True, enable_thinking=False)]  # fmt: skip
+    tok.chat_template = template_with_variables(THINKING_TEMPLATE, {"enable_thinking": False})
+    assert [tok.apply_chat_template(CHAT, tokenize=False), tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)] == expected
+    assert "<think></think>Four." in expected[0]
+    ds = build([{"messages": CHAT}], tok)  # the data renders with them too; the generation prompt holds the think block
+    assert ds.example(0)[0].tolist() == tok(expected[0], add_special_tokens=False)["input_ids"]
+    assert _trained_groups(tok, ds.example(0)[1]) == ["Four.<|im_end|>", "1 2 3<|im_end|>"]
+    # set again (a continued adapter's template), the first line is replaced, not stacked
+    again = template_with_variables(tok.chat_template, {"enable_thinking": True})
+    assert again == template_with_variables(THINKING_TEMPLATE, {"enable_thinking": True}) and again.count("set enable_thinking") == 1
+    assert template_with_variables(THINKING_TEMPLATE, {}) == THINKING_TEMPLATE
+    # every kind of plain value arrives as it was given
+    values = {"s": "a \"quoted\"\nline é ✓", "n": None, "f": 0.25, "i": -3, "l": [1, "x", False], "d": {"k": [None, 2.5]}}
+    tok.chat_template = template_with_variables("{{ [s, n, f, i, l, d] | tojson }}", values)
+    assert json.loads(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)) == list(values.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"enable-thinking": False}, "data.chat_template_kwargs.enable-thinking: not a template variable's name"),
+        ({"messages": []}, "data.chat_template_kwargs.messages: apply_chat_template gives it itself"),
+        ({"when": "2024-01-01"}, None),
+        ({"ratio": float("nan")}, "data.chat_template_kwargs.ratio = nan: give a boolean, number, string"),
+    ],
+)
+def test_bad_chat_template_kwargs_are_config_errors(tmp_path, kwargs, message):
+    from lorakit.config import build_run_config
+
+    (tmp_path / "t.jsonl").write_text('{"text": "x"}\n')
+    cfg = {"model": str(tmp_path), "data": {"train": str(tmp_path / "t.jsonl"), "chat_template_kwargs": kwargs}}
+    if message is None:
+        assert build_run_config(cfg).data.chat_template_kwargs == kwargs
+        return
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_run_config(cfg)

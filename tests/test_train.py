@@ -661,3 +661,36 @@ def test_a_resume_with_a_changed_learning_rate_and_weight_decay_goes_on_with_the
     resumed = {e["step"]: e["lr"] for e in _entries(changed) if "lr" in e and e["step"] > 4}
     fresh = {e["step"]: e["lr"] for e in _entries(new) if "lr" in e and e["step"] > 4}
     assert resumed == fresh and len(fresh) == 8
+
+
+def test_chat_template_kwargs_are_trained_with_and_kept_in_the_adapters_template(tmp_path, capsys):
+    from helpers import make_tokenizer, tiny_llama
+    from test_data import THINKING_TEMPLATE
+
+    from lorakit.data import TEMPLATE_VARIABLES_MARK
+    from lorakit.generate import render_prompt
+    from lorakit.models import load_for_inference
+
+    tok = make_tokenizer("chatml")
+    tok.chat_template = THINKING_TEMPLATE
+    save_model_folder(tmp_path / "base", tiny_llama(), tok)
+    chat = [{"messages": [{"role": "user", "content": f"{a} plus 1?"}, {"role": "assistant", "content": f"{a + 1}"}]}
+            for a in range(8)]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    cfg = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "out"), "lora": {"r": 4},
+           "data": {"train": str(tmp_path / "chat.jsonl"), "max_length": 64, "chat_template_kwargs": {"enable_thinking": False}},
+           "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32", "save_every": 1}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    kept = (tmp_path / "out" / "adapter" / "chat_template.jinja").read_text()
+    assert kept.startswith(TEMPLATE_VARIABLES_MARK + "{%- set enable_thinking = false -%}\n") and kept.endswith(THINKING_TEMPLATE)
+    # inference with the adapter renders as the base's template with enable_thinking=False
+    _, loaded = load_for_inference(tmp_path / "base", tmp_path / "out" / "adapter", device="cpu")
+    prompt = chat[0]["messages"][:1]
+    expected = tok.apply_chat_template(prompt, add_generation_prompt=True, enable_thinking=False)["input_ids"]
+    assert render_prompt(loaded, prompt, chat=True) == expected and "<think></think>" in tok.decode(expected)
+    # the variables are part of the run: a checkpoint does not resume with others
+    (tmp_path / "out" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "c.yaml"), "data.chat_template_kwargs={enable_thinking: true}", "--resume"]) == 2
+    assert "the data (data.chat_template_kwargs) changed since it was written" in capsys.readouterr().err
