@@ -430,7 +430,18 @@ def _read_arrow(path: Path) -> list[tuple[int, dict]]:
                 table = pyarrow.ipc.open_file(path).read_all()
     except (pyarrow.ArrowException, OSError) as exc:
         raise UserError(f"{path}: not a readable {suffix[1:]} file ({str(exc).splitlines()[0]})") from None
-    return [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(table.to_pylist(), 1)]
+    return [(i, _without_nulls(row)) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def _without_nulls(value: Any) -> Any:
+    """A table row with the keys whose value is null left out, in nested objects too: Arrow gives a
+    column of objects the keys of all its rows, null where a row has none (a tool call's arguments,
+    a message's tool_calls), so it cannot tell a key the record lacks from a null one."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
@@ -551,6 +562,9 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: s
             hint = "; labelled records (prompt, completion, label) train with train.objective: kto" if "label" in record else ""
             raise BadRecord(f"not a preference record: keys {sorted(record)}; a pair needs chosen and rejected (and a prompt){hint}")
         raise BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
+    if fmt in ("text", "completion", "instruction") and record_tools(record) is not None:
+        raise BadRecord(f"'tools' is given to a {fmt} record, which has no chat template to give them to; tools go "
+                        "with chat messages (or leave them out)")  # fmt: skip
     if fmt == "text":
         return fmt, (_string(record, "text"), 0)
     if fmt == "completion":
@@ -597,7 +611,7 @@ def record_tools(record: dict) -> Optional[list[dict]]:
     """The record's `tools` as OpenAI's function schemas ({"type": "function", "function": {...}}),
     what chat templates are given at inference; None without any. A list, or a JSON string of one
     (LLaMA-Factory's); a bare function ({"name", "description", "parameters"}) is wrapped."""
-    tools = record.get("tools")
+    tools = record.get("tools", record.get("functions"))  # (OpenAI's older name)
     if isinstance(tools, str):
         try:
             tools = json.loads(tools) if tools.strip() else None
@@ -648,7 +662,10 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
             arguments = {}
         if not isinstance(arguments, dict):
             raise BadRecord(f"{where}[{i}].arguments must be an object (or its JSON), got {_kind(arguments)}")
-        kept = {k: v for k, v in call.items() if v is not None and k != "function"} if "function" in call else {}
+        if "function" in call:
+            kept = {k: v for k, v in call.items() if v is not None and k != "function"}
+        else:  # a bare call: its id stays beside the function, where templates read it
+            kept, function = {k: call[k] for k in ("id",) if call.get(k) is not None}, {k: v for k, v in call.items() if k != "id"}
         out.append({**kept, "type": kept.get("type", "function"), "function": {**function, "arguments": arguments}})
     return out
 
@@ -736,6 +753,16 @@ def _shared_turns(a: list[dict], b: list[dict]) -> int:
     return n
 
 
+def prompt_messages(messages: Any) -> list[dict]:
+    """A prompt's chat messages (a `generate --prompts` line's), as training reads them: tool calls
+    in OpenAI's form, null keys dropped; the last turn may be any role's.
+
+    Raises:
+        BadRecord: see `_messages`.
+    """
+    return _messages({"messages": messages}, True)
+
+
 def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) -> list[dict]:
     """OpenAI `messages` or ShareGPT `conversations` -> the messages given to the chat template:
     each with its role and content (a string; "" for an assistant turn that only calls tools),
@@ -750,7 +777,7 @@ def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) ->
     if not isinstance(raw, list) or not raw:
         got = "an empty list" if isinstance(raw, list) else _kind(raw)
         raise BadRecord(f"'{key}' must be a non-empty list of {{{role_key}, {text_key}}} objects, got {got}")
-    roles = _SHAREGPT_ROLES if sharegpt else {r: r for r in _ROLES}
+    roles = _SHAREGPT_ROLES if sharegpt else {**{r: r for r in _ROLES}, "function": "tool"}  # (OpenAI's older name)
     out = []
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
@@ -765,7 +792,10 @@ def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) ->
                 message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(content, f"{key}[{i}].{text_key}")}
         else:
             message = {k: v for k, v in msg.items() if v is not None and k != "weight"}
-            if message.get("tool_calls") == []:  # (what APIs write for a turn without calls)
+            message["role"] = roles[role]
+            if "function_call" in message and "tool_calls" not in message:  # OpenAI's older layout of one call
+                message["tool_calls"] = message.pop("function_call")
+            if message.get("tool_calls") in ([], "", "[]"):  # what APIs and tables write for a turn without calls
                 del message["tool_calls"]
             if "tool_calls" in message:
                 if role != "assistant":
@@ -890,6 +920,16 @@ class _ChatRenderer:
                 return text[text.rindex(marker) + len(marker) :].rstrip()
         return ""
 
+    @functools.cached_property
+    def generation_prompt(self) -> str:
+        """What the template writes for add_generation_prompt (`<|im_start|>assistant\\n`), from a
+        probe conversation; "" where it writes none, or the probe does not render."""
+        probe = [{"role": "user", "content": "Hello?"}]
+        without, with_prompt = self([probe], False)[0], self([probe], True)[0]
+        if isinstance(without, str) and isinstance(with_prompt, str) and with_prompt.startswith(without):
+            return with_prompt[len(without) :]
+        return ""
+
     def __call__(
         self, convs: list[list[dict]], gen: bool, tools: Optional[Sequence[Optional[list[dict]]]] = None
     ) -> list[Union[str, Exception]]:
@@ -955,13 +995,15 @@ def _chat_spans(
                 for k in passed:
                     over = _turn_by_content(text, msgs, k, None, after, renderer.end_of_turn)
                     after = over[1] if over is not None else after
-                span = _turn_by_content(text, msgs, i, before, cursor, renderer.end_of_turn, after)
+                alone = _turn_alone(renderer, msgs[i], tools[ci]) if msgs[i].get("tool_calls") else None
+                span = _turn_by_content(text, msgs, i, before, cursor, renderer.end_of_turn, after, alone, renderer.generation_prompt)
             passed = []
             if span is None:
+                what = "its tool calls are not written as the template writes the turn alone" if msgs[i].get("tool_calls") \
+                    else "this assistant turn's content is not in the render after the turns before it"  # fmt: skip
                 problem = (
                     f"messages[{i}]: the chat template renders this conversation differently from its prefixes "
-                    "and this assistant turn's content is not in the render after the turns before it, so it "
-                    "cannot be located; use a template that writes each turn's content as it is"
+                    f"and {what}, so it cannot be located; use a template that writes each turn's content as it is"
                 )
                 break
             spans.append(span)
@@ -971,7 +1013,8 @@ def _chat_spans(
 
 
 def _turn_by_content(
-    text: str, msgs: list[dict], i: int, before: Optional[str], cursor: int, end_of_turn: str, after: int = 0
+    text: str, msgs: list[dict], i: int, before: Optional[str], cursor: int, end_of_turn: str, after: int = 0,
+    alone: Optional[str] = None, header: str = "",
 ) -> Union[tuple[int, int], None]:
     """The character span of assistant turn `i` in `text`, found by its content, for templates
     whose render of a conversation does not start with the render of its first turns: Qwen3 writes
@@ -984,17 +1027,18 @@ def _turn_by_content(
     untrained turns passed over since (`after`) and the message before it. It ends after the
     content and the template's end-of-turn text, with any whitespace the template keeps between
     them (an empty reply: at its end of turn). None when the content (stripped: templates trim it)
-    is not found, and for a turn with tool calls whose start is not known. before: None for a turn whose prefix render is not at hand (an untrained turn,
-    only passed over)."""
+    is not found. A turn that calls tools: see `_tool_call_turn` (`alone`: `_turn_alone`'s; `header`:
+    the template's generation prompt). before: None for a turn whose prefix render is not at hand (an
+    untrained turn, only passed over)."""
     content = msgs[i]["content"].strip()
     if before is not None and text.startswith(before) and len(before) >= cursor:
         start = search = len(before)
     else:
-        if msgs[i].get("tool_calls"):  # its calls are written in the template's own way: not to be found
-            return None
         start, previous, search = None, msgs[i - 1]["content"].strip() if i else "", max(cursor, after)
         found = text.find(previous, search) if previous else -1
         search = found + len(previous) if found >= 0 else search
+    if msgs[i].get("tool_calls"):
+        return _tool_call_turn(text, msgs[i], start, search, end_of_turn, alone, header)
     # the content followed by the end of its turn, where the template writes one: the same words
     # may appear earlier in the template's own markup (Mistral's "[/INST]" holds "I", "INST")
     if end_of_turn:
@@ -1005,6 +1049,50 @@ def _turn_by_content(
     if at < 0:
         return None
     return (at if start is None else start, at + len(content))
+
+
+def _turn_alone(renderer: _ChatRenderer, turn: dict, tools: Optional[list[dict]]) -> Optional[str]:
+    """The template's text of an assistant turn on its own: after a one-word user turn, from its
+    generation prompt on (trailing whitespace left out); None where that does not render so."""
+    probe = [{"role": "user", "content": "Hi"}]
+    before, whole = renderer([probe, [*probe, turn]], True, [tools, tools])[0], renderer([[*probe, turn]], False, [tools])[0]
+    if isinstance(before, str) and isinstance(whole, str) and whole.startswith(before):
+        return whole[len(before) :].rstrip() or None
+    return None
+
+
+def _tool_call_turn(
+    text: str, message: dict, start: Optional[int], search: int, end_of_turn: str, alone: Optional[str], header: str = ""
+) -> Union[tuple[int, int], None]:
+    """The span of an assistant turn that calls tools, for `_turn_by_content`: the template's text of
+    the turn on its own (`alone`), found after `search` (Hermes writes the tool result before it
+    another way once the turn follows; Mistral moves the system prompt), less what only the last
+    turn starts with (Qwen3's think block), and starting after the turn's header where the two
+    overlap (`header`, the generation prompt); else its content up to the first end of turn after it. The span must
+    hold every call's function name, else None: the calls are written another way, or not at all,
+    where the turn is not the last, and the turn cannot be trained as it would be generated."""
+    span, names = None, [call["function"]["name"] for call in message["tool_calls"]]
+    # the longest end of `alone` that is in the text and still holds every call: what a template
+    # writes at a turn's start only when it is the last (Qwen3's think block) is left out
+    for k in range(len(alone or "")):
+        piece = alone[k:]
+        if not all(name in piece for name in names):
+            break
+        at = text.find(piece, search)
+        if at >= 0:
+            opened = text.rfind(header, 0, at + len(header)) if header else -1
+            begin = opened + len(header) if opened >= 0 and opened + len(header) > at else at
+            span = (begin if start is None else start, at + len(piece))
+            break
+    content = message["content"].strip()
+    if span is None and end_of_turn and (content or start is not None):
+        at = text.find(content, search) if content else start
+        end = text.find(end_of_turn, at + len(content)) if at >= 0 else -1
+        if end >= 0:
+            span = (at if start is None else start, end + len(end_of_turn))
+    if span is None or any(name not in text[span[0] : span[1]] for name in names):
+        return None
+    return span
 
 
 def _template_error(exc: Exception) -> str:

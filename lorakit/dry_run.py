@@ -75,7 +75,7 @@ def dry_run(
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
     if cfg.train.eval_generate:
-        generation_eval_records(cfg, eval_sets)  # every set has answers to compare with
+        generation_eval_records(cfg, eval_sets, tokenizer)  # every set has answers to compare with
     model = meta_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if model is None:
         raise UserError(f"model = {cfg.model!r}: its config.json does not build a transformers model here (an unknown "

@@ -180,6 +180,8 @@ def generation_accuracy(
             if skip_invalid:
                 prepare_record(record, "auto", train_on_inputs)  # what the loss skipped, this skips too
             case = prompt_and_answer(record, system_prompt)
+            if case is not None and not isinstance(case[1], str):  # a turn that calls tools: its text
+                case = (case[0], tool_call_answer(tokenizer, case[0], case[1]), case[2])
         except (UserError, BadRecord) as exc:
             if skip_invalid:
                 continue
@@ -197,7 +199,6 @@ def generation_accuracy(
                              max_new_tokens=max_new_tokens, batch_size=batch_size)  # fmt: skip
             for i, text in zip(idx, texts):
                 got[i] = text
-    cases = [(p, e if isinstance(e, str) else tool_call_answer(tokenizer, p, e), c) for p, e, c in cases]
     correct, failures = 0, []
     for (prompt, expected, is_chat), text in zip(cases, got):
         if final_answer(text) == final_answer(expected):

@@ -26,7 +26,7 @@ import torch
 from jinja2 import TemplateError, TemplateSyntaxError
 from torch import nn
 
-from lorakit.data import BadRecord, record_tools
+from lorakit.data import BadRecord, prompt_messages, record_tools
 from lorakit.errors import UserError
 from lorakit.models import position_limit
 
@@ -201,10 +201,10 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
             prompts.append(record["prompt"])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
             try:
-                tools = record_tools(record)
+                messages, tools = prompt_messages(record["messages"]), record_tools(record)
             except BadRecord as exc:
                 raise UserError(f"{path}:{number}: {exc}") from None
-            prompts.append(record["messages"] if tools is None else {"messages": record["messages"], "tools": tools})
+            prompts.append(messages if tools is None else {"messages": messages, "tools": tools})
         else:
             raise UserError(f"{path}:{number}: expected an object with a \"prompt\" string or a \"messages\" list")
     if not prompts:

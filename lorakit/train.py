@@ -266,7 +266,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     prepare_chat_template(tokenizer, cfg, log if dist.is_main else lambda _: None)
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
-    eval_records = generation_eval_records(cfg, eval_sets) if cfg.train.eval_generate else None
+    eval_records = generation_eval_records(cfg, eval_sets, tokenizer) if cfg.train.eval_generate else None
 
     load_device = dist.load_device or device
     if cfg.quantize == "nf4":
@@ -525,30 +525,42 @@ def check_token_ids(model: nn.Module, cfg: RunConfig, train_set: Any, eval_sets:
             )
 
 
-def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any]) -> dict[str, list[dict]]:
+def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer: Any) -> dict[str, list[dict]]:
     """eval_generate's records of each eval set, as the data reads them (data.columns), checked
-    before any step: every set needs a record with an answer to compare generations with.
+    before any step: every set needs a record with an answer to compare generations with, and the
+    chat template must write the answers that call tools (`tool_call_answer`; records it fails on
+    are left out under data.skip_invalid, as the eval set's loss leaves them out).
 
     Raises:
-        UserError: a set whose records have no answer (text records), named with its files.
+        UserError: a set whose records have no answer (text records), named with its files; FILE:LINE
+            of an answer with tool calls the template does not write.
     """
     from lorakit.data import BadRecord, read_records, rename_columns
-    from lorakit.evaluate import prompt_and_answer
+    from lorakit.evaluate import prompt_and_answer, tool_call_answer
 
     records: dict[str, list[dict]] = {name: [] for name in eval_sets}
     for name, files in config_eval_sets(cfg.data.eval).items():
+        answers = 0
         for f in files:
-            for _, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
+            for line, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
                 try:
-                    records[name].append(rename_columns(record, cfg.data.columns))
+                    record = rename_columns(record, cfg.data.columns)
                 except BadRecord:  # what tokenizing the eval set skipped (skip_invalid), this skips too
                     continue
-        answers = 0
-        for record in records[name]:
-            try:
-                answers += prompt_and_answer(record, cfg.data.system_prompt) is not None
-            except UserError:  # an invalid record: the eval set's own reading reported or skipped it
-                continue
+                try:
+                    case = prompt_and_answer(record, cfg.data.system_prompt)
+                except UserError:  # an invalid record: the eval set's own reading reported or skipped it
+                    records[name].append(record)
+                    continue
+                if case is not None and not isinstance(case[1], str):
+                    try:
+                        tool_call_answer(tokenizer, case[0], case[1])
+                    except UserError as exc:
+                        if cfg.data.skip_invalid:
+                            continue
+                        raise UserError(f"{f}:{line}: train.eval_generate: {exc}") from None
+                records[name].append(record)
+                answers += case is not None
         if not answers:
             raise UserError(
                 f"train.eval_generate = true: {eval_set_key(name)} ({', '.join(files)}) has no record with an answer to compare "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import make_tokenizer
 
@@ -57,6 +58,7 @@ RENDERED_CHAT = [
     OPENAI_CHAT[4],
 ]  # fmt: skip
 CALL_TEXT = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+CALL_ROME = {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
 
 
 def tools_tokenizer():
@@ -205,8 +207,9 @@ def test_generation_eval_compares_a_tool_call_with_the_turn_the_template_writes(
 
 def test_generate_reads_prompts_with_their_tools(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"messages": OPENAI_CHAT[:2], "tools": [FUNCTION]}) + "\n" + json.dumps({"messages": OPENAI_CHAT[:2]}) + "\n")
-    assert read_prompts(path) == [{"messages": OPENAI_CHAT[:2], "tools": TOOLS}, OPENAI_CHAT[:2]]
+    lines = [{"messages": OPENAI_CHAT[:4], "tools": [FUNCTION]}, {"messages": OPENAI_CHAT[:2]}]  # the calls in OpenAI's layout
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_prompts(path) == [{"messages": RENDERED_CHAT[:4], "tools": TOOLS}, OPENAI_CHAT[:2]]  # read as training reads them
     path.write_text(json.dumps({"messages": OPENAI_CHAT[:2], "tools": {"name": "f"}}) + "\n")
     with pytest.raises(UserError, match=r"p\.jsonl:1: 'tools' must be a list of function schemas"):
         read_prompts(path)
@@ -222,3 +225,124 @@ def test_a_tokenizer_with_a_tool_use_template_renders_the_chats_with_tools_with_
     assert trained_groups(tok, ds.example(1)[1]) == [CALL_TEXT + "<|im_end|>", "21 degrees.<|im_end|>"]
     with pytest.raises(UserError, match="never reads `tool_calls`"):  # calls without tools: the default template
         build([{"messages": OPENAI_CHAT}], tok)
+
+
+# Templates that render a conversation otherwise than its prefixes, with tool calls, written here after the
+# behaviour of Qwen3's (an empty think block in the assistant turns after the last user turn only),
+# Hermes-2-Pro's (the last tool result written without the newline the others get) and Mistral's (the
+# system prompt and the tools at the last user turn; no generation prompt).
+REWRITING_TOOL_TEMPLATES = {
+    "qwen3": (
+        "{%- if tools %}{{- '<|im_start|>system\nTools: ' + tools | tojson + '<|im_end|>\n' }}{%- endif %}"
+        "{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+        "{%- endif %}{%- endfor %}{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}{% generation %}"
+        "{%- if loop.index0 > ns.last_user %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{{- m.content }}"
+        "{%- for call in m.tool_calls or [] %}{{- '\n<tool_call>' + call.function | tojson + '</tool_call>' }}{%- endfor %}"
+        "{{- '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+        "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    ),
+    "hermes": (
+        "{%- if tools %}{{- '<|im_start|>system\nTools: ' + tools | tojson + '<|im_end|>\n' }}{%- endif %}"
+        "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}{% generation %}{{- m.content }}"
+        "{%- for call in m.tool_calls or [] %}{{- '<tool_call>' + call.function | tojson + '</tool_call>' }}{%- endfor %}"
+        "{{- '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+        "{%- elif m.role == 'tool' %}{{- '<|im_start|>tool\n' + m.content + '<|im_end|>' }}{%- if not loop.last %}{{- '\n' }}{%- endif %}"
+        "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    ),
+    "mistral": (
+        "{%- if messages[0].role == 'system' %}{%- set system = messages[0].content %}{%- set turns = messages[1:] %}"
+        "{%- else %}{%- set turns = messages %}{%- endif %}"
+        "{%- set ns = namespace(last_user=-1) %}{%- for m in turns %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+        "{%- endif %}{%- endfor %}{{- bos_token }}{%- for m in turns %}{%- if m.role == 'user' %}"
+        "{%- if loop.index0 == ns.last_user and tools %}{{- '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}"
+        "{{- '[INST]' }}{%- if loop.index0 == ns.last_user and system is defined %}{{- system + '\n\n' }}{%- endif %}{{- m.content + '[/INST]' }}"
+        "{%- elif m.role == 'tool' %}{{- '[TOOL_RESULTS]' + m.content + '[/TOOL_RESULTS]' }}"
+        "{%- elif m.tool_calls %}{% generation %}{{- '[TOOL_CALLS]' + m.tool_calls | map(attribute='function') | list | tojson + eos_token }}"
+        "{% endgeneration %}{%- else %}{% generation %}{{- m.content + eos_token }}{% endgeneration %}{%- endif %}{%- endfor %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REWRITING_TOOL_TEMPLATES))
+def test_tool_calls_in_templates_that_rewrite_earlier_turns_are_trained_as_the_template_writes_them(name):
+    tagged = REWRITING_TOOL_TEMPLATES[name]
+    tok = make_tokenizer("chatml")
+    tok.chat_template, tok.eos_token = tagged.replace("{% generation %}", "").replace("{% endgeneration %}", ""), "<|im_end|>"
+    # a call after another call's result, a turn of text and calls, and a later user turn
+    chat = [*RENDERED_CHAT[:2], {**RENDERED_CHAT[2], "content": "Let me look."}, RENDERED_CHAT[3],
+            {**RENDERED_CHAT[2], "tool_calls": [CALL_ROME]}, {"role": "tool", "content": "{\"temp\": 25}"},
+            {"role": "assistant", "content": "21 and 25 degrees."}, {"role": "user", "content": "Thanks!"},
+            {"role": "assistant", "content": "You are welcome."}]  # fmt: skip
+    ds = build([{"messages": chat, "tools": TOOLS}], tok)
+    ids, labels = ds.example(0)
+    assert ids.tolist() == tok.apply_chat_template(chat, tools=TOOLS)["input_ids"]
+    ref = tok.apply_chat_template(chat, tools=TOOLS, chat_template=tagged, return_dict=True, return_assistant_tokens_mask=True)
+    mask = [t if m == 1 else -100 for t, m in zip(ref["input_ids"], ref["assistant_masks"])]
+    # each call is trained whole, as the template writes it, with its end of turn; the tool results are not
+    groups = trained_groups(tok, labels)
+    assert groups == trained_groups(tok, torch.tensor(mask)), (groups, trained_groups(tok, torch.tensor(mask)))
+    assert sum("get_weather" in g for g in groups) == 2 and not any("temp" in g for g in groups)
+
+
+def test_a_template_that_writes_calls_only_in_the_last_turn_is_refused():
+    tok = tools_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE.replace("{%- for call in m.tool_calls or [] %}", "{%- for call in (m.tool_calls if loop.last else []) or [] %}")
+    with pytest.raises(UserError, match=r"d\.jsonl:1: messages\[2\]: .*its tool calls are not written as the template writes the turn alone"):
+        build([{"messages": OPENAI_CHAT, "tools": TOOLS}], tok)
+
+
+def test_older_and_table_layouts_of_calls_read_as_openais():
+    tok = tools_tokenizer()
+    legacy = {  # OpenAI's function_call / functions / role "function"
+        "messages": [*OPENAI_CHAT[:2], {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+                     {"role": "function", "name": "get_weather", "content": "{\"temp\": 21}"}, OPENAI_CHAT[4]],
+        "functions": [FUNCTION],
+    }  # fmt: skip
+    kind, chat = prepare_record(legacy, "auto", False)
+    assert chat.tools == TOOLS and chat.messages[2]["tool_calls"] == [{"type": "function", "function": RENDERED_CHAT[2]["tool_calls"][0]["function"]}]
+    assert chat.messages[3] == {"role": "tool", "name": "get_weather", "content": "{\"temp\": 21}"}
+    # a bare call keeps its id beside the function; "[]" and "" are no calls
+    _, chat = prepare_record({"messages": [OPENAI_CHAT[1], {"role": "assistant", "tool_calls": [{"id": "c1", "name": "f", "arguments": {}}]}]}, "auto", False)
+    assert chat.messages[1]["tool_calls"] == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}]
+    for none in ("[]", ""):
+        _, chat = prepare_record({"messages": [OPENAI_CHAT[1], {"role": "assistant", "content": "x", "tool_calls": none}]}, "auto", False)
+        assert chat.messages[1] == {"role": "assistant", "content": "x"}
+    # tools beside records without a chat template to give them to
+    with pytest.raises(UserError, match=r"d\.jsonl:1: 'tools' is given to a completion record"):
+        build([{"prompt": "Weather?", "completion": " Sunny.", "tools": TOOLS}], tok)
+
+
+def test_a_parquet_table_of_tool_calls_reads_as_its_jsonl(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet
+
+    from lorakit.data import read_records
+
+    records = [{"messages": OPENAI_CHAT, "tools": TOOLS},
+               {"messages": [OPENAI_CHAT[1], {"role": "assistant", "content": "ok", "tool_calls": [
+                   {"type": "function", "function": {"name": "get_time", "arguments": "{\"zone\": \"UTC\"}"}}]}],
+                "tools": [{"type": "function", "function": {"name": "get_time", "description": "Now"}}]}]  # fmt: skip
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), tmp_path / "t.parquet")  # one struct type: the union of keys
+    read = [r for _, r in read_records(tmp_path / "t.parquet")]
+    assert [prepare_record(r, "auto", False) for r in read] == [prepare_record(r, "auto", False) for r in records]
+
+
+def test_generation_eval_leaves_out_the_tool_calls_the_template_fails_on_where_the_loss_skips_them():
+    from helpers import tiny_llama
+
+    from lorakit.evaluate import generation_accuracy
+
+    tok = tools_tokenizer()  # a template that refuses calls without an id, as Mistral's does
+    tok.chat_template = TOOLS_TEMPLATE.replace(
+        "{%- for call in m.tool_calls or [] %}", "{%- for call in m.tool_calls or [] %}{%- if call.id is not defined %}"
+        "{{- raise_exception('a tool call needs an id') }}{%- endif %}")  # fmt: skip
+    good = {"messages": OPENAI_CHAT[:3], "tools": TOOLS}
+    bad = {"messages": [*OPENAI_CHAT[:2], {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": {}}]}], "tools": TOOLS}
+    assert len(build([good, bad], tok, skip_invalid=True)) == 1  # the loss skips it
+    model = tiny_llama(vocab_size=len(tok))
+    got = generation_accuracy(model, tok, [good, bad], max_new_tokens=2, skip_invalid=True)
+    assert got["total"] == 1
+    with pytest.raises(UserError, match=r"record 2: the chat template failed on a conversation with tool calls \(a tool call needs an id\)"):
+        generation_accuracy(model, tok, [good, bad], max_new_tokens=2)
