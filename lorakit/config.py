@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import re
 import types
@@ -433,7 +434,7 @@ def template_variable_problems(variables: dict[str, Any]) -> list[str]:
     template's own inputs, values that are not YAML's plain data (or not finite)."""
     problems = []
     for name, value in variables.items():
-        if not name.isidentifier() or name in _TEMPLATE_INPUTS:
+        if not name.isidentifier() or keyword.iskeyword(name) or name in ("true", "false", "none") or name in _TEMPLATE_INPUTS:
             why = "apply_chat_template gives it itself" if name in _TEMPLATE_INPUTS else "not a template variable's name"
             problems.append(f"data.chat_template_kwargs.{name}: {why}; name the variable the template reads, e.g. enable_thinking")
         elif not _plain_data(value):
@@ -841,7 +842,7 @@ def _type_name(hint: Any) -> str:
     if origin is dict:
         k, v = typing.get_args(hint)
         return f"a mapping of {_type_name(k)} to {_type_name(v)}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", Any: "a value"}.get(hint, str(hint))
 
 
 def _is_int(value: Any) -> bool:

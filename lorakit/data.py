@@ -264,15 +264,17 @@ class TokenizedDataset:
             return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs, desirable=desirable)
 
 
-def show_example(tokenizer: Any, ids: np.ndarray, labels: np.ndarray, *, color: bool = False) -> str:
+def show_example(
+    tokenizer: Any, ids: np.ndarray, labels: np.ndarray, *, color: bool = False, marks: tuple[str, str] = ("⟦", "⟧")
+) -> str:
     """An example's text as the model reads it, special tokens written out, with the trained tokens
-    (labels not -100) in green (`color`, for a terminal) or between ⟦ and ⟧. Each run of trained or
+    (labels not -100) in green (`color`, for a terminal) or between `marks`. Each run of trained or
     untrained tokens is decoded on its own, so a character split between two runs shows as
     replacement characters."""
     out = []
     for trained, run in itertools.groupby(zip(ids.tolist(), labels.tolist()), key=lambda t: t[1] != IGNORE_INDEX):
         text = tokenizer.decode([i for i, _ in run], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        out.append((f"\033[32m{text}\033[0m" if color else f"⟦{text}⟧") if trained else text)
+        out.append((f"\033[32m{text}\033[0m" if color else f"{marks[0]}{text}{marks[1]}") if trained else text)
     return "".join(out)
 
 
@@ -847,17 +849,37 @@ TEMPLATE_VARIABLES_MARK = "{#- data.chat_template_kwargs -#}"
 
 
 def template_with_variables(template: str, variables: dict[str, Any]) -> str:
-    """`template` with `variables` (data.chat_template_kwargs) set on a first line of its own,
-    `{%- set enable_thinking = false -%}`: every renderer of the template (lorakit's, transformers',
-    vLLM's) then renders as apply_chat_template(..., enable_thinking=False) does, and an adapter that
-    keeps the template keeps them. The line a template already starts with (a continued adapter's)
-    is replaced."""
-    if template.startswith(TEMPLATE_VARIABLES_MARK):
-        template = template.split("\n", 1)[1] if "\n" in template else ""
+    """`template` with `variables` (data.chat_template_kwargs) set on a first line of its own where
+    the caller does not give them, `{%- if enable_thinking is not defined %}{%- set enable_thinking =
+    false %}{%- endif %}`: every renderer of the template (lorakit's, transformers', vLLM's) then
+    renders as apply_chat_template(..., enable_thinking=False) does, unless told otherwise, and an
+    adapter that keeps the template keeps them. The line goes before those a template already
+    starts with (a continued adapter's), so its values come first and the others stay; the same
+    line twice is written once. The line's end is kept out of the text by the template engine's
+    trim_blocks, as transformers and vLLM compile templates."""
     if not variables:
         return template
-    sets = "".join(f"{{%- set {name} = {_jinja_literal(value)} -%}}" for name, value in variables.items())
-    return f"{TEMPLATE_VARIABLES_MARK}{sets}\n{template}"
+    sets = "".join(f"{{%- if {name} is not defined %}}{{%- set {name} = {_jinja_literal(value)} %}}{{%- endif %}}"
+                   for name, value in variables.items())  # fmt: skip
+    line = f"{TEMPLATE_VARIABLES_MARK}{sets}\n"
+    return template if template.startswith(line) else line + template
+
+
+def template_variables(template: str) -> set[str]:
+    """The names a chat template reads from its caller (messages, add_generation_prompt,
+    enable_thinking, ...), as transformers' template engine parses it.
+
+    Raises:
+        UserError: the template does not parse.
+    """
+    from jinja2 import meta
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        environment = _compile_jinja_template(template).environment
+        return set(meta.find_undeclared_variables(environment.parse(template)))
+    except TemplateError as exc:
+        raise UserError(f"the chat template does not parse ({exc}); fix it, or give another (data.chat_template)") from None
 
 
 def _jinja_literal(value: Any) -> str:
@@ -868,11 +890,11 @@ def _jinja_literal(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # ASCII, with \uXXXX escapes, which Jinja's string literals read
+    if isinstance(value, str):  # JSON's escapes keep it on one line; characters beyond ASCII stay as they are
+        return json.dumps(value, ensure_ascii=False)  # (\uXXXX pairs of an emoji would come back unpaired)
     if isinstance(value, list):
         return "[" + ", ".join(_jinja_literal(v) for v in value) + "]"
-    return "{" + ", ".join(f"{json.dumps(k)}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
+    return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
 
 
 class _ChatRenderer:

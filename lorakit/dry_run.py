@@ -50,10 +50,11 @@ def dry_run(
     state = None
     if checkpoint is not None:  # the run refuses a damaged checkpoint, and a resume whose model, data or LoRA changed
         from lorakit.checkpoint import load_checkpoint
-        from lorakit.train import _check_same_run, fingerprint
+        from lorakit.train import _check_same_run, check_resume_optimizer, fingerprint
 
-        state = load_checkpoint(checkpoint)[0]
+        state, optimizer_state, _ = load_checkpoint(checkpoint)
         _check_same_run(state.get("fingerprint", {}), fingerprint(cfg), checkpoint)
+        check_resume_optimizer(cfg.train.optimizer, optimizer_state, checkpoint)
     if cfg.train.trackers():
         from lorakit.tracking import check_tracker_paths
 
@@ -115,12 +116,26 @@ def dry_run(
     if cfg.train.objective != "sft":
         lines.insert(2, f"objective   {_objective_line(cfg)[1:]}")
     log("\n".join(lines))
+    # a terminal or file that cannot take the marks (LANG=C) gets [[ ]], and the text's own
+    # characters it cannot take as escapes
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    marks = ("⟦", "⟧") if _encodes("⟦⟧", encoding) else ("[[", "]]")
     for i in range(min(show_examples, len(train_set))):
         ids, labels = train_set.example(i)
         log(f"\nexample {i + 1} of {len(train_set):,}{_example_role(train_set, i)}: {len(ids)} tokens, "
             f"{int((labels != IGNORE_INDEX).sum())} trained")  # fmt: skip
-        log(show_example(tokenizer, ids, labels, color=sys.stdout.isatty()))
+        text = show_example(tokenizer, ids, labels, color=sys.stdout.isatty(), marks=marks)
+        log(text.encode(encoding, "backslashreplace").decode(encoding))
     log("dry run: nothing trained; the tokenized data is cached for the run")
+    return 0
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def _example_role(data: TokenizedDataset, i: int) -> str:
@@ -130,7 +145,6 @@ def _example_role(data: TokenizedDataset, i: int) -> str:
     if data.pairs:
         return f" (pair {i // 2 + 1}: {'rejected' if i % 2 else 'chosen'})"
     return ""
-    return 0
 
 
 def _size(n: float) -> str:

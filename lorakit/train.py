@@ -170,11 +170,16 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
     for key in ("columns", "system_prompt", "chat_template_kwargs"):
         if not d[key]:
             del d[key]  # so checkpoints of earlier runs still resume
+    from lorakit.data import chat_template_text, template_with_variables
+
+    if d.get("chat_template_kwargs"):  # as the template gets them: false and 0 are other renders
+        d["chat_template_kwargs"] = template_with_variables("", d["chat_template_kwargs"])
+    source = chat_template_source(cfg)
+    if source is not None and d["chat_template"] is None:  # the continued adapter's template
+        d["adapter_chat_template"] = hashlib.sha256(chat_template_text(source).encode()).hexdigest()
     if d["chat_template"] is None:
         del d["chat_template"]  # so checkpoints of earlier runs still resume
     else:  # its text: an edited template file is another run
-        from lorakit.data import chat_template_text
-
         d["chat_template"] = hashlib.sha256(chat_template_text(d["chat_template"]).encode()).hexdigest()
     return d
 
@@ -333,6 +338,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
     if ckpt_state is not None:
         check_resume_step(ckpt_state["step"], total_steps, checkpoint)
+        check_resume_optimizer(cfg.train.optimizer, optimizer_state, checkpoint)
         changed = _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
         if changed:
@@ -432,18 +438,26 @@ def prepare_chat_template(tokenizer: Any, cfg: RunConfig, log: Callable[[str], N
     Raises:
         UserError: variables for a tokenizer without a chat template.
     """
-    from lorakit.data import template_with_variables
+    from lorakit.data import template_variables, template_with_variables
 
     if chat_template_source(cfg) is not None:
         use_chat_template(tokenizer, chat_template_source(cfg), log)
     variables = cfg.data.chat_template_kwargs
-    if variables:  # (a continued adapter's template keeps those it was trained with otherwise)
-        if not tokenizer.chat_template:
-            raise UserError(f"data.chat_template_kwargs = {variables}: the tokenizer has no chat template to give them to; "
-                            "set data.chat_template (chatml, or a Jinja file)")  # fmt: skip
-        if isinstance(tokenizer.chat_template, dict):  # several: the one for conversations without tools
-            tokenizer.chat_template = tokenizer.get_chat_template()
-        tokenizer.chat_template = template_with_variables(tokenizer.chat_template, variables)
+    if not variables:
+        return
+    if not tokenizer.chat_template:
+        raise UserError(f"data.chat_template_kwargs = {variables}: the tokenizer has no chat template to give them to; "
+                        "set data.chat_template (chatml, or a Jinja file)")  # fmt: skip
+    if isinstance(tokenizer.chat_template, dict):
+        raise UserError(
+            f"data.chat_template_kwargs with a tokenizer of several chat templates ({', '.join(tokenizer.chat_template)}): "
+            "the adapter keeps one template; set data.chat_template to a Jinja file of the one to train with"
+        )
+    unread = sorted(set(variables) - template_variables(tokenizer.chat_template))
+    if unread:
+        raise UserError(f"data.chat_template_kwargs.{unread[0]}: the chat template never reads {unread[0]!r}; check the "
+                        "name against the template (enable_thinking for Qwen3's), or leave it out")  # fmt: skip
+    tokenizer.chat_template = template_with_variables(tokenizer.chat_template, variables)
 
 
 def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) -> None:
@@ -672,22 +686,35 @@ def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng
     return _keep_configured_rates(run, configured)
 
 
+def check_resume_optimizer(optimizer: str, optimizer_state: dict, checkpoint: Path) -> None:
+    """Raises UserError when the checkpoint's optimizer state is another optimizer's than
+    train.optimizer's (AdamW's moments are exp_avg / exp_avg_sq, 8-bit AdamW's state1 / state2):
+    neither loads the other's, and the run would fail at its first step."""
+    keys = {key for state in optimizer_state.get("state", {}).values() for key in state}
+    saved = "adamw8bit" if "state1" in keys else "adamw" if "exp_avg" in keys else None
+    if saved is not None and saved != optimizer:
+        raise UserError(
+            f"cannot resume from {checkpoint} with train.optimizer: {optimizer}: its optimizer state is {saved}'s; "
+            f"resume with train.optimizer: {saved}, or start a new run in another output_dir"
+        )
+
+
 def _keep_configured_rates(run: Run, configured: list[tuple[float, float]]) -> str:
     """Loading the optimizer's and scheduler's states brings back the learning rates (train.lr, and
-    lr_ratio_b's for the B matrices) and weight decay they were saved with, while the schedule's
-    shape comes from the config: a run resumed with a lower train.lr would go on at the old one,
-    silently. The config's (initial lr, weight decay) per parameter group hold instead; returns
-    what changed, for the log ("" if nothing, and nothing is touched)."""
+    lr_ratio_b's for the B matrices) and weight decay they were saved with, and the rate of the
+    next step as the saved schedule set it, while the schedule's shape comes from the config: a run
+    resumed with a lower train.lr, or a longer warmup, would go on at the old one, silently. The
+    config's (initial lr, weight decay) per parameter group and its schedule hold instead (where
+    nothing changed, the same numbers as the checkpoint's); returns what of the rates changed, for
+    the log ("" if nothing)."""
     groups = run.optimizer.param_groups
     saved = [(g["initial_lr"], g["weight_decay"]) for g in groups]
-    if saved == configured:
-        return ""
     changed = []
     for what, i in (("learning rate", 0), ("weight decay", 1)):
-        old, new = (", ".join(f"{v[i]:g}" for v in values) for values in (saved, configured))
+        old, new = (", ".join(str(v[i]) for v in values) for values in (saved, configured))
         if old != new:
             changed.append(f"{what} {new} (was {old})")
-    step = run.scheduler.last_epoch
+    step = run.scheduler.last_epoch  # LambdaLR's own rate of this step: base_lr * lmbda(last_epoch)
     for group, (lr, decay), factor in zip(groups, configured, run.scheduler.lr_lambdas):
         group["initial_lr"], group["weight_decay"], group["lr"] = lr, decay, lr * factor(step)
     run.scheduler.base_lrs = [lr for lr, _ in configured]

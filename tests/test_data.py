@@ -861,14 +861,21 @@ def test_template_variables_render_as_apply_chat_template_keyword_arguments():
     ds = build([{"messages": CHAT}], tok)  # the data renders with them too; the generation prompt holds the think block
     assert ds.example(0)[0].tolist() == tok(expected[0], add_special_tokens=False)["input_ids"]
     assert _trained_groups(tok, ds.example(0)[1]) == ["Four.<|im_end|>", "1 2 3<|im_end|>"]
-    # set again (a continued adapter's template), the first line is replaced, not stacked
-    again = template_with_variables(tok.chat_template, {"enable_thinking": True})
-    assert again == template_with_variables(THINKING_TEMPLATE, {"enable_thinking": True}) and again.count("set enable_thinking") == 1
+    # the caller may still say otherwise, as with apply_chat_template's own keyword
+    assert "<think>" not in tok.apply_chat_template(CHAT, tokenize=False, enable_thinking=True)
+    # set again (a continued adapter's template): the new line comes first and wins, the old one stays
+    # for the names it alone sets, and the same line is not written twice
+    again = template_with_variables(tok.chat_template, {"enable_thinking": True, "extra": 1})
+    assert again.count("data.chat_template_kwargs") == 2 and template_with_variables(again, {"enable_thinking": True, "extra": 1}) == again
+    tok.chat_template = again
+    assert "<think>" not in tok.apply_chat_template(CHAT, tokenize=False)
     assert template_with_variables(THINKING_TEMPLATE, {}) == THINKING_TEMPLATE
-    # every kind of plain value arrives as it was given
-    values = {"s": "a \"quoted\"\nline é ✓", "n": None, "f": 0.25, "i": -3, "l": [1, "x", False], "d": {"k": [None, 2.5]}}
-    tok.chat_template = template_with_variables("{{ [s, n, f, i, l, d] | tojson }}", values)
-    assert json.loads(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)) == list(values.values())
+    # every kind of plain value arrives as it was given, and the template's own text is untouched
+    values = {"s": "a \"quoted\"\nline é ✓ 😀 {{ x }} %}", "n": None, "f": 0.25, "e": 1.5e-07, "i": -3, "l": [1, "x", False],
+              "d": {"k": [None, 2.5]}}  # fmt: skip
+    tok.chat_template = template_with_variables("\n\n{{ [s, n, f, e, i, l, d] | tojson }}", values)
+    text = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert text.startswith("\n\n[") and json.loads(text) == list(values.values())
 
 
 @pytest.mark.parametrize(
@@ -876,6 +883,7 @@ def test_template_variables_render_as_apply_chat_template_keyword_arguments():
     [
         ({"enable-thinking": False}, "data.chat_template_kwargs.enable-thinking: not a template variable's name"),
         ({"messages": []}, "data.chat_template_kwargs.messages: apply_chat_template gives it itself"),
+        ({"false": 1}, "data.chat_template_kwargs.false: not a template variable's name"),
         ({"when": "2024-01-01"}, None),
         ({"ratio": float("nan")}, "data.chat_template_kwargs.ratio = nan: give a boolean, number, string"),
     ],

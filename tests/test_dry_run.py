@@ -123,7 +123,7 @@ def test_overrides_may_follow_the_flags(workspace, capsys):
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(workspace, tmp_path, capsys):
+def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(workspace, tmp_path, capsys, monkeypatch):
     records = [
         {"prompt": "2 plus 3 is", "completion": " 5"},
         {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Four."},
@@ -144,3 +144,14 @@ def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(
     assert main([*args, "--show-examples", "2"]) == 2
     assert "--show-examples goes with --dry-run" in capsys.readouterr().err
     assert main([*args, "--dry-run", "--show-examples", "-1"]) == 2
+    # a stdout that cannot take the marks (LANG=C) gets [[ ]], and the text's own characters as escapes
+    import io
+    import sys
+
+    (tmp_path / "accents.jsonl").write_text(json.dumps({"prompt": "café is", "completion": " coffee"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    code = main([*args[:2], f"data.train={tmp_path / 'accents.jsonl'}", *args[3:], "--dry-run", "--show-examples", "1"])
+    assert code == 0, capsys.readouterr().err
+    ascii_out.flush()
+    assert "caf\\xe9 is[[ coffee<|eot_id|>]]" in ascii_out.buffer.getvalue().decode("ascii")

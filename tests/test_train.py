@@ -427,6 +427,13 @@ def test_a_chat_template_for_a_base_model_is_trained_with_and_travels_with_the_a
     assert main(["train", str(tmp_path / "more.yaml"), "--dry-run"]) == 0
     assert main(["train", str(tmp_path / "more.yaml")]) == 0
     assert (tmp_path / "more" / "adapter" / "chat_template.jinja").read_text() == CHAT_TEMPLATES["chatml"]
+    # an edit of the continued adapter's template is another run: its checkpoints do not resume
+    (tmp_path / "out" / "adapter" / "chat_template.jinja").write_text(CHAT_TEMPLATES["chatml"].replace("\\n", " "))
+    (tmp_path / "more" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "more.yaml"), "--resume"]) == 2
+    assert "the data (data.adapter_chat_template) changed since it was written" in capsys.readouterr().err
+    (tmp_path / "out" / "adapter" / "chat_template.jinja").write_text(CHAT_TEMPLATES["chatml"])
     # an edited template file is another run: its checkpoint does not resume
     template = tmp_path / "t.jinja"
     template.write_text(CHAT_TEMPLATES["chatml"])
@@ -646,8 +653,8 @@ def test_a_resume_with_a_changed_learning_rate_and_weight_decay_goes_on_with_the
     # decay: the resumed steps must be those of a run configured with the new values throughout
     from lorakit import train as train_module
 
-    new = workspace / "new-lr"
-    assert main(["train", _config(workspace, new, save_every=4, lr=1e-3, weight_decay=0.1, lr_ratio_b=2.0)]) == 0
+    new = workspace / "new-lr"  # (a longer warmup too: the first resumed step's rate is the new schedule's)
+    assert main(["train", _config(workspace, new, save_every=4, lr=1e-3, weight_decay=0.1, lr_ratio_b=2.0, warmup_steps=3)]) == 0
     changed = workspace / "changed-lr"
     real_step = train_module.train_step
     monkeypatch.setattr(train_module, "train_step", lambda run: real_step(run) if run.step < 6 else 1 / 0)
@@ -655,12 +662,27 @@ def test_a_resume_with_a_changed_learning_rate_and_weight_decay_goes_on_with_the
         main(["train", _config(workspace, changed, save_every=4, lr=3e-3, lr_ratio_b=2.0)])
     monkeypatch.setattr(train_module, "train_step", real_step)
     capsys.readouterr()
-    assert main(["train", _config(workspace, changed, save_every=4, lr=1e-3, weight_decay=0.1, lr_ratio_b=2.0), "--resume"]) == 0
+    assert main(["train", _config(workspace, changed, save_every=4, lr=1e-3, weight_decay=0.1, lr_ratio_b=2.0, warmup_steps=3),
+                 "--resume"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "the config's learning rate 0.001, 0.002 (was 0.003, 0.006) and weight decay 0.1, 0.1 (was 0, 0) hold" in printed
+    assert "the config's learning rate 0.001, 0.002 (was 0.003, 0.006) and weight decay 0.1, 0.1 (was 0.0, 0.0) hold" in printed
     resumed = {e["step"]: e["lr"] for e in _entries(changed) if "lr" in e and e["step"] > 4}
     fresh = {e["step"]: e["lr"] for e in _entries(new) if "lr" in e and e["step"] > 4}
     assert resumed == fresh and len(fresh) == 8
+
+
+def test_a_resume_with_another_optimizer_is_refused_before_it_starts():
+    from lorakit.train import check_resume_optimizer
+
+    adamw = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}}, "param_groups": []}
+    eight_bit = {"state": {0: {"step": 1, "state1": torch.zeros(2, dtype=torch.uint8), "state2": torch.zeros(2)}}, "param_groups": []}
+    check_resume_optimizer("adamw", adamw, Path("ckpt"))
+    check_resume_optimizer("adamw8bit", eight_bit, Path("ckpt"))
+    check_resume_optimizer("adamw8bit", {"state": {}, "param_groups": []}, Path("ckpt"))  # nothing to tell it by
+    with pytest.raises(UserError, match=r"cannot resume from ckpt with train.optimizer: adamw8bit: its optimizer state is adamw's; resume with train.optimizer: adamw"):
+        check_resume_optimizer("adamw8bit", adamw, Path("ckpt"))
+    with pytest.raises(UserError, match=r"its optimizer state is adamw8bit's"):
+        check_resume_optimizer("adamw", eight_bit, Path("ckpt"))
 
 
 def test_chat_template_kwargs_are_trained_with_and_kept_in_the_adapters_template(tmp_path, capsys):
@@ -683,7 +705,7 @@ def test_chat_template_kwargs_are_trained_with_and_kept_in_the_adapters_template
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     kept = (tmp_path / "out" / "adapter" / "chat_template.jinja").read_text()
-    assert kept.startswith(TEMPLATE_VARIABLES_MARK + "{%- set enable_thinking = false -%}\n") and kept.endswith(THINKING_TEMPLATE)
+    assert kept == TEMPLATE_VARIABLES_MARK + "{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}{%- endif %}\n" + THINKING_TEMPLATE
     # inference with the adapter renders as the base's template with enable_thinking=False
     _, loaded = load_for_inference(tmp_path / "base", tmp_path / "out" / "adapter", device="cpu")
     prompt = chat[0]["messages"][:1]
@@ -692,5 +714,18 @@ def test_chat_template_kwargs_are_trained_with_and_kept_in_the_adapters_template
     # the variables are part of the run: a checkpoint does not resume with others
     (tmp_path / "out" / "summary.json").unlink()
     capsys.readouterr()
-    assert main(["train", str(tmp_path / "c.yaml"), "data.chat_template_kwargs={enable_thinking: true}", "--resume"]) == 2
-    assert "the data (data.chat_template_kwargs) changed since it was written" in capsys.readouterr().err
+    for other in ("{enable_thinking: true}", "{enable_thinking: 0}"):  # (0 == false in Python, not in the template)
+        assert main(["train", str(tmp_path / "c.yaml"), f"data.chat_template_kwargs={other}", "--resume"]) == 2
+        assert "the data (data.chat_template_kwargs) changed since it was written" in capsys.readouterr().err
+    # a name the template never reads is a mistake, found before a step
+    typo = ["data.chat_template_kwargs={enable_thinkng: false}", f"output_dir={tmp_path / 'typo'}", "--dry-run"]
+    assert main(["train", str(tmp_path / "c.yaml"), *typo]) == 2
+    assert "data.chat_template_kwargs.enable_thinkng: the chat template never reads 'enable_thinkng'" in capsys.readouterr().err
+    # a tokenizer of several templates: which one the adapter would keep is the user's to say
+    from lorakit.config import build_run_config
+    from lorakit.train import prepare_chat_template
+
+    several = make_tokenizer("chatml")
+    several.chat_template = {"default": THINKING_TEMPLATE, "tool_use": THINKING_TEMPLATE}
+    with pytest.raises(UserError, match=r"several chat templates \(default, tool_use\): the adapter keeps one template"):
+        prepare_chat_template(several, build_run_config(cfg, check_paths=False), print)
