@@ -336,6 +336,25 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
     return config, raw
 
 
+def read_chat_template(directory: Union[str, Path]) -> Optional[str]:
+    """The chat template an adapter folder holds (chat_template.jinja, data.chat_template's), else None.
+
+    Raises:
+        UserError: the file is not UTF-8 text (or cannot be read).
+    """
+    path = Path(directory) / CHAT_TEMPLATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the chat template as UTF-8, or "
+                        "delete the file to use the model's own template") from None  # fmt: skip
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc}); fix its permissions, or delete it to use the "
+                        "model's own template") from None  # fmt: skip
+
+
 def load_safetensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """Load a safetensors file; a truncated or corrupted one is a UserError naming the file."""
     try:

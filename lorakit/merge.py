@@ -69,8 +69,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lorakit.adapters import (
-    CHAT_TEMPLATE_NAME, PREFIX, AdapterFiles, adapter_scaling, check_output_folder, read_adapter, replace_dir,
-    staging_folder,
+    CHAT_TEMPLATE_NAME, PREFIX, AdapterFiles, adapter_scaling, check_output_folder, read_adapter, read_chat_template,
+    replace_dir, staging_folder,
 )  # fmt: skip
 from lorakit.errors import UserError
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
@@ -629,6 +629,7 @@ def merge_adapter_files(
             `out_dir` without `force`.
     """
     files = read_adapter(adapter_dir)
+    template = read_chat_template(files.path)  # checked before any work; copied as it is
     layout = read_base_layout(base_dir)
     out_dir = check_output_folder(out_dir, {"base model": layout.folder, "adapter": files.path}, force)
     max_bytes = parse_size(max_shard_size)
@@ -668,9 +669,8 @@ def merge_adapter_files(
         shards = writer.finish()
         _write_config(layout, staging, out_dtype, plan.untie)
         _copy_side_files(layout.folder, staging)
-        template = files.path / CHAT_TEMPLATE_NAME
-        if template.is_file():  # the adapter's training template (data.chat_template) over the base's
-            shutil.copy2(template, staging / CHAT_TEMPLATE_NAME)
+        if template is not None:  # the adapter's training template (data.chat_template) over the base's
+            shutil.copy2(files.path / CHAT_TEMPLATE_NAME, staging / CHAT_TEMPLATE_NAME)
             _drop_config_template(staging)
             _stop_at_end_of_turn(staging)
         replace_dir(staging, out_dir)

@@ -179,11 +179,11 @@ def load_for_inference(
         dtype = resolve_precision(precision, device)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     if files is not None:
-        from lorakit.adapters import CHAT_TEMPLATE_NAME
+        from lorakit.adapters import read_chat_template
 
-        template = files.path / CHAT_TEMPLATE_NAME
-        if template.is_file():  # the template the adapter was trained with (data.chat_template)
-            tokenizer.chat_template = template.read_text(encoding="utf-8")
+        template = read_chat_template(files.path)
+        if template is not None:  # the template the adapter was trained with (data.chat_template)
+            tokenizer.chat_template = template
     if quantize == "nf4":
         from lorakit.quant import load_model_4bit
 

@@ -197,3 +197,25 @@ def test_a_chat_template_that_refuses_or_does_not_parse_is_a_user_error(tmp_path
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
     with pytest.raises(UserError, match="the chat template does not parse"):
         load_dataset(path, tok, DataConfig(), use_cache=False)
+
+
+def test_an_adapter_chat_template_that_is_not_utf8_exits_2(tmp_path, capsys, monkeypatch):
+    model = tiny_llama()
+    folder = save_model_folder(tmp_path / "m", model, make_tokenizer())
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    adapter = save_adapter(model, tmp_path / "a")
+    (adapter / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")  # UTF-16's byte-order mark
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    model_args = ["--model", str(folder), "--adapter", str(adapter)]
+    for args in (
+        ["generate", *model_args, "--prompt", "x"],
+        ["chat", *model_args],
+        ["eval", *model_args, "--data", str(tmp_path / "d.jsonl")],
+        ["merge", "--base", str(folder), "--adapter", str(adapter), "--out", str(tmp_path / "out")],
+    ):
+        assert main(args) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert err == [f"error: {adapter / 'chat_template.jinja'}: not UTF-8 text (byte 0: invalid start byte); save the chat "
+                       "template as UTF-8, or delete the file to use the model's own template"], args  # fmt: skip
+    assert not (tmp_path / "out").exists()
