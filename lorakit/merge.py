@@ -83,6 +83,7 @@ from lorakit.models import (
     checkpoint_key_transform,
     cut_as_stored,
     meta_model,
+    read_config_json,
     read_stored,
     stored_keys,
     stored_pieces,
@@ -146,10 +147,7 @@ def read_base_layout(folder: Union[str, Path], *, need_tokenizer: bool = True) -
         UserError: missing folder / config / weights / tokenizer, a broken index or safetensors file.
     """
     folder = check_model_folder(folder, need_tokenizer=need_tokenizer)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{folder / 'config.json'}: invalid JSON: {exc}") from None
+    config = read_config_json(folder)  # an architecture transformers does not know is merged by the shapes
     index = folder / INDEX_NAME
     if index.is_file():
         try:

@@ -11,7 +11,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -49,6 +49,7 @@ def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -
         raise UserError(f"model folder {str(path)!r} not found; pass a local Hugging Face model folder")
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: no config.json; a model folder holds config.json, *.safetensors and tokenizer files")
+    read_config_json(folder)
     if not any(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         if pickled:
@@ -61,6 +62,66 @@ def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -
     if need_tokenizer and not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise UserError(f"{folder}: no tokenizer files (tokenizer.json); save the tokenizer into the model folder")
     return folder
+
+
+def read_config_json(folder: Union[str, Path]) -> dict[str, Any]:
+    """A model folder's config.json as a dict.
+
+    Raises:
+        UserError: the file is not UTF-8 JSON, or holds no JSON object.
+    """
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); re-save or re-download the model's "
+                        "config.json") from None  # fmt: skip
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON ({exc}); re-save or re-download the model's config.json") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a JSON {type(config).__name__}, not an object of the model's settings; re-save or "
+                        "re-download the model's config.json")  # fmt: skip
+    return config
+
+
+def load_config(path: Union[str, Path], *, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config, read from config.json as `from_pretrained` reads it.
+
+    Raises:
+        UserError: config.json unreadable, without a model_type or with one this transformers does
+            not know, a value transformers refuses, custom code not trusted, or not a causal LM.
+    """
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    local = Path(path).exists()
+    where = Path(path) / "config.json" if local else path
+    try:
+        with _loading_errors(path):
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except UserError:  # (a ValueError too) the folder's or the Hub's, as _loading_errors words it
+        raise
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"{path}: this model needs custom code; set trust_remote_code: true if you trust it") from None
+        model_type = read_config_json(path).get("model_type") if local else None
+        if model_type is None and local:
+            raise UserError(f"{where}: no model_type, the key that names the architecture (e.g. \"llama\"); re-save or "
+                            "re-download the model's config.json") from None  # fmt: skip
+        if local:
+            raise UserError(f"{where}: model_type = {model_type!r} is not an architecture transformers "
+                            f"{transformers.__version__} knows; check its spelling, or upgrade transformers") from None  # fmt: skip
+        raise UserError(f"{where}: transformers cannot read its config: {str(exc).strip().splitlines()[0]}") from None
+    except StrictDataclassError as exc:  # a value of the wrong type, e.g. "hidden_size": "64"
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"{where}: {detail.partition(': ')[2] or detail}; fix the value, or re-download the model's "
+                        "config.json") from None  # fmt: skip
+    auto_map = getattr(config, "auto_map", None) or {}
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and "AutoModelForCausalLM" not in auto_map:
+        raise UserError(f"{where}: model_type = {config.model_type!r} is not a causal language model in transformers "
+                        "(no AutoModelForCausalLM class); lorakit fine-tunes decoder-only models (Llama, Qwen, GPT-2, ...)")  # fmt: skip
+    return config
 
 
 @contextlib.contextmanager
@@ -87,6 +148,9 @@ def load_tokenizer(path: Union[str, Path], *, trust_remote_code: bool = False):
     folder = Path(path)
     if folder.exists():
         check_model_folder(folder)
+    # the tokenizer's loader reads config.json too; a model transformers cannot build is refused here,
+    # before any data is tokenized
+    load_config(path, trust_remote_code=trust_remote_code)
     with _loading_errors(path):
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -120,6 +184,7 @@ def load_model(
     folder = Path(path)
     if folder.exists():
         check_model_folder(folder, need_tokenizer=False)
+    load_config(path, trust_remote_code=trust_remote_code)
     _quiet_transformers()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:

@@ -36,7 +36,7 @@ from lorakit.errors import UserError
 from lorakit.layers import _is_conv1d, is_plain_linear, quant_state_of
 from lorakit.metrics import byte_size, peak_rss_bytes
 from lorakit.models import assemble_stored as _assemble_stored
-from lorakit.models import checkpoint_key_transform, load_model, read_stored, stored_keys
+from lorakit.models import checkpoint_key_transform, load_config, load_model, read_stored, stored_keys
 from lorakit.models import stored_pieces as _stored_pieces
 
 log = logging.getLogger(__name__)
@@ -275,12 +275,12 @@ def load_model_4bit(
     """
     bnb = _require_bnb()
     _check_args(compute_dtype, blocksize)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     files = _safetensors_files(folder)
     device = torch.device(device)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = load_config(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
     # Each stored key as transformers maps it, read once from the headers: (the model's name, whether

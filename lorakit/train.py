@@ -44,7 +44,9 @@ from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, write_text_atomic
-from lorakit.models import load_model, load_tokenizer, meta_model, pick_device, position_limit, resolve_precision
+from lorakit.models import (
+    check_model_folder, load_config, load_model, load_tokenizer, meta_model, pick_device, position_limit, resolve_precision,
+)  # fmt: skip
 from lorakit.preference import loss_module
 
 # torch.compile's mode under `train.compile: true`, a switch for the benchmark's levers:
@@ -130,6 +132,7 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     model_dir = Path(cfg.model)
     model_id = cfg.model
     if model_dir.is_dir():
+        check_model_folder(model_dir)  # its config.json is read here, before the model is loaded
         weights = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))
         model_id = hashlib.sha256(((model_dir / "config.json").read_text() + repr(weights)).encode()).hexdigest()
     # the adapter training continues, for runs that have one (so checkpoints of earlier runs still resume)
@@ -258,6 +261,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     if checkpoint is not None:
         ckpt_state, optimizer_state, rng_state = load_checkpoint(checkpoint)
         _check_same_run(ckpt_state.get("fingerprint", {}), fp, checkpoint)
+    load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)  # refused before kernels are built or data read
 
     device = dist_device(dist)
     dtype = resolve_precision(cfg.train.precision, device)

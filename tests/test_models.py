@@ -1,11 +1,13 @@
 """lorakit.models: position limits, transformers' renames of stored keys, the structure on the meta device."""
 
+import json
 import re
 
 import pytest
 import torch
 import transformers
-from helpers import save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_qwen3_moe
+import yaml
+from helpers import save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_qwen3_moe, write_addition_data
 
 from lorakit.errors import UserError
 from lorakit.models import checkpoint_key_transform, load_tokenizer, meta_model, position_limit
@@ -76,3 +78,46 @@ def test_a_corrupt_weights_file_is_a_user_error_for_both_loaders(tmp_path):
         load_model(folder)
     with pytest.raises(UserError, match="model.safetensors: not a valid safetensors file"):
         load_model_4bit(folder, compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ('{"model_type": "llama",', "config.json: invalid JSON (Expecting property name enclosed in double quotes"),
+        ("[]", "config.json: a JSON list, not an object of the model's settings; re-save or re-download"),
+        ({"model_type": "nosuchmodel"}, "config.json: model_type = 'nosuchmodel' is not an architecture transformers"),
+        ({"model_type": None}, "config.json: no model_type, the key that names the architecture"),
+        ({"model_type": "t5"}, "config.json: model_type = 't5' is not a causal language model in transformers"),
+        ({"hidden_size": "64"}, "config.json: Field 'hidden_size' expected int, got str (value: '64'); fix the value"),
+    ],
+    ids=["invalid-json", "not-an-object", "unknown-model-type", "no-model-type", "not-causal", "bad-field"],
+)
+def test_a_config_json_transformers_cannot_read_exits_2(tmp_path, capsys, config, message):
+    from lorakit import LoraConfig, inject_adapter, save_adapter
+    from lorakit.cli import main
+
+    folder = save_model_folder(tmp_path / "m", tiny_llama())
+    adapter = tiny_llama()
+    inject_adapter(adapter, LoraConfig(r=2, targets=["q_proj"]))
+    save_adapter(adapter, tmp_path / "a")
+    if isinstance(config, dict):
+        written = {**json.loads((folder / "config.json").read_text()), **config}
+        config = json.dumps({k: v for k, v in written.items() if v is not None})
+    (folder / "config.json").write_text(config)
+    data = write_addition_data(tmp_path / "d.jsonl", 4)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": str(folder), "data": {"train": str(data)},
+                                                       "output_dir": str(tmp_path / "out")}))  # fmt: skip
+    commands = [
+        ["train", str(tmp_path / "run.yaml")],
+        ["train", str(tmp_path / "run.yaml"), "--dry-run"],
+        ["generate", "--model", str(folder), "--prompt", "x"],
+        ["eval", "--model", str(folder), "--data", str(data)],
+    ]
+    merge = ["merge", "--base", str(folder), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "merged")]
+    json_level = message.startswith(("config.json: invalid", "config.json: a JSON"))
+    for args in commands + ([merge] if json_level else []):
+        assert main(args) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and err[0].startswith(f"error: {folder / message}"), (args, err)
+    if not json_level:  # merge works from the safetensors headers: an architecture it cannot build merges by the shapes
+        assert main(merge) == 0
