@@ -40,7 +40,9 @@ def dry_run(
         UserError: what the run would refuse before its first step.
     """
     from lorakit.data import BatchStream, load_train_eval
-    from lorakit.models import check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision
+    from lorakit.models import (
+        check_float_weights, check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision,
+    )  # fmt: skip
     from lorakit.train import (
         _check_objective, _dropped, _examples, _objective_line, check_output_dir, check_positions, data_config, prepare_chat_template,
         check_resume_step, check_token_ids, eval_sets_line, generation_eval_records, plan_steps,
@@ -81,6 +83,8 @@ def dry_run(
     if model is None:
         raise UserError(f"model = {cfg.model!r}: its config.json does not build a transformers model here (an unknown "
                         "architecture, or custom code without trust_remote_code: true)")  # fmt: skip
+    if Path(cfg.model).is_dir():
+        check_float_weights(Path(cfg.model), model)  # from the safetensors headers, as the run's loaders check them
     dtype = resolve_precision(cfg.train.precision, pick_device())
     shards = processes if strategy == "fsdp" else 1  # FSDP2 shards the weights and the adapters
     frozen_bytes = frozen_bytes_estimate(model, dtype, nf4=cfg.quantize == "nf4", shards=shards)

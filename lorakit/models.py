@@ -206,7 +206,54 @@ def load_model(
     if missing:  # transformers would start those at random and only print a report
         raise UserError(f"{path}: the safetensors files lack {len(missing)} weight{'s' if len(missing) > 1 else ''} the "
                         f"model needs ({missing[0]}{', ...' if len(missing) > 1 else ''}); the folder is incomplete")  # fmt: skip
+    if folder.is_dir():
+        check_float_weights(folder, model)
     return model.to(device).eval()
+
+
+# safetensors' integer dtypes, by their names in torch
+_INTEGER_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+                   "I32": "int32", "U64": "uint64", "I64": "int64"}  # fmt: skip
+
+
+def check_float_weights(folder: Path, model: nn.Module) -> None:
+    """Refuse a folder that stores as integers a weight `model` holds as floating-point numbers (an
+    int8 export of another tool, say): loading takes the integers as the weights' values, without
+    any scale, and the model computes nonsense. Pre-quantized bitsandbytes weights stay integers in
+    the model and pass. Reads the safetensors headers only.
+
+    Raises:
+        UserError: naming the first such tensor and its dtype; a weights file that does not read.
+    """
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        names = None  # transformers has read the folder already: what it could not index it did not load
+    files = [folder / n for n in names] if names is not None else sorted(folder.glob("*.safetensors"))
+    stored = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                stored.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{file}: not a valid safetensors file ({str(exc).splitlines()[0]}); re-save or re-download it") from None
+    integer = {key: _INTEGER_DTYPES[dtype] for key, dtype in stored.items() if dtype in _INTEGER_DTYPES}
+    if not integer:
+        return
+    floats = {name for name, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()}
+    transform, prefix = checkpoint_key_transform(model), getattr(model, "base_model_prefix", "")
+    for key, dtype in integer.items():
+        name = transform(key)[0]
+        unprefixed = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else None
+        if name in floats or f"{prefix}.{name}" in floats or unprefixed in floats:
+            raise UserError(
+                f"{folder}: {key} is stored as torch.{dtype}, not as floating-point numbers; loaded, the integers would "
+                "be the weight's values (no scale) and the model would compute nonsense; use the model's float "
+                "checkpoint (fp32, fp16 or bf16)"
+            )
 
 
 def model_dtype(path: Union[str, Path]) -> torch.dtype:

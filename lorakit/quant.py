@@ -36,7 +36,7 @@ from lorakit.errors import UserError
 from lorakit.layers import _is_conv1d, is_plain_linear, quant_state_of
 from lorakit.metrics import byte_size, peak_rss_bytes
 from lorakit.models import assemble_stored as _assemble_stored
-from lorakit.models import checkpoint_key_transform, load_config, load_model, read_stored, stored_keys
+from lorakit.models import check_float_weights, checkpoint_key_transform, load_config, load_model, read_stored, stored_keys
 from lorakit.models import stored_pieces as _stored_pieces
 
 log = logging.getLogger(__name__)
@@ -287,6 +287,7 @@ def load_model_4bit(
     # a converter must run).
     transform = checkpoint_key_transform(model)
     headers = {path: _safetensors_header(path) for path in files}
+    check_float_weights(folder, model)
     stored = {k: transform(k) for path in files for k in headers[path]}
     converted = [k for k, (_, needs_converter) in stored.items() if needs_converter]
     expert_pieces = _stored_expert_pieces(model, set(converted)) if converted else {}

@@ -121,3 +121,35 @@ def test_a_config_json_transformers_cannot_read_exits_2(tmp_path, capsys, config
         assert len(err) == 1 and err[0].startswith(f"error: {folder / message}"), (args, err)
     if not json_level:  # merge works from the safetensors headers: an architecture it cannot build merges by the shapes
         assert main(merge) == 0
+
+
+def test_a_weight_stored_as_integers_is_refused_by_both_loaders_and_the_cli(tmp_path, capsys):
+    # an int8 export of another tool: transformers would take the integers as the weight's values
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.cli import main
+    from lorakit.models import load_model
+    from lorakit.quant import load_model_4bit
+
+    folder = save_model_folder(tmp_path / "m", tiny_llama())
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.position_ids"] = torch.arange(8)  # an integer buffer (older checkpoints keep some) is no weight
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert load_model(folder) is not None
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = (tensors[key] * 100).to(torch.int8)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    message = f"{folder}: {key} is stored as torch.int8, not as floating-point numbers"
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_model(folder)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_model_4bit(folder, compute_dtype=torch.float32)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": str(folder), "data": {"train": str(tmp_path / "d.jsonl")},
+                                                       "output_dir": str(tmp_path / "out")}))  # fmt: skip
+    for args in (["generate", "--model", str(folder), "--prompt", "x"], ["generate", "--model", str(folder), "--prompt", "x",
+                 "--quantize", "nf4"], ["train", str(tmp_path / "run.yaml"), "--dry-run"]):  # fmt: skip
+        assert main(args) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and err[0].startswith(f"error: {message}; loaded, the integers would be the weight's values"), err
