@@ -332,7 +332,8 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
                 "Convert it once in a trusted environment: `python -c \"import torch; from safetensors.torch import "
                 f"save_file; save_file(torch.load('{pickled[0]}', weights_only=True), '{WEIGHTS_NAME}')\"`"
             )
-        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+        raise UserError(f"{directory}: no {WEIGHTS_NAME}, the adapter's weights; an adapter folder holds {CONFIG_NAME} and "
+                        f"{WEIGHTS_NAME} (copy the whole folder)")  # fmt: skip
     return config, raw
 
 
@@ -386,6 +387,8 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
         init = "pissa"
     elif init not in ("gaussian", "olora"):
         raise UserError(f"{source}: init_lora_weights = {init!r} is not supported; lorakit knows default, gaussian, pissa, olora")
+    if "r" not in raw:  # PEFT always writes it; its default (8) would be a guess at the tensors' rank
+        raise UserError(f"{source}: r is missing; set it to the adapter's rank (the rows of its lora_A tensors)")
     targets = raw.get("target_modules")
     target_parameters = list(raw.get("target_parameters") or [])
     if targets is None and not target_parameters:

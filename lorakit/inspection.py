@@ -77,7 +77,9 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
     for key, tensor in files.tensors.items():
         if key in expert_keys:
             continue
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if not key.startswith(PREFIX):
+            raise UserError(f"{files.path}: adapter tensor {key} does not start with {PREFIX!r}; not a PEFT LoRA adapter")
+        name = key[len(PREFIX) :]
         for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
                              (".lora_embedding_B", "B"), (".lora_magnitude_vector", "M")):  # fmt: skip
             if name.endswith(suffix):
@@ -86,12 +88,14 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
                 entry["embedding"] = entry.get("embedding", False) or "embedding" in suffix
                 break
         else:
+            _check_saved(files, key, name)
             saved.append({"tensor": name, "shape": list(tensor.shape), "params": tensor.numel()})
     modules = []
     for path, entry in sorted(pairs.items(), key=lambda kv: _natural(kv[0])):
         if "A" not in entry or "B" not in entry:
             raise UserError(f"{files.path}: module {path} has only one of its two LoRA matrices; the adapter file is incomplete")
         a, b = entry["A"], entry["B"]
+        _check_pair(files, path, a, b, entry.get("M"), _pattern_value(path, config.rank_pattern, config.r))
         scale = _scaling(config, path)
         stats = spectrum_stats(update_spectrum(a, b, scale))
         modules.append({
@@ -198,7 +202,13 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
             a, b = files.tensors[a_key], files.tensors[b_key]
             used.update((a_key, b_key))
             r = _pattern_value(f"{path}.{param}", config.rank_pattern, config.r)
-            experts = a.shape[0] // r
+            experts = a.shape[0] // r if a.dim() == 2 else 0
+            if experts < 1 or a.shape[0] != experts * r or b.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise UserError(
+                    f"{files.path}: {path}.{param}: adapter A {tuple(a.shape)}, B {tuple(b.shape)} are not the experts' "
+                    f"LoRA matrices of rank {r} (A (experts·r, in), B (out, r·experts)); the adapter file is damaged, or "
+                    "its adapter_config.json is another adapter's"
+                )
             scale = _scaling(config, f"{path}.{param}")
             a_e, b_e = expert_factors(a, b, experts)
             per_expert = [spectrum_stats(update_spectrum(a_e[e], b_e[e], scale)) for e in range(experts)]
@@ -215,6 +225,34 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
                 "effective_rank": sum(st["effective_rank"] for st in per_expert) / experts,
             })  # fmt: skip
     return rows, used
+
+
+def _check_pair(files, path: str, a: torch.Tensor, b: torch.Tensor, magnitude, r: int) -> None:
+    """Raise a UserError unless A (r, in), B (out, r) and the DoRA magnitude (out,) have the shapes
+    of a rank-`r` LoRA module (the rank adapter_config.json gives it)."""
+    if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] == r and (magnitude is None or
+                                                                           tuple(magnitude.shape) == (b.shape[0],)):  # fmt: skip
+        return
+    dora = f", magnitude {tuple(magnitude.shape)}" if magnitude is not None else ""
+    raise UserError(
+        f"{files.path}: {path}: adapter A {tuple(a.shape)}, B {tuple(b.shape)}{dora} are not a LoRA module of rank {r} "
+        f"(A (r, in), B (out, r){', magnitude (out,)' if dora else ''}; r from adapter_config.json); the adapter file is "
+        "damaged, or its adapter_config.json is another adapter's"
+    )
+
+
+def _check_saved(files, key: str, name: str) -> None:
+    """Raise a UserError unless the non-LoRA tensor `name` is one PEFT saves: a copy of a module in
+    modules_to_save, or the base weight of a targeted module (`.base_layer.weight`)."""
+    parts = name.split(".")
+    modules = [".".join(parts[:i]) for i in range(1, len(parts))]  # every module the tensor is under
+    saved = any(m == t or m.endswith("." + t) for m in modules for t in files.config.modules_to_save)
+    if saved or name.endswith(".base_layer.weight"):
+        return
+    raise UserError(
+        f"{files.path}: adapter tensor {key} is no LoRA matrix (lora_A / lora_B / lora_embedding_A / lora_embedding_B / "
+        "lora_magnitude_vector) and no module of modules_to_save; the adapter file is damaged, or not a LoRA adapter"
+    )
 
 
 def _scaling(config, path: str) -> float:

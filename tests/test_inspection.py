@@ -121,3 +121,42 @@ def test_mismatch_and_bad_folders(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_malformed_adapters_exit_2(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    good = _hand_built(tmp_path / "good")
+    config = json.loads((good / "adapter_config.json").read_text())
+    a, b = torch.zeros(2, 64), torch.zeros(64, 2)
+
+    def case(name, *, raw=None, tensors=None):
+        folder = write_adapter_folder(tmp_path / name, config, {P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": b})
+        if raw is not None:
+            (folder / "adapter_config.json").write_text(raw if isinstance(raw, str) else json.dumps(raw))
+        if tensors is not None:
+            save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    no_r = {k: v for k, v in config.items() if k != "r"}
+    cases = [
+        (case("list", raw="[1, 2]"), "adapter_config.json: expected a JSON object, got list"),
+        (case("json", raw='{"r": 2,'), "adapter_config.json: invalid JSON: Expecting property name"),
+        (case("no_r", raw=no_r), "adapter_config.json: r is missing; set it to the adapter's rank"),
+        (case("rank1", tensors={P + "q_proj.lora_A.weight": a[0].clone(), P + "q_proj.lora_B.weight": b}),
+         f"{P[len('base_model.model.'):]}q_proj: adapter A (64,), B (64, 2) are not a LoRA module of rank 2"),
+        (case("rank3", tensors={P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": b[None]}),
+         "q_proj: adapter A (2, 64), B (1, 64, 2) are not a LoRA module of rank 2"),
+        (case("other_r", tensors={P + "q_proj.lora_A.weight": torch.zeros(3, 64), P + "q_proj.lora_B.weight": b}),
+         "q_proj: adapter A (3, 64), B (64, 2) are not a LoRA module of rank 2"),
+        (case("stray", tensors={P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": b, P + "q_proj.scales": a.clone()}),
+         f"adapter tensor {P}q_proj.scales is no LoRA matrix"),
+        (case("unprefixed", tensors={P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": b, "scales": a.clone()}),
+         "adapter tensor scales does not start with 'base_model.model.'"),
+    ]
+    (case("no_file") / "adapter_model.safetensors").unlink()
+    cases.append((tmp_path / "no_file", ": no adapter_model.safetensors, the adapter's weights"))
+    for folder, message in cases:
+        assert main(["inspect", str(folder)]) == 2, message
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and err[0].startswith(f"error: {folder}") and message in err[0], (message, err)
