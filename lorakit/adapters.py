@@ -389,6 +389,14 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
         raise UserError(f"{source}: init_lora_weights = {init!r} is not supported; lorakit knows default, gaussian, pissa, olora")
     if "r" not in raw:  # PEFT always writes it; its default (8) would be a guess at the tensors' rank
         raise UserError(f"{source}: r is missing; set it to the adapter's rank (the rows of its lora_A tensors)")
+    for key, what in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
+        if not isinstance(raw.get(key) or {}, dict):  # dict() would fail on a list of names, or take a list of pairs
+            raise UserError(f"{source}: {key} = {raw[key]!r}: expected a mapping of module name (or regex) to {what}, "
+                            'e.g. {"q_proj": 8}')  # fmt: skip
+    for key in ("modules_to_save", "target_parameters"):
+        if not isinstance(raw.get(key) or [], list):  # list() would split a string into letters
+            example = json.dumps([raw[key]] if isinstance(raw[key], str) else ["lm_head"])
+            raise UserError(f"{source}: {key} = {raw[key]!r}: expected a list of names, e.g. {example}")
     targets = raw.get("target_modules")
     target_parameters = list(raw.get("target_parameters") or [])
     if targets is None and not target_parameters:

@@ -180,3 +180,27 @@ def test_principal_inits_round_trip_with_peft(init, tmp_path):
     save_adapter(ours, tmp_path / "ours")
     back = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_patterns_and_name_lists_of_another_json_type_exit_2(tmp_path, capsys):
+    # dict() failed on a list of names and took a list of pairs; list() split a string into letters
+    from helpers import make_tokenizer, save_model_folder
+
+    from lorakit.cli import main
+
+    base = save_model_folder(tmp_path / "base", tiny_llama(), make_tokenizer())
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    adapter = save_adapter(model, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for key, value, message in [
+        ("rank_pattern", ["q_proj"], "rank_pattern = ['q_proj']: expected a mapping of module name (or regex) to rank, e.g. "),
+        ("alpha_pattern", [["q_proj", 4]], "alpha_pattern = [['q_proj', 4]]: expected a mapping of module name (or regex) to alpha"),
+        ("modules_to_save", "lm_head", "modules_to_save = 'lm_head': expected a list of names, e.g. [\"lm_head\"]"),
+    ]:
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        for args in (["generate", "--model", str(base), "--adapter", str(adapter), "--prompt", "x"],
+                     ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")]):  # fmt: skip
+            assert main(args) == 2, (key, args[0])
+            err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+            assert err and err[0].startswith(f"error: {adapter / 'adapter_config.json'}: {message}"), err

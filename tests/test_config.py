@@ -133,3 +133,11 @@ def test_a_seed_must_fit_in_64_bits():
     with pytest.raises(UserError, match=r"train.seed = 99999999999999999999999: must fit in 64 bits"):
         build_run_config({**base, "train": {"seed": 99999999999999999999999}}, check_paths=False)
     assert build_run_config({**base, "train": {"seed": -1}}, check_paths=False).train.seed == -1
+
+
+def test_patterns_must_be_mappings():
+    base = {"model": "m", "data": {"train": "t"}}
+    for lora, message in [({"rank_pattern": ["q_proj"]}, "lora.rank_pattern = ['q_proj']: expected a mapping of a string to an integer"),
+                          ({"alpha_pattern": [["q_proj", 4]]}, "lora.alpha_pattern = [['q_proj', 4]]: expected a mapping")]:  # fmt: skip
+        with pytest.raises(UserError, match=re.escape(message)):
+            build_run_config({**base, "lora": lora}, check_paths=False)
