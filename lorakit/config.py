@@ -23,6 +23,8 @@ import yaml
 from lorakit.errors import UserError
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
+# torch.finfo(torch.float32).max: a LoRA scale or a NEFTune noise bound past it is inf in the compute
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -93,6 +95,7 @@ class LoraConfig:
         for name, alpha in self.alpha_pattern.items():
             if not _is_number(alpha) or alpha <= 0:
                 out.append(f"{where}.alpha_pattern[{name!r}] = {alpha!r}: alphas must be positive numbers")
+        out += self._scale_problems(where)
         if self.layers is not None and any(not _is_int(i) or i < 0 for i in self.layers):
             out.append(f"{where}.layers = {self.layers!r}: block indices must be integers >= 0")
         # a string target, the exclude and the pattern keys are regexes (as PEFT reads them)
@@ -105,6 +108,22 @@ class LoraConfig:
             except re.error as exc:
                 out.append(f"{where}.{key} = {pattern!r}: not a valid regex ({exc}); fix it, or list module names instead")
         return out
+
+    def _scale_problems(self, where: str) -> list[str]:
+        """An alpha whose scale s = alpha / r (rsLoRA: alpha / sqrt(r)) overflows float32 at the
+        smallest rank the config gives."""
+        ranks = [r for r in (self.r, *self.rank_pattern.values()) if _is_int(r) and r > 0]
+        if not ranks:
+            return []
+        low = min(ranks)
+        divisor, formula = (math.sqrt(low), "alpha / sqrt(r)") if self.rslora is True else (low, "alpha / r")
+        alphas = [("alpha", self.alpha), *((f"alpha_pattern[{name!r}]", a) for name, a in self.alpha_pattern.items())]
+        return [
+            f"{where}.{key} = {alpha!r}: the scale {formula} = {alpha / divisor:.3g} (r = {low}) is past the largest float32 "
+            f"number ({FLOAT32_MAX:.3g}), so the update would be inf; use an alpha near r to 2 x r"
+            for key, alpha in alphas
+            if _is_number(alpha) and alpha > 0 and alpha / divisor > FLOAT32_MAX
+        ]
 
 
 @dataclass
@@ -365,6 +384,10 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         if value < low or (not inclusive and value == low) or (isinstance(value, float) and not math.isfinite(value)):
             bound = f">= {low}" if inclusive else f"> {low}"
             problems.append(f"{key} = {value!r}: must be {bound}")
+    if _is_number(cfg.train.neftune_alpha) and cfg.train.neftune_alpha > FLOAT32_MAX:
+        problems.append(f"train.neftune_alpha = {cfg.train.neftune_alpha!r}: the noise, up to alpha / sqrt(row length x "
+                        f"hidden size), would be past the largest float32 number ({FLOAT32_MAX:.3g}); NEFTune's alpha is "
+                        "about 5 to 15")  # fmt: skip
     if cfg.train.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
         problems.append(
             f"train.gradient_checkpointing = {cfg.train.gradient_checkpointing!r}: use false, true (= full), full or selective"

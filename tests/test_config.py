@@ -141,3 +141,20 @@ def test_patterns_must_be_mappings():
                           ({"alpha_pattern": [["q_proj", 4]]}, "lora.alpha_pattern = [['q_proj', 4]]: expected a mapping")]:  # fmt: skip
         with pytest.raises(UserError, match=re.escape(message)):
             build_run_config({**base, "lora": lora}, check_paths=False)
+
+
+def test_an_alpha_or_neftune_alpha_that_overflows_float32_is_refused():
+    base = {"model": "m", "data": {"train": "t"}}
+    for section, values, message in [
+        ("lora", {"r": 2, "alpha": 1e308}, "lora.alpha = 1e+308: the scale alpha / r = 5e+307 (r = 2) is past the largest float32"),
+        ("lora", {"r": 4, "alpha": 8, "rank_pattern": {"q_proj": 1}, "alpha_pattern": {"v_proj": 1e39}},
+         "lora.alpha_pattern['v_proj'] = 1e+39: the scale alpha / r = 1e+39 (r = 1)"),
+        ("lora", {"r": 4, "alpha": 1e39, "rslora": True}, "lora.alpha = 1e+39: the scale alpha / sqrt(r) = 5e+38 (r = 4)"),
+        ("train", {"neftune_alpha": 1e300}, "train.neftune_alpha = 1e+300: the noise, up to alpha / sqrt(row length x hidden size), "
+                                            "would be past the largest float32 number"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=re.escape(message)) as err:
+            build_run_config({**base, section: values}, check_paths=False)
+        assert "\n" not in str(err.value)
+    ok = build_run_config({**base, "lora": {"r": 16, "alpha": 1e38}, "train": {"neftune_alpha": 1e38}}, check_paths=False)
+    assert ok.lora.alpha == 1e38 and ok.train.neftune_alpha == 1e38  # huge, but the scale and the noise stay finite
