@@ -359,7 +359,13 @@ def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[
         raise UserError(f"{path}: the file is empty; write one JSON object per line (JSONL) or a JSON list")
     if stripped[0] == "[":
         records = _read_json_list(path, text)
-        skipped: list[int] = []
+        escaped = _SURROGATE_ESCAPE.search(text) is not None
+        found = [lone_surrogate(r) if escaped else None for _, r in records]
+        problems = [(line, problem) for (line, _), problem in zip(records, found) if problem is not None]
+        if problems and not skip_invalid:
+            _raise_problems(str(path), problems)
+        skipped = [line for line, _ in problems]
+        records = [record for record, problem in zip(records, found) if problem is None]
     else:
         records, skipped = _read_jsonl(path, text, skip_invalid)
     if not records and not skipped:
@@ -460,10 +466,45 @@ def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[i
         if not isinstance(obj, dict):
             problems.append((lineno, f"expected a JSON object per line, got {_kind(obj)}"))
             continue
+        surrogate = lone_surrogate(obj) if _SURROGATE_ESCAPE.search(line) else None
+        if surrogate is not None:
+            problems.append((lineno, surrogate))
+            continue
         records.append((lineno, obj))
     if problems and not skip_invalid:
         _raise_problems(str(path), problems)
     return records, [line for line, _ in problems]
+
+
+# A JSON escape of a UTF-16 surrogate: a lone one (\ud800 without its pair) decodes to no character,
+# which the tokenizer cannot encode; only lines with such an escape are searched for one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(obj: Any, path: str = "") -> Optional[str]:
+    """The problem of a record that holds a lone surrogate, in a string at `path` or a key, else None."""
+    if isinstance(obj, str):
+        found = _SURROGATE.search(obj)
+        return None if found is None else f"'{path}' holds {_surrogate_escape(found)}"
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            found = _SURROGATE.search(key)
+            if found is not None:
+                return f"a key{f' of {path!r}' if path else ''} holds {_surrogate_escape(found)}"
+            problem = lone_surrogate(value, f"{path}.{key}" if path else key)
+            if problem is not None:
+                return problem
+    if isinstance(obj, list):
+        for i, value in enumerate(obj):
+            problem = lone_surrogate(value, f"{path}[{i}]")
+            if problem is not None:
+                return problem
+    return None
+
+
+def _surrogate_escape(found: re.Match) -> str:
+    return f"\\u{ord(found.group()):04x}, half of a UTF-16 surrogate pair and no character (an escape cut in two)"
 
 
 def _read_json_list(path: Path, text: str) -> list[tuple[int, dict]]:

@@ -179,8 +179,10 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     "tools" where it has them) field per line.
 
     Raises:
-        UserError: missing file, no prompts, a JSON line without a usable field (FILE:LINE).
+        UserError: missing file, no prompts, a JSON line without a usable field or with a lone surrogate (FILE:LINE).
     """
+    from lorakit.data import lone_surrogate
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--prompts {str(path)!r}: file not found; give a text file (one prompt per line) or JSONL")
@@ -197,6 +199,9 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        surrogate = lone_surrogate(record)
+        if surrogate is not None:
+            raise UserError(f"{path}:{number}: {surrogate}; fix the escape")
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             prompts.append(record["prompt"])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):

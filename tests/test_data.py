@@ -782,6 +782,11 @@ OK = {"messages": CHAT[1:3]}
         ({"messages": CHAT[:2]}, r"d\.jsonl:2: the chat ends with a user turn, not an assistant reply .*train_on_inputs: true"),
         ({"prompt": "q", "completion": 4}, r"d\.jsonl:2: 'completion' must be a string, got a number \(4\)"),
         ({"text": ""}, r"d\.jsonl:2: 'text' is empty"),
+        # a lone surrogate (json.dumps writes it as the escape \ud800): no character, the tokenizer cannot encode it
+        ({"prompt": "a \ud800 b", "completion": "c"}, r"d\.jsonl:2: 'prompt' holds \\ud800, half of a UTF-16 surrogate pair "
+         r"and no character \(an escape cut in two\); fix it, or skip invalid records with data\.skip_invalid: true"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\udc00"}]},
+         r"d\.jsonl:2: 'messages\[1\]\.content' holds \\udc00"),
     ],
 )
 def test_invalid_records_name_file_line_and_fix(tmp_path, bad, message):
@@ -790,6 +795,21 @@ def test_invalid_records_name_file_line_and_fix(tmp_path, bad, message):
     # skip_invalid: skipped, counted, line kept
     ds = load(tmp_path, [OK, bad, OK], skip_invalid=True)
     assert (ds.stats.records, ds.stats.examples, ds.stats.skipped_invalid, ds.stats.skipped_lines) == (3, 2, 1, [2])
+
+
+def test_a_lone_surrogate_in_a_json_list_or_a_prompts_file_names_its_line(tmp_path):
+    from lorakit.generate import read_prompts
+
+    path = tmp_path / "d.json"
+    path.write_text("[" + json.dumps(OK) + ",\n" + json.dumps({"text": "x \ud83d"}) + "]")  # an emoji's pair cut in two
+    with pytest.raises(UserError, match=r"d\.json:2: 'text' holds \\ud83d, half of a UTF-16 surrogate pair"):
+        load_dataset(path, make_tokenizer("llama3"), DataConfig(), use_cache=False)
+    ds = load_dataset(path, make_tokenizer("llama3"), DataConfig(skip_invalid=True), use_cache=False)
+    assert (ds.stats.records, ds.stats.examples, ds.stats.skipped_invalid, ds.stats.skipped_lines) == (2, 1, 1, [2])
+    assert json.loads(json.dumps("\ud83d\ude00")) == "\U0001f600"  # a whole pair is a character, and passes
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok \ud83d\ude00"}, {"prompt": "\ud800"}])
+    with pytest.raises(UserError, match=r"p\.jsonl:2: 'prompt' holds \\ud800"):
+        read_prompts(prompts)
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
