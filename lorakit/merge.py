@@ -69,8 +69,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lorakit.adapters import (
-    CHAT_TEMPLATE_NAME, PREFIX, AdapterFiles, adapter_scaling, check_output_folder, read_adapter, read_chat_template,
-    replace_dir, staging_folder,
+    CHAT_TEMPLATE_NAME, PREFIX, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_output_folder, read_adapter,
+    read_chat_template, replace_dir, staging_folder,
 )  # fmt: skip
 from lorakit.errors import UserError
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
@@ -634,6 +634,11 @@ def merge_adapter_files(
     if max_bytes <= 0:
         raise UserError(f"--max-shard-size = {max_shard_size!r}: must be positive")
     plan = plan_merge(layout, files, simulate_nf4=simulate_nf4)
+    if not plan.updates and not plan.replace and not any(w.a is not None for w in plan.experts.values()):
+        raise UserError(
+            f"{files.path}: the adapter changes no weight of {layout.folder} ({WEIGHTS_NAME} holds {len(files.tensors)} "
+            "tensors), so merging it would add nothing to the base; check that this is the trained adapter's folder"
+        )
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise UserError(f"dtype = {dtype}: use torch.float32, torch.bfloat16 or torch.float16")
 

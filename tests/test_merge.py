@@ -270,3 +270,22 @@ def test_an_update_to_an_integer_weight_is_refused(tmp_path, capsys):
     assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 2
     assert f"error: {key} is stored as torch.int8, not as floating-point numbers" in _error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_that_changes_no_weight_of_the_base_is_refused(tmp_path, capsys):
+    from lorakit.adapters import write_adapter_folder
+
+    base, _ = _lorakit_case(tmp_path, tiny_llama, LoraConfig(r=2, targets=["q_proj"]), shard=None)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    empty = write_adapter_folder(tmp_path / "empty", config, {})  # no tensors: it used to merge into an unchanged copy
+    for extra in ([], ["--simulate-nf4"]):
+        assert main(["merge", "--base", str(base), "--adapter", str(empty), "--out", str(tmp_path / "out"), *extra]) == 2
+        assert _error(capsys) == (f"error: {empty}: the adapter changes no weight of {base} (adapter_model.safetensors holds 0 "
+                                  "tensors), so merging it would add nothing to the base; check that this is the trained "
+                                  "adapter's folder")  # fmt: skip
+    gpt2 = tiny_gpt2()  # trained on other module names: refused by the first of them
+    inject_adapter(gpt2, LoraConfig(r=2, targets=["c_attn"]))
+    save_adapter(gpt2, tmp_path / "gpt2")
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out")]) == 2
+    assert "adapter module transformer.h.0.attn.c_attn has no weight transformer.h.0.attn.c_attn.weight" in _error(capsys)
+    assert not (tmp_path / "out").exists()
