@@ -315,7 +315,8 @@ def test_older_and_table_layouts_of_calls_read_as_openais():
 
 
 def test_a_parquet_table_of_tool_calls_reads_as_its_jsonl(tmp_path):
-    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow")
+    import pyarrow
     import pyarrow.parquet
 
     from lorakit.data import read_records
