@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import make_tokenizer
+from test_data import _trained_groups as trained_groups
 
 from lorakit.config import DataConfig
 from lorakit.data import BadRecord, prepare_record, tokenize_records
@@ -70,17 +71,6 @@ def tools_tokenizer():
 def build(records, tok=None, **cfg):
     tok = tok if tok is not None else tools_tokenizer()
     return tokenize_records(list(enumerate(records, start=1)), tok, DataConfig(**cfg), source="d.jsonl")
-
-
-def trained_groups(tok, labels) -> list[str]:
-    groups, current = [], []
-    for t in labels.tolist() + [-100]:
-        if t != -100:
-            current.append(t)
-        elif current:
-            groups.append(tok.decode(current))
-            current = []
-    return groups
 
 
 def test_tool_calls_render_as_apply_chat_template_and_the_calls_are_trained():
