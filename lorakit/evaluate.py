@@ -122,8 +122,9 @@ def tool_call_answer(tokenizer: Any, prompt: Any, turn: dict) -> str:
         UserError: the template fails, or does not render the turn after its generation prompt.
     """
     from lorakit.data import _ChatRenderer
+    from lorakit.generate import chat_parts
 
-    messages, tools = (prompt["messages"], prompt["tools"]) if isinstance(prompt, dict) else (prompt, None)
+    messages, tools = chat_parts(prompt)
     try:
         before = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         whole = tokenizer.apply_chat_template(messages + [turn], tools=tools, tokenize=False)
@@ -172,7 +173,7 @@ def generation_accuracy(
         UserError: see `prompt_and_answer`; no record with an answer.
     """
     from lorakit.data import BadRecord, prepare_record
-    from lorakit.generate import generate
+    from lorakit.generate import chat_parts, generate
 
     cases = []
     for i, record in enumerate(records):
@@ -206,7 +207,7 @@ def generation_accuracy(
         elif len(failures) < show_failures:
             shown = prompt
             if is_chat:
-                messages, tools = (prompt["messages"], prompt["tools"]) if isinstance(prompt, dict) else (prompt, None)
+                messages, tools = chat_parts(prompt)
                 shown = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
             failures.append({"prompt": shown, "expected": expected, "got": text})
     return {"accuracy": correct / len(cases), "correct": correct, "total": len(cases), "failures": failures}

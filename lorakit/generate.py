@@ -51,6 +51,11 @@ def stop_token_ids(tokenizer: Any, model: Optional[nn.Module] = None) -> list[in
     return list(dict.fromkeys(ids))
 
 
+def chat_parts(prompt: Union[list[dict[str, Any]], dict[str, Any]]) -> tuple[list[dict[str, Any]], Optional[list[dict]]]:
+    """A chat prompt's (messages, tools): chat messages alone, or {"messages", "tools"}."""
+    return (prompt["messages"], prompt.get("tools")) if isinstance(prompt, dict) else (prompt, None)
+
+
 def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
     """Token ids of one prompt (see the module docstring for how they match training).
 
@@ -63,10 +68,7 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
                 "the tokenizer has no chat template, so --chat / chat prompts cannot be rendered; "
                 "use a chat model's tokenizer or leave out --chat"
             )
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        tools = None
-        if isinstance(messages, dict):
-            messages, tools = messages["messages"], messages.get("tools")
+        messages, tools = chat_parts([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
         try:
             text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except TemplateSyntaxError as exc:
