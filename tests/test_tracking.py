@@ -203,6 +203,11 @@ def test_wandb_offline_writes_the_run_into_output_dir(workspace, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = workspace / "wandb_offline"
     assert main(["train", _config(workspace, out, report_to="wandb", max_steps=3, eval_every=0, save_every=2)]) == 0
+    # wandb's service may still hold the records after run.finish(); the CLI's process exit tears it down
+    # (wandb's atexit hook), which flushes them: do the same here before reading the file
+    import wandb
+
+    wandb.teardown()
     run_id = json.loads((out / "checkpoints" / "step-2" / "state.json").read_text())["trackers"]["wandb_run_id"]
     (record,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     data = record.read_bytes()
