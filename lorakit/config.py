@@ -346,10 +346,10 @@ def load_run_config(
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML file")
+        from lorakit.data import read_utf8
+
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text (saved as UTF-16, say); save the config as UTF-8") from None
+            loaded = yaml.safe_load(read_utf8(path))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""

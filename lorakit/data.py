@@ -343,17 +343,40 @@ def read_records(path: Union[str, Path], *, skip_invalid: bool = False) -> list[
     return _read(Path(path), skip_invalid)[0]
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file, less a byte-order mark (Windows editors write one).
+
+    Raises:
+        UserError: bytes that are not UTF-8, named by their line (`FILE:LINE: not UTF-8 text`).
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+
+
+def undecodable_byte(text: str) -> Optional[str]:
+    """Where a command-line argument or terminal line holds bytes that were not UTF-8, else None.
+
+    Python keeps such bytes as lone surrogates (U+DC80-U+DCFF, its `surrogateescape`), which no
+    tokenizer can encode."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    code = ord(found.group())
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
+    return f"{what} at character {found.start() + 1} is not UTF-8 text"
+
+
 def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
     """(records, line numbers of skipped invalid ones)."""
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} not found; set data.train / data.eval to a .jsonl, .json, .parquet or .csv file")
     if path.suffix.lower() in TABLE_SUFFIXES:
         return _read_table(path, skip_invalid)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+    text = read_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path}: the file is empty; write one JSON object per line (JSONL) or a JSON list")

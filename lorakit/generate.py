@@ -183,12 +183,12 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     Raises:
         UserError: missing file, no prompts, a JSON line without a usable field or with a lone surrogate (FILE:LINE).
     """
-    from lorakit.data import lone_surrogate
+    from lorakit.data import lone_surrogate, read_utf8
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--prompts {str(path)!r}: file not found; give a text file (one prompt per line) or JSONL")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is dropped
+    lines = read_utf8(path).splitlines()
     jsonl = path.suffix.lower() in (".jsonl", ".json") or any(line.lstrip().startswith("{") for line in lines[:1])
     prompts: list[Prompt] = []
     for number, line in enumerate(lines, 1):
@@ -238,8 +238,17 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _check_utf8_argument(flag: str, value: Optional[str]) -> None:
+    from lorakit.data import undecodable_byte
+
+    problem = None if value is None else undecodable_byte(value)
+    if problem is not None:
+        raise UserError(f"{flag}: {problem}; pass UTF-8 text (set the terminal's encoding to UTF-8)")
+
+
 def generate_command(args: argparse.Namespace) -> int:
     """Print the completion of --prompt, or one JSON line {"prompt", "completion"} per --prompts entry."""
+    _check_utf8_argument("--prompt", args.prompt)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     model, tokenizer = load_for_command(args)
     texts = generate(model, tokenizer, prompts, chat=args.chat, batch_size=args.batch_size, **_sampling(args))
@@ -267,6 +276,8 @@ def chat_loop(
     `you> ` prompt is only shown on a terminal. Returns the final history.
     """
     from transformers import TextStreamer
+
+    from lorakit.data import undecodable_byte
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -298,6 +309,10 @@ def chat_loop(
             continue
         if not message.strip():
             continue
+        problem = undecodable_byte(message)
+        if problem is not None:  # a terminal in another encoding: say so and wait for the next line
+            stdout.write(f"(that line's {problem}; type it again in UTF-8)\n")
+            continue
         history.append({"role": "user", "content": message})
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:
@@ -313,6 +328,7 @@ def chat_loop(
 def chat_command(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     check_sampling(sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["max_new_tokens"])
+    _check_utf8_argument("--system", args.system)
     model, tokenizer = load_for_command(args)
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
     return 0

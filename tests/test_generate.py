@@ -150,6 +150,24 @@ def test_bad_inputs(tmp_path, capsys):
     assert read_prompts(tmp_path / "plain.txt") == ["one", "two"]
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "one"}\r\n')  # saved by a Windows editor
     assert read_prompts(tmp_path / "bom.jsonl") == ["one"]
+    (tmp_path / "latin1.txt").write_bytes("one\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt:2: not UTF-8 text \(invalid continuation byte\); save the file as UTF-8"):
+        read_prompts(tmp_path / "latin1.txt")
+
+
+def test_arguments_and_chat_lines_with_bytes_that_are_not_utf8(model_tok, capsys):
+    # Python hands such bytes over as lone surrogates (surrogateescape); no tokenizer encodes those
+    model, tok = model_tok
+    assert main(["generate", "--model", "no/such/model", "--prompt", "caf\udce9"]) == 2  # refused before loading
+    assert capsys.readouterr().err == "error: --prompt: byte 0xe9 at character 4 is not UTF-8 text; pass UTF-8 text " \
+                                      "(set the terminal's encoding to UTF-8)\n"  # fmt: skip
+    assert main(["chat", "--model", "no/such/model", "--system", "\udcff"]) == 2
+    assert "error: --system: byte 0xff at character 1 is not UTF-8 text" in capsys.readouterr().err
+    out = io.StringIO()  # in a chat the line is refused and the session goes on
+    history = chat_loop(model, tok, stdin=io.StringIO("caf\udce9\nhi\n"), stdout=out, max_new_tokens=3)
+    reply = generate(model, tok, [[{"role": "user", "content": "hi"}]], chat=True, max_new_tokens=3)[0]
+    assert history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+    assert out.getvalue().startswith("(that line's byte 0xe9 at character 4 is not UTF-8 text; type it again in UTF-8)\n")
 
 
 def test_an_empty_prompt_without_a_start_token_and_a_nan_temperature_are_user_errors(model_tok, monkeypatch):
@@ -165,7 +183,7 @@ def test_a_config_that_is_not_utf8_and_a_zero_batch_size_exit_2(tmp_path, capsys
     config = tmp_path / "u16.yaml"
     config.write_text("model: m\n", encoding="utf-16")
     assert main(["train", str(config)]) == 2
-    assert "not UTF-8 text (saved as UTF-16, say); save the config as UTF-8" in capsys.readouterr().err
+    assert f"{config}:1: not UTF-8 text (invalid start byte); save the file as UTF-8" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["eval", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"])
     assert stop.value.code == 2 and "--batch-size: 0: give a number >= 1" in capsys.readouterr().err
