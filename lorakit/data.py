@@ -97,7 +97,7 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 5  # bump when tokenization or the cache layout changes (5: tools, messages' other keys)
+FORMAT_VERSION = 6  # bump when tokenization, what is refused or the cache layout changes (6: dropped user and tool turns)
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -1044,8 +1044,9 @@ def _chat_spans(
     template may rewrite them freely (Qwen3 drops the think blocks of earlier turns)."""
     convs, skips, tools = [c.messages for c in chats], [c.untrained for c in chats], [c.tools for c in chats]
     full = renderer(convs, False, tools)
+    dropped = [_dropped_turn(t, msgs) if isinstance(t, str) else None for t, msgs in zip(full, convs)]
     if train_on_inputs:
-        return [(t, []) if isinstance(t, str) else _template_error(t) for t in full]  # spans unused
+        return [(dropped[i] or (t, [])) if isinstance(t, str) else _template_error(t) for i, t in enumerate(full)]  # spans unused
     trained = [[i for i, m in enumerate(msgs) if m["role"] == "assistant" and i not in skip] for msgs, skip in zip(convs, skips)]
     starts, ends = [], []  # (conversation, message index) of each prefix render
     for ci, msgs in enumerate(convs):
@@ -1058,8 +1059,8 @@ def _chat_spans(
     out: list[Union[tuple[str, list[tuple[int, int]]], str]] = []
     for ci, msgs in enumerate(convs):
         text = full[ci]
-        if not isinstance(text, str):
-            out.append(_template_error(text))
+        if not isinstance(text, str) or dropped[ci]:
+            out.append(dropped[ci] or _template_error(text))
             continue
         spans, problem, cursor, passed = [], None, 0, []
         for i in (k for k, m in enumerate(msgs) if m["role"] == "assistant"):
@@ -1096,6 +1097,28 @@ def _chat_spans(
             cursor = span[1]
         out.append(problem if problem else (text, spans))
     return out
+
+
+def _dropped_turn(text: str, msgs: list[dict]) -> Optional[str]:
+    """The problem of a render that leaves out a user or tool turn's content, else None.
+
+    Templates that branch on a few roles (Phi-3's writes system, user and assistant turns) pass
+    over the others without a word, so tool results would vanish from the training text. A
+    template may trim a turn or write it as JSON (Llama 3.1's tool turns). Assistant turns are
+    located by their own search, and templates may rewrite them (Qwen3's think blocks); system
+    turns may be left out by design (Mistral v0.3's template writes the system prompt into a last
+    user turn only, so never into a conversation that ends with a reply)."""
+    for i, message in enumerate(msgs):
+        content = message.get("content")
+        if message["role"] not in ("user", "tool") or not isinstance(content, str) or not content.strip():
+            continue
+        forms = (content.strip(), json.dumps(content, ensure_ascii=False), json.dumps(content))
+        if not any(form in text for form in forms):
+            return (
+                f"messages[{i}]: the chat template leaves this {message['role']!r} turn's content out of the text; "
+                f"use a template that writes {message['role']!r} turns (data.chat_template), or drop them from the data"
+            )
+    return None
 
 
 def _turn_by_content(

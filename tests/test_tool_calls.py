@@ -177,6 +177,34 @@ def test_a_template_that_never_reads_tools_or_calls_is_refused():
         build([{"messages": OPENAI_CHAT}], chatml)
 
 
+# Phi-3's way: a branch per role it knows, so a `tool` turn is passed over without a word
+ROLES_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'system' %}<|system|>{{ m.content }}<|end|>{% elif m.role == 'user' %}"
+    "<|user|>{{ m.content }}<|end|>{% elif m.role == 'assistant' %}<|assistant|>{{ m.content }}{% for c in m.tool_calls or [] %}"
+    "{{ c.function | tojson }}{% endfor %}<|end|>{% elif m.role == 'tool' and json_tools %}<|tool|>{{ m.content | tojson }}"
+    "<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_template_that_leaves_out_tool_turns_is_refused_and_one_that_writes_them_as_json_is_not():
+    tok = make_tokenizer("chatml")
+    tok.chat_template = ROLES_TEMPLATE.replace("{{ c.function | tojson }}", "{{ c.function | tojson }}{# tools #}")
+    chat = [{"role": "user", "content": "Weather in Paris?"}, {"role": "tool", "content": "{\"temp\": 21}"},
+            {"role": "assistant", "content": "21 degrees."}]  # fmt: skip
+    plain = {"messages": [chat[0], chat[2]]}
+    for train_on_inputs in (False, True):
+        with pytest.raises(UserError, match=r"d\.jsonl:2: messages\[1\]: the chat template leaves this 'tool' turn's content "
+                                            r"out of the text; use a template that writes 'tool' turns \(data\.chat_template\)"):  # fmt: skip
+            build([plain, {"messages": chat}], tok, train_on_inputs=train_on_inputs)
+    ds = build([plain, {"messages": chat}], tok, skip_invalid=True)
+    assert (ds.stats.examples, ds.stats.skipped_invalid) == (1, 1)
+    # Llama 3.1's way: the tool's result written as a JSON string, quotes escaped; it is there
+    tok.chat_template = tok.chat_template.replace("json_tools", "true")
+    ids, labels = build([{"messages": chat}], tok).example(0)
+    assert '<|tool|>"{\\"temp\\": 21}"<|end|>' in tok.decode(ids)
+    assert trained_groups(tok, labels) == ["21 degrees.<|end|>"]
+
+
 def test_data_columns_name_the_records_tools():
     a = build([{"messages": OPENAI_CHAT, "functions": TOOLS}], columns={"tools": "functions"})
     b = build([{"messages": OPENAI_CHAT, "tools": TOOLS}])
