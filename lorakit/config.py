@@ -194,10 +194,12 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2.0e-4
     lr_ratio_b: float = 1.0  # LoRA+: B matrices learn at lr * lr_ratio_b
-    scheduler: str = "cosine"  # cosine | linear | constant
+    scheduler: str = "cosine"  # cosine | linear | constant | wsd (warmup, stable, decay)
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # warmup as a share of the run's steps (instead of warmup_steps)
-    min_lr_ratio: float = 0.0  # cosine / linear decay ends at lr * min_lr_ratio, not 0
+    min_lr_ratio: float = 0.0  # cosine / linear / wsd decay ends at lr * min_lr_ratio, not 0
+    decay_ratio: Union[float, None] = None  # wsd: the share of the steps, at the end, that decay (None: 0.1)
+    decay_shape: Union[str, None] = None  # wsd: cosine | linear | 1-sqrt (None: cosine)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 turns clipping off
     optimizer: str = "adamw"  # adamw | adamw8bit
@@ -278,7 +280,7 @@ _CHOICES = {
     "data.format": DATA_FORMATS,
     "data.too_long": ("truncate", "drop"),
     "data.train_turns": ("all", "last"),
-    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.scheduler": ("cosine", "linear", "constant", "wsd"),
     "train.optimizer": ("adamw", "adamw8bit"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
@@ -311,6 +313,7 @@ _RANGES = {
     "train.neftune_alpha": (0.0, True),
     "train.warmup_ratio": (0.0, True),
     "train.min_lr_ratio": (0.0, True),
+    "train.decay_ratio": (0.0, False),
     "train.early_stopping_patience": (0, True),
 }
 
@@ -364,6 +367,26 @@ def load_run_config(
     return build_run_config(raw, source=str(path) if path else "command line", check_paths=check_paths)
 
 
+WSD_DECAY_SHAPES = ("cosine", "linear", "1-sqrt")
+
+
+def _decay_problems(train: TrainConfig) -> list[str]:
+    """train.decay_ratio and train.decay_shape: wsd's, in range, and only with wsd."""
+    problems = []
+    if _is_number(train.decay_ratio) and not train.decay_ratio <= 1:
+        problems.append(f"train.decay_ratio = {train.decay_ratio!r}: must be in (0, 1], e.g. 0.1")
+    if train.decay_shape is not None and train.decay_shape not in WSD_DECAY_SHAPES:
+        problems.append(f"train.decay_shape = {train.decay_shape!r}: use one of {', '.join(WSD_DECAY_SHAPES)}")
+    for key in ("decay_ratio", "decay_shape"):
+        value = getattr(train, key)
+        if value is not None and train.scheduler != "wsd":
+            problems.append(
+                f"train.{key} = {value!r} with train.scheduler = {train.scheduler!r}: it shapes the wsd schedule's final "
+                f"decay; set train.scheduler: wsd, or remove {key}"
+            )
+    return problems
+
+
 def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths: bool = True) -> RunConfig:
     """Turn a nested dict into a validated RunConfig, raising once with every problem."""
     problems: list[str] = []
@@ -415,6 +438,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
             f"train.min_lr_ratio = {cfg.train.min_lr_ratio!r} with train.scheduler = 'constant': a constant lr does not "
             "decay to a floor; use cosine or linear, or remove min_lr_ratio"
         )
+    problems += _decay_problems(cfg.train)
     if cfg.quantize == "nf4" and cfg.lora.init in ("pissa", "olora"):
         problems.append(
             f"lora.init = {cfg.lora.init!r} with quantize: nf4: {cfg.lora.init} factors the full-precision weights, "

@@ -212,17 +212,29 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
 
 def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
     """The lr factor of each step: a linear warmup (warmup_steps, or warmup_ratio of the steps), then
-    constant, or a linear / cosine decay from 1 to min_lr_ratio at the last step."""
+    constant, or a linear / cosine decay from 1 toward min_lr_ratio at the end of the run, or (wsd:
+    warmup, stable, decay) 1 until the last decay_ratio of the steps, which decay the same way in
+    decay_shape (cosine, linear, or 1-sqrt, the cooldown of Hägele et al. 2024)."""
     kind, floor = cfg.train.scheduler, cfg.train.min_lr_ratio
     warmup = cfg.train.warmup_steps or math.ceil(cfg.train.warmup_ratio * total_steps)  # as transformers rounds it
+    shape = (cfg.train.decay_shape or "cosine") if kind == "wsd" else kind
+    decay_start = warmup
+    if kind == "wsd":  # the decay's steps rounded up, as the warmup's are; a warmup that long keeps its steps
+        decay_steps = math.ceil((0.1 if cfg.train.decay_ratio is None else cfg.train.decay_ratio) * total_steps)
+        decay_start = max(warmup, total_steps - decay_steps)
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / (warmup + 1)
-        if kind == "constant":
+        if kind == "constant" or step < decay_start:
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        decay = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        if shape == "linear":
+            decay = 1.0 - progress
+        elif shape == "1-sqrt":
+            decay = 1.0 - math.sqrt(progress)
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
         return floor + (1.0 - floor) * decay
 
     return factor

@@ -1,5 +1,6 @@
 """`lorakit train` end to end through the CLI on a tiny model: files, golden losses, resume, errors."""
 
+import functools
 import json
 import math
 import os
@@ -523,6 +524,48 @@ def test_lr_schedules():
                          check_paths=False)  # fmt: skip
     with pytest.raises(UserError, match=r"train.min_lr_ratio = 1.5: must be in \[0, 1\]"):
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"min_lr_ratio": 1.5}}, check_paths=False)
+
+
+@pytest.mark.parametrize("shape", [None, "linear", "1-sqrt"])
+def test_the_wsd_schedule_is_transformers_past_the_warmup(shape):
+    from transformers.optimization import _get_wsd_scheduler_lambda
+
+    train = {"scheduler": "wsd", "warmup_steps": 3, "decay_ratio": 0.25, "min_lr_ratio": 0.1, "decay_shape": shape}
+    f = lr_lambda(build_run_config({"model": "m", "data": {"train": "t"}, "train": train}, check_paths=False), 40)
+    ref = functools.partial(_get_wsd_scheduler_lambda, num_warmup_steps=3, num_stable_steps=27, num_decay_steps=10,
+                            warmup_type="linear", decay_type=shape or "cosine", min_lr_ratio=0.1, num_cycles=0.5)  # fmt: skip
+    assert [f(s) for s in range(3, 41)] == pytest.approx([ref(s) for s in range(3, 41)], abs=1e-12)
+    assert [f(s) for s in (0, 2, 29, 30)] == [0.25, 0.75, 1.0, 1.0]  # lorakit's warmup: never a step at lr 0
+    assert f(35) == pytest.approx(0.1 + 0.9 * {None: 0.5, "linear": 0.5, "1-sqrt": 1 - math.sqrt(0.5)}[shape])
+
+
+def test_wsd_defaults_and_its_keys_elsewhere_are_refused():
+    def build(**train):
+        return build_run_config({"model": "m", "data": {"train": "t"}, "train": train}, check_paths=False)
+
+    f = lr_lambda(build(scheduler="wsd"), 50)  # the last 10% (5 steps) decay, cosine, toward 0
+    assert [f(s) for s in (0, 44, 45)] == [1.0, 1.0, 1.0]
+    assert f(47) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5))) and f(50) == 0.0
+    f = lr_lambda(build(scheduler="wsd", warmup_steps=9, decay_ratio=0.5), 10)  # a warmup past the decay's start
+    assert [round(f(s), 4) for s in (8, 9)] == [0.9, 1.0]
+    for train, message in [
+        ({"decay_ratio": 0.2}, "train.decay_ratio = 0.2 with train.scheduler = 'cosine': it shapes the wsd schedule's "
+                               "final decay; set train.scheduler: wsd, or remove decay_ratio"),
+        ({"decay_shape": "linear", "scheduler": "linear"}, "train.decay_shape = 'linear' with train.scheduler = 'linear'"),
+        ({"scheduler": "wsd", "decay_ratio": 0}, "train.decay_ratio = 0.0: must be > 0.0"),
+        ({"scheduler": "wsd", "decay_ratio": 1.5}, r"train.decay_ratio = 1.5: must be in \(0, 1\], e.g. 0.1"),
+        ({"scheduler": "wsd", "decay_shape": "exp"}, "train.decay_shape = 'exp': use one of cosine, linear, 1-sqrt"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            build(**train)
+
+
+def test_a_wsd_run_steps_at_its_schedules_rates(workspace):
+    out = workspace / "wsd"
+    assert main(["train", _config(workspace, out, max_steps=6, scheduler="wsd", decay_ratio=0.5, decay_shape="linear")]) == 0
+    f = lr_lambda(build_run_config(yaml.safe_load((out / "config.yaml").read_text()), check_paths=False), 6)
+    assert [round(f(s), 4) for s in range(6)] == [0.3333, 0.6667, 1.0, 1.0, 0.6667, 0.3333]
+    assert [e["lr"] for e in _entries(out) if "lr" in e] == pytest.approx([3.0e-3 * f(s) for s in range(6)], rel=1e-12)
 
 
 def test_eval_on_start_logs_the_base_at_step_0_and_changes_nothing_else(workspace, capsys):
