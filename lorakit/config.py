@@ -208,11 +208,11 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     log_every: int = 1
-    eval_every: int = 0
+    eval_every: Union[int, str] = 0  # steps between evals, or "epoch" (at each epoch's end); 0: at the end only
     eval_on_start: bool = False  # also eval before the first step (the base's figures, logged at step 0)
     eval_generate: bool = False  # also log eval_accuracy: exact match of greedy answers on data.eval
     eval_max_new_tokens: int = 64  # generation budget per answer for eval_generate
-    save_every: int = 0
+    save_every: Union[int, str] = 0  # steps between checkpoints, or "epoch"; 0: none but on interruption
     keep_checkpoints: int = 2
     distributed: str = "auto"  # auto | ddp | fsdp
     objective: str = "sft"  # sft (next-token loss) | dpo | ipo | simpo | orpo (preference pairs, lorakit.preference)
@@ -302,8 +302,6 @@ _RANGES = {
     "train.weight_decay": (0.0, True),
     "train.max_grad_norm": (0.0, True),
     "train.log_every": (1, True),
-    "train.eval_every": (0, True),
-    "train.save_every": (0, True),
     "train.eval_max_new_tokens": (1, True),
     "train.keep_checkpoints": (1, True),
     "train.beta": (0.0, False),
@@ -439,6 +437,11 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
             "decay to a floor; use cosine or linear, or remove min_lr_ratio"
         )
     problems += _decay_problems(cfg.train)
+    for key in ("eval_every", "save_every"):
+        value = getattr(cfg.train, key)
+        if value != "epoch" and not (_is_int(value) and value >= 0):
+            problems.append(f"train.{key} = {value!r}: give a number of steps (0: never) or epoch")
+            setattr(cfg.train, key, 0)  # so the checks below still run
     if cfg.quantize == "nf4" and cfg.lora.init in ("pissa", "olora"):
         problems.append(
             f"lora.init = {cfg.lora.init!r} with quantize: nf4: {cfg.lora.init} factors the full-precision weights, "

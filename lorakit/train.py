@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import yaml
@@ -417,6 +417,17 @@ def plan_steps(cfg: RunConfig, stream: Any, world_size: int) -> tuple[int, int]:
             f"{stream.num_rows}; lower train.batch_size or train.grad_accum"
         )
     return cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch
+
+
+def is_due(every: Union[int, str], run: Run) -> bool:
+    """Whether train.eval_every / save_every falls on the step just taken: every N steps, or
+    ("epoch") the step whose micro-batches finish a pass over the data. An epoch need not end on
+    a step (its micro-batches over grad_accum may leave a remainder, which the next epoch's first
+    step takes in), so the step where the pass ends counts."""
+    if every == "epoch":
+        per_epoch, accum = run.stream.microbatches_per_epoch(), run.cfg.train.grad_accum
+        return run.step * accum // per_epoch > (run.step - 1) * accum // per_epoch
+    return bool(every) and run.step % every == 0
 
 
 def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
@@ -973,13 +984,13 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
                 shown = {"acc": f"{result['reward_accuracy']:.2f}"} if "reward_accuracy" in result else {}
                 bar.set_postfix(loss=f"{result['loss']:.4f}", **shown, lr=f"{result['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
-            if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < run.total_steps:
+            if is_due(cfg.train.eval_every, run) and run.step < run.total_steps:
                 last_eval = evaluate(run)
                 evaluated_at = run.step
                 if last_eval:
                     run.metrics.log({"step": run.step, **last_eval})
                 stop_early = _after_eval(run, last_eval)
-            if cfg.train.save_every and run.step % cfg.train.save_every == 0 and run.step < run.total_steps:
+            if is_due(cfg.train.save_every, run) and run.step < run.total_steps:
                 _checkpoint(run)
             if main and (run.step % max(cfg.train.log_every, 10) == 0):
                 run.metrics.plot(_plot_title(run))
@@ -1254,7 +1265,8 @@ def _eval_plan(cfg: RunConfig, *, resumed: bool = False) -> str:
     on_start = train.eval_on_start and not resumed
     if not train.eval_every:
         return "; before the first step and at the end" if on_start else ""
-    parts = (["before the first step"] if on_start else []) + [f"every {train.eval_every} steps"]
+    every = "at each epoch's end" if train.eval_every == "epoch" else f"every {train.eval_every} steps"
+    parts = (["before the first step"] if on_start else []) + [every]
     if train.save_best:
         parts.append(f"the best {train.best_metric} kept in {BEST_ADAPTER_DIR}/")
     if train.early_stopping_patience:

@@ -568,6 +568,22 @@ def test_a_wsd_run_steps_at_its_schedules_rates(workspace):
     assert [e["lr"] for e in _entries(out) if "lr" in e] == pytest.approx([3.0e-3 * f(s) for s in range(6)], rel=1e-12)
 
 
+def test_epoch_evals_and_checkpoints_come_at_the_step_where_each_pass_over_the_data_ends(workspace, capsys):
+    # 26 rows in micro-batches of 2: 13 an epoch; 3 a step: the passes end in steps 5 (13 of 15) and 9 (26 of 27)
+    out = workspace / "per-epoch"
+    config = _config(workspace, out, max_steps=None, epochs=3, batch_size=2, grad_accum=3, eval_every="epoch",
+                     save_every="epoch", keep_checkpoints=5)  # fmt: skip
+    assert main(["train", config]) == 0
+    print_out = capsys.readouterr().out
+    assert "plan         12 steps x 6 rows" in print_out and "eval         4 examples; at each epoch's end\n" in print_out, print_out
+    assert [e["step"] for e in _entries(out) if "eval_loss" in e] == [5, 9, 12]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5", "step-9"]
+    with pytest.raises(UserError, match=r"train.eval_every = 'epochs': give a number of steps \(0: never\) or epoch"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_every": "epochs"}}, check_paths=False)
+    with pytest.raises(UserError, match=r"train.save_every = -1: give a number of steps \(0: never\) or epoch"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"save_every": -1}}, check_paths=False)
+
+
 def test_eval_on_start_logs_the_base_at_step_0_and_changes_nothing_else(workspace, capsys):
     with_start, without = workspace / "evalstart", workspace / "evalnostart"
     assert main(["train", _config(workspace, with_start, max_steps=4, eval_every=2, save_best=True, eval_on_start=True)]) == 0
