@@ -46,6 +46,7 @@ from lorakit.inject import (
     lora_configs,
     lora_layers,
     saved_modules,
+    unselected_weights,
 )
 from lorakit.layers import LoraLayer, base_kind
 
@@ -474,6 +475,14 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int
     return out
 
 
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def check_fits(model: nn.Module, files: AdapterFiles) -> None:
     """Raise a UserError naming the first key whose name or shape does not fit `model`."""
     try:
@@ -485,6 +494,9 @@ def check_fits(model: nn.Module, files: AdapterFiles) -> None:
         ) from None
     for key, tensor in files.tensors.items():
         if key not in expected:
+            lora = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector)", key)
+            if lora is not None and _has_submodule(model, lora.group(1)):  # there, but not what the config selects
+                raise UserError(unselected_weights(files.path, lora.group(1), files.config))
             wanted = ", ".join(list(expected)[:3])
             raise UserError(
                 f"{files.path}: adapter tensor {key} {tuple(tensor.shape)} has no matching module in the model "

@@ -138,6 +138,29 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return chosen
 
 
+def selected_by_name(path: str, config: LoraConfig) -> bool:
+    """Whether `config`'s targets, exclude and layers select the module at `path`, from its name
+    alone (for adapter files read without a model; all-linear, which needs the module's kind,
+    passes every name)."""
+    if config.targets != "all-linear" and not _is_target(path, config.targets):
+        return False
+    return not _is_target(path, config.exclude) and _in_layers(path, config)
+
+
+def unselected_weights(where: object, path: str, config: LoraConfig) -> str:
+    """The message for an adapter file whose LoRA weights for `path` its own config does not select."""
+    selection = f"target_modules {config.targets!r}"
+    if config.exclude:
+        selection += f", exclude_modules {config.exclude!r}"
+    if config.layers is not None:
+        selection += f", layers_to_transform {config.layers!r}"
+    return (
+        f"{where}: adapter_model.safetensors holds LoRA weights for {path}, which adapter_config.json does not "
+        f"select ({selection}); PEFT would load the adapter without them. Add the module to target_modules, or "
+        "remove its tensors"
+    )
+
+
 def _in_layers(path: str, config: LoraConfig) -> bool:
     if config.layers is None:
         return True

@@ -73,6 +73,7 @@ from lorakit.adapters import (
     read_chat_template, replace_dir, staging_folder,
 )  # fmt: skip
 from lorakit.errors import UserError
+from lorakit.inject import selected_by_name, unselected_weights
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
 from lorakit.metrics import peak_rss_bytes
 from lorakit.experts import expert_delta
@@ -319,6 +320,8 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
         b = parts.get("lora_embedding_B" if emb else "lora_B.weight")
         if a is None or b is None:
             raise UserError(f"{where}: module {path} has only one of its two LoRA matrices; the adapter file is incomplete")
+        if not selected_by_name(path, config):
+            raise UserError(unselected_weights(where, path, config))
         key = layout.key_for(path)
         if key is None:
             raise UserError(

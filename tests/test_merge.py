@@ -289,3 +289,29 @@ def test_an_adapter_that_changes_no_weight_of_the_base_is_refused(tmp_path, caps
     assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out")]) == 2
     assert "adapter module transformer.h.0.attn.c_attn has no weight transformer.h.0.attn.c_attn.weight" in _error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, selection", [
+    ({"target_modules": ["q_proj"]}, "target_modules ['q_proj']"),
+    ({"exclude_modules": ["v_proj"]}, "target_modules ['q_proj', 'v_proj'], exclude_modules ['v_proj']"),
+    ({"layers_to_transform": [1]}, "target_modules ['q_proj', 'v_proj'], layers_to_transform [1]"),
+])  # fmt: skip
+def test_weights_that_the_adapters_own_config_does_not_select_are_refused(tmp_path, capsys, edit, selection):
+    # PEFT would load such an adapter without them, lorakit used to merge them: the two disagreed
+    from lorakit.adapters import load_adapter
+    from lorakit.errors import UserError
+
+    base, _ = _lorakit_case(tmp_path, tiny_llama, LoraConfig(r=2, targets=["q_proj", "v_proj"]), shard=None)
+    adapter = tmp_path / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    module = "model.layers.0.self_attn.v_proj" if "layers_to_transform" not in edit else "model.layers.0.self_attn.q_proj"
+    message = (f"{adapter}: adapter_model.safetensors holds LoRA weights for {module}, which adapter_config.json does not "
+               f"select ({selection}); PEFT would load the adapter without them. Add the module to target_modules, or "
+               "remove its tensors")  # fmt: skip
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2
+    assert _error(capsys) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError) as raised:
+        load_adapter(tiny_llama(), adapter)
+    assert str(raised.value) == message
