@@ -130,10 +130,11 @@ class LoraConfig:
 class DataConfig:
     """Where the training data is and how it becomes token batches (see lorakit.data)."""
 
-    # a file, or a list of files read one after another (a file listed twice counts twice)
-    train: Union[str, list[str], None] = None
+    # a file, or a list of files read one after another (a file listed twice counts twice); a
+    # list's file may come with options of its own: {path: b.jsonl, columns: {...}} (FILE_OPTIONS)
+    train: Union[str, list[Union[str, dict[str, Any]]], None] = None
     # a file or a list (one eval set), or named sets {name: file or list}, each evaluated on its own
-    eval: Union[str, list[str], dict[str, Union[str, list[str]]], None] = None
+    eval: Union[str, list[Union[str, dict[str, Any]]], dict[str, Union[str, list[Union[str, dict[str, Any]]]]], None] = None
     eval_fraction: float = 0.0  # held out from `train` when `eval` is not given
     # auto | text | completion | instruction | chat | preference (prompt, chosen, rejected) | unpaired
     # (prompt, completion, label: KTO's)
@@ -464,10 +465,11 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
     problems += _eval_set_problems(cfg.data.eval, cfg.train.objective)
     for key in ("train", "eval"):
+        problems += file_option_problems(f"data.{key}", getattr(cfg.data, key))
         files = data_files(getattr(cfg.data, key))
         if isinstance(getattr(cfg.data, key), list) and not files:
             problems.append(f"data.{key} = []: name at least one file, or leave it out")
-        missing = [f for f in files if check_paths and not Path(f).is_file()]
+        missing = [f for f in files if check_paths and isinstance(f, str) and not Path(f).is_file()]
         if missing:
             problems.append(f"data.{key} = {missing[0]!r}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if problems:
@@ -513,22 +515,72 @@ def _chat_template_problems(value: Union[str, None], check_paths: bool) -> list[
     return [f"data.chat_template = {value!r}: no such file; give a Jinja template file or one of {', '.join(CHAT_TEMPLATES)}"]
 
 
-def data_files(value: Union[str, list[str], dict[str, Any], None]) -> list[str]:
-    """data.train / data.eval as a list of files: [] for None, [path] for one path; named eval
-    sets' files one set after another."""
+# The data options a file of a data.train / data.eval list may set for its own records, in place
+# of the data section's: {path: b.jsonl, format: instruction, columns: {instruction: question}}
+FILE_OPTIONS = ("format", "columns", "system_prompt")
+
+
+def data_sources(value: Union[str, list[Any], None]) -> list[tuple[str, dict[str, Any]]]:
+    """data.train, or one eval set, as (file, the file's own options) pairs: [] for None."""
     if value is None:
         return []
+    entries = [value] if isinstance(value, str) else list(value)
+    return [(e, {}) if not isinstance(e, dict) else (e.get("path"), {k: v for k, v in e.items() if k != "path"}) for e in entries]
+
+
+def data_files(value: Union[str, list[Any], dict[str, Any], None]) -> list[str]:
+    """data.train / data.eval as a list of files: [] for None, [path] for one path; named eval
+    sets' files one set after another."""
     if isinstance(value, dict):
         return [f for files in eval_sets(value).values() for f in files]
-    return [value] if isinstance(value, str) else list(value)
+    return [path for path, _ in data_sources(value)]
 
 
-def eval_sets(value: Union[str, list[str], dict[str, Any], None]) -> dict[str, list[str]]:
+def file_option_problems(where: str, value: Any) -> list[str]:
+    """What is wrong with the files of a data.train / data.eval list that come with options."""
+    if isinstance(value, dict):
+        return [p for name, files in value.items() for p in file_option_problems(f"{where}.{name}", files)]
+    if not isinstance(value, list):
+        return []
+    problems = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            continue
+        at = f"{where}[{i}]"
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            problems.append(f"{at}: a file with options of its own names its file as path, e.g. {{path: b.jsonl, "
+                            "columns: {prompt: question}}")  # fmt: skip
+        for key, option in entry.items():
+            if key == "path":
+                continue
+            if key not in FILE_OPTIONS:
+                close = difflib.get_close_matches(str(key), FILE_OPTIONS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(f"{at}.{key}: unknown key; {hint}a file's own keys are path, {', '.join(FILE_OPTIONS)}")
+            elif key == "format" and option not in DATA_FORMATS:
+                problems.append(f"{at}.format = {option!r}: use one of {', '.join(DATA_FORMATS)}")
+            elif key == "columns":
+                if not isinstance(option, dict) or not all(isinstance(k, str) and isinstance(n, str) for k, n in option.items()):
+                    problems.append(f"{at}.columns = {option!r}: expected a mapping of lorakit's key to the records' name "
+                                    "for it, e.g. {prompt: question}")  # fmt: skip
+                else:
+                    problems += column_problems(option, f"{at}.columns")
+            elif key == "system_prompt" and option is not None and (not isinstance(option, str) or not option.strip()):
+                problems.append(f"{at}.system_prompt = {option!r}: give the system message's text, or null for none")
+    return problems
+
+
+def eval_sets(value: Union[str, list[Any], dict[str, Any], None]) -> dict[str, list[str]]:
     """data.eval as {set name: its files}: {} for None, one set named "" for a file or a list,
     the named sets as given."""
+    return {name: [path for path, _ in sources] for name, sources in eval_set_sources(value).items()}
+
+
+def eval_set_sources(value: Union[str, list[Any], dict[str, Any], None]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """data.eval as {set name: its (file, the file's own options) pairs}, as `eval_sets`."""
     if isinstance(value, dict):
-        return {name: data_files(files) for name, files in value.items()}
-    return {"": data_files(value)} if value is not None else {}
+        return {name: data_sources(files) for name, files in value.items()}
+    return {"": data_sources(value)} if value is not None else {}
 
 
 def eval_set_key(set_name: str) -> str:

@@ -91,7 +91,7 @@ import numpy as np
 from jinja2 import TemplateError
 import torch
 
-from lorakit.config import DataConfig, data_files, eval_sets
+from lorakit.config import DataConfig, data_sources, eval_set_sources
 from lorakit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -1641,7 +1641,8 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     """The train set, and the eval sets by name (`lorakit.config.eval_sets`; "" for the one set):
     `cfg.eval`'s if given, else a held-out `cfg.eval_fraction` of train (chosen from `seed`, the
     same every run) as the set "", else none. A list of files is read file by file (each cached on
-    its own) and put together in its order.
+    its own, with the options a file of the list sets for itself in place of `cfg`'s) and put
+    together in its order.
 
     Raises:
         UserError: data.train unset, or a held-out fraction that leaves train or eval empty.
@@ -1649,19 +1650,24 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     if not cfg.train:
         raise UserError("data.train is not set; point it at a .jsonl or .json file")
 
-    def load(files: list[str]) -> TokenizedDataset:
-        return TokenizedDataset.concat([load_dataset(f, tokenizer, cfg) for f in files], files)
+    def load_source(path: str, options: dict[str, Any]) -> TokenizedDataset:
+        return load_dataset(path, tokenizer, dataclasses.replace(cfg, **options) if options else cfg)
 
-    files = data_files(cfg.train)
+    def load(sources: list[tuple[str, dict[str, Any]]]) -> TokenizedDataset:
+        return TokenizedDataset.concat([load_source(*source) for source in sources], [path for path, _ in sources])
+
+    sources = data_sources(cfg.train)
     if cfg.eval:
-        return load(files), {name: load(set_files) for name, set_files in eval_sets(cfg.eval).items()}
+        return load(sources), {name: load(set_sources) for name, set_sources in eval_set_sources(cfg.eval).items()}
     if cfg.eval_fraction <= 0:
-        return load(files), {}
+        return load(sources), {}
     # Held out of the files' examples once each, however often a file is listed: a file listed
     # twice (weighted up) then trains twice on its training part, and never on what is held out.
-    distinct = list(dict.fromkeys(files))
-    parts = {f: load_dataset(f, tokenizer, cfg) for f in distinct}
-    union = TokenizedDataset.concat([parts[f] for f in distinct], distinct)
+    # (A file listed with other options of its own is another source.)
+    keys = [(path, json.dumps(options, sort_keys=True)) for path, options in sources]
+    distinct = list(dict.fromkeys(keys))
+    parts = {key: load_source(key[0], json.loads(key[1])) for key in distinct}
+    union = TokenizedDataset.concat([parts[k] for k in distinct], [path for path, _ in distinct])
     n = union.num_units()  # pairs are held out whole
     n_eval = max(1, round(n * cfg.eval_fraction))
     if n_eval >= n:
@@ -1672,9 +1678,9 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     perm = np.random.default_rng([_seed(seed), 0xE7A1]).permutation(n)
     held = np.zeros(n, dtype=bool)
     held[perm[:n_eval]] = True
-    starts = dict(zip(distinct, np.cumsum([0] + [parts[f].num_units() for f in distinct])))
-    kept = {f: np.flatnonzero(~held[starts[f] : starts[f] + parts[f].num_units()]) for f in distinct}
-    train = TokenizedDataset.concat([parts[f].subset(kept[f]) for f in files], files)
+    starts = dict(zip(distinct, np.cumsum([0] + [parts[k].num_units() for k in distinct])))
+    kept = {k: np.flatnonzero(~held[starts[k] : starts[k] + parts[k].num_units()]) for k in distinct}
+    train = TokenizedDataset.concat([parts[k].subset(kept[k]) for k in keys], [path for path, _ in keys])
     return train, {"": union.subset(np.flatnonzero(held))}
 
 

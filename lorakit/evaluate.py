@@ -161,13 +161,14 @@ def generation_accuracy(
     show_failures: int = 3,
     skip_invalid: bool = False,
     train_on_inputs: bool = False,
-    system_prompt: Optional[str] = None,
+    system_prompt: Union[str, None, Sequence[Optional[str]]] = None,
 ) -> dict[str, Any]:
     """{"accuracy", "correct", "total", "failures": [{"prompt", "expected", "got"}]} over the
     records that have an answer (exact match of `final_answer`s: stripped, a leading reasoning block
     left out; greedy; at most `show_failures` listed). skip_invalid: leave out the records the
     data's own reading (with `train_on_inputs`) skips as invalid, which it has counted, instead of
-    raising. system_prompt: data.system_prompt, put first in chats without a system turn.
+    raising. system_prompt: data.system_prompt, put first in chats without a system turn; or one
+    per record (the files of a data list may set their own).
 
     Raises:
         UserError: see `prompt_and_answer`; no record with an answer.
@@ -180,7 +181,8 @@ def generation_accuracy(
         try:
             if skip_invalid:
                 prepare_record(record, "auto", train_on_inputs)  # what the loss skipped, this skips too
-            case = prompt_and_answer(record, system_prompt)
+            case = prompt_and_answer(record, system_prompt if system_prompt is None or isinstance(system_prompt, str)
+                                     else system_prompt[i])  # fmt: skip
             if case is not None and not isinstance(case[1], str):  # a turn that calls tools: its text
                 case = (case[0], tool_call_answer(tokenizer, case[0], case[1]), case[2])
         except (UserError, BadRecord) as exc:

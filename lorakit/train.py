@@ -36,7 +36,7 @@ from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
-    eval_key, eval_set_key, load_run_config, parse_overrides,
+    data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, parse_overrides,
 )  # fmt: skip
 from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
@@ -102,7 +102,7 @@ class Run:
     metrics: Optional[MetricsLog] = None
     data_stats: dict[str, Any] = field(default_factory=dict)
     frozen_summary: str = ""
-    eval_records: Optional[dict[str, list]] = None  # eval_generate's records, by eval set
+    eval_records: Optional[dict[str, list]] = None  # eval_generate's (record, system prompt) pairs, by eval set
     interrupted: Optional[int] = None  # the signal number that asked us to stop
     # The parameters that train, listed once: walking the module tree for them took 0.2 ms a step
     # on the benchmark's model and CPU, host time that a GPU's small-model step waits for.
@@ -126,8 +126,11 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
         return h.hexdigest()
 
     def files_hash(value):  # one file's hash as before (a list of one too), so earlier checkpoints still resume
-        files = data_files(value)
-        return file_hash(files[0]) if len(files) == 1 else [file_hash(f) for f in files] or None
+        sources = data_sources(value)
+        hashes = [file_hash(f) for f, _ in sources]
+        if any(options for _, options in sources):  # a file's own options (so earlier checkpoints still resume)
+            return [[h, options] for h, (_, options) in zip(hashes, sources)]
+        return hashes[0] if len(hashes) == 1 else hashes or None
 
     model_dir = Path(cfg.model)
     model_id = cfg.model
@@ -527,9 +530,19 @@ def add_neftune(model: nn.Module, alpha: float, rank: int = 0) -> torch.utils.ho
 def data_config(cfg: RunConfig) -> DataConfig:
     """cfg.data, reading records as preference pairs under a preference objective (a record may hold
     chat messages beside its pair, as UltraFeedback's do, which `auto` reads as chat)."""
-    if cfg.train.objective != "sft" and cfg.data.format == "auto":
-        return dataclasses.replace(cfg.data, format="unpaired" if cfg.train.objective in UNPAIRED_OBJECTIVES else "preference")
-    return cfg.data
+    if cfg.train.objective == "sft":
+        return cfg.data
+    pairs = "unpaired" if cfg.train.objective in UNPAIRED_OBJECTIVES else "preference"
+
+    def files(value: Any) -> Any:  # the files of a list that set format: auto for themselves
+        if isinstance(value, dict):
+            return {name: files(v) for name, v in value.items()}
+        if not isinstance(value, list):
+            return value
+        return [{**e, "format": pairs} if isinstance(e, dict) and e.get("format") == "auto" else e for e in value]
+
+    data = cfg.data
+    return dataclasses.replace(data, format=pairs if data.format == "auto" else data.format, train=files(data.train), eval=files(data.eval))
 
 
 def check_resume_step(step: int, total_steps: int, checkpoint: Path) -> None:
@@ -566,8 +579,9 @@ def check_token_ids(model: nn.Module, cfg: RunConfig, train_set: Any, eval_sets:
             )
 
 
-def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer: Any) -> dict[str, list[dict]]:
-    """eval_generate's records of each eval set, as the data reads them (data.columns), checked
+def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer: Any) -> dict[str, list[tuple[dict, Optional[str]]]]:
+    """eval_generate's records of each eval set, as the data reads them (data.columns, or their
+    file's own), each with the system prompt of its file (data.system_prompt, or the file's), checked
     before any step: every set needs a record with an answer to compare generations with, and the
     chat template must write the answers that call tools (`tool_call_answer`; records it fails on
     are left out under data.skip_invalid, as the eval set's loss leaves them out).
@@ -579,19 +593,21 @@ def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer
     from lorakit.data import BadRecord, read_records, rename_columns
     from lorakit.evaluate import prompt_and_answer, tool_call_answer
 
-    records: dict[str, list[dict]] = {name: [] for name in eval_sets}
-    for name, files in config_eval_sets(cfg.data.eval).items():
+    records: dict[str, list[tuple[dict, Optional[str]]]] = {name: [] for name in eval_sets}
+    for name, sources in eval_set_sources(cfg.data.eval).items():
         answers = 0
-        for f in files:
+        files = [f for f, _ in sources]
+        for f, options in sources:
+            columns, system_prompt = options.get("columns", cfg.data.columns), options.get("system_prompt", cfg.data.system_prompt)
             for line, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
                 try:
-                    record = rename_columns(record, cfg.data.columns)
+                    record = rename_columns(record, columns)
                 except BadRecord:  # what tokenizing the eval set skipped (skip_invalid), this skips too
                     continue
                 try:
-                    case = prompt_and_answer(record, cfg.data.system_prompt)
+                    case = prompt_and_answer(record, system_prompt)
                 except UserError:  # an invalid record: the eval set's own reading reported or skipped it
-                    records[name].append(record)
+                    records[name].append((record, system_prompt))
                     continue
                 if case is not None and not isinstance(case[1], str):
                     try:
@@ -600,7 +616,7 @@ def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer
                         if cfg.data.skip_invalid:
                             continue
                         raise UserError(f"{f}:{line}: train.eval_generate: {exc}") from None
-                records[name].append(record)
+                records[name].append((record, system_prompt))
                 answers += case is not None
         if not answers:
             raise UserError(
@@ -863,10 +879,11 @@ def _evaluate(run: Run) -> dict[str, float]:
         if run.eval_records is not None:
             from lorakit.evaluate import generation_accuracy
 
+            records, system_prompts = zip(*run.eval_records[name])
             acc = generation_accuracy(
-                run.model, run.tokenizer, run.eval_records[name], max_new_tokens=run.cfg.train.eval_max_new_tokens,
+                run.model, run.tokenizer, records, max_new_tokens=run.cfg.train.eval_max_new_tokens,
                 skip_invalid=run.cfg.data.skip_invalid, train_on_inputs=run.cfg.data.train_on_inputs,
-                system_prompt=run.cfg.data.system_prompt,
+                system_prompt=list(system_prompts),
             )
             out[eval_key(name, "accuracy")] = acc["accuracy"]
     return out

@@ -706,6 +706,71 @@ def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
         load_train_eval(DataConfig(train=[str(prefs), str(a)], max_length=24), tok, seed=0)
 
 
+def test_the_files_of_a_list_may_set_their_own_columns_format_and_system_prompt(tmp_path):
+    from lorakit.config import build_run_config
+    from lorakit.train import generation_eval_records
+
+    tok = make_tokenizer("llama3")
+    chat = CHAT[1:3]
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2 plus 2 is", "answer": " 4"}])  # read as completions
+    dialogs = write_jsonl(tmp_path / "dialogs.jsonl", [{"dialog": chat}])
+    prompted = write_jsonl(tmp_path / "prompted.jsonl", [{"prompt": "1 plus 1 is", "completion": " 2"}])
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat}])
+    raw = {"model": "m", "data": {"train": [
+        {"path": str(qa), "columns": {"prompt": "question", "completion": "answer"}},
+        {"path": str(dialogs), "columns": {"messages": "dialog"}, "system_prompt": "Be brief."},
+        {"path": str(prompted), "format": "text", "columns": {"text": "prompt"}},  # the prompt alone, as text
+    ], "eval": [str(chats), {"path": str(dialogs), "columns": {"messages": "dialog"}, "system_prompt": None}],
+        "max_length": 64, "cache_dir": str(tmp_path / "c"), "system_prompt": "Said first."}}  # fmt: skip
+    cfg = build_run_config(raw, check_paths=False)
+    train, sets = load_train_eval(cfg.data, tok, seed=0)
+
+    def example(record, system_prompt=None):  # the record under lorakit's own keys, read with no options
+        path = write_jsonl(tmp_path / "one.jsonl", [record])
+        return [x.tolist() for x in load_dataset(path, tok, DataConfig(max_length=64, system_prompt=system_prompt), use_cache=False).example(0)]
+
+    assert [x.tolist() for x in train.example(0)] == example({"prompt": "2 plus 2 is", "completion": " 4"})
+    assert [x.tolist() for x in train.example(1)] == example({"messages": chat}, "Be brief.")
+    assert tok.decode(train.example(2)[0]) == "1 plus 1 is" + tok.eos_token and (train.example(2)[1][1:] != -100).all()
+    assert [x.tolist() for x in sets[""].example(0)] == example({"messages": chat}, "Said first.")  # data.system_prompt
+    assert [x.tolist() for x in sets[""].example(1)] == example({"messages": chat})  # the file's null: none
+    # eval_generate reads each file as its options say, with its own system prompt
+    records = generation_eval_records(cfg, sets, tok)
+    assert records[""] == [({"messages": chat}, "Said first."), ({"messages": chat}, None)]
+    # the same file with other options is another source, held out on its own
+    twice = dataclasses.replace(cfg.data, train=[str(chats), {"path": str(chats), "system_prompt": "Other."}], eval=None,
+                                eval_fraction=0.5)  # fmt: skip
+    held_train, held = load_train_eval(twice, tok, seed=0)
+    assert (len(held_train), len(held[""])) == (1, 1)
+    assert {tuple(d.example(0)[0].tolist()) for d in (held_train, held[""])} == {
+        tuple(example({"messages": chat}, s)[0]) for s in ("Said first.", "Other.")}  # fmt: skip
+    # under a preference objective a file's format: auto reads pairs, as data.format: auto does
+    from lorakit.train import data_config
+
+    dpo = build_run_config({"model": "m", "data": {"train": [{"path": "p.jsonl", "format": "auto"}, "q.jsonl"], "eval": {
+        "a": [{"path": "p.jsonl", "format": "auto"}]}}, "train": {"objective": "kto"}}, check_paths=False).data  # fmt: skip
+    assert data_config(dataclasses.replace(cfg, data=dpo, train=dataclasses.replace(cfg.train, objective="kto"))).train == [
+        {"path": "p.jsonl", "format": "unpaired"}, "q.jsonl"]  # fmt: skip
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"columns": {"prompt": "q"}}, "data.train[1]: a file with options of its own names its file as path"),
+    ({"path": "b.jsonl", "colums": {}}, "data.train[1].colums: unknown key; did you mean 'columns'? a file's own keys are path, "
+                                        "format, columns, system_prompt"),
+    ({"path": "b.jsonl", "format": "chats"}, "data.train[1].format = 'chats': use one of auto, text, completion"),
+    ({"path": "b.jsonl", "columns": {"promt": "q"}}, "data.train[1].columns: 'promt' is no key of lorakit's records"),
+    ({"path": "b.jsonl", "columns": ["prompt"]}, "data.train[1].columns = ['prompt']: expected a mapping of lorakit's key"),
+    ({"path": "b.jsonl", "system_prompt": " "}, "data.train[1].system_prompt = ' ': give the system message's text, or null"),
+])  # fmt: skip
+def test_bad_options_of_a_file_are_config_errors(entry, message):
+    from lorakit.config import build_run_config
+
+    for key, value in (("train", ["a.jsonl", entry]), ("eval", {"set": ["a.jsonl", entry]})):
+        with pytest.raises(UserError) as err:
+            build_run_config({"model": "m", "data": {"train": "a.jsonl", key: value}}, check_paths=False)
+        assert message.replace("data.train", f"data.{key}" if key == "train" else "data.eval.set") in str(err.value)
+
+
 def test_parquet_arrow_csv_and_tsv_tables_read_as_their_jsonl(tmp_path):
     import csv
 

@@ -379,6 +379,16 @@ def test_a_list_of_data_files_trains_as_one_and_resumes_only_unchanged(workspace
     assert fingerprint(one) == fingerprint(listed)
     assert main(["train", _config(workspace, out), f"data.train=[{workspace / 'train.jsonl'}, 3]"]) == 2
     assert "data.train: missing" not in capsys.readouterr().err  # the bad item is the one problem
+    # a file with options of its own (here its records' name for "text"); the options are part of the data
+    body = workspace / "body.jsonl"
+    body.write_text("".join(json.dumps({"body": f"{a} plus {a} is {2 * a}"}) + "\n" for a in range(8)))
+    own = f"data.train=[{workspace / 'train.jsonl'}, {{path: {body}, columns: {{text: body}}}}]"
+    assert main(["train", _config(workspace, workspace / "own-options", max_steps=2), own]) == 0
+    assert "data         168 examples" in capsys.readouterr().out
+    trained, renamed = _adapter(out), _adapter(workspace / "own-options")  # the same records under another name
+    assert renamed.keys() == trained.keys() and all(torch.equal(renamed[k], trained[k]) for k in trained)
+    with_options = load_run_config(_config(workspace, out), {"data.train": [{"path": str(extra), "columns": {"text": "body"}}]})
+    assert fingerprint(with_options)["data"]["train"] == [[fingerprint(listed)["data"]["train"], {"columns": {"text": "body"}}]]
 
 
 def test_a_chat_template_for_a_base_model_is_trained_with_and_travels_with_the_adapter(tmp_path, capsys):
