@@ -348,7 +348,7 @@ def read_chat_template(directory: Union[str, Path]) -> Optional[str]:
     if not path.is_file():
         return None
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark would start every render
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the chat template as UTF-8, or "
                         "delete the file to use the model's own template") from None  # fmt: skip

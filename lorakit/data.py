@@ -898,14 +898,16 @@ def chat_template_text(value: str) -> str:
     """data.chat_template's template: a name of CHAT_TEMPLATES, else a Jinja file's text.
 
     Raises:
-        UserError: a file that cannot be read as UTF-8 text.
+        UserError: a file that cannot be read, or not as UTF-8 text (FILE:LINE).
     """
     if value in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[value]
-    try:
-        return Path(value).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"data.chat_template = {value!r}: cannot read it ({exc}); give a UTF-8 Jinja file") from None
+    try:  # as data files: a byte-order mark would otherwise start every rendered example
+        return read_utf8(Path(value))
+    except OSError as exc:
+        raise UserError(f"data.chat_template = {value!r}: cannot read it ({exc.strerror or exc}); give a UTF-8 Jinja file") from None
+    except UserError as exc:
+        raise UserError(f"data.chat_template: {exc}") from None
 
 
 # The first line of a template that data.chat_template_kwargs' variables are set in.

@@ -983,3 +983,22 @@ def test_bad_chat_template_kwargs_are_config_errors(tmp_path, kwargs, message):
         return
     with pytest.raises(UserError, match=re.escape(message)):
         build_run_config(cfg)
+
+
+def test_a_chat_template_file_is_read_as_data_files_are(tmp_path):
+    from lorakit.adapters import read_chat_template
+    from lorakit.data import CHAT_TEMPLATES, chat_template_text
+
+    # saved by a Windows editor: the byte-order mark would start every rendered example
+    (tmp_path / "bom.jinja").write_bytes(b"\xef\xbb\xbf" + CHAT_TEMPLATES["chatml"].encode())
+    assert chat_template_text(str(tmp_path / "bom.jinja")) == CHAT_TEMPLATES["chatml"]
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xef\xbb\xbf{{ messages }}")  # an adapter's copy
+    assert read_chat_template(tmp_path) == "{{ messages }}"
+    (tmp_path / "latin1.jinja").write_bytes("{# caf\u00e9 #}\n{{ messages }}".encode("latin-1"))
+    with pytest.raises(UserError) as caught:
+        chat_template_text(str(tmp_path / "latin1.jinja"))
+    assert str(caught.value) == (f"data.chat_template: {tmp_path / 'latin1.jinja'}:1: not UTF-8 text (invalid continuation "
+                                 "byte); save the file as UTF-8")  # fmt: skip
+    with pytest.raises(UserError) as caught:
+        chat_template_text(str(tmp_path))
+    assert str(caught.value) == f"data.chat_template = {str(tmp_path)!r}: cannot read it (Is a directory); give a UTF-8 Jinja file"
