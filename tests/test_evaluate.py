@@ -146,6 +146,10 @@ def test_cli_eval_system_prompt_equals_the_message_in_the_data(setup, tmp_path, 
     assert got == want and got["tokens"] > 0
     assert main(["eval", "--model", str(folder), "--data", str(bare), *args]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] != want["loss"]  # without it: another conversation
+    # a byte that is not UTF-8 (kept by Python as a lone surrogate): refused before the model is read
+    assert main(["eval", "--model", "no/such/model", "--data", str(bare), "--system", "caf\udce9"]) == 2
+    assert capsys.readouterr().err == "error: --system: byte 0xe9 at character 4 is not UTF-8 text; pass UTF-8 text " \
+                                      "(set the terminal's encoding to UTF-8)\n"  # fmt: skip
 
 
 def test_bad_inputs(setup, tmp_path, capsys):
