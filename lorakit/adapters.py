@@ -315,6 +315,9 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"adapter folder {str(directory)!r} not found")
+    from lorakit.models import check_utf8_path
+
+    check_utf8_path(directory, "adapter")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise UserError(f"{directory}: no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")

@@ -42,11 +42,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+def check_utf8_path(folder: Path, what: str) -> None:
+    """Raise a UserError where `folder`'s path holds bytes that are not UTF-8 (Python keeps them as
+    lone surrogates): the tokenizers and safetensors libraries open UTF-8 paths only."""
+    from lorakit.data import undecodable_byte
+
+    problem = undecodable_byte(str(folder))
+    if problem is not None:
+        raise UserError(f"{what} folder {str(folder)!r}: {problem}, and the tokenizers and safetensors libraries open "
+                        "UTF-8 paths only; rename the folder (or a folder above it)")  # fmt: skip
+
+
 def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -> Path:
     """Raise a UserError unless `path` is a usable model folder (safetensors weights, tokenizer)."""
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"model folder {str(path)!r} not found; pass a local Hugging Face model folder")
+    check_utf8_path(folder, "model")
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: no config.json; a model folder holds config.json, *.safetensors and tokenizer files")
     read_config_json(folder)

@@ -170,6 +170,25 @@ def test_arguments_and_chat_lines_with_bytes_that_are_not_utf8(model_tok, capsys
     assert out.getvalue().startswith("(that line's byte 0xe9 at character 4 is not UTF-8 text; type it again in UTF-8)\n")
 
 
+def test_model_and_adapter_folders_whose_paths_are_not_utf8_exit_2(tmp_path, capsys):
+    # the tokenizers and safetensors libraries cannot open such paths (a traceback from the tokenizer)
+    model, adapter = tmp_path / "m\udcff", tmp_path / "a\udcff"
+    model.mkdir()
+    adapter.mkdir()
+    for args, what, path in (
+        (["generate", "--model", str(model), "--prompt", "hi"], "model", model),
+        (["eval", "--model", str(model), "--data", "d.jsonl"], "model", model),
+        (["inspect", str(adapter)], "adapter", adapter),
+        (["merge", "--base", str(model), "--adapter", str(adapter), "--out", str(tmp_path / "o")], "adapter", adapter),
+    ):
+        assert main(args) == 2, args
+        at = len(str(path))
+        assert capsys.readouterr().err == (
+            f"error: {what} folder {str(path)!r}: byte 0xff at character {at} is not UTF-8 text, and the tokenizers and "
+            "safetensors libraries open UTF-8 paths only; rename the folder (or a folder above it)\n"
+        ), args
+
+
 def test_an_empty_prompt_without_a_start_token_and_a_nan_temperature_are_user_errors(model_tok, monkeypatch):
     model, tok = model_tok
     with pytest.raises(UserError, match="temperature=nan"):
