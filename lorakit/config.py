@@ -67,7 +67,14 @@ class LoraConfig:
 
     def problems(self, where: str = "lora") -> list[str]:
         """Every invalid value, as messages naming the key and the fix."""
-        out = []
+        # names and indices of the wrong type (an adapter_config.json's; a config's were replaced by
+        # their defaults when read) would fail the checks below and the matching of module names
+        hints = typing.get_type_hints(LoraConfig)
+        out = [f"{where}.{key} = {getattr(self, key)!r}: expected {_type_name(hints[key])}"
+               for key in ("targets", "exclude", "layers", "modules_to_save", "target_parameters")
+               if not _coerce(getattr(self, key), hints[key])[0]]  # fmt: skip
+        if out:
+            return out
         if not _is_int(self.r) or self.r <= 0:
             out.append(f"{where}.r = {self.r!r}: the rank must be a positive integer, e.g. 8 or 16")
         if not _is_number(self.alpha) or self.alpha <= 0:

@@ -197,6 +197,13 @@ def test_patterns_and_name_lists_of_another_json_type_exit_2(tmp_path, capsys):
         ("rank_pattern", ["q_proj"], "rank_pattern = ['q_proj']: expected a mapping of module name (or regex) to rank, e.g. "),
         ("alpha_pattern", [["q_proj", 4]], "alpha_pattern = [['q_proj', 4]]: expected a mapping of module name (or regex) to alpha"),
         ("modules_to_save", "lm_head", "modules_to_save = 'lm_head': expected a list of names, e.g. [\"lm_head\"]"),
+        # names and indices of another type failed where module names are matched (TypeError)
+        ("target_modules", 5, "lora.targets = 5: expected a list of strings or a string"),
+        ("target_modules", ["q_proj", None], "lora.targets = ['q_proj', None]: expected a list of strings or a string"),
+        ("exclude_modules", [5], "lora.exclude = [5]: expected a list of strings or a string or null"),
+        ("modules_to_save", [5], "lora.modules_to_save = [5]: expected a list of strings"),
+        ("target_parameters", [5], "lora.target_parameters = [5]: expected a list of strings"),
+        ("layers_to_transform", 0.5, "lora.layers = 0.5: expected a list of integers or null"),
     ]:
         (adapter / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         for args in (["generate", "--model", str(base), "--adapter", str(adapter), "--prompt", "x"],
