@@ -144,6 +144,15 @@ def _loading_errors(path: Union[str, Path]) -> Iterator[None]:
         yield
     except SafetensorError as exc:
         raise UserError(f"{path}: a weights file is not a valid safetensors file ({exc}); re-save or re-download it") from None
+    except UnicodeDecodeError as exc:  # a text file of the folder (tokenizer_config.json, chat_template.jinja) in UTF-16, say
+        from lorakit.data import read_utf8
+
+        folder = Path(path)
+        for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if file.suffix in (".json", ".jinja", ".txt") and file.is_file():
+                read_utf8(file)  # FILE:LINE of the first that is not UTF-8
+        raise UserError(f"{path}: transformers could not load it: a file is not UTF-8 text ({exc.reason}); re-save or "
+                        "re-download the model's files") from None  # fmt: skip
     except (OSError, json.JSONDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if Path(path).exists():

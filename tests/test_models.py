@@ -47,6 +47,21 @@ def test_meta_model_and_a_folder_transformers_cannot_read(tmp_path):
         load_tokenizer(folder)
 
 
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_tokenizer_file_that_is_not_utf8_is_named(tmp_path, capsys, name):
+    # transformers read it with a UnicodeDecodeError that named no file (a traceback from the CLI)
+    from lorakit.cli import main
+
+    folder = save_model_folder(tmp_path / "m", tiny_llama())
+    text = (folder / name).read_text() if (folder / name).is_file() else "{{ messages }}"
+    (folder / name).write_text(text, encoding="utf-16")
+    with pytest.raises(UserError) as caught:
+        load_tokenizer(folder)
+    assert str(caught.value) == f"{folder / name}:1: not UTF-8 text (invalid start byte); save the file as UTF-8"
+    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if "error" in line] == [f"error: {caught.value}"]
+
+
 @pytest.mark.parametrize("case", ["missing", "shape"])
 def test_weights_that_do_not_fit_config_json_are_refused(tmp_path, case):
     # transformers would start a missing weight at random (and only print a report): a user error here
