@@ -321,9 +321,9 @@ def _columns(pairs: list[str]) -> dict[str, str]:
 def eval_command(args: argparse.Namespace) -> int:
     from lorakit.config import DataConfig
     from lorakit.data import BadRecord, load_dataset, read_records, rename_columns
-    from lorakit.generate import _check_utf8_argument, load_for_command
+    from lorakit.generate import check_utf8_argument, load_for_command
 
-    _check_utf8_argument("--system", args.system)  # no tokenizer encodes such bytes; refused before loading
+    check_utf8_argument("--system", args.system)  # no tokenizer encodes such bytes; refused before loading
     model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto reads as chat)

@@ -238,7 +238,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _check_utf8_argument(flag: str, value: Optional[str]) -> None:
+def check_utf8_argument(flag: str, value: Optional[str]) -> None:
+    """Raise a UserError where a command-line argument holds bytes that are not UTF-8."""
     from lorakit.data import undecodable_byte
 
     problem = None if value is None else undecodable_byte(value)
@@ -248,7 +249,7 @@ def _check_utf8_argument(flag: str, value: Optional[str]) -> None:
 
 def generate_command(args: argparse.Namespace) -> int:
     """Print the completion of --prompt, or one JSON line {"prompt", "completion"} per --prompts entry."""
-    _check_utf8_argument("--prompt", args.prompt)
+    check_utf8_argument("--prompt", args.prompt)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     model, tokenizer = load_for_command(args)
     texts = generate(model, tokenizer, prompts, chat=args.chat, batch_size=args.batch_size, **_sampling(args))
@@ -328,7 +329,7 @@ def chat_loop(
 def chat_command(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     check_sampling(sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["max_new_tokens"])
-    _check_utf8_argument("--system", args.system)
+    check_utf8_argument("--system", args.system)
     model, tokenizer = load_for_command(args)
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
     return 0
