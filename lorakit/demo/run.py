@@ -67,7 +67,9 @@ def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> i
         before = evaluate(run)
         run.metrics.log({"step": 0, **before})
         if run.eval_records:
-            samples = generation_accuracy(run.model, run.tokenizer, run.eval_records[""][:3], max_new_tokens=MAX_NEW_TOKENS)
+            records, system_prompts = zip(*run.eval_records[""][:3])  # (record, its file's system prompt) pairs
+            samples = generation_accuracy(run.model, run.tokenizer, records, max_new_tokens=MAX_NEW_TOKENS,
+                                          system_prompt=list(system_prompts))  # fmt: skip
             for f in samples["failures"][:3]:
                 log(f"  prompt {_last_user(f['prompt'])!r}: expected {f['expected']!r}, base model says {f['got']!r}")
         log(f"  base model: {_scores(before)}\n")
