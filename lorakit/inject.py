@@ -162,7 +162,9 @@ def unselected_weights(where: object, path: str, config: LoraConfig) -> str:
 
 
 def _in_layers(path: str, config: LoraConfig) -> bool:
-    if config.layers is None:
+    # a target naming the module's whole path selects it whatever its layer, as in PEFT (whose
+    # layers_to_transform filters only the names a module's path ends with)
+    if config.layers is None or (isinstance(config.targets, list) and path in config.targets):
         return True
     found = _BLOCK_INDEX.search(path)
     return found is not None and int(found.group(1)) in config.layers

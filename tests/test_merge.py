@@ -315,3 +315,25 @@ def test_weights_that_the_adapters_own_config_does_not_select_are_refused(tmp_pa
     with pytest.raises(UserError) as raised:
         load_adapter(tiny_llama(), adapter)
     assert str(raised.value) == message
+
+
+def test_a_target_naming_a_whole_path_is_selected_outside_layers_to_transform(tmp_path):
+    # PEFT's layers_to_transform filters only the names a path ends with: a target that names the
+    # module's whole path is selected in any layer, so its weights merge and load, not refused
+    from lorakit.adapters import load_adapter
+    from lorakit.inject import lora_layers
+
+    targets = ["model.layers.0.self_attn.q_proj", "v_proj"]
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=2, lora_alpha=4, target_modules=targets, layers_to_transform=[1]))
+    _randomise(peft_model)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(_ids()).logits
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    base = save_model_folder(tmp_path / "base", tiny_llama(), make_tokenizer())
+    merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(_plain(tmp_path / "out")(_ids()).logits, expected, atol=1e-5, rtol=0)
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "adapter")
+    assert [p for p, _ in lora_layers(model)] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
