@@ -46,6 +46,7 @@ import torch
 
 from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, check_output_folder, read_adapter, write_adapter_folder
 from lorakit.errors import UserError
+from lorakit.inject import selected_by_name, unselected_weights
 
 METHODS = ("cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 # the methods that prune each update first, and so need `density`
@@ -187,6 +188,8 @@ def _module_factors(files: AdapterFiles) -> dict[str, tuple[str, torch.Tensor, t
         for kind, (a_suffix, b_suffix) in _FACTORS.items():
             if key.endswith(a_suffix) and key.startswith(PREFIX):
                 path = key[len(PREFIX) : -len(a_suffix)]
+                if not selected_by_name(path, files.config):  # PEFT loads the adapter without them: no part of its update
+                    raise UserError(unselected_weights(files.path, path, files.config))
                 b_key = f"{PREFIX}{path}{b_suffix}"
                 if b_key not in files.tensors:
                     raise UserError(f"{files.path}: {key} has no {b_key}; the adapter file is incomplete")

@@ -194,3 +194,22 @@ def test_adapters_that_cannot_be_combined_are_refused(adapters, tmp_path, capsys
         combine_adapters([one], tmp_path / "plain" / "sub")
     assert main(["combine", "--adapter", str(dora), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_weights_that_an_adapters_own_config_does_not_select_are_refused(adapters, tmp_path):
+    # PEFT loads such an adapter without them, so add_weighted_adapter would leave them out: they
+    # are refused, as merge and loading refuse them, not combined into an adapter that selects them
+    import shutil
+
+    narrowed = tmp_path / "narrowed"
+    shutil.copytree(adapters / "two", narrowed)
+    config = json.loads((narrowed / "adapter_config.json").read_text())
+    (narrowed / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    with pytest.raises(UserError) as err:
+        combine_adapters([adapters / "one", narrowed], tmp_path / "out")
+    assert str(err.value) == (
+        f"{narrowed}: adapter_model.safetensors holds LoRA weights for model.layers.0.self_attn.o_proj, which "
+        "adapter_config.json does not select (target_modules ['q_proj']); PEFT would load the adapter without them. "
+        "Add the module to target_modules, or remove its tensors"
+    )
+    assert not (tmp_path / "out").exists()
