@@ -831,6 +831,11 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
+        if isinstance(child, list):  # its items are no keys: the whole list, as it is now, to edit
+            where = ".".join(parts[: i + 1])
+            now = yaml.safe_dump(child, default_flow_style=True, width=math.inf).strip()
+            raise UserError(f"override {key}={value!r}: {where} is a list, whose items an override does not reach; "
+                            f"override the whole of it instead, e.g. {where}='{now}' with the item changed")  # fmt: skip
         if child is not None and not isinstance(child, dict):
             where = ".".join(parts[: i + 1])
             raise UserError(

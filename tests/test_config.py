@@ -26,6 +26,20 @@ def test_yaml_file_with_overrides(tmp_path):
     assert cfg.data.packing is True and cfg.output_dir == "runs/lorakit"
 
 
+def test_an_override_into_a_list_names_the_whole_list_to_override(tmp_path):
+    # data.train.1.columns.prompt=q: a list's items are no keys; the message gives the list as it
+    # is, to edit (it used to suggest data.train='{1: ...}', a mapping data.train may not be)
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: {train: [a.jsonl, {path: b.jsonl, columns: {prompt: question}}]}\n")
+    with pytest.raises(UserError) as err:
+        load_run_config(path, parse_overrides(["data.train.1.columns.prompt=q"]), check_paths=False)
+    assert str(err.value) == (
+        "override data.train.1.columns.prompt='q': data.train is a list, whose items an override does not reach; override "
+        "the whole of it instead, e.g. data.train='[a.jsonl, {columns: {prompt: question}, path: b.jsonl}]' with the item "
+        "changed"
+    )
+
+
 def test_every_problem_in_one_message():
     with pytest.raises(UserError) as err:
         build_run_config({"modle": "x", "data": {"train": "t", "pack": True}, "train": {"epochs": 0, "warmup_steps": -1,
