@@ -399,6 +399,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     # Bad values are reported and replaced by their defaults so the checks below still run:
     # the user sees every problem in one message.
     cfg = _convert(RunConfig, raw, "", problems)
+    problems = _unlisted_file_options(raw.get("data"), problems)
     if cfg.adapter is not None:
         problems += _take_adapter_config(cfg, raw.get("lora"), check_paths, problems)
     problems += cfg.lora.problems("lora")
@@ -541,6 +542,23 @@ def data_files(value: Union[str, list[Any], dict[str, Any], None]) -> list[str]:
     if isinstance(value, dict):
         return [f for files in eval_sets(value).values() for f in files]
     return [path for path, _ in data_sources(value)]
+
+
+def _unlisted_file_options(data: Any, problems: list[str]) -> list[str]:
+    """`problems` with the type error of a data.train / data.eval that is one file with options
+    ({path: b.jsonl, columns: ...}, not in a list) said as such, and how to write it."""
+    for key in ("train", "eval"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(value, dict):
+            continue
+        entries = {f"data.{key}": value} if "path" in value or key == "train" else {f"data.eval.{k}": v for k, v in value.items()}
+        where, entry = next(((w, e) for w, e in entries.items() if isinstance(e, dict) and "path" in e), (None, None))
+        if where is None:
+            continue
+        wrong = f"data.{key} = {value!r}: expected "
+        problems = [f"{where} = {entry!r}: a file with options of its own is an item of a list; write {where}: "
+                    f"[{{path: {entry['path']}, ...}}]" if p.startswith(wrong) else p for p in problems]  # fmt: skip
+    return problems
 
 
 def file_option_problems(where: str, value: Any) -> list[str]:

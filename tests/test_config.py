@@ -40,6 +40,24 @@ def test_an_override_into_a_list_names_the_whole_list_to_override(tmp_path):
     )
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"path": "b.jsonl", "columns": {"prompt": "q"}}},
+     "data.train = {'path': 'b.jsonl', 'columns': {'prompt': 'q'}}: a file with options of its own is an item of a list; "
+     "write data.train: [{path: b.jsonl, ...}]"),
+    ({"train": "a.jsonl", "eval": {"path": "b.jsonl", "columns": {"prompt": "q"}}},
+     "data.eval = {'path': 'b.jsonl', 'columns': {'prompt': 'q'}}: a file with options of its own is an item of a list; "
+     "write data.eval: [{path: b.jsonl, ...}]"),
+    ({"train": "a.jsonl", "eval": {"gsm8k": "a.jsonl", "qa": {"path": "b.jsonl", "system_prompt": "Be brief."}}},
+     "data.eval.qa = {'path': 'b.jsonl', 'system_prompt': 'Be brief.'}: a file with options of its own is an item of a "
+     "list; write data.eval.qa: [{path: b.jsonl, ...}]"),
+])  # fmt: skip
+def test_a_file_with_options_outside_a_list_is_told_to_go_in_one(data, message):
+    # it was "expected a string or a list of a string or a mapping of a string to a value or null"
+    with pytest.raises(UserError) as err:
+        build_run_config({"model": "m", "data": data}, check_paths=False)
+    assert str(err.value) == f"config: {message}"
+
+
 def test_every_problem_in_one_message():
     with pytest.raises(UserError) as err:
         build_run_config({"modle": "x", "data": {"train": "t", "pack": True}, "train": {"epochs": 0, "warmup_steps": -1,
