@@ -46,6 +46,7 @@ from lorakit.inject import (
     lora_configs,
     lora_layers,
     saved_modules,
+    selected_by_name,
     unselected_weights,
 )
 from lorakit.layers import LoraLayer, base_kind
@@ -498,8 +499,16 @@ def check_fits(model: nn.Module, files: AdapterFiles) -> None:
     for key, tensor in files.tensors.items():
         if key not in expected:
             lora = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector)", key)
-            if lora is not None and _has_submodule(model, lora.group(1)):  # there, but not what the config selects
-                raise UserError(unselected_weights(files.path, lora.group(1), files.config))
+            if lora is not None and _has_submodule(model, lora.group(1)):
+                path = lora.group(1)
+                if not selected_by_name(path, files.config):  # there, but not what the config selects
+                    raise UserError(unselected_weights(files.path, path, files.config))
+                module = model.get_submodule(path)
+                if base_kind(module) is None:  # selected, but of a kind lorakit has no LoRA layer for (PEFT's Conv2d)
+                    raise UserError(
+                        f"{files.path}: adapter_model.safetensors holds LoRA weights for {path}, a "
+                        f"{type(module).__name__}; lorakit adapts linear layers, GPT-2's Conv1D and embeddings only"
+                    )
             wanted = ", ".join(list(expected)[:3])
             raise UserError(
                 f"{files.path}: adapter tensor {key} {tuple(tensor.shape)} has no matching module in the model "

@@ -211,3 +211,22 @@ def test_patterns_and_name_lists_of_another_json_type_exit_2(tmp_path, capsys):
             assert main(args) == 2, (key, args[0])
             err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
             assert err and err[0].startswith(f"error: {adapter / 'adapter_config.json'}: {message}"), err
+
+
+def test_weights_of_a_selected_layer_lorakit_cannot_wrap_are_not_called_unselected(tmp_path):
+    # PEFT adapts a Conv2d its target_modules names: the refusal says what the layer is, not that
+    # adapter_config.json leaves it out (which it does not)
+    from torch import nn
+
+    from lorakit.adapters import check_fits, read_adapter
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lin = nn.Conv2d(3, 4, 3), nn.Linear(8, 8)
+
+    get_peft_model(Model(), PeftLoraConfig(r=2, target_modules=["conv", "lin"])).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(UserError) as err:
+        check_fits(Model(), read_adapter(tmp_path / "adapter"))
+    assert str(err.value) == (f"{tmp_path / 'adapter'}: adapter_model.safetensors holds LoRA weights for conv, a Conv2d; "
+                              "lorakit adapts linear layers, GPT-2's Conv1D and embeddings only")  # fmt: skip
