@@ -443,7 +443,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
     if cfg.train.min_lr_ratio and cfg.train.scheduler == "constant":
         problems.append(
             f"train.min_lr_ratio = {cfg.train.min_lr_ratio!r} with train.scheduler = 'constant': a constant lr does not "
-            "decay to a floor; use cosine or linear, or remove min_lr_ratio"
+            "decay to a floor; use cosine, linear or wsd, or remove min_lr_ratio"
         )
     problems += _decay_problems(cfg.train)
     for key in ("eval_every", "save_every"):

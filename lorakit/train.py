@@ -223,7 +223,8 @@ def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
     shape = (cfg.train.decay_shape or "cosine") if kind == "wsd" else kind
     decay_start = warmup
     if kind == "wsd":  # the decay's steps rounded up, as the warmup's are; a warmup that long keeps its steps
-        decay_steps = math.ceil((0.1 if cfg.train.decay_ratio is None else cfg.train.decay_ratio) * total_steps)
+        ratio = 0.1 if cfg.train.decay_ratio is None else cfg.train.decay_ratio
+        decay_steps = math.ceil(round(ratio * total_steps, 9))  # round: 0.1 x 30 is 3.0000000000000004 in floats
         decay_start = max(warmup, total_steps - decay_steps)
 
     def factor(step: int) -> float:

@@ -556,6 +556,8 @@ def test_wsd_defaults_and_its_keys_elsewhere_are_refused():
     f = lr_lambda(build(scheduler="wsd"), 50)  # the last 10% (5 steps) decay, cosine, toward 0
     assert [f(s) for s in (0, 44, 45)] == [1.0, 1.0, 1.0]
     assert f(47) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5))) and f(50) == 0.0
+    f = lr_lambda(build(scheduler="wsd"), 30)  # 10% of 30 steps is 3, not the 4 that 0.1 x 30 rounds up to in floats
+    assert [f(s) for s in (26, 27)] == [1.0, 1.0] and f(28) < 1.0
     f = lr_lambda(build(scheduler="wsd", warmup_steps=9, decay_ratio=0.5), 10)  # a warmup past the decay's start
     assert [round(f(s), 4) for s in (8, 9)] == [0.9, 1.0]
     for train, message in [
