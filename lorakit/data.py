@@ -607,10 +607,13 @@ def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) 
     return value
 
 
-def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: str = "all") -> tuple[str, Any]:
+def prepare_record(
+    record: dict, fmt: str, train_on_inputs: bool, train_turns: str = "all", *, format_key: str = "data.format"
+) -> tuple[str, Any]:
     """Validate one record -> (format, (text, prompt_chars)), ("chat", Chat) or ("preference",
     [chosen, rejected]), each of those a completion or chat (format, payload). train_turns: "all" or
     "last", the assistant turns of a chat record trained (those with weight 0 never are).
+    format_key: where `fmt` was set, for messages (a data list's file may set its own).
 
     Raises:
         BadRecord: unknown format, wrong types, unknown roles, empty values.
@@ -627,7 +630,7 @@ def prepare_record(record: dict, fmt: str, train_on_inputs: bool, train_turns: s
         if fmt == "preference":
             hint = "; labelled records (prompt, completion, label) train with train.objective: kto" if "label" in record else ""
             raise BadRecord(f"not a preference record: keys {sorted(record)}; a pair needs chosen and rejected (and a prompt){hint}")
-        raise BadRecord(f"data.format is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
+        raise BadRecord(f"{format_key} is '{fmt}' but the record has keys {sorted(record)}; it needs {_FORMAT_KEYS[fmt]}")
     if fmt in ("text", "completion", "instruction") and record_tools(record) is not None:
         raise BadRecord(f"'tools' is given to a {fmt} record, which has no chat template to give them to; tools go "
                         "with chat messages (or leave them out)")  # fmt: skip
@@ -1216,9 +1219,12 @@ def _template_error(exc: Exception) -> str:
 
 
 def tokenize_records(
-    records: Sequence[tuple[int, dict]], tokenizer: Any, cfg: DataConfig, *, source: str
+    records: Sequence[tuple[int, dict]], tokenizer: Any, cfg: DataConfig, *, source: str,
+    option_keys: Optional[dict[str, str]] = None,
 ) -> TokenizedDataset:
     """Validate, render and tokenize records (from `read_records`) into a TokenizedDataset.
+    option_keys: where cfg's format and columns were set, for messages, where not in the data
+    section ({"columns": "data.train[1].columns"}: a data list's file sets its own).
 
     Raises:
         UserError: `source:LINE: ...` for invalid records (unless cfg.skip_invalid), chat records
@@ -1227,6 +1233,8 @@ def tokenize_records(
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError(f"{source}: lorakit needs a fast (Rust) tokenizer; load it with AutoTokenizer (use_fast=True)")
+    places = {"format": "data.format", "columns": "data.columns", **(option_keys or {})}
+    format_key, columns_key = places["format"], places["columns"]
     stats = DataStats(records=len(records))
     problems: list[tuple[int, str]] = []
     prepared: list[tuple[int, str, Any]] = []
@@ -1234,12 +1242,12 @@ def tokenize_records(
     unpaired: list[tuple[int, dict, tuple[str, Any]]] = []  # (line, record, its own example)
     for line, record in records:
         try:
-            renamed = rename_columns(record, cfg.columns)
+            renamed = rename_columns(record, cfg.columns, source=columns_key)
             try:
-                fmt, payload = prepare_record(renamed, cfg.format, cfg.train_on_inputs, cfg.train_turns)
+                fmt, payload = prepare_record(renamed, cfg.format, cfg.train_on_inputs, cfg.train_turns, format_key=format_key)
             except BadRecord as exc:
                 if renamed.keys() != record.keys():  # the keys it names are data.columns', not the file's
-                    raise BadRecord(f"{exc} (keys as data.columns renames them; the record's own: {sorted(record)})") from None
+                    raise BadRecord(f"{exc} (keys as {columns_key} renames them; the record's own: {sorted(record)})") from None
                 raise
             record = renamed
             this = fmt if fmt in ("preference", "unpaired") else "non-preference"
@@ -1567,7 +1575,9 @@ def _assemble(
 # Loading with a disk cache
 
 
-def load_dataset(path: Union[str, Path], tokenizer: Any, cfg: DataConfig, *, use_cache: bool = True) -> TokenizedDataset:
+def load_dataset(
+    path: Union[str, Path], tokenizer: Any, cfg: DataConfig, *, use_cache: bool = True, option_keys: Optional[dict[str, str]] = None
+) -> TokenizedDataset:
     """Read, validate and tokenize a data file, or load it from the cache.
 
     The cache key is the sha256 of the file's bytes, the tokenizer (its JSON, chat template and
@@ -1590,7 +1600,7 @@ def load_dataset(path: Union[str, Path], tokenizer: Any, cfg: DataConfig, *, use
             except Exception as exc:  # noqa: BLE001 - a broken cache file is rebuilt, never fatal
                 log.warning("ignoring unreadable data cache %s: %s", cache_file, exc)
     records, skipped = _read(path, cfg.skip_invalid)
-    dataset = tokenize_records(records, tokenizer, cfg, source=str(path))
+    dataset = tokenize_records(records, tokenizer, cfg, source=str(path), option_keys=option_keys)
     if skipped:
         s = dataset.stats
         s.records += len(skipped)
@@ -1652,23 +1662,31 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     if not cfg.train:
         raise UserError("data.train is not set; point it at a .jsonl or .json file")
 
-    def load_source(path: str, options: dict[str, Any]) -> TokenizedDataset:
-        return load_dataset(path, tokenizer, dataclasses.replace(cfg, **options) if options else cfg)
+    def load_source(path: str, options: dict[str, Any], where: str) -> TokenizedDataset:
+        if not options:
+            return load_dataset(path, tokenizer, cfg)
+        keys = {key: f"{where}.{key}" for key in options}  # its own options' place, for messages
+        return load_dataset(path, tokenizer, dataclasses.replace(cfg, **options), option_keys=keys)
 
-    def load(sources: list[tuple[str, dict[str, Any]]]) -> TokenizedDataset:
-        return TokenizedDataset.concat([load_source(*source) for source in sources], [path for path, _ in sources])
+    def load(sources: list[tuple[str, dict[str, Any]]], where: str) -> TokenizedDataset:
+        parts = [load_source(path, options, f"{where}[{i}]") for i, (path, options) in enumerate(sources)]
+        return TokenizedDataset.concat(parts, [path for path, _ in sources])
 
     sources = data_sources(cfg.train)
     if cfg.eval:
-        return load(sources), {name: load(set_sources) for name, set_sources in eval_set_sources(cfg.eval).items()}
+        named = isinstance(cfg.eval, dict)
+        return load(sources, "data.train"), {
+            name: load(set_sources, f"data.eval.{name}" if named else "data.eval")
+            for name, set_sources in eval_set_sources(cfg.eval).items()
+        }  # fmt: skip
     if cfg.eval_fraction <= 0:
-        return load(sources), {}
+        return load(sources, "data.train"), {}
     # Held out of the files' examples once each, however often a file is listed: a file listed
     # twice (weighted up) then trains twice on its training part, and never on what is held out.
     # (A file listed with other options of its own is another source.)
     keys = [(path, json.dumps(options, sort_keys=True)) for path, options in sources]
     distinct = list(dict.fromkeys(keys))
-    parts = {key: load_source(key[0], json.loads(key[1])) for key in distinct}
+    parts = {key: load_source(key[0], json.loads(key[1]), f"data.train[{keys.index(key)}]") for key in distinct}
     union = TokenizedDataset.concat([parts[k] for k in distinct], [path for path, _ in distinct])
     n = union.num_units()  # pairs are held out whole
     n_eval = max(1, round(n * cfg.eval_fraction))

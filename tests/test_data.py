@@ -744,6 +744,19 @@ def test_the_files_of_a_list_may_set_their_own_columns_format_and_system_prompt(
     assert (len(held_train), len(held[""])) == (1, 1)
     assert {tuple(d.example(0)[0].tolist()) for d in (held_train, held[""])} == {
         tuple(example({"messages": chat}, s)[0]) for s in ("Said first.", "Other.")}  # fmt: skip
+    # a record error caused by a file's own option names that option
+    both = write_jsonl(tmp_path / "both.jsonl", [{"question": "2 plus 2 is", "prompt": "x", "answer": " 4"}])
+    for entry, message in [
+        ({"path": str(qa), "format": "instruction"}, r"qa.jsonl:1: data.train\[1\].format is 'instruction' but the record has keys"),
+        ({"path": str(both), "columns": {"prompt": "question"}}, r"both.jsonl:1: the record has both 'prompt' and 'question', "
+                                                                  r"which data.train\[1\].columns maps to 'prompt'"),
+        ({"path": str(qa), "format": "completion", "columns": {"prompt": "question"}},
+         r"data.train\[1\].format is 'completion' .* \(keys as data.train\[1\].columns renames them"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            load_train_eval(dataclasses.replace(cfg.data, train=[str(chats), entry], eval=None), tok, seed=0)
+    with pytest.raises(UserError, match=r"qa.jsonl:1: data.format is 'chat'"):  # the data section's, named as such
+        load_train_eval(dataclasses.replace(cfg.data, train=[{"path": str(qa), "system_prompt": "S."}], format="chat", eval=None), tok, seed=0)
     # under a preference objective a file's format: auto reads pairs, as data.format: auto does
     from lorakit.train import data_config
 
