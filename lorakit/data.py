@@ -1117,8 +1117,9 @@ def _dropped_turn(text: str, msgs: list[dict]) -> Optional[str]:
         content = message.get("content")
         if message["role"] not in ("user", "tool") or not isinstance(content, str) or not content.strip():
             continue
-        forms = (content.strip(), json.dumps(content, ensure_ascii=False), json.dumps(content))
-        if not any(form in text for form in forms):
+        if content.strip() in text:
+            continue
+        if not any(form in text for form in (json.dumps(content, ensure_ascii=False), json.dumps(content))):
             return (
                 f"messages[{i}]: the chat template leaves this {message['role']!r} turn's content out of the text; "
                 f"use a template that writes {message['role']!r} turns (data.chat_template), or drop them from the data"
@@ -1685,8 +1686,11 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     # twice (weighted up) then trains twice on its training part, and never on what is held out.
     # (A file listed with other options of its own is another source.)
     keys = [(path, json.dumps(options, sort_keys=True)) for path, options in sources]
-    distinct = list(dict.fromkeys(keys))
-    parts = {key: load_source(key[0], json.loads(key[1]), f"data.train[{keys.index(key)}]") for key in distinct}
+    first = {}  # each distinct source's first place in the list
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    distinct = list(first)
+    parts = {key: load_source(*sources[i], f"data.train[{i}]") for key, i in first.items()}
     union = TokenizedDataset.concat([parts[k] for k in distinct], [path for path, _ in distinct])
     n = union.num_units()  # pairs are held out whole
     n_eval = max(1, round(n * cfg.eval_fraction))

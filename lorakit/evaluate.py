@@ -176,13 +176,13 @@ def generation_accuracy(
     from lorakit.data import BadRecord, prepare_record
     from lorakit.generate import chat_parts, generate
 
+    system_prompts = [system_prompt] * len(records) if system_prompt is None or isinstance(system_prompt, str) else system_prompt
     cases = []
     for i, record in enumerate(records):
         try:
             if skip_invalid:
                 prepare_record(record, "auto", train_on_inputs)  # what the loss skipped, this skips too
-            case = prompt_and_answer(record, system_prompt if system_prompt is None or isinstance(system_prompt, str)
-                                     else system_prompt[i])  # fmt: skip
+            case = prompt_and_answer(record, system_prompts[i])
             if case is not None and not isinstance(case[1], str):  # a turn that calls tools: its text
                 case = (case[0], tool_call_answer(tokenizer, case[0], case[1]), case[2])
         except (UserError, BadRecord) as exc:

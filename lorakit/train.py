@@ -599,7 +599,8 @@ def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer
         answers = 0
         files = [f for f, _ in sources]
         for f, options in sources:
-            columns, system_prompt = options.get("columns", cfg.data.columns), options.get("system_prompt", cfg.data.system_prompt)
+            data = dataclasses.replace(cfg.data, **options)  # the file's own options, as the data reads it
+            columns, system_prompt = data.columns, data.system_prompt
             for line, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
                 try:
                     record = rename_columns(record, columns)
