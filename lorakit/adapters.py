@@ -61,7 +61,7 @@ PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "
 # PEFT config keys that carry no information lorakit needs (bookkeeping or defaults-only here).
 _PEFT_BOOKKEEPING = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "fan_in_fan_out", "layers_pattern", "megatron_config", "megatron_core",
+    "inference_mode", "fan_in_fan_out", "megatron_config", "megatron_core",
     "runtime_config", "qalora_group_size", "ensure_weight_tying",
 }  # fmt: skip
 # PEFT features lorakit does not implement: refused when set to anything but their default.
@@ -73,7 +73,8 @@ _PEFT_UNSUPPORTED_DEFAULTS = {
 }  # fmt: skip
 _LORAKIT_KEYS = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
-    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "target_parameters", "use_dora",
+    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "layers_pattern", "target_parameters",
+    "use_dora",
 }  # fmt: skip
 _INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -410,9 +411,17 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
         targets = []  # the experts alone
     if isinstance(targets, (list, tuple)):
         targets = list(targets)
-    layers = raw.get("layers_to_transform")
-    if isinstance(layers, int):
+    layers, layers_pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
+    if layers_pattern and layers is None:
+        raise UserError(f"{source}: layers_pattern = {layers_pattern!r} without layers_to_transform: PEFT refuses it (the "
+                        "pattern names the block list those indices count in); set layers_to_transform, or remove "
+                        "layers_pattern")  # fmt: skip
+    if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
+    if layers == []:  # PEFT filters no block then, whatever layers_pattern says
+        layers, layers_pattern = None, None
+    if layers_pattern in ("", []):  # PEFT: an empty pattern is its default one
+        layers_pattern = None
     try:
         return LoraConfig(
             r=raw.get("r", 8),
@@ -425,6 +434,7 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
             rank_pattern=dict(raw.get("rank_pattern") or {}),
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             layers=layers,
+            layers_pattern=layers_pattern,
             modules_to_save=list(raw.get("modules_to_save") or []),
             target_parameters=target_parameters,
             dora=bool(raw.get("use_dora", False)),

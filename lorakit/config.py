@@ -27,6 +27,13 @@ LORA_INITS = ("default", "gaussian", "pissa", "olora")
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def block_index_regex(pattern: str) -> str:
+    """PEFT's regex for the block index after `pattern`, one entry of layers_pattern (itself a regex,
+    put in as it is), kept character for character so lorakit and PEFT select the same modules
+    (lorakit.inject.block_index)."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
 @dataclass
 class LoraConfig:
     """What adapters to add and how.
@@ -37,7 +44,14 @@ class LoraConfig:
     exclude: same forms as `targets`; matching modules are never wrapped.
     rank_pattern / alpha_pattern: per-module overrides of `r` / `alpha`, keyed by a name or regex
         matched against the end of the module path (PEFT's semantics).
-    layers: restrict adapters to these transformer block indices (`...layers.<i>....`).
+    layers: restrict adapters to these transformer block indices, read from each module path as
+        PEFT reads `layers_to_transform`: the number after the first `<name>.` that follows another
+        name (`model.layers.3.mlp.experts.7.down_proj` is block 3; `layers.0.q_proj` has none), or
+        after `layers_pattern`. With a list of names or `all-linear`; a regex `targets` writes the
+        indices into itself (PEFT refuses the two together).
+    layers_pattern: PEFT's `layers_pattern`: the block list that `layers` counts in, a regex or a
+        list of them, e.g. `"language_model.layers"` to leave a vision tower's `encoder.layers` out,
+        or `"blocks"` for a block list at the model's root.
     modules_to_save: modules trained in full and saved with the adapter, e.g. `["lm_head"]`.
     dora: DoRA (PEFT's `use_dora`): a trained magnitude per output row on top of the low-rank
         update (lorakit.layers).
@@ -56,6 +70,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers: Union[list[int], None] = None
+    layers_pattern: Union[list[str], str, None] = None
     modules_to_save: list[str] = field(default_factory=list)
     target_parameters: list[str] = field(default_factory=list)
     dora: bool = False
@@ -71,7 +86,7 @@ class LoraConfig:
         # their defaults when read) would fail the checks below and the matching of module names
         hints = typing.get_type_hints(LoraConfig)
         out = [f"{where}.{key} = {getattr(self, key)!r}: expected {_type_name(hints[key])}"
-               for key in ("targets", "exclude", "layers", "modules_to_save", "target_parameters")
+               for key in ("targets", "exclude", "layers", "layers_pattern", "modules_to_save", "target_parameters")
                if not _coerce(getattr(self, key), hints[key])[0]]  # fmt: skip
         if out:
             return out
@@ -105,6 +120,9 @@ class LoraConfig:
         out += self._scale_problems(where)
         if self.layers is not None and any(not _is_int(i) or i < 0 for i in self.layers):
             out.append(f"{where}.layers = {self.layers!r}: block indices must be integers >= 0")
+        if self.layers == []:  # PEFT reads an empty list as every block; null says so plainly
+            out.append(f"{where}.layers = []: names no block; list block indices, e.g. [0, 1], or set null for every block")
+        out += self._layers_pattern_problems(where)
         # a string target, the exclude and the pattern keys are regexes (as PEFT reads them)
         patterns = [("targets", self.targets)] if isinstance(self.targets, str) and self.targets != "all-linear" else []
         patterns += [("exclude", self.exclude)] if isinstance(self.exclude, str) else []
@@ -114,6 +132,22 @@ class LoraConfig:
                 re.compile(pattern)
             except re.error as exc:
                 out.append(f"{where}.{key} = {pattern!r}: not a valid regex ({exc}); fix it, or list module names instead")
+        return out
+
+    def _layers_pattern_problems(self, where: str) -> list[str]:
+        """layers_pattern without layers, and a pattern that is no regex."""
+        out = []
+        if self.layers_pattern and self.layers is None:  # PEFT refuses it too
+            out.append(f"{where}.layers_pattern = {self.layers_pattern!r} without {where}.layers: it names the block list "
+                       f"that {where}.layers counts in; set {where}.layers, or remove it")  # fmt: skip
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
+        for pattern in patterns:
+            try:  # alone first, so that the error's position is one in the user's pattern
+                re.compile(pattern)
+                re.compile(block_index_regex(pattern))
+            except re.error as exc:
+                out.append(f"{where}.layers_pattern = {pattern!r}: not a valid regex ({exc}); give the block list's name, "
+                           "e.g. 'layers'")  # fmt: skip
         return out
 
     def _scale_problems(self, where: str) -> list[str]:
@@ -633,8 +667,8 @@ def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool, earli
     """Make cfg.lora the LoRA config of the adapter training starts from (`adapter`), its dropout
     the config's when the config sets one. Other lora keys the config sets must agree with the
     adapter's: the adapter's shape is fixed, so a different value is a mistake, not a wish. The
-    modules the config's targets, exclude and layers select are compared on the model's structure
-    (`all-linear` against the adapter's list of names, layers against its regex), so the config
+    modules the config's targets, exclude, layers and layers_pattern select are compared on the
+    model's structure (`all-linear` against the adapter's list of names, layers against its regex), so the config
     that trained the adapter, or a resolved config.yaml, runs again as it is. `earlier`: the
     problems found so far (a value already reported as invalid is not compared)."""
     from lorakit.adapters import read_adapter_config
@@ -665,12 +699,12 @@ def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool, earli
 
 
 # the lora keys that select modules together: compared by the modules they select
-_SELECTION_KEYS = ("targets", "exclude", "layers")
+_SELECTION_KEYS = ("targets", "exclude", "layers", "layers_pattern")
 
 
 def _same_modules(cfg: RunConfig, start: LoraConfig, keys: list[str]) -> list[str]:
-    """[] when the config's targets / exclude / layers select the adapter's modules on the model,
-    else the problem. Compared on the model built from its config.json without weights; a model
+    """[] when the config's targets / exclude / layers / layers_pattern select the adapter's modules
+    on the model, else the problem. Compared on the model built from its config.json without weights; a model
     that cannot be built so is compared by the values as written."""
     from lorakit.inject import find_targets
     from lorakit.models import meta_model

@@ -17,12 +17,17 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, block_index_regex
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts, expert_parameter_names, is_experts_module
 from lorakit.layers import LoraLayer, base_kind
 
-_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+# PEFT's reading of a block index for layers_to_transform (check_target_module_exists), kept
+# character for character so lorakit and PEFT select the same modules from one adapter_config.json.
+# Without layers_pattern: the first `<name>.<i>.` after at least one other name, lazily, so
+# `model.layers.3.mlp.experts.7.down_proj` is block 3, not expert 7, and a block list at the root
+# (`layers.0.q_proj`) or a module that is itself a block (`model.layers.3`) has no index.
+_DEFAULT_BLOCK_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 class SavedModule(nn.Module):
@@ -104,7 +109,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     # nor is an experts module's inside: QLoRA holds its expert weights as a 4-bit linear layer per
     # expert (lorakit.quant.Experts4bit), which `all-linear` would otherwise take for the model's own
     experts = tuple(p + "." for p, m in model.named_modules() if p and is_experts_module(m))
-    chosen = []
+    chosen, outside_layers = [], []
     for path, module in model.named_modules():
         if not path or isinstance(module, (SavedModule,)) or ".lora_" in path or path.startswith(saved + experts):
             continue
@@ -120,10 +125,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if _is_target(path, config.exclude):
             continue
         if not _in_layers(path, config):
+            outside_layers.append(path)
             continue
         if any(path.startswith(c + ".") for c in chosen):
             continue
         chosen.append(path)
+    if not chosen and outside_layers:
+        raise UserError(_outside_layers(outside_layers, config))
     if not chosen:
         leaves = sorted({p.split(".")[-1] for p, m in model.named_modules() if p and base_kind(m) is not None})
         wanted = config.targets if isinstance(config.targets, list) else [config.targets]
@@ -136,6 +144,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"exclude={config.exclude!r}); closest module names: {', '.join(dict.fromkeys(suggestion))}"
         )
     return chosen
+
+
+def _outside_layers(paths: list[str], config: LoraConfig) -> str:
+    """The message for targets that match only modules outside `config.layers`."""
+    indices = sorted({i for i in (block_index(p, config.layers_pattern) for p in paths) if i is not None})
+    where = f"lora.layers = {config.layers!r}"
+    if config.layers_pattern:
+        where += f" (lora.layers_pattern = {config.layers_pattern!r})"
+    found = (f"their block indices are {indices}" if indices else
+             "none has a block index where PEFT reads one (`<block list>.<i>.` after another name, as in "
+             "model.layers.0.self_attn.q_proj)")  # fmt: skip
+    return (
+        f"{where} selects none of the {len(paths)} modules lora.targets = {config.targets!r} matches ({paths[0]}, ...): "
+        f"{found}; fix lora.layers, or name the model's block list in lora.layers_pattern (e.g. 'blocks')"
+    )
 
 
 def selected_by_name(path: str, config: LoraConfig) -> bool:
@@ -154,6 +177,8 @@ def unselected_weights(where: object, path: str, config: LoraConfig) -> str:
         selection += f", exclude_modules {config.exclude!r}"
     if config.layers is not None:
         selection += f", layers_to_transform {config.layers!r}"
+    if config.layers_pattern:
+        selection += f", layers_pattern {config.layers_pattern!r}"
     return (
         f"{where}: adapter_model.safetensors holds LoRA weights for {path}, which adapter_config.json does not "
         f"select ({selection}); PEFT would load the adapter without them. Add the module to target_modules, or "
@@ -161,13 +186,27 @@ def unselected_weights(where: object, path: str, config: LoraConfig) -> str:
     )
 
 
+def block_index(path: str, layers_pattern: Union[list[str], str, None] = None) -> Optional[int]:
+    """The block index that `layers` is matched against in module `path`, as PEFT reads it; None
+    when the path has none. `layers_pattern` (a regex or a list of them) names the block list; with
+    none given (or an empty one, as in PEFT) any `<name>.<i>.` after a first name counts."""
+    if not layers_pattern:
+        found = _DEFAULT_BLOCK_INDEX.match(path)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            found = re.match(block_index_regex(pattern), path)
+            if found is not None:
+                break
+    index = found.groupdict().get("idx") if found is not None else None  # None: a pattern's own `|` matched around it
+    return None if index is None else int(index)
+
+
 def _in_layers(path: str, config: LoraConfig) -> bool:
     # a target naming the module's whole path selects it whatever its layer, as in PEFT (whose
     # layers_to_transform filters only the names a module's path ends with)
     if config.layers is None or (isinstance(config.targets, list) and path in config.targets):
         return True
-    found = _BLOCK_INDEX.search(path)
-    return found is not None and int(found.group(1)) in config.layers
+    return block_index(path, config.layers_pattern) in config.layers
 
 
 def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:

@@ -144,6 +144,19 @@ tiny_qwen3_moe = functools.partial(
 )  # fmt: skip
 
 
+def tiny_llava(seed: int = 0, vocab_size: int = 400):
+    """A tiny vision-language model: two stacks of numbered blocks, a CLIP vision tower's
+    (`model.vision_tower.encoder.layers.<i>`) and a Llama's (`model.language_model.layers.<i>`),
+    both with q/k/v_proj."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=8)  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=tiny_llama_config(vocab_size), image_token_index=vocab_size - 1)
+    return LlavaForConditionalGeneration(config).eval()
+
+
 def write_addition_data(path: Path, count: int, seed: int = 0) -> Path:
     """A learnable toy completion dataset ("3 plus 4 is" -> " 7") as JSONL, for training tests."""
     rng = random.Random(seed)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama, tiny_llava
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -62,6 +62,80 @@ def test_peft_adapter_loads_in_lorakit(make, tmp_path):
     assert config.rank_pattern == {targets[1]: 4} and config.dropout == 0.1
     model.eval()
     torch.testing.assert_close(model(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+def _llava_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the language model's logits on text, the vision tower's last hidden state on an image) of a
+    tiny_llava: at its initial scale the image barely moves the logits, so each stack is compared alone."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 399, (2, 10), generator=gen)  # 399 is the image token
+    pixels = torch.randn(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        return model(input_ids=ids).logits, model.model.vision_tower(pixel_values=pixels).last_hidden_state
+
+
+@pytest.mark.parametrize("layers, pattern, selected", [
+    ([1], "language_model.layers", ["model.language_model.layers.1.self_attn.q_proj", "model.language_model.layers.1.self_attn.v_proj"]),
+    ([0], ["h", "encoder.layers"], ["model.vision_tower.encoder.layers.0.self_attn.v_proj",
+                                    "model.vision_tower.encoder.layers.0.self_attn.q_proj"]),
+    ([], "h", 8),  # PEFT reads an empty list as every block, whatever the pattern
+])  # fmt: skip
+def test_peft_adapter_with_layers_pattern_loads_in_lorakit(layers, pattern, selected, tmp_path):
+    # lorakit ignored layers_pattern (and selected nothing with []): it expected the other stack's
+    # blocks too, and refused the adapter for tensors it lacks
+    peft_config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=layers,
+                                 layers_pattern=pattern)  # fmt: skip
+    peft_model = get_peft_model(tiny_llava(), peft_config)
+    _randomise(peft_model.named_parameters())
+    expected = _llava_outputs(peft_model.base_model.model)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    model = tiny_llava()
+    config = load_adapter(model, tmp_path / "peft")
+    assert (config.layers, config.layers_pattern) == ((layers, pattern) if layers else (None, None))
+    paths = [p for p, _ in lora_layers(model)]
+    assert paths == peft_model.base_model.targeted_module_names
+    assert (paths if isinstance(selected, list) else len(paths)) == selected
+    got, base = _llava_outputs(model), _llava_outputs(tiny_llava())
+    for ours, theirs, plain in zip(got, expected, base):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # the adapted stack moved (by more than the tolerance), the other did not
+    moved = [not torch.allclose(ours, plain, atol=1e-4, rtol=0) for ours, plain in zip(got, base)]
+    assert moved == [any("language_model" in p for p in paths), any("vision_tower" in p for p in paths)]
+
+
+def test_lorakit_adapter_with_layers_pattern_loads_in_peft(tmp_path):
+    model = tiny_llava()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], layers=[1],
+                                     layers_pattern="language_model.layers"))  # fmt: skip
+    _randomise(model.named_parameters())
+    expected = _llava_outputs(model)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # the modules trained, by name: PEFT needs no layer filter to select them
+    assert config["target_modules"] == "^(model\\.language_model\\.layers\\.1\\.self_attn\\.q_proj|" \
+                                       "model\\.language_model\\.layers\\.1\\.self_attn\\.v_proj)$"
+    assert config["layers_to_transform"] is None and config["layers_pattern"] is None
+    peft_model = PeftModel.from_pretrained(tiny_llava(), str(tmp_path / "adapter"))
+    assert peft_model.base_model.targeted_module_names == [p for p, _ in lora_layers(model)]
+    for ours, theirs in zip(expected, _llava_outputs(peft_model.base_model.model)):
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert not torch.allclose(expected[0], _llava_outputs(tiny_llava())[0], atol=1e-4, rtol=0)
+
+
+def test_a_layers_pattern_without_layers_to_transform_is_refused_as_in_peft(tmp_path):
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    adapter = save_adapter(model, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "layers_pattern": "layers"}))
+    with pytest.raises(ValueError, match="When `layers_pattern` is specified, `layers_to_transform` must also be specified"):
+        PeftModel.from_pretrained(tiny_llama(), str(adapter))
+    with pytest.raises(UserError) as err:
+        load_adapter(tiny_llama(), adapter)
+    assert str(err.value) == (
+        f"{adapter / 'adapter_config.json'}: layers_pattern = 'layers' without layers_to_transform: PEFT refuses it (the "
+        "pattern names the block list those indices count in); set layers_to_transform, or remove layers_pattern"
+    )
 
 
 def test_an_adapters_embedding_base_weight_is_carried_on(tmp_path):

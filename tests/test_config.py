@@ -190,3 +190,24 @@ def test_an_alpha_or_neftune_alpha_that_overflows_float32_is_refused():
         assert "\n" not in str(err.value)
     ok = build_run_config({**base, "lora": {"r": 16, "alpha": 1e38}, "train": {"neftune_alpha": 1e38}}, check_paths=False)
     assert ok.lora.alpha == 1e38 and ok.train.neftune_alpha == 1e38  # huge, but the scale and the noise stay finite
+
+
+def test_a_continued_adapters_layers_pattern_is_compared_by_the_modules_it_selects(tmp_path):
+    # PEFT's layers_pattern is a lora key like layers: a config that names the same blocks another
+    # way continues the adapter; one that selects other modules is refused
+    from helpers import save_model_folder, tiny_llama
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
+    get_peft_model(tiny_llama(), peft_config).save_pretrained(str(tmp_path / "adapter"))
+    base = {"model": str(save_model_folder(tmp_path / "model")), "data": {"train": "t"}, "adapter": str(tmp_path / "adapter")}
+    lora = {"targets": ["q_proj"], "layers": [1]}
+    cfg = build_run_config({**base, "lora": {**lora, "layers_pattern": r"model\.layers"}}, check_paths=False)
+    assert (cfg.lora.targets, cfg.lora.layers, cfg.lora.layers_pattern) == (["q_proj"], [1], "layers")  # the adapter's
+    with pytest.raises(UserError) as err:
+        build_run_config({**base, "lora": {**lora, "layers_pattern": "h"}}, check_paths=False)
+    assert str(err.value) == (
+        f"config: lora.layers_pattern = 'h': selects other modules than the adapter {tmp_path / 'adapter'} holds (only the "
+        "adapter's: model.layers.1.self_attn.q_proj); remove lora.layers_pattern (the adapter sets it)"
+    )

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama, tiny_llava
 
 from lorakit import (
     LoraConfig,
@@ -17,7 +17,7 @@ from lorakit import (
     unmerge_adapter,
     use_adapter,
 )
-from lorakit.inject import find_targets, lora_layers
+from lorakit.inject import find_targets, lora_layers, selected_by_name
 
 
 def _perturb(model, name):
@@ -79,6 +79,82 @@ def test_no_match_lists_closest_names():
     with pytest.raises(UserError) as err:
         inject_adapter(tiny_llama(), LoraConfig(targets=["q_prj"]))
     assert "matches no layer" in str(err.value) and "q_proj" in str(err.value)
+
+
+_PATHS = [
+    "model.layers.0.self_attn.q_proj", "model.layers.3.mlp.experts.7.down_proj",
+    "model.vision_tower.encoder.layers.1.self_attn.q_proj", "model.language_model.layers.1.self_attn.q_proj",
+    "transformer.h.1.attn.c_attn", "h.0.attn.c_attn", "layers.1.q_proj", "model.blocks.1.attn.q_proj",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layers, pattern, expected", [
+    # no pattern: the first `<name>.<i>.` after another name, so the expert index 7 is not the block,
+    # and a block list at the root (h.0, layers.1) has none
+    ([1], None, [2, 3, 4, 7]),
+    ([0, 3], None, [0, 1]),
+    ([1], "", [2, 3, 4, 7]),  # empty: PEFT's default
+    ([1], [], [2, 3, 4, 7]),
+    ([1], "layers", [2, 3, 6]),  # any stack named layers, at the root too
+    ([1], "language_model.layers", [3]),  # one stack of two (a regex, as in PEFT)
+    ([0, 1], ["h", "blocks"], [4, 5, 7]),
+])  # fmt: skip
+def test_layers_read_block_indices_as_peft_does(layers, pattern, expected):
+    # lorakit took the first number anywhere in the path and ignored layers_pattern, so an adapter
+    # file selected other modules in lorakit than in PEFT
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = ["q_proj", "c_attn", "down_proj"]
+    ours = [p for p in _PATHS if selected_by_name(p, LoraConfig(targets=targets, layers=layers, layers_pattern=pattern))]
+    peft_config = PeftLoraConfig(target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+    assert ours == [p for p in _PATHS if check_target_module_exists(peft_config, p)]
+    assert ours == [_PATHS[i] for i in expected]
+
+
+def _peft_selection(model, **kwargs) -> list[str]:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(model, PeftLoraConfig(r=2, **kwargs)).base_model.targeted_module_names
+
+
+@pytest.mark.parametrize("layers, pattern, expected", [
+    ([1], None, ["model.vision_tower.encoder.layers.1.self_attn.v_proj", "model.vision_tower.encoder.layers.1.self_attn.q_proj",
+                 "model.language_model.layers.1.self_attn.q_proj", "model.language_model.layers.1.self_attn.v_proj"]),
+    ([0], "language_model.layers", ["model.language_model.layers.0.self_attn.q_proj",
+                                    "model.language_model.layers.0.self_attn.v_proj"]),
+    ([1], ["encoder.layers"], ["model.vision_tower.encoder.layers.1.self_attn.v_proj",
+                               "model.vision_tower.encoder.layers.1.self_attn.q_proj"]),
+    ([0, 1], ["h", "language_model.layers"], [f"model.language_model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]),
+])  # fmt: skip
+def test_layers_pattern_picks_one_stack_of_a_vision_language_model_as_in_peft(layers, pattern, expected):
+    targets = ["q_proj", "v_proj"]
+    got = find_targets(tiny_llava(), LoraConfig(targets=targets, layers=layers, layers_pattern=pattern))
+    assert got == expected
+    assert got == _peft_selection(tiny_llava(), target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+
+
+def test_layers_on_a_block_list_at_the_root_need_layers_pattern():
+    # GPT2Model (no LM head): its blocks are h.<i>, which PEFT's default reading does not count
+    model = tiny_gpt2().transformer
+    with pytest.raises(UserError) as err:
+        find_targets(model, LoraConfig(targets=["c_attn"], layers=[0]))
+    assert str(err.value) == (
+        "lora.layers = [0] selects none of the 2 modules lora.targets = ['c_attn'] matches (h.0.attn.c_attn, ...): none "
+        "has a block index where PEFT reads one (`<block list>.<i>.` after another name, as in "
+        "model.layers.0.self_attn.q_proj); fix lora.layers, or name the model's block list in lora.layers_pattern "
+        "(e.g. 'blocks')"
+    )
+    with pytest.raises(ValueError, match="Target modules .* not found in the base model"):
+        _peft_selection(tiny_gpt2().transformer, target_modules=["c_attn"], layers_to_transform=[0])
+    got = find_targets(model, LoraConfig(targets=["c_attn"], layers=[0], layers_pattern="h"))
+    assert got == ["h.0.attn.c_attn"]
+    assert got == _peft_selection(tiny_gpt2().transformer, target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")
+    with pytest.raises(UserError) as err:  # an index the model has not
+        find_targets(tiny_llama(), LoraConfig(targets=["q_proj"], layers=[2]))
+    assert str(err.value).startswith("lora.layers = [2] selects none of the 2 modules lora.targets = ['q_proj'] matches "
+                                     "(model.layers.0.self_attn.q_proj, ...): their block indices are [0, 1]; fix lora.layers")  # fmt: skip
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
@@ -195,6 +271,18 @@ def test_bad_config_values():
         LoraConfig(dropout=1.0)
     with pytest.raises(UserError, match=r"lora.init = 'lora-ga': unknown init"):
         LoraConfig(init="lora-ga")
+    for kwargs, message in [
+        (dict(layers=[]), "lora.layers = []: names no block; list block indices, e.g. [0, 1], or set null for every block"),
+        (dict(layers_pattern="h"), "lora.layers_pattern = 'h' without lora.layers: it names the block list that lora.layers "
+                                   "counts in; set lora.layers, or remove it"),
+        (dict(layers=[0], layers_pattern=["h", "blocks("]),
+         "lora.layers_pattern = 'blocks(': not a valid regex (missing ), unterminated subpattern at position 6); give the "
+         "block list's name, e.g. 'layers'"),
+        (dict(layers=[0], layers_pattern=5), "lora.layers_pattern = 5: expected a list of strings or a string or null"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError) as err:
+            LoraConfig(**kwargs)
+        assert str(err.value) == message
 
 
 def test_duplicate_adapter_name():
