@@ -135,7 +135,7 @@ class LoraConfig:
         return out
 
     def _layers_pattern_problems(self, where: str) -> list[str]:
-        """layers_pattern without layers, and a pattern that is no regex."""
+        """layers_pattern without layers, a pattern that is no regex, and layers with a regex target."""
         out = []
         if self.layers_pattern and self.layers is None:  # PEFT refuses it too
             out.append(f"{where}.layers_pattern = {self.layers_pattern!r} without {where}.layers: it names the block list "
@@ -148,6 +148,17 @@ class LoraConfig:
             except re.error as exc:
                 out.append(f"{where}.layers_pattern = {pattern!r}: not a valid regex ({exc}); give the block list's name, "
                            "e.g. 'layers'")  # fmt: skip
+        if isinstance(self.targets, str) and self.targets != "all-linear" and (self.layers is not None or self.layers_pattern):
+            # PEFT refuses layers_to_transform with a string target_modules (its filter is one on the
+            # names a path ends with; a regex already says which paths it takes), and so does lorakit,
+            # so that a lora config selects what the same adapter_config.json selects in PEFT.
+            # all-linear stays: it stands for a list of names, and the adapter file lists the modules
+            key = "layers" if self.layers is not None else "layers_pattern"
+            out.append(
+                f"{where}.{key} = {getattr(self, key)!r} with a regex {where}.targets = {self.targets!r}: PEFT refuses the "
+                f"two together; write the block indices into the regex (e.g. '.*\\.layers\\.(0|1)\\.self_attn\\.q_proj') and "
+                f"remove {where}.{key}, or list module names in {where}.targets"
+            )
         return out
 
     def _scale_problems(self, where: str) -> list[str]:
@@ -715,7 +726,10 @@ def _same_modules(cfg: RunConfig, start: LoraConfig, keys: list[str]) -> list[st
     if model is None:
         theirs = ", ".join(f"{k} {getattr(start, k)!r}" for k in keys)
         return [f"{written}: training continues the adapter {cfg.adapter}, whose {theirs}; {fix}"]
-    mine = dataclasses.replace(start, **{k: getattr(cfg.lora, k) for k in _SELECTION_KEYS})
+    try:
+        mine = dataclasses.replace(start, **{k: getattr(cfg.lora, k) for k in _SELECTION_KEYS})
+    except UserError as exc:  # the config's own selection is invalid (a regex target with layers): that is the problem
+        return [str(exc)]
     try:
         mine_paths = set(find_targets(model, mine))
     except UserError:

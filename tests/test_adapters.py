@@ -38,7 +38,33 @@ def test_lorakit_adapter_loads_in_peft(make, tmp_path):
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.") and ".default." not in k for k in keys)
     peft_model = PeftModel.from_pretrained(make(), str(tmp_path / "adapter"))
+    assert peft_model.base_model.targeted_module_names == [p for p, _ in lora_layers(model)]
     torch.testing.assert_close(peft_model(_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"target_modules": ".*\\.self_attn\\.q_proj", "layers_to_transform": [1]}, "layers_to_transform = [1]"),
+    ({"target_modules": "all-linear", "layers_to_transform": []}, "layers_to_transform = []"),
+    ({"target_modules": ".*\\.self_attn\\.q_proj", "layers_pattern": ""}, "layers_pattern = ''"),
+])  # fmt: skip
+def test_a_string_target_modules_with_layers_is_refused_as_in_peft(edit, key, tmp_path):
+    # PEFT's LoraConfig refuses these, so PEFT loads no such adapter; lorakit loaded it, filtering
+    # the regex's matches by a block index of its own
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    adapter = save_adapter(model, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+        PeftModel.from_pretrained(tiny_llama(), str(adapter))
+    with pytest.raises(UserError) as err:
+        load_adapter(tiny_llama(), adapter)
+    name = key.split(" = ")[0]
+    assert str(err.value) == (
+        f"{adapter / 'adapter_config.json'}: {key} with target_modules = {edit['target_modules']!r}, a string: PEFT refuses "
+        "the two together and loads no such adapter; list the module names in target_modules, or write the block indices "
+        f"into its regex and remove {name}"
+    )
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])

@@ -211,3 +211,27 @@ def test_a_continued_adapters_layers_pattern_is_compared_by_the_modules_it_selec
         f"config: lora.layers_pattern = 'h': selects other modules than the adapter {tmp_path / 'adapter'} holds (only the "
         "adapter's: model.layers.1.self_attn.q_proj); remove lora.layers_pattern (the adapter sets it)"
     )
+
+
+def test_a_regex_target_with_layers_is_a_config_error_when_continuing_an_adapter_too(tmp_path):
+    # with an adapter the selection is compared on the model, which raised the bare LoraConfig error
+    # (no "config:", the other problems lost) for a selection PEFT refuses
+    from helpers import save_model_folder, tiny_llama
+
+    from lorakit import LoraConfig, inject_adapter, save_adapter
+
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, targets=["q_proj"], layers=[1]))
+    save_adapter(model, tmp_path / "adapter")
+    base = {"model": str(save_model_folder(tmp_path / "model")), "data": {"train": "t"}}
+    message = (r"lora.layers = [1] with a regex lora.targets = '.*\\.q_proj': PEFT refuses the two together; write the "
+               r"block indices into the regex (e.g. '.*\.layers\.(0|1)\.self_attn\.q_proj') and remove lora.layers, or "
+               "list module names in lora.targets")  # fmt: skip
+    for adapter in ({}, {"adapter": str(tmp_path / "adapter")}):
+        with pytest.raises(UserError) as err:
+            build_run_config({**base, **adapter, "lora": {"targets": r".*\.q_proj", "layers": [1]}}, check_paths=False)
+        assert str(err.value) == f"config: {message}"
+    # the indices written into the regex select the adapter's modules: it continues
+    cfg = build_run_config({**base, "adapter": str(tmp_path / "adapter"), "lora": {"targets": r".*\.1\.self_attn\.q_proj"}},
+                           check_paths=False)  # fmt: skip
+    assert cfg.lora.targets == r"^(model\.layers\.1\.self_attn\.q_proj)$" and cfg.lora.layers is None

@@ -279,10 +279,22 @@ def test_bad_config_values():
          "lora.layers_pattern = 'blocks(': not a valid regex (missing ), unterminated subpattern at position 6); give the "
          "block list's name, e.g. 'layers'"),
         (dict(layers=[0], layers_pattern=5), "lora.layers_pattern = 5: expected a list of strings or a string or null"),
+        # PEFT refuses layers_to_transform and layers_pattern with a string target_modules
+        (dict(targets=r".*\.q_proj", layers=[1]),
+         r"lora.layers = [1] with a regex lora.targets = '.*\\.q_proj': PEFT refuses the two together; write the block "
+         r"indices into the regex (e.g. '.*\.layers\.(0|1)\.self_attn\.q_proj') and remove lora.layers, or list module "
+         "names in lora.targets"),
+        (dict(targets="q_proj", layers_pattern="layers"),
+         "lora.layers_pattern = 'layers' without lora.layers: it names the block list that lora.layers counts in; set "
+         "lora.layers, or remove it; lora.layers_pattern = 'layers' with a regex lora.targets = 'q_proj': PEFT refuses the "
+         r"two together; write the block indices into the regex (e.g. '.*\.layers\.(0|1)\.self_attn\.q_proj') and "
+         "remove lora.layers_pattern, or list module names in lora.targets"),
     ]:  # fmt: skip
         with pytest.raises(UserError) as err:
             LoraConfig(**kwargs)
         assert str(err.value) == message
+    # all-linear stands for a list of names: layers apply as to one (and lorakit writes the modules it took)
+    assert LoraConfig(targets="all-linear", layers=[1], layers_pattern="layers").layers == [1]
 
 
 def test_duplicate_adapter_name():
