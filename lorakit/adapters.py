@@ -130,18 +130,21 @@ def peft_config_dict(
     }
 
 
-def _targets_for_peft(model: nn.Module, paths: list[str]) -> Union[list[str], str]:
-    """Leaf names if they select exactly `paths` in PEFT's matching; else a full-path regex.
+def _targets_for_peft(model: nn.Module, paths: list[str]) -> list[str]:
+    """Leaf names if they select exactly `paths` in PEFT's matching; else the full paths.
 
     Writing the resolved set (rather than "all-linear" or our `layers` filter) means PEFT selects
     the same modules without having to agree with us on what "all-linear" or a block index is.
+    Full paths, not a regex of them: on the MoE models whose layout transformers 5 changed
+    (Mixtral, Qwen2/3-MoE, ...) PEFT 0.21 turns a string target_modules into the leaf names it
+    matches, so `^(model\.layers\.1\.self_attn\.q_proj)$` took every block's q_proj there.
     """
     leaves = sorted({p.split(".")[-1] for p in paths})
     wrappable = [p for p, m in model.named_modules() if p and _wraps(m)]
     selected = [p for p in wrappable if p.split(".")[-1] in leaves]
     if selected == paths:
         return leaves
-    return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+    return list(paths)
 
 
 def _parameter_targets_for_peft(config: LoraConfig, expert_params: list[str]) -> Optional[list[str]]:

@@ -679,7 +679,7 @@ def _take_adapter_config(cfg: RunConfig, raw_lora: Any, check_paths: bool, earli
     the config's when the config sets one. Other lora keys the config sets must agree with the
     adapter's: the adapter's shape is fixed, so a different value is a mistake, not a wish. The
     modules the config's targets, exclude, layers and layers_pattern select are compared on the
-    model's structure (`all-linear` against the adapter's list of names, layers against its regex), so the config
+    model's structure (`all-linear` against the adapter's list of names, layers against its paths), so the config
     that trained the adapter, or a resolved config.yaml, runs again as it is. `earlier`: the
     problems found so far (a value already reported as invalid is not compared)."""
     from lorakit.adapters import read_adapter_config

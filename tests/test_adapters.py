@@ -138,8 +138,8 @@ def test_lorakit_adapter_with_layers_pattern_loads_in_peft(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     # the modules trained, by name: PEFT needs no layer filter to select them
-    assert config["target_modules"] == "^(model\\.language_model\\.layers\\.1\\.self_attn\\.q_proj|" \
-                                       "model\\.language_model\\.layers\\.1\\.self_attn\\.v_proj)$"
+    assert config["target_modules"] == ["model.language_model.layers.1.self_attn.q_proj",
+                                        "model.language_model.layers.1.self_attn.v_proj"]  # fmt: skip
     assert config["layers_to_transform"] is None and config["layers_pattern"] is None
     peft_model = PeftModel.from_pretrained(tiny_llava(), str(tmp_path / "adapter"))
     assert peft_model.base_model.targeted_module_names == [p for p, _ in lora_layers(model)]

@@ -234,4 +234,4 @@ def test_a_regex_target_with_layers_is_a_config_error_when_continuing_an_adapter
     # the indices written into the regex select the adapter's modules: it continues
     cfg = build_run_config({**base, "adapter": str(tmp_path / "adapter"), "lora": {"targets": r".*\.1\.self_attn\.q_proj"}},
                            check_paths=False)  # fmt: skip
-    assert cfg.lora.targets == r"^(model\.layers\.1\.self_attn\.q_proj)$" and cfg.lora.layers is None
+    assert cfg.lora.targets == ["model.layers.1.self_attn.q_proj"] and cfg.lora.layers is None

@@ -230,7 +230,11 @@ def test_a_layer_filter_is_written_as_full_parameter_paths(tmp_path):
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["target_parameters"] == ["model.layers.1.mlp.experts.gate_up_proj"]
     ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    # the q_proj by its path: PEFT turned a regex into leaf names on this model (its transformers 5
+    # MoE conversion), adding a LoRA (zero, missing from the file) on every block's q_proj
+    assert config["target_modules"] == ["model.layers.1.self_attn.q_proj"]
     peft_model = PeftModel.from_pretrained(tiny_qwen3_moe(), tmp_path / "a")
+    assert peft_model.base_model.targeted_module_names == ["model.layers.1.self_attn.q_proj"]
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=0, atol=2e-6)
     assert isinstance(model.model.layers[1].mlp.experts, LoraExperts)
