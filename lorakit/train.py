@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +197,13 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
     existing = next(p for p in (output_dir, *output_dir.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise UserError(f"output_dir {str(output_dir)!r}: {existing} is a file, not a folder; set output_dir to a folder path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"output_dir {str(output_dir)!r}: {existing} may not be written in; set output_dir to a folder you can write")
+    # Tried, not read off the permission bits: root passes those everywhere, and /proc or /sys refuse
+    # a new folder whatever they say. The probe goes at once, so a dry run leaves nothing behind.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lorakit-probe-", dir=existing))
+    except OSError as exc:
+        raise UserError(f"output_dir {str(output_dir)!r}: cannot write in {existing} ({exc.strerror or exc}); set "
+                        "output_dir to a folder you can write") from None  # fmt: skip
     checkpoint = latest_checkpoint(output_dir)
     if resume:
         if checkpoint is None:

@@ -707,6 +707,25 @@ def test_mistakes_found_before_the_first_step(workspace, tmp_path, capsys):
         refused([_config(workspace, out, max_steps=6), "--resume", *dry], "is damaged (optimizer.pt holds no tensors lorakit wrote)")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_dir_that_cannot_be_made_is_one_line_before_the_model_loads(workspace, tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train_module, "load_config", no_model)
+    cases = [("/proc/lorakit-out", "cannot write in /proc (No such file or directory)")]  # root may write anywhere else
+    if os.geteuid() != 0:  # the permission bits hold for everyone else
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        cases.append((str(locked / "run"), f"cannot write in {locked} (Permission denied)"))
+    for out, problem in cases:
+        for dry in ([], ["--dry-run"]):
+            assert main(["train", _config(workspace, tmp_path / "o"), f"output_dir={out}", *dry]) == 2
+            assert capsys.readouterr().err == (
+                f"error: output_dir '{out}': {problem}; set output_dir to a folder you can write\n"
+            )
+
+
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
     out = workspace / "evalmatch"
     assert main(["train", _config(workspace, out, max_steps=2)]) == 0
