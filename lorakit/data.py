@@ -119,6 +119,8 @@ _REQUIRED = {
     "preference": ("chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
 }  # fmt: skip
 _SKIP_HINT = "fix it, or skip invalid records with data.skip_invalid: true (lorakit eval --skip-invalid)"
+# What a JSON value nested past Python's recursion limit is told (json raises RecursionError for it).
+TOO_DEEP = "nested too deeply to read (lists or objects about 1000 levels inside each other, past Python's recursion limit)"
 
 
 @dataclass
@@ -486,6 +488,9 @@ def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[i
         except json.JSONDecodeError as exc:
             problems.append((lineno, f"invalid JSON: {exc.msg} (column {exc.colno})"))
             continue
+        except RecursionError:
+            problems.append((lineno, f"the record is {TOO_DEEP}"))
+            continue
         if not isinstance(obj, dict):
             problems.append((lineno, f"expected a JSON object per line, got {_kind(obj)}"))
             continue
@@ -550,7 +555,10 @@ def _read_json_list(path: Path, text: str) -> list[tuple[int, dict]]:
         while True:
             line += text.count("\n", counted, i)
             counted = i
-            obj, end = dec.raw_decode(text, i)
+            try:
+                obj, end = dec.raw_decode(text, i)
+            except RecursionError:
+                raise UserError(f"{path}:{line}: the list element is {TOO_DEEP}; fix that element") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{line}: expected a list of JSON objects, got {_kind(obj)}; fix that element")
             records.append((line, obj))
@@ -686,6 +694,8 @@ def record_tools(record: dict) -> Optional[list[dict]]:
             tools = json.loads(tools) if tools.strip() else None
         except json.JSONDecodeError as exc:
             raise BadRecord(f"'tools' is a string but not JSON ({exc.msg}); give a list of function schemas") from None
+        except RecursionError:
+            raise BadRecord(f"'tools' is a JSON string {TOO_DEEP}; give a list of function schemas") from None
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list):
@@ -713,6 +723,8 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise BadRecord(f"{where} is not JSON ({exc.msg}); give {{\"name\": ..., \"arguments\": {{...}}}}") from None
+        except RecursionError:
+            raise BadRecord(f"{where} is a JSON string {TOO_DEEP}; give {{\"name\": ..., \"arguments\": {{...}}}}") from None
     calls = [value] if isinstance(value, dict) else value
     if not isinstance(calls, list) or not calls:
         raise BadRecord(f"{where} must be a non-empty list of calls ({{\"name\", \"arguments\"}}), got {_kind(value)}")
@@ -727,6 +739,8 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as exc:
                 raise BadRecord(f"{where}[{i}].arguments is a string but not JSON ({exc.msg}); give an object") from None
+            except RecursionError:
+                raise BadRecord(f"{where}[{i}].arguments is a JSON string {TOO_DEEP}; give an object") from None
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):

@@ -183,7 +183,7 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     Raises:
         UserError: missing file, no prompts, a JSON line without a usable field or with a lone surrogate (FILE:LINE).
     """
-    from lorakit.data import lone_surrogate, read_utf8
+    from lorakit.data import TOO_DEEP, lone_surrogate, read_utf8
 
     path = Path(path)
     if not path.is_file():
@@ -201,6 +201,8 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: the record is {TOO_DEEP}; fix that line") from None
         surrogate = lone_surrogate(record)
         if surrogate is not None:
             raise UserError(f"{path}:{number}: {surrogate}; fix the escape")

@@ -890,6 +890,38 @@ def test_a_lone_surrogate_in_a_json_list_or_a_prompts_file_names_its_line(tmp_pa
         read_prompts(prompts)
 
 
+def test_records_nested_past_the_recursion_limit_are_record_errors(tmp_path):
+    from lorakit.generate import read_prompts
+
+    deep = 100_000
+    lists, objects = "[" * deep + "]" * deep, '{"a": ' * deep + "1" + "}" * deep
+    too_deep = "nested too deeply to read (lists or objects about 1000 levels inside each other, past Python's recursion limit)"
+    hint = "fix it, or skip invalid records with data.skip_invalid: true (lorakit eval --skip-invalid)"
+    cases = [
+        ('{"messages": ' + lists + "}", f"the record is {too_deep}"),
+        ('{"text": "x", "meta": ' + objects + "}", f"the record is {too_deep}"),
+        ({**OK, "tools": lists}, f"'tools' is a JSON string {too_deep}; give a list of function schemas"),
+        ({"messages": [CHAT[1], {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": objects}}]}]},
+         f"messages[1].tool_calls[0].arguments is a JSON string {too_deep}; give an object"),
+    ]  # fmt: skip
+    for bad, problem in cases:
+        with pytest.raises(UserError) as err:
+            load(tmp_path, [OK, bad, OK])
+        assert str(err.value) == f"{tmp_path / 'd.jsonl'}:2: {problem}; {hint}"
+        ds = load(tmp_path, [OK, bad, OK], skip_invalid=True)
+        assert (ds.stats.records, ds.stats.examples, ds.stats.skipped_invalid, ds.stats.skipped_lines) == (3, 2, 1, [2])
+    # a JSON list cannot be read on past an element it could not read, so that is never skipped
+    path = tmp_path / "d.json"
+    path.write_text("[" + json.dumps(OK) + ',\n{"text": "x", "meta": ' + lists + "}]")
+    with pytest.raises(UserError) as err:
+        load_dataset(path, make_tokenizer("llama3"), DataConfig(skip_invalid=True), use_cache=False)
+    assert str(err.value) == f"{path}:2: the list element is {too_deep}; fix that element"
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, '{"prompt": "x", "meta": ' + lists + "}"])
+    with pytest.raises(UserError) as err:
+        read_prompts(prompts)
+    assert str(err.value) == f"{prompts}:2: the record is {too_deep}; fix that line"
+
+
 def test_every_problem_is_listed_at_once(tmp_path):
     with pytest.raises(UserError) as err:
         load(tmp_path, [{"text": 1}, OK, {"messages": "hi"}, {"x": 1}])
