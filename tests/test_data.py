@@ -838,6 +838,18 @@ def test_parquet_arrow_csv_and_tsv_tables_read_as_their_jsonl(tmp_path):
 # Errors
 
 
+def test_a_table_byte_that_is_not_utf8_is_named_by_its_line(tmp_path):
+    # the header row (line 1; it was "line 0"), and a row past the text reader's first chunk
+    rows = b"".join(b"q%d,a%d\n" % (i, i) for i in range(2, 2000))
+    for name, data, line in (("h.csv", b"pro\xffmpt,completion\nq,a\n", 1), ("r.csv", b"prompt,completion\n" + rows + b"q,\xe9\n", 2000),
+                             ("r.tsv", b"prompt\tcompletion\nq\t\xe9\n", 2)):  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError) as err:
+            load_dataset(tmp_path / name, make_tokenizer("llama3"), DataConfig(skip_invalid=True), use_cache=False)
+        reason = "invalid start byte" if line == 1 else "invalid continuation byte"
+        assert str(err.value) == f"{tmp_path / name}:{line}: not UTF-8 text ({reason}); save the file as UTF-8"
+
+
 def load(tmp_path, records, tok=None, **cfg):
     path = write_jsonl(tmp_path / "d.jsonl", records)
     return load_dataset(path, tok if tok is not None else make_tokenizer("llama3"), DataConfig(**cfg), use_cache=False)
