@@ -374,8 +374,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
     Values are parsed as YAML scalars, so `true`, `1e-4`, `[q_proj, v_proj]` and `null` work.
     """
+    from lorakit.data import undecodable_byte
+
     out: dict[str, Any] = {}
     for pair in pairs:
+        # before YAML, which calls such a byte (kept as a lone surrogate) a character it may not read
+        problem = undecodable_byte(pair)
+        if problem is not None:
+            raise UserError(f"override {pair!r}: {problem}; pass UTF-8 text (set the terminal's encoding to UTF-8)")
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"override {pair!r}: expected KEY=VALUE, e.g. train.max_steps=20")

@@ -17,6 +17,20 @@ def test_overrides_are_yaml_scalars():
         parse_overrides(["train.max_steps"])
 
 
+def test_an_override_with_bytes_that_are_not_utf8_names_the_byte(tmp_path, capsys):
+    from lorakit.cli import main
+
+    # $'data.system_prompt=\xff' in a shell: Python keeps the byte as the lone surrogate U+DCFF,
+    # which YAML refused as "not valid YAML (ReaderError)"; the demo's overrides (no config) too
+    fix = "is not UTF-8 text; pass UTF-8 text (set the terminal's encoding to UTF-8)"
+    for args, message in (
+        ([str(tmp_path / "run.yaml"), "data.system_prompt=\udcff"], f"'data.system_prompt=\\udcff': byte 0xff at character 20 {fix}"),
+        (["data.\udcc3=1"], f"'data.\\udcc3=1': byte 0xc3 at character 6 {fix}"),
+    ):
+        assert main(["train", *args]) == 2
+        assert capsys.readouterr().err == f"error: override {message}\n"
+
+
 def test_yaml_file_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\ndata: {train: t.jsonl}\ntrain: {lr: 2e-4, max_steps: 5}\nlora: {r: 8}\n")
