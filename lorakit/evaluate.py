@@ -323,15 +323,16 @@ def eval_command(args: argparse.Namespace) -> int:
     from lorakit.data import BadRecord, load_dataset, read_records, rename_columns
     from lorakit.generate import check_utf8_argument, load_for_command
 
-    check_utf8_argument("--system", args.system)  # no tokenizer encodes such bytes; refused before loading
+    # the options' own mistakes, refused before the model is read (no tokenizer encodes bytes that are not UTF-8)
+    check_utf8_argument("--system", args.system)
+    if args.system is not None and not args.system.strip():
+        raise UserError(f"--system {args.system!r}: give the system message's text, or leave --system out")
+    columns = _columns(args.column)
     model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto reads as chat)
     # --objective reads the records as pairs, or kto as labelled examples (prompt, completion, label)
     fmt = "unpaired" if args.objective == "kto" else "preference" if args.objective else "auto"
-    columns = _columns(args.column)
-    if args.system is not None and not args.system.strip():
-        raise UserError("--system '': give the system message's text, or leave --system out")
     cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid, columns=columns,
                      system_prompt=args.system)  # fmt: skip
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)

@@ -130,6 +130,26 @@ def test_cli_eval_reads_other_column_names(setup, tmp_path, capsys):
         assert all(m in err for m in messages) and err.count("\n") == 1, err
 
 
+def test_cli_eval_refuses_bad_column_and_system_options_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from lorakit import generate
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(generate, "load_for_command", no_model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1 plus 1 is", "completion": " 2"}) + "\n")
+    for options, message in [
+        (["--column", "prompt"], "--column 'prompt': give KEY=NAME, lorakit's key and the records' name for it, e.g. prompt=question"),
+        (["--column", "prompt=question", "--column", "text=question"], "--column: 'question' is named for 2 keys; map each key "
+         "of the records once"),
+        (["--system", ""], "--system '': give the system message's text, or leave --system out"),
+        (["--system", " \n"], "--system ' \\n': give the system message's text, or leave --system out"),
+    ]:  # fmt: skip
+        assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), *options]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_cli_eval_system_prompt_equals_the_message_in_the_data(setup, tmp_path, capsys):
     model, tok, _, _ = setup
     folder = save_model_folder(tmp_path / "m", model, tok)
