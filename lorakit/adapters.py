@@ -350,11 +350,14 @@ def read_chat_template(directory: Union[str, Path]) -> Optional[str]:
     """The chat template an adapter folder holds (chat_template.jinja, data.chat_template's), else None.
 
     Raises:
-        UserError: the file is not UTF-8 text (or cannot be read).
+        UserError: the file is not UTF-8 text (or cannot be read), or is a folder.
     """
     path = Path(directory) / CHAT_TEMPLATE_NAME
-    if not path.is_file():
+    if not path.exists():
         return None
+    if path.is_dir():  # not passed over: the adapter would then run with another template than it trained with
+        raise UserError(f"{path} is a folder, not a file; delete it to use the model's own template, or save the "
+                        "adapter's chat template there as a file")  # fmt: skip
     try:
         return path.read_text(encoding="utf-8-sig")  # a byte-order mark would start every render
     except UnicodeDecodeError as exc:

@@ -33,7 +33,7 @@ import yaml
 from torch import nn
 
 from lorakit import host_memory, preference
-from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME
+from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME, read_chat_template
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
@@ -463,7 +463,7 @@ def chat_template_source(cfg: RunConfig) -> Optional[str]:
     tokenizer's."""
     if cfg.data.chat_template is not None:
         return cfg.data.chat_template
-    if cfg.adapter is not None and (Path(cfg.adapter) / CHAT_TEMPLATE_NAME).is_file():
+    if cfg.adapter is not None and read_chat_template(cfg.adapter) is not None:  # (read: a folder there is refused)
         return str(Path(cfg.adapter) / CHAT_TEMPLATE_NAME)
     return None
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_gpt2, tiny_llama, tiny_llava
+from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama, tiny_llava
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -330,3 +330,31 @@ def test_weights_of_a_selected_layer_lorakit_cannot_wrap_are_not_called_unselect
         check_fits(Model(), read_adapter(tmp_path / "adapter"))
     assert str(err.value) == (f"{tmp_path / 'adapter'}: adapter_model.safetensors holds LoRA weights for conv, a Conv2d; "
                               "lorakit adapts linear layers, GPT-2's Conv1D and embeddings only")  # fmt: skip
+
+
+def test_a_chat_template_jinja_that_is_a_folder_is_refused_not_passed_over(tmp_path, capsys):
+    from lorakit.adapters import read_chat_template
+    from lorakit.cli import main
+    from lorakit.config import build_run_config
+    from lorakit.train import chat_template_source
+
+    model = tiny_llama()
+    base = save_model_folder(tmp_path / "m", model, make_tokenizer())
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    adapter = save_adapter(model, tmp_path / "a")
+    (adapter / "chat_template.jinja").mkdir()
+    message = (f"{adapter / 'chat_template.jinja'} is a folder, not a file; delete it to use the model's own template, or save "
+               "the adapter's chat template there as a file")  # fmt: skip
+    with pytest.raises(UserError) as err:
+        read_chat_template(adapter)
+    assert str(err.value) == message
+    with pytest.raises(UserError) as err:  # a run that continues the adapter
+        chat_template_source(build_run_config({"model": str(base), "adapter": str(adapter), "data": {"train": "t.jsonl"}},
+                                              check_paths=False))  # fmt: skip
+    assert str(err.value) == message
+    capsys.readouterr()  # (the model folder's progress bar)
+    for args in (["generate", "--model", str(base), "--adapter", str(adapter), "--prompt", "x"],
+                 ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")]):  # fmt: skip
+        assert main(args) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
