@@ -97,7 +97,7 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 6  # bump when tokenization, what is refused or the cache layout changes (6: dropped user and tool turns)
+FORMAT_VERSION = 7  # bump when tokenization, what is refused or the cache layout changes (7: each example's line)
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -149,11 +149,14 @@ class TokenizedDataset:
     pairs: preference data, examples 2j (the chosen answer) and 2j+1 (the rejected one) are pair j.
     desirable: unpaired (KTO) data, which is pairs too: 2j is example j (prompt + completion), 2j+1
         its KL example (the same prompt with another example's completion), desirable[j] its label.
+    lines: (n,) int64, the line of the record each example comes from (a Parquet / Arrow file's row);
+        files, the files they come from, and file_ids (n,) int32, which of them (`record_of`).
     """
 
     def __init__(
         self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, stats: DataStats, *, pairs: bool = False,
-        desirable: Optional[np.ndarray] = None,
+        desirable: Optional[np.ndarray] = None, lines: Optional[np.ndarray] = None, files: Sequence[str] = (),
+        file_ids: Optional[np.ndarray] = None,
     ) -> None:  # fmt: skip
         self.input_ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         self.labels = np.ascontiguousarray(labels, dtype=np.int32)
@@ -164,6 +167,10 @@ class TokenizedDataset:
         assert self.input_ids.shape == self.labels.shape and self.offsets[-1] == len(self.input_ids)
         assert not pairs or len(self) % 2 == 0, "preference data holds whole pairs"
         assert self.desirable is None or (pairs and len(self.desirable) == len(self) // 2)
+        self.lines = None if lines is None else np.ascontiguousarray(lines, dtype=np.int64)
+        self.files = list(files)
+        self.file_ids = np.zeros(len(self), np.int32) if file_ids is None else np.ascontiguousarray(file_ids, dtype=np.int32)
+        assert (self.lines is None or len(self.lines) == len(self)) and len(self.file_ids) == len(self)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -175,6 +182,12 @@ class TokenizedDataset:
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def record_of(self, i: int) -> Optional[str]:
+        """`FILE:LINE` of the record example i comes from, where a user finds it; None if not known."""
+        if self.lines is None or not self.files:
+            return None
+        return f"{self.files[self.file_ids[i]]}:{self.lines[i]}"
 
     def num_units(self) -> int:
         """What batches and held-out splits count: pairs for preference data, else examples."""
@@ -204,7 +217,10 @@ class TokenizedDataset:
         if self.desirable is not None:
             desirable = self.desirable[idx[0::2] // 2]
             stats.desirable = int(desirable.sum())
-        return TokenizedDataset(self.input_ids[gather], labels, offsets, stats, pairs=self.pairs, desirable=desirable)
+        return TokenizedDataset(
+            self.input_ids[gather], labels, offsets, stats, pairs=self.pairs, desirable=desirable,
+            lines=None if self.lines is None else self.lines[idx], files=self.files, file_ids=self.file_ids[idx],
+        )  # fmt: skip
 
     @classmethod
     def concat(cls, parts: Sequence["TokenizedDataset"], sources: Sequence[str]) -> "TokenizedDataset":
@@ -233,10 +249,15 @@ class TokenizedDataset:
             for f in dataclasses.fields(DataStats) if f.name not in ("skipped_lines", "unpaired")
         }  # fmt: skip
         unpaired = parts[0].desirable is not None
+        where: dict[str, Any] = {}  # each example's record, where every part knows its own
+        if all(p.lines is not None and p.files for p in parts):
+            files = list(dict.fromkeys(f for p in parts for f in p.files))  # a file listed twice is one file
+            ids = [np.array([files.index(f) for f in p.files], dtype=np.int32)[p.file_ids] for p in parts]
+            where = dict(lines=np.concatenate([p.lines for p in parts]), files=files, file_ids=np.concatenate(ids))
         return cls(
             np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]), offsets,
             DataStats(**counts, unpaired=unpaired), pairs=parts[0].pairs,
-            desirable=np.concatenate([p.desirable for p in parts]) if unpaired else None,
+            desirable=np.concatenate([p.desirable for p in parts]) if unpaired else None, **where,
         )  # fmt: skip
 
     def save(self, path: Union[str, Path]) -> None:
@@ -248,6 +269,8 @@ class TokenizedDataset:
         try:
             with os.fdopen(fd, "wb") as f:
                 extra = {} if self.desirable is None else {"desirable": self.desirable}
+                if self.lines is not None:  # (the file's name is not kept: the same bytes may be another file)
+                    extra["lines"] = self.lines
                 np.savez(
                     f, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets, stats=stats,
                     pairs=np.array([self.pairs]), **extra,
@@ -263,7 +286,8 @@ class TokenizedDataset:
             stats = DataStats(**json.loads(z["stats"].tobytes().decode()))
             pairs = bool(z["pairs"][0]) if "pairs" in z.files else False
             desirable = z["desirable"] if "desirable" in z.files else None
-            return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs, desirable=desirable)
+            lines = z["lines"] if "lines" in z.files else None
+            return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs, desirable=desirable, lines=lines)
 
 
 def show_example(
@@ -1314,10 +1338,11 @@ def tokenize_records(
                 job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems, pairs)
                 future = pool.submit(_encode_job, backend, job) if job.size else None
                 if pending is not None:
-                    flat, labels, lengths, kept = _assemble(
+                    flat, labels, lengths, kept, at = _assemble(
                         _finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, pairs, kind == "unpaired"
                     )
-                    parts.append((flat, labels, lengths, kept + pending[2] // 2))  # CHUNK is even: pairs do not straddle
+                    lines = np.array([prepared[pending[2] + k][0] for k in at.tolist()], dtype=np.int64)
+                    parts.append((flat, labels, lengths, kept + pending[2] // 2, lines))  # CHUNK is even: pairs do not straddle
                 pending = (job, future, c) if future is not None else None
     finally:
         if gc_was_on:
@@ -1342,7 +1367,8 @@ def tokenize_records(
     if labels_by_pair is not None:
         desirable = labels_by_pair[np.concatenate([p[3] for p in parts])]
         stats.unpaired, stats.desirable = True, int(desirable.sum())
-    return TokenizedDataset(ids, labels, offsets, stats, pairs=pairs, desirable=desirable)
+    lines = np.concatenate([p[4] for p in parts]) if parts else np.zeros(0, np.int64)
+    return TokenizedDataset(ids, labels, offsets, stats, pairs=pairs, desirable=desirable, lines=lines, files=[source])
 
 
 def _check_template_reads_tools(renderer: _ChatRenderer, prepared: list[tuple[int, str, Any]], source: str) -> None:
@@ -1539,9 +1565,10 @@ def _fit(ids: list[int], ranges: list[tuple[int, int]], max_len: int, drop: bool
 def _assemble(
     seqs: list[tuple[int, list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats, pairs: bool = False,
     unpaired: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat, and the
-    chunk's kept pairs (position in chunk // 2; empty without `pairs`).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat, the
+    chunk's kept pairs (position in chunk // 2; empty without `pairs`) and the position in chunk of
+    each kept example.
 
     seqs: (position in chunk, ids, ranges) from `_finish_chunk`. With `pairs`, positions 2j and
     2j+1 are a preference pair, kept or dropped together (a dropped side counts for both)."""
@@ -1563,11 +1590,12 @@ def _assemble(
             if not reasons:
                 kept_pairs.append(sides[0][0] // 2)
     kept_ids: list[list[int]] = []
+    kept_at: list[int] = []
     lengths: list[int] = []
     starts: list[int] = []  # flat positions where a trainable range starts / ends
     ends: list[int] = []
     total = 0
-    for _, ids, fit in fitted:
+    for k, ids, fit in fitted:
         if isinstance(fit, str):
             setattr(stats, fit, getattr(stats, fit) + 1)
             continue
@@ -1579,6 +1607,7 @@ def _assemble(
             starts.append(total + a)
             ends.append(total + b)
         kept_ids.append(ids)
+        kept_at.append(k)
         lengths.append(n)
         total += n
     flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32, count=total)
@@ -1586,7 +1615,8 @@ def _assemble(
     np.add.at(delta, np.asarray(starts, dtype=np.int64), 1)
     np.add.at(delta, np.asarray(ends, dtype=np.int64), -1)
     labels = np.where(np.cumsum(delta[:-1]) > 0, flat, IGNORE_INDEX).astype(np.int32)
-    return flat, labels, np.asarray(lengths, dtype=np.int64), np.asarray(kept_pairs, dtype=np.int64)
+    kept = np.asarray(kept_pairs, dtype=np.int64)
+    return flat, labels, np.asarray(lengths, dtype=np.int64), kept, np.asarray(kept_at, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1614,7 +1644,9 @@ def load_dataset(
         cache_file = _cache_dir(cfg) / f"{path.stem[:40]}-{_cache_key(path, tokenizer, cfg)[:32]}.npz"
         if cache_file.is_file():
             try:
-                return TokenizedDataset.load(cache_file)
+                cached = TokenizedDataset.load(cache_file)
+                cached.files = [str(path)]  # this name of the bytes the cache was made from
+                return cached
             except Exception as exc:  # noqa: BLE001 - a broken cache file is rebuilt, never fatal
                 log.warning("ignoring unreadable data cache %s: %s", cache_file, exc)
     records, skipped = _read(path, cfg.skip_invalid)

@@ -143,12 +143,16 @@ def _encodes(text: str, encoding: str) -> bool:
 
 
 def _example_role(data: TokenizedDataset, i: int) -> str:
-    """What example `i` of a preference or KTO data set is; "" for other data."""
+    """Where example `i` comes from, " (FILE:LINE)", so its record can be found (the training set's
+    numbers are not the files' when several are listed, or records were skipped, dropped or held
+    out), and what it is of a preference or KTO data set."""
+    what = [] if data.record_of(i) is None else [data.record_of(i)]
     if data.desirable is not None:
-        return f" (record {i // 2 + 1}: {'its KL example' if i % 2 else 'desirable' if data.desirable[i // 2] else 'undesirable'})"
-    if data.pairs:
-        return f" (pair {i // 2 + 1}: {'rejected' if i % 2 else 'chosen'})"
-    return ""
+        label = "its KL example" if i % 2 else "desirable" if data.desirable[i // 2] else "undesirable"
+        what.append(f"labelled example {i // 2 + 1}: {label}")
+    elif data.pairs:
+        what.append(f"pair {i // 2 + 1}: {'rejected' if i % 2 else 'chosen'}")
+    return f" ({', '.join(what)})" if what else ""
 
 
 def _size(n: float) -> str:

@@ -934,6 +934,23 @@ def test_records_nested_past_the_recursion_limit_are_record_errors(tmp_path):
     assert str(err.value) == f"{prompts}:2: the record is {too_deep}; fix that line"
 
 
+def test_each_example_knows_the_file_and_line_of_its_record(tmp_path):
+    tok = make_tokenizer("llama3")
+    cfg = DataConfig(max_length=12, too_long="drop", skip_invalid=True, cache_dir=str(tmp_path / "cache"))
+    long = {"prompt": "The quick brown fox jumps over the lazy dog.", "completion": " again"}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, "", {"text": 3}, long, {"text": "b"}])
+    for _ in range(2):  # tokenized, then from the cache (which keeps the lines, not the file's name)
+        ds = load_dataset(path, tok, cfg)
+        assert [ds.record_of(i) for i in range(len(ds))] == [f"{path}:1", f"{path}:5"]
+    pair = {"prompt": "q", "chosen": " a", "rejected": " b"}
+    pairs = load_dataset(write_jsonl(tmp_path / "p.jsonl", [pair, {"prompt": "q"}, pair]), tok, cfg, use_cache=False)
+    assert [pairs.record_of(i) for i in range(len(pairs))] == [f"{tmp_path / 'p.jsonl'}:{n}" for n in (1, 1, 3, 3)]
+    other = load_dataset(write_jsonl(tmp_path / "e.jsonl", [{"text": "c"}]), tok, cfg, use_cache=False)
+    both = TokenizedDataset.concat([ds, other, ds], ["d", "e", "d"]).subset([4, 2, 0])
+    assert [both.record_of(i) for i in range(3)] == [f"{path}:5", f"{tmp_path / 'e.jsonl'}:1", f"{path}:1"]
+    assert both.files == [str(path), str(tmp_path / "e.jsonl")]
+
+
 def test_every_problem_is_listed_at_once(tmp_path):
     with pytest.raises(UserError) as err:
         load(tmp_path, [{"text": 1}, OK, {"messages": "hi"}, {"x": 1}])

@@ -123,6 +123,21 @@ def test_overrides_may_follow_the_flags(workspace, capsys):
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_show_examples_names_the_file_and_line_of_each_example(workspace, tmp_path, capsys):
+    # the training set's numbers are not a file's: several files, a blank line, a skipped record, one held out
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text('{"prompt": "1 plus 1 is", "completion": " 2"}\n\n{"prompt": 3}\n{"prompt": "2 plus 2 is", "completion": " 4"}\n')
+    two.write_text('{"prompt": "3 plus 3 is", "completion": " 6"}\n{"prompt": "4 plus 4 is", "completion": " 8"}\n')
+    args = ["train", _config(workspace, tmp_path / "where"), f"data.train=[{one}, {two}, {one}]", "data.skip_invalid=true",
+            "data.packing=false", "train.batch_size=1", "--dry-run", "--show-examples", "6"]  # fmt: skip
+    for held_out, want in (([], [f"{one}:1", f"{one}:4", f"{two}:1", f"{two}:2", f"{one}:1", f"{one}:4"]),
+                           (["data.eval=null", "data.eval_fraction=0.25"], [f"{one}:1", f"{one}:4", f"{two}:2", f"{one}:1", f"{one}:4"])):  # fmt: skip
+        for _ in range(2):  # tokenized, then from the cache
+            assert main([*args, *held_out]) == 0
+            headers = [line.split("): ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("example ")]
+            assert headers == [f"example {i} of {len(want)} ({where}" for i, where in enumerate(want, 1)]
+
+
 def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(workspace, tmp_path, capsys, monkeypatch):
     records = [
         {"prompt": "2 plus 3 is", "completion": " 5"},
@@ -135,11 +150,11 @@ def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(
     args = ["train", cfg, f"data.train={tmp_path / 'mixed.jsonl'}", "data.eval=null", "train.eval_every=0", "data.packing=false", "train.batch_size=1", "data.max_length=64"]
     assert main([*args, "--dry-run", "--show-examples", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "\nexample 1 of 3: 9 tokens, 3 trained\n2 plus 3 is⟦ 5<|eot_id|>⟧\n" in printed
+    assert f"\nexample 1 of 3 ({tmp_path / 'mixed.jsonl'}:1): 9 tokens, 3 trained\n2 plus 3 is⟦ 5<|eot_id|>⟧\n" in printed
     header = "<|start_header_id|>{}<|end_header_id|>\n\n"
     chat = (f"<s>{header.format('user')}hello<|eot_id|>{header.format('assistant')}⟦Four.<|eot_id|>⟧"
             f"{header.format('user')}sort 3 1 2<|eot_id|>{header.format('assistant')}⟦1 2 3<|eot_id|>⟧")  # fmt: skip
-    assert f"\n{chat}\n" in printed and "example 2 of 3:" in printed
+    assert f"\n{chat}\n" in printed and f"example 2 of 3 ({tmp_path / 'mixed.jsonl'}:2):" in printed
     assert "not shown" not in printed and "example 3" not in printed
     assert main([*args, "--show-examples", "2"]) == 2
     assert "--show-examples goes with --dry-run" in capsys.readouterr().err
