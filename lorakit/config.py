@@ -587,6 +587,13 @@ def data_sources(value: Union[str, list[Any], None]) -> list[tuple[str, dict[str
     return [(e, {}) if not isinstance(e, dict) else (e.get("path"), {k: v for k, v in e.items() if k != "path"}) for e in entries]
 
 
+def own_options(options: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    """A list file's options less those equal to the data section's (`columns: {}` where data.columns
+    is unset, `format: auto` where data.format is auto): they change nothing, so the file is the same
+    source as without them, to the run's fingerprint and to what is held out of it once."""
+    return {key: value for key, value in options.items() if value != getattr(data, key)}
+
+
 def data_files(value: Union[str, list[Any], dict[str, Any], None]) -> list[str]:
     """data.train / data.eval as a list of files: [] for None, [path] for one path; named eval
     sets' files one set after another."""

@@ -91,7 +91,7 @@ import numpy as np
 from jinja2 import TemplateError
 import torch
 
-from lorakit.config import DataConfig, data_sources, eval_set_sources
+from lorakit.config import DataConfig, data_sources, eval_set_sources, own_options
 from lorakit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -1733,8 +1733,9 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
         return load(sources, "data.train"), {}
     # Held out of the files' examples once each, however often a file is listed: a file listed
     # twice (weighted up) then trains twice on its training part, and never on what is held out.
-    # (A file listed with other options of its own is another source.)
-    keys = [(path, json.dumps(options, sort_keys=True)) for path, options in sources]
+    # (A file listed with other options of its own is another source; options that equal the data
+    # section's are none.)
+    keys = [(path, json.dumps(own_options(options, cfg), sort_keys=True)) for path, options in sources]
     first = {}  # each distinct source's first place in the list
     for i, key in enumerate(keys):
         first.setdefault(key, i)

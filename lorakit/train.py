@@ -37,7 +37,7 @@ from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME, read
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
-    data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, parse_overrides,
+    data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, own_options, parse_overrides,
 )  # fmt: skip
 from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
@@ -127,7 +127,7 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
         return h.hexdigest()
 
     def files_hash(value):  # one file's hash as before (a list of one too), so earlier checkpoints still resume
-        sources = data_sources(value)
+        sources = [(f, own_options(options, cfg.data)) for f, options in data_sources(value)]
         hashes = [file_hash(f) for f, _ in sources]
         if any(options for _, options in sources):  # a file's own options (so earlier checkpoints still resume)
             return [[h, options] for h, (_, options) in zip(hashes, sources)]

@@ -744,6 +744,12 @@ def test_the_files_of_a_list_may_set_their_own_columns_format_and_system_prompt(
     assert (len(held_train), len(held[""])) == (1, 1)
     assert {tuple(d.example(0)[0].tolist()) for d in (held_train, held[""])} == {
         tuple(example({"messages": chat}, s)[0]) for s in ("Said first.", "Other.")}  # fmt: skip
+    # ... but not with options that equal the data section's: the same source listed twice, its one example held out
+    same = dataclasses.replace(twice, train=[str(chats), {"path": str(chats), "system_prompt": "Said first.", "columns": {}}])
+    with pytest.raises(UserError) as err:
+        load_train_eval(same, tok, seed=0)
+    assert str(err.value) == ("data.eval_fraction = 0.5 holds out 1 of 1 examples, leaving none to train on; lower it or "
+                              "give data.eval a file")  # fmt: skip
     # a record error caused by a file's own option names that option
     both = write_jsonl(tmp_path / "both.jsonl", [{"question": "2 plus 2 is", "prompt": "x", "answer": " 4"}])
     for entry, message in [

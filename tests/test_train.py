@@ -726,6 +726,26 @@ def test_an_output_dir_that_cannot_be_made_is_one_line_before_the_model_loads(wo
             )
 
 
+def test_file_options_that_equal_the_data_sections_fingerprint_as_none(workspace):
+    # a resume checkpoint of `train: [a.jsonl]` is this run's with options that change nothing
+    data = str(workspace / "train.jsonl")
+
+    def fingerprint(train, **section):
+        cfg = build_run_config({"model": str(workspace / "model"), "data": {"train": train, "eval": [train[-1]], **section}})
+        return train_module.fingerprint(cfg)["data"]
+
+    plain = fingerprint([data])
+    for entry, section in [({"columns": {}}, {}), ({"format": "auto", "system_prompt": None}, {}),
+                           ({"format": "chat", "columns": {"prompt": "q"}}, {"format": "chat", "columns": {"prompt": "q"}}),
+                           ({"system_prompt": "S."}, {"system_prompt": "S."})]:  # fmt: skip
+        assert fingerprint([{"path": data, **entry}], **section) == fingerprint([data], **section), entry
+    assert fingerprint([{"path": data, "columns": {}}]) == plain
+    # options that change what is read still make another run
+    hashed = plain["train"]
+    assert fingerprint([{"path": data, "system_prompt": "S."}])["train"] == [[hashed, {"system_prompt": "S."}]]
+    assert fingerprint([{"path": data, "columns": {}}], columns={"prompt": "q"})["train"] == [[hashed, {"columns": {}}]]
+
+
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
     out = workspace / "evalmatch"
     assert main(["train", _config(workspace, out, max_steps=2)]) == 0
