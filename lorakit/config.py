@@ -369,6 +369,10 @@ _RANGES = {
 }
 
 
+# What YAML nested past Python's recursion limit is told (PyYAML stops at a few hundred levels).
+_YAML_TOO_DEEP = "nested too deeply to read (lists or mappings some hundreds of levels inside each other)"
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`["train.max_steps=20", "lora.r=8"]` -> `{"train.max_steps": 20, "lora.r": 8}`.
 
@@ -389,6 +393,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as exc:
             raise UserError(f"override {pair!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        except RecursionError:  # PyYAML reads nested lists and mappings recursively
+            raise UserError(f"override {key.strip()}=...: value is {_YAML_TOO_DEEP}; flatten it") from None
     return out
 
 
@@ -414,6 +420,8 @@ def load_run_config(
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise UserError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        except RecursionError:
+            raise UserError(f"{path}: invalid YAML: a value {_YAML_TOO_DEEP}; flatten it") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -31,6 +31,19 @@ def test_an_override_with_bytes_that_are_not_utf8_names_the_byte(tmp_path, capsy
         assert capsys.readouterr().err == f"error: override {message}\n"
 
 
+def test_yaml_nested_past_the_recursion_limit_is_a_config_error(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    too_deep = "nested too deeply to read (lists or mappings some hundreds of levels inside each other); flatten it"
+    with pytest.raises(UserError) as err:
+        parse_overrides([f"data.system_prompt={deep}"])
+    assert str(err.value) == f"override data.system_prompt=...: value is {too_deep}"
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: m\ndata: {{train: t.jsonl, system_prompt: {deep}}}\n")
+    with pytest.raises(UserError) as err:
+        load_run_config(path, check_paths=False)
+    assert str(err.value) == f"{path}: invalid YAML: a value {too_deep}"
+
+
 def test_yaml_file_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\ndata: {train: t.jsonl}\ntrain: {lr: 2e-4, max_steps: 5}\nlora: {r: 8}\n")
