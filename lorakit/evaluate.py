@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import re
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -328,10 +329,12 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.system is not None and not args.system.strip():
         raise UserError(f"--system {args.system!r}: give the system message's text, or leave --system out")
     columns = _columns(args.column)
+    if not Path(args.data).is_file():
+        raise UserError(f"--data {args.data!r}: no such file; give a .jsonl, .json, .parquet, .arrow, .csv or .tsv file of records")
     model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
-    # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto reads as chat)
-    # --objective reads the records as pairs, or kto as labelled examples (prompt, completion, label)
+    # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto
+    # reads as chat), or kto as labelled examples (prompt, completion, label)
     fmt = "unpaired" if args.objective == "kto" else "preference" if args.objective else "auto"
     cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid, columns=columns,
                      system_prompt=args.system)  # fmt: skip

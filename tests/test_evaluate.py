@@ -148,6 +148,10 @@ def test_cli_eval_refuses_bad_column_and_system_options_before_the_model_loads(t
     ]:  # fmt: skip
         assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), *options]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
+    missing = str(tmp_path / "missing.jsonl")
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", missing]) == 2
+    assert capsys.readouterr().err == (f"error: --data {missing!r}: no such file; give a .jsonl, .json, .parquet, .arrow, "
+                                       ".csv or .tsv file of records\n")  # fmt: skip
 
 
 def test_cli_eval_system_prompt_equals_the_message_in_the_data(setup, tmp_path, capsys):
@@ -176,7 +180,7 @@ def test_bad_inputs(setup, tmp_path, capsys):
     model, tok, _, path = setup
     folder = save_model_folder(tmp_path / "m", model, tok)
     assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "none.jsonl")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
     assert main(["eval", "--model", str(folder), "--data", str(path), "--adapter", str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
     # a bad record stops eval with its line, and the hint names eval's own switch, which skips it
