@@ -1794,6 +1794,8 @@ class BatchStream:
     tokens. Its micro-batches also have
         sequence_ids (B, T) int64: which example of the micro-batch a token belongs to, numbered
             along the rows (2p: pair p's chosen answer, 2p+1: its rejected one), -1 on padding;
+        example_ids (S,) int64: which example of the dataset each of those S sequences is (where a
+            per-example table, such as precomputed reference log-probabilities, is looked up);
         num_pairs: int;
         desirable (num_pairs,) bool, for unpaired (KTO) data, whose pairs are an example and its KL
             example: each example's label.
@@ -1926,6 +1928,7 @@ class BatchStream:
         labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((b, width), dtype=np.int64)
         sequence_ids = np.full((b, width), -1, dtype=np.int64) if self.pairs else None
+        example_ids: list[int] = []
         desirable = [] if ds.desirable is not None else None
         num_tokens = sequence = 0
         for r, row in enumerate(rows):
@@ -1941,6 +1944,7 @@ class BatchStream:
                 position_ids[r, t : t + z - a] = np.arange(z - a)
                 if sequence_ids is not None:
                     sequence_ids[r, t : t + z - a] = sequence
+                    example_ids.append(int(e))
                     sequence += 1
                 t += z - a
             # padding: segments of its own, no labels, positions within what an example may use (a
@@ -1956,6 +1960,7 @@ class BatchStream:
         }
         if sequence_ids is not None:
             batch["sequence_ids"], batch["num_pairs"] = torch.from_numpy(sequence_ids), sequence // 2
+            batch["example_ids"] = torch.tensor(example_ids, dtype=torch.int64)
         if desirable is not None:
             batch["desirable"] = torch.tensor(desirable, dtype=torch.bool)
         return batch

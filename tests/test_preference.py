@@ -178,7 +178,7 @@ def test_pair_batches_keep_both_answers_in_one_row():
     ds = build(addition_pairs(12), max_length=16)
     for packing in (False, True):
         stream = BatchStream(ds, batch_size=2, max_length=16, packing=packing, seed=0)
-        seen = []
+        seen, examples = [], []
         for _ in range(stream.microbatches_per_epoch()):
             batch = stream.next()
             seq, pos = batch["sequence_ids"], batch["position_ids"]
@@ -189,8 +189,13 @@ def test_pair_batches_keep_both_answers_in_one_row():
                 assert len(rows) == 1  # a sequence sits in one row, and its pair beside it
                 assert rows == (seq == (s ^ 1)).any(dim=1).nonzero().flatten().tolist()
                 assert pos[seq == s].tolist() == list(range(int((seq == s).sum())))
+                # example_ids name the dataset's example each sequence is: its tokens, chosen before rejected
+                e = int(batch["example_ids"][s])
+                assert batch["input_ids"][seq == s].tolist() == ds.example(e)[0].tolist() and e % 2 == s % 2
             seen.append(n // 2)
+            examples += batch["example_ids"].tolist()
         assert sum(seen) == 12  # one epoch: every pair once
+        assert sorted(examples) == list(range(24))
     single = BatchStream(ds, batch_size=1, max_length=16, packing=False, seed=0)
     assert single.num_rows == 12 and single.next()["num_pairs"] == 1
 
