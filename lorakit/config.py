@@ -273,6 +273,9 @@ class TrainConfig:
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     kto_desirable_weight: float = 1.0  # KTO's weights of the desirable and undesirable examples' losses
     kto_undesirable_weight: float = 1.0
+    # dpo / ipo / kto: the reference's log-probabilities of the training set in one pass before the
+    # first step, instead of a reference forward every micro-batch (lorakit.preference)
+    precompute_reference: bool = False
     neftune_alpha: float = 0.0  # NEFTune: noise on the input embeddings in training (5 in the paper); 0: off
     save_best: bool = False  # also keep the adapter of the best eval so far (best_metric) in best_adapter/
     best_metric: str = "eval_loss"  # the eval figure save_best and early stopping watch (BEST_METRICS)
@@ -777,13 +780,18 @@ def _unordered(value: Any) -> Any:
 def _objective_problems(cfg: RunConfig) -> list[str]:
     """Settings that contradict train.objective (the data's records are checked when read)."""
     objective = cfg.train.objective
+    problems = []
+    if cfg.train.precompute_reference and objective not in REFERENCE_OBJECTIVES:
+        problems.append(
+            f"train.precompute_reference = true: train.objective: {objective} compares with no reference model; "
+            f"set it to false (it is for {', '.join(REFERENCE_OBJECTIVES)})"
+        )
     if objective not in PREFERENCE_BETA:
         if cfg.data.format == "preference":
-            return ["data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo; set it"]
+            problems.append("data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo; set it")
         if cfg.data.format == "unpaired":
-            return ["data.format = 'unpaired': labelled examples train with train.objective kto; set it"]
-        return []
-    problems = []
+            problems.append("data.format = 'unpaired': labelled examples train with train.objective kto; set it")
+        return problems
     if cfg.train.neftune_alpha:
         problems.append(
             f"train.neftune_alpha = {cfg.train.neftune_alpha!r}: NEFTune is for SFT; {objective} would compare noisy "

@@ -31,7 +31,10 @@ same micro-batch: the base model, the same model with the adapter switched off
 `adapter` in the run config), a frozen copy of that adapter carried by the model under the name
 REFERENCE_ADAPTER (`lorakit.inject.use_adapter`). Either costs one forward pass and no memory for
 a second model, and equals the trained model at the start, so DPO's first loss is exactly ln 2
-(KTO's 0.5). simpo and orpo need no reference: one forward a micro-batch, as for SFT. Both
+(KTO's 0.5). The reference is frozen, so with train.precompute_reference it runs once instead,
+over the whole training set before the first step (`precompute_reference_logps`), and the loss
+takes each sequence's value from that table (`reference=`), saving the forward on every step.
+simpo and orpo need no reference: one forward a micro-batch, as for SFT. Both
 passes take the same packed batch (a pair's answers side by side in one row,
 `lorakit.data.BatchStream`) and the trainer's chunked output head, which gives each
 token's log-probability without keeping (tokens x vocab) logits (`lorakit.loss.token_losses`);
@@ -177,10 +180,13 @@ class PreferenceLoss(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor,
-        desirable: Optional[torch.Tensor] = None,
+        desirable: Optional[torch.Tensor] = None, reference: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """reference: (S,) fp32, the reference's summed log-probability of each sequence where they
+        were computed beforehand (`precompute_reference_logps`); None: a reference forward here."""
         batch, kw = self._batch(input_ids, labels, position_ids, sequence_ids)
-        reference = self._reference_logps(batch, kw) if self.objective in REFERENCE_OBJECTIVES else None
+        if reference is None and self.objective in REFERENCE_OBJECTIVES:
+            reference = self._reference_logps(batch, kw)
         policy, tokens = sequence_logps(self.model, batch, **kw)
         if self.objective == "kto":
             return self._kto(policy, reference, desirable)
@@ -224,6 +230,38 @@ class PreferenceLoss(nn.Module):
         switch = use_adapter(self.model, REFERENCE_ADAPTER) if self.has_reference_adapter else disable_adapters(self.model)
         with torch.no_grad(), switch:
             return sequence_logps(self.model, batch, **kw)[0]
+
+
+def precompute_reference_logps(
+    loss: PreferenceLoss, stream: Any, device: torch.device,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> torch.Tensor:  # fmt: skip
+    """The reference's summed log-probability of every example of the stream's dataset, (N,) fp32
+    on `device`, indexed as the micro-batches' `example_ids` (KTO: each example and its KL example).
+
+    One no-grad pass over `stream.epoch_batches()`, whose rows and order ignore the seed and the
+    stream's state, so a resumed run recomputes the same values bit for bit. Under torchrun each
+    process runs its share of the rows (every process the same number of forwards, as FSDP needs)
+    and `all_reduce_sum` joins the shares: each example is filled by one process and the others
+    add exact zeros. The batches are not the training's (other padding, other neighbours in a
+    packed row), so the values may differ from an on-the-fly reference in the last bits of float32;
+    attention and labels stop at example boundaries, so only rounding differs.
+    """
+    n = len(stream.dataset)
+    table = torch.zeros(n, dtype=torch.float32, device=device)
+    filled = torch.zeros(n, dtype=torch.float32, device=device)
+    keys = ("input_ids", "labels", "position_ids", "sequence_ids")
+    for batch in stream.epoch_batches():
+        inputs = {k: batch[k].to(device) for k in keys}
+        examples = batch["example_ids"].to(device)
+        batch, kw = loss._batch(**inputs)
+        kw["count"] = len(examples)
+        table[examples] = loss._reference_logps(batch, kw).float()
+        filled[examples] = 1.0
+    table, filled = all_reduce_sum(table), all_reduce_sum(filled)
+    # every example sits in one row (BatchStream refuses one longer than a row), read by one process
+    assert bool((filled == 1).all()), "an example was not read exactly once in the reference pass"
+    return table
 
 
 def kto_result(

@@ -111,6 +111,9 @@ class Run:
     # the best eval so far of train.best_metric (for save_best and early stopping): its value and
     # step (None before the first eval) and how many evals since have not bettered it
     best: dict = field(default_factory=dict)
+    # train.precompute_reference: the reference's summed log-probability of each training example,
+    # (N,) fp32 on the device, looked up by the micro-batches' example_ids; None: computed each step
+    reference_logps: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------- setup
@@ -362,6 +365,15 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         trainable=[p for p in model.parameters() if p.requires_grad], best=new_best_record(cfg.train.best_metric),
     )  # fmt: skip
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
+    if cfg.train.precompute_reference:
+        # Not kept in checkpoints: the pass is deterministic (fixed rows and order, the frozen
+        # reference), so a resumed run recomputes the same table and goes on bit-exactly.
+        start = time.perf_counter()
+        # the PreferenceLoss itself, not a DDP wrapper's forward (no gradients, nothing to reduce)
+        loss = next(m for m in train_model.modules() if isinstance(m, preference.PreferenceLoss))
+        run.reference_logps = preference.precompute_reference_logps(loss, stream, device, dist.all_reduce_sum)
+        log(f"precomputed the reference log-probabilities of {len(run.reference_logps)} sequences in "
+            f"{time.perf_counter() - start:.1f} s (train.precompute_reference)")  # fmt: skip
     if ckpt_state is not None:
         check_resume_step(ckpt_state["step"], total_steps, checkpoint)
         check_resume_optimizer(cfg.train.optimizer, optimizer_state, checkpoint)
@@ -809,8 +821,10 @@ def train_step(run: Run) -> dict[str, float]:
         with sync_ctx:
             inputs = [batch["input_ids"], batch["labels"], batch["position_ids"]]
             if pairs:
-                kto = [batch["desirable"]] if "desirable" in batch else []  # KTO: each example's label
-                batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"], *kto)
+                kw = {"desirable": batch["desirable"]} if "desirable" in batch else {}  # KTO: each example's label
+                if run.reference_logps is not None:  # train.precompute_reference: no reference forward here
+                    kw["reference"] = run.reference_logps[batch["example_ids"]]
+                batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"], **kw)
                 stats += batch_stats
             else:
                 batch_loss = run.train_model(*inputs)
@@ -1321,12 +1335,14 @@ def _objective_line(cfg: RunConfig) -> str:
     extra = f", gamma {train.simpo_gamma}" if train.objective == "simpo" else ""
     if train.objective == "kto":
         extra = f", weights {train.kto_desirable_weight} (desirable) / {train.kto_undesirable_weight} (undesirable)"
+    # what the reference costs: one more forward a micro-batch, or one pass before the first step
+    cost = "precomputed in one pass before the first step" if train.precompute_reference else "one more forward a micro-batch"
     if train.objective not in REFERENCE_OBJECTIVES:
         reference = "no reference model"
     elif cfg.adapter is not None:
-        reference = f"reference: the starting adapter {cfg.adapter} (frozen), one more forward a micro-batch"
+        reference = f"reference: the starting adapter {cfg.adapter} (frozen), {cost}"
     else:
-        reference = "reference: the base (adapter off), one more forward a micro-batch"
+        reference = f"reference: the base (adapter off), {cost}"
     return f"; {train.objective.upper()}, beta {train.preference_beta()}{extra}; {reference}"
 
 

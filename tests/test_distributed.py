@@ -242,8 +242,8 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-VARIANTS = ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "best_fsdp", "qlora_fsdp",
-            "qlora_moe_fsdp", "qlora_dpo_fsdp"]  # fmt: skip
+VARIANTS = ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "kto_precompute_fsdp", "best_fsdp",
+            "qlora_fsdp", "qlora_moe_fsdp", "qlora_dpo_fsdp"]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -276,7 +276,11 @@ def test_expert_adapters_dora_dpo_and_qlora_match_one_process(workspace, variant
         cfg["train"].update(eval_every=1, save_best=True, early_stopping_patience=2, report_to="tensorboard")
     elif variant in ("qlora_fsdp", "qlora_moe_fsdp"):
         pass
-    elif variant == "kto_ddp":  # KTO's reference point z0: a mean over the micro-batches of both processes
+    elif variant in ("kto_ddp", "kto_precompute_fsdp"):  # KTO's reference point z0: a mean over the micro-batches of both processes
+        # precompute_reference: each process runs its share of the reference pass, the table is
+        # joined by a sum, and the run matches one process's
+        if variant == "kto_precompute_fsdp":
+            cfg["train"]["precompute_reference"] = True
         (root / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(32)))
         (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(4, seed=1)))
         cfg["data"].update(train=str(root / "kto.jsonl"), eval=str(root / "eval.jsonl"), packing=False)
@@ -319,11 +323,14 @@ def test_expert_adapters_dora_dpo_and_qlora_match_one_process(workspace, variant
         assert got["stopped_early"] is want["stopped_early"] is False
         assert _max_diff(_adapter(root / "fsdp" / "best_adapter"), _adapter(root / "single" / "best_adapter")) <= 1e-5
         assert len(list((root / "fsdp" / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    elif variant in ("dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "qlora_dpo_fsdp"):
+    elif variant in ("dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "kto_precompute_fsdp", "qlora_dpo_fsdp"):
         entries = [json.loads(line) for line in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-        first = 0.5 if variant == "kto_ddp" else 0.6931472  # the policy starts as the reference
+        kto = variant.startswith("kto")
+        first = 0.5 if kto else 0.6931472  # the policy starts as the reference
         assert abs(entries[0]["loss"] - first) < 1e-6 and all("reward_accuracy" in e for e in entries if "loss" in e)
-        if variant == "kto_ddp":
+        if variant == "kto_precompute_fsdp":  # 64 examples and their KL examples, said once (rank 0)
+            assert proc.stdout.count("precomputed the reference log-probabilities of 128 sequences in ") == 1
+        if kto:
             want = [json.loads(line) for line in (root / "single" / "metrics.jsonl").read_text().splitlines()]
             assert max(abs(a["kl"] - b["kl"]) for a, b in zip(entries, want) if "kl" in a) < 1e-5
             assert any(e.get("kl", 0) > 0 for e in entries)

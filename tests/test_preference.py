@@ -22,9 +22,11 @@ from lorakit.cli import main
 from lorakit.config import DataConfig, LoraConfig, load_run_config
 from lorakit.data import BatchStream, load_dataset, load_train_eval, tokenize_records
 from lorakit.errors import UserError
-from lorakit.inject import inject_adapter, lora_layers, set_active_adapter
+from lorakit.inject import disable_adapters, inject_adapter, lora_layers, set_active_adapter
 from lorakit.loss import LOSS_CHUNK_TOKENS
-from lorakit.preference import REFERENCE_ADAPTER, PreferenceLoss, disable_dropout, pair_loss, sequence_logps
+from lorakit.preference import (
+    REFERENCE_ADAPTER, PreferenceLoss, disable_dropout, pair_loss, precompute_reference_logps, sequence_logps,
+)
 from lorakit.train import _dropped
 
 IGNORE = -100
@@ -467,6 +469,36 @@ def test_kto_loss_and_gradients_match_the_formula(weights, seed):
     assert max(g.abs().max().item() for g in got) > 1e-4
 
 
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_precomputed_reference_logps_are_the_on_the_fly_ones_of_the_same_sequences(objective):
+    tok = make_tokenizer("llama3")
+    kto = objective == "kto"
+    ds = build(unpaired_records(12) if kto else addition_pairs(24), tok, format="unpaired" if kto else "auto", max_length=16)
+    model = _adapted(tiny_llama()).train()
+    loss = PreferenceLoss(model, LOSS_CHUNK_TOKENS, objective, 0.1)
+    stream = BatchStream(ds, batch_size=3, max_length=16, packing=True, seed=0)
+    table = precompute_reference_logps(loss, stream, torch.device("cpu"))
+    # one per example of the dataset (KTO: each example and its KL example), the base's (adapter off)
+    assert table.shape == (len(ds),) == (48,) and table.dtype == torch.float32 and (table < 0).all()
+    with torch.no_grad(), disable_adapters(model):
+        plain = torch.stack([_answer_logp(model, *(a.tolist() for a in ds.example(e)))[0] for e in range(len(ds))])
+    torch.testing.assert_close(table, plain, rtol=1e-6, atol=1e-5)
+    # the training stream's micro-batches over two epochs (other rows, other order): the on-the-fly
+    # reference of each sequence is the table's entry up to float32 rounding, and so is the loss
+    for _ in range(2 * stream.microbatches_per_epoch()):
+        batch = stream.next()
+        inputs = [batch[k] for k in ("input_ids", "labels", "position_ids", "sequence_ids")]
+        desirable = batch.get("desirable")
+        kw = dict(chunk_tokens=LOSS_CHUNK_TOKENS, count=len(batch["example_ids"]))
+        on_the_fly = loss._reference_logps(dict(zip(("input_ids", "labels", "position_ids", "sequence_ids"), inputs)), kw)
+        looked_up = table[batch["example_ids"]]
+        torch.testing.assert_close(looked_up, on_the_fly, rtol=1e-6, atol=2e-6)
+        want, want_stats = loss(*inputs, desirable)
+        got, got_stats = loss(*inputs, desirable, reference=looked_up)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got_stats, want_stats, rtol=1e-5, atol=1e-6)
+
+
 def test_kto_eval_takes_z0_over_the_whole_set_whatever_the_batch_size():
     from lorakit.preference import evaluate_preference
 
@@ -674,6 +706,51 @@ def test_dpo_resume_is_bit_identical(workspace, monkeypatch, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_precomputed_reference_trains_as_the_per_step_one_and_resumes_bit_identically(workspace, objective, monkeypatch, capsys):
+    data = []
+    if objective == "kto":
+        for name, (count, seed) in {"kto_train": (96, 0), "kto_eval": (16, 1)}.items():
+            (workspace / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_records(count, seed)))
+        data = [f"data.train={workspace / 'kto_train.jsonl'}", f"data.eval={workspace / 'kto_eval.jsonl'}"]
+    # 28 steps of 24 a pass over the data: the second epoch reads the table in another order
+    options = dict(objective=objective, max_steps=28, batch_size=4 if objective == "dpo" else 8, eval_every=14, save_every=10)
+    per_step, pre, crashed = (workspace / f"pre_{objective}_{name}" for name in ("off", "on", "crashed"))
+    capsys.readouterr()
+    assert main(["train", _config(workspace, per_step, **options), *data]) == 0
+    assert "precomputed" not in capsys.readouterr().out
+    assert main(["train", _config(workspace, pre, precompute_reference=True, **options), *data]) == 0
+    printed = capsys.readouterr().out
+    sequences = 192 if objective == "dpo" else 384  # every answer (KTO: every example and its KL example)
+    assert f"precomputed the reference log-probabilities of {sequences} sequences in " in printed
+    assert "reference: the base (adapter off), precomputed in one pass before the first step" in printed
+    want, got = _entries(per_step), _entries(pre)
+    assert [e["step"] for e in got] == [e["step"] for e in want]
+    first = 0.5 if objective == "kto" else math.log(2)  # the policy starts as the reference, precomputed or not
+    assert abs(got[0]["loss"] - first) < 1e-6
+    # the same losses and rewards, every step, up to float32 rounding of the reference in other batches
+    for a, b in zip(got, want):
+        for key in ("loss", "eval_loss", "reward_margin", "eval_reward_margin", "grad_norm"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    a, b = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (pre, per_step))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    # a resume recomputes the same table: bit-identical to the uninterrupted run
+    crash_and_resume(monkeypatch, _config(workspace, crashed, precompute_reference=True, **options), *data, crash_at=17)
+    assert without_timing(_entries(crashed)) == without_timing(got)
+    c = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_precomputed_reference_is_refused_without_a_reference(workspace, capsys):
+    out = workspace / "pre_bad"
+    for objective in ("sft", "simpo", "orpo"):
+        assert main(["train", _config(workspace, out, objective=objective, precompute_reference=True)]) == 2
+        assert (f"train.precompute_reference = true: train.objective: {objective} compares with no reference model; "
+                "set it to false (it is for dpo, ipo, kto)") in capsys.readouterr().err  # fmt: skip
+    assert not out.exists()  # refused before anything was written
+
+
 def test_dpo_under_checkpointing_and_nf4_gives_the_plain_losses(workspace):
     losses = {}
     for mode in ("false", "full", "selective", "nf4"):
@@ -799,6 +876,19 @@ def test_dpo_continues_an_sft_adapter_against_it_as_the_reference(workspace, sft
     assert abs(against_base["loss"] - math.log(2)) > 1e-3
     assert main([*args, "--reference-adapter", str(sft_adapter), "--objective", "simpo"]) == 2
     assert "--reference-adapter: simpo compares with no reference" in capsys.readouterr().err
+
+
+def test_a_precomputed_reference_of_a_continued_adapter_is_that_adapter(workspace, sft_adapter, capsys):
+    # the table holds the frozen SFT adapter's log-probs (not the base's): the first loss is ln 2 exactly
+    losses = {}
+    for pre in (False, True):
+        out = workspace / f"pre_after_sft_{pre}"
+        assert main(["train", _config(workspace, out, max_steps=6, precompute_reference=pre), f"adapter={sft_adapter}",
+                     "lora.dropout=0", "data.eval=null"]) == 0  # fmt: skip
+        losses[pre] = [e["loss"] for e in _entries(out) if "loss" in e]
+    assert f"reference: the starting adapter {sft_adapter} (frozen), precomputed in one pass" in capsys.readouterr().out
+    assert losses[True][0] == pytest.approx(math.log(2), abs=1e-7) and losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
 def test_a_continued_adapter_fixes_the_lora_config_and_resumes_only_unchanged(workspace, sft_adapter, monkeypatch, capsys):
