@@ -147,11 +147,18 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     return {
         "model": model_id,
         "data": {"train": files_hash(cfg.data.train), "eval": _eval_hash(cfg.data.eval, files_hash), **_data_options(cfg)},
-        "lora": dataclasses.asdict(cfg.lora),
+        "lora": _lora_fingerprint(cfg),
         "quantize": cfg.quantize,
         **start,
         **_objective_fingerprint(cfg),
     }
+
+
+def _lora_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    lora = dataclasses.asdict(cfg.lora)
+    if lora["layers_pattern"] is None:
+        del lora["layers_pattern"]  # so checkpoints of earlier runs still resume
+    return lora
 
 
 def _eval_hash(value: Any, files_hash: Callable[[Any], Any]) -> Any:

@@ -1,5 +1,6 @@
 """`lorakit train` end to end through the CLI on a tiny model: files, golden losses, resume, errors."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -744,6 +745,21 @@ def test_file_options_that_equal_the_data_sections_fingerprint_as_none(workspace
     hashed = plain["train"]
     assert fingerprint([{"path": data, "system_prompt": "S."}])["train"] == [[hashed, {"system_prompt": "S."}]]
     assert fingerprint([{"path": data, "columns": {}}], columns={"prompt": "q"})["train"] == [[hashed, {"columns": {}}]]
+
+
+def test_a_checkpoint_written_before_lora_layers_pattern_existed_still_resumes(workspace, tmp_path):
+    # lora.layers_pattern is a new LoraConfig field: a null one in the fingerprint made every earlier
+    # checkpoint "cannot resume ... the lora (lora.layers_pattern) changed"
+    base = {"model": str(workspace / "model"), "data": {"train": str(workspace / "train.jsonl")}}
+    cfg = build_run_config({**base, "lora": {"targets": ["q_proj"], "layers": [1]}})
+    now = train_module.fingerprint(cfg)
+    earlier = {**now, "lora": {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k != "layers_pattern"}}
+    train_module._check_same_run(earlier, now, tmp_path)
+    patterned = build_run_config({**base, "lora": {"targets": ["q_proj"], "layers": [1], "layers_pattern": "layers"}})
+    with pytest.raises(UserError) as err:
+        train_module._check_same_run(earlier, train_module.fingerprint(patterned), tmp_path)
+    assert str(err.value) == (f"cannot resume from {tmp_path}: the lora (lora.layers_pattern) changed since it was written; "
+                              "restore the original settings, or start a new run in another output_dir")  # fmt: skip
 
 
 def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
