@@ -1687,8 +1687,11 @@ def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
     for key in ("columns", "system_prompt"):
         if getattr(cfg, key):
             options[key] = getattr(cfg, key)  # (only when set: the caches of earlier runs stay valid)
+    suffix = path.suffix.lower()
     meta = {
         "version": FORMAT_VERSION,
+        # the same bytes read as CSV and as TSV (a.csv, a.tsv) are other records
+        "reader": suffix if suffix in TABLE_SUFFIXES else "json",
         "instruction_template": [INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT],
         "options": options,
         "tokenizer_class": type(tokenizer).__name__,

@@ -560,6 +560,17 @@ def test_cache_hit_returns_identical_arrays_without_tokenizing(tmp_path, monkeyp
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
 
 
+def test_the_same_bytes_read_as_csv_and_as_tsv_are_cached_apart(tmp_path):
+    tok = make_tokenizer("llama3")
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), skip_invalid=True)
+    for name in ("a.csv", "a.tsv"):  # the same stem, so the same cache file name but for the key
+        (tmp_path / name).write_text("text\nab,cd\nef\n")
+    # as CSV the row 'ab,cd' has 2 cells under 1 header (skipped); as TSV it is the text 'ab,cd'
+    assert load_dataset(tmp_path / "a.csv", tok, cfg).stats.examples == 1
+    assert load_dataset(tmp_path / "a.tsv", tok, cfg).stats.examples == 2
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
 def test_columns_take_lorakit_keys_from_the_records_own_names(tmp_path):
     tok = make_tokenizer("llama3")
     plain = [{"prompt": "2 plus 2 is", "completion": " 4"}, {"messages": CHAT}, {"text": "just text"},
