@@ -421,9 +421,9 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
     if isinstance(targets, str) and (layers is not None or layers_pattern is not None):
         # PEFT's LoraConfig refuses these (an empty list too), so PEFT loads no such adapter
         key, value = ("layers_to_transform", layers) if layers is not None else ("layers_pattern", layers_pattern)
+        regex = "" if targets == "all-linear" else f", or write the block indices into its regex and remove {key}"
         raise UserError(f"{source}: {key} = {value!r} with target_modules = {targets!r}, a string: PEFT refuses the two "
-                        "together and loads no such adapter; list the module names in target_modules, or write the "
-                        f"block indices into its regex and remove {key}")  # fmt: skip
+                        f"together and loads no such adapter; list the module names in target_modules{regex}")  # fmt: skip
     if layers_pattern and layers is None:
         raise UserError(f"{source}: layers_pattern = {layers_pattern!r} without layers_to_transform: PEFT refuses it (the "
                         "pattern names the block list those indices count in); set layers_to_transform, or remove "
