@@ -175,9 +175,11 @@ def test_model_and_adapter_folders_whose_paths_are_not_utf8_exit_2(tmp_path, cap
     model, adapter = tmp_path / "m\udcff", tmp_path / "a\udcff"
     model.mkdir()
     adapter.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hi"}\n')
     for args, what, path in (
         (["generate", "--model", str(model), "--prompt", "hi"], "model", model),
-        (["eval", "--model", str(model), "--data", "d.jsonl"], "model", model),
+        (["eval", "--model", str(model), "--data", str(data)], "model", model),
         (["inspect", str(adapter)], "adapter", adapter),
         (["merge", "--base", str(model), "--adapter", str(adapter), "--out", str(tmp_path / "o")], "adapter", adapter),
     ):
