@@ -47,6 +47,11 @@ TRL's KTOTrainer reports no reward accuracy.
     python bench/bench_dpo.py               # 2 warm-up + 5 timed steps a side
     python bench/bench_dpo.py --rounds 3    # each side 3 times, alternating; steps pooled
     python bench/bench_dpo.py --objective kto
+    python bench/bench_dpo.py --precompute-reference   # lorakit with train.precompute_reference
+
+With --precompute-reference lorakit runs the reference once, over the training set before the first
+step (its time is printed apart; the set is twice what the steps take), and its steps run the policy
+alone; TRL and the plain PEFT loop still run the reference every step.
 """
 
 from __future__ import annotations
@@ -167,6 +172,7 @@ def side_lorakit(work: Path, size: dict) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline RSS)
     import yaml
 
+    import lorakit.preference as lp
     import lorakit.train as lt
     from lorakit.cli import main
 
@@ -177,11 +183,18 @@ def side_lorakit(work: Path, size: dict) -> dict:
         "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": "all-linear"},
         "train": {"objective": size["objective"], "beta": BETA, "max_steps": size["warmup"] + size["steps"],
                   "batch_size": size["batch"], "lr": LR, "scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-                  "max_grad_norm": 1.0, "seed": SEED, "gradient_checkpointing": False, "log_every": 1000, "save_every": 0},
+                  "max_grad_norm": 1.0, "seed": SEED, "gradient_checkpointing": False, "log_every": 1000, "save_every": 0,
+                  "precompute_reference": size.get("precompute", False)},
     }  # fmt: skip
     (work / "lorakit.yaml").write_text(yaml.safe_dump(cfg))
-    times, losses, accuracies, peaks = [], [], [], []
-    inner = lt.train_step
+    times, losses, accuracies, peaks, reference_s = [], [], [], [], []
+    inner, precompute = lt.train_step, lp.precompute_reference_logps
+
+    def timed_precompute(*args, **kwargs):
+        start = time.perf_counter()
+        table = precompute(*args, **kwargs)
+        reference_s.append(time.perf_counter() - start)
+        return table
 
     def timed(run):
         start = time.perf_counter()
@@ -192,11 +205,11 @@ def side_lorakit(work: Path, size: dict) -> dict:
         peaks.append(harness.rss_peak())
         return result
 
-    lt.train_step = timed
+    lt.train_step, lp.precompute_reference_logps = timed, timed_precompute
     code = main(["train", str(work / "lorakit.yaml")])
     assert code == 0, f"lorakit train exited with {code}"
     return {"times": times, "losses": losses, "accuracies": accuracies, "peak_rss": peaks[-1], "base_rss": base_rss,
-            "peak_gpu": None}  # fmt: skip
+            "peak_gpu": None, "reference_s": reference_s}  # fmt: skip
 
 
 def side_trl(work: Path, size: dict) -> dict:
@@ -324,6 +337,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run each side this many times, alternating; steps pooled")
     parser.add_argument("--steps", type=int, help=f"timed steps per side (default {SIZE['steps']})")
     parser.add_argument("--objective", choices=["dpo", "kto"], default="dpo", help="DPO on pairs, or KTO on labelled examples")
+    parser.add_argument("--precompute-reference", action="store_true",
+                        help="lorakit with train.precompute_reference: the reference in one pass before the first step")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -336,7 +351,7 @@ def main() -> None:
         import trl
     except ImportError as exc:
         raise SystemExit(f"{NO_TRL} ({exc})") from None
-    size = dict(SIZE, objective=args.objective)
+    size = dict(SIZE, objective=args.objective, precompute=args.precompute_reference)
     if args.steps:
         size["steps"] = args.steps
     runs: dict[str, list[dict]] = {"lorakit": [], "trl": [], "peft": []}
@@ -365,6 +380,11 @@ def main() -> None:
         print("note: TRL ran padding-free")
     pooled = {side: harness.pooled(outs, size) for side, outs in runs.items() if outs}
     report(pooled, size["objective"])
+    passes = [s for out in runs["lorakit"] for s in out.get("reference_s", [])]
+    if passes:
+        examples = 2 * 2 * (size["warmup"] + size["steps"]) * size["batch"]  # the set's sequences (prepare)
+        print(f"lorakit's reference pass (train.precompute_reference), before its first step: "
+              f"{', '.join(f'{s:.2f}' for s in passes)} s for {examples} sequences")
     for side, failure in failed.items():
         print(f"\n{failure}")
     if failed:
