@@ -113,6 +113,10 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
     result: dict[str, Any] = {
         "adapter": str(files.path),
         "targets": config.targets,
+        # what narrows the targets (adapter_config.json's exclude_modules, layers_to_transform, layers_pattern)
+        "exclude": config.exclude,
+        "layers": config.layers,
+        "layers_pattern": config.layers_pattern,
         "target_parameters": config.target_parameters,
         "r": config.r,
         "alpha": config.alpha,
@@ -270,6 +274,9 @@ def format_report(info: dict[str, Any]) -> str:
     lines = [
         f"adapter   {info['adapter']}",
         f"targets   {info['targets']}"
+        + (f", exclude {info['exclude']}" if info.get("exclude") else "")
+        + (f", layers {info['layers']}" if info.get("layers") is not None else "")
+        + (f" of {info['layers_pattern']}" if info.get("layers_pattern") else "")
         + (f", expert weights {info['target_parameters']}" if info.get("target_parameters") else ""),
         f"rank      r={info['r']}, alpha={info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}"
         + (", DoRA" if info.get("dora") else "")

@@ -160,3 +160,19 @@ def test_malformed_adapters_exit_2(tmp_path, capsys):
         assert main(["inspect", str(folder)]) == 2, message
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and err[0].startswith(f"error: {folder}") and message in err[0], (message, err)
+
+
+def test_what_narrows_the_targets_is_reported(tmp_path, capsys):
+    # exclude_modules, layers_to_transform and layers_pattern decide which modules an adapter holds;
+    # inspect showed the targets alone
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"], layers_to_transform=[1],
+        layers_pattern="layers"))  # fmt: skip
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    info = inspect_adapter(tmp_path / "peft")
+    assert (info["exclude"], info["layers"], info["layers_pattern"]) == (["v_proj"], [1], "layers")
+    assert [m["module"] for m in info["modules"]] == ["model.layers.1.self_attn.q_proj"]
+    assert main(["inspect", str(tmp_path / "peft")]) == 0
+    # (PEFT writes target_modules from a set: in either order)
+    assert sorted(info["targets"]) == ["q_proj", "v_proj"]
+    assert f"targets   {info['targets']}, exclude ['v_proj'], layers [1] of layers\n" in capsys.readouterr().out
