@@ -40,6 +40,7 @@ from lorakit.errors import UserError
 from lorakit.experts import LoraExperts, expert_parameter_names
 from lorakit.inject import (
     _pattern_value,
+    filtered_experts,
     find_parameter_targets,
     find_targets,
     inject_adapter,
@@ -131,7 +132,7 @@ def peft_config_dict(
 
 
 def _targets_for_peft(model: nn.Module, paths: list[str]) -> list[str]:
-    """Leaf names if they select exactly `paths` in PEFT's matching; else the full paths.
+    r"""Leaf names if they select exactly `paths` in PEFT's matching; else the full paths.
 
     Writing the resolved set (rather than "all-linear" or our `layers` filter) means PEFT selects
     the same modules without having to agree with us on what "all-linear" or a block index is.
@@ -521,6 +522,8 @@ def check_fits(model: nn.Module, files: AdapterFiles) -> None:
     for key, tensor in files.tensors.items():
         if key not in expected:
             lora = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector)", key)
+            if lora is not None and filtered_experts(lora.group(1), files.config):  # PEFT's reading differs here
+                raise UserError(unselected_weights(files.path, lora.group(1), files.config))
             if lora is not None and _has_submodule(model, lora.group(1)):
                 path = lora.group(1)
                 if not selected_by_name(path, files.config):  # there, but not what the config selects

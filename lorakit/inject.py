@@ -170,8 +170,30 @@ def selected_by_name(path: str, config: LoraConfig) -> bool:
     return not _is_target(path, config.exclude) and _in_layers(path, config)
 
 
+def filtered_experts(path: str, config: LoraConfig) -> bool:
+    """Whether `path` is an experts module whose weights `config.target_parameters` names, left out by
+    its layers or exclude: lorakit applies those to target_parameters too, PEFT to target_modules
+    only, so PEFT adapts such experts in every block. (PEFT nests a wrapper per adapted weight, so
+    its files name the module `experts.base_layer`, `experts.base_layer.base_layer`, ...)"""
+    if not config.target_parameters or (config.layers is None and not config.exclude):
+        return False
+    module = re.sub(r"(\.base_layer)+$", "", path)
+    owners = [t.rpartition(".")[0] for t in config.target_parameters]
+    named = any(not o or module == o or module.endswith("." + o) for o in owners)
+    return named and (_is_target(module, config.exclude) or not _in_layers(module, config))
+
+
 def unselected_weights(where: object, path: str, config: LoraConfig) -> str:
     """The message for an adapter file whose LoRA weights for `path` its own config does not select."""
+    if filtered_experts(path, config):
+        module = re.sub(r"(\.base_layer)+$", "", path)
+        return (
+            f"{where}: adapter_model.safetensors holds LoRA weights for the expert weights of {module} "
+            f"(target_parameters {config.target_parameters!r}), a block that layers_to_transform / exclude_modules leave "
+            "out: PEFT applies those two to target_modules only and adapts the expert weights of every block, lorakit "
+            "to target_parameters too, so lorakit cannot load this adapter as PEFT does; in adapter_config.json, list "
+            "target_modules by their full module paths and remove layers_to_transform and exclude_modules"
+        )
     selection = f"target_modules {config.targets!r}"
     if config.exclude:
         selection += f", exclude_modules {config.exclude!r}"

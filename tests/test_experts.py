@@ -241,6 +241,44 @@ def test_a_layer_filter_is_written_as_full_parameter_paths(tmp_path):
     assert not isinstance(model.model.layers[0].mlp.experts, LoraExperts)
 
 
+def test_a_peft_adapter_whose_layer_filter_peft_does_not_apply_to_its_experts_is_refused_with_the_fix(tmp_path):
+    # PEFT applies layers_to_transform to target_modules only: its file holds every block's experts,
+    # which lorakit (filtering target_parameters by block too) cannot load as PEFT does. The message
+    # said the adapter might be for another base model; the fix it now gives loads in both
+    ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    peft_model = get_peft_model(tiny_qwen3_moe().float(), PeftLoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1], target_parameters=EXPERT_WEIGHTS,
+        init_lora_weights=False))  # fmt: skip
+    peft_model.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    files = tmp_path / "a" / "adapter_config.json"
+    message = (
+        f"{tmp_path / 'a'}: adapter_model.safetensors holds LoRA weights for the expert weights of "
+        f"model.layers.0.mlp.experts (target_parameters {json.loads(files.read_text())['target_parameters']!r}), a block "
+        "that layers_to_transform / exclude_modules leave out: PEFT applies those two to target_modules only and adapts "
+        "the expert weights of every block, lorakit to target_parameters too, so lorakit cannot load this adapter as PEFT "
+        "does; in adapter_config.json, list target_modules by their full module paths and remove layers_to_transform "
+        "and exclude_modules"
+    )
+    with pytest.raises(UserError) as err:
+        load_adapter(tiny_qwen3_moe().float(), tmp_path / "a")
+    assert str(err.value) == message
+    folder = save_model_folder(tmp_path / "base", tiny_qwen3_moe())
+    with pytest.raises(UserError) as err:
+        merge_adapter_files(folder, tmp_path / "a", tmp_path / "merged")
+    assert str(err.value) == message
+    # the fix: the same modules by their paths, no layer filter
+    config = json.loads(files.read_text())
+    files.write_text(json.dumps({**config, "target_modules": ["model.layers.1.self_attn.q_proj"], "layers_to_transform": None}))
+    model = tiny_qwen3_moe().float()
+    load_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=2e-6)
+        again = PeftModel.from_pretrained(tiny_qwen3_moe().float(), tmp_path / "a")
+        torch.testing.assert_close(again(ids).logits, expected, rtol=0, atol=2e-6)
+
+
 def test_experts_without_a_gate():
     # has_gate=False (Nemotron-H style): up_proj then the activation, no gate_up_proj
     from types import SimpleNamespace
