@@ -242,8 +242,8 @@ def test_transformer_blocks_are_found_generically():
     assert transformer_blocks(gpt2) == list(gpt2.transformer.h)
 
 
-VARIANTS = ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "kto_precompute_fsdp", "best_fsdp",
-            "qlora_fsdp", "qlora_moe_fsdp", "qlora_dpo_fsdp"]  # fmt: skip
+VARIANTS = ["moe_experts", "dora", "dpo_fsdp", "dpo_ddp", "dpo_precompute_ddp", "dpo_continued_fsdp", "kto_ddp",
+            "kto_precompute_fsdp", "best_fsdp", "qlora_fsdp", "qlora_moe_fsdp", "qlora_dpo_fsdp"]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -286,7 +286,11 @@ def test_expert_adapters_dora_dpo_and_qlora_match_one_process(workspace, variant
         cfg["data"].update(train=str(root / "kto.jsonl"), eval=str(root / "eval.jsonl"), packing=False)
         cfg["train"].update(objective="kto", beta=0.5)
     else:
-        (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(64)))
+        # dpo_precompute_ddp: 62 pairs, so the reference pass's last chunk of 4 rows holds 2, both
+        # rank 0's: rank 1 runs one all-padding row there (no sequences) and the table still fills
+        pairs = 62 if variant == "dpo_precompute_ddp" else 64
+        cfg["train"]["precompute_reference"] = variant == "dpo_precompute_ddp"
+        (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(pairs)))
         (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pairs(6, seed=1)))
         # a row is a pair: 8 a step; eval at the end (under FSDP2 through the root module's forward)
         cfg["data"].update(train=str(root / "prefs.jsonl"), eval=str(root / "eval.jsonl"), packing=False)
@@ -323,13 +327,16 @@ def test_expert_adapters_dora_dpo_and_qlora_match_one_process(workspace, variant
         assert got["stopped_early"] is want["stopped_early"] is False
         assert _max_diff(_adapter(root / "fsdp" / "best_adapter"), _adapter(root / "single" / "best_adapter")) <= 1e-5
         assert len(list((root / "fsdp" / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    elif variant in ("dpo_fsdp", "dpo_ddp", "dpo_continued_fsdp", "kto_ddp", "kto_precompute_fsdp", "qlora_dpo_fsdp"):
+    elif variant in ("dpo_fsdp", "dpo_ddp", "dpo_precompute_ddp", "dpo_continued_fsdp", "kto_ddp", "kto_precompute_fsdp",
+                     "qlora_dpo_fsdp"):  # fmt: skip
         entries = [json.loads(line) for line in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
         kto = variant.startswith("kto")
         first = 0.5 if kto else 0.6931472  # the policy starts as the reference
         assert abs(entries[0]["loss"] - first) < 1e-6 and all("reward_accuracy" in e for e in entries if "loss" in e)
         if variant == "kto_precompute_fsdp":  # 64 examples and their KL examples, said once (rank 0)
             assert proc.stdout.count("precomputed the reference log-probabilities of 128 sequences in ") == 1
+        if variant == "dpo_precompute_ddp":  # both answers of the 62 pairs, said once (rank 0)
+            assert proc.stdout.count("precomputed the reference log-probabilities of 124 sequences in ") == 1
         if kto:
             want = [json.loads(line) for line in (root / "single" / "metrics.jsonl").read_text().splitlines()]
             assert max(abs(a["kl"] - b["kl"]) for a, b in zip(entries, want) if "kl" in a) < 1e-5
