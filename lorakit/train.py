@@ -372,6 +372,10 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         trainable=[p for p in model.parameters() if p.requires_grad], best=new_best_record(cfg.train.best_metric),
     )  # fmt: skip
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
+    if ckpt_state is not None:  # refused before the reference pass, which may take an epoch's forwards
+        check_resume_step(ckpt_state["step"], total_steps, checkpoint)
+        check_resume_optimizer(cfg.train.optimizer, optimizer_state, checkpoint)
+        stream.load_state_dict(ckpt_state["stream"])  # another batch_size x processes (the pass reads no stream state)
     if cfg.train.precompute_reference:
         # Not kept in checkpoints: the pass is deterministic (fixed rows and order, the frozen
         # reference), so a resumed run recomputes the same table and goes on bit-exactly.
@@ -382,8 +386,6 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         log(f"precomputed the reference log-probabilities of {len(run.reference_logps)} sequences in "
             f"{time.perf_counter() - start:.1f} s (train.precompute_reference)")  # fmt: skip
     if ckpt_state is not None:
-        check_resume_step(ckpt_state["step"], total_steps, checkpoint)
-        check_resume_optimizer(cfg.train.optimizer, optimizer_state, checkpoint)
         changed = _restore(run, checkpoint, ckpt_state, optimizer_state, rng_state)
         log(f"resuming from {checkpoint} (step {run.step} of {total_steps})")
         if changed:

@@ -742,6 +742,25 @@ def test_a_precomputed_reference_trains_as_the_per_step_one_and_resumes_bit_iden
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_resume_that_cannot_go_on_is_refused_before_the_reference_pass(workspace, capsys):
+    out = workspace / "pre_resume_short"
+    assert main(["train", _config(workspace, out, max_steps=4, save_every=3, precompute_reference=True), "data.eval=null"]) == 0
+    assert "precomputed the reference log-probabilities of 192 sequences in " in capsys.readouterr().out
+    # the checkpoint is at step 3, the run now 2 steps long: refused, and the pass (an epoch's
+    # reference forwards on a real data set) not run first
+    assert main(["train", _config(workspace, out, max_steps=2, save_every=3, precompute_reference=True), "data.eval=null",
+                 "--resume"]) == 2  # fmt: skip
+    printed = capsys.readouterr()
+    assert f"--resume: the checkpoint {out / 'checkpoints' / 'step-3'} is at step 3, past this run's 2 steps" in printed.err
+    assert "precomputed" not in printed.out
+    # so is a resume with another batch_size x processes (the data stream would differ)
+    assert main(["train", _config(workspace, out, max_steps=4, save_every=3, batch_size=8, precompute_reference=True),
+                 "data.eval=null", "--resume"]) == 2  # fmt: skip
+    printed = capsys.readouterr()
+    assert "cannot resume the data stream: batch_size x world_size is 8 now but 4 in the checkpoint" in printed.err
+    assert "precomputed" not in printed.out
+
+
 def test_a_precomputed_reference_is_refused_without_a_reference(workspace, capsys):
     out = workspace / "pre_bad"
     for objective in ("sft", "simpo", "orpo"):
