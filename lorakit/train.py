@@ -351,7 +351,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length, packing=cfg.data.packing,
         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, pad_id=pad_id,
     )  # fmt: skip
-    total_steps, _ = plan_steps(cfg, stream, dist.world_size)
+    total_steps, steps_per_epoch = plan_steps(cfg, stream, dist.world_size)
 
     if dist.world_size > 1:
         from lorakit.distributed import wrap_model
@@ -377,6 +377,11 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         check_resume_optimizer(cfg.train.optimizer, optimizer_state, checkpoint)
         stream.load_state_dict(ckpt_state["stream"])  # another batch_size x processes (the pass reads no stream state)
     if cfg.train.precompute_reference:
+        to_go = total_steps - (ckpt_state["step"] if ckpt_state is not None else 0)
+        if to_go < steps_per_epoch:  # the pass reads every pair; the steps save one reference forward each
+            log(f"note: train.precompute_reference runs the reference over the whole training set, an epoch of "
+                f"{steps_per_epoch} steps, and the {to_go} steps to go save less than that; it pays in runs of two "
+                "epochs or more, so leave it off here")  # fmt: skip
         # Not kept in checkpoints: the pass is deterministic (fixed rows and order, the frozen
         # reference), so a resumed run recomputes the same table and goes on bit-exactly.
         start = time.perf_counter()

@@ -723,6 +723,7 @@ def test_a_precomputed_reference_trains_as_the_per_step_one_and_resumes_bit_iden
     printed = capsys.readouterr().out
     sequences = 192 if objective == "dpo" else 384  # every answer (KTO: every example and its KL example)
     assert f"precomputed the reference log-probabilities of {sequences} sequences in " in printed
+    assert "note: train.precompute_reference" not in printed  # 28 steps: more than an epoch
     assert "reference: the base (adapter off), precomputed in one pass before the first step" in printed
     want, got = _entries(per_step), _entries(pre)
     assert [e["step"] for e in got] == [e["step"] for e in want]
@@ -745,7 +746,10 @@ def test_a_precomputed_reference_trains_as_the_per_step_one_and_resumes_bit_iden
 def test_a_resume_that_cannot_go_on_is_refused_before_the_reference_pass(workspace, capsys):
     out = workspace / "pre_resume_short"
     assert main(["train", _config(workspace, out, max_steps=4, save_every=3, precompute_reference=True), "data.eval=null"]) == 0
-    assert "precomputed the reference log-probabilities of 192 sequences in " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "precomputed the reference log-probabilities of 192 sequences in " in printed
+    assert ("note: train.precompute_reference runs the reference over the whole training set, an epoch of 24 steps, and "
+            "the 4 steps to go save less than that; it pays in runs of two epochs or more, so leave it off here\n") in printed
     # the checkpoint is at step 3, the run now 2 steps long: refused, and the pass (an epoch's
     # reference forwards on a real data set) not run first
     assert main(["train", _config(workspace, out, max_steps=2, save_every=3, precompute_reference=True), "data.eval=null",
