@@ -1341,11 +1341,12 @@ def tokenize_records(
                 job = _render_chunk(prepared[c : c + CHUNK], renderer, cfg.train_on_inputs, problems, pairs)
                 future = pool.submit(_encode_job, backend, job) if job.size else None
                 if pending is not None:
-                    flat, labels, lengths, kept, at = _assemble(
+                    flat, labels, lengths, at = _assemble(
                         _finish_chunk(pending[0], pending[1].result(), eos), cfg, stats, pairs, kind == "unpaired"
                     )
                     lines = np.array([prepared[pending[2] + k][0] for k in at.tolist()], dtype=np.int64)
-                    parts.append((flat, labels, lengths, kept + pending[2] // 2, lines))  # CHUNK is even: pairs do not straddle
+                    kept_pairs = (at[0::2] + pending[2]) // 2  # each kept pair's chosen side; CHUNK is even: pairs do not straddle
+                    parts.append((flat, labels, lengths, kept_pairs, lines))
                 pending = (job, future, c) if future is not None else None
     finally:
         if gc_was_on:
@@ -1568,10 +1569,9 @@ def _fit(ids: list[int], ranges: list[tuple[int, int]], max_len: int, drop: bool
 def _assemble(
     seqs: list[tuple[int, list[int], list[tuple[int, int]]]], cfg: DataConfig, stats: DataStats, pairs: bool = False,
     unpaired: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat, the
-    chunk's kept pairs (position in chunk // 2; empty without `pairs`) and the position in chunk of
-    each kept example.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Truncate or drop, build labels from trainable ranges -> (ids, labels, lengths) flat, and the
+    position in chunk of each kept example (with `pairs`, both sides of each kept pair in turn).
 
     seqs: (position in chunk, ids, ranges) from `_finish_chunk`. With `pairs`, positions 2j and
     2j+1 are a preference pair, kept or dropped together (a dropped side counts for both)."""
@@ -1579,7 +1579,6 @@ def _assemble(
     # a KL example (odd, of unpaired data) is cut, never dropped: it only estimates KTO's reference
     # point, and dropping it would drop the example it belongs to for another record's length
     fitted = [(k, ids, _fit(ids, ranges, max_len, drop and not (unpaired and k % 2))) for k, ids, ranges in seqs]
-    kept_pairs: list[int] = []
     if pairs:
         by_pair: dict[int, list] = {}
         for item in fitted:
@@ -1590,8 +1589,6 @@ def _assemble(
                 continue  # the other side's record was invalid (already reported)
             reasons = [r for _, _, r in sides if isinstance(r, str)]
             fitted += [(k, ids, reasons[0]) for k, ids, _ in sides] if reasons else sides
-            if not reasons:
-                kept_pairs.append(sides[0][0] // 2)
     kept_ids: list[list[int]] = []
     kept_at: list[int] = []
     lengths: list[int] = []
@@ -1618,8 +1615,7 @@ def _assemble(
     np.add.at(delta, np.asarray(starts, dtype=np.int64), 1)
     np.add.at(delta, np.asarray(ends, dtype=np.int64), -1)
     labels = np.where(np.cumsum(delta[:-1]) > 0, flat, IGNORE_INDEX).astype(np.int32)
-    kept = np.asarray(kept_pairs, dtype=np.int64)
-    return flat, labels, np.asarray(lengths, dtype=np.int64), kept, np.asarray(kept_at, dtype=np.int64)
+    return flat, labels, np.asarray(lengths, dtype=np.int64), np.asarray(kept_at, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
