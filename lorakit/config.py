@@ -586,8 +586,10 @@ def _chat_template_problems(value: Union[str, None], check_paths: bool) -> list[
 
 
 # The data options a file of a data.train / data.eval list may set for its own records, in place
-# of the data section's: {path: b.jsonl, format: instruction, columns: {instruction: question}}
-FILE_OPTIONS = ("format", "columns", "system_prompt")
+# of the data section's: {path: b.jsonl, format: instruction, columns: {instruction: question}};
+# and, in data.train, `repeat`: how many times its examples count in an epoch (0.25: a seeded
+# quarter of them, 3: each three times), which mixes sets in the proportions a user wants
+FILE_OPTIONS = ("format", "columns", "system_prompt", "repeat")
 
 
 def data_sources(value: Union[str, list[Any], None]) -> list[tuple[str, dict[str, Any]]]:
@@ -600,9 +602,15 @@ def data_sources(value: Union[str, list[Any], None]) -> list[tuple[str, dict[str
 
 def own_options(options: dict[str, Any], data: DataConfig) -> dict[str, Any]:
     """A list file's options less those equal to the data section's (`columns: {}` where data.columns
-    is unset, `format: auto` where data.format is auto): they change nothing, so the file is the same
-    source as without them, to the run's fingerprint and to what is held out of it once."""
-    return {key: value for key, value in options.items() if value != getattr(data, key)}
+    is unset, `format: auto` where data.format is auto) and `repeat: 1`: they change nothing, so the
+    file is the same source as without them, to the run's fingerprint and to what is held out of it once."""
+    return {key: value for key, value in options.items() if value != (1 if key == "repeat" else getattr(data, key))}
+
+
+def reading_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A list file's options that change how its records are read (DataConfig's fields), less
+    `repeat`, which changes how often its examples count, not what they are."""
+    return {key: value for key, value in options.items() if key != "repeat"}
 
 
 def data_files(value: Union[str, list[Any], dict[str, Any], None]) -> list[str]:
@@ -661,6 +669,12 @@ def file_option_problems(where: str, value: Any) -> list[str]:
                     problems += column_problems(option, f"{at}.columns")
             elif key == "system_prompt" and option is not None and (not isinstance(option, str) or not option.strip()):
                 problems.append(f"{at}.system_prompt = {option!r}: give the system message's text, or null for none")
+            elif key == "repeat" and not where.startswith("data.train"):
+                problems.append(f"{at}.repeat: an eval set is read whole; repeat weights the files of data.train, so remove "
+                                "it here")  # fmt: skip
+            elif key == "repeat" and (isinstance(option, bool) or not isinstance(option, (int, float)) or not 0 < option < math.inf):
+                problems.append(f"{at}.repeat = {option!r}: give how many times the file's examples count in an epoch, a "
+                                "number above 0 (0.5: a seeded half of them, 2: each twice)")  # fmt: skip
     return problems
 
 

@@ -91,7 +91,7 @@ import numpy as np
 from jinja2 import TemplateError
 import torch
 
-from lorakit.config import DataConfig, data_sources, eval_set_sources, own_options
+from lorakit.config import DataConfig, data_sources, eval_set_sources, own_options, reading_options
 from lorakit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -1706,15 +1706,17 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     `cfg.eval`'s if given, else a held-out `cfg.eval_fraction` of train (chosen from `seed`, the
     same every run) as the set "", else none. A list of files is read file by file (each cached on
     its own, with the options a file of the list sets for itself in place of `cfg`'s) and put
-    together in its order.
+    together in its order, each train file's examples as often as its `repeat` says (`_repeated`).
 
     Raises:
-        UserError: data.train unset, or a held-out fraction that leaves train or eval empty.
+        UserError: data.train unset, a held-out fraction that leaves train or eval empty, or a
+            `repeat` that takes none of a file's examples.
     """
     if not cfg.train:
         raise UserError("data.train is not set; point it at a .jsonl or .json file")
 
     def load_source(path: str, options: dict[str, Any], where: str) -> TokenizedDataset:
+        options = reading_options(options)
         if not options:
             return load_dataset(path, tokenizer, cfg)
         keys = {key: f"{where}.{key}" for key in options}  # its own options' place, for messages
@@ -1724,20 +1726,28 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
         parts = [load_source(path, options, f"{where}[{i}]") for i, (path, options) in enumerate(sources)]
         return TokenizedDataset.concat(parts, [path for path, _ in sources])
 
+    def repeated(parts: list[TokenizedDataset]) -> TokenizedDataset:
+        return TokenizedDataset.concat(
+            [_repeated(part, options.get("repeat", 1), seed=seed, index=i, source=path)
+             for i, (part, (path, options)) in enumerate(zip(parts, sources))],
+            [path for path, _ in sources],
+        )  # fmt: skip
+
     sources = data_sources(cfg.train)
-    if cfg.eval:
+    if cfg.eval_fraction <= 0:
+        train = repeated([load_source(path, options, f"data.train[{i}]") for i, (path, options) in enumerate(sources)])
+        if not cfg.eval:
+            return train, {}
         named = isinstance(cfg.eval, dict)
-        return load(sources, "data.train"), {
+        return train, {
             name: load(set_sources, f"data.eval.{name}" if named else "data.eval")
             for name, set_sources in eval_set_sources(cfg.eval).items()
         }  # fmt: skip
-    if cfg.eval_fraction <= 0:
-        return load(sources, "data.train"), {}
-    # Held out of the files' examples once each, however often a file is listed: a file listed
-    # twice (weighted up) then trains twice on its training part, and never on what is held out.
-    # (A file listed with other options of its own is another source; options that equal the data
-    # section's are none.)
-    keys = [(path, json.dumps(own_options(options, cfg), sort_keys=True)) for path, options in sources]
+    # Held out of the files' examples once each, however often a file is listed or repeated: a
+    # file listed twice (weighted up) then trains twice on its training part, and never on what is
+    # held out. (A file listed with other reading options of its own is another source; options
+    # that equal the data section's are none.)
+    keys = [(path, json.dumps(reading_options(own_options(options, cfg)), sort_keys=True)) for path, options in sources]
     first = {}  # each distinct source's first place in the list
     for i, key in enumerate(keys):
         first.setdefault(key, i)
@@ -1756,8 +1766,30 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     held[perm[:n_eval]] = True
     starts = dict(zip(distinct, np.cumsum([0] + [parts[k].num_units() for k in distinct])))
     kept = {k: np.flatnonzero(~held[starts[k] : starts[k] + parts[k].num_units()]) for k in distinct}
-    train = TokenizedDataset.concat([parts[k].subset(kept[k]) for k in keys], [path for path, _ in keys])
-    return train, {"": union.subset(np.flatnonzero(held))}
+    return repeated([parts[k].subset(kept[k]) for k in keys]), {"": union.subset(np.flatnonzero(held))}
+
+
+def _repeated(part: TokenizedDataset, repeat: float, *, seed: int, index: int, source: str) -> TokenizedDataset:
+    """`part` (the examples data.train[index] trains on) with each example `int(repeat)` times, and a
+    share `repeat % 1` of them once more, chosen from `seed` and the file's place in the list (the
+    same every run; another place, another choice). What is counted is what batches count: pairs
+    for preference data, an example with its KL example for KTO's.
+
+    Raises:
+        UserError: a repeat that takes none of the file's examples.
+    """
+    if repeat == 1:
+        return part
+    n = part.num_units()
+    whole, share = divmod(float(repeat), 1.0)
+    extra = round(n * share)
+    if int(whole) * n + extra == 0:
+        raise UserError(
+            f"data.train[{index}].repeat = {repeat}: takes none of {source}'s {n} {'pairs' if part.pairs else 'examples'}; "
+            f"raise it to at least {1 / n if n else 1:.3g}, or leave the file out"
+        )
+    chosen = np.sort(np.random.default_rng([_seed(seed), 0x5EED, index]).choice(n, size=extra, replace=False))
+    return part.subset(np.concatenate([np.tile(np.arange(n), int(whole)), chosen]))
 
 
 def _seed(seed: int) -> int:

@@ -37,7 +37,7 @@ from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME, read
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
-    data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, own_options, parse_overrides,
+    data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, own_options, parse_overrides, reading_options,
 )  # fmt: skip
 from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
@@ -631,7 +631,7 @@ def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer
         answers = 0
         files = [f for f, _ in sources]
         for f, options in sources:
-            data = dataclasses.replace(cfg.data, **options)  # the file's own options, as the data reads it
+            data = dataclasses.replace(cfg.data, **reading_options(options))  # the file's own options, as the data reads it
             columns, system_prompt = data.columns, data.system_prompt
             for line, record in read_records(f, skip_invalid=cfg.data.skip_invalid):
                 try:

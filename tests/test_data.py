@@ -801,6 +801,62 @@ def test_bad_options_of_a_file_are_config_errors(entry, message):
         assert message.replace("data.train", f"data.{key}" if key == "train" else "data.eval.set") in str(err.value)
 
 
+def test_repeat_counts_a_files_examples_as_often_as_it_says(tmp_path):
+    tok = make_tokenizer("llama3")
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"{i} plus 1 is", "completion": f" {i + 1}"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"line {i}"} for i in range(20)])
+    cfg = DataConfig(train=[{"path": str(a), "repeat": 2.5}, {"path": str(b), "repeat": 0.3}], max_length=32,
+                     cache_dir=str(tmp_path / "c"))  # fmt: skip
+    rows = lambda d: [tuple(d.example(i)[0].tolist()) for i in range(len(d))]  # noqa: E731
+    a_rows, b_rows = rows(load_dataset(a, tok, cfg, use_cache=False)), rows(load_dataset(b, tok, cfg, use_cache=False))
+    got, _ = load_train_eval(cfg, tok, seed=0)
+    assert len(got) == 25 + 6 and got.stats.examples == 31 and got.stats.records == 30  # the files' records, once each
+    counts = {r: rows(got)[:25].count(r) for r in a_rows}
+    assert sorted(counts.values()) == [2] * 5 + [3] * 5  # every example twice, a seeded half of them a third time
+    assert len(set(rows(got)[25:])) == 6 and set(rows(got)[25:]) <= set(b_rows)  # 30% of b, each once
+    assert rows(load_train_eval(cfg, tok, seed=0)[0]) == rows(got)  # the same choice every run ...
+    assert rows(load_train_eval(cfg, tok, seed=1)[0])[25:] != rows(got)[25:]  # ... another with another seed
+    assert got.record_of(0) == got.record_of(10) == f"{a}:1" and got.record_of(25).startswith(f"{b}:")  # the copies' records
+    # repeat: 1 is the file as it is; an integer repeat is the file listed that often
+    plain = DataConfig(train=[str(a), str(a), str(a)], max_length=32, cache_dir=cfg.cache_dir)
+    assert rows(load_train_eval(dataclasses.replace(cfg, train=[{"path": str(a), "repeat": 3}]), tok, seed=0)[0]) == rows(
+        load_train_eval(plain, tok, seed=0)[0])  # fmt: skip
+    assert rows(load_train_eval(dataclasses.replace(cfg, train=[{"path": str(a), "repeat": 1}]), tok, seed=0)[0]) == a_rows
+    # held out once per file, whatever its repeat: nothing held out is trained on
+    mixed = dataclasses.replace(cfg, train=[{"path": str(a), "repeat": 2}, str(a), {"path": str(b), "repeat": 0.5}], eval_fraction=0.2)
+    train, sets = load_train_eval(mixed, tok, seed=0)
+    held = set(rows(sets[""]))
+    assert len(held) == 6 and not held & set(rows(train))
+    held_a = len(held & set(a_rows))
+    assert len(train) == 3 * (10 - held_a) + round(0.5 * (20 - (6 - held_a)))
+    # preference pairs are repeated whole
+    p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} is", "chosen": " yes", "rejected": f" no {i}"} for i in range(8)])
+    pairs, _ = load_train_eval(DataConfig(train=[{"path": str(p), "repeat": 0.5}], max_length=32, format="preference"), tok, seed=0)
+    assert pairs.stats.pairs == 4 and len(pairs) == 8
+    assert all(tok.decode(pairs.example(2 * j)[0]).split(" is")[0] == tok.decode(pairs.example(2 * j + 1)[0]).split(" is")[0]
+               for j in range(4))  # fmt: skip
+    with pytest.raises(UserError) as err:
+        load_train_eval(dataclasses.replace(cfg, train=[str(b), {"path": str(a), "repeat": 0.01}]), tok, seed=0)
+    assert str(err.value) == f"data.train[1].repeat = 0.01: takes none of {a}'s 10 examples; raise it to at least 0.1, or leave the file out"
+
+
+@pytest.mark.parametrize("key, entry, message", [
+    ("train", {"path": "b.jsonl", "repeat": 0}, "data.train[1].repeat = 0: give how many times the file's examples count in an "
+                                                "epoch, a number above 0 (0.5: a seeded half of them, 2: each twice)"),
+    ("train", {"path": "b.jsonl", "repeat": "2"}, "data.train[1].repeat = '2': give how many times"),
+    ("train", {"path": "b.jsonl", "repeat": True}, "data.train[1].repeat = True: give how many times"),
+    ("train", {"path": "b.jsonl", "repeat": float("inf")}, "data.train[1].repeat = inf: give how many times"),
+    ("eval", {"path": "b.jsonl", "repeat": 2}, "data.eval[1].repeat: an eval set is read whole; repeat weights the files of "
+                                               "data.train, so remove it here"),
+])  # fmt: skip
+def test_a_bad_repeat_is_a_config_error(key, entry, message):
+    from lorakit.config import build_run_config
+
+    with pytest.raises(UserError) as err:
+        build_run_config({"model": "m", "data": {"train": "a.jsonl", key: ["a.jsonl", entry]}}, check_paths=False)
+    assert message in str(err.value)
+
+
 def test_parquet_arrow_csv_and_tsv_tables_read_as_their_jsonl(tmp_path):
     import csv
 

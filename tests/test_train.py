@@ -745,6 +745,10 @@ def test_file_options_that_equal_the_data_sections_fingerprint_as_none(workspace
     hashed = plain["train"]
     assert fingerprint([{"path": data, "system_prompt": "S."}])["train"] == [[hashed, {"system_prompt": "S."}]]
     assert fingerprint([{"path": data, "columns": {}}], columns={"prompt": "q"})["train"] == [[hashed, {"columns": {}}]]
+    # so does a repeat other than 1 (the train file's examples count as often in an epoch)
+    repeated = lambda repeat: train_module.fingerprint(build_run_config(  # noqa: E731
+        {"model": str(workspace / "model"), "data": {"train": [{"path": data, "repeat": repeat}], "eval": [data]}}))["data"]  # fmt: skip
+    assert repeated(1) == plain and repeated(0.5)["train"] == [[hashed, {"repeat": 0.5}]]
 
 
 def test_a_checkpoint_written_before_lora_layers_pattern_existed_still_resumes(workspace, tmp_path):
