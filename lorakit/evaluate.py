@@ -227,23 +227,10 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
 
     labelled = dataset.desirable is not None
     objective = args.objective or ("kto" if labelled else "dpo")
-    if args.adapter is None and objective in REFERENCE_OBJECTIVES:
-        if labelled:
-            raise UserError(f"{args.data} holds labelled examples: their KTO rewards compare an adapter with its base; pass --adapter")
-        raise UserError(
-            f"{args.data} holds preference pairs: their {objective.upper()} rewards compare an adapter with its "
-            "base; pass --adapter (or --objective simpo / orpo, which need no reference)"
-        )
-    if not all(math.isfinite(w) and w > 0 for w in (args.kto_desirable_weight, args.kto_undesirable_weight)):
-        raise UserError(
-            f"--kto-desirable-weight {args.kto_desirable_weight} / --kto-undesirable-weight {args.kto_undesirable_weight}: "
-            "KTO's weights must be > 0 (training's train.kto_desirable_weight / kto_undesirable_weight)"
-        )
+    _check_preference_options(args, objective, labelled)
     if objective in REFERENCE_OBJECTIVES:
         _check_plain_base(lora_configs(model)["default"], args.adapter, objective)
     if args.reference_adapter is not None:
-        if objective not in REFERENCE_OBJECTIVES:
-            raise UserError(f"--reference-adapter: {objective} compares with no reference; drop it, or use --objective dpo / ipo")
         from lorakit.adapters import apply_adapter, read_adapter
         from lorakit.preference import REFERENCE_ADAPTER
 
@@ -252,13 +239,7 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
         device = next(model.parameters()).device
         apply_adapter(model, files, REFERENCE_ADAPTER)
         model.to(device)
-    if args.generate:
-        raise UserError(f"--generate: {args.data} holds preference pairs, which have no single answer to match")
     beta = args.beta if args.beta is not None else PREFERENCE_BETA[objective]
-    if not (math.isfinite(beta) and beta > 0):
-        raise UserError(f"--beta {args.beta}: the objective's beta must be a number > 0 (training's train.beta)")
-    if not (math.isfinite(args.simpo_gamma) and args.simpo_gamma >= 0):
-        raise UserError(f"--simpo-gamma {args.simpo_gamma}: SimPO's margin must be a number >= 0 (training's train.simpo_gamma)")
     result: dict[str, Any] = evaluate_preference(
         model, dataset, objective=objective, beta=beta, gamma=args.simpo_gamma, batch_size=args.batch_size,
         max_length=max_length, kto_weights=(args.kto_desirable_weight, args.kto_undesirable_weight),
@@ -273,6 +254,44 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
+
+
+def _check_preference_options(args: argparse.Namespace, objective: Optional[str], labelled: bool = False) -> None:
+    """Refuse `lorakit eval`'s preference options that cannot work: their values whatever the data,
+    and with `objective` (--objective's, before the model is read; else the one the data chose)
+    what that objective needs or has no use for.
+
+    Raises:
+        UserError: naming the option and the fix.
+    """
+    from lorakit.config import REFERENCE_OBJECTIVES
+
+    if args.beta is not None and not (math.isfinite(args.beta) and args.beta > 0):
+        raise UserError(f"--beta {args.beta}: the objective's beta must be a number > 0 (training's train.beta)")
+    if not (math.isfinite(args.simpo_gamma) and args.simpo_gamma >= 0):
+        raise UserError(f"--simpo-gamma {args.simpo_gamma}: SimPO's margin must be a number >= 0 (training's train.simpo_gamma)")
+    if not all(math.isfinite(w) and w > 0 for w in (args.kto_desirable_weight, args.kto_undesirable_weight)):
+        raise UserError(
+            f"--kto-desirable-weight {args.kto_desirable_weight} / --kto-undesirable-weight {args.kto_undesirable_weight}: "
+            "KTO's weights must be > 0 (training's train.kto_desirable_weight / kto_undesirable_weight)"
+        )
+    if args.reference_adapter is not None and not Path(args.reference_adapter).is_dir():
+        raise UserError(f"--reference-adapter {args.reference_adapter!r}: folder not found; pass the adapter folder the run "
+                        "continued (adapter_config.json + adapter_model.safetensors)")  # fmt: skip
+    if objective is None:
+        return
+    if args.adapter is None and objective in REFERENCE_OBJECTIVES:
+        if labelled or objective == "kto":
+            raise UserError(f"{args.data} holds labelled examples: their KTO rewards compare an adapter with its base; pass --adapter")
+        raise UserError(
+            f"{args.data} holds preference pairs: their {objective.upper()} rewards compare an adapter with its "
+            "base; pass --adapter (or --objective simpo / orpo, which need no reference)"
+        )
+    if args.reference_adapter is not None and objective not in REFERENCE_OBJECTIVES:
+        raise UserError(f"--reference-adapter: {objective} compares with no reference; drop it, or use --objective dpo / ipo")
+    if args.generate:
+        what = "labelled examples" if labelled or objective == "kto" else "preference pairs"
+        raise UserError(f"--generate: {args.data} holds {what}, which have no single answer to match")
 
 
 def _check_plain_base(config: LoraConfig, path: str, objective: str) -> None:
@@ -331,6 +350,7 @@ def eval_command(args: argparse.Namespace) -> int:
     columns = _columns(args.column)
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data!r}: no such file; give a .jsonl, .json, .parquet, .arrow, .csv or .tsv file of records")
+    _check_preference_options(args, args.objective)
     model, tokenizer = load_for_command(args)
     max_length = _max_length(args.max_length, model, args.model)
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto

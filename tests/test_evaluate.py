@@ -130,7 +130,7 @@ def test_cli_eval_reads_other_column_names(setup, tmp_path, capsys):
         assert all(m in err for m in messages) and err.count("\n") == 1, err
 
 
-def test_cli_eval_refuses_bad_column_and_system_options_before_the_model_loads(tmp_path, capsys, monkeypatch):
+def test_cli_eval_refuses_bad_options_before_the_model_loads(tmp_path, capsys, monkeypatch):
     from lorakit import generate
 
     def no_model(args):
@@ -145,6 +145,27 @@ def test_cli_eval_refuses_bad_column_and_system_options_before_the_model_loads(t
          "of the records once"),
         (["--system", ""], "--system '': give the system message's text, or leave --system out"),
         (["--system", " \n"], "--system ' \\n': give the system message's text, or leave --system out"),
+    ]:  # fmt: skip
+        assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), *options]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    # preference options: their values, and what --objective needs or has no use for
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for options, message in [
+        (["--beta", "0"], "--beta 0.0: the objective's beta must be a number > 0 (training's train.beta)"),
+        (["--simpo-gamma", "-1"], "--simpo-gamma -1.0: SimPO's margin must be a number >= 0 (training's train.simpo_gamma)"),
+        (["--kto-undesirable-weight", "nan"], "--kto-desirable-weight 1.0 / --kto-undesirable-weight nan: KTO's weights must "
+         "be > 0 (training's train.kto_desirable_weight / kto_undesirable_weight)"),
+        (["--reference-adapter", str(tmp_path / "nope")], f"--reference-adapter {str(tmp_path / 'nope')!r}: folder not found; "
+         "pass the adapter folder the run continued (adapter_config.json + adapter_model.safetensors)"),
+        (["--objective", "dpo"], f"{data} holds preference pairs: their DPO rewards compare an adapter with its base; pass "
+         "--adapter (or --objective simpo / orpo, which need no reference)"),
+        (["--objective", "kto"], f"{data} holds labelled examples: their KTO rewards compare an adapter with its base; pass --adapter"),
+        (["--objective", "orpo", "--reference-adapter", str(adapter)], "--reference-adapter: orpo compares with no reference; "
+         "drop it, or use --objective dpo / ipo"),
+        (["--objective", "simpo", "--generate"], f"--generate: {data} holds preference pairs, which have no single answer to match"),
+        (["--objective", "kto", "--adapter", str(adapter), "--generate"], f"--generate: {data} holds labelled examples, which "
+         "have no single answer to match"),
     ]:  # fmt: skip
         assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), *options]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
