@@ -13,6 +13,7 @@ never leaves a half checkpoint that looks complete; only the newest `keep` are k
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -40,6 +41,19 @@ def checkpoint_dirs(output_dir: Union[str, Path]) -> list[Path]:
 def latest_checkpoint(output_dir: Union[str, Path]) -> Optional[Path]:
     dirs = checkpoint_dirs(output_dir)
     return dirs[-1] if dirs else None
+
+
+def set_aside_checkpoint(output_dir: Union[str, Path], step: int) -> Optional[Path]:
+    """Rename checkpoints/step-<step> to diverged-step-<step>, where `--resume` no longer picks it
+    (a run resumed from it would rerun the same batch on the same weights); None if it is not there."""
+    path = Path(output_dir) / "checkpoints" / f"step-{step}"
+    if not path.is_dir():
+        return None
+    aside = path.with_name(f"diverged-step-{step}")
+    staging = path.with_name(f".diverged-step-{step}.tmp-{os.getpid()}")
+    os.replace(path, staging)  # out of --resume's sight at once, then into place (an older one of that step replaced)
+    replace_dir(staging, aside)
+    return aside
 
 
 def save_checkpoint(

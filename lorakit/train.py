@@ -34,7 +34,7 @@ from torch import nn
 
 from lorakit import host_memory, preference
 from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME, read_chat_template
-from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, set_aside_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
     data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, own_options, parse_overrides, reading_options,
@@ -1457,6 +1457,21 @@ def _command_config(args: argparse.Namespace) -> RunConfig:
     return load_run_config(args.config, parse_overrides(args.overrides))
 
 
+def _after_divergence(run: Run, dist: Distributed) -> str:
+    """Where a diverged run goes on from. The adapter of step `run.step` gave the non-finite value
+    on the next batch, so a resume from its checkpoint would rerun that batch on the same weights
+    and stop again whatever the learning rate: the main process sets that checkpoint aside, so that
+    --resume takes the one before it."""
+    had = (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir()
+    dist.barrier()  # every process has looked before the main one moves it
+    aside = set_aside_checkpoint(run.output_dir, run.step) if dist.is_main and had else None
+    dist.barrier()
+    aside = aside or run.output_dir / "checkpoints" / f"diverged-step-{run.step}"
+    last = latest_checkpoint(run.output_dir)
+    where = f"--resume continues from {last}" if last else "no earlier checkpoint: start again"
+    return where + (f" (the checkpoint of step {run.step}, whose adapter gave it, is set aside as {aside})" if had else "")
+
+
 def run_training(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] = None) -> int:
     """setup -> summary -> fit -> summary; exit code 0, or 128+signal when interrupted."""
     dist = dist or Distributed()
@@ -1466,8 +1481,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distrib
     try:
         summary = fit(run, log=log)
     except TrainingDiverged as exc:
-        last = latest_checkpoint(run.output_dir)
-        print(f"error: {exc}; last good checkpoint: {last or 'none'}", file=sys.stderr)
+        print(f"error: {exc}; {_after_divergence(run, dist)}", file=sys.stderr)
         return 1
     if "interrupted" in summary:
         return 128 + summary["interrupted"]

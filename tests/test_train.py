@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import re
 import math
 import os
 import signal
@@ -332,12 +333,37 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(workspace, monkeypatch, c
     assert [e["step"] for e in _entries(out) if "loss" in e] == list(range(1, 13))
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(workspace, capsys):
+def test_non_finite_loss_stops_and_sets_aside_the_checkpoint_that_gave_it(workspace, capsys, monkeypatch):
+    # one huge update: step 2's loss is not finite, on the adapter step 1 wrote
     out = workspace / "diverge"
-    code = main(["train", _config(workspace, out, save_every=2), "train.lr=1.0e+30", "train.max_grad_norm=0"])
+    code = main(["train", _config(workspace, out, save_every=1), "train.lr=1.0e+30", "train.max_grad_norm=0", "train.warmup_steps=0"])
     err = capsys.readouterr().err
-    assert code == 1
-    assert "error:" in err and ("is nan" in err or "is inf" in err) and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err
+    err = err[err.index("error:") :]  # (after the progress bar)
+    assert re.fullmatch(r"error: (loss|gradient norm) is (nan|inf) at step 2; stopped before updating the adapter\. Lower train.lr, "
+                        r"raise train.warmup_steps or check the data; no earlier checkpoint: start again \(the checkpoint of step "
+                        rf"1, whose adapter gave it, is set aside as {re.escape(str(out))}/checkpoints/diverged-step-1\)\n", err), err  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["diverged-step-1"]
+    # a later divergence: --resume then continues from the checkpoint before the one set aside
+    real_step = train_module.train_step
+
+    def diverge_at_four(run):
+        if run.step == 3:
+            raise train_module.TrainingDiverged("loss is nan at step 4; stopped before updating the adapter")
+        return real_step(run)
+
+    later = workspace / "diverge_later"
+    monkeypatch.setattr(train_module, "train_step", diverge_at_four)
+    assert main(["train", _config(workspace, later, save_every=1, keep_checkpoints=3)]) == 1
+    root = later / "checkpoints"
+    err = capsys.readouterr().err
+    assert err[err.index("error:") :] == (f"error: loss is nan at step 4; stopped before updating the adapter; --resume continues "
+                                       f"from {root}/step-2 (the checkpoint of step 3, whose adapter gave it, is set aside as "
+                                       f"{root}/diverged-step-3)\n")  # fmt: skip
+    assert sorted(p.name for p in root.iterdir()) == ["diverged-step-3", "step-1", "step-2"]
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["train", _config(workspace, later, save_every=1, keep_checkpoints=3), "--resume"]) == 0
+    assert [e["step"] for e in _entries(later) if "loss" in e] == list(range(1, 13))
 
 
 def test_refuses_to_overwrite_and_resume_mismatch(workspace, capsys):
