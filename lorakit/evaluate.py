@@ -352,6 +352,9 @@ def eval_command(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data!r}: no such file; give a .jsonl, .json, .parquet, .arrow, .csv or .tsv file of records")
     _check_preference_options(args, args.objective)
     model, tokenizer = load_for_command(args)
+    from lorakit.fused import use_lorakit_kernels
+
+    use_lorakit_kernels(model)  # the trainer's forward, so the losses are a run's own (bf16 too)
     max_length = _max_length(args.max_length, model, args.model)
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto
     # reads as chat), or kto as labelled examples (prompt, completion, label)

@@ -828,3 +828,21 @@ def use_fused_rope(model: torch.nn.Module) -> int:
         source.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(function)
         switched += 1
     return switched
+
+
+def use_lorakit_kernels(model: torch.nn.Module) -> None:
+    """Swap lorakit's kernels into a transformers model where they compute what its own modules do:
+    per-example attention for packed rows (lorakit.attention), the fused RMSNorm, SwiGLU gate and
+    rotary embeddings. The trainer's forward, which `lorakit eval` runs too, so that it gives a run's
+    own eval numbers (in bf16 the attention kernel rounds otherwise than SDPA). Each part keeps
+    its switch (the benchmark's levers turn them off)."""
+    from lorakit import attention
+
+    if attention.VARLEN_ENABLED:
+        attention.use_varlen_attention(model)
+    if FUSED_RMS_NORM:
+        use_fused_rms_norm(model)
+    if FUSED_SILU_GATE:
+        use_fused_silu_gate(model)
+    if FUSED_ROPE:
+        use_fused_rope(model)

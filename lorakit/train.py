@@ -320,25 +320,18 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         frozen = sum(p.numel() * p.element_size() for p in model.parameters())
         frozen_summary = f"frozen weights {frozen / 2**20:.1f} MiB ({8 * frozen / max(1, sum(p.numel() for p in model.parameters())):.0f} bits/param)"
     check_token_ids(model, cfg, train_set, eval_sets)
-    from lorakit import attention, cpu_kernels, fused
+    from lorakit import cpu_kernels, fused
 
     if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
         # lorakit's compiled attention, RMSNorm, SwiGLU gate, RoPE and loss: built here (once per machine,
         # said aloud) rather than silently inside the first step
         cpu_kernels.ops(announce=log if dist.is_main else None)
-    if attention.VARLEN_ENABLED:
-        attention.use_varlen_attention(model)  # per-example causal attention for packed rows
     add_adapters(model, cfg)
     if cfg.train.objective != "sft":
         preference.disable_dropout(model)
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha, dist.rank)
-    if fused.FUSED_RMS_NORM:
-        fused.use_fused_rms_norm(model)
-    if fused.FUSED_SILU_GATE:
-        fused.use_fused_silu_gate(model)
-    if fused.FUSED_ROPE:
-        fused.use_fused_rope(model)
+    fused.use_lorakit_kernels(model)  # per-example attention for packed rows, fused norms, gate and RoPE
     model.to(load_device)
     if cfg.train.gradient_checkpointing:
         from lorakit import activation_checkpointing

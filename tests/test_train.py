@@ -802,6 +802,14 @@ def test_eval_command_matches_the_trainers_eval_loss(workspace, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loss"] == pytest.approx(trainer_loss, abs=1e-5)
+    # bf16: the same forward (lorakit's attention and fused kernels) and the run's batch size give its bits
+    bf16 = workspace / "evalmatch-bf16"
+    assert main(["train", _config(workspace, bf16, max_steps=2, precision="bf16")]) == 0
+    trainer_loss = [e for e in _entries(bf16) if "eval_loss" in e][-1]["eval_loss"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(workspace / "model"), "--adapter", str(bf16 / "adapter"), "--data",
+                 str(workspace / "eval.jsonl"), "--json", "--max-length", "64", "--precision", "bf16", "--batch-size", "4"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == trainer_loss
 
 
 def test_a_resume_with_a_changed_learning_rate_and_weight_decay_goes_on_with_the_new_ones(workspace, monkeypatch, capsys):
