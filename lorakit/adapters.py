@@ -566,7 +566,7 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
     if name in lora_configs(model):
         raise UserError(f"adapter {name!r} is already on the model; pass another name")
     check_fits(model, files)
-    inject_adapter(model, files.config, name)
+    inject_adapter(model, files.config, name, check_patterns=False)  # PEFT keeps keys that match nothing
     copy_adapter_weights(model, files, name)
     if not trainable:
         for _, layer in lora_layers(model):

@@ -418,7 +418,7 @@ def load_run_config(
         from lorakit.data import read_utf8
 
         try:
-            loaded = yaml.safe_load(read_utf8(path))
+            loaded = yaml.load(read_utf8(path), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
@@ -433,6 +433,26 @@ def load_run_config(
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return build_run_config(raw, source=str(path) if path else "command line", check_paths=check_paths)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping, which it would otherwise
+    resolve silently to the last value (a second `lora:` section replacing the first whole)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key]}); keep one", key_node.start_mark
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 WSD_DECAY_SHAPES = ("cosine", "linear", "1-sqrt")
@@ -929,6 +949,25 @@ def _join(source: str, problems: list[str]) -> str:
     return f"{source}: {len(problems)} problems: " + "; ".join(problems)
 
 
+def _takes_mapping(key: str) -> bool:
+    """Whether a config key (`data.eval`, `lora.r`) may hold a mapping; True for keys this cannot
+    tell (a section's, or deeper ones)."""
+    section, _, name = key.partition(".")
+    cls = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}.get(section)
+    if cls is None or not name or "." in name:
+        return True
+    hint = typing.get_type_hints(cls).get(name)
+    if hint is None:
+        return True
+
+    def mapping(tp: Any) -> bool:
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            return any(mapping(arg) for arg in typing.get_args(tp))
+        return tp is dict or typing.get_origin(tp) is dict
+
+    return mapping(hint)
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     """A KEY=VALUE override into a config mapping (`data.eval.a` sets a in the mapping data.eval).
 
@@ -947,6 +986,9 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
                             f"override the whole of it instead, e.g. {where}='{now}' with the item changed")  # fmt: skip
         if child is not None and not isinstance(child, dict):
             where = ".".join(parts[: i + 1])
+            if not _takes_mapping(where):
+                raise UserError(f"override {key}={value!r}: {where} is {child!r}, a value with no keys inside; set it "
+                                f"itself, {where}=VALUE")  # fmt: skip
             raise UserError(
                 f"override {key}={value!r}: {where} is {child!r}, not a mapping to set {parts[i + 1]!r} in; "
                 f"override the whole of it instead, e.g. {where}='{{{parts[i + 1]}: ...}}'"

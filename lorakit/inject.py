@@ -83,6 +83,21 @@ def _pattern_value(path: str, patterns: dict, default):
     return default
 
 
+def _check_patterns(adapted: list[str], config: LoraConfig) -> None:
+    """Refuse a rank_pattern / alpha_pattern key that matches none of the `adapted` paths."""
+    for option in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, option):
+            if any(re.match(rf"(.*\.)?({key})$", path) for path in adapted):
+                continue
+            ends = sorted({path.split(".")[-1] for path in adapted})
+            close = difflib.get_close_matches(key.split(".")[-1], ends, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(
+                f"lora.{option}: {key!r} matches none of the adapted modules (a key matches the end of a module's "
+                f"path, as in PEFT); {hint}the adapted modules end in {', '.join(ends[:12])}{', ...' if len(ends) > 12 else ''}"
+            )
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     names = {"lm_head"}
     get_out = getattr(model, "get_output_embeddings", None)
@@ -139,6 +154,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         for t in wanted:
             close += difflib.get_close_matches(str(t).split(".")[-1], leaves, n=3, cutoff=0.3)
         suggestion = close or leaves[:8]
+        if isinstance(config.targets, str) and config.targets.split(".")[-1] in leaves:
+            # a module's name given as a string, which PEFT's target_modules (and lorakit) read as a
+            # regex over whole paths: the list form is what was meant
+            name = config.targets.split(".")[-1]
+            raise UserError(
+                f"lora.targets = {config.targets!r} matches no module: a string is a regex matched against whole module "
+                f"paths (as PEFT's target_modules); to adapt the modules named {name}, give a list, lora.targets: "
+                f"[{name}], or the regex '.*\\.{name}'"
+            )
         raise UserError(
             f"lora.targets = {config.targets!r} matches no layer LoRA can wrap (layers={config.layers!r}, "
             f"exclude={config.exclude!r}); closest module names: {', '.join(dict.fromkeys(suggestion))}"
@@ -273,14 +297,17 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, li
     return chosen
 
 
-def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
+def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, check_patterns: bool = True) -> list[str]:
     """Wrap the layers `config` selects with `LoraLayer`s carrying adapter `name`.
 
     Freezes every parameter that is not an adapter (or a `modules_to_save` copy). The first adapter
     added becomes the active one. Returns the wrapped module paths (expert modules included).
+    check_patterns: refuse rank_pattern / alpha_pattern keys that match no adapted module (a typo
+    would leave its modules at r / alpha); off for adapter files, which PEFT writes with such keys.
 
     Raises:
-        UserError: bad config values, no matching layer, or an adapter name already in use.
+        UserError: bad config values, no matching layer, a pattern key that matches nothing, or an
+            adapter name already in use.
     """
     problems = config.problems()
     if problems:
@@ -290,6 +317,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str = "default") 
         raise UserError(f"adapter {name!r} is already on the model; delete_adapter it first or pick another name")
     paths = find_targets(model, config)
     expert_targets = find_parameter_targets(model, config)
+    if check_patterns:
+        _check_patterns(paths + [f"{path}.{p}" for path, params in expert_targets.items() for p in params], config)
     for p in model.parameters():
         p.requires_grad_(False)
     for path in paths:

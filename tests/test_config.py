@@ -67,6 +67,39 @@ def test_an_override_into_a_list_names_the_whole_list_to_override(tmp_path):
     )
 
 
+def test_an_override_into_a_value_says_to_set_the_value_or_the_mapping(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: {train: a.jsonl, eval: b.jsonl}\nlora: {r: 4}\n")
+    for override, message in [
+        ("lora.r.x=3", "override lora.r.x=3: lora.r is 4, a value with no keys inside; set it itself, lora.r=VALUE"),
+        ("data.train.x=c.jsonl", "override data.train.x='c.jsonl': data.train is 'a.jsonl', a value with no keys inside; set "
+         "it itself, data.train=VALUE"),
+        # data.eval may be named sets: the mapping is the fix
+        ("data.eval.x=c.jsonl", "override data.eval.x='c.jsonl': data.eval is 'b.jsonl', not a mapping to set 'x' in; override "
+         "the whole of it instead, e.g. data.eval='{x: ...}'"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError) as err:
+            load_run_config(path, parse_overrides([override]), check_paths=False)
+        assert str(err.value) == message
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused_with_its_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: {train: t.jsonl}\nlora: {r: 4}\nlora: {r: 8}\n")
+    with pytest.raises(UserError) as err:
+        load_run_config(path, check_paths=False)
+    assert str(err.value) == f"{path}:4: invalid YAML: key 'lora' given twice (first on line 3); keep one"
+    path.write_text("model: m\ndata: {train: t.jsonl}\ntrain:\n  lr: 1.0e-4\n  max_steps: 3\n  lr: 2.0e-4\n")
+    with pytest.raises(UserError, match=r"run.yaml:6: invalid YAML: key 'lr' given twice \(first on line 4\); keep one"):
+        load_run_config(path, check_paths=False)
+    # YAML's merge key repeats keys on purpose: the mapping's own value wins, as YAML says
+    path.write_text("model: m\ndata: {train: t.jsonl}\nlora: &base {r: 4, alpha: 8}\ntrain: {seed: 1}\n")
+    assert load_run_config(path, parse_overrides(["lora.r=16"]), check_paths=False).lora.r == 16
+    path.write_text("model: m\ndata: {train: t.jsonl}\nlora:\n  <<: {r: 4, alpha: 8}\n  r: 16\n")
+    cfg = load_run_config(path, check_paths=False)
+    assert (cfg.lora.r, cfg.lora.alpha) == (16, 8.0)
+
+
 @pytest.mark.parametrize("data, message", [
     ({"train": {"path": "b.jsonl", "columns": {"prompt": "q"}}},
      "data.train = {'path': 'b.jsonl', 'columns': {'prompt': 'q'}}: a file with options of its own is an item of a list; "

@@ -1,5 +1,7 @@
 """Injecting adapters into whole models: targeting, freezing, switching, merging, unloading."""
 
+import json
+
 import pytest
 import torch
 from helpers import tiny_gpt2, tiny_llama, tiny_llava
@@ -11,8 +13,10 @@ from lorakit import (
     delete_adapter,
     disable_adapters,
     inject_adapter,
+    load_adapter,
     merge_adapter,
     set_active_adapter,
+    save_adapter,
     unload,
     unmerge_adapter,
     use_adapter,
@@ -78,7 +82,33 @@ def test_rank_and_alpha_patterns():
 def test_no_match_lists_closest_names():
     with pytest.raises(UserError) as err:
         inject_adapter(tiny_llama(), LoraConfig(targets=["q_prj"]))
-    assert "matches no layer" in str(err.value) and "q_proj" in str(err.value)
+    assert str(err.value) == ("lora.targets = ['q_prj'] matches no layer LoRA can wrap (layers=None, exclude=None); closest "
+                              "module names: q_proj, v_proj, o_proj")  # fmt: skip
+    # a module's name as a string is a regex over whole paths (PEFT's reading): the list is what was meant
+    with pytest.raises(UserError) as err:
+        inject_adapter(tiny_llama(), LoraConfig(targets="q_proj"))
+    assert str(err.value) == ("lora.targets = 'q_proj' matches no module: a string is a regex matched against whole module "
+                              "paths (as PEFT's target_modules); to adapt the modules named q_proj, give a list, lora.targets: "
+                              "[q_proj], or the regex '.*\\.q_proj'")  # fmt: skip
+
+
+def test_a_rank_or_alpha_pattern_key_that_matches_no_adapted_module_is_refused(tmp_path):
+    for option in ("rank_pattern", "alpha_pattern"):
+        with pytest.raises(UserError) as err:
+            inject_adapter(tiny_llama(), LoraConfig(targets=["q_proj", "v_proj"], **{option: {"q_prj": 2}}))
+        assert str(err.value) == (f"lora.{option}: 'q_prj' matches none of the adapted modules (a key matches the end of a "
+                                  "module's path, as in PEFT); did you mean 'q_proj'? the adapted modules end in q_proj, v_proj")  # fmt: skip
+    with pytest.raises(UserError, match=r"lora.rank_pattern: 'up_proj' matches none of the adapted modules .* end in q_proj, v_proj"):
+        inject_adapter(tiny_llama(), LoraConfig(targets=["q_proj", "v_proj"], rank_pattern={"up_proj": 2}))
+    # an adapter file keeps such keys (PEFT writes them): it loads as PEFT loads it
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=4, targets=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"v_proj": 2}}))
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "a")
+    assert fresh.model.layers[0].self_attn.q_proj.ranks["default"] == 4
 
 
 _PATHS = [
