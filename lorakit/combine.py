@@ -210,7 +210,17 @@ def _module_factors(files: AdapterFiles) -> dict[str, tuple[str, torch.Tensor, t
 
 
 def _check_shapes(files: list[AdapterFiles], factors: list[dict], paths: list[str]) -> None:
-    """Every adapter that holds a module adapts it with the same kind and shape."""
+    """Every adapter that holds a module adapts it with the same kind and shape, and its modules lie in
+    the same model as the others' (an adapter whose paths share no first part with theirs, GPT-2's
+    transformer.h.* beside Llama's model.layers.*, is another model's: their union loads on neither)."""
+    roots = [{path.split(".")[0] for path in fs} for fs in factors]
+    for i in range(1, len(files)):  # each against those before it, so the odd one out is named
+        before = set().union(*roots[:i])
+        if not roots[i] & before:
+            raise UserError(
+                f"{files[i].path}: adapts modules under {', '.join(sorted(roots[i]))}.*, the other adapters under "
+                f"{', '.join(sorted(before))}.*: it is another model's adapter; combine adapters of one base model"
+            )
     for path in paths:
         held = [(f.path, fs[path]) for f, fs in zip(files, factors) if path in fs]
         first, (kind, a, b, _) = held[0]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import save_model_folder, tiny_llama
+from helpers import save_model_folder, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -166,8 +166,12 @@ def test_adapters_that_cannot_be_combined_are_refused(adapters, tmp_path, capsys
     peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(saved)
     other = tmp_path / "other"
     peft.get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(other)
+    gpt2 = tmp_path / "gpt2"
+    peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(gpt2)
     one = adapters / "one"
     cases = [
+        ([one, gpt2], {}, f"{gpt2}: adapts modules under transformer.*, the other adapters under model.*: it is another model's "
+                          "adapter; combine adapters of one base model"),
         ([one, dora], {}, "dora: cannot combine this adapter: DoRA rescales each row by a trained magnitude"),
         ([saved], {}, "saved: cannot combine this adapter: its modules_to_save (lm_head) are whole trained copies"),
         ([one, other], {}, "model.layers.0.self_attn.q_proj: " + str(one) + " adapts it as linear (64 x 64) and "),
