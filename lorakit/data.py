@@ -1734,7 +1734,7 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
         )  # fmt: skip
 
     sources = data_sources(cfg.train)
-    if cfg.eval_fraction <= 0:
+    if cfg.eval or cfg.eval_fraction <= 0:  # (given eval data wins over a held-out fraction)
         train = repeated([load_source(path, options, f"data.train[{i}]") for i, (path, options) in enumerate(sources)])
         if not cfg.eval:
             return train, {}
