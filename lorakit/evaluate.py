@@ -227,7 +227,7 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
 
     labelled = dataset.desirable is not None
     objective = args.objective or ("kto" if labelled else "dpo")
-    _check_preference_options(args, objective, labelled)
+    _check_preference_options(args, objective)
     if objective in REFERENCE_OBJECTIVES:
         _check_plain_base(lora_configs(model)["default"], args.adapter, objective)
     if args.reference_adapter is not None:
@@ -256,10 +256,10 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     return 0
 
 
-def _check_preference_options(args: argparse.Namespace, objective: Optional[str], labelled: bool = False) -> None:
+def _check_preference_options(args: argparse.Namespace, objective: Optional[str]) -> None:
     """Refuse `lorakit eval`'s preference options that cannot work: their values whatever the data,
     and with `objective` (--objective's, before the model is read; else the one the data chose)
-    what that objective needs or has no use for.
+    what that objective needs or has no use for. kto's data is labelled examples, the others' pairs.
 
     Raises:
         UserError: naming the option and the fix.
@@ -281,7 +281,7 @@ def _check_preference_options(args: argparse.Namespace, objective: Optional[str]
     if objective is None:
         return
     if args.adapter is None and objective in REFERENCE_OBJECTIVES:
-        if labelled or objective == "kto":
+        if objective == "kto":
             raise UserError(f"{args.data} holds labelled examples: their KTO rewards compare an adapter with its base; pass --adapter")
         raise UserError(
             f"{args.data} holds preference pairs: their {objective.upper()} rewards compare an adapter with its "
@@ -290,7 +290,7 @@ def _check_preference_options(args: argparse.Namespace, objective: Optional[str]
     if args.reference_adapter is not None and objective not in REFERENCE_OBJECTIVES:
         raise UserError(f"--reference-adapter: {objective} compares with no reference; drop it, or use --objective dpo / ipo")
     if args.generate:
-        what = "labelled examples" if labelled or objective == "kto" else "preference pairs"
+        what = "labelled examples" if objective == "kto" else "preference pairs"
         raise UserError(f"--generate: {args.data} holds {what}, which have no single answer to match")
 
 

@@ -1457,11 +1457,12 @@ def _after_divergence(run: Run, dist: Distributed) -> str:
     --resume takes the one before it."""
     had = (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir()
     dist.barrier()  # every process has looked before the main one moves it
-    aside = set_aside_checkpoint(run.output_dir, run.step) if dist.is_main and had else None
+    if dist.is_main and had:
+        set_aside_checkpoint(run.output_dir, run.step)
     dist.barrier()
-    aside = aside or run.output_dir / "checkpoints" / f"diverged-step-{run.step}"
     last = latest_checkpoint(run.output_dir)
     where = f"--resume continues from {last}" if last else "no earlier checkpoint: start again"
+    aside = run.output_dir / "checkpoints" / f"diverged-step-{run.step}"
     return where + (f" (the checkpoint of step {run.step}, whose adapter gave it, is set aside as {aside})" if had else "")
 
 
