@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from lorakit.cpu_math import settle_vector_math
 from lorakit.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -206,6 +207,7 @@ def load_model(
     if folder.exists():
         check_model_folder(folder, need_tokenizer=False)
     load_config(path, trust_remote_code=trust_remote_code)
+    settle_vector_math()  # before any forward: the first could otherwise race (lorakit.cpu_math)
     _quiet_transformers()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorakit import experts as moe
+from lorakit.cpu_math import settle_vector_math
 from lorakit.errors import UserError
 from lorakit.layers import _is_conv1d, is_plain_linear, quant_state_of
 from lorakit.metrics import byte_size, peak_rss_bytes
@@ -281,6 +282,7 @@ def load_model_4bit(
     files = _safetensors_files(folder)
     device = torch.device(device)
     config = load_config(folder, trust_remote_code=trust_remote_code)
+    settle_vector_math()  # before any forward: the first could otherwise race (lorakit.cpu_math)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
     # Each stored key as transformers maps it, read once from the headers: (the model's name, whether
