@@ -19,11 +19,14 @@ The adapter's name never appears in the keys. Only safetensors are read: a pickl
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -287,14 +290,44 @@ def staging_folder(target: Path) -> Path:
 
 
 def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished folder into place; an old `target` is removed only after the move succeeds."""
-    if target.exists():
+    """Move a finished folder into place; an old `target` is removed only after the move succeeds.
+
+    A folder cannot be renamed over a non-empty one, so an old `target` is swapped with `staging` in
+    one step where the system can (Linux's renameat2 RENAME_EXCHANGE): at every moment `target` is
+    the old folder or the new one, whenever the process is killed. Elsewhere the old folder is renamed
+    aside first, and a kill between the two renames leaves it only under `.NAME.old-PID`.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+    elif _exchange_paths(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # the old folder, now under the staging name
+    else:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+
+
+_AT_FDCWD = -100  # renameat2's "relative to the working folder" (fcntl.h)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (renameat2 with RENAME_EXCHANGE); False where this system
+    or file system cannot (not Linux, a libc without renameat2, a file system without the flag)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, or another libc
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the flag or the call unsupported here
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 # --------------------------------------------------------------------------- reading

@@ -1879,7 +1879,7 @@ class BatchStream:
             what = "packed rows" if packing else ("pairs" if self.pairs else "examples")
             raise UserError(
                 f"the dataset makes {self.num_rows} {what}, fewer than one micro-batch of batch_size x "
-                f"world_size = {self.global_batch} rows; lower train.batch_size or add data"
+                f"processes = {self.global_batch} rows; lower train.batch_size or add data"
             )
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
@@ -1929,10 +1929,16 @@ class BatchStream:
         mine = self.state_dict()
         for key in ("seed", "shuffle", "global_batch", "packing", "max_length", "num_rows"):
             if key in state and state[key] != mine[key]:
-                what = {"global_batch": "batch_size x world_size", "num_rows": "number of rows (data changed?)"}
+                what = {"global_batch": "batch_size x processes", "num_rows": "number of rows (data changed?)"}
+                fix = "resume with the same data and settings"
+                if key == "global_batch":  # the rows a step reads: the processes may change, their total may not
+                    theirs = int(state[key])
+                    fix = (f"resume with train.batch_size={theirs // self.world_size} for {self.world_size} "
+                           f"process{'es' if self.world_size > 1 else ''}" if theirs % self.world_size == 0 else
+                           f"resume with a number of processes that divides {theirs}, and batch_size to match")  # fmt: skip
                 raise UserError(
                     f"cannot resume the data stream: {what.get(key, key)} is {mine[key]!r} now but "
-                    f"{state[key]!r} in the checkpoint; resume with the same data and settings"
+                    f"{state[key]!r} in the checkpoint; {fix}"
                 )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 

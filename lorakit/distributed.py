@@ -28,8 +28,9 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import logging
 import os
-import subprocess
+import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -47,6 +48,10 @@ from lorakit.loss import LOSS_CHUNK_TOKENS
 from lorakit.preference import loss_module
 
 DEFAULT_TIMEOUT_S = 300.0
+# `--nproc`: a stopping job's workers get this many collective timeouts to finish their step and
+# checkpoint before torchrun's agent kills them (its default, 30 s, is less than one step of a 7B
+# model on CPU)
+STOP_WAIT_FACTOR = 2
 # auto picks FSDP on GPUs when the frozen weights take more than this share of one GPU's memory;
 # the rest is left for activations, adapters, optimizer state and the allocator.
 FSDP_MEMORY_SHARE = 0.5
@@ -54,25 +59,52 @@ FSDP_MEMORY_SHARE = 0.5
 
 # --------------------------------------------------------------------------- launching
 def launch_torchrun(args: argparse.Namespace) -> int:
-    """`lorakit train CONFIG --nproc N`: run torchrun with N processes on this machine; its exit code."""
+    """`lorakit train CONFIG --nproc N`: torchrun with N processes on this machine, run in this process
+    (torch.distributed.run); the job's exit code.
+
+    torchrun's agent runs here and starts each worker in a session of its own, so Ctrl-C at the
+    terminal (SIGINT) and a SIGTERM to this command reach the agent alone; it sends the signal on to
+    every worker at once and waits for them, and they stop after the same step with a checkpoint
+    (lorakit.train: the processes agree on the step). The command then exits 128 + the signal, and 2
+    when the workers stopped on a user error (each node's first process printed it), without
+    torchrun's tracebacks. The checks that need no process group run here first.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from lorakit.config import load_run_config, parse_overrides
+    from lorakit.train import check_output_dir
+
     nproc = args.nproc
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: the number of processes must be >= 1")
     if args.config is None or "=" in str(args.config):
         raise UserError("--nproc needs a YAML config (lorakit train CONFIG.yaml --nproc N); the demo runs in one process")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        "-m", "lorakit", "train", str(args.config), *args.overrides,
-    ]  # fmt: skip
-    if args.resume:
-        command.append("--resume")
-    proc = subprocess.Popen(command)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            # Ctrl-C reaches torchrun and the workers too: they save a checkpoint and stop; wait for them.
-            continue
+    cfg = load_run_config(args.config, parse_overrides(args.overrides))
+    resolve_strategy(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    check_output_dir(Path(cfg.output_dir), args.resume)
+    torchrun_args = ["--standalone", "--nproc_per_node", str(nproc)]
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        # how long the agent waits for stopping workers before it kills them: a step and a checkpoint
+        torchrun_args += ["--shutdown-timeout", str(int(STOP_WAIT_FACTOR * _timeout_s()))]
+    torchrun_args += ["-m", "lorakit", "train", str(args.config), *args.overrides, *(["--resume"] if args.resume else [])]
+    # the agent's log lines (a signal passed on, a worker's exit code) say again what lorakit says
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(torchrun_args))
+    except SignalException as exc:  # passed on to the workers, which saved a checkpoint and stopped
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        # the first process to fail decides (the agent then stops the others, which fail after it)
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode == 2 or failure.exitcode > 128:  # a user error, printed, or a signal's clean stop
+            return failure.exitcode
+        how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
+               else f"failed with exit code {failure.exitcode}")  # fmt: skip
+        print(f"error: process {rank} of {nproc} {how} (its output is above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------- choosing a strategy
@@ -121,17 +153,49 @@ def _weights_bytes(cfg: RunConfig) -> Optional[int]:
 
 
 # --------------------------------------------------------------------------- running one rank
-@record  # torchrun's failure summary then shows this rank's traceback
+@record  # torchrun's failure summary then shows this rank's traceback (user errors excepted: below)
 def run_distributed(cfg: RunConfig, *, resume: bool = False) -> NoReturn:
     """One torchrun worker: join the process group, train with the shared loop, exit with its code.
 
     Reads RANK, WORLD_SIZE and LOCAL_RANK from torchrun. A rank that raises exits non-zero;
-    torchrun then stops the others, and collectives time out after LORAKIT_DIST_TIMEOUT_S.
+    torchrun then stops the others, and collectives time out after LORAKIT_DIST_TIMEOUT_S. A user
+    error exits 2 with its one line, printed once however many processes met it, and no traceback.
     """
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    try:
+        code = _train_this_rank(cfg, resume, local_rank)
+    except UserError as exc:  # caught before @record, which would hand torchrun its traceback
+        if _first_to_report(str(exc)):
+            print(f"error: {exc}", file=sys.stderr)
+        _exit_skipping_native_teardown(2)
+    # Only after success: tearing down a group whose peers died can block; exiting is enough then.
+    tdist.destroy_process_group()
+    _exit_skipping_native_teardown(code)
+
+
+def _first_to_report(message: str) -> bool:
+    """Whether this process prints its user error: the first of the job's processes to meet one does,
+    and a later one only when its message differs (the processes read the same config and files, so
+    they usually fail alike). They agree through the job's key-value store (torchrun's, at
+    MASTER_ADDR:MASTER_PORT); without one reachable, every process prints its own."""
+    try:
+        store = tdist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=5)
+        )
+        if store.add("lorakit/user_errors", 1) == 1:
+            store.set("lorakit/user_error", message)
+            return True
+        store.wait(["lorakit/user_error"])
+        return store.get("lorakit/user_error").decode() != message
+    except Exception:  # no store, or the first process gone before it wrote its message
+        return True
+
+
+def _train_this_rank(cfg: RunConfig, resume: bool, local_rank: int) -> int:
+    """This process's part of the run: its process group, its `Distributed` handle, the shared loop."""
     from lorakit.train import Distributed, run_training
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     cuda = torch.cuda.is_available()
     strategy = resolve_strategy(cfg, "cuda" if cuda else "cpu")
     # config.yaml then records what ran, not "auto"
@@ -159,10 +223,7 @@ def run_distributed(cfg: RunConfig, *, resume: bool = False) -> NoReturn:
         # FSDP2 on GPUs: load on the CPU, fully_shard then moves one block at a time to the GPU.
         load_device=torch.device("cpu") if (cuda and strategy == "fsdp") else None,
     )  # fmt: skip
-    code = run_training(cfg, resume=resume, dist=dist)
-    # Only after success: tearing down a group whose peers died can block; exiting is enough then.
-    tdist.destroy_process_group()
-    _exit_skipping_native_teardown(code)
+    return run_training(cfg, resume=resume, dist=dist)
 
 
 def _exit_skipping_native_teardown(code: int) -> NoReturn:

@@ -96,6 +96,7 @@ def dry_run(
     total_steps, steps_per_epoch = plan_steps(cfg, stream, processes)
     if state is not None:
         check_resume_step(state["step"], total_steps, checkpoint)
+        stream.load_state_dict(state["stream"])  # as the run does: the same rows a step (batch_size x processes)
     rows = cfg.train.batch_size * cfg.train.grad_accum * processes
     stats = dataclasses.asdict(train_set.stats)
     adapter_bytes = trainable * TRAINABLE_BYTES[cfg.train.optimizer]

@@ -104,7 +104,11 @@ class Run:
     data_stats: dict[str, Any] = field(default_factory=dict)
     frozen_summary: str = ""
     eval_records: Optional[dict[str, list]] = None  # eval_generate's (record, system prompt) pairs, by eval set
-    interrupted: Optional[int] = None  # the signal number that asked us to stop
+    interrupted: Optional[int] = None  # the signal number that asked this process to stop
+    # the signal every process agreed to stop on, read off each step's last all-reduce: a signal
+    # reaches the processes of a job at different moments, and one that stopped a step before the
+    # others would wait for them in its checkpoint's barrier while they wait for it in the next step
+    stopping: Optional[int] = None
     # The parameters that train, listed once: walking the module tree for them took 0.2 ms a step
     # on the benchmark's model and CPU, host time that a GPU's small-model step waits for.
     trainable: list = field(default_factory=list)
@@ -841,13 +845,17 @@ def train_step(run: Run) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
+    # the stop requests ride on the step's last all-reduce: every process stops after the same step
+    asked = torch.tensor([float(run.interrupted == sig) for sig in _STOP_SIGNALS], device=run.device)
     if pairs:
-        reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), stats]))
-        extra = preference.step_metrics(reduced[0].item(), reduced[1:].cpu(), kto=cfg.train.objective == "kto")
+        reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), stats, asked]))
+        extra = preference.step_metrics(reduced[0].item(), reduced[1:-len(asked)].cpu(), kto=cfg.train.objective == "kto")
         loss_value = extra.pop("loss")
     else:
         extra = {}
-        loss_value = (dist.all_reduce_sum(loss_sum.reshape(1))[0] / step_tokens).item()
+        reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), asked]))
+        loss_value = (reduced[0] / step_tokens).item()
+    run.stopping = next((sig for sig, n in zip(_STOP_SIGNALS, reduced[-len(asked):].tolist()) if n > 0), None)
     norm_value = float(grad_norm)
     if not math.isfinite(loss_value) or not math.isfinite(norm_value):
         run.optimizer.zero_grad(set_to_none=True)
@@ -1040,16 +1048,16 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
                 _checkpoint(run)
             if main and (run.step % max(cfg.train.log_every, 10) == 0):
                 run.metrics.plot(_plot_title(run))
-            if run.interrupted is not None or stop_early:
+            if _stop_signal(run) is not None or stop_early:
                 break
     finally:
         bar.close()
         _restore_signal_handlers(previous_handlers)
-    if run.interrupted is not None:
+    stop = _stop_signal(run)
+    if stop is not None:
         path = _checkpoint(run)
-        name = signal.Signals(run.interrupted).name
-        log(f"{name}: stopped at step {run.step}; checkpoint saved to {path}; continue with --resume")
-        return {"interrupted": run.interrupted, "step": run.step, "checkpoint": str(path)}
+        log(f"{signal.Signals(stop).name}: stopped at step {run.step}; checkpoint saved to {path}; continue with --resume")
+        return {"interrupted": stop, "step": run.step, "checkpoint": str(path)}
     if stop_early:
         best, metric = run.best, cfg.train.best_metric
         if best["value"] is None:
@@ -1182,6 +1190,17 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_rss_bytes()
+
+
+# the signals that stop a run cleanly, in the order of precedence when processes got different ones
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _stop_signal(run: Run) -> Optional[int]:
+    """The signal the run stops on after this step, if any: this process's own in one process (one that
+    came during an eval or a checkpoint stops the run right after it), else the one every process
+    agreed on in the step's all-reduce (one that came later stops them all after the next step)."""
+    return run.interrupted if run.dist.world_size == 1 else run.stopping
 
 
 def _install_signal_handlers(run: Run) -> dict:
@@ -1424,7 +1443,7 @@ def train_command(args: argparse.Namespace) -> int:
         if args.show_examples < 0:
             raise UserError(f"--show-examples {args.show_examples}: give how many examples to print (>= 0)")
         return dry_run(_command_config(args), resume=args.resume, processes=args.nproc or 1, show_examples=args.show_examples)
-    if args.nproc:
+    if args.nproc is not None:  # --nproc 0 too: refused there, not taken for one process
         from lorakit.distributed import launch_torchrun
 
         return launch_torchrun(args)

@@ -197,6 +197,34 @@ def test_lorakit_round_trip_and_atomic_overwrite(tmp_path):
     assert not any(p.requires_grad for p in other.parameters())
 
 
+def test_replacing_a_folder_leaves_the_old_or_the_new_one_whenever_it_is_killed(tmp_path, monkeypatch):
+    from lorakit import adapters
+
+    def folder(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(text)
+        return tmp_path / name
+
+    target = folder("target", "old")
+    adapters.replace_dir(folder(".staging", "new"), target)
+    assert (target / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+    # killed right after the swap, before the old folder is removed: target is the new folder, whole
+    monkeypatch.setattr(adapters.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        adapters.replace_dir(folder(".staging2", "newer"), target)
+    assert (target / "f").read_text() == "newer" and (tmp_path / ".staging2" / "f").read_text() == "new"
+    monkeypatch.undo()
+    # the swap is one call: os.replace (the two-rename fallback, whose window this closes) is not used
+    monkeypatch.setattr(adapters.os, "replace", lambda *a: pytest.fail("renamed in two steps"))
+    adapters.replace_dir(folder(".staging3", "newest"), target)
+    assert (target / "f").read_text() == "newest"
+    monkeypatch.undo()
+    # where the system cannot swap, the two renames still replace it
+    monkeypatch.setattr(adapters, "_exchange_paths", lambda a, b: False)
+    adapters.replace_dir(folder(".staging4", "last"), target)
+    assert (target / "f").read_text() == "last" and sorted(p.name for p in tmp_path.iterdir()) == [".staging2", "target"]
+
+
 def test_unknown_peft_keys_warn(tmp_path):
     model = tiny_llama()
     inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))

@@ -496,8 +496,14 @@ def test_stream_is_deterministic_and_resumes_exactly(packing):
     resumed = make()
     resumed.load_state_dict(state)
     assert [rows_of(resumed.next()) for _ in range(n - per_epoch - 1)] == a[per_epoch + 1 :]
-    with pytest.raises(UserError, match="batch_size x world_size"):
+    with pytest.raises(UserError, match="batch_size x processes is 3 now but 2 in the checkpoint; resume with "
+                       "train.batch_size=2 for 1 process$"):
         BatchStream(ds, batch_size=3, max_length=64, packing=packing, seed=0).load_state_dict(state)
+    # the message names the batch_size that gives the checkpoint's rows a step with this many processes
+    with pytest.raises(UserError, match="is 4 now but 2 in the checkpoint; resume with train.batch_size=1 for 2 processes$"):
+        BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=0, world_size=2).load_state_dict(state)
+    with pytest.raises(UserError, match="resume with a number of processes that divides 2, and batch_size to match$"):
+        BatchStream(ds, batch_size=1, max_length=64, packing=packing, seed=0, world_size=3).load_state_dict(state)
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -164,7 +165,8 @@ def test_resume_two_process_checkpoint_with_one_process(workspace, fsdp_run, sin
     assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) <= 1e-5
     # another global batch cannot continue the same data stream
     assert main(["train", str(workspace / "cfg.yaml"), f"output_dir={out}", "train.batch_size=2", "--resume"]) == 2
-    assert "batch_size x world_size" in capsys.readouterr().err
+    assert "batch_size x processes is 2 now but 4 in the checkpoint; resume with train.batch_size=4 for 1 process" in (
+        capsys.readouterr().err)
 
 
 def test_resume_two_process_checkpoint_with_two_processes(workspace, fsdp_run, single):
@@ -234,6 +236,81 @@ def test_quant_states_move_with_their_shared_code_tables_shared():
 def test_nproc_needs_a_config(capsys):
     assert main(["train", "--nproc", "2"]) == 2
     assert "--nproc needs a YAML config" in capsys.readouterr().err
+
+
+def test_nproc_checks_what_needs_no_process_group_before_it_starts_one(workspace, capsys):
+    cfg = str(workspace / "cfg.yaml")
+    cases = [
+        (["--nproc", "0"], "--nproc 0: the number of processes must be >= 1"),  # not one process
+        (["--nproc", "2", "--resume", f"output_dir={workspace / 'nothing-yet'}"], "--resume: no checkpoint in"),
+        (["--nproc", "2", "train.distributed=fsdp", "train.optimizer=adamw8bit"], "adamw8bit does not run on FSDP2"),
+    ]
+    for args, message in cases:
+        assert main(["train", cfg, *args]) == 2, message  # in this process: no worker was started
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_a_user_error_in_the_workers_is_one_line_and_exit_code_2(workspace):
+    # met in every process, after the process group exists: printed once, without torchrun's tracebacks
+    proc, _ = _torchrun(workspace, workspace / "too-little", "train.batch_size=400", shortcut=True)
+    assert proc.returncode == 2, _failure(proc)
+    assert proc.stderr.splitlines() == [
+        "error: the dataset makes 32 packed rows, fewer than one micro-batch of batch_size x processes = 800 rows; "
+        "lower train.batch_size or add data"
+    ], proc.stderr
+    # under torchrun itself the exit code is torchrun's, but the workers still print the line once
+    proc, _ = _torchrun(workspace, workspace / "too-little", "train.batch_size=400")
+    assert proc.returncode == 1 and proc.stderr.count("error: the dataset makes") == 1, proc.stderr
+    assert f'File "{REPO / "lorakit"}' not in proc.stderr  # no worker's traceback (torchrun's own remains)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.parametrize("target, sig", [("launcher", "SIGTERM"), ("launcher", "SIGINT"), ("one worker", "SIGTERM")])
+def test_a_signal_stops_every_process_after_the_same_step_with_a_checkpoint(workspace, target, sig):
+    # `lorakit train --nproc 2` runs torchrun's agent in its own process; the workers are its children.
+    # A signal to the command (Ctrl-C, a scheduler's SIGTERM) is passed on to the workers; one that reaches
+    # a single worker (a scheduler signalling each task, a few ms apart) must stop the others at the same
+    # step too, or the first waits in the checkpoint's barrier while the others wait in the next step.
+    out = workspace / f"signal-{target.replace(' ', '-')}-{sig}"
+    command = [sys.executable, "-m", "lorakit", "train", str(workspace / "cfg.yaml"), f"output_dir={out}",
+               "train.batch_size=2", "train.max_steps=400", "--nproc", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LORAKIT_DIST_TIMEOUT_S": "60"}
+    proc = subprocess.Popen(command, env=env, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / f"step-{SAVE_AT}").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid if target == "launcher" else workers[0], getattr(signal, sig))
+        signalled = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert time.monotonic() - signalled < 45, "a process waited for the others (the collective timeout is 60 s)"
+    number = getattr(signal, sig)
+    assert proc.returncode == 128 + number, stderr
+    stopped = re.findall(rf"{sig}: stopped at step (\d+); checkpoint saved to (\S+); continue with --resume", stdout)
+    assert len(stopped) == 1, stdout + stderr  # the main process says it, once
+    step = int(stopped[0][0])
+    assert SAVE_AT <= step < 400 and Path(stopped[0][1]) == out / "checkpoints" / f"step-{step}"
+    assert json.loads((out / "checkpoints" / f"step-{step}" / "state.json").read_text())["step"] == step
+    assert "Traceback" not in stderr
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]  # no worker left running
 
 
 def test_transformer_blocks_are_found_generically():

@@ -89,6 +89,11 @@ def test_the_dry_run_stops_where_the_run_would(workspace, tmp_path, capsys):
         ([_config(workspace, _file_at(tmp_path / "g" / "tensorboard").parent), "train.report_to=tensorboard"],
          "train.report_to: tensorboard cannot write"),
         ([_config(workspace, finished, save_every=2), "lora.r=8", "--resume"], "the lora (lora.r) changed since it was written"),
+        # another number of rows a step, in one process or in two (the checkpoint's: 4 x 1)
+        ([_config(workspace, finished, save_every=2), "train.batch_size=2", "--resume"],
+         "batch_size x processes is 2 now but 4 in the checkpoint; resume with train.batch_size=4 for 1 process"),
+        ([_config(workspace, finished, save_every=2), "--resume", "--nproc", "2"],
+         "batch_size x processes is 8 now but 4 in the checkpoint; resume with train.batch_size=2 for 2 processes"),
     ]
     for args, message in cases:
         assert main(["train", *args, "--dry-run"]) == 2, message

@@ -761,7 +761,8 @@ def test_a_resume_that_cannot_go_on_is_refused_before_the_reference_pass(workspa
     assert main(["train", _config(workspace, out, max_steps=4, save_every=3, batch_size=8, precompute_reference=True),
                  "data.eval=null", "--resume"]) == 2  # fmt: skip
     printed = capsys.readouterr()
-    assert "cannot resume the data stream: batch_size x world_size is 8 now but 4 in the checkpoint" in printed.err
+    assert ("cannot resume the data stream: batch_size x processes is 8 now but 4 in the checkpoint; resume with "
+            "train.batch_size=4 for 1 process") in printed.err
     assert "precomputed" not in printed.out
 
 
