@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -341,6 +342,12 @@ def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
     directory = Path(directory)
     config, raw = read_adapter_config(directory)
     tensors = load_safetensors(directory / WEIGHTS_NAME)
+    if raw.get("ensure_weight_tying") and any(".lora_embedding_" in key for key in tensors):
+        raise UserError(
+            f"{directory / CONFIG_NAME}: ensure_weight_tying: true with LoRA on an embedding, which PEFT ties to "
+            "a LoRA of the output head (lm_head) that lorakit does not build; save the adapter with "
+            "ensure_weight_tying: false (PEFT's default), or merge it with PEFT"
+        )
     return AdapterFiles(directory, config, raw, tensors)
 
 
@@ -582,6 +589,32 @@ def check_fits(model: nn.Module, files: AdapterFiles) -> None:
         raise UserError(f"{files.path}: the adapter has no tensor {missing[0]} that its config implies ({len(missing)} missing)")
 
 
+def _with_saved_modules_as_peft_took_them(model: nn.Module, files: AdapterFiles) -> AdapterFiles:
+    """`files` with its modules_to_save entries as the full names of the modules the file saved.
+
+    PEFT takes for an entry every module whose name ends with it as plain text (`norm` takes
+    `input_layernorm` too: peft.utils.other's `_set_trainable`), lorakit's config only a name that
+    ends there at a dot; a PEFT-made file holds a copy of every module PEFT took, a lorakit-made one
+    of those lorakit took. So an entry stands for each module it ends whose weights the file holds.
+    With PEFT's `ensure_weight_tying`, the output head tied to a saved embedding is saved too.
+    """
+    if not files.config.modules_to_save:
+        return files
+    entries = list(files.config.modules_to_save)
+    if files.peft_config.get("ensure_weight_tying"):
+        # PEFT then saves a tied output head's copy beside the embedding's (the same values)
+        entries += [path for path, module in model.named_modules() if module is model.get_output_embeddings()]
+    saved = []
+    for path, module in model.named_modules():
+        if path and any(path.endswith(entry) for entry in entries):
+            if all(f"{PREFIX}{path}.{key}" in files.tensors for key in module.state_dict()):
+                saved.append(path)
+    if not saved:
+        return files  # check_fits names what is missing
+    full = [p for p in saved if not any(p != q and p.startswith(q + ".") for q in saved)]  # outermost only
+    return dataclasses.replace(files, config=dataclasses.replace(files.config, modules_to_save=full))
+
+
 def load_adapter(
     model: nn.Module, directory: Union[str, Path], name: str = "default", *, trainable: bool = False
 ) -> LoraConfig:
@@ -590,14 +623,15 @@ def load_adapter(
     Everything is checked before the model is touched, so on error the model is left as it was.
     With `trainable=False` (inference) the adapter's parameters do not require grad.
     """
-    files = read_adapter(directory)
-    apply_adapter(model, files, name, trainable=trainable)
-    return files.config
+    return apply_adapter(model, read_adapter(directory), name, trainable=trainable)
 
 
-def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", *, trainable: bool = False) -> None:
+def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", *, trainable: bool = False) -> LoraConfig:
+    """`load_adapter` of an adapter already read; returns its config as applied (modules_to_save
+    entries as the full names of the modules it holds)."""
     if name in lora_configs(model):
         raise UserError(f"adapter {name!r} is already on the model; pass another name")
+    files = _with_saved_modules_as_peft_took_them(model, files)
     check_fits(model, files)
     inject_adapter(model, files.config, name, check_patterns=False)  # PEFT keeps keys that match nothing
     copy_adapter_weights(model, files, name)
@@ -612,6 +646,7 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
             if name in module.copies:
                 for p in module.copies[name].parameters():
                     p.requires_grad_(False)
+    return files.config
 
 
 def copy_adapter_weights(

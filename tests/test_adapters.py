@@ -91,6 +91,55 @@ def test_peft_adapter_loads_in_lorakit(make, tmp_path):
     torch.testing.assert_close(model(_ids()).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_peft_modules_to_save_entries_match_as_peft_matches_them(tmp_path):
+    # PEFT takes every module whose name ends with an entry as plain text: "norm" is the final norm and
+    # every input_layernorm and post_attention_layernorm; lorakit's own config ends a name at a dot
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"],
+                                                             modules_to_save=["norm"]))  # fmt: skip
+    _randomise(peft_model.named_parameters())
+    peft_model.eval()
+    expected = peft_model(_ids()).logits
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    model = tiny_llama()
+    config = load_adapter(model, tmp_path / "peft")
+    assert config.modules_to_save == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                                      "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
+                                      "model.norm"]  # fmt: skip
+    model.eval()
+    torch.testing.assert_close(model(_ids()).logits, expected, atol=1e-5, rtol=0)
+    # lorakit's own file with the same entry saved the final norm alone, and reads back so
+    inject_adapter(own := tiny_llama(), LoraConfig(r=4, alpha=8, targets=["o_proj"], modules_to_save=["norm"]))
+    _randomise(own.named_parameters())
+    save_adapter(own, tmp_path / "own")
+    assert load_adapter(tiny_llama(), tmp_path / "own").modules_to_save == ["model.norm"]
+
+
+def test_peft_ensure_weight_tying_loads_the_tied_heads_copy_or_is_refused(tmp_path):
+    # a tied embedding saved in full: PEFT saves the output head's copy too, and uses it
+    tied = lambda: tiny_llama(tie_word_embeddings=True)  # noqa: E731
+    peft_model = get_peft_model(tied(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                       modules_to_save=["embed_tokens"], ensure_weight_tying=True))  # fmt: skip
+    _randomise(peft_model.named_parameters())
+    peft_model.eval()
+    expected = peft_model(_ids()).logits
+    peft_model.save_pretrained(str(tmp_path / "saved"))
+    model = tied()
+    assert load_adapter(model, tmp_path / "saved").modules_to_save == ["model.embed_tokens", "lm_head"]
+    model.eval()
+    torch.testing.assert_close(model(_ids()).logits, expected, atol=1e-5, rtol=0)
+    # LoRA on the tied embedding: PEFT ties a LoRA of lm_head to it, which lorakit does not build
+    peft_model = get_peft_model(tied(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
+                                                       ensure_weight_tying=True))  # fmt: skip
+    peft_model.save_pretrained(str(tmp_path / "lora"))
+    with pytest.raises(UserError) as err:
+        load_adapter(tied(), tmp_path / "lora")
+    assert str(err.value) == (
+        f"{tmp_path / 'lora' / 'adapter_config.json'}: ensure_weight_tying: true with LoRA on an embedding, which PEFT "
+        "ties to a LoRA of the output head (lm_head) that lorakit does not build; save the adapter with "
+        "ensure_weight_tying: false (PEFT's default), or merge it with PEFT"
+    )
+
+
 def _llava_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(the language model's logits on text, the vision tower's last hidden state on an image) of a
     tiny_llava: at its initial scale the image barely moves the logits, so each stack is compared alone."""
