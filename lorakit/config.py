@@ -418,7 +418,8 @@ def load_run_config(
         from lorakit.data import read_utf8
 
         try:
-            loaded = yaml.load(read_utf8(path), Loader=_UniqueKeyLoader)
+            text = read_utf8(path)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
@@ -430,9 +431,40 @@ def load_run_config(
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: the config must be a mapping of keys, got {type(loaded).__name__}")
         raw = loaded
+        places = {key: f"line {line}" for key, line in key_lines(text).items()}
+    else:
+        places = {}
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    return build_run_config(raw, source=str(path) if path else "command line", check_paths=check_paths)
+        places[key] = "command line"  # a problem of this key is not the file's
+    return build_run_config(raw, source=str(path) if path else "command line", check_paths=check_paths, places=places)
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line of every key of a YAML mapping's text, by the dotted name the config's problems use
+    (`lora.r`, `data.train[1].columns`): where an error about it points."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                name = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines.setdefault(name, key_node.start_mark.line + 1)
+                walk(value_node, name)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines.setdefault(f"{prefix}[{i}]", item.start_mark.line + 1)
+                walk(item, f"{prefix}[{i}]")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):  # already read once: only the places would be missing
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -475,8 +507,13 @@ def _decay_problems(train: TrainConfig) -> list[str]:
     return problems
 
 
-def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths: bool = True) -> RunConfig:
-    """Turn a nested dict into a validated RunConfig, raising once with every problem."""
+def build_run_config(
+    raw: dict[str, Any], *, source: str = "config", check_paths: bool = True, places: Optional[dict[str, str]] = None
+) -> RunConfig:
+    """Turn a nested dict into a validated RunConfig, raising once with every problem.
+
+    places: where each dotted key was given ("line 6" of the file `source`, or "command line"),
+    named in the message beside its problem."""
     problems: list[str] = []
     # Bad values are reported and replaced by their defaults so the checks below still run:
     # the user sees every problem in one message.
@@ -563,7 +600,7 @@ def build_run_config(raw: dict[str, Any], *, source: str = "config", check_paths
         if missing:
             problems.append(f"data.{key} = {missing[0]!r}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if problems:
-        raise UserError(_join(source, problems))
+        raise UserError(_join(source, problems, places or {}))
     return cfg
 
 
@@ -942,11 +979,28 @@ def _looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
-def _join(source: str, problems: list[str]) -> str:
-    if len(problems) == 1:
-        return f"{source}: {problems[0]}"
-    # One line, so the CLI's `error: ...` stays a single line however many problems there are.
-    return f"{source}: {len(problems)} problems: " + "; ".join(problems)
+def _join(source: str, problems: list[str], places: dict[str, str]) -> str:
+    """One line, so the CLI's `error: ...` stays a single line however many problems there are:
+    `run.yaml:6: lora.r = 0: ...`, or `run.yaml: 2 problems: line 6: ...; command line: ...`."""
+    located = [(_place_of(problem, places), problem) for problem in problems]
+    if len(located) == 1:
+        place, problem = located[0]
+        if place is None:
+            return f"{source}: {problem}"
+        return f"{source}:{place.removeprefix('line ')}: {problem}" if place.startswith("line ") else f"{place}: {problem}"
+    return f"{source}: {len(problems)} problems: " + "; ".join(f"{p}: {q}" if p else q for p, q in located)
+
+
+def _place_of(problem: str, places: dict[str, str]) -> Optional[str]:
+    """Where the key a problem begins with (`lora.r = 0: ...`, `unknown key 'data.pack'; ...`) was
+    given, or failing that its nearest enclosing key (a file entry's option: its entry)."""
+    match = re.match(r"(?:unknown key ')?([A-Za-z_][\w.\[\]-]*)", problem)
+    key = match.group(1).rstrip(".") if match else ""
+    while key:
+        if key in places:
+            return places[key]
+        key = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", key) if re.search(r"(\.[^.\[\]]*|\[\d+\])$", key) else ""
+    return None
 
 
 def _takes_mapping(key: str) -> bool:

@@ -142,6 +142,25 @@ def test_yaml_errors_name_the_line(tmp_path):
         load_run_config(path)
 
 
+def test_value_errors_name_the_line_or_the_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata:\n  train:\n    - a.jsonl\n    - {path: b.jsonl, colums: {}}\nlora:\n  r: 0\ntrain:\n  lr: -1\n")
+    with pytest.raises(UserError) as err:
+        load_run_config(path, check_paths=False)
+    assert str(err.value) == (
+        f"{path}: 3 problems: line 7: lora.r = 0: the rank must be a positive integer, e.g. 8 or 16; line 9: train.lr "
+        "= -1.0: must be > 0.0; line 5: data.train[1].colums: unknown key; did you mean 'columns'? a file's own keys "
+        "are path, format, columns, system_prompt, repeat"
+    )
+    # one problem: file:line; an override's problem is the command line's, not the file's
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:7: lora.r = 0: "):
+        load_run_config(path, parse_overrides(["train.lr=1e-3", "data.train=a.jsonl"]), check_paths=False)
+    with pytest.raises(UserError) as err:
+        load_run_config(path, parse_overrides(["lora.r=4", "train.lr=1e-3", "data.train=a.jsonl", "train.batchsize=4"]),
+                        check_paths=False)  # fmt: skip
+    assert str(err.value) == "command line: unknown key 'train.batchsize'; did you mean 'train.batch_size'?"
+
+
 def test_eval_generate_needs_an_eval_file():
     with pytest.raises(UserError, match="train.eval_generate = true: needs data.eval"):
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_generate": True}}, check_paths=False)
