@@ -298,15 +298,40 @@ def replace_dir(staging: Path, target: Path) -> None:
     the old folder or the new one, whenever the process is killed. Elsewhere the old folder is renamed
     aside first, and a kill between the two renames leaves it only under `.NAME.old-PID`.
     """
+    sync_to_disk(staging)  # its files on disk before the name points at them (a power loss keeps one whole)
     if not target.exists():
         os.replace(staging, target)
+        sync_to_disk(target.parent, tree=False)
     elif _exchange_paths(staging, target):
+        sync_to_disk(target.parent, tree=False)
         shutil.rmtree(staging, ignore_errors=True)  # the old folder, now under the staging name
     else:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(staging, target)
+        sync_to_disk(target.parent, tree=False)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_to_disk(path: Path, *, tree: bool = True) -> None:
+    """fsync a file, or a folder's entries (and with `tree`, every file and folder under it), so that
+    a rename made after it survives a power loss with the data it names. Where the system cannot
+    open a folder for it (Windows), the folders are left to the file system."""
+    paths = [path]
+    if tree and path.is_dir():
+        for root, dirs, files in os.walk(path):
+            paths += [Path(root) / name for name in (*files, *dirs)]
+    for item in paths:
+        try:
+            fd = os.open(item, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:  # a folder on a system that does not sync them
+            pass
+        finally:
+            os.close(fd)
 
 
 _AT_FDCWD = -100  # renameat2's "relative to the working folder" (fcntl.h)

@@ -1,6 +1,7 @@
 """PEFT file format: round trips with Hugging Face PEFT in both directions, and bad files."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -272,6 +273,26 @@ def test_replacing_a_folder_leaves_the_old_or_the_new_one_whenever_it_is_killed(
     monkeypatch.setattr(adapters, "_exchange_paths", lambda a, b: False)
     adapters.replace_dir(folder(".staging4", "last"), target)
     assert (target / "f").read_text() == "last" and sorted(p.name for p in tmp_path.iterdir()) == [".staging2", "target"]
+
+
+def test_a_replaced_folder_is_on_disk_before_its_name_points_at_it(tmp_path, monkeypatch):
+    from lorakit import adapters
+    from lorakit.metrics import write_text_atomic
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(adapters.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    staging = tmp_path / ".staging"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "f").write_text("new")
+    (staging / "sub" / "g").write_text("new")
+    inodes = {p: p.stat().st_ino for p in (staging, staging / "f", staging / "sub", staging / "sub" / "g", tmp_path)}
+    adapters.replace_dir(staging, tmp_path / "target")
+    assert set(inodes.values()) <= set(synced)  # every file and folder of it, and the folder that names it
+    assert synced[-1] == inodes[tmp_path]  # that one after the rename
+    synced.clear()
+    write_text_atomic(tmp_path / "summary.json", "{}")
+    assert synced == [(tmp_path / "summary.json").stat().st_ino]
 
 
 def test_unknown_peft_keys_warn(tmp_path):
