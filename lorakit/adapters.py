@@ -391,7 +391,9 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
     check_utf8_path(directory, "adapter")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise UserError(f"{directory}: no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        inner = directory / "adapter"  # a run's output_dir, or one of its checkpoints, holds it here
+        hint = f"; it holds one in {inner}: pass that" if (inner / CONFIG_NAME).is_file() else ""
+        raise UserError(f"{directory}: no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     try:
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -319,6 +319,14 @@ def test_bad_folders_and_files(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "nope")
     with pytest.raises(UserError, match="no adapter_config.json"):
         load_adapter(tiny_llama(), tmp_path)
+    # a run's output_dir or checkpoint, which holds the adapter one level down
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    save_adapter(model, tmp_path / "run" / "adapter")
+    with pytest.raises(UserError) as err:
+        load_adapter(tiny_llama(), tmp_path / "run")
+    assert str(err.value) == (f"{tmp_path / 'run'}: no adapter_config.json; an adapter folder holds adapter_config.json and "
+                              f"adapter_model.safetensors; it holds one in {tmp_path / 'run' / 'adapter'}: pass that")  # fmt: skip
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(UserError, match="invalid JSON"):
         load_adapter(tiny_llama(), tmp_path)
