@@ -82,7 +82,9 @@ def launch_torchrun(args: argparse.Namespace) -> int:
     if args.config is None or "=" in str(args.config):
         raise UserError("--nproc needs a YAML config (lorakit train CONFIG.yaml --nproc N); the demo runs in one process")
     cfg = load_run_config(args.config, parse_overrides(args.overrides))
-    resolve_strategy(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    # as on a CPU: `auto` on GPUs reads a GPU's memory, which would give this process a CUDA context
+    # for the whole run; the workers check that choice themselves
+    resolve_strategy(cfg, "cpu")
     check_output_dir(Path(cfg.output_dir), args.resume)
     torchrun_args = ["--standalone", "--nproc_per_node", str(nproc)]
     if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
