@@ -66,8 +66,8 @@ def launch_torchrun(args: argparse.Namespace) -> int:
     terminal (SIGINT) and a SIGTERM to this command reach the agent alone; it sends the signal on to
     every worker at once and waits for them, and they stop after the same step with a checkpoint
     (lorakit.train: the processes agree on the step). The command then exits 128 + the signal, and 2
-    when the workers stopped on a user error (each node's first process printed it), without
-    torchrun's tracebacks. The checks that need no process group run here first.
+    when the workers stopped on a user error (printed once: `run_distributed`), without torchrun's
+    tracebacks. The checks that need no process group run here first.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
