@@ -460,10 +460,10 @@ def key_lines(text: str) -> dict[str, int]:
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except (yaml.YAMLError, RecursionError):  # already read once: only the places would be missing
-        return lines
-    if root is not None:
-        walk(root, "")
+        if root is not None:
+            walk(root, "")
+    except (yaml.YAMLError, RecursionError):  # read once already (an alias to itself loops here): places only
+        pass
     return lines
 
 
