@@ -86,11 +86,12 @@ def launch_torchrun(args: argparse.Namespace) -> int:
     # for the whole run; the workers check that choice themselves
     resolve_strategy(cfg, "cpu")
     check_output_dir(Path(cfg.output_dir), args.resume)
-    torchrun_args = ["--standalone", "--nproc_per_node", str(nproc)]
-    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
-        # how long the agent waits for stopping workers before it kills them: a step and a checkpoint
-        torchrun_args += ["--shutdown-timeout", str(int(STOP_WAIT_FACTOR * _timeout_s()))]
-    torchrun_args += ["-m", "lorakit", "train", str(args.config), *args.overrides, *(["--resume"] if args.resume else [])]
+    # how long the agent waits for stopping workers before it kills them: a step and a checkpoint
+    # (an environment variable, not --shutdown-timeout: torch releases before pytorch/pytorch#172596,
+    # early 2026, have neither and would refuse the flag; they keep their 30 s)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(STOP_WAIT_FACTOR * _timeout_s())))
+    torchrun_args = ["--standalone", "--nproc_per_node", str(nproc), "-m", "lorakit", "train", str(args.config),
+                     *args.overrides, *(["--resume"] if args.resume else [])]  # fmt: skip
     # the agent's log lines (a signal passed on, a worker's exit code) say again what lorakit says
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
