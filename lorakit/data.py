@@ -97,7 +97,7 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 7  # bump when tokenization, what is refused or the cache layout changes (7: each example's line)
+FORMAT_VERSION = 8  # bump when tokenization, what is refused or the cache layout changes (8: KTO labels 1/0, "false")
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -347,8 +347,10 @@ def detect_format(record: dict) -> str | None:
         return "chat"
     if "chosen" in record and "rejected" in record:
         return "preference"
-    if "prompt" in record and "completion" in record and isinstance(record.get("label"), bool):
-        return "unpaired"  # TRL's unpaired preference (KTO) records: not SFT data, whose bad answers would train
+    if "prompt" in record and "completion" in record and _label(record.get("label")) is not None:
+        # TRL's unpaired preference (KTO) records, labelled as _label reads them (a CSV's "false" too):
+        # not SFT data, whose undesirable answers would train
+        return "unpaired"
     if "instruction" in record and "output" in record:
         return "instruction"
     if "prompt" in record and "completion" in record:

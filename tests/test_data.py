@@ -99,6 +99,11 @@ def test_detect_format():
     assert detect_format({"conversations": []}) == "chat"
     assert detect_format({"prompt": "a"}) is None
     assert detect_format({"question": "a", "answer": "b"}) is None
+    # KTO's labelled records in every form a label takes (a CSV holds "false"), which SFT must not train
+    for label in (True, False, 1, 0, "false", "True", " 1 ", "0"):
+        assert detect_format({"prompt": "a", "completion": "b", "label": label}) == "unpaired", label
+    for label in (2, "maybe", None, 0.5):  # no KTO label: a completion record with an extra key
+        assert detect_format({"prompt": "a", "completion": "b", "label": label}) == "completion", label
 
 
 def test_text_format_trains_every_token_and_appends_eos():
