@@ -457,6 +457,9 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]
         reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         try:
             header = next(reader, None)
+            twice = next((name for i, name in enumerate(header or []) if name in header[:i]), None)
+            if twice is not None:  # a row would keep one of its two cells, silently
+                raise UserError(f"{path}:1: the header names the column {twice!r} twice; give each column its own name")
             while True:
                 line = reader.line_num + 1  # where the next row starts (blank lines give empty rows)
                 row = next(reader, None)
@@ -1267,11 +1270,12 @@ def _template_error(exc: Exception) -> str:
 
 def tokenize_records(
     records: Sequence[tuple[int, dict]], tokenizer: Any, cfg: DataConfig, *, source: str,
-    option_keys: Optional[dict[str, str]] = None,
+    option_keys: Optional[dict[str, str]] = None, unreadable: Sequence[int] = (),
 ) -> TokenizedDataset:
     """Validate, render and tokenize records (from `read_records`) into a TokenizedDataset.
     option_keys: where cfg's format and columns were set, for messages, where not in the data
     section ({"columns": "data.train[1].columns"}: a data list's file sets its own).
+    unreadable: the lines the reader skipped (with cfg.skip_invalid), counted as skipped records.
 
     Raises:
         UserError: `source:LINE: ...` for invalid records (unless cfg.skip_invalid), chat records
@@ -1359,6 +1363,10 @@ def tokenize_records(
             _raise_problems(source, problems)
         stats.skipped_invalid += len(problems)
         stats.skipped_lines = sorted(stats.skipped_lines + [line for line, _ in problems])[:MAX_REPORTED]
+    if unreadable:  # before the check below, whose message counts them too
+        stats.records += len(unreadable)
+        stats.skipped_invalid += len(unreadable)
+        stats.skipped_lines = sorted(stats.skipped_lines + list(unreadable))[:MAX_REPORTED]
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
     lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -1651,12 +1659,7 @@ def load_dataset(
             except Exception as exc:  # noqa: BLE001 - a broken cache file is rebuilt, never fatal
                 log.warning("ignoring unreadable data cache %s: %s", cache_file, exc)
     records, skipped = _read(path, cfg.skip_invalid)
-    dataset = tokenize_records(records, tokenizer, cfg, source=str(path), option_keys=option_keys)
-    if skipped:
-        s = dataset.stats
-        s.records += len(skipped)
-        s.skipped_invalid += len(skipped)
-        s.skipped_lines = sorted(s.skipped_lines + skipped)[:MAX_REPORTED]
+    dataset = tokenize_records(records, tokenizer, cfg, source=str(path), option_keys=option_keys, unreadable=skipped)
     if cache_file is not None:
         try:
             dataset.save(cache_file)

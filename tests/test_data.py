@@ -934,6 +934,27 @@ def test_a_table_byte_that_is_not_utf8_is_named_by_its_line(tmp_path):
         assert str(err.value) == f"{tmp_path / name}:{line}: not UTF-8 text ({reason}); save the file as UTF-8"
 
 
+def test_with_skip_invalid_a_file_of_no_valid_record_counts_its_unreadable_lines_too(tmp_path):
+    path = tmp_path / "allbad.jsonl"
+    path.write_text('{"foo": 1}\n{"text": 2}\nnot json\n')
+    with pytest.raises(UserError) as err:
+        load_dataset(path, make_tokenizer("llama3"), DataConfig(skip_invalid=True), use_cache=False)
+    assert str(err.value) == f"{path}: no valid record (3 skipped as invalid, lines [1, 2, 3]); fix the file"
+    # with a valid record, the summary's counts hold every skipped line too
+    path.write_text('{"text": "ok"}\n{"foo": 1}\nnot json\n')
+    stats = load_dataset(path, make_tokenizer("llama3"), DataConfig(skip_invalid=True), use_cache=False).stats
+    assert (stats.records, stats.skipped_invalid, stats.skipped_lines) == (3, 2, [2, 3])
+
+
+def test_a_table_header_naming_a_column_twice_is_refused(tmp_path):
+    # a row would keep one of its two cells: "first,second,done" trained as the prompt "second"
+    for name, text in (("d.csv", "prompt,prompt,completion\nfirst,second,done\n"), ("d.tsv", "prompt\tcompletion\tprompt\na\tb\tc\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError) as err:
+            load_dataset(tmp_path / name, make_tokenizer("llama3"), DataConfig(), use_cache=False)
+        assert str(err.value) == f"{tmp_path / name}:1: the header names the column 'prompt' twice; give each column its own name"
+
+
 def test_a_csv_file_is_read_as_a_stream_not_held_whole_beside_its_rows(tmp_path):
     # decoding the file whole into a StringIO held its bytes, its text and the StringIO's copy
     # (4 bytes a character) at once, besides the rows read: 6x the file on top of what it reads to
