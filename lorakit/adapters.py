@@ -630,7 +630,8 @@ def _with_saved_modules_as_peft_took_them(model: nn.Module, files: AdapterFiles)
     entries = list(files.config.modules_to_save)
     if files.peft_config.get("ensure_weight_tying"):
         # PEFT then saves a tied output head's copy beside the embedding's (the same values)
-        entries += [path for path, module in model.named_modules() if module is model.get_output_embeddings()]
+        head = model.get_output_embeddings()
+        entries += [path for path, module in model.named_modules() if head is not None and module is head]
     saved = []
     for path, module in model.named_modules():
         if path and any(path.endswith(entry) for entry in entries):

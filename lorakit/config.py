@@ -999,7 +999,8 @@ def _place_of(problem: str, places: dict[str, str]) -> Optional[str]:
     while key:
         if key in places:
             return places[key]
-        key = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", key) if re.search(r"(\.[^.\[\]]*|\[\d+\])$", key) else ""
+        enclosing = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", key)  # `.name` or `[i]` off the end
+        key = enclosing if enclosing != key else ""
     return None
 
 
