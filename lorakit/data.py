@@ -97,7 +97,7 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 8  # bump when tokenization, what is refused or the cache layout changes (8: KTO labels 1/0, "false")
+FORMAT_VERSION = 9  # bump when tokenization, what is refused or the cache layout changes (9: a one-line JSON list numbered by record)
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -171,6 +171,13 @@ class TokenizedDataset:
         self.files = list(files)
         self.file_ids = np.zeros(len(self), np.int32) if file_ids is None else np.ascontiguousarray(file_ids, dtype=np.int32)
         assert (self.lines is None or len(self.lines) == len(self)) and len(self.file_ids) == len(self)
+        self.skipped_at: Optional[list[str]] = None  # set where several files were read; see skipped_places
+
+    def skipped_places(self) -> list[str]:
+        """`FILE:LINE` of the first MAX_REPORTED invalid records skipped (data.skip_invalid)."""
+        if self.skipped_at is not None:
+            return self.skipped_at
+        return [f"{self.files[0]}:{line}" for line in self.stats.skipped_lines] if len(self.files) == 1 else []
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -194,8 +201,8 @@ class TokenizedDataset:
         return len(self) // 2 if self.pairs else len(self)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "TokenizedDataset":
-        """The examples at `indices` (the pairs, for preference data), in that order. File-level
-        counts (records, truncated, dropped, skipped) are kept; examples, pairs, tokens and
+        """The examples at `indices` (the pairs, for preference data), in that order. The counts of
+        what reading the files found (`FILE_COUNTS`) are kept; examples, pairs, tokens and
         trainable_tokens are those of the subset."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.pairs:
@@ -217,15 +224,17 @@ class TokenizedDataset:
         if self.desirable is not None:
             desirable = self.desirable[idx[0::2] // 2]
             stats.desirable = int(desirable.sum())
-        return TokenizedDataset(
+        subset = TokenizedDataset(
             self.input_ids[gather], labels, offsets, stats, pairs=self.pairs, desirable=desirable,
             lines=None if self.lines is None else self.lines[idx], files=self.files, file_ids=self.file_ids[idx],
         )  # fmt: skip
+        subset.skipped_at = self.skipped_places()
+        return subset
 
     @classmethod
     def concat(cls, parts: Sequence["TokenizedDataset"], sources: Sequence[str]) -> "TokenizedDataset":
-        """The examples of `parts` one after another, with their counts summed (the skipped lines,
-        reported per file as each was read, are left out).
+        """The examples of `parts` one after another, with their counts summed and their skipped
+        records' places listed (the first MAX_REPORTED).
 
         Raises:
             UserError: preference pairs in some parts and other records in others.
@@ -254,11 +263,13 @@ class TokenizedDataset:
             files = list(dict.fromkeys(f for p in parts for f in p.files))  # a file listed twice is one file
             ids = [np.array([files.index(f) for f in p.files], dtype=np.int32)[p.file_ids] for p in parts]
             where = dict(lines=np.concatenate([p.lines for p in parts]), files=files, file_ids=np.concatenate(ids))
-        return cls(
+        joined = cls(
             np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]), offsets,
             DataStats(**counts, unpaired=unpaired), pairs=parts[0].pairs,
             desirable=np.concatenate([p.desirable for p in parts]) if unpaired else None, **where,
         )  # fmt: skip
+        joined.skipped_at = [place for p in parts for place in p.skipped_places()][:MAX_REPORTED]
+        return joined
 
     def save(self, path: Union[str, Path]) -> None:
         """Write an .npz (no pickle) atomically: a temporary file in the same folder, then rename."""
@@ -368,7 +379,10 @@ def read_records(path: Union[str, Path], *, skip_invalid: bool = False) -> list[
         UserError: missing/unreadable/empty file, invalid JSON or a non-object record
             (`FILE:LINE: invalid JSON: <reason>`), unless `skip_invalid` skips such lines.
     """
-    return _read(Path(path), skip_invalid)[0]
+    records, problems = _read(Path(path), skip_invalid=skip_invalid)
+    if problems and not skip_invalid:
+        _raise_problems(str(path), problems)
+    return records
 
 
 def read_utf8(path: Path) -> str:
@@ -398,30 +412,40 @@ def undecodable_byte(text: str) -> Optional[str]:
     return f"{what} at character {found.start() + 1} is not UTF-8 text"
 
 
-def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
-    """(records, line numbers of skipped invalid ones)."""
+def _read(path: Path, *, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(records, (line, problem) of the entries that are no readable record). The problems are
+    returned, not raised, so that they are reported with the records' own (`tokenize_records`).
+
+    Raises:
+        UserError: a file that is missing, not UTF-8, empty or not readable as a whole (a JSON
+            list's syntax error, a CSV's unclosed quote).
+    """
+    if path.is_dir():
+        raise UserError(f"data file {str(path)!r} is a folder; set data.train / data.eval to a file in it (.jsonl, .json, .parquet, .csv)")
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} not found; set data.train / data.eval to a .jsonl, .json, .parquet or .csv file")
+    if path.suffix.lower() in COMPRESSED_SUFFIXES:
+        raise UserError(f"data file {str(path)!r} is compressed, which lorakit does not read; decompress it (e.g. gunzip) and give the file")
     if path.suffix.lower() in TABLE_SUFFIXES:
-        return _read_table(path, skip_invalid)
+        return _read_table(path)
     text = read_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path}: the file is empty; write one JSON object per line (JSONL) or a JSON list")
     if stripped[0] == "[":
-        records = _read_json_list(path, text)
+        records = _read_json_list(path, text, skip_invalid=skip_invalid)
         escaped = _SURROGATE_ESCAPE.search(text) is not None
         found = [lone_surrogate(r) if escaped else None for _, r in records]
         problems = [(line, problem) for (line, _), problem in zip(records, found) if problem is not None]
-        if problems and not skip_invalid:
-            _raise_problems(str(path), problems)
-        skipped = [line for line, _ in problems]
         records = [record for record, problem in zip(records, found) if problem is None]
     else:
-        records, skipped = _read_jsonl(path, text, skip_invalid)
-    if not records and not skipped:
+        records, problems = _read_jsonl(path, text)
+    if not records and not problems:
         raise UserError(f"{path}: no records in the file; write one JSON object per line (JSONL) or a JSON list")
-    return records, skipped
+    return records, problems
+
+
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
 # Tables read as records, a row each: Parquet and Arrow (Hugging Face datasets' files; needs
@@ -432,17 +456,15 @@ def _read(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[
 TABLE_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv")
 
 
-def _read_table(path: Path, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
-    """(records, line numbers of rows skipped as invalid) of a table file."""
+def _read_table(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(records, (line, problem) of the rows that are no record) of a table file."""
     if path.suffix.lower() in (".csv", ".tsv"):
         records, problems = _read_csv(path)
     else:
         records, problems = _read_arrow(path), []
-    if problems and not skip_invalid:
-        _raise_problems(str(path), problems)
     if not records and not problems:
         raise UserError(f"{path}: no rows in the table")
-    return records, [line for line, _ in problems]
+    return records, problems
 
 
 def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
@@ -454,7 +476,10 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]
     # besides it, 5-6x the file. A file read in text mode decodes a chunk ahead of the rows, so its
     # bad byte is named by the file's bytes (read_utf8), not by the row the reader is at.
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        # strict: a quote never closed, or a cell going on after its closing quote, is an error, not
+        # the rest of the file read as one cell (or the quotes dropped)
+        reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
+        line = 1
         try:
             header = next(reader, None)
             twice = next((name for i, name in enumerate(header or []) if name in header[:i]), None)
@@ -471,14 +496,29 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]
                     problems.append((line, f"{len(row)} cells, more than the header's {len(header)}; quote cells that "
                                            "hold the delimiter"))  # fmt: skip
                     continue
-                records.append((line, {k: v for k, v in zip(header, row) if v != ""}))
+                record = _Row((k, v) for k, v in zip(header, row) if v != "")
+                record.empty = [k for k, v in zip(header, row) if v == ""]
+                records.append((line, record))
         except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                raise UserError(f"{path}:{line}: a quoted cell of the row starting here is never closed (the file ends inside "
+                                'it); close its quote, and write a quote inside a quoted cell twice ("")') from None  # fmt: skip
+            if "expected after" in str(exc):
+                raise UserError(f"{path}:{reader.line_num}: a cell goes on after its closing quote ({exc}); quote the whole "
+                                'cell and write the quotes inside it twice ("")') from None  # fmt: skip
             raise UserError(f"{path}:{reader.line_num}: not readable as {path.suffix[1:].upper()} ({exc}); save it as UTF-8 "
                             "with quoted cells") from None  # fmt: skip
         except UnicodeDecodeError:
             read_utf8(path)  # raises, naming the bad byte's line
             raise
     return records, problems
+
+
+class _Row(dict):
+    """A CSV/TSV row as a record, which also knows its empty cells (`empty`): they are keys it
+    lacks, and a record found invalid names them, since the reason is then often an empty cell."""
+
+    empty: list[str] = []
 
 
 def _read_arrow(path: Path) -> list[tuple[int, dict]]:
@@ -512,7 +552,7 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[int, dict]], list[int]]:
+def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     records, problems = [], []
     loads = json.loads
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -534,9 +574,23 @@ def _read_jsonl(path: Path, text: str, skip_invalid: bool) -> tuple[list[tuple[i
             problems.append((lineno, surrogate))
             continue
         records.append((lineno, obj))
-    if problems and not skip_invalid:
-        _raise_problems(str(path), problems)
-    return records, [line for line, _ in problems]
+    if problems and text.lstrip().startswith("{"):  # (a JSONL file of several objects is no one JSON value)
+        _refuse_one_object(path, text)
+    return records, problems
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """Raises UserError where a file whose lines are no JSON objects is one object written over
+    several lines (pretty-printed), which its lines' errors would not tell."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return
+    if isinstance(obj, dict):
+        raise UserError(
+            f"{path}: holds one JSON object written over several lines; a data file holds one object per line "
+            "(JSONL) or a JSON list of objects: write each record on one line, or put them in [ ]"
+        )
 
 
 # A JSON escape of a UTF-16 surrogate: a lone one (\ud800 without its pair) decodes to no character,
@@ -570,9 +624,11 @@ def _surrogate_escape(found: re.Match) -> str:
     return f"\\u{ord(found.group()):04x}, half of a UTF-16 surrogate pair and no character (an escape cut in two)"
 
 
-def _read_json_list(path: Path, text: str) -> list[tuple[int, dict]]:
+def _read_json_list(path: Path, text: str, *, skip_invalid: bool = False) -> list[tuple[int, dict]]:
     """Parse a JSON list element by element to know each record's line. A syntax error cannot
-    be skipped here (the rest of the list cannot be re-synchronised), so it always raises."""
+    be skipped here (the rest of the list cannot be re-synchronised), so it always raises.
+    Where elements share a line (`json.dump` writes the list on one), the records are numbered by
+    their place in the list instead, so that each has a number of its own."""
     dec = json.JSONDecoder()
     ws = " \t\r\n"
 
@@ -605,7 +661,10 @@ def _read_json_list(path: Path, text: str) -> list[tuple[int, dict]]:
             else:
                 raise json.JSONDecodeError("expected ',' or ']' after a list element", text, i)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        unskippable = " (data.skip_invalid cannot skip it: the rest of a list cannot be read past a syntax error)" if skip_invalid else ""
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){unskippable}; fix the list") from None
+    if len({line for line, _ in records}) < len(records):
+        return [(n, record) for n, (_, record) in enumerate(records, 1)]
     return records
 
 
@@ -901,6 +960,8 @@ def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) ->
         if not isinstance(msg, dict):
             raise BadRecord(f"{key}[{i}] must be an object with '{role_key}' and '{text_key}', got {_kind(msg)}")
         role = msg.get(role_key)
+        if role_key not in msg:
+            raise BadRecord(f"'{key}[{i}].{role_key}' is missing; give the message one of {', '.join(roles)}")
         if not isinstance(role, str) or role not in roles:
             raise BadRecord(f"{key}[{i}].{role_key} = {role!r}: unknown role; use one of {', '.join(roles)}")
         content = msg.get(text_key)
@@ -1270,12 +1331,14 @@ def _template_error(exc: Exception) -> str:
 
 def tokenize_records(
     records: Sequence[tuple[int, dict]], tokenizer: Any, cfg: DataConfig, *, source: str,
-    option_keys: Optional[dict[str, str]] = None, unreadable: Sequence[int] = (),
+    option_keys: Optional[dict[str, str]] = None, unreadable: Sequence[tuple[int, str]] = (),
 ) -> TokenizedDataset:
     """Validate, render and tokenize records (from `read_records`) into a TokenizedDataset.
     option_keys: where cfg's format and columns were set, for messages, where not in the data
     section ({"columns": "data.train[1].columns"}: a data list's file sets its own).
-    unreadable: the lines the reader skipped (with cfg.skip_invalid), counted as skipped records.
+    unreadable: (line, problem) of the entries the reader found no record in: reported with the
+        records' own problems (one report for the whole file), or skipped and counted as the
+        invalid records are (cfg.skip_invalid).
 
     Raises:
         UserError: `source:LINE: ...` for invalid records (unless cfg.skip_invalid), chat records
@@ -1286,8 +1349,8 @@ def tokenize_records(
         raise UserError(f"{source}: lorakit needs a fast (Rust) tokenizer; load it with AutoTokenizer (use_fast=True)")
     places = {"format": "data.format", "columns": "data.columns", **(option_keys or {})}
     format_key, columns_key = places["format"], places["columns"]
-    stats = DataStats(records=len(records))
-    problems: list[tuple[int, str]] = []
+    stats = DataStats(records=len(records) + len(unreadable))
+    problems: list[tuple[int, str]] = list(unreadable)
     prepared: list[tuple[int, str, Any]] = []
     kind = None  # "preference", "unpaired" or "non-preference": the file's records, from its first valid one
     unpaired: list[tuple[int, dict, tuple[str, Any]]] = []  # (line, record, its own example)
@@ -1310,7 +1373,8 @@ def tokenize_records(
                     "rejected), labelled examples (prompt, completion, label) or other records, one kind only"
                 )
         except BadRecord as exc:
-            problems.append((line, str(exc)))
+            empty = getattr(record, "empty", None)
+            problems.append((line, f"{exc} (empty cells: {', '.join(empty)})" if empty else str(exc)))
             continue
         # A pair's two examples stay next to each other (2j, 2j+1) through every step below.
         if fmt == "preference":
@@ -1358,15 +1422,11 @@ def tokenize_records(
         if gc_was_on:
             gc.enable()
     if problems:
-        problems.sort()
+        problems.sort(key=lambda problem: problem[0])  # by line; a line's own problems in the order found
         if not cfg.skip_invalid:
             _raise_problems(source, problems)
         stats.skipped_invalid += len(problems)
-        stats.skipped_lines = sorted(stats.skipped_lines + [line for line, _ in problems])[:MAX_REPORTED]
-    if unreadable:  # before the check below, whose message counts them too
-        stats.records += len(unreadable)
-        stats.skipped_invalid += len(unreadable)
-        stats.skipped_lines = sorted(stats.skipped_lines + list(unreadable))[:MAX_REPORTED]
+        stats.skipped_lines = [line for line, _ in problems[:MAX_REPORTED]]
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
     lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -1641,7 +1701,7 @@ def load_dataset(
     special tokens), the options that change the result (format, max_length, too_long,
     train_on_inputs, skip_invalid, train_turns, columns, system_prompt) and lorakit/transformers/tokenizers
     versions. Files live in
-    `cfg.cache_dir`, else `$LORAKIT_CACHE`, else `~/.cache/lorakit/data`, as .npz (no pickle),
+    `cfg.cache_dir`, else `$LORAKIT_CACHE/data` (`~/.cache/lorakit/data`), as .npz (no pickle),
     written atomically. A cache that cannot be written only logs a warning.
 
     Raises:
@@ -1658,8 +1718,8 @@ def load_dataset(
                 return cached
             except Exception as exc:  # noqa: BLE001 - a broken cache file is rebuilt, never fatal
                 log.warning("ignoring unreadable data cache %s: %s", cache_file, exc)
-    records, skipped = _read(path, cfg.skip_invalid)
-    dataset = tokenize_records(records, tokenizer, cfg, source=str(path), option_keys=option_keys, unreadable=skipped)
+    records, unreadable = _read(path, skip_invalid=cfg.skip_invalid)
+    dataset = tokenize_records(records, tokenizer, cfg, source=str(path), option_keys=option_keys, unreadable=unreadable)
     if cache_file is not None:
         try:
             dataset.save(cache_file)
@@ -1671,9 +1731,8 @@ def load_dataset(
 def _cache_dir(cfg: DataConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
-    return Path("~/.cache/lorakit/data").expanduser()
+    # $LORAKIT_CACHE is the root of all lorakit's caches, as for the kernels (cpu_kernels)
+    return Path(os.environ.get("LORAKIT_CACHE") or "~/.cache/lorakit").expanduser() / "data"
 
 
 def _cache_key(path: Path, tokenizer: Any, cfg: DataConfig) -> str:
@@ -1727,9 +1786,23 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
         keys = {key: f"{where}.{key}" for key in options}  # its own options' place, for messages
         return load_dataset(path, tokenizer, dataclasses.replace(cfg, **options), option_keys=keys)
 
+    def source_key(path: str, options: dict[str, Any]) -> tuple[str, str]:
+        """What tells sources apart: a file listed with other reading options of its own is another
+        source; options that equal the data section's are none."""
+        return path, json.dumps(reading_options(own_options(options, cfg)), sort_keys=True)
+
+    def read_once(sources: list[tuple[str, dict[str, Any]]], where: str) -> list[TokenizedDataset]:
+        """Each listed file's examples, a source listed twice read once."""
+        read: dict[tuple[str, str], TokenizedDataset] = {}
+        for i, (path, options) in enumerate(sources):
+            key = source_key(path, options)
+            if key not in read:
+                read[key] = load_source(path, options, f"{where}[{i}]")
+        return [read[source_key(path, options)] for path, options in sources]
+
     def load(sources: list[tuple[str, dict[str, Any]]], where: str) -> TokenizedDataset:
-        parts = [load_source(path, options, f"{where}[{i}]") for i, (path, options) in enumerate(sources)]
-        return TokenizedDataset.concat(parts, [path for path, _ in sources])
+        parts = read_once(sources, where)
+        return _with_file_counts(TokenizedDataset.concat(parts, [path for path, _ in sources]), parts)
 
     def repeated(parts: list[TokenizedDataset]) -> TokenizedDataset:
         return TokenizedDataset.concat(
@@ -1740,7 +1813,8 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
 
     sources = data_sources(cfg.train)
     if cfg.eval or cfg.eval_fraction <= 0:  # (given eval data wins over a held-out fraction)
-        train = repeated([load_source(path, options, f"data.train[{i}]") for i, (path, options) in enumerate(sources)])
+        parts = read_once(sources, "data.train")
+        train = _with_file_counts(repeated(parts), parts)
         if not cfg.eval:
             return train, {}
         named = isinstance(cfg.eval, dict)
@@ -1750,9 +1824,8 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
         }  # fmt: skip
     # Held out of the files' examples once each, however often a file is listed or repeated: a
     # file listed twice (weighted up) then trains twice on its training part, and never on what is
-    # held out. (A file listed with other reading options of its own is another source; options
-    # that equal the data section's are none.)
-    keys = [(path, json.dumps(reading_options(own_options(options, cfg)), sort_keys=True)) for path, options in sources]
+    # held out.
+    keys = [source_key(path, options) for path, options in sources]
     first = {}  # each distinct source's first place in the list
     for i, key in enumerate(keys):
         first.setdefault(key, i)
@@ -1771,7 +1844,23 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
     held[perm[:n_eval]] = True
     starts = dict(zip(distinct, np.cumsum([0] + [parts[k].num_units() for k in distinct])))
     kept = {k: np.flatnonzero(~held[starts[k] : starts[k] + parts[k].num_units()]) for k in distinct}
-    return repeated([parts[k].subset(kept[k]) for k in keys]), {"": union.subset(np.flatnonzero(held))}
+    train = _with_file_counts(repeated([parts[k].subset(kept[k]) for k in keys]), list(parts.values()))
+    return train, {"": union.subset(np.flatnonzero(held))}
+
+
+# What reading the files found, counted once for each file (each source: a file with reading
+# options of its own) however often it is listed or repeated, and before eval_fraction holds out
+# any: records, truncated, dropped and skipped describe the files, the other counts the set.
+FILE_COUNTS = ("records", "truncated", "dropped_too_long", "dropped_no_trainable", "skipped_invalid")
+
+
+def _with_file_counts(data: TokenizedDataset, parts: list[TokenizedDataset]) -> TokenizedDataset:
+    """`data` (made of `parts`, the sources as read, some maybe more than once) with `FILE_COUNTS`
+    and the skipped records' places those of each distinct part once."""
+    distinct = list({id(p): p for p in parts}.values())
+    data.stats = dataclasses.replace(data.stats, **{name: sum(getattr(p.stats, name) for p in distinct) for name in FILE_COUNTS})
+    data.skipped_at = [place for p in distinct for place in p.skipped_places()][:MAX_REPORTED]
+    return data
 
 
 def _repeated(part: TokenizedDataset, repeat: float, *, seed: int, index: int, source: str) -> TokenizedDataset:

@@ -44,7 +44,7 @@ def dry_run(
         check_float_weights, check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision,
     )  # fmt: skip
     from lorakit.train import (
-        _check_objective, _dropped, _examples, _objective_line, check_output_dir, check_positions, data_config, prepare_chat_template,
+        _check_objective, _dropped, _examples, _objective_line, _skipped, check_output_dir, check_positions, data_config, prepare_chat_template,
         check_resume_step, check_token_ids, eval_sets_line, generation_eval_records, plan_steps,
     )  # fmt: skip
 
@@ -109,7 +109,7 @@ def dry_run(
         f"adapters     LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {adapted} modules; trainable {trainable:,} "
         f"({100 * trainable / max(total, 1):.3f}%)" + (f"; continues {cfg.adapter} (fits the model)" if cfg.adapter else ""),
         f"data         {_examples(stats)}, {stats['tokens']:,} tokens ({stats['trainable_tokens']:,} trained); "
-        f"{_dropped(stats)}, skipped {stats['skipped_invalid']}",
+        f"{_dropped(stats)}, {_skipped(stats['skipped_invalid'], train_set.skipped_places())}",
         f"plan         {total_steps} steps ({steps_per_epoch} an epoch) x {rows} rows of <= {stream.max_length} tokens"
         f"{' (pairs)' if stream.pairs else ''}; {processes} process{'es' if processes > 1 else ''}; output {cfg.output_dir}"
         + (f", resuming from {checkpoint}" if checkpoint is not None else ""),

@@ -247,6 +247,7 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     result = {"examples" if objective == "kto" else "pairs": dataset.num_units(), "objective": objective, "beta": beta, **result}
     if args.skip_invalid:
         result["skipped"] = dataset.stats.skipped_invalid
+        result["skipped_at"] = dataset.skipped_places()
     if args.json:
         print(json.dumps(result))
         return 0
@@ -371,6 +372,7 @@ def eval_command(args: argparse.Namespace) -> int:
     result["examples"] = len(dataset)
     if args.skip_invalid:
         result["skipped"] = dataset.stats.skipped_invalid
+        result["skipped_at"] = dataset.skipped_places()
     if args.generate:
         records = []
         for _, record in read_records(args.data, skip_invalid=args.skip_invalid):
@@ -389,7 +391,8 @@ def eval_command(args: argparse.Namespace) -> int:
     rows = [("examples", f"{result['examples']}"), ("tokens", f"{result['tokens']}"),
             ("loss", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}")]  # fmt: skip
     if args.skip_invalid:
-        rows.insert(1, ("skipped", f"{result['skipped']} invalid records"))
+        where = ", ".join(result["skipped_at"]) + (", ..." if result["skipped"] > len(result["skipped_at"]) else "")
+        rows.insert(1, ("skipped", f"{result['skipped']} invalid records" + (f" ({where})" if result["skipped_at"] else "")))
     if args.generate:
         rows.append(("accuracy", f"{result['accuracy']:.2%} ({result['correct']}/{result['total']} exact matches)"))
     width = max(len(k) for k, _ in rows)

@@ -365,7 +365,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         cfg=cfg, output_dir=output_dir, device=device, dtype=dtype, tokenizer=tokenizer, model=model,
         train_model=train_model, optimizer=optimizer, scheduler=scheduler, stream=stream, eval_sets=eval_sets,
         total_steps=total_steps, fingerprint=fp, dist=dist, frozen_summary=frozen_summary,
-        data_stats=dataclasses.asdict(train_set.stats), eval_records=eval_records,
+        data_stats={**dataclasses.asdict(train_set.stats), "skipped_at": train_set.skipped_places()}, eval_records=eval_records,
         trainable=[p for p in model.parameters() if p.requires_grad], best=new_best_record(cfg.train.best_metric),
     )  # fmt: skip
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
@@ -1297,7 +1297,7 @@ def start_summary(run: Run) -> str:
         + (f"; continues {run.cfg.adapter}" if run.cfg.adapter is not None else ""),
         f"precision    {str(run.dtype).replace('torch.', '')} compute on {run.device}; {run.frozen_summary}",
         f"data         {_examples(s)}, {s.get('tokens'):,} tokens ({s.get('trainable_tokens'):,} trained); "
-        f"{_dropped(s)}, skipped {s.get('skipped_invalid')}",
+        f"{_dropped(s)}, {_skipped(s.get('skipped_invalid', 0), s.get('skipped_at', []))}",
         f"plan         {run.total_steps} steps x {run.cfg.train.batch_size * run.cfg.train.grad_accum * run.dist.world_size} rows "
         f"of <= {run.stream.max_length} tokens{' (pairs)' if run.stream.pairs else ''}; output {run.output_dir}",
     ]
@@ -1318,7 +1318,12 @@ def start_summary(run: Run) -> str:
 
 def eval_sets_line(eval_sets: dict[str, Any], cfg: RunConfig, *, resumed: bool = False) -> str:
     """"4 examples; every 2 steps" or, for named sets, "gsm8k 4 examples, chat 8 examples; every 2 steps"."""
-    sets = ", ".join(f"{name + ' ' if name else ''}{_examples(dataclasses.asdict(data.stats))}" for name, data in eval_sets.items())
+    sets = ", ".join(
+        f"{name + ' ' if name else ''}{_examples(dataclasses.asdict(data.stats))}"
+        # (a held-out eval_fraction's skipped records are the train files', counted on the data line)
+        + (f" ({_skipped(data.stats.skipped_invalid, data.skipped_places())})" if data.stats.skipped_invalid and cfg.data.eval else "")
+        for name, data in eval_sets.items()
+    )  # fmt: skip
     return sets + _eval_plan(cfg, resumed=resumed)
 
 
@@ -1380,6 +1385,14 @@ def _examples(stats: dict) -> str:
     if stats.get("pairs"):
         return f"{stats['pairs']} pairs ({stats['examples']} answers)"
     return f"{stats.get('examples')} examples"
+
+
+def _skipped(count: int, places: list[str]) -> str:
+    """"skipped 0", or "skipped 12 (a.jsonl:2, b.jsonl:5, ...)": the first places of the invalid
+    records skip_invalid skipped."""
+    if not count or not places:
+        return f"skipped {count}"
+    return f"skipped {count} ({', '.join(places)}{', ...' if count > len(places) else ''})"
 
 
 def _dropped(stats: dict) -> str:

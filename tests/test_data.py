@@ -709,10 +709,10 @@ def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
     for i in range(n):
         assert all(np.array_equal(x, y) for x, y in zip(got.example(i), once.example(i)))
     assert all(np.array_equal(x, y) for x, y in zip(got.example(n), once.example(0)))
-    s = got.stats  # the counts of the three files, summed
-    truncated_a = load_dataset(a, tok, cfg, use_cache=False).stats.truncated
-    assert truncated_a >= 1 and s.truncated == once.stats.truncated + truncated_a
-    assert (s.records, s.examples, s.skipped_invalid) == (15, 14, 1) and s.skipped_lines == []
+    # what reading found is counted for each file once (a.jsonl is read once); the set's counts are the set's
+    s = got.stats
+    assert load_dataset(a, tok, cfg, use_cache=False).stats.truncated >= 1 and s.truncated == once.stats.truncated
+    assert (s.records, s.examples, s.skipped_invalid) == (9, 14, 1) and got.skipped_places() == [f"{b}:3"]
     assert s.tokens == int(got.offsets[-1]) and s.trainable_tokens == int((got.labels != -100).sum())
     # held out once, however often a file is listed: nothing held out is trained on
     train, sets = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.3), tok, seed=0)
@@ -1199,3 +1199,91 @@ def test_a_chat_template_file_is_read_as_data_files_are(tmp_path):
     with pytest.raises(UserError) as caught:
         chat_template_text(str(tmp_path))
     assert str(caught.value) == f"data.chat_template = {str(tmp_path)!r}: cannot read it (Is a directory); give a UTF-8 Jinja file"
+
+
+def test_a_files_unreadable_lines_and_invalid_records_are_reported_together(tmp_path):
+    # one report for the whole file, in line order, not the JSON errors first and the records' after a fix
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\nnot json\n{"foo": 1}\n{"text": 3}\n')
+    with pytest.raises(UserError) as err:
+        load_dataset(path, make_tokenizer("llama3"), DataConfig(), use_cache=False)
+    listed = [line.strip().split(": ", 1)[0] for line in str(err.value).splitlines()[1:]]
+    assert str(err.value).startswith(f"{path}: 3 invalid records") and listed == [f"{path}:{i}" for i in (2, 3, 4)]
+
+
+def test_a_one_line_json_list_numbers_its_records_by_place(tmp_path):
+    tok = make_tokenizer("llama3")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "a"}, {"foo": 1}, {"text": 3}, {"text": "b"}]))  # json.dump: one line
+    with pytest.raises(UserError) as err:
+        load_dataset(path, tok, DataConfig(), use_cache=False)
+    listed = [line.strip().split(": ", 1)[0] for line in str(err.value).splitlines()[1:]]
+    assert listed == [f"{path}:2", f"{path}:3"]  # each record its own number, in the list's order
+    ds = load_dataset(path, tok, DataConfig(skip_invalid=True), use_cache=False)
+    assert [ds.record_of(i) for i in range(len(ds))] == [f"{path}:1", f"{path}:4"] and ds.skipped_places() == [f"{path}:2", f"{path}:3"]
+    # a list with a record a line is named by lines, as before
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in [{"text": "a"}, {"foo": 1}]) + "\n]\n")
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}:3: unknown record format"):
+        load_dataset(path, tok, DataConfig(), use_cache=False)
+    # a syntax error cannot be skipped, and says so where skipping was asked for
+    path.write_text('[{"text": "a"}, {"text": "b",}]')
+    with pytest.raises(UserError) as err:
+        load_dataset(path, tok, DataConfig(skip_invalid=True), use_cache=False)
+    assert str(err.value) == (f"{path}:1: invalid JSON: Expecting property name enclosed in double quotes (column 30) (data.skip_invalid "
+                              "cannot skip it: the rest of a list cannot be read past a syntax error); fix the list")  # fmt: skip
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("one.json", '{\n  "prompt": "q",\n  "completion": "a"\n}\n', "{path}: holds one JSON object written over several lines; a data file "
+     "holds one object per line (JSONL) or a JSON list of objects: write each record on one line, or put them in [ ]"),
+    ("open.csv", 'prompt,completion\nq,a\n"never closed,b\nq2,a2\n', '{path}:3: a quoted cell of the row starting here is never closed '
+     '(the file ends inside it); close its quote, and write a quote inside a quoted cell twice ("")'),
+    ("open.tsv", 'prompt\tcompletion\n"q\ty\n', "{path}:2: a quoted cell of the row starting here is never closed"),
+    ("after.csv", 'prompt,completion\n"quoted" then more,b\n', "{path}:2: a cell goes on after its closing quote (',' expected after "
+     "'\"'); quote the whole cell and write the quotes inside it twice (\"\")"),
+    ("empty.csv", "prompt,completion\nq,\n", "{path}:2: unknown record format, keys ['prompt']; expected one of text"),
+    ("role.jsonl", '{"messages": [{"content": "hi"}]}\n', "{path}:1: 'messages[0].role' is missing; give the message one of system, user"),
+    ("d.jsonl.gz", "x", "data file '{path}' is compressed, which lorakit does not read; decompress it (e.g. gunzip) and give the file"),
+])  # fmt: skip
+def test_malformed_files_get_a_message_that_names_the_cause(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_dataset(path, make_tokenizer("llama3"), DataConfig(), use_cache=False)
+    assert message.format(path=path) in str(err.value)
+    if name == "empty.csv":  # the empty cell is named, the likely reason
+        assert str(err.value).endswith("(empty cells: completion); fix it, or skip invalid records with data.skip_invalid: true "
+                                       "(lorakit eval --skip-invalid)")  # fmt: skip
+    with pytest.raises(UserError) as err:
+        load_dataset(tmp_path, make_tokenizer("llama3"), DataConfig(), use_cache=False)
+    assert str(err.value).startswith(f"data file '{tmp_path}' is a folder; set data.train / data.eval to a file in it")
+
+
+def test_file_counts_are_each_files_once_however_often_it_is_listed_or_repeated(tmp_path):
+    tok = make_tokenizer("llama3")
+    long = {"prompt": "a " * 40, "completion": " b"}
+    path = write_jsonl(tmp_path / "f.jsonl", [{"text": "x " * 40}, {"prompt": "q", "completion": " a"}, {"foo": 1}, long,
+                                              {"text": "short"}])  # fmt: skip
+    base = DataConfig(max_length=16, skip_invalid=True, cache_dir=str(tmp_path / "c"))
+    counts = lambda d: (d.stats.records, d.stats.truncated, d.stats.dropped_no_trainable, d.stats.skipped_invalid, d.skipped_places())  # noqa: E731
+    once = load_dataset(path, tok, base, use_cache=False)
+    assert counts(once) == (5, 1, 1, 1, [f"{path}:3"])  # the text cut, the long prompt left nothing to train
+    for train in ([str(path)] * 3, [{"path": str(path), "repeat": 3}], [{"path": str(path), "repeat": 0.5}],
+                  [str(path), {"path": str(path), "repeat": 2}]):  # fmt: skip
+        got, _ = load_train_eval(dataclasses.replace(base, train=train), tok, seed=0)
+        assert counts(got) == counts(once), train
+    assert load_train_eval(dataclasses.replace(base, train=[str(path)] * 3), tok, seed=0)[0].stats.examples == 3 * once.stats.examples
+    held, sets = load_train_eval(dataclasses.replace(base, train=[str(path)] * 2, eval_fraction=0.34), tok, seed=0)
+    assert counts(held) == counts(once) and len(sets[""]) == 1  # before eval_fraction holds any out
+    # another file's places follow the first's; an eval file's are its own
+    other = write_jsonl(tmp_path / "g.jsonl", [{"text": "fine"}, {"bar": 2}])
+    got, sets = load_train_eval(dataclasses.replace(base, train=[str(path), str(other)], eval=[str(other), str(other)]), tok, seed=0)
+    assert got.skipped_places() == [f"{path}:3", f"{other}:2"] and got.stats.skipped_invalid == 2
+    assert sets[""].skipped_places() == [f"{other}:2"] and sets[""].stats.skipped_invalid == 1 and len(sets[""]) == 2
+
+
+def test_the_data_cache_is_under_lorakit_cache_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "root"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    load_dataset(path, make_tokenizer("llama3"), DataConfig())
+    assert [p.parent for p in (tmp_path / "root").rglob("*.npz")] == [tmp_path / "root" / "data"]

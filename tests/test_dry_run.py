@@ -143,6 +143,19 @@ def test_show_examples_names_the_file_and_line_of_each_example(workspace, tmp_pa
             assert headers == [f"example {i} of {len(want)} ({where}" for i, where in enumerate(want, 1)]
 
 
+def test_the_summary_names_where_the_skipped_records_are(workspace, tmp_path, capsys):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text('{"prompt": "1 plus 1 is", "completion": " 2"}\n{"prompt": 3}\n{"prompt": "2 plus 2 is", "completion": " 4"}\n')
+    two.write_text('{"text": 5}\n{"prompt": "4 plus 4 is", "completion": " 8"}\n')
+    args = ["train", _config(workspace, tmp_path / "where"), f"data.train=[{one}, {two}, {one}]", f"data.eval=[{two}]",
+            "data.skip_invalid=true", "data.packing=false", "train.batch_size=1", "--dry-run"]  # fmt: skip
+    assert main(args) == 0
+    out = _lines(capsys.readouterr().out)
+    # each file's records once, however often it is listed; the eval file's on the eval line
+    assert out["data"].startswith("5 examples,") and out["data"].endswith(f"truncated 0, dropped 0, skipped 2 ({one}:2, {two}:1)")
+    assert out["eval"].startswith(f"1 examples (skipped 1 ({two}:1))")
+
+
 def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(workspace, tmp_path, capsys, monkeypatch):
     records = [
         {"prompt": "2 plus 3 is", "completion": " 5"},

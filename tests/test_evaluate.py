@@ -216,11 +216,12 @@ def test_bad_inputs(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     ref, _ = _reference_loss(model, setup[2])
     assert result["skipped"] == 2 and result["examples"] == 5 and result["loss"] == pytest.approx(ref, abs=1e-5)
+    assert result["skipped_at"] == [f"{bad}:6", f"{bad}:7"]
     assert main([*args, "--skip-invalid", "--generate", "--max-new-tokens", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["total"] == 4 and result["skipped"] == 2  # generation leaves out what the loss left out
     assert main([*args, "--skip-invalid"]) == 0
-    assert "skipped     2 invalid records" in capsys.readouterr().out
+    assert f"skipped     2 invalid records ({bad}:6, {bad}:7)\n" in capsys.readouterr().out
 
 
 def test_max_length_follows_a_position_table(tmp_path, capsys):
