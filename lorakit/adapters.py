@@ -276,6 +276,21 @@ def check_output_folder(out_dir: Union[str, Path], inputs: dict[str, Union[str, 
     return out_dir
 
 
+def new_folder(*, prefix: str, parent: Path) -> Path:
+    """A new uniquely named folder in `parent`, with the permissions the umask gives a folder
+    (mkdtemp's are owner-only, 0700, which the folder keeps when renamed into place: another user,
+    or a serving container, could not read the adapter)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)  # (reading it means setting it; put back at once)
+    os.umask(mask)
+    return mask
+
+
 def staging_folder(target: Path) -> Path:
     """A new hidden folder beside `target` to build it in (then `replace_dir`).
 
@@ -284,7 +299,7 @@ def staging_folder(target: Path) -> Path:
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        return new_folder(prefix=f".{target.name}.tmp-", parent=target.parent)
     except OSError as exc:
         raise UserError(f"cannot write {target}: {exc.strerror or exc} ({exc.filename or target.parent}); pick a folder "
                         "you can write to") from None  # fmt: skip

@@ -5,6 +5,7 @@
         optimizer.pt        optimizer state (tensors; loaded with weights_only=True, never unpickled freely)
         rng.pt              torch CPU (and CUDA) RNG states, same loading rule
         state.json          step, data-stream position, scheduler step, run fingerprint
+        best_adapter/       train.save_best: the best adapter as it was at this step
 
 Each checkpoint is built under a temporary name and renamed into place, so a crash mid-write
 never leaves a half checkpoint that looks complete; only the newest `keep` are kept.
@@ -17,13 +18,12 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from lorakit.adapters import replace_dir, save_adapter
+from lorakit.adapters import new_folder, replace_dir, save_adapter
 from lorakit.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -66,13 +66,15 @@ def save_checkpoint(
     keep: int,
     base_model_name_or_path: Optional[str] = None,
     adapter_files: Optional[dict[str, str]] = None,
+    folders: Optional[dict[str, Path]] = None,
 ) -> Path:
     """Write checkpoints/step-<step>/ atomically and prune to the newest `keep`; adapter_files:
-    text files written into its adapter folder too (a chat template)."""
+    text files written into its adapter folder too (a chat template); folders: flat folders kept
+    in it as they are now, by name (the best adapter so far), hard-linked where the file system can."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    staging = new_folder(prefix=f".step-{step}.tmp-", parent=root)
     try:
         save_adapter(model, staging / "adapter", base_model_name_or_path=base_model_name_or_path, extra_files=adapter_files)
         torch.save(optimizer_state, staging / "optimizer.pt")
@@ -80,6 +82,8 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, staging / "rng.pt")
+        for name, folder in (folders or {}).items():
+            copy_folder(folder, staging / name)
         (staging / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
         replace_dir(staging, final)
     except BaseException:
@@ -88,6 +92,17 @@ def save_checkpoint(
     for old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def copy_folder(source: Path, target: Path) -> None:
+    """Copy a flat folder's files into `target` (new), as hard links where the file system can: a
+    folder lorakit writes is replaced whole, never written into, so a link keeps what it was."""
+    target.mkdir()
+    for file in source.iterdir():
+        try:
+            os.link(file, target / file.name)
+        except OSError:  # another file system, or none that links
+            shutil.copy2(file, target / file.name)
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

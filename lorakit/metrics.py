@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lorakit.errors import UserError
+
 
 class MetricsLog:
     """Appends entries to metrics.jsonl and redraws loss.png from them; `trackers` (an object with
@@ -33,11 +35,16 @@ class MetricsLog:
         if not self.path.is_file():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
-            if line.strip():
+        lines = [(n, line) for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+        for n, line in lines:
+            try:
                 entry = json.loads(line)
-                if entry.get("step", 0) <= step:
-                    kept.append(entry)
+            except json.JSONDecodeError:
+                if n == lines[-1][0]:  # an append cut short (a full disk, a power loss): the lost entry is the last
+                    break
+                raise UserError(f"{self.path}:{n}: not a JSON entry ({line[:40]!r}); remove that line to resume") from None
+            if isinstance(entry, dict) and entry.get("step", 0) <= step:
+                kept.append(entry)
         self.entries = kept
         if self.enabled:
             _write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))

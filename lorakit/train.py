@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -757,7 +758,28 @@ def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng
     best = state.get("best")
     if best is not None and best.get("metric") == run.cfg.train.best_metric:  # another metric's best is no best
         run.best = best
+    if run.dist.is_main:
+        _restore_best_adapter(run, checkpoint, state)
     return _keep_configured_rates(run, configured)
+
+
+def _restore_best_adapter(run: Run, checkpoint: Path, state: dict) -> None:
+    """Put back best_adapter/ as it was at the checkpoint's step: the run that died after it may have
+    written a better one since, which the resumed run may never reach (other settings), and whose
+    step the restored best record no longer names. Checkpoints before lorakit kept it say nothing."""
+    from lorakit.adapters import replace_dir, staging_folder
+    from lorakit.checkpoint import copy_folder
+
+    if "best_adapter_kept" not in state:
+        return
+    target = run.output_dir / BEST_ADAPTER_DIR
+    if state["best_adapter_kept"]:
+        staging = staging_folder(target)
+        staging.rmdir()
+        copy_folder(checkpoint / BEST_ADAPTER_DIR, staging)
+        replace_dir(staging, target)
+    elif target.is_dir():  # written after the checkpoint, by the part of the run the resume replays
+        shutil.rmtree(target)
 
 
 def check_resume_optimizer(optimizer: str, optimizer_state: dict, checkpoint: Path) -> None:
@@ -938,9 +960,15 @@ def _checkpoint(run: Run) -> Path:
     optimizer_state = optimizer_state_dict(run)
     path = None
     if run.dist.is_main:
+        # The best adapter as it is now: a run resumed here must find this one, not one a later
+        # part of the run (lost to the resume) wrote over it.
+        best = run.output_dir / BEST_ADAPTER_DIR
+        folders = {BEST_ADAPTER_DIR: best} if run.best.get("saved") and best.is_dir() else {}
+        state["best_adapter_kept"] = bool(folders)
         path = save_checkpoint(
             run.output_dir, run.step, model=run.model, optimizer_state=optimizer_state, state=state,
             keep=run.cfg.train.keep_checkpoints, base_model_name_or_path=run.cfg.model, adapter_files=_template_files(run),
+            folders=folders,
         )  # fmt: skip
     else:
         _join_adapter_gathers(run)
@@ -1010,8 +1038,11 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     window_tokens, window_time = 0.0, 0.0
     evaluated_at, stop_early = None, _patience_spent(run)
     try:
+        logged = _eval_logged_here(run) if run.step > 0 else None  # (a checkpoint is saved after its step's eval)
         if stop_early:  # resumed from the checkpoint of the eval that ended the run: it ends there again
-            evaluated_at, last_eval = run.step, _logged_eval(run)
+            evaluated_at, last_eval = run.step, logged if logged is not None else evaluate(run)
+        elif logged is not None:  # resumed at an eval's step: the run's end does not run it again
+            evaluated_at, last_eval = run.step, logged
         elif cfg.train.eval_on_start and run.step == 0:
             # the starting point of the eval curves; not a candidate for the best (its adapter trained nothing)
             start_eval = evaluate(run)
@@ -1050,14 +1081,32 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
                 run.metrics.plot(_plot_title(run))
             if _stop_signal(run) is not None or stop_early:
                 break
+        bar.close()
+        # The handlers stay on through the final eval and save: a stop that comes during the eval
+        # checkpoints the run (the resume evaluates and saves), and one during the save lets it end.
+        return _finish(run, log, start_time=start_time, tokens_seen=tokens_seen, last_train=last_train,
+                       last_eval=last_eval, evaluated_at=evaluated_at, stop_early=stop_early)  # fmt: skip
     finally:
         bar.close()
         _restore_signal_handlers(previous_handlers)
+
+
+def _stopped(run: Run, log: Callable[[str], None], stop: int) -> dict[str, Any]:
+    path = _checkpoint(run)
+    log(f"{signal.Signals(stop).name}: stopped at step {run.step}; checkpoint saved to {path}; continue with --resume")
+    return {"interrupted": stop, "step": run.step, "checkpoint": str(path)}
+
+
+def _finish(
+    run: Run, log: Callable[[str], None], *, start_time: float, tokens_seen: int, last_train: dict[str, float],
+    last_eval: dict[str, float], evaluated_at: Optional[int], stop_early: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """After the last step (or a stop): the checkpoint of a stopped run, else the final eval, the
+    summary and the adapter."""
+    cfg, dist, main = run.cfg, run.dist, run.dist.is_main
     stop = _stop_signal(run)
     if stop is not None:
-        path = _checkpoint(run)
-        log(f"{signal.Signals(stop).name}: stopped at step {run.step}; checkpoint saved to {path}; continue with --resume")
-        return {"interrupted": stop, "step": run.step, "checkpoint": str(path)}
+        return _stopped(run, log, stop)
     if stop_early:
         best, metric = run.best, cfg.train.best_metric
         if best["value"] is None:
@@ -1067,6 +1116,9 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
                 f"in {best['evals_since']} evals")  # fmt: skip
     if evaluated_at != run.step:  # an early stop comes right after its eval
         last_eval = evaluate(run)
+        stop = _agreed_stop(run)
+        if stop is not None:  # the eval is not logged: the resume runs it again
+            return _stopped(run, log, stop)
         if last_eval:
             run.metrics.log({"step": run.step, **last_eval})
             _after_eval(run, last_eval)
@@ -1121,12 +1173,12 @@ def _patience_spent(run: Run) -> bool:
     return bool(patience) and run.best["evals_since"] >= patience
 
 
-def _logged_eval(run: Run) -> dict[str, float]:
-    """The eval logged at the current step (a resumed run that ended there), else that eval again."""
+def _eval_logged_here(run: Run) -> Optional[dict[str, float]]:
+    """The eval logged at the current step (by the run a resume continues), else None."""
     for entry in reversed(run.metrics.entries):
         if entry.get("step") == run.step and any(k.startswith("eval_") for k in entry):
             return {k: v for k, v in entry.items() if k != "step"}
-    return evaluate(run)
+    return None
 
 
 def _after_eval(run: Run, result: dict[str, float]) -> bool:
@@ -1201,6 +1253,16 @@ def _stop_signal(run: Run) -> Optional[int]:
     came during an eval or a checkpoint stops the run right after it), else the one every process
     agreed on in the step's all-reduce (one that came later stops them all after the next step)."""
     return run.interrupted if run.dist.world_size == 1 else run.stopping
+
+
+def _agreed_stop(run: Run) -> Optional[int]:
+    """The stop signal every process agrees on outside a step (after the final eval), else None."""
+    if run.dist.world_size == 1:
+        return run.interrupted
+    asked = torch.tensor([float(run.interrupted == sig) for sig in _STOP_SIGNALS], device=run.device)
+    reduced = run.dist.all_reduce_sum(asked)
+    run.stopping = next((sig for sig, n in zip(_STOP_SIGNALS, reduced.tolist()) if n > 0), None)
+    return run.stopping
 
 
 def _install_signal_handlers(run: Run) -> dict:

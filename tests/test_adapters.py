@@ -465,3 +465,16 @@ def test_a_chat_template_jinja_that_is_a_folder_is_refused_not_passed_over(tmp_p
         assert main(args) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_saved_folders_have_the_permissions_the_umask_gives(tmp_path):
+    # not mkdtemp's owner-only 0700: another user, or a serving container, reads the adapter
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, targets=["q_proj"]))
+    old = os.umask(0o027)
+    try:
+        save_adapter(model, tmp_path / "a")
+        save_adapter(model, tmp_path / "a")  # replacing one too
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o750

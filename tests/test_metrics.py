@@ -29,3 +29,23 @@ def test_peak_rss_is_the_programs_own_not_its_parents():
     peak = int(child.stdout)
     assert 64 * MIB <= peak < 256 * MIB, peak / MIB
     del ballast
+
+
+def test_a_resume_drops_a_cut_last_line_and_names_a_bad_one_elsewhere(tmp_path):
+    import json
+
+    import pytest
+
+    from lorakit.errors import UserError
+    from lorakit.metrics import MetricsLog
+
+    entries = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.25}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"step": 4, "lo')  # an append cut short
+    log = MetricsLog(tmp_path)
+    log.resume_from(2)
+    assert log.entries == entries[:2] and path.read_text() == "".join(json.dumps(e) + "\n" for e in entries[:2])
+    path.write_text(json.dumps(entries[0]) + "\nnot json\n" + json.dumps(entries[1]) + "\n")
+    with pytest.raises(UserError) as err:
+        MetricsLog(tmp_path).resume_from(2)
+    assert str(err.value) == f"{path}:2: not a JSON entry ('not json'); remove that line to resume"

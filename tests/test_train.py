@@ -6,6 +6,7 @@ import json
 import re
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
+import lorakit.adapters
 from lorakit import host_memory
 from lorakit import train as train_module
 from lorakit.cli import main
@@ -256,6 +258,40 @@ def test_save_best_turned_on_at_a_resume_names_no_folder_it_did_not_write(worksp
     assert summary["best_step"] == 8 and "best_adapter" not in summary
 
 
+def test_a_resume_puts_back_the_best_adapter_of_its_checkpoint(workspace, monkeypatch):
+    # the run dies at step 7, after step 6's eval wrote a better best_adapter/ than the step-4 checkpoint's
+    # (step 2's); resumed to end at step 4, its best is step 2's, and best_adapter/ must hold that adapter
+    out = workspace / "best_back"
+    config = _best_config(workspace, out, lr=0.1, save_best=True, save_every=4)
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda run: (_ for _ in ()).throw(RuntimeError("crash")) if run.step == 7 else real_step(run))
+    with pytest.raises(RuntimeError, match="crash"):
+        main(["train", config])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    evals = {e["step"]: e["eval_loss"] for e in _entries(out) if "eval_loss" in e}
+    assert evals[6] < evals[2] < evals[4] and "Steps: 6," in (out / "best_adapter" / "README.md").read_text()
+    step6 = (out / "best_adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(["train", config, "train.max_steps=4", "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 2 and summary["best_eval_loss"] == evals[2]
+    assert (out / "best_adapter" / "adapter_model.safetensors").read_bytes() != step6
+    assert _same_adapter(out / "best_adapter", out / "checkpoints" / "step-4" / "best_adapter")
+    assert "Steps: 2," in (out / "best_adapter" / "README.md").read_text()
+    assert [e["step"] for e in _entries(out) if "eval_loss" in e] == [2, 4]  # step 4's eval is not run again at the end
+    # with no best saved by the checkpoint's step, a best_adapter/ written after it is the lost part's
+    early = workspace / "best_none"
+    config = _best_config(workspace, early, lr=0.1, save_best=True, save_every=1, eval_every=3)
+    monkeypatch.setattr(train_module, "train_step", lambda run: (_ for _ in ()).throw(RuntimeError("crash")) if run.step == 4 else real_step(run))
+    with pytest.raises(RuntimeError, match="crash"):
+        main(["train", config, "train.keep_checkpoints=10"])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert (early / "best_adapter").is_dir()
+    shutil.rmtree(early / "checkpoints" / "step-4")
+    shutil.rmtree(early / "checkpoints" / "step-3")
+    assert main(["train", config, "train.keep_checkpoints=10", "train.max_steps=2", "train.save_best=false", "--resume"]) == 0
+    assert not (early / "best_adapter").exists() and "best_adapter" not in json.loads((early / "summary.json").read_text())
+
+
 def test_a_new_run_starts_its_record_anew_where_a_run_died_before_its_first_checkpoint(workspace, monkeypatch):
     out = workspace / "died"
     real_step = train_module.train_step
@@ -331,6 +367,36 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(workspace, monkeypatch, c
     monkeypatch.setattr(train_module, "train_step", real_step)
     assert main(["train", _config(workspace, out), "--resume"]) == 0
     assert [e["step"] for e in _entries(out) if "loss" in e] == list(range(1, 13))
+
+
+def test_a_stop_during_the_final_eval_or_save_loses_nothing(workspace, monkeypatch, capsys):
+    # the last step is done: a stop during the final eval checkpoints it, one during the save lets it end
+    out = workspace / "final_stop"
+    real_eval, real_save = train_module.evaluate, lorakit.adapters.save_adapter
+
+    def eval_then_stop(run):
+        result = real_eval(run)
+        if run.step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate", eval_then_stop)
+    assert main(["train", _config(workspace, out)]) == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped at step 12; checkpoint saved" in capsys.readouterr().out
+    assert (out / "checkpoints" / "step-12" / "state.json").is_file() and not (out / "adapter").exists()
+    assert [e["step"] for e in _entries(out) if "eval_loss" in e and e["step"] == 12] == []  # logged by the resume, once
+    monkeypatch.setattr(train_module, "evaluate", real_eval)
+    assert main(["train", _config(workspace, out), "--resume"]) == 0
+    assert [e["step"] for e in _entries(out) if "eval_loss" in e].count(12) == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    def save_then_stop(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # during the save: recorded, and the finished run ends as it would
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(lorakit.adapters, "save_adapter", save_then_stop)
+    assert main(["train", _config(workspace, workspace / "save_stop")]) == 0
+    assert (workspace / "save_stop" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((workspace / "save_stop" / "summary.json").read_text())["steps"] == 12
 
 
 def test_non_finite_loss_stops_and_sets_aside_the_checkpoint_that_gave_it(workspace, capsys, monkeypatch):
