@@ -230,7 +230,8 @@ def save_adapter(
 ) -> Path:
     """Write adapter `name` as a PEFT adapter folder, atomically (built aside, then renamed).
 
-    An existing folder at `directory` is replaced only once the new one is complete.
+    An existing folder at `directory` is replaced only once the new one is complete, and keeps its
+    other files and folders (`write_adapter_folder`).
     """
     config = peft_config_dict(model, name, base_model_name_or_path=base_model_name_or_path)
     tensors = adapter_state_dict(model, name)
@@ -244,18 +245,48 @@ def write_adapter_folder(
     *,
     extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
-    directory = Path(directory)
+    """Write a PEFT adapter folder atomically: built aside, then swapped in whole. An existing
+    folder keeps what it holds besides an adapter's files (as PEFT's save_pretrained leaves them):
+    they are hard-linked into the new one. An adapter's files it had and this one has not (a chat
+    template, a model card) go, since they would describe the old adapter."""
+    directory = Path(directory).absolute()  # ("." cannot be renamed; its absolute name can)
     staging = staging_folder(directory)
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
         for file_name, text in (extra_files or {}).items():
             (staging / file_name).write_text(text)
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if entry.name not in ADAPTER_FILES and not (staging / entry.name).exists():
+                    link_tree(entry, staging / entry.name)
         replace_dir(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+# the files an adapter folder's writer owns: not carried over from the folder it replaces
+ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, CHAT_TEMPLATE_NAME, "README.md", "adapter_model.bin")
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Copy a file or folder to `target` (new) as hard links where the file system can: lorakit
+    replaces the folders it writes whole, never writing into their files, so a link keeps its content."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system, or one without links
+            shutil.copy2(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=link)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    else:
+        link(str(source), str(target))
 
 
 def check_output_folder(out_dir: Union[str, Path], inputs: dict[str, Union[str, Path]], force: bool) -> Path:

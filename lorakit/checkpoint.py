@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from lorakit.adapters import new_folder, replace_dir, save_adapter
+from lorakit.adapters import link_tree, new_folder, replace_dir, save_adapter
 from lorakit.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -83,7 +83,7 @@ def save_checkpoint(
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, staging / "rng.pt")
         for name, folder in (folders or {}).items():
-            copy_folder(folder, staging / name)
+            link_tree(folder, staging / name)
         (staging / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
         replace_dir(staging, final)
     except BaseException:
@@ -92,17 +92,6 @@ def save_checkpoint(
     for old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def copy_folder(source: Path, target: Path) -> None:
-    """Copy a flat folder's files into `target` (new), as hard links where the file system can: a
-    folder lorakit writes is replaced whole, never written into, so a link keeps what it was."""
-    target.mkdir()
-    for file in source.iterdir():
-        try:
-            os.link(file, target / file.name)
-        except OSError:  # another file system, or none that links
-            shutil.copy2(file, target / file.name)
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

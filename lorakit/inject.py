@@ -409,9 +409,18 @@ def active_adapter(model: nn.Module) -> Optional[str]:
 
 
 def set_active_adapter(model: nn.Module, name: str) -> None:
-    """Make `name` the adapter used in forward and the only trainable one."""
+    """Make `name` the adapter used in forward and the only trainable one.
+
+    Raises:
+        UserError: no adapter `name`, or another adapter merged into the weights (forward would
+            run both).
+    """
     if name not in lora_configs(model):
         raise UserError(f"no adapter named {name!r}; the model has {sorted(lora_configs(model))}")
+    merged = next(((path, layer.merged) for path, layer in lora_layers(model) if set(layer.merged) - {name}), None)
+    if merged is not None:
+        raise UserError(f"{merged[0]}: adapter {merged[1][-1]!r} is merged into the weights, and forward would add {name!r} "
+                        "on top of it; unmerge_adapter before switching adapters")  # fmt: skip
     model.__dict__["lora_active"] = name
     for _, layer in lora_layers(model):
         # A layer without this adapter runs its base alone, so adapters never leak into each other.
@@ -502,9 +511,47 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def merge_adapter(model: nn.Module, name: Optional[str] = None) -> None:
-    """Fold adapter `name` (default: the active one) into the base weights, layer by layer."""
-    for _, layer in lora_layers(model):
-        layer.merge(name)
+    """Fold adapter `name` (default: the active one) into the base weights of the layers that have
+    it, all or none: a layer that cannot take it (a 4-bit one, a non-finite result) takes the
+    layers merged before it out again. A weight the layer shares with another module (an input
+    embedding tied to the output head) is untied first, so that the other keeps the base's, as
+    `lorakit merge` writes them; the model's config then says tie_word_embeddings: false.
+
+    Raises:
+        UserError: no adapter `name`, a 4-bit layer, or an adapter whose merge gives inf/NaN.
+    """
+    if name is not None and name not in lora_configs(model):
+        raise UserError(f"no adapter named {name!r}; the model has {sorted(lora_configs(model))}")
+    layers = [layer for _, layer in lora_layers(model) if (name or layer.active_adapter) in layer.lora_A]
+    layers = [layer for layer in layers if (name or layer.active_adapter) not in layer.merged]
+    _untie(model, layers)
+    done = []
+    try:
+        for layer in layers:
+            layer.merge(name)
+            done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge_last()
+        raise
+
+
+def _untie(model: nn.Module, layers: list[LoraLayer]) -> None:
+    """Give each of `layers` a weight of its own where another module holds the same parameter."""
+    holders: dict[int, int] = {}
+    for module in model.modules():  # (each module once; a tied parameter is held by two of them)
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    untied = False
+    for layer in layers:
+        if holders.get(id(layer.weight), 0) > 1 and layer.kind.name in ("linear", "conv1d", "embedding"):
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            untied = True
+    if untied:
+        config = getattr(model, "config", None)
+        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -518,10 +565,10 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     With `merge=False` the base weights are restored (merged adapters are taken out again).
     `modules_to_save` keep the active adapter's trained copy when merging, the original otherwise.
     """
+    if merge:
+        merge_adapter(model)  # (all layers or none; tied weights untied)
     for path, layer in list(lora_layers(model)):
-        if merge:
-            layer.merge()
-        else:
+        if not merge:
             layer.unmerge()
         _replace(model, path, layer.to_base_module())
     for path, module in list(saved_modules(model)):

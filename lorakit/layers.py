@@ -311,14 +311,18 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again (exact up to the weight dtype's rounding)."""
-        self._dora_row_sq = None  # W changes
         while self.merged:
-            name = self.merged.pop()
-            w = self.kind.dense_weight(self)
-            delta = self.delta_weight(name)
-            if name in self.lora_magnitude:
-                w = w / (self.lora_magnitude[name].detach().float() / self._dora_norms.pop(name)).unsqueeze(self._dora_axis)
-            self.kind.set_dense_weight(self, w - (delta.t() if self.kind.name == "embedding" else delta))
+            self.unmerge_last()
+
+    def unmerge_last(self) -> None:
+        """Subtract the adapter merged last (a DoRA adapter's rescaling is undone in that order)."""
+        self._dora_row_sq = None  # W changes
+        name = self.merged.pop()
+        w = self.kind.dense_weight(self)
+        delta = self.delta_weight(name)
+        if name in self.lora_magnitude:
+            w = w / (self.lora_magnitude[name].detach().float() / self._dora_norms.pop(name)).unsqueeze(self._dora_axis)
+        self.kind.set_dense_weight(self, w - (delta.t() if self.kind.name == "embedding" else delta))
 
     # ----------------------------------------------------------------- forward
     def base_forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -767,8 +767,7 @@ def _restore_best_adapter(run: Run, checkpoint: Path, state: dict) -> None:
     """Put back best_adapter/ as it was at the checkpoint's step: the run that died after it may have
     written a better one since, which the resumed run may never reach (other settings), and whose
     step the restored best record no longer names. Checkpoints before lorakit kept it say nothing."""
-    from lorakit.adapters import replace_dir, staging_folder
-    from lorakit.checkpoint import copy_folder
+    from lorakit.adapters import link_tree, replace_dir, staging_folder
 
     if "best_adapter_kept" not in state:
         return
@@ -776,7 +775,7 @@ def _restore_best_adapter(run: Run, checkpoint: Path, state: dict) -> None:
     if state["best_adapter_kept"]:
         staging = staging_folder(target)
         staging.rmdir()
-        copy_folder(checkpoint / BEST_ADAPTER_DIR, staging)
+        link_tree(checkpoint / BEST_ADAPTER_DIR, staging)
         replace_dir(staging, target)
     elif target.is_dir():  # written after the checkpoint, by the part of the run the resume replays
         shutil.rmtree(target)

@@ -478,3 +478,23 @@ def test_saved_folders_have_the_permissions_the_umask_gives(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o750
+
+
+def test_saving_into_a_folder_keeps_its_other_files(tmp_path, monkeypatch):
+    # as PEFT's save_pretrained: the folder's own files stay; an old adapter's template and card go
+    model = tiny_llama()
+    inject_adapter(model, LoraConfig(r=2, targets=["q_proj"]))
+    folder = tmp_path / "a"
+    (folder / "runs").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "runs" / "log.txt").write_text("log")
+    (folder / "chat_template.jinja").write_text("{{ old }}")
+    (folder / "README.md").write_text("old card")
+    save_adapter(model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt", "runs"]
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "runs" / "log.txt").read_text() == "log"
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(saved) == 2 * len(model.model.layers)
+    monkeypatch.chdir(folder)
+    save_adapter(model, ".")  # the current folder: written by its absolute name
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "adapter_config.json").is_file()

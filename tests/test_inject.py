@@ -332,3 +332,47 @@ def test_duplicate_adapter_name():
     inject_adapter(model, LoraConfig(r=2, alpha=2))
     with pytest.raises(UserError, match="already on the model"):
         inject_adapter(model, LoraConfig(r=2, alpha=2))
+
+
+def test_merging_is_all_or_none_and_switching_refuses_a_merged_adapter():
+    ids = _ids()
+    model = _adapted("a", "b")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with use_adapter(model, "b"):
+        only_b = model(ids).logits
+    with pytest.raises(UserError, match=r"no adapter named 'c'; the model has \['a', 'b'\]"):
+        merge_adapter(model, "c")
+    # "b" covers the q_proj layers only: those merge, the others are left alone (PEFT's way)
+    merge_adapter(model, "b")
+    assert sorted(p for p, layer in lora_layers(model) if layer.merged) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    set_active_adapter(model, "b")  # the merged one itself: forward adds nothing on top
+    torch.testing.assert_close(model(ids).logits, only_b, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj: adapter 'b' is merged into the weights, and forward "
+                                        r"would add 'a' on top of it; unmerge_adapter before switching adapters"):  # fmt: skip
+        set_active_adapter(model, "a")
+    unmerge_adapter(model)
+    set_active_adapter(model, "a")
+    # a layer that cannot take the adapter takes the ones merged before it out again
+    last = list(lora_layers(model))[-1][1]
+    with torch.no_grad():
+        last.lora_B["a"].fill_(float("inf"))
+    with pytest.raises(UserError, match="gives inf/NaN weights"):
+        merge_adapter(model, "a")
+    assert not any(layer.merged for _, layer in lora_layers(model))
+    after = model.state_dict()
+    assert all(torch.allclose(after[k], v, atol=1e-6, rtol=0) for k, v in before.items() if "lora_" not in k)
+
+
+def test_merging_an_adapted_tied_embedding_unties_the_head():
+    ids = _ids()
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    head = model.lm_head.weight.detach().clone()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"]))
+    _perturb(model, "default")
+    expected = model(ids).logits  # the head reads the base embedding; the input, the adapted one
+    merge_adapter(model)
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+    assert torch.equal(model.lm_head.weight, head) and not model.config.tie_word_embeddings
+    plain = unload(model)
+    torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=0)
