@@ -66,7 +66,7 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             module that does not fit it (both shapes named).
     """
     from lorakit.adapters import PREFIX
-    from lorakit.inject import _pattern_value
+    from lorakit.inject import _pattern_value, selected_by_name, unselected_weights
     from lorakit.merge import plan_merge, read_base_layout
 
     files = read_adapter(adapter_dir)
@@ -96,6 +96,11 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
             raise UserError(f"{files.path}: module {path} has only one of its two LoRA matrices; the adapter file is incomplete")
         a, b = entry["A"], entry["B"]
         _check_pair(files, path, a, b, entry.get("M"), _pattern_value(path, config.rank_pattern, config.r))
+        if not selected_by_name(path, config):  # every loader refuses it; PEFT would not load these weights
+            raise UserError(unselected_weights(files.path, path, config))
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise UserError(f"{files.path}: module {path} holds inf/NaN values in its LoRA matrices; the adapter is broken "
+                            "(a diverged run's, or a damaged file): use an earlier checkpoint's")  # fmt: skip
         scale = _scaling(config, path)
         stats = spectrum_stats(update_spectrum(a, b, scale))
         modules.append({
@@ -213,6 +218,9 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
                     f"LoRA matrices of rank {r} (A (experts·r, in), B (out, r·experts)); the adapter file is damaged, or "
                     "its adapter_config.json is another adapter's"
                 )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise UserError(f"{files.path}: {path}.{param} holds inf/NaN values in its LoRA matrices; the adapter is "
+                                "broken (a diverged run's, or a damaged file): use an earlier checkpoint's")  # fmt: skip
             scale = _scaling(config, f"{path}.{param}")
             a_e, b_e = expert_factors(a, b, experts)
             per_expert = [spectrum_stats(update_spectrum(a_e[e], b_e[e], scale)) for e in range(experts)]
@@ -250,7 +258,9 @@ def _check_saved(files, key: str, name: str) -> None:
     modules_to_save, or the base weight of a targeted module (`.base_layer.weight`)."""
     parts = name.split(".")
     modules = [".".join(parts[:i]) for i in range(1, len(parts))]  # every module the tensor is under
-    saved = any(m == t or m.endswith("." + t) for m in modules for t in files.config.modules_to_save)
+    # PEFT's own rule: a module whose name ends with an entry, at a dot or not ("norm" saves every
+    # input_layernorm too), as the adapter's loaders take it (adapters._with_saved_modules_as_peft_took_them)
+    saved = any(m.endswith(t) for m in modules for t in files.config.modules_to_save)
     if saved or name.endswith(".base_layer.weight"):
         return
     raise UserError(

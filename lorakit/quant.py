@@ -695,9 +695,9 @@ def _check_shapes(targets: list[tuple[str, nn.Module]], blocksize: int) -> None:
             bad.append(f"{name} (in_features={fan_in}, out_features={fan_out})")
     if bad:
         raise UserError(
-            f"quantize: nf4: cannot quantize {'; '.join(bad)} in blocks of {blocksize}: in_features must be "
-            f"a multiple of {blocksize}. Leave such layers in 16-bit by adding their names to skip, "
-            f"or use a smaller blocksize"
+            f"quantize: nf4: cannot quantize {'; '.join(bad)} in blocks of {blocksize}: in_features must be a multiple "
+            f"of {blocksize} (a block may not straddle rows); train this model with quantize: none, or from Python leave "
+            "such layers 16-bit with load_model_4bit(..., skip=[their last name part]) or quantize them in smaller blocks (blocksize=)"
         )
 
 

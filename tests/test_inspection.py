@@ -153,6 +153,11 @@ def test_malformed_adapters_exit_2(tmp_path, capsys):
          f"adapter tensor {P}q_proj.scales is no LoRA matrix"),
         (case("unprefixed", tensors={P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": b, "scales": a.clone()}),
          "adapter tensor scales does not start with 'base_model.model.'"),
+        (case("inf", tensors={P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": torch.full((64, 2), float("inf"))}),
+         f"module {P[len('base_model.model.'):]}q_proj holds inf/NaN values in its LoRA matrices; the adapter is broken"),
+        (case("unselected", tensors={P + "q_proj.lora_A.weight": a, P + "q_proj.lora_B.weight": b,
+                                     P + "k_proj.lora_A.weight": a.clone(), P + "k_proj.lora_B.weight": b.clone()}),
+         f"holds LoRA weights for {P[len('base_model.model.'):]}k_proj"),
     ]
     (case("no_file") / "adapter_model.safetensors").unlink()
     cases.append((tmp_path / "no_file", ": no adapter_model.safetensors, the adapter's weights"))
@@ -176,3 +181,14 @@ def test_what_narrows_the_targets_is_reported(tmp_path, capsys):
     # (PEFT writes target_modules from a set: in either order)
     assert sorted(info["targets"]) == ["q_proj", "v_proj"]
     assert f"targets   {info['targets']}, exclude ['v_proj'], layers [1] of layers\n" in capsys.readouterr().out
+
+
+def test_peft_modules_to_save_entries_match_as_peft_matches_them(tmp_path, capsys):
+    # PEFT saves every module whose name ends with an entry: "norm" is model.norm and each *_layernorm
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    info = inspect_adapter(tmp_path / "peft")
+    saved = sorted(s["tensor"] for s in info["modules_to_save"])
+    assert "model.norm.modules_to_save.default.weight" in saved or "model.norm.weight" in saved
+    assert any("input_layernorm" in name for name in saved) and len(saved) == 5  # model.norm + 2 blocks x 2 layernorms
+    assert main(["inspect", str(tmp_path / "peft")]) == 0
