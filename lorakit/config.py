@@ -392,6 +392,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"override {pair!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+        if key.strip() in out:  # (as a key given twice in the file is refused: which one was meant?)
+            raise UserError(f"override {pair!r}: {key.strip()} is given twice on the command line; keep one")
         try:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as exc:
@@ -904,7 +906,8 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
 def _best_eval_problems(cfg: RunConfig) -> list[str]:
     """save_best and early stopping need periodic evals of a figure the run measures."""
     train = cfg.train
-    watched = [f"train.{k} = {getattr(train, k)!r}" for k in ("save_best", "early_stopping_patience") if getattr(train, k)]
+    on = lambda v: v is True or (type(v) is int and v > 0)  # noqa: E731 (a bad value is reported by its own check)
+    watched = [f"train.{k} = {getattr(train, k)!r}" for k in ("save_best", "early_stopping_patience") if on(getattr(train, k))]
     names = list(eval_sets(cfg.data.eval)) if isinstance(cfg.data.eval, dict) and cfg.data.eval else [""]
     parts = best_metric_parts(train.best_metric, names)
     problems = []
@@ -912,6 +915,12 @@ def _best_eval_problems(cfg: RunConfig) -> list[str]:
         choices = [eval_key(n, base[len("eval_"):]) for n in names for base in BEST_METRICS]
         problems.append(f"train.best_metric = {train.best_metric!r}: use one of {', '.join(choices)}"
                         + ("" if names == [""] else " (data.eval names its sets: the figure of one of them)"))  # fmt: skip
+    if train.eval_every and cfg.data.eval is None and not cfg.data.eval_fraction:
+        problems.append(f"train.eval_every = {train.eval_every!r}: there is no eval data to evaluate; set data.eval or "
+                        "data.eval_fraction, or remove train.eval_every")  # fmt: skip
+    if cfg.data.eval is not None and cfg.data.eval_fraction:
+        problems.append(f"data.eval_fraction = {cfg.data.eval_fraction}: data.eval is set too, and eval data given wins "
+                        "over a held-out fraction; remove one of them")  # fmt: skip
     if not watched:
         return problems
     if not train.eval_every:
@@ -993,9 +1002,13 @@ def _join(source: str, problems: list[str], places: dict[str, str]) -> str:
 
 def _place_of(problem: str, places: dict[str, str]) -> Optional[str]:
     """Where the key a problem begins with (`lora.r = 0: ...`, `unknown key 'data.pack'; ...`) was
-    given, or failing that its nearest enclosing key (a file entry's option: its entry)."""
+    given, or a key under it (an override `train.bogus.x=1`'s unknown `train.bogus`), or failing
+    that its nearest enclosing key (a file entry's option: its entry)."""
     match = re.match(r"(?:unknown key ')?([A-Za-z_][\w.\[\]-]*)", problem)
     key = match.group(1).rstrip(".") if match else ""
+    under = next((place for k, place in places.items() if k.startswith((key + ".", key + "["))), None) if key else None
+    if key not in places and under is not None:
+        return under
     while key:
         if key in places:
             return places[key]

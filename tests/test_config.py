@@ -159,6 +159,13 @@ def test_value_errors_name_the_line_or_the_command_line(tmp_path):
         load_run_config(path, parse_overrides(["lora.r=4", "train.lr=1e-3", "data.train=a.jsonl", "train.batchsize=4"]),
                         check_paths=False)  # fmt: skip
     assert str(err.value) == "command line: unknown key 'train.batchsize'; did you mean 'train.batch_size'?"
+    # an unknown key under a section the file sets is the command line's too, not the section's line
+    with pytest.raises(UserError) as err:
+        load_run_config(path, parse_overrides(["lora.r=4", "train.lr=1e-3", "data.train=a.jsonl", "train.bogus.x=1"]),
+                        check_paths=False)  # fmt: skip
+    assert str(err.value).startswith("command line: unknown key 'train.bogus'")
+    with pytest.raises(UserError, match=r"override 'lora.r=8': lora.r is given twice on the command line; keep one"):
+        parse_overrides(["lora.r=4", "lora.r=8"])
 
 
 def test_eval_generate_needs_an_eval_file():
@@ -205,7 +212,12 @@ def test_best_eval_and_early_stopping_settings():
     assert "train.best_metric = 'accuracy': use one of eval_loss, eval_perplexity, eval_accuracy" in problems(
         {"best_metric": "accuracy"}
     )
-    assert "train.early_stopping_patience = -1: must be >= 0" in problems({"early_stopping_patience": -1})
+    assert problems({"early_stopping_patience": -1}).endswith("train.early_stopping_patience = -1: must be >= 0")  # that alone
+    # evals without eval data, and two eval sources, are refused rather than ignored
+    assert problems({"eval_every": 5}, data={"train": "t"}) == ("config: train.eval_every = 5: there is no eval data to evaluate; set "
+                                                                "data.eval or data.eval_fraction, or remove train.eval_every")  # fmt: skip
+    assert problems({}, data={"train": "t", "eval": "e", "eval_fraction": 0.1}) == (
+        "config: data.eval_fraction = 0.1: data.eval is set too, and eval data given wins over a held-out fraction; remove one of them")
     # watched by nothing, best_metric is not checked against the run
     assert build_run_config({**base, "train": {"best_metric": "eval_accuracy"}}, check_paths=False)
 
