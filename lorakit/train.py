@@ -119,6 +119,12 @@ class Run:
     # train.precompute_reference: the reference's summed log-probability of each training example,
     # (N,) fp32 on the device, looked up by the micro-batches' example_ids; None: computed each step
     reference_logps: Optional[torch.Tensor] = None
+    # the wall time and tokens of the training so far: this process's (from `fit_started`, a
+    # perf_counter reading), and those a resumed checkpoint had (`trained_before`), so that the
+    # summary's time and speed are the run's, not the resumed part's
+    fit_started: float = 0.0
+    tokens_seen: int = 0
+    trained_before: tuple[float, int] = (0.0, 0)
 
 
 # --------------------------------------------------------------------------- setup
@@ -438,19 +444,25 @@ def _run_name(run: Run) -> str:
 
 
 def plan_steps(cfg: RunConfig, stream: Any, world_size: int) -> tuple[int, int]:
-    """(the run's optimizer steps, the steps of an epoch) for the batches `stream` makes.
+    """(the run's optimizer steps, the whole steps of an epoch) for the batches `stream` makes.
+    `epochs` train on every micro-batch of that many passes: the stream runs on from one pass to
+    the next, so an epoch's micro-batches need not fill whole steps, and the run takes as many
+    steps as they fill, the last one finished with the next pass's first micro-batches (rounding
+    down instead left up to grad_accum - 1 micro-batches an epoch untrained: with 20 micro-batches
+    and grad_accum 12, 8 of them).
 
     Raises:
         UserError: the data makes fewer rows than one optimizer step takes.
     """
-    steps_per_epoch = stream.microbatches_per_epoch() // cfg.train.grad_accum
+    per_epoch = stream.microbatches_per_epoch()
+    steps_per_epoch = per_epoch // cfg.train.grad_accum
     if steps_per_epoch == 0:
         raise UserError(
             f"one optimizer step needs batch_size x grad_accum x processes = "
             f"{cfg.train.batch_size * cfg.train.grad_accum * world_size} rows but the data makes "
             f"{stream.num_rows}; lower train.batch_size or train.grad_accum"
         )
-    return cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch
+    return cfg.train.max_steps or -(-per_epoch * cfg.train.epochs // cfg.train.grad_accum), steps_per_epoch
 
 
 def is_due(every: Union[int, str], run: Run) -> bool:
@@ -755,6 +767,8 @@ def _restore(run: Run, checkpoint: Path, state: dict, optimizer_state: dict, rng
     run.step = state["step"]
     restore_rng(rng_state)
     run.metrics.resume_from(run.step)
+    trained = state.get("trained") or {}
+    run.trained_before = (float(trained.get("seconds", 0.0)), int(trained.get("tokens", 0)))
     best = state.get("best")
     if best is not None and best.get("metric") == run.cfg.train.best_metric:  # another metric's best is no best
         run.best = best
@@ -955,6 +969,8 @@ def _checkpoint(run: Run) -> Path:
         "total_steps": run.total_steps,
         "best": run.best,
         "trackers": run.metrics.trackers.state() if run.metrics.trackers is not None else {},
+        "trained": {"seconds": run.trained_before[0] + time.perf_counter() - run.fit_started,
+                    "tokens": run.trained_before[1] + run.tokens_seen},  # fmt: skip
     }
     optimizer_state = optimizer_state_dict(run)
     path = None
@@ -1027,7 +1043,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     if main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    start_time = time.perf_counter()
+    start_time = run.fit_started = time.perf_counter()
     tokens_seen = 0
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
@@ -1053,6 +1069,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
             # tokens/s counts training time only, not eval, checkpoints or plotting
             window_time += time.perf_counter() - step_start
             tokens_seen += int(result["tokens"])
+            run.tokens_seen = tokens_seen
             window_tokens += result["tokens"]
             last_train = result
             if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
@@ -1061,7 +1078,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
                 window_tokens, window_time = 0.0, 0.0
                 entry = {
                     "step": run.step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
-                    "tokens_per_s": tps, "elapsed_s": now - start_time,
+                    "tokens_per_s": tps, "elapsed_s": now - start_time + run.trained_before[0],
                     **{k: result[k] for k in preference.STEP_METRICS if k in result},
                 }  # fmt: skip
                 run.metrics.log(entry)
@@ -1121,13 +1138,13 @@ def _finish(
         if last_eval:
             run.metrics.log({"step": run.step, **last_eval})
             _after_eval(run, last_eval)
-    elapsed = time.perf_counter() - start_time
+    elapsed = time.perf_counter() - start_time + run.trained_before[0]
     if not last_train:  # nothing trained in this process (resumed where early stopping ended the run)
         last_train = next((e for e in reversed(run.metrics.entries) if "loss" in e), {})
     summary = {
         "steps": run.step,
         "time_s": elapsed,
-        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # tokens_seen already counts every rank
+        "tokens_per_s": (tokens_seen + run.trained_before[1]) / max(elapsed, 1e-9),  # tokens_seen already counts every rank
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "final_loss": last_train.get("loss"),
         **{f"final_{k}": last_train[k] for k in ("reward_accuracy", "reward_margin") if k in last_train},

@@ -959,3 +959,35 @@ def test_chat_template_kwargs_are_trained_with_and_kept_in_the_adapters_template
     several.chat_template = {"default": THINKING_TEMPLATE, "tool_use": THINKING_TEMPLATE}
     with pytest.raises(UserError, match=r"several chat templates \(default, tool_use\): the adapter keeps one template"):
         prepare_chat_template(several, build_run_config(cfg, check_paths=False), print)
+
+
+def test_epochs_train_every_micro_batch_of_their_passes():
+    # 20 micro-batches an epoch, grad_accum 12: one whole step an epoch, but rounding down left 8 untrained
+    from types import SimpleNamespace
+
+    stream = SimpleNamespace(microbatches_per_epoch=lambda: 20, num_rows=80)
+    for epochs, steps in ((1, 2), (3, 5), (6, 10)):
+        cfg = build_run_config({"model": "m", "data": {"train": "t"}, "train": {"grad_accum": 12, "epochs": epochs}}, check_paths=False)
+        assert train_module.plan_steps(cfg, stream, 1) == (steps, 1)
+        assert steps * 12 >= epochs * 20 > (steps - 1) * 12  # every micro-batch, less than a step more
+    cfg = build_run_config({"model": "m", "data": {"train": "t"}, "train": {"grad_accum": 4, "epochs": 2}}, check_paths=False)
+    assert train_module.plan_steps(cfg, stream, 1) == (10, 5)  # whole steps: as before
+
+
+def test_a_resumed_runs_summary_counts_the_whole_runs_time_and_tokens(workspace, monkeypatch):
+    out = workspace / "timed"
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda run: (_ for _ in ()).throw(RuntimeError("crash")) if run.step == 8 else real_step(run))
+    with pytest.raises(RuntimeError, match="crash"):
+        main(["train", _config(workspace, out, save_every=6)])
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    state_file = out / "checkpoints" / "step-6" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["trained"]["tokens"] > 0 and 0 < state["trained"]["seconds"] < 100
+    state["trained"]["seconds"] = 1000.0  # a long first part: the summary must count it
+    state_file.write_text(json.dumps(state))
+    assert main(["train", _config(workspace, out, save_every=6), "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 1000 < summary["time_s"] < 1100 and all(e["elapsed_s"] > 1000 for e in _entries(out) if "loss" in e and e["step"] > 6)
+    # packed rows of one length: steps 1-6 and 7-12 train as many tokens
+    assert summary["tokens_per_s"] * summary["time_s"] == pytest.approx(2 * state["trained"]["tokens"], rel=1e-6)
