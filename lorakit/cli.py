@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             src = p.add_mutually_exclusive_group(required=True)
             src.add_argument("--prompt", help="one prompt")
-            src.add_argument("--prompts", help="file of prompts: one per line, or JSONL with a 'prompt' field")
+            src.add_argument("--prompts", help="file of prompts (- for standard input): one per line, or JSONL with a "
+                                                "'prompt' field, or 'messages' (and 'tools') for chat")  # fmt: skip
             p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
             p.add_argument("--batch-size", type=_positive_int, default=8)
         else:

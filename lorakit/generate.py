@@ -185,9 +185,12 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     """
     from lorakit.data import TOO_DEEP, lone_surrogate, read_utf8
 
+    if str(path) == "-":  # standard input: a pipe (read as /dev/stdin, which read_utf8 reads like a file)
+        path = Path("/dev/stdin")
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--prompts {str(path)!r}: file not found; give a text file (one prompt per line) or JSONL")
+    if not path.exists() or path.is_dir():  # (a pipe or /dev/stdin is no regular file, and is read all the same)
+        raise UserError(f"--prompts {str(path)!r}: file not found; give a text file (one prompt per line) or JSONL, or - for "
+                        "standard input")  # fmt: skip
     lines = read_utf8(path).splitlines()
     jsonl = path.suffix.lower() in (".jsonl", ".json") or any(line.lstrip().startswith("{") for line in lines[:1])
     prompts: list[Prompt] = []

@@ -148,6 +148,16 @@ def test_bad_inputs(tmp_path, capsys):
         read_prompts(tmp_path / "bad.jsonl")
     (tmp_path / "plain.txt").write_text("one\n\ntwo\n")
     assert read_prompts(tmp_path / "plain.txt") == ["one", "two"]
+    # - (standard input) and a pipe, which are no regular files
+    import subprocess
+    import sys
+
+    code = "import sys; from lorakit.generate import read_prompts; print(read_prompts(sys.argv[1]))"
+    for source in ("-", "/dev/stdin"):
+        piped = subprocess.run([sys.executable, "-c", code, source], input='{"prompt": "one"}\n', capture_output=True, text=True)
+        assert piped.stdout == "['one']\n", piped.stderr
+    with pytest.raises(UserError, match=r"file not found; give a text file .* or - for standard input"):
+        read_prompts(tmp_path)
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "one"}\r\n')  # saved by a Windows editor
     assert read_prompts(tmp_path / "bom.jsonl") == ["one"]
     (tmp_path / "latin1.txt").write_bytes("one\ncaf\u00e9\n".encode("latin-1"))
