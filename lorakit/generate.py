@@ -81,12 +81,18 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, batch_size: int = 1) -> None:
-    """Raises UserError unless the sampling settings are usable (also for `chat`, before its first turn)."""
-    if not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
-        raise UserError(
-            f"temperature={temperature}, top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
-            f"batch_size={batch_size}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, batch_size >= 1"
-        )
+    """Raises UserError unless the sampling settings are usable (also for `chat`, before its first
+    turn), naming the ones that are not."""
+    rules = [
+        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, ">= 0 (0: greedy)"),
+        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+        ("top_k", top_k, top_k >= 0, ">= 0 (0: off)"),
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+    ]
+    bad = [f"--{name.replace('_', '-')} {value}: must be {rule}" for name, value, ok, rule in rules if not ok]
+    if bad:
+        raise UserError("; ".join(bad))
 
 
 def generate(

@@ -203,7 +203,7 @@ def test_model_and_adapter_folders_whose_paths_are_not_utf8_exit_2(tmp_path, cap
 
 def test_an_empty_prompt_without_a_start_token_and_a_nan_temperature_are_user_errors(model_tok, monkeypatch):
     model, tok = model_tok
-    with pytest.raises(UserError, match="temperature=nan"):
+    with pytest.raises(UserError, match="--temperature nan: must be >= 0"):
         generate(model, tok, ["hi"], temperature=float("nan"))
     monkeypatch.setattr("lorakit.generate.render_prompt", lambda tokenizer, prompt, chat: tok("hi")["input_ids"] if prompt else [])
     with pytest.raises(UserError, match="prompt 2 is empty and this tokenizer adds no start token"):
@@ -221,7 +221,7 @@ def test_a_config_that_is_not_utf8_and_a_zero_batch_size_exit_2(tmp_path, capsys
 
 
 def test_chat_refuses_bad_sampling_before_loading_and_seeds_must_fit_64_bits(capsys):
-    for args, message in [(["--max-new-tokens", "0"], "max_new_tokens=0"), (["--seed", str(2**64)], "--seed 18446744073709551616: must fit")]:
+    for args, message in [(["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"), (["--seed", str(2**64)], "--seed 18446744073709551616: must fit")]:
         assert main(["chat", "--model", "no/such/model", *args]) == 2  # refused before the model is looked for
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
@@ -268,3 +268,15 @@ def test_an_adapter_chat_template_that_is_not_utf8_exits_2(tmp_path, capsys, mon
         assert err == [f"error: {adapter / 'chat_template.jinja'}: not UTF-8 text (byte 0: invalid start byte); save the chat "
                        "template as UTF-8, or delete the file to use the model's own template"], args  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_sampling_errors_name_the_settings_at_fault():
+    from lorakit.generate import check_sampling
+
+    check_sampling(0.0, 1.0, 0, 1)
+    with pytest.raises(UserError) as err:
+        check_sampling(-1.0, 0.9, 50, 8)
+    assert str(err.value) == "--temperature -1.0: must be >= 0 (0: greedy)"
+    with pytest.raises(UserError) as err:
+        check_sampling(float("nan"), 0.0, 0, 0)
+    assert str(err.value) == "--temperature nan: must be >= 0 (0: greedy); --top-p 0.0: must be in (0, 1]; --max-new-tokens 0: must be >= 1"
