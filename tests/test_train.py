@@ -350,17 +350,22 @@ def test_neftune_changes_the_losses_and_resumes_bit_identically(workspace, monke
     assert "train.neftune_alpha = 5.0: NEFTune is for SFT; dpo would compare noisy answers" in capsys.readouterr().err
 
 
+def _signalling(fn, *, at_step: int, sig: int):
+    """`fn(run)`, sending this process `sig` once it returns at step `at_step` (a user's Ctrl-C, a scheduler's SIGTERM)."""
+
+    def wrapped(run):
+        result = fn(run)
+        if run.step == at_step:
+            os.kill(os.getpid(), sig)
+        return result
+
+    return wrapped
+
+
 def test_sigint_saves_a_checkpoint_and_resume_finishes(workspace, monkeypatch, capsys):
     out = workspace / "sigint"
     real_step = train_module.train_step
-
-    def interrupt_at_five(run):
-        result = real_step(run)
-        if run.step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(train_module, "train_step", interrupt_at_five)
+    monkeypatch.setattr(train_module, "train_step", _signalling(real_step, at_step=5, sig=signal.SIGINT))
     assert main(["train", _config(workspace, out)]) == 128 + signal.SIGINT
     assert "checkpoint saved" in capsys.readouterr().out
     assert (out / "checkpoints" / "step-5" / "state.json").is_file()
@@ -373,14 +378,7 @@ def test_a_stop_during_the_final_eval_or_save_loses_nothing(workspace, monkeypat
     # the last step is done: a stop during the final eval checkpoints it, one during the save lets it end
     out = workspace / "final_stop"
     real_eval, real_save = train_module.evaluate, lorakit.adapters.save_adapter
-
-    def eval_then_stop(run):
-        result = real_eval(run)
-        if run.step == 12:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(train_module, "evaluate", eval_then_stop)
+    monkeypatch.setattr(train_module, "evaluate", _signalling(real_eval, at_step=12, sig=signal.SIGTERM))
     assert main(["train", _config(workspace, out)]) == 128 + signal.SIGTERM
     assert "SIGTERM: stopped at step 12; checkpoint saved" in capsys.readouterr().out
     assert (out / "checkpoints" / "step-12" / "state.json").is_file() and not (out / "adapter").exists()
