@@ -31,7 +31,7 @@ same micro-batch: the base model, the same model with the adapter switched off
 `adapter` in the run config), a frozen copy of that adapter carried by the model under the name
 REFERENCE_ADAPTER (`lorakit.inject.use_adapter`). Either costs one forward pass and no memory for
 a second model, and equals the trained model at the start, so DPO's first loss is exactly ln 2
-(KTO's 0.5). The reference is frozen, so with train.precompute_reference it runs once instead,
+(KTO's 0.5; a continued adapter's trained copy with lora.dropout > 0 differs by its dropout). The reference is frozen, so with train.precompute_reference it runs once instead,
 over the whole training set before the first step (`precompute_reference_logps`), and the loss
 takes each sequence's value from that table (`reference=`), saving the forward on every step.
 simpo and orpo need no reference: one forward a micro-batch, as for SFT. Both

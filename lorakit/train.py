@@ -1474,13 +1474,19 @@ def _skipped(count: int, places: list[str]) -> str:
 
 
 def _dropped(stats: dict) -> str:
-    """"truncated 3, dropped 1" or, for preference data (a pair is dropped whole, both answers
-    counted in the stats), "truncated 3 answers, dropped 1 pair"."""
-    truncated, dropped = stats.get("truncated"), stats.get("dropped_too_long", 0) + stats.get("dropped_no_trainable", 0)
+    """"truncated 3, dropped 1 (1 longer than max_length)" or, for preference data (a pair is
+    dropped whole, both answers counted in the stats), "truncated 3 answers, dropped 1 pair (2
+    answers with no token to train within max_length)"."""
+    truncated, too_long, untrainable = stats.get("truncated"), stats.get("dropped_too_long", 0), stats.get("dropped_no_trainable", 0)
+    dropped = too_long + untrainable
+    answers = " answers" if stats.get("pairs") else ""
+    reasons = [f"{too_long}{answers} longer than max_length"] if too_long else []
+    reasons += [f"{untrainable}{answers} with no token to train within max_length"] if untrainable else []
+    why = f" ({', '.join(reasons)})" if reasons else ""
     if not stats.get("pairs"):
-        return f"truncated {truncated}, dropped {dropped}"
+        return f"truncated {truncated}, dropped {dropped}{why}"
     unit = "labelled example" if stats.get("unpaired") else "pair"
-    return f"truncated {truncated} answers, dropped {dropped // 2} {unit}{'' if dropped // 2 == 1 else 's'}"
+    return f"truncated {truncated} answers, dropped {dropped // 2} {unit}{'' if dropped // 2 == 1 else 's'}{why}"
 
 
 def _unadapted_experts(model) -> list[str]:

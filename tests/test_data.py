@@ -1287,3 +1287,13 @@ def test_the_data_cache_is_under_lorakit_cache_data(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
     load_dataset(path, make_tokenizer("llama3"), DataConfig())
     assert [p.parent for p in (tmp_path / "root").rglob("*.npz")] == [tmp_path / "root" / "data"]
+
+
+def test_the_summary_says_why_examples_were_dropped():
+    from lorakit.train import _dropped
+
+    stats = {"truncated": 1, "dropped_too_long": 2, "dropped_no_trainable": 1}
+    assert _dropped(stats) == "truncated 1, dropped 3 (2 longer than max_length, 1 with no token to train within max_length)"
+    assert _dropped({"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable": 0}) == "truncated 0, dropped 0"
+    pairs = {"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable": 4, "pairs": 3}
+    assert _dropped(pairs) == "truncated 0 answers, dropped 2 pairs (4 answers with no token to train within max_length)"

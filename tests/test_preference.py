@@ -128,7 +128,8 @@ def test_a_pair_is_dropped_whole_and_invalid_records_are_reported_by_line():
     ds = build(records, max_length=16, too_long="drop", skip_invalid=True)
     assert ds.stats.pairs == 1 and len(ds) == 2 and ds.stats.dropped_too_long == 2
     assert ds.stats.skipped_invalid == 1 and ds.stats.skipped_lines == [3]
-    assert _dropped(dataclasses.asdict(ds.stats)) == "truncated 0 answers, dropped 1 pair"  # the start summary's words
+    # the start summary's words, with why
+    assert _dropped(dataclasses.asdict(ds.stats)) == "truncated 0 answers, dropped 1 pair (2 answers longer than max_length)"
     with pytest.raises(UserError, match=r"p.jsonl:3: 'chosen' must be a string, got a number"):
         build(records, max_length=16, too_long="drop")
     with pytest.raises(UserError, match=r"p.jsonl:2: a completion record in a file of preference records"):
