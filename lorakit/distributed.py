@@ -379,6 +379,21 @@ def frozen_bytes_held(model: nn.Module) -> tuple[int, int]:
     return held, whole
 
 
+def frozen_bytes_outside_blocks(model: nn.Module) -> int:
+    """Bytes of the frozen weights outside the transformer blocks (embeddings, final norm, output
+    head), whole: FSDP2's root group, which it gathers at the step's first forward and, as the root,
+    keeps gathered through the backward (it needs them again there)."""
+    inside = {id(p) for block in transformer_blocks(model) for p in block.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad or id(p) in inside or id(p) in seen or preference.is_reference_parameter(name):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformer (`model.layers`, `transformer.h`, ...), found generically:
     the ModuleList of same-class modules holding the most parameters."""

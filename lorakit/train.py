@@ -846,6 +846,20 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def _this_process_randomness(run: Run):
+    """The step's random draws (LoRA and model dropout, NEFTune's noise) from torch's generator
+    seeded for this process: a seed drawn from the shared generator, which advances alike in every
+    process (so the state a checkpoint keeps resumes any number of them bit-exactly), mixed with
+    the rank, so that each process draws its own masks for its rows (with one seed for all, every
+    process dropped the same positions). The shared generator is put back after the step."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.manual_seed(seed ^ (run.dist.rank * 0x9E3779B97F4A7C15 % 2**62))
+        yield
+
+
 def train_step(run: Run) -> dict[str, float]:
     """One optimizer step over grad_accum micro-batches; returns its (global) loss and grad norm."""
     cfg, dist = run.cfg, run.dist
@@ -861,21 +875,8 @@ def train_step(run: Run) -> dict[str, float]:
     scale = dist.world_size / step_units
     loss_sum = torch.zeros((), device=run.device)
     stats = torch.zeros(len(preference.STAT_NAMES), device=run.device) if pairs else None
-    for i, batch in enumerate(micro):
-        batch = _to_device(batch, run.device)
-        sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else contextlib.nullcontext()
-        with sync_ctx:
-            inputs = [batch["input_ids"], batch["labels"], batch["position_ids"]]
-            if pairs:
-                kw = {"desirable": batch["desirable"]} if "desirable" in batch else {}  # KTO: each example's label
-                if run.reference_logps is not None:  # train.precompute_reference: no reference forward here
-                    kw["reference"] = run.reference_logps[batch["example_ids"]]
-                batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"], **kw)
-                stats += batch_stats
-            else:
-                batch_loss = run.train_model(*inputs)
-            (batch_loss * scale).backward()
-        loss_sum += batch_loss.detach().float()
+    with _this_process_randomness(run):
+        _forward_backward(run, micro, scale, pairs, loss_sum, stats)
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
@@ -908,6 +909,29 @@ def train_step(run: Run) -> dict[str, float]:
         "loss": loss_value, "grad_norm": norm_value, "lr": lr, "tokens": step_all_tokens, "trainable_tokens": step_tokens,
         **extra,
     }  # fmt: skip
+
+
+def _forward_backward(
+    run: Run, micro: list[dict], scale: float, pairs: bool, loss_sum: torch.Tensor, stats: Optional[torch.Tensor]
+) -> None:
+    """The step's micro-batches forward and backward, their gradients reduced with the last one;
+    their losses (and preference statistics) added into `loss_sum` (`stats`)."""
+    dist = run.dist
+    for i, batch in enumerate(micro):
+        batch = _to_device(batch, run.device)
+        sync_ctx = dist.no_sync() if (dist.no_sync is not None and i < len(micro) - 1) else contextlib.nullcontext()
+        with sync_ctx:
+            inputs = [batch["input_ids"], batch["labels"], batch["position_ids"]]
+            if pairs:
+                kw = {"desirable": batch["desirable"]} if "desirable" in batch else {}  # KTO: each example's label
+                if run.reference_logps is not None:  # train.precompute_reference: no reference forward here
+                    kw["reference"] = run.reference_logps[batch["example_ids"]]
+                batch_loss, batch_stats = run.train_model(*inputs, batch["sequence_ids"], **kw)
+                stats += batch_stats
+            else:
+                batch_loss = run.train_model(*inputs)
+            (batch_loss * scale).backward()
+        loss_sum += batch_loss.detach().float()
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -1350,11 +1374,15 @@ def _parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def _processes_line(run: Run) -> str:
     """How the processes hold the frozen model, e.g. "2 (fsdp); each holds 1.20 MiB of the 2.39 MiB of
-    frozen weights (its shards; one block gathered at a time on top)"."""
-    from lorakit.distributed import frozen_bytes_held
+    frozen weights (its shards; during a step also the embeddings, norm and head whole, 0.40 MiB,
+    and one block at a time)"."""
+    from lorakit.distributed import frozen_bytes_held, frozen_bytes_outside_blocks
 
     held, whole = frozen_bytes_held(run.model)
-    how = "its shards; one block gathered at a time on top" if run.cfg.train.distributed == "fsdp" else "a whole copy"
+    how = "a whole copy"
+    if run.cfg.train.distributed == "fsdp":
+        outside = byte_size(frozen_bytes_outside_blocks(run.model))
+        how = f"its shards; during a step also the embeddings, norm and head whole, {outside}, and one block at a time"
     return f"{run.dist.world_size} ({run.cfg.train.distributed}); each holds {byte_size(held)} of the {byte_size(whole)} of frozen weights ({how})"
 
 

@@ -989,3 +989,21 @@ def test_a_resumed_runs_summary_counts_the_whole_runs_time_and_tokens(workspace,
     assert 1000 < summary["time_s"] < 1100 and all(e["elapsed_s"] > 1000 for e in _entries(out) if "loss" in e and e["step"] > 6)
     # packed rows of one length: steps 1-6 and 7-12 train as many tokens
     assert summary["tokens_per_s"] * summary["time_s"] == pytest.approx(2 * state["trained"]["tokens"], rel=1e-6)
+
+
+def test_each_process_draws_its_own_dropout_masks_and_the_shared_generator_advances_alike():
+    # one seed for all processes dropped the same positions of every process's rows
+    from types import SimpleNamespace
+
+    def masks(rank):
+        torch.manual_seed(5)
+        run = SimpleNamespace(device=torch.device("cpu"), dist=train_module.Distributed(rank=rank, world_size=2))
+        with train_module._this_process_randomness(run):
+            drawn = torch.nn.functional.dropout(torch.ones(4096), p=0.5)
+        return drawn, torch.get_rng_state()
+
+    (m0, after0), (m1, after1), (again, _) = masks(0), masks(1), masks(0)
+    assert torch.equal(m0, again) and (m0 == m1).float().mean() < 0.6  # its own, and the same on a rerun (a resume)
+    torch.manual_seed(5)
+    torch.randint(0, 2**62, (1,))  # what the step takes from the shared generator, in every process
+    assert torch.equal(after0, after1) and torch.equal(after0, torch.get_rng_state())
