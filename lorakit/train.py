@@ -1167,6 +1167,7 @@ def _finish(
         last_train = next((e for e in reversed(run.metrics.entries) if "loss" in e), {})
     summary = {
         "steps": run.step,
+        "processes": run.dist.world_size,  # (the global batch is batch_size x grad_accum x processes)
         "time_s": elapsed,
         "tokens_per_s": (tokens_seen + run.trained_before[1]) / max(elapsed, 1e-9),  # tokens_seen already counts every rank
         "peak_memory_bytes": peak_memory_bytes(run.device),
