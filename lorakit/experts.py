@@ -258,20 +258,26 @@ class LoraExperts(nn.Module):
                 f"cannot merge an adapter into the 4-bit experts {self.path or '(unnamed)'}: re-quantizing would lose the "
                 "update; merge into the full-precision base with `lorakit merge` instead"
             )
+        merged = {}  # every weight checked before any is written: all of the layer's or none
         for param in self.adapted_parameters(name):
             weight = getattr(self.base_layer, param)
-            merged = weight.float() + self.delta_weight(name, param)
-            if not torch.isfinite(merged).all():
+            merged[param] = (weight.float() + self.delta_weight(name, param)).to(weight.dtype)
+            if not torch.isfinite(merged[param]).all():
                 raise UserError(f"merging adapter {name!r} into {self.path}.{param} gives inf/NaN weights; the adapter is broken")
-            weight.data.copy_(merged.to(weight.dtype))
+        for param, weight in merged.items():
+            getattr(self.base_layer, param).data.copy_(weight)
         self.merged.append(name)
 
     def unmerge(self) -> None:
         while self.merged:
-            name = self.merged.pop()
-            for param in self.adapted_parameters(name):
-                weight = getattr(self.base_layer, param)
-                weight.data.copy_((weight.float() - self.delta_weight(name, param)).to(weight.dtype))
+            self.unmerge_last()
+
+    def unmerge_last(self) -> None:
+        """Subtract the adapter merged last."""
+        name = self.merged.pop()
+        for param in self.adapted_parameters(name):
+            weight = getattr(self.base_layer, param)
+            weight.data.copy_((weight.float() - self.delta_weight(name, param)).to(weight.dtype))
 
     def to_base_module(self) -> nn.Module:
         return self.base_layer

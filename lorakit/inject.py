@@ -544,6 +544,8 @@ def _untie(model: nn.Module, layers: list[LoraLayer]) -> None:
             holders[id(p)] = holders.get(id(p), 0) + 1
     untied = False
     for layer in layers:
+        if not isinstance(layer, LoraLayer):  # (MoE experts: no weight an output head could share)
+            continue
         if holders.get(id(layer.weight), 0) > 1 and layer.kind.name in ("linear", "conv1d", "embedding"):
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
             untied = True

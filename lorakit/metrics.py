@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from lorakit.errors import UserError
-
 
 class MetricsLog:
     """Appends entries to metrics.jsonl and redraws loss.png from them; `trackers` (an object with
@@ -40,6 +38,8 @@ class MetricsLog:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
+                from lorakit.errors import UserError  # (here: this module is loaded on its own, without torch, by a test)
+
                 if n == lines[-1][0]:  # an append cut short (a full disk, a power loss): the lost entry is the last
                     break
                 raise UserError(f"{self.path}:{n}: not a JSON entry ({line[:40]!r}); remove that line to resume") from None

@@ -672,14 +672,15 @@ def test_a_wsd_run_steps_at_its_schedules_rates(workspace):
 
 
 def test_epoch_evals_and_checkpoints_come_at_the_step_where_each_pass_over_the_data_ends(workspace, capsys):
-    # 26 rows in micro-batches of 2: 13 an epoch; 3 a step: the passes end in steps 5 (13 of 15) and 9 (26 of 27)
+    # 26 rows in micro-batches of 2: 13 an epoch; 3 a step: the passes end in steps 5 (13 of 15), 9 (26 of 27)
+    # and 13 (39 of 39: every micro-batch of the 3 passes is trained)
     out = workspace / "per-epoch"
     config = _config(workspace, out, max_steps=None, epochs=3, batch_size=2, grad_accum=3, eval_every="epoch",
                      save_every="epoch", keep_checkpoints=5)  # fmt: skip
     assert main(["train", config]) == 0
     print_out = capsys.readouterr().out
-    assert "plan         12 steps x 6 rows" in print_out and "eval         4 examples; at each epoch's end\n" in print_out, print_out
-    assert [e["step"] for e in _entries(out) if "eval_loss" in e] == [5, 9, 12]
+    assert "plan         13 steps x 6 rows" in print_out and "eval         4 examples; at each epoch's end\n" in print_out, print_out
+    assert [e["step"] for e in _entries(out) if "eval_loss" in e] == [5, 9, 13]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5", "step-9"]
     with pytest.raises(UserError, match=r"train.eval_every = 'epochs': give a number of steps \(0: never\) or epoch"):
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_every": "epochs"}}, check_paths=False)
