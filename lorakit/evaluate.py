@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -228,6 +229,7 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
     labelled = dataset.desirable is not None
     objective = args.objective or ("kto" if labelled else "dpo")
     _check_preference_options(args, objective)
+    _note_the_runs_own_settings(args, objective)
     if objective in REFERENCE_OBJECTIVES:
         _check_plain_base(lora_configs(model)["default"], args.adapter, objective)
     if args.reference_adapter is not None:
@@ -337,6 +339,34 @@ def _columns(pairs: list[str]) -> dict[str, str]:
     if problems:
         raise UserError(problems[0])
     return columns
+
+
+def _note_the_runs_own_settings(args: argparse.Namespace, objective: str) -> None:
+    """Say so (stderr) where the adapter's run, whose config.yaml lorakit train writes beside its
+    adapter/, measured with another objective, beta or reference than this eval does: its
+    eval_loss would then not be this one."""
+    import yaml
+
+    from lorakit.config import PREFERENCE_BETA, REFERENCE_OBJECTIVES
+
+    if args.adapter is None:
+        return
+    try:
+        run = yaml.safe_load((Path(args.adapter).parent / "config.yaml").read_text())
+        train = run.get("train") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # no run of lorakit's beside it
+    notes = []
+    if train.get("objective") in PREFERENCE_BETA and train["objective"] != objective:
+        notes.append(f"trained with objective {train['objective']} (pass --objective {train['objective']})")
+    beta = args.beta if args.beta is not None else PREFERENCE_BETA.get(objective)
+    if train.get("objective") == objective and train.get("beta") is not None and train["beta"] != beta:
+        notes.append(f"trained with beta {train['beta']} (pass --beta {train['beta']})")
+    if objective in REFERENCE_OBJECTIVES and run.get("adapter") and args.reference_adapter is None:
+        notes.append(f"its reference was the starting adapter {run['adapter']}, here the base is "
+                     f"(pass --reference-adapter {run['adapter']})")  # fmt: skip
+    if notes:
+        print(f"note: the run of {args.adapter} " + "; ".join(notes) + ": its eval_loss is not this one", file=sys.stderr)
 
 
 def eval_command(args: argparse.Namespace) -> int:

@@ -233,3 +233,24 @@ def test_max_length_follows_a_position_table(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tokens"] == 15  # 16 positions, 15 predicted tokens
     assert main(["eval", "--model", str(folder), "--data", str(data), "--max-length", "17"]) == 2
     assert "--max-length 17: give 1 to 16 (the rows of" in capsys.readouterr().err
+
+
+def test_eval_notes_where_the_adapters_run_measured_otherwise(tmp_path, capsys):
+    import argparse
+
+    import yaml
+
+    from lorakit.evaluate import _note_the_runs_own_settings
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"adapter": "sft/adapter", "train": {"objective": "dpo", "beta": 0.2}}))
+    args = argparse.Namespace(adapter=str(tmp_path / "run" / "adapter"), beta=None, reference_adapter=None)
+    _note_the_runs_own_settings(args, "dpo")
+    assert capsys.readouterr().err == (f"note: the run of {args.adapter} trained with beta 0.2 (pass --beta 0.2); its reference was the "
+                                       "starting adapter sft/adapter, here the base is (pass --reference-adapter sft/adapter): its "
+                                       "eval_loss is not this one\n")  # fmt: skip
+    _note_the_runs_own_settings(argparse.Namespace(adapter=args.adapter, beta=0.2, reference_adapter="sft/adapter"), "dpo")
+    _note_the_runs_own_settings(argparse.Namespace(adapter=str(tmp_path / "none" / "adapter"), beta=None, reference_adapter=None), "dpo")
+    assert capsys.readouterr().err == ""  # as the run measured, or no run beside it: nothing to say
+    _note_the_runs_own_settings(argparse.Namespace(adapter=args.adapter, beta=None, reference_adapter="sft/adapter"), "ipo")
+    assert "trained with objective dpo (pass --objective dpo)" in capsys.readouterr().err
