@@ -852,7 +852,11 @@ def _this_process_randomness(run: Run):
     seeded for this process: a seed drawn from the shared generator, which advances alike in every
     process (so the state a checkpoint keeps resumes any number of them bit-exactly), mixed with
     the rank, so that each process draws its own masks for its rows (with one seed for all, every
-    process dropped the same positions). The shared generator is put back after the step."""
+    process dropped the same positions). The shared generator is put back after the step. One
+    process draws from the shared generator itself."""
+    if run.dist.world_size == 1:  # one process: its draws as they always were (the golden losses')
+        yield
+        return
     seed = int(torch.randint(0, 2**62, (1,)))
     cuda = [run.device.index or 0] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):

@@ -384,7 +384,9 @@ def test_expert_adapters_dora_dpo_and_qlora_match_one_process(workspace, variant
     _check_matches(root / "fsdp", root / "single")
     tensors = _adapter(root / "single" / "adapter")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("processes"))
-    held, whole = re.findall(r"([\d.]+ [KM]iB)", line)
+    held, whole, *outside = re.findall(r"([\d.]+ [KM]iB)", line)
+    # fsdp: also the root group (embeddings, final norm, head), held whole through a step
+    assert len(outside) == (strategy == "fsdp") and all(0 < _kib(o) < _kib(whole) for o in outside), line
     if variant.startswith("qlora"):
         # each process holds its half of the packed codes, plus the whole quantization state; the
         # whole is what the quantization report counts
