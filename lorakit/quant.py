@@ -695,7 +695,8 @@ def _check_shapes(targets: list[tuple[str, nn.Module]], blocksize: int) -> None:
             bad.append(f"{name} (in_features={fan_in}, out_features={fan_out})")
     if bad:
         raise UserError(
-            f"quantize: nf4: cannot quantize {'; '.join(bad)} in blocks of {blocksize}: in_features must be a multiple "
+            f"quantize: nf4: cannot quantize {'; '.join(bad[:3])}{f' and {len(bad) - 3} more layers' if len(bad) > 3 else ''} "
+            f"in blocks of {blocksize}: in_features must be a multiple "
             f"of {blocksize} (a block may not straddle rows); train this model with quantize: none, or from Python leave "
             "such layers 16-bit with load_model_4bit(..., skip=[their last name part]) or quantize them in smaller blocks (blocksize=)"
         )
