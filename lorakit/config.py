@@ -860,6 +860,9 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
             f"set it to false (it is for {', '.join(REFERENCE_OBJECTIVES)})"
         )
     if objective not in PREFERENCE_BETA:
+        if cfg.train.beta is not None:
+            problems.append(f"train.beta = {cfg.train.beta!r}: {objective} has no beta (it is a preference objective's); "
+                            "remove it, or set train.objective")  # fmt: skip
         if cfg.data.format == "preference":
             problems.append("data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo; set it")
         if cfg.data.format == "unpaired":
@@ -912,7 +915,11 @@ def _best_eval_problems(cfg: RunConfig) -> list[str]:
     parts = best_metric_parts(train.best_metric, names)
     problems = []
     if parts is None and (watched or best_metric_parts(train.best_metric, [""]) is None):
-        choices = [eval_key(n, base[len("eval_"):]) for n in names for base in BEST_METRICS]
+        # the figures this run's objective reports: rewards for preference objectives, perplexity (and
+        # accuracy, with eval_generate) for sft
+        preference = train.objective in PREFERENCE_BETA
+        reported = ["eval_loss"] + (["eval_reward_accuracy", "eval_reward_margin"] if preference else ["eval_perplexity", "eval_accuracy"])
+        choices = [eval_key(n, base[len("eval_"):]) for n in names for base in reported]
         problems.append(f"train.best_metric = {train.best_metric!r}: use one of {', '.join(choices)}"
                         + ("" if names == [""] else " (data.eval names its sets: the figure of one of them)"))  # fmt: skip
     if train.eval_every and cfg.data.eval is None and not cfg.data.eval_fraction:

@@ -173,6 +173,11 @@ def test_eval_generate_needs_an_eval_file():
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_generate": True}}, check_paths=False)
 
 
+def test_a_beta_without_a_preference_objective_is_refused():
+    with pytest.raises(UserError, match=r"train.beta = 0.2: sft has no beta \(it is a preference objective's\); remove it, or set train.objective"):
+        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"beta": 0.2}}, check_paths=False)
+
+
 def test_gradient_checkpointing_modes():
     base = {"model": "m", "data": {"train": "t"}}
     for mode in (False, True, "full", "selective"):
@@ -209,8 +214,11 @@ def test_best_eval_and_early_stopping_settings():
     assert "train.best_metric = 'eval_perplexity': dpo reports no perplexity" in problems(
         {"save_best": True, "eval_every": 5, "best_metric": "eval_perplexity", "objective": "dpo"}
     )
-    assert "train.best_metric = 'accuracy': use one of eval_loss, eval_perplexity, eval_accuracy" in problems(
+    assert "train.best_metric = 'accuracy': use one of eval_loss, eval_perplexity, eval_accuracy\n" in problems(
         {"best_metric": "accuracy"}
+    ) + "\n"  # (sft reports no rewards: not offered)
+    assert "train.best_metric = 'accuracy': use one of eval_loss, eval_reward_accuracy, eval_reward_margin" in problems(
+        {"best_metric": "accuracy", "objective": "dpo"}
     )
     assert problems({"early_stopping_patience": -1}).endswith("train.early_stopping_patience = -1: must be >= 0")  # that alone
     # evals without eval data, and two eval sources, are refused rather than ignored
