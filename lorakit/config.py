@@ -860,9 +860,6 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
             f"set it to false (it is for {', '.join(REFERENCE_OBJECTIVES)})"
         )
     if objective not in PREFERENCE_BETA:
-        if cfg.train.beta is not None:
-            problems.append(f"train.beta = {cfg.train.beta!r}: {objective} has no beta (it is a preference objective's); "
-                            "remove it, or set train.objective")  # fmt: skip
         if cfg.data.format == "preference":
             problems.append("data.format = 'preference': preference pairs train with train.objective dpo, ipo, simpo or orpo; set it")
         if cfg.data.format == "unpaired":

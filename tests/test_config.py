@@ -173,11 +173,6 @@ def test_eval_generate_needs_an_eval_file():
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"eval_generate": True}}, check_paths=False)
 
 
-def test_a_beta_without_a_preference_objective_is_refused():
-    with pytest.raises(UserError, match=r"train.beta = 0.2: sft has no beta \(it is a preference objective's\); remove it, or set train.objective"):
-        build_run_config({"model": "m", "data": {"train": "t"}, "train": {"beta": 0.2}}, check_paths=False)
-
-
 def test_gradient_checkpointing_modes():
     base = {"model": "m", "data": {"train": "t"}}
     for mode in (False, True, "full", "selective"):
