@@ -272,8 +272,9 @@ ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, CHAT_TEMPLATE_NAME, "README.md", "ad
 
 
 def link_tree(source: Path, target: Path) -> None:
-    """Copy a file or folder to `target` (new) as hard links where the file system can: lorakit
-    replaces the folders it writes whole, never writing into their files, so a link keeps its content."""
+    """Copy a file or folder to `target` (new, or an empty folder for a folder) as hard links where
+    the file system can: lorakit replaces the folders it writes whole, never writing into their
+    files, so a link keeps its content."""
 
     def link(src: str, dst: str) -> None:
         try:
@@ -282,7 +283,7 @@ def link_tree(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     if source.is_dir() and not source.is_symlink():
-        shutil.copytree(source, target, symlinks=True, copy_function=link)
+        shutil.copytree(source, target, symlinks=True, copy_function=link, dirs_exist_ok=True)
     elif source.is_symlink():
         os.symlink(os.readlink(source), target)
     else:

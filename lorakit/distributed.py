@@ -358,12 +358,7 @@ def frozen_bytes_held(model: nn.Module) -> tuple[int, int]:
     its shards of each parameter; 4-bit layers' quantization statistics count in full on every
     process (they are not sharded: `_move_quant_states`), as lorakit.quant's report counts them."""
     held = whole = 0
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        # the frozen copy of a continued adapter (DPO's reference) is the adapter's, not the model's
-        if p.requires_grad or id(p) in seen or preference.is_reference_parameter(name):
-            continue
-        seen.add(id(p))
+    for p in _frozen_parameters(model):
         size = p.element_size()
         whole += p.numel() * size
         held += (p.to_local() if hasattr(p, "to_local") else p).numel() * size
@@ -384,14 +379,18 @@ def frozen_bytes_outside_blocks(model: nn.Module) -> int:
     head), whole: FSDP2's root group, which it gathers at the step's first forward and, as the root,
     keeps gathered through the backward (it needs them again there)."""
     inside = {id(p) for block in transformer_blocks(model) for p in block.parameters()}
+    return sum(p.numel() * p.element_size() for p in _frozen_parameters(model) if id(p) not in inside)
+
+
+def _frozen_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The model's frozen parameters, each once (a tied one is held twice)."""
     seen: set[int] = set()
-    total = 0
     for name, p in model.named_parameters():
-        if p.requires_grad or id(p) in inside or id(p) in seen or preference.is_reference_parameter(name):
+        # the frozen copy of a continued adapter (DPO's reference) is the adapter's, not the model's
+        if p.requires_grad or id(p) in seen or preference.is_reference_parameter(name):
             continue
         seen.add(id(p))
-        total += p.numel() * p.element_size()
-    return total
+        yield p
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

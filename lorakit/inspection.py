@@ -98,9 +98,7 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
         _check_pair(files, path, a, b, entry.get("M"), _pattern_value(path, config.rank_pattern, config.r))
         if not selected_by_name(path, config):  # every loader refuses it; PEFT would not load these weights
             raise UserError(unselected_weights(files.path, path, config))
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise UserError(f"{files.path}: module {path} holds inf/NaN values in its LoRA matrices; the adapter is broken "
-                            "(a diverged run's, or a damaged file): use an earlier checkpoint's")  # fmt: skip
+        _check_finite(files, f"module {path}", a, b)
         scale = _scaling(config, path)
         stats = spectrum_stats(update_spectrum(a, b, scale))
         modules.append({
@@ -218,9 +216,7 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
                     f"LoRA matrices of rank {r} (A (experts·r, in), B (out, r·experts)); the adapter file is damaged, or "
                     "its adapter_config.json is another adapter's"
                 )
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise UserError(f"{files.path}: {path}.{param} holds inf/NaN values in its LoRA matrices; the adapter is "
-                                "broken (a diverged run's, or a damaged file): use an earlier checkpoint's")  # fmt: skip
+            _check_finite(files, f"{path}.{param}", a, b)
             scale = _scaling(config, f"{path}.{param}")
             a_e, b_e = expert_factors(a, b, experts)
             per_expert = [spectrum_stats(update_spectrum(a_e[e], b_e[e], scale)) for e in range(experts)]
@@ -251,6 +247,13 @@ def _check_pair(files, path: str, a: torch.Tensor, b: torch.Tensor, magnitude, r
         f"(A (r, in), B (out, r){', magnitude (out,)' if dora else ''}; r from adapter_config.json); the adapter file is "
         "damaged, or its adapter_config.json is another adapter's"
     )
+
+
+def _check_finite(files, what: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise a UserError where a LoRA module's matrices hold inf/NaN (their spectrum has none)."""
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise UserError(f"{files.path}: {what} holds inf/NaN values in its LoRA matrices; the adapter is broken (a diverged "
+                        "run's, or a damaged file): use an earlier checkpoint's")  # fmt: skip
 
 
 def _check_saved(files, key: str, name: str) -> None:

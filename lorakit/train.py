@@ -788,7 +788,6 @@ def _restore_best_adapter(run: Run, checkpoint: Path, state: dict) -> None:
     target = run.output_dir / BEST_ADAPTER_DIR
     if state["best_adapter_kept"]:
         staging = staging_folder(target)
-        staging.rmdir()
         link_tree(checkpoint / BEST_ADAPTER_DIR, staging)
         replace_dir(staging, target)
     elif target.is_dir():  # written after the checkpoint, by the part of the run the resume replays
@@ -886,7 +885,7 @@ def train_step(run: Run) -> dict[str, float]:
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     # the stop requests ride on the step's last all-reduce: every process stops after the same step
-    asked = torch.tensor([float(run.interrupted == sig) for sig in _STOP_SIGNALS], device=run.device)
+    asked = _stop_requests(run)
     if pairs:
         reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), stats, asked]))
         extra = preference.step_metrics(reduced[0].item(), reduced[1:-len(asked)].cpu(), kto=cfg.train.objective == "kto")
@@ -895,7 +894,7 @@ def train_step(run: Run) -> dict[str, float]:
         extra = {}
         reduced = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), asked]))
         loss_value = (reduced[0] / step_tokens).item()
-    run.stopping = next((sig for sig, n in zip(_STOP_SIGNALS, reduced[-len(asked):].tolist()) if n > 0), None)
+    _agree_on_stop(run, reduced[-len(asked):])
     norm_value = float(grad_norm)
     if not math.isfinite(loss_value) or not math.isfinite(norm_value):
         run.optimizer.zero_grad(set_to_none=True)
@@ -1071,8 +1070,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     if main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    start_time = run.fit_started = time.perf_counter()
-    tokens_seen = 0
+    run.fit_started, run.tokens_seen = time.perf_counter(), 0
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     run.model.train()
@@ -1096,8 +1094,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
             result = train_step(run)
             # tokens/s counts training time only, not eval, checkpoints or plotting
             window_time += time.perf_counter() - step_start
-            tokens_seen += int(result["tokens"])
-            run.tokens_seen = tokens_seen
+            run.tokens_seen += int(result["tokens"])
             window_tokens += result["tokens"]
             last_train = result
             if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
@@ -1106,7 +1103,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
                 window_tokens, window_time = 0.0, 0.0
                 entry = {
                     "step": run.step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
-                    "tokens_per_s": tps, "elapsed_s": now - start_time + run.trained_before[0],
+                    "tokens_per_s": tps, "elapsed_s": now - run.fit_started + run.trained_before[0],
                     **{k: result[k] for k in preference.STEP_METRICS if k in result},
                 }  # fmt: skip
                 run.metrics.log(entry)
@@ -1128,8 +1125,7 @@ def _fit(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
         bar.close()
         # The handlers stay on through the final eval and save: a stop that comes during the eval
         # checkpoints the run (the resume evaluates and saves), and one during the save lets it end.
-        return _finish(run, log, start_time=start_time, tokens_seen=tokens_seen, last_train=last_train,
-                       last_eval=last_eval, evaluated_at=evaluated_at, stop_early=stop_early)  # fmt: skip
+        return _finish(run, log, last_train=last_train, last_eval=last_eval, evaluated_at=evaluated_at, stop_early=stop_early)
     finally:
         bar.close()
         _restore_signal_handlers(previous_handlers)
@@ -1142,8 +1138,8 @@ def _stopped(run: Run, log: Callable[[str], None], stop: int) -> dict[str, Any]:
 
 
 def _finish(
-    run: Run, log: Callable[[str], None], *, start_time: float, tokens_seen: int, last_train: dict[str, float],
-    last_eval: dict[str, float], evaluated_at: Optional[int], stop_early: bool,
+    run: Run, log: Callable[[str], None], *, last_train: dict[str, float], last_eval: dict[str, float],
+    evaluated_at: Optional[int], stop_early: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """After the last step (or a stop): the checkpoint of a stopped run, else the final eval, the
     summary and the adapter."""
@@ -1166,14 +1162,14 @@ def _finish(
         if last_eval:
             run.metrics.log({"step": run.step, **last_eval})
             _after_eval(run, last_eval)
-    elapsed = time.perf_counter() - start_time + run.trained_before[0]
+    elapsed = time.perf_counter() - run.fit_started + run.trained_before[0]
     if not last_train:  # nothing trained in this process (resumed where early stopping ended the run)
         last_train = next((e for e in reversed(run.metrics.entries) if "loss" in e), {})
     summary = {
         "steps": run.step,
         "processes": run.dist.world_size,  # (the global batch is batch_size x grad_accum x processes)
         "time_s": elapsed,
-        "tokens_per_s": (tokens_seen + run.trained_before[1]) / max(elapsed, 1e-9),  # tokens_seen already counts every rank
+        "tokens_per_s": (run.tokens_seen + run.trained_before[1]) / max(elapsed, 1e-9),  # tokens_seen already counts every rank
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "final_loss": last_train.get("loss"),
         **{f"final_{k}": last_train[k] for k in ("reward_accuracy", "reward_margin") if k in last_train},
@@ -1182,7 +1178,7 @@ def _finish(
         **_best_summary(run, stop_early),
         "adapter": str(run.output_dir / "adapter"),
     }
-    earlier = _earlier_summary(run) if tokens_seen == 0 else None
+    earlier = _earlier_summary(run) if run.tokens_seen == 0 else None
     if earlier is not None:  # its time and speed are the run's; this process only ended it again
         summary = earlier
     if main:
@@ -1300,13 +1296,21 @@ def _stop_signal(run: Run) -> Optional[int]:
     return run.interrupted if run.dist.world_size == 1 else run.stopping
 
 
+def _stop_requests(run: Run) -> torch.Tensor:
+    """This process's stop request, one count per signal of _STOP_SIGNALS, to sum over processes."""
+    return torch.tensor([float(run.interrupted == sig) for sig in _STOP_SIGNALS], device=run.device)
+
+
+def _agree_on_stop(run: Run, summed: torch.Tensor) -> None:
+    """run.stopping from the stop requests summed over the processes: the first signal any asked for."""
+    run.stopping = next((sig for sig, n in zip(_STOP_SIGNALS, summed.tolist()) if n > 0), None)
+
+
 def _agreed_stop(run: Run) -> Optional[int]:
     """The stop signal every process agrees on outside a step (after the final eval), else None."""
     if run.dist.world_size == 1:
         return run.interrupted
-    asked = torch.tensor([float(run.interrupted == sig) for sig in _STOP_SIGNALS], device=run.device)
-    reduced = run.dist.all_reduce_sum(asked)
-    run.stopping = next((sig for sig, n in zip(_STOP_SIGNALS, reduced.tolist()) if n > 0), None)
+    _agree_on_stop(run, run.dist.all_reduce_sum(_stop_requests(run)))
     return run.stopping
 
 
