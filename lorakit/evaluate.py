@@ -34,6 +34,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.inject import lora_configs
+from lorakit.metrics import strict_json
 from lorakit.loss import token_loss_sum
 from lorakit.models import position_limit
 
@@ -251,7 +252,7 @@ def _preference_eval(args: argparse.Namespace, model: nn.Module, dataset: Any, m
         result["skipped"] = dataset.stats.skipped_invalid
         result["skipped_at"] = dataset.skipped_places()
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(strict_json(result), allow_nan=False))
         return 0
     width = max(map(len, result))
     for key, value in result.items():
@@ -416,7 +417,7 @@ def eval_command(args: argparse.Namespace) -> int:
         )  # fmt: skip
         result.update(accuracy=acc["accuracy"], correct=acc["correct"], total=acc["total"], failures=acc["failures"])
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        print(json.dumps(strict_json(result), ensure_ascii=False, allow_nan=False))
         return 0
     rows = [("examples", f"{result['examples']}"), ("tokens", f"{result['tokens']}"),
             ("loss", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}")]  # fmt: skip

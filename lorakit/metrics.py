@@ -9,6 +9,7 @@ the first step). Experiment trackers (lorakit.tracking) are handed each entry as
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -47,7 +48,7 @@ class MetricsLog:
                 kept.append(entry)
         self.entries = kept
         if self.enabled:
-            _write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
+            _write_atomic(self.path, "".join(json_line(e) for e in kept))
 
     def clear(self) -> None:
         """Start metrics.jsonl anew (a new run where an earlier one died before its first checkpoint)."""
@@ -60,7 +61,7 @@ class MetricsLog:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json_line(entry))
             if self.trackers is not None:
                 self.trackers.log(entry)
 
@@ -72,7 +73,7 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        train = [(e["step"], e["loss"]) for e in self.entries if "loss" in e]
+        train = [(e["step"], e["loss"]) for e in self.entries if e.get("loss") is not None]
         # eval_loss, or each named eval set's eval_<name>_loss
         keys = list(dict.fromkeys(k for e in self.entries for k in e if re.fullmatch(r"eval_(.+_)?loss", k)))
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -80,7 +81,7 @@ class MetricsLog:
             ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
         colors = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
         for i, key in enumerate(keys):
-            evals = [(e["step"], e[key]) for e in self.entries if key in e]
+            evals = [(e["step"], e[key]) for e in self.entries if e.get(key) is not None]
             label = "eval loss" if key == "eval_loss" else f"eval {key[len('eval_'):-len('_loss')]} loss"
             ax.plot(*zip(*evals), "o-", label=label, color=colors[i % len(colors)], linewidth=1.2, markersize=4)
         ax.set_xlabel("optimizer step")
@@ -93,6 +94,24 @@ class MetricsLog:
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, self.plot_path)
+
+
+def json_line(entry: dict[str, Any]) -> str:
+    """An entry as a line of strict JSON (`strict_json`)."""
+    return json.dumps(strict_json(entry), allow_nan=False) + "\n"
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every float that is not finite (an eval loss that overflowed to inf, a nan)
+    made None, written as null: `NaN` and `Infinity` are Python's, not JSON's, and jq, JavaScript or
+    a tracker's reader refuse the whole file over one of them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def peak_rss_bytes() -> int:

@@ -45,7 +45,7 @@ from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
 from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
-from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, write_text_atomic
+from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, strict_json, write_text_atomic
 from lorakit.models import (
     check_model_folder, load_config, load_model, load_tokenizer, meta_model, pick_device, position_limit, resolve_precision,
 )  # fmt: skip
@@ -240,6 +240,18 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
     return None
 
 
+def warmup_note(cfg: RunConfig, total_steps: int) -> Optional[str]:
+    """A warmup as long as the run never reaches its learning rate: said before the run, not
+    refused (the step count comes from the data, which a config cannot know)."""
+    warmup = cfg.train.warmup_steps
+    if not warmup or warmup < total_steps:
+        return None
+    last = cfg.train.lr * lr_lambda(cfg, total_steps)(total_steps - 1)
+    return (f"note: train.warmup_steps = {warmup} is not shorter than the run's {total_steps} steps: the learning rate "
+            f"never reaches train.lr = {cfg.train.lr:g} (its last step's is {last:.3g}); lower train.warmup_steps or use "
+            "train.warmup_ratio")  # fmt: skip
+
+
 def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
     """The lr factor of each step: a linear warmup (warmup_steps, or warmup_ratio of the steps), then
     constant, or a linear / cosine decay from 1 toward min_lr_ratio at the end of the run, or (wsd:
@@ -356,6 +368,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, pad_id=pad_id,
     )  # fmt: skip
     total_steps, steps_per_epoch = plan_steps(cfg, stream, dist.world_size)
+    note = warmup_note(cfg, total_steps)
+    if note:
+        log(note)
 
     if dist.world_size > 1:
         from lorakit.distributed import wrap_model
@@ -1634,5 +1649,5 @@ def run_training(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distrib
         return 128 + summary["interrupted"]
     log(final_summary(summary))
     if dist.is_main:
-        write_text_atomic(run.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(run.output_dir / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
     return 0

@@ -49,3 +49,27 @@ def test_a_resume_drops_a_cut_last_line_and_names_a_bad_one_elsewhere(tmp_path):
     with pytest.raises(UserError) as err:
         MetricsLog(tmp_path).resume_from(2)
     assert str(err.value) == f"{path}:2: not a JSON entry ('not json'); remove that line to resume"
+
+
+def test_values_that_are_not_finite_are_written_as_null_so_the_file_is_strict_json(tmp_path):
+    import json
+
+    from lorakit.metrics import MetricsLog, strict_json
+
+    def strict(text):  # NaN / Infinity are refused, as jq and JavaScript refuse them
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    log = MetricsLog(tmp_path)
+    log.log({"step": 1, "loss": 2.5, "lr": 1e-4})
+    log.log({"step": 1, "eval_loss": float("nan"), "eval_perplexity": float("inf")})
+    log.log({"step": 2, "loss": 2.0, "samples": [{"score": float("-inf")}]})
+    lines = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 2.5, "lr": 1e-4}, {"step": 1, "eval_loss": None, "eval_perplexity": None},
+                     {"step": 2, "loss": 2.0, "samples": [{"score": None}]}]  # fmt: skip
+    log.plot()  # a nan eval loss is a gap in the plot, not an error
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    resumed = MetricsLog(tmp_path)
+    resumed.resume_from(2)
+    assert resumed.entries == lines
+    resumed.plot()  # the nulls read back
+    assert strict_json({"a": (1.0, float("nan"))}) == {"a": [1.0, None]}

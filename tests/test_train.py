@@ -627,6 +627,20 @@ def test_lr_schedules():
         build_run_config({"model": "m", "data": {"train": "t"}, "train": {"min_lr_ratio": 1.5}}, check_paths=False)
 
 
+def test_a_warmup_as_long_as_the_run_is_said_with_the_lr_it_ends_at():
+    from lorakit.train import warmup_note
+
+    def note(steps, **train):
+        return warmup_note(build_run_config({"model": "m", "data": {"train": "t"}, "train": train}, check_paths=False), steps)
+
+    assert note(10, warmup_steps=9) is None and note(10) is None and note(10, warmup_ratio=0.5) is None
+    # the last of 4 steps runs at 4/11 of lr: (step + 1) / (warmup + 1)
+    assert note(4, warmup_steps=10, lr=1e-3) == (
+        "note: train.warmup_steps = 10 is not shorter than the run's 4 steps: the learning rate never reaches "
+        "train.lr = 0.001 (its last step's is 0.000364); lower train.warmup_steps or use train.warmup_ratio"
+    )
+
+
 @pytest.mark.parametrize("shape", [None, "linear", "1-sqrt"])
 def test_the_wsd_schedule_is_transformers_past_the_warmup(shape):
     from transformers.optimization import _get_wsd_scheduler_lambda
