@@ -442,6 +442,25 @@ def load_run_config(
     return build_run_config(raw, source=str(path) if path else "command line", check_paths=check_paths, places=places)
 
 
+def locate_problem(message: str, path: Union[str, Path], overrides: Union[dict[str, Any], None] = None) -> str:
+    """A problem found after the config was read, by the model or the data (`lora.targets = ...
+    matches no layer`, `lora.rank_pattern: ...`), with the place its key was given, as the
+    config's own problems have it: `run.yaml:12: lora.targets = ...`. Messages that begin with no
+    config key (a data file's `train.jsonl:3: ...`) are returned as they are."""
+    match = re.match(r"([a-z_]+)\.([a-z_]+)[\w.\[\]]*(?= =|:| )", message)
+    sections = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+    if match is None or match.group(1) not in sections or match.group(2) not in {f.name for f in dataclasses.fields(sections[match.group(1)])}:
+        return message
+    from lorakit.data import read_utf8
+
+    try:
+        places = {key: f"line {line}" for key, line in key_lines(read_utf8(Path(path))).items()}
+    except (OSError, UserError):  # the file changed under the run: the message as it is
+        return message
+    places.update({key: "command line" for key in overrides or {}})
+    return _join(str(path), [message], places)
+
+
 def key_lines(text: str) -> dict[str, int]:
     """The line of every key of a YAML mapping's text, by the dotted name the config's problems use
     (`lora.r`, `data.train[1].columns`): where an error about it points."""

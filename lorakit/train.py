@@ -38,7 +38,8 @@ from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME, read
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, set_aside_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
-    data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, own_options, parse_overrides, reading_options,
+    data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, locate_problem, own_options, parse_overrides,
+    reading_options,
 )  # fmt: skip
 from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
@@ -1580,6 +1581,16 @@ def final_summary(summary: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- command
 def train_command(args: argparse.Namespace) -> int:
+    try:
+        return _train_command(args)
+    except UserError as exc:
+        if args.config is not None and "=" not in str(args.config) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+            # a problem the model or the data found with a config key: where in the file it was given
+            exc.args = (locate_problem(exc.args[0], args.config, parse_overrides(args.overrides)),)
+        raise
+
+
+def _train_command(args: argparse.Namespace) -> int:
     if getattr(args, "show_examples", 0) and not getattr(args, "dry_run", False):
         raise UserError("--show-examples goes with --dry-run: lorakit train CONFIG.yaml --dry-run --show-examples N")
     if getattr(args, "dry_run", False):

@@ -329,3 +329,20 @@ def test_a_regex_target_with_layers_is_a_config_error_when_continuing_an_adapter
     cfg = build_run_config({**base, "adapter": str(tmp_path / "adapter"), "lora": {"targets": r".*\.1\.self_attn\.q_proj"}},
                            check_paths=False)  # fmt: skip
     assert cfg.lora.targets == ["model.layers.1.self_attn.q_proj"] and cfg.lora.layers is None
+
+
+def test_a_problem_found_after_reading_is_located_by_its_key(tmp_path):
+    from lorakit.config import locate_problem
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata:\n  train: t.jsonl\nlora:\n  r: 8\n  rank_pattern:\n    up_proj: 4\n")
+    assert locate_problem("lora.rank_pattern: 'up_proj' matches none", path) == f"{path}:6: lora.rank_pattern: 'up_proj' matches none"
+    assert locate_problem("data.train: the tokenizer gives token id 9", path) == f"{path}:3: data.train: the tokenizer gives token id 9"
+    # a key the file does not give (a default) names its section; an override, the command line
+    assert locate_problem("lora.targets = 'all-linear' matches no layer", path) == f"{path}:4: lora.targets = 'all-linear' matches no layer"
+    assert locate_problem("train.lr = 1: x", path) == f"{path}: train.lr = 1: x"
+    assert locate_problem("lora.r = 3: x", path, {"lora.r": 3}) == "command line: lora.r = 3: x"
+    # no config key first: a data file's place, a file named like a section, a message of its own
+    for message in ("train.jsonl:3: 'text' is missing", f"{path}:5: lora.r = 0: must be > 0", "data.jsonl: empty",
+                    "lora.bogus: not a key", "no adapter named 'x'"):  # fmt: skip
+        assert locate_problem(message, path) == message

@@ -798,6 +798,14 @@ def test_mistakes_found_before_the_first_step(workspace, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     refused([_config(workspace, tmp_path / "o"), f"output_dir={afile / 'run'}"], f"{afile} is a file, not a folder")
+    # a key only the model can judge is named with its place in the file, or the command line
+    config = Path(_config(workspace, tmp_path / "targets"))
+    text = config.read_text().replace("  r: 4\n", "  r: 4\n  targets: [q_prj]\n")
+    config.write_text(text)
+    line = text.splitlines().index("  targets: [q_prj]") + 1
+    for dry in ([], ["--dry-run"]):
+        refused([str(config), *dry], f"error: {config}:{line}: lora.targets = ['q_prj'] matches no layer LoRA can wrap")
+    refused([str(config), "lora.targets=[k_prj]"], "error: command line: lora.targets = ['k_prj'] matches no layer")
     # a checkpoint past this run's steps, and damaged checkpoints
     out = tmp_path / "ckpt"
     assert main(["train", _config(workspace, out, max_steps=5, save_every=2)]) == 0  # checkpoints at steps 2 and 4
