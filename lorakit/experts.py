@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.layers import unmerge_one
 
 _INTERFACE = ("has_gate", "has_bias", "is_transposed", "num_experts")
 FIRST_PROJECTIONS = ("gate_up_proj", "up_proj")
@@ -232,7 +233,7 @@ class LoraExperts(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
-            self.unmerge()
+            unmerge_one(self, name)
         del self.lora_A[name], self.lora_B[name]
         del self.scaling[name], self.ranks[name]
         if self.active_adapter == name:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,18 @@ def base_kind(module: nn.Module) -> Optional[BaseKind]:
         if kind.matches(module):
             return kind
     return None
+
+
+def unmerge_one(layer: Any, name: str) -> None:
+    """Take merged adapter `name` alone out of `layer`'s weights (a LoraLayer or LoraExperts): the
+    adapters merged after it come out first, as a DoRA adapter's rescaling undoes only in reverse
+    order, and go back in after, so the others stay merged."""
+    later = layer.merged[layer.merged.index(name) + 1 :]
+    while layer.merged[-1] != name:
+        layer.unmerge_last()
+    layer.unmerge_last()
+    for other in later:
+        layer.merge(other)
 
 
 class LoraLayer(nn.Module):
@@ -255,7 +267,7 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
-            self.unmerge()
+            unmerge_one(self, name)
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         del self.scaling[name], self.ranks[name]
         if name in self.lora_magnitude:

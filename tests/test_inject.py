@@ -228,6 +228,24 @@ def _adapted(*names):
     return model
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_deleting_a_merged_adapter_takes_out_that_one_alone(dora):
+    model, only_b, ids = tiny_llama(), tiny_llama(), _ids()
+    for target, names in ((model, "ab"), (only_b, "b")):
+        for name in names:
+            inject_adapter(target, LoraConfig(r=2 + 2 * (name == "a"), alpha=4, targets=["q_proj", "v_proj"], dora=dora), name)
+            _perturb(target, name)
+    merge_adapter(model, "a")
+    merge_adapter(model, "b")
+    merge_adapter(only_b, "b")
+    delete_adapter(model, "a")  # merged first: b comes out (DoRA undoes in reverse order), a out, b back in
+    assert [layer.merged for _, layer in lora_layers(model)] == [["b"]] * 4
+    torch.testing.assert_close(model(ids).logits, only_b(ids).logits, atol=1e-5, rtol=0)
+    unmerge_adapter(model)
+    with disable_adapters(model):
+        torch.testing.assert_close(model(ids).logits, tiny_llama()(ids).logits, atol=1e-5, rtol=0)
+
+
 def test_several_adapters_do_not_leak():
     ids = _ids()
     only_a, only_b, both = _adapted("a"), _adapted("b"), _adapted("a", "b")
