@@ -1110,15 +1110,42 @@ class _ChatRenderer:
             )
 
     @functools.cached_property
-    def end_of_turn(self) -> str:
+    def end_of_turn(self) -> Optional[str]:
         """What the template writes right after an assistant turn's content (`<|eot_id|>`,
-        `<|im_end|>`), from a probe conversation; "" where the probe does not render."""
+        `<|im_end|>`), from probe conversations: what follows the reply both where the conversation
+        ends there and where a user turn follows it, as Phi-3's template also ends a whole
+        conversation with EOS, which ends no turn; "" where it writes nothing (a model trained so
+        never learns to stop), None where the probe does not render."""
         marker = "lorakit-probe-reply"
         for conv in ([], [{"role": "system", "content": "Be brief."}]):
             conv = conv + [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": marker}]
-            text = self([conv], False)[0]
-            if isinstance(text, str) and marker in text:
-                return text[text.rindex(marker) + len(marker) :].rstrip()
+            ended, going_on = self([conv, conv + [{"role": "user", "content": "Thanks."}]], False)
+            if not isinstance(ended, str) or marker not in ended:
+                continue
+            after = ended[ended.rindex(marker) + len(marker) :]
+            if isinstance(going_on, str) and going_on.count(marker) == 1:
+                after = self._shared_start(after, going_on[going_on.index(marker) + len(marker) :])
+            return after.rstrip()
+        return None
+
+    def _shared_start(self, a: str, b: str) -> str:
+        """The longest start of `a` that `b` starts with too, in whole tokens: `<|end|>\n<|endoftext|>`
+        and `<|end|>\n<|user|>` share `<|end|>\n`, not `<|end|>\n<|`."""
+        ids_a, ids_b = (self._tokenizer(t, add_special_tokens=False)["input_ids"] for t in (a, b))
+        n = next((k for k, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+        shared = self._tokenizer.decode(ids_a[:n])
+        return shared if a.startswith(shared) and b.startswith(shared) else os.path.commonprefix([a, b])
+
+    @functools.cached_property
+    def reply_lead(self) -> str:
+        """What the template writes between its generation prompt and an assistant turn's content
+        (Mistral's " " after "[/INST]"), from a probe; "" where it writes nothing there, or the
+        probe does not render."""
+        marker, probe = "lorakit-probe-reply", [{"role": "user", "content": "Hello?"}]
+        before = self([probe], True)[0]
+        whole = self([probe + [{"role": "assistant", "content": marker}]], False)[0]
+        if isinstance(before, str) and isinstance(whole, str) and whole.startswith(before) and marker in whole:
+            return whole[len(before) : whole.index(marker, len(before))]
         return ""
 
     @functools.cached_property
@@ -1188,7 +1215,7 @@ def _chat_spans(
                 problem = _template_error(before if isinstance(before, Exception) else upto)
                 break
             if text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
-                span = (len(before), len(upto.rstrip()))
+                span = _ended_at_end_of_turn(text, msgs[i], (len(before), len(upto.rstrip())), renderer.end_of_turn)
             else:
                 # found by content: the untrained turns since the last trained one are passed over by
                 # theirs first, so the search starts after them (where the prefix renders locate a
@@ -1198,7 +1225,8 @@ def _chat_spans(
                     over = _turn_by_content(text, msgs, k, None, after, renderer.end_of_turn)
                     after = over[1] if over is not None else after
                 alone = _turn_alone(renderer, msgs[i], tools[ci]) if msgs[i].get("tool_calls") else None
-                span = _turn_by_content(text, msgs, i, before, cursor, renderer.end_of_turn, after, alone, renderer.generation_prompt)
+                span = _turn_by_content(text, msgs, i, before, cursor, renderer.end_of_turn, after, alone,
+                                        renderer.generation_prompt, renderer.reply_lead)  # fmt: skip
             passed = []
             if span is None:
                 what = "its tool calls are not written as the template writes the turn alone" if msgs[i].get("tool_calls") \
@@ -1237,9 +1265,19 @@ def _dropped_turn(text: str, msgs: list[dict]) -> Optional[str]:
     return None
 
 
+def _ended_at_end_of_turn(text: str, message: dict, span: tuple[int, int], end_of_turn: Optional[str]) -> tuple[int, int]:
+    """`span`, a turn located by its prefix renders, cut after the end of turn that follows its
+    content: a template that ends a whole conversation with more (Phi-3's EOS after `<|end|>`)
+    would otherwise train that on the last turn."""
+    content = message["content"].strip()
+    at = text.find(content, span[0]) if content else span[0]
+    stop = text.find(end_of_turn, at + len(content)) if end_of_turn and at >= 0 else -1
+    return (span[0], stop + len(end_of_turn)) if 0 <= stop and stop + len(end_of_turn) < span[1] else span
+
+
 def _turn_by_content(
-    text: str, msgs: list[dict], i: int, before: Optional[str], cursor: int, end_of_turn: str, after: int = 0,
-    alone: Optional[str] = None, header: str = "",
+    text: str, msgs: list[dict], i: int, before: Optional[str], cursor: int, end_of_turn: Optional[str], after: int = 0,
+    alone: Optional[str] = None, header: str = "", lead: str = "",
 ) -> Union[tuple[int, int], None]:
     """The character span of assistant turn `i` in `text`, found by its content, for templates
     whose render of a conversation does not start with the render of its first turns: Qwen3 writes
@@ -1252,9 +1290,11 @@ def _turn_by_content(
     untrained turns passed over since (`after`) and the message before it. It ends after the
     content and the template's end-of-turn text, with any whitespace the template keeps between
     them (an empty reply: at its end of turn). None when the content (stripped: templates trim it)
-    is not found. A turn that calls tools: see `_tool_call_turn` (`alone`: `_turn_alone`'s; `header`:
-    the template's generation prompt). before: None for a turn whose prefix render is not at hand (an
-    untrained turn, only passed over)."""
+    is not found. A turn found by its content starts at the template's `lead` before it (Mistral's
+    " " after "[/INST]"), where that is there: as where the prefix renders locate it, it is the
+    reply's first token. A turn that calls tools: see `_tool_call_turn` (`alone`: `_turn_alone`'s;
+    `header`: the template's generation prompt). before: None for a turn whose prefix render is not
+    at hand (an untrained turn, only passed over)."""
     content = msgs[i]["content"].strip()
     if before is not None and text.startswith(before) and len(before) >= cursor:
         start = search = len(before)
@@ -1266,14 +1306,14 @@ def _turn_by_content(
         return _tool_call_turn(text, msgs[i], start, search, end_of_turn, alone, header)
     # the content followed by the end of its turn, where the template writes one: the same words
     # may appear earlier in the template's own markup (Mistral's "[/INST]" holds "I", "INST")
-    if end_of_turn:
-        ended = re.compile(re.escape(content) + r"\s*" + re.escape(end_of_turn)).search(text, search)
-        if ended is not None:
-            return (ended.start() if start is None else start, ended.end())
-    at = text.find(content, search) if content else search
+    ended = re.compile(re.escape(content) + r"\s*" + re.escape(end_of_turn)).search(text, search) if end_of_turn else None
+    at = ended.start() if ended is not None else text.find(content, search) if content else search
     if at < 0:
         return None
-    return (at if start is None else start, at + len(content))
+    if start is None:
+        led = lead and at - len(lead) >= search and text.startswith(lead, at - len(lead))
+        start = at - len(lead) if led else at
+    return (start, ended.end() if ended is not None else at + len(content))
 
 
 def _turn_alone(renderer: _ChatRenderer, turn: dict, tools: Optional[list[dict]]) -> Optional[str]:
@@ -1287,7 +1327,7 @@ def _turn_alone(renderer: _ChatRenderer, turn: dict, tools: Optional[list[dict]]
 
 
 def _tool_call_turn(
-    text: str, message: dict, start: Optional[int], search: int, end_of_turn: str, alone: Optional[str], header: str = ""
+    text: str, message: dict, start: Optional[int], search: int, end_of_turn: Optional[str], alone: Optional[str], header: str = ""
 ) -> Union[tuple[int, int], None]:
     """The span of an assistant turn that calls tools, for `_turn_by_content`: the template's text of
     the turn on its own (`alone`), found after `search` (Hermes writes the tool result before it

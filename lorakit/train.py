@@ -558,7 +558,10 @@ def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) ->
     tokenizer.chat_template = chat_template_text(value)
     end = _ChatRenderer(tokenizer).end_of_turn
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
-    if end and not (len(ids) == 1 and ids[0] in stop_token_ids(tokenizer)):
+    if end == "":
+        log("note         the chat template writes nothing after an assistant turn: no token is trained to end a reply, "
+            "so the model will not learn to stop; end the assistant turns with {{ eos_token }}")  # fmt: skip
+    elif end and not (len(ids) == 1 and ids[0] in stop_token_ids(tokenizer)):
         log(f"note         the chat template ends a turn with {end!r}, which is {len(ids)} tokens of this vocabulary, "
             "not a stop token: generation stops at EOS only; end the assistant turns with {{ eos_token }} to stop there")  # fmt: skip
 

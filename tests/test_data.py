@@ -163,6 +163,26 @@ def test_chat_ids_equal_apply_chat_template_and_labels_cover_assistant_turns(tem
     assert _trained_groups(tok, ds.example(0)[1]) == ["Four." + eot, "1 2 3" + eot]
 
 
+def test_a_template_that_ends_the_conversation_with_eos_trains_each_turns_own_end():
+    # Phi-3's way: each turn ends with its end-of-turn token, and the whole conversation with EOS
+    # after it (when no generation prompt is asked for), which ends no turn: every reply is trained
+    # through its own end of turn, as transformers' assistant mask has it, not through the EOS
+    phi3 = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}{% generation %}"
+        "{{ m.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m.content + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% else %}{{ eos_token }}{% endif %}"
+    )
+    tok = make_tokenizer(template=None)
+    tok.chat_template = phi3
+    assert lorakit.data._ChatRenderer(tok).end_of_turn == "<|im_end|>"
+    ds = build([{"messages": CHAT}, {"messages": CHAT[1:3]}], tok)
+    for i, messages in enumerate([CHAT, CHAT[1:3]]):
+        ref = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        assert ds.example(i)[0].tolist() == ref["input_ids"] and ref["input_ids"][-1] == tok.eos_token_id
+        assert ds.example(i)[1].tolist() == expected_labels(ref["input_ids"], [m == 1 for m in ref["assistant_masks"]])
+    assert _trained_groups(tok, ds.example(0)[1]) == ["Four.<|im_end|>", "1 2 3<|im_end|>"]
+
+
 # Templates that render a turn differently once a later turn follows, written here after the
 # behaviour of Qwen3's (an empty think block in the assistant turns after the last user turn
 # only) and Mistral's (the system prompt inside the last user turn).
@@ -202,13 +222,14 @@ def test_chat_templates_that_rewrite_earlier_turns(template):
 
 def test_a_reply_that_spells_template_markup_is_found_where_its_turn_ends():
     # Mistral-like with a system prompt: the render of the prefixes differs, so the reply is found by
-    # its content, which "[/INST]" holds too ("I", "INST"); it is the one followed by the end of turn
+    # its content, which "[/INST]" holds too ("I", "INST"); it is the one followed by the end of turn,
+    # and it starts with the space the template writes before a reply, as where the prefixes locate it
     tok = make_tokenizer(template=None)
     tok.chat_template, tok.eos_token = MISTRAL_LIKE, "</s>"
     system = {"role": "system", "content": "Be brief."}
     for reply in ("I", "INST", "T"):
         ds = build([{"messages": [system, {"role": "user", "content": "Which letter?"}, {"role": "assistant", "content": reply}]}], tok)
-        assert _trained_groups(tok, ds.example(0)[1]) == [f"{reply}</s>"]
+        assert _trained_groups(tok, ds.example(0)[1]) == [f" {reply}</s>"]
 
 
 def test_a_turn_the_template_rewrites_is_refused():
@@ -277,7 +298,7 @@ def test_an_untrained_turn_is_passed_over_where_turns_are_found_by_content():
     weighted = build([{"messages": [dict(m, weight=0) if i == 2 else m for i, m in enumerate(msgs)]}], tok).example(0)
     last = build([{"messages": msgs}], tok, train_turns="last").example(0)
     groups = [i for i, t in enumerate(plain[1].tolist()) if t != -100]
-    assert _trained_groups(tok, plain[1]) == ["Yes.</s>", "Yes.</s>"]
+    assert _trained_groups(tok, plain[1]) == [" Yes.</s>", " Yes.</s>"]  # from the space before each reply
     for labels in (weighted[1], last[1]):
         trained = [i for i, t in enumerate(labels.tolist()) if t != -100]
         assert trained and trained == groups[len(groups) - len(trained):]  # the last reply's tokens, as in the plain chat

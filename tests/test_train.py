@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
-    crash_and_resume, save_model_folder, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, without_timing, write_addition_data,
+    crash_and_resume, make_tokenizer, save_model_folder, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, without_timing, write_addition_data,
 )
 from safetensors.torch import load_file
 
@@ -1030,3 +1030,21 @@ def test_each_process_draws_its_own_dropout_masks_and_the_shared_generator_advan
     torch.manual_seed(5)
     torch.randint(0, 2**62, (1,))  # what the step takes from the shared generator, in every process
     assert torch.equal(after0, after1) and torch.equal(after0, torch.get_rng_state())
+
+
+def test_a_chat_template_whose_turns_do_not_end_on_a_stop_token_is_said(tmp_path):
+    from lorakit.train import use_chat_template
+
+    turn = "{{ m.role + ': ' + m.content }}{% if m.role == 'assistant' %}END{% endif %}{{ '\\n' }}"
+    notes = {}
+    for name, end in (("eos", "{{ eos_token }}"), ("words", "[done]"), ("nothing", "")):
+        path = tmp_path / f"{name}.jinja"
+        path.write_text("{% for m in messages %}" + turn.replace("END", end) + "{% endfor %}")
+        logged = []
+        use_chat_template(make_tokenizer(template=None), str(path), logged.append)
+        notes[name] = logged
+    assert notes["eos"] == []
+    assert notes["words"] == ["note         the chat template ends a turn with '[done]', which is 5 tokens of this vocabulary, not a "
+                              "stop token: generation stops at EOS only; end the assistant turns with {{ eos_token }} to stop there"]
+    assert notes["nothing"] == ["note         the chat template writes nothing after an assistant turn: no token is trained to end a "
+                                "reply, so the model will not learn to stop; end the assistant turns with {{ eos_token }}"]
