@@ -1438,6 +1438,8 @@ def tokenize_records(
     renderer = _ChatRenderer(tokenizer) if chat_lines else None
     if renderer is not None:
         _check_template_reads_tools(renderer, prepared, source)
+        if cfg.system_prompt is not None:
+            _check_template_writes_system(renderer, cfg.system_prompt, places.get("system_prompt", "data.system_prompt"))
     eos = tokenizer.eos_token_id
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     gc_was_on = gc.isenabled()
@@ -1483,6 +1485,30 @@ def tokenize_records(
         stats.unpaired, stats.desirable = True, int(desirable.sum())
     lines = np.concatenate([p[4] for p in parts]) if parts else np.zeros(0, np.int64)
     return TokenizedDataset(ids, labels, offsets, stats, pairs=pairs, desirable=desirable, lines=lines, files=[source])
+
+
+def _check_template_writes_system(renderer: _ChatRenderer, prompt: str, key: str) -> None:
+    """data.system_prompt (`key`) must reach the training text: refused where the chat template
+    raises on a system turn (Gemma's), or leaves it out of a conversation that ends with a reply
+    (Mistral v0.3's writes it into a last user turn only), rather than blamed on every record or
+    silently trained without.
+
+    Raises:
+        UserError: naming `key` and what the template does with it.
+    """
+    turns = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "lorakit-probe-reply"}]
+    with_system, without = renderer([[{"role": "system", "content": prompt}, *turns], turns], False)
+    if not isinstance(without, str):
+        return  # the template fails on a plain conversation: the records' own errors say so
+    if isinstance(with_system, Exception):
+        raise UserError(f"{key} = {prompt!r}: the chat template refuses a system turn ({with_system}); leave {key} out, "
+                        "or use a template that writes system turns (data.chat_template)")  # fmt: skip
+    if prompt.strip() not in with_system:
+        raise UserError(
+            f"{key} = {prompt!r}: the chat template leaves the system turn out of a conversation that ends with a reply "
+            f"(as Mistral's writes it into a last user turn only), so no example would hold it; leave {key} out, or use "
+            "a template that writes system turns (data.chat_template)"
+        )
 
 
 def _check_template_reads_tools(renderer: _ChatRenderer, prepared: list[tuple[int, str, Any]], source: str) -> None:

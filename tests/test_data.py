@@ -749,6 +749,26 @@ def test_a_list_of_files_reads_them_in_order_as_one_dataset(tmp_path):
         load_train_eval(DataConfig(train=[str(prefs), str(a)], max_length=24), tok, seed=0)
 
 
+def test_a_system_prompt_the_template_refuses_or_leaves_out_is_refused_by_its_key():
+    tok = make_tokenizer(template=None)
+    records = [{"messages": CHAT[1:3]}]
+    # Gemma's way: the template raises on a system turn; the setting is named, not every record
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}")  # fmt: skip
+    with pytest.raises(UserError) as err:
+        build(records, tok, system_prompt="Be brief.")
+    assert str(err.value) == ("data.system_prompt = 'Be brief.': the chat template refuses a system turn (System role not "
+                              "supported); leave data.system_prompt out, or use a template that writes system turns "
+                              "(data.chat_template)")  # fmt: skip
+    # Mistral's way: the system prompt only in a last user turn, so never in a conversation that ends with a reply
+    tok.chat_template, tok.eos_token = MISTRAL_LIKE, "</s>"
+    with pytest.raises(UserError, match=r"^data.train\[1\].system_prompt = 'Be brief.': the chat template leaves the "
+                                        r"system turn out of a conversation that ends with a reply"):
+        tokenize_records(list(enumerate(records, 1)), tok, DataConfig(system_prompt="Be brief."), source="d.jsonl",
+                         option_keys={"system_prompt": "data.train[1].system_prompt"})  # fmt: skip
+    assert len(build(records, tok)) == 1  # without it the records train
+
+
 def test_the_files_of_a_list_may_set_their_own_columns_format_and_system_prompt(tmp_path):
     from lorakit.config import build_run_config
     from lorakit.train import generation_eval_records
