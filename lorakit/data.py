@@ -1052,13 +1052,26 @@ def template_variables(template: str) -> set[str]:
         UserError: the template does not parse.
     """
     from jinja2 import meta
+
+    environment = compiled_template(template).environment
+    return set(meta.find_undeclared_variables(environment.parse(template)))
+
+
+def compiled_template(template: str, source: Optional[str] = None, fix: str = "fix it, or give another (data.chat_template)") -> Any:
+    """`template` as transformers' template engine compiles it (and caches it) for apply_chat_template.
+
+    Raises:
+        UserError: the template does not parse; `FILE:LINE: ...` where `source` names its file.
+    """
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     try:
-        environment = _compile_jinja_template(template).environment
-        return set(meta.find_undeclared_variables(environment.parse(template)))
+        return _compile_jinja_template(template)
     except TemplateError as exc:
-        raise UserError(f"the chat template does not parse ({exc}); fix it, or give another (data.chat_template)") from None
+        line, reason = getattr(exc, "lineno", None), getattr(exc, "message", None) or str(exc)
+        if source:
+            raise UserError(f"{source}:{line or 1}: the chat template does not parse ({reason}); {fix}") from None
+        raise UserError(f"the chat template does not parse ({f'line {line}: ' if line else ''}{reason}); {fix}") from None
 
 
 def _jinja_literal(value: Any) -> str:
@@ -1095,12 +1108,7 @@ class _ChatRenderer:
         self._tokenizer = tokenizer
         kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes too
         try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            try:
-                compiled = _compile_jinja_template(template)
-            except TemplateError as exc:  # (TemplateSyntaxError: it does not parse)
-                raise UserError(f"the chat template does not parse ({exc}); fix it, or give another (data.chat_template)") from None
+            compiled = compiled_template(template)
             self._render = lambda conv, gen: compiled.render(
                 messages=conv, tools=None, documents=None, add_generation_prompt=gen, **kwargs
             )
@@ -1361,8 +1369,8 @@ def _tool_call_turn(
 
 
 def _template_error(exc: Exception) -> str:
-    return (f"the chat template failed on this conversation: {exc}; fix the record (e.g. alternate user/assistant "
-            "turns), or the template (data.chat_template)")  # fmt: skip
+    # (the report adds "fix it, or skip invalid records ...")
+    return f"the chat template failed on this conversation: {exc}; the record does not fit the template (data.chat_template)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -552,10 +552,11 @@ def prepare_chat_template(tokenizer: Any, cfg: RunConfig, log: Callable[[str], N
 def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) -> None:
     """Give `tokenizer` the template `value` names (`chat_template_source`); say so where generation
     would not stop at its turns' end (not one token of the vocabulary: only EOS stops it then)."""
-    from lorakit.data import _ChatRenderer, chat_template_text
+    from lorakit.data import CHAT_TEMPLATES, _ChatRenderer, chat_template_text, compiled_template
     from lorakit.generate import stop_token_ids
 
     tokenizer.chat_template = chat_template_text(value)
+    compiled_template(tokenizer.chat_template, source=None if value in CHAT_TEMPLATES else value)  # a file: FILE:LINE
     end = _ChatRenderer(tokenizer).end_of_turn
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
     if end == "":

@@ -1043,6 +1043,11 @@ def test_a_chat_template_whose_turns_do_not_end_on_a_stop_token_is_said(tmp_path
         logged = []
         use_chat_template(make_tokenizer(template=None), str(path), logged.append)
         notes[name] = logged
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(UserError) as err:
+        use_chat_template(make_tokenizer(template=None), str(broken), print)
+    assert str(err.value) == f"{broken}:2: the chat template does not parse (unexpected '}}'); fix it, or give another (data.chat_template)"
     assert notes["eos"] == []
     assert notes["words"] == ["note         the chat template ends a turn with '[done]', which is 5 tokens of this vocabulary, not a "
                               "stop token: generation stops at EOS only; end the assistant turns with {{ eos_token }} to stop there"]
