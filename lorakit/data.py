@@ -1241,7 +1241,9 @@ def _chat_spans(
                     else "this assistant turn's content is not in the render after the turns before it"  # fmt: skip
                 problem = (
                     f"messages[{i}]: the chat template renders this conversation differently from its prefixes "
-                    f"and {what}, so it cannot be located; use a template that writes each turn's content as it is"
+                    f"and {what}, so it cannot be located; untrained turns need not be: train the last turn only "
+                    "(data.train_turns: last) or give this one \"weight\": 0 (a reasoning model's earlier <think> "
+                    "blocks: move them into \"reasoning_content\"), or use a template that writes each turn as it is"
                 )
                 break
             spans.append(span)
