@@ -306,11 +306,24 @@ def show_example(
 ) -> str:
     """An example's text as the model reads it, special tokens written out, with the trained tokens
     (labels not -100) in green (`color`, for a terminal) or between `marks`. Each run of trained or
-    untrained tokens is decoded on its own, so a character split between two runs shows as
-    replacement characters."""
-    out = []
-    for trained, run in itertools.groupby(zip(ids.tolist(), labels.tolist()), key=lambda t: t[1] != IGNORE_INDEX):
-        text = tokenizer.decode([i for i, _ in run], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    untrained tokens is what it adds to the decoded text of the tokens before it: decoded alone, a
+    run would lose the space a SentencePiece decoder strips from a text's start (Llama's, Mistral's),
+    and a character whose bytes two runs share would show as replacement characters in both; it is
+    written whole in the run that completes it."""
+
+    def decode(token_ids: list[int]) -> str:
+        return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    runs = [(trained, [i for i, _ in run]) for trained, run in
+            itertools.groupby(zip(ids.tolist(), labels.tolist()), key=lambda t: t[1] != IGNORE_INDEX)]  # fmt: skip
+    out, upto, before = [], [], ""
+    for n, (trained, run_ids) in enumerate(runs):
+        upto += run_ids
+        whole = decode(upto)
+        if n < len(runs) - 1:
+            whole = whole.rstrip("\ufffd")  # a character the next run completes
+        text = whole[len(before) :] if whole.startswith(before) else decode(run_ids)
+        before = whole
         out.append((f"\033[32m{text}\033[0m" if color else f"{marks[0]}{text}{marks[1]}") if trained else text)
     return "".join(out)
 

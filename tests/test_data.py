@@ -1338,3 +1338,22 @@ def test_the_summary_says_why_examples_were_dropped():
     assert _dropped({"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable": 0}) == "truncated 0, dropped 0"
     pairs = {"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable": 4, "pairs": 3}
     assert _dropped(pairs) == "truncated 0 answers, dropped 2 pairs (4 answers with no token to train within max_length)"
+
+
+def test_show_example_marks_runs_without_changing_the_text():
+    # A SentencePiece-style decoder strips one space from a text's start (Llama's, Mistral's): each
+    # run is what it adds to the text before it, so the space before a trained reply stays, and a
+    # character whose bytes two runs share is written once, whole
+    from tokenizers import decoders
+
+    from lorakit.data import show_example
+
+    tok = make_tokenizer(template=None)
+    tok.backend_tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+    ids = tok("Hi there[/INST] You are welcome. café", add_special_tokens=False)["input_ids"]
+    tokens = tok.convert_ids_to_tokens(ids)
+    reply, accent = tokens.index("Y") - 1, tokens.index("Ã")  # "Ġ" before "You"; é is "Ã", "©"
+    labels = np.array([i if reply <= k <= accent else -100 for k, i in enumerate(ids)])
+    shown = show_example(tok, np.array(ids), labels)
+    assert shown.replace("⟦", "").replace("⟧", "") == tok.decode(ids) == "Hi there[/INST] You are welcome. café"
+    assert shown == "Hi there[/INST]⟦ You are welcome. caf⟧é"
