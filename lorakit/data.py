@@ -778,7 +778,41 @@ def prepare_record(
             raise BadRecord(str(exc).replace("'chosen'", "'completion'")) from None
         return fmt, (record, _with_tools([own[0]], record)[0])
     messages = _messages(record, train_on_inputs)
-    return "chat", Chat(messages, _untrained_turns(record, messages, train_turns), record_tools(record))
+    tools = record_tools(record)
+    _check_called_tools(messages, tools, "messages" if "messages" in record else "conversations")
+    return "chat", Chat(messages, _untrained_turns(record, messages, train_turns), tools)
+
+
+def _check_tool_results(messages: list[dict], key: str) -> None:
+    """A tool turn answers the tool calls of the assistant turn before it (after that turn's other
+    results), as OpenAI's API has it, and by that turn's call ids where both give them: a result
+    with no call would train the model on an exchange it can never have."""
+    calls: Optional[list[dict]] = None  # the calls the tool turns so far answer
+    for i, message in enumerate(messages):
+        if message["role"] != "tool":
+            calls = message.get("tool_calls") if message["role"] == "assistant" else None
+            continue
+        if calls is None:
+            raise BadRecord(f"{key}[{i}] is a tool result with no tool call before it; a tool turn follows an assistant "
+                            "turn's tool_calls (or another tool turn answering them)")  # fmt: skip
+        ids = [call["id"] for call in calls if isinstance(call.get("id"), str)]
+        answers = message.get("tool_call_id")
+        if ids and isinstance(answers, str) and answers not in ids:
+            raise BadRecord(f"{key}[{i}].tool_call_id = {answers!r} answers no call of the assistant turn before it "
+                            f"(ids {', '.join(ids)}); give the id of the call it answers")  # fmt: skip
+
+
+def _check_called_tools(messages: list[dict], tools: Optional[list[dict]], key: str) -> None:
+    """Where a record gives its `tools`, every call names one of them: the model would otherwise
+    learn to call functions it is never shown."""
+    if tools is None:
+        return
+    names = [tool["function"]["name"] for tool in tools]
+    for i, message in enumerate(messages):
+        for j, call in enumerate(message.get("tool_calls", ())):
+            if call["function"]["name"] not in names:
+                raise BadRecord(f"{key}[{i}].tool_calls[{j}] calls {call['function']['name']!r}, which the record's "
+                                f"'tools' do not define ({', '.join(names)}); add its schema, or fix the name")  # fmt: skip
 
 
 def _with_tools(examples: list[tuple[str, Any]], record: dict) -> list[tuple[str, Any]]:
@@ -999,6 +1033,7 @@ def _messages(record: dict, train_on_inputs: bool, *, key: str | None = None) ->
             got = "is missing" if text_key not in msg else f"must be a string, got {_kind(content)}"
             raise BadRecord(f"{key}[{i}].{text_key} {got}")
         out.append(message)
+    _check_tool_results(out, key)
     if not train_on_inputs and out[-1]["role"] != "assistant":
         if key in ("chosen", "rejected"):
             raise BadRecord(f"'{key}' ends with a {out[-1]['role']} turn; an answer ends with an assistant turn")

@@ -155,12 +155,27 @@ def test_a_preference_pair_with_tools_gives_each_answer_the_tools():
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], {"name": "f"}, r"'tools' must be a list of function schemas"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [{"parameters": {}}], r"tools\[0\] must be a function schema with a 'name'"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "[{", r"'tools' is a string but not JSON"),
+        # a result with no call before it, or answering another call; a call to a function the tools do not define
+        ([OPENAI_CHAT[1], OPENAI_CHAT[3], OPENAI_CHAT[4]], None, r"messages\[1\] is a tool result with no tool call before it"),
+        ([*OPENAI_CHAT[:3], {**OPENAI_CHAT[3], "tool_call_id": "c2"}, OPENAI_CHAT[4]], None,
+         r"messages\[3\]\.tool_call_id = 'c2' answers no call of the assistant turn before it \(ids c1\)"),
+        (OPENAI_CHAT, [{"type": "function", "function": {"name": "get_time"}}],
+         r"messages\[2\]\.tool_calls\[0\] calls 'get_weather', which the record's 'tools' do not define \(get_time\)"),
     ],
 )  # fmt: skip
 def test_bad_tool_data_names_the_place_and_the_fix(messages, tools, message):
     record = {"messages": messages} if tools is None else {"messages": messages, "tools": tools}
     with pytest.raises(UserError, match=r"d\.jsonl:1: " + message):
         build([record])
+
+
+def test_tool_results_may_follow_each_other_after_one_turn_of_calls():
+    calls = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}  # fmt: skip
+    results = [{"role": "tool", "tool_call_id": i, "content": t} for i, t in (("b", "25"), ("a", "21"))]
+    ds = build([{"messages": [OPENAI_CHAT[1], calls, *results, {"role": "assistant", "content": "21 and 25."}], "tools": TOOLS}])
+    assert len(ds) == 1
 
 
 def test_a_sharegpt_function_call_that_is_not_json_is_a_bad_record():
@@ -189,11 +204,12 @@ ROLES_TEMPLATE = (
 def test_a_template_that_leaves_out_tool_turns_is_refused_and_one_that_writes_them_as_json_is_not():
     tok = make_tokenizer("chatml")
     tok.chat_template = ROLES_TEMPLATE.replace("{{ c.function | tojson }}", "{{ c.function | tojson }}{# tools #}")
-    chat = [{"role": "user", "content": "Weather in Paris?"}, {"role": "tool", "content": "{\"temp\": 21}"},
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    chat = [{"role": "user", "content": "Weather in Paris?"}, call, {"role": "tool", "content": "{\"temp\": 21}"},
             {"role": "assistant", "content": "21 degrees."}]  # fmt: skip
-    plain = {"messages": [chat[0], chat[2]]}
+    plain = {"messages": [chat[0], chat[3]]}
     for train_on_inputs in (False, True):
-        with pytest.raises(UserError, match=r"d\.jsonl:2: messages\[1\]: the chat template leaves this 'tool' turn's content "
+        with pytest.raises(UserError, match=r"d\.jsonl:2: messages\[2\]: the chat template leaves this 'tool' turn's content "
                                             r"out of the text; use a template that writes 'tool' turns \(data\.chat_template\)"):  # fmt: skip
             build([plain, {"messages": chat}], tok, train_on_inputs=train_on_inputs)
     ds = build([plain, {"messages": chat}], tok, skip_invalid=True)
@@ -202,7 +218,7 @@ def test_a_template_that_leaves_out_tool_turns_is_refused_and_one_that_writes_th
     tok.chat_template = tok.chat_template.replace("json_tools", "true")
     ids, labels = build([{"messages": chat}], tok).example(0)
     assert '<|tool|>"{\\"temp\\": 21}"<|end|>' in tok.decode(ids)
-    assert trained_groups(tok, labels) == ["21 degrees.<|end|>"]
+    assert trained_groups(tok, labels)[-1] == "21 degrees.<|end|>"
 
 
 def test_data_columns_name_the_records_tools():
