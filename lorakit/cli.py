@@ -145,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--prompts", help="file of prompts (- for standard input): one per line, or JSONL with a "
                                                 "'prompt' field, or 'messages' (and 'tools') for chat")  # fmt: skip
             p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-            p.add_argument("--batch-size", type=_positive_int, default=8)
+            p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together (default 8)")
         else:
             p.add_argument("--system", default=None, help="system prompt")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens a reply may have (default 256)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); sampling above it")
+        p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass, in (0, 1] (default 1: off)")
+        p.add_argument("--top-k", type=int, default=0, help="sampling: the k likeliest tokens only (default 0: off)")
+        p.add_argument("--seed", type=int, default=0, help="sampling: the random seed (default 0)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy (DPO reward accuracy) on a dataset")

@@ -69,6 +69,9 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
                 "use a chat model's tokenizer or leave out --chat"
             )
         messages, tools = chat_parts([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+        if tools is not None and "tools" not in tokenizer.get_chat_template(tools=tools):
+            raise UserError("the prompt has 'tools', but the chat template never reads `tools`, so they would be left out "
+                            "of the prompt; use a model (or adapter) whose template writes them, or drop them")  # fmt: skip
         try:
             text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except TemplateSyntaxError as exc:
@@ -80,11 +83,16 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, batch_size: int = 1) -> None:
     """Raises UserError unless the sampling settings are usable (also for `chat`, before its first
     turn), naming the ones that are not."""
     rules = [
-        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, ">= 0 (0: greedy)"),
+        # a temperature this close to 0 divides the logits past float32's range: inf, then NaN probabilities
+        ("temperature", temperature, math.isfinite(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE),
+         f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
         ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
         ("top_k", top_k, top_k >= 0, ">= 0 (0: off)"),
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
@@ -115,7 +123,9 @@ def generate(
     (`top_k=0` and `top_p=1` switch those filters off), seeded with `seed`, so the same call
     gives the same text. The global RNG state is left as it was.
 
-    A model with a table of positions (GPT-2, GPT-J) generates at most until its positions run out.
+    A model with a table of positions (GPT-2, GPT-J) generates at most until its positions run out,
+    each prompt to its own end of the table (a batch whose longest prompt would end the others
+    sooner runs one prompt at a time).
 
     Raises:
         UserError: bad sampling values; chat prompts without a chat template; a prompt that fills
@@ -137,21 +147,27 @@ def generate(
         options.update(do_sample=False)
     device = next(model.parameters()).device
     limit, table = position_limit(model)
+    full = next((i for i, ids in enumerate(encoded) if table and len(ids) >= limit), None)
+    if full is not None:  # said before any generation, whose output would be lost
+        which = "the prompt" if len(encoded) == 1 else f"prompt {full + 1}"
+        raise UserError(f"{which} is {len(encoded[full])} tokens and fills all {limit} positions of the model (a table with "
+                        "a row per position); shorten it")  # fmt: skip
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        if table and len(chunk) > 1 and limit - max(map(len, chunk)) < max_new_tokens:
+            batches += [[ids] for ids in chunk]  # the longest prompt's end of the table would end the others' too
+        else:
+            batches.append(chunk)
     was_training = model.training
     model.eval()
     out: list[str] = []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start : start + batch_size]
+            for chunk in batches:
                 width = max(len(ids) for ids in chunk)
                 room = limit - width if table else max_new_tokens  # past the table there is no position
-                if room < 1:
-                    raise UserError(
-                        f"a prompt of {width} tokens fills all {limit} positions of the model (a table with a row per "
-                        "position); shorten the prompt"
-                    )
                 input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 for i, ids in enumerate(chunk):  # left padding
@@ -191,14 +207,23 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     """
     from lorakit.data import TOO_DEEP, lone_surrogate, read_utf8
 
-    if str(path) == "-":  # standard input: a pipe (read as /dev/stdin, which read_utf8 reads like a file)
-        path = Path("/dev/stdin")
-    path = Path(path)
-    if not path.exists() or path.is_dir():  # (a pipe or /dev/stdin is no regular file, and is read all the same)
+    stdin = str(path) == "-"  # standard input: a pipe (read as /dev/stdin, which read_utf8 reads like a file)
+    path = Path("/dev/stdin") if stdin else Path(path)
+    if path.is_dir():
+        raise UserError(f"--prompts {str(path)!r} is a folder; give a text file (one prompt per line) or JSONL, or - for "
+                        "standard input")  # fmt: skip
+    if not path.exists():  # (a pipe or /dev/stdin is no regular file, and is read all the same)
         raise UserError(f"--prompts {str(path)!r}: file not found; give a text file (one prompt per line) or JSONL, or - for "
                         "standard input")  # fmt: skip
-    lines = read_utf8(path).splitlines()
-    jsonl = path.suffix.lower() in (".jsonl", ".json") or any(line.lstrip().startswith("{") for line in lines[:1])
+    try:
+        lines = read_utf8(path).splitlines()
+    except UserError as exc:
+        raise UserError(str(exc).replace("/dev/stdin", "<stdin>", 1) if stdin else str(exc)) from None
+    name = "<stdin>" if stdin else str(path)
+    first = next((line.lstrip() for line in lines if line.strip()), "")
+    suffix = path.suffix.lower()
+    jsonl = suffix in (".jsonl", ".json") or (suffix != ".txt" and first.startswith("{"))
+    why = f"a {suffix} file" if suffix in (".jsonl", ".json") else "its first prompt starts with '{'; a .txt file is read as text"
     prompts: list[Prompt] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -209,24 +234,24 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+            raise UserError(f"{name}:{number}: invalid JSON: {exc.msg} (read as JSONL: {why})") from None
         except RecursionError:
-            raise UserError(f"{path}:{number}: the record is {TOO_DEEP}; fix that line") from None
+            raise UserError(f"{name}:{number}: the record is {TOO_DEEP}; fix that line") from None
         surrogate = lone_surrogate(record)
         if surrogate is not None:
-            raise UserError(f"{path}:{number}: {surrogate}; fix the escape")
+            raise UserError(f"{name}:{number}: {surrogate}; fix the escape")
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             prompts.append(record["prompt"])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
             try:
                 messages, tools = prompt_messages(record["messages"]), record_tools(record)
             except BadRecord as exc:
-                raise UserError(f"{path}:{number}: {exc}") from None
+                raise UserError(f"{name}:{number}: {exc}") from None
             prompts.append(messages if tools is None else {"messages": messages, "tools": tools})
         else:
-            raise UserError(f"{path}:{number}: expected an object with a \"prompt\" string or a \"messages\" list")
+            raise UserError(f"{name}:{number}: expected an object with a \"prompt\" string or a \"messages\" list")
     if not prompts:
-        raise UserError(f"--prompts {path}: no prompts in the file")
+        raise UserError(f"--prompts {name}: no prompts in the file")
     return prompts
 
 
@@ -297,8 +322,15 @@ def chat_loop(
         raise UserError("the tokenizer has no chat template; `lorakit chat` needs a chat model (or its tokenizer)")
     interactive = stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
+    if system:  # a template that refuses a system turn (Gemma's) is said once, before the first turn
+        try:
+            tokenizer.apply_chat_template([*start, {"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise UserError(f"--system {system!r}: the chat template refuses a system turn ({exc}); leave --system out, "
+                            "or use a model (or adapter) whose template takes one") from None  # fmt: skip
     history = list(start)
-    print("chat: /reset clears the conversation, /exit quits", file=sys.stderr)
+    status = sys.stderr  # the banner and notes: stdout holds the replies alone (a pipe's reader)
+    print("chat: /reset clears the conversation, /exit quits", file=status)
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -311,19 +343,21 @@ def chat_loop(
             stdout.flush()
         line = stdin.readline()
         if not line:
+            if interactive:  # Ctrl-D after "you> ": the shell's prompt on a line of its own
+                stdout.write("\n")
             break
         message = line.rstrip("\n")
         if message.strip() == "/exit":
             break
         if message.strip() == "/reset":
             history = list(start)
-            stdout.write("(conversation cleared)\n")
+            status.write("(conversation cleared)\n")
             continue
         if not message.strip():
             continue
         problem = undecodable_byte(message)
         if problem is not None:  # a terminal in another encoding: say so and wait for the next line
-            stdout.write(f"(that line's {problem}; type it again in UTF-8)\n")
+            status.write(f"(that line's {problem}; type it again in UTF-8)\n")
             continue
         history.append({"role": "user", "content": message})
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -331,7 +365,7 @@ def chat_loop(
             reply = generate(model, tokenizer, [history], chat=True, batch_size=1, streamer=streamer, **sampling)[0]
         except UserError as exc:  # the conversation outgrew the model's positions: the session goes on
             history.pop()
-            stdout.write(f"({exc}; /reset clears the conversation)\n")
+            status.write(f"({exc}; /reset clears the conversation)\n")
             continue
         history.append({"role": "assistant", "content": reply})
     return history
@@ -341,6 +375,8 @@ def chat_command(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     check_sampling(sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["max_new_tokens"])
     check_utf8_argument("--system", args.system)
+    if hasattr(sys.stdin, "reconfigure"):  # a byte that is not UTF-8 is said and retyped, under any locale
+        sys.stdin.reconfigure(errors="surrogateescape")
     model, tokenizer = load_for_command(args)
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
     return 0

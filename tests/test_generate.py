@@ -80,7 +80,7 @@ def test_generation_stops_at_eos(model_tok):
     assert got == [tok.decode(greedy[:k], skip_special_tokens=True)]
 
 
-def test_a_position_table_bounds_the_generation():
+def test_a_position_table_bounds_the_generation(capsys):
     # GPT-2 has a row per position up to n_positions: generation stops there instead of failing
     model, tok = tiny_gpt2(n_positions=24), make_tokenizer()
     ids = render_prompt(tok, PROMPTS[0], chat=False)
@@ -89,17 +89,25 @@ def test_a_position_table_bounds_the_generation():
     got = generate(model, tok, [PROMPTS[0]], max_new_tokens=100)
     assert got == generate(model, tok, [PROMPTS[0]], max_new_tokens=room)
     assert got == [tok.decode(_argmax_loop(model, tok, ids, room, stop_token_ids(tok, model)), skip_special_tokens=True)]
+    # in a batch, each prompt runs to its own end of the table, not the longest one's
+    short = "2 plus 3 is"
+    alone = generate(model, tok, [short], max_new_tokens=100)
+    assert generate(model, tok, [PROMPTS[0], short], max_new_tokens=100) == got + alone
+    assert len(tok(alone[0])["input_ids"]) > room  # (the short one has more room than the long one)
     long = len(render_prompt(tok, PROMPTS[0] * 3, chat=False))
-    with pytest.raises(UserError, match=f"a prompt of {long} tokens fills all 24 positions"):
+    with pytest.raises(UserError, match=f"^the prompt is {long} tokens and fills all 24 positions"):
         generate(model, tok, [PROMPTS[0] * 3], max_new_tokens=5)
+    with pytest.raises(UserError, match=f"^prompt 2 is {long} tokens and fills all 24 positions"):
+        generate(model, tok, [short, PROMPTS[0] * 3], max_new_tokens=5)
     out = io.StringIO()  # in a chat, a conversation that outgrew the table is refused and the session goes on
     history = chat_loop(model, tok, stdin=io.StringIO(PROMPTS[0] * 3 + "\nhi\n"), stdout=out, max_new_tokens=3)
     reply = generate(model, tok, [[{"role": "user", "content": "hi"}]], chat=True, max_new_tokens=3)[0]
     assert history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
-    assert "fills all 24 positions" in out.getvalue() and "/reset" in out.getvalue()
+    said = capsys.readouterr().err  # notes on stderr; stdout holds the replies alone
+    assert "fills all 24 positions" in said and "/reset" in said and out.getvalue() == reply + "\n"
 
 
-def test_chat_loop_history_reset_exit(model_tok):
+def test_chat_loop_history_reset_exit(model_tok, capsys):
     model, tok = model_tok
     out = io.StringIO()
     stdin = io.StringIO("hi\nand then?\n/reset\nhello\n/exit\nnever read\n")
@@ -111,8 +119,9 @@ def test_chat_loop_history_reset_exit(model_tok):
     r2 = generate(model, tok, [turn2], chat=True, max_new_tokens=6)[0]
     r3 = generate(model, tok, [[sys_msg, {"role": "user", "content": "hello"}]], chat=True, max_new_tokens=6)[0]
     assert history == [sys_msg, {"role": "user", "content": "hello"}, {"role": "assistant", "content": r3}]
-    # streamed text: each reply on its own line, and the reset notice between
-    assert out.getvalue().split("\n") == [r1, r2, "(conversation cleared)", r3, ""]
+    # streamed text: each reply on its own line; the reset notice on stderr
+    assert out.getvalue().split("\n") == [r1, r2, r3, ""]
+    assert capsys.readouterr().err.splitlines()[1:] == ["(conversation cleared)"]
 
 
 def test_cli_generate_and_chat(tmp_path, capsys, monkeypatch):
@@ -156,8 +165,19 @@ def test_bad_inputs(tmp_path, capsys):
     for source in ("-", "/dev/stdin"):
         piped = subprocess.run([sys.executable, "-c", code, source], input='{"prompt": "one"}\n', capture_output=True, text=True)
         assert piped.stdout == "['one']\n", piped.stderr
-    with pytest.raises(UserError, match=r"file not found; give a text file .* or - for standard input"):
+    with pytest.raises(UserError, match=r"is a folder; give a text file .* or - for standard input"):
         read_prompts(tmp_path)
+    with pytest.raises(UserError, match=r"file not found; give a text file .* or - for standard input"):
+        read_prompts(tmp_path / "none.txt")
+    # a .txt file is text whatever its first line; elsewhere a first prompt that starts with { is JSONL, and says so
+    (tmp_path / "curly.txt").write_text("{name} is a placeholder\nplain\n")
+    assert read_prompts(tmp_path / "curly.txt") == ["{name} is a placeholder", "plain"]
+    (tmp_path / "curly").write_text("\n{name} is a placeholder\n")
+    with pytest.raises(UserError, match=r"curly:2: invalid JSON: .* \(read as JSONL: its first prompt starts with '\{'; "
+                                        r"a \.txt file is read as text\)"):  # fmt: skip
+        read_prompts(tmp_path / "curly")
+    piped = subprocess.run([sys.executable, "-c", code, "-"], input='{"prompt": 1}\n', capture_output=True, text=True)
+    assert piped.stderr.strip().endswith("<stdin>:1: expected an object with a \"prompt\" string or a \"messages\" list")
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "one"}\r\n')  # saved by a Windows editor
     assert read_prompts(tmp_path / "bom.jsonl") == ["one"]
     (tmp_path / "latin1.txt").write_bytes("one\ncaf\u00e9\n".encode("latin-1"))
@@ -177,7 +197,8 @@ def test_arguments_and_chat_lines_with_bytes_that_are_not_utf8(model_tok, capsys
     history = chat_loop(model, tok, stdin=io.StringIO("caf\udce9\nhi\n"), stdout=out, max_new_tokens=3)
     reply = generate(model, tok, [[{"role": "user", "content": "hi"}]], chat=True, max_new_tokens=3)[0]
     assert history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
-    assert out.getvalue().startswith("(that line's byte 0xe9 at character 4 is not UTF-8 text; type it again in UTF-8)\n")
+    assert "(that line's byte 0xe9 at character 4 is not UTF-8 text; type it again in UTF-8)\n" in capsys.readouterr().err
+    assert out.getvalue() == reply + "\n"
 
 
 def test_model_and_adapter_folders_whose_paths_are_not_utf8_exit_2(tmp_path, capsys):
@@ -203,7 +224,7 @@ def test_model_and_adapter_folders_whose_paths_are_not_utf8_exit_2(tmp_path, cap
 
 def test_an_empty_prompt_without_a_start_token_and_a_nan_temperature_are_user_errors(model_tok, monkeypatch):
     model, tok = model_tok
-    with pytest.raises(UserError, match="--temperature nan: must be >= 0"):
+    with pytest.raises(UserError, match="--temperature nan: must be 0 "):
         generate(model, tok, ["hi"], temperature=float("nan"))
     monkeypatch.setattr("lorakit.generate.render_prompt", lambda tokenizer, prompt, chat: tok("hi")["input_ids"] if prompt else [])
     with pytest.raises(UserError, match="prompt 2 is empty and this tokenizer adds no start token"):
@@ -276,7 +297,40 @@ def test_sampling_errors_name_the_settings_at_fault():
     check_sampling(0.0, 1.0, 0, 1)
     with pytest.raises(UserError) as err:
         check_sampling(-1.0, 0.9, 50, 8)
-    assert str(err.value) == "--temperature -1.0: must be >= 0 (0: greedy)"
+    assert str(err.value) == "--temperature -1.0: must be 0 (greedy) or a finite number >= 1e-05"
+    for tiny in (1e-45, 1e-6):  # the logits divided by it would overflow to inf, then NaN probabilities
+        with pytest.raises(UserError, match=f"--temperature {tiny}: must be 0"):
+            check_sampling(tiny, 1.0, 0, 8)
+    check_sampling(1e-5, 1.0, 0, 8)
     with pytest.raises(UserError) as err:
         check_sampling(float("nan"), 0.0, 0, 0)
-    assert str(err.value) == "--temperature nan: must be >= 0 (0: greedy); --top-p 0.0: must be in (0, 1]; --max-new-tokens 0: must be >= 1"
+    assert str(err.value) == "--temperature nan: must be 0 (greedy) or a finite number >= 1e-05; --top-p 0.0: must be in (0, 1]; --max-new-tokens 0: must be >= 1"
+
+
+def test_what_a_chat_template_would_leave_out_is_refused_before_the_first_turn(model_tok, tmp_path):
+    model, _ = model_tok
+    gemma_like = make_tokenizer()  # refuses a system turn, as Gemma's template does
+    gemma_like.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not "
+                                "supported') }}{% endif %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}")  # fmt: skip
+    with pytest.raises(UserError) as err:
+        chat_loop(model, gemma_like, system="Be terse.", stdin=io.StringIO("hi\n"), stdout=io.StringIO(), max_new_tokens=2)
+    assert str(err.value) == ("--system 'Be terse.': the chat template refuses a system turn (System role not supported); "
+                              "leave --system out, or use a model (or adapter) whose template takes one")  # fmt: skip
+    # tools beside a prompt whose template never reads them: said, not left out of the prompt silently
+    prompt = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [{"type": "function", "function": {"name": "f"}}]}
+    with pytest.raises(UserError, match=r"^the prompt has 'tools', but the chat template never reads `tools`"):
+        generate(model, gemma_like, [prompt], max_new_tokens=2)
+
+
+def test_chat_reads_a_byte_that_is_not_utf8_under_a_strict_locale(tmp_path):
+    # under en_US.UTF-8, Python reads stdin strictly; PYTHONIOENCODING=utf-8 does the same here
+    import os
+    import subprocess
+    import sys
+
+    folder = save_model_folder(tmp_path / "m", tiny_llama(), make_tokenizer())
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--model", str(folder), "--max-new-tokens", "2"],
+                          input=b"caf\xe9\nhi\n", capture_output=True, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"(that line's byte 0xe9 at character 4 is not UTF-8 text; type it again in UTF-8)" in done.stderr
