@@ -432,7 +432,9 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"adapter folder {str(directory)!r} not found")
+        what = "is a file, not a folder" if directory.exists() else "not found"
+        raise UserError(f"adapter folder {str(directory)!r} {what}; pass the folder a run wrote (OUTPUT_DIR/adapter) or PEFT's "
+                        "save_pretrained did")  # fmt: skip
     from lorakit.models import check_utf8_path
 
     check_utf8_path(directory, "adapter")

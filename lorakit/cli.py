@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from lorakit.errors import UserError
 
@@ -86,9 +86,18 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "precision: auto); set it to a run's train.precision to reproduce its numbers")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes said as the CLI's other user errors are: one `error:` line, exit 2 (the
+    usage is --help's to print), with the command that took the argument named."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning for causal language models.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="lorakit", description="LoRA and QLoRA fine-tuning for causal language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = sub.choices  # each command's parser, by name
 
     p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config (no config: the offline demo)")
     p.add_argument("config", nargs="?", help="YAML run config; omit to run the shipped demo")
@@ -198,8 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]  # KEY=VALUE after a flag: `train run.yaml --dry-run lora.r=8`
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # said by the command's parser, which took the other arguments
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

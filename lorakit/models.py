@@ -58,7 +58,8 @@ def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -
     """Raise a UserError unless `path` is a usable model folder (safetensors weights, tokenizer)."""
     folder = Path(path)
     if not folder.is_dir():
-        raise UserError(f"model folder {str(path)!r} not found; pass a local Hugging Face model folder")
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise UserError(f"model folder {str(path)!r} {what}; pass a local Hugging Face model folder")
     check_utf8_path(folder, "model")
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: no config.json; a model folder holds config.json, *.safetensors and tokenizer files")

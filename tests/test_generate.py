@@ -334,3 +334,18 @@ def test_chat_reads_a_byte_that_is_not_utf8_under_a_strict_locale(tmp_path):
                           input=b"caf\xe9\nhi\n", capture_output=True, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()
     assert b"(that line's byte 0xe9 at character 4 is not UTF-8 text; type it again in UTF-8)" in done.stderr
+
+
+def test_argument_mistakes_are_one_line_naming_the_command(capsys, tmp_path):
+    for args, said in [
+        (["generate", "--model", "m", "--max-new-tokens", "abc"], "error: lorakit generate: argument --max-new-tokens: "
+                                                                  "invalid int value: 'abc'; see lorakit generate --help"),
+        (["chat", "--model", "m", "--bogus"], "error: lorakit chat: unrecognized arguments: --bogus; see lorakit chat --help"),
+        (["chat"], "error: lorakit chat: the following arguments are required: --model; see lorakit chat --help"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2 and capsys.readouterr().err == said + "\n"
+    (tmp_path / "p.txt").write_text("x")  # a file where a folder belongs
+    assert main(["generate", "--model", str(tmp_path / "p.txt"), "--prompt", "x"]) == 2
+    assert f"model folder {str(tmp_path / 'p.txt')!r} is a file, not a folder" in capsys.readouterr().err
