@@ -95,8 +95,8 @@ def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens:
          f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
         ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
         ("top_k", top_k, top_k >= 0, ">= 0 (0: off)"),
-        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
-        ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+        ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "a whole number >= 1"),
+        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "a whole number >= 1"),
     ]
     bad = [f"--{name.replace('_', '-')} {value}: must be {rule}" for name, value, ok, rule in rules if not ok]
     if bad:

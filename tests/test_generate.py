@@ -242,7 +242,7 @@ def test_a_config_that_is_not_utf8_and_a_zero_batch_size_exit_2(tmp_path, capsys
 
 
 def test_chat_refuses_bad_sampling_before_loading_and_seeds_must_fit_64_bits(capsys):
-    for args, message in [(["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"), (["--seed", str(2**64)], "--seed 18446744073709551616: must fit")]:
+    for args, message in [(["--max-new-tokens", "0"], "--max-new-tokens 0: must be a whole number >= 1"), (["--seed", str(2**64)], "--seed 18446744073709551616: must fit")]:
         assert main(["chat", "--model", "no/such/model", *args]) == 2  # refused before the model is looked for
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
@@ -304,7 +304,9 @@ def test_sampling_errors_name_the_settings_at_fault():
     check_sampling(1e-5, 1.0, 0, 8)
     with pytest.raises(UserError) as err:
         check_sampling(float("nan"), 0.0, 0, 0)
-    assert str(err.value) == "--temperature nan: must be 0 (greedy) or a finite number >= 1e-05; --top-p 0.0: must be in (0, 1]; --max-new-tokens 0: must be >= 1"
+    assert str(err.value) == "--temperature nan: must be 0 (greedy) or a finite number >= 1e-05; --top-p 0.0: must be in (0, 1]; --max-new-tokens 0: must be a whole number >= 1"
+    with pytest.raises(UserError, match=r"^--max-new-tokens 2.5: must be a whole number >= 1$"):
+        check_sampling(0.0, 1.0, 0, 2.5)
 
 
 def test_what_a_chat_template_would_leave_out_is_refused_before_the_first_turn(model_tok, tmp_path):
