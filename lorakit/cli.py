@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--prompts", help="file of prompts (- for standard input): one per line, or JSONL with a "
                                                 "'prompt' field, or 'messages' (and 'tools') for chat")  # fmt: skip
             p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+            p.add_argument("--system", default=None, metavar="TEXT",
+                           help="a system message put first in chat prompts that have none (data.system_prompt of the run)")
             p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together (default 8)")
         else:
             p.add_argument("--system", default=None, help="system prompt")

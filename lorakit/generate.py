@@ -283,12 +283,27 @@ def check_utf8_argument(flag: str, value: Optional[str]) -> None:
         raise UserError(f"{flag}: {problem}; pass UTF-8 text (set the terminal's encoding to UTF-8)")
 
 
+def with_system(prompt: Prompt, system: str) -> Prompt:
+    """A chat prompt (a text: one user turn) with a system message first, where it has none of its
+    own, as data.system_prompt puts one in training."""
+    messages, tools = chat_parts([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    if messages and messages[0]["role"] == "system":
+        return prompt
+    messages = [{"role": "system", "content": system}, *messages]
+    return messages if tools is None else {"messages": messages, "tools": tools}
+
+
 def generate_command(args: argparse.Namespace) -> int:
     """Print the completion of --prompt, or one JSON line {"prompt", "completion"} per --prompts entry."""
     check_utf8_argument("--prompt", args.prompt)
+    check_utf8_argument("--system", args.system)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if args.system is not None:
+        if not args.chat and any(isinstance(prompt, str) for prompt in prompts):
+            raise UserError("--system goes with chat prompts: add --chat, or give --prompts JSONL lines with \"messages\"")
+    asked = prompts if args.system is None else [with_system(prompt, args.system) for prompt in prompts]
     model, tokenizer = load_for_command(args)
-    texts = generate(model, tokenizer, prompts, chat=args.chat, batch_size=args.batch_size, **_sampling(args))
+    texts = generate(model, tokenizer, asked, chat=args.chat, batch_size=args.batch_size, **_sampling(args))
     if args.prompt is not None:
         print(texts[0])
     else:

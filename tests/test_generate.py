@@ -351,3 +351,21 @@ def test_argument_mistakes_are_one_line_naming_the_command(capsys, tmp_path):
     (tmp_path / "p.txt").write_text("x")  # a file where a folder belongs
     assert main(["generate", "--model", str(tmp_path / "p.txt"), "--prompt", "x"]) == 2
     assert f"model folder {str(tmp_path / 'p.txt')!r} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_generate_puts_a_system_message_first_in_chat_prompts_without_one(tmp_path, capsys):
+    model, tok = tiny_llama(), make_tokenizer()
+    folder = save_model_folder(tmp_path / "m", model, tok)
+    system = {"role": "system", "content": "Be brief."}
+    own = [{"role": "system", "content": "Be long."}, {"role": "user", "content": "hello"}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + json.dumps({"messages": own}) + "\n")
+    want = generate(model, tok, [[system, {"role": "user", "content": "hi"}], own], max_new_tokens=4)
+    args = ["generate", "--model", str(folder), "--max-new-tokens", "4", "--system", "Be brief."]
+    assert main([*args, "--prompts", str(tmp_path / "p.jsonl")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["completion"] for line in lines] == want  # the file's own system turn kept
+    assert lines[0]["prompt"] == [{"role": "user", "content": "hi"}]  # printed as the file gave it
+    assert main([*args, "--chat", "--prompt", "hi"]) == 0
+    assert capsys.readouterr().out == want[0] + "\n"
+    assert main([*args, "--prompt", "hi"]) == 2
+    assert "--system goes with chat prompts: add --chat" in capsys.readouterr().err
