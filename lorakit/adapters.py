@@ -414,13 +414,25 @@ def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
     directory = Path(directory)
     config, raw = read_adapter_config(directory)
     tensors = load_safetensors(directory / WEIGHTS_NAME)
-    if raw.get("ensure_weight_tying") and any(".lora_embedding_" in key for key in tensors):
-        raise UserError(
-            f"{directory / CONFIG_NAME}: ensure_weight_tying: true with LoRA on an embedding, which PEFT ties to "
-            "a LoRA of the output head (lm_head) that lorakit does not build; save the adapter with "
-            "ensure_weight_tying: false (PEFT's default), or merge it with PEFT"
-        )
     return AdapterFiles(directory, config, raw, tensors)
+
+
+def check_weight_tying(files: AdapterFiles, tied: set[str]) -> None:
+    """Refuse what PEFT's `ensure_weight_tying` builds and lorakit does not: a LoRA of the output
+    head tied to the LoRA of an embedding, which PEFT does for an embedding it knows by name (its
+    EMBEDDING_LAYER_NAMES: embed_tokens, not GPT-2's wte) whose weight the model ties to the head's
+    (`tied`: the paths of such modules). Elsewhere PEFT ties nothing, and lorakit loads the adapter.
+    """
+    if not files.peft_config.get("ensure_weight_tying"):
+        return
+    for key in files.tensors:
+        path = key[len(PREFIX) :].partition(".lora_embedding_")[0]
+        if ".lora_embedding_" in key and path.split(".")[-1] == "embed_tokens" and path in tied:
+            raise UserError(
+                f"{files.path / CONFIG_NAME}: ensure_weight_tying: true with LoRA on the embedding {path}, tied to the "
+                "output head, which PEFT then ties to a LoRA of the head (lm_head) that lorakit does not build; save the "
+                "adapter with ensure_weight_tying: false (PEFT's default), or merge it with PEFT"
+            )
 
 
 def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[str, Any]]:
@@ -708,6 +720,7 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
     entries as the full names of the modules it holds)."""
     if name in lora_configs(model):
         raise UserError(f"adapter {name!r} is already on the model; pass another name")
+    check_weight_tying(files, _tied_embeddings(model))
     files = _with_saved_modules_as_peft_took_them(model, files)
     check_fits(model, files)
     inject_adapter(model, files.config, name, check_patterns=False)  # PEFT keeps keys that match nothing
@@ -724,6 +737,17 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
                 for p in module.copies[name].parameters():
                     p.requires_grad_(False)
     return files.config
+
+
+def _tied_embeddings(model: nn.Module) -> set[str]:
+    """The path of the model's input embedding where the output head shares its weight; none else."""
+    try:
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # any nn.Module: no embeddings to know of
+        return set()
+    if embedding is None or head is None or getattr(head, "weight", None) is not getattr(embedding, "weight", 0):
+        return set()
+    return {path for path, module in model.named_modules() if module is embedding}
 
 
 def copy_adapter_weights(
@@ -754,6 +778,33 @@ def copy_adapter_weights(
             if name in module.copies:
                 for key, param in module.copies[name].named_parameters():
                     copy(param, files.tensors[f"{PREFIX}{path}.{key}"])
+
+
+def check_lora_pair(source: Any, path: str, a: torch.Tensor, b: torch.Tensor, magnitude: Optional[torch.Tensor], r: int) -> None:
+    """Raise a UserError unless A (r, in), B (out, r) and the DoRA magnitude (out,) of module `path`
+    (of the adapter `source`) have the shapes of a rank-`r` LoRA module, the rank its
+    adapter_config.json gives it: a scale of alpha / r with another r would be silently wrong."""
+    if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] == r and (magnitude is None or
+                                                                           tuple(magnitude.shape) == (b.shape[0],)):  # fmt: skip
+        return
+    dora = f", magnitude {tuple(magnitude.shape)}" if magnitude is not None else ""
+    raise UserError(
+        f"{source}: {path}: adapter A {tuple(a.shape)}, B {tuple(b.shape)}{dora} are not a LoRA module of rank {r} "
+        f"(A (r, in), B (out, r){', magnitude (out,)' if dora else ''}; r from adapter_config.json); the adapter file is "
+        "damaged, or its adapter_config.json is another adapter's"
+    )
+
+
+def check_factor_values(source: Any, what: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise a UserError where a LoRA module's matrices (`what`, of the adapter `source`) hold
+    integers (cast to float, their update would be rounded to nothing) or inf/NaN."""
+    stored = next((t.dtype for t in (a, b) if not t.is_floating_point()), None)
+    if stored is not None:
+        raise UserError(f"{source}: {what} holds {stored} numbers; LoRA matrices are floating point, so the adapter file "
+                        "is damaged, or was not written by a LoRA trainer")  # fmt: skip
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise UserError(f"{source}: {what} holds inf/NaN values in its LoRA matrices; the adapter is broken (a diverged "
+                        "run's, or a damaged file): use an earlier checkpoint's")  # fmt: skip
 
 
 def adapter_scaling(config: LoraConfig, path: str) -> float:

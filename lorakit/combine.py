@@ -44,9 +44,12 @@ from typing import Optional, Union
 
 import torch
 
-from lorakit.adapters import PREFIX, AdapterFiles, adapter_scaling, check_output_folder, read_adapter, write_adapter_folder
+from lorakit.adapters import (
+    PREFIX, AdapterFiles, adapter_scaling, check_factor_values, check_lora_pair, check_output_folder, read_adapter,
+    write_adapter_folder,
+)  # fmt: skip
 from lorakit.errors import UserError
-from lorakit.inject import selected_by_name, unselected_weights
+from lorakit.inject import _pattern_value, selected_by_name, unselected_weights
 
 METHODS = ("cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 # the methods that prune each update first, and so need `density`
@@ -194,8 +197,8 @@ def _module_factors(files: AdapterFiles) -> dict[str, tuple[str, torch.Tensor, t
                 if b_key not in files.tensors:
                     raise UserError(f"{files.path}: {key} has no {b_key}; the adapter file is incomplete")
                 a, b = files.tensors[key], files.tensors[b_key]
-                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-                    raise UserError(f"{files.path}: {path}: A {tuple(a.shape)} and B {tuple(b.shape)} are no LoRA pair")
+                check_lora_pair(files.path, path, a, b, None, _pattern_value(path, files.config.rank_pattern, files.config.r))
+                check_factor_values(files.path, f"module {path}", a, b)
                 out[path] = (kind, a, b, adapter_scaling(files.config, path))
                 seen.update((key, b_key))
     other = sorted(k for k in set(files.tensors) - seen if not k.endswith(BASE_WEIGHT_SUFFIX))
@@ -211,12 +214,13 @@ def _module_factors(files: AdapterFiles) -> dict[str, tuple[str, torch.Tensor, t
 
 def _check_shapes(files: list[AdapterFiles], factors: list[dict], paths: list[str]) -> None:
     """Every adapter that holds a module adapts it with the same kind and shape, and its modules lie in
-    the same model as the others' (an adapter whose paths share no first part with theirs, GPT-2's
-    transformer.h.* beside Llama's model.layers.*, is another model's: their union loads on neither)."""
-    roots = [{path.split(".")[0] for path in fs} for fs in factors]
+    the same model as the others' (an adapter whose nested paths share no first part with theirs,
+    GPT-2's transformer.h.* beside Llama's model.layers.*, is another model's: their union loads on
+    neither). A model's top-level modules (lm_head, beside model.* or transformer.*) tell nothing."""
+    roots = [{path.split(".")[0] for path in fs if "." in path} for fs in factors]
     for i in range(1, len(files)):  # each against those before it, so the odd one out is named
         before = set().union(*roots[:i])
-        if not roots[i] & before:
+        if roots[i] and before and not roots[i] & before:
             raise UserError(
                 f"{files[i].path}: adapts modules under {', '.join(sorted(roots[i]))}.*, the other adapters under "
                 f"{', '.join(sorted(before))}.*: it is another model's adapter; combine adapters of one base model"

@@ -29,7 +29,7 @@ from typing import Any, Union
 import torch
 from safetensors import safe_open
 
-from lorakit.adapters import read_adapter
+from lorakit.adapters import check_factor_values, check_lora_pair, read_adapter
 from lorakit.errors import UserError
 from lorakit.layers import PRINCIPAL_INITS
 
@@ -95,10 +95,10 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
         if "A" not in entry or "B" not in entry:
             raise UserError(f"{files.path}: module {path} has only one of its two LoRA matrices; the adapter file is incomplete")
         a, b = entry["A"], entry["B"]
-        _check_pair(files, path, a, b, entry.get("M"), _pattern_value(path, config.rank_pattern, config.r))
+        check_lora_pair(files.path, path, a, b, entry.get("M"), _pattern_value(path, config.rank_pattern, config.r))
         if not selected_by_name(path, config):  # every loader refuses it; PEFT would not load these weights
             raise UserError(unselected_weights(files.path, path, config))
-        _check_finite(files, f"module {path}", a, b)
+        check_factor_values(files.path, f"module {path}", a, b)
         scale = _scaling(config, path)
         stats = spectrum_stats(update_spectrum(a, b, scale))
         modules.append({
@@ -216,7 +216,7 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
                     f"LoRA matrices of rank {r} (A (experts·r, in), B (out, r·experts)); the adapter file is damaged, or "
                     "its adapter_config.json is another adapter's"
                 )
-            _check_finite(files, f"{path}.{param}", a, b)
+            check_factor_values(files.path, f"{path}.{param}", a, b)
             scale = _scaling(config, f"{path}.{param}")
             a_e, b_e = expert_factors(a, b, experts)
             per_expert = [spectrum_stats(update_spectrum(a_e[e], b_e[e], scale)) for e in range(experts)]
@@ -233,27 +233,6 @@ def _expert_modules(files) -> tuple[list[dict[str, Any]], set[str]]:
                 "effective_rank": sum(st["effective_rank"] for st in per_expert) / experts,
             })  # fmt: skip
     return rows, used
-
-
-def _check_pair(files, path: str, a: torch.Tensor, b: torch.Tensor, magnitude, r: int) -> None:
-    """Raise a UserError unless A (r, in), B (out, r) and the DoRA magnitude (out,) have the shapes
-    of a rank-`r` LoRA module (the rank adapter_config.json gives it)."""
-    if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] == r and (magnitude is None or
-                                                                           tuple(magnitude.shape) == (b.shape[0],)):  # fmt: skip
-        return
-    dora = f", magnitude {tuple(magnitude.shape)}" if magnitude is not None else ""
-    raise UserError(
-        f"{files.path}: {path}: adapter A {tuple(a.shape)}, B {tuple(b.shape)}{dora} are not a LoRA module of rank {r} "
-        f"(A (r, in), B (out, r){', magnitude (out,)' if dora else ''}; r from adapter_config.json); the adapter file is "
-        "damaged, or its adapter_config.json is another adapter's"
-    )
-
-
-def _check_finite(files, what: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Raise a UserError where a LoRA module's matrices hold inf/NaN (their spectrum has none)."""
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise UserError(f"{files.path}: {what} holds inf/NaN values in its LoRA matrices; the adapter is broken (a diverged "
-                        "run's, or a damaged file): use an earlier checkpoint's")  # fmt: skip
 
 
 def _check_saved(files, key: str, name: str) -> None:

@@ -69,8 +69,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lorakit.adapters import (
-    CHAT_TEMPLATE_NAME, PREFIX, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_output_folder, read_adapter,
-    read_chat_template, replace_dir, staging_folder,
+    CHAT_TEMPLATE_NAME, PREFIX, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_factor_values, check_output_folder,
+    check_weight_tying, read_adapter, read_chat_template, replace_dir, staging_folder,
 )  # fmt: skip
 from lorakit.errors import UserError
 from lorakit.inject import selected_by_name, unselected_weights
@@ -293,6 +293,7 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
         UserError: naming the first adapter tensor without a base tensor, or the first module
             whose shapes do not fit (both shapes given).
     """
+    check_weight_tying(files, {key.removesuffix(".weight") for pair in layout.tied.items() for key in pair})
     config = files.config
     where = files.path
     fan_in_fan_out = bool(files.peft_config.get("fan_in_fan_out", False))
@@ -322,6 +323,7 @@ def plan_merge(layout: BaseLayout, files: AdapterFiles, *, simulate_nf4: bool = 
             raise UserError(f"{where}: module {path} has only one of its two LoRA matrices; the adapter file is incomplete")
         if not selected_by_name(path, config):
             raise UserError(unselected_weights(where, path, config))
+        check_factor_values(where, f"module {path}", a, b)
         key = layout.key_for(path)
         if key is None:
             raise UserError(

@@ -135,10 +135,29 @@ def test_peft_ensure_weight_tying_loads_the_tied_heads_copy_or_is_refused(tmp_pa
     with pytest.raises(UserError) as err:
         load_adapter(tied(), tmp_path / "lora")
     assert str(err.value) == (
-        f"{tmp_path / 'lora' / 'adapter_config.json'}: ensure_weight_tying: true with LoRA on an embedding, which PEFT "
-        "ties to a LoRA of the output head (lm_head) that lorakit does not build; save the adapter with "
-        "ensure_weight_tying: false (PEFT's default), or merge it with PEFT"
+        f"{tmp_path / 'lora' / 'adapter_config.json'}: ensure_weight_tying: true with LoRA on the embedding "
+        "model.embed_tokens, tied to the output head, which PEFT then ties to a LoRA of the head (lm_head) that lorakit "
+        "does not build; save the adapter with ensure_weight_tying: false (PEFT's default), or merge it with PEFT"
     )
+    # where PEFT ties nothing (an untied model; GPT-2's wte, a name PEFT does not know), lorakit loads the adapter as PEFT does
+    for make, target in ((tiny_llama, "embed_tokens"), (lambda: tiny_gpt2(), "wte")):
+        peft_model = get_peft_model(make(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=[target], ensure_weight_tying=True))
+        _randomise(peft_model.named_parameters())
+        peft_model.eval()
+        expected = peft_model(_ids()).logits
+        peft_model.save_pretrained(str(tmp_path / target))
+        model = make()
+        load_adapter(model, tmp_path / target)
+        torch.testing.assert_close(model.eval()(_ids()).logits, expected, atol=1e-5, rtol=0)
+    # merge reads the tying from the base folder: refused over the tied base, merged over the untied one
+    from lorakit.merge import merge_adapter_files
+
+    save_model_folder(tmp_path / "tied-base", tied(), make_tokenizer())
+    with pytest.raises(UserError, match="ensure_weight_tying: true with LoRA on the embedding model.embed_tokens, tied"):
+        merge_adapter_files(tmp_path / "tied-base", tmp_path / "lora", tmp_path / "merged")
+    save_model_folder(tmp_path / "untied-base", tiny_llama(), make_tokenizer())
+    merge_adapter_files(tmp_path / "untied-base", tmp_path / "embed_tokens", tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 def _llava_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,3 +217,40 @@ def test_weights_that_an_adapters_own_config_does_not_select_are_refused(adapter
         "Add the module to target_modules, or remove its tensors"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_of_top_level_modules_combines_and_a_damaged_one_is_named(adapters, tmp_path):
+    # an adapter of lm_head alone shares no path root with model.layers.*: it is the same model's all the same
+    torch.manual_seed(3)
+    head = tmp_path / "head"
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)).save_pretrained(head)
+    combine_adapters([adapters / "one", head], tmp_path / "both")
+    combined = _peft_model(tmp_path, "both")
+    want = {**_deltas(_peft_model(adapters, "one"), "one"), **_deltas(_peft_model(tmp_path, "head"), "head")}
+    got = _deltas(combined, "both")
+    assert got.keys() == want.keys() and "lm_head" in got
+    for path in want:
+        torch.testing.assert_close(got[path], want[path], rtol=1e-5, atol=1e-6)
+    # an adapter_config.json whose r its tensors do not have (alpha / r would scale the update wrongly)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "adapter_model.safetensors").write_bytes((head / "adapter_model.safetensors").read_bytes())
+    config = json.loads((head / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    with pytest.raises(UserError, match=r"wrong: lm_head: adapter A \(2, 64\), B \(400, 2\) are not a LoRA module of rank 4"):
+        combine_adapters([wrong], tmp_path / "out")
+    # a NaN in a factor is the adapter's fault, not the weights'
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(head / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key][0, 0] = float("nan")
+    (wrong / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(wrong / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=r"wrong: module lm_head holds inf/NaN values in its LoRA matrices; the adapter is broken"):
+        combine_adapters([adapters / "one", wrong], tmp_path / "out")
+    from lorakit.merge import merge_adapter_files  # merge says the same, before any weight is written
+
+    with pytest.raises(UserError, match=r"wrong: module lm_head holds inf/NaN values in its LoRA matrices; the adapter is broken"):
+        merge_adapter_files(adapters / "model", wrong, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
