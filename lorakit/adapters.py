@@ -331,10 +331,28 @@ def staging_folder(target: Path) -> Path:
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return new_folder(prefix=f".{target.name}.tmp-", parent=target.parent)
+        _remove_dead_stagings(target)
+        return new_folder(prefix=f".{target.name}.tmp-{os.getpid()}-", parent=target.parent)
     except OSError as exc:
         raise UserError(f"cannot write {target}: {exc.strerror or exc} ({exc.filename or target.parent}); pick a folder "
                         "you can write to") from None  # fmt: skip
+
+
+def _remove_dead_stagings(target: Path) -> None:
+    """Remove the staging folders of `target` that a process killed outright (SIGKILL, a power
+    loss) left behind: named by their process's id, which is no longer running on this machine.
+    A merge's can hold gigabytes."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-")
+    for sibling in target.parent.iterdir():
+        found = pattern.match(sibling.name)
+        if found is None or int(found.group(1)) == os.getpid() or not sibling.is_dir():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:  # (PermissionError: another user's process, running)
+            shutil.rmtree(sibling, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue
 
 
 def replace_dir(staging: Path, target: Path) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 from typing import Callable, NoReturn, Optional
 
@@ -215,6 +217,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 0
     func: Callable[[argparse.Namespace], int] = args.func
+    terminate = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and terminate == signal.SIG_DFL:
+        # SIGTERM (kill, a scheduler's stop) unwinds as Ctrl-C does, so that a half-written output's
+        # staging folder is removed on the way out; `train` installs its own stop for its steps
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         return int(func(args) or 0)
     except UserError as exc:
@@ -223,6 +230,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _exit_on_signal:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _exit_on_signal(signum: int, frame: object) -> NoReturn:
+    print("terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -338,3 +338,36 @@ def test_a_target_naming_a_whole_path_is_selected_outside_layers_to_transform(tm
     model = tiny_llama()
     load_adapter(model, tmp_path / "adapter")
     assert [p for p, _ in lora_layers(model)] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_a_stopped_merge_leaves_no_staging_and_a_killed_ones_is_swept(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import subprocess
+
+    import lorakit.merge
+
+    base, _ = _lorakit_case(tmp_path, tiny_llama, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    out = tmp_path / "merged"
+    real = lorakit.merge._write_config
+
+    def terminated(*args, **kwargs):  # a scheduler's SIGTERM after the weights are written
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lorakit.merge, "_write_config", terminated)
+    with pytest.raises(SystemExit) as stop:
+        main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out)])
+    assert stop.value.code == 128 + signal.SIGTERM and "terminated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no half-written folder, hidden or not
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.setattr(lorakit.merge, "_write_config", real)
+    # a SIGKILL leaves its staging behind, named by its process: the next merge to the same place removes it
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, alive = tmp_path / f".merged.tmp-{gone.pid}-x", tmp_path / f".merged.tmp-{os.getppid()}-y"
+    for staging in (dead, alive):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half")
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    assert not dead.exists() and alive.exists() and (out / "config.json").is_file()
