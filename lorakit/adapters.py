@@ -542,9 +542,14 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
     init = raw.get("init_lora_weights", True)
     if init is True or init is False:
         init = "default"
-    elif isinstance(init, str) and init.startswith("pissa"):
-        init = "pissa"
-    elif init not in ("gaussian", "olora"):
+    elif isinstance(init, str) and init.startswith("pissa_niter"):
+        raise UserError(
+            f"{source}: init_lora_weights = {init!r}: PEFT's fast PiSSA takes the base's principal part from a randomized "
+            "SVD, which cannot be computed again (PEFT's own loads differ by about 1e-3), so the model the adapter was "
+            "trained on cannot be rebuilt; save it as plain LoRA in PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)), or train with init_lora_weights: pissa"
+        )
+    elif init not in ("gaussian", "olora", "pissa"):
         raise UserError(f"{source}: init_lora_weights = {init!r} is not supported; lorakit knows default, gaussian, pissa, olora")
     if "r" not in raw:  # PEFT always writes it; its default (8) would be a guess at the tensors' rank
         raise UserError(f"{source}: r is missing; set it to the adapter's rank (the rows of its lora_A tensors)")

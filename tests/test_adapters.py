@@ -355,6 +355,11 @@ def test_bad_folders_and_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "lora_bias": True}))
     with pytest.raises(UserError, match="lora_bias = True is a PEFT feature lorakit does not support"):
         load_adapter(tiny_llama(), tmp_path)
+    # PEFT's fast PiSSA: its randomized SVD cannot be computed again to rebuild the base it trained on
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                                              "init_lora_weights": "pissa_niter_4"}))  # fmt: skip
+    with pytest.raises(UserError, match=r"init_lora_weights = 'pissa_niter_4': PEFT's fast PiSSA .* save it as plain LoRA in PEFT"):
+        load_adapter(tiny_llama(), tmp_path)
 
 
 def test_truncated_safetensors(tmp_path):
