@@ -73,6 +73,7 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
     config = files.config
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     saved: list[dict[str, Any]] = []
+    base_weights: list[dict[str, Any]] = []
     expert_rows, expert_keys = _expert_modules(files)
     for key, tensor in files.tensors.items():
         if key in expert_keys:
@@ -89,7 +90,9 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
                 break
         else:
             _check_saved(files, key, name)
-            saved.append({"tensor": name, "shape": list(tensor.shape), "params": tensor.numel()})
+            entry = {"tensor": name, "shape": list(tensor.shape), "params": tensor.numel()}
+            # PEFT saves an adapted embedding's own (base) weight too: no module of modules_to_save
+            (base_weights if name.endswith(".base_layer.weight") else saved).append(entry)
     modules = []
     for path, entry in sorted(pairs.items(), key=lambda kv: _natural(kv[0])):
         if "A" not in entry or "B" not in entry:
@@ -129,6 +132,7 @@ def inspect_adapter(adapter_dir: Union[str, Path], base_dir: Union[str, Path, No
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "modules_to_save": saved,
+        "base_weights": base_weights,
         "lora_modules": len(modules),
         "params": sum(t.numel() for t in files.tensors.values()),
         "lora_params": sum(m["params"] for m in modules),
@@ -276,6 +280,8 @@ def format_report(info: dict[str, Any]) -> str:
         + (f", alpha_pattern={info['alpha_pattern']}" if info["alpha_pattern"] else ""),
         f"params    {info['params']:,} ({info['lora_params']:,} in {info['lora_modules']} LoRA modules"
         + (f", {sum(s['params'] for s in info['modules_to_save']):,} in modules_to_save" if info["modules_to_save"] else "")
+        + (f", {sum(s['params'] for s in info['base_weights']):,} in base weights PEFT saves beside embedding LoRA"
+           if info.get("base_weights") else "")
         + f"); file {info['file_bytes'] / 2**20:.2f} MiB",
         "",
     ]
@@ -302,7 +308,7 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"init {info['init']}: B@A started as the base weight's principal part, which the base lost, so ||ΔW|| and "
                      "the spectrum are of s·B@A, not of the change to W" + ("; ||ΔW||/||W|| is the change merging makes"
                      if relative else "; --base shows the change merging makes"))  # fmt: skip
-    for s in info["modules_to_save"]:
+    for s in info["modules_to_save"] + info.get("base_weights", []):
         lines.append(f"saved in full: {s['tensor']} {tuple(s['shape'])}")
     if relative:
         base = info["base"]

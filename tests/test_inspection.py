@@ -192,3 +192,15 @@ def test_peft_modules_to_save_entries_match_as_peft_matches_them(tmp_path, capsy
     assert "model.norm.modules_to_save.default.weight" in saved or "model.norm.weight" in saved
     assert any("input_layernorm" in name for name in saved) and len(saved) == 5  # model.norm + 2 blocks x 2 layernorms
     assert main(["inspect", str(tmp_path / "peft")]) == 0
+
+
+def test_the_base_weight_peft_saves_beside_an_embedding_lora_is_no_module_to_save(tmp_path, capsys):
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"]))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    info = inspect_adapter(tmp_path / "peft")
+    assert info["modules_to_save"] == []
+    assert [s["tensor"] for s in info["base_weights"]] == ["model.embed_tokens.base_layer.weight"]
+    assert main(["inspect", str(tmp_path / "peft")]) == 0
+    out = capsys.readouterr().out
+    assert "in modules_to_save" not in out and "25,600 in base weights PEFT saves beside embedding LoRA" in out
+    assert "saved in full: model.embed_tokens.base_layer.weight (400, 64)" in out
