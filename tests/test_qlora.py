@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,9 +224,11 @@ def test_modules_to_save_on_a_4bit_layer_is_a_one_line_error(workspace, capsys):
         inject_adapter(model, LoraConfig(r=4, targets=["q_proj"], modules_to_save=["o_proj"]))
     inject_adapter(tiny_llama(), LoraConfig(r=4, targets=["q_proj"], modules_to_save=["lm_head"]))  # 16-bit: trained in full
     out = workspace / "nf4-o-proj"
-    assert main(["train", _config(workspace, out, lora={"r": 4, "alpha": 8, "modules_to_save": ["o_proj"]})]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: lora.modules_to_save: model.layers.0.self_attn.o_proj holds") and err.count("\n") == 1
+    config = _config(workspace, out, lora={"r": 4, "alpha": 8, "modules_to_save": ["o_proj"]})
+    assert main(["train", config]) == 2
+    err = capsys.readouterr().err  # named where the config gives the key
+    line = Path(config).read_text().splitlines().index("  modules_to_save:") + 1
+    assert err.startswith(f"error: {config}:{line}: lora.modules_to_save: model.layers.0.self_attn.o_proj holds") and err.count("\n") == 1
 
 
 def test_cli_nf4_fp32_trains_and_reports_frozen_memory(nf4_run):
