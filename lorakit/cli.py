@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a system message put first in chat prompts that have none (data.system_prompt of the run)")
             p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together (default 8)")
         else:
-            p.add_argument("--system", default=None, help="system prompt")
+            p.add_argument("--system", default=None, metavar="TEXT", help="a system message first in the conversation")
         p.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens a reply may have (default 256)")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); sampling above it")
         p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass, in (0, 1] (default 1: off)")
@@ -169,16 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy (DPO reward accuracy) on a dataset")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None)
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--adapter", default=None, help="adapter folder")
     _add_quantize(p)
     p.add_argument("--data", required=True, help="JSONL/JSON dataset in any lorakit format")
     p.add_argument("--generate", action="store_true", help="also measure exact-match accuracy of greedy completions")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per example, longer ones truncated (default 1024, or the model's positions if fewer)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="examples (or pairs) a forward (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="--generate: the most tokens an answer may have (default 64)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted in the result) instead of stopping")
     p.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
                    help="the records' NAME for lorakit's KEY, e.g. --column prompt=question (data.columns); repeatable")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the data as preference pairs (kto: labelled examples) and report this objective's loss and "
                         "rewards (default for preference data: dpo; dpo, ipo, kto: the adapter against its base)")
     p.add_argument("--reference-adapter", default=None,
-                   help="preference data, dpo / ipo: the reference is this adapter (the one a run's `adapter` continued), "
+                   help="preference data, dpo / ipo / kto: the reference is this adapter (the one a run's `adapter` continued), "
                         "not the base")
     p.add_argument("--beta", type=float, default=None, help="preference data: the objective's beta (default: its usual value)")
     p.add_argument("--simpo-gamma", type=float, default=0.5, help="preference data: SimPO's target reward margin")
