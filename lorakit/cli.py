@@ -236,8 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _exit_on_signal(signum: int, frame: object) -> NoReturn:
-    print("terminated", file=sys.stderr)
-    raise SystemExit(128 + signum)
+    raise SystemExit(128 + signum)  # silently, as the default action: torchrun stops the other workers so
 
 
 if __name__ == "__main__":

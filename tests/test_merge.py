@@ -358,7 +358,7 @@ def test_a_stopped_merge_leaves_no_staging_and_a_killed_ones_is_swept(tmp_path, 
     monkeypatch.setattr(lorakit.merge, "_write_config", terminated)
     with pytest.raises(SystemExit) as stop:
         main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out)])
-    assert stop.value.code == 128 + signal.SIGTERM and "terminated" in capsys.readouterr().err
+    assert stop.value.code == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no half-written folder, hidden or not
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.setattr(lorakit.merge, "_write_config", real)
