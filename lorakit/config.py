@@ -449,7 +449,8 @@ def locate_problem(message: str, path: Union[str, Path], overrides: Union[dict[s
     config key (a data file's `train.jsonl:3: ...`) are returned as they are."""
     match = re.match(r"([a-z_]+)\.([a-z_]+)[\w.\[\]]*(?= =|:| )", message)
     sections = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
-    if match is None or match.group(1) not in sections or match.group(2) not in {f.name for f in dataclasses.fields(sections[match.group(1)])}:
+    section = sections.get(match.group(1)) if match else None
+    if section is None or match.group(2) not in {f.name for f in dataclasses.fields(section)}:
         return message
     from lorakit.data import read_utf8
 

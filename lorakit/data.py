@@ -97,7 +97,9 @@ from lorakit.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 10  # bump when tokenization, what is refused or the cache layout changes (10: a turn's own end of turn, the lead before a reply, tool results checked)
+# bump when tokenization, what is refused or the cache layout changes (10: a turn's own end of turn, the lead
+# before a reply, tool results checked)
+FORMAT_VERSION = 10
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
