@@ -545,7 +545,7 @@ def lora_config_from_peft(raw: dict[str, Any], *, source: str = CONFIG_NAME) -> 
     elif isinstance(init, str) and init.startswith("pissa_niter"):
         raise UserError(
             f"{source}: init_lora_weights = {init!r}: PEFT's fast PiSSA takes the base's principal part from a randomized "
-            "SVD, which cannot be computed again (PEFT's own loads differ by about 1e-3), so the model the adapter was "
+            "SVD, which cannot be computed again (two loads in PEFT differ too), so the model the adapter was "
             "trained on cannot be rebuilt; save it as plain LoRA in PEFT (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)), or train with init_lora_weights: pissa"
         )
