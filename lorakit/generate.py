@@ -116,12 +116,15 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     streamer: Any = None,
+    places: Optional[Sequence[str]] = None,
 ) -> list[str]:
     """Completions of `prompts` (texts, or message lists when `chat`), in order, special tokens removed.
 
     Greedy when `temperature == 0`; otherwise sampling with temperature / top-p / top-k
     (`top_k=0` and `top_p=1` switch those filters off), seeded with `seed`, so the same call
     gives the same text. The global RNG state is left as it was.
+
+    places: where each prompt came from (`read_prompt_file`'s FILE:LINE), named in messages about it.
 
     A model with a table of positions (GPT-2, GPT-J) generates at most until its positions run out,
     each prompt to its own end of the table (a batch whose longest prompt would end the others
@@ -134,10 +137,19 @@ def generate(
     check_sampling(temperature, top_p, top_k, max_new_tokens, batch_size)
     from transformers import GenerationConfig
 
-    encoded = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
+    def which(i: int) -> str:  # the prompt a message is about
+        return f"{places[i]}: the prompt" if places else "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        try:
+            encoded.append(render_prompt(tokenizer, prompt, chat=chat))
+        except UserError as exc:
+            raise UserError(f"{places[i] if places else f'prompt {i + 1}'}: {exc}" if places or len(prompts) > 1
+                            else str(exc)) from None  # fmt: skip
     empty = next((i for i, ids in enumerate(encoded) if not ids), None)
     if empty is not None:  # (a tokenizer that adds no BOS: an empty text is no token to start from)
-        raise UserError(f"prompt {empty + 1} is empty and this tokenizer adds no start token; give text to continue")
+        raise UserError(f"{which(empty)} is empty and this tokenizer adds no start token; give text to continue")
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad_id)
@@ -149,9 +161,8 @@ def generate(
     limit, table = position_limit(model)
     full = next((i for i, ids in enumerate(encoded) if table and len(ids) >= limit), None)
     if full is not None:  # said before any generation, whose output would be lost
-        which = "the prompt" if len(encoded) == 1 else f"prompt {full + 1}"
-        raise UserError(f"{which} is {len(encoded[full])} tokens and fills all {limit} positions of the model (a table with "
-                        "a row per position); shorten it")  # fmt: skip
+        raise UserError(f"{which(full)} is {len(encoded[full])} tokens and fills all {limit} positions of the model (a "
+                        "table with a row per position); shorten it")  # fmt: skip
     batches = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
@@ -200,7 +211,12 @@ def _decode(tokenizer: Any, ids: list[int], stops: list[int]) -> str:
 # --------------------------------------------------------------------------- prompt files
 def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     """One prompt per line, or JSONL with a "prompt" (text) or "messages" (chat, with the record's
-    "tools" where it has them) field per line.
+    "tools" where it has them) field per line (`read_prompt_file`'s prompts)."""
+    return read_prompt_file(path)[0]
+
+
+def read_prompt_file(path: Union[str, Path]) -> tuple[list[Prompt], list[str]]:
+    """The prompts of a file (`read_prompts`) and the place of each, `FILE:LINE`, for messages.
 
     Raises:
         UserError: missing file, no prompts, a JSON line without a usable field or with a lone surrogate (FILE:LINE).
@@ -225,9 +241,11 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
     jsonl = suffix in (".jsonl", ".json") or (suffix != ".txt" and first.startswith("{"))
     why = f"a {suffix} file" if suffix in (".jsonl", ".json") else "its first prompt starts with '{'; a .txt file is read as text"
     prompts: list[Prompt] = []
+    places: list[str] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        places.append(f"{name}:{number}")
         if not jsonl:
             prompts.append(line)
             continue
@@ -252,7 +270,7 @@ def read_prompts(path: Union[str, Path]) -> list[Prompt]:
             raise UserError(f"{name}:{number}: expected an object with a \"prompt\" string or a \"messages\" list")
     if not prompts:
         raise UserError(f"--prompts {name}: no prompts in the file")
-    return prompts
+    return prompts, places
 
 
 def load_for_command(args: argparse.Namespace) -> tuple[nn.Module, Any]:
@@ -297,13 +315,13 @@ def generate_command(args: argparse.Namespace) -> int:
     """Print the completion of --prompt, or one JSON line {"prompt", "completion"} per --prompts entry."""
     check_utf8_argument("--prompt", args.prompt)
     check_utf8_argument("--system", args.system)
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    prompts, places = ([args.prompt], None) if args.prompt is not None else read_prompt_file(args.prompts)
     if args.system is not None:
         if not args.chat and any(isinstance(prompt, str) for prompt in prompts):
             raise UserError("--system goes with chat prompts: add --chat, or give --prompts JSONL lines with \"messages\"")
     asked = prompts if args.system is None else [with_system(prompt, args.system) for prompt in prompts]
     model, tokenizer = load_for_command(args)
-    texts = generate(model, tokenizer, asked, chat=args.chat, batch_size=args.batch_size, **_sampling(args))
+    texts = generate(model, tokenizer, asked, chat=args.chat, batch_size=args.batch_size, places=places, **_sampling(args))
     if args.prompt is not None:
         print(texts[0])
     else:

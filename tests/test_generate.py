@@ -99,6 +99,8 @@ def test_a_position_table_bounds_the_generation(capsys):
         generate(model, tok, [PROMPTS[0] * 3], max_new_tokens=5)
     with pytest.raises(UserError, match=f"^prompt 2 is {long} tokens and fills all 24 positions"):
         generate(model, tok, [short, PROMPTS[0] * 3], max_new_tokens=5)
+    with pytest.raises(UserError, match=f"^p.jsonl:7: the prompt is {long} tokens and fills all 24 positions"):
+        generate(model, tok, [short, PROMPTS[0] * 3], max_new_tokens=5, places=["p.jsonl:3", "p.jsonl:7"])
     out = io.StringIO()  # in a chat, a conversation that outgrew the table is refused and the session goes on
     history = chat_loop(model, tok, stdin=io.StringIO(PROMPTS[0] * 3 + "\nhi\n"), stdout=out, max_new_tokens=3)
     reply = generate(model, tok, [[{"role": "user", "content": "hi"}]], chat=True, max_new_tokens=3)[0]
@@ -309,7 +311,7 @@ def test_sampling_errors_name_the_settings_at_fault():
         check_sampling(0.0, 1.0, 0, 2.5)
 
 
-def test_what_a_chat_template_would_leave_out_is_refused_before_the_first_turn(model_tok, tmp_path):
+def test_what_a_chat_template_would_leave_out_is_refused_before_the_first_turn(model_tok, tmp_path, capsys):
     model, _ = model_tok
     gemma_like = make_tokenizer()  # refuses a system turn, as Gemma's template does
     gemma_like.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not "
@@ -318,6 +320,17 @@ def test_what_a_chat_template_would_leave_out_is_refused_before_the_first_turn(m
         chat_loop(model, gemma_like, system="Be terse.", stdin=io.StringIO("hi\n"), stdout=io.StringIO(), max_new_tokens=2)
     assert str(err.value) == ("--system 'Be terse.': the chat template refuses a system turn (System role not supported); "
                               "leave --system out, or use a model (or adapter) whose template takes one")  # fmt: skip
+    # a prompts file's prompt the template fails on is named by its line
+    folder = save_model_folder(tmp_path / "gemma-like", model, gemma_like)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"messages": m}) for m in (
+        [{"role": "user", "content": "hi"}], [], [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])))
+    with pytest.raises(UserError, match=r"p.jsonl:2: 'messages' must"):
+        read_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"messages": m}) for m in (
+        [{"role": "user", "content": "hi"}], [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])))
+    assert main(["generate", "--model", str(folder), "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'p.jsonl'}:2: the chat template failed on this conversation "
+                                              "(System role not supported)")  # fmt: skip
     # tools beside a prompt whose template never reads them: said, not left out of the prompt silently
     prompt = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [{"type": "function", "function": {"name": "f"}}]}
     with pytest.raises(UserError, match=r"^the prompt has 'tools', but the chat template never reads `tools`"):
