@@ -258,6 +258,8 @@ def read_prompt_file(path: Union[str, Path]) -> tuple[list[Prompt], list[str]]:
         surrogate = lone_surrogate(record)
         if surrogate is not None:
             raise UserError(f"{name}:{number}: {surrogate}; fix the escape")
+        if isinstance(record, dict) and "prompt" in record and "messages" in record:
+            raise UserError(f"{name}:{number}: the line has both \"prompt\" and \"messages\"; give one of them")
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             prompts.append(record["prompt"])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):

@@ -157,6 +157,9 @@ def test_bad_inputs(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": 1}\n')
     with pytest.raises(Exception, match=r"bad.jsonl:2"):
         read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "both.jsonl").write_text('{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}\n')
+    with pytest.raises(UserError, match=r'both.jsonl:1: the line has both "prompt" and "messages"; give one of them'):
+        read_prompts(tmp_path / "both.jsonl")
     (tmp_path / "plain.txt").write_text("one\n\ntwo\n")
     assert read_prompts(tmp_path / "plain.txt") == ["one", "two"]
     # - (standard input) and a pipe, which are no regular files
