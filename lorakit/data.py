@@ -786,17 +786,18 @@ def prepare_record(
 
 
 def _check_tool_results(messages: list[dict], key: str) -> None:
-    """A tool turn answers the tool calls of the assistant turn before it (after that turn's other
-    results), as OpenAI's API has it, and by that turn's call ids where both give them: a result
-    with no call would train the model on an exchange it can never have."""
-    calls: Optional[list[dict]] = None  # the calls the tool turns so far answer
+    """A tool turn answers the assistant turn before it (after that turn's other results), as
+    OpenAI's API has it: a result after a user turn would train the model on an exchange it can
+    never have. The calls may be the turn's `tool_calls` or its text (Hermes' `<tool_call>` in a
+    ShareGPT `gpt` turn); where the calls have ids, `tool_call_id` must name one of them."""
+    calls: Optional[list[dict]] = None  # the assistant turn's calls the tool turns so far answer
     for i, message in enumerate(messages):
         if message["role"] != "tool":
-            calls = message.get("tool_calls") if message["role"] == "assistant" else None
+            calls = message.get("tool_calls", []) if message["role"] == "assistant" else None
             continue
         if calls is None:
-            raise BadRecord(f"{key}[{i}] is a tool result with no tool call before it; a tool turn follows an assistant "
-                            "turn's tool_calls (or another tool turn answering them)")  # fmt: skip
+            raise BadRecord(f"{key}[{i}] is a tool result with no assistant turn before it to answer; a tool turn follows "
+                            "the assistant turn that called the tool (or another tool turn answering it)")  # fmt: skip
         ids = [call["id"] for call in calls if isinstance(call.get("id"), str)]
         answers = message.get("tool_call_id")
         if ids and isinstance(answers, str) and answers not in ids:

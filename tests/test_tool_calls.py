@@ -156,7 +156,7 @@ def test_a_preference_pair_with_tools_gives_each_answer_the_tools():
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [{"parameters": {}}], r"tools\[0\] must be a function schema with a 'name'"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "[{", r"'tools' is a string but not JSON"),
         # a result with no call before it, or answering another call; a call to a function the tools do not define
-        ([OPENAI_CHAT[1], OPENAI_CHAT[3], OPENAI_CHAT[4]], None, r"messages\[1\] is a tool result with no tool call before it"),
+        ([OPENAI_CHAT[1], OPENAI_CHAT[3], OPENAI_CHAT[4]], None, r"messages\[1\] is a tool result with no assistant turn before it"),
         ([*OPENAI_CHAT[:3], {**OPENAI_CHAT[3], "tool_call_id": "c2"}, OPENAI_CHAT[4]], None,
          r"messages\[3\]\.tool_call_id = 'c2' answers no call of the assistant turn before it \(ids c1\)"),
         (OPENAI_CHAT, [{"type": "function", "function": {"name": "get_time"}}],
@@ -167,6 +167,15 @@ def test_bad_tool_data_names_the_place_and_the_fix(messages, tools, message):
     record = {"messages": messages} if tools is None else {"messages": messages, "tools": tools}
     with pytest.raises(UserError, match=r"d\.jsonl:1: " + message):
         build([record])
+
+
+def test_a_tool_result_may_answer_calls_written_in_the_assistants_text():
+    # Hermes' function-calling data (ShareGPT): the call is the gpt turn's text, the result a tool turn
+    conversation = [{"from": "human", "value": "Weather in Paris?"},
+                    {"from": "gpt", "value": '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'},
+                    {"from": "tool", "value": '<tool_response>{"temp": 21}</tool_response>'},
+                    {"from": "gpt", "value": "21 degrees."}]  # fmt: skip
+    assert len(build([{"conversations": conversation}], make_tokenizer("chatml"))) == 1
 
 
 def test_tool_results_may_follow_each_other_after_one_turn_of_calls():
