@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--baseline-n", type=int, default=10_000, help="examples the baseline loop runs on")
     ap.add_argument("--max-length", type=int, default=4096)
     args = ap.parse_args()
+    if args.n < 1 or args.baseline_n < 1 or args.max_length < 1:
+        ap.error("--n, --baseline-n and --max-length must be >= 1")
     base_n = min(args.baseline_n, args.n)
     tok = make_tokenizer("llama3")
     rng = random.Random(0)

@@ -351,8 +351,10 @@ def main() -> None:
         import trl
     except ImportError as exc:
         raise SystemExit(f"{NO_TRL} ({exc})") from None
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
     size = dict(SIZE, objective=args.objective, precompute=args.precompute_reference)
-    if args.steps:
+    if args.steps is not None:
         size["steps"] = args.steps
     runs: dict[str, list[dict]] = {"lorakit": [], "trl": [], "peft": []}
     failed = {}
@@ -417,8 +419,8 @@ def report(pooled: dict, objective: str = "dpo") -> None:
         if ours is None or side not in pooled:
             continue
         theirs = pooled[side]
-        print(f"\ntokens/s lorakit/{label}: {ours['tokens_s'] / theirs['tokens_s']:.2f}x (fastest steps "
-              f"{theirs['best_s'] / ours['best_s']:.2f}x); peak RSS: {ours['peak_rss'] / theirs['peak_rss']:.2f}x "
+        print(f"\ntokens/s lorakit/{label}: {ours['tokens_s'] / theirs['tokens_s']:.2f}x (fastest steps' "
+              f"speed-up {theirs['best_s'] / ours['best_s']:.2f}x); peak RSS: {ours['peak_rss'] / theirs['peak_rss']:.2f}x "
               f"(above imports {(ours['peak_rss'] - ours['base_rss']) / (theirs['peak_rss'] - theirs['base_rss']):.2f}x); "
               f"rounds s/step {[round(t, 3) for t in ours['round_s']]} vs {[round(t, 3) for t in theirs['round_s']]}")  # fmt: skip
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

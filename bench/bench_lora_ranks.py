@@ -83,7 +83,7 @@ def run_one(spec: dict, out_dir: Path) -> dict:
 
 
 def specs(steps: int | None) -> list[dict]:
-    extra = {"train.max_steps": steps} if steps else {}
+    extra = {"train.max_steps": steps} if steps is not None else {}
     out = []
     for targets, label in ((ATTENTION, "attention"), ("all-linear", "all-linear")):
         for r in (4, 8, 16):
@@ -102,6 +102,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(json.loads(args.child), Path(args.out))))
         return
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
     import torch
 
     rows = []

@@ -80,14 +80,19 @@ def main() -> None:
     import tempfile
 
     cases = {"plain": {"target_parameters": EXPERT_WEIGHTS}, "qlora": {"target_parameters": EXPERT_WEIGHTS, "quantize": "nf4"}}
+    unknown = [name for name in args.cases.split(",") if name not in cases]
+    if unknown:
+        parser.error(f"--cases: unknown case {unknown[0]!r}; choose from {', '.join(cases)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     results = {}
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-moe-") as tmp:
         work = Path(tmp)
         prepare(work, SIZE)
         for name in args.cases.split(","):
             outs: dict[str, list[dict]] = {"lorakit": [], "peft": []}
-            for _ in range(args.rounds):
-                for side in ("lorakit", "peft"):
+            for round_ in range(args.rounds):  # each side first in every other round
+                for side in ("lorakit", "peft") if round_ % 2 == 0 else ("peft", "lorakit"):
                     outs[side].append(harness.child(work, SIZE, side, cases[name]))
             results[name] = (harness.pooled(outs["lorakit"], SIZE), harness.pooled(outs["peft"], SIZE))
     print(f"machine: {harness.machine()}")

@@ -502,8 +502,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         return run_side(args)
+    unknown = [name for name in args.cases.split(",") if name not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    if args.steps is not None and args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1")
     size = dict(QUICK if args.quick else SCALE_7B if args.scale == "7b" else FULL)
-    if args.steps:
+    if args.steps is not None:
         size["steps"] = args.steps
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         work = Path(tmp)
@@ -563,7 +568,7 @@ def print_table(rows: list[tuple[str, dict, dict]], limit: dict) -> None:
     on_gpu = rows[0][1]["peak_gpu"] is not None
     print("| case | lorakit s/step | PEFT s/step | tokens/s ratio " + ("| peak GPU GiB lorakit / PEFT (ratio) " if on_gpu else "")
           + "| peak RSS GiB lorakit / PEFT (ratio) | above imports GiB (ratio) | lorakit / limit | PEFT / limit "
-          "| fastest step lorakit / PEFT s (ratio) | step-1 loss lorakit / PEFT |")  # fmt: skip
+          "| fastest step lorakit / PEFT s (speed-up) | step-1 loss lorakit / PEFT |")  # fmt: skip
     print("| --- " * (11 if on_gpu else 10) + "|")
     for name, mine, peft in rows:
         above_m, above_p = mine["peak_rss"] - mine["base_rss"], peft["peak_rss"] - peft["base_rss"]

@@ -81,14 +81,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         return profile_side(args)
+    sides = args.sides.split(",")
+    if any(side not in ("lorakit", "peft") for side in sides):
+        parser.error(f"--sides {args.sides!r}: give lorakit, peft or both (comma-separated)")
+    if args.active < 1 or args.rows < 1:
+        parser.error("--active and --rows must be >= 1")
     size = dict(bench_speed.QUICK if args.quick else bench_speed.SCALE_7B if args.scale == "7b" else bench_speed.FULL)
     size["steps"] = 1 + args.active
+    failed = []
     with tempfile.TemporaryDirectory(prefix="lorakit-profile-") as tmp:
         bench_speed.prepare(Path(tmp), size)
-        for side in args.sides.split(","):
+        for side in sides:
             cmd = [sys.executable, __file__, "--side", side, "--work", tmp, "--size", json.dumps(size), "--case", args.case,
                    "--active", str(args.active), "--rows", str(args.rows), "--switches", args.switches]  # fmt: skip
-            subprocess.run(cmd, check=False, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if subprocess.run(cmd, check=False, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode:
+                failed.append(side)  # the other side still runs; the command's exit status says so
+    if failed:
+        raise SystemExit(f"the {' and '.join(failed)} side failed (its error is printed above)")
 
 
 if __name__ == "__main__":
