@@ -347,12 +347,12 @@ def main() -> None:
         side = {"trl": side_trl, "peft": side_peft, "lorakit": side_lorakit}[args.side]
         print("RESULT " + json.dumps(side(Path(args.work), json.loads(args.size))))
         return
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
     try:
         import trl
     except ImportError as exc:
         raise SystemExit(f"{NO_TRL} ({exc})") from None
-    if args.steps is not None and args.steps < 1:
-        parser.error("--steps must be >= 1")
     size = dict(SIZE, objective=args.objective, precompute=args.precompute_reference)
     if args.steps is not None:
         size["steps"] = args.steps

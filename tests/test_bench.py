@@ -78,3 +78,19 @@ def test_every_lever_switch_names_an_existing_setting(bench):
             module, _, attr = key.rpartition(".")
             current = getattr(importlib.import_module(module), attr, None)
             assert current is not None and type(current) is type(value), (label, key)
+
+
+@pytest.mark.parametrize("script, args, said", [
+    ("bench_speed.py", ["--quick", "--cases", "plain,foo"], "--cases: unknown case 'foo'; choose from plain, ckpt"),
+    ("bench_speed.py", ["--quick", "--rounds", "0"], "--steps and --rounds must be >= 1"),
+    ("bench_moe.py", ["--cases", "foo"], "--cases: unknown case 'foo'; choose from plain, qlora"),
+    ("bench_dpo.py", ["--steps", "0"], "--steps must be >= 1"),
+    ("bench_data.py", ["--baseline-n", "0"], "--n, --baseline-n and --max-length must be >= 1"),
+    ("profile_step.py", ["--quick", "--sides", "lorakit,foo"], "--sides 'lorakit,foo': give lorakit, peft or both"),
+])  # fmt: skip
+def test_bad_benchmark_settings_are_refused_before_any_work(script, args, said):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(BENCH.parent / script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and said in done.stderr.splitlines()[-1], done.stderr
