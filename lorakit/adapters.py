@@ -348,11 +348,11 @@ def _remove_dead_stagings(target: Path) -> None:
         if found is None or int(found.group(1)) == os.getpid() or not sibling.is_dir():
             continue
         try:
-            os.kill(int(found.group(1)), 0)
-        except ProcessLookupError:  # (PermissionError: another user's process, running)
+            os.kill(int(found.group(1)), 0)  # no signal sent: only whether the process exists
+        except ProcessLookupError:
             shutil.rmtree(sibling, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            continue
+        except (PermissionError, OverflowError):  # another user's process, running; no process id at all
+            pass
 
 
 def replace_dir(staging: Path, target: Path) -> None:
@@ -444,8 +444,8 @@ def check_weight_tying(files: AdapterFiles, tied: set[str]) -> None:
     if not files.peft_config.get("ensure_weight_tying"):
         return
     for key in files.tensors:
-        path = key[len(PREFIX) :].partition(".lora_embedding_")[0]
-        if ".lora_embedding_" in key and path.split(".")[-1] == "embed_tokens" and path in tied:
+        path, embedding_lora, _ = key[len(PREFIX) :].partition(".lora_embedding_")
+        if embedding_lora and path.split(".")[-1] == "embed_tokens" and path in tied:
             raise UserError(
                 f"{files.path / CONFIG_NAME}: ensure_weight_tying: true with LoRA on the embedding {path}, tied to the "
                 "output head, which PEFT then ties to a LoRA of the head (lm_head) that lorakit does not build; save the "

@@ -236,7 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _exit_on_signal(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)  # silently, as the default action: torchrun stops the other workers so
+    # silently, as the default action is: torchrun stops the other workers with it when one fails
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -356,13 +356,21 @@ def rename_columns(record: dict, columns: dict[str, str], *, source: str = "data
     return out
 
 
-def with_system_prompt(chat: "Chat", text: Optional[str]) -> "Chat":
-    """A chat with a system message `text` (data.system_prompt) put first, where it has no system
-    turn of its own; the indices of its untrained turns follow."""
-    messages = chat.messages
+def system_first(messages: list[dict], text: Optional[str]) -> list[dict]:
+    """`messages` with a system message `text` (data.system_prompt) put first, where they have no
+    system turn of their own; `messages` itself where nothing is added."""
     if text is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": text}, *messages]
+
+
+def with_system_prompt(chat: "Chat", text: Optional[str]) -> "Chat":
+    """A chat with a system message `text` put first (`system_first`); the indices of its
+    untrained turns follow."""
+    messages = system_first(chat.messages, text)
+    if messages is chat.messages:
         return chat
-    return chat._replace(messages=[{"role": "system", "content": text}, *messages], untrained=tuple(i + 1 for i in chat.untrained))
+    return chat._replace(messages=messages, untrained=tuple(i + 1 for i in chat.untrained))
 
 
 def detect_format(record: dict) -> str | None:
@@ -1108,7 +1116,10 @@ def template_variables(template: str) -> set[str]:
     return set(meta.find_undeclared_variables(environment.parse(template)))
 
 
-def compiled_template(template: str, source: Optional[str] = None, fix: str = "fix it, or give another (data.chat_template)") -> Any:
+_TEMPLATE_FIX = "fix it, or give another (data.chat_template)"
+
+
+def compiled_template(template: str, source: Optional[str] = None) -> Any:
     """`template` as transformers' template engine compiles it (and caches it) for apply_chat_template.
 
     Raises:
@@ -1121,8 +1132,8 @@ def compiled_template(template: str, source: Optional[str] = None, fix: str = "f
     except TemplateError as exc:
         line, reason = getattr(exc, "lineno", None), getattr(exc, "message", None) or str(exc)
         if source:
-            raise UserError(f"{source}:{line or 1}: the chat template does not parse ({reason}); {fix}") from None
-        raise UserError(f"the chat template does not parse ({f'line {line}: ' if line else ''}{reason}); {fix}") from None
+            raise UserError(f"{source}:{line or 1}: the chat template does not parse ({reason}); {_TEMPLATE_FIX}") from None
+        raise UserError(f"the chat template does not parse ({f'line {line}: ' if line else ''}{reason}); {_TEMPLATE_FIX}") from None
 
 
 def _jinja_literal(value: Any) -> str:
@@ -1138,6 +1149,10 @@ def _jinja_literal(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_jinja_literal(v) for v in value) + "]"
     return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
+
+
+# the reply of the probe conversations that find what a chat template writes around a turn
+PROBE_REPLY = "lorakit-probe-reply"
 
 
 class _ChatRenderer:
@@ -1175,7 +1190,7 @@ class _ChatRenderer:
         ends there and where a user turn follows it, as Phi-3's template also ends a whole
         conversation with EOS, which ends no turn; "" where it writes nothing (a model trained so
         never learns to stop), None where the probe does not render."""
-        marker = "lorakit-probe-reply"
+        marker = PROBE_REPLY
         for conv in ([], [{"role": "system", "content": "Be brief."}]):
             conv = conv + [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": marker}]
             ended, going_on = self([conv, conv + [{"role": "user", "content": "Thanks."}]], False)
@@ -1200,7 +1215,7 @@ class _ChatRenderer:
         """What the template writes between its generation prompt and an assistant turn's content
         (Mistral's " " after "[/INST]"), from a probe; "" where it writes nothing there, or the
         probe does not render."""
-        marker, probe = "lorakit-probe-reply", [{"role": "user", "content": "Hello?"}]
+        marker, probe = PROBE_REPLY, [{"role": "user", "content": "Hello?"}]
         before = self([probe], True)[0]
         whole = self([probe + [{"role": "assistant", "content": marker}]], False)[0]
         if isinstance(before, str) and isinstance(whole, str) and whole.startswith(before) and marker in whole:
@@ -1557,7 +1572,7 @@ def _check_template_writes_system(renderer: _ChatRenderer, prompt: str, key: str
     Raises:
         UserError: naming `key` and what the template does with it.
     """
-    turns = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "lorakit-probe-reply"}]
+    turns = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": PROBE_REPLY}]
     with_system, without = renderer([[{"role": "system", "content": prompt}, *turns], turns], False)
     if not isinstance(without, str):
         return  # the template fails on a plain conversation: the records' own errors say so

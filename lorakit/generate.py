@@ -304,13 +304,15 @@ def check_utf8_argument(flag: str, value: Optional[str]) -> None:
 
 
 def with_system(prompt: Prompt, system: str) -> Prompt:
-    """A chat prompt (a text: one user turn) with a system message first, where it has none of its
-    own, as data.system_prompt puts one in training."""
+    """A chat prompt (a text: one user turn) with a system message first where it has none of its
+    own (`system_first`, as data.system_prompt puts one in training)."""
+    from lorakit.data import system_first
+
     messages, tools = chat_parts([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
-    if messages and messages[0]["role"] == "system":
+    with_it = system_first(messages, system)
+    if with_it is messages:
         return prompt
-    messages = [{"role": "system", "content": system}, *messages]
-    return messages if tools is None else {"messages": messages, "tools": tools}
+    return with_it if tools is None else {"messages": with_it, "tools": tools}
 
 
 def generate_command(args: argparse.Namespace) -> int:
