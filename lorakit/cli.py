@@ -236,7 +236,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _exit_on_signal(signum: int, frame: object) -> NoReturn:
-    # silently, as the default action is: torchrun stops the other workers with it when one fails
+    # silently, as the default action is: torchrun stops the other workers with it when one fails.
+    # Once only: should the exit be swallowed (raised inside a __del__ or an exit handler, where
+    # Python prints and ignores it), the next SIGTERM ends the process outright.
+    signal.signal(signum, signal.SIG_DFL)
     raise SystemExit(128 + signum)
 
 

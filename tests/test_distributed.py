@@ -265,6 +265,22 @@ def test_a_user_error_in_the_workers_is_one_line_and_exit_code_2(workspace):
     assert f'File "{REPO / "lorakit"}' not in proc.stderr  # no worker's traceback (torchrun's own remains)
 
 
+def test_a_stop_signal_while_a_worker_exits_ends_it_silently():
+    # torchrun stops the other workers once one has exited; the signal can meet a worker inside its
+    # exit handlers, where the CLI's SystemExit would be printed as "ignored" and the exit go on
+    script = (
+        "import atexit, os, signal, time\n"
+        "from lorakit.cli import _exit_on_signal\n"
+        "from lorakit.distributed import _exit_skipping_native_teardown\n"
+        "signal.signal(signal.SIGTERM, _exit_on_signal)\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+        "_exit_skipping_native_teardown(2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (-signal.SIGTERM, "")
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (from /proc)."""
     kids = []
