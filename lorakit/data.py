@@ -99,7 +99,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # bump when tokenization, what is refused or the cache layout changes (10: a turn's own end of turn, the lead
 # before a reply, tool results checked)
-FORMAT_VERSION = 10
+FORMAT_VERSION = 11
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
 CHUNK = 2048  # records per tokenizer batch: enough for the Rust thread pool, small enough to pipeline
@@ -138,6 +138,10 @@ class DataStats:
     dropped_no_trainable: int = 0  # no trainable token left (e.g. truncation cut the whole answer)
     skipped_invalid: int = 0  # invalid records skipped with skip_invalid: true
     skipped_lines: list[int] = field(default_factory=list)  # the first MAX_REPORTED of them
+    # chat records with a trained assistant turn that says nothing (no text, call or reasoning):
+    # it teaches only its end of turn, which in scraped data is a lost reply (a note, not an error)
+    empty_replies: int = 0
+    first_empty_reply_line: int = 0  # the line of the first of them (0: none)
     pairs: int = 0  # preference pairs kept (each is two examples); 0 for other data
     # unpaired (KTO) data: `pairs` counts its examples, each kept with its mismatched KL example
     unpaired: bool = False
@@ -174,12 +178,21 @@ class TokenizedDataset:
         self.file_ids = np.zeros(len(self), np.int32) if file_ids is None else np.ascontiguousarray(file_ids, dtype=np.int32)
         assert (self.lines is None or len(self.lines) == len(self)) and len(self.file_ids) == len(self)
         self.skipped_at: Optional[list[str]] = None  # set where several files were read; see skipped_places
+        self.empty_reply_at: Optional[str] = None  # likewise; see first_empty_reply
 
     def skipped_places(self) -> list[str]:
         """`FILE:LINE` of the first MAX_REPORTED invalid records skipped (data.skip_invalid)."""
         if self.skipped_at is not None:
             return self.skipped_at
         return [f"{self.files[0]}:{line}" for line in self.stats.skipped_lines] if len(self.files) == 1 else []
+
+    def first_empty_reply(self) -> str:
+        """`FILE:LINE` of the first chat record that trains an empty reply (`DataStats.empty_replies`);
+        "" for none, or where not known."""
+        if self.empty_reply_at is not None:
+            return self.empty_reply_at
+        line = self.stats.first_empty_reply_line
+        return f"{self.files[0]}:{line}" if line and len(self.files) == 1 else ""
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -231,6 +244,7 @@ class TokenizedDataset:
             lines=None if self.lines is None else self.lines[idx], files=self.files, file_ids=self.file_ids[idx],
         )  # fmt: skip
         subset.skipped_at = self.skipped_places()
+        subset.empty_reply_at = self.first_empty_reply()
         return subset
 
     @classmethod
@@ -257,7 +271,7 @@ class TokenizedDataset:
         np.cumsum(lengths, out=offsets[1:])
         counts = {
             f.name: sum(getattr(p.stats, f.name) for p in parts)
-            for f in dataclasses.fields(DataStats) if f.name not in ("skipped_lines", "unpaired")
+            for f in dataclasses.fields(DataStats) if f.name not in ("skipped_lines", "unpaired", "first_empty_reply_line")
         }  # fmt: skip
         unpaired = parts[0].desirable is not None
         where: dict[str, Any] = {}  # each example's record, where every part knows its own
@@ -271,6 +285,7 @@ class TokenizedDataset:
             desirable=np.concatenate([p.desirable for p in parts]) if unpaired else None, **where,
         )  # fmt: skip
         joined.skipped_at = [place for p in parts for place in p.skipped_places()][:MAX_REPORTED]
+        joined.empty_reply_at = _first_empty_reply(parts)
         return joined
 
     def save(self, path: Union[str, Path]) -> None:
@@ -301,6 +316,10 @@ class TokenizedDataset:
             desirable = z["desirable"] if "desirable" in z.files else None
             lines = z["lines"] if "lines" in z.files else None
             return cls(z["input_ids"], z["labels"], z["offsets"], stats, pairs=pairs, desirable=desirable, lines=lines)
+
+
+def _first_empty_reply(parts: Sequence[TokenizedDataset]) -> str:
+    return next((place for place in (p.first_empty_reply() for p in parts) if place), "")
 
 
 def show_example(
@@ -720,6 +739,19 @@ class Chat(NamedTuple):
     messages: list[dict]
     untrained: tuple[int, ...] = ()  # indices of the assistant turns not trained
     tools: Optional[list[dict]] = None  # the JSON schemas given to the template as `tools`
+
+
+def _says_nothing_trained(chat: Chat, writes_reasoning: bool) -> bool:
+    """Whether a trained assistant turn of `chat` has no text (templates trim it), no tool call and
+    no reasoning the template writes (`writes_reasoning`): it would teach the model to end its turn
+    at once."""
+    for i, msg in enumerate(chat.messages):
+        if msg["role"] != "assistant" or i in chat.untrained or msg["content"].strip() or msg.get("tool_calls"):
+            continue
+        reasoning = msg.get("reasoning_content")
+        if not (writes_reasoning and isinstance(reasoning, str) and reasoning.strip()):
+            return True
+    return False
 
 
 def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) -> str:
@@ -1470,6 +1502,7 @@ def tokenize_records(
     prepared: list[tuple[int, str, Any]] = []
     kind = None  # "preference", "unpaired" or "non-preference": the file's records, from its first valid one
     unpaired: list[tuple[int, dict, tuple[str, Any]]] = []  # (line, record, its own example)
+    chats: list[tuple[int, Chat]] = []  # the chat records (not a preference record's answers)
     for line, record in records:
         try:
             renamed = rename_columns(record, cfg.columns, source=columns_key)
@@ -1481,6 +1514,8 @@ def tokenize_records(
                 raise
             record = renamed
             this = fmt if fmt in ("preference", "unpaired") else "non-preference"
+            if fmt == "chat":
+                chats.append((line, payload))
             if kind is None:
                 kind = this
             elif kind != this:
@@ -1516,6 +1551,9 @@ def tokenize_records(
         _check_template_reads_tools(renderer, prepared, source)
         if cfg.system_prompt is not None:
             _check_template_writes_system(renderer, cfg.system_prompt, places.get("system_prompt", "data.system_prompt"))
+        writes_reasoning = "reasoning_content" in renderer.template
+        empty = [line for line, chat in chats if _says_nothing_trained(chat, writes_reasoning)]
+        stats.empty_replies, stats.first_empty_reply_line = len(empty), empty[0] if empty else 0
     eos = tokenizer.eos_token_id
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     gc_was_on = gc.isenabled()
@@ -1993,7 +2031,7 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
 # What reading the files found, counted once for each file (each source: a file with reading
 # options of its own) however often it is listed or repeated, and before eval_fraction holds out
 # any: records, truncated, dropped and skipped describe the files, the other counts the set.
-FILE_COUNTS = ("records", "truncated", "dropped_too_long", "dropped_no_trainable", "skipped_invalid")
+FILE_COUNTS = ("records", "truncated", "dropped_too_long", "dropped_no_trainable", "skipped_invalid", "empty_replies")
 
 
 def _with_file_counts(data: TokenizedDataset, parts: list[TokenizedDataset]) -> TokenizedDataset:
@@ -2002,6 +2040,7 @@ def _with_file_counts(data: TokenizedDataset, parts: list[TokenizedDataset]) -> 
     distinct = list({id(p): p for p in parts}.values())
     data.stats = dataclasses.replace(data.stats, **{name: sum(getattr(p.stats, name) for p in distinct) for name in FILE_COUNTS})
     data.skipped_at = [place for p in distinct for place in p.skipped_places()][:MAX_REPORTED]
+    data.empty_reply_at = _first_empty_reply(distinct)
     return data
 
 

@@ -45,7 +45,7 @@ def dry_run(
     )  # fmt: skip
     from lorakit.train import (
         _check_objective, _dropped, _examples, _objective_line, _skipped, check_output_dir, check_positions, data_config, prepare_chat_template,
-        check_resume_step, check_token_ids, eval_sets_line, generation_eval_records, plan_steps, warmup_note,
+        check_resume_step, check_token_ids, empty_replies_note, eval_sets_line, generation_eval_records, plan_steps, warmup_note,
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
@@ -121,6 +121,9 @@ def dry_run(
     ]
     if eval_sets:
         lines.insert(3, f"eval         {eval_sets_line(eval_sets, cfg)}")
+    note = empty_replies_note(stats["empty_replies"], train_set.first_empty_reply())
+    if note:
+        lines.insert(3, note)  # under the data line
     if cfg.train.objective != "sft":
         lines.insert(2, f"objective   {_objective_line(cfg)[1:]}")
     log("\n".join(lines))

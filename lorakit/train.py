@@ -388,7 +388,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         cfg=cfg, output_dir=output_dir, device=device, dtype=dtype, tokenizer=tokenizer, model=model,
         train_model=train_model, optimizer=optimizer, scheduler=scheduler, stream=stream, eval_sets=eval_sets,
         total_steps=total_steps, fingerprint=fp, dist=dist, frozen_summary=frozen_summary,
-        data_stats={**dataclasses.asdict(train_set.stats), "skipped_at": train_set.skipped_places()}, eval_records=eval_records,
+        data_stats={**dataclasses.asdict(train_set.stats), "skipped_at": train_set.skipped_places(),
+                    "first_empty_reply": train_set.first_empty_reply()},
+        eval_records=eval_records,
         trainable=[p for p in model.parameters() if p.requires_grad], best=new_best_record(cfg.train.best_metric),
     )  # fmt: skip
     run.metrics = MetricsLog(output_dir, enabled=dist.is_main)
@@ -1444,6 +1446,9 @@ def start_summary(run: Run) -> str:
         lines.append(f"tracking     {_tracking_line(run)}")
     if run.cfg.train.objective != "sft":
         lines.insert(2, f"objective   {_objective_line(run.cfg)[1:]}")
+    note = empty_replies_note(s.get("empty_replies", 0), s.get("first_empty_reply", ""))
+    if note:
+        lines.insert(lines.index(next(line for line in lines if line.startswith("data "))) + 1, note)
     untouched = _unadapted_experts(run.model)
     if untouched:
         lines.insert(2, f"note         the MoE experts are not adapted (their 3-D weights are no linear layers): "
@@ -1520,6 +1525,16 @@ def _examples(stats: dict) -> str:
     if stats.get("pairs"):
         return f"{stats['pairs']} pairs ({stats['examples']} answers)"
     return f"{stats.get('examples')} examples"
+
+
+def empty_replies_note(count: int, first_place: str) -> Optional[str]:
+    """The note under the data line when `count` chat records train an assistant turn that says
+    nothing (`DataStats.empty_replies`; `first_place`: FILE:LINE of the first); None for none."""
+    if not count:
+        return None
+    first = f" (first: {first_place})" if first_place else ""
+    return (f"note         {count} chat record{'s train' if count > 1 else ' trains'} an empty assistant reply{first}, "
+            'which teaches only its end of turn; give it text, mark it "weight": 0, or remove the record')  # fmt: skip
 
 
 def _skipped(count: int, places: list[str]) -> str:

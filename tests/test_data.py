@@ -27,6 +27,7 @@ from lorakit.data import (
     tokenize_records,
 )
 from lorakit.errors import UserError
+from lorakit.train import empty_replies_note
 
 CHAT = [
     {"role": "system", "content": "Answer the question briefly."},
@@ -328,6 +329,37 @@ def test_turns_found_by_content_allow_the_whitespace_a_template_keeps_before_the
     mistral.chat_template, mistral.eos_token = MISTRAL_LIKE, "</s>"
     empty = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
     assert _trained_groups(mistral, build([{"messages": empty}], mistral).example(0)[1]) == [" </s>"]
+
+
+def test_trained_replies_that_say_nothing_are_counted_with_the_first_place():
+    hi = {"role": "user", "content": "Hi"}
+    call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+    records = [
+        {"messages": CHAT},
+        {"messages": [hi, {"role": "assistant", "content": "Yes."}, hi, {"role": "assistant", "content": " \n"}]},  # line 2
+        {"messages": [hi, {"role": "assistant", "content": "", "weight": 0}, hi, {"role": "assistant", "content": "ok"}]},
+        {"messages": [hi, {"role": "assistant", "content": ""}, hi, {"role": "assistant", "content": "ok"}]},  # line 4
+        {"messages": [hi, {"role": "assistant", "content": ""}, hi, {"role": "assistant", "content": "ok"}]},  # last only
+    ]  # fmt: skip
+    stats = build(records[:4]).stats
+    assert (stats.empty_replies, stats.first_empty_reply_line) == (2, 2)
+    assert build(records[4:], train_turns="last").stats.empty_replies == 0  # the empty turn is not trained
+    says_nothing = lorakit.data._says_nothing_trained
+    calls = [hi, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "noon"}]
+    assert not says_nothing(lorakit.data.Chat(calls), writes_reasoning=False)
+    thought = [hi, {"role": "assistant", "content": "", "reasoning_content": "They greet me."}]
+    # reasoning is something to train only where the template writes it
+    assert [says_nothing(lorakit.data.Chat(thought), w) for w in (True, False)] == [False, True]
+    # several files: counted once each, the first file's first place
+    other = tokenize_records([(4, records[3])], make_tokenizer("llama3"), DataConfig(), source="e.jsonl")
+    joined = TokenizedDataset.concat([build(records[:1]), other], ["d.jsonl", "e.jsonl"])
+    assert (joined.stats.empty_replies, joined.first_empty_reply()) == (1, "e.jsonl:4")
+    assert joined.subset([1]).first_empty_reply() == "e.jsonl:4" and build(records[:4]).first_empty_reply() == "d.jsonl:2"
+    assert empty_replies_note(joined.stats.empty_replies, joined.first_empty_reply()) == (
+        'note         1 chat record trains an empty assistant reply (first: e.jsonl:4), which teaches only its end of '
+        'turn; give it text, mark it "weight": 0, or remove the record'
+    )  # fmt: skip
+    assert empty_replies_note(0, "") is None
 
 
 @pytest.mark.parametrize(
@@ -1157,7 +1189,8 @@ def test_stats_shape():
     fields = {f.name: f.type for f in dataclasses.fields(DataStats)}
     assert list(fields) == [
         "records", "examples", "tokens", "trainable_tokens", "truncated", "dropped_too_long",
-        "dropped_no_trainable", "skipped_invalid", "skipped_lines", "pairs", "unpaired", "desirable",
+        "dropped_no_trainable", "skipped_invalid", "skipped_lines", "empty_replies", "first_empty_reply_line", "pairs", "unpaired",
+        "desirable",
     ]
 
 

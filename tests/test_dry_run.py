@@ -188,3 +188,18 @@ def test_show_examples_prints_the_first_examples_with_the_trained_tokens_marked(
     assert code == 0, capsys.readouterr().err
     ascii_out.flush()
     assert "caf\\xe9 is[[ coffee<|eot_id|>]]" in ascii_out.buffer.getvalue().decode("ascii")
+
+
+def test_a_trained_empty_reply_is_a_note_under_the_data_line_of_the_dry_run_and_the_run(workspace, tmp_path, capsys):
+    hi = {"role": "user", "content": "hello"}
+    records = [{"messages": [hi, {"role": "assistant", "content": "Four."}]}, {"messages": [hi, {"role": "assistant", "content": ""}]}]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["train", _config(workspace, tmp_path / "run", max_steps=1), f"data.train={tmp_path / 'chats.jsonl'}", "data.eval=null",
+            "train.eval_every=0", "train.batch_size=1", "train.grad_accum=1"]  # fmt: skip
+    note = (f"note         1 chat record trains an empty assistant reply (first: {tmp_path / 'chats.jsonl'}:2), which teaches "
+            'only its end of turn; give it text, mark it "weight": 0, or remove the record')  # fmt: skip
+    for extra in (["--dry-run"], []):
+        assert main([*args, *extra]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        data_line = next(i for i, line in enumerate(printed) if line.startswith("data "))
+        assert printed[data_line + 1] == note
