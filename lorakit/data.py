@@ -98,7 +98,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # bump when tokenization, what is refused or the cache layout changes (10: a turn's own end of turn, the lead
-# before a reply, tool results checked)
+# before a reply, tool results checked; 11: trained empty replies counted)
 FORMAT_VERSION = 11
 FORMATS = ("text", "completion", "instruction", "chat", "preference", "unpaired")
 MAX_REPORTED = 10  # line numbers kept in DataStats.skipped_lines and listed in an error
