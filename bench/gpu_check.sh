@@ -5,7 +5,7 @@
 # torch.compile with and without CUDA graphs), the benchmark at 7B layer shapes, then, with time
 # left, LoRA on MoE expert weights and DoRA against PEFT (bench/bench_moe.py, --cases dora) and a
 # profile of both sides' steps on the issue's model (bench/profile_step.py).
-# Needs torch with CUDA, transformers, peft, safetensors, pyyaml, tqdm, psutil, matplotlib and
+# Needs torch with CUDA, transformers, peft, safetensors, pyyaml, tqdm, matplotlib and
 # pytest there; lorakit runs from this checkout. QLoRA is benchmarked when bitsandbytes imports.
 # Each part has its own time limit (cut to what is left of the whole) and log, and a part that
 # fails does not stop the next: the logs are written to $OUT (or /tmp): gpu_tests.log,

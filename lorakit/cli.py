@@ -98,6 +98,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lorakit", description="LoRA and QLoRA fine-tuning for causal language models.")
+    parser.add_argument("--version", action="version", version=_versions(), help="print the versions of lorakit, "
+                        "torch and transformers (for a bug report) and exit")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parser.commands = sub.choices  # each command's parser, by name
 
@@ -202,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_inspect)
     return parser
+
+
+def _versions() -> str:
+    """"lorakit 0.1.0 (torch 2.13.0+cpu, transformers 5.24.0)", read from the installed packages'
+    metadata, so that asking for it imports neither."""
+    from importlib import metadata
+
+    from lorakit import __version__
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"lorakit {__version__} (torch {version('torch')}, transformers {version('transformers')})"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

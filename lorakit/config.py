@@ -1003,7 +1003,7 @@ def _tracker_problems(train: TrainConfig, check_paths: bool) -> list[str]:
         return [f"train.report_to = {train.report_to!r}: {twice[0]} is listed twice; name each tracker once"]
     missing = missing_packages(names) if check_paths else []
     if missing:
-        return [f"train.report_to = {train.report_to!r}: {missing[0]} is not installed; pip install 'lorakit[{missing[0]}]'"]
+        return [f"train.report_to = {train.report_to!r}: {missing[0]} is not installed; pip install {missing[0]} (lorakit's `{missing[0]}` extra)"]
     return []
 
 

@@ -491,7 +491,7 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
 # Tables read as records, a row each: Parquet and Arrow (Hugging Face datasets' files; needs
-# pyarrow, `pip install lorakit[parquet]`), numbered by row from 1; CSV and TSV (a header row, then
+# pyarrow: lorakit's `parquet` extra), numbered by row from 1; CSV and TSV (a header row, then
 # a record a row; string cells only, so no chat messages), numbered by the line a row starts on,
 # as JSONL records are. A missing value (a null cell, an empty CSV cell) is a key the record lacks:
 # a column other rows fill, such as Alpaca's empty `input`.
@@ -569,7 +569,7 @@ def _read_arrow(path: Path) -> list[tuple[int, dict]]:
         import pyarrow.ipc
         import pyarrow.parquet
     except ImportError:
-        raise UserError(f"{path}: reading {suffix} files needs pyarrow; `pip install lorakit[parquet]`") from None
+        raise UserError(f"{path}: reading {suffix} files needs pyarrow; pip install pyarrow (lorakit's `parquet` extra)") from None
     try:
         if suffix == ".parquet":
             table = pyarrow.parquet.read_table(path)

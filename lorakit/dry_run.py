@@ -67,9 +67,9 @@ def dry_run(
 
         strategy = resolve_strategy(cfg, pick_device().type)
     if cfg.train.optimizer == "adamw8bit":
-        from lorakit.quant import _require_bnb
+        from lorakit.quant import require_bitsandbytes
 
-        _require_bnb("train.optimizer: adamw8bit")
+        require_bitsandbytes("train.optimizer: adamw8bit")
     if Path(cfg.model).is_dir():  # (a Hub name is left to transformers)
         check_model_folder(cfg.model)  # safetensors weights there, looked for, not read
     check_positions(cfg, log)

@@ -38,7 +38,7 @@ import ctypes
 import os
 import platform
 import sys
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 # Switches for the benchmark's levers (docs/benchmarks.md): on by default.
 KEEP_FREED_MEMORY = True
@@ -81,15 +81,16 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def cache_large_blocks() -> bool:
+def cache_large_blocks(announce: Optional[Callable[[str], None]] = None) -> bool:
     """Put lorakit's large-block cache (lorakit/csrc/block_cache_cpu.cpp) in front of torch's CPU
     allocator, for the rest of the process: a freed block of MMAP_THRESHOLD bytes or more, which glibc
     would hand back to the kernel, is kept for the next request of exactly its size, and the blocks
     held, live and kept, never exceed the most that were live at once. At 7B layer shapes that takes
     about a million page faults out of a step (docs/benchmarks.md). True when installed (now or
-    before); False where lorakit's CPU kernels cannot be built."""
+    before); False where lorakit's CPU kernels cannot be built. `announce`: told when this call
+    builds the kernels (`cpu_kernels.ops`)."""
     from lorakit import cpu_kernels
 
-    ops = cpu_kernels.ops()
+    ops = cpu_kernels.ops(announce)
     return ops is not None and bool(ops.cache_large_blocks(MMAP_THRESHOLD))
 

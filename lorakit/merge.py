@@ -629,8 +629,12 @@ def merge_adapter_files(
     Raises:
         UserError: missing or invalid folders, a base without tokenizer files, an adapter that
             does not fit the base (first mismatching module and both shapes), a non-empty
-            `out_dir` without `force`.
+            `out_dir` without `force`, simulate_nf4 without bitsandbytes.
     """
+    if simulate_nf4:
+        from lorakit.quant import require_bitsandbytes
+
+        require_bitsandbytes("--simulate-nf4")
     files = read_adapter(adapter_dir)
     template = read_chat_template(files.path)  # checked before any work; copied as it is
     layout = read_base_layout(base_dir)

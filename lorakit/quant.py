@@ -53,7 +53,7 @@ NF4_CODE = (
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' kernels accept
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes absmax in blocks of 256 (its 4-bit matmul requires it)
-INSTALL_HINT = "pip install bitsandbytes (or pip install lorakit[quant])"
+INSTALL_HINT = "pip install 'bitsandbytes>=0.46' (lorakit's `quant` extra)"
 
 
 @dataclass
@@ -122,7 +122,7 @@ def quantize_model(
         UserError: bitsandbytes missing; a bad blocksize or compute dtype; no linear layers; a
             layer whose shape cannot be quantized (all such layers listed at once).
     """
-    bnb = _require_bnb()
+    bnb = require_bitsandbytes()
     _check_args(compute_dtype, blocksize)
     before = _param_bytes(model)
     targets = _find_targets(model, tuple(skip))
@@ -180,7 +180,7 @@ class Experts4bit(nn.Module):
         cls, base: nn.Module, compute_dtype: torch.dtype, blocksize: int, double_quant: bool, codes: dict[Any, tuple]
     ) -> "Experts4bit":
         """Quantize `base`'s expert weights expert by expert (cast to `compute_dtype` first) and drop them from it."""
-        bnb = _require_bnb()
+        bnb = require_bitsandbytes()
         names = moe.expert_parameter_names(base)
         new = cls(base, names, compute_dtype)
         for param in names:
@@ -274,7 +274,7 @@ def load_model_4bit(
         UserError: folder or config.json missing; only pickle (.bin) weights; weights missing
             from the files; anything `quantize_model` raises.
     """
-    bnb = _require_bnb()
+    bnb = require_bitsandbytes()
     _check_args(compute_dtype, blocksize)
     from transformers import AutoModelForCausalLM
 
@@ -557,7 +557,7 @@ def make_8bit_adamw(params: Iterable[Any], **adamw_kwargs: Any) -> torch.optim.O
     Raises:
         UserError: bitsandbytes missing, or its 8-bit AdamW does not run on the params' device.
     """
-    bnb = _require_bnb(what="train.optimizer: adamw8bit")
+    bnb = require_bitsandbytes(what="train.optimizer: adamw8bit")
     params = list(params)
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     for device in sorted({str(p.device) for p in tensors}):
@@ -599,7 +599,7 @@ def quantized_layers(model: nn.Module, *, skip: Iterable[str] = ("lm_head",), bl
     Raises:
         UserError: no bitsandbytes, no layer to quantize, a layer whose in_features blocks do not fit.
     """
-    _require_bnb()
+    require_bitsandbytes()
     tied = getattr(model, "all_tied_weights_keys", {}) or {}
     targets = _find_targets(model, tuple(skip), tied_names=set(tied) | set(tied.values()))
     _check_shapes(targets, blocksize)
@@ -633,7 +633,7 @@ def frozen_bytes_estimate(model: nn.Module, dtype: torch.dtype, *, nf4: bool, sh
     return int(total)
 
 
-def _require_bnb(what: str = "quantize: nf4"):
+def require_bitsandbytes(what: str = "quantize: nf4"):
     try:
         import bitsandbytes as bnb
     except ImportError:

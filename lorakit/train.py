@@ -323,8 +323,6 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     dtype = resolve_precision(cfg.train.precision, device)
     if device.type == "cpu" and host_memory.KEEP_FREED_MEMORY:
         host_memory.keep_freed_memory()  # each step's memory, freed and taken again, without page faults
-    if device.type == "cpu" and host_memory.CACHE_LARGE_BLOCKS:
-        host_memory.cache_large_blocks()  # and the blocks glibc maps afresh, kept by size
     torch.manual_seed(cfg.train.seed)
     check_positions(cfg, log if dist.is_main else lambda _: None)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -332,6 +330,12 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
     eval_records = generation_eval_records(cfg, eval_sets, tokenizer) if cfg.train.eval_generate else None
+    announce = log if dist.is_main else None
+    if device.type == "cpu" and host_memory.CACHE_LARGE_BLOCKS:
+        # and the blocks glibc maps afresh, kept by size, before the model's weights come: the first
+        # use of lorakit's kernels, which builds them (once per machine, said aloud), after the data's
+        # checks so that a mistake there is said without that wait
+        host_memory.cache_large_blocks(announce)
 
     load_device = dist.load_device or device
     if cfg.quantize == "nf4":
@@ -348,8 +352,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
 
     if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
         # lorakit's compiled attention, RMSNorm, SwiGLU gate, RoPE and loss: built here (once per machine,
-        # said aloud) rather than silently inside the first step
-        cpu_kernels.ops(announce=log if dist.is_main else None)
+        # said aloud) rather than silently inside the first step, unless the block cache built them
+        cpu_kernels.ops(announce)
     add_adapters(model, cfg)
     if cfg.train.objective != "sft":
         preference.disable_dropout(model)

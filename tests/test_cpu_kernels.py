@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils import cpp_extension
 
-from helpers import splitmix_keep_mask
+from helpers import splitmix_keep_mask, training_workspace
 from lorakit import cpu_kernels
+from lorakit.cli import main
 
 
 def test_compiled_kernels_build_here():
@@ -390,3 +392,26 @@ def test_lora_products_refuse_what_they_do_not_compute():
     # no rows: zeros of the right shapes
     assert ops.lora_project(x[:0], torch.randn(32, 4).bfloat16()).shape == (0, 4)
     assert not ops.lora_outer(torch.randn(0, 4).bfloat16(), x[:0], 1.0).any()
+
+
+def test_a_run_builds_the_kernels_said_aloud_and_after_the_data_checks(monkeypatch, tmp_path, capsys):
+    root = training_workspace(tmp_path, train=16, eval=4)
+    calls = []
+    real_ops = cpu_kernels.ops
+
+    def recorded(announce=None):
+        calls.append(announce)
+        return real_ops(announce)
+
+    monkeypatch.setattr(cpu_kernels, "ops", recorded)
+    cfg = {"model": str(root / "model"), "output_dir": str(tmp_path / "run"), "lora": {"r": 2},
+           "data": {"max_length": 32}, "train": {"max_steps": 1, "precision": "fp32"}}  # fmt: skip
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["train", str(root / "cfg.yaml")]
+    # a mistake in the data is said before the kernels' first build, which could take a while
+    (root / "bad.jsonl").write_text('{"nothing": 1}\n')
+    assert main([*args, f"data.train={root / 'bad.jsonl'}"]) == 2
+    assert calls == [] and "bad.jsonl:1" in capsys.readouterr().err
+    # the run's first use of the kernels (the large-block cache's) is the one that would announce a build
+    assert main([*args, f"data.train={root / 'train.jsonl'}"]) == 0
+    assert calls and calls[0] is not None

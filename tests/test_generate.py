@@ -364,6 +364,14 @@ def test_argument_mistakes_are_one_line_naming_the_command(capsys, tmp_path):
         with pytest.raises(SystemExit) as stop:
             main(args)
         assert stop.value.code == 2 and capsys.readouterr().err == said + "\n"
+    with pytest.raises(SystemExit) as stop:  # what a bug report needs
+        main(["--version"])
+    import transformers
+
+    import lorakit
+
+    versions = f"lorakit {lorakit.__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+    assert (stop.value.code, capsys.readouterr().out) == (0, versions + "\n")
     (tmp_path / "p.txt").write_text("x")  # a file where a folder belongs
     assert main(["generate", "--model", str(tmp_path / "p.txt"), "--prompt", "x"]) == 2
     assert f"model folder {str(tmp_path / 'p.txt')!r} is a file, not a folder" in capsys.readouterr().err

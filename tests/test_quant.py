@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_qwen3_moe
 from lorakit.errors import UserError
+from lorakit.merge import merge_adapter_files
 from lorakit.quant import (
     NF4_CODE,
     dequantize_weight,
@@ -265,10 +266,13 @@ def test_user_errors_for_shapes_models_and_args():
 
 def test_missing_bitsandbytes_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
-    with pytest.raises(UserError, match=r"pip install bitsandbytes.*lorakit\[quant\]"):
+    with pytest.raises(UserError, match=r"needs bitsandbytes, which is not installed: pip install 'bitsandbytes>=0.46' \(lorakit's `quant` extra\)$"):
         quantize_model(OneLinear(64, 64), compute_dtype=FP32)
-    with pytest.raises(UserError, match=r"adamw8bit.*pip install bitsandbytes"):
+    with pytest.raises(UserError, match=r"adamw8bit.*pip install 'bitsandbytes"):
         make_8bit_adamw([nn.Parameter(torch.zeros(4))])
+    # merging as over a 4-bit base: refused before any folder is read
+    with pytest.raises(UserError, match=r"^--simulate-nf4 needs bitsandbytes"):
+        merge_adapter_files("no-base", "no-adapter", "out", simulate_nf4=True)
     assert not is_4bit(nn.Linear(4, 4))
 
 

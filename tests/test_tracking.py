@@ -225,7 +225,7 @@ def test_tracker_errors_are_one_line_with_the_fix(workspace, monkeypatch, capsys
 
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
     assert main(["train", _config(workspace, out, report_to=["wandb"])]) == 2
-    assert "train.report_to = ['wandb']: wandb is not installed; pip install 'lorakit[wandb]'" in capsys.readouterr().err
+    assert "train.report_to = ['wandb']: wandb is not installed; pip install wandb (lorakit's `wandb` extra)" in capsys.readouterr().err
     monkeypatch.undo()
     fake = FakeWandb(fail=RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore"))
     monkeypatch.setitem(sys.modules, "wandb", fake.module())
