@@ -19,6 +19,7 @@ The adapter's name never appears in the keys. Only safetensors are read: a pickl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -364,6 +365,21 @@ def replace_dir(staging: Path, target: Path) -> None:
     aside first, and a kill between the two renames leaves it only under `.NAME.old-PID`.
     """
     sync_to_disk(staging)  # its files on disk before the name points at them (a power loss keeps one whole)
+    try:
+        here = Path.cwd()
+    except OSError:  # the working folder is gone already
+        here = None
+    try:
+        _replace(staging, target)
+    finally:
+        if here is not None and (here == target.resolve() or target.resolve() in here.parents):
+            # the process worked in the old folder (`lorakit ... --out .`, a notebook's save to "."):
+            # it goes on in the new one, under the same name, rather than in a removed folder
+            with contextlib.suppress(OSError):
+                os.chdir(here)
+
+
+def _replace(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
         sync_to_disk(target.parent, tree=False)

@@ -17,6 +17,7 @@ keeps one build per CPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,7 +26,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -73,12 +74,8 @@ def _library_path() -> Path:
 
 
 def _compile_into(library: Path, announce: Optional[Callable[[str], None]]) -> None:
-    """Compile the sources in a private folder and move the library into place in one rename.
-
-    No lock: processes that start together (torchrun's ranks) may each compile, and the last rename
-    wins with an identical file. torch's own build folders take a lock file instead, which a process
-    killed mid-build leaves behind for every later process to wait on.
-    """
+    """Compile the sources in a private folder and move the library into place in one rename
+    (under `_one_builder_at_a_time`)."""
     from torch.utils import cpp_extension
 
     message = f"compiling lorakit's CPU kernels into {library} (once, about 20 s)"
@@ -102,6 +99,30 @@ def _compile_into(library: Path, announce: Optional[Callable[[str], None]]) -> N
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _one_builder_at_a_time(library: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a file beside `library` while building it: processes that start
+    together (torchrun's ranks on a fresh machine) would otherwise each compile, N builds sharing the
+    cores. An flock is released by the kernel when its holder dies, so a build killed halfway leaves
+    no lock behind, unlike torch's own lock files; where there is no fcntl (Windows) each builds.
+    The file goes when the build ends: later processes find the library and take no lock (one that
+    took the old file's lock meanwhile still finds it, and after a failed build builds itself)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    library.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = library.with_name(f".{library.name}.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
     if os.environ.get("LORAKIT_CPU_KERNELS", "1") == "0":
         log.info("LORAKIT_CPU_KERNELS=0: using the PyTorch CPU kernels")
@@ -111,7 +132,11 @@ def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
         if library.exists():
             torch.ops.load_library(str(library))
         else:
-            _compile_into(library, announce)
+            with _one_builder_at_a_time(library):
+                if library.exists():  # built by the process this one waited for
+                    torch.ops.load_library(str(library))
+                else:
+                    _compile_into(library, announce)  # which loads it too
     except Exception as exc:  # no compiler, no ninja, a read-only cache, an unsupported platform
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning(

@@ -1345,6 +1345,10 @@ def _install_signal_handlers(run: Run) -> dict:
     previous = {}
 
     def handler(signum, frame):
+        if run.stopping is not None:
+            # every process has agreed to stop after this step: torchrun stops the others with a
+            # SIGTERM once one has exited, which must not cut this one's checkpoint or last line short
+            return
         if run.interrupted is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         run.interrupted = signum

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -522,3 +523,5 @@ def test_saving_into_a_folder_keeps_its_other_files(tmp_path, monkeypatch):
     monkeypatch.chdir(folder)
     save_adapter(model, ".")  # the current folder: written by its absolute name
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "adapter_config.json").is_file()
+    # and the process goes on in the new folder, not in the old one, now removed
+    assert Path.cwd() == folder and sorted(os.listdir(".")) == sorted(p.name for p in folder.iterdir())

@@ -69,6 +69,26 @@ def test_a_build_is_announced_once_and_cached(monkeypatch, tmp_path, fake_build)
     assert len(builds) == 2 and len(said) == 2 and str(library) not in said[1]
 
 
+def test_a_process_waits_for_another_ones_build_and_loads_it(fake_build):
+    import fcntl
+    import threading
+
+    builds, loads = fake_build
+    library = cpu_kernels._library_path()
+    library.parent.mkdir(parents=True)
+    with open(library.with_name(f".{library.name}.lock"), "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process (a torchrun rank) is building
+        waiting = threading.Thread(target=cpu_kernels.ops)
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and builds == []  # it waits rather than compile beside the other
+        library.write_text("built")
+        fcntl.flock(other, fcntl.LOCK_UN)
+    waiting.join(30)
+    assert not waiting.is_alive() and builds == [] and loads == [str(library)]
+    assert [p.name for p in library.parent.iterdir()] == [library.name]  # the lock file goes with the build
+
+
 def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path, fake_build):
     def broken_compiler(**kwargs):
         (Path(kwargs["build_directory"]) / "attention_cpu.o").write_text("half done")

@@ -374,6 +374,23 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(workspace, monkeypatch, c
     assert [e["step"] for e in _entries(out) if "loss" in e] == list(range(1, 13))
 
 
+def test_a_signal_once_the_processes_agreed_to_stop_is_ignored():
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(interrupted=None, stopping=None)
+    previous = train_module._install_signal_handlers(run)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert run.interrupted == signal.SIGTERM  # the first: stop after this step
+        run.stopping = signal.SIGTERM  # what every process agreed on
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's stop of the others, once one has exited
+        run.stopping = None  # one process: a second Ctrl-C stops at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        train_module._restore_signal_handlers(previous)
+
+
 def test_a_stop_during_the_final_eval_or_save_loses_nothing(workspace, monkeypatch, capsys):
     # the last step is done: a stop during the final eval checkpoints it, one during the save lets it end
     out = workspace / "final_stop"
