@@ -53,7 +53,7 @@ NF4_CODE = (
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' kernels accept
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes absmax in blocks of 256 (its 4-bit matmul requires it)
-INSTALL_HINT = "pip install 'bitsandbytes>=0.46' (lorakit's `quant` extra)"
+INSTALL_HINT = "pip install 'bitsandbytes>=0.46.1' (lorakit's `quant` extra)"
 
 
 @dataclass

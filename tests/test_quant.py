@@ -266,7 +266,7 @@ def test_user_errors_for_shapes_models_and_args():
 
 def test_missing_bitsandbytes_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
-    with pytest.raises(UserError, match=r"needs bitsandbytes, which is not installed: pip install 'bitsandbytes>=0.46' \(lorakit's `quant` extra\)$"):
+    with pytest.raises(UserError, match=r"needs bitsandbytes, which is not installed: pip install 'bitsandbytes>=0\.46\.1' \(lorakit's `quant` extra\)$"):
         quantize_model(OneLinear(64, 64), compute_dtype=FP32)
     with pytest.raises(UserError, match=r"adamw8bit.*pip install 'bitsandbytes"):
         make_8bit_adamw([nn.Parameter(torch.zeros(4))])
