@@ -369,10 +369,11 @@ def replace_dir(staging: Path, target: Path) -> None:
         here = Path.cwd()
     except OSError:  # the working folder is gone already
         here = None
+    where = target.resolve()
     try:
         _replace(staging, target)
     finally:
-        if here is not None and (here == target.resolve() or target.resolve() in here.parents):
+        if here is not None and (here == where or where in here.parents):
             # the process worked in the old folder (`lorakit ... --out .`, a notebook's save to "."):
             # it goes on in the new one, under the same name, rather than in a removed folder
             with contextlib.suppress(OSError):

@@ -1448,15 +1448,15 @@ def start_summary(run: Run) -> str:
     ]
     if run.eval_sets:
         lines.insert(4, f"eval         {eval_sets_line(run.eval_sets, run.cfg, resumed=run.step > 0)}")
+    note = empty_replies_note(s.get("empty_replies", 0), s.get("first_empty_reply", ""))
+    if note:
+        lines.insert(4, note)  # under the data line (above eval's)
     if run.dist.world_size > 1:
         lines.append(f"processes    {_processes_line(run)}")
     if run.cfg.train.trackers():
         lines.append(f"tracking     {_tracking_line(run)}")
     if run.cfg.train.objective != "sft":
         lines.insert(2, f"objective   {_objective_line(run.cfg)[1:]}")
-    note = empty_replies_note(s.get("empty_replies", 0), s.get("first_empty_reply", ""))
-    if note:
-        lines.insert(lines.index(next(line for line in lines if line.startswith("data "))) + 1, note)
     untouched = _unadapted_experts(run.model)
     if untouched:
         lines.insert(2, f"note         the MoE experts are not adapted (their 3-D weights are no linear layers): "
