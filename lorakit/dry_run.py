@@ -109,7 +109,7 @@ def dry_run(
     sharded = " under fsdp: its shards, plus the block being run" if shards > 1 else ""
     lines = [
         f"model        {cfg.model} ({type(model).__name__}, {total:,} params, config.json only: no weight read)",
-        f"adapters     LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {adapted} modules; trainable {trainable:,} "
+        f"adapters     LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {adapted}; trainable {trainable:,} "
         f"({100 * trainable / max(total, 1):.3f}%)" + (f"; continues {cfg.adapter} (fits the model)" if cfg.adapter else ""),
         f"data         {_examples(stats)}, {stats['tokens']:,} tokens ({stats['trainable_tokens']:,} trained); "
         f"{_dropped(stats)}, {_skipped(stats['skipped_invalid'], train_set.skipped_places())}",
@@ -166,11 +166,12 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _adapters(model: nn.Module, cfg: RunConfig) -> tuple[int, int, int]:
-    """(trainable, total parameters, adapted modules) with the adapter the run trains added to the meta
-    model, counted as the run's start summary counts them."""
+def _adapters(model: nn.Module, cfg: RunConfig) -> tuple[int, int, str]:
+    """(trainable, total parameters, what is adapted: "28 layers") with the adapter the run trains added
+    to the meta model, counted and worded as the run's start summary has them."""
     from lorakit.adapters import check_fits, read_adapter
     from lorakit.inject import count_parameters, inject_adapter
+    from lorakit.train import adapted_summary
 
     if cfg.adapter is not None:
         check_fits(model, read_adapter(cfg.adapter))
@@ -185,4 +186,4 @@ def _adapters(model: nn.Module, cfg: RunConfig) -> tuple[int, int, int]:
             rows, cols = layer.kind.dense_weight(layer).shape  # (out, in); an embedding's (num, dim)
             magnitudes += cols if layer.kind.name == "embedding" else rows
         trainable, total = trainable + magnitudes, total + magnitudes
-    return trainable, total, len(paths)
+    return trainable, total, adapted_summary(model)

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -681,6 +682,7 @@ def merge_adapter_files(
         shards = writer.finish()
         _write_config(layout, staging, out_dtype, plan.untie)
         _copy_side_files(layout.folder, staging)
+        (staging / MODEL_CARD_NAME).write_text(merged_model_card(layout.folder, files, out_dtype, simulate_nf4))
         if template is not None:  # the adapter's training template (data.chat_template) over the base's
             shutil.copy2(files.path / CHAT_TEMPLATE_NAME, staging / CHAT_TEMPLATE_NAME)
             _drop_config_template(staging)
@@ -840,13 +842,80 @@ def _drop_config_template(folder: Path) -> None:
 
 def _copy_side_files(base: Path, folder: Path) -> None:
     """Tokenizer files, generation config, chat template, custom code: every top-level file that
-    is not weights, an index or config.json (written separately)."""
+    is not weights, an index, config.json or the model card (those are written separately)."""
     for path in base.iterdir():
-        if not path.is_file() or path.name.startswith(".") or path.name in ("config.json", INDEX_NAME):
+        if not path.is_file() or path.name.startswith(".") or path.name in ("config.json", INDEX_NAME, MODEL_CARD_NAME):
             continue
         if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
         shutil.copy2(path, folder / path.name)
+
+
+MODEL_CARD_NAME = "README.md"
+# What a merged model inherits from its base's card: its terms and what it is. Tags and the rest
+# describe the base (or its own base), not the merge.
+_INHERITED_CARD_KEYS = ("license", "license_name", "license_link", "language", "pipeline_tag")
+
+
+def merged_model_card(base: Path, files: AdapterFiles, dtype: torch.dtype, simulate_nf4: bool) -> str:
+    """The merged folder's README.md: what it was made of, then the adapter's and the base's own
+    cards (their headings a level down). The base's card is not copied as it is: it would describe
+    the base as the folder's model, and a hub would list the merge under the base's name."""
+    from lorakit import __version__
+
+    base_meta, base_body = _card_parts(base / MODEL_CARD_NAME)
+    _, adapter_body = _card_parts(files.path / MODEL_CARD_NAME)
+    trained_on = files.peft_config.get("base_model_name_or_path")
+    meta: dict[str, Any] = {"base_model": str(trained_on or base), "library_name": "transformers"}
+    meta.update({key: base_meta[key] for key in _INHERITED_CARD_KEYS if key in base_meta})
+    meta["tags"] = ["lorakit", "lora", "merged"]
+    config = files.config
+    targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
+    rounded = (" Each frozen weight was rounded through NF4 first (`--simulate-nf4`), as the 4-bit base the adapter"
+               " was trained on held it.") if simulate_nf4 else ""  # fmt: skip
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"),
+        "---",
+        f"# {base.name} with a LoRA adapter merged in",
+        "",
+        f"Written by `lorakit merge` (lorakit {__version__}): the weights of `{base}` with the LoRA adapter"
+        f" `{files.path}` (r={config.r}, alpha={config.alpha}, targets: {targets}) added into them, stored in"
+        f" {str(dtype).replace('torch.', '')}.{rounded} It loads as a plain model, without PEFT or lorakit:"
+        ' `AutoModelForCausalLM.from_pretrained("THIS_FOLDER")`.',
+    ]
+    for title, body in (("The adapter's card", adapter_body), ("The base model's card", base_body)):
+        if body.strip():
+            lines += ["", f"## {title}", "", _headings_down(body.strip())]
+    return "\n".join(lines) + "\n"
+
+
+def _card_parts(path: Path) -> tuple[dict[str, Any], str]:
+    """A model card's YAML front matter (empty when there is none, or it is not a mapping) and its body;
+    ({}, "") without a card."""
+    if not path.is_file():
+        return {}, ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.S)
+    if match is None:
+        return {}, text
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        meta = None
+    return (meta if isinstance(meta, dict) else {}), text[match.end():]
+
+
+def _headings_down(markdown: str) -> str:
+    """Markdown headings one level deeper (`# A` -> `### A` below a `##` title), code blocks left alone."""
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,4} ", line):
+            line = "##" + line
+        out.append(line)
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1370,11 +1370,9 @@ def model_card(run: Run, summary: dict[str, Any]) -> str:
     cfg = run.cfg
     trainable, total = _parameter_counts(run.model)
     metrics = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items() if k != "adapter")
+    meta = yaml.safe_dump({"library_name": "peft", "base_model": str(cfg.model), "tags": ["lora", "lorakit"]}, sort_keys=False)
     return f"""---
-library_name: peft
-base_model: {cfg.model}
-tags: [lora, lorakit]
----
+{meta}---
 # LoRA adapter trained with lorakit
 
 - Base model: `{cfg.model}`{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
@@ -1396,7 +1394,7 @@ Load with lorakit (`lorakit generate --model BASE --adapter THIS_FOLDER ...`) or
 """
 
 
-def _adapted_summary(model) -> str:
+def adapted_summary(model) -> str:
     """"196 layers" or, with MoE expert weights adapted, "96 layers and 48 expert modules"."""
     experts = sum(isinstance(layer, LoraExperts) for _, layer in lora_layers(model))
     linear = sum(1 for _ in lora_layers(model)) - experts
@@ -1437,7 +1435,7 @@ def start_summary(run: Run) -> str:
     s = run.data_stats
     lines = [
         f"model        {run.cfg.model} ({_class_name(run.model)}, {total:,} params)",
-        f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {_adapted_summary(run.model)}; "
+        f"adapters     LoRA r={run.cfg.lora.r} alpha={run.cfg.lora.alpha} on {adapted_summary(run.model)}; "
         f"trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)"
         + (f"; continues {run.cfg.adapter}" if run.cfg.adapter is not None else ""),
         f"precision    {str(run.dtype).replace('torch.', '')} compute on {run.device}; {run.frozen_summary}",

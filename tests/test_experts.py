@@ -204,6 +204,9 @@ def test_train_experts_through_the_cli(tmp_path, capsys):
     def summary_line(mode, out):
         text = capsys.readouterr().out
         assert "on 2 expert modules;" in text and "not adapted" not in text
+        if mode == "false":  # the dry run words what it adapts as the run does
+            assert main(["train", str(tmp_path / "cfg.yaml"), f"output_dir={tmp_path / 'dry'}", "--dry-run"]) == 0
+            assert "on 2 expert modules;" in capsys.readouterr().out
 
     lora = {"targets": [], "target_parameters": EXPERT_WEIGHTS}
     losses = train_in_modes(tmp_path, folder, lora, steps=6, lr=2.0e-2, after=summary_line)

@@ -76,6 +76,8 @@ def test_train_writes_every_file_and_loss_falls(workspace, capsys):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < train[0]["loss"]
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["train"]["eval_every"] == 6 and resolved["lora"]["r"] == 4
+    card_front = (out / "adapter" / "README.md").read_text().split("---\n")[1]
+    assert yaml.safe_load(card_front) == {"library_name": "peft", "base_model": resolved["model"], "tags": ["lora", "lorakit"]}
     printed = capsys.readouterr().out
     assert "trainable" in printed and "done: 12 steps" in printed
 
