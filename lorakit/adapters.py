@@ -253,7 +253,7 @@ def write_adapter_folder(
     directory = Path(directory).absolute()  # ("." cannot be renamed; its absolute name can)
     staging = staging_folder(directory)
     try:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(tensors, staging / WEIGHTS_NAME)
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
         for file_name, text in (extra_files or {}).items():
             (staging / file_name).write_text(text)
@@ -291,11 +291,16 @@ def link_tree(source: Path, target: Path) -> None:
         link(str(source), str(target))
 
 
-def check_output_folder(out_dir: Union[str, Path], inputs: dict[str, Union[str, Path]], force: bool) -> Path:
+def check_output_folder(
+    out_dir: Union[str, Path], inputs: dict[str, Union[str, Path]], force: bool, *, writes_adapter: bool = False
+) -> Path:
     """`out_dir` as a Path, refused when writing it would replace one of the `inputs` (what -> folder:
-    the folder itself or a folder holding it, even with --force) or, without `force`, when it is not
-    empty."""
+    the folder itself or a folder holding it, even with --force), when an adapter would be written
+    into a model's folder (`writes_adapter`: it would take the model's chat template and card, even
+    with --force) or, without `force`, when it is not empty."""
     out_dir = Path(out_dir)
+    if writes_adapter and (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+        raise UserError(f"--out {out_dir} holds a model (config.json and weights); write the adapter to a folder of its own")
     out = out_dir.resolve()
     for what, folder in inputs.items():
         folder_path = Path(folder).resolve()
@@ -316,6 +321,20 @@ def new_folder(*, prefix: str, parent: Path) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(path, 0o777 & ~_umask())
     return path
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the permissions the umask gives a file (it makes them owner-only:
+    a server running as another user could not read the weights) and a failed write raised as the
+    OSError it is, with its errno and file (a full disk is then said as one)."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:
@@ -340,11 +359,15 @@ def staging_folder(target: Path) -> Path:
 
 
 def _remove_dead_stagings(target: Path) -> None:
-    """Remove the staging folders of `target` that a process killed outright (SIGKILL, a power
-    loss) left behind: named by their process's id, which is no longer running on this machine.
-    A merge's can hold gigabytes."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-")
-    for sibling in target.parent.iterdir():
+    remove_dead_stagings(target.parent, re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-"))
+
+
+def remove_dead_stagings(parent: Path, pattern: re.Pattern) -> None:
+    """Remove the staging folders in `parent` that a process killed outright (SIGKILL, a power loss)
+    left behind: their names match `pattern`, whose first group is their process's id, and that
+    process no longer runs on this machine. A merge's can hold gigabytes, a checkpoint's the
+    optimizer state."""
+    for sibling in parent.iterdir():
         found = pattern.match(sibling.name)
         if found is None or int(found.group(1)) == os.getpid() or not sibling.is_dir():
             continue

@@ -13,6 +13,7 @@ never leaves a half checkpoint that looks complete; only the newest `keep` are k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -23,10 +24,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from lorakit.adapters import link_tree, new_folder, replace_dir, save_adapter
+from lorakit.adapters import link_tree, new_folder, remove_dead_stagings, replace_dir, save_adapter
 from lorakit.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGING = re.compile(r"\.step-\d+\.tmp-(\d+)-")  # a checkpoint being written or pruned, by its process's id
 
 
 def checkpoint_dirs(output_dir: Union[str, Path]) -> list[Path]:
@@ -73,15 +75,22 @@ def save_checkpoint(
     in it as they are now, by name (the best adapter so far), hard-linked where the file system can."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_dead_stagings(root, _STAGING)
     final = root / f"step-{step}"
-    staging = new_folder(prefix=f".step-{step}.tmp-", parent=root)
+    staging = new_folder(prefix=f".step-{step}.tmp-{os.getpid()}-", parent=root)
     try:
         save_adapter(model, staging / "adapter", base_model_name_or_path=base_model_name_or_path, extra_files=adapter_files)
-        torch.save(optimizer_state, staging / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, staging / "rng.pt")
+        for name, value in (("optimizer.pt", optimizer_state), ("rng.pt", rng)):
+            # through a file object: torch.save to a path says a full disk as "unexpected pos 576 vs
+            # 534", through Python's file its OSError (errno 28) comes out, which the CLI says as one
+            try:
+                with open(staging / name, "wb") as f:
+                    torch.save(value, f)
+            except OSError as exc:  # (a write's error names no file; the last one comes at close)
+                raise OSError(exc.errno, exc.strerror, str(staging / name)) from exc
         for name, folder in (folders or {}).items():
             link_tree(folder, staging / name)
         (staging / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
@@ -90,8 +99,108 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for old in checkpoint_dirs(output_dir)[:-keep]:
+        # out of --resume's sight at once, under a staging name: a kill halfway through removing it
+        # leaves a folder the next save sweeps, not a step-N without its state.json that stays for good
+        doomed = old.with_name(f".{old.name}.tmp-{os.getpid()}-pruned")
+        with contextlib.suppress(OSError):
+            os.replace(old, doomed)
+            old = doomed
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class RunFolderLock:
+    """One training run at a time in an output folder: an exclusive flock on `output_dir/.lorakit-run.lock`,
+    which holds its holder's process id. Two runs writing one folder would interleave their metrics
+    and prune and replace each other's checkpoints; the second is refused instead. The kernel drops
+    the lock when its holder ends, however it ends. Where there is no flock (Windows, a file system
+    without locks) runs are not kept apart.
+
+    The file goes when the lock is released: a process that opened it meanwhile locks a file no
+    longer in the folder, sees that, and tries again with the folder's new one."""
+
+    NAME = ".lorakit-run.lock"
+
+    def __init__(self, output_dir: Path, file: Any, made_folder: bool):
+        self.output_dir, self._file, self._made_folder = output_dir, file, made_folder
+
+    @classmethod
+    def take(cls, output_dir: Union[str, Path]) -> "RunFolderLock":
+        """Raises:
+        UserError: another process (or an earlier run of this one not closed) holds the folder."""
+        output_dir = Path(output_dir)
+        made_folder = not output_dir.exists()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:
+            return cls(output_dir, None, made_folder)
+        path = output_dir / cls.NAME
+        while True:
+            file = open(path, "a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = _process(file.read().strip())
+                file.close()
+                raise in_use_error(output_dir, holder) from None
+            except OSError:  # no locks on this file system
+                file.close()
+                return cls(output_dir, None, made_folder)
+            try:
+                if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            file.close()  # released by its holder (and removed) while we opened it: take the new one
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        return cls(output_dir, file, made_folder)
+
+    def release(self, *, failed: bool = False) -> None:
+        """Let the folder go; with `failed` (the run stopped before writing anything) a folder the
+        lock made is removed again, if empty, as if the run had never started."""
+        if self._file is not None:
+            (self.output_dir / self.NAME).unlink(missing_ok=True)  # while held: no one locks the old file for good
+            self._file.close()
+            self._file = None
+        if failed and self._made_folder:
+            with contextlib.suppress(OSError):  # not empty: something was written after all
+                self.output_dir.rmdir()
+            self._made_folder = False
+
+
+def in_use_error(output_dir: Union[str, Path], holder: str) -> UserError:
+    return UserError(f"output_dir {str(output_dir)!r} is in use by another training run ({holder}); wait for it to "
+                     "end, or set a new output_dir=...")  # fmt: skip
+
+
+def folder_holder(output_dir: Union[str, Path]) -> Optional[str]:
+    """Who holds `output_dir` for a run ("process 123"), or None; takes nothing and writes nothing."""
+    path = Path(output_dir) / RunFolderLock.NAME
+    try:
+        import fcntl
+
+        file = open(path)
+    except (ImportError, OSError):
+        return None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _process(file.read().strip())
+        except OSError:
+            return None
+    return None
+
+
+def _process(holder: str) -> str:
+    if holder == str(os.getpid()):
+        return "this process: an earlier run in it that was not closed, Run.close()"
+    return f"process {holder}" if holder.isdigit() else "a process"
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -15,7 +15,7 @@ import threading
 import warnings
 from typing import Callable, NoReturn, Optional
 
-from lorakit.errors import UserError
+from lorakit.errors import UserError, disk_full
 
 
 def _quiet_libraries() -> None:
@@ -244,6 +244,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

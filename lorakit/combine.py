@@ -101,7 +101,7 @@ def combine_adapters(
     """
     _check_options(adapter_dirs, weights, method, rank, density, majority_sign)
     weights = list(weights) if weights is not None else [1.0] * len(adapter_dirs)
-    out_dir = check_output_folder(out_dir, {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}, force)
+    out_dir = check_output_folder(out_dir, {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}, force, writes_adapter=True)
     files = [read_adapter(d) for d in adapter_dirs]
     for f in files:
         _check_combinable(f)

@@ -43,7 +43,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lorakit import preference
 from lorakit.config import RunConfig
-from lorakit.errors import UserError
+from lorakit.errors import UserError, disk_full
 from lorakit.loss import LOSS_CHUNK_TOKENS
 from lorakit.preference import loss_module
 
@@ -167,9 +167,12 @@ def run_distributed(cfg: RunConfig, *, resume: bool = False) -> NoReturn:
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     try:
         code = _train_this_rank(cfg, resume, local_rank)
-    except UserError as exc:  # caught before @record, which would hand torchrun its traceback
-        if _first_to_report(str(exc)):
-            print(f"error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:  # caught before @record, which would hand torchrun its traceback
+        error = exc if isinstance(exc, UserError) else disk_full(exc)
+        if error is None:
+            raise
+        if _first_to_report(str(error)):
+            print(f"error: {error}", file=sys.stderr)
         _exit_skipping_native_teardown(2)
     # Only after success: tearing down a group whose peers died can block; exiting is enough then.
     tdist.destroy_process_group()

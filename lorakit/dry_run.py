@@ -39,6 +39,7 @@ def dry_run(
     Raises:
         UserError: what the run would refuse before its first step.
     """
+    from lorakit.checkpoint import folder_holder, in_use_error, load_checkpoint
     from lorakit.data import BatchStream, load_train_eval
     from lorakit.models import (
         check_float_weights, check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision,
@@ -49,9 +50,11 @@ def dry_run(
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
+    holder = folder_holder(cfg.output_dir)
+    if holder is not None:  # the run would be refused
+        raise in_use_error(cfg.output_dir, holder)
     state = None
     if checkpoint is not None:  # the run refuses a damaged checkpoint, and a resume whose model, data or LoRA changed
-        from lorakit.checkpoint import load_checkpoint
         from lorakit.train import _check_same_run, check_resume_optimizer, fingerprint
 
         state, optimizer_state, _ = load_checkpoint(checkpoint)

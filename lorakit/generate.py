@@ -28,7 +28,7 @@ from torch import nn
 
 from lorakit.data import BadRecord, prompt_messages, record_tools
 from lorakit.errors import UserError
-from lorakit.models import position_limit
+from lorakit.models import padding_id, position_limit
 
 # End-of-turn tokens of common chat templates; generation also stops at these when the vocabulary has them.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -151,7 +151,7 @@ def generate(
     if empty is not None:  # (a tokenizer that adds no BOS: an empty text is no token to start from)
         raise UserError(f"{which(empty)} is empty and this tokenizer adds no start token; give text to continue")
     stops = stop_token_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    pad_id = padding_id(tokenizer, model, fallback=stops[0] if stops else 0)
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad_id)
     if temperature > 0:
         options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)

@@ -33,7 +33,10 @@ _DEFAULT_BLOCK_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 class SavedModule(nn.Module):
     """A module trained in full for an adapter (`modules_to_save`): one copy per adapter.
 
-    The original stays untouched so disabling or switching adapters gives the base model back.
+    The original stays untouched so disabling or switching adapters gives the base model back. A
+    copy of a 16-bit module keeps fp32 parameters, as the LoRA matrices do: trained in bf16, an
+    update smaller than the weight's rounding step is lost (at lr 1e-5, most of an embedding's rows
+    would never move). Its forward runs in the original's dtypes, as the model around it does.
     """
 
     def __init__(self, original: nn.Module):
@@ -46,6 +49,8 @@ class SavedModule(nn.Module):
     def add_copy(self, name: str) -> None:
         clone = copy.deepcopy(self.original)
         for p in clone.parameters():
+            if p.is_floating_point() and p.element_size() < 4:
+                p.data = p.data.float()
             p.requires_grad_(True)
         self.copies[name] = clone
         if self.active_adapter is None:
@@ -57,7 +62,24 @@ class SavedModule(nn.Module):
         return self.copies[self.active_adapter]
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        module = self.current()
+        if module is self.original:
+            return module(*args, **kwargs)
+        return torch.func.functional_call(module, self._in_original_dtypes(module), args, kwargs)
+
+    def _in_original_dtypes(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        dtypes = {name: p.dtype for name, p in self.original.named_parameters()}
+        return {name: p.to(dtypes.get(name, p.dtype)) for name, p in module.named_parameters()}  # (same dtype: p itself)
+
+    def as_plain_module(self) -> nn.Module:
+        """The current copy (or the original) as the model's own module, its parameters in the
+        original's dtypes: what `unload` puts in the wrapper's place."""
+        module = self.current()
+        if module is not self.original:
+            with torch.no_grad():
+                for name, value in self._in_original_dtypes(module).items():
+                    module.get_parameter(name).data = value.detach()
+        return module
 
     def __getattr__(self, name: str):
         # Callers of e.g. `model.lm_head.weight` expect the wrapped module's attributes.
@@ -574,7 +596,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
             layer.unmerge()
         _replace(model, path, layer.to_base_module())
     for path, module in list(saved_modules(model)):
-        _replace(model, path, module.current() if merge else module.original)
+        _replace(model, path, module.as_plain_module() if merge else module.original)
     model.__dict__.pop("lora_configs", None)
     model.__dict__.pop("lora_active", None)
     for p in model.parameters():

@@ -67,11 +67,10 @@ from typing import Any, Optional, Union
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lorakit.adapters import (
     CHAT_TEMPLATE_NAME, PREFIX, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_factor_values, check_output_folder,
-    check_weight_tying, read_adapter, read_chat_template, replace_dir, staging_folder,
+    check_weight_tying, read_adapter, read_chat_template, replace_dir, staging_folder, write_safetensors,
 )  # fmt: skip
 from lorakit.errors import UserError
 from lorakit.inject import selected_by_name, unselected_weights
@@ -577,7 +576,7 @@ class _ShardWriter:
         if not self.buffer:
             return
         path = self.folder / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        write_safetensors(self.buffer, path)
         self.parts.append((path, list(self.buffer)))
         self.total += self.size
         self.held.drop(self.size)
@@ -969,7 +968,7 @@ def principal_to_lora(
     if config.init not in PRINCIPAL_INITS:
         raise UserError(f"{files.path}: init = {config.init!r}; only PiSSA and OLoRA adapters need converting, this one "
                         "is a plain LoRA adapter already")  # fmt: skip
-    out_dir = check_output_folder(out_dir, {"adapter": files.path, "base model": base_dir}, force)
+    out_dir = check_output_folder(out_dir, {"adapter": files.path, "base model": base_dir}, force, writes_adapter=True)
     layout = read_base_layout(base_dir, need_tokenizer=False)
     plan = plan_merge(layout, files)
     tensors = dict(files.tensors)

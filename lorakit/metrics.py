@@ -28,6 +28,7 @@ class MetricsLog:
         self.enabled = enabled
         self.trackers = trackers
         self.entries: list[dict[str, Any]] = []
+        self.plot_failed = False  # said once
 
     def resume_from(self, step: int) -> None:
         """Keep the entries up to `step` (a checkpoint's), dropping what the interrupted run logged after it."""
@@ -60,8 +61,13 @@ class MetricsLog:
         self.entries.append(entry)
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json_line(entry))
+            try:
+                with self.path.open("a") as f:
+                    f.write(json_line(entry))
+            except OSError as exc:
+                if exc.filename is not None:
+                    raise
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc  # (a write's error names no file)
             if self.trackers is not None:
                 self.trackers.log(entry)
 
@@ -91,9 +97,19 @@ class MetricsLog:
         ax.legend()
         fig.tight_layout()
         tmp = self.plot_path.with_name(f".{self.plot_path.name}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.plot_path)
+        try:
+            fig.savefig(tmp)
+            os.replace(tmp, self.plot_path)
+        except OSError as exc:
+            # the plot is drawn again from the entries later: a failure here is no reason to stop
+            # training (a full disk stops the run where it writes what a resume needs)
+            tmp.unlink(missing_ok=True)
+            if not self.plot_failed:
+                print(f"note: {self.plot_path} not drawn ({exc.strerror or exc}); training goes on, and the plot is "
+                      "drawn again at the next chance", file=sys.stderr)  # fmt: skip
+            self.plot_failed = True
+        finally:
+            plt.close(fig)
 
 
 def json_line(entry: dict[str, Any]) -> str:
@@ -140,11 +156,17 @@ def byte_size(n: int) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the file (a power loss keeps one whole)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file (a power loss keeps one whole)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # (a write's error names no file)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def write_text_atomic(path: Union[str, Path], text: str) -> None:

@@ -182,6 +182,20 @@ def load_tokenizer(path: Union[str, Path], *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def padding_id(tokenizer: Any, model: nn.Module, fallback: int = 0) -> int:
+    """The id to fill padding with: the tokenizer's pad token where the model has an embedding row for
+    it, else `fallback`. Padding is neither attended to nor trained, so any id the embedding can look
+    up serves; a pad token added to the tokenizer without resizing the model has no row."""
+    pad = tokenizer.pad_token_id
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (NotImplementedError, AttributeError):  # custom code without the accessor
+        rows = None
+    if pad is None or (rows is not None and not 0 <= pad < rows):
+        return fallback
+    return pad
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from lorakit import host_memory, preference
 from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME, read_chat_template
-from lorakit.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, set_aside_checkpoint
+from lorakit.checkpoint import RunFolderLock, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, set_aside_checkpoint
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
     data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, locate_problem, own_options, parse_overrides,
@@ -48,7 +48,8 @@ from lorakit.inject import count_parameters, inject_adapter, lora_layers
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, strict_json, write_text_atomic
 from lorakit.models import (
-    check_model_folder, load_config, load_model, load_tokenizer, meta_model, pick_device, position_limit, resolve_precision,
+    check_model_folder, load_config, load_model, load_tokenizer, meta_model, padding_id, pick_device, position_limit,
+    resolve_precision,
 )  # fmt: skip
 from lorakit.preference import loss_module
 
@@ -126,6 +127,13 @@ class Run:
     fit_started: float = 0.0
     tokens_seen: int = 0
     trained_before: tuple[float, int] = (0.0, 0)
+    # the main process's hold on output_dir (no other run writes there while this one lives); `close`
+    folder_lock: Optional[RunFolderLock] = None
+
+    def close(self) -> None:
+        """Let output_dir go: another run may write there from now on."""
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
 
 # --------------------------------------------------------------------------- setup
@@ -226,6 +234,7 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
     except OSError as exc:
         raise UserError(f"output_dir {str(output_dir)!r}: cannot write in {existing} ({exc.strerror or exc}); set "
                         "output_dir to a folder you can write") from None  # fmt: skip
+    _check_run_entries(output_dir)
     checkpoint = latest_checkpoint(output_dir)
     if resume:
         if checkpoint is None:
@@ -239,6 +248,33 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
             "output_dir=... so nothing is overwritten"
         )
     return None
+
+
+# What a run writes in output_dir, by kind: folders it replaces whole (a link there would be swapped
+# out, not followed, and left hidden beside the new folder), the folder it writes checkpoints into
+# (a link to another disk is fine), and its files (renamed into place: a folder there stops that).
+_REPLACED_FOLDERS = ("adapter", "best_adapter")
+_RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml", "summary.json")
+
+
+def _check_run_entries(output_dir: Path) -> None:
+    """Refuse an entry of output_dir that has the name of something the run writes but not its kind
+    (a file named `checkpoints`): found now, not after the first steps, when the run writes it."""
+    for name in (*_REPLACED_FOLDERS, "checkpoints", *_RUN_FILES):
+        path = output_dir / name
+        if not path.is_symlink() and not path.exists():
+            continue
+        folder = name not in _RUN_FILES
+        if folder and not path.is_dir():
+            kind = "a file"
+        elif name in _REPLACED_FOLDERS and path.is_symlink():
+            kind = "a symbolic link"
+        elif not folder and path.is_dir():
+            kind = "a folder"
+        else:
+            continue
+        raise UserError(f"output_dir {str(output_dir)!r}: {path} is {kind}, where the run writes its {name} "
+                        f"{'folder' if folder else 'file'}; move it away, or set a new output_dir=...")  # fmt: skip
 
 
 def warmup_note(cfg: RunConfig, total_steps: int) -> Optional[str]:
@@ -306,12 +342,31 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] = None, log: Callable[[str], None] = print) -> Run:
-    """Load and check everything a run needs; restore the newest checkpoint when resuming."""
+    """Load and check everything a run needs; restore the newest checkpoint when resuming. The main
+    process holds output_dir for the run from here (`Run.close` lets it go): a second run started
+    into the same folder is refused.
+
+    Raises:
+        UserError: what in the config, model, data or output_dir the run refuses, before any step.
+    """
+    dist = dist or Distributed()
+    check_output_dir(Path(cfg.output_dir), resume)  # a folder that cannot be made is said before the lock tries
+    lock = RunFolderLock.take(cfg.output_dir) if dist.is_main else None
+    try:
+        run = _setup(cfg, resume, dist, log)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed=True)
+        raise
+    run.folder_lock = lock
+    return run
+
+
+def _setup(cfg: RunConfig, resume: bool, dist: Distributed, log: Callable[[str], None]) -> Run:
     from lorakit.data import BatchStream, load_train_eval
 
-    dist = dist or Distributed()
     output_dir = Path(cfg.output_dir)
-    checkpoint = check_output_dir(output_dir, resume)
+    checkpoint = check_output_dir(output_dir, resume)  # again, now that no other run can write there
     fp = fingerprint(cfg)
     ckpt_state = None
     if checkpoint is not None:
@@ -367,7 +422,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         activation_checkpointing.enable(model, cfg.train.gradient_checkpointing)
     model.train()
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer, model)
     stream = BatchStream(
         train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length, packing=cfg.data.packing,
         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, pad_id=pad_id,
@@ -644,7 +699,9 @@ def check_token_ids(model: nn.Module, cfg: RunConfig, train_set: Any, eval_sets:
         if top >= rows:
             raise UserError(
                 f"{where}: the tokenizer gives token id {top}, but {cfg.model}'s embedding table has {rows} rows "
-                f"(vocab_size); the tokenizer is not this model's, or it has tokens the model was never resized for"
+                f"(vocab_size); the tokenizer is not this model's, or it has tokens the model was never resized for: "
+                "resize it first (transformers: model.resize_token_embeddings(len(tokenizer)), then save_pretrained) "
+                "and train the new rows with lora.modules_to_save: [embed_tokens, lm_head]"
             )
 
 
@@ -1675,15 +1732,18 @@ def run_training(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distrib
     dist = dist or Distributed()
     log = print if dist.is_main else (lambda *_: None)
     run = setup(cfg, resume=resume, dist=dist, log=log)
-    log(start_summary(run))
     try:
-        summary = fit(run, log=log)
-    except TrainingDiverged as exc:
-        print(f"error: {exc}; {_after_divergence(run, dist)}", file=sys.stderr)
-        return 1
-    if "interrupted" in summary:
-        return 128 + summary["interrupted"]
-    log(final_summary(summary))
-    if dist.is_main:
-        write_text_atomic(run.output_dir / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
-    return 0
+        log(start_summary(run))
+        try:
+            summary = fit(run, log=log)
+        except TrainingDiverged as exc:
+            print(f"error: {exc}; {_after_divergence(run, dist)}", file=sys.stderr)
+            return 1
+        if "interrupted" in summary:
+            return 128 + summary["interrupted"]
+        log(final_summary(summary))
+        if dist.is_main:
+            write_text_atomic(run.output_dir / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
+        return 0
+    finally:
+        run.close()

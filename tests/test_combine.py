@@ -254,3 +254,40 @@ def test_an_adapter_of_top_level_modules_combines_and_a_damaged_one_is_named(ada
     with pytest.raises(UserError, match=r"wrong: module lm_head holds inf/NaN values in its LoRA matrices; the adapter is broken"):
         merge_adapter_files(adapters / "model", wrong, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_is_not_written_into_a_models_folder_even_with_force(adapters, tmp_path, capsys):
+    import os
+    import stat
+
+    model = save_model_folder(tmp_path / "model", tiny_llama())
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    before = sorted(p.name for p in model.iterdir())
+    assert main(["combine", "--adapter", str(adapters / "one"), "--out", str(model), "--force"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --out {model} holds a model (config.json and weights); write the adapter to a folder of its own"
+    )
+    assert sorted(p.name for p in model.iterdir()) == before
+    # what it writes is readable by others as the umask says (safetensors itself writes owner-only files)
+    mask = os.umask(0o022)
+    try:
+        assert main(["combine", "--adapter", str(adapters / "one"), "--out", str(tmp_path / "mine")]) == 0
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "mine" / "adapter_model.safetensors").stat().st_mode) == 0o644
+
+
+def test_a_full_disk_under_safetensors_is_said_as_the_os_error_it_is(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import lorakit.adapters
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(lorakit.adapters, "save_file", full)
+    with pytest.raises(OSError) as err:
+        lorakit.adapters.write_safetensors({"a": torch.zeros(2)}, tmp_path / "a.safetensors")
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(tmp_path / "a.safetensors"))

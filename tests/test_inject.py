@@ -394,3 +394,24 @@ def test_merging_an_adapted_tied_embedding_unties_the_head():
     assert torch.equal(model.lm_head.weight, head) and not model.config.tie_word_embeddings
     plain = unload(model)
     torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_saved_module_of_a_bf16_model_trains_an_fp32_copy_and_runs_in_bf16():
+    model = tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(3, 400, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]))
+    head = model.lm_head.copies["default"]
+    assert head.weight.dtype == torch.float32 and model.lm_head.original.weight.dtype == torch.bfloat16
+    assert torch.equal(head.weight, model.lm_head.original.weight.float())
+    logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, base)  # the copy runs as the original did
+    logits.float().square().mean().backward()
+    assert head.weight.grad.dtype == torch.float32 and model.model.embed_tokens.copies["default"].weight.grad.abs().sum() > 0
+    with torch.no_grad():  # an update far below bf16's step still moves every weight of the fp32 copy
+        head.weight -= 1e-6 * torch.sign(head.weight.grad) + 1e-6 * (head.weight.grad == 0)
+    assert bool((head.weight != model.lm_head.original.weight.float()).all())
+    merged = unload(model)
+    assert merged.lm_head.weight.dtype == torch.bfloat16 and type(merged.lm_head) is torch.nn.Linear
+    assert torch.equal(merged.lm_head.weight, head.weight.to(torch.bfloat16))

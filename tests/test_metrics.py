@@ -73,3 +73,47 @@ def test_values_that_are_not_finite_are_written_as_null_so_the_file_is_strict_js
     assert resumed.entries == lines
     resumed.plot()  # the nulls read back
     assert strict_json({"a": (1.0, float("nan"))}) == {"a": [1.0, None]}
+
+
+def test_a_plot_that_cannot_be_written_is_a_note_once_and_leaves_no_temp_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import matplotlib.figure
+
+    from lorakit.metrics import MetricsLog, write_text_atomic
+
+    log = MetricsLog(tmp_path)
+    log.log({"step": 1, "loss": 2.0})
+
+    def full(self, path, **kwargs):
+        Path(path).write_bytes(b"half a png")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    log.plot()
+    log.plot()
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path / 'loss.png'} not drawn (No space left on device); training goes on, and the plot is drawn "
+        "again at the next chance\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    monkeypatch.undo()
+    log.plot()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+    # a text written atomically: a failure leaves the old file and no temp file
+    write_text_atomic(tmp_path / "summary.json", "old")
+
+    def cut(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import os
+
+    monkeypatch.setattr(os, "fsync", cut)
+    try:
+        write_text_atomic(tmp_path / "summary.json", "new")
+    except OSError as exc:
+        assert (exc.errno, exc.filename) == (errno.ENOSPC, str(tmp_path / "summary.json"))
+    else:
+        raise AssertionError("the write did not fail")
+    monkeypatch.undo()
+    assert (tmp_path / "summary.json").read_text() == "old" and not list(tmp_path.glob(".*"))

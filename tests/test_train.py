@@ -1072,3 +1072,136 @@ def test_a_chat_template_whose_turns_do_not_end_on_a_stop_token_is_said(tmp_path
                               "stop token: generation stops at EOS only; end the assistant turns with {{ eos_token }} to stop there"]
     assert notes["nothing"] == ["note         the chat template writes nothing after an assistant turn: no token is trained to end a "
                                 "reply, so the model will not learn to stop; end the assistant turns with {{ eos_token }}"]
+
+
+# --------------------------------------------------------------------------- the output folder
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_one_before(workspace, capsys, monkeypatch):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    out = workspace / "full-disk"
+    config = _config(workspace, out, max_steps=5, save_every=2)
+    real_save = torch.save
+    saves = []
+
+    def save(obj, f):  # the second checkpoint's optimizer state meets a full disk, as Python's file write does
+        saves.append(1)
+        if len(saves) == 3:
+            with open("/dev/full", "wb") as full:
+                real_save(obj, full)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", config]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(out))}/checkpoints/\.step-4\.tmp-\d+-\w+/"
+                        r"optimizer\.pt: free some space there, or write elsewhere \(earlier outputs are intact\)", error), error
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]  # no staging left, step 2 whole
+    assert not (out / ".lorakit-run.lock").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    whole = workspace / "full-disk-whole"
+    assert main(["train", config, "--resume"]) == 0 and main(["train", _config(workspace, whole, max_steps=5, save_every=2)]) == 0
+    resumed, uninterrupted = _adapter(out), _adapter(whole)  # from step 2 as if nothing had happened
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_one_run_at_a_time_writes_an_output_dir(workspace, capsys):
+    import subprocess
+    import sys
+
+    out = workspace / "held"
+    config = _config(workspace, out, max_steps=2)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lorakit.checkpoint import RunFolderLock; lock = RunFolderLock.take(sys.argv[1]); "
+         "print('held', flush=True); time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for dry in ([], ["--dry-run"]):
+            assert main(["train", config, *dry]) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                f"error: output_dir {str(out)!r} is in use by another training run (process {holder.pid}); wait for it to "
+                "end, or set a new output_dir=..."
+            )  # fmt: skip
+        assert [p.name for p in out.iterdir()] == [".lorakit-run.lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", config]) == 0  # the holder gone, its lock goes with it
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / ".lorakit-run.lock").exists()
+    # a run refused in its setup leaves no folder it made
+    refused = workspace / "refused"
+    assert main(["train", _config(workspace, refused, max_steps=2), "data.max_length=1"]) == 2 and not refused.exists()
+
+
+def test_a_file_named_as_what_the_run_writes_is_refused_before_a_step(workspace, capsys):
+    cases = {"checkpoints": ("file", "a file", "folder"), "adapter": ("link", "a symbolic link", "folder"),
+             "best_adapter": ("file", "a file", "folder"), "metrics.jsonl": ("folder", "a folder", "file")}  # fmt: skip
+    for name, (make, kind, wants) in cases.items():
+        out = workspace / f"taken-{name}"
+        out.mkdir()
+        path = out / name
+        if make == "file":
+            path.write_text("mine")
+        elif make == "link":
+            (workspace / "elsewhere").mkdir(exist_ok=True)
+            path.symlink_to(workspace / "elsewhere")
+        else:
+            path.mkdir()
+        for dry in (["--dry-run"], []):
+            assert main(["train", _config(workspace, out, max_steps=2), *dry]) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                f"error: output_dir {str(out)!r}: {path} is {kind}, where the run writes its {name} {wants}; move it away, "
+                "or set a new output_dir=..."
+            )  # fmt: skip
+        assert sorted(p.name for p in out.iterdir()) == [name]
+    linked = workspace / "linked-checkpoints"  # a checkpoints folder on another disk is fine
+    linked.mkdir()
+    (workspace / "other-disk").mkdir()
+    (linked / "checkpoints").symlink_to(workspace / "other-disk")
+    assert main(["train", _config(workspace, linked, max_steps=2, save_every=1)]) == 0
+    assert sorted(p.name for p in (workspace / "other-disk").iterdir()) == ["step-1"]  # (the last step saves the adapter)
+
+
+def test_checkpoint_stagings_of_killed_runs_are_swept_and_pruning_hides_first(tmp_path):
+    import subprocess
+    import sys
+
+    from lorakit.checkpoint import save_checkpoint
+    from lorakit.inject import inject_adapter
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs
+    root = tmp_path / "checkpoints"
+    for name in (f".step-5.tmp-{gone.pid}-abc", f".step-9.tmp-{gone.pid}-pruned", f".step-7.tmp-{os.getpid()}-mine", ".step-3.tmp-x"):
+        (root / name / "adapter").mkdir(parents=True)
+    model = tiny_llama()
+    inject_adapter(model, lorakit.LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    state = {"scheduler": {}, "stream": {}}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model=model, optimizer_state={"state": {}, "param_groups": []}, state=state, keep=2)
+    # the dead process's two went, this process's and an unnumbered one stay; step-1 was pruned whole
+    assert sorted(p.name for p in root.iterdir()) == [".step-3.tmp-x", f".step-7.tmp-{os.getpid()}-mine", "step-2", "step-3"]
+
+
+def test_a_pad_token_the_model_has_no_row_for_pads_with_another_id(tmp_path, capsys):
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # added, the model not resized for it
+    assert tokenizer.pad_token_id >= 400
+    write_addition_data(tmp_path / "train.jsonl", 24)
+    losses = {}
+    for name, tok in (("resized-not", tokenizer), ("plain", make_tokenizer())):
+        save_model_folder(tmp_path / name, tiny_llama(), tok)
+        out = tmp_path / f"out-{name}"
+        cfg = {"model": str(tmp_path / name), "output_dir": str(out), "data": {"train": str(tmp_path / "train.jsonl"), "packing": False},
+               "lora": {"r": 4, "alpha": 8}, "train": {"max_steps": 3, "batch_size": 8, "precision": "fp32", "seed": 0}}  # fmt: skip
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", str(tmp_path / f"{name}.yaml")]) == 0
+        losses[name] = [e["loss"] for e in _entries(out) if "loss" in e]
+    assert losses["resized-not"] == losses["plain"]  # padding is neither attended to nor trained, whatever its id
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("1 plus 1 is\n12 plus 30 is a longer prompt\n")
+    for batch in ("1", "2"):  # batched: left padding
+        assert main(["generate", "--model", str(tmp_path / "resized-not"), "--adapter", str(tmp_path / "out-resized-not" / "adapter"),
+                     "--prompts", str(prompts), "--max-new-tokens", "4", "--batch-size", batch]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-4:-2] == printed[-2:]

@@ -51,14 +51,24 @@ def demo_config(overrides: dict[str, Any]):
 
 
 def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> int:
-    from lorakit import train as trainer
-    from lorakit.evaluate import generation_accuracy
-    from lorakit.train import evaluate, final_summary, fit, setup, start_summary
+    from lorakit.train import setup
 
     cfg = demo_config(overrides)
     log("lorakit demo: teach a small pretrained model to write dates as YYYY-MM-DD with a LoRA adapter")
     log(f"  (model shipped in {MODEL_DIR}; data: {TRAIN_FILE.name} / {EVAL_FILE.name}; no network needed)\n")
     run = setup(cfg, resume=resume, log=log)
+    try:
+        return _train_and_compare(run, log)
+    finally:
+        run.close()
+
+
+def _train_and_compare(run, log) -> int:
+    """The demo's run: the base model's scores, training, the scores after, what to try next."""
+    from lorakit import train as trainer
+    from lorakit.evaluate import generation_accuracy
+    from lorakit.train import evaluate, final_summary, fit, start_summary
+
     log(start_summary(run) + "\n")
 
     before = None
