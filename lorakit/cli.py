@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", action="store_true", help="also measure exact-match accuracy of greedy completions")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per example, longer ones truncated (default 1024, or the model's positions if fewer)")
+                   help="tokens per example (default: the adapter's run's data.max_length, else 1024, or the model's "
+                        "positions if fewer)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="examples (or pairs) a forward (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="--generate: the most tokens an answer may have (default 64)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted in the result) instead of stopping")
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the records' NAME for lorakit's KEY, e.g. --column prompt=question (data.columns); repeatable")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="a system message put first in chats that have none (data.system_prompt of the run)")
+    p.add_argument("--train-turns", choices=["all", "last"], default=None,
+                   help="chats: score every assistant turn or the last (data.train_turns; default: the adapter's run's, else all)")
+    p.add_argument("--train-on-inputs", choices=["true", "false"], default=None,
+                   help="score the prompt tokens too (data.train_on_inputs; default: the adapter's run's, else false)")
+    p.add_argument("--too-long", choices=["truncate", "drop"], default=None,
+                   help="examples longer than --max-length (data.too_long; default: the adapter's run's, else truncate)")
     p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo", "kto"], default=None,
                    help="read the data as preference pairs (kto: labelled examples) and report this objective's loss and "
                         "rewards (default for preference data: dpo; dpo, ipo, kto: the adapter against its base)")

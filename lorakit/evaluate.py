@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -370,6 +371,38 @@ def _note_the_runs_own_settings(args: argparse.Namespace, objective: str) -> Non
         print(f"note: the run of {args.adapter} " + "; ".join(notes) + ": its eval_loss is not this one", file=sys.stderr)
 
 
+# What of a run's data section shapes its eval loss, and `lorakit eval`'s flag for each
+_RUN_DATA_FLAGS = {"max_length": "--max-length", "train_turns": "--train-turns", "train_on_inputs": "--train-on-inputs",
+                   "too_long": "--too-long", "system_prompt": "--system"}  # fmt: skip
+
+
+def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The data settings the loss is measured with (None: the default): the flags given, then, for
+    the ones not given, the adapter's run's own (its config.yaml, beside adapter/), so that the
+    figure is that run's eval_loss; said on stderr when any comes from the run."""
+    import yaml
+
+    from lorakit.config import DataConfig
+
+    given = {"max_length": args.max_length, "train_turns": args.train_turns, "too_long": args.too_long,
+             "train_on_inputs": None if args.train_on_inputs is None else args.train_on_inputs == "true",
+             "system_prompt": args.system}  # fmt: skip
+    run: dict[str, Any] = {}
+    if args.adapter is not None:
+        try:
+            data = (yaml.safe_load((Path(args.adapter).parent / "config.yaml").read_text()) or {}).get("data") or {}
+            run = {key: data[key] for key in _RUN_DATA_FLAGS if isinstance(data, dict) and data.get(key) is not None}
+        except (OSError, yaml.YAMLError, AttributeError):
+            pass  # no run of lorakit's beside it
+    defaults = DataConfig()
+    taken = {key: value for key, value in run.items() if given[key] is None and value != getattr(defaults, key)}
+    if taken:
+        said = ", ".join(f"{_RUN_DATA_FLAGS[k]} {shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))}"
+                         for k, v in taken.items())  # fmt: skip
+        print(f"note: as the run of {args.adapter} (its config.yaml): {said}", file=sys.stderr)
+    return {key: given[key] if given[key] is not None else taken.get(key) for key in _RUN_DATA_FLAGS}
+
+
 def eval_command(args: argparse.Namespace) -> int:
     from lorakit.config import DataConfig
     from lorakit.data import BadRecord, load_dataset, read_records, rename_columns
@@ -387,12 +420,14 @@ def eval_command(args: argparse.Namespace) -> int:
     from lorakit.fused import use_lorakit_kernels
 
     use_lorakit_kernels(model)  # the trainer's forward, so the losses are a run's own (bf16 too)
-    max_length = _max_length(args.max_length, model, args.model)
+    settings = _data_settings(args)
+    max_length = _max_length(settings.pop("max_length"), model, args.model)
+    system_prompt = settings["system_prompt"]
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto
     # reads as chat), or kto as labelled examples (prompt, completion, label)
     fmt = "unpaired" if args.objective == "kto" else "preference" if args.objective else "auto"
     cfg = DataConfig(max_length=max_length, packing=False, format=fmt, skip_invalid=args.skip_invalid, columns=columns,
-                     system_prompt=args.system)  # fmt: skip
+                     **{key: value for key, value in settings.items() if value is not None})  # fmt: skip
     dataset = load_dataset(args.data, tokenizer, cfg, use_cache=False)
     if dataset.pairs:
         return _preference_eval(args, model, dataset, max_length)
@@ -413,7 +448,7 @@ def eval_command(args: argparse.Namespace) -> int:
                 continue
         acc = generation_accuracy(
             model, tokenizer, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            skip_invalid=args.skip_invalid, system_prompt=args.system,
+            skip_invalid=args.skip_invalid, system_prompt=system_prompt,
         )  # fmt: skip
         result.update(accuracy=acc["accuracy"], correct=acc["correct"], total=acc["total"], failures=acc["failures"])
     if args.json:

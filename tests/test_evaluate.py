@@ -254,3 +254,34 @@ def test_eval_notes_where_the_adapters_run_measured_otherwise(tmp_path, capsys):
     assert capsys.readouterr().err == ""  # as the run measured, or no run beside it: nothing to say
     _note_the_runs_own_settings(argparse.Namespace(adapter=args.adapter, beta=None, reference_adapter="sft/adapter"), "ipo")
     assert "trained with objective dpo (pass --objective dpo)" in capsys.readouterr().err
+
+
+def test_eval_measures_with_the_runs_data_settings_so_its_loss_is_the_runs(tmp_path, capsys):
+    import yaml
+
+    folder = save_model_folder(tmp_path / "model", tiny_llama(), make_tokenizer())
+    chats = [{"messages": [{"role": "user", "content": f"What is {a} plus {a}?"}, {"role": "assistant", "content": f"{2 * a}."},
+                           {"role": "user", "content": "And twice that?"}, {"role": "assistant", "content": f"{4 * a}."}]}
+             for a in range(12)]  # fmt: skip
+    chats.append({"messages": [{"role": "user", "content": "Tell a long story. " * 30}, {"role": "assistant", "content": "No."}]})
+    for name, records in (("train", chats), ("eval", chats[8:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 200, "too_long": "drop",
+            "train_turns": "last", "packing": False}  # fmt: skip
+    cfg = {"model": str(folder), "output_dir": str(tmp_path / "run"), "data": data, "lora": {"r": 4, "alpha": 8},
+           "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32", "seed": 0, "lr": 1e-2}}  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    run_loss = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
+    capsys.readouterr()
+    command = ["eval", "--model", str(folder), "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(tmp_path / "eval.jsonl"),
+               "--batch-size", "4", "--json"]  # fmt: skip
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["loss"] == pytest.approx(run_loss, rel=1e-6) and result["examples"] == 4  # the long story dropped
+    assert captured.err == (f"note: as the run of {tmp_path / 'run' / 'adapter'} (its config.yaml): --max-length 200, "
+                            "--train-turns last, --too-long drop\n")  # fmt: skip
+    assert main([*command, "--train-turns", "all", "--too-long", "truncate"]) == 0  # flags win over the run's
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] > result["tokens"] and captured.err.endswith(": --max-length 200\n")
