@@ -46,7 +46,8 @@ def dry_run(
     )  # fmt: skip
     from lorakit.train import (
         _check_objective, _dropped, _examples, _objective_line, _skipped, check_output_dir, check_positions, data_config, prepare_chat_template,
-        check_resume_step, check_token_ids, empty_replies_note, eval_sets_line, generation_eval_records, plan_steps, warmup_note,
+        check_resume_step, check_token_ids, empty_replies_note, eval_sets_line, generation_eval_records, no_eos_note, plan_steps,
+        tied_copies_note, warmup_note,
     )  # fmt: skip
 
     checkpoint = check_output_dir(Path(cfg.output_dir), resume)
@@ -97,9 +98,9 @@ def dry_run(
     stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
                          packing=cfg.data.packing, seed=cfg.train.seed, rank=0, world_size=processes)  # fmt: skip
     total_steps, steps_per_epoch = plan_steps(cfg, stream, processes)
-    note = warmup_note(cfg, total_steps)
-    if note:
-        log(note)
+    for note in (warmup_note(cfg, total_steps), tied_copies_note(model), no_eos_note(tokenizer)):
+        if note:
+            log(note)
     if state is not None:
         check_resume_step(state["step"], total_steps, checkpoint)
         stream.load_state_dict(state["stream"])  # as the run does: the same rows a step (batch_size x processes)

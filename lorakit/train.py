@@ -44,7 +44,7 @@ from lorakit.config import (
 from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
-from lorakit.inject import count_parameters, inject_adapter, lora_layers
+from lorakit.inject import count_parameters, inject_adapter, lora_layers, saved_modules
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, strict_json, write_text_atomic
 from lorakit.models import (
@@ -410,6 +410,9 @@ def _setup(cfg: RunConfig, resume: bool, dist: Distributed, log: Callable[[str],
         # said aloud) rather than silently inside the first step, unless the block cache built them
         cpu_kernels.ops(announce)
     add_adapters(model, cfg)
+    for note in (tied_copies_note(model), no_eos_note(tokenizer)):
+        if note:
+            log(note)
     if cfg.train.objective != "sft":
         preference.disable_dropout(model)
     if cfg.train.neftune_alpha:
@@ -567,6 +570,39 @@ def add_adapters(model: nn.Module, cfg: RunConfig) -> None:
     if cfg.train.objective in REFERENCE_OBJECTIVES:
         frozen = dataclasses.replace(files, config=dataclasses.replace(cfg.lora, dropout=0.0))
         apply_adapter(model, frozen, preference.REFERENCE_ADAPTER)
+
+
+def tied_copies_note(model: nn.Module) -> Optional[str]:
+    """What `modules_to_save` does to a model whose output head is its input embedding's weight: each
+    entry trains a copy of its own, so the two no longer share one (said, as PEFT warns; lorakit has
+    no `ensure_weight_tying` to train one copy for both). None where nothing is said."""
+    config = getattr(model, "config", None)
+    if not getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):
+        return None
+    try:
+        ends = {"input embedding": model.get_input_embeddings(), "output head": model.get_output_embeddings()}
+    except (AttributeError, NotImplementedError):
+        return None
+    saved = {id(module) for _, module in saved_modules(model)}
+    copied = [what for what, module in ends.items() if id(module) in saved]
+    if not copied:
+        return None
+    if len(copied) == 2:
+        return ("note: the model ties its output head to its input embedding; lora.modules_to_save trains a copy of "
+                "each, apart, so they drift apart (a merge writes them untied)")  # fmt: skip
+    other = next(what for what in ends if what not in copied)
+    return (f"note: the model ties its output head to its input embedding, and lora.modules_to_save trains a copy of the "
+            f"{copied[0]} alone: the {other} keeps the base's weights (new tokens learn nothing there); add it to "
+            "modules_to_save to train both")  # fmt: skip
+
+
+def no_eos_note(tokenizer: Any) -> Optional[str]:
+    """A tokenizer without an end-of-text token: examples other than chats end with nothing to learn
+    to stop at (a chat ends with its template's end of turn)."""
+    if tokenizer.eos_token_id is not None:
+        return None
+    return ("note: the tokenizer has no eos_token, so completion, instruction and text examples end without one and the "
+            "model does not learn where to stop; set eos_token in the model's tokenizer_config.json")  # fmt: skip
 
 
 def chat_template_source(cfg: RunConfig) -> Optional[str]:

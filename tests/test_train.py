@@ -1205,3 +1205,35 @@ def test_a_pad_token_the_model_has_no_row_for_pads_with_another_id(tmp_path, cap
                      "--prompts", str(prompts), "--max-new-tokens", "4", "--batch-size", batch]) == 0  # fmt: skip
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-4:-2] == printed[-2:]
+
+
+def test_notes_on_copies_of_tied_embeddings_and_a_tokenizer_without_eos(tmp_path, capsys):
+    write_addition_data(tmp_path / "train.jsonl", 16)
+    tokenizer = make_tokenizer(template=None)
+    tokenizer.eos_token = None
+    for name, model, tok in (("tied", tiny_llama(tie_word_embeddings=True), make_tokenizer()), ("untied", tiny_llama(), tokenizer)):
+        save_model_folder(tmp_path / name, model, tok)
+    base = {"data": {"train": str(tmp_path / "train.jsonl"), "packing": False, "max_length": 64}, "train": {"max_steps": 1, "batch_size": 4, "precision": "fp32"}}
+    notes = {}
+    for model, saved in (("tied", ["embed_tokens"]), ("tied", ["embed_tokens", "lm_head"]), ("untied", ["lm_head"])):
+        cfg = {**base, "model": str(tmp_path / model), "output_dir": str(tmp_path / "out"), "lora": {"r": 2, "modules_to_save": saved}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        for dry in (["--dry-run"], []):
+            assert main(["train", str(tmp_path / "c.yaml"), *dry]) == 0
+            printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+            notes.setdefault((model, len(saved)), printed)
+            assert notes[(model, len(saved))] == printed  # the dry run says what the run says
+            shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    assert notes[("tied", 1)] == [
+        "note: the model ties its output head to its input embedding, and lora.modules_to_save trains a copy of the input "
+        "embedding alone: the output head keeps the base's weights (new tokens learn nothing there); add it to "
+        "modules_to_save to train both"
+    ]
+    assert notes[("tied", 2)] == [
+        "note: the model ties its output head to its input embedding; lora.modules_to_save trains a copy of each, apart, "
+        "so they drift apart (a merge writes them untied)"
+    ]
+    assert notes[("untied", 1)] == [
+        "note: the tokenizer has no eos_token, so completion, instruction and text examples end without one and the model "
+        "does not learn where to stop; set eos_token in the model's tokenizer_config.json"
+    ]
