@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import UserError
+from lorakit.errors import UserError, writing
 from lorakit.experts import LoraExperts, expert_parameter_names
 from lorakit.inject import (
     _pattern_value,
@@ -254,9 +254,9 @@ def write_adapter_folder(
     staging = staging_folder(directory)
     try:
         write_safetensors(tensors, staging / WEIGHTS_NAME)
-        (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-        for file_name, text in (extra_files or {}).items():
-            (staging / file_name).write_text(text)
+        for file_name, text in {CONFIG_NAME: json.dumps(peft_config, indent=2, sort_keys=True) + "\n", **(extra_files or {})}.items():
+            with writing(staging / file_name):
+                (staging / file_name).write_text(text)
         if directory.is_dir():
             for entry in directory.iterdir():
                 if entry.name not in ADAPTER_FILES and not (staging / entry.name).exists():
@@ -299,7 +299,8 @@ def check_output_folder(
     into a model's folder (`writes_adapter`: it would take the model's chat template and card, even
     with --force) or, without `force`, when it is not empty."""
     out_dir = Path(out_dir)
-    if writes_adapter and (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+    if writes_adapter and (out_dir / "config.json").is_file() and any(p.name.endswith(weights) for p in out_dir.iterdir()):
         raise UserError(f"--out {out_dir} holds a model (config.json and weights); write the adapter to a folder of its own")
     out = out_dir.resolve()
     for what, folder in inputs.items():
@@ -799,6 +800,7 @@ def apply_adapter(model: nn.Module, files: AdapterFiles, name: str = "default", 
             if name in module.copies:
                 for p in module.copies[name].parameters():
                     p.requires_grad_(False)
+                module.settle(name)
     return files.config
 
 

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 
 from lorakit.adapters import link_tree, new_folder, remove_dead_stagings, replace_dir, save_adapter
-from lorakit.errors import UserError
+from lorakit.errors import UserError, writing
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STAGING = re.compile(r"\.step-\d+\.tmp-(\d+)-")  # a checkpoint being written or pruned, by its process's id
@@ -86,14 +86,12 @@ def save_checkpoint(
         for name, value in (("optimizer.pt", optimizer_state), ("rng.pt", rng)):
             # through a file object: torch.save to a path says a full disk as "unexpected pos 576 vs
             # 534", through Python's file its OSError (errno 28) comes out, which the CLI says as one
-            try:
-                with open(staging / name, "wb") as f:
-                    torch.save(value, f)
-            except OSError as exc:  # (a write's error names no file; the last one comes at close)
-                raise OSError(exc.errno, exc.strerror, str(staging / name)) from exc
+            with writing(staging / name), open(staging / name, "wb") as f:
+                torch.save(value, f)
         for name, folder in (folders or {}).items():
             link_tree(folder, staging / name)
-        (staging / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+        with writing(staging / "state.json"):
+            (staging / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
         replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -121,23 +119,27 @@ class RunFolderLock:
 
     NAME = ".lorakit-run.lock"
 
-    def __init__(self, output_dir: Path, file: Any, made_folder: bool):
-        self.output_dir, self._file, self._made_folder = output_dir, file, made_folder
+    def __init__(self, output_dir: Path, file: Any, made: list[Path]):
+        self.output_dir, self._file, self._made = output_dir, file, made
 
     @classmethod
     def take(cls, output_dir: Union[str, Path]) -> "RunFolderLock":
         """Raises:
         UserError: another process (or an earlier run of this one not closed) holds the folder."""
         output_dir = Path(output_dir)
-        made_folder = not output_dir.exists()
-        output_dir.mkdir(parents=True, exist_ok=True)
+        made = [p for p in (output_dir, *output_dir.parents) if not p.exists()]  # what mkdir makes, innermost first
         try:
             import fcntl
         except ImportError:
-            return cls(output_dir, None, made_folder)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            return cls(output_dir, None, made)
         path = output_dir / cls.NAME
         while True:
-            file = open(path, "a+")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                file = open(path, "a+")
+            except FileNotFoundError:  # the folder went meanwhile (a run that made it failed): again
+                continue
             try:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -147,30 +149,39 @@ class RunFolderLock:
                 raise in_use_error(output_dir, holder) from None
             except OSError:  # no locks on this file system
                 file.close()
-                return cls(output_dir, None, made_folder)
+                return cls(output_dir, None, made)
             try:
                 if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
                     break
             except FileNotFoundError:
                 pass
             file.close()  # released by its holder (and removed) while we opened it: take the new one
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        return cls(output_dir, file, made_folder)
+        lock = cls(output_dir, file, made)
+        try:
+            with writing(path):
+                file.seek(0)
+                file.truncate()
+                file.write(f"{os.getpid()}\n")
+                file.flush()
+        except BaseException:
+            lock.release(failed=True)
+            raise
+        return lock
 
     def release(self, *, failed: bool = False) -> None:
-        """Let the folder go; with `failed` (the run stopped before writing anything) a folder the
-        lock made is removed again, if empty, as if the run had never started."""
+        """Let the folder go; with `failed` (the run stopped before writing anything) the folders the
+        lock made are removed again, where empty, as if the run had never started."""
         if self._file is not None:
             (self.output_dir / self.NAME).unlink(missing_ok=True)  # while held: no one locks the old file for good
             self._file.close()
             self._file = None
-        if failed and self._made_folder:
-            with contextlib.suppress(OSError):  # not empty: something was written after all
-                self.output_dir.rmdir()
-            self._made_folder = False
+        if failed:
+            for folder in self._made:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: something was written after all, or another run's
+                    break
+        self._made = []
 
 
 def in_use_error(output_dir: Union[str, Path], holder: str) -> UserError:

@@ -50,10 +50,10 @@ def dry_run(
         tied_copies_note, warmup_note,
     )  # fmt: skip
 
-    checkpoint = check_output_dir(Path(cfg.output_dir), resume)
     holder = folder_holder(cfg.output_dir)
-    if holder is not None:  # the run would be refused
+    if holder is not None:  # the run would be refused, first of all
         raise in_use_error(cfg.output_dir, holder)
+    checkpoint = check_output_dir(Path(cfg.output_dir), resume)
     state = None
     if checkpoint is not None:  # the run refuses a damaged checkpoint, and a resume whose model, data or LoRA changed
         from lorakit.train import _check_same_run, check_resume_optimizer, fingerprint

@@ -7,8 +7,10 @@ who already catch ValueError working.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional, Union
 
 
 class UserError(ValueError):
@@ -27,5 +29,18 @@ def disk_full(exc: BaseException) -> Optional[UserError]:
     write left stays whole."""
     if not isinstance(exc, OSError) or exc.errno not in _FULL:
         return None
-    where = f" writing {exc.filename}" if exc.filename else ""
+    written = exc.filename2 or exc.filename  # (a copy's error names its source first, the file it wrote second)
+    where = f" writing {written}" if written else ""
     return UserError(f"{_FULL[exc.errno]}{where}: free some space there, or write elsewhere (earlier outputs are intact)")
+
+
+@contextlib.contextmanager
+def writing(path: Union[str, Path]) -> Iterator[None]:
+    """Give an OSError raised while writing `path` the file's name, where it has none (a write's or a
+    close's error names no file), so that a full disk is said with where it was met."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc

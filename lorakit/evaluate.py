@@ -310,8 +310,9 @@ def _check_plain_base(config: LoraConfig, path: str, objective: str) -> None:
         )
 
 
-def _max_length(asked: Optional[int], model: nn.Module, name: str) -> int:
-    """--max-length, by default 1024 or a position table's length if shorter.
+def _max_length(asked: Optional[int], model: nn.Module, name: str, source: str = "--max-length") -> int:
+    """--max-length (`source`: where `asked` came from), by default 1024 or a position table's length
+    if shorter.
 
     Raises:
         UserError: --max-length below 1, or above a position table's length.
@@ -321,7 +322,7 @@ def _max_length(asked: Optional[int], model: nn.Module, name: str) -> int:
         return min(DEFAULT_MAX_LENGTH, limit) if table else DEFAULT_MAX_LENGTH
     if asked < 1 or (table and asked > limit):
         most = f"{limit} (the rows of {name}'s position table)" if table else "any positive length"
-        raise UserError(f"--max-length {asked}: give 1 to {most}")
+        raise UserError(f"{source} {asked}: give 1 to {most}" + ("; pass --max-length" if source != "--max-length" else ""))
     return asked
 
 
@@ -347,17 +348,12 @@ def _note_the_runs_own_settings(args: argparse.Namespace, objective: str) -> Non
     """Say so (stderr) where the adapter's run, whose config.yaml lorakit train writes beside its
     adapter/, measured with another objective, beta or reference than this eval does: its
     eval_loss would then not be this one."""
-    import yaml
-
     from lorakit.config import PREFERENCE_BETA, REFERENCE_OBJECTIVES
 
     if args.adapter is None:
         return
-    try:
-        run = yaml.safe_load((Path(args.adapter).parent / "config.yaml").read_text())
-        train = run.get("train") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return  # no run of lorakit's beside it
+    run = run_config_of(args.adapter)[1]
+    train = run.get("train") if isinstance(run.get("train"), dict) else {}
     notes = []
     if train.get("objective") in PREFERENCE_BETA and train["objective"] != objective:
         notes.append(f"trained with objective {train['objective']} (pass --objective {train['objective']})")
@@ -371,36 +367,69 @@ def _note_the_runs_own_settings(args: argparse.Namespace, objective: str) -> Non
         print(f"note: the run of {args.adapter} " + "; ".join(notes) + ": its eval_loss is not this one", file=sys.stderr)
 
 
-# What of a run's data section shapes its eval loss, and `lorakit eval`'s flag for each
-_RUN_DATA_FLAGS = {"max_length": "--max-length", "train_turns": "--train-turns", "train_on_inputs": "--train-on-inputs",
-                   "too_long": "--too-long", "system_prompt": "--system"}  # fmt: skip
+# What of a run's config shapes its eval loss, and `lorakit eval`'s flag for each: the values a flag
+# takes (None: any positive int; str: any text)
+_RUN_FLAGS = {"max_length": "--max-length", "train_turns": "--train-turns", "train_on_inputs": "--train-on-inputs",
+              "too_long": "--too-long", "system_prompt": "--system", "precision": "--precision"}  # fmt: skip
+_RUN_VALUES: dict[str, Any] = {"max_length": None, "train_turns": ("all", "last"), "train_on_inputs": (True, False),
+                               "too_long": ("truncate", "drop"), "system_prompt": str, "precision": ("auto", "bf16", "fp16", "fp32")}  # fmt: skip
 
 
-def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The data settings the loss is measured with (None: the default): the flags given, then, for
-    the ones not given, the adapter's run's own (its config.yaml, beside adapter/), so that the
-    figure is that run's eval_loss; said on stderr when any comes from the run."""
+def run_config_of(adapter: Union[str, Path]) -> tuple[Optional[Path], dict[str, Any]]:
+    """The config.yaml of the lorakit run that wrote `adapter` (beside its adapter/ or best_adapter/,
+    or two levels up from a checkpoint's) and what it holds; (None, {}) where there is none readable."""
     import yaml
 
+    adapter = Path(adapter).absolute()
+    candidates = [adapter.parent / "config.yaml"]
+    if adapter.parent.parent.name == "checkpoints":  # output_dir/checkpoints/step-N/adapter
+        candidates.append(adapter.parent.parent.parent / "config.yaml")
+    for path in candidates:
+        try:
+            run = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):  # (ValueError: not UTF-8)
+            continue
+        if isinstance(run, dict):
+            return path, run
+    return None, {}
+
+
+def _eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What the loss is measured with (None: the default): the flags given, then, for the ones not
+    given, the adapter's run's own (`run_config_of`), so that the figure is that run's eval_loss;
+    said on stderr when any comes from the run.
+
+    Raises:
+        UserError: a value in the run's config.yaml that its flag would not take.
+    """
     from lorakit.config import DataConfig
 
     given = {"max_length": args.max_length, "train_turns": args.train_turns, "too_long": args.too_long,
              "train_on_inputs": None if args.train_on_inputs is None else args.train_on_inputs == "true",
-             "system_prompt": args.system}  # fmt: skip
-    run: dict[str, Any] = {}
-    if args.adapter is not None:
-        try:
-            data = (yaml.safe_load((Path(args.adapter).parent / "config.yaml").read_text()) or {}).get("data") or {}
-            run = {key: data[key] for key in _RUN_DATA_FLAGS if isinstance(data, dict) and data.get(key) is not None}
-        except (OSError, yaml.YAMLError, AttributeError):
-            pass  # no run of lorakit's beside it
-    defaults = DataConfig()
-    taken = {key: value for key, value in run.items() if given[key] is None and value != getattr(defaults, key)}
+             "system_prompt": args.system, "precision": args.precision}  # fmt: skip
+    path, run = run_config_of(args.adapter) if args.adapter is not None else (None, {})
+    data, train = (run.get(section) if isinstance(run.get(section), dict) else {} for section in ("data", "train"))
+    found = {**{key: value for key, value in data.items() if key in _RUN_FLAGS}, "precision": train.get("precision")}
+    defaults = {**{key: getattr(DataConfig(), key) for key in _RUN_FLAGS if key != "precision"}, "precision": None}
+    taken = {}
+    for key, value in found.items():
+        if given[key] is not None or value is None or value == defaults[key]:
+            continue
+        allowed = _RUN_VALUES[key]
+        fits = (isinstance(value, int) and not isinstance(value, bool) and value >= 1 if allowed is None
+                else isinstance(value, str) if allowed is str else value in allowed and type(value) is type(allowed[0]))  # fmt: skip
+        if not fits:
+            section = "train" if key == "precision" else "data"
+            raise UserError(f"{path}: {section}.{key} = {value!r} is not a value lorakit eval measures with; pass "
+                            f"{_RUN_FLAGS[key]} to set it yourself")  # fmt: skip
+        taken[key] = value
     if taken:
-        said = ", ".join(f"{_RUN_DATA_FLAGS[k]} {shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))}"
-                         for k, v in taken.items())  # fmt: skip
-        print(f"note: as the run of {args.adapter} (its config.yaml): {said}", file=sys.stderr)
-    return {key: given[key] if given[key] is not None else taken.get(key) for key in _RUN_DATA_FLAGS}
+        said = ", ".join(f"{_RUN_FLAGS[k]} {shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))}" for k, v in taken.items())
+        print(f"note: as the run of {args.adapter} ({path}): {said}", file=sys.stderr)
+    if run.get("quantize") == "nf4" and getattr(args, "quantize", None) != "nf4":  # a flag with a default: said, not taken
+        print(f"note: the run of {args.adapter} trained over the base in 4-bit NF4; pass --quantize nf4 for its eval_loss",
+              file=sys.stderr)  # fmt: skip
+    return {key: given[key] if given[key] is not None else taken.get(key) for key in _RUN_FLAGS}
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -416,12 +445,14 @@ def eval_command(args: argparse.Namespace) -> int:
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data!r}: no such file; give a .jsonl, .json, .parquet, .arrow, .csv or .tsv file of records")
     _check_preference_options(args, args.objective)
+    settings = _eval_settings(args)
+    args.precision = settings.pop("precision")
     model, tokenizer = load_for_command(args)
     from lorakit.fused import use_lorakit_kernels
 
     use_lorakit_kernels(model)  # the trainer's forward, so the losses are a run's own (bf16 too)
-    settings = _data_settings(args)
-    max_length = _max_length(settings.pop("max_length"), model, args.model)
+    asked = settings.pop("max_length")
+    max_length = _max_length(asked, model, args.model, "--max-length" if args.max_length is not None else "data.max_length of the run")
     system_prompt = settings["system_prompt"]
     # --objective reads the records as pairs (UltraFeedback's also hold chat messages, which auto
     # reads as chat), or kto as labelled examples (prompt, completion, label)

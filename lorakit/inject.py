@@ -63,22 +63,48 @@ class SavedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         module = self.current()
-        if module is self.original:
+        params = self._in_original_dtypes(module) if module is not self.original else None
+        if params is None:
             return module(*args, **kwargs)
-        return torch.func.functional_call(module, self._in_original_dtypes(module), args, kwargs)
+        return torch.func.functional_call(module, params, args, kwargs)
 
-    def _in_original_dtypes(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def _in_original_dtypes(self, module: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+        """`module`'s parameters in the original's dtypes, None where they are in them already. Without
+        gradients (eval, generation: a forward per new token) a cast is kept until its parameter
+        changes (its version moves when the optimizer updates it in place), not made every call."""
         dtypes = {name: p.dtype for name, p in self.original.named_parameters()}
-        return {name: p.to(dtypes.get(name, p.dtype)) for name, p in module.named_parameters()}  # (same dtype: p itself)
+        params = dict(module.named_parameters())
+        if all(p.dtype == dtypes.get(name, p.dtype) for name, p in params.items()):
+            return None
+        casts = self.__dict__.setdefault("_casts", {})  # (name -> (parameter, version, cast)); not state
+        out = {}
+        for name, p in params.items():
+            dtype = dtypes.get(name, p.dtype)
+            if p.dtype == dtype:
+                out[name] = p
+            elif torch.is_grad_enabled() and p.requires_grad:
+                out[name] = p.to(dtype)
+            else:
+                kept = casts.get(name)
+                if kept is None or kept[0] is not p or kept[1] != p._version:
+                    kept = casts[name] = (p, p._version, p.detach().to(dtype))
+                out[name] = kept[2]
+        return out
+
+    def settle(self, name: str) -> None:
+        """Store adapter `name`'s copy in the original's dtypes: a copy that is not trained (an adapter
+        loaded for inference) needs no fp32 master, and runs without a cast."""
+        with torch.no_grad():
+            dtypes = {n: p.dtype for n, p in self.original.named_parameters()}
+            for n, p in self.copies[name].named_parameters():
+                p.data = p.data.to(dtypes.get(n, p.dtype))
 
     def as_plain_module(self) -> nn.Module:
         """The current copy (or the original) as the model's own module, its parameters in the
         original's dtypes: what `unload` puts in the wrapper's place."""
         module = self.current()
         if module is not self.original:
-            with torch.no_grad():
-                for name, value in self._in_original_dtypes(module).items():
-                    module.get_parameter(name).data = value.detach()
+            self.settle(self.active_adapter)
         return module
 
     def __getattr__(self, name: str):
@@ -572,10 +598,15 @@ def _untie(model: nn.Module, layers: list[LoraLayer]) -> None:
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
             untied = True
     if untied:
-        config = getattr(model, "config", None)
-        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
-            if getattr(cfg, "tie_word_embeddings", False):
-                cfg.tie_word_embeddings = False
+        _say_untied(model)
+
+
+def _say_untied(model: nn.Module) -> None:
+    """The model's config no longer says its head and input embedding share a weight."""
+    config = getattr(model, "config", None)
+    for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -597,6 +628,12 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
         _replace(model, path, layer.to_base_module())
     for path, module in list(saved_modules(model)):
         _replace(model, path, module.as_plain_module() if merge else module.original)
+    try:  # a trained copy of a tied embedding or head put in place: the two are apart now
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if merge and embedding is not None and head is not None and head.weight is not embedding.weight:
+            _say_untied(model)
+    except (AttributeError, NotImplementedError):  # any nn.Module: no embeddings to know of
+        pass
     model.__dict__.pop("lora_configs", None)
     model.__dict__.pop("lora_active", None)
     for p in model.parameters():

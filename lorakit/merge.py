@@ -72,7 +72,7 @@ from lorakit.adapters import (
     CHAT_TEMPLATE_NAME, PREFIX, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_factor_values, check_output_folder,
     check_weight_tying, read_adapter, read_chat_template, replace_dir, staging_folder, write_safetensors,
 )  # fmt: skip
-from lorakit.errors import UserError
+from lorakit.errors import UserError, writing
 from lorakit.inject import selected_by_name, unselected_weights
 from lorakit.layers import PRINCIPAL_INITS, principal_factors
 from lorakit.metrics import peak_rss_bytes
@@ -656,36 +656,10 @@ def merge_adapter_files(
     held.add(adapter_bytes)  # the adapter stays in memory throughout
     staging = staging_folder(out_dir)
     try:
-        writer = _ShardWriter(staging, max_bytes, held)
-        stored = [t for k, t in layout.dtypes.items() if t.is_floating_point]
-        out_dtype = dtype or _config_dtype(layout.config) or (max(set(stored), key=stored.count) if stored else torch.float32)
-        nf4_done = 0
-        pending: dict[_ExpertWeight, tuple[dict[str, torch.Tensor], bool]] = {}  # cut, not yet all written
-        for shard in layout.shard_files:
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    held.add(_nbytes(tensor))
-                    expert_part = _take_expert_part(key, plan, layout, pending, held)
-                    for target in [key] + [k for k, v in plan.extra.items() if v == key]:
-                        out, rounded = _merged_tensor(target, tensor, plan, held, dtype, expert_part)
-                        if target != key and out.data_ptr() == tensor.data_ptr():
-                            out = out.clone()  # safetensors refuses two keys sharing storage
-                        nf4_done += rounded
-                        writer.add(target, out)  # counts `out`, even when it is `tensor` itself
-                        del out
-                    if expert_part is not None:
-                        held.drop(_nbytes(expert_part[0]))
-                    held.drop(_nbytes(tensor))
-                    del tensor, expert_part
-        shards = writer.finish()
-        _write_config(layout, staging, out_dtype, plan.untie)
-        _copy_side_files(layout.folder, staging)
-        (staging / MODEL_CARD_NAME).write_text(merged_model_card(layout.folder, files, out_dtype, simulate_nf4))
-        if template is not None:  # the adapter's training template (data.chat_template) over the base's
-            shutil.copy2(files.path / CHAT_TEMPLATE_NAME, staging / CHAT_TEMPLATE_NAME)
-            _drop_config_template(staging)
-            _stop_at_end_of_turn(staging)
+        with writing(out_dir):  # (a write's error names no file: the folder being written, then)
+            shards, out_dtype, nf4_done, output_bytes = _write_merged(
+                layout, files, plan, staging, held, max_bytes, dtype, simulate_nf4, template
+            )
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -698,13 +672,51 @@ def merge_adapter_files(
         merged_modules=len(plan.updates) + len({w for w in plan.experts.values() if w.a is not None}),
         replaced_tensors=len(plan.replace),
         untied=plan.untie,
-        output_bytes=writer.total,
+        output_bytes=output_bytes,
         largest_input_shard_bytes=max(p.stat().st_size for p in layout.shard_files),
         adapter_bytes=adapter_bytes,
         peak_held_bytes=held.peak,
         peak_rss_bytes=peak_rss_bytes(),
         nf4_rounded=nf4_done,
     )
+
+
+def _write_merged(
+    layout: BaseLayout, files: AdapterFiles, plan: MergePlan, staging: Path, held: _Held, max_bytes: int,
+    dtype: Optional[torch.dtype], simulate_nf4: bool, template: Optional[str],
+) -> tuple[int, torch.dtype, int, int]:
+    """Write the merged model into `staging`; (shards, its dtype, weights NF4-rounded, bytes written)."""
+    writer = _ShardWriter(staging, max_bytes, held)
+    stored = [t for k, t in layout.dtypes.items() if t.is_floating_point]
+    out_dtype = dtype or _config_dtype(layout.config) or (max(set(stored), key=stored.count) if stored else torch.float32)
+    nf4_done = 0
+    pending: dict[_ExpertWeight, tuple[dict[str, torch.Tensor], bool]] = {}  # cut, not yet all written
+    for shard in layout.shard_files:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                held.add(_nbytes(tensor))
+                expert_part = _take_expert_part(key, plan, layout, pending, held)
+                for target in [key] + [k for k, v in plan.extra.items() if v == key]:
+                    out, rounded = _merged_tensor(target, tensor, plan, held, dtype, expert_part)
+                    if target != key and out.data_ptr() == tensor.data_ptr():
+                        out = out.clone()  # safetensors refuses two keys sharing storage
+                    nf4_done += rounded
+                    writer.add(target, out)  # counts `out`, even when it is `tensor` itself
+                    del out
+                if expert_part is not None:
+                    held.drop(_nbytes(expert_part[0]))
+                held.drop(_nbytes(tensor))
+                del tensor, expert_part
+    shards = writer.finish()
+    _write_config(layout, staging, out_dtype, plan.untie)
+    _copy_side_files(layout.folder, staging)
+    (staging / MODEL_CARD_NAME).write_text(merged_model_card(layout.folder, files, out_dtype, simulate_nf4))
+    if template is not None:  # the adapter's training template (data.chat_template) over the base's
+        shutil.copy2(files.path / CHAT_TEMPLATE_NAME, staging / CHAT_TEMPLATE_NAME)
+        _drop_config_template(staging)
+        _stop_at_end_of_turn(staging)
+    return shards, out_dtype, nf4_done, writer.total
 
 
 def _take_expert_part(
@@ -858,7 +870,7 @@ _INHERITED_CARD_KEYS = ("license", "license_name", "license_link", "language", "
 
 def merged_model_card(base: Path, files: AdapterFiles, dtype: torch.dtype, simulate_nf4: bool) -> str:
     """The merged folder's README.md: what it was made of, then the adapter's and the base's own
-    cards (their headings a level down). The base's card is not copied as it is: it would describe
+    cards (their headings below the card's titles). The base's card is not copied as it is: it would describe
     the base as the folder's model, and a hub would list the merge under the base's name."""
     from lorakit import __version__
 
@@ -894,25 +906,27 @@ def _card_parts(path: Path) -> tuple[dict[str, Any], str]:
     ({}, "") without a card."""
     if not path.is_file():
         return {}, ""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    match = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.S)
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # (-sig: a byte-order mark is no text)
+    match = re.match(r"---[ \t]*\r?\n(?:(.*?)\r?\n)?---[ \t]*(?:\r?\n|$)", text, re.S)
     if match is None:
         return {}, text
     try:
-        meta = yaml.safe_load(match.group(1))
+        meta = yaml.safe_load(match.group(1) or "")
     except yaml.YAMLError:
         meta = None
     return (meta if isinstance(meta, dict) else {}), text[match.end():]
 
 
 def _headings_down(markdown: str) -> str:
-    """Markdown headings one level deeper (`# A` -> `### A` below a `##` title), code blocks left alone."""
-    out, fenced = [], False
+    """Markdown headings two levels deeper, below the card's `##` titles (`# A` -> `### A`; the
+    deepest, `######`, stays), code blocks left alone (a fence closes only on its own kind)."""
+    out, fence = [], None
     for line in markdown.splitlines():
-        if line.lstrip().startswith(("```", "~~~")):
-            fenced = not fenced
-        elif not fenced and re.match(r"#{1,4} ", line):
-            line = "##" + line
+        marks = re.match(r"\s{0,3}(`{3,}|~{3,})", line)
+        if marks and (fence is None or (marks.group(1)[0] == fence[0] and len(marks.group(1)) >= len(fence))):
+            fence = marks.group(1) if fence is None else None
+        elif fence is None and (heading := re.match(r"(#{1,6})( |$)", line)):
+            line = "#" * min(6, len(heading.group(1)) + 2) + line[len(heading.group(1)):]
         out.append(line)
     return "\n".join(out)
 

@@ -61,13 +61,10 @@ class MetricsLog:
         self.entries.append(entry)
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with self.path.open("a") as f:
-                    f.write(json_line(entry))
-            except OSError as exc:
-                if exc.filename is not None:
-                    raise
-                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc  # (a write's error names no file)
+            from lorakit.errors import writing
+
+            with writing(self.path), self.path.open("a") as f:
+                f.write(json_line(entry))
             if self.trackers is not None:
                 self.trackers.log(entry)
 
@@ -155,17 +152,17 @@ def byte_size(n: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    from lorakit.errors import writing  # (here: this module is loaded on its own, without torch, by a test)
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with writing(path), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the file (a power loss keeps one whole)
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # (a write's error names no file)
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

@@ -35,7 +35,10 @@ from torch import nn
 
 from lorakit import host_memory, preference
 from lorakit.adapters import CHAT_TEMPLATE_NAME, CONFIG_NAME, WEIGHTS_NAME, read_chat_template
-from lorakit.checkpoint import RunFolderLock, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, set_aside_checkpoint
+from lorakit.checkpoint import (
+    RunFolderLock, folder_holder, in_use_error, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
+    set_aside_checkpoint,
+)  # fmt: skip
 from lorakit.config import (
     BEST_METRICS, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, DataConfig, RunConfig, best_metric_parts, data_files,
     data_sources, eval_key, eval_set_key, eval_set_sources, load_run_config, locate_problem, own_options, parse_overrides,
@@ -265,10 +268,10 @@ def _check_run_entries(output_dir: Path) -> None:
         if not path.is_symlink() and not path.exists():
             continue
         folder = name not in _RUN_FILES
-        if folder and not path.is_dir():
+        if path.is_symlink() and (name in _REPLACED_FOLDERS or not path.exists()):
+            kind = "a symbolic link" if path.exists() else "a symbolic link to nothing"
+        elif folder and not path.is_dir():
             kind = "a file"
-        elif name in _REPLACED_FOLDERS and path.is_symlink():
-            kind = "a symbolic link"
         elif not folder and path.is_dir():
             kind = "a folder"
         else:
@@ -350,6 +353,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
         UserError: what in the config, model, data or output_dir the run refuses, before any step.
     """
     dist = dist or Distributed()
+    holder = folder_holder(cfg.output_dir) if dist.is_main else None
+    if holder is not None:  # said first: what the folder holds is the other run's doing
+        raise in_use_error(cfg.output_dir, holder)
     check_output_dir(Path(cfg.output_dir), resume)  # a folder that cannot be made is said before the lock tries
     lock = RunFolderLock.take(cfg.output_dir) if dist.is_main else None
     try:

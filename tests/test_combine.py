@@ -268,6 +268,10 @@ def test_an_adapter_is_not_written_into_a_models_folder_even_with_force(adapters
         f"error: --out {model} holds a model (config.json and weights); write the adapter to a folder of its own"
     )
     assert sorted(p.name for p in model.iterdir()) == before
+    for weights in model.glob("*.safetensors"):  # a model stored the old way is one too
+        weights.rename(model / "pytorch_model.bin")
+    assert main(["combine", "--adapter", str(adapters / "one"), "--out", str(model), "--force"]) == 2
+    assert "holds a model (config.json and weights)" in capsys.readouterr().err
     # what it writes is readable by others as the umask says (safetensors itself writes owner-only files)
     mask = os.umask(0o022)
     try:
@@ -291,3 +295,7 @@ def test_a_full_disk_under_safetensors_is_said_as_the_os_error_it_is(tmp_path, m
     with pytest.raises(OSError) as err:
         lorakit.adapters.write_safetensors({"a": torch.zeros(2)}, tmp_path / "a.safetensors")
     assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(tmp_path / "a.safetensors"))
+    from lorakit.errors import disk_full
+
+    copied = OSError(errno.ENOSPC, "No space left on device", "/base/tokenizer.json", None, "/out/tokenizer.json")
+    assert str(disk_full(copied)).startswith("no space left on device writing /out/tokenizer.json: ")  # the copy, not its source

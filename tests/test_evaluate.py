@@ -269,7 +269,7 @@ def test_eval_measures_with_the_runs_data_settings_so_its_loss_is_the_runs(tmp_p
     data = {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 200, "too_long": "drop",
             "train_turns": "last", "packing": False}  # fmt: skip
     cfg = {"model": str(folder), "output_dir": str(tmp_path / "run"), "data": data, "lora": {"r": 4, "alpha": 8},
-           "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32", "seed": 0, "lr": 1e-2}}  # fmt: skip
+           "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32", "seed": 0, "lr": 1e-2, "save_every": 2}}  # fmt: skip
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "run.yaml")]) == 0
     run_loss = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
@@ -280,8 +280,21 @@ def test_eval_measures_with_the_runs_data_settings_so_its_loss_is_the_runs(tmp_p
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert result["loss"] == pytest.approx(run_loss, rel=1e-6) and result["examples"] == 4  # the long story dropped
-    assert captured.err == (f"note: as the run of {tmp_path / 'run' / 'adapter'} (its config.yaml): --max-length 200, "
-                            "--train-turns last, --too-long drop\n")  # fmt: skip
+    assert captured.err == (f"note: as the run of {tmp_path / 'run' / 'adapter'} ({tmp_path / 'run' / 'config.yaml'}): "
+                            "--max-length 200, --too-long drop, --train-turns last, --precision fp32\n")  # fmt: skip
     assert main([*command, "--train-turns", "all", "--too-long", "truncate"]) == 0  # flags win over the run's
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["tokens"] > result["tokens"] and captured.err.endswith(": --max-length 200\n")
+    assert json.loads(captured.out)["tokens"] > result["tokens"] and captured.err.endswith(": --max-length 200, --precision fp32\n")
+    # a checkpoint's adapter is its run's too; a value the flag would not take is refused, naming the file
+    step = tmp_path / "run" / "checkpoints" / "step-2" / "adapter"
+    assert main([*command[:4], str(step), *command[5:]]) == 0 and "--train-turns last" in capsys.readouterr().err
+    run_config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    run_config["data"]["train_turns"] = "every"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run_config))
+    assert main(command) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run' / 'config.yaml'}: data.train_turns = 'every' is not a value lorakit eval measures with; "
+        "pass --train-turns to set it yourself"
+    )
+    (tmp_path / "run" / "config.yaml").write_bytes(b"data: {max_length: \xff}\n")  # not UTF-8: no run's config to read
+    assert main(command) == 0 and "note: as the run" not in capsys.readouterr().err

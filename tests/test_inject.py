@@ -412,6 +412,43 @@ def test_a_saved_module_of_a_bf16_model_trains_an_fp32_copy_and_runs_in_bf16():
     with torch.no_grad():  # an update far below bf16's step still moves every weight of the fp32 copy
         head.weight -= 1e-6 * torch.sign(head.weight.grad) + 1e-6 * (head.weight.grad == 0)
     assert bool((head.weight != model.lm_head.original.weight.float()).all())
+    with torch.no_grad():  # without gradients (generation) a cast is made once, until the weight changes
+        first = model.lm_head._in_original_dtypes(head)["weight"]
+        assert model.lm_head._in_original_dtypes(head)["weight"] is first
+        head.weight.add_(1.0)
+        assert not torch.equal(model.lm_head._in_original_dtypes(head)["weight"], first)
+        head.weight.sub_(1.0)
     merged = unload(model)
     assert merged.lm_head.weight.dtype == torch.bfloat16 and type(merged.lm_head) is torch.nn.Linear
     assert torch.equal(merged.lm_head.weight, head.weight.to(torch.bfloat16))
+
+
+def test_a_saved_module_loaded_for_inference_is_stored_in_the_models_dtype(tmp_path):
+    trained = tiny_llama().to(torch.bfloat16)
+    inject_adapter(trained, LoraConfig(r=2, alpha=4, targets=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        trained.lm_head.copies["default"].weight.add_(1e-3)
+    save_adapter(trained, tmp_path / "a")
+    ids = torch.randint(3, 400, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = trained(ids).logits
+    model = tiny_llama().to(torch.bfloat16)
+    load_adapter(model, tmp_path / "a")  # trainable=False
+    assert model.lm_head.copies["default"].weight.dtype == torch.bfloat16
+    assert model.lm_head._in_original_dtypes(model.lm_head.copies["default"]) is None  # runs as it is, no cast
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+
+
+def test_unloading_a_trained_copy_of_a_tied_head_says_the_model_is_untied():
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inject_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.copies["default"].weight.add_(0.5)
+    merged = unload(model)
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight and merged.config.tie_word_embeddings is False
+    torch.testing.assert_close(merged.lm_head.weight - 0.5, merged.model.embed_tokens.weight, atol=1e-6, rtol=0)
+    untouched = tiny_llama(tie_word_embeddings=True)
+    inject_adapter(untouched, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    assert unload(untouched).config.tie_word_embeddings is True  # nothing copied: still tied

@@ -88,10 +88,10 @@ def test_the_merged_folder_has_its_own_card_with_the_bases_terms(tmp_path):
     lora = LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"])
     base, _ = _lorakit_case(tmp_path, tiny_llama, lora, shard=None)
     (base / "README.md").write_text(
-        "---\nlicense: other\nlicense_name: tiny-license\ntags: [base-tag]\nlanguage: [en]\n---\n"
+        "\ufeff---\nlicense: other\nlicense_name: tiny-license\ntags: [base-tag]\nlanguage: [en]\n---\n"
         "# Tiny base\n\nWhat the base is.\n\n```python\n# a comment, not a heading\n```\n## Use\n"
     )
-    (tmp_path / "adapter" / "README.md").write_text("---\nlibrary_name: peft\n---\n# The adapter\n\nTrained on sums.\n")
+    (tmp_path / "adapter" / "README.md").write_text("---\n---\n# The adapter\n\nTrained on sums.\n##### Deep\n")
     config_path = tmp_path / "adapter" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "base_model_name_or_path": "org/tiny-base"}))
@@ -103,11 +103,12 @@ def test_the_merged_folder_has_its_own_card_with_the_bases_terms(tmp_path):
         "license_name": "tiny-license", "language": ["en"], "tags": ["lorakit", "lora", "merged"],
     }  # fmt: skip
     assert body.startswith("# base with a LoRA adapter merged in\n") and "r=4, alpha=8, targets: q_proj, v_proj" in body
-    adapter_at, base_at = body.index("## The adapter's card\n\n### The adapter\n\nTrained on sums."), body.index("## The base model's card")
+    adapter_at = body.index("## The adapter's card\n\n### The adapter\n\nTrained on sums.\n###### Deep\n")
+    base_at = body.index("## The base model's card")
     assert adapter_at < base_at and body[base_at:].endswith(
         "### Tiny base\n\nWhat the base is.\n\n```python\n# a comment, not a heading\n```\n#### Use\n"
     )
-    assert "library_name: peft" not in card and "base-tag" not in card
+    assert card.count("---\n") == 2 and "base-tag" not in card
 
 
 def test_gpt2_conv1d_and_tied_embedding_are_untied(tmp_path):

@@ -1116,21 +1116,25 @@ def test_one_run_at_a_time_writes_an_output_dir(workspace, capsys):
     )  # fmt: skip
     try:
         assert holder.stdout.readline() == "held\n"
+        (out / "checkpoints" / "step-3").mkdir(parents=True)  # what the holder wrote: the refusal says who holds it
+        (out / "checkpoints" / "step-3" / "state.json").write_text("{}")
         for dry in ([], ["--dry-run"]):
             assert main(["train", config, *dry]) == 2
             assert capsys.readouterr().err.strip().splitlines()[-1] == (
                 f"error: output_dir {str(out)!r} is in use by another training run (process {holder.pid}); wait for it to "
                 "end, or set a new output_dir=..."
             )  # fmt: skip
-        assert [p.name for p in out.iterdir()] == [".lorakit-run.lock"]  # the refused run wrote nothing
+        assert sorted(p.name for p in out.iterdir()) == [".lorakit-run.lock", "checkpoints"]  # the refused run wrote nothing
     finally:
         holder.kill()
         holder.wait()
+    shutil.rmtree(out / "checkpoints")
     assert main(["train", config]) == 0  # the holder gone, its lock goes with it
     assert (out / "adapter" / "adapter_config.json").is_file() and not (out / ".lorakit-run.lock").exists()
     # a run refused in its setup leaves no folder it made
-    refused = workspace / "refused"
-    assert main(["train", _config(workspace, refused, max_steps=2), "data.max_length=1"]) == 2 and not refused.exists()
+    refused = workspace / "refused" / "deeper"
+    assert main(["train", _config(workspace, workspace / "refused-run", max_steps=2), f"output_dir={refused}", "data.max_length=1"]) == 2
+    assert not (workspace / "refused").exists()
 
 
 def test_a_file_named_as_what_the_run_writes_is_refused_before_a_step(workspace, capsys):
