@@ -378,7 +378,7 @@ def _setup(cfg: RunConfig, resume: bool, dist: Distributed, log: Callable[[str],
     if checkpoint is not None:
         ckpt_state, optimizer_state, rng_state = load_checkpoint(checkpoint)
         _check_same_run(ckpt_state.get("fingerprint", {}), fp, checkpoint)
-    load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)  # refused before kernels are built or data read
+    model_config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)  # refused before kernels are built or data read
 
     device = dist_device(dist)
     dtype = resolve_precision(cfg.train.precision, device)
@@ -391,6 +391,8 @@ def _setup(cfg: RunConfig, resume: bool, dist: Distributed, log: Callable[[str],
     train_set, eval_sets = load_train_eval(data_config(cfg), tokenizer, seed=cfg.train.seed)
     _check_objective(cfg, train_set, eval_sets)
     eval_records = generation_eval_records(cfg, eval_sets, tokenizer) if cfg.train.eval_generate else None
+    # a token past the embedding table, said from config.json before the kernels' build and the weights' load
+    check_token_ids(None, cfg, train_set, eval_sets, rows=getattr(model_config.get_text_config(), "vocab_size", None))
     announce = log if dist.is_main else None
     if device.type == "cpu" and host_memory.CACHE_LARGE_BLOCKS:
         # and the blocks glibc maps afresh, kept by size, before the model's weights come: the first
@@ -725,16 +727,22 @@ def check_resume_step(step: int, total_steps: int, checkpoint: Path) -> None:
         )
 
 
-def check_token_ids(model: nn.Module, cfg: RunConfig, train_set: Any, eval_sets: dict[str, Any]) -> None:
+def check_token_ids(
+    model: Optional[nn.Module], cfg: RunConfig, train_set: Any, eval_sets: dict[str, Any], *, rows: Optional[int] = None
+) -> None:
     """Every token id of the data has a row in the model's input embeddings (a tokenizer of another
-    model, or one with tokens added that the model was never resized for, gives ids past it).
+    model, or one with tokens added that the model was never resized for, gives ids past it); rows:
+    the table's size where there is no model yet (config.json's vocab_size).
 
     Raises:
         UserError: an id past the embedding table, naming the data and the sizes.
     """
-    try:
-        rows = model.get_input_embeddings().num_embeddings
-    except (NotImplementedError, AttributeError):  # custom code without the accessor: nothing to check against
+    if rows is None:
+        try:
+            rows = model.get_input_embeddings().num_embeddings
+        except (NotImplementedError, AttributeError):  # custom code without the accessor: nothing to check against
+            return
+    if not isinstance(rows, int):
         return
     for where, data in [("data.train", train_set)] + [(eval_set_key(n), d) for n, d in eval_sets.items()]:
         top = int(data.input_ids.max()) if len(data.input_ids) else -1

@@ -798,7 +798,7 @@ def test_named_eval_sets_resume_only_with_the_same_sets_and_a_failing_first_eval
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_mistakes_found_before_the_first_step(workspace, tmp_path, capsys):
+def test_mistakes_found_before_the_first_step(workspace, tmp_path, capsys, monkeypatch):
     def refused(args, message):
         assert main(["train", *args]) == 2
         err = capsys.readouterr().err
@@ -812,8 +812,10 @@ def test_mistakes_found_before_the_first_step(workspace, tmp_path, capsys):
     assert not (tmp_path / "noanswer" / "metrics.jsonl").exists()
     small = save_model_folder(tmp_path / "small", tiny_llama(vocab_size=50))  # the test tokenizer has 400 tokens
     capsys.readouterr()
-    for dry in ([], ["--dry-run"]):
-        refused([_config(workspace, tmp_path / "vocab"), f"model={small}", *dry], "but " + str(small) + "'s embedding table has 50 rows")
+    with monkeypatch.context() as patched:  # said from config.json: before the weights load (and the kernels build)
+        patched.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+        for dry in ([], ["--dry-run"]):
+            refused([_config(workspace, tmp_path / "vocab"), f"model={small}", *dry], "but " + str(small) + "'s embedding table has 50 rows")
     afile = tmp_path / "afile"
     afile.write_text("x")
     refused([_config(workspace, tmp_path / "o"), f"output_dir={afile / 'run'}"], f"{afile} is a file, not a folder")
