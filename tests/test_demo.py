@@ -30,3 +30,14 @@ def test_the_demo_takes_one_eval_set_and_evaluates_the_base_once(tmp_path, capsy
     assert err.startswith("error: data.eval: the demo's before/after table reads one eval set") and err.count("\n") == 1
     # its own eval of the base is the eval before the first step: not run twice
     assert demo_config({"train.eval_on_start": True}).train.eval_on_start is False
+
+
+def test_the_demo_names_the_data_it_was_given(tmp_path, capsys):
+    from lorakit.demo import EVAL_FILE, TRAIN_FILE
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(line for line in EVAL_FILE.read_text().splitlines(keepends=True)[:20]))
+    assert main(["train", f"output_dir={tmp_path / 'd'}", f"data.eval={mine}", "train.max_steps=1", "train.save_every=0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"data: {TRAIN_FILE} / {mine};" in printed and "evaluating the base model on the eval set ..." in printed
+    assert "held-out dates" not in printed

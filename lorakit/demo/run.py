@@ -55,7 +55,8 @@ def run_demo(overrides: dict[str, Any], *, resume: bool = False, log=print) -> i
 
     cfg = demo_config(overrides)
     log("lorakit demo: teach a small pretrained model to write dates as YYYY-MM-DD with a LoRA adapter")
-    log(f"  (model shipped in {MODEL_DIR}; data: {TRAIN_FILE.name} / {EVAL_FILE.name}; no network needed)\n")
+    data = f"{TRAIN_FILE.name} / {EVAL_FILE.name}" if _the_demos_data(cfg) else f"{cfg.data.train} / {cfg.data.eval}"
+    log(f"  (model shipped in {MODEL_DIR}; data: {data}; no network needed)\n")
     run = setup(cfg, resume=resume, log=log)
     try:
         return _train_and_compare(run, log)
@@ -73,7 +74,7 @@ def _train_and_compare(run, log) -> int:
 
     before = None
     if run.step == 0:
-        log("evaluating the base model on the held-out dates ...")
+        log(f"evaluating the base model on {'the held-out dates' if _the_demos_data(run.cfg) else 'the eval set'} ...")
         before = evaluate(run)
         run.metrics.log({"step": 0, **before})
         if run.eval_records:
@@ -110,6 +111,11 @@ def _train_and_compare(run, log) -> int:
         f"  lorakit inspect {out / 'adapter'} --base {MODEL_DIR}"
     )
     return 0
+
+
+def _the_demos_data(cfg) -> bool:
+    """Whether the run trains and evaluates on the demo's own dates (overrides may give other data)."""
+    return (cfg.data.train, cfg.data.eval) == (str(TRAIN_FILE), str(EVAL_FILE))
 
 
 def _scores(result: dict[str, float]) -> str:
