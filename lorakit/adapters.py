@@ -268,6 +268,8 @@ def write_adapter_folder(
     return directory
 
 
+# the endings of the files a model folder keeps its weights in (safetensors, torch, TF, Flax, GGUF)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 # the files an adapter folder's writer owns: not carried over from the folder it replaces
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, CHAT_TEMPLATE_NAME, "README.md", "adapter_model.bin")
 
@@ -299,8 +301,7 @@ def check_output_folder(
     into a model's folder (`writes_adapter`: it would take the model's chat template and card, even
     with --force) or, without `force`, when it is not empty."""
     out_dir = Path(out_dir)
-    weights = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-    if writes_adapter and (out_dir / "config.json").is_file() and any(p.name.endswith(weights) for p in out_dir.iterdir()):
+    if writes_adapter and (out_dir / "config.json").is_file() and any(p.name.endswith(WEIGHT_SUFFIXES) for p in out_dir.iterdir()):
         raise UserError(f"--out {out_dir} holds a model (config.json and weights); write the adapter to a folder of its own")
     out = out_dir.resolve()
     for what, folder in inputs.items():

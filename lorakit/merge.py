@@ -69,7 +69,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 
 from lorakit.adapters import (
-    CHAT_TEMPLATE_NAME, PREFIX, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_factor_values, check_output_folder,
+    CHAT_TEMPLATE_NAME, PREFIX, WEIGHT_SUFFIXES, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_factor_values, check_output_folder,
     check_weight_tying, read_adapter, read_chat_template, replace_dir, staging_folder, write_safetensors,
 )  # fmt: skip
 from lorakit.errors import UserError, writing
@@ -97,7 +97,6 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
 # --------------------------------------------------------------------------- reading the base
@@ -857,7 +856,7 @@ def _copy_side_files(base: Path, folder: Path) -> None:
     for path in base.iterdir():
         if not path.is_file() or path.name.startswith(".") or path.name in ("config.json", INDEX_NAME, MODEL_CARD_NAME):
             continue
-        if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+        if path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
         shutil.copy2(path, folder / path.name)
 

@@ -256,7 +256,9 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
 # What a run writes in output_dir, by kind: folders it replaces whole (a link there would be swapped
 # out, not followed, and left hidden beside the new folder), the folder it writes checkpoints into
 # (a link to another disk is fine), and its files (renamed into place: a folder there stops that).
-_REPLACED_FOLDERS = ("adapter", "best_adapter")
+# where train.save_best keeps the adapter of the best eval, beside output_dir/adapter
+BEST_ADAPTER_DIR = "best_adapter"
+_REPLACED_FOLDERS = ("adapter", BEST_ADAPTER_DIR)
 _RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml", "summary.json")
 
 
@@ -1388,9 +1390,6 @@ def _save_best_adapter(run: Run) -> None:
     else:
         _join_adapter_gathers(run)
 
-
-# where train.save_best keeps the adapter of the best eval, beside output_dir/adapter
-BEST_ADAPTER_DIR = "best_adapter"
 
 
 def _best_summary(run: Run, stopped_early: bool) -> dict[str, Any]:
