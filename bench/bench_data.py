@@ -37,7 +37,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lorakit.config import DataConfig  # noqa: E402
-from lorakit.data import INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT, load_dataset  # noqa: E402
+from lorakit.data import load_dataset  # noqa: E402
+from lorakit.records import INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT
 from tests.helpers import make_tokenizer  # noqa: E402
 
 WORDS = (

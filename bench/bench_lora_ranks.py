@@ -58,7 +58,7 @@ def run_one(spec: dict, out_dir: Path) -> dict:
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in run.model.named_parameters() if "lora_" not in n)
     fit(run, log=quiet)
-    from lorakit.data import read_records
+    from lorakit.data_files import read_records
 
     records = [r for _, r in read_records(cfg.data.eval)]
     acc = generation_accuracy(run.model, run.tokenizer, records, max_new_tokens=16)

@@ -43,7 +43,8 @@ def prepare(work: Path, size: dict) -> None:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from lorakit.config import DataConfig
-    from lorakit.data import BatchStream, load_train_eval
+    from lorakit.batching import BatchStream
+    from lorakit.data import load_train_eval
     from tests.helpers import make_tokenizer
 
     torch.manual_seed(harness.SEED)

@@ -175,7 +175,8 @@ def prepare(work: Path, size: dict) -> dict:
     import torch
 
     from lorakit.config import DataConfig
-    from lorakit.data import BatchStream, load_train_eval
+    from lorakit.batching import BatchStream
+    from lorakit.data import load_train_eval
 
     tokenizer = write_model(work, size)
     rng = random.Random(SEED)

@@ -1,6 +1,6 @@
 """Causal attention within each example of packed rows, for transformers models.
 
-Packed rows (lorakit.data) carry no attention mask: position ids restart at 0 for every example.
+Packed rows (lorakit.batching) carry no attention mask: position ids restart at 0 for every example.
 `use_varlen_attention` registers `varlen_attention_forward` with transformers and switches a
 model to it; it attends to each example on its own, so no work or memory goes to the (T, T)
 block-diagonal mask or to scores across examples.

@@ -381,7 +381,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
     Values are parsed as YAML scalars, so `true`, `1e-4`, `[q_proj, v_proj]` and `null` work.
     """
-    from lorakit.data import undecodable_byte
+    from lorakit.data_files import undecodable_byte
 
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -417,7 +417,7 @@ def load_run_config(
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML file")
-        from lorakit.data import read_utf8
+        from lorakit.data_files import read_utf8
 
         try:
             text = read_utf8(path)
@@ -452,7 +452,7 @@ def locate_problem(message: str, path: Union[str, Path], overrides: Union[dict[s
     section = sections.get(match.group(1)) if match else None
     if section is None or match.group(2) not in {f.name for f in dataclasses.fields(section)}:
         return message
-    from lorakit.data import read_utf8
+    from lorakit.data_files import read_utf8
 
     try:
         places = {key: f"line {line}" for key, line in key_lines(read_utf8(Path(path))).items()}
@@ -657,7 +657,7 @@ def _plain_data(value: Any) -> bool:
 
 
 def _chat_template_problems(value: Union[str, None], check_paths: bool) -> list[str]:
-    from lorakit.data import CHAT_TEMPLATES
+    from lorakit.chat_templates import CHAT_TEMPLATES
 
     if value is None or value in CHAT_TEMPLATES or not check_paths or Path(value).is_file():
         return []

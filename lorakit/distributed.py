@@ -3,7 +3,7 @@
 The single-device loop in lorakit.train runs unchanged in every process. This module only adds
 what differs: launching (`launch_torchrun`), the process group and the `Distributed` handle the
 loop talks to (`run_distributed`), and wrapping the model (`wrap_model`). The data stream shards
-itself by rank (lorakit.data.BatchStream) and the loop lets only rank 0 write files.
+itself by rank (lorakit.batching.BatchStream) and the loop lets only rank 0 write files.
 
     torchrun --nproc_per_node N -m lorakit train CONFIG.yaml      # any torchrun options (multi-node)
     lorakit train CONFIG.yaml --nproc N                            # shortcut: torchrun --standalone

@@ -40,7 +40,8 @@ def dry_run(
         UserError: what the run would refuse before its first step.
     """
     from lorakit.checkpoint import folder_holder, in_use_error, load_checkpoint
-    from lorakit.data import BatchStream, load_train_eval
+    from lorakit.batching import BatchStream
+    from lorakit.data import load_train_eval
     from lorakit.models import (
         check_float_weights, check_model_folder, load_tokenizer, meta_model, pick_device, resolve_precision,
     )  # fmt: skip

@@ -11,7 +11,7 @@ trained tokens of the whole set (token-exact, so batch size and padding do not c
 Accuracy (`--generate`) compares the greedy completion of each record's prompt with its answer
 after `strip()`:
     completion   prompt -> completion
-    instruction  the Alpaca prompt of lorakit.data -> output
+    instruction  the Alpaca prompt of lorakit.records -> output
     chat         the chat template over every message before the last assistant turn, with the
                  generation prompt -> that turn's content
 Text records have no answer and are not counted.
@@ -53,7 +53,7 @@ def evaluate_loss(
     dataset: a lorakit.data.TokenizedDataset. The model runs in eval mode under no_grad; its
     previous mode is restored.
     """
-    from lorakit.data import BatchStream
+    from lorakit.batching import BatchStream
 
     if len(dataset) == 0:
         raise UserError("the eval dataset has no examples")
@@ -84,15 +84,15 @@ def prompt_and_answer(record: dict, system_prompt: Optional[str] = None) -> Opti
     """(prompt, expected answer, is_chat) for a record, or None for a text record (and a chat whose
     last assistant turn has weight 0: untrained, so unscored).
 
-    The prompt is a string (completion, instruction: rendered by lorakit.data) or the chat
+    The prompt is a string (completion, instruction: rendered by lorakit.records) or the chat
     messages before the last assistant turn (after `system_prompt`, as data.system_prompt puts it;
     with the record's tools: {"messages", "tools"}). The answer is the turn's content, or, for a turn
     that calls tools, the turn itself (`tool_call_answer` renders it).
 
     Raises:
-        UserError: a record lorakit.data would reject, or a chat without an assistant turn.
+        UserError: a record lorakit.records would reject, or a chat without an assistant turn.
     """
-    from lorakit.data import BadRecord, prepare_record, with_system_prompt
+    from lorakit.records import BadRecord, prepare_record, with_system_prompt
 
     try:
         fmt, payload = prepare_record(record, "auto", train_on_inputs=True)
@@ -125,7 +125,7 @@ def tool_call_answer(tokenizer: Any, prompt: Any, turn: dict) -> str:
     Raises:
         UserError: the template fails, or does not render the turn after its generation prompt.
     """
-    from lorakit.data import _ChatRenderer
+    from lorakit.chat_templates import ChatRenderer
     from lorakit.generate import chat_parts
 
     messages, tools = chat_parts(prompt)
@@ -140,7 +140,7 @@ def tool_call_answer(tokenizer: Any, prompt: Any, turn: dict) -> str:
             "to compare with cannot be taken from it; score tool calls with a template that does"
         )
     text = whole[len(before) :].rstrip()
-    end = _ChatRenderer(tokenizer).end_of_turn
+    end = ChatRenderer(tokenizer).end_of_turn
     text = text[: -len(end)] if end and text.endswith(end) else text
     return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
 
@@ -177,7 +177,7 @@ def generation_accuracy(
     Raises:
         UserError: see `prompt_and_answer`; no record with an answer.
     """
-    from lorakit.data import BadRecord, prepare_record
+    from lorakit.records import BadRecord, prepare_record
     from lorakit.generate import chat_parts, generate
 
     system_prompts = [system_prompt] * len(records) if system_prompt is None or isinstance(system_prompt, str) else system_prompt
@@ -434,7 +434,9 @@ def _eval_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def eval_command(args: argparse.Namespace) -> int:
     from lorakit.config import DataConfig
-    from lorakit.data import BadRecord, load_dataset, read_records, rename_columns
+    from lorakit.data import load_dataset
+    from lorakit.data_files import read_records
+    from lorakit.records import BadRecord, rename_columns
     from lorakit.generate import check_utf8_argument, load_for_command
 
     # the options' own mistakes, refused before the model is read (no tokenizer encodes bytes that are not UTF-8)

@@ -26,7 +26,7 @@ import torch
 from jinja2 import TemplateError, TemplateSyntaxError
 from torch import nn
 
-from lorakit.data import BadRecord, prompt_messages, record_tools
+from lorakit.records import BadRecord, prompt_messages, record_tools
 from lorakit.errors import UserError
 from lorakit.models import padding_id, position_limit
 
@@ -221,7 +221,7 @@ def read_prompt_file(path: Union[str, Path]) -> tuple[list[Prompt], list[str]]:
     Raises:
         UserError: missing file, no prompts, a JSON line without a usable field or with a lone surrogate (FILE:LINE).
     """
-    from lorakit.data import TOO_DEEP, lone_surrogate, read_utf8
+    from lorakit.data_files import TOO_DEEP, lone_surrogate, read_utf8
 
     stdin = str(path) == "-"  # standard input: a pipe (read as /dev/stdin, which read_utf8 reads like a file)
     path = Path("/dev/stdin") if stdin else Path(path)
@@ -296,7 +296,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_utf8_argument(flag: str, value: Optional[str]) -> None:
     """Raise a UserError where a command-line argument holds bytes that are not UTF-8."""
-    from lorakit.data import undecodable_byte
+    from lorakit.data_files import undecodable_byte
 
     problem = None if value is None else undecodable_byte(value)
     if problem is not None:
@@ -306,7 +306,7 @@ def check_utf8_argument(flag: str, value: Optional[str]) -> None:
 def with_system(prompt: Prompt, system: str) -> Prompt:
     """A chat prompt (a text: one user turn) with a system message first where it has none of its
     own (`system_first`, as data.system_prompt puts one in training)."""
-    from lorakit.data import system_first
+    from lorakit.records import system_first
 
     messages, tools = chat_parts([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
     with_it = system_first(messages, system)
@@ -351,7 +351,7 @@ def chat_loop(
     """
     from transformers import TextStreamer
 
-    from lorakit.data import undecodable_byte
+    from lorakit.data_files import undecodable_byte
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout

@@ -819,10 +819,10 @@ def _stop_at_end_of_turn(folder: Path) -> None:
     where the model learned to end its turn. A base without the file gets one, from config.json."""
     from transformers import AutoTokenizer
 
-    from lorakit.data import _ChatRenderer
+    from lorakit.chat_templates import ChatRenderer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    end = _ChatRenderer(tokenizer).end_of_turn
+    end = ChatRenderer(tokenizer).end_of_turn
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
     if len(ids) != 1:
         return

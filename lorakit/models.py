@@ -46,7 +46,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 def check_utf8_path(folder: Path, what: str) -> None:
     """Raise a UserError where `folder`'s path holds bytes that are not UTF-8 (Python keeps them as
     lone surrogates): the tokenizers and safetensors libraries open UTF-8 paths only."""
-    from lorakit.data import undecodable_byte
+    from lorakit.data_files import undecodable_byte
 
     problem = undecodable_byte(str(folder))
     if problem is not None:
@@ -147,7 +147,7 @@ def _loading_errors(path: Union[str, Path]) -> Iterator[None]:
     except SafetensorError as exc:
         raise UserError(f"{path}: a weights file is not a valid safetensors file ({exc}); re-save or re-download it") from None
     except UnicodeDecodeError as exc:  # a text file of the folder (tokenizer_config.json, chat_template.jinja) in UTF-16, say
-        from lorakit.data import read_utf8
+        from lorakit.data_files import read_utf8
 
         folder = Path(path)
         for file in sorted(folder.iterdir()) if folder.is_dir() else []:

@@ -36,7 +36,7 @@ over the whole training set before the first step (`precompute_reference_logps`)
 takes each sequence's value from that table (`reference=`), saving the forward on every step.
 simpo and orpo need no reference: one forward a micro-batch, as for SFT. Both
 passes take the same packed batch (a pair's answers side by side in one row,
-`lorakit.data.BatchStream`) and the trainer's chunked output head, which gives each
+`lorakit.batching.BatchStream`) and the trainer's chunked output head, which gives each
 token's log-probability without keeping (tokens x vocab) logits (`lorakit.loss.token_losses`);
 the sums per answer are `index_add`s over the micro-batch's `sequence_ids`.
 """
@@ -385,7 +385,7 @@ def evaluate_preference(
     the whole set, so neither the eval batch size nor the process count changes it), the model in
     eval mode under no_grad; its previous mode is restored. chunk_tokens: as for training (None for an FSDP-sharded model,
     whose root module must run every forward)."""
-    from lorakit.data import BatchStream
+    from lorakit.batching import BatchStream
 
     kto = objective == "kto"
     if kto and dataset.desirable is None:

@@ -210,7 +210,7 @@ def _data_options(cfg: RunConfig) -> dict[str, Any]:
     for key in ("columns", "system_prompt", "chat_template_kwargs"):
         if not d[key]:
             del d[key]  # so checkpoints of earlier runs still resume
-    from lorakit.data import chat_template_text, template_with_variables
+    from lorakit.chat_templates import chat_template_text, template_with_variables
 
     if d.get("chat_template_kwargs"):  # as the template gets them: false and 0 are other renders
         d["chat_template_kwargs"] = template_with_variables("", d["chat_template_kwargs"])
@@ -371,7 +371,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, dist: Optional[Distributed] =
 
 
 def _setup(cfg: RunConfig, resume: bool, dist: Distributed, log: Callable[[str], None]) -> Run:
-    from lorakit.data import BatchStream, load_train_eval
+    from lorakit.batching import BatchStream
+    from lorakit.data import load_train_eval
 
     output_dir = Path(cfg.output_dir)
     checkpoint = check_output_dir(output_dir, resume)  # again, now that no other run can write there
@@ -634,7 +635,7 @@ def prepare_chat_template(tokenizer: Any, cfg: RunConfig, log: Callable[[str], N
     Raises:
         UserError: variables for a tokenizer without a chat template.
     """
-    from lorakit.data import template_variables, template_with_variables
+    from lorakit.chat_templates import template_variables, template_with_variables
 
     if chat_template_source(cfg) is not None:
         use_chat_template(tokenizer, chat_template_source(cfg), log)
@@ -659,12 +660,12 @@ def prepare_chat_template(tokenizer: Any, cfg: RunConfig, log: Callable[[str], N
 def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) -> None:
     """Give `tokenizer` the template `value` names (`chat_template_source`); say so where generation
     would not stop at its turns' end (not one token of the vocabulary: only EOS stops it then)."""
-    from lorakit.data import CHAT_TEMPLATES, _ChatRenderer, chat_template_text, compiled_template
+    from lorakit.chat_templates import CHAT_TEMPLATES, ChatRenderer, chat_template_text, compiled_template
     from lorakit.generate import stop_token_ids
 
     tokenizer.chat_template = chat_template_text(value)
     compiled_template(tokenizer.chat_template, source=None if value in CHAT_TEMPLATES else value)  # a file: FILE:LINE
-    end = _ChatRenderer(tokenizer).end_of_turn
+    end = ChatRenderer(tokenizer).end_of_turn
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
     if end == "":
         log("note         the chat template writes nothing after an assistant turn: no token is trained to end a reply, "
@@ -768,7 +769,8 @@ def generation_eval_records(cfg: RunConfig, eval_sets: dict[str, Any], tokenizer
         UserError: a set whose records have no answer (text records), named with its files; FILE:LINE
             of an answer with tool calls the template does not write.
     """
-    from lorakit.data import BadRecord, read_records, rename_columns
+    from lorakit.data_files import read_records
+    from lorakit.records import BadRecord, rename_columns
     from lorakit.evaluate import prompt_and_answer, tool_call_answer
 
     records: dict[str, list[tuple[dict, Optional[str]]]] = {name: [] for name in eval_sets}

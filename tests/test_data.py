@@ -1,4 +1,5 @@
-"""lorakit.data: formats, masks, truncation, packing, streams, cache and errors."""
+"""lorakit.data and the modules it reads through (data_files, records, chat_templates):
+formats, masks, truncation, files, cache and errors."""
 
 from __future__ import annotations
 
@@ -9,24 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from helpers import make_tokenizer, tiny_llama
+from helpers import make_tokenizer
 
-import lorakit.data
+import lorakit.chat_templates
+import lorakit.data_files
+import lorakit.records
 from lorakit.config import DataConfig
-from lorakit.data import (
-    BatchStream,
-    DataStats,
-    TokenizedDataset,
-    detect_format,
-    load_dataset,
-    load_train_eval,
-    read_records,
-    tokenize_records,
-)
+from lorakit.data import DataStats, TokenizedDataset, load_dataset, load_train_eval, tokenize_records
+from lorakit.data_files import read_records
 from lorakit.errors import UserError
+from lorakit.records import detect_format
 from lorakit.train import empty_replies_note
 
 CHAT = [
@@ -175,7 +169,7 @@ def test_a_template_that_ends_the_conversation_with_eos_trains_each_turns_own_en
     )
     tok = make_tokenizer(template=None)
     tok.chat_template = phi3
-    assert lorakit.data._ChatRenderer(tok).end_of_turn == "<|im_end|>"
+    assert lorakit.chat_templates.ChatRenderer(tok).end_of_turn == "<|im_end|>"
     ds = build([{"messages": CHAT}, {"messages": CHAT[1:3]}], tok)
     for i, messages in enumerate([CHAT, CHAT[1:3]]):
         ref = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
@@ -344,12 +338,12 @@ def test_trained_replies_that_say_nothing_are_counted_with_the_first_place():
     stats = build(records[:4]).stats
     assert (stats.empty_replies, stats.first_empty_reply_line) == (2, 2)
     assert build(records[4:], train_turns="last").stats.empty_replies == 0  # the empty turn is not trained
-    says_nothing = lorakit.data._says_nothing_trained
+    says_nothing = lorakit.records.says_nothing_trained
     calls = [hi, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "noon"}]
-    assert not says_nothing(lorakit.data.Chat(calls), writes_reasoning=False)
+    assert not says_nothing(lorakit.records.Chat(calls), writes_reasoning=False)
     thought = [hi, {"role": "assistant", "content": "", "reasoning_content": "They greet me."}]
     # reasoning is something to train only where the template writes it
-    assert [says_nothing(lorakit.data.Chat(thought), w) for w in (True, False)] == [False, True]
+    assert [says_nothing(lorakit.records.Chat(thought), w) for w in (True, False)] == [False, True]
     # several files: counted once each, the first file's first place
     other = tokenize_records([(4, records[3])], make_tokenizer("llama3"), DataConfig(), source="e.jsonl")
     joined = TokenizedDataset.concat([build(records[:1]), other], ["d.jsonl", "e.jsonl"])
@@ -442,158 +436,6 @@ def test_a_byte_order_mark_and_windows_line_ends_are_read(tmp_path):
     listed = tmp_path / "d.json"
     listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).replace("\n", "\r\n").encode())
     assert [r for _, r in read_records(listed)] == records
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def small_dataset(n: int = 13) -> TokenizedDataset:
-    words = "the quick brown fox jumps over lazy dog two plus four".split()
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(n):
-        text = " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
-        records.append({"prompt": f"Q{i}: {text}?", "completion": " " + " ".join(rng.choice(words, size=3))})
-    return build(records, make_tokenizer("llama3"), max_length=64)
-
-
-def rows_of(batch: dict, pad_id: int = 0) -> list[tuple]:
-    """Each row as (ids, labels, positions) with the padding cut off."""
-    out = []
-    for ids, labels, pos in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
-        n = int((ids != pad_id).sum())
-        out.append((tuple(ids[:n].tolist()), tuple(labels[:n].tolist()), tuple(pos[:n].tolist())))
-    return out
-
-
-def test_packed_rows_restart_positions_and_mask_boundaries():
-    ds = small_dataset()
-    stream = BatchStream(ds, batch_size=2, max_length=64, packing=True, seed=0, pad_id=0)
-    seen, trainable = [], 0
-    for batch in stream.epoch_batches():
-        ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-        assert ids.dtype == labels.dtype == pos.dtype == torch.int64 and ids.shape == labels.shape == pos.shape
-        assert batch["num_trainable"] == int((labels[:, 1:] != -100).sum())
-        assert batch["num_tokens"] == int((ids != 0).sum())
-        trainable += batch["num_trainable"]
-        for row_ids, row_labels, row_pos in zip(ids.tolist(), labels.tolist(), pos.tolist()):
-            starts = [t for t, p in enumerate(row_pos) if p == 0]
-            n = sum(1 for t in row_ids if t != 0)
-            for a, b in zip(starts, starts[1:] + [len(row_ids)]):
-                assert row_pos[a:b] == list(range(b - a))  # positions restart per segment
-                assert row_labels[a] == -100  # never predicted from the previous example
-                if a >= n:  # padding: its own segment, no loss
-                    assert set(row_ids[a:b]) == {0} and set(row_labels[a:b]) == {-100}
-                else:
-                    seen.append(row_ids[a:b])
-    assert sorted(seen) == sorted(ds.example(i)[0].tolist() for i in range(len(ds)))
-    assert trainable == ds.stats.trainable_tokens
-    assert stream.num_rows < len(ds) and stream.packing_efficiency() > 0.5
-
-
-def shifted_loss_sum(model, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
-    logits = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"] if positions is None else positions,
-        attention_mask=None,
-        use_cache=False,
-    ).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
-
-
-def step(model, batches: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss of one optimizer step over micro-batches, normalised by the step's trainable tokens."""
-    model.zero_grad()
-    total = sum(b["num_trainable"] for b in batches)
-    loss = 0.0
-    for b in batches:
-        part = shifted_loss_sum(model, b) / total
-        part.backward()
-        loss += part.item()
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def test_packed_and_unpacked_batches_give_same_loss_and_gradients():
-    ds = small_dataset()
-    model = tiny_llama().float()
-    packed = list(BatchStream(ds, batch_size=2, max_length=64, packing=True, seed=0).epoch_batches())
-    unpacked = list(BatchStream(ds, batch_size=3, max_length=64, packing=False, seed=0).epoch_batches())
-    assert len(packed) < len(unpacked)
-    assert sum(b["num_trainable"] for b in packed) == sum(b["num_trainable"] for b in unpacked)
-    loss_p, grads_p = step(model, packed)
-    loss_u, grads_u = step(model, unpacked)
-    assert loss_p == pytest.approx(loss_u, abs=1e-5) and 4 < loss_u < 8
-    for name, g in grads_u.items():
-        torch.testing.assert_close(grads_p[name], g, rtol=1e-5, atol=1e-5, msg=name)
-    # the test can fail: without restarting positions, packed examples see each other
-    b = packed[0]
-    plain = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"])
-    with torch.no_grad():
-        assert abs(shifted_loss_sum(model, b, plain).item() - shifted_loss_sum(model, b).item()) > 1e-3
-
-
-@pytest.mark.parametrize("packing", [True, False])
-def test_stream_is_deterministic_and_resumes_exactly(packing):
-    ds = small_dataset()
-    make = lambda seed=0: BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=seed)  # noqa: E731
-    per_epoch = make().microbatches_per_epoch()
-    n = 3 * per_epoch + 1
-    run = lambda stream: [rows_of(stream.next()) for _ in range(n)]  # noqa: E731
-    a = run(make())
-    assert a == run(make())
-    assert a[:per_epoch] != a[per_epoch : 2 * per_epoch]  # reshuffled each epoch
-    assert a != run(make(seed=1))
-    first = make()
-    for _ in range(per_epoch + 1):
-        first.next()
-    state = json.loads(json.dumps(first.state_dict()))
-    assert (state["epoch"], state["position"]) == (1, 1)
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert [rows_of(resumed.next()) for _ in range(n - per_epoch - 1)] == a[per_epoch + 1 :]
-    with pytest.raises(UserError, match="batch_size x processes is 3 now but 2 in the checkpoint; resume with "
-                       "train.batch_size=2 for 1 process$"):
-        BatchStream(ds, batch_size=3, max_length=64, packing=packing, seed=0).load_state_dict(state)
-    # the message names the batch_size that gives the checkpoint's rows a step with this many processes
-    with pytest.raises(UserError, match="is 4 now but 2 in the checkpoint; resume with train.batch_size=1 for 2 processes$"):
-        BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=0, world_size=2).load_state_dict(state)
-    with pytest.raises(UserError, match="resume with a number of processes that divides 2, and batch_size to match$"):
-        BatchStream(ds, batch_size=1, max_length=64, packing=packing, seed=0, world_size=3).load_state_dict(state)
-
-
-@pytest.mark.parametrize("packing", [True, False])
-def test_rank_shards_union_equals_single_process(packing):
-    ds = small_dataset()
-    one = BatchStream(ds, batch_size=4, max_length=64, packing=packing, seed=3)
-    ranks = [BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=3, rank=r, world_size=2) for r in (0, 1)]
-    assert one.microbatches_per_epoch() == ranks[0].microbatches_per_epoch() == ranks[0].num_rows // 4
-    for _ in range(2 * one.microbatches_per_epoch() + 1):
-        assert rows_of(one.next()) == rows_of(ranks[0].next()) + rows_of(ranks[1].next())
-    # a run resumed with another world size continues the same global stream
-    single_state = one.state_dict()
-    again = BatchStream(ds, batch_size=2, max_length=64, packing=packing, seed=3, rank=1, world_size=2)
-    again.load_state_dict(single_state)
-    assert rows_of(again.next()) == rows_of(one.next())[2:]
-    # eval pass: every row once on some rank, the same number of batches everywhere
-    evals = [list(s.epoch_batches()) for s in ranks]
-    assert len(evals[0]) == len(evals[1]) == -(-ranks[0].num_rows // 4)
-    seen = [r for batches in evals for b in batches for r in rows_of(b) if r[0]]
-    assert sum(b["num_trainable"] for batches in evals for b in batches) == ds.stats.trainable_tokens
-    assert len(seen) == ranks[0].num_rows
-
-
-def test_unpacked_batches_are_bucketed_by_length():
-    ds = small_dataset(64)
-    stream = BatchStream(ds, batch_size=4, max_length=64, packing=False, seed=0)
-    padded = lambda b: b["input_ids"].numel() - b["num_tokens"]  # noqa: E731
-    bucketed = sum(padded(stream.next()) for _ in range(stream.microbatches_per_epoch()))
-    rng = np.random.default_rng(0)
-    lengths = ds.lengths()[rng.permutation(64)].reshape(-1, 4)
-    random_padding = int((lengths.max(1, keepdims=True) - lengths).sum())
-    assert bucketed < random_padding / 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1038,7 +880,7 @@ def test_a_csv_file_is_read_as_a_stream_not_held_whole_beside_its_rows(tmp_path)
     size = path.stat().st_size
     tracemalloc.start()
     try:
-        records, problems = lorakit.data._read_csv(path)
+        records, problems = lorakit.data_files._read_csv(path)
         held, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -1205,7 +1047,7 @@ THINKING_TEMPLATE = (
 
 
 def test_template_variables_render_as_apply_chat_template_keyword_arguments():
-    from lorakit.data import template_with_variables
+    from lorakit.chat_templates import template_with_variables
 
     tok = make_tokenizer("chatml")
     tok.chat_template = THINKING_TEMPLATE
@@ -1258,7 +1100,7 @@ def test_bad_chat_template_kwargs_are_config_errors(tmp_path, kwargs, message):
 
 def test_a_chat_template_file_is_read_as_data_files_are(tmp_path):
     from lorakit.adapters import read_chat_template
-    from lorakit.data import CHAT_TEMPLATES, chat_template_text
+    from lorakit.chat_templates import CHAT_TEMPLATES, chat_template_text
 
     # saved by a Windows editor: the byte-order mark would start every rendered example
     (tmp_path / "bom.jinja").write_bytes(b"\xef\xbb\xbf" + CHAT_TEMPLATES["chatml"].encode())

@@ -9,7 +9,8 @@ from helpers import make_tokenizer, save_model_folder, tiny_gpt2, tiny_llama
 
 from lorakit.cli import main
 from lorakit.config import DataConfig
-from lorakit.data import INSTRUCTION_TEMPLATE_NO_INPUT, load_dataset
+from lorakit.data import load_dataset
+from lorakit.records import INSTRUCTION_TEMPLATE_NO_INPUT
 from lorakit.evaluate import evaluate_loss, final_answer, generation_accuracy
 from lorakit.generate import generate
 

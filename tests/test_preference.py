@@ -20,7 +20,8 @@ from lorakit import fused
 from lorakit.adapters import save_adapter
 from lorakit.cli import main
 from lorakit.config import DataConfig, LoraConfig, load_run_config
-from lorakit.data import BatchStream, load_dataset, load_train_eval, tokenize_records
+from lorakit.batching import BatchStream
+from lorakit.data import load_dataset, load_train_eval, tokenize_records
 from lorakit.errors import UserError
 from lorakit.inject import disable_adapters, inject_adapter, lora_layers, set_active_adapter
 from lorakit.loss import LOSS_CHUNK_TOKENS

@@ -13,7 +13,8 @@ from helpers import make_tokenizer
 from test_data import _trained_groups as trained_groups
 
 from lorakit.config import DataConfig
-from lorakit.data import BadRecord, prepare_record, tokenize_records
+from lorakit.data import tokenize_records
+from lorakit.records import BadRecord, prepare_record
 from lorakit.errors import UserError
 from lorakit.evaluate import prompt_and_answer, tool_call_answer
 from lorakit.generate import read_prompts, render_prompt
@@ -362,7 +363,7 @@ def test_a_parquet_table_of_tool_calls_reads_as_its_jsonl(tmp_path):
     import pyarrow
     import pyarrow.parquet
 
-    from lorakit.data import read_records
+    from lorakit.data_files import read_records
 
     records = [{"messages": OPENAI_CHAT, "tools": TOOLS},
                {"messages": [OPENAI_CHAT[1], {"role": "assistant", "content": "ok", "tool_calls": [

@@ -505,7 +505,7 @@ def test_a_chat_template_for_a_base_model_is_trained_with_and_travels_with_the_a
     from helpers import make_tokenizer, tiny_llama
     from transformers import AutoTokenizer
 
-    from lorakit.data import CHAT_TEMPLATES
+    from lorakit.chat_templates import CHAT_TEMPLATES
     from lorakit.models import load_for_inference
 
     save_model_folder(tmp_path / "base", tiny_llama(), make_tokenizer(None))  # a base model: no chat template
@@ -961,7 +961,7 @@ def test_chat_template_kwargs_are_trained_with_and_kept_in_the_adapters_template
     from helpers import make_tokenizer, tiny_llama
     from test_data import THINKING_TEMPLATE
 
-    from lorakit.data import TEMPLATE_VARIABLES_MARK
+    from lorakit.chat_templates import TEMPLATE_VARIABLES_MARK
     from lorakit.generate import render_prompt
     from lorakit.models import load_for_inference
 
