@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--adapter", default=None, help="adapter folder")
     _add_quantize(p)
-    p.add_argument("--data", required=True, help="JSONL/JSON dataset in any lorakit format")
+    p.add_argument("--data", required=True, help="records in any lorakit format: .jsonl, .json, .parquet, .arrow, .csv or .tsv")
     p.add_argument("--generate", action="store_true", help="also measure exact-match accuracy of greedy completions")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--max-length", type=int, default=None,
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples longer than --max-length (data.too_long; default: the adapter's run's, else truncate)")
     p.add_argument("--objective", choices=["dpo", "ipo", "simpo", "orpo", "kto"], default=None,
                    help="read the data as preference pairs (kto: labelled examples) and report this objective's loss and "
-                        "rewards (default for preference data: dpo; dpo, ipo, kto: the adapter against its base)")
+                        "rewards (default: dpo for preference pairs, kto for labelled examples; dpo, ipo, kto: the adapter against its base)")
     p.add_argument("--reference-adapter", default=None,
                    help="preference data, dpo / ipo / kto: the reference is this adapter (the one a run's `adapter` continued), "
                         "not the base")

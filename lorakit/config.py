@@ -203,7 +203,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     # a system message put first in every chat conversation that has none (chat data only)
     system_prompt: Union[str, None] = None
-    cache_dir: Union[str, None] = None  # default: ~/.cache/lorakit/data
+    cache_dir: Union[str, None] = None  # default: $LORAKIT_CACHE/data, else ~/.cache/lorakit/data
     # the chat template for chat records instead of the tokenizer's: a Jinja file, or "chatml"
     # (for base models without one); saved with the adapter, which inference and merge then use
     chat_template: Union[str, None] = None
@@ -268,7 +268,7 @@ class TrainConfig:
     save_every: Union[int, str] = 0  # steps between checkpoints, or "epoch"; 0: none but on interruption
     keep_checkpoints: int = 2
     distributed: str = "auto"  # auto | ddp | fsdp
-    objective: str = "sft"  # sft (next-token loss) | dpo | ipo | simpo | orpo (preference pairs, lorakit.preference)
+    objective: str = "sft"  # sft (next-token loss) | dpo | ipo | simpo | orpo (preference pairs) | kto (labelled examples); lorakit.preference
     beta: Union[float, None] = None  # the preference objective's beta; None: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     kto_desirable_weight: float = 1.0  # KTO's weights of the desirable and undesirable examples' losses
@@ -611,7 +611,7 @@ def build_run_config(
     problems += _chat_template_problems(cfg.data.chat_template, check_paths)
     problems += template_variable_problems(cfg.data.chat_template_kwargs)
     if cfg.data.train is None and not any(p.startswith("data.train ") for p in problems):
-        problems.append("data.train: missing; set it to a JSONL or JSON file of training records (or a list of them)")
+        problems.append("data.train: missing; set it to a file of training records (.jsonl, .json, .parquet, .arrow, .csv, .tsv) or a list of them")
     problems += _eval_set_problems(cfg.data.eval, cfg.train.objective)
     for key in ("train", "eval"):
         problems += file_option_problems(f"data.{key}", getattr(cfg.data, key))

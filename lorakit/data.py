@@ -292,7 +292,7 @@ def tokenize_records(
     records: Sequence[tuple[int, dict]], tokenizer: Any, cfg: DataConfig, *, source: str,
     option_keys: Optional[dict[str, str]] = None, unreadable: Sequence[tuple[int, str]] = (),
 ) -> TokenizedDataset:
-    """Validate, render and tokenize records (from `read_records`) into a TokenizedDataset.
+    """Validate, render and tokenize records (from `read_with_problems`) into a TokenizedDataset.
     option_keys: where cfg's format and columns were set, for messages, where not in the data
     section ({"columns": "data.train[1].columns"}: a data list's file sets its own).
     unreadable: (line, problem) of the entries the reader found no record in: reported with the
@@ -301,7 +301,9 @@ def tokenize_records(
 
     Raises:
         UserError: `source:LINE: ...` for invalid records (unless cfg.skip_invalid), chat records
-            with a tokenizer without chat template, a slow tokenizer, or no example left.
+            with a tokenizer without chat template, a slow tokenizer, or no example left; tools or
+            tool calls the template never reads, a system prompt it refuses or leaves out, fewer
+            than 2 labelled (KTO) records, a file mixing preference or labelled records with others.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -684,7 +686,7 @@ def load_dataset(
     written atomically. A cache that cannot be written only logs a warning.
 
     Raises:
-        UserError: see `read_records` and `tokenize_records`.
+        UserError: see `read_with_problems` and `tokenize_records`.
     """
     path = Path(path)
     cache_file = None
@@ -756,7 +758,7 @@ def load_train_eval(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Toke
             `repeat` that takes none of a file's examples.
     """
     if not cfg.train:
-        raise UserError("data.train is not set; point it at a .jsonl or .json file")
+        raise UserError("data.train is not set; point it at a data file (.jsonl, .json, .parquet, .arrow, .csv or .tsv) or a list of them")
 
     def load_source(path: str, options: dict[str, Any], where: str) -> TokenizedDataset:
         options = reading_options(options)

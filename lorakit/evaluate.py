@@ -8,8 +8,8 @@ The loss is the trainer's: the data is tokenized and masked by `lorakit.data` ex
 training, and `loss.token_loss_sum` is summed over every batch and divided by the number of
 trained tokens of the whole set (token-exact, so batch size and padding do not change it).
 
-Accuracy (`--generate`) compares the greedy completion of each record's prompt with its answer
-after `strip()`:
+Accuracy (`--generate`) compares the greedy completion of each record's prompt with its answer,
+both stripped and without a leading `<think>...</think>` block (`final_answer`):
     completion   prompt -> completion
     instruction  the Alpaca prompt of lorakit.records -> output
     chat         the chat template over every message before the last assistant turn, with the

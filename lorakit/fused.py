@@ -1,4 +1,5 @@
-"""Fused training kernels built from plain PyTorch ops: a LoRA linear, a linear cross-entropy, an
+"""Fused training kernels, each with a plain-PyTorch path and, on CPU, compiled kernels
+(lorakit.cpu_kernels) where they build: a LoRA linear, a linear cross-entropy, an
 RMSNorm and the SwiGLU gate (packed-row attention is in `lorakit.attention`).
 
 Each is a `torch.autograd.Function` (or an attention function) whose only job is to keep less in

@@ -8,7 +8,7 @@ per sequence (the preference objectives of lorakit.preference).
 
 With `chunk_tokens` set, the output head and the cross-entropy run chunk by chunk under
 activation checkpointing: the full (tokens x vocab) logits and their fp32 copy never exist at
-once, in forward or backward (a "fused linear cross-entropy" built from plain PyTorch ops). A
+once, in forward or backward (a "fused linear cross-entropy"). A
 frozen `nn.Linear` head goes through `lorakit.fused.linear_cross_entropy_sum`, which also computes
 the hidden-state gradient in forward, so the head runs twice per step (forward, input gradient)
 instead of three times (forward, recompute, input gradient); other heads (a LoRA-wrapped or

@@ -49,7 +49,8 @@ MoE expert weights are rounded as lorakit.quant.Experts4bit holds them, each exp
 matrix on its own; that matrix may be stored under several keys (Qwen3-MoE: gate_proj and up_proj
 rows of one gate_up_proj), so when the stream reaches the first of them all are read, put together
 through an index tensor cut by the same save-time conversion, rounded, updated and cut again.
-The weights are then stored in 16 bits: the output is the same size as the base.
+The rounded weights are then stored in the base's dtype (or `--dtype`), not in 4 bits: the output
+is the size of the base.
 """
 
 from __future__ import annotations

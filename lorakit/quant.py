@@ -111,12 +111,12 @@ def quantize_model(
     blocksize: int = 64,
     double_quant: bool = True,
 ) -> QuantReport:
-    """Replace every linear layer (nn.Linear, GPT-2 Conv1D) by a frozen NF4 `bnb.nn.Linear4bit`, in place.
+    """Replace every linear layer (nn.Linear, GPT-2 Conv1D) by a frozen NF4 `bnb.nn.Linear4bit`, in place, and every MoE experts module by an `Experts4bit` (each expert's matrix NF4 on its own).
 
     A layer is skipped when the last part of its module path is in `skip`, or when its weight is
     tied to an embedding. Weights are cast to `compute_dtype` and quantized on their own device
-    (CUDA weights on the GPU); the full-precision layer is dropped from the model. Other modules
-    (embeddings, norms, skipped layers) are left as they are.
+    (CUDA weights on the GPU); the full-precision layer is dropped from the model. Embeddings,
+    norms and skipped layers are left as they are.
 
     Raises:
         UserError: bitsandbytes missing; a bad blocksize or compute dtype; no linear layers; a

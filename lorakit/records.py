@@ -28,7 +28,7 @@ aside) or forced with `data.format`:
                nothing else, and its examples come in pairs (`TokenizedDataset.pairs`). A record
                with chat `messages` beside its pair is chat unless `data.format: preference`.
 - unpaired:    `{"prompt": str | messages, "completion": str | messages, "label": bool}` (KTO's;
-               only with `data.format: unpaired`): a pair of examples, prompt + completion and the
+               detected when `label` reads as a boolean, or forced with `data.format: unpaired`): a pair of examples, prompt + completion and the
                KL example, the prompt with the completion of the record before it (the first: of
                the last); `TokenizedDataset.desirable` holds the labels.
 """
@@ -159,8 +159,9 @@ def _string(record: dict, key: str, where: str = "", *, empty_ok: bool = False) 
 def prepare_record(
     record: dict, fmt: str, train_on_inputs: bool, train_turns: str = "all", *, format_key: str = "data.format"
 ) -> tuple[str, Any]:
-    """Validate one record -> (format, (text, prompt_chars)), ("chat", Chat) or ("preference",
-    [chosen, rejected]), each of those a completion or chat (format, payload). train_turns: "all" or
+    """Validate one record -> (format, (text, prompt_chars)), ("chat", Chat), ("preference",
+    [chosen, rejected]), each of those a completion or chat (format, payload), or ("unpaired",
+    (record, its own completion or chat (format, payload))). train_turns: "all" or
     "last", the assistant turns of a chat record trained (those with weight 0 never are).
     format_key: where `fmt` was set, for messages (a data list's file may set its own).
 

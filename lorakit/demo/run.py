@@ -15,7 +15,8 @@ from lorakit.config import build_run_config, set_dotted
 from lorakit.demo import EVAL_FILE, MAX_NEW_TOKENS, MODEL_DIR, TRAIN_FILE
 from lorakit.errors import UserError
 
-# Chosen so the whole demo (two evals and training) takes a few minutes on 2 CPU cores
+# Chosen so the whole demo (two evals and training) takes about 70 s on 2 CPU cores (and ~20 s
+# more the first time, for the kernel build)
 # (measured settings: scripts/make_demo_data.py and the model card in lorakit/demo/model).
 DEMO_CONFIG: dict[str, Any] = {
     "model": str(MODEL_DIR),
