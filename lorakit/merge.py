@@ -715,7 +715,7 @@ def _write_merged(
     if template is not None:  # the adapter's training template (data.chat_template) over the base's
         shutil.copy2(files.path / CHAT_TEMPLATE_NAME, staging / CHAT_TEMPLATE_NAME)
         _drop_config_template(staging)
-        _stop_at_end_of_turn(staging)
+    _stop_where_trained(staging)
     return shards, out_dtype, nf4_done, writer.total
 
 
@@ -814,19 +814,25 @@ def _write_config(layout: BaseLayout, folder: Path, dtype: torch.dtype, untie: b
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _stop_at_end_of_turn(folder: Path) -> None:
-    """Add the chat template's end-of-turn token to generation_config.json's eos_token_id, where it
-    is one token of the vocabulary, so generators other than lorakit's (transformers, vLLM) stop
-    where the model learned to end its turn. A base without the file gets one, from config.json."""
+def _stop_where_trained(folder: Path) -> None:
+    """Add to generation_config.json's eos_token_id the tokens the fine-tuned model learned to stop
+    at, each where it is one token of the vocabulary: the chat template's end of turn (chat data)
+    and the tokenizer's EOS (which ends every other example lorakit trains). Generators other than
+    lorakit's (transformers, vLLM) stop only at the ids listed there, and a base may list another
+    (Qwen2.5's base models: <|endoftext|>, while their template ends a turn with <|im_end|>): the
+    merged model would write past its answer. A base without the file gets one, from config.json."""
     from transformers import AutoTokenizer
 
     from lorakit.chat_templates import ChatRenderer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    end = ChatRenderer(tokenizer).end_of_turn
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))  # merge requires the base's tokenizer files
+    stops = []
+    end = ChatRenderer(tokenizer).end_of_turn if tokenizer.chat_template else None
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
-    if len(ids) != 1:
-        return
+    if len(ids) == 1:
+        stops.append(ids[0])
+    if tokenizer.eos_token_id is not None:
+        stops.append(tokenizer.eos_token_id)
     path = folder / "generation_config.json"
     if path.is_file():
         config = json.loads(path.read_text())
@@ -835,8 +841,9 @@ def _stop_at_end_of_turn(folder: Path) -> None:
         config = {k: model_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if model_config.get(k) is not None}
     eos = config.get("eos_token_id")
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if ids[0] not in eos:
-        config["eos_token_id"] = eos + ids
+    added = [i for i in dict.fromkeys(stops) if i not in eos]
+    if added:
+        config["eos_token_id"] = eos + added
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -400,3 +400,19 @@ def test_a_stopped_merge_leaves_no_staging_and_a_killed_ones_is_swept(tmp_path, 
         (staging / "model.safetensors").write_bytes(b"half")
     assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
     assert not dead.exists() and alive.exists() and (out / "config.json").is_file()
+
+
+def test_a_merged_model_stops_where_the_fine_tuned_model_learned_to_stop(tmp_path):
+    from transformers import GenerationConfig
+
+    base, _ = _lorakit_case(tmp_path, tiny_llama, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    tok = make_tokenizer()  # its template ends a turn with <|eot_id|>, also its EOS; the model's config says 2
+    end = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert GenerationConfig.from_pretrained(base).eos_token_id == 2 != end
+    merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [2, end]
+    # a ChatML tokenizer's end of turn and EOS are one token: listed once
+    chatml = save_model_folder(tmp_path / "chatml", tiny_llama(), make_tokenizer("chatml"))
+    merge_adapter_files(chatml, tmp_path / "adapter", tmp_path / "out2")
+    im_end = make_tokenizer("chatml").convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(tmp_path / "out2").eos_token_id == [2, im_end]
