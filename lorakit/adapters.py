@@ -101,9 +101,11 @@ class AdapterFiles:
 
 # --------------------------------------------------------------------------- saving
 def peft_config_dict(
-    model: nn.Module, name: str = "default", *, base_model_name_or_path: Optional[str] = None
+    model: nn.Module, name: str = "default", *, base_model_name_or_path: Optional[str] = None,
+    revision: Optional[str] = None,
 ) -> dict[str, Any]:
-    """The `adapter_config.json` content for adapter `name` on `model`, in PEFT's field names."""
+    """The `adapter_config.json` content for adapter `name` on `model`, in PEFT's field names;
+    `revision`: the base's commit on the Hub, where it is known."""
     config = lora_configs(model).get(name)
     if config is None:
         raise UserError(f"no adapter named {name!r} on the model; it has {sorted(lora_configs(model))}")
@@ -111,7 +113,7 @@ def peft_config_dict(
     paths = [p for p, layer in layers if isinstance(layer, LoraLayer)]
     kinds = {layer.kind.name for _, layer in layers if isinstance(layer, LoraLayer)}
     expert_params = [f"{p}.{param}" for p, layer in layers if isinstance(layer, LoraExperts) for param in layer.lora_A[name]]
-    return {
+    config_dict = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -134,6 +136,9 @@ def peft_config_dict(
         "use_dora": config.dora,
         "lora_bias": False,
     }
+    if revision is not None:
+        config_dict["revision"] = revision
+    return config_dict
 
 
 def _targets_for_peft(model: nn.Module, paths: list[str]) -> list[str]:
@@ -227,6 +232,7 @@ def save_adapter(
     name: str = "default",
     *,
     base_model_name_or_path: Optional[str] = None,
+    revision: Optional[str] = None,
     extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Write adapter `name` as a PEFT adapter folder, atomically (built aside, then renamed).
@@ -234,7 +240,7 @@ def save_adapter(
     An existing folder at `directory` is replaced only once the new one is complete, and keeps its
     other files and folders (`write_adapter_folder`).
     """
-    config = peft_config_dict(model, name, base_model_name_or_path=base_model_name_or_path)
+    config = peft_config_dict(model, name, base_model_name_or_path=base_model_name_or_path, revision=revision)
     tensors = adapter_state_dict(model, name)
     return write_adapter_folder(directory, config, tensors, extra_files=extra_files)
 

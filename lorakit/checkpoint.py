@@ -67,6 +67,7 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
     base_model_name_or_path: Optional[str] = None,
+    revision: Optional[str] = None,
     adapter_files: Optional[dict[str, str]] = None,
     folders: Optional[dict[str, Path]] = None,
 ) -> Path:
@@ -79,7 +80,8 @@ def save_checkpoint(
     final = root / f"step-{step}"
     staging = new_folder(prefix=f".step-{step}.tmp-{os.getpid()}-", parent=root)
     try:
-        save_adapter(model, staging / "adapter", base_model_name_or_path=base_model_name_or_path, extra_files=adapter_files)
+        save_adapter(model, staging / "adapter", base_model_name_or_path=base_model_name_or_path, revision=revision,
+                     extra_files=adapter_files)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()

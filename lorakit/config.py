@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional, Union
 import yaml
 
 from lorakit.errors import UserError
+from lorakit.models import looks_like_hub_id
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
 # torch.finfo(torch.float32).max: a LoRA scale or a NEFTune noise bound past it is inf in the compute
@@ -606,7 +607,7 @@ def build_run_config(
         problems.append(f"data.eval_fraction = {cfg.data.eval_fraction!r}: must be in [0, 1)")
     if cfg.model is None:
         problems.append("model: missing; set it to a Hugging Face model folder (config.json + *.safetensors)")
-    elif check_paths and not _looks_like_hub_name(cfg.model) and not Path(cfg.model).is_dir():
+    elif check_paths and not looks_like_hub_id(cfg.model) and not Path(cfg.model).is_dir():
         problems.append(f"model = {cfg.model!r}: folder not found; pass a local Hugging Face model folder")
     problems += _chat_template_problems(cfg.data.chat_template, check_paths)
     problems += template_variable_problems(cfg.data.chat_template_kwargs)
@@ -1005,11 +1006,6 @@ def _tracker_problems(train: TrainConfig, check_paths: bool) -> list[str]:
     if missing:
         return [f"train.report_to = {train.report_to!r}: {missing[0]} is not installed; pip install {missing[0]} (lorakit's `{missing[0]}` extra)"]
     return []
-
-
-def _looks_like_hub_name(name: str) -> bool:
-    """`org/model` that is not a local path: left to transformers (users with network)."""
-    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
 def _join(source: str, problems: list[str], places: dict[str, str]) -> str:

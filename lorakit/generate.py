@@ -278,10 +278,9 @@ def read_prompt_file(path: Union[str, Path]) -> tuple[list[Prompt], list[str]]:
 def load_for_command(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a CLI command's --model, --adapter and --quantize; a path that is not
     a folder is a UserError (a bare `org/name` is left to transformers, for users with a network)."""
-    from lorakit.config import _looks_like_hub_name
-    from lorakit.models import check_model_folder, load_for_inference
+    from lorakit.models import check_model_folder, load_for_inference, looks_like_hub_id
 
-    if not _looks_like_hub_name(args.model):
+    if not looks_like_hub_id(args.model):
         check_model_folder(args.model)
     return load_for_inference(args.model, args.adapter, quantize=args.quantize, precision=args.precision)
 

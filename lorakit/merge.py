@@ -81,9 +81,11 @@ from lorakit.experts import expert_delta
 from lorakit.models import (
     DTYPES,
     assemble_stored,
+    base_reference,
     check_model_folder,
     checkpoint_key_transform,
     cut_as_stored,
+    looks_like_hub_id,
     meta_model,
     read_config_json,
     read_stored,
@@ -883,8 +885,10 @@ def merged_model_card(base: Path, files: AdapterFiles, dtype: torch.dtype, simul
 
     base_meta, base_body = _card_parts(base / MODEL_CARD_NAME)
     _, adapter_body = _card_parts(files.path / MODEL_CARD_NAME)
-    trained_on = files.peft_config.get("base_model_name_or_path")
-    meta: dict[str, Any] = {"base_model": str(trained_on or base), "library_name": "transformers"}
+    # a hub checks base_model as a repository id: a local folder is named in the text alone
+    here, trained_on = base_reference(str(base)), str(files.peft_config.get("base_model_name_or_path") or "")
+    hub_id = here.name if here.on_hub else trained_on if looks_like_hub_id(trained_on) else None
+    meta: dict[str, Any] = {**({"base_model": hub_id} if hub_id else {}), "library_name": "transformers"}
     meta.update({key: base_meta[key] for key in _INHERITED_CARD_KEYS if key in base_meta})
     meta["tags"] = ["lorakit", "lora", "merged"]
     config = files.config

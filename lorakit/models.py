@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -52,6 +53,39 @@ def check_utf8_path(folder: Path, what: str) -> None:
     if problem is not None:
         raise UserError(f"{what} folder {str(folder)!r}: {problem}, and the tokenizers and safetensors libraries open "
                         "UTF-8 paths only; rename the folder (or a folder above it)")  # fmt: skip
+
+
+class BaseReference(NamedTuple):
+    """How an adapter names the base it was trained on (adapter_config.json's base_model_name_or_path
+    and revision, the card's base_model)."""
+
+    name: str
+    revision: Optional[str]
+    on_hub: bool  # `name` is a Hub repository id, which a model card's base_model may hold
+
+
+# a folder of the Hugging Face cache: .../models--ORG--NAME/snapshots/COMMIT
+_HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<revision>[0-9a-f]{40})$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`org/model` that is not a local path: left to transformers (users with network)."""
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def base_reference(model: str) -> BaseReference:
+    """What an adapter trained on `model` records as its base: a folder of the Hugging Face cache as
+    its repository id and commit; another folder as its absolute path, since other tools (transformers'
+    `from_pretrained(adapter)`, AutoPeftModel, llama.cpp's converter) read a relative one from their
+    own working folder, or as a Hub id; a name that is no folder (a Hub id) as it is."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return BaseReference(model, None, True)
+    resolved = path.resolve()
+    found = _HUB_SNAPSHOT.search(resolved.as_posix())
+    if found:
+        return BaseReference(f"{found['org']}/{found['name']}", found["revision"], True)
+    return BaseReference(str(resolved), None, False)
 
 
 def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -> Path:

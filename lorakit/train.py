@@ -51,7 +51,7 @@ from lorakit.inject import count_parameters, inject_adapter, lora_layers, saved_
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, strict_json, write_text_atomic
 from lorakit.models import (
-    check_model_folder, load_config, load_model, load_tokenizer, meta_model, padding_id, pick_device, position_limit,
+    base_reference, check_model_folder, load_config, load_model, load_tokenizer, meta_model, padding_id, pick_device, position_limit,
     resolve_precision,
 )  # fmt: skip
 from lorakit.preference import loss_module
@@ -1146,7 +1146,7 @@ def _checkpoint(run: Run) -> Path:
         state["best_adapter_kept"] = bool(folders)
         path = save_checkpoint(
             run.output_dir, run.step, model=run.model, optimizer_state=optimizer_state, state=state,
-            keep=run.cfg.train.keep_checkpoints, base_model_name_or_path=run.cfg.model, adapter_files=_template_files(run),
+            keep=run.cfg.train.keep_checkpoints, **_base_fields(run.cfg), adapter_files=_template_files(run),
             folders=folders,
         )  # fmt: skip
     else:
@@ -1321,7 +1321,7 @@ def _finish(
     if main:
         from lorakit.adapters import save_adapter
 
-        save_adapter(run.model, run.output_dir / "adapter", base_model_name_or_path=cfg.model,
+        save_adapter(run.model, run.output_dir / "adapter", **_base_fields(cfg),
                      extra_files={"README.md": model_card(run, summary), **_template_files(run)})  # fmt: skip
         run.metrics.plot(_plot_title(run))
     else:
@@ -1387,7 +1387,7 @@ def _save_best_adapter(run: Run) -> None:
         from lorakit.adapters import save_adapter
 
         card = model_card(run, {"step": run.step, run.best["metric"]: run.best["value"]})
-        save_adapter(run.model, run.output_dir / BEST_ADAPTER_DIR, base_model_name_or_path=run.cfg.model,
+        save_adapter(run.model, run.output_dir / BEST_ADAPTER_DIR, **_base_fields(run.cfg),
                      extra_files={"README.md": card, **_template_files(run)})  # fmt: skip
     else:
         _join_adapter_gathers(run)
@@ -1474,16 +1474,25 @@ def _restore_signal_handlers(previous: dict) -> None:
         signal.signal(sig, h)
 
 
+def _base_fields(cfg: RunConfig) -> dict[str, Optional[str]]:
+    """save_adapter's base_model_name_or_path and revision for the run's base (`base_reference`)."""
+    base = base_reference(cfg.model)
+    return {"base_model_name_or_path": base.name, "revision": base.revision}
+
+
 def model_card(run: Run, summary: dict[str, Any]) -> str:
     cfg = run.cfg
     trainable, total = _parameter_counts(run.model)
     metrics = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items() if k != "adapter")
-    meta = yaml.safe_dump({"library_name": "peft", "base_model": str(cfg.model), "tags": ["lora", "lorakit"]}, sort_keys=False)
+    base = base_reference(cfg.model)
+    # a hub checks base_model as a repository id: a local folder is named in the text alone
+    meta = {"library_name": "peft", **({"base_model": base.name} if base.on_hub else {}), "tags": ["lora", "lorakit"]}
+    meta = yaml.safe_dump(meta, sort_keys=False)
     return f"""---
 {meta}---
 # LoRA adapter trained with lorakit
 
-- Base model: `{cfg.model}`{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
+- Base model: `{base.name}`{f' (revision {base.revision})' if base.revision else ''}{' (NF4 4-bit during training)' if cfg.quantize == 'nf4' else ''}
 - Training data: {', '.join(f'`{f}`' for f in data_files(cfg.data.train))} ({_examples(run.data_stats)}, {run.data_stats.get('tokens', '?')} tokens){_objective_line(cfg)}
 - LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.targets}, dropout={cfg.lora.dropout}{f', continuing the adapter `{cfg.adapter}`' if cfg.adapter else ''}
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)

@@ -10,7 +10,7 @@ import yaml
 from helpers import save_model_folder, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_qwen3_moe, write_addition_data
 
 from lorakit.errors import UserError
-from lorakit.models import checkpoint_key_transform, load_tokenizer, meta_model, position_limit
+from lorakit.models import base_reference, checkpoint_key_transform, load_tokenizer, meta_model, position_limit
 
 
 def test_position_limit_tells_tables_from_computed_positions():
@@ -168,3 +168,17 @@ def test_a_weight_stored_as_integers_is_refused_by_both_loaders_and_the_cli(tmp_
         assert main(args) == 2, args
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and err[0].startswith(f"error: {message}; loaded, the integers would be the weight's values"), err
+
+
+def test_an_adapter_names_its_base_so_other_tools_find_it(tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "tiny"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert base_reference("models/tiny") == (str(folder.resolve()), None, False)
+    # a folder of the Hugging Face cache: its repository id and commit
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    assert base_reference(str(snapshot)) == ("Qwen/Qwen2.5-0.5B", commit, True)
+    # a Hub id given to transformers (no such folder) stays as it is
+    assert base_reference("org/model") == ("org/model", None, True)

@@ -76,8 +76,13 @@ def test_train_writes_every_file_and_loss_falls(workspace, capsys):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < train[0]["loss"]
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["train"]["eval_every"] == 6 and resolved["lora"]["r"] == 4
-    card_front = (out / "adapter" / "README.md").read_text().split("---\n")[1]
-    assert yaml.safe_load(card_front) == {"library_name": "peft", "base_model": resolved["model"], "tags": ["lora", "lorakit"]}
+    # the base is a local folder: named by its absolute path (tools read a relative one from their own
+    # working folder), and not as the card's base_model, which a hub checks as a repository id
+    card = (out / "adapter" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1]) == {"library_name": "peft", "tags": ["lora", "lorakit"]}
+    base = str(Path(resolved["model"]).resolve())
+    assert f"- Base model: `{base}`" in card
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
     printed = capsys.readouterr().out
     assert "trainable" in printed and "done: 12 steps" in printed
 
