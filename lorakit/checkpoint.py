@@ -14,11 +14,13 @@ never leaves a half checkpoint that looks complete; only the newest `keep` are k
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -139,7 +141,7 @@ class RunFolderLock:
         while True:
             output_dir.mkdir(parents=True, exist_ok=True)
             try:
-                file = open(path, "a+")
+                file = _open_lock_file(path)
             except FileNotFoundError:  # the folder went meanwhile (a run that made it failed): again
                 continue
             try:
@@ -153,7 +155,7 @@ class RunFolderLock:
                 file.close()
                 return cls(output_dir, None, made)
             try:
-                if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+                if os.lstat(path).st_ino == os.fstat(file.fileno()).st_ino:
                     break
             except FileNotFoundError:
                 pass
@@ -186,6 +188,28 @@ class RunFolderLock:
         self._made = []
 
 
+def _open_lock_file(path: Path, *, create: bool = True) -> Any:
+    """The lock file, opened for reading and appending (made where missing), or with `create` False
+    for reading only, without following a symbolic link: a link planted there (a shared or copied
+    run folder) would have the process id written over the file it points at.
+
+    Raises:
+        UserError: the name is a symbolic link or not a plain file.
+    """
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UserError(f"{path} is a symbolic link; lorakit writes its run's process id there, never through a "
+                        "link: remove it") from None  # fmt: skip
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a plain file; lorakit keeps its run lock there: remove it")
+    return os.fdopen(fd, "a+" if create else "r")
+
+
 def in_use_error(output_dir: Union[str, Path], holder: str) -> UserError:
     return UserError(f"output_dir {str(output_dir)!r} is in use by another training run ({holder}); wait for it to "
                      "end, or set a new output_dir=...")  # fmt: skip
@@ -197,8 +221,8 @@ def folder_holder(output_dir: Union[str, Path]) -> Optional[str]:
     try:
         import fcntl
 
-        file = open(path)
-    except (ImportError, OSError):
+        file = _open_lock_file(path, create=False)
+    except (ImportError, OSError, UserError):  # (a link there: refused when the run takes the lock)
         return None
     with file:
         try:

@@ -255,11 +255,13 @@ def check_output_dir(output_dir: Path, resume: bool) -> Optional[Path]:
 
 # What a run writes in output_dir, by kind: folders it replaces whole (a link there would be swapped
 # out, not followed, and left hidden beside the new folder), the folder it writes checkpoints into
-# (a link to another disk is fine), and its files (renamed into place: a folder there stops that).
+# (a link to another disk is fine), and its files (renamed into place: a folder there stops that;
+# metrics.jsonl is appended to and the lock written in place, so a link there, planted in a shared
+# or copied run folder, would have the run write into the file it points at).
 # where train.save_best keeps the adapter of the best eval, beside output_dir/adapter
 BEST_ADAPTER_DIR = "best_adapter"
 _REPLACED_FOLDERS = ("adapter", BEST_ADAPTER_DIR)
-_RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml", "summary.json")
+_RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml", "summary.json", RunFolderLock.NAME)
 
 
 def _check_run_entries(output_dir: Path) -> None:
@@ -270,7 +272,7 @@ def _check_run_entries(output_dir: Path) -> None:
         if not path.is_symlink() and not path.exists():
             continue
         folder = name not in _RUN_FILES
-        if path.is_symlink() and (name in _REPLACED_FOLDERS or not path.exists()):
+        if path.is_symlink() and (name != "checkpoints" or not path.exists()):
             kind = "a symbolic link" if path.exists() else "a symbolic link to nothing"
         elif folder and not path.is_dir():
             kind = "a file"

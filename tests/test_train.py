@@ -23,6 +23,7 @@ from lorakit import host_memory
 from lorakit import train as train_module
 from lorakit.cli import main
 from lorakit.config import build_run_config
+from lorakit.checkpoint import RunFolderLock
 from lorakit.errors import UserError
 from lorakit.train import lr_lambda
 
@@ -1142,6 +1143,31 @@ def test_one_run_at_a_time_writes_an_output_dir(workspace, capsys):
     refused = workspace / "refused" / "deeper"
     assert main(["train", _config(workspace, workspace / "refused-run", max_steps=2), f"output_dir={refused}", "data.max_length=1"]) == 2
     assert not (workspace / "refused").exists()
+
+
+def test_a_link_planted_as_the_run_lock_is_never_written_through(workspace, capsys):
+    out = workspace / "planted"
+    out.mkdir()
+    victim = workspace / "precious.txt"
+    victim.write_text("precious\n")
+    (out / ".lorakit-run.lock").symlink_to(victim)
+    for dry in (["--dry-run"], []):
+        assert main(["train", _config(workspace, out, max_steps=2), *dry]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: output_dir {str(out)!r}: {out / '.lorakit-run.lock'} is a symbolic link, where the run writes its "
+            ".lorakit-run.lock file; move it away, or set a new output_dir=..."
+        )  # fmt: skip
+    assert victim.read_text() == "precious\n" and sorted(p.name for p in out.iterdir()) == [".lorakit-run.lock"]
+    # the lock itself never opens through one, whoever asks (a link planted after the run's checks)
+    with pytest.raises(UserError, match="is a symbolic link; lorakit writes its run's process id there, never through a link"):
+        RunFolderLock.take(out)
+    assert victim.read_text() == "precious\n"
+    # nor is metrics.jsonl appended to through one (a resumed run's folder)
+    (out / ".lorakit-run.lock").unlink()
+    (out / "metrics.jsonl").symlink_to(victim)
+    assert main(["train", _config(workspace, out, max_steps=2)]) == 2
+    assert "metrics.jsonl is a symbolic link, where the run writes its metrics.jsonl file" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
 
 
 def test_a_file_named_as_what_the_run_writes_is_refused_before_a_step(workspace, capsys):
