@@ -13,6 +13,7 @@ import math
 import os
 import re
 import resource
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -93,14 +94,17 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_name(f".{self.plot_path.name}.tmp-{os.getpid()}.png")
+        tmp = None
         try:
-            fig.savefig(tmp)
+            tmp, f = new_temp_file(self.plot_path, "wb")
+            with f:
+                fig.savefig(f, format="png")
             os.replace(tmp, self.plot_path)
         except OSError as exc:
             # the plot is drawn again from the entries later: a failure here is no reason to stop
             # training (a full disk stops the run where it writes what a resume needs)
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             if not self.plot_failed:
                 print(f"note: {self.plot_path} not drawn ({exc.strerror or exc}); training goes on, and the plot is "
                       "drawn again at the next chance", file=sys.stderr)  # fmt: skip
@@ -151,18 +155,36 @@ def byte_size(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def new_temp_file(path: Path, mode: str) -> tuple[Path, Any]:
+    """(name, open file) of a new file beside `path` to write it under, then rename into place. The
+    name is `.NAME.tmp-PID-RANDOM` and made exclusively (O_EXCL, which never follows a link): a
+    predictable name, planted as a link in a shared run folder, would have the write go through it.
+    The file gets the permissions the umask gives (mkstemp's would be owner-only)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        return tmp, os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     from lorakit.errors import writing  # (here: this module is loaded on its own, without torch, by a test)
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
-        with writing(path), open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the file (a power loss keeps one whole)
+        with writing(path):
+            tmp, f = new_temp_file(path, "w")
+            with f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the file (a power loss keeps one whole)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 

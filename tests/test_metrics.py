@@ -85,8 +85,8 @@ def test_a_plot_that_cannot_be_written_is_a_note_once_and_leaves_no_temp_file(tm
     log = MetricsLog(tmp_path)
     log.log({"step": 1, "loss": 2.0})
 
-    def full(self, path, **kwargs):
-        Path(path).write_bytes(b"half a png")
+    def full(self, file, **kwargs):
+        file.write(b"half a png")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
@@ -117,3 +117,26 @@ def test_a_plot_that_cannot_be_written_is_a_note_once_and_leaves_no_temp_file(tm
         raise AssertionError("the write did not fail")
     monkeypatch.undo()
     assert (tmp_path / "summary.json").read_text() == "old" and not list(tmp_path.glob(".*"))
+
+
+def test_temp_files_are_made_new_never_through_a_planted_link(tmp_path, monkeypatch):
+    import os
+    import secrets
+
+    from lorakit.metrics import write_text_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    draws = iter(["0000", "1111"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(draws))
+    (run / f".config.yaml.tmp-{os.getpid()}-0000").symlink_to(victim)  # a guessed name, planted as a link
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(run / "config.yaml", "model: m\n")
+    finally:
+        os.umask(old)
+    assert victim.read_text() == "precious" and (run / "config.yaml").read_text() == "model: m\n"
+    assert (run / "config.yaml").stat().st_mode & 0o777 == 0o644  # the umask's, not mkstemp's owner-only
+    assert not (run / "config.yaml").is_symlink()
