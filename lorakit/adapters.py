@@ -541,15 +541,30 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
     return config, raw
 
 
+def inside_folder(path: Path, folder: Path) -> bool:
+    """Whether `path`, links followed, lies in `folder` (links followed too); for a folder of the
+    Hugging Face cache (`.../models--ORG--NAME/snapshots/COMMIT`, whose files link to `../../blobs`),
+    in its repository's folder. A folder from elsewhere may link a private file (a key, /proc's
+    environment) under a name lorakit reads and writes out again."""
+    root = folder.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    return path.resolve().is_relative_to(root)
+
+
 def read_chat_template(directory: Union[str, Path]) -> Optional[str]:
     """The chat template an adapter folder holds (chat_template.jinja, data.chat_template's), else None.
 
     Raises:
-        UserError: the file is not UTF-8 text (or cannot be read), or is a folder.
+        UserError: the file is not UTF-8 text (or cannot be read), is a folder, or is a link out of
+            the adapter's folder.
     """
     path = Path(directory) / CHAT_TEMPLATE_NAME
     if not path.exists():
         return None
+    if not inside_folder(path, Path(directory)):
+        raise UserError(f"{path} is a link to {path.resolve()}, outside the adapter's folder; lorakit reads an adapter's "
+                        "files from its folder only: copy the template there")  # fmt: skip
     if path.is_dir():  # not passed over: the adapter would then run with another template than it trained with
         raise UserError(f"{path} is a folder, not a file; delete it to use the model's own template, or save the "
                         "adapter's chat template there as a file")  # fmt: skip

@@ -61,6 +61,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -71,7 +72,7 @@ from safetensors import SafetensorError, safe_open
 
 from lorakit.adapters import (
     CHAT_TEMPLATE_NAME, PREFIX, WEIGHT_SUFFIXES, WEIGHTS_NAME, AdapterFiles, adapter_scaling, check_factor_values, check_output_folder,
-    check_weight_tying, read_adapter, read_chat_template, replace_dir, staging_folder, write_safetensors,
+    check_weight_tying, inside_folder, read_adapter, read_chat_template, replace_dir, staging_folder, write_safetensors,
 )  # fmt: skip
 from lorakit.errors import UserError, writing
 from lorakit.inject import selected_by_name, unselected_weights
@@ -715,7 +716,7 @@ def _write_merged(
     _copy_side_files(layout.folder, staging)
     (staging / MODEL_CARD_NAME).write_text(merged_model_card(layout.folder, files, out_dtype, simulate_nf4))
     if template is not None:  # the adapter's training template (data.chat_template) over the base's
-        shutil.copy2(files.path / CHAT_TEMPLATE_NAME, staging / CHAT_TEMPLATE_NAME)
+        (staging / CHAT_TEMPLATE_NAME).write_text(template, encoding="utf-8")  # as read (not through a link)
         _drop_config_template(staging)
     _stop_where_trained(staging)
     return shards, out_dtype, nf4_done, writer.total
@@ -822,12 +823,16 @@ def _stop_where_trained(folder: Path) -> None:
     and the tokenizer's EOS (which ends every other example lorakit trains). Generators other than
     lorakit's (transformers, vLLM) stop only at the ids listed there, and a base may list another
     (Qwen2.5's base models: <|endoftext|>, while their template ends a turn with <|im_end|>): the
-    merged model would write past its answer. A base without the file gets one, from config.json."""
+    merged model would write past its answer. A base without the file gets one, from config.json;
+    a folder whose tokenizer transformers cannot load is left as it is."""
     from transformers import AutoTokenizer
 
     from lorakit.chat_templates import ChatRenderer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))  # merge requires the base's tokenizer files
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - a config.json transformers cannot read (merged by the shapes) stops its
+        return  # tokenizer classes from loading too (the errors are transformers' and huggingface_hub's own kinds)
     stops = []
     end = ChatRenderer(tokenizer).end_of_turn if tokenizer.chat_template else None
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
@@ -862,13 +867,20 @@ def _drop_config_template(folder: Path) -> None:
 
 def _copy_side_files(base: Path, folder: Path) -> None:
     """Tokenizer files, generation config, chat template, custom code: every top-level file that
-    is not weights, an index, config.json or the model card (those are written separately)."""
+    is not weights, an index, config.json or the model card (those are written separately), and
+    that lies inside the base's folder (`inside_folder`)."""
     for path in base.iterdir():
         if not path.is_file() or path.name.startswith(".") or path.name in ("config.json", INDEX_NAME, MODEL_CARD_NAME):
             continue
         if path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
+        if not inside_folder(path, base):
+            print(f"note: {path} is a link to {path.resolve()}, outside the model's folder: not copied into the merged "
+                  "model (a folder from elsewhere could link a private file there, to be published with it)",
+                  file=sys.stderr)  # fmt: skip
+            continue
         shutil.copy2(path, folder / path.name)
+
 
 
 MODEL_CARD_NAME = "README.md"
@@ -883,8 +895,8 @@ def merged_model_card(base: Path, files: AdapterFiles, dtype: torch.dtype, simul
     the base as the folder's model, and a hub would list the merge under the base's name."""
     from lorakit import __version__
 
-    base_meta, base_body = _card_parts(base / MODEL_CARD_NAME)
-    _, adapter_body = _card_parts(files.path / MODEL_CARD_NAME)
+    base_meta, base_body = _card_parts(base / MODEL_CARD_NAME, base)
+    _, adapter_body = _card_parts(files.path / MODEL_CARD_NAME, files.path)
     # a hub checks base_model as a repository id: a local folder is named in the text alone
     here, trained_on = base_reference(str(base)), str(files.peft_config.get("base_model_name_or_path") or "")
     hub_id = here.name if here.on_hub else trained_on if looks_like_hub_id(trained_on) else None
@@ -912,10 +924,10 @@ def merged_model_card(base: Path, files: AdapterFiles, dtype: torch.dtype, simul
     return "\n".join(lines) + "\n"
 
 
-def _card_parts(path: Path) -> tuple[dict[str, Any], str]:
+def _card_parts(path: Path, folder: Path) -> tuple[dict[str, Any], str]:
     """A model card's YAML front matter (empty when there is none, or it is not a mapping) and its body;
-    ({}, "") without a card."""
-    if not path.is_file():
+    ({}, "") without a card, or for a link out of `folder` (`inside_folder`)."""
+    if not path.is_file() or not inside_folder(path, folder):
         return {}, ""
     text = path.read_text(encoding="utf-8-sig", errors="replace")  # (-sig: a byte-order mark is no text)
     match = re.match(r"---[ \t]*\r?\n(?:(.*?)\r?\n)?---[ \t]*(?:\r?\n|$)", text, re.S)

@@ -107,9 +107,24 @@ def check_model_folder(path: Union[str, Path], *, need_tokenizer: bool = True) -
                 "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`"
             )
         raise UserError(f"{folder}: no *.safetensors weights")
+    _check_index_names(folder / "model.safetensors.index.json")
     if need_tokenizer and not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise UserError(f"{folder}: no tokenizer files (tokenizer.json); save the tokenizer into the model folder")
     return folder
+
+
+def _check_index_names(index: Path) -> None:
+    """Refuse a safetensors index that names a shard outside its folder (`../other/x.safetensors`):
+    transformers and lorakit would read it, and a merge would write its tensors out again. An index
+    that does not parse is left to the readers, which say so in their own words."""
+    try:
+        names = json.loads(index.read_text())["weight_map"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise UserError(f"{index}: lists the shard {name!r}, which is not a file name of the folder; a model folder "
+                            "keeps its shards beside the index: fix or re-save the index")  # fmt: skip
 
 
 def read_config_json(folder: Union[str, Path]) -> dict[str, Any]:

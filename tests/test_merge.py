@@ -416,3 +416,38 @@ def test_a_merged_model_stops_where_the_fine_tuned_model_learned_to_stop(tmp_pat
     merge_adapter_files(chatml, tmp_path / "adapter", tmp_path / "out2")
     im_end = make_tokenizer("chatml").convert_tokens_to_ids("<|im_end|>")
     assert GenerationConfig.from_pretrained(tmp_path / "out2").eos_token_id == [2, im_end]
+
+
+def test_files_linked_from_outside_the_folders_are_not_published_with_the_merge(tmp_path, capsys):
+    base, _ = _lorakit_case(tmp_path, tiny_llama, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    (base / "notes.txt").symlink_to(secret)
+    (base / "README.md").symlink_to(secret)
+    (base / "vocab_notes.txt").write_text("kept")  # a plain side file is copied as before
+    merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
+    out = tmp_path / "out"
+    assert not (out / "notes.txt").exists() and (out / "vocab_notes.txt").read_text() == "kept"
+    assert "PRIVATE KEY" not in (out / "README.md").read_text()
+    assert f"note: {base / 'notes.txt'} is a link to {secret}, outside the model's folder: not copied" in capsys.readouterr().err
+    # an adapter's chat template is read from its folder only, by every command
+    (tmp_path / "adapter" / "chat_template.jinja").symlink_to(secret)
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out2")]) == 2
+    assert _error(capsys) == (
+        f"error: {tmp_path / 'adapter' / 'chat_template.jinja'} is a link to {secret}, outside the adapter's folder; "
+        "lorakit reads an adapter's files from its folder only: copy the template there"
+    )
+    (tmp_path / "adapter" / "chat_template.jinja").unlink()
+    # a safetensors index naming a shard outside the folder is refused before anything reads it
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../elsewhere/private.safetensors"}}
+    indexed = tmp_path / "indexed"
+    indexed.mkdir()
+    for path in base.iterdir():
+        if path.is_file() and not path.is_symlink():
+            (indexed / path.name).write_bytes(path.read_bytes())
+    (indexed / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["merge", "--base", str(indexed), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out3")]) == 2
+    assert _error(capsys) == (
+        f"error: {indexed / 'model.safetensors.index.json'}: lists the shard '../elsewhere/private.safetensors', which "
+        "is not a file name of the folder; a model folder keeps its shards beside the index: fix or re-save the index"
+    )
