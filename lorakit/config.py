@@ -433,6 +433,9 @@ def load_run_config(
             loaded = {}
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: the config must be a mapping of keys, got {type(loaded).__name__}")
+        if _expanded_size(loaded, {}) > MAX_CONFIG_VALUES:
+            raise UserError(f"{path}: its aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} values, which no run "
+                            "config needs (an alias that repeats an alias that repeats ...); write the values out")  # fmt: skip
         raw = loaded
         places = {key: f"line {line}" for key, line in key_lines(text).items()}
     else:
@@ -461,6 +464,24 @@ def locate_problem(message: str, path: Union[str, Path], overrides: Union[dict[s
         return message
     places.update({key: "command line" for key in overrides or {}})
     return _join(str(path), [message], places)
+
+
+# A YAML alias is the anchored value itself, not a copy: ten aliases of a list of ten aliases of ...
+# load in microseconds, and every walk over the config (line numbers, checks, the copy it saves)
+# would take 10^levels steps.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """How many values `value` holds once its aliases are written out; linear in the loaded objects
+    (each shared one is counted once, by its id, and multiplied where it repeats)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) not in sizes:
+        sizes[id(value)] = 0  # (a value holding itself: counted as nothing more)
+        items = value.values() if isinstance(value, dict) else value
+        sizes[id(value)] = 1 + sum(_expanded_size(v, sizes) for v in items)
+    return sizes[id(value)]
 
 
 def key_lines(text: str) -> dict[str, int]:

@@ -44,6 +44,19 @@ def test_yaml_nested_past_the_recursion_limit_is_a_config_error(tmp_path):
     assert str(err.value) == f"{path}: invalid YAML: a value {too_deep}"
 
 
+def test_yaml_aliases_that_expand_past_any_config_are_refused_before_a_walk(tmp_path):
+    levels = ["    v0: &a0 [" + ", ".join(["lol"] * 10) + "]"]
+    levels += [f"    v{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)]  # 10^6 values
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("model: m\ndata:\n  chat_template_kwargs:\n" + "\n".join(levels) + "\n")
+    with pytest.raises(UserError, match=r"bomb.yaml: its aliases \(\*name\) expand to more than 100,000 values"):
+        load_run_config(bomb, check_paths=False)
+    # aliases as people use them, to repeat a setting, are fine
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: m\ndata:\n  train: &files t.jsonl\n  eval: *files\n")
+    assert load_run_config(plain, check_paths=False).data.eval == "t.jsonl"
+
+
 def test_yaml_file_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\ndata: {train: t.jsonl}\ntrain: {lr: 2e-4, max_steps: 5}\nlora: {r: 8}\n")
