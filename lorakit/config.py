@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import keyword
 import math
+import os
 import re
 import types
 import typing
@@ -562,6 +563,7 @@ def build_run_config(
     # Bad values are reported and replaced by their defaults so the checks below still run:
     # the user sees every problem in one message.
     cfg = _convert(RunConfig, raw, "", problems)
+    _expand_home(cfg)
     problems = _unlisted_file_options(raw.get("data"), problems)
     if cfg.adapter is not None:
         problems += _take_adapter_config(cfg, raw.get("lora"), check_paths, problems)
@@ -691,6 +693,26 @@ def _chat_template_problems(value: Union[str, None], check_paths: bool) -> list[
 # and, in data.train, `repeat`: how many times its examples count in an epoch (0.25: a seeded
 # quarter of them, 3: each three times), which mixes sets in the proportions a user wants
 FILE_OPTIONS = ("format", "columns", "system_prompt", "repeat")
+
+
+def _expand_home(cfg: RunConfig) -> None:
+    """`~` at the start of the config's paths made the home folder, as a shell does: YAML and
+    key=value overrides keep it as written, and a run would make a folder named `~` (which a later
+    `rm -rf ~` would take for the home folder)."""
+
+    def home(path: Any) -> Any:
+        return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
+    def sources(value: Any) -> Any:
+        if isinstance(value, list):
+            return [{**e, "path": home(e.get("path"))} if isinstance(e, dict) else home(e) for e in value]
+        return home(value)
+
+    cfg.model, cfg.adapter, cfg.output_dir = home(cfg.model), home(cfg.adapter), home(cfg.output_dir)
+    cfg.data.train = sources(cfg.data.train)
+    eval_set = cfg.data.eval
+    cfg.data.eval = {k: sources(v) for k, v in eval_set.items()} if isinstance(eval_set, dict) else sources(eval_set)
+    cfg.data.chat_template, cfg.data.cache_dir = home(cfg.data.chat_template), home(cfg.data.cache_dir)
 
 
 def data_sources(value: Union[str, list[Any], None]) -> list[tuple[str, dict[str, Any]]]:

@@ -359,3 +359,15 @@ def test_a_problem_found_after_reading_is_located_by_its_key(tmp_path):
     for message in ("train.jsonl:3: 'text' is missing", f"{path}:5: lora.r = 0: must be > 0", "data.jsonl: empty",
                     "lora.bogus: not a key", "no adapter named 'x'"):  # fmt: skip
         assert locate_problem(message, path) == message
+
+
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder_as_in_a_shell(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/me")
+    cfg = build_run_config({
+        "model": "~/models/m", "output_dir": "~/runs/x",
+        "data": {"train": ["~/a.jsonl", {"path": "~/b.jsonl", "system_prompt": "~ stays text"}], "eval": {"dev": "~/c.jsonl"},
+                 "chat_template": "~/t.jinja"},
+    }, check_paths=False)  # fmt: skip
+    assert (cfg.model, cfg.output_dir, cfg.data.chat_template) == ("/home/me/models/m", "/home/me/runs/x", "/home/me/t.jinja")
+    assert cfg.data.train == ["/home/me/a.jsonl", {"path": "/home/me/b.jsonl", "system_prompt": "~ stays text"}]
+    assert cfg.data.eval == {"dev": "/home/me/c.jsonl"}
