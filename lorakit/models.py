@@ -223,8 +223,15 @@ def load_tokenizer(path: Union[str, Path], *, trust_remote_code: bool = False):
     # the tokenizer's loader reads config.json too; a model transformers cannot build is refused here,
     # before any data is tokenized
     load_config(path, trust_remote_code=trust_remote_code)
-    with _loading_errors(path):
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        with _loading_errors(path):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if isinstance(exc, UserError) or "trust_remote_code" not in str(exc):
+            raise
+        # a tokenizer class of the folder's own code (tokenizer_config.json's auto_map), never run untrusted
+        raise UserError(f"{path}: this model's tokenizer needs custom code; set trust_remote_code: true if you trust "
+                        "it") from None  # fmt: skip
     if tokenizer.pad_token_id is None:
         # Padding is always masked out of the loss and attention; eos is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token

@@ -182,3 +182,18 @@ def test_an_adapter_names_its_base_so_other_tools_find_it(tmp_path, monkeypatch)
     assert base_reference(str(snapshot)) == ("Qwen/Qwen2.5-0.5B", commit, True)
     # a Hub id given to transformers (no such folder) stays as it is
     assert base_reference("org/model") == ("org/model", None, True)
+
+
+def test_a_tokenizer_of_the_folders_own_code_is_refused_untrusted_and_never_run(tmp_path, capsys):
+    from lorakit.cli import main
+
+    folder = save_model_folder(tmp_path / "m", tiny_llama())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": ["tok.MyTok", None]}, tokenizer_class="MyTok")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tok.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('code ran')\n")
+    with pytest.raises(UserError, match="this model's tokenizer needs custom code; set trust_remote_code: true if you trust it"):
+        load_tokenizer(folder)
+    assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip().endswith("needs custom code; set trust_remote_code: true if you trust it")
+    assert not (tmp_path / "ran").exists()
