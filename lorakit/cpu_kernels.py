@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -80,7 +81,7 @@ def _compile_into(library: Path, announce: Optional[Callable[[str], None]]) -> N
 
     message = f"compiling lorakit's CPU kernels into {library} (once, about 20 s)"
     announce(message) if announce is not None else log.info(message)
-    library.parent.mkdir(parents=True, exist_ok=True)
+    _private_folder(library.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{library.stem}-", dir=library.parent))
     try:
         # is_python_module=False: the library registers torch.ops.lorakit_cpu itself, so only
@@ -94,9 +95,18 @@ def _compile_into(library: Path, announce: Optional[Callable[[str], None]]) -> N
             is_python_module=False,
             verbose=False,
         )
-        os.replace(staging / f"{_NAME}.so", library)
+        built = staging / f"{_NAME}.so"
+        os.chmod(built, stat.S_IMODE(os.stat(built).st_mode) & ~0o022)  # loaded only if no one else can write it
+        os.replace(built, library)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _private_folder(folder: Path) -> None:
+    """Make `folder` where missing, writable by its owner alone whatever the umask (`untrusted_because`)."""
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, stat.S_IMODE(os.stat(folder).st_mode) & ~0o022)
 
 
 @contextlib.contextmanager
@@ -112,9 +122,11 @@ def _one_builder_at_a_time(library: Path) -> Iterator[None]:
     except ImportError:
         yield
         return
-    library.parent.mkdir(parents=True, exist_ok=True)
+    _private_folder(library.parent)
     lock_path = library.with_name(f".{library.name}.lock")
-    with open(lock_path, "a") as lock:
+    # (not through a link another user may have planted there)
+    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -123,11 +135,35 @@ def _one_builder_at_a_time(library: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def untrusted_because(library: Path) -> Optional[str]:
+    """Why the cached `library` must not be loaded (loading runs its code in this process), or None:
+    it and its folder must be this user's (or root's), written by no one else, and it a plain file,
+    not a link. A cache others can write to (a shared LORAKIT_CACHE) could hold their library under
+    the name this one takes, which is predictable from the sources, torch and the CPU. Writable by
+    the group is fine where the group is the user's own (umask 002 with a group per user, Ubuntu's
+    and Fedora's default)."""
+    if not hasattr(os, "getuid"):  # (Windows: no owners to check)
+        return None
+    for path in (library.parent, library):
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return f"{path} is a symbolic link"
+        if st.st_uid not in (os.getuid(), 0):
+            return f"{path} belongs to another user (uid {st.st_uid})"
+        if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getgid()):
+            return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
     if os.environ.get("LORAKIT_CPU_KERNELS", "1") == "0":
         log.info("LORAKIT_CPU_KERNELS=0: using the PyTorch CPU kernels")
         return None
     library = _library_path()
+    if library.exists() and (reason := untrusted_because(library)) is not None:
+        log.warning("lorakit's cached CPU kernels are not loaded: %s, and loading them runs their code; using the "
+                    "PyTorch kernels instead. Set LORAKIT_CACHE to a folder only you can write to.", reason)  # fmt: skip
+        return None
     try:
         if library.exists():
             torch.ops.load_library(str(library))

@@ -69,6 +69,30 @@ def test_a_build_is_announced_once_and_cached(monkeypatch, tmp_path, fake_build)
     assert len(builds) == 2 and len(said) == 2 and str(library) not in said[1]
 
 
+def test_a_cached_library_others_can_write_is_never_loaded(monkeypatch, tmp_path, caplog, fake_build):
+    import os
+
+    builds, loads = fake_build
+    old = os.umask(0o002)  # a build under a permissive umask is still private
+    try:
+        assert cpu_kernels.ops() is not None
+    finally:
+        os.umask(old)
+    library = cpu_kernels._library_path()
+    assert (library.stat().st_mode & 0o022, library.parent.stat().st_mode & 0o022) == (0, 0)
+    library.chmod(0o666)  # another user of a shared LORAKIT_CACHE could have put their library here
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    with caplog.at_level("WARNING", logger="lorakit.cpu_kernels"):
+        assert cpu_kernels.ops() is None
+    assert f"not loaded: {library} is writable by other users (mode 666)" in caplog.text
+    assert loads == [] and len(builds) == 1  # (the build loads its own library through the compiler)
+    library.chmod(0o644)
+    library.rename(library.with_name("elsewhere.so"))
+    library.symlink_to(library.with_name("elsewhere.so"))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.ops() is None and f"{library} is a symbolic link" in caplog.text and loads == []
+
+
 def test_a_process_waits_for_another_ones_build_and_loads_it(fake_build):
     import fcntl
     import threading
