@@ -100,7 +100,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in checkpoint_dirs(output_dir)[:-keep]:
+    for old in [p for p in checkpoint_dirs(output_dir) if _same_run(p, state)][:-keep]:
         # out of --resume's sight at once, under a staging name: a kill halfway through removing it
         # leaves a folder the next save sweeps, not a step-N without its state.json that stays for good
         doomed = old.with_name(f".{old.name}.tmp-{os.getpid()}-pruned")
@@ -109,6 +109,17 @@ def save_checkpoint(
             old = doomed
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _same_run(checkpoint: Path, state: dict[str, Any]) -> bool:
+    """Whether `checkpoint` was written by the run now saving `state` (the same fingerprint): only
+    those are pruned. `checkpoints/` may be a link to another disk, and one planted in a shared run
+    folder could point at another run's checkpoints, which pruning would delete."""
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("fingerprint") == state.get("fingerprint")
 
 
 class RunFolderLock:

@@ -1218,6 +1218,11 @@ def test_checkpoint_stagings_of_killed_runs_are_swept_and_pruning_hides_first(tm
         save_checkpoint(tmp_path, step, model=model, optimizer_state={"state": {}, "param_groups": []}, state=state, keep=2)
     # the dead process's two went, this process's and an unnumbered one stay; step-1 was pruned whole
     assert sorted(p.name for p in root.iterdir()) == [".step-3.tmp-x", f".step-7.tmp-{os.getpid()}-mine", "step-2", "step-3"]
+    # pruning takes this run's checkpoints only: a linked checkpoints folder may hold another run's
+    (root / "step-1").mkdir()
+    (root / "step-1" / "state.json").write_text(json.dumps({"step": 1, "fingerprint": {"model": "another run"}}))
+    save_checkpoint(tmp_path, 4, model=model, optimizer_state={"state": {}, "param_groups": []}, state=state, keep=2)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["step-1", "step-3", "step-4"]
 
 
 def test_a_pad_token_the_model_has_no_row_for_pads_with_another_id(tmp_path, capsys):
