@@ -22,9 +22,12 @@ A = V_rᵀ. r is `rank` (default: the largest rank of the adapters, PEFT's defau
 module's smaller dimension. Only the adapters that hold a module take part in it. With a single
 adapter the method is applied as asked (PEFT falls back to its rough `linear` then), so one adapter
 can be scaled, pruned or cut to a lower rank. The written
-adapter is a plain LoRA with alpha equal to each module's rank (s = 1), `target_modules` the exact
-module paths and `r` the largest rank (smaller ones by `rank_pattern`), so PEFT and lorakit load it
-and servers (vLLM) take it as any LoRA. DARE draws its masks from a generator
+adapter is a plain LoRA of one rank, the largest (a module of a smaller one padded with zeros, which
+leave B @ A as it is), with alpha equal to it (s = 1) and `target_modules` the exact module paths:
+PEFT and lorakit load it, and servers that read one rank and scale for every module (vLLM:
+lora_alpha / r; llama.cpp: alpha / each tensor's rank, no rsLoRA) apply each module's update as
+trained. So one adapter with per-module ranks or alphas, or rsLoRA, combined alone (cat, weight 1)
+is the same adapter in a form every LoRA reader takes alike. DARE draws its masks from a generator
 seeded from `seed` and the module's path, so a module's result does not depend on the others.
 
 Refused: adapters whose update is not s · B @ A alone (DoRA's row magnitudes; PiSSA / OLoRA, which
@@ -128,18 +131,23 @@ def combine_adapters(
         if a is None or not _finite(a.to(dtype), b.to(dtype)):
             raise UserError(f"{path}: the combination is not finite in {str(dtype).replace('torch.', '')} (weights "
                             f"{', '.join(map(str, weights))}); use smaller weights")  # fmt: skip
-        a_key, b_key = _FACTORS[kind]
-        tensors[f"{PREFIX}{path}{a_key}"] = a.to(dtype).contiguous()
-        tensors[f"{PREFIX}{path}{b_key}"] = b.to(dtype).contiguous()
-        ranks[path], kinds[path] = a.shape[0], kind
+        tensors[path], ranks[path], kinds[path] = (a.to(dtype), b.to(dtype)), a.shape[0], kind
+    # every module at the largest rank, zeros beyond its own (B @ A unchanged): one r and one scale,
+    # which is all vLLM (lora_alpha / r for every module) and llama.cpp (alpha / each tensor's rank) read
+    r = max(ranks.values())
+    for path in paths:
+        a, b = tensors.pop(path)
+        a_key, b_key = _FACTORS[kinds[path]]
+        tensors[f"{PREFIX}{path}{a_key}"] = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])]).contiguous()
+        tensors[f"{PREFIX}{path}{b_key}"] = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1).contiguous()
     tensors.update(_base_weights(files))
-    write_adapter_folder(out_dir, _peft_config(files, ranks), tensors)
+    write_adapter_folder(out_dir, _peft_config(files, sorted(paths), r), tensors)
     notes = []
     bases = list(dict.fromkeys(str(f.peft_config.get("base_model_name_or_path")) for f in files))
     if len(bases) > 1:
         notes.append(f"the adapters name different base models ({', '.join(bases)}); their shapes fit, the base "
                      f"written is the first one's")  # fmt: skip
-    return CombineReport(out_dir, method, len(files), len(paths), max(ranks.values()), notes)
+    return CombineReport(out_dir, method, len(files), len(paths), r, notes)
 
 
 def _check_options(adapter_dirs: list, weights: Optional[list[float]], method: str, rank: Optional[int],
@@ -311,13 +319,11 @@ def _keep_largest(update: torch.Tensor, density: float) -> torch.Tensor:
     return update * mask.view_as(update)
 
 
-def _peft_config(files: list[AdapterFiles], ranks: dict[str, int]) -> dict:
-    """The combined adapter's adapter_config.json: a plain LoRA on exactly these modules, s = 1."""
-    r = max(ranks.values())  # servers size their buffers by r (vLLM's max_lora_rank); smaller ones by pattern
-    pattern = {path: rank for path, rank in ranks.items() if rank != r}
+def _peft_config(files: list[AdapterFiles], paths: list[str], r: int) -> dict:
+    """The combined adapter's adapter_config.json: a plain LoRA of rank r on exactly these modules, s = 1."""
     raw = dict(files[0].peft_config)
     raw.update(
-        r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=sorted(ranks),
+        r=r, lora_alpha=r, rank_pattern={}, alpha_pattern={}, target_modules=paths,
         exclude_modules=None, layers_to_transform=None, layers_pattern=None, use_rslora=False, init_lora_weights=True,
         use_dora=False, modules_to_save=None, target_parameters=None,
         fan_in_fan_out=any(bool(f.peft_config.get("fan_in_fan_out")) for f in files),

@@ -48,7 +48,7 @@ def dry_run(
     from lorakit.train import (
         _check_objective, _dropped, _examples, _objective_line, _skipped, check_output_dir, check_positions, data_config, prepare_chat_template,
         check_resume_step, check_token_ids, empty_replies_note, eval_sets_line, generation_eval_records, no_eos_note, plan_steps,
-        tied_copies_note, warmup_note,
+        serving_note, tied_copies_note, warmup_note,
     )  # fmt: skip
 
     holder = folder_holder(cfg.output_dir)
@@ -99,7 +99,7 @@ def dry_run(
     stream = BatchStream(train_set, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
                          packing=cfg.data.packing, seed=cfg.train.seed, rank=0, world_size=processes)  # fmt: skip
     total_steps, steps_per_epoch = plan_steps(cfg, stream, processes)
-    for note in (warmup_note(cfg, total_steps), tied_copies_note(model), no_eos_note(tokenizer)):
+    for note in (warmup_note(cfg, total_steps), tied_copies_note(model), no_eos_note(tokenizer), serving_note(cfg)):
         if note:
             log(note)
     if state is not None:

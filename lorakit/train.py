@@ -423,7 +423,7 @@ def _setup(cfg: RunConfig, resume: bool, dist: Distributed, log: Callable[[str],
         # said aloud) rather than silently inside the first step, unless the block cache built them
         cpu_kernels.ops(announce)
     add_adapters(model, cfg)
-    for note in (tied_copies_note(model), no_eos_note(tokenizer)):
+    for note in (tied_copies_note(model), no_eos_note(tokenizer), serving_note(cfg)):
         if note:
             log(note)
     if cfg.train.objective != "sft":
@@ -616,6 +616,19 @@ def no_eos_note(tokenizer: Any) -> Optional[str]:
         return None
     return ("note: the tokenizer has no eos_token, so completion, instruction and text examples end without one and the "
             "model does not learn where to stop; set eos_token in the model's tokenizer_config.json")  # fmt: skip
+
+
+def serving_note(cfg: RunConfig) -> Optional[str]:
+    """Per-module ranks or alphas, or rsLoRA: PEFT and lorakit apply them, servers do not (vLLM
+    applies lora_alpha / r to every module, llama.cpp alpha / each tensor's rank without rsLoRA)."""
+    what = [k for k, on in (("lora.rank_pattern", cfg.lora.rank_pattern), ("lora.alpha_pattern", cfg.lora.alpha_pattern),
+                            ("lora.rslora", cfg.lora.rslora)) if on]  # fmt: skip
+    if not what:
+        return None
+    adapter = Path(cfg.output_dir) / "adapter"
+    return (f"note: {' and '.join(what)}: PEFT and lorakit apply the adapter as trained, vLLM and llama.cpp one scale "
+            f"to every module (llama.cpp no rsLoRA); `lorakit combine --adapter {adapter} --out "
+            f"{adapter.with_name('portable')}` writes it as they apply it")
 
 
 def chat_template_source(cfg: RunConfig) -> Optional[str]:

@@ -77,15 +77,16 @@ def test_combined_updates_equal_peft_add_weighted_adapter(adapters, tmp_path, me
     for path in theirs:
         scale = theirs[path].abs().max().item()
         assert (ours[path] - theirs[path]).abs().max().item() <= 2e-5 * max(scale, 1.0), path
-    # the file: s = 1 everywhere, exact module paths as targets
+    # the file: one rank and s = 1 everywhere (what vLLM and llama.cpp read), exact module paths as targets
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["lora_alpha"] == config["r"] and config["alpha_pattern"] == config["rank_pattern"]
+    assert config["lora_alpha"] == config["r"] and config["alpha_pattern"] == config["rank_pattern"] == {}
     assert "model.layers.0.self_attn.q_proj" in config["target_modules"] and not config["use_rslora"]
     tensors = load_file(str(out / "adapter_model.safetensors"))
     rank_q = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0]
     assert rank_q == {"cat": 10}.get(method, options.get("rank", 6))  # cat: 4 + 6; svd: the largest rank (6)
-    if method == "cat":
-        assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape[0] == 4
+    if method == "cat":  # the embedding's own rank 4 (one's alone), padded with zeros to the largest
+        embed_a = tensors["base_model.model.model.embed_tokens.lora_embedding_A"]
+        assert embed_a.shape[0] == 10 and not embed_a[4:].any()
 
 
 def test_cat_is_exact_and_loads_in_lorakit_with_the_weighted_sum_of_updates(adapters, tmp_path, capsys):
@@ -117,8 +118,8 @@ def test_cat_is_exact_and_loads_in_lorakit_with_the_weighted_sum_of_updates(adap
         assert (model(ids).logits - reference(ids).logits).abs().max().item() < 1e-4
     assert main(args) == 2  # an existing --out is never overwritten without --force
     assert "exists and is not empty; pick another folder or pass --force" in capsys.readouterr().err
-    config = json.loads((out / "adapter_config.json").read_text())  # r: the largest rank (v_proj and embed: 4, by pattern)
-    assert config["r"] == 10 and config["rank_pattern"]["model.layers.0.self_attn.v_proj"] == 4
+    config = json.loads((out / "adapter_config.json").read_text())  # r: the largest rank (v_proj and embed: 4, padded)
+    assert config["r"] == config["lora_alpha"] == 10 and config["rank_pattern"] == {}
 
 
 def test_dare_keeps_each_entry_with_the_density_and_rescales_it(adapters, tmp_path):
@@ -299,3 +300,29 @@ def test_a_full_disk_under_safetensors_is_said_as_the_os_error_it_is(tmp_path, m
 
     copied = OSError(errno.ENOSPC, "No space left on device", "/base/tokenizer.json", None, "/out/tokenizer.json")
     assert str(disk_full(copied)).startswith("no space left on device writing /out/tokenizer.json: ")  # the copy, not its source
+
+
+def test_one_adapter_is_written_with_one_rank_and_scale_for_servers(adapters, tmp_path):
+    # "two" has rsLoRA and a rank pattern: vLLM applies lora_alpha / r to every module and llama.cpp
+    # alpha / each tensor's rank, without rsLoRA; the written adapter gives each its own update either way
+    from lorakit.adapters import adapter_scaling, read_adapter
+
+    out = tmp_path / "portable"
+    combine_adapters([adapters / "two"], out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"], config["use_rslora"]) == (6, 6, {}, {}, False)
+    source, written = read_adapter(adapters / "two"), load_file(str(out / "adapter_model.safetensors"))
+    for key, a in source.tensors.items():
+        if key.endswith("lora_A.weight"):
+            path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            b, a_out, b_out = source.tensors[key.replace("lora_A", "lora_B")], written[key], written[key.replace("lora_A", "lora_B")]
+            assert a_out.shape[0] == b_out.shape[1] == 6  # o_proj's rank 2, padded
+            vllm_scale = config["lora_alpha"] / config["r"]
+            llama_cpp_scale = config["lora_alpha"] / a_out.shape[0]
+            for scale in (vllm_scale, llama_cpp_scale):
+                torch.testing.assert_close(scale * b_out @ a_out, adapter_scaling(source.config, path) * b @ a, rtol=1e-6, atol=1e-7)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = _peft_model(adapters, "two")(ids).logits
+        ours = peft.PeftModel.from_pretrained(tiny_llama(), out).eval()(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-5

@@ -1279,3 +1279,17 @@ def test_notes_on_copies_of_tied_embeddings_and_a_tokenizer_without_eos(tmp_path
         "note: the tokenizer has no eos_token, so completion, instruction and text examples end without one and the model "
         "does not learn where to stop; set eos_token in the model's tokenizer_config.json"
     ]
+
+
+def test_per_module_scales_get_a_note_on_how_servers_apply_them():
+    from lorakit.train import serving_note
+
+    plain = build_run_config({"model": "m", "output_dir": "out", "data": {"train": "t.jsonl"}}, check_paths=False)
+    assert serving_note(plain) is None
+    patterned = build_run_config({"model": "m", "output_dir": "out", "data": {"train": "t.jsonl"},
+                                  "lora": {"rank_pattern": {"o_proj": 4}, "rslora": True}}, check_paths=False)  # fmt: skip
+    assert serving_note(patterned) == (
+        "note: lora.rank_pattern and lora.rslora: PEFT and lorakit apply the adapter as trained, vLLM and llama.cpp one "
+        "scale to every module (llama.cpp no rsLoRA); `lorakit combine --adapter out/adapter --out out/portable` writes "
+        "it as they apply it"
+    )
