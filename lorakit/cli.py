@@ -84,7 +84,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "nf4"], default="none",
                    help="nf4: the base in 4-bit as QLoRA trains it (a QLoRA adapter runs over the base it learned on)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
-                   help="compute dtype (default: fp32 on CPU, else auto; with --quantize nf4 auto, as training's "
+                   help="compute dtype (default: on CPU fp32, a bf16 model bf16 where the CPU computes in bf16; on a GPU, "
+                        "and with --quantize nf4, auto, as training's "
                         "precision: auto); set it to a run's train.precision to reproduce its numbers")
 
 

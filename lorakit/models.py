@@ -357,6 +357,17 @@ def model_dtype(path: Union[str, Path]) -> torch.dtype:
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)
 
 
+def inference_dtype(model_path: Union[str, Path], device: torch.device) -> torch.dtype:
+    """The compute dtype inference takes unless told: on a GPU training's `precision: auto`; on CPU
+    fp32 (accurate, and fast where the CPU has no bf16 arithmetic), but a bf16 checkpoint stays bf16
+    where the CPU computes in bf16 itself (AVX512-BF16, AMX): an fp32 copy of it would take twice its
+    memory (3x while loading), for no speed."""
+    if device.type != "cpu":
+        return resolve_precision("auto", device)
+    stored = model_dtype(model_path) if (Path(model_path) / "config.json").is_file() else torch.float32
+    return torch.bfloat16 if stored == torch.bfloat16 and cpu_has_bf16() else torch.float32
+
+
 def load_for_inference(
     model_path: Union[str, Path],
     adapter_path: Union[str, Path, None] = None,
@@ -396,7 +407,7 @@ def load_for_inference(
         dtype = dtype or resolve_precision("auto", device)
         model, _ = load_model_4bit(model_path, compute_dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     else:
-        dtype = dtype or (torch.float32 if device.type == "cpu" else resolve_precision("auto", device))
+        dtype = dtype or inference_dtype(model_path, device)
         model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if files is not None:
         apply_adapter(model, files)

@@ -197,3 +197,20 @@ def test_a_tokenizer_of_the_folders_own_code_is_refused_untrusted_and_never_run(
     assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
     assert capsys.readouterr().err.strip().endswith("needs custom code; set trust_remote_code: true if you trust it")
     assert not (tmp_path / "ran").exists()
+
+
+def test_inference_keeps_a_bf16_model_in_bf16_on_a_cpu_that_computes_in_it(tmp_path, monkeypatch):
+    import lorakit.models as models
+
+    bf16 = save_model_folder(tmp_path / "bf16", tiny_llama().to(torch.bfloat16))
+    fp32 = save_model_folder(tmp_path / "fp32", tiny_llama())
+    cpu = torch.device("cpu")
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "cpu_has_bf16", lambda: has_bf16)
+        assert models.inference_dtype(bf16, cpu) == expected  # (no fp32 copy at twice the memory where bf16 computes)
+        assert models.inference_dtype(fp32, cpu) == torch.float32
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    model, _ = models.load_for_inference(bf16, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = models.load_for_inference(bf16, device="cpu", precision="fp32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
