@@ -214,3 +214,16 @@ def test_inference_keeps_a_bf16_model_in_bf16_on_a_cpu_that_computes_in_it(tmp_p
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model, _ = models.load_for_inference(bf16, device="cpu", precision="fp32")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_help_and_version_answer_without_importing_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys; from lorakit.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False" and out.startswith("lorakit ")
+    import lorakit
+
+    assert lorakit.LoraConfig is lorakit.config.LoraConfig and "inject_adapter" in dir(lorakit)  # the names, on first use
