@@ -124,8 +124,9 @@ def _one_builder_at_a_time(library: Path) -> Iterator[None]:
         return
     _private_folder(library.parent)
     lock_path = library.with_name(f".{library.name}.lock")
-    # (not through a link another user may have planted there)
-    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    # (not through a link another user may have planted there, nor blocking on a FIFO)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(lock_path, flags, 0o644)
     with os.fdopen(fd, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -140,8 +141,9 @@ def untrusted_because(library: Path) -> Optional[str]:
     it and its folder must be this user's (or root's), written by no one else, and it a plain file,
     not a link. A cache others can write to (a shared LORAKIT_CACHE) could hold their library under
     the name this one takes, which is predictable from the sources, torch and the CPU. Writable by
-    the group is fine where the group is the user's own (umask 002 with a group per user, Ubuntu's
-    and Fedora's default)."""
+    the group is fine where the group is the user's own, named as the user and with no other member
+    (umask 002 with a group per user, Ubuntu's and Fedora's default), not a shared one (`users`).
+    The folder being no one else's, the file checked is the file loaded."""
     if not hasattr(os, "getuid"):  # (Windows: no owners to check)
         return None
     for path in (library.parent, library):
@@ -150,9 +152,33 @@ def untrusted_because(library: Path) -> Optional[str]:
             return f"{path} is a symbolic link"
         if st.st_uid not in (os.getuid(), 0):
             return f"{path} belongs to another user (uid {st.st_uid})"
-        if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getgid()):
+        if st.st_mode & 0o002 or (st.st_mode & 0o020 and not _own_group(st.st_gid)):
             return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
     return None
+
+
+def _own_group(gid: int) -> bool:
+    """Whether group `gid` is the user's private group: named as the user, no other member."""
+    import grp
+    import pwd
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a group or user without a name
+        return False
+    return group.gr_name == user and set(group.gr_mem) <= {user}
+
+
+class _Untrusted(Exception):
+    pass
+
+
+def _load(library: Path) -> None:
+    """Load the cached `library`, unless `untrusted_because` says why not (raised as _Untrusted)."""
+    reason = untrusted_because(library)
+    if reason is not None:
+        raise _Untrusted(reason)
+    torch.ops.load_library(str(library))
 
 
 def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
@@ -160,19 +186,19 @@ def _build(announce: Optional[Callable[[str], None]]) -> Optional[object]:
         log.info("LORAKIT_CPU_KERNELS=0: using the PyTorch CPU kernels")
         return None
     library = _library_path()
-    if library.exists() and (reason := untrusted_because(library)) is not None:
-        log.warning("lorakit's cached CPU kernels are not loaded: %s, and loading them runs their code; using the "
-                    "PyTorch kernels instead. Set LORAKIT_CACHE to a folder only you can write to.", reason)  # fmt: skip
-        return None
     try:
         if library.exists():
-            torch.ops.load_library(str(library))
+            _load(library)
         else:
             with _one_builder_at_a_time(library):
-                if library.exists():  # built by the process this one waited for
-                    torch.ops.load_library(str(library))
+                if library.exists():  # built by the process this one waited for (checked as any other)
+                    _load(library)
                 else:
                     _compile_into(library, announce)  # which loads it too
+    except _Untrusted as exc:
+        log.warning("lorakit's cached CPU kernels are not loaded: %s, and loading them runs their code; using the "
+                    "PyTorch kernels instead. Set LORAKIT_CACHE to a folder only you can write to.", exc)  # fmt: skip
+        return None
     except Exception as exc:  # no compiler, no ninja, a read-only cache, an unsupported platform
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning(

@@ -93,6 +93,28 @@ def test_a_cached_library_others_can_write_is_never_loaded(monkeypatch, tmp_path
     assert cpu_kernels.ops() is None and f"{library} is a symbolic link" in caplog.text and loads == []
 
 
+def test_a_library_that_appears_while_waiting_for_the_build_lock_is_checked_too(fake_build, caplog):
+    import fcntl
+    import threading
+
+    builds, loads = fake_build
+    library = cpu_kernels._library_path()
+    library.parent.mkdir(parents=True)
+    results = []
+    with open(library.with_name(f".{library.name}.lock"), "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # someone holds the build lock ...
+        waiting = threading.Thread(target=lambda: results.append(cpu_kernels.ops()))
+        with caplog.at_level("WARNING", logger="lorakit.cpu_kernels"):
+            waiting.start()
+            waiting.join(0.5)
+            library.write_text("not ours")
+            library.chmod(0o666)  # ... and leaves a library anyone could have written
+            fcntl.flock(other, fcntl.LOCK_UN)
+            waiting.join(30)
+    assert results == [None] and loads == [] and builds == []
+    assert "is writable by other users (mode 666)" in caplog.text
+
+
 def test_a_process_waits_for_another_ones_build_and_loads_it(fake_build):
     import fcntl
     import threading
