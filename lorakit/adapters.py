@@ -542,14 +542,17 @@ def read_adapter_config(directory: Union[str, Path]) -> tuple[LoraConfig, dict[s
 
 
 def inside_folder(path: Path, folder: Path) -> bool:
-    """Whether `path`, links followed, lies in `folder` (links followed too); for a folder of the
-    Hugging Face cache (`.../models--ORG--NAME/snapshots/COMMIT`, whose files link to `../../blobs`),
-    in its repository's folder. A folder from elsewhere may link a private file (a key, /proc's
-    environment) under a name lorakit reads and writes out again."""
-    root = folder.resolve()
-    if root.parent.name == "snapshots":
-        root = root.parent.parent
-    return path.resolve().is_relative_to(root)
+    """Whether `path` is a file of the model or adapter `folder`, links followed: in the folder; in
+    the Hugging Face cache's blobs (`models--ORG--NAME/blobs/`, where a snapshot's files and a
+    `--local-dir` download's large ones link); or the file of the same name in another model or
+    adapter folder (`ln -s /store/model/* work/`). A folder from elsewhere may link a private file
+    (a key, /proc's environment) under a name lorakit reads and writes out again."""
+    target = path.resolve()
+    if target.is_relative_to(folder.resolve()):
+        return True
+    if target.parent.name == "blobs" and target.parent.parent.name.startswith("models--"):
+        return True
+    return target.name == path.name and any((target.parent / n).is_file() for n in ("config.json", CONFIG_NAME))
 
 
 def read_chat_template(directory: Union[str, Path]) -> Optional[str]:

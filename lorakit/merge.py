@@ -61,7 +61,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -641,6 +640,7 @@ def merge_adapter_files(
     files = read_adapter(adapter_dir)
     template = read_chat_template(files.path)  # checked before any work; copied as it is
     layout = read_base_layout(base_dir)
+    side_files(layout.folder)  # a link it will not copy: refused now, not after the weights are written
     out_dir = check_output_folder(out_dir, {"base model": layout.folder, "adapter": files.path}, force)
     max_bytes = parse_size(max_shard_size)
     if max_bytes <= 0:
@@ -865,20 +865,31 @@ def _drop_config_template(folder: Path) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def _copy_side_files(base: Path, folder: Path) -> None:
-    """Tokenizer files, generation config, chat template, custom code: every top-level file that
-    is not weights, an index, config.json or the model card (those are written separately), and
-    that lies inside the base's folder (`inside_folder`)."""
-    for path in base.iterdir():
+def side_files(base: Path) -> list[Path]:
+    """The base's files a merged model takes as they are: tokenizer files, generation config, chat
+    template, custom code; every top-level file that is not weights, an index, config.json or the
+    model card (those are written separately).
+
+    Raises:
+        UserError: one is a link out of the folder (`inside_folder`): a folder from elsewhere could
+            link a private file there, to be published with the merged model.
+    """
+    files = []
+    for path in sorted(base.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.name in ("config.json", INDEX_NAME, MODEL_CARD_NAME):
             continue
         if path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
         if not inside_folder(path, base):
-            print(f"note: {path} is a link to {path.resolve()}, outside the model's folder: not copied into the merged "
-                  "model (a folder from elsewhere could link a private file there, to be published with it)",
-                  file=sys.stderr)  # fmt: skip
-            continue
+            raise UserError(f"{path} is a link to {path.resolve()}, outside the model's folder and no file of another "
+                            "model folder: lorakit does not copy it into the merged model; copy the file into the folder "
+                            "(cp --remove-destination) or remove the link")  # fmt: skip
+        files.append(path)
+    return files
+
+
+def _copy_side_files(base: Path, folder: Path) -> None:
+    for path in side_files(base):
         shutil.copy2(path, folder / path.name)
 
 

@@ -422,14 +422,32 @@ def test_files_linked_from_outside_the_folders_are_not_published_with_the_merge(
     base, _ = _lorakit_case(tmp_path, tiny_llama, LoraConfig(r=2, alpha=4, targets=["q_proj"]))
     secret = tmp_path / "id_rsa"
     secret.write_text("PRIVATE KEY")
-    (base / "notes.txt").symlink_to(secret)
-    (base / "README.md").symlink_to(secret)
-    (base / "vocab_notes.txt").write_text("kept")  # a plain side file is copied as before
+    # links as downloads and shared stores make them are copied: into the Hugging Face cache's blobs,
+    # and to the file of that name in another model folder
+    blobs = tmp_path / "hub" / "models--acme--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "0f3a").write_bytes((base / "tokenizer.json").read_bytes())
+    (base / "tokenizer.json").unlink()
+    (base / "tokenizer.json").symlink_to(blobs / "0f3a")
+    store = save_model_folder(tmp_path / "store", tiny_llama())
+    (store / "vocab_notes.txt").write_text("kept")
+    (base / "vocab_notes.txt").symlink_to(store / "vocab_notes.txt")
+    (base / "README.md").symlink_to(secret)  # a card linked out is left out of the merged card
     merge_adapter_files(base, tmp_path / "adapter", tmp_path / "out")
     out = tmp_path / "out"
-    assert not (out / "notes.txt").exists() and (out / "vocab_notes.txt").read_text() == "kept"
+    assert (out / "vocab_notes.txt").read_text() == "kept" and not (out / "tokenizer.json").is_symlink()
+    assert (out / "tokenizer.json").read_bytes() == (blobs / "0f3a").read_bytes()
     assert "PRIVATE KEY" not in (out / "README.md").read_text()
-    assert f"note: {base / 'notes.txt'} is a link to {secret}, outside the model's folder: not copied" in capsys.readouterr().err
+    # any other link out is refused before the weights are written
+    (base / "notes.txt").symlink_to(secret)
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out1")]) == 2
+    assert _error(capsys) == (
+        f"error: {base / 'notes.txt'} is a link to {secret}, outside the model's folder and no file of another model "
+        "folder: lorakit does not copy it into the merged model; copy the file into the folder (cp --remove-destination) "
+        "or remove the link"
+    )
+    assert not (tmp_path / "out1").exists()
+    (base / "notes.txt").unlink()
     # an adapter's chat template is read from its folder only, by every command
     (tmp_path / "adapter" / "chat_template.jinja").symlink_to(secret)
     assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out2")]) == 2
