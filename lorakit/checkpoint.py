@@ -207,7 +207,8 @@ def _open_lock_file(path: Path, *, create: bool = True) -> Any:
     Raises:
         UserError: the name is a symbolic link or not a plain file.
     """
-    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    # (O_NONBLOCK: a FIFO there would block the open; it is then refused as not a plain file)
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:

@@ -8,12 +8,14 @@ the first step). Experiment trackers (lorakit.tracking) are handed each entry as
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import resource
 import secrets
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -64,7 +66,7 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             from lorakit.errors import writing
 
-            with writing(self.path), self.path.open("a") as f:
+            with writing(self.path), _open_append(self.path) as f:
                 f.write(json_line(entry))
             if self.trackers is not None:
                 self.trackers.log(entry)
@@ -153,6 +155,28 @@ def peak_rss_bytes() -> int:
 def byte_size(n: int) -> str:
     """A byte count as people read it: "1.25 MiB", "38.3 KiB"."""
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _open_append(path: Path) -> Any:
+    """`path` opened to append to, never through a symbolic link: one planted in a shared run folder
+    while the run goes on would have its metrics written into the file it points at.
+
+    Raises:
+        UserError: the name is a symbolic link (or not a plain file).
+    """
+    from lorakit.errors import UserError
+
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # (ENXIO: a FIFO no one reads)
+            raise
+        raise UserError(f"{path} is not a plain file (a symbolic link?); the run appends its metrics there: remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a plain file; the run appends its metrics there: remove it")
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def new_temp_file(path: Path, mode: str) -> tuple[Path, Any]:

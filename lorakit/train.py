@@ -276,8 +276,8 @@ def _check_run_entries(output_dir: Path) -> None:
             kind = "a symbolic link" if path.exists() else "a symbolic link to nothing"
         elif folder and not path.is_dir():
             kind = "a file"
-        elif not folder and path.is_dir():
-            kind = "a folder"
+        elif not folder and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a plain file"  # (a FIFO would block the run's open)
         else:
             continue
         raise UserError(f"output_dir {str(output_dir)!r}: {path} is {kind}, where the run writes its {name} "

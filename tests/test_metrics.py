@@ -140,3 +140,26 @@ def test_temp_files_are_made_new_never_through_a_planted_link(tmp_path, monkeypa
     assert victim.read_text() == "precious" and (run / "config.yaml").read_text() == "model: m\n"
     assert (run / "config.yaml").stat().st_mode & 0o777 == 0o644  # the umask's, not mkstemp's owner-only
     assert not (run / "config.yaml").is_symlink()
+
+
+def test_metrics_are_never_appended_through_a_link_planted_while_the_run_goes_on(tmp_path):
+    import os
+
+    import pytest
+
+    from lorakit.errors import UserError
+    from lorakit.metrics import MetricsLog
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    log = MetricsLog(tmp_path / "run")
+    log.log({"step": 1, "loss": 2.0})
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(UserError, match="metrics.jsonl is not a plain file \\(a symbolic link\\?\\); the run appends its metrics"):
+        log.log({"step": 2, "loss": 1.0})
+    assert victim.read_text() == "precious\n"
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    os.mkfifo(tmp_path / "run" / "metrics.jsonl")  # nor does a FIFO there hang the run
+    with pytest.raises(UserError, match="metrics.jsonl is not a plain file"):
+        log.log({"step": 2, "loss": 1.0})

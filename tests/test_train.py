@@ -1168,6 +1168,15 @@ def test_a_link_planted_as_the_run_lock_is_never_written_through(workspace, caps
     assert main(["train", _config(workspace, out, max_steps=2)]) == 2
     assert "metrics.jsonl is a symbolic link, where the run writes its metrics.jsonl file" in capsys.readouterr().err
     assert victim.read_text() == "precious\n"
+    # a FIFO as the lock does not hang the run: it is no plain file
+    (out / "metrics.jsonl").unlink()
+    os.mkfifo(out / ".lorakit-run.lock")
+    for dry in (["--dry-run"], []):
+        assert main(["train", _config(workspace, out, max_steps=2), *dry]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: output_dir {str(out)!r}: {out / '.lorakit-run.lock'} is not a plain file, where the run writes its "
+            ".lorakit-run.lock file; move it away, or set a new output_dir=..."
+        )  # fmt: skip
 
 
 def test_a_file_named_as_what_the_run_writes_is_refused_before_a_step(workspace, capsys):
