@@ -819,12 +819,14 @@ def _write_config(layout: BaseLayout, folder: Path, dtype: torch.dtype, untie: b
 
 def _stop_where_trained(folder: Path) -> None:
     """Add to generation_config.json's eos_token_id the tokens the fine-tuned model learned to stop
-    at, each where it is one token of the vocabulary: the chat template's end of turn (chat data)
-    and the tokenizer's EOS (which ends every other example lorakit trains). Generators other than
+    at: the chat template's end of turn (chat data), where it is one special or added token (not an
+    ordinary one, such as a "." a template writes after every reply), and the tokenizer's EOS (which
+    ends every other example lorakit trains). Generators other than
     lorakit's (transformers, vLLM) stop only at the ids listed there, and a base may list another
     (Qwen2.5's base models: <|endoftext|>, while their template ends a turn with <|im_end|>): the
-    merged model would write past its answer. A base without the file gets one, from config.json;
-    a folder whose tokenizer transformers cannot load is left as it is."""
+    merged model would write past its answer. A base without the file gets one, with the ids of
+    config.json (or of its `text_config`, a multimodal model's); a folder whose tokenizer or
+    template transformers cannot load is left as it is."""
     from transformers import AutoTokenizer
 
     from lorakit.chat_templates import ChatRenderer
@@ -834,9 +836,12 @@ def _stop_where_trained(folder: Path) -> None:
     except Exception:  # noqa: BLE001 - a config.json transformers cannot read (merged by the shapes) stops its
         return  # tokenizer classes from loading too (the errors are transformers' and huggingface_hub's own kinds)
     stops = []
-    end = ChatRenderer(tokenizer).end_of_turn if tokenizer.chat_template else None
+    try:
+        end = ChatRenderer(tokenizer).end_of_turn if tokenizer.chat_template else None
+    except UserError:  # the base's own template does not compile: generation has no turns to end here
+        end = None
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
-    if len(ids) == 1:
+    if len(ids) == 1 and (ids[0] in tokenizer.all_special_ids or end in tokenizer.get_added_vocab()):
         stops.append(ids[0])
     if tokenizer.eos_token_id is not None:
         stops.append(tokenizer.eos_token_id)
@@ -845,7 +850,12 @@ def _stop_where_trained(folder: Path) -> None:
         config = json.loads(path.read_text())
     else:
         model_config = json.loads((folder / "config.json").read_text())
-        config = {k: model_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if model_config.get(k) is not None}
+        text_config = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
+        config = {}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = model_config.get(key, text_config.get(key))
+            if value is not None:
+                config[key] = value
     eos = config.get("eos_token_id")
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
     added = [i for i in dict.fromkeys(stops) if i not in eos]

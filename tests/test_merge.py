@@ -416,6 +416,21 @@ def test_a_merged_model_stops_where_the_fine_tuned_model_learned_to_stop(tmp_pat
     merge_adapter_files(chatml, tmp_path / "adapter", tmp_path / "out2")
     im_end = make_tokenizer("chatml").convert_tokens_to_ids("<|im_end|>")
     assert GenerationConfig.from_pretrained(tmp_path / "out2").eos_token_id == [2, im_end]
+    # an ordinary token a template writes after every reply is no stop; a base without a generation
+    # config gets one with its config.json's ids (a multimodal config's text_config's)
+    plain_end = tmp_path / "plain-end"
+    tok = make_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '.' }}{% endfor %}"
+    save_model_folder(plain_end, tiny_llama(), tok)
+    (plain_end / "generation_config.json").unlink()
+    config = json.loads((plain_end / "config.json").read_text())
+    ids = {k: config.pop(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    (plain_end / "config.json").write_text(json.dumps({**config, "text_config": ids}))
+    from lorakit.merge import _stop_where_trained
+
+    _stop_where_trained(plain_end)
+    written = json.loads((plain_end / "generation_config.json").read_text())
+    assert written == {**{k: v for k, v in ids.items() if v is not None}, "eos_token_id": [ids["eos_token_id"], end]}
 
 
 def test_files_linked_from_outside_the_folders_are_not_published_with_the_merge(tmp_path, capsys):
