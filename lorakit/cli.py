@@ -80,13 +80,16 @@ def _inspect(args: argparse.Namespace) -> int:
     return inspect_command(args)
 
 
-def _add_quantize(p: argparse.ArgumentParser) -> None:
+def _add_loading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "nf4"], default="none",
                    help="nf4: the base in 4-bit as QLoRA trains it (a QLoRA adapter runs over the base it learned on)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
                    help="compute dtype (default: on CPU fp32, a bf16 model bf16 where the CPU computes in bf16; on a GPU, "
                         "and with --quantize nf4, auto, as training's "
                         "precision: auto); set it to a run's train.precision to reproduce its numbers")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folder's own code where its config or tokenizer needs it (only for a folder you "
+                        "trust: the code runs with your rights)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", required=True, help="model folder")
         p.add_argument("--adapter", default=None, help="adapter folder")
-        _add_quantize(p)
+        _add_loading_options(p)
         if name == "generate":
             src = p.add_mutually_exclusive_group(required=True)
             src.add_argument("--prompt", help="one prompt")
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy (DPO reward accuracy) on a dataset")
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--adapter", default=None, help="adapter folder")
-    _add_quantize(p)
+    _add_loading_options(p)
     p.add_argument("--data", required=True, help="records in any lorakit format: .jsonl, .json, .parquet, .arrow, .csv or .tsv")
     p.add_argument("--generate", action="store_true", help="also measure exact-match accuracy of greedy completions")
     p.add_argument("--json", action="store_true", help="print one JSON object")

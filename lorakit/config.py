@@ -402,6 +402,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise UserError(f"override {pair!r}: value is not valid YAML ({exc.__class__.__name__})") from None
         except RecursionError:  # PyYAML reads nested lists and mappings recursively
             raise UserError(f"override {key.strip()}=...: value is {_YAML_TOO_DEEP}; flatten it") from None
+        if _expanded_size(out[key.strip()], {}) > MAX_CONFIG_VALUES:
+            raise UserError(f"override {key.strip()}=...: its aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} "
+                            "values; write the values out")  # fmt: skip
     return out
 
 

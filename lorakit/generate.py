@@ -282,7 +282,8 @@ def load_for_command(args: argparse.Namespace) -> tuple[nn.Module, Any]:
 
     if not looks_like_hub_id(args.model):
         check_model_folder(args.model)
-    return load_for_inference(args.model, args.adapter, quantize=args.quantize, precision=args.precision)
+    return load_for_inference(args.model, args.adapter, quantize=args.quantize, precision=args.precision,
+                              trust_remote_code=args.trust_remote_code)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:

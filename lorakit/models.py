@@ -24,6 +24,10 @@ from lorakit.errors import UserError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# how a user runs a folder's own code, said where a model needs it (never run unasked)
+TRUST_FIX = "if you trust it, set trust_remote_code: true (train) or pass --trust-remote-code (generate, chat, eval)"
+
+
 def pick_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -167,7 +171,7 @@ def load_config(path: Union[str, Path], *, trust_remote_code: bool = False) -> A
         raise
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise UserError(f"{path}: this model needs custom code; set trust_remote_code: true if you trust it") from None
+            raise UserError(f"{path}: this model needs custom code from its folder; {TRUST_FIX}") from None
         model_type = read_config_json(path).get("model_type") if local else None
         if model_type is None and local:
             raise UserError(f"{where}: no model_type, the key that names the architecture (e.g. \"llama\"); re-save or "
@@ -230,8 +234,7 @@ def load_tokenizer(path: Union[str, Path], *, trust_remote_code: bool = False):
         if isinstance(exc, UserError) or "trust_remote_code" not in str(exc):
             raise
         # a tokenizer class of the folder's own code (tokenizer_config.json's auto_map), never run untrusted
-        raise UserError(f"{path}: this model's tokenizer needs custom code; set trust_remote_code: true if you trust "
-                        "it") from None  # fmt: skip
+        raise UserError(f"{path}: this model's tokenizer needs custom code from its folder; {TRUST_FIX}") from None
     if tokenizer.pad_token_id is None:
         # Padding is always masked out of the loss and attention; eos is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -289,7 +292,7 @@ def load_model(
             )  # fmt: skip
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise UserError(f"{path}: this model needs custom code; set trust_remote_code: true if you trust it") from None
+            raise UserError(f"{path}: this model needs custom code from its folder; {TRUST_FIX}") from None
         raise
     except RuntimeError as exc:  # transformers raises this after its load report for a weight of another shape
         if "mismatched_sizes" in str(exc):

@@ -51,6 +51,11 @@ def test_yaml_aliases_that_expand_past_any_config_are_refused_before_a_walk(tmp_
     bomb.write_text("model: m\ndata:\n  chat_template_kwargs:\n" + "\n".join(levels) + "\n")
     with pytest.raises(UserError, match=r"bomb.yaml: its aliases \(\*name\) expand to more than 100,000 values"):
         load_run_config(bomb, check_paths=False)
+    flow = "[&a0 [" + ", ".join(["lol"] * 10) + "], " + ", ".join(
+        f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)
+    ) + "]"  # the same as one override's value
+    with pytest.raises(UserError, match=r"override data.columns=...: its aliases \(\*name\) expand to more than 100,000"):
+        parse_overrides([f"data.columns={flow}"])
     # aliases as people use them, to repeat a setting, are fine
     plain = tmp_path / "plain.yaml"
     plain.write_text("model: m\ndata:\n  train: &files t.jsonl\n  eval: *files\n")

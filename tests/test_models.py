@@ -192,10 +192,11 @@ def test_a_tokenizer_of_the_folders_own_code_is_refused_untrusted_and_never_run(
     config.update(auto_map={"AutoTokenizer": ["tok.MyTok", None]}, tokenizer_class="MyTok")
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "tok.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('code ran')\n")
-    with pytest.raises(UserError, match="this model's tokenizer needs custom code; set trust_remote_code: true if you trust it"):
+    with pytest.raises(UserError, match="this model's tokenizer needs custom code from its folder; if you trust it, set "
+                       "trust_remote_code: true \\(train\\) or pass --trust-remote-code \\(generate, chat, eval\\)$"):
         load_tokenizer(folder)
     assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
-    assert capsys.readouterr().err.strip().endswith("needs custom code; set trust_remote_code: true if you trust it")
+    assert capsys.readouterr().err.strip().endswith("or pass --trust-remote-code (generate, chat, eval)")
     assert not (tmp_path / "ran").exists()
 
 
