@@ -135,14 +135,20 @@ def combine_adapters(
     # every module at the largest rank, zeros beyond its own (B @ A unchanged): one r and one scale,
     # which is all vLLM (lora_alpha / r for every module) and llama.cpp (alpha / each tensor's rank) read
     r = max(ranks.values())
+    padded = total = 0
     for path in paths:
         a, b = tensors.pop(path)
+        padded += (r - a.shape[0]) * (a.shape[1] + b.shape[0])
+        total += r * (a.shape[1] + b.shape[0])
         a_key, b_key = _FACTORS[kinds[path]]
         tensors[f"{PREFIX}{path}{a_key}"] = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])]).contiguous()
         tensors[f"{PREFIX}{path}{b_key}"] = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1).contiguous()
     tensors.update(_base_weights(files))
     write_adapter_folder(out_dir, _peft_config(files, sorted(paths), r), tensors)
     notes = []
+    if padded:
+        notes.append(f"modules of a smaller rank are padded with zeros to rank {r} (one rank for servers): {padded:,} of the "
+                     f"file's {total:,} LoRA values ({100 * padded / total:.0f}%) are those zeros")  # fmt: skip
     bases = list(dict.fromkeys(str(f.peft_config.get("base_model_name_or_path")) for f in files))
     if len(bases) > 1:
         notes.append(f"the adapters name different base models ({', '.join(bases)}); their shapes fit, the base "

@@ -932,7 +932,7 @@ def merged_model_card(base: Path, files: AdapterFiles, dtype: torch.dtype, simul
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"),
         "---",
-        f"# {base.name} with a LoRA adapter merged in",
+        f"# {here.name if here.on_hub else base.name} with a LoRA adapter merged in",
         "",
         f"Written by `lorakit merge` (lorakit {__version__}): the weights of `{base}` with the LoRA adapter"
         f" `{files.path}` (r={config.r}, alpha={config.alpha}, targets: {targets}) added into them, stored in"

@@ -69,7 +69,7 @@ class BaseReference(NamedTuple):
 
 
 # a folder of the Hugging Face cache: .../models--ORG--NAME/snapshots/COMMIT
-_HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<revision>[0-9a-f]{40})$")
+_HUB_SNAPSHOT = re.compile(r"models--(?:(?P<org>[^/]+?)--)?(?P<name>[^/]+)/snapshots/(?P<revision>[0-9a-f]{40})$")
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -88,7 +88,8 @@ def base_reference(model: str) -> BaseReference:
     resolved = path.resolve()
     found = _HUB_SNAPSHOT.search(resolved.as_posix())
     if found:
-        return BaseReference(f"{found['org']}/{found['name']}", found["revision"], True)
+        name = f"{found['org']}/{found['name']}" if found["org"] else found["name"]  # (gpt2: no organisation)
+        return BaseReference(name, found["revision"], True)
     return BaseReference(str(resolved), None, False)
 
 

@@ -47,6 +47,7 @@ from lorakit.config import (
 from lorakit.config import eval_sets as config_eval_sets
 from lorakit.errors import UserError
 from lorakit.experts import LoraExperts
+from lorakit.layers import PRINCIPAL_INITS
 from lorakit.inject import count_parameters, inject_adapter, lora_layers, saved_modules
 from lorakit.loss import LOSS_CHUNK_TOKENS, TokenLoss
 from lorakit.metrics import MetricsLog, byte_size, peak_rss_bytes, strict_json, write_text_atomic
@@ -623,7 +624,9 @@ def serving_note(cfg: RunConfig) -> Optional[str]:
     applies lora_alpha / r to every module, llama.cpp alpha / each tensor's rank without rsLoRA)."""
     what = [k for k, on in (("lora.rank_pattern", cfg.lora.rank_pattern), ("lora.alpha_pattern", cfg.lora.alpha_pattern),
                             ("lora.rslora", cfg.lora.rslora)) if on]  # fmt: skip
-    if not what:
+    # (an adapter that is no plain LoRA, which servers refuse and combine too, is no case for the note)
+    plain = not (cfg.lora.dora or cfg.lora.modules_to_save or cfg.lora.init in PRINCIPAL_INITS or cfg.lora.target_parameters)
+    if not what or not plain:
         return None
     adapter = Path(cfg.output_dir) / "adapter"
     return (f"note: {' and '.join(what)}: PEFT and lorakit apply the adapter as trained, vLLM and llama.cpp one scale "

@@ -308,7 +308,10 @@ def test_one_adapter_is_written_with_one_rank_and_scale_for_servers(adapters, tm
     from lorakit.adapters import adapter_scaling, read_adapter
 
     out = tmp_path / "portable"
-    combine_adapters([adapters / "two"], out)
+    report = combine_adapters([adapters / "two"], out)
+    # o_proj (2 layers, 64 x 64) at rank 2 of 6: 2 x 4 x 128 zeros of the 4 modules' 4 x 6 x 128 values
+    assert report.notes == ["modules of a smaller rank are padded with zeros to rank 6 (one rank for servers): 1,024 of "
+                            "the file's 3,072 LoRA values (33%) are those zeros"]  # fmt: skip
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"], config["use_rslora"]) == (6, 6, {}, {}, False)
     source, written = read_adapter(adapters / "two"), load_file(str(out / "adapter_model.safetensors"))

@@ -180,6 +180,9 @@ def test_an_adapter_names_its_base_so_other_tools_find_it(tmp_path, monkeypatch)
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / commit
     snapshot.mkdir(parents=True)
     assert base_reference(str(snapshot)) == ("Qwen/Qwen2.5-0.5B", commit, True)
+    unowned = tmp_path / "hub" / "models--gpt2" / "snapshots" / commit  # a model without an organisation
+    unowned.mkdir(parents=True)
+    assert base_reference(str(unowned)) == ("gpt2", commit, True)
     # a Hub id given to transformers (no such folder) stays as it is
     assert base_reference("org/model") == ("org/model", None, True)
 

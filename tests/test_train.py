@@ -1302,3 +1302,6 @@ def test_per_module_scales_get_a_note_on_how_servers_apply_them():
         "scale to every module (llama.cpp no rsLoRA); `lorakit combine --adapter out/adapter --out out/portable` writes "
         "it as they apply it"
     )
+    dora = build_run_config({"model": "m", "output_dir": "out", "data": {"train": "t.jsonl"},
+                             "lora": {"rslora": True, "dora": True}}, check_paths=False)  # fmt: skip
+    assert serving_note(dora) is None  # no plain LoRA: servers (and combine) refuse it anyway
