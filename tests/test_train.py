@@ -1151,12 +1151,16 @@ def test_a_link_planted_as_the_run_lock_is_never_written_through(workspace, caps
     victim = workspace / "precious.txt"
     victim.write_text("precious\n")
     (out / ".lorakit-run.lock").symlink_to(victim)
-    for dry in (["--dry-run"], []):
-        assert main(["train", _config(workspace, out, max_steps=2), *dry]) == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"error: output_dir {str(out)!r}: {out / '.lorakit-run.lock'} is a symbolic link, where the run writes its "
-            ".lorakit-run.lock file; move it away, or set a new output_dir=..."
-        )  # fmt: skip
+
+    def refused_as(kind: str) -> None:  # by the run and by its dry run, before anything is written
+        for dry in (["--dry-run"], []):
+            assert main(["train", _config(workspace, out, max_steps=2), *dry]) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                f"error: output_dir {str(out)!r}: {out / '.lorakit-run.lock'} is {kind}, where the run writes its "
+                ".lorakit-run.lock file; move it away, or set a new output_dir=..."
+            )  # fmt: skip
+
+    refused_as("a symbolic link")
     assert victim.read_text() == "precious\n" and sorted(p.name for p in out.iterdir()) == [".lorakit-run.lock"]
     # the lock itself never opens through one, whoever asks (a link planted after the run's checks)
     with pytest.raises(UserError, match="is a symbolic link; lorakit writes its run's process id there, never through a link"):
@@ -1171,12 +1175,7 @@ def test_a_link_planted_as_the_run_lock_is_never_written_through(workspace, caps
     # a FIFO as the lock does not hang the run: it is no plain file
     (out / "metrics.jsonl").unlink()
     os.mkfifo(out / ".lorakit-run.lock")
-    for dry in (["--dry-run"], []):
-        assert main(["train", _config(workspace, out, max_steps=2), *dry]) == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"error: output_dir {str(out)!r}: {out / '.lorakit-run.lock'} is not a plain file, where the run writes its "
-            ".lorakit-run.lock file; move it away, or set a new output_dir=..."
-        )  # fmt: skip
+    refused_as("not a plain file")
 
 
 def test_a_file_named_as_what_the_run_writes_is_refused_before_a_step(workspace, capsys):
