@@ -552,7 +552,21 @@ def inside_folder(path: Path, folder: Path) -> bool:
         return True
     if target.parent.name == "blobs" and target.parent.parent.name.startswith("models--"):
         return True
-    return target.name == path.name and any((target.parent / n).is_file() for n in ("config.json", CONFIG_NAME))
+    return target.name == path.name and _model_or_adapter_folder(target.parent)
+
+
+def _model_or_adapter_folder(folder: Path) -> bool:
+    """Whether `folder` holds a model (config.json naming a model_type) or an adapter
+    (adapter_config.json naming a peft_type) beside safetensors weights: not any folder with a
+    config.json, as many tools keep their settings and tokens (~/.config/APP/config.json)."""
+    for name, key in (("config.json", "model_type"), (CONFIG_NAME, "peft_type")):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and key in config and any(folder.glob("*.safetensors")):
+            return True
+    return False
 
 
 def read_chat_template(directory: Union[str, Path]) -> Optional[str]:

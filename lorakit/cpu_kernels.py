@@ -166,7 +166,10 @@ def _own_group(gid: int) -> bool:
         group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid()).pw_name
     except KeyError:  # a group or user without a name
         return False
-    return group.gr_name == user and set(group.gr_mem) <= {user}
+    # (members are listed in gr_mem, or have the group as their primary one)
+    return group.gr_name == user and set(group.gr_mem) <= {user} and not any(
+        p.pw_gid == gid and p.pw_name != user for p in pwd.getpwall()
+    )
 
 
 class _Untrusted(Exception):

@@ -453,7 +453,16 @@ def test_files_linked_from_outside_the_folders_are_not_published_with_the_merge(
     assert (out / "vocab_notes.txt").read_text() == "kept" and not (out / "tokenizer.json").is_symlink()
     assert (out / "tokenizer.json").read_bytes() == (blobs / "0f3a").read_bytes()
     assert "PRIVATE KEY" not in (out / "README.md").read_text()
-    # any other link out is refused before the weights are written
+    # any other link out is refused before the weights are written: a secret beside some tool's
+    # config.json (no model there) too
+    tool = tmp_path / "tool"
+    tool.mkdir()
+    (tool / "config.json").write_text('{"theme": "dark"}')
+    (tool / "auth.json").write_text("TOKEN")
+    (base / "auth.json").symlink_to(tool / "auth.json")
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out1")]) == 2
+    assert "auth.json is a link to" in _error(capsys)
+    (base / "auth.json").unlink()
     (base / "notes.txt").symlink_to(secret)
     assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out1")]) == 2
     assert _error(capsys) == (
