@@ -218,8 +218,8 @@ def ops(announce: Optional[Callable[[str], None]] = None) -> Optional[object]:
     """`torch.ops.lorakit_cpu` (attention_, rms_norm_ and silu_gate_forward / _backward, rope,
     cross_entropy_rows, cross_entropy_losses, dropout_mask_mul, cache_large_blocks /
     large_block_stats; the bf16 lora_project / lora_outer come through `bf16_ops`), built on the
-    first call; None where it cannot be built (the reason is logged once). `announce` is told when a build starts (the trainer prints it;
-    otherwise it goes to this module's logger at INFO)."""
+    first call; None where it cannot be built (the reason is logged once). `announce` is told when
+    a build starts (the trainer prints it; otherwise it goes to this module's logger at INFO)."""
     if "ops" not in _state:
         with _lock:
             if "ops" not in _state:

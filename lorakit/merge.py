@@ -821,10 +821,10 @@ def _stop_where_trained(folder: Path) -> None:
     """Add to generation_config.json's eos_token_id the tokens the fine-tuned model learned to stop
     at: the chat template's end of turn (chat data), where it is one special or added token (not an
     ordinary one, such as a "." a template writes after every reply), and the tokenizer's EOS (which
-    ends every other example lorakit trains). Generators other than
-    lorakit's (transformers, vLLM) stop only at the ids listed there, and a base may list another
-    (Qwen2.5's base models: <|endoftext|>, while their template ends a turn with <|im_end|>): the
-    merged model would write past its answer. A base without the file gets one, with the ids of
+    ends every other example lorakit trains). Generators other than lorakit's (transformers, vLLM)
+    stop only at the ids listed there, and a base may list another (Qwen2.5's base models:
+    <|endoftext|>, while their template ends a turn with <|im_end|>): the merged model would write
+    past its answer. A base without the file gets one, with the ids of
     config.json (or of its `text_config`, a multimodal model's); a folder whose tokenizer or
     template transformers cannot load is left as it is."""
     from transformers import AutoTokenizer

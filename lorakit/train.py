@@ -695,9 +695,9 @@ def use_chat_template(tokenizer: Any, value: str, log: Callable[[str], None]) ->
 
 def add_neftune(model: nn.Module, alpha: float, rank: int = 0) -> torch.utils.hooks.RemovableHandle:
     """NEFTune (Jain et al. 2023): while training, the input embeddings get uniform noise in
-    [-m, m], m = alpha / sqrt(L·d) with L the micro-batch's row width (padded) and d the hidden size, as transformers'
-    and TRL's `neftune_noise_alpha` add it (a packed row is one L, as in TRL's packed SFT). Eval and
-    generation see clean embeddings.
+    [-m, m], m = alpha / sqrt(L·d) with L the micro-batch's row width (padded) and d the hidden
+    size, as transformers' and TRL's `neftune_noise_alpha` add it (a packed row is one L, as in
+    TRL's packed SFT). Eval and generation see clean embeddings.
 
     Each call draws one seed from torch's generator and the noise from a generator of its own,
     seeded with it and the process's `rank`: processes draw other noise for their rows, while
